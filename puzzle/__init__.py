@@ -1,0 +1,1 @@
+"""puzzle: Puzzle-style NAS for Hugging Face decoder LLMs."""

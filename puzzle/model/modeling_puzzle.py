@@ -1,0 +1,281 @@
+"""The heterogeneous Llama: every layer picks its own attention and FFN (see configuration_puzzle.py).
+
+Travels with every saved checkpoint next to configuration_puzzle.py, so it imports only torch and
+transformers. RoPE and RMSNorm are transformers' own Llama modules, so a child whose blocks are all
+the parent's computes the parent's logits.
+
+Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, d head_dim.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
+
+from .configuration_puzzle import AttentionConfig, FFNConfig, PuzzleConfig
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with `num_kv_heads` KV heads (divides the query heads)."""
+
+    def __init__(self, config: PuzzleConfig, attention: AttentionConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = attention.num_key_value_heads(config.num_attention_heads)
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # (B, T, D), already normed
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,  # bool (B, 1, T, S) or None for plain causal
+        past_key_values: Cache | None,
+        cache_index: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, d)
+        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past_key_values is not None:
+            k, v = past_key_values.update(k, v, cache_index)  # (B, K, S, d)
+        # Plain causal when every query sees exactly its prefix; a single decode token sees everything.
+        is_causal = attention_mask is None and T > 1 and k.shape[2] == T
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+        )  # (B, H, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class LinearAttention(nn.Module):
+    """Attention replaced by one hidden->hidden map per token (no mixing across tokens, no KV cache)."""
+
+    def __init__(self, config: PuzzleConfig) -> None:
+        super().__init__()
+        self.linear_attn = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return self.linear_attn(x)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LinearFFN(nn.Module):
+    def __init__(self, config: PuzzleConfig) -> None:
+        super().__init__()
+        self.linear_mlp = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_mlp(x)
+
+
+def build_attention(config: PuzzleConfig, attention: AttentionConfig) -> nn.Module | None:
+    if attention.no_op:
+        return None
+    if attention.replace_with_linear:
+        return LinearAttention(config)
+    return GQAttention(config, attention)
+
+
+def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
+    if ffn.no_op:
+        return None
+    if ffn.replace_with_linear:
+        return LinearFFN(config)
+    return SwiGLU(config.hidden_size, ffn.intermediate_size, config.mlp_bias)
+
+
+class PuzzleDecoderLayer(nn.Module):
+    """Pre-norm residual block; a no-op sublayer has neither its module nor its norm (as in DeciLM)."""
+
+    def __init__(self, config: PuzzleConfig, layer_idx: int) -> None:
+        super().__init__()
+        block = config.blocks[layer_idx]
+        self.layer_idx = layer_idx
+        self.self_attn = build_attention(config, block.attention)
+        self.mlp = build_ffn(config, block.ffn)
+        eps = config.rms_norm_eps
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps) if self.self_attn is not None else None
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps) if self.mlp is not None else None
+
+    @property
+    def has_kv_cache(self) -> bool:
+        return isinstance(self.self_attn, GQAttention)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache_index: int = 0,
+    ) -> torch.Tensor:
+        h = hidden_states
+        if self.self_attn is not None:
+            h = h + self.self_attn(self.input_layernorm(h), position_embeddings, attention_mask, past_key_values, cache_index)
+        if self.mlp is not None:
+            h = h + self.mlp(self.post_attention_layernorm(h))
+        return h
+
+
+class PuzzlePreTrainedModel(PreTrainedModel):
+    config_class = PuzzleConfig
+    config: PuzzleConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = False
+    _no_split_modules = ["PuzzleDecoderLayer"]
+    _supports_sdpa = True
+    _skip_keys_device_placement = ["past_key_values"]
+
+
+def build_attention_mask(
+    attention_mask: torch.Tensor | None, T: int, past: int, dtype_device: torch.Tensor
+) -> torch.Tensor | None:
+    """Bool mask (B, 1, T, past+T), or None where plain causal attention (or none at all) is exact.
+
+    `attention_mask` is the usual 2D (B, past+T) padding mask (1 = real token).
+    """
+    padded = attention_mask is not None and not bool(attention_mask.all())
+    if not padded and (past == 0 or T == 1):
+        return None
+    S = past + T
+    device = dtype_device.device
+    q_pos = torch.arange(past, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # (1, 1, T, S)
+    if padded:
+        keys = attention_mask[:, None, None, -S:].bool()  # (B, 1, 1, S)
+        # A query always sees itself, so rows of left padding stay finite (their outputs are ignored).
+        mask = (mask & keys) | (k_pos == q_pos)[None, None]
+    return mask
+
+
+class PuzzleModel(PuzzlePreTrainedModel):
+    def __init__(self, config: PuzzleConfig) -> None:
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(PuzzleDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPast:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and past_key_values is None:
+            # Cache slots are numbered over GQA layers only: no-op and linear attention keep nothing.
+            past_key_values = DynamicCache()
+        B, T, _ = inputs_embeds.shape
+        past = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
+        mask = build_attention_mask(attention_mask, T, past, inputs_embeds)
+
+        h = inputs_embeds
+        position_embeddings = self.rotary_emb(h, position_ids)
+        all_hidden = [h] if output_hidden_states else None
+        cache_index = 0
+        for layer in self.layers:
+            h = layer(h, position_embeddings, mask, past_key_values, cache_index)
+            cache_index += layer.has_kv_cache
+            if all_hidden is not None:
+                all_hidden.append(h)
+        h = self.norm(h)
+        return BaseModelOutputWithPast(
+            last_hidden_state=h,
+            past_key_values=past_key_values if use_cache else None,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+        )
+
+
+class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: PuzzleConfig) -> None:
+        super().__init__(config)
+        self.model = PuzzleModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.lm_head = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+        )
+        h = out.last_hidden_state
+        if logits_to_keep:
+            h = h[:, -logits_to_keep:]
+        logits = self.lm_head(h)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+        )
