@@ -1,0 +1,78 @@
+"""Reading prepared data back: the packed token blocks of `runs/R/data/` as memmaps, and batches of them.
+
+Layout (written by `puzzle.data.prepare`): `train.bin` and `val.bin` are raw arrays of token ids, shape
+(n_blocks, seq_len), dtype from `meta.json`; `meta.json` is written last, so it exists only when both
+are complete.
+"""
+
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.io import read_json
+
+SPLITS = ("train", "val")
+META_NAME = "meta.json"
+
+
+def data_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "data"
+
+
+def bin_path(out_dir: Path, split: str) -> Path:
+    return out_dir / f"{split}.bin"
+
+
+def load_meta(run_dir: str | Path) -> dict[str, Any]:
+    """The `meta.json` of a run directory's prepared data (seq_len, dtype, block counts, fingerprint, ...)."""
+    path = data_dir(run_dir) / META_NAME
+    if not path.exists():
+        raise PuzzleError(
+            f"{run_dir} has no prepared data; run `puzzle prepare-data CORPUS PARENT --run-dir {run_dir}` first"
+        )
+    return read_json(path)
+
+
+def load_blocks(run_dir: str | Path, split: Literal["train", "val"]) -> np.ndarray:
+    """The packed blocks of one split as a read-only memmap, shape (n_blocks, seq_len)."""
+    if split not in SPLITS:
+        raise PuzzleError(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+    meta = load_meta(run_dir)
+    path = bin_path(data_dir(run_dir), split)
+    dtype = np.dtype(meta["dtype"])
+    shape = (int(meta[f"n_{split}_blocks"]), int(meta["seq_len"]))
+    if not path.exists() or path.stat().st_size != shape[0] * shape[1] * dtype.itemsize:
+        raise PuzzleError(
+            f"{path} is missing or does not match its meta.json; rerun `puzzle prepare-data` for {run_dir}"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+def iterate_batches(
+    blocks: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, limit: int | None = None
+) -> Iterator[torch.LongTensor]:
+    """Batches of blocks as int64 tensors of shape (B, seq_len); the last batch may be smaller.
+
+    `shuffle` draws a permutation from `seed` (same seed, same order); `limit` caps the number of
+    blocks (not batches), so the data seen does not change with the batch size.
+    """
+    if batch_size < 1:
+        raise PuzzleError(f"batch size must be at least 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise PuzzleError(f"limit must be at least 1 block, got {limit}")
+    if len(blocks) == 0:
+        raise PuzzleError("no blocks to iterate over; rerun `puzzle prepare-data` with more text")
+    order = np.random.default_rng(seed).permutation(len(blocks)) if shuffle else np.arange(len(blocks))
+    if limit is not None:
+        order = order[:limit]
+    return _batches(blocks, order, batch_size)
+
+
+def _batches(blocks: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[torch.LongTensor]:
+    for start in range(0, len(order), batch_size):
+        # fancy indexing copies out of the read-only memmap, so the tensor owns writable memory
+        batch = np.asarray(blocks[order[start : start + batch_size]], dtype=np.int64)
+        yield torch.from_numpy(batch)

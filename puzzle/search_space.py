@@ -1,0 +1,225 @@
+"""Search spaces: which attention and FFN variants each layer of a parent may take.
+
+A space is a YAML file (search_spaces/*.yaml) resolved against a parent config into concrete
+`AttentionConfig` / `FFNConfig` lists per layer. Schema (every key optional unless noted):
+
+    name: llama_default
+    attention:
+      kv_heads: halves      # "halves": the parent's KV heads, halved down to 1 (only counts that divide
+                            # the query heads); "all": the parent's only; or a list of ints
+      linear: true          # attention replaced by a per-token hidden->hidden linear map
+      no_op: true           # attention removed
+    ffn:
+      ratios: [1.0, 0.5]    # of the parent's intermediate size; or `sizes: [1536, 768]`
+      round_to: 1           # round sizes to a multiple of this (e.g. 64 for tensor cores)
+      linear: true
+      no_op: true
+    overrides:              # later entries win; layers may be negative (from the end)
+      - layers: [0, -1]
+        attention: {kv_heads: all, linear: false, no_op: false}
+        ffn: {ratios: [1.0], linear: false, no_op: false}
+
+The parent's own variant is always included, so every space contains the parent.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Literal
+
+from puzzle.errors import PuzzleError
+from puzzle.io import read_yaml
+from puzzle.model.configuration_puzzle import AttentionConfig, BlockConfigError, FFNConfig
+
+SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
+Kind = Literal["attention", "ffn"]
+_ATT_KEYS = {"kv_heads", "linear", "no_op"}
+_FFN_KEYS = {"ratios", "sizes", "round_to", "linear", "no_op"}
+
+
+@dataclass(frozen=True)
+class Variant:
+    layer: int
+    kind: Kind
+    config: AttentionConfig | FFNConfig
+    is_parent: bool
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    name: str
+    num_layers: int
+    parent_attention: AttentionConfig
+    parent_ffn: FFNConfig
+    attention: tuple[tuple[AttentionConfig, ...], ...]  # [layer] -> variants, parent first
+    ffn: tuple[tuple[FFNConfig, ...], ...]
+
+    def attention_variants(self, layer: int) -> list[AttentionConfig]:
+        return list(self.attention[layer])
+
+    def ffn_variants(self, layer: int) -> list[FFNConfig]:
+        return list(self.ffn[layer])
+
+    def variants(self, kinds: tuple[Kind, ...] = ("attention", "ffn")) -> Iterator[Variant]:
+        for layer in range(self.num_layers):
+            if "attention" in kinds:
+                for cfg in self.attention[layer]:
+                    yield Variant(layer, "attention", cfg, cfg == self.parent_attention)
+            if "ffn" in kinds:
+                for cfg in self.ffn[layer]:
+                    yield Variant(layer, "ffn", cfg, cfg == self.parent_ffn)
+
+    def variant(self, layer: int, kind: Kind, name: str) -> Variant:
+        for v in self.variants((kind,)):
+            if v.layer == layer and v.name == name:
+                return v
+        raise PuzzleError(f"layer {layer} has no {kind} variant {name!r} in search space {self.name!r}")
+
+    def __len__(self) -> int:
+        return sum(len(a) + len(f) for a, f in zip(self.attention, self.ffn))
+
+
+def resolve_space_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise PuzzleError(f"search space not found: {path}")
+        return path
+    candidate = SPACES_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        known = ", ".join(sorted(p.stem for p in SPACES_DIR.glob("*.yaml")))
+        raise PuzzleError(f"unknown search space {str(name_or_path)!r}; shipped: {known}")
+    return candidate
+
+
+def _kv_head_counts(spec: Any, parent_kv: int, num_heads: int, where: str) -> list[int]:
+    if spec in (None, "all"):
+        return [parent_kv]
+    if spec == "halves":
+        counts, k = [], parent_kv
+        while k >= 1:
+            if num_heads % k == 0:
+                counts.append(k)
+            if k == 1:
+                break
+            k //= 2
+        if 1 not in counts:
+            counts.append(1)
+        return counts
+    if isinstance(spec, list) and spec and all(isinstance(k, int) and not isinstance(k, bool) for k in spec):
+        for k in spec:
+            if k <= 0 or num_heads % k != 0:
+                raise PuzzleError(f"{where}: {k} KV heads do not divide the parent's {num_heads} query heads")
+        return list(spec)
+    raise PuzzleError(f"{where}: kv_heads must be 'halves', 'all' or a list of integers, got {spec!r}")
+
+
+def _flag(section: dict, key: str, where: str) -> bool:
+    value = section.get(key, False)
+    if not isinstance(value, bool):
+        raise PuzzleError(f"{where}: '{key}' must be true or false, got {value!r}")
+    return value
+
+
+def _attention_variants(section: dict, parent: AttentionConfig, num_heads: int, where: str) -> tuple[AttentionConfig, ...]:
+    unknown = set(section) - _ATT_KEYS
+    if unknown:
+        raise PuzzleError(f"{where}: unknown attention keys {sorted(unknown)}; allowed: {sorted(_ATT_KEYS)}")
+    parent_kv = parent.num_key_value_heads(num_heads)
+    out = [parent]
+    for k in _kv_head_counts(section.get("kv_heads", "all"), parent_kv, num_heads, where):
+        out.append(AttentionConfig(n_heads_in_group=num_heads // k))
+    if _flag(section, "linear", where):
+        out.append(AttentionConfig(replace_with_linear=True))
+    if _flag(section, "no_op", where):
+        out.append(AttentionConfig(no_op=True))
+    return tuple(dict.fromkeys(out))  # dedupe, keep order (parent first)
+
+
+def _ffn_variants(section: dict, parent: FFNConfig, where: str) -> tuple[FFNConfig, ...]:
+    unknown = set(section) - _FFN_KEYS
+    if unknown:
+        raise PuzzleError(f"{where}: unknown ffn keys {sorted(unknown)}; allowed: {sorted(_FFN_KEYS)}")
+    if "ratios" in section and "sizes" in section:
+        raise PuzzleError(f"{where}: give either 'ratios' or 'sizes', not both")
+    round_to = section.get("round_to", 1)
+    if not isinstance(round_to, int) or round_to <= 0:
+        raise PuzzleError(f"{where}: round_to must be a positive integer, got {round_to!r}")
+    sizes: list[int] = []
+    if "sizes" in section:
+        raw = section["sizes"]
+        if not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in raw):
+            raise PuzzleError(f"{where}: sizes must be a list of positive integers, got {raw!r}")
+        sizes = list(raw)
+    else:
+        ratios = section.get("ratios", [1.0])
+        if not isinstance(ratios, list) or not all(
+            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
+        ):
+            raise PuzzleError(f"{where}: ratios must be a list of numbers in (0, 1], got {ratios!r}")
+        for r in ratios:
+            size = max(round_to, int(round(r * parent.intermediate_size / round_to)) * round_to)
+            sizes.append(min(size, parent.intermediate_size))
+    out = [parent] + [FFNConfig(intermediate_size=s) for s in sizes]
+    if _flag(section, "linear", where):
+        out.append(FFNConfig(replace_with_linear=True))
+    if _flag(section, "no_op", where):
+        out.append(FFNConfig(no_op=True))
+    return tuple(dict.fromkeys(out))
+
+
+def _section(raw: dict, key: str, where: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise PuzzleError(f"{where}: '{key}' must be a mapping, got {type(value).__name__}")
+    return value
+
+
+def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> SearchSpace:
+    """Resolve a parsed YAML mapping against a parent config (a LlamaConfig or PuzzleConfig)."""
+    if not isinstance(raw, dict):
+        raise PuzzleError(f"search space {name!r}: expected a mapping at the top level")
+    unknown = set(raw) - {"name", "description", "attention", "ffn", "overrides"}
+    if unknown:
+        raise PuzzleError(f"search space {name!r}: unknown keys {sorted(unknown)}")
+    name = raw.get("name", name)
+    n_layers = parent_config.num_hidden_layers
+    num_heads = parent_config.num_attention_heads
+    try:
+        parent_att = AttentionConfig(n_heads_in_group=num_heads // parent_config.num_key_value_heads)
+        parent_ffn = FFNConfig(intermediate_size=parent_config.intermediate_size)
+    except BlockConfigError as err:
+        raise PuzzleError(f"parent config: {err}") from None
+    att_default = _section(raw, "attention", name)
+    ffn_default = _section(raw, "ffn", name)
+    att_sections = [att_default] * n_layers
+    ffn_sections = [ffn_default] * n_layers
+    overrides = raw.get("overrides") or []
+    if not isinstance(overrides, list):
+        raise PuzzleError(f"search space {name!r}: 'overrides' must be a list")
+    for j, ov in enumerate(overrides):
+        where = f"search space {name!r} overrides[{j}]"
+        if not isinstance(ov, dict) or "layers" not in ov:
+            raise PuzzleError(f"{where}: each override needs 'layers'")
+        layers = ov["layers"]
+        if not isinstance(layers, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in layers):
+            raise PuzzleError(f"{where}: 'layers' must be a list of layer indices")
+        for i in layers:
+            if not -n_layers <= i < n_layers:
+                raise PuzzleError(f"{where}: layer {i} is outside the parent's {n_layers} layers")
+            if "attention" in ov:
+                att_sections[i % n_layers] = _section(ov, "attention", where)
+            if "ffn" in ov:
+                ffn_sections[i % n_layers] = _section(ov, "ffn", where)
+    attention = tuple(_attention_variants(s, parent_att, num_heads, f"search space {name!r}") for s in att_sections)
+    ffn = tuple(_ffn_variants(s, parent_ffn, f"search space {name!r}") for s in ffn_sections)
+    return SearchSpace(name, n_layers, parent_att, parent_ffn, attention, ffn)
+
+
+def load_search_space(name_or_path: str | Path, parent_config: Any) -> SearchSpace:
+    """A shipped space by name (`llama_default`, `ffn_only`, `tiny`) or a YAML path, resolved for the parent."""
+    path = resolve_space_path(name_or_path)
+    return build_search_space(read_yaml(path), parent_config, name=path.stem)

@@ -1,0 +1,121 @@
+"""Reading corpora: directories, .txt/.rst/.md, .jsonl, .parquet, and every bad input as one clear PuzzleError."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from puzzle.data.corpus import Corpus, corpus_files, iter_documents
+from puzzle.errors import PuzzleError
+
+
+def _one_line_error(call, match: str) -> str:
+    with pytest.raises(PuzzleError, match=match) as info:
+        call()
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def _write_jsonl(path, records) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_directory_reads_every_text_like_file_sorted(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "b" / "deep").mkdir(parents=True)
+    (root / "a.txt").write_text("doc a")
+    (root / "b" / "c.rst.txt").write_text("doc c")
+    (root / "b" / "deep" / "d.md").write_text("doc d")
+    (root / "b" / "e.rst").write_text("doc e")
+    _write_jsonl(root / "f.jsonl", [{"text": "doc f1"}, {"text": "doc f2", "id": 7}])
+    pd.DataFrame({"text": ["doc g1", "doc g2"], "n": [1, 2]}).to_parquet(root / "g.parquet")
+    # not corpus text: other types, hidden files and folders
+    (root / "script.py").write_text("print('no')")
+    (root / ".hidden.txt").write_text("no")
+    (root / ".git").mkdir()
+    (root / ".git" / "notes.txt").write_text("no")
+
+    files = corpus_files(root)
+    assert [f.relative_to(root).as_posix() for f in files] == [
+        "a.txt", "b/c.rst.txt", "b/deep/d.md", "b/e.rst", "f.jsonl", "g.parquet",
+    ]  # fmt: skip
+    docs = list(iter_documents(root))
+    assert docs == ["doc a", "doc c", "doc d", "doc e", "doc f1", "doc f2", "doc g1", "doc g2"]
+
+
+def test_corpus_is_reiterable_and_skips_blank_documents(tmp_path):
+    (tmp_path / "one.txt").write_text("first")
+    (tmp_path / "blank.txt").write_text("  \n\n")
+    _write_jsonl(tmp_path / "lines.jsonl", [{"text": "x"}, {"text": "   "}, {"text": "y"}])
+    (tmp_path / "lines.jsonl").write_text((tmp_path / "lines.jsonl").read_text() + "\n\n")  # trailing blank lines
+    corpus = Corpus(tmp_path)
+    assert list(corpus) == list(corpus) == ["x", "y", "first"]
+
+
+def test_single_files_of_each_kind(tmp_path):
+    txt = tmp_path / "book.txt"
+    txt.write_text("\ufeffAll of it.\n\nOne document.")  # a byte-order mark is dropped
+    assert list(iter_documents(txt)) == ["All of it.\n\nOne document."]
+
+    jsonl = tmp_path / "docs.jsonl"
+    _write_jsonl(jsonl, [{"text": "one"}, {"text": "two"}])
+    assert list(iter_documents(jsonl)) == ["one", "two"]
+
+    parquet = tmp_path / "docs.parquet"
+    pd.DataFrame({"text": ["p1", None, "p2"]}).to_parquet(parquet)
+    assert list(iter_documents(parquet)) == ["p1", "p2"]
+
+
+def test_missing_path(tmp_path):
+    _one_line_error(lambda: Corpus(tmp_path / "nowhere"), "corpus not found")
+
+
+def test_unsupported_extension(tmp_path):
+    path = tmp_path / "data.csv"
+    path.write_text("text\nhello\n")
+    message = _one_line_error(lambda: Corpus(path), "unsupported corpus file type")
+    assert ".jsonl" in message
+
+
+def test_directory_without_text_files(tmp_path):
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    _one_line_error(lambda: Corpus(tmp_path), "holds no text files")
+
+
+def test_empty_corpus(tmp_path):
+    (tmp_path / "a.txt").write_text("")
+    (tmp_path / "b.md").write_text("\n  \n")
+    _one_line_error(lambda: list(Corpus(tmp_path)), "is empty")
+
+
+def test_jsonl_line_without_text(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    _write_jsonl(path, [{"text": "fine"}, {"body": "no text field"}])
+    message = _one_line_error(lambda: list(iter_documents(path)), "no 'text' field")
+    assert f"{path}:2" in message
+
+
+def test_jsonl_bad_lines(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": \n')
+    _one_line_error(lambda: list(iter_documents(path)), r"docs.jsonl:2: not valid JSON")
+    _write_jsonl(path, [{"text": 3}])
+    _one_line_error(lambda: list(iter_documents(path)), "is a int, not a string")
+    _write_jsonl(path, [["text", "a list"]])
+    _one_line_error(lambda: list(iter_documents(path)), "no 'text' field")
+
+
+def test_parquet_without_text_column(tmp_path):
+    path = tmp_path / "docs.parquet"
+    pd.DataFrame({"body": ["a"], "id": [1]}).to_parquet(path)
+    message = _one_line_error(lambda: list(iter_documents(path)), "no 'text' column")
+    assert "body" in message
+    pd.DataFrame({"text": [1, 2]}).to_parquet(path)
+    _one_line_error(lambda: list(iter_documents(path)), "not strings")
+
+
+def test_corrupt_parquet(tmp_path):
+    path = tmp_path / "docs.parquet"
+    path.write_bytes(b"not parquet at all")
+    _one_line_error(lambda: list(iter_documents(path)), "not a readable parquet file")

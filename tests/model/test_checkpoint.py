@@ -1,0 +1,77 @@
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from puzzle.cli import main
+from puzzle.errors import PuzzleError
+from puzzle.model import PuzzleForCausalLM
+from puzzle.model.checkpoint import load_model
+from puzzle.model.convert import convert
+
+
+def run_cli(capsys, *argv):
+    capsys.readouterr()  # drop what set-up printed (progress bars)
+    code = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_convert_hf_directory_writes_an_all_parent_child(tiny_parent_dir, tiny_llama, tmp_path, capsys):
+    code, out, err = run_cli(capsys, "convert", tiny_parent_dir, tmp_path / "child")
+    assert code == 0, err
+    child = AutoModelForCausalLM.from_pretrained(tmp_path / "child")
+    assert isinstance(child, PuzzleForCausalLM)
+    config = json.loads((tmp_path / "child" / "config.json").read_text())
+    assert len(config["block_configs"]) == 4
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_puzzle.PuzzleForCausalLM"
+    assert (tmp_path / "child" / "tokenizer.json").exists()
+    x = torch.randint(0, 320, (2, 10))
+    with torch.no_grad():
+        torch.testing.assert_close(child(x).logits, tiny_llama(x).logits, atol=1e-4, rtol=0)
+
+
+def test_convert_from_a_single_safetensors_file(tiny_parent_dir, tiny_llama, tmp_path):
+    convert(tiny_parent_dir / "model.safetensors", tmp_path / "child")
+    child = load_model(tmp_path / "child")
+    x = torch.randint(0, 320, (1, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(child(x).logits, tiny_llama(x).logits, atol=1e-4, rtol=0)
+
+
+def test_unsupported_architecture_is_refused_in_one_line(tmp_path, capsys):
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=32))
+    gpt2.save_pretrained(tmp_path / "gpt2")
+    code, _, err = run_cli(capsys, "convert", tmp_path / "gpt2", tmp_path / "out")
+    assert code == 2
+    assert err.count("\n") == 1
+    assert "unsupported architecture 'gpt2'" in err and "llama" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_truncated_safetensors_is_a_clear_error(tiny_parent_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_parent_dir, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(PuzzleError, match="cannot load the weights"):
+        load_model(broken)
+    code, _, err = run_cli(capsys, "convert", broken, tmp_path / "out")
+    assert code == 2 and err.count("\n") == 1 and "is the checkpoint complete" in err
+
+
+def test_missing_parent_path(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "convert", tmp_path / "nope", tmp_path / "out")
+    assert code == 2 and "model path not found" in err
+
+
+def test_cli_lists_every_stage(capsys):
+    code, out, _ = run_cli(capsys, "--help")
+    assert code == 0
+    for stage in ["prepare-data", "importance", "build-library", "score", "profile", "solve", "realize",
+                  "distill", "evaluate", "report", "run", "convert", "prune"]:
+        assert f"  {stage} " in out
+    code, _, err = run_cli(capsys, "frobnicate")
+    assert code == 2 and "unknown command" in err
