@@ -121,6 +121,14 @@ def _print_overview() -> None:
         print(f"  {name:<{width}}  {SUMMARIES[name]}")
 
 
+def _quiet_libraries() -> None:
+    """Our stages show their own progress; transformers' per-load bars and advisories are noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def _fail(message: str) -> int:
     print(f"puzzle: error: {message}", file=sys.stderr)
     return 2
@@ -146,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         raise
     fn = getattr(module, fn_name)
     args = build_parser(name, fn).parse_args(rest)
+    _quiet_libraries()
     try:
         fn(**vars(args))
     except (PuzzleError, BlockConfigError) as err:

@@ -171,9 +171,15 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(model: PuzzleForCausalLM, out: str | Path, tokenizer: Any = None, extra_json: dict[str, Any] | None = None) -> Path:
+def save_model(
+    model: PuzzleForCausalLM,
+    out: str | Path,
+    tokenizer: Any = None,
+    extra_json: dict[str, Any] | None = None,
+    extra_text: dict[str, str] | None = None,
+) -> Path:
     """Write a child checkpoint: safetensors weights, config.json with block_configs and auto_map,
-    the modeling files (so `trust_remote_code=True` needs no `puzzle`), the tokenizer, extra JSON files."""
+    the modeling files (so `trust_remote_code=True` needs no `puzzle`), the tokenizer, extra JSON/text files."""
     out = Path(out)
     tmp = atomic_dir(out)
     try:
@@ -187,6 +193,8 @@ def save_model(model: PuzzleForCausalLM, out: str | Path, tokenizer: Any = None,
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
+        for name, text in (extra_text or {}).items():
+            (tmp / name).write_text(text)
         commit_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,75 @@
+import copy
+import json
+
+import torch
+
+from puzzle.cli import main
+from puzzle.library.store import write_variant
+from puzzle.model import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.checkpoint import load_model, to_puzzle
+from puzzle.model.modeling_puzzle import build_attention, build_ffn
+from puzzle.model.surgery import replace_sublayer
+from puzzle.io import atomic_write_json
+
+
+def random_state(config, kind, variant_config, seed):
+    """A library entry as BLD would leave it: sublayer weights (norm included) in `sublayer_state` form."""
+    torch.manual_seed(seed)
+    module = build_attention(config, variant_config) if kind == "attention" else build_ffn(config, variant_config)
+    prefix, norm = ("self_attn", "input_layernorm") if kind == "attention" else ("mlp", "post_attention_layernorm")
+    state = {f"{prefix}.{k}": torch.randn_like(v) * 0.08 for k, v in module.state_dict().items()}
+    state[f"{norm}.weight"] = 1 + 0.1 * torch.randn(config.hidden_size)
+    return state
+
+
+def test_realised_child_equals_parent_with_blocks_swapped(tiny_parent_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    parent = to_puzzle(load_model(tiny_parent_dir))
+    parent_att, parent_ffn = parent.config.blocks[0].attention, parent.config.blocks[0].ffn
+    chosen = [
+        BlockConfig(parent_att, parent_ffn),
+        BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=64)),
+        BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(replace_with_linear=True)),
+        BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(no_op=True)),
+    ]
+    expected = copy.deepcopy(parent)
+    for layer, block in enumerate(chosen):
+        for kind, cfg in (("attention", block.attention), ("ffn", block.ffn)):
+            if cfg in (parent_att, parent_ffn):
+                continue
+            state = {} if cfg.no_op else random_state(parent.config, kind, cfg, seed=10 * layer + len(kind))
+            if state:
+                write_variant(run, {"layer": layer, "kind": kind, "variant": cfg.name}, state)
+            replace_sublayer(expected, layer, kind, cfg, state)
+    atomic_write_json(run / "solutions" / "best.json", {
+        "block_configs": [b.to_dict(parent.config.hidden_size) for b in chosen],
+        "predicted": {"speedup": 1.7},
+    })
+    assert main(["realize", "--run-dir", str(run), "--parent", str(tiny_parent_dir)]) == 0
+    child_dir = run / "children" / "best"
+    child = load_model(child_dir)
+    x = torch.randint(0, 320, (2, 13))
+    with torch.no_grad():
+        assert torch.equal(child(x).logits, expected(x).logits)
+    rows = json.loads((child_dir / "architecture.json").read_text())
+    assert [r["attention"] for r in rows] == ["attn_g2", "attn_noop", "attn_g4", "attn_linear"]
+    assert rows[1]["attention_params"] == 0 and rows[3]["ffn_params"] == 0
+    assert json.loads((child_dir / "predicted_costs.json").read_text())["speedup"] == 1.7
+    # a second realisation of the same solution does nothing
+    capsys.readouterr()
+    assert main(["realize", "--run-dir", str(run)]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+
+
+def test_missing_library_variant_is_one_clear_line(tiny_parent_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    parent = to_puzzle(load_model(tiny_parent_dir))
+    blocks = parent.config.blocks
+    blocks[2] = BlockConfig(blocks[2].attention, FFNConfig(intermediate_size=32))
+    atomic_write_json(run / "solutions" / "s.json", {"block_configs": [b.to_dict(64) for b in blocks]})
+    capsys.readouterr()
+    code = main(["realize", "--run-dir", str(run), "--solution", "s", "--parent", str(tiny_parent_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "run puzzle build-library" in err
+    code = main(["realize", "--run-dir", str(run), "--solution", "nope"])
+    assert code == 2 and "solutions in" in capsys.readouterr().err
