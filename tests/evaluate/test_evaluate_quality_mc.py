@@ -1,0 +1,76 @@
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from puzzle.cli import main
+from puzzle.data.prepare import prepare_blocks
+from puzzle.evaluate.mc import build_cloze_tasks, choice_logprobs, evaluate_mc, load_mc_tasks
+from puzzle.evaluate.quality import quality_metrics
+from puzzle.errors import PuzzleError
+
+from conftest import SAMPLE_TEXT
+
+
+def test_parent_against_itself_has_zero_kl_and_full_agreement(tiny_parent):
+    batches = [torch.randint(0, 320, (2, 16)) for _ in range(2)]
+    same = quality_metrics(tiny_parent, batches, tiny_parent)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["top1_agreement"] == 1.0
+    other = copy.deepcopy(tiny_parent)
+    with torch.no_grad():
+        other.model.layers[1].mlp.down_proj.weight.mul_(3.0)
+    moved = quality_metrics(other, batches, tiny_parent)
+    assert moved["kl"] > 1e-3 and moved["top1_agreement"] < 1.0
+    # the LM loss is the mean next-token cross-entropy
+    with torch.no_grad():
+        logits = torch.cat([tiny_parent(b).logits[:, :-1] for b in batches]).reshape(-1, 320)
+    targets = torch.cat([b[:, 1:] for b in batches]).reshape(-1)
+    assert same["lm_loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
+
+
+def test_choice_logprobs_match_one_sequence_at_a_time(tiny_parent, tiny_tokenizer):
+    context, choices = "A list is a", [" mutable sequence", " dog", " tuple that lets you work"]
+    batched = choice_logprobs(tiny_parent, tiny_tokenizer, context, choices)
+    ctx = tiny_tokenizer(context, add_special_tokens=False)["input_ids"]
+    for choice, got in zip(choices, batched):
+        ids = ctx + tiny_tokenizer(choice, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logp = F.log_softmax(tiny_parent(torch.tensor([ids])).logits[0], -1)
+        want = sum(logp[p - 1, ids[p]].item() for p in range(len(ctx), len(ids)))
+        assert got == pytest.approx(want, abs=1e-4)
+
+
+def test_cloze_tasks_are_valid_and_scored(tiny_parent, tiny_tokenizer, tmp_path):
+    docs = [" ".join(SAMPLE_TEXT[i:] + SAMPLE_TEXT[:i]) * 3 for i in range(5)]
+    items = build_cloze_tasks(docs, n_items=6, context_words=10, answer_words=3)
+    assert len(items) == 6
+    for item in items:
+        assert len(set(item["choices"])) == 4 and 0 <= item["label"] < 4
+    path = tmp_path / "cloze.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    result = evaluate_mc(tiny_parent, tiny_tokenizer, load_mc_tasks(path))
+    assert result["items"] == 6 and 0.0 <= result["acc"] <= 1.0
+
+
+def test_bad_task_file_is_refused(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"context": "x", "choices": ["a"], "label": 0}\n')
+    with pytest.raises(PuzzleError, match="bad.jsonl:1"):
+        load_mc_tasks(path)
+
+
+def test_evaluate_command_writes_json(tiny_parent_dir, tiny_tokenizer, tmp_path, capsys):
+    run = tmp_path / "run"
+    prepare_blocks([t * 20 for t in SAMPLE_TEXT], tiny_tokenizer, run / "data", seq_len=32, val_fraction=0.4)
+    tasks = tmp_path / "t.jsonl"
+    tasks.write_text(json.dumps({"context": "The quick brown", "choices": [" fox", " list"], "label": 0}) + "\n")
+    code = main(["evaluate", str(tiny_parent_dir), "--parent", str(tiny_parent_dir), "--run-dir", str(run),
+                 "--mc-tasks", str(tasks), "--budget", "none", "--name", "self"])
+    assert code == 0, capsys.readouterr().err
+    out = json.loads((run / "eval" / "self.json").read_text())
+    assert out["validation"]["kl"] == pytest.approx(0.0, abs=1e-6)
+    assert out["multiple_choice"]["t"]["items"] == 1
+    assert out["measured"]["decode_tokens_per_s"] > 0 and np.isfinite(out["validation"]["perplexity"])
