@@ -1,0 +1,237 @@
+"""Hardware profiles: a device, a default workload and default `solve` constraints, read from YAML.
+
+A profile is `hardware_profiles/<name>.yaml` (or any YAML path):
+
+    name: h100_80gb
+    description: free text
+    device:
+      name: NVIDIA H100 SXM5 80GB
+      kind: gpu                       # gpu | cpu
+      peak_flops: {bf16: 989.4e+12, fp8: 1978.9e+12}   # dense FLOP/s per dtype
+      memory_bandwidth: 3.35e+12      # bytes/s
+      memory_bytes: 80.0e+9
+      efficiency: {compute: 0.7, memory: 0.8}          # achievable share of the peaks, in (0, 1]
+      kernel_overhead_s: 0.0          # optional: fixed cost per kernel launch / eager op
+      threads: null                   # optional, cpu only: torch threads while measuring
+    workload: {batch_size: 64, input_len: 1024, output_len: 1024, dtype: bf16}
+    constraints: {speedup: 1.5, memory_gib: 67.0}
+
+Constraints `solve` understands (all optional, as in `puzzle.solver.problem.Constraints`): `speedup`
+(child tokens/s over the parent's, on this profile at its workload), `throughput` (generated tokens/s),
+`memory_gib` (weights + KV cache, GiB), `latency_ms` (one whole batch: prefill + output_len decode
+steps), `max_params` (a number, or a count such as 80M / 1.5B).
+
+YAML 1.1 reads `1e12` (no dot, no exponent sign) as a string; such strings are accepted as numbers.
+"""
+
+import re
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from puzzle.errors import PuzzleError
+from puzzle.io import read_yaml
+
+PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
+DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    kind: Literal["gpu", "cpu"]
+    peak_flops: dict[str, float]  # dtype -> dense FLOP/s
+    memory_bandwidth: float  # bytes/s
+    memory_bytes: float
+    compute_efficiency: float
+    memory_efficiency: float
+    kernel_overhead_s: float = 0.0
+    threads: int | None = None
+
+    def flops_per_s(self, dtype: str) -> float:
+        """Achievable FLOP/s in `dtype`: peak x compute efficiency."""
+        if dtype not in self.peak_flops:
+            raise PuzzleError(f"{self.name} has no {dtype} peak; it has {', '.join(self.peak_flops)}")
+        return self.peak_flops[dtype] * self.compute_efficiency
+
+    @property
+    def bytes_per_s(self) -> float:
+        """Achievable memory bandwidth: peak x memory efficiency."""
+        return self.memory_bandwidth * self.memory_efficiency
+
+
+@dataclass(frozen=True)
+class Workload:
+    batch_size: int
+    input_len: int  # prompt tokens per request
+    output_len: int  # generated tokens per request
+    dtype: str  # weights, activations and KV cache
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def decode_context(self) -> int:
+        """Keys one decode step attends to, on average over the generation: input + output/2.
+
+        Attention work per step grows linearly with the context, so output_len steps at this mean
+        context cost what the real steps cost in total.
+        """
+        return self.input_len + self.output_len // 2
+
+    @property
+    def max_context(self) -> int:
+        """Tokens the KV cache must hold per request at the end of the generation."""
+        return self.input_len + self.output_len
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    device: Device
+    workload: Workload
+    constraints: dict[str, float] = field(default_factory=dict)
+    description: str = ""
+
+    def with_workload(self, **changes: Any) -> "HardwareProfile":
+        """The same profile with some workload fields changed (e.g. batch_size=32)."""
+        workload = replace(self.workload, **changes)
+        _check_workload(workload, self.device, self.name)
+        return replace(self, workload=workload)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def shipped_profiles() -> list[str]:
+    return sorted(p.stem for p in PROFILES_DIR.glob("*.yaml"))
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise PuzzleError(f"hardware profile not found: {path}")
+        return path
+    candidate = PROFILES_DIR / f"{name_or_path}.yaml"
+    if not candidate.exists():
+        raise PuzzleError(f"unknown hardware profile {str(name_or_path)!r}; shipped: {', '.join(shipped_profiles())}")
+    return candidate
+
+
+def load_profile(name_or_path: str | Path) -> HardwareProfile:
+    """A shipped profile by name (`h100_80gb`, `cpu_local`, ...) or a YAML path, validated."""
+    path = resolve_profile_path(name_or_path)
+    return parse_profile(read_yaml(path), default_name=path.stem)
+
+
+def _number(where: str, value: Any, *, positive: bool = True, integer: bool = False) -> float:
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            raise PuzzleError(f"{where} must be a number, got {value!r}") from None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise PuzzleError(f"{where} must be a number, got {value!r}")
+    if integer and value != int(value):
+        raise PuzzleError(f"{where} must be an integer, got {value!r}")
+    if (positive and not value > 0) or (not positive and value < 0):
+        raise PuzzleError(f"{where} must be {'positive' if positive else 'non-negative'}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _mapping(where: str, raw: Any, allowed: set[str], required: set[str]) -> dict:
+    if not isinstance(raw, dict):
+        raise PuzzleError(f"{where} must be a mapping, got {type(raw).__name__}")
+    unknown = set(raw) - allowed
+    if unknown:
+        raise PuzzleError(f"{where}: unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    missing = required - set(raw)
+    if missing:
+        raise PuzzleError(f"{where}: missing keys {sorted(missing)}")
+    return raw
+
+
+def _parse_device(raw: Any, where: str) -> Device:
+    keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s", "threads"}
+    raw = _mapping(where, raw, keys, {"name", "peak_flops", "memory_bandwidth", "memory_bytes"})
+    kind = raw.get("kind", "gpu")
+    if kind not in ("gpu", "cpu"):
+        raise PuzzleError(f"{where}.kind must be 'gpu' or 'cpu', got {kind!r}")
+    peaks = _mapping(f"{where}.peak_flops", raw["peak_flops"], set(DTYPE_BYTES), set())
+    if not peaks:
+        raise PuzzleError(f"{where}.peak_flops needs at least one of {sorted(DTYPE_BYTES)}")
+    eff = _mapping(f"{where}.efficiency", raw.get("efficiency", {}), {"compute", "memory"}, set())
+    efficiency = {k: _number(f"{where}.efficiency.{k}", eff.get(k, 1.0)) for k in ("compute", "memory")}
+    for k, v in efficiency.items():
+        if v > 1:
+            raise PuzzleError(f"{where}.efficiency.{k} must be in (0, 1], got {v}")
+    threads = raw.get("threads")
+    return Device(
+        name=str(raw["name"]),
+        kind=kind,
+        peak_flops={k: _number(f"{where}.peak_flops.{k}", v) for k, v in peaks.items()},
+        memory_bandwidth=_number(f"{where}.memory_bandwidth", raw["memory_bandwidth"]),
+        memory_bytes=_number(f"{where}.memory_bytes", raw["memory_bytes"]),
+        compute_efficiency=efficiency["compute"],
+        memory_efficiency=efficiency["memory"],
+        kernel_overhead_s=_number(f"{where}.kernel_overhead_s", raw.get("kernel_overhead_s", 0.0), positive=False),
+        threads=None if threads is None else _number(f"{where}.threads", threads, integer=True),
+    )
+
+
+def _check_workload(workload: Workload, device: Device, where: str) -> None:
+    if workload.dtype not in DTYPE_BYTES:
+        raise PuzzleError(f"{where}: workload dtype must be one of {sorted(DTYPE_BYTES)}, got {workload.dtype!r}")
+    if workload.dtype not in device.peak_flops:
+        raise PuzzleError(
+            f"{where}: workload dtype {workload.dtype} has no peak on {device.name} (it has {', '.join(device.peak_flops)})"
+        )
+    for key in ("batch_size", "input_len", "output_len"):
+        value = getattr(workload, key)
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise PuzzleError(f"{where}: workload {key} must be a positive integer, got {value!r}")
+
+
+def _parse_workload(raw: Any, device: Device, where: str) -> Workload:
+    keys = {"batch_size", "input_len", "output_len", "dtype"}
+    raw = _mapping(where, raw, keys, keys)
+    workload = Workload(
+        batch_size=_number(f"{where}.batch_size", raw["batch_size"], integer=True),
+        input_len=_number(f"{where}.input_len", raw["input_len"], integer=True),
+        output_len=_number(f"{where}.output_len", raw["output_len"], integer=True),
+        dtype=str(raw["dtype"]),
+    )
+    _check_workload(workload, device, where)
+    return workload
+
+
+def parse_constraints(raw: Any, where: str = "constraints") -> dict[str, float]:
+    """Validated `solve` constraints: a subset of CONSTRAINT_KEYS, each a positive number."""
+    raw = _mapping(where, raw or {}, set(CONSTRAINT_KEYS), set())
+    out = {}
+    for key, value in raw.items():
+        if key == "max_params" and isinstance(value, str) and (m := _COUNT.match(value)):
+            value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+        out[key] = _number(f"{where}.{key}", value)
+    return out
+
+
+def parse_profile(raw: Any, default_name: str = "custom") -> HardwareProfile:
+    """A HardwareProfile from a parsed YAML mapping; every error names the key it is about."""
+    where = f"hardware profile {default_name!r}"
+    raw = _mapping(where, raw, {"name", "description", "device", "workload", "constraints"}, {"device", "workload"})
+    name = str(raw.get("name", default_name))
+    where = f"hardware profile {name!r}"
+    device = _parse_device(raw["device"], f"{where} device")
+    return HardwareProfile(
+        name=name,
+        device=device,
+        workload=_parse_workload(raw["workload"], device, f"{where} workload"),
+        constraints=parse_constraints(raw.get("constraints"), f"{where} constraints"),
+        description=str(raw.get("description", "")),
+    )

@@ -1,0 +1,213 @@
+"""Measured latency of sublayer variants and of the fixed parts on the local device (CPU or CUDA).
+
+Each variant is built alone with `puzzle.model.build_attention` / `build_ffn` plus its RMSNorm, with
+random weights (latency does not depend on the values), and timed as the decoder layer runs it:
+`h + module(norm(h))`.
+  prefill  a (B, input_len, D) input; attention writes its K/V into a preallocated cache.
+  decode   a (B, 1, D) input; attention writes one K/V slot of a preallocated cache holding
+           `decode_context` positions and attends to all of them (what a static-cache engine does).
+Timing: `warmup` calls, then `repeats` samples of `number` calls each (`number` chosen so a sample
+lasts >= `min_sample_s`), CUDA synchronised; the figure is the median per call. On a single CPU
+thread the clock is the thread's CPU time (see `_clock`), else wall time.
+"""
+
+import itertools
+import statistics
+import time
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
+
+import torch
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+from puzzle.errors import PuzzleError
+from puzzle.model import AttentionConfig, FFNConfig, PuzzleConfig, build_attention, build_ffn
+
+from .hardware import Workload
+from .roofline import Phase
+
+# Bytes of weights + KV cache cycled through per measured variant: above the last-level caches of
+# today's CPUs (tens of MB) and of an H100 (50 MB L2), so weights stream from memory as in a real model.
+COLD_BYTES = 128e6
+MAX_COPIES = 64
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def torch_dtype(dtype: str) -> torch.dtype:
+    if dtype not in TORCH_DTYPES:
+        raise PuzzleError(f"cannot measure in {dtype}: eager PyTorch runs {', '.join(TORCH_DTYPES)}; use --no-measure")
+    return TORCH_DTYPES[dtype]
+
+
+def local_device() -> torch.device:
+    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:  # Linux names the CPU model here; elsewhere fall back to the architecture
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine() or "cpu"
+
+
+@contextmanager
+def torch_threads(threads: int | None) -> Iterator[None]:
+    """Run with `threads` intra-op threads (None: leave as is), restoring the old setting."""
+    old = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """The timer: this thread's CPU time on a single-threaded CPU run, wall time otherwise.
+
+    On one CPU thread all the work happens on the calling thread, so its CPU time equals the
+    latency on an idle machine but leaves out the time the OS hands to other processes: shared
+    machines would otherwise inflate (and scatter) every figure. Multi-threaded or CUDA runs need
+    wall time (CPU time would add threads up, or miss the GPU).
+    """
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
+def time_call(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, repeats: int = 15, min_sample_s: float = 2e-3) -> float:
+    """Median seconds per call of `fn`, after `warmup` calls."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    clock = _clock(device)
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        sync()
+        start = clock()
+        fn()
+        sync()
+        once = max(clock() - start, 1e-7)
+        number = max(1, int(min_sample_s / once))
+        samples = []
+        for _ in range(repeats):
+            start = clock()
+            for _ in range(number):
+                fn()
+            sync()
+            samples.append((clock() - start) / number)
+    return statistics.median(samples)
+
+
+class StaticKV:
+    """A preallocated one-layer KV cache (B, K, S, d) that `GQAttention` writes into at `start`."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor, start: int) -> None:
+        self.k, self.v, self.start = k, v, start
+
+    def update(self, k: torch.Tensor, v: torch.Tensor, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        T = k.shape[2]
+        self.k[:, :, self.start : self.start + T].copy_(k)
+        self.v[:, :, self.start : self.start + T].copy_(v)
+        return self.k, self.v
+
+
+def _inputs(config: PuzzleConfig, workload: Workload, phase: Phase, device: torch.device, dtype: torch.dtype):
+    B = workload.batch_size
+    T, past = (workload.input_len, 0) if phase == "prefill" else (1, workload.decode_context - 1)
+    h = torch.randn(B, T, config.hidden_size, device=device, dtype=dtype)
+    position_ids = torch.arange(past, past + T, device=device)[None].expand(B, T)
+    rotary = LlamaRotaryEmbedding(config=config).to(device)
+    with torch.inference_mode():
+        position_embeddings = rotary(h, position_ids)
+    return h, position_embeddings, past + T
+
+
+def sublayer_fn(
+    config: PuzzleConfig, kind: str, variant: AttentionConfig | FFNConfig, workload: Workload, phase: Phase,
+    device: torch.device, dtype: torch.dtype, cold_bytes: float = COLD_BYTES,
+) -> Callable[[], torch.Tensor] | None:
+    """A closure running one sublayer as the decoder layer does; None for a no-op (nothing runs).
+
+    In a real model every layer has its own weights and KV cache, so each is read from memory, not
+    from a cache of the previous call: the closure cycles through copies of the sublayer (weights and
+    KV cache together at least `cold_bytes`, at most MAX_COPIES copies).
+    """
+    if variant.no_op:
+        return None
+    h, position_embeddings, keys = _inputs(config, workload, phase, device, dtype)
+    copies, calls = 0, []
+    footprint = 0
+    while copies < MAX_COPIES and (copies == 0 or footprint * copies < cold_bytes):
+        call, footprint = _one_sublayer(config, kind, variant, workload, h, position_embeddings, keys)
+        calls.append(call)
+        copies += 1
+    turn = itertools.cycle(calls)
+    return lambda: next(turn)()
+
+
+def _one_sublayer(config, kind, variant, workload, h, position_embeddings, keys) -> tuple[Callable[[], torch.Tensor], int]:
+    device, dtype = h.device, h.dtype
+    module = build_attention(config, variant) if kind == "attention" else build_ffn(config, variant)
+    module = module.to(device=device, dtype=dtype).eval()
+    norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps).to(device=device, dtype=dtype)
+    footprint = sum(p.numel() * p.element_size() for p in module.parameters())
+    if kind == "ffn":
+        return (lambda: h + module(norm(h))), footprint
+    cache = None
+    if variant.is_gqa:
+        K = variant.num_key_value_heads(config.num_attention_heads)
+        k = torch.randn(workload.batch_size, K, keys, config.head_dim, device=device, dtype=dtype)
+        cache = StaticKV(k, torch.randn_like(k), keys - h.shape[1])
+        footprint += 2 * k.numel() * k.element_size()
+    return (lambda: h + module(norm(h), position_embeddings, None, cache, 0)), footprint
+
+
+def fixed_fn(config: PuzzleConfig, part: str, workload: Workload, phase: Phase, device: torch.device, dtype: torch.dtype) -> Callable[[], torch.Tensor]:
+    """A closure running one fixed part: embedding lookup, final norm, or LM head (last positions)."""
+    B = workload.batch_size
+    T = workload.input_len if phase == "prefill" else 1
+    D, V = config.hidden_size, config.vocab_size
+    if part == "embeddings":
+        embed = torch.nn.Embedding(V, D, device=device, dtype=dtype)
+        ids = torch.randint(0, V, (B, T), device=device)
+        return lambda: embed(ids)
+    if part == "final_norm":
+        norm = LlamaRMSNorm(D, eps=config.rms_norm_eps).to(device=device, dtype=dtype)
+        h = torch.randn(B, T, D, device=device, dtype=dtype)
+        return lambda: norm(h)
+    if part == "lm_head":
+        head = torch.nn.Linear(D, V, bias=False, device=device, dtype=dtype)
+        h = torch.randn(B, 1, D, device=device, dtype=dtype)
+        return lambda: head(h)
+    raise ValueError(f"unknown fixed part {part!r}")
+
+
+def measure_sublayer(
+    config: PuzzleConfig, kind: str, variant: AttentionConfig | FFNConfig, workload: Workload,
+    device: torch.device | None = None, **timing: Any,
+) -> dict[str, float]:
+    """{"prefill_s", "decode_s"} of one sublayer variant, measured; zeros for a no-op."""
+    device = device or local_device()
+    dtype = torch_dtype(workload.dtype)
+    out = {}
+    for phase in ("prefill", "decode"):
+        fn = sublayer_fn(config, kind, variant, workload, phase, device, dtype)
+        out[f"{phase}_s"] = 0.0 if fn is None else time_call(fn, device, **timing)
+    return out
+
+
+def measure_fixed(config: PuzzleConfig, part: str, workload: Workload, device: torch.device | None = None, **timing: Any) -> dict[str, float]:
+    """{"prefill_s", "decode_s"} of one fixed part, measured."""
+    device = device or local_device()
+    dtype = torch_dtype(workload.dtype)
+    return {
+        f"{phase}_s": time_call(fixed_fn(config, part, workload, phase, device, dtype), device, **timing)
+        for phase in ("prefill", "decode")
+    }

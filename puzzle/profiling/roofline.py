@@ -1,0 +1,281 @@
+"""Roofline costs of every sublayer variant and of a whole model: pure functions over plain numbers.
+
+Each sublayer is a short list of `Op`s (a norm, a matmul, the attention core, an elementwise pass);
+an op takes max(flops / achievable FLOP/s, bytes / achievable bandwidth) plus a fixed cost per kernel
+(eager op) it launches; a sublayer takes the sum of its ops. Weights are read once per op call
+(once per forward), activations are read and written once per pass.
+
+Phases (B = batch, T = input_len, S = decode context, D hidden, H query heads, K KV heads, d head_dim,
+I FFN width, V vocabulary, e bytes per element of the workload dtype):
+  prefill  B*T tokens through the sublayer; causal attention over T keys: QK^T and PV each cost
+           2*B*H*d*T*(T+1)/2 FLOPs (only the lower triangle), the K/V of all T tokens are written.
+  decode   one step: B tokens, each attending to S = input_len + output_len // 2 keys (the mean over
+           the generation, so output_len steps at S cost what the real steps cost in total); the
+           whole KV cache of the layer is read once.
+  KV cache memory: 2 * K * d * B * (input_len + output_len) * e (the cache at the end of the
+           generation); zero for linear and no-op attention.
+Fixed costs (shared by every child): the embedding lookup (a gather, no matmul), the final norm and
+the LM head (D x V matmul on the last position of each request only, as generation needs).
+
+Whole model = fixed + sum of sublayers; generation time = prefill + output_len * decode step;
+throughput = B * output_len / generation time. A child's figures therefore follow from its block
+choices alone, and the solver can add up table rows.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Literal
+
+from puzzle.model.configuration_puzzle import AttentionConfig, BlockConfig, FFNConfig
+
+from .hardware import Device, HardwareProfile, Workload
+
+Phase = Literal["prefill", "decode"]
+# Eager PyTorch ops each sublayer launches in puzzle.model (counted with torch.profiler): they set the
+# fixed per-op overhead that dominates tiny CPU ops. LlamaRMSNorm: to, pow, mean, add, rsqrt, mul, to, mul.
+NORM_KERNELS = 8
+ROPE_KERNELS = 16  # unsqueeze x2 + (mul, slice, slice, neg, cat, mul, add) for q and for k
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The architecture numbers the costs depend on."""
+
+    hidden_size: int
+    num_attention_heads: int
+    head_dim: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a LlamaConfig / PuzzleConfig (head_dim defaults to hidden / heads)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            head_dim=head_dim,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+
+@dataclass(frozen=True)
+class Op:
+    name: str
+    flops: float
+    bytes: float
+    kernels: int = 1
+
+
+def op_time(op: Op, device: Device, dtype: str) -> float:
+    """Roofline seconds of one op: the slower of compute and memory, plus its launch overheads."""
+    compute = op.flops / device.flops_per_s(dtype)
+    memory = op.bytes / device.bytes_per_s
+    return max(compute, memory) + op.kernels * device.kernel_overhead_s
+
+
+def ops_time(ops: Iterable[Op], device: Device, dtype: str) -> float:
+    return sum(op_time(op, device, dtype) for op in ops)
+
+
+# --- building blocks ------------------------------------------------------------------------------
+
+def matmul(name: str, n: int, k: int, m: int, e: int, kernels: int = 1) -> Op:
+    """(n, k) @ (k, m): 2nkm FLOPs; reads the weight and the input, writes the output."""
+    return Op(name, 2.0 * n * k * m, float(e) * (k * m + n * k + n * m), kernels)
+
+
+def rms_norm(n: int, D: int, e: int) -> Op:
+    """RMSNorm of n tokens: reads x and the weight, writes y; about 4 FLOPs per element."""
+    return Op("norm", 4.0 * n * D, float(e) * (2 * n * D + D), NORM_KERNELS)
+
+
+def residual(n: int, D: int, e: int) -> Op:
+    return Op("residual", float(n * D), 3.0 * e * n * D, 1)
+
+
+def tokens(workload: Workload, phase: Phase) -> int:
+    return workload.batch_size * (workload.input_len if phase == "prefill" else 1)
+
+
+def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload, phase: Phase) -> list[Op]:
+    """The ops of one attention sublayer (its pre-norm and the residual add included); [] for no-op."""
+    if config.no_op:
+        return []
+    e, D, B = workload.dtype_bytes, shape.hidden_size, workload.batch_size
+    n = tokens(workload, phase)
+    if config.replace_with_linear:
+        return [rms_norm(n, D, e), matmul("linear", n, D, D, e), residual(n, D, e)]
+    H, d = shape.num_attention_heads, shape.head_dim
+    K = config.num_key_value_heads(H)
+    qkv = matmul("qkv_proj", n, D, (H + 2 * K) * d, e, kernels=9)  # 3 linears, each + view + transpose
+    rope = Op("rope", 6.0 * n * (H + K) * d, 2.0 * e * n * (H + K) * d, ROPE_KERNELS)
+    if phase == "prefill":
+        T = workload.input_len
+        flops = 2.0 * (2.0 * B * H * d * T * (T + 1) / 2)  # QK^T and PV over the causal triangle
+        io = n * (H + 2 * K) * d + n * H * d  # read q, k, v; write the output
+        kv_write = 2 * n * K * d
+        core = Op("attention", flops, float(e) * (io + kv_write), 3)  # 2 cache writes + sdpa
+    else:
+        S = workload.decode_context
+        flops = 2.0 * 2.0 * B * H * d * S  # one query row against S keys, QK^T and PV
+        kv_read = 2 * B * K * d * S
+        io = 2 * n * H * d + 2 * n * K * d  # read q, write out; write the new k, v
+        core = Op("attention", flops, float(e) * (kv_read + io), 3)
+    o = matmul("o_proj", n, H * d, D, e, kernels=3)  # transpose + reshape + linear
+    return [rms_norm(n, D, e), qkv, rope, core, o, residual(n, D, e)]
+
+
+def ffn_ops(shape: ModelShape, config: FFNConfig, workload: Workload, phase: Phase) -> list[Op]:
+    """The ops of one FFN sublayer (pre-norm and residual included); [] for no-op."""
+    if config.no_op:
+        return []
+    e, D = workload.dtype_bytes, shape.hidden_size
+    n = tokens(workload, phase)
+    if config.replace_with_linear:
+        return [rms_norm(n, D, e), matmul("linear", n, D, D, e), residual(n, D, e)]
+    I = config.intermediate_size
+    gate_up = matmul("gate_up_proj", n, D, 2 * I, e, kernels=2)
+    act = Op("silu_mul", 5.0 * n * I, 5.0 * e * n * I, 2)  # silu: read g, write; mul: read 2, write
+    down = matmul("down_proj", n, I, D, e)
+    return [rms_norm(n, D, e), gate_up, act, down, residual(n, D, e)]
+
+
+def sublayer_ops(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, workload: Workload, phase: Phase) -> list[Op]:
+    if kind == "attention":
+        return attention_ops(shape, config, workload, phase)
+    return ffn_ops(shape, config, workload, phase)
+
+
+# --- parameters and memory ------------------------------------------------------------------------
+
+def sublayer_params(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig) -> int:
+    """Weights of a sublayer, its pre-norm included (as `sublayer_state` stores it)."""
+    D = shape.hidden_size
+    if config.no_op:
+        return 0
+    if config.replace_with_linear:
+        return D * D + D
+    if kind == "attention":
+        H, d = shape.num_attention_heads, shape.head_dim
+        K = config.num_key_value_heads(H)
+        return D * (H + 2 * K) * d + H * d * D + D
+    return 3 * D * config.intermediate_size + D
+
+
+def kv_cache_bytes(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
+    """KV cache of one layer at the end of the generation: 2 * K * d * B * (in + out) * e."""
+    if kind != "attention" or not config.is_gqa:
+        return 0
+    K = config.num_key_value_heads(shape.num_attention_heads)
+    return 2 * K * shape.head_dim * workload.batch_size * workload.max_context * workload.dtype_bytes
+
+
+def sublayer_costs(
+    shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, profile: HardwareProfile
+) -> dict[str, float]:
+    """params, param_bytes, kv_cache_bytes, prefill_s, decode_s of one sublayer variant (roofline)."""
+    w, dev = profile.workload, profile.device
+    params = sublayer_params(shape, kind, config)
+    return {
+        "params": params,
+        "param_bytes": params * w.dtype_bytes,
+        "kv_cache_bytes": kv_cache_bytes(shape, kind, config, w),
+        "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill"), dev, w.dtype),
+        "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode"), dev, w.dtype),
+    }
+
+
+# --- fixed costs ----------------------------------------------------------------------------------
+
+FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
+
+
+def fixed_ops(shape: ModelShape, part: str, workload: Workload, phase: Phase) -> list[Op]:
+    e, D, V = workload.dtype_bytes, shape.hidden_size, shape.vocab_size
+    n = tokens(workload, phase)
+    if part == "embeddings":
+        return [Op("embedding", 0.0, 2.0 * e * n * D, 1)]  # gather n rows, write them
+    if part == "final_norm":
+        return [rms_norm(n, D, e)]
+    if part == "lm_head":
+        return [matmul("lm_head", workload.batch_size, D, V, e)]  # last position of each request
+    raise ValueError(f"unknown fixed part {part!r}")
+
+
+def fixed_params(shape: ModelShape, part: str) -> int:
+    """Weights of a fixed part; a tied LM head shares the embeddings' weights and counts 0."""
+    if part == "embeddings":
+        return shape.vocab_size * shape.hidden_size
+    if part == "final_norm":
+        return shape.hidden_size
+    return 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
+
+
+def fixed_costs(shape: ModelShape, profile: HardwareProfile) -> dict[str, dict[str, float]]:
+    """{part: {params, param_bytes, prefill_s, decode_s}} for embeddings, final_norm, lm_head."""
+    w, dev = profile.workload, profile.device
+    out = {}
+    for part in FIXED_PARTS:
+        params = fixed_params(shape, part)
+        out[part] = {
+            "params": params,
+            "param_bytes": params * w.dtype_bytes,
+            "prefill_s": ops_time(fixed_ops(shape, part, w, "prefill"), dev, w.dtype),
+            "decode_s": ops_time(fixed_ops(shape, part, w, "decode"), dev, w.dtype),
+        }
+    return out
+
+
+# --- whole model ----------------------------------------------------------------------------------
+
+SUMMED = ("params", "param_bytes", "kv_cache_bytes", "prefill_s", "decode_s")
+
+
+def combine_costs(fixed: dict[str, dict[str, float]], sublayers: Iterable[dict[str, float]], workload: Workload) -> dict[str, float]:
+    """Whole-model figures from fixed parts + sublayer rows (any source: roofline or measured).
+
+    Returns params, param_bytes, kv_cache_bytes, memory_bytes (weights + KV cache), prefill_s (whole
+    batch), decode_s (one step of the whole batch), generation_s = prefill_s + output_len * decode_s,
+    throughput_tokens_s = batch * output_len / generation_s, and the workload's batch/lengths.
+    """
+    total = {k: 0.0 for k in SUMMED}
+    for row in list(fixed.values()) + list(sublayers):
+        for k in SUMMED:
+            total[k] += float(row.get(k, 0.0))
+    for k in ("params", "param_bytes", "kv_cache_bytes"):
+        total[k] = int(total[k])
+    generation = total["prefill_s"] + workload.output_len * total["decode_s"]
+    return {
+        **total,
+        "memory_bytes": total["param_bytes"] + total["kv_cache_bytes"],
+        "generation_s": generation,
+        "throughput_tokens_s": workload.batch_size * workload.output_len / generation,
+        "batch_size": workload.batch_size,
+        "input_len": workload.input_len,
+        "output_len": workload.output_len,
+    }
+
+
+def parent_blocks(config: Any) -> list[BlockConfig]:
+    """The blocks of a config: its block_configs for a puzzle child, else the parent's block per layer."""
+    if getattr(config, "block_configs", None) is not None and hasattr(config, "blocks"):
+        return config.blocks
+    attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
+    ffn = FFNConfig(intermediate_size=config.intermediate_size)
+    return [BlockConfig(attention, ffn)] * config.num_hidden_layers
+
+
+def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: HardwareProfile) -> dict[str, float]:
+    """Roofline figures of a whole model with these blocks on the profile's device and workload.
+
+    `parent_config` gives the widths shared by every child (hidden size, query heads, head_dim,
+    vocabulary, tied embeddings); `blocks` one BlockConfig per layer (any number of layers). Keys as
+    in `combine_costs`.
+    """
+    shape = ModelShape.from_config(parent_config)
+    rows = []
+    for block in blocks:
+        rows.append(sublayer_costs(shape, "attention", block.attention, profile))
+        rows.append(sublayer_costs(shape, "ffn", block.ffn, profile))
+    return combine_costs(fixed_costs(shape, profile), rows, profile.workload)

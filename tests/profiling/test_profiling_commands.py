@@ -1,0 +1,101 @@
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from puzzle.cli import main
+from puzzle.errors import PuzzleError
+from puzzle.io import read_json
+from puzzle.model.checkpoint import load_config, load_model
+from puzzle.profiling.commands import COLUMNS, load_costs, profile, table_model_costs
+from puzzle.profiling.hardware import load_profile
+from puzzle.profiling.roofline import parent_blocks, predict_model_costs
+
+
+@pytest.fixture
+def tiny_cpu_profile(tmp_path):
+    """cpu_local with a tiny workload, so measuring the tiny parent takes a moment."""
+    path = tmp_path / "tiny_cpu.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny_cpu",
+        "device": {"name": "cpu", "kind": "cpu", "peak_flops": {"fp32": 1e10}, "memory_bandwidth": 1e10,
+                   "memory_bytes": 1e9, "threads": 1},
+        "workload": {"batch_size": 1, "input_len": 8, "output_len": 4, "dtype": "fp32"},
+        "constraints": {"speedup": 1.2},
+    }))
+    return path
+
+
+def test_roofline_costs_table_follows_the_contract(tmp_path, tiny_parent_dir):
+    run = tmp_path / "run"
+    out = profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)
+    assert out == run / "costs" / "h100_80gb.json"
+    table = pd.read_parquet(run / "costs" / "h100_80gb.parquet")
+    assert list(table.columns) == COLUMNS
+    assert (run / "costs" / "h100_80gb.csv").exists()
+    # llama_default on the tiny parent (4 heads / 2 KV heads, FFN 128): 4 attention + 9 FFN variants per layer
+    assert len(table) == 4 * 13
+    assert not table.duplicated(["layer", "kind", "variant"]).any()
+    assert (table["source"] == "roofline").all() and (table["batch_size"] == 64).all()
+    parents = table[table["is_parent"]]
+    assert sorted(parents["variant"].unique()) == ["attn_g2", "ffn_128"] and len(parents) == 8
+    noop = table[table["variant"].isin(["attn_noop", "ffn_noop"])]
+    assert (noop[["params", "kv_cache_bytes", "prefill_s", "decode_s"]] == 0).all().all()
+
+    meta = read_json(out)
+    assert meta["constraints"] == {"speedup": 1.5, "memory_gib": 67.0}
+    assert meta["hidden_size"] == 64
+    assert meta["workload"]["decode_context"] == 1024 + 512
+    assert set(meta["fixed"]) == {"embeddings", "final_norm", "lm_head"}
+    # the whole parent = fixed + its rows, and equals the roofline prediction from its blocks alone
+    config = load_config(tiny_parent_dir)
+    predicted = predict_model_costs(config, parent_blocks(config), load_profile("h100_80gb"))
+    for key in ("params", "kv_cache_bytes", "prefill_s", "decode_s", "throughput_tokens_s"):
+        assert meta["parent"][key] == pytest.approx(predicted[key])
+    assert meta["parent"]["params"] == sum(p.numel() for p in load_model(tiny_parent_dir).parameters())
+    assert table_model_costs(*load_costs(run, "h100_80gb"), parent_blocks(config))["decode_s"] == pytest.approx(
+        meta["parent"]["decode_s"]
+    )
+    assert read_json(run / "parent.json") == {"parent": str(tiny_parent_dir.resolve()), "search_space": "llama_default"}
+
+
+def test_reruns_find_the_parent_reuse_what_is_complete_and_refuse_another_parent(tmp_path, tiny_parent_dir):
+    run = tmp_path / "run"
+    out = profile(run_dir=run, budget="a100_80gb", parent=tiny_parent_dir)
+    stamp = out.stat().st_mtime_ns
+    assert profile(run_dir=run, budget="a100_80gb") == out  # parent from parent.json, nothing to redo
+    assert out.stat().st_mtime_ns == stamp
+    profile(run_dir=run, budget="a100_80gb", search_space="tiny")  # a changed space is recomputed
+    assert out.stat().st_mtime_ns != stamp and read_json(run / "parent.json")["search_space"] == "tiny"
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text((tiny_parent_dir / "config.json").read_text())
+    with pytest.raises(PuzzleError, match="belongs to parent"):
+        profile(run_dir=run, budget="a100_80gb", parent=other)
+    with pytest.raises(PuzzleError, match="pass --parent"):
+        profile(run_dir=tmp_path / "fresh")
+
+
+def test_cpu_profile_is_measured(tmp_path, tiny_parent_dir, tiny_cpu_profile):
+    run = tmp_path / "run"
+    out = profile(run_dir=run, budget=str(tiny_cpu_profile), parent=tiny_parent_dir, search_space="tiny", repeats=3)
+    table, meta = load_costs(run, "tiny_cpu")
+    assert meta["source"] == "measured" and meta["measured_on"].startswith("cpu")
+    assert (table["source"] == "measured").all()
+    runs = table[~table["variant"].isin(["attn_noop", "ffn_noop"])]
+    assert (runs["prefill_s"] > 0).all() and (runs["decode_s"] > 0).all()
+    # one measurement per distinct variant, shared by every layer offering it
+    per_variant = table.groupby(["kind", "variant"])["decode_s"].nunique()
+    assert (per_variant == 1).all()
+    assert meta["parent_roofline"]["decode_s"] > 0 and meta["parent"]["decode_s"] > 0
+    roofline = profile(run_dir=run, budget=str(tiny_cpu_profile), measure=False)
+    assert read_json(roofline)["source"] == "roofline"
+
+
+def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_parent_dir, capsys):
+    assert main(["profile", "--run-dir", str(tmp_path), "--budget", "h900", "--parent", str(tiny_parent_dir)]) == 2
+    assert "unknown hardware profile 'h900'" in capsys.readouterr().err
+    if torch.cuda.is_available():
+        return
+    assert main(["profile", "--run-dir", str(tmp_path / "r"), "--parent", str(tiny_parent_dir), "--measure"]) == 2
+    assert "no CUDA GPU" in capsys.readouterr().err
