@@ -1,0 +1,261 @@
+"""`puzzle solve`: read a run's scores and a profile's costs, solve the MIP, write the solution(s)."""
+
+import math
+import re
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
+from puzzle.solver.mip import Solution
+from puzzle.solver.problem import FixedCosts, Constraints, SolverProblem, Workload, problem_from_tables
+
+REPO = Path(__file__).resolve().parents[2]
+CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
+_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+_ALIASES = {
+    "batch_size": ("batch_size", "batch"),
+    "input_len": ("input_len", "input_length", "prompt_len", "input_tokens"),
+    "output_len": ("output_len", "output_length", "gen_len", "output_tokens"),
+}
+
+
+def parse_count(value: float | int | str | None) -> float | None:
+    """80e6, "80e6", "80M", "1.5B" -> a number (K, M, B/G, T suffixes)."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    m = _COUNT.match(str(value))
+    if not m:
+        raise PuzzleError(f"not a parameter count: {value!r} (examples: 80e6, 80M, 1.5B)")
+    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+
+
+# ---- reading the run directory --------------------------------------------------------------------
+def _pick(mapping: dict[str, Any], field: str, where: str) -> Any:
+    for key in _ALIASES[field]:
+        if key in mapping:
+            return mapping[key]
+    raise PuzzleError(f"{where}: workload lacks {field!r}")
+
+
+def _fixed_costs(meta: dict[str, Any], where: str) -> FixedCosts:
+    raw = meta.get("fixed", meta.get("fixed_costs"))
+    if raw is None:
+        raise PuzzleError(f"{where}: no 'fixed' costs (embeddings, final norm, LM head)")
+    # Either one flat mapping or one mapping per component ({"embeddings": {...}, "lm_head": {...}}).
+    parts = list(raw.values()) if raw and all(isinstance(v, dict) for v in raw.values()) else [raw]
+    total = {k: sum(part.get(k, 0) or 0 for part in parts) for k in FixedCosts.__dataclass_fields__}
+    integral = ("params", "param_bytes", "kv_cache_bytes")
+    return FixedCosts(**{k: int(v) if k in integral else float(v) for k, v in total.items()})
+
+
+def load_costs(run_dir: Path, budget: str) -> tuple[pd.DataFrame, dict[str, Any]]:
+    costs_dir = Path(run_dir) / "costs"
+    table = costs_dir / f"{budget}.parquet"
+    if not table.exists():
+        have = sorted(p.stem for p in costs_dir.glob("*.parquet")) if costs_dir.is_dir() else []
+        hint = f" (profiled: {', '.join(have)})" if have else ""
+        raise PuzzleError(f"no costs for profile {budget!r} in {costs_dir}{hint}; run `puzzle profile --budget {budget}` first")
+    meta = read_json(costs_dir / f"{budget}.json")
+    if not isinstance(meta, dict) or "workload" not in meta:
+        raise PuzzleError(f"{costs_dir / f'{budget}.json'}: expected a mapping with 'workload' and 'fixed'")
+    return read_table(table), meta
+
+
+def load_problem(run_dir: Path, budget: str, metric: str = "kl", batch_size: int | None = None) -> SolverProblem:
+    """The problem for one profile: `scores/scores.parquet` joined with `costs/<budget>.parquet`."""
+    run_dir = Path(run_dir)
+    scores = read_table(run_dir / "scores" / "scores.parquet")
+    costs, meta = load_costs(run_dir, budget)
+    return problem_from_meta(scores, costs, meta, metric, batch_size, where=str(run_dir / "costs" / f"{budget}.json"))
+
+
+def problem_from_meta(
+    scores: pd.DataFrame,
+    costs: pd.DataFrame,
+    meta: dict[str, Any],
+    metric: str = "kl",
+    batch_size: int | None = None,
+    where: str = "costs JSON",
+) -> SolverProblem:
+    w = meta["workload"]
+    workload = Workload(int(_pick(w, "batch_size", where)), int(_pick(w, "input_len", where)), int(_pick(w, "output_len", where)))
+    hidden = meta.get("hidden_size") or (meta.get("model") or {}).get("hidden_size") or (meta.get("parent") or {}).get("hidden_size")
+    return problem_from_tables(
+        scores,
+        costs,
+        workload,
+        _fixed_costs(meta, where),
+        metric=metric,
+        profile=str(meta.get("profile", "")),
+        hidden_size=int(hidden) if hidden else None,
+        batch_size=batch_size,
+    )
+
+
+def profile_constraints(meta: dict[str, Any], budget: str) -> dict[str, Any]:
+    """The profile's default constraints: the costs JSON's "constraints", else the profile YAML's."""
+    found, where = meta.get("constraints"), "costs JSON"
+    if found is None:
+        for root in (Path.cwd(), REPO):
+            path = root / "hardware_profiles" / f"{budget}.yaml"
+            if path.exists():
+                found, where = (read_yaml(path) or {}).get("constraints"), str(path)
+                break
+    found = found or {}
+    if not isinstance(found, dict):
+        raise PuzzleError(f"{where}: 'constraints' must be a mapping")
+    unknown = set(found) - set(CONSTRAINT_KEYS)
+    if unknown:
+        raise PuzzleError(f"{where}: unknown constraint(s) {sorted(unknown)}; known: {', '.join(CONSTRAINT_KEYS)}")
+    return {k: v for k, v in found.items() if v is not None}
+
+
+def merge_constraints(defaults: dict[str, Any], **flags: Any) -> Constraints:
+    """Flags override the profile's defaults; `speedup` and `throughput` are one floor, so either flag
+    replaces both defaults."""
+    merged = dict(defaults)
+    if flags.get("speedup") is not None or flags.get("throughput") is not None:
+        merged.pop("speedup", None)
+        merged.pop("throughput", None)
+    merged.update({k: v for k, v in flags.items() if v is not None})
+    if "max_params" in merged:
+        merged["max_params"] = parse_count(merged["max_params"])
+    for key, value in merged.items():
+        if isinstance(value, str):
+            raise PuzzleError(f"constraint {key} must be a number, got {value!r}")
+    return Constraints(**{k: float(v) for k, v in merged.items()})
+
+
+# ---- output ---------------------------------------------------------------------------------------
+def _fmt_params(n: float) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def summary_line(solution: Solution) -> str:
+    p = solution.prediction
+    s = (
+        f"summed {solution.problem.metric} {solution.objective:.6g} | speedup {p.speedup:.3f}x "
+        f"({p.throughput:,.1f} tok/s) | memory {p.memory_gib:,.3f} GiB | {_fmt_params(p.params)} params | "
+        f"latency {p.latency_ms:,.2f} ms | batch {p.batch_size} | {solution.backend} {solution.solve_time_s:.2f} s"
+    )
+    if solution.status == "optimal":
+        return s + " | optimal"
+    bound = "unknown" if solution.bound is None else f"{solution.bound:.6g}"
+    gap = "unknown" if solution.gap is None else f"{100 * solution.gap:.2f}%"
+    return s + f" | stopped at the time limit: incumbent {solution.objective:.6g}, best bound {bound}, gap {gap}"
+
+
+def layer_table(solution: Solution) -> str:
+    problem, rows = solution.problem, []
+    rows.append(f"{'layer':>5}  {'attention':<14} {'ffn':<14} {problem.metric + ' cost':>12}")
+    for i, (layer, (a, f)) in enumerate(zip(problem.layers, solution.selection)):
+        att, ffn = layer.attention[a], layer.ffn[f]
+        mark = lambda o: o.name + (" *" if o.is_parent else "")  # noqa: E731
+        rows.append(f"{i:>5}  {mark(att):<14} {mark(ffn):<14} {att.quality + ffn.quality:>12.6g}")
+    rows.append("(* = the parent's variant)")
+    return "\n".join(rows)
+
+
+def solve(
+    run_dir: Path = Path("runs/default"),
+    budget: str = "h100_80gb",
+    speedup: float | None = None,
+    throughput: float | None = None,
+    memory_gib: float | None = None,
+    latency_ms: float | None = None,
+    max_params: float | str | None = None,
+    metric: str = "kl",
+    backend: Literal["pulp", "ortools"] = "pulp",
+    num_solutions: int = 1,
+    diversity: float = 0.1,
+    batch_sizes: list[int] | None = None,
+    sweep: str | None = None,
+    time_limit_s: float = 60.0,
+    name: str | None = None,
+) -> list[Path]:
+    """MIP: one attention and one FFN variant per layer under a hardware budget.
+
+    Args:
+        run_dir: the run directory (reads scores/ and costs/, writes solutions/)
+        budget: hardware profile name; its costs/<budget>.parquet and default constraints are used
+        speedup: throughput floor relative to the parent on this profile (e.g. 2.0)
+        throughput: throughput floor in generated tokens per second (batch x output tokens / time)
+        memory_gib: memory ceiling in GiB: weights plus KV cache at the workload's batch and context
+        latency_ms: ceiling on one workload batch's time, prefill plus all decode steps, in ms
+        max_params: parameter ceiling, embeddings included (80e6, 80M, 1.5B)
+        metric: scores column to minimise (kl, lm_loss; top1_agreement, cosine count their drop)
+        backend: MIP backend: pulp (CBC) or ortools (SCIP)
+        num_solutions: how many solutions, each differing from all earlier ones in --diversity of layers
+        diversity: fraction of layers each further solution must change (at least one layer)
+        batch_sizes: solve for each batch size and keep the best (costs re-scaled from the workload's)
+        sweep: START:STOP:STEP speedup targets; writes solutions/pareto.json and pareto.png
+        time_limit_s: per-solve time limit; a stopped search reports its incumbent and gap
+        name: solution name (solutions/<name>.json); default: the budget's name
+    """
+    run_dir = Path(run_dir)
+    scores = read_table(run_dir / "scores" / "scores.parquet")
+    costs, meta = load_costs(run_dir, budget)
+    where = str(run_dir / "costs" / f"{budget}.json")
+    problems = [problem_from_meta(scores, costs, meta, metric, where=where)]
+    if batch_sizes:
+        problems = [problem_from_meta(scores, costs, meta, metric, b, where=where) for b in dict.fromkeys(batch_sizes)]
+    defaults = profile_constraints(meta, budget)
+    flags = dict(speedup=speedup, throughput=throughput, memory_gib=memory_gib, latency_ms=latency_ms, max_params=max_params)
+    out_dir = run_dir / "solutions"
+
+    if sweep is not None:
+        from puzzle.solver.pareto import parse_sweep, sweep_speedups, write_pareto
+
+        if speedup is not None or throughput is not None:
+            raise PuzzleError("--sweep sets the throughput floor itself; drop --speedup/--throughput")
+        if num_solutions != 1:
+            raise PuzzleError("--num-solutions cannot be combined with --sweep")
+        speedups = parse_sweep(sweep)
+        constraints = replace(merge_constraints(defaults, **flags), speedup=None, throughput=None)
+        points, fastest = sweep_speedups(problems, constraints, speedups, backend, time_limit_s)
+        json_path, png_path = write_pareto(out_dir, points, problems[0], constraints, backend, fastest)
+        for p in points:
+            if p["feasible"]:
+                print(f"speedup >= {p['target_speedup']:.3f}: summed {metric} {p['objective']:.6g} at {p['speedup']:.3f}x ({p['status']})")
+            else:
+                print(f"speedup >= {p['target_speedup']:.3f}: infeasible")
+        print(f"highest reachable speedup: {fastest:.3f}x")
+        if not any(p["feasible"] for p in points):
+            raise PuzzleError(
+                f"no speedup in {sweep} is reachable; the highest under the other constraints is {fastest:.3f}x "
+                f"(wrote {json_path})"
+            )
+        print(f"wrote {json_path} and {png_path}")
+        return [json_path, png_path]
+
+    from puzzle.solver.mip import solve as solve_mip
+
+    constraints = merge_constraints(defaults, **flags)
+    if not constraints.to_dict():
+        print("no constraint given or in the profile: the parent itself is the optimum")
+    solutions = solve_mip(problems, constraints, backend, time_limit_s, num_solutions, diversity)
+    base = name or budget
+    paths = []
+    for rank, sol in enumerate(solutions, start=1):
+        sol_name = base if rank == 1 else f"{base}-{rank}"
+        payload = sol.to_dict()
+        payload["name"] = sol_name
+        payload["rank"] = rank
+        floor = sol.problem.throughput_floor(constraints)
+        payload["constraints"] = {**constraints.to_dict(), **({"throughput_floor": floor} if floor else {})}
+        paths.append(atomic_write_json(out_dir / f"{sol_name}.json", payload))
+    print(layer_table(solutions[0]))
+    for sol, path in zip(solutions, paths):
+        print(f"{path.stem}: {summary_line(sol)}")
+    if len(solutions) < num_solutions:
+        print(
+            f"only {len(solutions)} of {num_solutions} solutions exist that differ from each other in "
+            f"at least {max(1, math.ceil(diversity * solutions[0].problem.num_layers - 1e-9))} layers"
+        )
+    print(f"wrote {', '.join(str(p) for p in paths)}")
+    return paths

@@ -1,0 +1,142 @@
+"""`puzzle solve` end to end on a synthetic run directory."""
+
+import itertools
+import json
+
+import pytest
+
+from puzzle.cli import main
+from puzzle.io import atomic_write_json, write_table
+from puzzle.model.configuration_puzzle import BlockConfig
+from puzzle.solver.commands import merge_constraints, parse_count
+from puzzle.solver.problem import Workload
+from puzzle.solver.synthetic import synthetic_tables
+
+BUDGET = "toy_gpu"
+
+
+@pytest.fixture
+def run_dir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no hardware_profiles/ here unless a test writes one
+    scores, costs, meta = synthetic_tables(
+        num_layers=6, attention_variants=4, ffn_variants=5, seed=1, workload=Workload(8, 256, 64)
+    )
+    run = tmp_path / "run"
+    write_table(scores, run / "scores" / "scores")
+    write_table(costs, run / "costs" / BUDGET)
+    meta["profile"] = BUDGET
+    meta["constraints"] = {"speedup": 1.5}
+    atomic_write_json(run / "costs" / f"{BUDGET}.json", meta)
+    return run
+
+
+def solve_cli(run_dir, *args):
+    return main(["solve", "--run-dir", str(run_dir), "--budget", BUDGET, *args])
+
+
+def read_solution(run_dir, name=BUDGET):
+    return json.loads((run_dir / "solutions" / f"{name}.json").read_text())
+
+
+def test_solve_uses_the_profile_default_and_writes_a_valid_solution(run_dir, capsys):
+    assert solve_cli(run_dir) == 0
+    sol = read_solution(run_dir)
+    assert sol["constraints"]["speedup"] == 1.5
+    assert sol["predicted"]["speedup"] >= 1.5
+    assert sol["predicted"]["throughput"] >= sol["constraints"]["throughput_floor"]
+    assert len(sol["block_configs"]) == len(sol["choices"]) == 6
+    for raw, choice in zip(sol["block_configs"], sol["choices"]):
+        block = BlockConfig.from_dict(raw, hidden_size=1024)
+        assert (block.attention.name, block.ffn.name) == (choice["attention"], choice["ffn"])
+    assert sol["status"] == "optimal" and sol["gap"] == 0.0 and sol["objective"] > 0
+    out = capsys.readouterr().out
+    assert "layer" in out and "optimal" in out and "speedup" in out
+
+
+def test_flags_override_the_profile_and_backends_agree(run_dir):
+    objectives = []
+    for backend in ("pulp", "ortools"):
+        assert solve_cli(run_dir, "--speedup", "2.0", "--max-params", "120M", "--backend", backend) == 0
+        sol = read_solution(run_dir)
+        assert sol["constraints"]["speedup"] == 2.0 and sol["constraints"]["max_params"] == 120e6
+        assert sol["predicted"]["speedup"] >= 2.0 and sol["predicted"]["params"] <= 120e6
+        objectives.append(sol["objective"])
+    assert objectives[0] == pytest.approx(objectives[1], rel=1e-9)
+
+
+def test_infeasible_budget_exits_2_with_one_line(run_dir, capsys):
+    assert solve_cli(run_dir, "--speedup", "40") == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("puzzle: error: infeasible: throughput >= ")
+    assert "best any choice reaches is" in err and "speedup" in err
+    assert not (run_dir / "solutions" / f"{BUDGET}.json").exists()
+
+
+def test_profile_yaml_supplies_constraints_when_the_json_has_none(run_dir, tmp_path):
+    meta = json.loads((run_dir / "costs" / f"{BUDGET}.json").read_text())
+    del meta["constraints"]
+    atomic_write_json(run_dir / "costs" / f"{BUDGET}.json", meta)
+    (tmp_path / "hardware_profiles").mkdir()
+    (tmp_path / "hardware_profiles" / f"{BUDGET}.yaml").write_text("constraints:\n  speedup: 1.8\n  memory_gib: 0.5\n")
+    assert solve_cli(run_dir, "--name", "from_yaml") == 0
+    sol = read_solution(run_dir, "from_yaml")
+    assert sol["constraints"]["speedup"] == 1.8 and sol["constraints"]["memory_gib"] == 0.5
+    assert sol["predicted"]["memory_gib"] <= 0.5
+
+
+def test_num_solutions_are_diverse(run_dir):
+    assert solve_cli(run_dir, "--num-solutions", "3", "--diversity", "0.5", "--name", "div") == 0
+    sols = [read_solution(run_dir, n) for n in ("div", "div-2", "div-3")]
+    picks = [[(c["attention"], c["ffn"]) for c in s["choices"]] for s in sols]
+    for a, b in itertools.combinations(picks, 2):
+        assert sum(x != y for x, y in zip(a, b)) >= 3
+    assert [s["rank"] for s in sols] == [1, 2, 3]
+    assert sols[0]["objective"] <= sols[1]["objective"] <= sols[2]["objective"]
+
+
+def test_batch_sizes_keep_the_best(run_dir):
+    assert solve_cli(run_dir, "--speedup", "2.0", "--batch-sizes", "4", "8", "16", "--name", "b") == 0
+    swept = read_solution(run_dir, "b")
+    assert solve_cli(run_dir, "--speedup", "2.0", "--name", "single") == 0
+    single = read_solution(run_dir, "single")
+    assert swept["predicted"]["batch_size"] in (4, 8, 16)
+    assert swept["objective"] <= single["objective"] + 1e-12
+
+
+def test_sweep_writes_a_pareto_frontier(run_dir):
+    assert solve_cli(run_dir, "--sweep", "1.2:2.4:0.4") == 0
+    pareto = json.loads((run_dir / "solutions" / "pareto.json").read_text())
+    assert [p["target_speedup"] for p in pareto["points"]] == [1.2, 1.6, 2.0, 2.4]
+    feasible = [p for p in pareto["points"] if p["feasible"]]
+    assert feasible and all(p["speedup"] >= p["target_speedup"] for p in feasible)
+    assert (run_dir / "solutions" / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    assert solve_cli(run_dir, "--sweep", "1.2:2.0:0.4", "--speedup", "2") == 2
+
+
+def test_missing_costs_and_bad_values_are_user_errors(run_dir, capsys):
+    assert main(["solve", "--run-dir", str(run_dir), "--budget", "nope"]) == 2
+    assert "puzzle profile --budget nope" in capsys.readouterr().err
+    assert solve_cli(run_dir, "--max-params", "lots") == 2
+    assert solve_cli(run_dir, "--metric", "bleu") == 2
+    assert solve_cli(run_dir, "--sweep", "3:1:0.5") == 2
+
+
+def test_parse_count_and_merge():
+    assert parse_count("80M") == 80e6 and parse_count("1.5B") == 1.5e9 and parse_count("80e6") == 80e6
+    assert parse_count(5) == 5
+    merged = merge_constraints({"speedup": 2.0, "memory_gib": 40}, throughput=1000.0)
+    assert merged.speedup is None and merged.throughput == 1000.0 and merged.memory_gib == 40
+
+
+def test_fixed_costs_may_be_given_per_component(run_dir):
+    assert solve_cli(run_dir, "--speedup", "1.7", "--name", "flat") == 0
+    meta = json.loads((run_dir / "costs" / f"{BUDGET}.json").read_text())
+    fixed = meta.pop("fixed")
+    half = {k: v / 2 for k, v in fixed.items()}
+    meta["fixed_costs"] = {"embeddings": half, "lm_head": half, "final_norm": {"params": 0}}
+    atomic_write_json(run_dir / "costs" / f"{BUDGET}.json", meta)
+    assert solve_cli(run_dir, "--speedup", "1.7", "--name", "parts") == 0
+    flat, parts = read_solution(run_dir, "flat"), read_solution(run_dir, "parts")
+    assert parts["choices"] == flat["choices"]
+    assert parts["predicted"]["params"] == flat["predicted"]["params"]
