@@ -119,8 +119,14 @@ class JsonlLog:
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, **record: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, default=_json_default) + "\n")
+        line = json.dumps(record, default=_json_default) + "\n"
+        with open(self.path, "a+b") as f:
+            # A crash can leave a torn last line: end it first so this record stays whole.
+            if f.tell() > 0:
+                f.seek(-1, os.SEEK_END)
+                if f.read(1) != b"\n":
+                    line = "\n" + line
+            f.write(line.encode())
 
     def read(self) -> Iterator[dict[str, Any]]:
         if not self.path.exists():

@@ -1,0 +1,210 @@
+"""`puzzle score`: replace-1-block quality of every variant of the search space, from the block library.
+
+Writes `run_dir/scores/scores.parquet` + `.csv` (one row per layer, kind, variant: kl, lm_loss,
+top1_agreement, cosine, tokens) and `scores.json` (the same rows, the settings and the parent's own
+metrics).
+
+Resuming: every (variant, batch) result is appended to `scores/partial.jsonl` as it finishes, keyed by the
+variant, the batch index, a fingerprint of the settings (parent, prepared data, number of blocks, batch
+size, seed) and the library entry (its file's sha256, or "parent" / "noop"). A rerun computes only what
+is missing or stale, and loads no model at all when nothing is; the tables are written at the end.
+
+Memory: the loop is batch-outer, variant-inner, so only one batch's parent reference is held (see
+`puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries).
+"""
+
+import hashlib
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from puzzle.data.blocks import iterate_batches, load_blocks, load_meta
+from puzzle.errors import PuzzleError
+from puzzle.io import JsonlLog, atomic_write_json, write_table
+from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
+from puzzle.model.checkpoint import load_config, load_model, to_puzzle
+from puzzle.run_dir import resolve_run_info
+from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
+from puzzle.search_space import Variant, load_search_space
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_SPACE = "llama_default"
+SCORES_DIR = "scores"
+COLUMNS = ["layer", "kind", "variant", "kl", "lm_loss", "top1_agreement", "cosine", "tokens"]
+PARENT_KEY = "parent"  # the partial log's key for the parent's own per-batch metrics
+
+
+def scores_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / SCORES_DIR
+
+
+def _fingerprint(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def library_entry(manifest: dict[str, Any], variant: Variant) -> str:
+    """What identifies the weights a variant is scored with: its file's hash, or "parent" / "noop"."""
+    if variant.is_parent:
+        return "parent"
+    if variant.config.no_op:
+        return "noop"
+    record = manifest["variants"].get(key_of(variant), {})
+    return record.get("sha256") or record.get("source") or "missing"
+
+
+def _check_library(run_dir: Path, variants: list[Variant], space_name: str) -> None:
+    trained = [v for v in variants if not v.is_parent and not v.config.no_op]  # the others need no file
+    missing = missing_variants(run_dir, trained, check_hash=False)
+    if missing:
+        raise PuzzleError(
+            f"the block library in {library_dir(run_dir)} lacks {len(missing)} of the {len(trained)} trained variants "
+            f"of search space {space_name!r} (first: {key_of(missing[0])}); run puzzle build-library"
+        )
+
+
+class ResultLog:
+    """The (variant, batch) results of this fingerprint in `partial.jsonl`, appended to as they finish."""
+
+    def __init__(self, path: Path, fingerprint: str, entries: dict[str, str]) -> None:
+        self.log = JsonlLog(path)
+        self.fingerprint = fingerprint
+        self.entries = entries  # key -> library entry the results must have been computed with
+        self.sums: dict[tuple[str, int], Sums] = {}
+        for record in self.log.read():  # later records win; other fingerprints and stale entries are ignored
+            try:
+                if record["fingerprint"] == fingerprint and record["entry"] == entries.get(record["key"]):
+                    self.sums[(record["key"], int(record["batch"]))] = Sums.from_dict(record)
+            except (KeyError, TypeError, ValueError):
+                continue  # a record of another format: recompute it
+
+    def has(self, key: str, batch: int) -> bool:
+        return (key, batch) in self.sums
+
+    def add(self, key: str, batch: int, sums: Sums, **extra: Any) -> None:
+        self.log.write(key=key, **extra, batch=batch, fingerprint=self.fingerprint, entry=self.entries[key], **sums.to_dict())
+        self.sums[(key, batch)] = sums
+
+    def total(self, key: str, n_batches: int) -> Sums:
+        return sum((self.sums[(key, b)] for b in range(n_batches)), Sums())
+
+
+def score(
+    run_dir: Path = Path("runs/default"),
+    parent: Path | None = None,
+    search_space: str | None = None,
+    blocks: int = 16,
+    batch_size: int = 8,
+    seed: int = 0,
+    chunk_tokens: int = 512,
+    device: str = "cpu",
+) -> Path:
+    """Replace-1-block quality of every library variant: KL to the parent, LM loss, top-1 agreement, cosine.
+
+    Args:
+        run_dir: the run directory (holds the prepared data and the block library; scores go to RUN_DIR/scores)
+        parent: the parent model (HF dir, .safetensors or .gguf); default: the one recorded in RUN_DIR/parent.json
+        search_space: shipped space name or YAML path; default: the recorded one, else the library's, else llama_default
+        blocks: validation blocks to score on (a seeded sample of RUN_DIR/data/val.bin)
+        batch_size: blocks per forward pass; the parent's log-probabilities of one batch are held in memory
+            (batch_size x seq_len x vocab x 4 bytes)
+        seed: seed of the validation sample
+        chunk_tokens: tokens per chunk of the vocabulary-sized logits (bounds memory; results change only by float rounding)
+        device: torch device to score on (cpu, cuda, ...)
+    """
+    run_dir = Path(run_dir)
+    for name, value in (("blocks", blocks), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
+        if value < 1:
+            raise PuzzleError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    val = load_blocks(run_dir, "val")  # no data: one clear line before anything slow
+    meta = load_meta(run_dir)
+    info = resolve_run_info(run_dir, parent, search_space)
+    manifest = read_manifest(run_dir)
+    space_name = info.get("search_space") or manifest.get("search_space") or DEFAULT_SPACE
+    space = load_search_space(space_name, load_config(info["parent"]))
+    variants = list(space.variants())
+    _check_library(run_dir, variants, space.name)
+
+    n_blocks = min(blocks, len(val))
+    n_batches = math.ceil(n_blocks / batch_size)
+    settings = {
+        "format": FORMAT_VERSION,
+        "parent": str(info["parent"]),
+        "data": meta.get("fingerprint"),
+        "seq_len": int(meta["seq_len"]),
+        "blocks": n_blocks,
+        "batch_size": batch_size,
+        "seed": seed,
+    }
+    fingerprint = _fingerprint(settings)
+    out_dir = scores_dir(run_dir)
+    entries = {key_of(v): library_entry(manifest, v) for v in variants} | {PARENT_KEY: "parent"}
+    results = ResultLog(out_dir / "partial.jsonl", fingerprint, entries)
+    todo = {b: [v for v in variants if not results.has(key_of(v), b)] for b in range(n_batches)}
+    needed = {b for b in range(n_batches) if todo[b] or not results.has(PARENT_KEY, b)}
+    if needed:
+        batches = iterate_batches(val, batch_size, shuffle=True, seed=seed, limit=n_blocks)
+        _score_batches(run_dir, info["parent"], device, chunk_tokens, batches, todo, needed, results)
+    else:
+        log.info(json.dumps({"event": "score_cached", "run_dir": str(run_dir), "variants": len(variants)}))
+
+    rows = [{"layer": v.layer, "kind": v.kind, "variant": v.name, **results.total(key_of(v), n_batches).means()}
+            for v in variants]
+    parent_metrics = results.total(PARENT_KEY, n_batches).means()
+    table = write_table(pd.DataFrame(rows, columns=COLUMNS), out_dir / "scores")
+    atomic_write_json(out_dir / "scores.json", {
+        "parent": str(info["parent"]),
+        "search_space": space.name,
+        "settings": {**settings, "chunk_tokens": chunk_tokens, "device": device},
+        "fingerprint": fingerprint,
+        "parent_lm_loss": parent_metrics["lm_loss"],
+        "parent_metrics": parent_metrics,
+        "rows": rows,
+    })
+    log.info(json.dumps({"event": "score_done", "table": str(table), "variants": len(rows), "tokens": parent_metrics["tokens"]}))
+    print(f"wrote {table} ({len(rows)} variants, {parent_metrics['tokens']} tokens; "
+          f"parent LM loss {parent_metrics['lm_loss']:.4f})")
+    return table
+
+
+def _score_batches(
+    run_dir: Path,
+    parent_path: str,
+    device: str,
+    chunk_tokens: int,
+    batches: Iterator[torch.Tensor],
+    todo: dict[int, list[Variant]],
+    needed: set[int],
+    results: ResultLog,
+) -> None:
+    """Load the parent and compute the `todo` variants of each `needed` batch, logging each result as it finishes."""
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise PuzzleError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
+    model = to_puzzle(load_model(parent_path)).to(target).eval()
+
+    def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
+        return variant_state(run_dir, model, variant)
+
+    bar = tqdm(total=sum(len(t) for t in todo.values()), desc="score", unit="variant-batch")
+    try:
+        for b, ids in enumerate(batches):
+            if b not in needed:
+                continue
+            ref = parent_reference(model, ids, chunk_tokens)
+            if not results.has(PARENT_KEY, b):
+                results.add(PARENT_KEY, b, ref.sums)
+            for variant, sums in score_batch(model, ref, todo[b], state_fn):
+                results.add(key_of(variant), b, sums, layer=variant.layer, kind=variant.kind, variant=variant.name)
+                bar.update()
+                bar.set_postfix(batch=b, layer=variant.layer, refresh=False)
+    finally:
+        bar.close()

@@ -1,0 +1,252 @@
+"""Replace-1-block scoring (Puzzle, arXiv 2411.19146 §3.2): each variant alone in the parent.
+
+For every validation batch the parent runs once; its final normed hidden states and log-probabilities
+are the reference. A variant at layer l is put in place of the parent's sublayer (`replace_sublayer`,
+undone right after) and only layers l..N-1, the final norm and the LM head run again, starting from
+the parent's hidden state entering layer l: the prefix 0..l-1 is the parent's own, so it is not
+recomputed. Variants are visited in layer order and the input of the next layer is advanced through the
+parent's own layer, so one (B, T, D) input is held at a time, not N+1 of them.
+
+Metrics of a variant, kept as sums per batch (`Sums`) and turned into token-weighted means at the end:
+  kl              mean over tokens of KL(parent || child) over the whole vocabulary
+  lm_loss         mean next-token cross-entropy of the child (B*(T-1) labelled tokens per batch)
+  top1_agreement  share of tokens where the child's argmax is the parent's
+  cosine          mean cosine between the child's and the parent's final normed hidden states
+
+Memory per batch: the parent's log-probabilities, B*T*V*4 bytes (8 x 256 x 49152 x 4 B = 400 MB for
+SmolLM2 at `puzzle score`'s default batch of 8), plus about three (chunk_tokens, V) float32 temporaries for one chunk of the child's
+log-probabilities (3 x 512 x 49152 x 4 B = 300 MB), plus a few (B, T, D). The parent variant is scored
+like any other: the same ops on the same inputs give bit-identical log-probabilities, so its KL is 0.
+
+Shapes: B batch, T sequence, D hidden, V vocabulary, n tokens of one chunk.
+"""
+
+import copy
+from collections import defaultdict
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, fields
+from typing import Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from puzzle.errors import PuzzleError
+from puzzle.model import PuzzleForCausalLM
+from puzzle.model.surgery import replace_sublayer
+from puzzle.search_space import Variant
+
+StateFn = Callable[[Variant], dict[str, torch.Tensor]]
+IGNORE_INDEX = -100
+# The attributes of `PuzzleDecoderLayer` a sublayer swap touches (as in puzzle.model.surgery).
+_PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
+METRICS = ("kl", "lm_loss", "top1_agreement", "cosine")
+
+
+@dataclass
+class Sums:
+    """Sums over the tokens of one or more batches; `means()` gives the table's metrics."""
+
+    kl: float = 0.0  # sum over tokens of KL(parent || child)
+    lm: float = 0.0  # sum over labelled tokens of the child's cross-entropy
+    agree: float = 0.0  # tokens where the child's argmax is the parent's
+    cosine: float = 0.0  # sum over tokens of cos(child final hidden, parent final hidden)
+    tokens: int = 0
+    lm_tokens: int = 0
+
+    def __add__(self, other: "Sums") -> "Sums":
+        return Sums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
+
+    def means(self) -> dict[str, float]:
+        if self.tokens == 0 or self.lm_tokens == 0:
+            raise PuzzleError("no validation tokens were scored")
+        return {
+            "kl": self.kl / self.tokens,
+            "lm_loss": self.lm / self.lm_tokens,
+            "top1_agreement": self.agree / self.tokens,
+            "cosine": self.cosine / self.tokens,
+            "tokens": self.tokens,
+        }
+
+    def to_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Sums":
+        return cls(**{f.name: data[f.name] for f in fields(cls)})
+
+
+@dataclass
+class ParentReference:
+    """The parent's outputs on one batch: the targets every variant is compared with."""
+
+    input_ids: torch.Tensor  # (B, T)
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]  # RoPE cos, sin for positions 0..T-1
+    final: torch.Tensor  # (B, T, D) final normed hidden state
+    log_probs: list[torch.Tensor]  # per chunk of the B*T flattened tokens: (n, V) float32
+    argmax: torch.Tensor  # (B*T,)
+    labels: torch.Tensor  # (B*T,) the next token, IGNORE_INDEX at each row's last position
+    chunk_tokens: int
+    sums: Sums  # the parent scored against itself: KL 0, agreement 1, its own LM loss
+
+    def chunks(self) -> Iterator[slice]:
+        for start in range(0, self.labels.numel(), self.chunk_tokens):
+            yield slice(start, start + self.chunk_tokens)
+
+
+def _log_probs(model: PuzzleForCausalLM, h: torch.Tensor) -> torch.Tensor:
+    """(n, D) final normed hidden -> (n, V) float32 log-probabilities."""
+    return F.log_softmax(model.lm_head(h).float(), dim=-1)
+
+
+def run_layers(model: PuzzleForCausalLM, h: torch.Tensor, layers: range, position_embeddings) -> torch.Tensor:
+    """Layers `layers` of the model from hidden state `h` (B, T, D), then the final norm."""
+    for j in layers:
+        h = model.model.layers[j](h, position_embeddings)
+    return model.model.norm(h)
+
+
+def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
+    labels = torch.full_like(ids, IGNORE_INDEX)
+    labels[:, :-1] = ids[:, 1:]
+    return labels.reshape(-1)
+
+
+@torch.no_grad()
+def parent_reference(model: PuzzleForCausalLM, input_ids: torch.Tensor, chunk_tokens: int = 512) -> ParentReference:
+    """Run the all-parent `model` on a batch of token ids (B, T) and keep what scoring compares against."""
+    if chunk_tokens < 1:
+        raise PuzzleError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
+    ids = input_ids.to(model.lm_head.weight.device)
+    B, T = ids.shape
+    h = model.model.embed_tokens(ids)
+    position_ids = torch.arange(T, device=ids.device)[None].expand(B, T)
+    pos = model.model.rotary_emb(h, position_ids)
+    final = run_layers(model, h, range(model.config.num_hidden_layers), pos)
+    flat = final.reshape(B * T, -1)
+    log_probs = [_log_probs(model, flat[start : start + chunk_tokens]) for start in range(0, B * T, chunk_tokens)]
+    ref = ParentReference(
+        input_ids=ids,
+        position_embeddings=pos,
+        final=final,
+        log_probs=log_probs,
+        argmax=torch.cat([lp.argmax(-1) for lp in log_probs]),
+        labels=_next_token_labels(ids),
+        chunk_tokens=chunk_tokens,
+        sums=Sums(),
+    )
+    ref.sums = compare(model, final, ref)
+    return ref
+
+
+@torch.no_grad()
+def compare(model: PuzzleForCausalLM, final: torch.Tensor, ref: ParentReference) -> Sums:
+    """The metrics' sums of a child whose final normed hidden state on `ref`'s batch is `final` (B, T, D)."""
+    flat = final.reshape(-1, final.shape[-1])
+    kl = lm = agree = 0.0
+    # Same chunks as the reference, so identical hidden states give bit-identical log-probs (KL exactly 0).
+    for log_p, rows in zip(ref.log_probs, ref.chunks()):
+        log_q = _log_probs(model, flat[rows])
+        kl += F.kl_div(log_q, log_p, reduction="sum", log_target=True).item()  # sum p (log p - log q)
+        lm += F.nll_loss(log_q, ref.labels[rows], ignore_index=IGNORE_INDEX, reduction="sum").item()
+        agree += (log_q.argmax(-1) == ref.argmax[rows]).sum().item()
+    cosine = F.cosine_similarity(final.float(), ref.final.float(), dim=-1).sum().item()
+    B, T = ref.input_ids.shape
+    return Sums(kl=kl, lm=lm, agree=agree, cosine=cosine, tokens=B * T, lm_tokens=B * (T - 1))
+
+
+@contextmanager
+def swapped(model: PuzzleForCausalLM, variant: Variant, state: dict[str, torch.Tensor]) -> Iterator[PuzzleForCausalLM]:
+    """`model` with `variant` in place (weights `state`) inside the block; the parent's sublayer after it."""
+    block = model.model.layers[variant.layer]
+    saved = {name: getattr(block, name) for name in _PARTS[variant.kind]}
+    saved_configs = copy.deepcopy(model.config.block_configs)
+    replace_sublayer(model, variant.layer, variant.kind, variant.config, state)  # raises before changing anything
+    try:
+        yield model
+    finally:
+        for name, module in saved.items():
+            setattr(block, name, module)
+        model.config.block_configs = saved_configs
+
+
+def by_layer(variants: Iterable[Variant]) -> dict[int, list[Variant]]:
+    """Variants grouped by layer (layers ascending, order kept within a layer)."""
+    groups: dict[int, list[Variant]] = defaultdict(list)
+    for v in variants:
+        groups[v.layer].append(v)
+    return dict(sorted(groups.items()))
+
+
+@torch.no_grad()
+def score_batch(
+    model: PuzzleForCausalLM,
+    ref: ParentReference,
+    variants: Iterable[Variant],
+    state_fn: StateFn,
+    *,
+    reuse_prefix: bool = True,
+) -> Iterator[tuple[Variant, Sums]]:
+    """Score each variant alone in the all-parent `model` on `ref`'s batch; yields (variant, sums) in layer order.
+
+    `state_fn(variant)` gives the variant's weights in `sublayer_state` form; it is called while the model
+    holds the parent's blocks. `reuse_prefix=False` runs every variant from the embeddings (the naive
+    full forward, for checks and benchmarks); the results are the same.
+    """
+    groups = by_layer(variants)
+    if not groups:
+        return
+    N = model.config.num_hidden_layers
+    bad = [l for l in groups if not 0 <= l < N]
+    if bad:
+        raise PuzzleError(f"variants name layer {bad[0]} but the parent has {N} layers")
+    pos = ref.position_embeddings
+    embedded = model.model.embed_tokens(ref.input_ids)
+    h = embedded  # (B, T, D): the parent's hidden state entering layer `layer`
+    last = max(groups)
+    for layer in range(last + 1):
+        for variant in groups.get(layer, ()):
+            state = state_fn(variant)
+            with swapped(model, variant, state):
+                if reuse_prefix:
+                    final = run_layers(model, h, range(layer, N), pos)
+                else:
+                    final = run_layers(model, embedded, range(N), pos)
+            yield variant, compare(model, final, ref)
+        if reuse_prefix and layer < last:
+            h = model.model.layers[layer](h, pos)
+
+
+def score_variants(
+    model: PuzzleForCausalLM,
+    batches: Iterable[torch.Tensor],
+    variants: Iterable[Variant],
+    state_fn: StateFn,
+    *,
+    chunk_tokens: int = 512,
+    progress: bool = True,
+) -> tuple[list[dict], dict[str, float]]:
+    """Replace-1-block scores of `variants` over `batches` of token ids (B, T), kept in memory.
+
+    Returns one row per variant (layer, kind, variant, kl, lm_loss, top1_agreement, cosine, tokens) in
+    the given order, and the parent's own means. For a resumable run see `puzzle.scoring.commands`.
+    """
+    variants = list(dict.fromkeys(variants))
+    totals: dict[tuple[int, str, str], Sums] = {}
+    parent = Sums()
+    batches = list(batches)
+    bar = tqdm(total=len(variants) * len(batches), desc="score", unit="variant-batch", disable=not progress)
+    try:
+        for ids in batches:
+            ref = parent_reference(model, ids, chunk_tokens)
+            parent = parent + ref.sums
+            for variant, sums in score_batch(model, ref, variants, state_fn):
+                key = (variant.layer, variant.kind, variant.name)
+                totals[key] = totals.get(key, Sums()) + sums
+                bar.update()
+    finally:
+        bar.close()
+    if parent.tokens == 0:
+        raise PuzzleError("no validation batches to score on")
+    rows = [{"layer": v.layer, "kind": v.kind, "variant": v.name, **totals[(v.layer, v.kind, v.name)].means()} for v in variants]
+    return rows, parent.means()

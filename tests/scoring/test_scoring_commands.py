@@ -1,0 +1,158 @@
+"""`puzzle score` on a tiny parent and a fake library built with the store's own API: the table, resuming
+(nothing recomputed, a torn log, a changed library entry) and one-line errors."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+from scoring_testing import random_state
+
+from puzzle.cli import main
+from puzzle.data.blocks import iterate_batches, load_blocks
+from puzzle.io import read_table
+from puzzle.library.store import key_of, record_untrained, variant_state, write_variant
+from puzzle.model.checkpoint import load_model, to_puzzle
+from puzzle.scoring import commands
+from puzzle.scoring.replace1 import score_variants
+from puzzle.search_space import load_search_space
+
+SEQ_LEN = 12
+ARGS = ["--search-space", "tiny", "--blocks", "5", "--batch-size", "2", "--chunk-tokens", "16"]
+
+
+def write_data(run_dir, n_val=6):
+    """Prepared data as `puzzle prepare-data` lays it out: random ids in train/val .bin + meta.json."""
+    out = run_dir / "data"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", n_val)):
+        rng.integers(3, 320, size=(n, SEQ_LEN), dtype=np.uint32).tofile(out / f"{split}.bin")
+    meta = {"seq_len": SEQ_LEN, "dtype": "uint32", "n_train_blocks": 4, "n_val_blocks": n_val, "fingerprint": "test"}
+    (out / "meta.json").write_text(json.dumps(meta))
+
+
+def write_library(run_dir, parent, space, seed_offset=0):
+    untrained = []
+    for v in space.variants():
+        if v.is_parent or v.config.no_op:
+            untrained.append({"layer": v.layer, "kind": v.kind, "variant": v.name, "source": "parent" if v.is_parent else "noop"})
+        else:
+            write_variant(run_dir, {"layer": v.layer, "kind": v.kind, "variant": v.name}, random_state(parent.config, v))
+    record_untrained(run_dir, untrained)
+
+
+@pytest.fixture
+def run(tmp_path, tiny_parent_dir):
+    run_dir = tmp_path / "run"
+    write_data(run_dir)
+    parent = to_puzzle(load_model(tiny_parent_dir))
+    space = load_search_space("tiny", parent.config)
+    write_library(run_dir, parent, space)
+    return run_dir, parent, space
+
+
+class Counter:
+    """Wraps `score_batch` in the command's namespace and counts the (variant, batch) results it yields."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        inner = commands.score_batch
+
+        def counting(*args, **kwargs):
+            for item in inner(*args, **kwargs):
+                self.calls += 1
+                yield item
+
+        monkeypatch.setattr(commands, "score_batch", counting)
+
+
+def test_score_writes_the_table_and_json(run, tiny_parent_dir):
+    run_dir, parent, space = run
+    assert main(["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *ARGS]) == 0
+    table = read_table(run_dir / "scores" / "scores.parquet")
+    assert list(table.columns) == ["layer", "kind", "variant", "kl", "lm_loss", "top1_agreement", "cosine", "tokens"]
+    assert len(table) == len(space) and (table["tokens"] == 5 * SEQ_LEN).all()
+    assert list(zip(table.layer, table.kind, table.variant)) == [(v.layer, v.kind, v.name) for v in space.variants()]
+    pd.testing.assert_frame_equal(pd.read_csv(run_dir / "scores" / "scores.csv"), table, check_dtype=False)
+    report = json.loads((run_dir / "scores" / "scores.json").read_text())
+    is_parent = [v.is_parent for v in space.variants()]
+    assert (table[is_parent]["kl"].abs() <= 1e-6).all()
+    assert np.allclose(table[is_parent]["lm_loss"], report["parent_lm_loss"], atol=1e-6)
+    assert (table[[not p for p in is_parent]]["kl"] > 0).all()
+    assert report["rows"] == table.to_dict("records") and report["search_space"] == "tiny"
+    # the same numbers as the in-memory scorer over the same sample of validation blocks
+    batches = iterate_batches(load_blocks(run_dir, "val"), 2, shuffle=True, seed=0, limit=5)
+    rows, _ = score_variants(parent, batches, space.variants(), lambda v: variant_state(run_dir, parent, v),
+                             chunk_tokens=16, progress=False)
+    assert np.allclose(table[["kl", "lm_loss", "top1_agreement", "cosine"]].to_numpy(),
+                       pd.DataFrame(rows)[["kl", "lm_loss", "top1_agreement", "cosine"]].to_numpy(), atol=1e-6)
+    # parent and search space are remembered for the stages after this one
+    assert json.loads((run_dir / "parent.json").read_text())["search_space"] == "tiny"
+
+
+def test_score_resumes(run, tiny_parent_dir, monkeypatch):
+    run_dir, parent, space = run
+    base = ["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *ARGS]
+    count = Counter(monkeypatch)
+    assert main(base) == 0
+    n_batches = 3  # 5 blocks in batches of 2, 2, 1
+    assert count.calls == len(space) * n_batches
+    first = read_table(run_dir / "scores" / "scores.parquet")
+
+    # a second run computes nothing and does not even load the parent
+    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the parent was loaded"))
+    count.calls = 0
+    assert main(["score", "--run-dir", str(run_dir), "--blocks", "5", "--batch-size", "2"]) == 0  # parent, space recorded
+    assert count.calls == 0
+    monkeypatch.undo()
+
+    # a crash: the last 4 results are lost and the last line is torn
+    count = Counter(monkeypatch)
+    partial = run_dir / "scores" / "partial.jsonl"
+    lines = partial.read_text().splitlines()
+    partial.write_text("\n".join(lines[:-4]) + "\n" + lines[-4][:10])
+    assert main(base) == 0
+    assert count.calls == 4
+    pd.testing.assert_frame_equal(read_table(run_dir / "scores" / "scores.parquet"), first)
+
+    # a retrained library entry is scored again on every batch, and only it
+    v = next(v for v in space.variants() if v.layer == 2 and v.name == "ffn_64")
+    state = {k: t * 1.5 for k, t in random_state(parent.config, v).items()}
+    write_variant(run_dir, {"layer": v.layer, "kind": v.kind, "variant": v.name}, state)
+    count.calls = 0
+    assert main(base) == 0
+    assert count.calls == n_batches
+    second = read_table(run_dir / "scores" / "scores.parquet")
+    changed = (second[["kl", "lm_loss"]] != first[["kl", "lm_loss"]]).any(axis=1)
+    assert list(second[changed].itertuples(index=False, name=None))[0][:3] == (2, "ffn", "ffn_64")
+    assert changed.sum() == 1
+
+    # other settings: everything again
+    count.calls = 0
+    assert main([*base, "--seed", "1"]) == 0
+    assert count.calls == len(space) * n_batches
+
+
+def test_score_errors_are_one_line(tmp_path, tiny_parent_dir, tiny_parent, capsys):
+    def fails(args, *needles):
+        capsys.readouterr()
+        assert main(["score", *args]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("puzzle: error:"), err
+        for needle in needles:
+            assert needle in err, err
+
+    empty = tmp_path / "empty"
+    fails(["--run-dir", str(empty), "--parent", str(tiny_parent_dir)], "prepare-data")
+    run_dir = tmp_path / "run"
+    write_data(run_dir)
+    fails(["--run-dir", str(run_dir)], "--parent")
+    fails(["--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), "--search-space", "tiny"], "run puzzle build-library")
+    space = load_search_space("tiny", tiny_parent.config)
+    write_library(run_dir, tiny_parent, space)
+    v = next(v for v in space.variants() if v.name == "ffn_64")
+    (run_dir / "library" / f"{key_of(v)}.safetensors").unlink()
+    fails(["--run-dir", str(run_dir)], "run puzzle build-library", key_of(v))
+    fails(["--run-dir", str(run_dir), "--search-space", "nope"], "unknown search space")
+    fails(["--run-dir", str(run_dir), "--search-space", "tiny", "--blocks", "0"], "--blocks")
