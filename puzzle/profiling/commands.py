@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
+from puzzle.run_dir import run_parent
 from puzzle.io import atomic_write_json, read_json, read_table, write_table
 from puzzle.model.configuration_puzzle import BlockConfig
 
@@ -40,8 +41,6 @@ from .roofline import FIXED_PARTS, ModelShape, combine_costs, fixed_costs, subla
 
 log = logging.getLogger(__name__)
 
-RUN_PARENT = "parent.json"
-DEFAULT_SPACE = "llama_default"
 FORMAT_VERSION = 1
 COLUMNS = [
     "layer", "kind", "variant", "params", "param_bytes", "kv_cache_bytes", "prefill_s", "decode_s",
@@ -52,32 +51,6 @@ TIME_MODEL = (
     "whole model = fixed parts + sum of sublayer rows; generation_s = prefill_s + output_len * decode_s; "
     "throughput_tokens_s = batch_size * output_len / generation_s; memory_bytes = param_bytes + kv_cache_bytes"
 )
-
-
-def run_parent(run_dir: Path, parent: Path | None = None, search_space: str | None = None) -> tuple[Path, str]:
-    """The run's parent model and search space, recording them in R/parent.json.
-
-    `parent` given: recorded (an error if the run already names a different parent). Not given: read
-    from R/parent.json. The space: `search_space`, else the recorded one, else llama_default.
-    """
-    path = Path(run_dir) / RUN_PARENT
-    recorded = read_json(path) if path.exists() else {}
-    if not isinstance(recorded, dict):
-        raise PuzzleError(f"{path}: expected a JSON object")
-    if parent is None:
-        if "parent" not in recorded:
-            raise PuzzleError(f"no parent model for {run_dir}: pass --parent PATH ({path} does not name one)")
-        parent = Path(recorded["parent"])
-    parent = Path(parent).resolve()
-    if "parent" in recorded and Path(recorded["parent"]).resolve() != parent:
-        raise PuzzleError(
-            f"{run_dir} belongs to parent {recorded['parent']}, not {parent}; use another --run-dir"
-        )
-    space = search_space or recorded.get("search_space") or DEFAULT_SPACE
-    wanted = {**recorded, "parent": str(parent), "search_space": space}
-    if wanted != recorded:
-        atomic_write_json(path, wanted)
-    return parent, space
 
 
 def costs_path(run_dir: Path, profile_name: str) -> Path:
