@@ -1,0 +1,146 @@
+"""`puzzle distill`: knowledge distillation of a student checkpoint from a teacher on a run's data."""
+
+import shutil
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json, read_json
+from puzzle.model import PuzzleForCausalLM
+from puzzle.model.checkpoint import atomic_dir, commit_dir, load_model, load_tokenizer, save_model
+
+from .losses import parse_layer_map
+from .trainer import DistillConfig, Distiller
+
+PRUNING_FILE = "pruning.json"  # written beside a pruned student by `puzzle prune`
+RESULT_FILE = "result.json"
+MODEL_DIR = "model"
+
+
+def _student_record(student: Path) -> dict:
+    path = student / PRUNING_FILE if student.is_dir() else student.parent / PRUNING_FILE
+    return read_json(path) if path.exists() else {}
+
+
+def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Path, tokenizer=None,
+                 record: dict | None = None) -> Path:
+    """Save in the student's own format: a plain Llama stays a plain Llama (no custom code needed),
+    a puzzle child stays a puzzle child."""
+    if isinstance(original, PuzzleForCausalLM):
+        return save_model(trained, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
+    original.load_state_dict(trained.state_dict(), strict=False)
+    tmp = atomic_dir(out)
+    try:
+        original.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if record:
+            atomic_write_json(tmp / PRUNING_FILE, record)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def distill(
+    teacher: Path | None = None,
+    student: Path | None = None,
+    run_dir: Path | None = None,
+    out: Path | None = None,
+    steps: int = 200,
+    batch_size: int = 8,
+    grad_accum: int = 1,
+    lr: float = 1e-4,
+    min_lr: float = 1e-5,
+    warmup_steps: int = 10,
+    weight_decay: float = 0.01,
+    temperature: float = 1.0,
+    kl_weight: float = 1.0,
+    lm_weight: float = 0.0,
+    hidden_loss: Literal["none", "cosine", "mse"] = "none",
+    hidden_weight: float = 1.0,
+    layer_map: str | None = None,
+    val_every: int = 50,
+    val_blocks: int = 32,
+    checkpoint_every: int = 50,
+    chunk_tokens: int = 1024,
+    seed: int = 0,
+    resume: bool = True,
+    threads: int | None = None,
+) -> Path:
+    """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
+
+    Args:
+        teacher: the teacher model (HF dir, safetensors or GGUF), usually the parent
+        student: the student checkpoint (a pruned Llama or a puzzle child)
+        run_dir: run directory whose data/ (from prepare-data) is trained and validated on
+        out: output directory (default RUN_DIR/distill/<student name>); the trained model goes to OUT/model
+        steps: optimizer steps
+        batch_size: sequences per micro-batch
+        grad_accum: micro-batches per optimizer step
+        lr: peak learning rate (after linear warm-up)
+        min_lr: learning rate at the end of the cosine decay
+        warmup_steps: linear warm-up steps
+        weight_decay: AdamW weight decay on matrices
+        temperature: softmax temperature of the KL (scaled by T^2)
+        kl_weight: weight of the forward KL to the teacher's logits
+        lm_weight: weight of the student's own LM loss (off by default)
+        hidden_loss: loss between mapped hidden states (a learned projection when widths differ)
+        hidden_weight: weight of the hidden-state loss
+        layer_map: STUDENT:TEACHER hidden-state indices, e.g. 1:2,2:4 (0 = embeddings); default from
+            the student's pruning.json or proportional
+        val_every: validate every this many steps
+        val_blocks: validation blocks used (the first ones of the val split)
+        checkpoint_every: checkpoint every this many steps
+        chunk_tokens: tokens whose logits are alive at once in the KL (bounds memory)
+        seed: data order seed
+        resume: continue from OUT's last checkpoint (--no-resume starts over, discarding it)
+        threads: torch CPU threads
+    """
+    from puzzle.data.blocks import load_blocks
+
+    for name, value in (("--teacher", teacher), ("--student", student), ("--run-dir", run_dir)):
+        if value is None:
+            raise PuzzleError(f"{name} is required")
+    teacher, student, run_dir = Path(teacher), Path(student), Path(run_dir)
+    if threads:
+        torch.set_num_threads(threads)
+    out = Path(out) if out is not None else run_dir / "distill" / (student.stem if student.is_file() else student.name)
+    try:
+        pairs = tuple(parse_layer_map(layer_map)) if layer_map else None
+    except ValueError as err:
+        raise PuzzleError(str(err)) from None
+    config = DistillConfig(
+        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, temperature=temperature, kl_weight=kl_weight, lm_weight=lm_weight,
+        hidden_loss=hidden_loss, hidden_weight=hidden_weight, layer_map=pairs, val_every=val_every,
+        checkpoint_every=checkpoint_every, chunk_tokens=chunk_tokens, seed=seed,
+    )
+    if val_blocks < 1:
+        raise PuzzleError(f"val-blocks must be at least 1, got {val_blocks}")
+    train_data, val_data = load_blocks(run_dir, "train"), load_blocks(run_dir, "val")
+    result_path = out / RESULT_FILE
+    if resume and result_path.exists() and (out / MODEL_DIR).exists():
+        done = read_json(result_path)
+        if done.get("config") == config.to_json() and done.get("complete"):
+            print(f"distill: {out} is complete (step {done['step']}); nothing to do")
+            return out / MODEL_DIR
+    teacher_model = load_model(teacher)
+    original = load_model(student)
+    record = _student_record(student)
+    distiller = Distiller(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
+                          kept_channels=record.get("channels"))
+    result = distiller.train(train_data, val_data[:val_blocks], resume=resume)
+    try:
+        tokenizer = load_tokenizer(student)
+    except PuzzleError:
+        tokenizer = None
+    save_student(result.student, original, out / MODEL_DIR, tokenizer, record or None)
+    atomic_write_json(result_path, {"teacher": str(teacher), "student": str(student), "step": result.step,
+                                    "complete": result.complete, "val": result.val, "config": config.to_json()})
+    print(f"distill: step {result.step}: val LM loss {result.val['lm_loss']:.4f}, KL {result.val['kl']:.4f}, "
+          f"top-1 {result.val['top1']:.3f} -> {out / MODEL_DIR}")
+    return out / MODEL_DIR

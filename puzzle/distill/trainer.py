@@ -1,0 +1,437 @@
+"""Knowledge distillation loop: a student learns a teacher's next-token distribution.
+
+Loss = kl_weight * forward KL(teacher || student) at a temperature + lm_weight * the student's LM loss
++ hidden_weight * a cosine / MSE loss between mapped hidden states (through a learned projection when
+the widths differ). AdamW with linear warm-up then cosine decay to `min_lr`, gradient accumulation,
+gradient clipping; validation (LM loss, KL to the teacher, top-1 agreement) every `val_every` steps.
+
+Everything in `out_dir`:
+  log.jsonl        one record per optimizer step (split "train") and per validation (split "val")
+  val_loss.png     validation LM loss and KL against steps
+  checkpoints/step_NNNNNN/  model.safetensors (student + projection weights), optimizer.safetensors
+                   (AdamW moments and the torch RNG state as tensors), trainer.json (step, settings)
+
+Resuming reproduces the uninterrupted run exactly: micro-batch i is always the same blocks (a function
+of i and the seed, not of how the run was cut), and weights, optimizer moments and RNG come back from
+the checkpoint; log records past the checkpoint are dropped and recomputed.
+"""
+
+import json
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from puzzle.errors import PuzzleError
+from puzzle.io import JsonlLog, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from puzzle.model import PuzzleForCausalLM
+from puzzle.model.checkpoint import atomic_dir, commit_dir, to_puzzle
+
+from .losses import HiddenLoss, default_layer_map, hidden_state_loss, kd_terms
+
+LOG_FILE = "log.jsonl"
+PLOT_FILE = "val_loss.png"
+CHECKPOINTS = "checkpoints"
+# Settings that may change between an interrupted run and its resumption without changing its maths.
+_RESUMABLE_CHANGES = {"val_every", "checkpoint_every", "keep_checkpoints"}
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    steps: int = 200  # optimizer steps
+    batch_size: int = 8  # sequences per micro-batch
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-4  # peak
+    min_lr: float = 1e-5  # end of the cosine
+    warmup_steps: int = 10
+    weight_decay: float = 0.01  # on matrices only, not on norms
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
+    temperature: float = 1.0
+    kl_weight: float = 1.0
+    lm_weight: float = 0.0
+    hidden_loss: HiddenLoss = "none"
+    hidden_weight: float = 1.0
+    layer_map: tuple[tuple[int, int], ...] | None = None  # (student, teacher) hidden_states indices
+    val_every: int = 50
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 2
+    chunk_tokens: int = 1024  # tokens whose logits are alive at once in the KL
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "val_every", "checkpoint_every", "keep_checkpoints", "chunk_tokens")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise PuzzleError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 < self.min_lr <= self.lr:
+            raise PuzzleError(f"learning rates must satisfy 0 < min-lr <= lr, got lr={self.lr}, min-lr={self.min_lr}")
+        if self.warmup_steps < 0:
+            raise PuzzleError(f"warmup-steps must be >= 0, got {self.warmup_steps}")
+        if self.temperature <= 0:
+            raise PuzzleError(f"temperature must be positive, got {self.temperature}")
+        if self.hidden_loss not in ("none", "cosine", "mse"):
+            raise PuzzleError(f"hidden-loss must be none, cosine or mse, got {self.hidden_loss!r}")
+        if self.kl_weight == 0 and self.lm_weight == 0 and self.hidden_loss == "none":
+            raise PuzzleError("every loss weight is zero: nothing to train")
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["betas"] = list(self.betas)
+        data["layer_map"] = [list(p) for p in self.layer_map] if self.layer_map is not None else None
+        return data
+
+
+def lr_at(step: int, config: DistillConfig) -> float:
+    """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, cosine down to `min_lr`."""
+    if step < config.warmup_steps:
+        return config.lr * (step + 1) / config.warmup_steps
+    span = max(1, config.steps - config.warmup_steps)
+    progress = min(1.0, (step - config.warmup_steps) / span)
+    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+class MicroBatches:
+    """Micro-batch i = the blocks at positions [i*B, (i+1)*B) of an endless stream of per-epoch shuffles;
+    epoch e's permutation comes from (seed, e) alone, so batch i never depends on where a run resumed."""
+
+    def __init__(self, blocks: Any, batch_size: int, seed: int) -> None:
+        if len(blocks) == 0:
+            raise PuzzleError("no training blocks")
+        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
+        self._perms: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:
+            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
+        return self._perms[epoch]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        n = len(self.blocks)
+        rows = []
+        for pos in range(index * self.batch_size, (index + 1) * self.batch_size):
+            rows.append(int(self._perm(pos // n)[pos % n]))
+        return torch.as_tensor(np.asarray(self.blocks[rows], dtype=np.int64))
+
+
+@dataclass
+class DistillResult:
+    student: PuzzleForCausalLM
+    step: int
+    complete: bool
+    val: dict[str, float]  # the last validation
+    out_dir: Path
+    projection: nn.Module | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _as_tensor_blocks(blocks: Any) -> Any:
+    if isinstance(blocks, torch.Tensor):
+        return blocks.cpu().numpy()
+    return blocks
+
+
+@torch.no_grad()
+def teacher_outputs(teacher: PuzzleForCausalLM, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The teacher's final normed hidden states per batch (cheap to keep; logits are made per chunk)."""
+    device = next(teacher.parameters()).device
+    return [teacher.model(input_ids=b.to(device), use_cache=False).last_hidden_state for b in batches]
+
+
+@torch.no_grad()
+def evaluate_kd(
+    teacher: PuzzleForCausalLM,
+    student: PuzzleForCausalLM,
+    batches: list[torch.Tensor],
+    *,
+    teacher_hidden: list[torch.Tensor] | None = None,
+    temperature: float = 1.0,
+    chunk_tokens: int = 1024,
+) -> dict[str, float]:
+    """Student LM loss, KL(teacher || student) per token (at temperature 1 unless given) and top-1
+    agreement with the teacher over `batches` of token ids (B, T)."""
+    if not batches:
+        raise PuzzleError("no validation batches")
+    teacher_hidden = teacher_hidden or teacher_outputs(teacher, batches)
+    device = next(student.parameters()).device
+    kl = lm = agree = 0.0
+    tokens = lm_tokens = 0
+    was_training = student.training
+    student.eval()
+    for ids, t_h in zip(batches, teacher_hidden):
+        ids = ids.to(device)
+        s_h = student.model(input_ids=ids, use_cache=False).last_hidden_state
+        terms = kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens)
+        kl, lm, agree = kl + terms.kl.item(), lm + terms.lm.item(), agree + terms.agree.item()
+        tokens, lm_tokens = tokens + terms.tokens, lm_tokens + terms.lm_tokens
+    student.train(was_training)
+    return {"lm_loss": lm / lm_tokens, "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
+
+
+def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
+    decay = [p for _, p in params if p.ndim >= 2]
+    rest = [p for _, p in params if p.ndim < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def make_projection(student_width: int, teacher_width: int, kept_channels: list[int] | None = None) -> nn.Linear:
+    """Student -> teacher hidden width. From a width-pruned student (`kept_channels` known) it starts as
+    the map putting each kept channel back where it came from."""
+    proj = nn.Linear(student_width, teacher_width, bias=False)
+    if kept_channels is not None and len(kept_channels) == student_width:
+        with torch.no_grad():
+            proj.weight.zero_()
+            proj.weight[torch.as_tensor(kept_channels), torch.arange(student_width)] = 1.0
+    return proj
+
+
+class Distiller:
+    """One distillation run in `out_dir`; `train` starts it or resumes it from its last checkpoint."""
+
+    def __init__(
+        self,
+        teacher: PuzzleForCausalLM,
+        student: Any,
+        out_dir: str | Path,
+        config: DistillConfig,
+        *,
+        kept_layers: list[int] | None = None,
+        kept_channels: list[int] | None = None,
+    ) -> None:
+        self.teacher = to_puzzle(teacher).eval().requires_grad_(False)
+        self.student = to_puzzle(student)
+        self.config = config
+        self.out_dir = Path(out_dir)
+        self.log = JsonlLog(self.out_dir / LOG_FILE)
+        ts, tt = self.student.config, self.teacher.config
+        if ts.vocab_size != tt.vocab_size:
+            raise PuzzleError(f"student and teacher vocabularies differ ({ts.vocab_size} vs {tt.vocab_size})")
+        self.projection = None
+        self.layer_map: list[tuple[int, int]] = []
+        if config.hidden_loss != "none":
+            if ts.hidden_size != tt.hidden_size:
+                self.projection = make_projection(ts.hidden_size, tt.hidden_size, kept_channels)
+                self.projection.to(next(self.student.parameters()).device)
+            self.layer_map = list(config.layer_map or default_layer_map(ts.num_hidden_layers, tt.num_hidden_layers, kept_layers))
+            for s, t in self.layer_map:
+                if not (0 <= s <= ts.num_hidden_layers and 0 <= t <= tt.num_hidden_layers):
+                    raise PuzzleError(f"layer map pair {s}:{t} is out of range (student has {ts.num_hidden_layers} "
+                                      f"layers, teacher {tt.num_hidden_layers}; 0 = embeddings)")
+        self.params = list(self.student.named_parameters())
+        if self.projection is not None:
+            self.params += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
+        c = config
+        self.optimizer = torch.optim.AdamW(_param_groups(self.params, c.weight_decay), lr=c.lr, betas=c.betas)
+
+    # --- the loss of one micro-batch -------------------------------------------------------------
+    def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.config
+        need_hidden = c.hidden_loss != "none"
+        with torch.no_grad():
+            t_out = self.teacher.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+        s_out = self.student.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+        terms = kd_terms(s_out.last_hidden_state, t_out.last_hidden_state, self.student.lm_head, self.teacher.lm_head,
+                         ids, c.temperature, c.chunk_tokens)
+        kl = terms.kl / terms.tokens
+        lm = terms.lm / terms.lm_tokens
+        loss = c.kl_weight * kl + c.lm_weight * lm
+        stats = {"kl": kl.item(), "lm_loss": lm.item(), "top1": terms.agree.item() / terms.tokens}
+        if need_hidden:
+            hidden = sum(hidden_state_loss(s_out.hidden_states[s], t_out.hidden_states[t], c.hidden_loss, self.projection)
+                         for s, t in self.layer_map) / len(self.layer_map)
+            loss = loss + c.hidden_weight * hidden
+            stats["hidden"] = hidden.item()
+        stats["loss"] = loss.item()
+        return loss, stats
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def _checkpoint_dirs(self) -> list[tuple[int, Path]]:
+        root = self.out_dir / CHECKPOINTS
+        found = []
+        for path in root.glob("step_*") if root.exists() else []:
+            match = re.fullmatch(r"step_(\d+)", path.name)
+            if match and (path / "trainer.json").exists():
+                found.append((int(match.group(1)), path))
+        return sorted(found)
+
+    def save_checkpoint(self, step: int, elapsed: float, tokens: int) -> Path:
+        out = self.out_dir / CHECKPOINTS / f"step_{step:06d}"
+        tmp = atomic_dir(out)
+        try:
+            atomic_save_safetensors(tmp / "model.safetensors", {n: p for n, p in self.params})
+            opt = self.optimizer.state_dict()
+            tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
+            tensors["rng.torch"] = torch.get_rng_state()
+            atomic_save_safetensors(tmp / "optimizer.safetensors", tensors)
+            groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+            atomic_write_json(tmp / "trainer.json", {
+                "step": step, "elapsed_s": elapsed, "tokens": tokens, "config": self.config.to_json(),
+                "param_names": [n for n, _ in self.params], "param_groups": groups,
+            })
+            commit_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        for _, old in self._checkpoint_dirs()[: -self.config.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return out
+
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        meta = read_json(path / "trainer.json")
+        saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
+        now = {k: v for k, v in self.config.to_json().items() if k not in _RESUMABLE_CHANGES}
+        changed = sorted(k for k in now if saved.get(k) != now[k])
+        if changed:
+            raise PuzzleError(f"{self.out_dir} holds a run with different settings ({', '.join(changed)}); "
+                              "pass --no-resume to start over or choose another output directory")
+        if meta["param_names"] != [n for n, _ in self.params]:
+            raise PuzzleError(f"{path}: the checkpoint is of a different student; pass --no-resume to start over")
+        weights = load_file(str(path / "model.safetensors"))
+        with torch.no_grad():
+            for name, p in self.params:
+                p.copy_(weights[name])
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("state."):
+                _, i, name = key.split(".", 2)
+                state.setdefault(int(i), {})[name] = value
+        groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
+        self.optimizer.load_state_dict({"state": state, "param_groups": groups})
+        torch.set_rng_state(tensors["rng.torch"])
+        return meta
+
+    def _truncate_log(self, step: int) -> None:
+        kept = [r for r in self.log.read() if r.get("step", 0) <= step]
+        atomic_write_text(self.log.path, "".join(_json_line(r) for r in kept))
+
+    def reset(self) -> None:
+        """Forget any earlier run in `out_dir` (checkpoints and log)."""
+        shutil.rmtree(self.out_dir / CHECKPOINTS, ignore_errors=True)
+        self.log.path.unlink(missing_ok=True)
+        (self.out_dir / PLOT_FILE).unlink(missing_ok=True)
+
+    # --- the loop --------------------------------------------------------------------------------
+    def train(
+        self,
+        train_blocks: Any,
+        val_blocks: Any,
+        *,
+        val_batch_size: int | None = None,
+        resume: bool = True,
+        stop_after: int | None = None,
+        progress: bool = True,
+    ) -> DistillResult:
+        """Train to `config.steps` (or stop after `stop_after` steps, leaving the run resumable).
+
+        `train_blocks` / `val_blocks`: (n, T) token ids (numpy memmap, array or tensor)."""
+        c = self.config
+        device = next(self.student.parameters()).device
+        data = MicroBatches(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
+        val = torch.as_tensor(np.asarray(_as_tensor_blocks(val_blocks), dtype=np.int64))
+        val_batches = [val[i : i + (val_batch_size or c.batch_size)] for i in range(0, len(val), val_batch_size or c.batch_size)]
+        if not resume:
+            self.reset()
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        start, elapsed, tokens = 0, 0.0, 0
+        checkpoints = self._checkpoint_dirs()
+        if checkpoints:
+            meta = self.load_checkpoint(checkpoints[-1][1])
+            start, elapsed, tokens = meta["step"], meta["elapsed_s"], meta["tokens"]
+            self._truncate_log(start)
+        else:
+            self.log.path.unlink(missing_ok=True)
+        teacher_hidden = teacher_outputs(self.teacher, val_batches)
+        validate = lambda: _metrics(evaluate_kd(self.teacher, self.student, val_batches,  # noqa: E731
+                                                teacher_hidden=teacher_hidden, chunk_tokens=c.chunk_tokens))
+        last_val = None
+        if start == 0:
+            last_val = validate()
+            self.log.write(split="val", step=0, tokens=0, elapsed_s=0.0, **last_val)
+        end = c.steps if stop_after is None else min(c.steps, stop_after)
+        self.student.train()
+        clock = time.perf_counter()
+        bar = tqdm(range(start, end), desc="distill", unit="step", disable=not progress, initial=0)
+        for step in bar:
+            lr = lr_at(step, c)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            totals: dict[str, float] = {}
+            for micro in range(c.grad_accum):
+                ids = data[step * c.grad_accum + micro].to(device)
+                loss, stats = self._loss(ids)
+                (loss / c.grad_accum).backward()
+                for k, v in stats.items():
+                    totals[k] = totals.get(k, 0.0) + v / c.grad_accum
+                tokens += ids.numel()
+            params = [p for _, p in self.params]
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            now = elapsed + time.perf_counter() - clock
+            self.log.write(split="train", step=done, lr=lr, grad_norm=grad_norm.item(), tokens=tokens, elapsed_s=now, **totals)
+            bar.set_postfix(loss=f"{totals['loss']:.4f}", kl=f"{totals['kl']:.4f}")
+            if done % c.val_every == 0 or done == c.steps:
+                last_val = validate()
+                self.student.train()
+                self.log.write(split="val", step=done, tokens=tokens, elapsed_s=now, **last_val)
+            if done % c.checkpoint_every == 0 or done == c.steps:
+                self.save_checkpoint(done, elapsed + time.perf_counter() - clock, tokens)
+        self.student.eval()
+        step = max(start, end)
+        history = list(self.log.read())
+        if last_val is None:
+            vals = [r for r in history if r.get("split") == "val"]
+            last_val = {k: vals[-1][k] for k in ("lm_loss", "kl", "top1", "val_tokens")} if vals else {}
+        plot_validation(self.log.path, self.out_dir / PLOT_FILE)
+        return DistillResult(student=self.student, step=step, complete=step >= c.steps, val=last_val,
+                             out_dir=self.out_dir, projection=self.projection, history=history)
+
+
+def _metrics(val: dict[str, float]) -> dict[str, float]:
+    """Validation metrics as logged: `tokens` in a log record counts training tokens seen."""
+    return {("val_tokens" if k == "tokens" else k): v for k, v in val.items()}
+
+
+def _json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record) + "\n"
+
+
+def plot_validation(log_path: str | Path, png_path: str | Path) -> Path | None:
+    """Validation LM loss and KL to the teacher against optimizer steps (matplotlib, Agg)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    vals = [r for r in JsonlLog(log_path).read() if r.get("split") == "val"]
+    if not vals:
+        return None
+    steps = [r["step"] for r in vals]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(steps, [r["lm_loss"] for r in vals], marker="o", label="val LM loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("LM loss (nats/token)")
+    kl_ax = ax.twinx()
+    kl_ax.plot(steps, [r["kl"] for r in vals], marker="s", color="tab:orange", label="val KL to teacher")
+    kl_ax.set_ylabel("KL (nats/token)")
+    lines = ax.get_lines() + kl_ax.get_lines()
+    ax.legend(lines, [l.get_label() for l in lines], loc="upper right")
+    ax.set_title("distillation: validation")
+    fig.tight_layout()
+    png_path = Path(png_path)
+    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(png_path)
+    return png_path

@@ -1,0 +1,148 @@
+"""`puzzle importance` and `puzzle prune`: Minitron scores, then a width / depth pruned standard Llama."""
+
+import math
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json
+from puzzle.model.checkpoint import load_model, load_tokenizer, to_puzzle
+
+from .importance import (
+    ImportanceSettings,
+    batched,
+    calibration_sequences,
+    compute_importance,
+    has_importance,
+    load_importance,
+    load_importance_settings,
+    save_importance,
+    settings_json,
+)
+from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_pruned
+from .shape import LlamaShape, layers_for_target, parse_param_count, width_for_target
+
+
+def importance(
+    parent: Path,
+    run_dir: Path | None = None,
+    n_samples: int = 1024,
+    seq_len: int | None = None,
+    batch_size: int = 8,
+    batch_agg: Literal["l2", "mean", "var"] = "l2",
+    seq_agg: Literal["mean", "l2", "var"] = "mean",
+    block_sizes: list[int] | None = None,
+    drop_samples: int = 64,
+    threads: int | None = None,
+    force: bool = False,
+) -> Path:
+    """Minitron activation importance of heads, KV groups, neurons, channels and layers (forward passes only).
+
+    Args:
+        parent: the model to score (HF dir, safetensors or GGUF)
+        run_dir: run directory with prepared data; scores go to RUN_DIR/importance/
+        n_samples: calibration sequences (from the train split)
+        seq_len: tokens per calibration sequence (default: the prepared block length)
+        batch_size: sequences per forward pass
+        batch_agg: aggregation over sequences (l2, mean or var)
+        seq_agg: aggregation over the tokens of a sequence (mean, l2 or var)
+        block_sizes: sizes k of the contiguous layer runs whose removal is scored (default: 1)
+        drop_samples: calibration sequences used for the drop-layer losses (each needs extra forwards)
+        threads: torch CPU threads
+        force: recompute even when scores with the same settings exist
+    """
+    from puzzle.data.blocks import load_blocks
+
+    if run_dir is None:
+        raise PuzzleError("--run-dir is required")
+    if n_samples < 1 or batch_size < 1 or drop_samples < 0:
+        raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
+    if threads:
+        torch.set_num_threads(threads)
+    settings = ImportanceSettings(batch_agg, seq_agg, tuple(block_sizes or [1]),
+                                  drop_batches=math.ceil(drop_samples / batch_size))
+    blocks = load_blocks(run_dir, "train")
+    seq_len = seq_len or blocks.shape[1]
+    wanted = settings_json(settings, parent=str(parent), n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
+    if has_importance(run_dir) and not force and load_importance_settings(run_dir) == wanted:
+        print(f"importance: {run_dir}/importance is complete with these settings; nothing to do (--force recomputes)")
+        return Path(run_dir) / "importance"
+    model = to_puzzle(load_model(parent))
+    seqs = calibration_sequences(blocks, n_samples, seq_len)
+    start = time.perf_counter()
+    scores = compute_importance(model, batched(seqs, batch_size), batch_agg=batch_agg, seq_agg=seq_agg,
+                                block_sizes=settings.block_sizes, drop_batches=settings.drop_batches)
+    path = save_importance(run_dir, scores, wanted)
+    # timing is kept apart from the settings, which decide whether a rerun can reuse the scores
+    atomic_write_json(path.parent / "timing.json", {"elapsed_s": time.perf_counter() - start})
+    print(f"importance: {len(scores)} score tensors -> {path}")
+    return path.parent
+
+
+def prune(
+    parent: Path,
+    out: Path,
+    run_dir: Path | None = None,
+    hidden_size: int | None = None,
+    ffn_size: int | None = None,
+    heads_per_group: int | None = None,
+    kv_groups: int | None = None,
+    drop_layers: int = 0,
+    depth_method: Literal["block", "bi", "loss"] = "block",
+    target_params: str | None = None,
+    target_mode: Literal["width", "depth"] = "width",
+    params_scope: Literal["total", "non-embedding"] = "total",
+    rescale_norms: bool = True,
+) -> Path:
+    """Minitron width/depth pruning of a uniform Llama parent into a standard Llama checkpoint.
+
+    Args:
+        parent: the parent model (HF dir, safetensors or GGUF)
+        out: output directory (a plain Llama checkpoint + tokenizer + pruning.json)
+        run_dir: run directory holding importance/ (from `puzzle importance`)
+        hidden_size: embedding channels to keep
+        ffn_size: FFN neurons to keep per layer
+        heads_per_group: query heads to keep in each kept KV group
+        kv_groups: KV groups (KV heads) to keep per layer
+        drop_layers: number of layers to remove
+        depth_method: which layers: block (best contiguous run), bi (lowest Block Importance) or loss
+            (lowest loss when removed alone)
+        target_params: a parameter count to reach, e.g. 80M or 1.2B; picks the shape (overrides the sizes)
+        target_mode: width (hidden and FFN sizes, heads kept) or depth (layers) to reach the target
+        params_scope: count total parameters or non-embedding ones for --target-params
+        rescale_norms: rescale RMSNorm weights (and eps) for the smaller hidden size
+    """
+    if run_dir is None:
+        raise PuzzleError("--run-dir is required")
+    scores = load_importance(run_dir)
+    model = to_puzzle(load_model(parent))
+    check_uniform(model)
+    shape = LlamaShape.of(model.config)
+    if target_params is not None:
+        target = parse_param_count(target_params)
+        if target_mode == "depth":
+            drop_layers = layers_for_target(shape, target, params_scope)
+        else:
+            picked = width_for_target(shape, target, params_scope)
+            hidden_size, ffn_size = picked.hidden_size, picked.intermediate_size
+    if drop_layers < 0:
+        raise PuzzleError(f"drop-layers must be >= 0, got {drop_layers}")
+    drop = layers_to_drop(scores, drop_layers, depth_method)
+    plan = PrunePlan(hidden_size=hidden_size, intermediate_size=ffn_size, heads_per_group=heads_per_group,
+                     kv_groups=kv_groups, drop_layers=tuple(drop), rescale_norms=rescale_norms)
+    pruned, record = prune_model(model, scores, plan)
+    record.update(parent=str(parent), depth_method=depth_method if drop else None, target_params=target_params,
+                  params_scope=params_scope)
+    try:
+        tokenizer = load_tokenizer(parent)
+    except PuzzleError:
+        tokenizer = None
+    save_pruned(pruned, out, tokenizer, record)
+    p, q = record["params"], record["parent_params"]
+    print(f"prune: {q['total']:,} -> {p['total']:,} parameters ({p['non_embedding']:,} non-embedding, "
+          f"{p['non_embedding'] / q['non_embedding']:.1%} of the parent's); dropped layers {record['dropped_layers']} "
+          f"-> {out}")
+    return Path(out)

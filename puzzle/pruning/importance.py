@@ -1,0 +1,320 @@
+"""Minitron activation importance (arXiv 2407.14679), forward passes only.
+
+Width units are scored from the activations they produce on calibration sequences:
+  heads      the L2 norm over head_dim of each head's output entering `o_proj`;
+  kv_groups  the sum of the scores of the query heads sharing that KV head;
+  neurons    |activation| entering `down_proj` (silu(gate) * up);
+  channels   |RMSNorm output| per hidden channel, summed over every norm of the model.
+Each per-token value is aggregated over the sequence (`seq_agg`) and then over the calibration
+sequences (`batch_agg`): mean, L2 norm or variance; the paper found batch=L2, seq=mean best.
+
+Layers are scored two ways:
+  block_importance  BI_i = 1 - mean over tokens of cos(input of layer i, output of layer i);
+  drop_loss / kl    the LM loss and KL(full || pruned) per token of the model with layer i (or a
+                    contiguous run of k layers starting at i) removed; `lm_loss` is the intact model's.
+
+Keys of the result (and of run_dir/importance/importance.safetensors):
+  layers.{i}.heads (H,), layers.{i}.kv_groups (K,), layers.{i}.neurons (F,)   where the layer has them
+  channels (D,), layers.block_importance (L,);
+  with block sizes: lm_loss () and layers.drop_loss.k{k} / layers.drop_kl.k{k} (L-k+1,) for each k
+  (and layers.drop_loss / layers.drop_kl, the k=1 scores, when 1 is among the block sizes).
+The drop losses and KL are absolute; the rise is drop_loss - lm_loss (the KL is one already).
+"""
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from puzzle.distill.losses import kd_terms
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_save_safetensors, atomic_write_json, read_json
+from puzzle.model import GQAttention, PuzzleForCausalLM, SwiGLU
+
+Aggregation = Literal["mean", "l2", "var"]
+AGGREGATIONS = ("mean", "l2", "var")
+IMPORTANCE_DIR = "importance"
+SCORES_FILE = "importance.safetensors"
+SETTINGS_FILE = "settings.json"
+
+
+@dataclass(frozen=True)
+class ImportanceSettings:
+    batch_agg: Aggregation = "l2"
+    seq_agg: Aggregation = "mean"
+    block_sizes: tuple[int, ...] = (1,)  # contiguous runs of k layers whose removal is scored; () for none
+    drop_batches: int | None = None  # batches used for the drop-layer losses (None: all; each costs
+                                     # about (L - k + 1) / 2 extra forward passes per block size k)
+
+    def __post_init__(self) -> None:
+        for name in ("batch_agg", "seq_agg"):
+            if getattr(self, name) not in AGGREGATIONS:
+                raise PuzzleError(f"{name} must be one of {', '.join(AGGREGATIONS)}, got {getattr(self, name)!r}")
+        if any(k < 1 for k in self.block_sizes):
+            raise PuzzleError(f"block sizes must be at least 1, got {list(self.block_sizes)}")
+
+
+def aggregate_seq(x: torch.Tensor, how: Aggregation) -> torch.Tensor:
+    """(B, T, U) per-token values -> (B, U) per sequence."""
+    if how == "mean":
+        return x.mean(1)
+    if how == "l2":
+        return x.norm(dim=1)
+    return x.var(1, unbiased=False)
+
+
+@dataclass
+class BatchAccumulator:
+    """Streams (B, U) per-sequence values into one score per unit: mean, L2 or variance over all B seen."""
+
+    how: Aggregation
+    n: int = 0
+    total: torch.Tensor | None = None
+    total_sq: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.detach().double()
+        s, sq = x.sum(0), x.square().sum(0)
+        self.total = s if self.total is None else self.total + s
+        self.total_sq = sq if self.total_sq is None else self.total_sq + sq
+        self.n += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        if self.n == 0:
+            raise PuzzleError("no calibration sequences were seen")
+        if self.how == "l2":
+            return self.total_sq.sqrt().float()
+        mean = self.total / self.n
+        if self.how == "mean":
+            return mean.float()
+        return (self.total_sq / self.n - mean.square()).clamp_min(0).float()
+
+
+@dataclass
+class _Collector:
+    """Forward hooks that feed the accumulators; removed by `close`."""
+
+    seq_agg: Aggregation
+    batch_agg: Aggregation
+    acc: dict[str, BatchAccumulator] = field(default_factory=dict)
+    handles: list = field(default_factory=list)
+
+    def _add(self, key: str, per_token: torch.Tensor) -> None:
+        self.acc.setdefault(key, BatchAccumulator(self.batch_agg)).add(aggregate_seq(per_token.float(), self.seq_agg))
+
+    def attach(self, model: PuzzleForCausalLM) -> None:
+        for i, layer in enumerate(model.model.layers):
+            if isinstance(layer.self_attn, GQAttention):
+                attn = layer.self_attn
+
+                def heads_hook(module, args, key=f"layers.{i}.heads", attn=attn):
+                    x = args[0]  # (B, T, H*d)
+                    B, T, _ = x.shape
+                    self._add(key, x.reshape(B, T, attn.num_heads, attn.head_dim).norm(dim=-1))
+
+                self.handles.append(attn.o_proj.register_forward_pre_hook(heads_hook))
+            if isinstance(layer.mlp, SwiGLU):
+
+                def neurons_hook(module, args, key=f"layers.{i}.neurons"):
+                    self._add(key, args[0].abs())  # (B, T, F)
+
+                self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(neurons_hook))
+        for name, module in model.named_modules():
+            if isinstance(module, LlamaRMSNorm):
+
+                def norm_hook(module, args, output, key=f"norms.{name}"):
+                    self._add(key, output.abs())  # (B, T, D)
+
+                self.handles.append(module.register_forward_hook(norm_hook))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _run_layers(model: PuzzleForCausalLM, h: torch.Tensor, layers: range, position_embeddings) -> torch.Tensor:
+    for j in layers:
+        h = model.model.layers[j](h, position_embeddings)
+    return model.model.norm(h)
+
+
+@torch.no_grad()
+def compute_importance(
+    model: PuzzleForCausalLM,
+    batches: Iterable[torch.Tensor],
+    *,
+    batch_agg: Aggregation = "l2",
+    seq_agg: Aggregation = "mean",
+    block_sizes: tuple[int, ...] | list[int] = (1,),
+    drop_batches: int | None = None,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Importance of every head, KV group, neuron, channel and layer of `model` on `batches` of token
+    ids (LongTensor (B, T), unpadded); see the module docstring for the keys."""
+    settings = ImportanceSettings(batch_agg, seq_agg, tuple(block_sizes), drop_batches)
+    L = model.config.num_hidden_layers
+    sizes = sorted({k for k in settings.block_sizes if k < L})
+    if len(sizes) != len(set(settings.block_sizes)):
+        raise PuzzleError(f"block sizes must be smaller than the {L} layers, got {list(settings.block_sizes)}")
+    model.eval()
+    collector = _Collector(seq_agg, batch_agg)
+    collector.attach(model)
+    cos_sum = torch.zeros(L, dtype=torch.float64)
+    n_tokens = 0
+    base_lm = torch.zeros((), dtype=torch.float64)
+    lm_tokens = 0
+    drop_lm = {k: torch.zeros(L - k + 1, dtype=torch.float64) for k in sizes}
+    drop_kl = {k: torch.zeros(L - k + 1, dtype=torch.float64) for k in sizes}
+    drop_tokens = 0
+    seen = 0
+    try:
+        for b, ids in enumerate(tqdm(batches, desc="importance", unit="batch", disable=not progress)):
+            ids = ids.to(next(model.parameters()).device)
+            B, T = ids.shape
+            out = model.model(input_ids=ids, output_hidden_states=True, use_cache=False)
+            hs = out.hidden_states  # L + 1 of (B, T, D)
+            for i in range(L):
+                cos_sum[i] += F.cosine_similarity(hs[i].float(), hs[i + 1].float(), dim=-1).sum().double()
+            n_tokens += B * T
+            seen += B
+            if not sizes or (drop_batches is not None and b >= drop_batches):
+                continue
+            logits = model.lm_head(out.last_hidden_state)  # (B, T, V): the reference of every drop below
+            full = kd_terms(out.last_hidden_state, logits, model.lm_head, None, ids)
+            base_lm += full.lm.double()
+            lm_tokens += full.lm_tokens
+            drop_tokens += B * T
+            position_ids = torch.arange(T, device=ids.device)[None].expand(B, T)
+            pos = model.model.rotary_emb(hs[0], position_ids)
+            collector.close()  # the pruned forwards below must not count as calibration activations
+            for k in sizes:
+                for s in range(L - k + 1):
+                    # layers before s are untouched: start from the cached input of layer s
+                    h = _run_layers(model, hs[s], range(s + k, L), pos)
+                    terms = kd_terms(h, logits, model.lm_head, None, ids)
+                    drop_lm[k][s] += terms.lm.double()
+                    drop_kl[k][s] += terms.kl.double()
+            collector.attach(model)
+    finally:
+        collector.close()
+    if seen == 0:
+        raise PuzzleError("no calibration batches: the calibration set is empty")
+
+    scores: dict[str, torch.Tensor] = {}
+    channels = None
+    for key, acc in collector.acc.items():
+        if key.startswith("norms."):
+            r = acc.result()
+            channels = r if channels is None else channels + r
+        else:
+            scores[key] = acc.result()
+    for i, layer in enumerate(model.model.layers):
+        if isinstance(layer.self_attn, GQAttention):
+            heads = scores[f"layers.{i}.heads"]
+            group = layer.self_attn.num_heads // layer.self_attn.num_kv_heads
+            scores[f"layers.{i}.kv_groups"] = heads.reshape(-1, group).sum(-1)
+    scores["channels"] = channels
+    scores["layers.block_importance"] = (1.0 - cos_sum / n_tokens).float()
+    if lm_tokens:
+        scores["lm_loss"] = (base_lm / lm_tokens).float()
+        for k in sizes:
+            scores[f"layers.drop_loss.k{k}"] = (drop_lm[k] / lm_tokens).float()
+            scores[f"layers.drop_kl.k{k}"] = (drop_kl[k] / drop_tokens).float()
+        if 1 in sizes:
+            scores["layers.drop_loss"] = scores["layers.drop_loss.k1"].clone()
+            scores["layers.drop_kl"] = scores["layers.drop_kl.k1"].clone()
+    return scores
+
+
+def ranking(scores: torch.Tensor) -> torch.Tensor:
+    """Unit indices from most to least important (ties keep the lower index first)."""
+    return torch.sort(scores, descending=True, stable=True).indices
+
+
+def importance_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / IMPORTANCE_DIR
+
+
+def save_importance(run_dir: str | Path, scores: dict[str, torch.Tensor], settings: dict) -> Path:
+    """Write the scores (safetensors) and then the settings JSON, which marks them complete."""
+    out = importance_dir(run_dir)
+    path = atomic_save_safetensors(out / SCORES_FILE, scores)
+    atomic_write_json(out / SETTINGS_FILE, settings)
+    return path
+
+
+def has_importance(run_dir: str | Path) -> bool:
+    out = importance_dir(run_dir)
+    return (out / SCORES_FILE).exists() and (out / SETTINGS_FILE).exists()
+
+
+def load_importance(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The scores saved by `puzzle importance` for this run directory."""
+    out = importance_dir(run_dir)
+    if not has_importance(run_dir):
+        raise PuzzleError(f"{run_dir} has no importance scores; run `puzzle importance PARENT --run-dir {run_dir}` first")
+    try:
+        return load_file(str(out / SCORES_FILE))
+    except (SafetensorError, OSError) as err:
+        raise PuzzleError(f"{out / SCORES_FILE}: unreadable ({err}); rerun `puzzle importance`") from None
+
+
+def load_importance_settings(run_dir: str | Path) -> dict:
+    return read_json(importance_dir(run_dir) / SETTINGS_FILE)
+
+
+def calibration_sequences(blocks, n_samples: int, seq_len: int | None = None) -> torch.Tensor:
+    """`n_samples` sequences of `seq_len` tokens cut from consecutive packed blocks (n, L), as (n, seq_len).
+
+    Blocks are contiguous token streams, so several short sequences may come from one block.
+    """
+    n_blocks, block_len = blocks.shape
+    seq_len = seq_len or block_len
+    if seq_len < 2:
+        raise PuzzleError(f"calibration sequences need at least 2 tokens, got seq_len={seq_len}")
+    if seq_len > block_len:
+        raise PuzzleError(f"seq_len {seq_len} is longer than the prepared blocks ({block_len}); rerun prepare-data")
+    per_block = block_len // seq_len
+    need = min(n_blocks, -(-n_samples // per_block))
+    rows = torch.as_tensor(np.asarray(blocks[:need], dtype=np.int64))
+    seqs = rows[:, : per_block * seq_len].reshape(-1, seq_len)[:n_samples]
+    if len(seqs) < n_samples:
+        raise PuzzleError(f"only {len(seqs)} calibration sequences of {seq_len} tokens available, {n_samples} asked")
+    return seqs
+
+
+def batched(seqs: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    return [seqs[i : i + batch_size] for i in range(0, len(seqs), batch_size)]
+
+
+def settings_json(settings: ImportanceSettings, **extra) -> dict:
+    data = asdict(settings)
+    data["block_sizes"] = list(settings.block_sizes)
+    data.update(extra)
+    return data
+
+
+__all__ = [
+    "AGGREGATIONS",
+    "BatchAccumulator",
+    "ImportanceSettings",
+    "aggregate_seq",
+    "batched",
+    "calibration_sequences",
+    "compute_importance",
+    "has_importance",
+    "importance_dir",
+    "load_importance",
+    "load_importance_settings",
+    "ranking",
+    "save_importance",
+    "settings_json",
+]

@@ -1,0 +1,201 @@
+"""Minitron pruning of a uniform Llama-family parent into a smaller standard Llama.
+
+Width: every kept layer keeps the same number of units (the top ones by importance, different units
+per layer): FFN neurons, KV groups and query heads per group; the residual stream keeps its top
+channels everywhere. Depth: whole layers go, chosen by Block Importance, by the LM loss of dropping
+each alone, or as the contiguous run of k whose removal costs the least (Llama-3.1-Minitron's choice).
+The result is a `LlamaForCausalLM` that plain transformers loads with no custom code.
+"""
+
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json
+from puzzle.model import PuzzleForCausalLM
+from puzzle.model.checkpoint import atomic_dir, commit_dir
+
+from .shape import LlamaShape
+from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
+
+DepthMethod = Literal["block", "bi", "loss"]
+PRUNING_FILE = "pruning.json"
+# PuzzleConfig fields that a plain LlamaConfig must not receive.
+_NOT_LLAMA = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
+              "dtype", "torch_dtype"}
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """What to keep; None keeps the parent's size."""
+
+    hidden_size: int | None = None
+    intermediate_size: int | None = None
+    heads_per_group: int | None = None
+    kv_groups: int | None = None
+    drop_layers: tuple[int, ...] = ()
+    rescale_norms: bool = True
+
+
+def check_uniform(model: PuzzleForCausalLM) -> None:
+    """Minitron pruning starts from a parent whose layers are all GQA + SwiGLU of the same sizes."""
+    blocks = model.config.blocks
+    if any(not (b.attention.is_gqa and b.ffn.is_swiglu) for b in blocks) or len(set(blocks)) != 1:
+        raise PuzzleError("prune needs a uniform Llama parent (every layer GQA + SwiGLU of the same sizes); "
+                          "this model is a heterogeneous child")
+
+
+def layers_to_drop(scores: dict[str, torch.Tensor], n: int, method: DepthMethod) -> list[int]:
+    """The `n` layers to remove, ascending: least Block Importance, least loss when dropped alone,
+    or the contiguous run of `n` whose removal gives the lowest LM loss."""
+    if n == 0:
+        return []
+    if method == "bi":
+        bi = scores["layers.block_importance"]
+        _check_n(n, bi.numel())
+        return sorted(torch.sort(bi, stable=True).indices[:n].tolist())
+    if method == "loss":
+        if "layers.drop_loss.k1" not in scores:
+            raise PuzzleError("importance has no drop-one-layer losses; rerun `puzzle importance` with --block-sizes 1")
+        loss = scores["layers.drop_loss.k1"]
+        _check_n(n, loss.numel())
+        return sorted(torch.sort(loss, stable=True).indices[:n].tolist())
+    if method == "block":
+        key = f"layers.drop_loss.k{n}"
+        if key not in scores:
+            have = sorted(int(k.rsplit("k", 1)[1]) for k in scores if k.startswith("layers.drop_loss.k"))
+            raise PuzzleError(f"importance has no scores for dropping {n} contiguous layers (has {have}); "
+                              f"rerun `puzzle importance` with --block-sizes {n}")
+        start = int(torch.argmin(scores[key]))
+        return list(range(start, start + n))
+    raise PuzzleError(f"unknown depth method {method!r}; choose block, bi or loss")
+
+
+def _check_n(n: int, layers: int) -> None:
+    if not 0 <= n < layers:
+        raise PuzzleError(f"cannot drop {n} of {layers} layers (at least one must stay)")
+
+
+def _check_plan(plan: PrunePlan, shape: LlamaShape) -> None:
+    group = shape.num_heads // shape.num_kv_heads
+    checks = [
+        ("hidden size", plan.hidden_size, shape.hidden_size),
+        ("FFN size", plan.intermediate_size, shape.intermediate_size),
+        ("query heads per KV group", plan.heads_per_group, group),
+        ("KV groups", plan.kv_groups, shape.num_kv_heads),
+    ]
+    for name, value, parent in checks:
+        if value is not None and not 0 < value <= parent:
+            raise PuzzleError(f"{name} must be between 1 and the parent's {parent}, got {value}")
+    if len(set(plan.drop_layers)) != len(plan.drop_layers) or any(not 0 <= i < shape.num_layers for i in plan.drop_layers):
+        raise PuzzleError(f"layers to drop must be distinct indices below {shape.num_layers}, got {list(plan.drop_layers)}")
+    _check_n(len(plan.drop_layers), shape.num_layers)
+
+
+def _scores(scores: dict[str, torch.Tensor], key: str) -> torch.Tensor:
+    if key not in scores:
+        raise PuzzleError(f"importance scores lack {key!r}; rerun `puzzle importance` for this parent")
+    return scores[key]
+
+
+def pruned_config(parent: Any, shape: LlamaShape, eps_scale: float = 1.0) -> LlamaConfig:
+    data = {k: v for k, v in parent.to_dict().items() if k not in _NOT_LLAMA}
+    data.update(
+        num_hidden_layers=shape.num_layers,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_attention_heads=shape.num_heads,
+        num_key_value_heads=shape.num_kv_heads,
+        head_dim=shape.head_dim,  # explicit: hidden / heads no longer gives it once either is pruned
+        rms_norm_eps=parent.rms_norm_eps * eps_scale,
+    )
+    config = LlamaConfig(**data)
+    config.architectures = ["LlamaForCausalLM"]
+    return config
+
+
+@torch.no_grad()
+def prune_model(
+    model: PuzzleForCausalLM, scores: dict[str, torch.Tensor], plan: PrunePlan
+) -> tuple[LlamaForCausalLM, dict[str, Any]]:
+    """The pruned standard Llama and a record of what was kept (layers, channels, shapes)."""
+    check_uniform(model)
+    parent = LlamaShape.of(model.config)
+    _check_plan(plan, parent)
+    group = parent.num_heads // parent.num_kv_heads
+    heads_per_group = plan.heads_per_group or group
+    kv_groups = plan.kv_groups or parent.num_kv_heads
+    keep = [i for i in range(parent.num_layers) if i not in set(plan.drop_layers)]
+    shape = parent.with_(
+        num_layers=len(keep),
+        hidden_size=plan.hidden_size or parent.hidden_size,
+        intermediate_size=plan.intermediate_size or parent.intermediate_size,
+        num_heads=kv_groups * heads_per_group,
+        num_kv_heads=kv_groups,
+    )
+    if shape.hidden_size % shape.num_heads:
+        raise PuzzleError(f"hidden size {shape.hidden_size} is not a multiple of the {shape.num_heads} query heads kept; "
+                          "transformers' LlamaConfig requires it (pick a multiple or prune heads)")
+    state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    state = drop_layers_state(state, keep)
+    for new, old in enumerate(keep):
+        prefix = f"model.layers.{new}."
+        layer = {k: v for k, v in state.items() if k.startswith(prefix)}
+        if (heads_per_group, kv_groups) != (group, parent.num_kv_heads):
+            groups, heads = select_heads(_scores(scores, f"layers.{old}.heads"), parent.num_kv_heads, kv_groups,
+                                         heads_per_group, _scores(scores, f"layers.{old}.kv_groups"))
+            layer = slice_attention_state(layer, heads, groups, parent.head_dim)
+        if shape.intermediate_size != parent.intermediate_size:
+            layer = slice_ffn_state(layer, top_k(_scores(scores, f"layers.{old}.neurons"), shape.intermediate_size))
+        state.update(layer)
+    channels = None
+    eps_scale = 1.0
+    if shape.hidden_size != parent.hidden_size:
+        channels = top_k(_scores(scores, "channels"), shape.hidden_size)
+        state = slice_channels_state(state, channels, parent.hidden_size, plan.rescale_norms)
+        if plan.rescale_norms:
+            eps_scale = parent.hidden_size / shape.hidden_size
+    config = pruned_config(model.config, shape, eps_scale)
+    dtype = next(model.parameters()).dtype
+    pruned = LlamaForCausalLM(config).to(dtype)
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = pruned.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise PuzzleError(f"pruned weights do not fit the pruned config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    if config.tie_word_embeddings:
+        pruned.tie_weights()
+    record = {
+        "parent_shape": asdict(parent),
+        "shape": asdict(shape),
+        "plan": {**asdict(plan), "drop_layers": list(plan.drop_layers)},
+        "kept_layers": keep,
+        "dropped_layers": sorted(plan.drop_layers),
+        "channels": channels.tolist() if channels is not None else None,
+        "params": {"total": shape.total_params, "non_embedding": shape.non_embedding_params},
+        "parent_params": {"total": parent.total_params, "non_embedding": parent.non_embedding_params},
+    }
+    return pruned.eval(), record
+
+
+def save_pruned(model: LlamaForCausalLM, out: str | Path, tokenizer: Any = None, record: dict | None = None) -> Path:
+    """Write a standard Llama checkpoint (safetensors, config.json, tokenizer, pruning.json) atomically."""
+    out = Path(out)
+    tmp = atomic_dir(out)
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if record is not None:
+            atomic_write_json(tmp / PRUNING_FILE, record)
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
