@@ -1,6 +1,5 @@
 """`puzzle distill`: knowledge distillation of a student checkpoint from a teacher on a run's data."""
 
-import shutil
 from pathlib import Path
 from typing import Literal
 
@@ -9,7 +8,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
-from puzzle.model.checkpoint import atomic_dir, commit_dir, load_model, load_tokenizer, save_model
+from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
 
 from .losses import parse_layer_map
 from .trainer import DistillConfig, Distiller
@@ -31,18 +30,7 @@ def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Pat
     if isinstance(original, PuzzleForCausalLM):
         return save_model(trained, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
     original.load_state_dict(trained.state_dict(), strict=False)
-    tmp = atomic_dir(out)
-    try:
-        original.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if record:
-            atomic_write_json(tmp / PRUNING_FILE, record)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return save_checkpoint(original, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
 
 
 def distill(

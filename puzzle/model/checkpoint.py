@@ -171,24 +171,22 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_model(
-    model: PuzzleForCausalLM,
+def save_checkpoint(
+    model: PreTrainedModel,
     out: str | Path,
     tokenizer: Any = None,
     extra_json: dict[str, Any] | None = None,
     extra_text: dict[str, str] | None = None,
+    copy_files: tuple[Path, ...] = (),
 ) -> Path:
-    """Write a child checkpoint: safetensors weights, config.json with block_configs and auto_map,
-    the modeling files (so `trust_remote_code=True` needs no `puzzle`), the tokenizer, extra JSON/text files."""
+    """Write any transformers model as safetensors + config (+ tokenizer, extra JSON/text files, copied
+    files) to `out` atomically: a crash leaves the old `out` or the new one, never half of one."""
     out = Path(out)
     tmp = atomic_dir(out)
     try:
-        model.config.auto_map = dict(_AUTO_MAP)
-        model.config.architectures = ["PuzzleForCausalLM"]
         model.save_pretrained(tmp, safe_serialization=True)
-        here = Path(__file__).parent
-        for name in _MODEL_FILES:
-            shutil.copyfile(here / name, tmp / name)
+        for src in copy_files:
+            shutil.copyfile(src, tmp / Path(src).name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         for name, payload in (extra_json or {}).items():
@@ -200,3 +198,18 @@ def save_model(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def save_model(
+    model: PuzzleForCausalLM,
+    out: str | Path,
+    tokenizer: Any = None,
+    extra_json: dict[str, Any] | None = None,
+    extra_text: dict[str, str] | None = None,
+) -> Path:
+    """Write a child checkpoint: safetensors weights, config.json with block_configs and auto_map,
+    the modeling files (so `trust_remote_code=True` needs no `puzzle`), the tokenizer, extra JSON/text files."""
+    model.config.auto_map = dict(_AUTO_MAP)
+    model.config.architectures = ["PuzzleForCausalLM"]
+    here = Path(__file__).parent
+    return save_checkpoint(model, out, tokenizer, extra_json, extra_text, tuple(here / n for n in _MODEL_FILES))

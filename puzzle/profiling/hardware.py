@@ -24,19 +24,17 @@ steps), `max_params` (a number, or a count such as 80M / 1.5B).
 YAML 1.1 reads `1e12` (no dot, no exponent sign) as a string; such strings are accepted as numbers.
 """
 
-import re
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from puzzle.errors import PuzzleError
+from puzzle.units import parse_count
 from puzzle.io import read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
-_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 
 
 @dataclass(frozen=True)
@@ -215,8 +213,8 @@ def parse_constraints(raw: Any, where: str = "constraints") -> dict[str, float]:
     raw = _mapping(where, raw or {}, set(CONSTRAINT_KEYS), set())
     out = {}
     for key, value in raw.items():
-        if key == "max_params" and isinstance(value, str) and (m := _COUNT.match(value)):
-            value = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+        if key == "max_params" and isinstance(value, str):
+            value = parse_count(value)
         out[key] = _number(f"{where}.{key}", value)
     return out
 

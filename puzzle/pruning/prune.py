@@ -7,7 +7,6 @@ each alone, or as the contiguous run of k whose removal costs the least (Llama-3
 The result is a `LlamaForCausalLM` that plain transformers loads with no custom code.
 """
 
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,9 +15,8 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json
 from puzzle.model import PuzzleForCausalLM
-from puzzle.model.checkpoint import atomic_dir, commit_dir
+from puzzle.model.checkpoint import save_checkpoint
 
 from .shape import LlamaShape
 from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
@@ -186,16 +184,4 @@ def prune_model(
 
 def save_pruned(model: LlamaForCausalLM, out: str | Path, tokenizer: Any = None, record: dict | None = None) -> Path:
     """Write a standard Llama checkpoint (safetensors, config.json, tokenizer, pruning.json) atomically."""
-    out = Path(out)
-    tmp = atomic_dir(out)
-    try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if record is not None:
-            atomic_write_json(tmp / PRUNING_FILE, record)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+    return save_checkpoint(model, out, tokenizer, extra_json={PRUNING_FILE: record} if record is not None else None)

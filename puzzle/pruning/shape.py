@@ -1,14 +1,13 @@
 """The shape of a uniformly pruned Llama, its parameter count, and the shape a parameter target picks."""
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from puzzle.errors import PuzzleError
+from puzzle.units import parse_count
 
 Scope = Literal["total", "non-embedding"]
-_SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
 
 
 @dataclass(frozen=True)
@@ -67,12 +66,7 @@ class LlamaShape:
 
 def parse_param_count(text: str | int) -> int:
     """"80M" -> 80_000_000, "1.2B" -> 1_200_000_000, "80000000" -> 80_000_000."""
-    if isinstance(text, int):
-        return text
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kKmMbBgG]?)\s*", str(text))
-    if not match:
-        raise PuzzleError(f"cannot read a parameter count from {text!r}; write e.g. 80M, 1.2B or 80000000")
-    value = float(match.group(1)) * _SUFFIX[match.group(2).upper()]
+    value = parse_count(text)
     if value < 1:
         raise PuzzleError(f"parameter count must be positive, got {text!r}")
     return int(round(value))

@@ -1,7 +1,6 @@
 """`puzzle solve`: read a run's scores and a profile's costs, solve the MIP, write the solution(s)."""
 
 import math
-import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
@@ -9,29 +8,18 @@ from typing import Any, Literal
 import pandas as pd
 
 from puzzle.errors import PuzzleError
+from puzzle.units import parse_count
 from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
 from puzzle.solver.mip import Solution
 from puzzle.solver.problem import FixedCosts, Constraints, SolverProblem, Workload, problem_from_tables
 
 REPO = Path(__file__).resolve().parents[2]
 CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
-_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
-_SUFFIX = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
 _ALIASES = {
     "batch_size": ("batch_size", "batch"),
     "input_len": ("input_len", "input_length", "prompt_len", "input_tokens"),
     "output_len": ("output_len", "output_length", "gen_len", "output_tokens"),
 }
-
-
-def parse_count(value: float | int | str | None) -> float | None:
-    """80e6, "80e6", "80M", "1.5B" -> a number (K, M, B/G, T suffixes)."""
-    if value is None or isinstance(value, (int, float)):
-        return value
-    m = _COUNT.match(str(value))
-    if not m:
-        raise PuzzleError(f"not a parameter count: {value!r} (examples: 80e6, 80M, 1.5B)")
-    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
 
 
 # ---- reading the run directory --------------------------------------------------------------------

@@ -1,0 +1,530 @@
+"""Decoupled blockwise local distillation (BLD) of every variant of a group of layers.
+
+For layer l the parent computes, from the hidden state h entering it,
+    a = h + attn(ln1(h))        (residual stream after attention)
+    o = a + ffn(ln2(a))         (layer output)
+An attention variant is trained in place of attn next to the parent's frozen FFN: its output
+a' + ffn(ln2(a')), a' = h + attn'(ln1'(h)), is compared with o. An FFN variant is trained in place of ffn
+on a: a + ffn'(ln2'(a)) against o. The loss is the normalised MSE
+    ||child - o||^2 / ||o - x||^2,     x = h (attention) or a (FFN),
+i.e. MSE(child, parent) / MSE(parent, 0) over what the block adds to the residual stream: the
+residual passes through both unchanged, so the numerator is the plain MSE of the layer outputs; the
+denominator counts only the block's own contribution, so 0 is the parent and 1 is as bad as an FFN no-op.
+
+One parent forward per batch, up to the group's last layer, feeds every variant of every layer the group
+owns (they train in lockstep, each with its own AdamW and cosine schedule); the parent is never re-run
+per variant. Parent-identical variants and no-ops are measured but not trained. A linear FFN is linear in
+its weights, so its BLD loss is least squares: it accumulates the normal equations over the same batches
+(and the calibration tokens) and is solved exactly at the end instead of taking AdamW steps.
+"""
+
+import math
+import os
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from puzzle.errors import PuzzleError
+from puzzle.library import store
+from puzzle.library.init import FFNCalibration, init_attention, init_ffn
+from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+from puzzle.model.modeling_puzzle import LlamaRMSNorm, PuzzleForCausalLM, build_attention, build_ffn
+from puzzle.model.surgery import sublayer_state
+from puzzle.search_space import SearchSpace, Variant
+
+FFNInit = Literal["auto", "channel_contribution", "minitron"]
+_PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
+
+
+@dataclass(frozen=True)
+class BLDSettings:
+    tokens_per_block: int = 32768  # training tokens each variant sees
+    batch_size: int = 4  # blocks per step
+    seq_len: int | None = None  # crop the data's blocks to this length (None: as prepared)
+    # SmolLM2 at 16k tokens: 3e-3 beat 1e-3 and 3e-4 on 15 of 16 AdamW-trained variants of layers 2 and 20;
+    # a 30% warm-up (vs 5%) keeps near-lossless inits (ffn_1336, layers 11, 14, 29) from getting worse
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.3
+    min_lr_ratio: float = 0.1  # cosine decays to lr * this
+    calibration_tokens: int = 4096  # Channel Contribution and the linear FFN's least squares
+    eval_tokens: int = 2048  # held-out tokens for the loss at init and at the end
+    ffn_init: FFNInit = "auto"  # auto: Minitron neuron importance when the run has it, else Channel Contribution
+    seed: int = 0
+    log_every: int = 25
+
+    def __post_init__(self) -> None:
+        for name in ("tokens_per_block", "batch_size", "calibration_tokens", "eval_tokens", "log_every"):
+            if getattr(self, name) < 1:
+                raise PuzzleError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seq_len is not None and self.seq_len < 2:
+            raise PuzzleError(f"seq-len must be at least 2, got {self.seq_len}")
+        if not self.lr > 0:
+            raise PuzzleError(f"lr must be positive, got {self.lr}")
+
+    def steps(self, seq_len: int) -> int:
+        return max(1, math.ceil(self.tokens_per_block / (self.batch_size * seq_len)))
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ----- modules ---------------------------------------------------------------------------------------
+
+
+class Sublayer(nn.Module):
+    """One layer's attention or FFN with its pre-norm, named as in PuzzleDecoderLayer, so `state_dict()` is
+    the `sublayer_state` form the library stores. `forward` returns what it adds to the residual stream."""
+
+    def __init__(self, config: Any, kind: str, variant: AttentionConfig | FFNConfig, state: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.kind = kind
+        module = build_attention(config, variant) if kind == "attention" else build_ffn(config, variant)
+        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if module is not None else None
+        norm_name, module_name = _PARTS[kind]
+        setattr(self, norm_name, norm)
+        setattr(self, module_name, module)
+        self.load_state_dict(state, strict=True)
+
+    @property
+    def norm(self) -> nn.Module | None:
+        return getattr(self, _PARTS[self.kind][0])
+
+    @property
+    def module(self) -> nn.Module | None:
+        return getattr(self, _PARTS[self.kind][1])
+
+    def forward(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        if self.module is None:
+            return torch.zeros_like(x)
+        if self.kind == "attention":
+            return self.module(self.norm(x), position_embeddings, None, None, 0)
+        return self.module(self.norm(x))
+
+
+def _parent_sublayer(parent: PuzzleForCausalLM, layer: int, kind: str, config: Any) -> Sublayer:
+    sub = Sublayer(parent.config, kind, config, sublayer_state(parent, layer, kind))
+    return sub.requires_grad_(False).eval()
+
+
+# ----- parent activations ----------------------------------------------------------------------------
+
+
+@dataclass
+class LayerActivations:
+    h: torch.Tensor  # (B, T, D) entering the layer
+    a: torch.Tensor  # (B, T, D) after attention
+    o: torch.Tensor  # (B, T, D) layer output
+
+
+@dataclass
+class Batch:
+    position_embeddings: tuple[torch.Tensor, torch.Tensor]
+    layers: dict[int, LayerActivations]
+
+    @property
+    def tokens(self) -> int:
+        return next(iter(self.layers.values())).h.shape[:2].numel()
+
+
+@torch.no_grad()
+def parent_activations(parent: PuzzleForCausalLM, ids: torch.Tensor, layers: Sequence[int]) -> Batch:
+    """One parent forward up to the last of `layers`, keeping h, a, o of each of them."""
+    model = parent.model
+    B, T = ids.shape
+    h = model.embed_tokens(ids)
+    position_ids = torch.arange(T, device=ids.device)[None].expand(B, T)
+    pe = model.rotary_emb(h, position_ids)
+    wanted = set(layers)
+    out: dict[int, LayerActivations] = {}
+    for i in range(max(wanted) + 1):
+        block = model.layers[i]
+        a = h if block.self_attn is None else h + block.self_attn(block.input_layernorm(h), pe, None, None, 0)
+        o = a if block.mlp is None else a + block.mlp(block.post_attention_layernorm(a))
+        if i in wanted:
+            out[i] = LayerActivations(h, a, o)
+        h = o
+    return Batch(pe, out)
+
+
+def _ffn_scores_for(layer: int, settings: "BLDSettings", neuron_scores: dict[int, torch.Tensor] | None) -> torch.Tensor | None:
+    if settings.ffn_init == "channel_contribution" or neuron_scores is None:
+        return None
+    return neuron_scores.get(layer)
+
+
+def _needs_calibration(v: Variant, scores: torch.Tensor | None) -> bool:
+    """Pruned FFNs ranked by Channel Contribution and linear FFNs are initialised from calibration data."""
+    if v.kind != "ffn" or v.is_parent or v.config.no_op:
+        return False
+    return v.config.replace_with_linear or scores is None
+
+
+@torch.no_grad()
+def calibrate_ffns(parent: PuzzleForCausalLM, ids_batches: Sequence[torch.Tensor], layers: Sequence[int]) -> dict[int, FFNCalibration]:
+    """For each of `layers`, the parent FFN's |activations| summed over the calibration tokens (Channel
+    Contribution) and its (normed input, output) pairs (the linear FFN's least squares); one parent
+    forward per batch serves every layer."""
+    sums: dict[int, torch.Tensor] = {}
+    xs: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    ys: dict[int, list[torch.Tensor]] = {i: [] for i in layers}
+    tokens = 0
+    for ids in ids_batches:
+        batch = parent_activations(parent, ids, layers)
+        for i in layers:
+            block, acts = parent.model.layers[i], batch.layers[i]
+            x = block.post_attention_layernorm(acts.a).flatten(0, 1)  # (N, D)
+            inner = F.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)  # (N, I): the input of down_proj
+            sums[i] = inner.abs().sum(0) + sums.get(i, 0)
+            xs[i].append(x)
+            ys[i].append((acts.o - acts.a).flatten(0, 1))
+        tokens += ids.numel()
+    return {i: FFNCalibration(sums[i], tokens, torch.cat(xs[i]), torch.cat(ys[i])) for i in layers}
+
+
+# ----- losses ----------------------------------------------------------------------------------------
+
+
+def block_error(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum of squared error vs the parent's layer output, sum of squares of what the parent block adds)."""
+    acts = batch.layers[variant.layer]
+    pe = batch.position_embeddings
+    if variant.kind == "attention":
+        a = acts.h + child(acts.h, pe)
+        out = a + frozen_ffn(a, pe)
+        base = acts.h
+    else:
+        out = acts.a + child(acts.a, pe)
+        base = acts.a
+    return (out - acts.o).pow(2).sum(), (acts.o - base).pow(2).sum()
+
+
+@torch.no_grad()
+def normalised_mse(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, batches: Sequence[Batch]) -> float:
+    err = ref = 0.0
+    for batch in batches:
+        e, r = block_error(variant, child, frozen_ffn, batch)
+        err, ref = err + e.item(), ref + r.item()
+    return err / max(ref, 1e-30)
+
+
+# ----- FLOP accounting -------------------------------------------------------------------------------
+
+
+def _matrix_params(module: nn.Module | None) -> int:
+    return 0 if module is None else sum(p.numel() for p in module.parameters() if p.ndim == 2)
+
+
+def attention_score_flops(config: Any, attention: AttentionConfig | None, seq_len: int) -> int:
+    """Forward FLOPs per token of QK^T and AV under a causal mask (half the T x T square)."""
+    if attention is None or not attention.is_gqa:
+        return 0
+    return 2 * config.num_attention_heads * config.head_dim * seq_len  # 2 matmuls * 2 flops * H * d * T/2
+
+
+def train_flops_per_token(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, config: Any, seq_len: int) -> int:
+    """Training FLOPs per token: 6 x trained params, attention scores forward + 2x backward, and the frozen
+    neighbour's forward plus its input-gradient backward (4 x its params). A least-squares linear FFN also
+    costs 6 x its params: X^T X and X^T Y (2 D^2 each) and its forward for the batch loss."""
+    flops = 6 * _matrix_params(child)
+    if variant.kind == "attention":
+        flops += 3 * attention_score_flops(config, variant.config, seq_len)
+        flops += 4 * _matrix_params(frozen_ffn)
+    return flops
+
+
+def parent_forward_flops_per_token(parent: PuzzleForCausalLM, last_layer: int, seq_len: int) -> int:
+    flops = 0
+    for i in range(last_layer + 1):
+        block = parent.model.layers[i]
+        flops += 2 * (_matrix_params(block.self_attn) + _matrix_params(block.mlp))
+        flops += attention_score_flops(parent.config, parent.config.blocks[i].attention, seq_len)
+    return flops
+
+
+# ----- one variant under training --------------------------------------------------------------------
+
+
+class NormalEquations:
+    """X^T X and X^T Y over a linear block's (normed input, target) pairs, in float64.
+
+    A linear FFN is linear in its weights, so its BLD loss is a least-squares problem: accumulating the
+    normal equations over the batches and solving them once gives its exact minimiser over every token
+    seen, which AdamW on an ill-conditioned input (cond ~ 1e3-1e4 on SmolLM2) only approaches slowly.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        self.xty = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+        self.add(x, y)
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x = x.double()
+        self.xtx += x.T @ x
+        self.xty += x.T @ y.double()
+
+    def solve(self) -> torch.Tensor:
+        """(D_out, D_in) weight W minimising ||x W^T - y||^2 over everything added."""
+        return torch.linalg.lstsq(self.xtx, self.xty, driver="gelsd").solution.T.float().contiguous()
+
+
+@dataclass
+class VariantRun:
+    variant: Variant
+    child: Sublayer
+    frozen_ffn: Sublayer | None
+    init: str
+    loss_init: float
+    trainer: Literal["adamw", "lstsq"] = "adamw"
+    normal: NormalEquations | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    steps: int = 0
+    tokens: int = 0
+    wall_s: float = 0.0
+    flops: int = 0
+    flops_per_token: int = 0
+    last_loss: float = float("nan")
+
+
+def cosine_with_warmup(steps: int, warmup_fraction: float, min_lr_ratio: float) -> Callable[[int], float]:
+    warmup = max(1, round(steps * warmup_fraction)) if steps > 1 else 0
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, steps - warmup)
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+def _make_optimizer(run: VariantRun, settings: BLDSettings, steps: int) -> None:
+    params = [p for p in run.child.parameters() if p.requires_grad]
+    # Norm gains are scale parameters: no weight decay on them (as in litgpt / nanoGPT).
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    run.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), foreach=True)
+    schedule = cosine_with_warmup(steps, settings.warmup_fraction, settings.min_lr_ratio)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, schedule)
+
+
+def train_step(run: VariantRun, batch: Batch) -> float:
+    """One step on `batch`; returns the batch's normalised MSE before the step."""
+    if run.trainer == "lstsq":
+        with torch.no_grad():
+            acts = batch.layers[run.variant.layer]
+            x = run.child.norm(acts.a).flatten(0, 1)  # (N, D) the linear FFN's input
+            y = (acts.o - acts.a).flatten(0, 1)  # (N, D) what the parent FFN adds
+            run.normal.add(x, y)
+            return ((run.child.module(x) - y).pow(2).sum() / y.pow(2).sum()).item()
+    err, ref = block_error(run.variant, run.child, run.frozen_ffn, batch)
+    loss = err / ref
+    loss.backward()
+    run.optimizer.step()
+    run.optimizer.zero_grad(set_to_none=True)  # no gradient kept between steps: lockstep holds many variants
+    run.scheduler.step()
+    return loss.item()
+
+
+def finish(run: VariantRun) -> None:
+    """Put the trained weights in place (the least-squares solution of a linear FFN) and free the state."""
+    if run.trainer == "lstsq":
+        with torch.no_grad():
+            run.child.module.linear_mlp.weight.copy_(run.normal.solve())
+    run.optimizer = run.scheduler = run.normal = None
+    run.child.eval()
+
+
+# ----- the data --------------------------------------------------------------------------------------
+
+
+def _crop(blocks: np.ndarray, seq_len: int | None) -> np.ndarray:
+    if seq_len is None:
+        return blocks
+    if seq_len > blocks.shape[1]:
+        raise PuzzleError(f"seq-len {seq_len} is longer than the prepared blocks ({blocks.shape[1]} tokens)")
+    return blocks[:, :seq_len]
+
+
+def _take(blocks: np.ndarray, n_tokens: int, batch_size: int, seed: int) -> list[torch.Tensor]:
+    """Batches covering at least `n_tokens` tokens, drawn in a seeded order (fewer when the data is short)."""
+    n_blocks = min(len(blocks), math.ceil(n_tokens / blocks.shape[1]))
+    order = np.random.default_rng(seed).permutation(len(blocks))[:n_blocks]
+    return [torch.from_numpy(np.asarray(blocks[order[i : i + batch_size]], dtype=np.int64)) for i in range(0, n_blocks, batch_size)]
+
+
+def endless_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Shuffled full batches forever, a new permutation each epoch (seed + epoch)."""
+    batch_size = min(batch_size, len(blocks))
+    epoch = 0
+    while True:
+        order = np.random.default_rng(seed + epoch).permutation(len(blocks))
+        for start in range(0, len(order) - batch_size + 1, batch_size):
+            yield torch.from_numpy(np.asarray(blocks[order[start : start + batch_size]], dtype=np.int64))
+        epoch += 1
+
+
+# ----- a layer group ---------------------------------------------------------------------------------
+
+
+def group_variants(space: SearchSpace, layers: Sequence[int]) -> list[Variant]:
+    owned = set(layers)
+    return [v for v in space.variants() if v.layer in owned]
+
+
+def _base_record(v: Variant) -> dict[str, Any]:
+    return {"layer": v.layer, "kind": v.kind, "variant": v.name}
+
+
+def build_layer_group(
+    run_dir: str | Path,
+    parent: PuzzleForCausalLM,
+    space: SearchSpace,
+    layers: Sequence[int],
+    train_blocks: np.ndarray,
+    eval_blocks: np.ndarray,
+    settings: BLDSettings = BLDSettings(),
+    neuron_scores: dict[int, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Initialise, train and store every variant of `layers` the library does not hold yet.
+
+    Writes each finished variant (file, then manifest record) as soon as it is done; parent and no-op
+    variants get a record with their measured loss and no file. `parent` is put in eval mode with its
+    gradients off. Returns a summary of the work done (steps, tokens, FLOPs and seconds).
+    """
+    t_start = time.perf_counter()
+    log = store.library_log(run_dir)
+    manifest = store.read_manifest(run_dir)
+    variants = group_variants(space, layers)
+    todo = [v for v in variants if not store.is_done(run_dir, manifest, v.layer, v.kind, v.name)]
+    summary: dict[str, Any] = {"layers": list(layers), "skipped": len(variants) - len(todo), "trained": 0, "recorded": 0}
+    if not todo:
+        return summary
+    train_blocks, eval_blocks = _crop(train_blocks, settings.seq_len), _crop(eval_blocks, settings.seq_len)
+    seq_len = train_blocks.shape[1]
+    owned = sorted({v.layer for v in todo})
+    config = parent.config
+    parent.requires_grad_(False).eval()
+    log.write(event="group_start", layers=owned, todo=len(todo), seq_len=seq_len, host=socket.gethostname(), pid=os.getpid())
+
+    # Held-out batches for the losses at init and at the end; calibration for the FFN initialisations.
+    t0 = time.perf_counter()
+    eval_ids = _take(eval_blocks, settings.eval_tokens, settings.batch_size, settings.seed + 1)
+    eval_batches = [parent_activations(parent, ids, owned) for ids in eval_ids]
+    calib_layers = sorted({v.layer for v in todo if _needs_calibration(v, _ffn_scores_for(v.layer, settings, neuron_scores))})
+    calibration: dict[int, FFNCalibration] = {}
+    if calib_layers:
+        calib_ids = _take(train_blocks, settings.calibration_tokens, settings.batch_size, settings.seed + 2)
+        calibration = calibrate_ffns(parent, calib_ids, calib_layers)
+    summary["calibration_s"] = time.perf_counter() - t0
+
+    # Initialise every variant, measure it, and record the ones that are not trained.
+    runs: list[VariantRun] = []
+    untrained: list[dict[str, Any]] = []
+    frozen: dict[int, Sublayer] = {}
+    kv_heads = space.parent_attention.num_key_value_heads(config.num_attention_heads)
+    for v in todo:
+        t0 = time.perf_counter()
+        parent_state = sublayer_state(parent, v.layer, v.kind)
+        frozen_ffn = None
+        if v.kind == "attention":
+            state, method = init_attention(parent_state, v.config, config.num_attention_heads, kv_heads)
+            if v.layer not in frozen:
+                frozen[v.layer] = _parent_sublayer(parent, v.layer, "ffn", space.parent_ffn)
+            frozen_ffn = frozen[v.layer]
+        else:
+            scores = _ffn_scores_for(v.layer, settings, neuron_scores)
+            if settings.ffn_init == "minitron" and scores is None and v.config.is_swiglu and not v.is_parent:
+                raise PuzzleError(
+                    f"no Minitron neuron importance for layer {v.layer}; run puzzle importance first or use --ffn-init auto"
+                )
+            state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
+        child = Sublayer(config, v.kind, v.config, state)
+        loss = normalised_mse(v, child, frozen_ffn, eval_batches)
+        run = VariantRun(v, child, frozen_ffn, "parent" if v.is_parent else method, loss)
+        if v.kind == "ffn" and v.config.replace_with_linear:
+            # the calibration tokens are training data too: the solution at the end covers them
+            run.trainer, run.normal = "lstsq", NormalEquations(calibration[v.layer].x, calibration[v.layer].y)
+        run.wall_s = time.perf_counter() - t0
+        log.write(event="init", **_base_record(v), init=run.init, loss=loss)
+        if v.is_parent or v.config.no_op:
+            source = "parent" if v.is_parent else "noop"
+            untrained.append({**_base_record(v), "source": source, "init": run.init, "tokens": 0, "steps": 0,
+                              "loss_init": loss, "loss_final": loss, "params": 0, "flops": 0, "wall_s": run.wall_s})
+        else:
+            runs.append(run)
+    calibration.clear()
+    if untrained:
+        store.record_untrained(run_dir, untrained)
+        summary["recorded"] = len(untrained)
+        if progress:
+            progress(len(untrained))
+
+    # Lockstep BLD: one parent forward per batch feeds one step of every variant.
+    steps = settings.steps(seq_len)
+    for run in runs:
+        if run.trainer == "adamw":
+            _make_optimizer(run, settings, steps)
+        run.flops_per_token = train_flops_per_token(run.variant, run.child, run.frozen_ffn, config, seq_len)
+        run.child.train()
+    parent_flops_per_token = parent_forward_flops_per_token(parent, max(owned), seq_len)
+    parent_s = parent_flops = 0.0
+    t_loop, loop_start = time.perf_counter(), time.time()
+    batches = endless_batches(train_blocks, settings.batch_size, settings.seed)
+    for step in range(steps if runs else 0):
+        t0 = time.perf_counter()
+        batch = parent_activations(parent, next(batches), owned)
+        parent_s += time.perf_counter() - t0
+        parent_flops += parent_flops_per_token * batch.tokens
+        for run in runs:
+            t0 = time.perf_counter()
+            run.last_loss = train_step(run, batch)
+            run.wall_s += time.perf_counter() - t0
+            run.steps += 1
+            run.tokens += batch.tokens
+            run.flops += run.flops_per_token * batch.tokens
+            if step % settings.log_every == 0 or step == steps - 1:
+                lr = run.scheduler.get_last_lr()[0] if run.scheduler else None
+                log.write(event="step", **_base_record(run.variant), step=step, tokens=run.tokens, loss=run.last_loss, lr=lr)
+    loop_s = time.perf_counter() - t_loop
+
+    # Measure and store each variant as it finishes.
+    for run in runs:
+        t0 = time.perf_counter()
+        finish(run)
+        loss_final = normalised_mse(run.variant, run.child, run.frozen_ffn, eval_batches)
+        params = sum(p.numel() for p in run.child.parameters())
+        record = {**_base_record(run.variant), "init": run.init, "trainer": run.trainer, "tokens": run.tokens, "steps": run.steps,
+                  "loss_init": run.loss_init, "loss_final": loss_final, "params": params, "flops": run.flops}
+        run.wall_s += time.perf_counter() - t0
+        record["wall_s"] = run.wall_s
+        record = store.write_variant(run_dir, record, run.child.state_dict())
+        log.write(event="variant_done", **{k: record[k] for k in ("layer", "kind", "variant", "init", "tokens", "loss_init", "loss_final", "wall_s")})
+        if progress:
+            progress(1)
+    summary.update(
+        trained=len(runs),
+        steps=steps if runs else 0,
+        tokens_per_variant=runs[0].tokens if runs else 0,
+        loop_s=loop_s,
+        loop_start=loop_start,  # wall clock, to line up groups that ran side by side
+        loop_end=loop_start + loop_s,
+        parent_forward_s=parent_s,
+        parent_forward_flops=parent_flops,
+        variant_flops=sum(r.flops for r in runs),
+        variant_s=sum(r.wall_s for r in runs),
+        wall_s=time.perf_counter() - t_start,
+    )
+    log.write(event="group_done", **summary)
+    return summary

@@ -1,0 +1,119 @@
+"""`puzzle build-library`: every child block of the search space, initialised from the parent and trained by BLD."""
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+from puzzle.errors import PuzzleError
+from puzzle.io import read_yaml
+from puzzle.library import store
+from puzzle.library.bld import BLDSettings, group_variants
+from puzzle.library.ray_jobs import GroupJob, run_build, split_layers
+from puzzle.run_dir import run_parent
+from puzzle.search_space import build_search_space, resolve_space_path
+
+
+def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, force: bool) -> None:
+    manifest = store.read_manifest(run_dir)
+    drop = []
+    if force:
+        drop = list(manifest["variants"])
+    elif manifest["variants"] and manifest.get("parent") not in (None, str(parent)):
+        raise PuzzleError(
+            f"the block library in {store.library_dir(run_dir)} was built from {manifest['parent']}, not {parent}; "
+            "use another --run-dir or pass --force to rebuild it"
+        )
+    header = {"parent": str(parent), "search_space": space_name, "settings": settings.to_dict()}
+    store.update_manifest(run_dir, header=header, drop=drop)
+
+
+def build_library(
+    run_dir: Path = Path("runs/default"),
+    parent: Path | None = None,
+    search_space: str | None = None,
+    tokens_per_block: int = 32768,
+    batch_size: int = 4,
+    seq_len: int | None = None,
+    lr: float = 3e-3,
+    weight_decay: float = 0.0,
+    calibration_tokens: int = 4096,
+    eval_tokens: int = 2048,
+    ffn_init: Literal["auto", "channel_contribution", "minitron"] = "auto",
+    layers: list[int] | None = None,
+    workers: int = 1,
+    threads: int = 1,
+    ray: bool = True,
+    address: str | None = None,
+    max_retries: int = 3,
+    seed: int = 0,
+    force: bool = False,
+) -> dict[str, Any]:
+    """block library: pruned initialisation + blockwise local distillation (BLD) of every variant, on Ray
+
+    Args:
+        run_dir: run directory; reads data/ (puzzle prepare-data), writes library/
+        parent: parent model (HF dir, .safetensors or .gguf); default: the one in RUN_DIR/parent.json
+        search_space: shipped space name or YAML path; default: RUN_DIR/parent.json's, else llama_default
+        tokens_per_block: training tokens each variant sees
+        batch_size: blocks per training step
+        seq_len: crop the prepared blocks to this many tokens (default: as prepared)
+        lr: AdamW peak learning rate (cosine decay with warm-up)
+        weight_decay: AdamW weight decay of the weight matrices
+        calibration_tokens: tokens for Channel Contribution and the linear FFN's least squares
+        eval_tokens: held-out tokens on which the loss at init and at the end is measured
+        ffn_init: neuron ranking for pruned FFNs; auto: Minitron importance when RUN_DIR/importance has it,
+            else Channel Contribution
+        layers: only these layers (default: all)
+        workers: layer groups, one Ray task each (0 or --no-ray: all in this process)
+        threads: CPU threads (and Ray CPUs) per worker
+        ray: run the groups as Ray tasks; --no-ray runs them one after another in this process
+        address: Ray cluster address; default: RAY_ADDRESS, else a local embedded Ray
+        max_retries: times Ray reruns a group whose worker died
+        seed: data order and held-out sample
+        force: retrain every variant even if the library already holds it
+    """
+    run_dir = Path(run_dir).resolve()
+    parent_path, space_name = run_parent(run_dir, parent, search_space)  # absolute: Ray workers may start elsewhere
+    settings = BLDSettings(
+        tokens_per_block=tokens_per_block, batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
+        calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, ffn_init=ffn_init, seed=seed,
+    )
+    if workers < 0 or threads < 0 or max_retries < 0:
+        raise PuzzleError("workers, threads and max-retries must not be negative")
+    from puzzle.data.blocks import load_meta
+    from puzzle.model.checkpoint import load_config
+
+    load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
+    space_path = resolve_space_path(space_name)
+    space_raw = read_yaml(space_path)
+    space = build_search_space(space_raw, load_config(parent_path), space_path.stem)
+    all_layers = list(range(space.num_layers))
+    chosen = sorted(set(layers)) if layers else all_layers
+    bad = [i for i in chosen if i not in all_layers]
+    if bad:
+        raise PuzzleError(f"layers {bad} are outside the parent's {space.num_layers} layers")
+    _check_manifest(run_dir, parent_path, space.name, settings, force)
+
+    jobs = [
+        GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
+        for group in split_layers(chosen, workers or 1)
+    ]
+    use_ray = ray and workers > 0
+    t0 = time.perf_counter()
+    results = run_build(jobs, space, run_dir, use_ray, address or os.environ.get("RAY_ADDRESS"), max_retries)
+    missing = store.missing_variants(run_dir, group_variants(space, chosen))
+    if missing:
+        names = ", ".join(store.key_of(v) for v in missing[:5])
+        raise PuzzleError(f"{len(missing)} variants are still missing ({names}, ...); rerun puzzle build-library")
+    n = len(group_variants(space, chosen))
+    summary = {
+        "variants": n,
+        "trained": sum(r.get("trained", 0) for r in results),
+        "skipped": sum(r.get("skipped", 0) for r in results),
+        "wall_s": time.perf_counter() - t0,
+        "groups": results,
+    }
+    print(f"block library: {n} variants in {store.library_dir(run_dir)} "
+          f"({summary['trained']} trained now, {summary['skipped']} already there)")
+    return summary

@@ -1,0 +1,156 @@
+"""Pruned initialisation of child sublayers from the parent's: pure functions on tensors.
+
+States are in the `sublayer_state` form (`input_layernorm.weight`, `self_attn.q_proj.weight`, ... for
+attention; `post_attention_layernorm.weight`, `mlp.gate_proj.weight`, ... for FFN). The child keeps the
+parent's pre-norm; only the module behind it changes.
+
+  attention, fewer KV heads  K and V projections mean-pooled over the parent heads of each new group
+  attention, linear          W_o @ W_v with each KV head copied to its query heads: the attention output
+                             when every token attends only to itself
+  FFN, fewer neurons         the neurons with the highest Channel Contribution (mean |X_i| * ||W_down[:, i]||
+                             on calibration data, Puzzle) or Minitron activation importance
+  FFN, linear                least squares from the normed FFN input to the FFN output on calibration data
+"""
+
+from dataclasses import dataclass
+
+import torch
+
+from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+
+ATT_NORM, FFN_NORM = "input_layernorm.weight", "post_attention_layernorm.weight"
+
+
+@dataclass
+class FFNCalibration:
+    """What one layer's parent FFN did on calibration tokens.
+
+    abs_activation_sum: (I,) sum over tokens of |silu(x W_gate^T) * (x W_up^T)|, the input of down_proj.
+    tokens: how many tokens that sum is over.
+    x: (N, D) normed FFN inputs, y: (N, D) FFN outputs, kept for the linear FFN's least squares.
+    """
+
+    abs_activation_sum: torch.Tensor
+    tokens: int
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+# ----- attention -------------------------------------------------------------------------------------
+
+
+def _kv_head_of_query(num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """(H,) the KV head each query head reads: query h uses KV head h // (H / K)."""
+    return torch.arange(num_heads) // (num_heads // num_kv_heads)
+
+
+def mean_pool_kv_heads(weight: torch.Tensor, num_heads: int, num_kv_heads: int, new_kv_heads: int) -> torch.Tensor:
+    """A K or V projection (K*d, D) pooled to `new_kv_heads` heads: (K'*d, D).
+
+    New KV head j serves query heads [j*H/K', (j+1)*H/K'); it becomes the mean of the parent KV heads those
+    query heads read, weighted by how many of them read each (a plain mean when K' divides K). RoPE acts on
+    each head linearly after the projection, so pooling the weights pools the rotated keys too.
+    """
+    if num_heads % new_kv_heads or num_heads % num_kv_heads:
+        raise ValueError(f"{new_kv_heads} and {num_kv_heads} KV heads must both divide {num_heads} query heads")
+    d = weight.shape[0] // num_kv_heads
+    per_query = weight.view(num_kv_heads, d, -1)[_kv_head_of_query(num_heads, num_kv_heads)]  # (H, d, D)
+    return per_query.view(new_kv_heads, num_heads // new_kv_heads, d, -1).mean(1).reshape(new_kv_heads * d, -1)
+
+
+def linear_attention_weight(v_weight: torch.Tensor, o_weight: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
+    """(D, D) map equal to attention in which each token attends only to itself: W_o @ expand(W_v).
+
+    With softmax weight 1 on itself, query head h outputs v of its KV head, so the output is
+    W_o [v_{kv(0)}; ...; v_{kv(H-1)}] = W_o E W_v, E copying each of the K heads to its H/K query heads.
+    """
+    d = v_weight.shape[0] // num_kv_heads
+    expanded = v_weight.view(num_kv_heads, d, -1)[_kv_head_of_query(num_heads, num_kv_heads)]  # (H, d, D)
+    return o_weight @ expanded.reshape(num_heads * d, -1)
+
+
+def init_attention(
+    parent: dict[str, torch.Tensor], variant: AttentionConfig, num_heads: int, num_kv_heads: int
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The child's attention state from the parent's, and the name of the method used."""
+    norm = {ATT_NORM: parent[ATT_NORM].clone()}
+    if variant.no_op:
+        return {}, "noop"
+    if variant.replace_with_linear:
+        w = linear_attention_weight(parent["self_attn.v_proj.weight"], parent["self_attn.o_proj.weight"], num_heads, num_kv_heads)
+        return {**norm, "self_attn.linear_attn.weight": w}, "wo_wv"
+    new_kv = variant.num_key_value_heads(num_heads)
+    state = {**norm}
+    for name in ("q_proj", "o_proj"):
+        state[f"self_attn.{name}.weight"] = parent[f"self_attn.{name}.weight"].clone()
+    for name in ("k_proj", "v_proj"):
+        state[f"self_attn.{name}.weight"] = mean_pool_kv_heads(parent[f"self_attn.{name}.weight"], num_heads, num_kv_heads, new_kv)
+    return state, "copy" if new_kv == num_kv_heads else "kv_mean_pool"
+
+
+# ----- FFN -------------------------------------------------------------------------------------------
+
+
+def channel_contribution(mean_abs_activation: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """(I,) Puzzle's Channel Contribution: mean |X_i| * ||W_down[:, i]||, X the down_proj input."""
+    return mean_abs_activation * down_weight.norm(dim=0)
+
+
+def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the `k` highest scores, in ascending order (the kept neurons keep their relative order)."""
+    if not 0 < k <= scores.numel():
+        raise ValueError(f"cannot keep {k} of {scores.numel()} neurons")
+    return torch.topk(scores.float(), k).indices.sort().values
+
+
+def prune_ffn(parent: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The SwiGLU state restricted to neurons `keep`: rows of gate/up, columns of down."""
+    return {
+        FFN_NORM: parent[FFN_NORM].clone(),
+        "mlp.gate_proj.weight": parent["mlp.gate_proj.weight"][keep].clone(),
+        "mlp.up_proj.weight": parent["mlp.up_proj.weight"][keep].clone(),
+        "mlp.down_proj.weight": parent["mlp.down_proj.weight"][:, keep].clone(),
+    }
+
+
+def linear_ffn_weight(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(D, D) weight W minimising ||x W^T - y||^2 over calibration tokens x, y: (N, D), in float64."""
+    if x.shape[0] < x.shape[1]:
+        raise ValueError(f"least squares needs at least {x.shape[1]} calibration tokens, got {x.shape[0]}")
+    solution = torch.linalg.lstsq(x.double(), y.double(), driver="gelsd").solution  # (D, D) = W^T
+    return solution.T.to(x.dtype).contiguous()
+
+
+def init_ffn(
+    parent: dict[str, torch.Tensor],
+    variant: FFNConfig,
+    calibration: FFNCalibration | None,
+    neuron_scores: torch.Tensor | None = None,
+) -> tuple[dict[str, torch.Tensor], str]:
+    """The child's FFN state from the parent's, and the method used.
+
+    Neurons are ranked by `neuron_scores` (Minitron importance) when given, else by Channel Contribution
+    on `calibration`. A linear FFN needs `calibration` for its least squares.
+    """
+    if variant.no_op:
+        return {}, "noop"
+    if variant.replace_with_linear:
+        if calibration is None:
+            raise ValueError("a linear FFN is initialised from calibration activations")
+        w = linear_ffn_weight(calibration.x, calibration.y)
+        return {FFN_NORM: parent[FFN_NORM].clone(), "mlp.linear_mlp.weight": w}, "lstsq"
+    parent_size = parent["mlp.gate_proj.weight"].shape[0]
+    if variant.intermediate_size > parent_size:
+        raise ValueError(f"an FFN of {variant.intermediate_size} neurons cannot be pruned from {parent_size}")
+    if variant.intermediate_size == parent_size:
+        return prune_ffn(parent, torch.arange(parent_size)), "copy"
+    if neuron_scores is not None:
+        scores, method = neuron_scores, "minitron"
+    elif calibration is not None:
+        mean_abs = calibration.abs_activation_sum / max(calibration.tokens, 1)
+        scores, method = channel_contribution(mean_abs, parent["mlp.down_proj.weight"]), "channel_contribution"
+    else:
+        raise ValueError("FFN pruning needs calibration activations or neuron scores")
+    if scores.shape != (parent_size,):
+        raise ValueError(f"neuron scores have shape {tuple(scores.shape)}, expected ({parent_size},)")
+    return prune_ffn(parent, top_channels(scores, variant.intermediate_size)), method

@@ -1,0 +1,186 @@
+"""The block library on disk: one safetensors file per trained variant, listed with its hash in a manifest.
+
+Layout under `runs/R/library/`:
+
+    manifest.json                          {"version", "parent", "search_space", "settings", "variants"}
+    L{layer:03d}/{kind}/{variant}.safetensors   the variant's sublayer state (`sublayer_state` form:
+                                           norm + module weights keyed as inside the decoder layer)
+    log.jsonl                              JSON lines: init, training losses, finished variants
+
+`manifest["variants"]` maps "L003/ffn/ffn_768" to a record: layer, kind, variant, source
+("trained" | "parent" | "noop"), init, tokens, steps, loss_init, loss_final, params, flops, wall_s, and for
+trained variants file, bytes and sha256. Parent-identical variants and no-ops have no file.
+
+A variant counts as done only when the manifest holds it and, for a trained one, its file exists with the
+recorded hash: the file is written first (temp + rename), the manifest after it, so neither a crash between
+the two nor a half-written or stray file is ever taken for a finished variant. Several Ray workers update
+the manifest; each read-modify-write holds an exclusive `flock` on `.manifest.lock` (the run directory must
+be on a filesystem every worker shares).
+"""
+
+import fcntl
+import hashlib
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from puzzle.search_space import Kind, Variant
+
+MANIFEST_VERSION = 1
+LIBRARY_DIRNAME = "library"
+MANIFEST_NAME = "manifest.json"
+
+
+def library_dir(run_dir: str | Path) -> Path:
+    return Path(run_dir) / LIBRARY_DIRNAME
+
+
+def manifest_path(run_dir: str | Path) -> Path:
+    return library_dir(run_dir) / MANIFEST_NAME
+
+
+def library_log(run_dir: str | Path) -> JsonlLog:
+    return JsonlLog(library_dir(run_dir) / "log.jsonl")
+
+
+def variant_key(layer: int, kind: Kind, name: str) -> str:
+    """The manifest key of a variant, also its file's path under library/ without the suffix."""
+    return f"L{layer:03d}/{kind}/{name}"
+
+
+def key_of(variant: Variant) -> str:
+    return variant_key(variant.layer, variant.kind, variant.name)
+
+
+def variant_path(run_dir: str | Path, layer: int, kind: Kind, name: str) -> Path:
+    return library_dir(run_dir) / f"{variant_key(layer, kind, name)}.safetensors"
+
+
+def empty_manifest() -> dict[str, Any]:
+    return {"version": MANIFEST_VERSION, "parent": None, "search_space": None, "settings": {}, "variants": {}}
+
+
+def read_manifest(run_dir: str | Path) -> dict[str, Any]:
+    """The library manifest, or an empty one when nothing was built yet."""
+    path = manifest_path(run_dir)
+    if not path.exists():
+        return empty_manifest()
+    manifest = read_json(path)
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("variants"), dict):
+        raise PuzzleError(f"{path}: not a block library manifest; move it away and rerun puzzle build-library")
+    return manifest
+
+
+@contextmanager
+def _locked(run_dir: str | Path) -> Iterator[None]:
+    lock = library_dir(run_dir) / ".manifest.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def update_manifest(
+    run_dir: str | Path,
+    records: Iterable[dict[str, Any]] = (),
+    header: dict[str, Any] | None = None,
+    drop: Iterable[str] = (),
+) -> dict[str, Any]:
+    """Atomically add `records` (keyed by layer/kind/variant), set `header` fields, remove `drop` keys."""
+    with _locked(run_dir):
+        manifest = read_manifest(run_dir)
+        manifest.update(header or {})
+        for key in drop:
+            manifest["variants"].pop(key, None)
+        for record in records:
+            manifest["variants"][variant_key(record["layer"], record["kind"], record["variant"])] = record
+        manifest["variants"] = dict(sorted(manifest["variants"].items()))
+        atomic_write_json(manifest_path(run_dir), manifest)
+        return manifest
+
+
+def write_variant(run_dir: str | Path, record: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Write a trained variant's weights (atomically), then its manifest record with the file's hash."""
+    from safetensors.torch import save
+
+    layer, kind, name = record["layer"], record["kind"], record["variant"]
+    path = variant_path(run_dir, layer, kind, name)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    data = save(tensors, metadata={"layer": str(layer), "kind": kind, "variant": name, "format": "pt"})
+    atomic_write_bytes(path, data)
+    record = {
+        **record,
+        "source": "trained",
+        "file": str(path.relative_to(library_dir(run_dir))),
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    update_manifest(run_dir, [record])
+    return record
+
+
+def record_untrained(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> None:
+    """Manifest records of variants with no file: the parent's own (`source` "parent") and no-ops ("noop")."""
+    records = list(records)
+    for r in records:
+        if r.get("source") not in ("parent", "noop"):
+            raise ValueError(f"untrained records need source 'parent' or 'noop', got {r.get('source')!r}")
+    update_manifest(run_dir, records)
+
+
+def is_done(run_dir: str | Path, manifest: dict[str, Any], layer: int, kind: Kind, name: str, check_hash: bool = True) -> bool:
+    """True when the manifest holds the variant and, for a trained one, its file is whole (hash matches)."""
+    record = manifest["variants"].get(variant_key(layer, kind, name))
+    if record is None:
+        return False
+    if record.get("source") in ("parent", "noop"):
+        return True
+    path = library_dir(run_dir) / record.get("file", "")
+    if not path.is_file() or path.stat().st_size != record.get("bytes"):
+        return False
+    return not check_hash or sha256_file(path) == record.get("sha256")
+
+
+def missing_variants(run_dir: str | Path, variants: Iterable[Variant], check_hash: bool = True) -> list[Variant]:
+    """The variants the library does not (completely) hold yet; empty when the library is complete."""
+    manifest = read_manifest(run_dir)
+    return [v for v in variants if not is_done(run_dir, manifest, v.layer, v.kind, v.name, check_hash)]
+
+
+def load_variant(run_dir: str | Path, layer: int, kind: Kind, name: str) -> dict[str, torch.Tensor]:
+    """A trained variant's stored state, checked against the manifest's hash."""
+    from safetensors.torch import load
+
+    record = read_manifest(run_dir)["variants"].get(variant_key(layer, kind, name))
+    if record is None or record.get("source") != "trained":
+        raise PuzzleError(
+            f"the block library in {run_dir} has no trained {kind} variant {name!r} for layer {layer}; "
+            "run puzzle build-library"
+        )
+    path = library_dir(run_dir) / record["file"]
+    if not path.is_file():
+        raise PuzzleError(f"{path} is missing; run puzzle build-library to rebuild it")
+    data = path.read_bytes()
+    if hashlib.sha256(data).hexdigest() != record["sha256"]:
+        raise PuzzleError(f"{path} does not match its manifest hash (incomplete or changed); run puzzle build-library")
+    return load(data)
+
+
+def variant_state(run_dir: str | Path, parent_model: Any, variant: Variant) -> dict[str, torch.Tensor]:
+    """The weights to pass to `replace_sublayer` for `variant`: the parent's own, {} for a no-op, or the stored file."""
+    from puzzle.model.surgery import sublayer_state
+
+    if variant.is_parent:
+        return sublayer_state(parent_model, variant.layer, variant.kind)
+    if variant.config.no_op:
+        return {}
+    return load_variant(run_dir, variant.layer, variant.kind, variant.name)

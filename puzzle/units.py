@@ -1,0 +1,18 @@
+"""Counts written the way people write them: 80M, 1.2B, 250k, 80e6."""
+
+import re
+
+from puzzle.errors import PuzzleError
+
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)\s*([kKmMbBgGtT]?)\s*$")
+_SUFFIX = {"": 1.0, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9, "t": 1e12}
+
+
+def parse_count(value: float | int | str | None) -> float | None:
+    """80e6, "80e6", "80M", "1.5B", "250k" -> a number; None stays None."""
+    if value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+        return value
+    m = _COUNT.match(str(value))
+    if not m:
+        raise PuzzleError(f"not a count: {value!r} (write e.g. 80M, 1.2B, 250k or 80000000)")
+    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]

@@ -1,0 +1,143 @@
+"""`puzzle build-library` without Ray: the run's parent is remembered, a rerun is a no-op, mistakes end in
+one line, and a build killed midway resumes without retraining what finished or accepting half a file."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from library_testing import save_parent, write_blocks
+
+from puzzle.cli import main
+from puzzle.library import store
+from puzzle.model.checkpoint import load_config
+from puzzle.search_space import load_search_space
+
+REPO = Path(__file__).resolve().parents[2]
+FAST = ["--search-space", "tiny", "--tokens-per-block", "512", "--batch-size", "4", "--calibration-tokens", "256",
+        "--eval-tokens", "128", "--threads", "1"]
+
+
+def manifest_records(run_dir: Path) -> dict:
+    return store.read_manifest(run_dir)["variants"]
+
+
+def test_cli_builds_a_complete_library_and_a_rerun_only_checks_it(tmp_path, capsys):
+    parent = save_parent(tmp_path / "parent", layers=2)
+    run = write_blocks(tmp_path / "run")
+    assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), *FAST, "--no-ray"]) == 0
+    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny"}
+    space = load_search_space("tiny", load_config(parent))
+    assert store.missing_variants(run, space.variants()) == []
+    manifest = store.read_manifest(run)
+    assert manifest["parent"] == str(parent.resolve()) and manifest["settings"]["tokens_per_block"] == 512
+    assert "10 variants" in capsys.readouterr().out
+
+    # no --parent, no --search-space: both come from run/parent.json; nothing is trained again
+    assert main(["build-library", "--run-dir", str(run), "--tokens-per-block", "512", "--no-ray"]) == 0
+    assert "0 trained now, 10 already there" in capsys.readouterr().out
+    assert manifest_records(run) == manifest["variants"]
+
+
+def test_user_mistakes_end_in_one_line(tmp_path, capsys):
+    parent = save_parent(tmp_path / "parent", layers=2)
+    run = tmp_path / "run"
+    assert main(["build-library", "--run-dir", str(run), "--no-ray"]) == 2
+    assert "pass --parent" in capsys.readouterr().err
+    assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), "--no-ray", *FAST]) == 2
+    assert "prepare-data" in capsys.readouterr().err
+    write_blocks(run)
+    assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), "--layers", "5", "--no-ray", *FAST]) == 2
+    assert "outside the parent's 2 layers" in capsys.readouterr().err
+    assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), "--tokens-per-block", "0", "--no-ray"]) == 2
+    assert "tokens-per-block must be at least 1" in capsys.readouterr().err
+
+    assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), "--layers", "1", "--no-ray", *FAST]) == 0
+    capsys.readouterr()
+    other = save_parent(tmp_path / "other", layers=2)
+    assert main(["build-library", "--run-dir", str(run), "--parent", str(other), "--layers", "1", "--no-ray", *FAST]) == 2
+    assert "use another --run-dir" in capsys.readouterr().err  # a library never mixes two parents
+    assert main(["build-library", "--run-dir", str(run), "--layers", "1", "--force", "--no-ray", *FAST]) == 0
+    assert "4 trained now, 0 already there" in capsys.readouterr().out  # --force retrains what was there
+
+
+def _done_layers(run: Path) -> dict[int, int]:
+    try:
+        records = json.loads((run / "library" / "manifest.json").read_text())["variants"]
+    except (OSError, ValueError):
+        return {}
+    counts: dict[int, int] = {}
+    for r in records.values():
+        if r["source"] == "trained":
+            counts[r["layer"]] = counts.get(r["layer"], 0) + 1
+    return counts
+
+
+def _events(run: Path, event: str) -> list[dict]:
+    return [r for r in store.library_log(run).read() if r.get("event") == event]
+
+
+def test_a_killed_build_resumes_without_retraining_or_accepting_half_files(tmp_path):
+    parent = save_parent(tmp_path / "parent", layers=4)
+    run = write_blocks(tmp_path / "run")
+    # one layer per group, run one after another: layer 1's group finishes well before layer 3's
+    cmd = [sys.executable, "-m", "puzzle.cli", "build-library", "--run-dir", str(run), "--parent", str(parent),
+           "--search-space", "tiny", "--tokens-per-block", "30000", "--batch-size", "4", "--calibration-tokens", "256",
+           "--eval-tokens", "128", "--threads", "1", "--workers", "4", "--no-ray"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while _done_layers(run).get(1, 0) < 4:
+            assert proc.poll() is None, "the build ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.kill()
+        proc.wait()
+    done = _done_layers(run)
+    assert done.get(1) == 4 and done.get(3, 0) < 4, done  # killed midway
+
+    finished = {k: r for k, r in manifest_records(run).items() if r["source"] == "trained"}
+    mtimes = {k: (run / "library" / r["file"]).stat().st_mtime_ns for k, r in finished.items()}
+    good = (run / "library" / finished["L001/ffn/ffn_64"]["file"]).read_bytes()
+    # what a crash could leave: half a file where an unfinished variant goes, and a temp file beside it
+    planted = store.variant_path(run, 3, "ffn", "ffn_64")
+    planted.parent.mkdir(parents=True, exist_ok=True)
+    planted.write_bytes(good[: len(good) // 2])
+    (planted.parent / ".ffn_64.safetensors.x1y2.tmp").write_bytes(good[:100])
+    n_done_events = len(_events(run, "variant_done"))
+
+    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True).returncode == 0
+    records = manifest_records(run)
+    space = load_search_space("tiny", load_config(parent))
+    assert store.missing_variants(run, space.variants()) == []
+    for key, r in finished.items():  # nothing that had finished was trained again
+        assert records[key] == r
+        assert (run / "library" / r["file"]).stat().st_mtime_ns == mtimes[key]
+    retrained = {(e["layer"], e["kind"], e["variant"]) for e in _events(run, "variant_done")[n_done_events:]}
+    assert retrained and not any(key == store.variant_key(*k) for k in retrained for key in finished)
+    assert (3, "ffn", "ffn_64") in retrained
+    assert planted.read_bytes() != good[: len(good) // 2]  # the half file was replaced by a trained one
+
+    # a finished file damaged afterwards is retrained, alone
+    damaged = run / "library" / finished["L001/ffn/ffn_64"]["file"]
+    damaged.write_bytes(good[:-10])
+    n_done_events = len(_events(run, "variant_done"))
+    assert subprocess.run(cmd, cwd=REPO, env=env, capture_output=True).returncode == 0
+    retrained = [(e["layer"], e["kind"], e["variant"]) for e in _events(run, "variant_done")[n_done_events:]]
+    assert retrained == [(1, "ffn", "ffn_64")]
+    assert store.missing_variants(run, space.variants()) == []
+
+
+def test_layers_split_into_contiguous_groups():
+    from puzzle.library.ray_jobs import split_layers
+
+    groups = split_layers(list(range(30)), 4)
+    assert [len(g) for g in groups] == [8, 8, 8, 6] and sum(groups, []) == list(range(30))
+    assert split_layers([3, 5], 8) == [[3], [5]]  # never more groups than layers
+    assert split_layers([0, 1, 2], 0) == [[0, 1, 2]]

@@ -1,0 +1,134 @@
+"""Pruned initialisation: each rule computes what it claims, checked against the real sublayer modules."""
+
+import pytest
+import torch
+from conftest import make_llama
+
+from puzzle.library.init import (
+    FFNCalibration,
+    channel_contribution,
+    init_attention,
+    init_ffn,
+    linear_attention_weight,
+    linear_ffn_weight,
+    mean_pool_kv_heads,
+    top_channels,
+)
+from puzzle.library.bld import Sublayer
+from puzzle.model.checkpoint import to_puzzle
+from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+from puzzle.model.surgery import sublayer_state
+
+
+@pytest.fixture
+def parent():
+    # 8 query heads, 4 KV heads, so pooling to 2 and 1 and copying to 8 are all possible
+    return to_puzzle(make_llama(num_hidden_layers=1, num_attention_heads=8, num_key_value_heads=4, hidden_size=64))
+
+
+def rope(parent, x):
+    B, T, _ = x.shape
+    return parent.model.rotary_emb(x, torch.arange(T)[None].expand(B, T))
+
+
+def test_kv_pooling_is_exact_when_the_pooled_heads_agree(parent):
+    """Pooling K/V over heads that are equal changes nothing; otherwise each new head is their mean."""
+    state = sublayer_state(parent, 0, "attention")
+    d = parent.config.head_dim
+    for name in ("self_attn.k_proj.weight", "self_attn.v_proj.weight"):
+        w = state[name].view(4, d, -1)
+        w[1], w[3] = w[0], w[2]  # heads {0,1} and {2,3} become pairs of equal heads
+    attn = AttentionConfig(n_heads_in_group=4)  # 2 KV heads
+    child_state, method = init_attention(state, attn, num_heads=8, num_kv_heads=4)
+    assert method == "kv_mean_pool"
+    x = torch.randn(2, 7, 64)
+    pe = rope(parent, x)
+    full = Sublayer(parent.config, "attention", AttentionConfig(n_heads_in_group=2), state)
+    pooled = Sublayer(parent.config, "attention", attn, child_state)
+    torch.testing.assert_close(pooled(x, pe), full(x, pe), rtol=1e-5, atol=1e-6)
+
+    k = state["self_attn.k_proj.weight"].view(4, d, -1)
+    one = mean_pool_kv_heads(state["self_attn.k_proj.weight"], 8, 4, 1)
+    torch.testing.assert_close(one, k.mean(0))
+    eight = mean_pool_kv_heads(state["self_attn.k_proj.weight"], 8, 4, 8).view(8, d, -1)
+    torch.testing.assert_close(eight, k.repeat_interleave(2, dim=0))  # more heads: copies, same function
+
+
+def test_linear_attention_is_attention_where_each_token_sees_only_itself(parent):
+    """With one token (so it attends only to itself) GQA equals the W_o W_v linear map."""
+    state = sublayer_state(parent, 0, "attention")
+    child_state, method = init_attention(state, AttentionConfig(replace_with_linear=True), 8, 4)
+    assert method == "wo_wv"
+    w = linear_attention_weight(state["self_attn.v_proj.weight"], state["self_attn.o_proj.weight"], 8, 4)
+    torch.testing.assert_close(child_state["self_attn.linear_attn.weight"], w)
+    x = torch.randn(5, 1, 64)  # 5 sequences of a single token
+    gqa = Sublayer(parent.config, "attention", AttentionConfig(n_heads_in_group=2), state)
+    linear = Sublayer(parent.config, "attention", AttentionConfig(replace_with_linear=True), child_state)
+    torch.testing.assert_close(linear(x, rope(parent, x)), gqa(x, rope(parent, x)), rtol=1e-5, atol=1e-6)
+
+
+def calibrate(state, x):
+    gate, up = state["mlp.gate_proj.weight"], state["mlp.up_proj.weight"]
+    inner = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    return FFNCalibration(inner.abs().sum(0), x.shape[0], x, inner @ state["mlp.down_proj.weight"].T)
+
+
+def test_channel_contribution_keeps_the_neurons_that_matter(parent):
+    state = sublayer_state(parent, 0, "ffn")
+    state["mlp.down_proj.weight"][:, :100] *= 1e-3  # neurons 0..99 barely reach the output
+    x = torch.randn(256, 64)
+    calib = calibrate(state, x)
+    scores = channel_contribution(calib.abs_activation_sum / calib.tokens, state["mlp.down_proj.weight"])
+    assert scores[:100].max() < scores[100:].min()
+    child, method = init_ffn(state, FFNConfig(intermediate_size=28), calib)
+    assert method == "channel_contribution"
+    keep = top_channels(scores, 28)
+    assert keep.tolist() == list(range(100, 128))
+    torch.testing.assert_close(child["mlp.down_proj.weight"], state["mlp.down_proj.weight"][:, 100:])
+    torch.testing.assert_close(child["mlp.gate_proj.weight"], state["mlp.gate_proj.weight"][100:])
+    # the pruned FFN (minus 100 near-silent neurons) computes almost what the parent does
+    full = Sublayer(parent.config, "ffn", FFNConfig(intermediate_size=128), state)
+    pruned = Sublayer(parent.config, "ffn", FFNConfig(intermediate_size=28), child)
+    y, y_pruned = full(x[None], None), pruned(x[None], None)
+    assert (y - y_pruned).pow(2).mean() < 1e-3 * y.pow(2).mean()
+
+
+def test_minitron_scores_choose_the_neurons_when_given(parent):
+    state = sublayer_state(parent, 0, "ffn")
+    scores = torch.zeros(128)
+    scores[[5, 60, 7, 99]] = torch.tensor([4.0, 3.0, 2.0, 1.0])
+    child, method = init_ffn(state, FFNConfig(intermediate_size=3), None, neuron_scores=scores)
+    assert method == "minitron"
+    torch.testing.assert_close(child["mlp.up_proj.weight"], state["mlp.up_proj.weight"][[5, 7, 60]])
+    with pytest.raises(ValueError, match="shape"):
+        init_ffn(state, FFNConfig(intermediate_size=3), None, neuron_scores=torch.ones(5))
+
+
+def test_linear_ffn_is_the_least_squares_fit(parent):
+    state = sublayer_state(parent, 0, "ffn")
+    torch.manual_seed(1)
+    x = torch.randn(512, 64)
+    w_true = torch.randn(64, 64)
+    torch.testing.assert_close(linear_ffn_weight(x, x @ w_true.T), w_true, rtol=1e-4, atol=1e-4)
+    calib = calibrate(state, x)
+    child, method = init_ffn(state, FFNConfig(replace_with_linear=True), calib)
+    assert method == "lstsq"
+    w = child["mlp.linear_mlp.weight"]
+    residual = x @ w.T - calib.y
+    # optimality: the residual is orthogonal to every input direction (normal equations)
+    assert (x.T @ residual).abs().max() < 1e-3 * (x.T @ calib.y).abs().max()
+    with pytest.raises(ValueError, match="at least 64"):
+        linear_ffn_weight(x[:10], calib.y[:10])
+
+
+def test_parent_sized_variants_are_copies_and_noops_are_empty(parent):
+    att = sublayer_state(parent, 0, "attention")
+    ffn = sublayer_state(parent, 0, "ffn")
+    same, method = init_attention(att, AttentionConfig(n_heads_in_group=2), 8, 4)
+    assert method == "copy" and all(torch.equal(same[k], att[k]) for k in att)
+    same, method = init_ffn(ffn, FFNConfig(intermediate_size=128), None)
+    assert method == "copy" and all(torch.equal(same[k], ffn[k]) for k in ffn)
+    assert init_attention(att, AttentionConfig(no_op=True), 8, 4) == ({}, "noop")
+    assert init_ffn(ffn, FFNConfig(no_op=True), None) == ({}, "noop")
+    with pytest.raises(ValueError, match="cannot be pruned"):
+        init_ffn(ffn, FFNConfig(intermediate_size=256), None)

@@ -1,0 +1,134 @@
+"""The library build on Ray: layer groups as tasks, a worker killed mid-task is retried without redoing the
+other group's work, and `ray job submit -- puzzle build-library` works against a real local head."""
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from library_testing import save_parent, write_blocks
+
+from puzzle.library import store
+from puzzle.library.commands import build_library
+from puzzle.model.checkpoint import load_config
+from puzzle.search_space import load_search_space
+
+pytestmark = pytest.mark.ray
+
+RAY_BIN = Path(sys.executable).parent / "ray"
+SMALL = dict(search_space="tiny", batch_size=4, calibration_tokens=256, eval_tokens=128, threads=1)
+
+
+def _events(run: Path, event: str) -> list[dict]:
+    return [r for r in store.library_log(run).read() if r.get("event") == event]
+
+
+@pytest.fixture
+def local_ray():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, object_store_memory=100 * 2**20,
+             log_to_driver=False, configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_layer_groups_run_as_ray_tasks_and_a_killed_worker_is_retried(tmp_path, local_ray):
+    parent = save_parent(tmp_path / "parent", layers=4)
+    run = write_blocks(tmp_path / "run")
+    killed: list[int] = []
+
+    def kill_second_group_once() -> None:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not killed:
+            for e in _events(run, "group_start"):
+                if e["layers"] == [2, 3]:
+                    os.kill(e["pid"], signal.SIGKILL)  # the Ray worker process running that task
+                    killed.append(e["pid"])
+                    return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_second_group_once)
+    killer.start()
+    summary = build_library(run, parent, tokens_per_block=20000, workers=2, max_retries=2, **SMALL)
+    killer.join()
+
+    assert killed, "the second group's worker was never seen"
+    starts = [e for e in _events(run, "group_start") if e["layers"] == [2, 3]]
+    assert len(starts) == 2 and starts[0]["pid"] == killed[0] != starts[1]["pid"]  # retried in a new worker
+    space = load_search_space("tiny", load_config(parent))
+    assert store.missing_variants(run, space.variants()) == []
+    done = [(e["layer"], e["kind"], e["variant"]) for e in _events(run, "variant_done")]
+    assert len(done) == len(set(done)) == 12  # nothing trained twice: the first group was not redone
+    assert summary["trained"] == 12
+
+
+def _free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def test_ray_job_submit_builds_the_library_on_a_local_head(tmp_path):
+    parent = save_parent(tmp_path / "parent", layers=2)
+    run = write_blocks(tmp_path / "run")
+    job_dir = tmp_path / "job"  # the uploaded working dir: the package itself is installed in the venv
+    job_dir.mkdir()
+    gcs, dashboard, client, agent = _free_ports(4)
+    address = f"http://127.0.0.1:{dashboard}"
+    # Ray keeps unix sockets under its temp dir, whose path must stay short; its own token keeps it private.
+    ray_tmp = tempfile.mkdtemp(prefix="pzr", dir="/tmp")
+    env = {**os.environ, "PATH": f"{RAY_BIN.parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(RAY_BIN), "start", "--head", "--block", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--ray-client-server-port", str(client),
+         "--dashboard-agent-listen-port", str(agent), "--num-cpus", "1", "--object-store-memory", str(100 * 2**20),
+         "--temp-dir", ray_tmp, "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True).returncode:
+            assert head.poll() is None, "ray start --head exited"
+            assert time.monotonic() < deadline, "the Ray head did not come up"
+            time.sleep(1)
+        submit = subprocess.run(
+            [str(RAY_BIN), "job", "submit", "--address", address, "--working-dir", str(job_dir), "--",
+             "puzzle", "build-library", "--run-dir", str(run), "--parent", str(parent), "--search-space", "tiny",
+             "--tokens-per-block", "256", "--batch-size", "4", "--calibration-tokens", "256", "--eval-tokens", "128",
+             "--workers", "2", "--threads", "1"],
+            env=env, capture_output=True, text=True, timeout=240,
+        )
+        assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+        assert "succeeded" in submit.stdout + submit.stderr
+    finally:
+        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
+        try:
+            head.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(head.pid, signal.SIGKILL)
+            head.wait()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    space = load_search_space("tiny", load_config(parent))
+    assert store.missing_variants(run, space.variants()) == []
+    records = store.read_manifest(run)["variants"]
+    trained = [r for r in records.values() if r["source"] == "trained"]
+    assert len(trained) == 4 and all(r["tokens"] >= 256 and r["steps"] == 2 for r in trained)
+    hosts = {e["pid"] for e in _events(run, "group_start")}
+    assert os.getpid() not in hosts  # trained in Ray workers, not here
