@@ -1,0 +1,160 @@
+"""`puzzle run CONFIG.yaml`: every stage in order, each skipped when its inputs and settings are unchanged.
+
+A config names the parent, the corpus and the run directory, then one section per stage whose keys are
+that stage's own arguments (the same as its CLI flags, with underscores):
+
+    run_dir: runs/smollm2_quick
+    parent: assets/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+    corpus: assets/corpus/python-docs
+    search_space: smollm2_quick
+    prepare_data: {seq_len: 256, max_tokens: 400000}
+    importance: {n_samples: 64}                      # omit a section to skip an optional stage
+    build_library: {tokens_per_block: 8192}
+    score: {blocks: 8}
+    profile: [{budget: h100_80gb}, {budget: cpu_local}]
+    solve: [{budget: h100_80gb, speedup: 1.5, name: speedup_1.5}, {budget: h100_80gb, sweep: "1.2:3.0:0.2"}]
+    realize: [{solution: speedup_1.5}]
+    gkd: {steps: 30, hidden_loss: cosine}            # global KD of every realised child
+    evaluate: {val_blocks: 16, mc_items: 100}
+    baselines: [{name: minitron_width, target_params: 80M, target_mode: width}]   # optional
+
+The ledger `run_dir/pipeline.json` records each finished stage with a hash of its settings chained to
+the hashes of the stages before it, so a rerun does no work, and changing one stage's settings reruns it
+and everything after it. Each stage is itself resumable, so a crash mid-stage loses little.
+"""
+
+import hashlib
+import inspect
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json, read_json, read_yaml
+
+STAGES = ("prepare_data", "importance", "build_library", "score", "profile", "solve", "realize", "gkd",
+          "baselines", "evaluate", "report")
+REQUIRED = ("parent", "corpus")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    run_dir: Path
+    parent: Path
+    corpus: Path
+    search_space: str
+    sections: dict[str, list[dict[str, Any]]]  # stage -> one or more argument dicts
+
+    @classmethod
+    def load(cls, path: Path, run_dir: Path | None = None) -> "RunConfig":
+        raw = read_yaml(path)
+        if not isinstance(raw, dict):
+            raise PuzzleError(f"{path}: a pipeline config is a mapping of settings")
+        missing = [k for k in REQUIRED if k not in raw]
+        if missing:
+            raise PuzzleError(f"{path}: missing {', '.join(missing)}")
+        known = set(STAGES) | set(REQUIRED) | {"run_dir", "search_space", "name", "description"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PuzzleError(f"{path}: unknown keys {unknown}; stages are {', '.join(STAGES)}")
+        sections: dict[str, list[dict[str, Any]]] = {}
+        for stage in STAGES:
+            value = raw.get(stage)
+            if value is None:
+                continue
+            items = value if isinstance(value, list) else [value]
+            if not all(isinstance(v, dict) for v in items):
+                raise PuzzleError(f"{path}: '{stage}' must be a mapping of arguments or a list of them")
+            sections[stage] = items
+        base = path.parent.parent if path.parent.name == "configs" else path.parent
+        def resolve(p: str) -> Path:  # relative paths are relative to the project holding configs/
+            q = Path(p)
+            return q if q.is_absolute() or q.exists() else base / q
+        return cls(
+            run_dir=Path(run_dir) if run_dir else resolve(raw.get("run_dir", f"runs/{path.stem}")),
+            parent=resolve(raw["parent"]),
+            corpus=resolve(raw["corpus"]),
+            search_space=str(raw.get("search_space", "llama_default")),
+            sections=sections,
+        )
+
+
+def _call(fn: Callable, common: dict[str, Any], args: dict[str, Any], stage: str) -> Any:
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise PuzzleError(f"config section '{stage}': unknown arguments {unknown}; allowed: {sorted(params)}")
+    kwargs = {k: v for k, v in common.items() if k in params}
+    kwargs.update(args)
+    for name, value in list(kwargs.items()):
+        if params[name].annotation in (Path, Path | None) and isinstance(value, str):
+            kwargs[name] = Path(value)
+    return fn(**kwargs)
+
+
+class Ledger:
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / "pipeline.json"
+        self.entries: dict[str, Any] = read_json(self.path) if self.path.exists() else {}
+        self.chain = ""
+
+    def key(self, stage: str, settings: Any) -> str:
+        self.chain = hashlib.sha256((self.chain + json.dumps(settings, sort_keys=True, default=str)).encode()).hexdigest()
+        return self.chain
+
+    def done(self, name: str, digest: str) -> bool:
+        return self.entries.get(name, {}).get("sha256") == digest
+
+    def record(self, name: str, digest: str, wall_s: float) -> None:
+        self.entries[name] = {"sha256": digest, "wall_s": round(wall_s, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        atomic_write_json(self.path, self.entries)
+
+
+def _stage_functions() -> dict[str, Callable]:
+    from puzzle.data.prepare import prepare_data
+    from puzzle.distill.commands import distill
+    from puzzle.evaluate.commands import evaluate
+    from puzzle.library.commands import build_library
+    from puzzle.profiling.commands import profile
+    from puzzle.evaluate.mc import build_mc
+    from puzzle.pruning.commands import importance, prune
+    from puzzle.realize.commands import realize
+    from puzzle.report.commands import report
+    from puzzle.scoring.commands import score
+    from puzzle.solver.commands import solve
+
+    return {"prepare_data": prepare_data, "importance": importance, "build_library": build_library, "score": score,
+            "profile": profile, "solve": solve, "realize": realize, "distill": distill, "evaluate": evaluate,
+            "report": report, "prune": prune, "build_mc": build_mc}
+
+
+def run(config: Path, run_dir: Path | None = None, force: bool = False) -> Path:
+    """Run every stage of a pipeline config in order, skipping stages already complete.
+
+    Args:
+        config: the pipeline YAML (see configs/smollm2_quick.yaml)
+        run_dir: override the config's run directory
+        force: rerun every stage (each stage still reuses its own complete outputs)
+    """
+    from puzzle.pipeline_stages import plan
+
+    cfg = RunConfig.load(Path(config), run_dir)
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(cfg.run_dir)
+    fns = _stage_functions()
+    steps = plan(cfg)
+    started = time.perf_counter()
+    for i, step in enumerate(steps, 1):
+        digest = ledger.key(step.name, {"fn": step.fn, "args": step.args, "common": step.common})
+        if not force and ledger.done(step.name, digest):
+            print(f"[{i}/{len(steps)}] {step.name}: complete, skipped")
+            continue
+        print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
+        t0 = time.perf_counter()
+        _call(fns[step.fn], step.common, step.args, step.name)
+        ledger.record(step.name, digest, time.perf_counter() - t0)
+        print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
+    print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {cfg.run_dir / 'report.md'}")
+    return cfg.run_dir
