@@ -124,12 +124,19 @@ def main() -> None:
     gkd = dict(steps=args.gkd_steps, batch_size=args.gkd_batch, lr=1e-4, warmup_steps=4, val_every=args.gkd_steps,
                val_blocks=8, checkpoint_every=args.gkd_steps)
     from puzzle.distill.commands import distill
-    from puzzle.pruning.commands import prune
+    from puzzle.pruning.commands import importance, prune
     from puzzle.realize.commands import realize
     from puzzle.solver.commands import solve
 
     mc = timed(walls, "build cloze task", build_mc, run_dir, items=args.mc_items, seed=1)
     bench = run_dir / "bench_quality"
+    widths = {s: timed(walls, f"search width shape {s:g}x", width_shape, parent_cfg, parent_tp, s, profile)
+              for s in args.speedups}
+    drops = {s: depth_layers(parent_cfg, parent_tp, s, profile) for s in args.speedups}
+    # Minitron importance: forward passes on calibration blocks; the contiguous-block drop losses are
+    # scored for exactly the block lengths the depth students remove.
+    timed(walls, "importance (Minitron)", importance, parent, run_dir=run_dir, n_samples=64, batch_size=8,
+          block_sizes=sorted(set(drops.values())), drop_samples=8)
     students: list[dict] = []
     for s in args.speedups:
         tag = f"{s:g}x"
@@ -141,14 +148,14 @@ def main() -> None:
         except PuzzleError as err:
             print(f"puzzle at {tag}: {err}")
             students.append({"budget": s, "method": "puzzle", "error": str(err)})
-        shape = width_shape(parent_cfg, parent_tp, s, profile)
+        shape = widths[s]
         out = timed(walls, f"prune width {tag}", prune, parent, bench / f"width_{tag}", run_dir=run_dir,
                     hidden_size=shape.hidden_size, ffn_size=shape.intermediate_size,
                     kv_groups=shape.num_kv_heads, heads_per_group=shape.num_heads // shape.num_kv_heads)
         students.append({"budget": s, "method": "minitron width", "path": out, "hidden_loss": "none",
                          "shape": f"hidden {shape.hidden_size}, FFN {shape.intermediate_size}, "
                                   f"{shape.num_heads} heads / {shape.num_kv_heads} KV"})
-        drop = depth_layers(parent_cfg, parent_tp, s, profile)
+        drop = drops[s]
         out = timed(walls, f"prune depth {tag}", prune, parent, bench / f"depth_{tag}", run_dir=run_dir,
                     drop_layers=drop, depth_method="block")
         students.append({"budget": s, "method": "minitron depth", "path": out, "hidden_loss": "none",
