@@ -95,11 +95,11 @@ def depth_layers(parent_cfg, parent_tp: float, target: float, profile) -> int:
     raise PuzzleError(f"no depth-pruned shape reaches {target}x")
 
 
-def timed(log: dict, name: str, fn, *args, **kwargs):
+def timed(log: dict, label: str, fn, /, *args, **kwargs):
     t0 = time.perf_counter()
     out = fn(*args, **kwargs)
-    log[name] = round(time.perf_counter() - t0, 1)
-    print(f"== {name}: {log[name]} s", flush=True)
+    log[label] = round(time.perf_counter() - t0, 1)
+    print(f"== {label}: {log[label]} s", flush=True)
     return out
 
 
