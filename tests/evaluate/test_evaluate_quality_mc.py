@@ -74,3 +74,15 @@ def test_evaluate_command_writes_json(tiny_parent_dir, tiny_tokenizer, tmp_path,
     assert out["validation"]["kl"] == pytest.approx(0.0, abs=1e-6)
     assert out["multiple_choice"]["t"]["items"] == 1
     assert out["measured"]["decode_tokens_per_s"] > 0 and np.isfinite(out["validation"]["perplexity"])
+
+
+def test_lm_eval_adapter_says_when_lm_eval_is_missing(tiny_parent, tiny_tokenizer):
+    try:
+        import lm_eval  # noqa: F401
+    except ImportError:
+        from puzzle.evaluate.lm_eval_adapter import run_lm_eval
+
+        with pytest.raises(PuzzleError, match="lm-evaluation-harness is not installed"):
+            run_lm_eval(tiny_parent, tiny_tokenizer, ["tasks/cloze.yaml"])
+    else:
+        pytest.skip("lm_eval is installed; the adapter runs for real")
