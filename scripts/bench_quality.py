@@ -108,8 +108,8 @@ def main() -> None:
     ap.add_argument("--speedups", type=float, nargs="+", default=[1.5, 2.0])
     ap.add_argument("--gkd-steps", type=int, default=24)
     ap.add_argument("--gkd-batch", type=int, default=4)
-    ap.add_argument("--eval-blocks", type=int, default=24)
-    ap.add_argument("--mc-items", type=int, default=150)
+    ap.add_argument("--eval-blocks", type=int, default=16)
+    ap.add_argument("--mc-items", type=int, default=60)
     args = ap.parse_args()
     torch.manual_seed(0)
     walls: dict[str, float] = {}
@@ -169,7 +169,9 @@ def main() -> None:
             rows.append({**st})
             continue
         name = f"{st['method'].split()[-1]}_{st['budget']:g}x"
-        before = timed(walls, f"evaluate {name} before GKD", evaluate, st["path"], name=f"q_{name}_pruned", **ev)
+        # before GKD: quality only (same architecture, so speed and predictions equal the after-GKD ones)
+        before = timed(walls, f"evaluate {name} before GKD", evaluate, st["path"], name=f"q_{name}_pruned",
+                       **{**ev, "mc_tasks": None, "measure": False})
         trained = timed(walls, f"GKD {name}", distill, teacher=parent, student=st["path"], run_dir=run_dir,
                         out=bench / f"{name}_gkd", hidden_loss=st["hidden_loss"], **gkd)
         after = timed(walls, f"evaluate {name} after GKD", evaluate, trained / "model", name=f"q_{name}_gkd", **ev)
