@@ -174,7 +174,7 @@ def main() -> None:
                        **{**ev, "mc_tasks": None, "measure": False})
         trained = timed(walls, f"GKD {name}", distill, teacher=parent, student=st["path"], run_dir=run_dir,
                         out=bench / f"{name}_gkd", hidden_loss=st["hidden_loss"], **gkd)
-        after = timed(walls, f"evaluate {name} after GKD", evaluate, trained / "model", name=f"q_{name}_gkd", **ev)
+        after = timed(walls, f"evaluate {name} after GKD", evaluate, trained, name=f"q_{name}_gkd", **ev)
         rows.append({**{k: v for k, v in st.items() if k != "path"}, "path": str(st["path"]),
                      "before": before, "after": after})
     payload = {"budget_profile": BUDGET, "gkd_tokens": gkd_tokens, "gkd": gkd, "parent": results["parent"],
