@@ -83,15 +83,66 @@ class RunConfig:
 
 def _call(fn: Callable, common: dict[str, Any], args: dict[str, Any], stage: str) -> Any:
     params = inspect.signature(fn).parameters
-    unknown = sorted(set(args) - set(params))
-    if unknown:
-        raise PuzzleError(f"config section '{stage}': unknown arguments {unknown}; allowed: {sorted(params)}")
+    _check_arguments(fn, args, stage)
     kwargs = {k: v for k, v in common.items() if k in params}
     kwargs.update(args)
     for name, value in list(kwargs.items()):
         if params[name].annotation in (Path, Path | None) and isinstance(value, str):
             kwargs[name] = Path(value)
     return fn(**kwargs)
+
+
+def _check_arguments(fn: Callable, args: dict[str, Any], stage: str) -> None:
+    params = inspect.signature(fn).parameters
+    unknown = sorted(set(args) - set(params))
+    if unknown:
+        raise PuzzleError(f"config section '{stage}': unknown arguments {unknown}; allowed: {sorted(params)}")
+
+
+def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], inputs: bool = True) -> None:
+    """Everything a config can get wrong that needs no computation, found before the first stage runs
+    (a typo in the last section must not cost an hour of library building): argument names against each
+    stage's signature, the search space and hardware profiles it names, realize entries naming a solve
+    entry, and (with `inputs`) that the parent and corpus exist."""
+    from puzzle.profiling.hardware import load_profile
+    from puzzle.search_space import resolve_space_path
+
+    if inputs:
+        for what, path in (("parent", cfg.parent), ("corpus", cfg.corpus)):
+            if not path.exists():
+                raise PuzzleError(f"{what} not found: {path}")
+    read_yaml(resolve_space_path(cfg.search_space))
+    for step in steps:
+        _check_arguments(fns[step.fn], step.args, step.name)
+        if isinstance(step.args.get("budget"), str):
+            load_profile(step.args["budget"])  # parses and validates the profile, not just its name
+    # solve names its outputs `name` (default: the budget), then name-2, name-3 ... for --num-solutions
+    solved = {p.stem for p in (cfg.run_dir / "solutions").glob("*.json")}
+    for args in cfg.sections.get("solve", []):
+        if "sweep" not in args:
+            base = args.get("name") or args.get("budget")
+            solved |= {base} | {f"{base}-{k}" for k in range(2, int(args.get("num_solutions", 1)) + 1)}
+    for args in cfg.sections.get("realize", []):
+        if args["solution"] not in solved:
+            raise PuzzleError(f"realize: no solve entry names its solution {args['solution']!r} "
+                              f"(solutions: {', '.join(sorted(map(str, solved))) or 'none'})")
+
+
+def _settings(step: Any, fns: dict[str, Callable]) -> dict[str, Any]:
+    """What a step's result depends on, for the ledger: its function, its arguments, and the contents of
+    the search space and hardware profile it reads (editing `search_spaces/x.yaml` reruns the library and
+    all after it; the ledger hashes this)."""
+    from puzzle.profiling.hardware import resolve_profile_path
+    from puzzle.search_space import resolve_space_path
+
+    settings: dict[str, Any] = {"fn": step.fn, "args": step.args, "common": step.common}
+    params = inspect.signature(fns[step.fn]).parameters
+    # the parsed YAML, so an edited comment reruns nothing
+    if "search_space" in params and step.common.get("search_space"):
+        settings["search_space_content"] = read_yaml(resolve_space_path(step.common["search_space"]))
+    if isinstance(step.args.get("budget"), str) and step.args["budget"].lower() != "none":
+        settings["budget_content"] = read_yaml(resolve_profile_path(step.args["budget"]))
+    return settings
 
 
 class Ledger:
@@ -130,24 +181,36 @@ def _stage_functions() -> dict[str, Callable]:
             "report": report, "prune": prune, "build_mc": build_mc}
 
 
-def run(config: Path, run_dir: Path | None = None, force: bool = False) -> Path:
+def run(config: Path, run_dir: Path | None = None, force: bool = False, check: bool = False) -> Path:
     """Run every stage of a pipeline config in order, skipping stages already complete.
 
     Args:
         config: the pipeline YAML (see configs/smollm2_quick.yaml)
         run_dir: override the config's run directory
         force: rerun every stage (each stage still reuses its own complete outputs)
+        check: validate the config and print the plan (which stages would run, which are complete); run nothing
     """
     from puzzle.pipeline_stages import plan
 
     cfg = RunConfig.load(Path(config), run_dir)
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(cfg.run_dir)
     fns = _stage_functions()
     steps = plan(cfg)
+    check_plan(cfg, steps, fns)
+    if check:
+        ledger = Ledger(cfg.run_dir) if cfg.run_dir.is_dir() else None
+        for i, step in enumerate(steps, 1):
+            state = "would run"
+            if ledger is not None and not force:
+                digest = ledger.key(step.name, _settings(step, fns))
+                state = "complete" if ledger.done(step.name, digest) else "would run"
+            print(f"[{i}/{len(steps)}] {step.name}: {state}")
+        print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
+        return cfg.run_dir
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    ledger = Ledger(cfg.run_dir)
     started = time.perf_counter()
     for i, step in enumerate(steps, 1):
-        digest = ledger.key(step.name, {"fn": step.fn, "args": step.args, "common": step.common})
+        digest = ledger.key(step.name, _settings(step, fns))
         if not force and ledger.done(step.name, digest):
             print(f"[{i}/{len(steps)}] {step.name}: complete, skipped")
             continue

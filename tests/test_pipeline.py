@@ -1,13 +1,18 @@
 """`puzzle run` end to end on a tiny parent and corpus, twice: the second run does no work."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from puzzle.cli import main
-from puzzle.pipeline import RunConfig
+from puzzle.errors import PuzzleError
+from puzzle.pipeline import RunConfig, _stage_functions, check_plan
 from puzzle.pipeline_stages import plan
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
 
 from conftest import SAMPLE_TEXT
 
@@ -61,6 +66,62 @@ def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsy
     assert out.count("complete, skipped") == n_steps
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
 
+    # --check reads the same ledger: nothing left to run; a changed GKD setting reruns GKD and what follows
+    assert main(["run", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert out.count(": complete") == n_steps and "would run" not in out
+    changed = yaml.safe_load(config.read_text())
+    changed["gkd"]["lr"] = 3e-4
+    config.write_text(yaml.safe_dump(changed))
+    assert main(["run", str(config), "--check"]) == 0
+    states = dict(line.split("] ", 1)[1].split(": ") for line in capsys.readouterr().out.splitlines() if line.startswith("["))
+    first_gkd = list(states).index("gkd[fast]")
+    assert all(v == "complete" for v in list(states.values())[:first_gkd])
+    assert all(v == "would run" for v in list(states.values())[first_gkd:])
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+
+
+def check_states(config, capsys) -> dict[str, str]:
+    assert main(["run", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    return dict(line.split("] ", 1)[1].rsplit(": ", 1) for line in out.splitlines() if line.startswith("["))
+
+
+def test_ledger_follows_the_search_space_and_profile_contents(tiny_parent_dir, tmp_path, capsys):
+    """Editing a search space or hardware profile file (not renaming it) makes the stages that read it,
+    and all after them, due again; an edited comment does not."""
+    space = tmp_path / "space.yaml"
+    space.write_text((REPO / "search_spaces" / "tiny.yaml").read_text())
+    profile = tmp_path / "gpu.yaml"
+    profile.write_text((REPO / "hardware_profiles" / "h100_80gb.yaml").read_text())
+    raw = tiny_config(tmp_path, tiny_parent_dir)
+    raw.update(search_space=str(space), importance=None, gkd=None, baselines=None, evaluate=None,
+               profile=[{"budget": str(profile)}], solve=[{"budget": str(profile), "speedup": 1.2, "name": "fast"}])
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({k: v for k, v in raw.items() if v is not None}))
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert set(check_states(config, capsys).values()) == {"complete"}
+
+    space.write_text("# a comment\n" + space.read_text())
+    assert set(check_states(config, capsys).values()) == {"complete"}
+    space.write_text(space.read_text().replace("no_op: true", "no_op: false", 1))
+    states = check_states(config, capsys)
+    assert states["prepare_data"] == "complete"
+    assert all(v == "would run" for k, v in states.items() if k != "prepare_data")
+
+    space.write_text((REPO / "search_spaces" / "tiny.yaml").read_text())
+    assert set(check_states(config, capsys).values()) == {"complete"}
+    profile.write_text(profile.read_text() + "\n# edited\n")
+    assert set(check_states(config, capsys).values()) == {"complete"}
+    data = yaml.safe_load(profile.read_text())
+    data["workload"]["batch_size"] = 2 * data["workload"]["batch_size"]
+    profile.write_text(yaml.safe_dump(data))
+    states = check_states(config, capsys)
+    first = list(states).index(f"profile[{profile}]")
+    assert all(v == "complete" for v in list(states.values())[:first])
+    assert all(v == "would run" for v in list(states.values())[first:])
+
 
 def test_bad_config_is_one_line(tmp_path, capsys):
     config = tmp_path / "bad.yaml"
@@ -68,3 +129,37 @@ def test_bad_config_is_one_line(tmp_path, capsys):
     assert main(["run", str(config)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "unknown keys ['solver']" in err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_shipped_configs_pass_the_check(config):
+    """Every stage argument, search space, hardware profile and solution name in configs/*.yaml is valid,
+    so a multi-hour config cannot fail on a typo after hours of work (the parent and corpus are assets
+    fetched by scripts/, not checked here)."""
+    cfg = RunConfig.load(config)
+    steps = plan(cfg)
+    check_plan(cfg, steps, _stage_functions(), inputs=False)
+    assert any(s.fn == "evaluate" for s in steps) and steps[-1].name == "report"
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ({"evaluate": {"val_blockz": 2}}, "config section 'evaluate[parent]': unknown arguments ['val_blockz']"),
+    ({"realize": [{"solution": "fastest"}]}, "realize: no solve entry names its solution 'fastest'"),
+    ({"profile": [{"budget": "h900"}]}, "unknown hardware profile 'h900'"),
+    ({"search_space": "nope"}, "search space"),
+])
+def test_config_mistakes_fail_before_any_stage_runs(tiny_parent_dir, tmp_path, capsys, mistake, message):
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml.safe_dump({**tiny_config(tmp_path, tiny_parent_dir), **mistake}))
+    assert main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "run").exists()  # not even prepare_data ran
+
+
+def test_check_names_a_missing_parent(tiny_parent_dir, tmp_path):
+    raw = {**tiny_config(tmp_path, tiny_parent_dir), "parent": str(tmp_path / "missing")}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
+    cfg = RunConfig.load(tmp_path / "c.yaml")
+    with pytest.raises(PuzzleError, match="parent not found"):
+        check_plan(cfg, plan(cfg), _stage_functions())

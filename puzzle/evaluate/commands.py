@@ -38,7 +38,8 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         budget: hardware profile for the predicted throughput (none to skip)
         measure: measure prefill and decode tokens/s on this machine
         name: result name (default: the model directory's name)
-        lm_eval_tasks: lm-evaluation-harness task names or local task YAMLs (needs lm_eval installed)
+        lm_eval_tasks: lm-evaluation-harness task names, local task YAMLs, or MC JSONL files (scored by
+            lm-eval's own code); needs lm_eval installed (pip install 'puzzle[lm-eval]'); hub access stays off
     """
     from puzzle.data.blocks import iterate_batches, load_blocks
 

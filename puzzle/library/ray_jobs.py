@@ -153,7 +153,11 @@ def run_on_ray(
             raise PuzzleError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from None
     try:
         task = ray.remote(run_group)
-        refs = [task.options(num_cpus=max(job.threads, 1), max_retries=max_retries, retry_exceptions=False).remote(job) for job in jobs]
+        # Workers report progress through the manifest the driver polls; their own bars (transformers' GGUF
+        # conversion, once per worker) would only interleave in the driver's log. env_vars merge with the job's.
+        quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
+        refs = [task.options(num_cpus=max(job.threads, 1), max_retries=max_retries, retry_exceptions=False,
+                             runtime_env=quiet).remote(job) for job in jobs]
         results, pending = [], list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)

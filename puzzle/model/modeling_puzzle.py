@@ -18,6 +18,9 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 from .configuration_puzzle import AttentionConfig, FFNConfig, PuzzleConfig
 
 
+# The output field holding the KV cache: `cache` from transformers 5.2x on, `past_key_values` before.
+_CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
+
 class GQAttention(nn.Module):
     """Grouped-query attention with `num_kv_heads` KV heads (divides the query heads)."""
 
@@ -196,6 +199,8 @@ class PuzzleModel(PuzzlePreTrainedModel):
     ) -> BaseModelOutputWithPast:
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if past_key_values is None:  # transformers >= 5.2x names the cache `cache` (generate passes that)
+            past_key_values = kwargs.get("cache")
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
@@ -220,7 +225,7 @@ class PuzzleModel(PuzzlePreTrainedModel):
         h = self.norm(h)
         return BaseModelOutputWithPast(
             last_hidden_state=h,
-            past_key_values=past_key_values if use_cache else None,
+            **{_CACHE_FIELD: past_key_values if use_cache else None},
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
         )
 
@@ -264,7 +269,7 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            past_key_values=past_key_values if past_key_values is not None else kwargs.get("cache"),
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -277,5 +282,5 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         return CausalLMOutputWithPast(
-            loss=loss, logits=logits, past_key_values=out.past_key_values, hidden_states=out.hidden_states
+            loss=loss, logits=logits, hidden_states=out.hidden_states, **{_CACHE_FIELD: getattr(out, _CACHE_FIELD)}
         )

@@ -1,17 +1,3 @@
-"""Hardware profiles, the roofline cost model, measured latency and `puzzle profile`."""
-
-from .hardware import Device, HardwareProfile, Workload, load_profile, shipped_profiles
-from .roofline import ModelShape, combine_costs, parent_blocks, predict_model_costs, sublayer_costs
-
-__all__ = [
-    "Device",
-    "HardwareProfile",
-    "ModelShape",
-    "Workload",
-    "combine_costs",
-    "load_profile",
-    "parent_blocks",
-    "predict_model_costs",
-    "shipped_profiles",
-    "sublayer_costs",
-]
+"""Hardware profiles (`hardware`), the roofline cost model (`roofline`), measured latency (`measure`),
+the costs files (`costs`) and `puzzle profile` (`commands`). Import the module you need: the package
+itself imports nothing, so torch-free users (`puzzle solve`) stay torch-free."""

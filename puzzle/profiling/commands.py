@@ -36,6 +36,7 @@ from puzzle.run_dir import run_parent
 from puzzle.io import atomic_write_json, read_json, read_table, write_table
 from puzzle.model.configuration_puzzle import BlockConfig
 
+from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
 from .hardware import HardwareProfile, Workload, load_profile
 from .roofline import FIXED_PARTS, ModelShape, combine_costs, fixed_costs, sublayer_costs
 
@@ -51,19 +52,6 @@ TIME_MODEL = (
     "whole model = fixed parts + sum of sublayer rows; generation_s = prefill_s + output_len * decode_s; "
     "throughput_tokens_s = batch_size * output_len / generation_s; memory_bytes = param_bytes + kv_cache_bytes"
 )
-
-
-def costs_path(run_dir: Path, profile_name: str) -> Path:
-    """R/costs/<profile> without suffix (.parquet, .csv and .json sit beside each other)."""
-    return Path(run_dir) / "costs" / profile_name
-
-
-def load_costs(run_dir: Path, profile_name: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    """The costs table and its JSON for a profile; a clear error when `puzzle profile` has not run."""
-    base = costs_path(run_dir, profile_name)
-    if not base.with_suffix(".json").exists() or not base.with_suffix(".parquet").exists():
-        raise PuzzleError(f"no costs for {profile_name} in {run_dir}; run `puzzle profile --budget {profile_name}`")
-    return read_table(base.with_suffix(".parquet")), read_json(base.with_suffix(".json"))
 
 
 def table_model_costs(table: pd.DataFrame, meta: dict[str, Any], blocks: list[BlockConfig]) -> dict[str, Any]:

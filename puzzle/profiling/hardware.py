@@ -121,6 +121,15 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     return candidate
 
 
+def profile_name(name_or_path: str | Path) -> str:
+    """The name a profile's costs are filed under (costs/NAME.*): a shipped profile's name as given, a YAML
+    file's own `name`, so `--budget my/gpu.yaml` finds what `puzzle profile --budget my/gpu.yaml` wrote."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        return load_profile(path).name
+    return str(name_or_path)
+
+
 def load_profile(name_or_path: str | Path) -> HardwareProfile:
     """A shipped profile by name (`h100_80gb`, `cpu_local`, ...) or a YAML path, validated."""
     path = resolve_profile_path(name_or_path)

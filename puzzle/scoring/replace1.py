@@ -204,8 +204,13 @@ def score_batch(
     embedded = model.model.embed_tokens(ref.input_ids)
     h = embedded  # (B, T, D): the parent's hidden state entering layer `layer`
     last = max(groups)
+    # the prefix only needs to reach the last layer with a variant that is not the parent's own
+    last_run = max((l for l, vs in groups.items() if not all(v.is_parent for v in vs)), default=-1)
     for layer in range(last + 1):
         for variant in groups.get(layer, ()):
+            if variant.is_parent:  # the parent's own sublayer in its own place is the parent: no forward needed
+                yield variant, ref.sums
+                continue
             state = state_fn(variant)
             with swapped(model, variant, state):
                 if reuse_prefix:
@@ -213,7 +218,7 @@ def score_batch(
                 else:
                     final = run_layers(model, embedded, range(N), pos)
             yield variant, compare(model, final, ref)
-        if reuse_prefix and layer < last:
+        if reuse_prefix and layer < last_run:
             h = model.model.layers[layer](h, pos)
 
 

@@ -10,6 +10,7 @@ import pandas as pd
 from puzzle.errors import PuzzleError
 from puzzle.units import parse_count
 from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
+from puzzle.profiling.costs import load_costs
 from puzzle.solver.mip import Solution
 from puzzle.solver.problem import FixedCosts, Constraints, SolverProblem, Workload, problem_from_tables
 
@@ -39,19 +40,6 @@ def _fixed_costs(meta: dict[str, Any], where: str) -> FixedCosts:
     total = {k: sum(part.get(k, 0) or 0 for part in parts) for k in FixedCosts.__dataclass_fields__}
     integral = ("params", "param_bytes", "kv_cache_bytes")
     return FixedCosts(**{k: int(v) if k in integral else float(v) for k, v in total.items()})
-
-
-def load_costs(run_dir: Path, budget: str) -> tuple[pd.DataFrame, dict[str, Any]]:
-    costs_dir = Path(run_dir) / "costs"
-    table = costs_dir / f"{budget}.parquet"
-    if not table.exists():
-        have = sorted(p.stem for p in costs_dir.glob("*.parquet")) if costs_dir.is_dir() else []
-        hint = f" (profiled: {', '.join(have)})" if have else ""
-        raise PuzzleError(f"no costs for profile {budget!r} in {costs_dir}{hint}; run `puzzle profile --budget {budget}` first")
-    meta = read_json(costs_dir / f"{budget}.json")
-    if not isinstance(meta, dict) or "workload" not in meta:
-        raise PuzzleError(f"{costs_dir / f'{budget}.json'}: expected a mapping with 'workload' and 'fixed'")
-    return read_table(table), meta
 
 
 def load_problem(run_dir: Path, budget: str, metric: str = "kl", batch_size: int | None = None) -> SolverProblem:

@@ -1,5 +1,6 @@
 import copy
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -76,13 +77,38 @@ def test_evaluate_command_writes_json(tiny_parent_dir, tiny_tokenizer, tmp_path,
     assert out["measured"]["decode_tokens_per_s"] > 0 and np.isfinite(out["validation"]["perplexity"])
 
 
-def test_lm_eval_adapter_says_when_lm_eval_is_missing(tiny_parent, tiny_tokenizer):
-    try:
-        import lm_eval  # noqa: F401
-    except ImportError:
-        from puzzle.evaluate.lm_eval_adapter import run_lm_eval
+def test_lm_eval_adapter_says_when_lm_eval_is_missing(tiny_parent, tiny_tokenizer, monkeypatch):
+    from puzzle.evaluate.lm_eval_adapter import run_lm_eval
 
-        with pytest.raises(PuzzleError, match="lm-evaluation-harness is not installed"):
-            run_lm_eval(tiny_parent, tiny_tokenizer, ["tasks/cloze.yaml"])
-    else:
-        pytest.skip("lm_eval is installed; the adapter runs for real")
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # import lm_eval now raises ImportError
+    with pytest.raises(PuzzleError, match="lm-evaluation-harness is not installed"):
+        run_lm_eval(tiny_parent, tiny_tokenizer, ["tasks/cloze.yaml"])
+
+
+def test_yaml_task_name_is_read_from_the_file(tmp_path):
+    from puzzle.evaluate.lm_eval_adapter import yaml_task_name
+
+    task = tmp_path / "whatever.yaml"
+    task.write_text("# a local task\ntask: 'my_cloze'\ndoc_to_text: !function utils.doc_to_text\n")
+    assert yaml_task_name(task) == "my_cloze"
+    (tmp_path / "nameless.yaml").write_text("dataset_path: json\n")
+    with pytest.raises(PuzzleError, match="no 'task:' name"):
+        yaml_task_name(tmp_path / "nameless.yaml")
+
+
+def test_lm_eval_scores_our_cloze_items_as_we_do(tiny_parent, tiny_tokenizer, tmp_path):
+    """lm-evaluation-harness's own loglikelihood code, on the same JSONL items (turned into a task YAML by the
+    adapter), picks the same choices as puzzle.evaluate.mc: identical acc and acc_norm."""
+    pytest.importorskip("lm_eval")
+    from puzzle.evaluate.lm_eval_adapter import run_lm_eval
+
+    docs = [" ".join(SAMPLE_TEXT[i:] + SAMPLE_TEXT[:i]) * 3 for i in range(5)]
+    items = build_cloze_tasks(docs, n_items=12, context_words=10, answer_words=3)
+    path = tmp_path / "cloze.jsonl"
+    path.write_text("".join(json.dumps(i) + "\n" for i in items))
+    ours = evaluate_mc(tiny_parent, tiny_tokenizer, items)
+    theirs = run_lm_eval(tiny_parent, tiny_tokenizer, [str(path)])["puzzle_cloze"]
+    assert 0 < ours["acc"] < 1  # a random model: a mix of right and wrong answers, so the match means something
+    assert theirs["acc"] == pytest.approx(ours["acc"]) and theirs["acc_norm"] == pytest.approx(ours["acc_norm"])
+    with pytest.raises(PuzzleError, match="unknown lm-eval task"):
+        run_lm_eval(tiny_parent, tiny_tokenizer, ["no_such_task_anywhere"])

@@ -41,6 +41,26 @@ def test_parent_variant_scores_kl_zero_and_the_parents_loss(tiny_parent, space, 
         assert row["tokens"] == ids.numel()
 
 
+def test_parent_variants_need_no_forward(tiny_parent, space, ids):
+    """The parent's own sublayer in its place is the parent: its row is the reference's, with no weights
+    loaded and no layers run (independently checked against a full forward in the cached-vs-naive test)."""
+    parents = [v for v in space.variants() if v.is_parent]
+
+    def refuse(variant):
+        raise AssertionError(f"weights requested for the parent variant {variant}")
+
+    ref = parent_reference(tiny_parent, ids)
+    calls = []
+    hooks = [layer.register_forward_hook(lambda *a: calls.append(1)) for layer in tiny_parent.model.layers]
+    try:
+        rows = dict(score_batch(tiny_parent, ref, parents, refuse))
+    finally:
+        for h in hooks:
+            h.remove()
+    assert list(rows) == parents and not calls
+    assert all(sums == ref.sums for sums in rows.values())
+
+
 def test_noop_variants_move_the_distribution(tiny_parent, space, ids):
     noops = [v for v in space.variants() if v.config.no_op]
     rows, parent = score_variants(tiny_parent, [ids], noops, make_state_fn(tiny_parent), progress=False)
