@@ -17,6 +17,7 @@ that stage's own arguments (the same as its CLI flags, with underscores):
     gkd: {steps: 30, hidden_loss: cosine}            # global KD of every realised child
     evaluate: {val_blocks: 16, mc_items: 100}
     baselines: [{name: minitron_width, target_params: 80M, target_mode: width}]   # optional
+    convert_parent: auto   # a GGUF parent is written once as safetensors into run_dir/parent (true / false)
 
 The ledger `run_dir/pipeline.json` records each finished stage with a hash of its settings chained to
 the hashes of the stages before it, so a rerun does no work, and changing one stage's settings reruns it
@@ -46,6 +47,7 @@ class RunConfig:
     corpus: Path
     search_space: str
     sections: dict[str, list[dict[str, Any]]]  # stage -> one or more argument dicts
+    convert_parent: bool | str = "auto"  # write the parent once as safetensors in the run (auto: GGUF only)
 
     @classmethod
     def load(cls, path: Path, run_dir: Path | None = None) -> "RunConfig":
@@ -55,7 +57,7 @@ class RunConfig:
         missing = [k for k in REQUIRED if k not in raw]
         if missing:
             raise PuzzleError(f"{path}: missing {', '.join(missing)}")
-        known = set(STAGES) | set(REQUIRED) | {"run_dir", "search_space", "name", "description"}
+        known = set(STAGES) | set(REQUIRED) | {"run_dir", "search_space", "name", "description", "convert_parent"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PuzzleError(f"{path}: unknown keys {unknown}; stages are {', '.join(STAGES)}")
@@ -78,7 +80,14 @@ class RunConfig:
             corpus=resolve(raw["corpus"]),
             search_space=str(raw.get("search_space", "llama_default")),
             sections=sections,
+            convert_parent=_convert_flag(raw.get("convert_parent", "auto"), path),
         )
+
+
+def _convert_flag(value: Any, path: Path) -> bool | str:
+    if value in (True, False, "auto"):
+        return value
+    raise PuzzleError(f"{path}: convert_parent is true, false or auto, got {value!r}")
 
 
 def _call(fn: Callable, common: dict[str, Any], args: dict[str, Any], stage: str) -> Any:
@@ -165,6 +174,7 @@ class Ledger:
 
 def _stage_functions() -> dict[str, Callable]:
     from puzzle.data.prepare import prepare_data
+    from puzzle.model.convert import convert
     from puzzle.distill.commands import distill
     from puzzle.evaluate.commands import evaluate
     from puzzle.library.commands import build_library
@@ -178,7 +188,7 @@ def _stage_functions() -> dict[str, Callable]:
 
     return {"prepare_data": prepare_data, "importance": importance, "build_library": build_library, "score": score,
             "profile": profile, "solve": solve, "realize": realize, "distill": distill, "evaluate": evaluate,
-            "report": report, "prune": prune, "build_mc": build_mc}
+            "report": report, "prune": prune, "build_mc": build_mc, "convert": convert}
 
 
 def run(config: Path, run_dir: Path | None = None, force: bool = False, check: bool = False) -> Path:

@@ -24,10 +24,22 @@ def _one(cfg: Any, stage: str) -> dict[str, Any] | None:
     return dict(items[0])
 
 
+def converts_parent(cfg: Any) -> bool:
+    """`convert_parent: auto` converts GGUF parents only: dequantising a GGUF takes tens of seconds on a CPU
+    and nearly every stage loads the parent, while safetensors load in a moment."""
+    return cfg.convert_parent is True or (cfg.convert_parent == "auto" and cfg.parent.suffix == ".gguf")
+
+
 def plan(cfg: Any) -> list[Step]:
     run = cfg.run_dir
-    common = {"run_dir": run, "parent": cfg.parent, "search_space": cfg.search_space}
     steps: list[Step] = []
+    parent = cfg.parent
+    if converts_parent(cfg):
+        # once, into the run: an all-parent child in safetensors, the parent's exact logits (a test holds
+        # that), which every later stage loads instead of the original file
+        parent = run / "parent"
+        steps.append(Step("convert_parent", "convert", {}, {"parent": cfg.parent, "out": parent}))
+    common = {"run_dir": run, "parent": parent, "search_space": cfg.search_space}
     prep = _one(cfg, "prepare_data") or {}
     steps.append(Step("prepare_data", "prepare_data", prep, {**common, "corpus": cfg.corpus}))
     if (args := _one(cfg, "importance")) is not None:
@@ -45,16 +57,16 @@ def plan(cfg: Any) -> list[Step]:
         if "solution" not in args:
             raise PuzzleError("each 'realize' entry needs a 'solution' (a solve entry's name)")
         children.append(args["solution"])
-        steps.append(Step(f"realize[{args['solution']}]", "realize", args, {"run_dir": run, "parent": cfg.parent}))
+        steps.append(Step(f"realize[{args['solution']}]", "realize", args, {"run_dir": run, "parent": parent}))
     gkd = _one(cfg, "gkd")
-    evaluated: list[tuple[str, Path]] = [("parent", cfg.parent)]
+    evaluated: list[tuple[str, Path]] = [("parent", parent)]
     for name in children:
         child = run / "children" / name
         evaluated.append((name, child))
         if gkd is not None:
             out = child / "gkd"
             args = {"hidden_loss": "cosine", **gkd, "out": str(out)}
-            steps.append(Step(f"gkd[{name}]", "distill", args, {"run_dir": run, "teacher": cfg.parent, "student": child}))
+            steps.append(Step(f"gkd[{name}]", "distill", args, {"run_dir": run, "teacher": parent, "student": child}))
             evaluated.append((f"{name}+gkd", out / "model"))
     for args in cfg.sections.get("baselines", []):
         args = dict(args)
@@ -62,11 +74,11 @@ def plan(cfg: Any) -> list[Step]:
         if not name:
             raise PuzzleError("each 'baselines' entry needs a 'name'")
         out = run / "baselines" / name
-        steps.append(Step(f"prune[{name}]", "prune", {**args, "out": str(out)}, {"run_dir": run, "parent": cfg.parent}))
+        steps.append(Step(f"prune[{name}]", "prune", {**args, "out": str(out)}, {"run_dir": run, "parent": parent}))
         evaluated.append((name, out))
         if gkd is not None:
             dist = {"hidden_loss": "none", **{k: v for k, v in gkd.items() if k != "hidden_loss"}, "out": str(out / "gkd")}
-            steps.append(Step(f"gkd[{name}]", "distill", dist, {"run_dir": run, "teacher": cfg.parent, "student": out}))
+            steps.append(Step(f"gkd[{name}]", "distill", dist, {"run_dir": run, "teacher": parent, "student": out}))
             evaluated.append((f"{name}+gkd", out / "gkd" / "model"))
     ev = _one(cfg, "evaluate")
     if ev is not None:
@@ -76,6 +88,6 @@ def plan(cfg: Any) -> list[Step]:
             ev.setdefault("mc_tasks", [str(run / "eval" / "cloze.jsonl")])
         for name, path in evaluated:
             steps.append(Step(f"evaluate[{name}]", "evaluate", {**ev, "name": name},
-                              {"run_dir": run, "model": path, "parent": cfg.parent}))
+                              {"run_dir": run, "model": path, "parent": parent}))
     steps.append(Step("report", "report", _one(cfg, "report") or {}, {"run_dir": run}))
     return steps

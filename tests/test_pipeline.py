@@ -48,9 +48,12 @@ def tiny_config(tmp_path, parent_dir):
 
 def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_config(tmp_path, tiny_parent_dir)))
+    # convert_parent (automatic for GGUF parents) writes the parent into the run once; every stage loads that
+    config.write_text(yaml.safe_dump({**tiny_config(tmp_path, tiny_parent_dir), "convert_parent": True}))
     assert main(["run", str(config)]) == 0, capsys.readouterr().err
     run = tmp_path / "run"
+    assert json.loads((run / "parent.json").read_text())["parent"] == str(run / "parent")
+    assert json.loads((run / "eval" / "parent.json").read_text())["validation"]["kl"] == 0.0
     report = (run / "report.md").read_text()
     assert "fast" in report and "Evaluation against the parent" in report and (run / "pareto.png").exists()
     evaluated = {p.stem for p in (run / "eval").glob("*.json")}
