@@ -239,10 +239,11 @@ def render(p: dict) -> str:
     lines += ["", "Lowest KL after GKD at each budget (the goal: Puzzle):", ""]
     lines += [f"- {b:g}x: **{m}** (KL {kl:.3f})" for b, (kl, m) in sorted(best.items())]
     if q := p.get("quick_config"):
-        lines += ["", "## The quick config end to end (`puzzle run configs/smollm2_quick.yaml`)", "",
+        lines += ["", "## The quick pipeline run this benchmark built on (`puzzle run configs/smollm2_quick.yaml`)", "",
                   f"Every stage's wall time from the run's ledger (`runs/smollm2_quick/pipeline.json`; stages "
                   f"finished {q['first_finished_at']} .. {q['last_finished_at']}): **{q['total_s']:.0f} s "
-                  f"({q['total_s'] / 60:.1f} min)** in all.", "", "| stage | s |", "|---|---|"]
+                  f"({q['total_s'] / 60:.1f} min)** in all. `scripts/bench_pipeline.py` (benchmarks/pipeline.md) "
+                  "times the quick config on its own, from a fresh run directory.", "", "| stage | s |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in q["stages"].items()]
     lines += ["", "## Wall time of every stage of this benchmark (s)", "", "| stage | s |", "|---|---|"]
     # a resumable stage that took under half a second found its complete output from an earlier invocation
