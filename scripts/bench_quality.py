@@ -236,6 +236,11 @@ def render(p: dict) -> str:
         kl = a["validation"]["kl"]
         if r["budget"] not in best or kl < best[r["budget"]][0]:
             best[r["budget"]] = (kl, r["method"])
+    lines += ["", "Minitron width is the least-pruned uniform shape whose predicted speedup lies in [S, 1.1 S], the window "
+              "widened (1.25, 1.5, 2 x S) only when no shape lands in it; Minitron depth drops the fewest layers that "
+              "reach S. The parent is KV-cache bound on the profile's workload, so the speedup of uniform shapes moves in "
+              "coarse steps with the KV-head count: a shape with fewer KV heads can overshoot the window (see the predicted "
+              "speedup column), and a student inside it must cut query heads and FFN instead.", ""]
     lines += ["", "Lowest KL after GKD at each budget (the goal: Puzzle):", ""]
     lines += [f"- {b:g}x: **{m}** (KL {kl:.3f})" for b, (kl, m) in sorted(best.items())]
     if q := p.get("quick_config"):
