@@ -90,9 +90,8 @@ def _convert_flag(value: Any, path: Path) -> bool | str:
     raise PuzzleError(f"{path}: convert_parent is true, false or auto, got {value!r}")
 
 
-def _call(fn: Callable, common: dict[str, Any], args: dict[str, Any], stage: str) -> Any:
-    params = inspect.signature(fn).parameters
-    _check_arguments(fn, args, stage)
+def _call(fn: Callable, common: dict[str, Any], args: dict[str, Any]) -> Any:
+    params = inspect.signature(fn).parameters  # argument names were checked by check_plan before any stage ran
     kwargs = {k: v for k, v in common.items() if k in params}
     kwargs.update(args)
     for name, value in list(kwargs.items()):
@@ -206,28 +205,26 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
     fns = _stage_functions()
     steps = plan(cfg)
     check_plan(cfg, steps, fns)
-    if check:
-        ledger = Ledger(cfg.run_dir) if cfg.run_dir.is_dir() else None
-        for i, step in enumerate(steps, 1):
-            state = "would run"
-            if ledger is not None and not force:
-                digest = ledger.key(step.name, _settings(step, fns))
-                state = "complete" if ledger.done(step.name, digest) else "would run"
-            print(f"[{i}/{len(steps)}] {step.name}: {state}")
-        print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
-        return cfg.run_dir
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    ledger = Ledger(cfg.run_dir)
+    ledger = Ledger(cfg.run_dir)  # an absent run directory reads as an empty ledger
+    if not check:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     for i, step in enumerate(steps, 1):
         digest = ledger.key(step.name, _settings(step, fns))
-        if not force and ledger.done(step.name, digest):
+        done = not force and ledger.done(step.name, digest)
+        if check:
+            print(f"[{i}/{len(steps)}] {step.name}: {'complete' if done else 'would run'}")
+            continue
+        if done:
             print(f"[{i}/{len(steps)}] {step.name}: complete, skipped")
             continue
         print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
         t0 = time.perf_counter()
-        _call(fns[step.fn], step.common, step.args, step.name)
+        _call(fns[step.fn], step.common, step.args)
         ledger.record(step.name, digest, time.perf_counter() - t0)
         print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
-    print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {cfg.run_dir / 'report.md'}")
+    if check:
+        print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
+    else:
+        print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {cfg.run_dir / 'report.md'}")
     return cfg.run_dir
