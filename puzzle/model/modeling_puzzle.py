@@ -154,8 +154,13 @@ def build_attention_mask(
 ) -> torch.Tensor | None:
     """Bool mask (B, 1, T, past+T), or None where plain causal attention (or none at all) is exact.
 
-    `attention_mask` is the usual 2D (B, past+T) padding mask (1 = real token).
+    `attention_mask` is the usual 2D (B, past+T) padding mask (1 = real token), or a ready 4D bool mask
+    (B, 1, T, past+T), True = may attend, used as it is (as transformers does with custom 4D masks).
     """
+    if attention_mask is not None and attention_mask.dim() == 4:
+        if attention_mask.dtype != torch.bool:
+            raise ValueError("a 4D attention mask must be bool (True = may attend)")
+        return attention_mask
     padded = attention_mask is not None and not bool(attention_mask.all())
     if not padded and (past == 0 or T == 1):
         return None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from puzzle.cli import main
 from puzzle.data.prepare import prepare_blocks
-from puzzle.evaluate.mc import build_cloze_tasks, choice_logprobs, evaluate_mc, load_mc_tasks
+from puzzle.evaluate.mc import build_cloze_tasks, choice_logprobs, choice_scores, evaluate_mc, load_mc_tasks
 from puzzle.evaluate.quality import quality_metrics
 from puzzle.errors import PuzzleError
 
@@ -32,16 +32,43 @@ def test_parent_against_itself_has_zero_kl_and_full_agreement(tiny_parent):
     assert same["lm_loss"] == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)
 
 
-def test_choice_logprobs_match_one_sequence_at_a_time(tiny_parent, tiny_tokenizer):
+def _one_at_a_time(model, ctx: list[int], choice: list[int]) -> float:
+    ids = ctx + choice
+    with torch.no_grad():
+        logp = F.log_softmax(model(torch.tensor([ids])).logits[0], -1)
+    return sum(logp[p - 1, ids[p]].item() for p in range(len(ctx), len(ids)))
+
+
+@pytest.mark.parametrize("kind", ["puzzle", "llama"])
+def test_choice_logprobs_match_one_sequence_at_a_time(kind, tiny_parent, tiny_llama, tiny_tokenizer):
+    """Packing the choices after one context (4D mask, restarted positions) gives each choice's own log p."""
+    model = tiny_parent if kind == "puzzle" else tiny_llama
     context, choices = "A list is a", [" mutable sequence", " dog", " tuple that lets you work"]
-    batched = choice_logprobs(tiny_parent, tiny_tokenizer, context, choices)
+    batched = choice_logprobs(model, tiny_tokenizer, context, choices)
     ctx = tiny_tokenizer(context, add_special_tokens=False)["input_ids"]
     for choice, got in zip(choices, batched):
-        ids = ctx + tiny_tokenizer(choice, add_special_tokens=False)["input_ids"]
-        with torch.no_grad():
-            logp = F.log_softmax(tiny_parent(torch.tensor([ids])).logits[0], -1)
-        want = sum(logp[p - 1, ids[p]].item() for p in range(len(ctx), len(ids)))
+        want = _one_at_a_time(model, ctx, tiny_tokenizer(choice, add_special_tokens=False)["input_ids"])
         assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["puzzle", "llama"])
+def test_choice_scores_batch_items_of_different_lengths(kind, tiny_parent, tiny_llama):
+    model = tiny_parent if kind == "puzzle" else tiny_llama
+    g = torch.Generator().manual_seed(0)
+    rand = lambda n: torch.randint(3, 320, (n,), generator=g).tolist()  # noqa: E731
+    items = [(rand(n_ctx), [rand(m) for m in lens]) for n_ctx, lens in [(3, [1, 4]), (12, [2, 2, 7]), (1, [5, 1]), (7, [3])]]
+    # a small batch_tokens splits the items over several right-padded batches
+    got = choice_scores(model, items, batch_tokens=40)
+    for (ctx, choices), scores in zip(items, got):
+        assert scores == pytest.approx([_one_at_a_time(model, ctx, c) for c in choices], abs=1e-4)
+
+
+def test_empty_context_is_scored_after_the_bos_token(tiny_parent, tiny_tokenizer):
+    tiny_tokenizer.bos_token = tiny_tokenizer.convert_ids_to_tokens(1)
+    got = choice_logprobs(tiny_parent, tiny_tokenizer, "", [" list", " dog"])
+    for choice, score in zip([" list", " dog"], got):
+        want = _one_at_a_time(tiny_parent, [1], tiny_tokenizer(choice, add_special_tokens=False)["input_ids"])
+        assert score == pytest.approx(want, abs=1e-4)
 
 
 def test_cloze_tasks_are_valid_and_scored(tiny_parent, tiny_tokenizer, tmp_path):
