@@ -59,15 +59,17 @@ def plan(cfg: Any) -> list[Step]:
         children.append(args["solution"])
         steps.append(Step(f"realize[{args['solution']}]", "realize", args, {"run_dir": run, "parent": parent}))
     gkd = _one(cfg, "gkd")
-    evaluated: list[tuple[str, Path]] = [("parent", parent)]
+    # (name, model, evaluate overrides): a student's speed is measured once, after GKD, which changes no shape
+    evaluated: list[tuple[str, Path, dict]] = [("parent", parent, {})]
+    unmeasured = {"measure": False} if gkd is not None else {}
     for name in children:
         child = run / "children" / name
-        evaluated.append((name, child))
+        evaluated.append((name, child, unmeasured))
         if gkd is not None:
             out = child / "gkd"
             args = {"hidden_loss": "cosine", **gkd, "out": str(out)}
             steps.append(Step(f"gkd[{name}]", "distill", args, {"run_dir": run, "teacher": parent, "student": child}))
-            evaluated.append((f"{name}+gkd", out / "model"))
+            evaluated.append((f"{name}+gkd", out / "model", {}))
     for args in cfg.sections.get("baselines", []):
         args = dict(args)
         name = args.pop("name", None)
@@ -75,19 +77,19 @@ def plan(cfg: Any) -> list[Step]:
             raise PuzzleError("each 'baselines' entry needs a 'name'")
         out = run / "baselines" / name
         steps.append(Step(f"prune[{name}]", "prune", {**args, "out": str(out)}, {"run_dir": run, "parent": parent}))
-        evaluated.append((name, out))
+        evaluated.append((name, out, unmeasured))
         if gkd is not None:
             dist = {"hidden_loss": "none", **{k: v for k, v in gkd.items() if k != "hidden_loss"}, "out": str(out / "gkd")}
             steps.append(Step(f"gkd[{name}]", "distill", dist, {"run_dir": run, "teacher": parent, "student": out}))
-            evaluated.append((f"{name}+gkd", out / "gkd" / "model"))
+            evaluated.append((f"{name}+gkd", out / "gkd" / "model", {}))
     ev = _one(cfg, "evaluate")
     if ev is not None:
         mc_items = ev.pop("mc_items", 0)
         if mc_items:
             steps.append(Step("mc_tasks", "build_mc", {"items": mc_items}, {"run_dir": run}))
             ev.setdefault("mc_tasks", [str(run / "eval" / "cloze.jsonl")])
-        for name, path in evaluated:
-            steps.append(Step(f"evaluate[{name}]", "evaluate", {**ev, "name": name},
+        for name, path, overrides in evaluated:
+            steps.append(Step(f"evaluate[{name}]", "evaluate", {**overrides, **ev, "name": name},
                               {"run_dir": run, "model": path, "parent": parent}))
     steps.append(Step("report", "report", _one(cfg, "report") or {}, {"run_dir": run}))
     return steps

@@ -42,7 +42,7 @@ def tiny_config(tmp_path, parent_dir):
         "realize": [{"solution": "fast"}],
         "gkd": {"steps": 2, "batch_size": 2, "val_every": 2, "val_blocks": 2, "checkpoint_every": 2, "warmup_steps": 1},
         "baselines": [{"name": "width", "ffn_size": 64}],
-        "evaluate": {"val_blocks": 2, "batch_size": 2, "mc_items": 4, "measure": False, "budget": "h100_80gb"},
+        "evaluate": {"val_blocks": 2, "batch_size": 2, "mc_items": 4, "budget": "h100_80gb"},
     }
 
 
@@ -60,6 +60,11 @@ def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsy
     assert {"parent", "fast", "fast+gkd", "width", "width+gkd"} <= evaluated
     child = json.loads((run / "eval" / "fast+gkd.json").read_text())
     assert child["validation"]["kl"] >= 0 and child["predicted"]["throughput_tokens_s"] > 0
+    # speed is measured once per architecture (after GKD); the report shows it for the model before GKD too
+    assert "measured" in child and "measured" not in json.loads((run / "eval" / "fast.json").read_text())
+    evaluation = report.split("## Evaluation against the parent", 1)[1]
+    fast_row = next(line for line in evaluation.splitlines() if line.startswith("| fast |"))
+    assert f"| {child['measured']['decode_tokens_per_s']:,.0f} |" in fast_row and "GKD changes weights, not shapes" in report
     stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
     capsys.readouterr()
 

@@ -50,7 +50,12 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = load_model(model)
-    reference = load_model(parent) if parent is not None else None
+    if parent is None:
+        reference = None
+    elif Path(parent).resolve() == Path(model).resolve():
+        reference = subject  # the parent against itself: KL 0 and agreement 1, from one forward
+    else:
+        reference = load_model(parent)
     if reference is not None and reference.config.vocab_size != subject.config.vocab_size:
         raise PuzzleError(f"{model} and its parent {parent} have different vocabularies")
     started = time.perf_counter()

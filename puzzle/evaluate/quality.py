@@ -23,7 +23,7 @@ def quality_metrics(model: PreTrainedModel, batches: Iterable[torch.Tensor], par
     for ids in batches:
         h = final_hidden(model, ids)
         teacher = parent if parent is not None else model
-        t_h = final_hidden(parent, ids) if parent is not None else h
+        t_h = h if teacher is model else final_hidden(parent, ids)  # a model against itself: one forward
         terms = kd_terms(h, t_h, model.lm_head, teacher.lm_head, input_ids=ids, chunk_tokens=chunk_tokens)
         kl += terms.kl.item()
         lm += terms.lm.item()

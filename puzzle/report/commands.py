@@ -43,8 +43,12 @@ def _evaluation_section(run_dir: Path) -> list[str]:
              "| model | params | val ppl | KL to parent | top-1 agreement | MC acc (norm) | prefill tok/s | decode tok/s | predicted speedup |",
              "|---|---|---|---|---|---|---|---|---|"]
     parent_pred = next((r.get("predicted", {}) for r in rows if r.get("name") == "parent"), {})
+    measured = {r.get("name"): r["measured"] for r in rows if r.get("measured")}
+    borrowed = False
     for r in sorted(rows, key=lambda r: (r.get("name") != "parent", r.get("name"))):
         v, m = r.get("validation", {}), r.get("measured", {})
+        if not m and f"{r.get('name')}+gkd" in measured:  # same architecture, so the same speed
+            m, borrowed = measured[f"{r.get('name')}+gkd"], True
         mc = next(iter(r.get("multiple_choice", {}).values()), {})
         mc_text = f"{mc['acc']:.3f} ({mc['acc_norm']:.3f})" if mc else "–"
         pred = r.get("predicted", {})
@@ -55,8 +59,11 @@ def _evaluation_section(run_dir: Path) -> list[str]:
                      f"| {_fmt(v.get('kl'))} | {_fmt(v.get('top1_agreement'), '.3f')} | {mc_text} "
                      f"| {_fmt(m.get('prefill_tokens_per_s'), ',.0f')} | {_fmt(m.get('decode_tokens_per_s'), ',.0f')} "
                      f"| {_fmt(speedup, '.2f')}{'x' if speedup else ''} |")
-    return lines + ["", "KL and agreement are per token on the validation blocks; tokens/s measured on this machine;"
-                    " the predicted speedup is the roofline throughput ratio to the parent on the hardware profile.", ""]
+    notes = ["", "KL and agreement are per token on the validation blocks; tokens/s measured on this machine;"
+             " the predicted speedup is the roofline throughput ratio to the parent on the hardware profile."]
+    if borrowed:
+        notes.append("A model before GKD shows the tokens/s measured after GKD: GKD changes weights, not shapes.")
+    return lines + notes + [""]
 
 
 def _architectures_section(run_dir: Path) -> list[str]:
