@@ -94,7 +94,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
     try:
         if path.suffix == ".gguf":
             where, extra = _split_gguf(path)
-            model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **extra)
+            # the config read above: parsing a GGUF's metadata (49K-token vocabulary included) takes seconds
+            model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype, **extra)
         elif path.suffix == ".safetensors":
             model = AutoModelForCausalLM.from_config(config, dtype=dtype)
             state = load_file(str(path))
