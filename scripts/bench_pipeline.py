@@ -45,7 +45,9 @@ def main() -> None:
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
                     "torch": torch.__version__, "transformers": transformers.__version__},
         "models": {name: {"kl": e["validation"].get("kl"), "perplexity": e["validation"]["perplexity"],
-                          "top1_agreement": e["validation"].get("top1_agreement"), "params": e["params"]}
+                          "top1_agreement": e["validation"].get("top1_agreement"), "params": e["params"],
+                          "mc": next(iter(e.get("multiple_choice", {}).values()), None),
+                          "decode_tokens_per_s": e.get("measured", {}).get("decode_tokens_per_s")}
                    for name, e in evals.items()},
     }
     atomic_write_json(REPO / "benchmarks" / "pipeline.json", payload)
@@ -67,11 +69,17 @@ def render(p: dict) -> str:
     ]
     lines += [f"| {k} | {v:.1f} |" for k, v in p["stages"].items()]
     lines += ["", "What the run produced (validation KL / perplexity against the parent):", "",
-              "| model | params | KL | ppl | top-1 agreement |", "|---|---|---|---|---|"]
+              "| model | params | KL | ppl | top-1 agreement | cloze MC acc (norm) | CPU decode tok/s |",
+              "|---|---|---|---|---|---|---|"]
     for name, e in p["models"].items():
         kl = "–" if e["kl"] is None else f"{e['kl']:.4f}"
         agree = "–" if e["top1_agreement"] is None else f"{e['top1_agreement']:.3f}"
-        lines.append(f"| {name} | {e['params'] / 1e6:.1f}M | {kl} | {e['perplexity']:.2f} | {agree} |")
+        mc = "–" if not e.get("mc") else f"{e['mc']['acc']:.3f} ({e['mc']['acc_norm']:.3f})"
+        decode = "–" if e.get("decode_tokens_per_s") is None else f"{e['decode_tokens_per_s']:.1f}"
+        lines.append(f"| {name} | {e['params'] / 1e6:.1f}M | {kl} | {e['perplexity']:.2f} | {agree} | {mc} | {decode} |")
+    if any(e.get("decode_tokens_per_s") is None and f"{n}+gkd" in p["models"] for n, e in p["models"].items()):
+        lines += ["", "A model before GKD is not timed on the CPU: GKD changes its weights, not its shapes, so its"
+                  " speed is the GKD model's."]
     return "\n".join(lines) + "\n"
 
 
