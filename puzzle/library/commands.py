@@ -9,7 +9,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
-from puzzle.library.ray_jobs import GroupJob, run_build, split_layers
+from puzzle.library.ray_jobs import GroupJob, layer_costs, run_build, split_layers
 from puzzle.run_dir import run_parent
 from puzzle.search_space import build_search_space, resolve_space_path
 
@@ -87,7 +87,8 @@ def build_library(
     load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
     space_path = resolve_space_path(space_name)
     space_raw = read_yaml(space_path)
-    space = build_search_space(space_raw, load_config(parent_path), space_path.stem)
+    parent_config = load_config(parent_path)
+    space = build_search_space(space_raw, parent_config, space_path.stem)
     all_layers = list(range(space.num_layers))
     chosen = sorted(set(layers)) if layers else all_layers
     bad = [i for i in chosen if i not in all_layers]
@@ -97,7 +98,7 @@ def build_library(
 
     jobs = [
         GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
-        for group in split_layers(chosen, workers or 1)
+        for group in split_layers(chosen, workers or 1, *layer_costs(space, parent_config, settings))
     ]
     use_ray = ray and workers > 0
     t0 = time.perf_counter()

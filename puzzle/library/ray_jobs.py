@@ -35,11 +35,72 @@ class GroupJob:
     threads: int
 
 
-def split_layers(layers: list[int], groups: int) -> list[list[int]]:
-    """Contiguous groups of nearly equal size (a later group runs the parent further, so order matters)."""
+def split_layers(layers: list[int], groups: int, forward: list[float] | None = None,
+                 train: dict[int, float] | None = None) -> list[list[int]]:
+    """Contiguous groups of `layers` for the workers.
+
+    Without costs: groups of nearly equal size. With them, the split that minimises the largest group's
+    cost, where a group costs the parent's forward through every layer up to its last one
+    (sum of forward[0..last]) plus the training of its own layers (sum of train[l]). A later group runs
+    the parent further, so with costs the early groups take more layers.
+    """
     groups = max(1, min(groups, len(layers)))
-    size = math.ceil(len(layers) / groups)
-    return [layers[i : i + size] for i in range(0, len(layers), size)]
+    if forward is None or train is None:
+        size = math.ceil(len(layers) / groups)
+        return [layers[i : i + size] for i in range(0, len(layers), size)]
+    reach = [0.0]
+    for f in forward:
+        reach.append(reach[-1] + f)  # reach[l + 1]: the parent's forward through layer l
+    trained = [0.0]
+    for layer in layers:
+        trained.append(trained[-1] + train.get(layer, 0.0))
+
+    def cost(i: int, j: int) -> float:  # the group layers[i:j]
+        return reach[layers[j - 1] + 1] + trained[j] - trained[i]
+
+    n = len(layers)
+    # best[k][j]: the smallest largest cost of splitting layers[:j] into k groups; cut[k][j]: where the last starts
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0.0
+    for k in range(1, groups + 1):
+        for j in range(k, n + 1):
+            for i in range(k - 1, j):
+                c = max(best[k - 1][i], cost(i, j))
+                if c < best[k][j]:
+                    best[k][j], cut[k][j] = c, i
+    bounds, j = [], n
+    for k in range(groups, 0, -1):
+        bounds.append((cut[k][j], j))
+        j = cut[k][j]
+    return [layers[i:j] for i, j in reversed(bounds)]
+
+
+def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple[list[float], dict[int, float]]:
+    """Estimated FLOPs, per layer, of the two kinds of work in a group (for `split_layers`).
+
+    forward[l]: the parent's layer l (2 x its weights per token) on the training, calibration and
+    held-out tokens. train[l]: 6 x weights per token for each trained variant of layer l, plus 4 x
+    the frozen parent FFN's weights for an attention variant (its forward and input gradient), on the
+    training tokens. Attention scores are left out (small at BLD's sequence lengths). On the quick
+    config this predicts forward / train = 0.35 per layer; the two groups' logs of a quick run measured
+    0.36 and 0.41 (seconds of parent forward and calibration per layer / seconds of training per layer).
+    """
+    from puzzle.profiling.roofline import ModelShape, sublayer_params
+
+    shape = ModelShape.from_config(config)
+    layer = sublayer_params(shape, "attention", space.parent_attention) + sublayer_params(shape, "ffn", space.parent_ffn)
+    forward_tokens = settings.tokens_per_block + settings.calibration_tokens + settings.eval_tokens
+    forward = [2.0 * layer * forward_tokens] * space.num_layers
+    frozen_ffn = sublayer_params(shape, "ffn", space.parent_ffn)
+    train: dict[int, float] = {}
+    for v in space.variants():
+        if v.is_parent or v.config.no_op:
+            continue
+        flops = 6 * sublayer_params(shape, v.kind, v.config) + (4 * frozen_ffn if v.kind == "attention" else 0)
+        train[v.layer] = train.get(v.layer, 0.0) + flops * settings.tokens_per_block
+    return forward, train
 
 
 def load_neuron_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | None:

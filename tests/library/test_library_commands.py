@@ -141,3 +141,25 @@ def test_layers_split_into_contiguous_groups():
     assert [len(g) for g in groups] == [8, 8, 8, 6] and sum(groups, []) == list(range(30))
     assert split_layers([3, 5], 8) == [[3], [5]]  # never more groups than layers
     assert split_layers([0, 1, 2], 0) == [[0, 1, 2]]
+
+
+def test_split_with_costs_balances_the_parent_forward_against_training():
+    """A later group runs the parent further, so the cost-balanced split gives earlier groups more layers,
+    and its largest group costs no more than the equal-size split's (checked by brute force for 2 groups)."""
+    from puzzle.library.ray_jobs import split_layers
+
+    layers = list(range(30))
+    forward, train = [1.0] * 30, {l: 3.0 for l in layers}
+
+    def group_cost(g):
+        return sum(forward[: g[-1] + 1]) + sum(train[l] for l in g)
+
+    balanced = split_layers(layers, 2, forward, train)
+    assert sum(balanced, []) == layers and len(balanced[0]) > len(balanced[1])
+    best = min(max(group_cost(layers[:k]), group_cost(layers[k:])) for k in range(1, 30))
+    assert max(map(group_cost, balanced)) == best < max(map(group_cost, split_layers(layers, 2)))
+    four = split_layers(layers, 4, forward, train)
+    assert sum(four, []) == layers and [len(g) for g in four] == sorted((len(g) for g in four), reverse=True)
+    # only the chosen layers are split; the forward still starts at layer 0
+    assert sum(split_layers([20, 21, 22, 29], 2, forward, train), []) == [20, 21, 22, 29]
+    assert split_layers([3, 5], 8, forward, train) == [[3], [5]]

@@ -52,7 +52,7 @@ def test_layer_groups_run_as_ray_tasks_and_a_killed_worker_is_retried(tmp_path, 
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and not killed:
             for e in _events(run, "group_start"):
-                if e["layers"] == [2, 3]:
+                if e["layers"][-1] == 3:  # the group that ends at the last layer
                     os.kill(e["pid"], signal.SIGKILL)  # the Ray worker process running that task
                     killed.append(e["pid"])
                     return
@@ -64,7 +64,7 @@ def test_layer_groups_run_as_ray_tasks_and_a_killed_worker_is_retried(tmp_path, 
     killer.join()
 
     assert killed, "the second group's worker was never seen"
-    starts = [e for e in _events(run, "group_start") if e["layers"] == [2, 3]]
+    starts = [e for e in _events(run, "group_start") if e["layers"][-1] == 3]
     assert len(starts) == 2 and starts[0]["pid"] == killed[0] != starts[1]["pid"]  # retried in a new worker
     space = load_search_space("tiny", load_config(parent))
     assert store.missing_variants(run, space.variants()) == []
