@@ -229,14 +229,19 @@ def attention_score_flops(config: Any, attention: AttentionConfig | None, seq_le
     return 2 * config.num_attention_heads * config.head_dim * seq_len  # 2 matmuls * 2 flops * H * d * T/2
 
 
+def weight_train_flops(kind: str, params: int, frozen_ffn_params: int) -> int:
+    """Training FLOPs per token of a variant's weight matmuls: 6 x its params, and for an attention
+    variant the frozen parent FFN's forward plus its input-gradient backward (4 x its params). A
+    least-squares linear FFN also costs 6 x its params: X^T X and X^T Y (2 D^2 each) and its forward
+    for the batch loss."""
+    return 6 * params + (4 * frozen_ffn_params if kind == "attention" else 0)
+
+
 def train_flops_per_token(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, config: Any, seq_len: int) -> int:
-    """Training FLOPs per token: 6 x trained params, attention scores forward + 2x backward, and the frozen
-    neighbour's forward plus its input-gradient backward (4 x its params). A least-squares linear FFN also
-    costs 6 x its params: X^T X and X^T Y (2 D^2 each) and its forward for the batch loss."""
-    flops = 6 * _matrix_params(child)
+    """Training FLOPs per token: `weight_train_flops`, plus an attention variant's scores forward + 2x backward."""
+    flops = weight_train_flops(variant.kind, _matrix_params(child), _matrix_params(frozen_ffn))
     if variant.kind == "attention":
         flops += 3 * attention_score_flops(config, variant.config, seq_len)
-        flops += 4 * _matrix_params(frozen_ffn)
     return flops
 
 

@@ -9,6 +9,7 @@ The driver shows one progress bar over all variants by polling the manifest.
 
 import math
 import os
+from itertools import accumulate
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from puzzle.errors import PuzzleError
 from puzzle.library import store
-from puzzle.library.bld import BLDSettings, build_layer_group, group_variants
+from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, weight_train_flops
 from puzzle.search_space import SearchSpace, build_search_space
 
 @dataclass(frozen=True)
@@ -48,12 +49,8 @@ def split_layers(layers: list[int], groups: int, forward: list[float] | None = N
     if forward is None or train is None:
         size = math.ceil(len(layers) / groups)
         return [layers[i : i + size] for i in range(0, len(layers), size)]
-    reach = [0.0]
-    for f in forward:
-        reach.append(reach[-1] + f)  # reach[l + 1]: the parent's forward through layer l
-    trained = [0.0]
-    for layer in layers:
-        trained.append(trained[-1] + train.get(layer, 0.0))
+    reach = list(accumulate(forward, initial=0.0))  # reach[l + 1]: the parent's forward through layer l
+    trained = list(accumulate((train.get(layer, 0.0) for layer in layers), initial=0.0))
 
     def cost(i: int, j: int) -> float:  # the group layers[i:j]
         return reach[layers[j - 1] + 1] + trained[j] - trained[i]
@@ -81,9 +78,8 @@ def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple
     """Estimated FLOPs, per layer, of the two kinds of work in a group (for `split_layers`).
 
     forward[l]: the parent's layer l (2 x its weights per token) on the training, calibration and
-    held-out tokens. train[l]: 6 x weights per token for each trained variant of layer l, plus 4 x
-    the frozen parent FFN's weights for an attention variant (its forward and input gradient), on the
-    training tokens. Attention scores are left out (small at BLD's sequence lengths). On the quick
+    held-out tokens. train[l]: `weight_train_flops` of each trained variant
+    of layer l, on the training tokens. Attention scores are left out (small at BLD's sequence lengths). On the quick
     config this predicts forward / train = 0.35 per layer; the two groups' logs of a quick run measured
     0.36 and 0.41 (seconds of parent forward and calibration per layer / seconds of training per layer).
     """
@@ -98,7 +94,7 @@ def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple
     for v in space.variants():
         if v.is_parent or v.config.no_op:
             continue
-        flops = 6 * sublayer_params(shape, v.kind, v.config) + (4 * frozen_ffn if v.kind == "attention" else 0)
+        flops = weight_train_flops(v.kind, sublayer_params(shape, v.kind, v.config), frozen_ffn)
         train[v.layer] = train.get(v.layer, 0.0) + flops * settings.tokens_per_block
     return forward, train
 
