@@ -78,10 +78,10 @@ def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple
     """Estimated FLOPs, per layer, of the two kinds of work in a group (for `split_layers`).
 
     forward[l]: the parent's layer l (2 x its weights per token) on the training, calibration and
-    held-out tokens. train[l]: `weight_train_flops` of each trained variant
-    of layer l, on the training tokens. Attention scores are left out (small at BLD's sequence lengths). On the quick
-    config this predicts forward / train = 0.35 per layer; the two groups' logs of a quick run measured
-    0.36 and 0.41 (seconds of parent forward and calibration per layer / seconds of training per layer).
+    held-out tokens. train[l]: `weight_train_flops` of each trained variant of layer l, on the training
+    tokens. Attention scores are left out (small at BLD's sequence lengths). On the quick config this
+    predicts forward / train = 0.35 per layer; the `group_done` events of two quick runs' library logs
+    measured 0.36-0.44 (seconds of parent forward and calibration per layer / seconds of training per layer).
     """
     from puzzle.profiling.roofline import ModelShape, sublayer_params
 
