@@ -1,12 +1,11 @@
 """`puzzle` command line: every stage of the pipeline is a plain typed function; its signature is the CLI.
 
-Commands are imported lazily so `puzzle --help` answers without importing torch. Each function's
-docstring gives the command's help (first line) and its arguments' help (`name: text` lines under
-"Args:"). Parameters without a default are positional; the rest become `--flags`.
+Commands come from the stage registry (`puzzle/stages.py`) and are imported lazily, so `puzzle --help`
+answers without importing torch. Each function's docstring gives the command's help (first line) and
+its arguments' help (`name: text` lines under "Args:"). Parameters without a default are positional; the rest become `--flags`.
 """
 
 import argparse
-import importlib
 import inspect
 import sys
 import types
@@ -14,38 +13,7 @@ import typing
 from pathlib import Path
 from typing import Any, Callable
 
-# command -> "module:function". Order is the pipeline's order (DESIGN.md).
-COMMANDS: dict[str, str] = {
-    "convert": "puzzle.model.convert:convert",
-    "prepare-data": "puzzle.data.prepare:prepare_data",
-    "importance": "puzzle.pruning.commands:importance",
-    "prune": "puzzle.pruning.commands:prune",
-    "distill": "puzzle.distill.commands:distill",
-    "build-library": "puzzle.library.commands:build_library",
-    "score": "puzzle.scoring.commands:score",
-    "profile": "puzzle.profiling.commands:profile",
-    "solve": "puzzle.solver.commands:solve",
-    "realize": "puzzle.realize.commands:realize",
-    "evaluate": "puzzle.evaluate.commands:evaluate",
-    "report": "puzzle.report.commands:report",
-    "run": "puzzle.pipeline:run",
-}
-
-SUMMARIES: dict[str, str] = {
-    "convert": "load a parent (HF dir, safetensors or GGUF) and write it as an all-parent heterogeneous child",
-    "prepare-data": "tokenise a corpus into packed train/validation blocks in the run directory",
-    "importance": "Minitron activation importance of heads, neurons, channels and layers (forward only)",
-    "prune": "Minitron width/depth pruning to a standard Llama checkpoint",
-    "distill": "knowledge distillation of a student from a teacher (Minitron retraining, Puzzle GKD)",
-    "build-library": "block library: pruned initialisation + blockwise local distillation on Ray",
-    "score": "replace-1-block quality of every library variant (KL, LM loss, agreement)",
-    "profile": "latency and memory of every variant on a hardware profile",
-    "solve": "MIP: one attention and one FFN variant per layer under a hardware budget",
-    "realize": "assemble a child checkpoint from a solution and the library",
-    "evaluate": "perplexity, KL, agreement, multiple choice and throughput of a model",
-    "report": "report.md and pareto.png for a run directory",
-    "run": "every stage in order from a YAML config, each resumable",
-}
+from puzzle.stages import COMMANDS
 
 
 def _docstring_args(fn: Callable) -> tuple[str, dict[str, str]]:
@@ -117,8 +85,8 @@ def _print_overview() -> None:
     print("Puzzle-style NAS: turn a Hugging Face decoder LLM into a faster heterogeneous child.\n")
     print("commands, in pipeline order:")
     width = max(map(len, COMMANDS))
-    for name in COMMANDS:
-        print(f"  {name:<{width}}  {SUMMARIES[name]}")
+    for name, stage in COMMANDS.items():
+        print(f"  {name:<{width}}  {stage.summary}")
 
 
 def _quiet_libraries() -> None:
@@ -145,14 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from puzzle.errors import PuzzleError
     from puzzle.model.configuration_puzzle import BlockConfigError
 
-    module_name, fn_name = COMMANDS[name].split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name and module_name.startswith(err.name):
-            return _fail(f"'{name}' is not built yet")
-        raise
-    fn = getattr(module, fn_name)
+    fn = COMMANDS[name].load()
     args = build_parser(name, fn).parse_args(rest)
     _quiet_libraries()
     try:

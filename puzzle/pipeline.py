@@ -19,7 +19,8 @@ that stage's own arguments (the same as its CLI flags, with underscores):
     baselines: [{name: minitron_width, target_params: 80M, target_mode: width}]   # optional
     convert_parent: auto   # a GGUF parent is written once as safetensors into run_dir/parent (true / false)
 
-The ledger `run_dir/pipeline.json` records each finished stage with a hash of its settings chained to
+Sections and their functions come from the stage registry (`puzzle/stages.py`). The ledger
+`run_dir/pipeline.json` records each finished stage with a hash of its settings chained to
 the hashes of the stages before it, so a rerun does no work, and changing one stage's settings reruns it
 and everything after it. Each stage is itself resumable, so a crash mid-stage loses little.
 """
@@ -34,9 +35,9 @@ from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json, read_yaml
+from puzzle.run_dir import RunDir
+from puzzle.stages import SECTIONS, stage_functions
 
-STAGES = ("prepare_data", "importance", "build_library", "score", "profile", "solve", "realize", "gkd",
-          "baselines", "evaluate", "report")
 REQUIRED = ("parent", "corpus")
 
 
@@ -57,12 +58,12 @@ class RunConfig:
         missing = [k for k in REQUIRED if k not in raw]
         if missing:
             raise PuzzleError(f"{path}: missing {', '.join(missing)}")
-        known = set(STAGES) | set(REQUIRED) | {"run_dir", "search_space", "name", "description", "convert_parent"}
+        known = set(SECTIONS) | set(REQUIRED) | {"run_dir", "search_space", "name", "description", "convert_parent"}
         unknown = sorted(set(raw) - known)
         if unknown:
-            raise PuzzleError(f"{path}: unknown keys {unknown}; stages are {', '.join(STAGES)}")
+            raise PuzzleError(f"{path}: unknown keys {unknown}; stages are {', '.join(SECTIONS)}")
         sections: dict[str, list[dict[str, Any]]] = {}
-        for stage in STAGES:
+        for stage in SECTIONS:
             value = raw.get(stage)
             if value is None:
                 continue
@@ -125,11 +126,13 @@ def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], input
         if isinstance(step.args.get("budget"), str):
             load_profile(step.args["budget"])  # parses and validates the profile, not just its name
     # solve names its outputs `name` (default: the budget), then name-2, name-3 ... for --num-solutions
-    solved = {p.stem for p in (cfg.run_dir / "solutions").glob("*.json")}
+    solve_defaults = inspect.signature(fns["solve"]).parameters
+    solved = set(RunDir(cfg.run_dir).solution_names())
     for args in cfg.sections.get("solve", []):
         if "sweep" not in args:
-            base = args.get("name") or args.get("budget")
-            solved |= {base} | {f"{base}-{k}" for k in range(2, int(args.get("num_solutions", 1)) + 1)}
+            base = args.get("name") or args.get("budget", solve_defaults["budget"].default)
+            count = int(args.get("num_solutions", solve_defaults["num_solutions"].default))
+            solved |= {RunDir.solution_name(base, k) for k in range(1, count + 1)}
     for args in cfg.sections.get("realize", []):
         if args["solution"] not in solved:
             raise PuzzleError(f"realize: no solve entry names its solution {args['solution']!r} "
@@ -155,7 +158,7 @@ def _settings(step: Any, fns: dict[str, Callable]) -> dict[str, Any]:
 
 class Ledger:
     def __init__(self, run_dir: Path) -> None:
-        self.path = run_dir / "pipeline.json"
+        self.path = RunDir(run_dir).ledger
         self.entries: dict[str, Any] = read_json(self.path) if self.path.exists() else {}
         self.chain = ""
 
@@ -171,25 +174,6 @@ class Ledger:
         atomic_write_json(self.path, self.entries)
 
 
-def _stage_functions() -> dict[str, Callable]:
-    from puzzle.data.prepare import prepare_data
-    from puzzle.model.convert import convert
-    from puzzle.distill.commands import distill
-    from puzzle.evaluate.commands import evaluate
-    from puzzle.library.commands import build_library
-    from puzzle.profiling.commands import profile
-    from puzzle.evaluate.mc import build_mc
-    from puzzle.pruning.commands import importance, prune
-    from puzzle.realize.commands import realize
-    from puzzle.report.commands import report
-    from puzzle.scoring.commands import score
-    from puzzle.solver.commands import solve
-
-    return {"prepare_data": prepare_data, "importance": importance, "build_library": build_library, "score": score,
-            "profile": profile, "solve": solve, "realize": realize, "distill": distill, "evaluate": evaluate,
-            "report": report, "prune": prune, "build_mc": build_mc, "convert": convert}
-
-
 def run(config: Path, run_dir: Path | None = None, force: bool = False, check: bool = False) -> Path:
     """Run every stage of a pipeline config in order, skipping stages already complete.
 
@@ -202,8 +186,8 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
     from puzzle.pipeline_stages import plan
 
     cfg = RunConfig.load(Path(config), run_dir)
-    fns = _stage_functions()
-    steps = plan(cfg)
+    fns = stage_functions()
+    steps = plan(cfg, fns)
     check_plan(cfg, steps, fns)
     ledger = Ledger(cfg.run_dir)  # an absent run directory reads as an empty ledger
     if not check:
@@ -226,5 +210,5 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
     if check:
         print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
     else:
-        print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {cfg.run_dir / 'report.md'}")
+        print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {RunDir(cfg.run_dir).report}")
     return cfg.run_dir

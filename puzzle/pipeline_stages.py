@@ -1,18 +1,53 @@
-"""The pipeline's plan: which stage functions run, in which order, with which arguments."""
+"""The pipeline's plan: which stage functions run, in which order, with which arguments.
+
+Sections are planned in the registry's order (`puzzle/stages.py`). A plain section becomes one step per
+mapping, its arguments exactly the config's; the stages that fan out over models have a planner here:
+`realize` (one child per solution), `gkd` (distill each child into CHILD/gkd), `baselines` (prune, then
+distill like the children) and `evaluate` (every model, plus the MC task file). No planner sets a stage
+default: a default lives in the function's signature, a pipeline's own choice in its config.
+
+Pipeline choices made here, not by defaults:
+- a baseline's GKD is distill on logits only: the `gkd` section's `hidden_loss` applies to the children
+  (same widths as the teacher), not to pruned baselines (other widths);
+- a model that is distilled is timed once, after GKD (`measure: false` before; GKD changes no shape);
+- `evaluate: {mc_items: N}` builds the cloze task (`build_mc`) and evaluates every model on it.
+"""
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
+from puzzle.run_dir import RunDir
+from puzzle.stages import STAGES, Stage, accepted
 
 
 @dataclass(frozen=True)
 class Step:
-    name: str  # unique, e.g. "solve[1]" or "evaluate:speedup_1.5/gkd"
-    fn: str  # key into pipeline._stage_functions()
+    name: str  # unique, e.g. "solve[speedup_1.5]" or "evaluate[speedup_1.5+gkd]"; the ledger's key
+    fn: str  # a stage name in the registry (puzzle/stages.py)
     args: dict[str, Any]  # from the config (hashed into the ledger)
-    common: dict[str, Any] = field(default_factory=dict)  # run_dir / parent / search space, passed if accepted
+    common: dict[str, Any] = field(default_factory=dict)  # run_dir / parent / models ..., those the function takes
+
+
+@dataclass
+class _Plan:
+    cfg: Any
+    run: RunDir
+    parent: Path  # the parent every stage loads (the converted one when converting)
+    fns: dict[str, Callable[..., Any]]
+    steps: list[Step] = field(default_factory=list)
+    models: list[tuple[str, Path]] = field(default_factory=list)  # realised children, then baselines
+    distilled: dict[str, Path] = field(default_factory=dict)  # model name -> its model after GKD
+
+    @property
+    def common(self) -> dict[str, Any]:
+        return {"run_dir": self.cfg.run_dir, "parent": self.parent, "search_space": self.cfg.search_space,
+                "corpus": self.cfg.corpus}
+
+    def add(self, name: str, fn: str, args: dict[str, Any], common: dict[str, Any]) -> None:
+        """A step, passing only the common values its function takes (so the ledger hashes only those)."""
+        self.steps.append(Step(name, fn, args, accepted(self.fns[fn], common)))
 
 
 def _one(cfg: Any, stage: str) -> dict[str, Any] | None:
@@ -30,66 +65,96 @@ def converts_parent(cfg: Any) -> bool:
     return cfg.convert_parent is True or (cfg.convert_parent == "auto" and cfg.parent.suffix == ".gguf")
 
 
-def plan(cfg: Any) -> list[Step]:
-    run = cfg.run_dir
-    steps: list[Step] = []
-    parent = cfg.parent
-    if converts_parent(cfg):
-        # once, into the run: an all-parent child in safetensors, the parent's exact logits (a test holds
-        # that), which every later stage loads instead of the original file
-        parent = run / "parent"
-        steps.append(Step("convert_parent", "convert", {}, {"parent": cfg.parent, "out": parent}))
-    common = {"run_dir": run, "parent": parent, "search_space": cfg.search_space}
-    prep = _one(cfg, "prepare_data") or {}
-    steps.append(Step("prepare_data", "prepare_data", prep, {**common, "corpus": cfg.corpus}))
-    if (args := _one(cfg, "importance")) is not None:
-        steps.append(Step("importance", "importance", args, common))
-    steps.append(Step("build_library", "build_library", _one(cfg, "build_library") or {}, common))
-    steps.append(Step("score", "score", _one(cfg, "score") or {}, common))
-    for i, args in enumerate(cfg.sections.get("profile", [{}])):
-        steps.append(Step(f"profile[{args.get('budget', i)}]", "profile", args, common))
-    solves = cfg.sections.get("solve", [])
-    for i, args in enumerate(solves):
-        label = args.get("name") or ("sweep" if "sweep" in args else i)
-        steps.append(Step(f"solve[{label}]", "solve", args, {"run_dir": run}))
-    children = []
-    for args in cfg.sections.get("realize", []):
+def _label(args: dict[str, Any], index: int, used: set[str]) -> str:
+    """A list entry's name in its step: its `name`, "sweep", its `budget`, else its index."""
+    label = str(args.get("name") or ("sweep" if "sweep" in args else args.get("budget", index)))
+    return label if label not in used else str(index)
+
+
+def _plan_section(p: _Plan, stage: Stage) -> None:
+    """A plain section: one step per mapping, with the config's arguments."""
+    if not stage.many:
+        args = _one(p.cfg, stage.section)
+        if args is not None or stage.always:
+            p.add(stage.section, stage.name, args or {}, p.common)
+        return
+    used: set[str] = set()
+    for i, args in enumerate(p.cfg.sections.get(stage.section, [{}] if stage.always else [])):
+        label = _label(args, i, used)
+        used.add(label)
+        p.add(f"{stage.section}[{label}]", stage.name, args, p.common)
+
+
+def _plan_realize(p: _Plan, stage: Stage) -> None:
+    for args in p.cfg.sections.get("realize", []):
         if "solution" not in args:
             raise PuzzleError("each 'realize' entry needs a 'solution' (a solve entry's name)")
-        children.append(args["solution"])
-        steps.append(Step(f"realize[{args['solution']}]", "realize", args, {"run_dir": run, "parent": parent}))
-    gkd = _one(cfg, "gkd")
-    # (name, model, evaluate overrides): a student's speed is measured once, after GKD, which changes no shape
-    evaluated: list[tuple[str, Path, dict]] = [("parent", parent, {})]
-    unmeasured = {"measure": False} if gkd is not None else {}
-    for name in children:
-        child = run / "children" / name
-        evaluated.append((name, child, unmeasured))
-        if gkd is not None:
-            out = child / "gkd"
-            args = {"hidden_loss": "cosine", **gkd, "out": str(out)}
-            steps.append(Step(f"gkd[{name}]", "distill", args, {"run_dir": run, "teacher": parent, "student": child}))
-            evaluated.append((f"{name}+gkd", out / "model", {}))
-    for args in cfg.sections.get("baselines", []):
+        name = args["solution"]
+        p.add(f"realize[{name}]", stage.name, args, p.common)
+        p.models.append((name, p.run.child(name)))
+
+
+def _distill(p: _Plan, name: str, student: Path, args: dict[str, Any]) -> None:
+    out = RunDir.gkd_dir(student)
+    p.add(f"gkd[{name}]", "distill", {**args, "out": str(out)}, {**p.common, "teacher": p.parent, "student": student})
+    p.distilled[name] = RunDir.distilled_model(out)
+
+
+def _plan_gkd(p: _Plan, stage: Stage) -> None:
+    gkd = _one(p.cfg, "gkd")
+    if gkd is not None:
+        for name, child in list(p.models):
+            _distill(p, name, child, gkd)
+
+
+def _plan_baselines(p: _Plan, stage: Stage) -> None:
+    gkd = _one(p.cfg, "gkd")
+    for args in p.cfg.sections.get("baselines", []):
         args = dict(args)
         name = args.pop("name", None)
         if not name:
             raise PuzzleError("each 'baselines' entry needs a 'name'")
-        out = run / "baselines" / name
-        steps.append(Step(f"prune[{name}]", "prune", {**args, "out": str(out)}, {"run_dir": run, "parent": parent}))
-        evaluated.append((name, out, unmeasured))
-        if gkd is not None:
-            dist = {"hidden_loss": "none", **{k: v for k, v in gkd.items() if k != "hidden_loss"}, "out": str(out / "gkd")}
-            steps.append(Step(f"gkd[{name}]", "distill", dist, {"run_dir": run, "teacher": parent, "student": out}))
-            evaluated.append((f"{name}+gkd", out / "gkd" / "model", {}))
-    ev = _one(cfg, "evaluate")
-    if ev is not None:
-        mc_items = ev.pop("mc_items", 0)
-        if mc_items:
-            steps.append(Step("mc_tasks", "build_mc", {"items": mc_items}, {"run_dir": run}))
-            ev.setdefault("mc_tasks", [str(run / "eval" / "cloze.jsonl")])
-        for name, path, overrides in evaluated:
-            steps.append(Step(f"evaluate[{name}]", "evaluate", {**overrides, **ev, "name": name},
-                              {"run_dir": run, "model": path, "parent": parent}))
-    steps.append(Step("report", "report", _one(cfg, "report") or {}, {"run_dir": run}))
-    return steps
+        out = p.run.baseline(name)
+        p.add(f"prune[{name}]", stage.name, {**args, "out": str(out)}, p.common)
+        p.models.append((name, out))
+        if gkd is not None:  # on logits only: see the module docstring
+            _distill(p, name, out, {k: v for k, v in gkd.items() if k != "hidden_loss"})
+
+
+def _plan_evaluate(p: _Plan, stage: Stage) -> None:
+    ev = _one(p.cfg, "evaluate")
+    if ev is None:
+        return
+    mc_items = ev.pop("mc_items", 0)
+    if mc_items:
+        p.add("mc_tasks", "build_mc", {"items": mc_items}, p.common)
+        ev.setdefault("mc_tasks", [str(p.run.mc_tasks)])
+    # (name, model, evaluate overrides): a student's speed is measured once, after GKD, which changes no shape
+    evaluated: list[tuple[str, Path, dict]] = [("parent", p.parent, {})]
+    for name, model in p.models:
+        evaluated.append((name, model, {"measure": False} if name in p.distilled else {}))
+        if name in p.distilled:
+            evaluated.append((RunDir.gkd_name(name), p.distilled[name], {}))
+    for name, model, overrides in evaluated:
+        p.add(f"evaluate[{name}]", stage.name, {**overrides, **ev, "name": name}, {**p.common, "model": model})
+
+
+PLANNERS = {"realize": _plan_realize, "gkd": _plan_gkd, "baselines": _plan_baselines, "evaluate": _plan_evaluate}
+
+
+def plan(cfg: Any, fns: dict[str, Callable[..., Any]] | None = None) -> list[Step]:
+    """Every step of a config, in order (`fns`: the registry's functions, loaded when not given)."""
+    if fns is None:
+        from puzzle.stages import stage_functions
+
+        fns = stage_functions()
+    run = RunDir(cfg.run_dir)
+    p = _Plan(cfg, run, run.converted_parent if converts_parent(cfg) else cfg.parent, fns)
+    if converts_parent(cfg):
+        # once, into the run: an all-parent child in safetensors, the parent's exact logits (a test holds
+        # that), which every later stage loads instead of the original file
+        p.add("convert_parent", "convert", {}, {"parent": cfg.parent, "out": p.parent})
+    for stage in STAGES:
+        if stage.section:
+            PLANNERS.get(stage.section, _plan_section)(p, stage)
+    return p.steps

@@ -8,8 +8,9 @@ import yaml
 
 from puzzle.cli import main
 from puzzle.errors import PuzzleError
-from puzzle.pipeline import RunConfig, _stage_functions, check_plan
+from puzzle.pipeline import RunConfig, check_plan
 from puzzle.pipeline_stages import plan
+from puzzle.stages import stage_functions
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
@@ -40,7 +41,7 @@ def tiny_config(tmp_path, parent_dir):
         "solve": [{"budget": "h100_80gb", "speedup": 1.2, "name": "fast"},
                   {"budget": "h100_80gb", "sweep": "1.1:1.5:0.2"}],
         "realize": [{"solution": "fast"}],
-        "gkd": {"steps": 2, "batch_size": 2, "val_every": 2, "val_blocks": 2, "checkpoint_every": 2, "warmup_steps": 1},
+        "gkd": {"hidden_loss": "cosine", "steps": 2, "batch_size": 2, "val_every": 2, "val_blocks": 2, "checkpoint_every": 2, "warmup_steps": 1},
         "baselines": [{"name": "width", "ffn_size": 64}],
         "evaluate": {"val_blocks": 2, "batch_size": 2, "mc_items": 4, "budget": "h100_80gb"},
     }
@@ -146,7 +147,7 @@ def test_shipped_configs_pass_the_check(config):
     fetched by scripts/, not checked here)."""
     cfg = RunConfig.load(config)
     steps = plan(cfg)
-    check_plan(cfg, steps, _stage_functions(), inputs=False)
+    check_plan(cfg, steps, stage_functions(), inputs=False)
     assert any(s.fn == "evaluate" for s in steps) and steps[-1].name == "report"
 
 
@@ -170,4 +171,4 @@ def test_check_names_a_missing_parent(tiny_parent_dir, tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(raw))
     cfg = RunConfig.load(tmp_path / "c.yaml")
     with pytest.raises(PuzzleError, match="parent not found"):
-        check_plan(cfg, plan(cfg), _stage_functions())
+        check_plan(cfg, plan(cfg), stage_functions())

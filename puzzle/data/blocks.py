@@ -13,13 +13,14 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
+from puzzle.run_dir import RunDir
 
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
 
 
 def data_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / "data"
+    return RunDir(run_dir).data
 
 
 def bin_path(out_dir: Path, split: str) -> Path:

@@ -9,17 +9,16 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
+from puzzle.run_dir import PRUNING_FILE, RunDir
 
 from .losses import parse_layer_map
 from .trainer import DistillConfig, Distiller
 
-PRUNING_FILE = "pruning.json"  # written beside a pruned student by `puzzle prune`
 RESULT_FILE = "result.json"
-MODEL_DIR = "model"
 
 
 def _student_record(student: Path) -> dict:
-    path = student / PRUNING_FILE if student.is_dir() else student.parent / PRUNING_FILE
+    path = RunDir.pruning_record(student)
     return read_json(path) if path.exists() else {}
 
 
@@ -96,7 +95,8 @@ def distill(
     teacher, student, run_dir = Path(teacher), Path(student), Path(run_dir)
     if threads:
         torch.set_num_threads(threads)
-    out = Path(out) if out is not None else run_dir / "distill" / (student.stem if student.is_file() else student.name)
+    out = Path(out) if out is not None else RunDir(run_dir).distill_out(student)
+    model_dir = RunDir.distilled_model(out)
     try:
         pairs = tuple(parse_layer_map(layer_map)) if layer_map else None
     except ValueError as err:
@@ -111,11 +111,11 @@ def distill(
         raise PuzzleError(f"val-blocks must be at least 1, got {val_blocks}")
     train_data, val_data = load_blocks(run_dir, "train"), load_blocks(run_dir, "val")
     result_path = out / RESULT_FILE
-    if resume and result_path.exists() and (out / MODEL_DIR).exists():
+    if resume and result_path.exists() and model_dir.exists():
         done = read_json(result_path)
         if done.get("config") == config.to_json() and done.get("complete"):
             print(f"distill: {out} is complete (step {done['step']}); nothing to do")
-            return out / MODEL_DIR
+            return model_dir
     teacher_model = load_model(teacher)
     original = load_model(student)
     record = _student_record(student)
@@ -126,9 +126,9 @@ def distill(
         tokenizer = load_tokenizer(student)
     except PuzzleError:
         tokenizer = None
-    save_student(result.student, original, out / MODEL_DIR, tokenizer, record or None)
+    save_student(result.student, original, model_dir, tokenizer, record or None)
     atomic_write_json(result_path, {"teacher": str(teacher), "student": str(student), "step": result.step,
                                     "complete": result.complete, "val": result.val, "config": config.to_json()})
     print(f"distill: step {result.step}: val LM loss {result.val['lm_loss']:.4f}, KL {result.val['kl']:.4f}, "
-          f"top-1 {result.val['top1']:.3f} -> {out / MODEL_DIR}")
-    return out / MODEL_DIR
+          f"top-1 {result.val['top1']:.3f} -> {model_dir}")
+    return model_dir

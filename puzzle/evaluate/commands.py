@@ -1,26 +1,60 @@
 """`puzzle evaluate`: one model's quality (against its parent) and speed, as JSON in run_dir/eval/."""
 
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_model, load_tokenizer, puzzle_config_from
-from puzzle.run_dir import read_run_info
+from puzzle.run_dir import RunDir
 
 from .mc import evaluate_mc, load_mc_tasks
 from .quality import quality_metrics
 from .throughput import measure_throughput
 
 
-def predicted_costs(model_config: Any, budget: str) -> dict[str, Any]:
-    """Roofline prediction of the whole model on a hardware profile, from its block choices alone."""
+SHAPE_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "num_hidden_layers")
+
+
+def _same_shape(model_config: Any, profiled: dict[str, Any]) -> bool:
+    """Whether a model has the widths and depth of the parent a costs table was profiled for."""
+    from puzzle.profiling.roofline import ModelShape
+
+    shape = {**asdict(ModelShape.from_config(model_config)), "num_hidden_layers": model_config.num_hidden_layers}
+    return all(profiled.get(k) == shape[k] for k in SHAPE_KEYS)
+
+
+def predicted_costs(run_dir: Path, model_config: Any, budget: str) -> dict[str, Any]:
+    """Whole-model figures of a model on a hardware profile, and its predicted speedup over the parent.
+
+    From the costs table `puzzle profile` wrote for the run (measured or roofline): the numbers `solve`
+    predicted with, so a child's evaluation and its solution state one speedup. A model the table cannot
+    express (a pruned baseline of another width or depth, or a variant it lacks) gets the roofline's
+    figures, its speedup relative to the parent's roofline (`parent_roofline` in the costs JSON); without
+    costs for the profile, the roofline's figures and no speedup.
+    """
+    from puzzle.profiling.commands import table_model_costs
+    from puzzle.profiling.costs import load_costs
     from puzzle.profiling.hardware import load_profile
     from puzzle.profiling.roofline import predict_model_costs
 
     config = puzzle_config_from(model_config)
-    return predict_model_costs(config, config.blocks, load_profile(budget))
+    try:
+        table, meta = load_costs(run_dir, budget)
+    except PuzzleError:
+        table, meta = None, {}
+    if table is not None and _same_shape(config, meta.get("model", {})):
+        try:
+            figures = table_model_costs(table, meta, config.blocks)
+            speedup = figures["throughput_tokens_s"] / meta["parent"]["throughput_tokens_s"]
+            return {"source": meta.get("source"), **figures, "speedup": speedup}
+        except PuzzleError:  # a variant the table lacks
+            pass
+    figures = predict_model_costs(config, config.blocks, load_profile(budget))
+    reference = meta.get("parent_roofline", {}).get("throughput_tokens_s")
+    return {"source": "roofline", **figures, "speedup": figures["throughput_tokens_s"] / reference if reference else None}
 
 
 def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs/default"), val_blocks: int = 32,
@@ -35,7 +69,8 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         val_blocks: number of validation blocks to evaluate on
         batch_size: validation batch size
         mc_tasks: JSONL multiple-choice task files ({"context", "choices", "label"} per line)
-        budget: hardware profile for the predicted throughput (none to skip)
+        budget: hardware profile for the predicted throughput and speedup, from the run's costs table for it
+            (see `predicted_costs`; none to skip)
         measure: measure prefill and decode tokens/s on this machine
         name: result name (default: the model directory's name)
         lm_eval_tasks: lm-evaluation-harness task names, local task YAMLs, or MC JSONL files (scored by
@@ -45,8 +80,8 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
 
     run_dir = Path(run_dir)
     name = name or Path(model).name
-    if parent is None and read_run_info(run_dir).get("parent"):
-        parent = Path(read_run_info(run_dir)["parent"])
+    if parent is None and RunDir(run_dir).info().get("parent"):
+        parent = Path(RunDir(run_dir).info()["parent"])
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = load_model(model)
@@ -72,12 +107,12 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     if measure:
         result["measured"] = measure_throughput(subject, subject.config.vocab_size)
     if budget and budget.lower() != "none":
-        result["predicted"] = {"budget": budget, **predicted_costs(subject.config, budget)}
+        result["predicted"] = {"budget": budget, **predicted_costs(run_dir, subject.config, budget)}
     result["wall_s"] = time.perf_counter() - started
-    atomic_write_json(run_dir / "eval" / f"{name}.json", result)
+    out = atomic_write_json(RunDir(run_dir).eval_result(name), result)
     v = result["validation"]
     line = f"{name}: ppl {v['perplexity']:.3f}"
     if "kl" in v:
         line += f", KL {v['kl']:.4f}, top-1 agreement {v['top1_agreement']:.3f}"
-    print(line + f"  -> {run_dir / 'eval' / (name + '.json')}")
+    print(line + f"  -> {out}")
     return result

@@ -196,6 +196,8 @@ def build_mc(run_dir: Path = Path("runs/default"), items: int = 100, seed: int =
     from puzzle.io import atomic_write_text
 
     tasks = build_cloze_tasks(validation_documents(run_dir), items, seed=seed)
-    out = Path(run_dir) / "eval" / "cloze.jsonl"
+    from puzzle.run_dir import RunDir
+
+    out = RunDir(run_dir).mc_tasks
     atomic_write_text(out, "".join(json.dumps(t) + "\n" for t in tasks))
     return out

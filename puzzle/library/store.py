@@ -29,15 +29,15 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from puzzle.run_dir import RunDir
 from puzzle.search_space import Kind, Variant
 
 MANIFEST_VERSION = 1
-LIBRARY_DIRNAME = "library"
 MANIFEST_NAME = "manifest.json"
 
 
 def library_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / LIBRARY_DIRNAME
+    return RunDir(run_dir).library
 
 
 def manifest_path(run_dir: str | Path) -> Path:

@@ -8,13 +8,14 @@ import pandas as pd
 
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json, read_table
+from puzzle.run_dir import RunDir
 
 from .hardware import profile_name
 
 
 def costs_path(run_dir: Path, name: str) -> Path:
     """R/costs/<profile> without suffix (.parquet, .csv and .json sit beside each other)."""
-    return Path(run_dir) / "costs" / name
+    return RunDir(run_dir).costs(name)
 
 
 def load_costs(run_dir: Path, budget: str) -> tuple[pd.DataFrame, dict[str, Any]]:

@@ -17,6 +17,7 @@ from .importance import (
     calibration_sequences,
     compute_importance,
     has_importance,
+    importance_dir,
     load_importance,
     load_importance_settings,
     save_importance,
@@ -68,8 +69,8 @@ def importance(
     seq_len = seq_len or blocks.shape[1]
     wanted = settings_json(settings, parent=str(parent), n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
     if has_importance(run_dir) and not force and load_importance_settings(run_dir) == wanted:
-        print(f"importance: {run_dir}/importance is complete with these settings; nothing to do (--force recomputes)")
-        return Path(run_dir) / "importance"
+        print(f"importance: {importance_dir(run_dir)} is complete with these settings; nothing to do (--force recomputes)")
+        return importance_dir(run_dir)
     model = to_puzzle(load_model(parent))
     seqs = calibration_sequences(blocks, n_samples, seq_len)
     start = time.perf_counter()

@@ -37,10 +37,10 @@ from puzzle.distill.losses import kd_terms
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_save_safetensors, atomic_write_json, read_json
 from puzzle.model import GQAttention, PuzzleForCausalLM, SwiGLU
+from puzzle.run_dir import RunDir
 
 Aggregation = Literal["mean", "l2", "var"]
 AGGREGATIONS = ("mean", "l2", "var")
-IMPORTANCE_DIR = "importance"
 SCORES_FILE = "importance.safetensors"
 SETTINGS_FILE = "settings.json"
 
@@ -240,7 +240,7 @@ def ranking(scores: torch.Tensor) -> torch.Tensor:
 
 
 def importance_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / IMPORTANCE_DIR
+    return RunDir(run_dir).importance
 
 
 def save_importance(run_dir: str | Path, scores: dict[str, torch.Tensor], settings: dict) -> Path:

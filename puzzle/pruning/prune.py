@@ -17,12 +17,12 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import save_checkpoint
+from puzzle.run_dir import PRUNING_FILE
 
 from .shape import LlamaShape
 from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
 
 DepthMethod = Literal["block", "bi", "loss"]
-PRUNING_FILE = "pruning.json"
 # PuzzleConfig fields that a plain LlamaConfig must not receive.
 _NOT_LLAMA = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
               "dtype", "torch_dtype"}

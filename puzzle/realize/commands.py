@@ -8,50 +8,37 @@ from puzzle.errors import PuzzleError
 from puzzle.io import read_json
 from puzzle.model import parse_block_configs
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_model, to_puzzle
-from puzzle.run_dir import resolve_run_info
+from puzzle.run_dir import RunDir
 
 from .assemble import architecture_table, assemble_child, table_markdown
 
 
-def solution_path(run_dir: Path, solution: str) -> Path:
-    path = Path(solution)
-    if path.suffix == ".json":
-        if not path.exists():
-            raise PuzzleError(f"solution file not found: {path}")
-        return path
-    path = Path(run_dir) / "solutions" / f"{solution}.json"
-    if not path.exists():
-        have = sorted(p.stem for p in (Path(run_dir) / "solutions").glob("*.json") if p.stem != "pareto")
-        hint = f"; solutions in {run_dir}: {', '.join(have)}" if have else "; run puzzle solve first"
-        raise PuzzleError(f"no solution {solution!r} in {run_dir}{hint}")
-    return path
-
-
-def realize(run_dir: Path = Path("runs/default"), solution: str = "best", out: Path | None = None,
+def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, out: Path | None = None,
             parent: Path | None = None) -> Path:
     """Assemble the child of a solution from the block library and save it as a checkpoint.
 
     Args:
         run_dir: the run directory (holds the library and the solutions)
-        solution: a solution name under run_dir/solutions/ or a path to a solution .json
+        solution: a solution name under run_dir/solutions/ or a path to a solution .json (default: the best
+            one the last `puzzle solve` wrote, else the run's only solution)
         out: where to write the child (default: run_dir/children/SOLUTION)
         parent: the parent model (default: the one recorded in the run directory)
     """
     from puzzle.library.store import variant_state
 
-    run_dir = Path(run_dir)
-    src = solution_path(run_dir, solution)
+    run = RunDir(run_dir)
+    src = run.find_solution(solution)
     payload = read_json(src)
     if "block_configs" not in payload:
         raise PuzzleError(f"{src}: not a solution file (no 'block_configs')")
-    out = Path(out) if out is not None else run_dir / "children" / src.stem
+    out = Path(out) if out is not None else run.child(src.stem)
     digest = hashlib.sha256(json.dumps(payload["block_configs"], sort_keys=True).encode()).hexdigest()
     done = out / "realized.json"
     if done.exists() and read_json(done).get("block_configs_sha256") == digest:
         print(f"{out} already holds this solution; nothing to do")
         return out
 
-    info = resolve_run_info(run_dir, parent)
+    info = run.resolve_info(parent)
     parent_model = to_puzzle(load_model(info["parent"]))
     cfg = parent_model.config
     blocks = parse_block_configs(payload["block_configs"], cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers)

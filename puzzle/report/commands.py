@@ -7,7 +7,7 @@ from typing import Any
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_text, read_json
-from puzzle.run_dir import read_run_info
+from puzzle.run_dir import RunDir
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -18,63 +18,71 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
     return str(value)
 
 
-def _solutions_section(run_dir: Path) -> list[str]:
+def _solutions_section(run: RunDir) -> list[str]:
     lines = ["## Solutions (predicted on the hardware profile)", "",
              "| solution | profile | objective | speedup | throughput tok/s | memory GiB | params | status |",
              "|---|---|---|---|---|---|---|---|"]
     found = False
-    for path in sorted((run_dir / "solutions").glob("*.json")):
-        if path.stem == "pareto":
-            continue
-        s = read_json(path)
+    for name in run.solution_names():
+        s = read_json(run.solution(name))
         p = s.get("predicted", {})
         found = True
-        lines.append(f"| {path.stem} | {s.get('profile', '–')} | {_fmt(s.get('objective'))} | {_fmt(p.get('speedup'), '.2f')}x "
+        lines.append(f"| {name} | {s.get('profile', '–')} | {_fmt(s.get('objective'))} | {_fmt(p.get('speedup'), '.2f')}x "
                      f"| {_fmt(p.get('throughput'), ',.0f')} | {_fmt(p.get('memory_gib'), '.2f')} "
                      f"| {_fmt(p.get('params'), ',')} | {s.get('status', '–')} |")
     return lines + [""] if found else []
 
 
-def _evaluation_section(run_dir: Path) -> list[str]:
-    rows = [read_json(p) for p in sorted((run_dir / "eval").glob("*.json"))]
+def _predicted_speedup(row: dict[str, Any], parent_row: dict[str, Any]) -> float | None:
+    """The speedup `evaluate` predicted from the run's costs table (the one solve used); for results
+    written before evaluate recorded it, the ratio of the two rows' predicted throughputs."""
+    pred, parent_pred = row.get("predicted", {}), parent_row.get("predicted", {})
+    if "speedup" in pred:
+        return pred["speedup"]
+    if pred.get("throughput_tokens_s") and parent_pred.get("throughput_tokens_s"):
+        return pred["throughput_tokens_s"] / parent_pred["throughput_tokens_s"]
+    return None
+
+
+def _evaluation_section(run: RunDir) -> list[str]:
+    rows = [read_json(run.eval_result(name)) for name in run.eval_names()]
     if not rows:
         return []
     lines = ["## Evaluation against the parent", "",
              "| model | params | val ppl | KL to parent | top-1 agreement | MC acc (norm) | prefill tok/s | decode tok/s | predicted speedup |",
              "|---|---|---|---|---|---|---|---|---|"]
-    parent_pred = next((r.get("predicted", {}) for r in rows if r.get("name") == "parent"), {})
+    parent_row = next((r for r in rows if r.get("name") == "parent"), {})
     measured = {r.get("name"): r["measured"] for r in rows if r.get("measured")}
     borrowed = False
     for r in sorted(rows, key=lambda r: (r.get("name") != "parent", r.get("name"))):
         v, m = r.get("validation", {}), r.get("measured", {})
-        if not m and f"{r.get('name')}+gkd" in measured:  # same architecture, so the same speed
-            m, borrowed = measured[f"{r.get('name')}+gkd"], True
+        after_gkd = RunDir.gkd_name(str(r.get("name")))
+        if not m and after_gkd in measured:  # same architecture, so the same speed
+            m, borrowed = measured[after_gkd], True
         mc = next(iter(r.get("multiple_choice", {}).values()), {})
         mc_text = f"{mc['acc']:.3f} ({mc['acc_norm']:.3f})" if mc else "–"
-        pred = r.get("predicted", {})
-        speedup = None
-        if pred.get("throughput_tokens_s") and parent_pred.get("throughput_tokens_s"):
-            speedup = pred["throughput_tokens_s"] / parent_pred["throughput_tokens_s"]
+        speedup = _predicted_speedup(r, parent_row)
         lines.append(f"| {r.get('name')} | {r.get('params', 0) / 1e6:.1f}M | {_fmt(v.get('perplexity'), '.3f')} "
                      f"| {_fmt(v.get('kl'))} | {_fmt(v.get('top1_agreement'), '.3f')} | {mc_text} "
                      f"| {_fmt(m.get('prefill_tokens_per_s'), ',.0f')} | {_fmt(m.get('decode_tokens_per_s'), ',.0f')} "
                      f"| {_fmt(speedup, '.2f')}{'x' if speedup else ''} |")
     notes = ["", "KL and agreement are per token on the validation blocks; tokens/s measured on this machine;"
-             " the predicted speedup is the roofline throughput ratio to the parent on the hardware profile."]
+             " the predicted speedup is the throughput ratio to the parent from the run's costs table for the"
+             " hardware profile (the one solve used; the roofline for a model of another shape than the parent)."]
     if borrowed:
         notes.append("A model before GKD shows the tokens/s measured after GKD: GKD changes weights, not shapes.")
     return lines + notes + [""]
 
 
-def _architectures_section(run_dir: Path) -> list[str]:
+def _architectures_section(run: RunDir) -> list[str]:
     lines = []
-    for arch in sorted((run_dir / "children").glob("*/architecture.md")):
+    for arch in sorted(run.children.glob("*/architecture.md")):
         lines += [f"## Architecture of `{arch.parent.name}`", "", arch.read_text(), ""]
     return lines
 
 
-def _stages_section(run_dir: Path) -> list[str]:
-    path = run_dir / "pipeline.json"
+def _stages_section(run: RunDir) -> list[str]:
+    path = run.ledger
     if not path.exists():
         return []
     ledger = read_json(path)
@@ -93,16 +101,16 @@ def report(run_dir: Path = Path("runs/default")) -> Path:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PuzzleError(f"run directory not found: {run_dir}")
-    info = read_run_info(run_dir)
+    run = RunDir(run_dir)
+    info = run.info()
     lines = [f"# Puzzle run `{run_dir.name}`", ""]
     if info:
         lines += [f"Parent: `{info.get('parent')}`; search space: `{info.get('search_space', '–')}`.", ""]
-    pareto = run_dir / "solutions" / "pareto.png"
-    if pareto.exists():
-        shutil.copyfile(pareto, run_dir / "pareto.png")
-        lines += ["## Pareto frontier", "", "![quality vs predicted speedup](pareto.png)", ""]
-    lines += _solutions_section(run_dir) + _evaluation_section(run_dir) + _architectures_section(run_dir)
-    lines += _stages_section(run_dir)
-    out = atomic_write_text(run_dir / "report.md", "\n".join(lines))
+    if run.pareto_png.exists():
+        shutil.copyfile(run.pareto_png, run.report_pareto)
+        lines += ["## Pareto frontier", "", f"![quality vs predicted speedup]({run.report_pareto.name})", ""]
+    lines += _solutions_section(run) + _evaluation_section(run) + _architectures_section(run)
+    lines += _stages_section(run)
+    out = atomic_write_text(run.report, "\n".join(lines))
     print(f"wrote {out}")
     return out

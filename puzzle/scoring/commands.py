@@ -29,7 +29,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle
-from puzzle.run_dir import resolve_run_info
+from puzzle.run_dir import RunDir, resolve_run_info
 from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
 from puzzle.search_space import Variant, load_search_space
 
@@ -37,13 +37,12 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 DEFAULT_SPACE = "llama_default"
-SCORES_DIR = "scores"
 COLUMNS = ["layer", "kind", "variant", "kl", "lm_loss", "top1_agreement", "cosine", "tokens"]
 PARENT_KEY = "parent"  # the partial log's key for the parent's own per-batch metrics
 
 
 def scores_dir(run_dir: str | Path) -> Path:
-    return Path(run_dir) / SCORES_DIR
+    return RunDir(run_dir).scores
 
 
 def _fingerprint(settings: dict[str, Any]) -> str:
@@ -158,7 +157,7 @@ def score(
     rows = [{"layer": v.layer, "kind": v.kind, "variant": v.name, **results.total(key_of(v), n_batches).means()}
             for v in variants]
     parent_metrics = results.total(PARENT_KEY, n_batches).means()
-    table = write_table(pd.DataFrame(rows, columns=COLUMNS), out_dir / "scores")
+    table = write_table(pd.DataFrame(rows, columns=COLUMNS), RunDir(run_dir).scores_table)
     atomic_write_json(out_dir / "scores.json", {
         "parent": str(info["parent"]),
         "search_space": space.name,

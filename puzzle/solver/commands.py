@@ -10,7 +10,9 @@ import pandas as pd
 from puzzle.errors import PuzzleError
 from puzzle.units import parse_count
 from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
-from puzzle.profiling.costs import load_costs
+from puzzle.profiling.costs import costs_path, load_costs
+from puzzle.profiling.hardware import profile_name
+from puzzle.run_dir import RunDir
 from puzzle.solver.mip import Solution
 from puzzle.solver.problem import FixedCosts, Constraints, SolverProblem, Workload, problem_from_tables
 
@@ -44,10 +46,13 @@ def _fixed_costs(meta: dict[str, Any], where: str) -> FixedCosts:
 
 def load_problem(run_dir: Path, budget: str, metric: str = "kl", batch_size: int | None = None) -> SolverProblem:
     """The problem for one profile: `scores/scores.parquet` joined with `costs/<budget>.parquet`."""
-    run_dir = Path(run_dir)
-    scores = read_table(run_dir / "scores" / "scores.parquet")
+    scores = read_table(RunDir(run_dir).scores_table.with_suffix(".parquet"))
     costs, meta = load_costs(run_dir, budget)
-    return problem_from_meta(scores, costs, meta, metric, batch_size, where=str(run_dir / "costs" / f"{budget}.json"))
+    return problem_from_meta(scores, costs, meta, metric, batch_size, where=_costs_json(run_dir, budget))
+
+
+def _costs_json(run_dir: Path, budget: str) -> str:
+    return str(costs_path(run_dir, profile_name(budget)).with_suffix(".json"))
 
 
 def problem_from_meta(
@@ -173,16 +178,15 @@ def solve(
         time_limit_s: per-solve time limit; a stopped search reports its incumbent and gap
         name: solution name (solutions/<name>.json); default: the budget's name
     """
-    run_dir = Path(run_dir)
-    scores = read_table(run_dir / "scores" / "scores.parquet")
+    run = RunDir(run_dir)
+    scores = read_table(run.scores_table.with_suffix(".parquet"))
     costs, meta = load_costs(run_dir, budget)
-    where = str(run_dir / "costs" / f"{budget}.json")
+    where = _costs_json(run_dir, budget)
     problems = [problem_from_meta(scores, costs, meta, metric, where=where)]
     if batch_sizes:
         problems = [problem_from_meta(scores, costs, meta, metric, b, where=where) for b in dict.fromkeys(batch_sizes)]
     defaults = profile_constraints(meta, budget)
     flags = dict(speedup=speedup, throughput=throughput, memory_gib=memory_gib, latency_ms=latency_ms, max_params=max_params)
-    out_dir = run_dir / "solutions"
 
     if sweep is not None:
         from puzzle.solver.pareto import parse_sweep, sweep_speedups, write_pareto
@@ -194,7 +198,7 @@ def solve(
         speedups = parse_sweep(sweep)
         constraints = replace(merge_constraints(defaults, **flags), speedup=None, throughput=None)
         points, fastest = sweep_speedups(problems, constraints, speedups, backend, time_limit_s)
-        json_path, png_path = write_pareto(out_dir, points, problems[0], constraints, backend, fastest)
+        json_path, png_path = write_pareto(run.root, points, problems[0], constraints, backend, fastest)
         for p in points:
             if p["feasible"]:
                 print(f"speedup >= {p['target_speedup']:.3f}: summed {metric} {p['objective']:.6g} at {p['speedup']:.3f}x ({p['status']})")
@@ -218,13 +222,14 @@ def solve(
     base = name or budget
     paths = []
     for rank, sol in enumerate(solutions, start=1):
-        sol_name = base if rank == 1 else f"{base}-{rank}"
+        sol_name = RunDir.solution_name(base, rank)
         payload = sol.to_dict()
         payload["name"] = sol_name
         payload["rank"] = rank
         floor = sol.problem.throughput_floor(constraints)
         payload["constraints"] = {**constraints.to_dict(), **({"throughput_floor": floor} if floor else {})}
-        paths.append(atomic_write_json(out_dir / f"{sol_name}.json", payload))
+        paths.append(atomic_write_json(run.solution(sol_name), payload))
+    run.record_solve([p.stem for p in paths])
     print(layer_table(solutions[0]))
     for sol, path in zip(solutions, paths):
         print(f"{path.stem}: {summary_line(sol)}")

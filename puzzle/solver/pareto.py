@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_bytes, atomic_write_json
+from puzzle.run_dir import RunDir
 from puzzle.solver.mip import explain_infeasible, find_solution, optimise
 from puzzle.solver.problem import Constraints, SolverProblem
 
@@ -102,14 +103,14 @@ def frontier(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def write_pareto(
-    out_dir: Path,
+    run_dir: Path,
     points: Sequence[dict[str, Any]],
     problem: SolverProblem,
     constraints: Constraints,
     backend: str,
     fastest: float | None = None,
 ) -> tuple[Path, Path]:
-    """pareto.json (every point, the frontier, the context) and pareto.png in `out_dir`."""
+    """The run's solutions/pareto.json (every point, the frontier, the context) and pareto.png."""
     front = frontier(points)
     payload = {
         "profile": problem.profile,
@@ -123,8 +124,9 @@ def write_pareto(
         "points": list(points),
         "frontier": [p["target_speedup"] for p in front],
     }
-    json_path = atomic_write_json(Path(out_dir) / "pareto.json", payload)
-    png_path = plot_pareto(Path(out_dir) / "pareto.png", points, front, problem)
+    run = RunDir(run_dir)
+    json_path = atomic_write_json(run.pareto_json, payload)
+    png_path = plot_pareto(run.pareto_png, points, front, problem)
     return json_path, png_path
 
 

@@ -1,0 +1,85 @@
+"""The stage registry: every command of the CLI and every stage `puzzle run` plans, in one table.
+
+An entry names its function lazily ("module:function"), so `puzzle --help` answers without importing
+torch. The function's signature is the interface: its parameters are the CLI flags and the keys of its
+pipeline config section, its defaults are both's defaults.
+
+Adding a stage: write the function, add one `Stage` here. It becomes the command `name` (underscores as
+dashes); with a `section`, a pipeline config section of that name runs it (once, or once per mapping when
+`many`) in registry order, passing the run's common arguments (run_dir, parent, search_space, corpus) it
+accepts. Stages that fan out over models (realize, gkd, baselines, evaluate) are planned in
+`pipeline_stages.py`.
+"""
+
+import importlib
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str  # the function's name; also the ledger's and the planner's key
+    target: str  # "module:function", imported on first use
+    summary: str  # one line for `puzzle --help`
+    section: str | None = None  # the pipeline config section that runs it (None: not planned from a section)
+    always: bool = False  # planned with its defaults when the config has no section for it
+    many: bool = False  # the section may be a list of mappings, one step each
+    command: bool = True  # a CLI command
+
+    @property
+    def command_name(self) -> str:
+        return self.name.replace("_", "-")
+
+    def load(self) -> Callable[..., Any]:
+        module_name, fn_name = self.target.split(":")
+        return getattr(importlib.import_module(module_name), fn_name)
+
+
+# Pipeline order (DESIGN.md); the CLI lists commands in this order.
+STAGES: tuple[Stage, ...] = (
+    Stage("convert", "puzzle.model.convert:convert",
+          "load a parent (HF dir, safetensors or GGUF) and write it as an all-parent heterogeneous child"),
+    Stage("prepare_data", "puzzle.data.prepare:prepare_data",
+          "tokenise a corpus into packed train/validation blocks in the run directory",
+          section="prepare_data", always=True),
+    Stage("importance", "puzzle.pruning.commands:importance",
+          "Minitron activation importance of heads, neurons, channels and layers (forward only)",
+          section="importance"),
+    Stage("build_library", "puzzle.library.commands:build_library",
+          "block library: pruned initialisation + blockwise local distillation on Ray",
+          section="build_library", always=True),
+    Stage("score", "puzzle.scoring.commands:score",
+          "replace-1-block quality of every library variant (KL, LM loss, agreement)", section="score", always=True),
+    Stage("profile", "puzzle.profiling.commands:profile",
+          "latency and memory of every variant on a hardware profile", section="profile", always=True, many=True),
+    Stage("solve", "puzzle.solver.commands:solve",
+          "MIP: one attention and one FFN variant per layer under a hardware budget", section="solve", many=True),
+    Stage("realize", "puzzle.realize.commands:realize",
+          "assemble a child checkpoint from a solution and the library", section="realize", many=True),
+    Stage("distill", "puzzle.distill.commands:distill",
+          "knowledge distillation of a student from a teacher (Minitron retraining, Puzzle GKD)", section="gkd"),
+    Stage("prune", "puzzle.pruning.commands:prune",
+          "Minitron width/depth pruning to a standard Llama checkpoint", section="baselines", many=True),
+    Stage("build_mc", "puzzle.evaluate.mc:build_mc",
+          "a 4-way cloze task from the run's held-out documents", command=False),
+    Stage("evaluate", "puzzle.evaluate.commands:evaluate",
+          "perplexity, KL, agreement, multiple choice and throughput of a model", section="evaluate"),
+    Stage("report", "puzzle.report.commands:report",
+          "report.md and pareto.png for a run directory", section="report", always=True),
+    Stage("run", "puzzle.pipeline:run", "every stage in order from a YAML config, each resumable"),
+)
+BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
+COMMANDS: dict[str, Stage] = {s.command_name: s for s in STAGES if s.command}
+SECTIONS: tuple[str, ...] = tuple(s.section for s in STAGES if s.section)
+
+
+def stage_functions() -> dict[str, Callable[..., Any]]:
+    """Every pipeline-usable stage function by name (imports them all: torch)."""
+    return {s.name: s.load() for s in STAGES if s.name != "run"}
+
+
+def accepted(fn: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of `values` that `fn` takes as arguments."""
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in params}
