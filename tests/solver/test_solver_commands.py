@@ -8,6 +8,7 @@ import pytest
 from puzzle.cli import main
 from puzzle.io import atomic_write_json, write_table
 from puzzle.model.configuration_puzzle import BlockConfig
+from puzzle.run_dir import RunDir
 from puzzle.solver.commands import merge_constraints
 from puzzle.units import parse_count
 from puzzle.solver.problem import Workload
@@ -94,6 +95,10 @@ def test_num_solutions_are_diverse(run_dir):
         assert sum(x != y for x, y in zip(a, b)) >= 3
     assert [s["rank"] for s in sols] == [1, 2, 3]
     assert sols[0]["objective"] <= sols[1]["objective"] <= sols[2]["objective"]
+    # realize without --solution takes the best of what the last solve wrote
+    assert RunDir(run_dir).find_solution() == run_dir / "solutions" / "div.json"
+    assert solve_cli(run_dir, "--name", "other") == 0
+    assert RunDir(run_dir).find_solution() == run_dir / "solutions" / "other.json"
 
 
 def test_batch_sizes_keep_the_best(run_dir):

@@ -1,0 +1,75 @@
+"""RunDir: the run directory's layout and naming rules, and which solution `realize` takes by default."""
+
+import pytest
+
+from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_json
+from puzzle.run_dir import RunDir
+
+
+def test_layout_is_the_documented_one(tmp_path):
+    """Paths relative to the run's root: existing run directories must keep working, so this is the format."""
+    run = RunDir(tmp_path)
+    rel = lambda p: p.relative_to(tmp_path).as_posix()  # noqa: E731
+    assert {name: rel(getattr(run, name)) for name in (
+        "info_file", "converted_parent", "data", "importance", "library", "scores", "scores_table", "costs_dir",
+        "solutions", "pareto_json", "pareto_png", "latest_solve", "children", "baselines", "eval", "mc_tasks",
+        "ledger", "report", "report_pareto")} == {
+        "info_file": "parent.json", "converted_parent": "parent", "data": "data", "importance": "importance",
+        "library": "library", "scores": "scores", "scores_table": "scores/scores", "costs_dir": "costs",
+        "solutions": "solutions", "pareto_json": "solutions/pareto.json", "pareto_png": "solutions/pareto.png",
+        "latest_solve": "solutions/latest.txt", "children": "children", "baselines": "baselines", "eval": "eval",
+        "mc_tasks": "eval/cloze.jsonl", "ledger": "pipeline.json", "report": "report.md",
+        "report_pareto": "pareto.png"}
+    assert rel(run.costs("h100_80gb")) == "costs/h100_80gb"
+    assert rel(run.solution("fast")) == "solutions/fast.json"
+    assert rel(run.child("fast")) == "children/fast"
+    assert rel(run.baseline("width")) == "baselines/width"
+    assert rel(run.eval_result("fast+gkd")) == "eval/fast+gkd.json"
+    assert rel(RunDir.distilled_model(RunDir.gkd_dir(run.child("fast")))) == "children/fast/gkd/model"
+    run.baseline("width").mkdir(parents=True)
+    assert rel(RunDir.pruning_record(run.baseline("width"))) == "baselines/width/pruning.json"
+    student = tmp_path / "students" / "s.safetensors"
+    student.parent.mkdir()
+    student.write_bytes(b"")
+    assert rel(RunDir.pruning_record(student)) == "students/pruning.json"  # beside a single weights file
+    assert rel(run.distill_out(student)) == "distill/s"
+
+
+def test_naming_rules():
+    assert [RunDir.solution_name("fast", k) for k in (1, 2, 3)] == ["fast", "fast-2", "fast-3"]
+    assert RunDir.gkd_name("fast") == "fast+gkd"
+
+
+def _solutions(run: RunDir, *names: str) -> None:
+    for name in names:
+        atomic_write_json(run.solution(name), {"block_configs": [], "name": name})
+
+
+def test_find_solution_without_a_name(tmp_path):
+    run = RunDir(tmp_path)
+    with pytest.raises(PuzzleError, match="run puzzle solve first"):
+        run.find_solution()
+    _solutions(run, "only")
+    atomic_write_json(run.pareto_json, {"points": []})  # the sweep's file is not a solution
+    assert run.solution_names() == ["only"] and run.find_solution() == run.solution("only")
+    _solutions(run, "b", "b-2")
+    with pytest.raises(PuzzleError, match=r"pass --solution NAME") as err:
+        run.find_solution()
+    assert "b-2, b, only" in str(err.value) and "\n" not in str(err.value)
+    run.record_solve(["b", "b-2"])  # what the last solve wrote, best first
+    assert run.find_solution() == run.solution("b")
+    run.solution("b").unlink()  # a stale record is ignored, not followed
+    with pytest.raises(PuzzleError, match="b-2, only"):
+        run.find_solution()
+
+
+def test_find_solution_by_name_or_path(tmp_path):
+    run = RunDir(tmp_path)
+    _solutions(run, "a")
+    assert run.find_solution("a") == run.solution("a")
+    assert run.find_solution(str(run.solution("a"))) == run.solution("a")
+    with pytest.raises(PuzzleError, match="no solution 'z' .*solutions in .*: a"):
+        run.find_solution("z")
+    with pytest.raises(PuzzleError, match="solution file not found"):
+        run.find_solution(str(tmp_path / "elsewhere.json"))
