@@ -29,6 +29,7 @@ from puzzle.io import JsonlLog, atomic_write_json, atomic_write_text, read_json 
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle  # noqa: E402
 from puzzle.pruning.commands import importance, prune  # noqa: E402
 from puzzle.pruning.shape import LlamaShape, layers_for_target  # noqa: E402
+from puzzle.run_dir import RunDir  # noqa: E402
 
 PARENT = REPO / "assets" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS = REPO / "assets" / "corpus" / "python-docs"
@@ -95,12 +96,12 @@ def main() -> None:
     records = {}
     for name, how in students.items():
         out, wall[f"prune_{name}"] = timed(prune, PARENT, run_dir / "students" / name, run_dir=run_dir, **how)
-        records[name] = read_json(out / "pruning.json")
+        records[name] = read_json(RunDir.pruning_record(out))
 
     # width pruning without the RMSNorm rescale (as in the paper), to show what the rescale is worth
     out, wall["prune_width_no_rescale"] = timed(prune, PARENT, run_dir / "students" / "width_no_rescale",
                                                 run_dir=run_dir, rescale_norms=False, **students["width"])
-    records["width_no_rescale"] = read_json(out / "pruning.json")
+    records["width_no_rescale"] = read_json(RunDir.pruning_record(out))
 
     # the parent on the same validation blocks (its KL to itself is 0, its agreement 1)
     parent = to_puzzle(load_model(PARENT))
@@ -113,7 +114,7 @@ def main() -> None:
 
     distilled = {}
     for name in students:
-        out = run_dir / "distill" / name
+        out = RunDir(run_dir).distill_out(run_dir / "students" / name)
         _, wall[f"distill_{name}"] = timed(
             distill, teacher=PARENT, student=run_dir / "students" / name, run_dir=run_dir, out=out,
             steps=args.steps, batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr,

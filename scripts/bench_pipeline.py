@@ -19,6 +19,7 @@ import transformers
 
 from puzzle.io import atomic_write_json, atomic_write_text, read_json
 from puzzle.pipeline import run
+from puzzle.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 GOAL_S = 20 * 60
@@ -33,8 +34,9 @@ def main() -> None:
     if args.run_dir.exists() and not args.resume:
         shutil.rmtree(args.run_dir)
     run(args.config, run_dir=args.run_dir)
-    ledger = read_json(args.run_dir / "pipeline.json")
-    evals = {p.stem: read_json(p) for p in sorted((args.run_dir / "eval").glob("*.json"))}
+    rd = RunDir(args.run_dir)
+    ledger = read_json(rd.ledger)
+    evals = {name: read_json(rd.eval_result(name)) for name in rd.eval_names()}
     payload = {
         "config": str(args.config.relative_to(REPO) if args.config.is_relative_to(REPO) else args.config),
         "stages": {k: v["wall_s"] for k, v in ledger.items()},
@@ -77,7 +79,7 @@ def render(p: dict) -> str:
         mc = "–" if not e.get("mc") else f"{e['mc']['acc']:.3f} ({e['mc']['acc_norm']:.3f})"
         decode = "–" if e.get("decode_tokens_per_s") is None else f"{e['decode_tokens_per_s']:.1f}"
         lines.append(f"| {name} | {e['params'] / 1e6:.1f}M | {kl} | {e['perplexity']:.2f} | {agree} | {mc} | {decode} |")
-    if any(e.get("decode_tokens_per_s") is None and f"{n}+gkd" in p["models"] for n, e in p["models"].items()):
+    if any(e.get("decode_tokens_per_s") is None and RunDir.gkd_name(n) in p["models"] for n, e in p["models"].items()):
         lines += ["", "A model before GKD is not timed on the CPU: GKD changes its weights, not its shapes, so its"
                   " speed is the GKD model's."]
     return "\n".join(lines) + "\n"

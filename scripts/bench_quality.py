@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from puzzle.data.blocks import load_meta
 from puzzle.errors import PuzzleError
 from puzzle.evaluate.commands import evaluate
 from puzzle.evaluate.mc import build_mc
@@ -30,6 +31,7 @@ from puzzle.pipeline import run as run_pipeline
 from puzzle.profiling.hardware import load_profile
 from puzzle.profiling.roofline import predict_model_costs
 from puzzle.pruning.shape import LlamaShape
+from puzzle.run_dir import RunDir
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smollm2_quick.yaml"
@@ -121,12 +123,12 @@ def main() -> None:
     torch.manual_seed(0)
     walls: dict[str, float] = {}
     run_dir = timed(walls, "pipeline (quick config; complete stages skip)", run_pipeline, CONFIG)
-    info = read_json(run_dir / "parent.json")
+    info = RunDir(run_dir).info()
     parent = Path(info["parent"])
     parent_cfg = load_config(parent)
     profile = load_profile(BUDGET)
     parent_tp = throughput(puzzle_config_from(parent_cfg), profile)
-    seq_len = read_json(run_dir / "data" / "meta.json")["seq_len"]
+    seq_len = load_meta(run_dir)["seq_len"]
     gkd_tokens = args.gkd_steps * args.gkd_batch * seq_len
     gkd = dict(steps=args.gkd_steps, batch_size=args.gkd_batch, lr=1e-4, warmup_steps=4, val_every=args.gkd_steps,
                val_blocks=8, checkpoint_every=args.gkd_steps)
@@ -195,7 +197,7 @@ def main() -> None:
 def quick_config_walls(run_dir: Path) -> dict:
     """Each stage's wall time as the pipeline's ledger recorded it when the stage actually ran (a rerun
     that skips a stage keeps the original time), so this is the quick config's end-to-end cost."""
-    ledger = read_json(run_dir / "pipeline.json")
+    ledger = read_json(RunDir(run_dir).ledger)
     return {"stages": {k: v["wall_s"] for k, v in ledger.items()},
             "total_s": round(sum(v["wall_s"] for v in ledger.values()), 1),
             "first_finished_at": min(v["finished_at"] for v in ledger.values()),
