@@ -61,6 +61,9 @@ def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsy
     assert {"parent", "fast", "fast+gkd", "width", "width+gkd"} <= evaluated
     child = json.loads((run / "eval" / "fast+gkd.json").read_text())
     assert child["validation"]["kl"] >= 0 and child["predicted"]["throughput_tokens_s"] > 0
+    # one prediction per child: evaluate's is the one solve made from the same costs table
+    solution = json.loads((run / "solutions" / "fast.json").read_text())
+    assert child["predicted"]["speedup"] == pytest.approx(solution["predicted"]["speedup"], rel=1e-9)
     # speed is measured once per architecture (after GKD); the report shows it for the model before GKD too
     assert "measured" in child and "measured" not in json.loads((run / "eval" / "fast.json").read_text())
     evaluation = report.split("## Evaluation against the parent", 1)[1]
