@@ -80,8 +80,8 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
 
     run_dir = Path(run_dir)
     name = name or Path(model).name
-    if parent is None and RunDir(run_dir).info().get("parent"):
-        parent = Path(RunDir(run_dir).info()["parent"])
+    if parent is None and (recorded := RunDir(run_dir).info().get("parent")):
+        parent = Path(recorded)
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = load_model(model)
