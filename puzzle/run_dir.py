@@ -171,7 +171,8 @@ class RunDir:
             return self.solution(have[0])
         if not have:
             raise PuzzleError(f"no solution in {self.root}{listing}")
-        raise PuzzleError(f"which solution? solve recorded none as its latest in {self.root}{listing}; pass --solution NAME")
+        raise PuzzleError(f"which solution? solve recorded none as its latest in {self.root}{listing}; "
+                          "pass --solution NAME")
 
     # ---- models -------------------------------------------------------------------------------------
     @property

@@ -54,7 +54,8 @@ def predicted_costs(run_dir: Path, model_config: Any, budget: str) -> dict[str, 
             pass
     figures = predict_model_costs(config, config.blocks, load_profile(budget))
     reference = meta.get("parent_roofline", {}).get("throughput_tokens_s")
-    return {"source": "roofline", **figures, "speedup": figures["throughput_tokens_s"] / reference if reference else None}
+    speedup = figures["throughput_tokens_s"] / reference if reference else None
+    return {"source": "roofline", **figures, "speedup": speedup}
 
 
 def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs/default"), val_blocks: int = 32,
