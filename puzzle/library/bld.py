@@ -18,6 +18,8 @@ its weights, so its BLD loss is least squares: it accumulates the normal equatio
 (and the calibration tokens) and is solved exactly at the end instead of taking AdamW steps.
 """
 
+import hashlib
+import json
 import math
 import os
 import socket
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.errors import PuzzleError
+from puzzle.io import read_json
 from puzzle.library import store
 from puzzle.library.init import FFNCalibration, init_attention, init_ffn
 from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
@@ -74,6 +77,21 @@ class BLDSettings:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def digest(self, run_dir: str | Path) -> str:
+        """sha256 of what a trained variant's weights depend on besides the parent and the variant itself:
+        every setting but `log_every` (it changes the log, not the weights), the prepared data, and the
+        Minitron importance's settings when FFNs may be initialised from it. A library entry trained under
+        another digest is retrained (store.is_done); workers and threads change no weight, so no digest."""
+        from puzzle.data.blocks import META_NAME, data_dir
+        from puzzle.pruning.importance import has_importance, load_importance_settings
+
+        settings = {k: v for k, v in self.to_dict().items() if k != "log_every"}
+        meta = data_dir(run_dir) / META_NAME  # absent when a caller hands build_layer_group its blocks directly
+        settings["data"] = read_json(meta).get("fingerprint") if meta.exists() else None
+        if self.ffn_init != "channel_contribution" and has_importance(run_dir):
+            settings["importance"] = load_importance_settings(run_dir)
+        return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # ----- modules ---------------------------------------------------------------------------------------
@@ -402,7 +420,8 @@ def build_layer_group(
     neuron_scores: dict[int, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Initialise, train and store every variant of `layers` the library does not hold yet.
+    """Initialise, train and store every variant of `layers` the library does not hold yet (or holds trained
+    under other settings: see `BLDSettings.digest`).
 
     Writes each finished variant (file, then manifest record) as soon as it is done; parent and no-op
     variants get a record with their measured loss and no file. `parent` is put in eval mode with its
@@ -412,7 +431,8 @@ def build_layer_group(
     log = store.library_log(run_dir)
     manifest = store.read_manifest(run_dir)
     variants = group_variants(space, layers)
-    todo = [v for v in variants if not store.is_done(run_dir, manifest, v.layer, v.kind, v.name)]
+    digest = settings.digest(run_dir)
+    todo = [v for v in variants if not store.is_done(run_dir, manifest, v.layer, v.kind, v.name, settings_sha256=digest)]
     summary: dict[str, Any] = {"layers": list(layers), "skipped": len(variants) - len(todo), "trained": 0, "recorded": 0}
     if not todo:
         return summary
@@ -511,7 +531,8 @@ def build_layer_group(
         loss_final = normalised_mse(run.variant, run.child, run.frozen_ffn, eval_batches)
         params = sum(p.numel() for p in run.child.parameters())
         record = {**_base_record(run.variant), "init": run.init, "trainer": run.trainer, "tokens": run.tokens, "steps": run.steps,
-                  "loss_init": run.loss_init, "loss_final": loss_final, "params": params, "flops": run.flops}
+                  "loss_init": run.loss_init, "loss_final": loss_final, "params": params, "flops": run.flops,
+                  "settings_sha256": digest}
         run.wall_s += time.perf_counter() - t0
         record["wall_s"] = run.wall_s
         record = store.write_variant(run_dir, record, run.child.state_dict())

@@ -10,11 +10,11 @@ from puzzle.io import read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
 from puzzle.library.ray_jobs import GroupJob, layer_costs, run_build, split_layers
-from puzzle.run_dir import run_parent
+from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
 
-def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, force: bool) -> None:
+def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, digest: str, force: bool) -> None:
     manifest = store.read_manifest(run_dir)
     drop = []
     if force:
@@ -25,9 +25,19 @@ def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDS
             "use another --run-dir or pass --force to rebuild it"
         )
     header = {"parent": str(parent), "search_space": space_name, "settings": settings.to_dict()}
-    store.update_manifest(run_dir, header=header, drop=drop)
+    store.update_manifest(run_dir, _stamp_legacy(manifest, settings, digest), header=header, drop=drop)
 
 
+def _stamp_legacy(manifest: dict[str, Any], settings: BLDSettings, digest: str) -> list[dict[str, Any]]:
+    """Trained entries of a library written before entries carried their settings' digest: the header's
+    settings were theirs, so when those equal today's they are stamped with today's digest (not retrained)."""
+    if manifest.get("settings") != settings.to_dict():
+        return []
+    return [{**r, "settings_sha256": digest} for r in manifest["variants"].values()
+            if r.get("source") == "trained" and "settings_sha256" not in r]
+
+
+@writes_run_dir("build_library")
 def build_library(
     run_dir: Path = Path("runs/default"),
     parent: Path | None = None,
@@ -71,7 +81,8 @@ def build_library(
         address: Ray cluster address; default: RAY_ADDRESS, else a local embedded Ray
         max_retries: times Ray reruns a group whose worker died
         seed: data order and held-out sample
-        force: retrain every variant even if the library already holds it
+        force: retrain every variant even if the library already holds it (a variant trained under other
+            settings is retrained without it; workers, threads, ray, address and max_retries change no weight)
     """
     run_dir = Path(run_dir).resolve()
     parent_path, space_name = run_parent(run_dir, parent, search_space)  # absolute: Ray workers may start elsewhere
@@ -85,6 +96,7 @@ def build_library(
     from puzzle.model.checkpoint import load_config
 
     load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
+    digest = settings.digest(run_dir)
     space_path = resolve_space_path(space_name)
     space_raw = read_yaml(space_path)
     parent_config = load_config(parent_path)
@@ -94,7 +106,7 @@ def build_library(
     bad = [i for i in chosen if i not in all_layers]
     if bad:
         raise PuzzleError(f"layers {bad} are outside the parent's {space.num_layers} layers")
-    _check_manifest(run_dir, parent_path, space.name, settings, force)
+    _check_manifest(run_dir, parent_path, space.name, settings, digest, force)
 
     jobs = [
         GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
@@ -103,7 +115,7 @@ def build_library(
     use_ray = ray and workers > 0
     t0 = time.perf_counter()
     results = run_build(jobs, space, run_dir, use_ray, address or os.environ.get("RAY_ADDRESS"), max_retries)
-    missing = store.missing_variants(run_dir, group_variants(space, chosen))
+    missing = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     if missing:
         names = ", ".join(store.key_of(v) for v in missing[:5])
         raise PuzzleError(f"{len(missing)} variants are still missing ({names}, ...); rerun puzzle build-library")

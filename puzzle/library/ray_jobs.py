@@ -133,7 +133,7 @@ def _already_done(job: GroupJob) -> dict[str, Any] | None:
     from puzzle.model.checkpoint import load_config
 
     variants = group_variants(build_search_space(job.space_raw, load_config(job.parent), job.space_name), job.layers)
-    if store.missing_variants(job.run_dir, variants):
+    if store.missing_variants(job.run_dir, variants, settings_sha256=BLDSettings(**job.settings).digest(job.run_dir)):
         return None
     return {"layers": list(job.layers), "skipped": len(variants), "trained": 0, "recorded": 0}
 

@@ -9,7 +9,9 @@ Layout under `runs/R/library/`:
 
 `manifest["variants"]` maps "L003/ffn/ffn_768" to a record: layer, kind, variant, source
 ("trained" | "parent" | "noop"), init, tokens, steps, loss_init, loss_final, params, flops, wall_s, and for
-trained variants file, bytes and sha256. Parent-identical variants and no-ops have no file.
+trained variants file, bytes, sha256 and settings_sha256 (the digest of the settings that trained it,
+`BLDSettings.digest`). Parent-identical variants and no-ops have no file. The header's `settings` are the
+last build's; each trained entry's digest is what decides whether a rerun reuses it.
 
 A variant counts as done only when the manifest holds it and, for a trained one, its file exists with the
 recorded hash: the file is written first (temp + rename), the manifest after it, so neither a crash between
@@ -137,23 +139,28 @@ def record_untrained(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> 
     update_manifest(run_dir, records)
 
 
-def is_done(run_dir: str | Path, manifest: dict[str, Any], layer: int, kind: Kind, name: str, check_hash: bool = True) -> bool:
-    """True when the manifest holds the variant and, for a trained one, its file is whole (hash matches)."""
+def is_done(run_dir: str | Path, manifest: dict[str, Any], layer: int, kind: Kind, name: str, check_hash: bool = True,
+            settings_sha256: str | None = None) -> bool:
+    """True when the manifest holds the variant and, for a trained one, its file is whole (hash matches) and,
+    with `settings_sha256`, was trained under those settings (parent and no-op entries have no settings)."""
     record = manifest["variants"].get(variant_key(layer, kind, name))
     if record is None:
         return False
     if record.get("source") in ("parent", "noop"):
         return True
+    if settings_sha256 is not None and record.get("settings_sha256") != settings_sha256:
+        return False
     path = library_dir(run_dir) / record.get("file", "")
     if not path.is_file() or path.stat().st_size != record.get("bytes"):
         return False
     return not check_hash or sha256_file(path) == record.get("sha256")
 
 
-def missing_variants(run_dir: str | Path, variants: Iterable[Variant], check_hash: bool = True) -> list[Variant]:
-    """The variants the library does not (completely) hold yet; empty when the library is complete."""
+def missing_variants(run_dir: str | Path, variants: Iterable[Variant], check_hash: bool = True,
+                     settings_sha256: str | None = None) -> list[Variant]:
+    """The variants the library does not (completely, or under these settings) hold yet; empty when complete."""
     manifest = read_manifest(run_dir)
-    return [v for v in variants if not is_done(run_dir, manifest, v.layer, v.kind, v.name, check_hash)]
+    return [v for v in variants if not is_done(run_dir, manifest, v.layer, v.kind, v.name, check_hash, settings_sha256)]
 
 
 def load_variant(run_dir: str | Path, layer: int, kind: Kind, name: str) -> dict[str, torch.Tensor]:

@@ -36,8 +36,9 @@ def test_cli_builds_a_complete_library_and_a_rerun_only_checks_it(tmp_path, caps
     assert manifest["parent"] == str(parent.resolve()) and manifest["settings"]["tokens_per_block"] == 512
     assert "10 variants" in capsys.readouterr().out
 
-    # no --parent, no --search-space: both come from run/parent.json; nothing is trained again
-    assert main(["build-library", "--run-dir", str(run), "--tokens-per-block", "512", "--no-ray"]) == 0
+    # no --parent, no --search-space: both come from run/parent.json; same settings: nothing is trained again
+    same = [a for a in FAST if a != "tiny" and a != "--search-space"]
+    assert main(["build-library", "--run-dir", str(run), *same, "--no-ray"]) == 0
     assert "0 trained now, 10 already there" in capsys.readouterr().out
     assert manifest_records(run) == manifest["variants"]
 
