@@ -189,10 +189,21 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
     fns = stage_functions()
     steps = plan(cfg, fns)
     check_plan(cfg, steps, fns)
+    if check:
+        _run_steps(cfg, steps, fns, force, check)
+        print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
+        return cfg.run_dir
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    with RunDir(cfg.run_dir).lock("run"):  # one pipeline per run directory; each stage also locks its own
+        started = time.perf_counter()
+        _run_steps(cfg, steps, fns, force, check)
+    print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {RunDir(cfg.run_dir).report}")
+    return cfg.run_dir
+
+
+def _run_steps(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], force: bool, check: bool) -> None:
+    """Each step in order, skipped when the ledger holds it with the same settings (with `check`: only say so)."""
     ledger = Ledger(cfg.run_dir)  # an absent run directory reads as an empty ledger
-    if not check:
-        cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     for i, step in enumerate(steps, 1):
         digest = ledger.key(step.name, _settings(step, fns))
         done = not force and ledger.done(step.name, digest)
@@ -207,8 +218,3 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
         _call(fns[step.fn], step.common, step.args)
         ledger.record(step.name, digest, time.perf_counter() - t0)
         print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)
-    if check:
-        print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
-    else:
-        print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {RunDir(cfg.run_dir).report}")
-    return cfg.run_dir

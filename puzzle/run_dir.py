@@ -19,17 +19,34 @@ naming rule (`name-2` solutions, `+gkd` rows, distill's `out/model`, `pruning.js
     R/eval/cloze.jsonl          the multiple-choice task built from held-out documents
     R/pipeline.json             `puzzle run`'s ledger
     R/report.md, R/pareto.png   report
+    R/.locks/STAGE.lock         the one writer of a stage (`RunDir.lock`): holder pid, host, stage, since
 
 `parent.json`: stages after the first can be called with only `--run-dir`. A run belongs to one parent:
 naming a different one is an error (its library, scores and costs would silently mix two models); the
-search space may change (a new space only adds the variants it lacks).
+search space may change (a new space only adds the variants it lacks). A parent and search space are
+recorded only once they are known good (a supported config, a space that resolves against it), so a
+rejected one never claims the run.
+
+One writer per stage per run directory: `RunDir.lock(stage)` (and the `@writes_run_dir` decorator every
+stage function wears) holds an exclusive `flock` on `.locks/STAGE.lock` for the stage's duration; a second
+writer ends at once with one line naming the holder. The lock dies with its process (kill -9 included), so
+a lock file left by a dead holder blocks nothing. The run directory must be on a filesystem with `flock`
+(local, or NFS v4).
 
 Torch-free (the CLI's `solve` and `report` start in a moment).
 """
 
+import fcntl
+import functools
+import inspect
+import json
+import os
+import socket
+import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator, TypeVar
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_text, atomic_write_json, read_json
@@ -43,6 +60,8 @@ PRUNING_FILE = "pruning.json"  # written beside a pruned model by `puzzle prune`
 GKD_DIR = "gkd"  # the pipeline's GKD output of a model: MODEL/gkd
 DISTILLED_MODEL = "model"  # distill writes its trained model to OUT/model
 GKD_SUFFIX = "+gkd"  # the evaluation name of a model after GKD
+LOCKS = ".locks"
+_HELD: dict[Path, int] = {}  # lock files this process holds -> depth (a lock is reentrant within a process)
 
 
 @dataclass(frozen=True)
@@ -81,8 +100,47 @@ class RunDir:
         info = {**recorded, "parent": str(parent),
                 "search_space": search_space or recorded.get("search_space") or DEFAULT_SPACE}
         if info != recorded:
+            check_parent(parent, info["search_space"])  # validate first, record after
             atomic_write_json(self.info_file, info)
         return info
+
+    # ---- one writer per stage ----------------------------------------------------------------------
+    def lock_file(self, stage: str) -> Path:
+        return self.root / LOCKS / f"{stage}.lock"
+
+    @contextmanager
+    def lock(self, stage: str) -> Iterator[None]:
+        """Hold `stage`'s lock on this run directory, or end in one line naming the holder (pid, host, since).
+
+        An advisory `flock`: the kernel drops it when the holder exits, however it exits, so a lock file left
+        by a dead process is simply taken over. Reentrant within a process (a stage may call another function
+        that locks the same stage)."""
+        path = self.lock_file(stage)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path = path.resolve()  # one key however the run directory is spelled
+        if _HELD.get(path):
+            _HELD[path] += 1
+            try:
+                yield
+            finally:
+                _HELD[path] -= 1
+            return
+        with open(path, "a+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise PuzzleError(f"{self.root}: stage {stage!r} is being written by {_holder(path)}; "
+                                  "wait for it to finish (or stop it) and rerun") from None
+            f.truncate(0)
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "stage": stage,
+                                "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            f.flush()
+            _HELD[path] = 1
+            try:
+                yield
+            finally:
+                del _HELD[path]
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     @property
     def converted_parent(self) -> Path:
@@ -242,6 +300,50 @@ class RunDir:
     @property
     def report_pareto(self) -> Path:
         return self.root / f"{PARETO}.png"
+
+
+def _holder(path: Path) -> str:
+    """'pid P on HOST since T' from a held lock file (written by its holder right after it took the lock)."""
+    try:
+        h = json.loads(path.read_text())
+        return f"pid {h['pid']} on {h['host']} since {h['since']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not written its name yet)"
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def writes_run_dir(stage: str) -> Callable[[F], F]:
+    """Decorate a stage function that writes into its `run_dir` argument: it runs holding `RunDir.lock(stage)`
+    (no lock when `run_dir` is None). The signature, docstring and defaults stay the function's (the CLI and
+    the pipeline read them)."""
+
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            run_dir = bound.arguments.get("run_dir")
+            if run_dir is None:
+                return fn(*args, **kwargs)
+            with RunDir(run_dir).lock(stage):
+                return fn(*args, **kwargs)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def check_parent(parent: str | Path, search_space: str | Path) -> None:
+    """A parent a run can use: its config loads (no weights; a GGUF's metadata only) and is of a supported
+    architecture, and the search space resolves against its shape. One line otherwise."""
+    from puzzle.model.checkpoint import load_config
+    from puzzle.search_space import load_search_space
+
+    load_search_space(search_space, load_config(parent))
 
 
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:

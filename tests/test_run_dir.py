@@ -1,4 +1,12 @@
-"""RunDir: the run directory's layout and naming rules, and which solution `realize` takes by default."""
+"""RunDir: the run directory's layout and naming rules, which solution `realize` takes by default, and the
+one-writer-per-stage lock."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,3 +81,41 @@ def test_find_solution_by_name_or_path(tmp_path):
         run.find_solution("z")
     with pytest.raises(PuzzleError, match="solution file not found"):
         run.find_solution(str(tmp_path / "elsewhere.json"))
+
+
+HOLD = """
+import sys, time
+from puzzle.run_dir import RunDir
+with RunDir(sys.argv[1]).lock("score"):
+    print("held", flush=True)
+    time.sleep(120)
+"""
+
+
+def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(PuzzleError, match=rf"'score'.* pid {holder.pid} on {socket.gethostname()} since "):
+            with RunDir(tmp_path).lock("score"):
+                pass
+        with RunDir(tmp_path).lock("profile"):  # another stage is another writer
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with RunDir(tmp_path).lock("score"):  # a lock dies with its holder
+        assert json.loads(RunDir(tmp_path).lock_file("score").read_text())["pid"] == os.getpid()
+
+
+def test_a_stale_lock_file_does_not_block_and_a_lock_is_reentrant(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    run = RunDir(tmp_path)
+    run.lock_file("score").parent.mkdir(parents=True)
+    run.lock_file("score").write_text(json.dumps({"pid": dead.pid, "host": socket.gethostname(), "stage": "score"}))
+    with run.lock("score"):
+        with run.lock("score"):  # a stage calling another function that locks the same stage
+            pass
+        assert json.loads(run.lock_file("score").read_text())["pid"] == os.getpid()

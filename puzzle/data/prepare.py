@@ -25,6 +25,7 @@ from puzzle.data.blocks import META_NAME, SPLITS, bin_path, data_dir
 from puzzle.data.corpus import Corpus
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
+from puzzle.run_dir import writes_run_dir
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ _CHUNK_DOCS = 32
 _CHUNK_CHARS = 1 << 18
 
 
+@writes_run_dir("prepare_data")
 def prepare_data(
     corpus: Path,
     parent: Path,

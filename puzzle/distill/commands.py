@@ -9,7 +9,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
-from puzzle.run_dir import PRUNING_FILE, RunDir
+from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
 
 from .losses import parse_layer_map
 from .trainer import DistillConfig, Distiller
@@ -32,6 +32,7 @@ def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Pat
     return save_checkpoint(original, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
 
 
+@writes_run_dir("distill")
 def distill(
     teacher: Path | None = None,
     student: Path | None = None,

@@ -8,7 +8,7 @@ from typing import Any
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_model, load_tokenizer, puzzle_config_from
-from puzzle.run_dir import RunDir
+from puzzle.run_dir import RunDir, writes_run_dir
 
 from .mc import evaluate_mc, load_mc_tasks
 from .quality import quality_metrics
@@ -58,6 +58,7 @@ def predicted_costs(run_dir: Path, model_config: Any, budget: str) -> dict[str, 
     return {"source": "roofline", **figures, "speedup": speedup}
 
 
+@writes_run_dir("evaluate")
 def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs/default"), val_blocks: int = 32,
              batch_size: int = 4, mc_tasks: list[str] | None = None, budget: str | None = "h100_80gb",
              measure: bool = True, name: str | None = None, lm_eval_tasks: list[str] | None = None) -> dict[str, Any]:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
+from puzzle.run_dir import writes_run_dir
 
 
 def load_mc_tasks(path: str | Path) -> list[dict[str, Any]]:
@@ -191,6 +192,7 @@ def validation_documents(run_dir: str | Path) -> list[str]:
     return [d for d, v in zip(docs, is_val) if v]
 
 
+@writes_run_dir("build_mc")
 def build_mc(run_dir: Path = Path("runs/default"), items: int = 100, seed: int = 0) -> Path:
     """Write run_dir/eval/cloze.jsonl: a 4-way cloze task from the run's held-out documents."""
     from puzzle.io import atomic_write_text

@@ -32,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
-from puzzle.run_dir import run_parent
+from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.io import atomic_write_json, read_json, read_table, write_table
 from puzzle.model.configuration_puzzle import BlockConfig
 
@@ -101,6 +101,7 @@ def _measure_all(config: Any, variants: list[tuple[str, Any]], profile: Hardware
     return sub, fixed
 
 
+@writes_run_dir("profile")
 def profile(
     run_dir: Path = Path("runs/default"),
     budget: str = "h100_80gb",

@@ -10,6 +10,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_model, load_tokenizer, to_puzzle
+from puzzle.run_dir import writes_run_dir
 
 from .importance import (
     ImportanceSettings,
@@ -27,6 +28,7 @@ from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_p
 from .shape import LlamaShape, layers_for_target, parse_param_count, width_for_target
 
 
+@writes_run_dir("importance")
 def importance(
     parent: Path,
     run_dir: Path | None = None,
@@ -83,6 +85,7 @@ def importance(
     return path.parent
 
 
+@writes_run_dir("prune")
 def prune(
     parent: Path,
     out: Path,

@@ -8,11 +8,12 @@ from puzzle.errors import PuzzleError
 from puzzle.io import read_json
 from puzzle.model import parse_block_configs
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_model, to_puzzle
-from puzzle.run_dir import RunDir
+from puzzle.run_dir import RunDir, writes_run_dir
 
 from .assemble import architecture_table, assemble_child, table_markdown
 
 
+@writes_run_dir("realize")
 def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, out: Path | None = None,
             parent: Path | None = None) -> Path:
     """Assemble the child of a solution from the block library and save it as a checkpoint.

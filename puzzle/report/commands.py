@@ -7,7 +7,7 @@ from typing import Any
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_text, read_json
-from puzzle.run_dir import RunDir
+from puzzle.run_dir import RunDir, writes_run_dir
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -92,6 +92,7 @@ def _stages_section(run: RunDir) -> list[str]:
     return lines + [f"| **total** | **{total:.1f}** |", ""]
 
 
+@writes_run_dir("report")
 def report(run_dir: Path = Path("runs/default")) -> Path:
     """Write run_dir/report.md (and run_dir/pareto.png when a sweep was solved).
 

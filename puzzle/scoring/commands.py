@@ -29,7 +29,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle
-from puzzle.run_dir import RunDir, resolve_run_info
+from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
 from puzzle.search_space import Variant, load_search_space
 
@@ -95,6 +95,7 @@ class ResultLog:
         return sum((self.sums[(key, b)] for b in range(n_batches)), Sums())
 
 
+@writes_run_dir("score")
 def score(
     run_dir: Path = Path("runs/default"),
     parent: Path | None = None,

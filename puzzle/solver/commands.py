@@ -12,7 +12,7 @@ from puzzle.units import parse_count
 from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
 from puzzle.profiling.costs import costs_path, load_costs
 from puzzle.profiling.hardware import profile_name
-from puzzle.run_dir import RunDir
+from puzzle.run_dir import RunDir, writes_run_dir
 from puzzle.solver.mip import Solution
 from puzzle.solver.problem import FixedCosts, Constraints, SolverProblem, Workload, problem_from_tables
 
@@ -142,6 +142,7 @@ def layer_table(solution: Solution) -> str:
     return "\n".join(rows)
 
 
+@writes_run_dir("solve")
 def solve(
     run_dir: Path = Path("runs/default"),
     budget: str = "h100_80gb",
