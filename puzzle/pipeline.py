@@ -35,8 +35,8 @@ from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json, read_yaml
-from puzzle.run_dir import RunDir
-from puzzle.stages import SECTIONS, stage_functions
+from puzzle.run_dir import RunDir, check_parent
+from puzzle.stages import SECTIONS, check_values, stage_functions
 
 REQUIRED = ("parent", "corpus")
 
@@ -111,8 +111,10 @@ def _check_arguments(fn: Callable, args: dict[str, Any], stage: str) -> None:
 def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], inputs: bool = True) -> None:
     """Everything a config can get wrong that needs no computation, found before the first stage runs
     (a typo in the last section must not cost an hour of library building): argument names against each
-    stage's signature, the search space and hardware profiles it names, realize entries naming a solve
-    entry, and (with `inputs`) that the parent and corpus exist."""
+    stage's signature and their values (`stages.check_values`), the search space and hardware profiles it
+    names, realize entries naming a solve entry, and (with `inputs`) the parent (its config only: a
+    supported architecture, the search space resolving against its shape) and the corpus (some readable
+    text)."""
     from puzzle.profiling.hardware import load_profile
     from puzzle.search_space import resolve_space_path
 
@@ -120,9 +122,12 @@ def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], input
         for what, path in (("parent", cfg.parent), ("corpus", cfg.corpus)):
             if not path.exists():
                 raise PuzzleError(f"{what} not found: {path}")
+        check_parent(cfg.parent, cfg.search_space)
+        check_corpus(cfg.corpus)
     read_yaml(resolve_space_path(cfg.search_space))
     for step in steps:
         _check_arguments(fns[step.fn], step.args, step.name)
+        check_values(step.args, step.name)
         if isinstance(step.args.get("budget"), str):
             load_profile(step.args["budget"])  # parses and validates the profile, not just its name
     # solve names its outputs `name` (default: the budget), then name-2, name-3 ... for --num-solutions
@@ -137,6 +142,35 @@ def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], input
         if args["solution"] not in solved:
             raise PuzzleError(f"realize: no solve entry names its solution {args['solution']!r} "
                               f"(solutions: {', '.join(sorted(map(str, solved))) or 'none'})")
+
+
+def check_corpus(path: Path) -> None:
+    """Some corpus file holds text (its start is UTF-8 and not blank; a .jsonl / .parquet yields a document):
+    a wrong directory or a folder of binaries is caught before any stage runs. prepare-data reads the rest."""
+    from puzzle.data.corpus import corpus_files
+
+    files = corpus_files(path)
+    if not any(_readable(f) for f in files):
+        raise PuzzleError(f"corpus {path}: no readable text in its {len(files)} file(s) "
+                          "(UTF-8 text, or .jsonl / .parquet with a 'text' field)")
+
+
+def _readable(path: Path, head: int = 1 << 16) -> bool:
+    from puzzle.data.corpus import TEXT_SUFFIXES, iter_file_documents
+
+    if path.suffix.lower() not in TEXT_SUFFIXES:
+        try:
+            return next(iter_file_documents(path), None) is not None
+        except (PuzzleError, OSError, ValueError):
+            return False
+    data = path.read_bytes()[:head]
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        if err.start < len(data) - 3:  # not just a character cut by `head`
+            return False
+        text = data[: err.start].decode("utf-8-sig")
+    return bool(text.strip()) and "\x00" not in text
 
 
 def _settings(step: Any, fns: dict[str, Callable]) -> dict[str, Any]:

@@ -16,6 +16,8 @@ import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from puzzle.errors import PuzzleError
+
 
 @dataclass(frozen=True)
 class Stage:
@@ -72,6 +74,44 @@ STAGES: tuple[Stage, ...] = (
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
 COMMANDS: dict[str, Stage] = {s.command_name: s for s in STAGES if s.command}
 SECTIONS: tuple[str, ...] = tuple(s.section for s in STAGES if s.section)
+
+
+# Argument names with one meaning in every stage that takes them, and the values that meaning allows:
+# `check_values` holds a config to them before any stage runs (`puzzle run --check`). Each stage function
+# checks its own arguments again when called directly. A value of another type is left to the type check.
+POSITIVE = frozenset({
+    "batch_size", "blocks", "calibration_tokens", "checkpoint_every", "chunk_tokens", "eval_tokens", "ffn_size",
+    "grad_accum", "heads_per_group", "hidden_size", "items", "kv_groups", "latency_ms", "lr", "max_tokens",
+    "memory_gib", "n_samples", "num_solutions", "repeats", "seq_len", "speedup", "steps", "temperature",
+    "throughput", "time_limit_s", "tokens_per_block", "val_blocks", "val_every",
+    "batch_sizes", "block_sizes",  # lists: every element
+})
+NON_NEGATIVE = frozenset({
+    "diversity", "drop_layers", "drop_samples", "hidden_weight", "kl_weight", "lm_weight", "max_retries", "min_lr",
+    "seed", "threads", "warmup_steps", "weight_decay", "workers",
+    "layers",  # a list of layer indices
+})
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_values(args: dict[str, Any], where: str) -> None:
+    """One line for the first argument in `args` whose value its name does not allow (see POSITIVE)."""
+    for name, value in args.items():
+        if name not in POSITIVE and name not in NON_NEGATIVE:
+            continue
+        values = value if isinstance(value, list) else [value]
+        if not all(_number(v) for v in values):
+            continue
+        positive = name in POSITIVE
+        if all(v > 0 if positive else v >= 0 for v in values):
+            continue
+        what = "must be a positive number" if positive else "must not be negative"
+        if isinstance(value, list):
+            what = "must be positive numbers" if positive else "must not be negative"
+        raise PuzzleError(f"config section '{where}': {name} {what}, got {value}")
 
 
 def stage_functions() -> dict[str, Callable[..., Any]]:

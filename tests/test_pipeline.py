@@ -69,14 +69,17 @@ def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsy
     evaluation = report.split("## Evaluation against the parent", 1)[1]
     fast_row = next(line for line in evaluation.splitlines() if line.startswith("| fast |"))
     assert f"| {child['measured']['decode_tokens_per_s']:,.0f} |" in fast_row and "GKD changes weights, not shapes" in report
-    stamps = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()}
+    def stamps_of(run):  # every file but the lock files, which each run takes anew
+        return {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and ".locks" not in p.parts}
+
+    stamps = stamps_of(run)
     capsys.readouterr()
 
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out
     n_steps = len(plan(RunConfig.load(config)))
     assert out.count("complete, skipped") == n_steps
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+    assert stamps_of(run) == stamps
 
     # --check reads the same ledger: nothing left to run; a changed GKD setting reruns GKD and what follows
     assert main(["run", str(config), "--check"]) == 0
@@ -90,7 +93,7 @@ def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsy
     first_gkd = list(states).index("gkd[fast]")
     assert all(v == "complete" for v in list(states.values())[:first_gkd])
     assert all(v == "would run" for v in list(states.values())[first_gkd:])
-    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file()} == stamps
+    assert stamps_of(run) == stamps
 
 
 def check_states(config, capsys) -> dict[str, str]:
@@ -175,3 +178,53 @@ def test_check_names_a_missing_parent(tiny_parent_dir, tmp_path):
     cfg = RunConfig.load(tmp_path / "c.yaml")
     with pytest.raises(PuzzleError, match="parent not found"):
         check_plan(cfg, plan(cfg), stage_functions())
+
+
+def _check(tmp_path, raw, capsys) -> str:
+    """`puzzle run --check` on a config: exit code 2 and the one line it printed."""
+    config = tmp_path / "check.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("mistake, message", [
+    ({"score": {"blocks": 0}}, "config section 'score': blocks must be a positive number, got 0"),
+    ({"build_library": {"tokens_per_block": -256}}, "config section 'build_library': tokens_per_block must be a positive"),
+    ({"build_library": {"workers": -1}}, "workers must not be negative, got -1"),
+    ({"gkd": {"lr": 0.0}}, "config section 'gkd[fast]': lr must be a positive number, got 0.0"),
+    ({"importance": {"block_sizes": [1, 0]}}, "block_sizes must be positive numbers, got [1, 0]"),
+])
+def test_check_catches_bad_argument_values(tiny_parent_dir, tmp_path, capsys, mistake, message):
+    err = _check(tmp_path, {**tiny_config(tmp_path, tiny_parent_dir), **mistake}, capsys)
+    assert message in err, err
+
+
+def test_check_catches_an_unsupported_parent(tiny_parent_dir, tmp_path, capsys):
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=320).save_pretrained(tmp_path / "gpt2")
+    err = _check(tmp_path, {**tiny_config(tmp_path, tiny_parent_dir), "parent": str(tmp_path / "gpt2")}, capsys)
+    assert "unsupported architecture 'gpt2'" in err
+
+
+def test_check_resolves_the_search_space_against_the_parent(tiny_parent_dir, tmp_path, capsys):
+    space = tmp_path / "three_kv.yaml"
+    space.write_text("attention: {kv_heads: [3]}\n")  # 3 KV heads cannot serve the parent's 4 query heads
+    err = _check(tmp_path, {**tiny_config(tmp_path, tiny_parent_dir), "search_space": str(space)}, capsys)
+    assert "three_kv" in err and "3" in err
+
+
+@pytest.mark.parametrize("content, message", [(None, "holds no text files"), (b"\xff\xfe\x00\xd8" * 64, "no readable text")],
+                         ids=["empty", "binary"])
+def test_check_needs_a_readable_corpus(tiny_parent_dir, tmp_path, capsys, content, message):
+    raw = tiny_config(tmp_path, tiny_parent_dir)
+    corpus = Path(raw["corpus"])
+    for f in corpus.iterdir():
+        f.unlink()
+    if content is not None:
+        (corpus / "noise.txt").write_bytes(content)
+    err = _check(tmp_path, raw, capsys)
+    assert str(corpus) in err and message in err, err
