@@ -289,7 +289,7 @@ class Distiller:
         meta = read_json(path / "trainer.json")
         saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
         now = {k: v for k, v in self.config.to_json().items() if k not in _RESUMABLE_CHANGES}
-        changed = sorted(k for k in now if saved.get(k) != now[k])
+        changed = sorted(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])  # name, both values
         if changed:
             raise PuzzleError(f"{self.out_dir} holds a run with different settings ({', '.join(changed)}); "
                               "pass --no-resume to start over or choose another output directory")

@@ -82,7 +82,7 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     config = DistillConfig(steps=4, batch_size=4, checkpoint_every=2)
     Distiller(TEACHER, _student()[0], tmp_path, config).train(TRAIN, VAL, progress=False, stop_after=2)
     other = DistillConfig(steps=4, batch_size=4, checkpoint_every=2, lr=5e-4)
-    with pytest.raises(PuzzleError, match="lr"):
+    with pytest.raises(PuzzleError, match=r"different settings \(lr 0\.0001 -> 0\.0005\)"):
         Distiller(TEACHER, _student()[0], tmp_path, other).train(TRAIN, VAL, progress=False)
     # --no-resume starts over
     result = Distiller(TEACHER, _student()[0], tmp_path, other).train(TRAIN, VAL, progress=False, resume=False)
