@@ -93,3 +93,16 @@ def test_two_concurrent_builds_train_each_variant_once(tmp_path):
     done = [json.loads(line) for line in (run / "library" / "log.jsonl").read_text().splitlines()]
     finished = [f"{r['layer']}/{r['kind']}/{r['variant']}" for r in done if r["event"] == "variant_done"]
     assert len(finished) == len(set(finished)) == len(trained_keys(run))
+
+
+def test_a_library_from_before_settings_digests_is_kept_when_its_header_matches(tmp_path):
+    parent = save_parent(tmp_path / "parent", layers=2)
+    run = write_blocks(tmp_path / "run")
+    build_library(run, parent, **FAST)
+    manifest = store.read_manifest(run)
+    for record in manifest["variants"].values():
+        record.pop("settings_sha256", None)  # as written before entries carried their settings
+    store.manifest_path(run).write_text(json.dumps(manifest))
+    assert build_library(run, parent, **FAST)["trained"] == 0
+    assert all("settings_sha256" in store.read_manifest(run)["variants"][k] for k in trained_keys(run))
+    assert build_library(run, parent, **{**FAST, "lr": 1e-3})["trained"] == len(trained_keys(run))
