@@ -1,4 +1,5 @@
 import pytest
+from conftest import make_llama_config
 
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, read_json
@@ -27,10 +28,14 @@ def test_atomic_json_leaves_no_temp_files(tmp_path):
 
 def test_a_run_belongs_to_one_parent(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir(), b.mkdir()
+    for parent in (a, b):  # a config is all a run's parent needs to be recorded (no weights are read)
+        make_llama_config().save_pretrained(parent)
     run = tmp_path / "run"
     with pytest.raises(PuzzleError, match="pass --parent"):
         run_parent(run)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PuzzleError, match="config.json"):  # validated before it is recorded
+        run_parent(run, tmp_path / "empty")
     assert run_parent(run, a) == (a.resolve(), "llama_default")
     assert run_parent(run, search_space="tiny") == (a.resolve(), "tiny")
     assert resolve_run_info(run)["search_space"] == "tiny"
