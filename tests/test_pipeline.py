@@ -228,3 +228,22 @@ def test_check_needs_a_readable_corpus(tiny_parent_dir, tmp_path, capsys, conten
         (corpus / "noise.txt").write_bytes(content)
     err = _check(tmp_path, raw, capsys)
     assert str(corpus) in err and message in err, err
+
+
+def test_an_edited_library_setting_retrains_the_library_not_just_its_header(tiny_parent_dir, tmp_path, capsys):
+    raw = {k: v for k, v in tiny_config(tmp_path, tiny_parent_dir).items()
+           if k not in ("importance", "solve", "realize", "gkd", "baselines", "evaluate")}
+    config = tmp_path / "lib.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config)]) == 0
+    manifest = tmp_path / "run" / "library" / "manifest.json"
+    before = json.loads(manifest.read_text())["variants"]
+    trained = sorted(k for k, r in before.items() if r["source"] == "trained")
+    capsys.readouterr()
+
+    raw["build_library"] = {**raw["build_library"], "tokens_per_block": 512}
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config)]) == 0
+    assert f"({len(trained)} trained now, {len(before) - len(trained)} already there)" in capsys.readouterr().out
+    after = json.loads(manifest.read_text())["variants"]
+    assert sorted(k for k in before if after[k]["tokens"] != before[k]["tokens"]) == trained
