@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         return _fail(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
     from puzzle.errors import PuzzleError
-    from puzzle.model.configuration_puzzle import BlockConfigError
+    from puzzle.model.blocks import BlockConfigError
 
     module_name, fn_name = COMMANDS[name].split(":")
     try:

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Literal
 
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
-from puzzle.model.configuration_puzzle import AttentionConfig, BlockConfigError, FFNConfig
+from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 Kind = Literal["attention", "ffn"]
