@@ -104,9 +104,6 @@ class ModelShape:
             return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         raise ValueError(f"unknown fixed part {part!r}; expected one of {FIXED_PARTS}")
 
-    def blocks_or_parent(self, blocks: list[BlockConfig] | None) -> list[BlockConfig]:
-        return [self.parent_block] * self.num_hidden_layers if blocks is None else list(blocks)
-
     def layer_params(self, blocks: list[BlockConfig] | None = None) -> int:
         """Weights of all decoder layers (the parent's block in each of L layers by default)."""
         if blocks is None:  # one block's count times L: Minitron's shape search calls this in a loop
@@ -165,7 +162,9 @@ class ModelShape:
 
     def kv_cache_bytes(self, blocks: list[BlockConfig] | None, tokens: int, dtype_bytes: int) -> int:
         """KV cache of a whole model holding `tokens` tokens (batch x context)."""
-        return sum(self.kv_cache_bytes_per_token(b, dtype_bytes) for b in self.blocks_or_parent(blocks)) * tokens
+        if blocks is None:
+            blocks = [self.parent_block] * self.num_hidden_layers
+        return sum(self.kv_cache_bytes_per_token(b, dtype_bytes) for b in blocks) * tokens
 
     def activation_bytes_per_token(self, part: Part, dtype_bytes: int) -> int:
         """Bytes of the tensors one token's forward writes through a variant (each op's output: what a

@@ -126,7 +126,7 @@ def sublayer_ops(shape: ModelShape, kind: str, config: AttentionConfig | FFNConf
 
 # --- parameters and memory ------------------------------------------------------------------------
 
-def kv_cache_bytes(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
+def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
     """KV cache of one layer at the end of the generation: 2 * K * d * B * (in + out) * e."""
     tokens = workload.batch_size * workload.max_context
     return shape.kv_cache_bytes_per_token(config, workload.dtype_bytes) * tokens
@@ -141,7 +141,7 @@ def sublayer_costs(
     return {
         "params": params,
         "param_bytes": params * w.dtype_bytes,
-        "kv_cache_bytes": kv_cache_bytes(shape, kind, config, w),
+        "kv_cache_bytes": kv_cache_bytes(shape, config, w),
         "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill"), dev, w.dtype),
         "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode"), dev, w.dtype),
     }
@@ -210,7 +210,7 @@ def parent_blocks(config: Any) -> list[BlockConfig]:
     """The blocks of a config: its block_configs for a puzzle child, else the parent's block per layer."""
     if getattr(config, "block_configs", None) is not None and hasattr(config, "blocks"):
         return config.blocks
-    return ModelShape.from_config(config).blocks_or_parent(None)
+    return [ModelShape.from_config(config).parent_block] * config.num_hidden_layers
 
 
 def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: HardwareProfile) -> dict[str, float]:

@@ -102,8 +102,8 @@ def test_one_kv_head_of_three_holds_a_third_of_the_parents_kv_cache():
     # SmolLM2's attention: 9 query heads, 3 KV heads of 64
     shape = toy_shape(576, 9, 64, 49152)
     w = toy_profile(batch=4, input_len=100, output_len=28).workload
-    parent = kv_cache_bytes(shape, "attention", AttentionConfig(n_heads_in_group=3), w)
-    one_head = kv_cache_bytes(shape, "attention", AttentionConfig(n_heads_in_group=9), w)
+    parent = kv_cache_bytes(shape, AttentionConfig(n_heads_in_group=3), w)
+    one_head = kv_cache_bytes(shape, AttentionConfig(n_heads_in_group=9), w)
     assert parent == 2 * 3 * 64 * 4 * 128 * 2  # 2 (K and V) x K x d x B x (in + out) x bf16 bytes
     assert one_head * 3 == parent
 
@@ -147,7 +147,7 @@ def test_a_child_is_predicted_from_its_block_choices_alone():
     child = predict_model_costs(config, lighter, hw)
     assert child["throughput_tokens_s"] > parent["throughput_tokens_s"]
     assert parent["kv_cache_bytes"] - child["kv_cache_bytes"] == kv_cache_bytes(
-        shape, "attention", AttentionConfig(n_heads_in_group=2), hw.workload
+        shape, AttentionConfig(n_heads_in_group=2), hw.workload
     )
     saved = sublayer_costs(shape, "attention", AttentionConfig(n_heads_in_group=2), hw)["decode_s"]
     saved += sublayer_costs(shape, "ffn", FFNConfig(intermediate_size=128), hw)["decode_s"]
