@@ -20,9 +20,9 @@ SHAPE_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "n
 
 def _same_shape(model_config: Any, profiled: dict[str, Any]) -> bool:
     """Whether a model has the widths and depth of the parent a costs table was profiled for."""
-    from puzzle.profiling.roofline import ModelShape
+    from puzzle.shape import ModelShape
 
-    shape = {**asdict(ModelShape.from_config(model_config)), "num_hidden_layers": model_config.num_hidden_layers}
+    shape = asdict(ModelShape.from_config(model_config))
     return all(profiled.get(k) == shape[k] for k in SHAPE_KEYS)
 
 

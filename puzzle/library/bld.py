@@ -34,10 +34,11 @@ from torch import nn
 from puzzle.errors import PuzzleError
 from puzzle.library import store
 from puzzle.library.init import FFNCalibration, init_attention, init_ffn
-from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+from puzzle.model.blocks import AttentionConfig, FFNConfig
 from puzzle.model.modeling_puzzle import LlamaRMSNorm, PuzzleForCausalLM, build_attention, build_ffn
 from puzzle.model.surgery import sublayer_state
 from puzzle.search_space import SearchSpace, Variant
+from puzzle.shape import ModelShape
 
 FFNInit = Literal["auto", "channel_contribution", "minitron"]
 _PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
@@ -218,17 +219,6 @@ def normalised_mse(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | Non
 # ----- FLOP accounting -------------------------------------------------------------------------------
 
 
-def _matrix_params(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters() if p.ndim == 2)
-
-
-def attention_score_flops(config: Any, attention: AttentionConfig | None, seq_len: int) -> int:
-    """Forward FLOPs per token of QK^T and AV under a causal mask (half the T x T square)."""
-    if attention is None or not attention.is_gqa:
-        return 0
-    return 2 * config.num_attention_heads * config.head_dim * seq_len  # 2 matmuls * 2 flops * H * d * T/2
-
-
 def weight_train_flops(kind: str, params: int, frozen_ffn_params: int) -> int:
     """Training FLOPs per token of a variant's weight matmuls: 6 x its params, and for an attention
     variant the frozen parent FFN's forward plus its input-gradient backward (4 x its params). A
@@ -237,21 +227,20 @@ def weight_train_flops(kind: str, params: int, frozen_ffn_params: int) -> int:
     return 6 * params + (4 * frozen_ffn_params if kind == "attention" else 0)
 
 
-def train_flops_per_token(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, config: Any, seq_len: int) -> int:
-    """Training FLOPs per token: `weight_train_flops`, plus an attention variant's scores forward + 2x backward."""
-    flops = weight_train_flops(variant.kind, _matrix_params(child), _matrix_params(frozen_ffn))
-    if variant.kind == "attention":
-        flops += 3 * attention_score_flops(config, variant.config, seq_len)
-    return flops
+def train_flops_per_token(variant: Variant, config: Any, seq_len: int) -> int:
+    """Training FLOPs per token: `weight_train_flops` of the matmul weights (the layer's frozen parent FFN
+    beside an attention variant), plus an attention variant's scores: forward + 2x backward, each query
+    over seq_len / 2 keys on average under the causal mask."""
+    shape = ModelShape.from_config(config)
+    frozen_ffn = shape.matmul_params(config.blocks[variant.layer].ffn) if variant.kind == "attention" else 0
+    flops = weight_train_flops(variant.kind, shape.matmul_params(variant.config), frozen_ffn)
+    return flops + 3 * int(shape.attention_flops(variant.config, seq_len / 2))
 
 
-def parent_forward_flops_per_token(parent: PuzzleForCausalLM, last_layer: int, seq_len: int) -> int:
-    flops = 0
-    for i in range(last_layer + 1):
-        block = parent.model.layers[i]
-        flops += 2 * (_matrix_params(block.self_attn) + _matrix_params(block.mlp))
-        flops += attention_score_flops(parent.config, parent.config.blocks[i].attention, seq_len)
-    return flops
+def parent_forward_flops_per_token(config: Any, last_layer: int, seq_len: int) -> int:
+    """Forward FLOPs per token of the parent's layers 0..last_layer (queries over seq_len / 2 keys on average)."""
+    shape = ModelShape.from_config(config)
+    return sum(int(shape.flops_per_token(block, seq_len / 2)) for block in config.blocks[: last_layer + 1])
 
 
 # ----- one variant under training --------------------------------------------------------------------
@@ -481,9 +470,9 @@ def build_layer_group(
     for run in runs:
         if run.trainer == "adamw":
             _make_optimizer(run, settings, steps)
-        run.flops_per_token = train_flops_per_token(run.variant, run.child, run.frozen_ffn, config, seq_len)
+        run.flops_per_token = train_flops_per_token(run.variant, config, seq_len)
         run.child.train()
-    parent_flops_per_token = parent_forward_flops_per_token(parent, max(owned), seq_len)
+    parent_flops_per_token = parent_forward_flops_per_token(config, max(owned), seq_len)
     parent_s = parent_flops = 0.0
     t_loop, loop_start = time.perf_counter(), time.time()
     batches = endless_batches(train_blocks, settings.batch_size, settings.seed)

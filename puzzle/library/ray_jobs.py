@@ -22,6 +22,7 @@ from puzzle.errors import PuzzleError
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, weight_train_flops
 from puzzle.search_space import SearchSpace, build_search_space
+from puzzle.shape import ModelShape
 
 @dataclass(frozen=True)
 class GroupJob:
@@ -83,18 +84,16 @@ def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple
     predicts forward / train = 0.35 per layer; the `group_done` events of two quick runs' library logs
     measured 0.36-0.44 (seconds of parent forward and calibration per layer / seconds of training per layer).
     """
-    from puzzle.profiling.roofline import ModelShape, sublayer_params
-
     shape = ModelShape.from_config(config)
-    layer = sublayer_params(shape, "attention", space.parent_attention) + sublayer_params(shape, "ffn", space.parent_ffn)
+    layer = shape.params(space.parent_attention) + shape.params(space.parent_ffn)
     forward_tokens = settings.tokens_per_block + settings.calibration_tokens + settings.eval_tokens
     forward = [2.0 * layer * forward_tokens] * space.num_layers
-    frozen_ffn = sublayer_params(shape, "ffn", space.parent_ffn)
+    frozen_ffn = shape.params(space.parent_ffn)
     train: dict[int, float] = {}
     for v in space.variants():
         if v.is_parent or v.config.no_op:
             continue
-        flops = weight_train_flops(v.kind, sublayer_params(shape, v.kind, v.config), frozen_ffn)
+        flops = weight_train_flops(v.kind, shape.params(v.config), frozen_ffn)
         train[v.layer] = train.get(v.layer, 0.0) + flops * settings.tokens_per_block
     return forward, train
 

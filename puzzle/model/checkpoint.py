@@ -14,12 +14,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from puzzle.errors import PuzzleError
 
+from . import register
 from .configuration_puzzle import PuzzleConfig
 from .modeling_puzzle import PuzzleForCausalLM
 
+register()  # AutoConfig / AutoModelForCausalLM resolve `puzzle_llama` children in this process
+
 # model_type -> why it is (or is not) a Llama-family parent we can express as blocks.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "puzzle_llama")
-_MODEL_FILES = ("configuration_puzzle.py", "modeling_puzzle.py")
+_MODEL_FILES = ("blocks.py", "configuration_puzzle.py", "modeling_puzzle.py")  # relative imports of each other
 _AUTO_MAP = {
     "AutoConfig": "configuration_puzzle.PuzzleConfig",
     "AutoModelForCausalLM": "modeling_puzzle.PuzzleForCausalLM",

@@ -15,7 +15,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .configuration_puzzle import AttentionConfig, FFNConfig, PuzzleConfig
+from .blocks import AttentionConfig, FFNConfig
+from .configuration_puzzle import PuzzleConfig
 
 
 # The output field holding the KV cache: `cache` from transformers 5.2x on, `past_key_values` before.

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from puzzle.errors import PuzzleError
 from puzzle.run_dir import run_parent
 from puzzle.io import atomic_write_json, read_json, read_table, write_table
-from puzzle.model.configuration_puzzle import BlockConfig
+from puzzle.model.blocks import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
 from .hardware import HardwareProfile, Workload, load_profile

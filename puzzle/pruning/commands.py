@@ -24,7 +24,9 @@ from .importance import (
     settings_json,
 )
 from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_pruned
-from .shape import LlamaShape, layers_for_target, parse_param_count, width_for_target
+from puzzle.shape import ModelShape
+
+from .shape import layers_for_target, parse_param_count, width_for_target
 
 
 def importance(
@@ -121,7 +123,7 @@ def prune(
     scores = load_importance(run_dir)
     model = to_puzzle(load_model(parent))
     check_uniform(model)
-    shape = LlamaShape.of(model.config)
+    shape = ModelShape.from_config(model.config)
     if target_params is not None:
         target = parse_param_count(target_params)
         if target_mode == "depth":

@@ -16,7 +16,7 @@ from puzzle.library.init import (
 )
 from puzzle.library.bld import Sublayer
 from puzzle.model.checkpoint import to_puzzle
-from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+from puzzle.model.blocks import AttentionConfig, FFNConfig
 from puzzle.model.surgery import sublayer_state
 
 
