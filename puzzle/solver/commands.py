@@ -42,14 +42,6 @@ def _fixed_costs(meta: dict[str, Any], where: str) -> FixedCosts:
     return FixedCosts(**{k: int(v) if k in integral else float(v) for k, v in total.items()})
 
 
-def load_problem(run_dir: Path, budget: str, metric: str = "kl", batch_size: int | None = None) -> SolverProblem:
-    """The problem for one profile: `scores/scores.parquet` joined with `costs/<budget>.parquet`."""
-    run_dir = Path(run_dir)
-    scores = read_table(run_dir / "scores" / "scores.parquet")
-    costs, meta = load_costs(run_dir, budget)
-    return problem_from_meta(scores, costs, meta, metric, batch_size, where=str(run_dir / "costs" / f"{budget}.json"))
-
-
 def problem_from_meta(
     scores: pd.DataFrame,
     costs: pd.DataFrame,

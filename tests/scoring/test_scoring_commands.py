@@ -33,7 +33,7 @@ def write_data(run_dir, n_val=6):
     (out / "meta.json").write_text(json.dumps(meta))
 
 
-def write_library(run_dir, parent, space, seed_offset=0):
+def write_library(run_dir, parent, space):
     untrained = []
     for v in space.variants():
         if v.is_parent or v.config.no_op:
