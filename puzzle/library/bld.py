@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.errors import PuzzleError
+from puzzle.io import JsonlLog
 from puzzle.library import store
 from puzzle.library.init import FFNCalibration, init_attention, init_ffn
 from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
@@ -447,7 +448,7 @@ def init_variants(
     calibration: dict[int, FFNCalibration],
     settings: BLDSettings,
     neuron_scores: dict[int, torch.Tensor] | None,
-    log: Any,
+    log: JsonlLog,
 ) -> tuple[list[VariantRun], list[dict[str, Any]]]:
     """Initialise and measure every variant: the runs to train, and the records of the parent-identical
     and no-op variants, which are not trained."""
@@ -479,7 +480,7 @@ def train_lockstep(
     owned: Sequence[int],
     train_blocks: np.ndarray,
     settings: BLDSettings,
-    log: Any,
+    log: JsonlLog,
 ) -> dict[str, Any]:
     """Lockstep BLD: one parent forward per batch (up to the last of `owned`) feeds one step of every run.
     Returns the loop's steps, seconds and the parent forward's share of them."""
@@ -524,7 +525,7 @@ def save_variants(
     run_dir: str | Path,
     runs: Sequence[VariantRun],
     eval_batches: Sequence[Batch],
-    log: Any,
+    log: JsonlLog,
     progress: Callable[[int], None] | None,
 ) -> None:
     """Finish, measure and store each trained variant (file, then manifest record) as soon as it is done."""
