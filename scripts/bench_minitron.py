@@ -176,7 +176,7 @@ def verdict(r: dict) -> dict:
 
 def _row(name: str, params: dict, parent_ne: int, ev: dict, wall: str) -> str:
     return (f"| {name} | {params['non_embedding'] / 1e6:.1f}M ({params['non_embedding'] / parent_ne:.1%}) | "
-            f"{params['total'] / 1e6:.1f}M | {ev['lm_loss']:.3f} | {ev['kl']:.3f} | {ev['top1']:.3f} | {wall} |")
+            f"{params['total'] / 1e6:.1f}M | {ev['lm_loss']:.3f} | {ev['kl']:.3f} | {ev['top1_agreement']:.3f} | {wall} |")
 
 
 def markdown(r: dict) -> str:

@@ -130,5 +130,5 @@ def distill(
     atomic_write_json(result_path, {"teacher": str(teacher), "student": str(student), "step": result.step,
                                     "complete": result.complete, "val": result.val, "config": config.to_json()})
     print(f"distill: step {result.step}: val LM loss {result.val['lm_loss']:.4f}, KL {result.val['kl']:.4f}, "
-          f"top-1 {result.val['top1']:.3f} -> {model_dir}")
+          f"top-1 {result.val['top1_agreement']:.3f} -> {model_dir}")
     return model_dir

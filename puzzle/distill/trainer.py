@@ -36,13 +36,16 @@ from puzzle.io import JsonlLog, atomic_save_safetensors, atomic_write_json, atom
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import atomic_dir, commit_dir, to_puzzle
 
-from .losses import HiddenLoss, default_layer_map, hidden_state_loss, kd_terms
+from puzzle.metrics import KEYS, Sums, kd_terms
+
+from .losses import HiddenLoss, default_layer_map, hidden_state_loss
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "val_loss.png"
 CHECKPOINTS = "checkpoints"
 # Settings that may change between an interrupted run and its resumption without changing its maths.
 _RESUMABLE_CHANGES = {"val_every", "checkpoint_every", "keep_checkpoints"}
+VAL_KEYS = tuple(k for k in KEYS if k != "tokens")  # a val record's `tokens` counts training tokens (see _metrics)
 
 
 @dataclass(frozen=True)
@@ -157,24 +160,21 @@ def evaluate_kd(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
 ) -> dict[str, float]:
-    """Student LM loss, KL(teacher || student) per token (at temperature 1 unless given) and top-1
-    agreement with the teacher over `batches` of token ids (B, T)."""
+    """Student LM loss and perplexity, KL(teacher || student) per token (at temperature 1 unless given) and
+    top-1 agreement with the teacher over `batches` of token ids (B, T), under `puzzle.metrics.KEYS`."""
     if not batches:
         raise PuzzleError("no validation batches")
     teacher_hidden = teacher_hidden or teacher_outputs(teacher, batches)
     device = next(student.parameters()).device
-    kl = lm = agree = 0.0
-    tokens = lm_tokens = 0
+    sums = Sums()
     was_training = student.training
     student.eval()
     for ids, t_h in zip(batches, teacher_hidden):
         ids = ids.to(device)
         s_h = student.model(input_ids=ids, use_cache=False).last_hidden_state
-        terms = kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens)
-        kl, lm, agree = kl + terms.kl.item(), lm + terms.lm.item(), agree + terms.agree.item()
-        tokens, lm_tokens = tokens + terms.tokens, lm_tokens + terms.lm_tokens
+        sums = sums + kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens).sums()
     student.train(was_training)
-    return {"lm_loss": lm / lm_tokens, "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
+    return sums.means()
 
 
 def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -244,7 +244,7 @@ class Distiller:
         kl = terms.kl / terms.tokens
         lm = terms.lm / terms.lm_tokens
         loss = c.kl_weight * kl + c.lm_weight * lm
-        stats = {"kl": kl.item(), "lm_loss": lm.item(), "top1": terms.agree.item() / terms.tokens}
+        stats = {"kl": kl.item(), "lm_loss": lm.item(), "top1_agreement": terms.agree.item() / terms.tokens}
         if need_hidden:
             hidden = sum(hidden_state_loss(s_out.hidden_states[s], t_out.hidden_states[t], c.hidden_loss, self.projection)
                          for s, t in self.layer_map) / len(self.layer_map)
@@ -392,7 +392,7 @@ class Distiller:
         history = list(self.log.read())
         if last_val is None:
             vals = [r for r in history if r.get("split") == "val"]
-            last_val = {k: vals[-1][k] for k in ("lm_loss", "kl", "top1", "val_tokens")} if vals else {}
+            last_val = {k: vals[-1][k] for k in (*VAL_KEYS, "val_tokens") if k in vals[-1]} if vals else {}
         plot_validation(self.log.path, self.out_dir / PLOT_FILE)
         return DistillResult(student=self.student, step=step, complete=step >= c.steps, val=last_val,
                              out_dir=self.out_dir, projection=self.projection, history=history)

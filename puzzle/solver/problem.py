@@ -357,7 +357,7 @@ def problem_from_tables(
     hidden_size: int | None = None,
     batch_size: int | None = None,
 ) -> SolverProblem:
-    """Join the scores table and a profile's costs table (contracts in notes/HELPERS.md) into a problem.
+    """Join the scores table and a profile's costs table (contracts in docs/contracts.md) into a problem.
 
     The parent's variant per (layer, kind) is the costs row with `is_parent` true (or, without that
     column, the scores row with kl == 0). The quality cost of a variant is its metric's degradation

@@ -63,7 +63,7 @@ def synthetic_tables(
     seed: int = 0,
     workload: Workload = Workload(batch_size=64, input_len=1024, output_len=256),
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """(scores, costs, costs JSON) in the run-directory contracts of notes/HELPERS.md."""
+    """(scores, costs, costs JSON) in the run-directory contracts of docs/contracts.md."""
     shape = SHAPES.get(num_layers) or _shape(num_layers, 1024, 16, 4, 4096, 32000)
     rng = np.random.default_rng(seed)
     b, s_in, s_out = workload.batch_size, workload.input_len, workload.output_len

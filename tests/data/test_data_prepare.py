@@ -11,7 +11,7 @@ from conftest import REFERENCE_CORPUS, REFERENCE_GGUF, SAMPLE_TEXT, requires_ref
 
 from puzzle.cli import main
 from puzzle.data import prepare as prepare_module
-from puzzle.data.blocks import iterate_batches, load_blocks, load_meta
+from puzzle.data.blocks import iterate_batches, load_blocks, load_held_out_documents, load_meta
 from puzzle.data.corpus import Corpus, iter_documents
 from puzzle.data.prepare import prepare_blocks, prepare_data, split_documents
 from puzzle.errors import PuzzleError
@@ -74,8 +74,31 @@ def test_blocks_are_documents_with_separators_split_by_document(tiny_tokenizer, 
     assert meta["n_documents"] == 20 and meta["seq_len"] == SEQ_LEN and meta["seed"] == 3
     assert meta["tokens"] == (meta["n_train_blocks"] + meta["n_val_blocks"]) * SEQ_LEN
     assert not load_blocks(run_dir, "train").flags.writeable
-    # nothing but the three artefacts is left behind
-    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    # the held-out documents' text is recorded, in corpus order
+    assert load_held_out_documents(run_dir) == [d for d, v in zip(docs, is_val) if v]
+    # nothing but the four artefacts is left behind
+    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json", "train.bin", "val.bin",
+                                                                   "val_documents.jsonl"]
+
+
+def test_held_out_documents_are_checked_against_meta_and_rebuilt_when_missing(tiny_tokenizer, run_dir):
+    docs = make_documents()
+    prepare_blocks(docs, tiny_tokenizer, run_dir / "data", seq_len=SEQ_LEN, val_fraction=0.2, seed=3,
+                   max_tokens=4 * SEQ_LEN)
+    held_out = run_dir / "data" / "val_documents.jsonl"
+    # all held-out documents, also those past the --max-tokens cap
+    assert load_held_out_documents(run_dir) == [d for d, v in zip(docs, split_documents(20, 0.2, 3)) if v]
+    good = held_out.read_bytes()
+    held_out.write_bytes(good.replace(b"Document", b"Tampered"))
+    with pytest.raises(PuzzleError, match="does not match its meta.json"):
+        load_held_out_documents(run_dir)
+    held_out.unlink()
+    with pytest.raises(PuzzleError, match="rerun `puzzle prepare-data`"):
+        load_held_out_documents(run_dir)
+    # a rerun with the same settings sees the data incomplete and writes it again
+    prepare_blocks(docs, tiny_tokenizer, run_dir / "data", seq_len=SEQ_LEN, val_fraction=0.2, seed=3,
+                   max_tokens=4 * SEQ_LEN)
+    assert held_out.read_bytes() == good
 
 
 def test_split_is_deterministic_by_seed(tiny_tokenizer, tmp_path):
@@ -136,7 +159,7 @@ def test_crash_leaves_no_valid_looking_meta(tiny_tokenizer, run_dir, monkeypatch
     with pytest.raises(RuntimeError):
         prepare_blocks(docs, Tracked(tiny_tokenizer, fail_on_call=3), out, seq_len=8, val_fraction=0.2)
     assert np.array_equal(load_blocks(run_dir, "train"), old)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin", "val_documents.jsonl"]
     tracked = Tracked(tiny_tokenizer)
     prepare_blocks(docs, tracked, out, seq_len=8, val_fraction=0.2)
     assert tracked.calls > 0 and load_meta(run_dir)["seq_len"] == 8
