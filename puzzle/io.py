@@ -1,13 +1,20 @@
 """Atomic, safe file I/O shared by every stage: JSON/YAML/parquet/safetensors, never pickle.
 
 Everything goes to a temp file in the destination directory and is then `os.replace`d, so a crash
-leaves either the old file or the new one, never half of one.
+leaves either the old file or the new one, never half of one. A kill -9 mid-write can leave the temp file
+(`.NAME.XXXXXXXX.tmp`); `clean_stale_temps` removes such leftovers when a stage starts.
+
+Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256.json` ({"sha256", "bytes", "rebuild"}),
+checked by `read_table`: a flipped or truncated byte ends in one line naming the file and the command that
+rebuilds it, never in a silently changed value or a pyarrow traceback.
 """
 
 import hashlib
 import json
 import os
+import re
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,10 +24,32 @@ import yaml
 from puzzle.errors import PuzzleError
 
 
+# mkstemp(prefix=".NAME.", suffix=".tmp") names: a dot, the target's name, a dot, 8 random characters, .tmp
+_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
+_PROCESS_START = time.time()  # temp files older than this process are no writer's of ours
+
+
+def _temp_file(path: Path) -> tuple[int, str]:
+    return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+
+
+def clean_stale_temps(directory: str | Path) -> list[Path]:
+    """Remove leftovers of interrupted atomic writes directly in `directory`: files named like our temp
+    files and last modified before this process started (so a live writer's temp file is left alone).
+    Returns the removed paths."""
+    directory = Path(directory)
+    removed = []
+    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+        if _TEMP_NAME.fullmatch(path.name) and path.is_file() and path.stat().st_mtime < _PROCESS_START:
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -77,15 +106,30 @@ def read_yaml(path: str | Path) -> Any:
         raise PuzzleError(f"{path}: not valid YAML ({first})") from None
 
 
-def write_table(df: pd.DataFrame, path_without_suffix: str | Path) -> Path:
-    """Write `df` as .parquet (read back by the pipeline) and .csv (for people); returns the parquet path."""
+_CHECKSUM_SUFFIX = ".sha256.json"
+_REBUILD_DEFAULT = "the stage that wrote it"
+
+
+def table_checksum_path(parquet: str | Path) -> Path:
+    parquet = Path(parquet)
+    return parquet.with_name(parquet.name + _CHECKSUM_SUFFIX)
+
+
+def write_table(df: pd.DataFrame, path_without_suffix: str | Path, rebuild: str | None = None) -> Path:
+    """Write `df` as .parquet (read back by the pipeline, with its checksum sidecar) and .csv (for people);
+    returns the parquet path. `rebuild`: the command that rewrites it (e.g. "puzzle score --run-dir R"), named when a read finds it
+    damaged."""
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     parquet = base.with_suffix(".parquet")
-    fd, tmp = tempfile.mkstemp(prefix=f".{parquet.name}.", suffix=".tmp", dir=parquet.parent)
+    fd, tmp = _temp_file(parquet)
     os.close(fd)
     try:
         df.to_parquet(tmp, index=False)
+        # the sidecar first: a crash between the two leaves a mismatch (rebuilt on rerun), never a stale match
+        atomic_write_json(table_checksum_path(parquet), {
+            "sha256": sha256_file(tmp), "bytes": os.path.getsize(tmp), "rebuild": rebuild or _REBUILD_DEFAULT,
+        })
         os.replace(tmp, parquet)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -94,13 +138,48 @@ def write_table(df: pd.DataFrame, path_without_suffix: str | Path) -> Path:
     return parquet
 
 
+def table_problem(parquet: str | Path) -> str | None:
+    """Why the parquet table at `parquet` cannot be trusted (missing, or not matching its recorded checksum),
+    or None when it is whole. A table written before checksums were recorded has no sidecar and passes."""
+    parquet = Path(parquet)
+    if not parquet.is_file():
+        return "not found"
+    sidecar = table_checksum_path(parquet)
+    if not sidecar.exists():
+        return None
+    try:
+        record = json.loads(sidecar.read_text())
+        expected = record["sha256"]
+    except (ValueError, KeyError, TypeError):
+        return f"its checksum file {sidecar.name} is unreadable"
+    if parquet.stat().st_size != record.get("bytes") or sha256_file(parquet) != expected:
+        return "damaged: its bytes do not match the checksum recorded when it was written"
+    return None
+
+
+def _rebuild_hint(parquet: Path) -> str:
+    try:
+        return str(json.loads(table_checksum_path(parquet).read_text()).get("rebuild") or _REBUILD_DEFAULT)
+    except (OSError, ValueError, AttributeError):
+        return _REBUILD_DEFAULT
+
+
 def read_table(path: str | Path) -> pd.DataFrame:
+    """A table written by `write_table`, its checksum verified; any damage is one-line `PuzzleError`."""
     path = Path(path)
     if path.suffix not in (".parquet", ".csv"):
         path = path.with_suffix(".parquet")
     if not path.exists():
         raise PuzzleError(f"table not found: {path}")
-    return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path)
+    if path.suffix == ".csv":
+        return pd.read_csv(path)
+    problem = table_problem(path)
+    if problem is None:
+        try:
+            return pd.read_parquet(path)
+        except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSError
+            problem = f"not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
+    raise PuzzleError(f"{path}: {problem}; rerun {_rebuild_hint(path)} to rebuild it")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
 from puzzle.run_dir import run_parent
-from puzzle.io import atomic_write_json, read_json, read_table, write_table
+from puzzle.io import atomic_write_json, read_json, read_table, table_problem, write_table
 from puzzle.model.configuration_puzzle import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
@@ -140,7 +140,7 @@ def profile(
         "variants": [(v.layer, v.kind, v.name) for v in variants], "source": source, "repeats": repeats,
     })
     json_path = base.with_suffix(".json")
-    if not force and json_path.exists() and base.with_suffix(".parquet").exists():
+    if not force and json_path.exists() and table_problem(base.with_suffix(".parquet")) is None:
         if read_json(json_path).get("fingerprint") == fingerprint:
             log.info(json.dumps({"event": "profile_cached", "path": str(json_path)}))
             return json_path
@@ -167,7 +167,7 @@ def profile(
         measured_on = f"{device.type}: {device_name(device)}"
 
     table = pd.DataFrame(rows, columns=COLUMNS)
-    write_table(table, base)
+    write_table(table, base, rebuild=f"puzzle profile --run-dir {run_dir} --budget {budget}")
     workload = {**vars(hw.workload), "decode_context": hw.workload.decode_context, "kv_context": hw.workload.max_context}
     atomic_write_json(json_path, {
         "profile": hw.name,

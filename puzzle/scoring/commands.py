@@ -158,7 +158,7 @@ def score(
     rows = [{"layer": v.layer, "kind": v.kind, "variant": v.name, **results.total(key_of(v), n_batches).means()}
             for v in variants]
     parent_metrics = results.total(PARENT_KEY, n_batches).means()
-    table = write_table(pd.DataFrame(rows, columns=COLUMNS), out_dir / "scores")
+    table = write_table(pd.DataFrame(rows, columns=COLUMNS), out_dir / "scores", rebuild=f"puzzle score --run-dir {run_dir}")
     atomic_write_json(out_dir / "scores.json", {
         "parent": str(info["parent"]),
         "search_space": space.name,
