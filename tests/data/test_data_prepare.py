@@ -190,6 +190,24 @@ def test_prepare_data_from_a_parent_directory(tmp_path, tiny_parent_dir, tiny_to
     )[: meta["n_train_blocks"] * SEQ_LEN]
 
 
+def test_prepare_data_says_and_records_which_files_it_skipped(tmp_path, tiny_parent_dir, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(make_documents(6)):
+        (corpus / f"doc{i}.txt").write_text(doc)
+    (corpus / "doc6.txt").write_bytes(make_documents(7)[6].encode("utf-16"))
+    (corpus / "blob.txt").write_bytes(bytes(range(1, 256)) * 16)
+    run_dir = tmp_path / "run"
+    prepare_data(corpus, tiny_parent_dir, run_dir=run_dir, seq_len=SEQ_LEN, val_fraction=0.3, seed=1)
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "skipped" in line]
+    assert "1 of 8" in line and "blob.txt" in line and "utf-16" in line
+    meta = load_meta(run_dir)
+    assert meta["n_documents"] == 7
+    assert meta["corpus_files"]["skipped"] == {str(corpus / "blob.txt"): Corpus(corpus).skipped[corpus / "blob.txt"]}
+    assert meta["corpus_files"]["encodings"] == {"utf-16": 1, "utf-8": 6}
+
+
 def test_prepare_data_bad_corpus_paths(tmp_path, tiny_parent_dir):
     with pytest.raises(PuzzleError, match="corpus not found"):
         prepare_data(tmp_path / "missing", tiny_parent_dir, run_dir=tmp_path / "run")
