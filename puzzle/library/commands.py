@@ -81,13 +81,16 @@ def build_library(
     )
     if workers < 0 or threads < 0 or max_retries < 0:
         raise PuzzleError("workers, threads and max-retries must not be negative")
-    from puzzle.data.blocks import load_meta
+    from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
     from puzzle.model.checkpoint import load_config
 
-    load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
+    meta = load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
     space_path = resolve_space_path(space_name)
     space_raw = read_yaml(space_path)
     parent_config = load_config(parent_path)
+    for split in ("train", "val"):  # ... or holds a token id outside the parent's vocabulary
+        if int(meta.get(f"n_{split}_blocks", 0)) > 0:
+            check_token_ids(load_blocks(run_dir, split), parent_config.vocab_size)
     space = build_search_space(space_raw, parent_config, space_path.stem)
     all_layers = list(range(space.num_layers))
     chosen = sorted(set(layers)) if layers else all_layers

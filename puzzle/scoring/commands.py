@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from puzzle.data.blocks import iterate_batches, load_blocks, load_meta
+from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
@@ -128,7 +128,9 @@ def score(
     info = resolve_run_info(run_dir, parent, search_space)
     manifest = read_manifest(run_dir)
     space_name = info.get("search_space") or manifest.get("search_space") or DEFAULT_SPACE
-    space = load_search_space(space_name, load_config(info["parent"]))
+    parent_config = load_config(info["parent"])
+    check_token_ids(val, parent_config.vocab_size)
+    space = load_search_space(space_name, parent_config)
     variants = list(space.variants())
     _check_library(run_dir, variants, space.name)
 

@@ -292,3 +292,29 @@ def test_smoke_reference_corpus_and_tokenizer(tmp_path):
     tracked = Tracked(tokenizer)
     prepare_blocks(Corpus(REFERENCE_CORPUS), tracked, out, seq_len=256, max_tokens=50_000)
     assert tracked.calls == 0 and (out / "train.bin").stat().st_mtime_ns == mtime
+
+
+def _write_data(run_dir, train, val):
+    data = run_dir / "data"
+    data.mkdir(parents=True)
+    np.asarray(train, dtype=np.uint32).tofile(data / "train.bin")
+    np.asarray(val, dtype=np.uint32).tofile(data / "val.bin")
+    meta = {"dtype": "uint32", "seq_len": train.shape[1], "n_train_blocks": len(train), "n_val_blocks": len(val)}
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_exit_2(tmp_path, tiny_parent_dir, capsys):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_parent_dir).vocab_size
+    rng = np.random.default_rng(0)
+    train = rng.integers(3, vocab, (8, SEQ_LEN))
+    train[5, 7] = vocab + 41  # data prepared with another, larger tokenizer
+    run_dir = tmp_path / "run"
+    _write_data(run_dir, train, rng.integers(3, vocab, (2, SEQ_LEN)))
+    argv = ["importance", str(tiny_parent_dir), "--run-dir", str(run_dir), "--n-samples", "8",
+            "--drop-samples", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "train.bin" in err and str(vocab + 41) in err and str(vocab) in err
