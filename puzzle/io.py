@@ -33,13 +33,14 @@ def _temp_file(path: Path) -> tuple[int, str]:
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def clean_stale_temps(directory: str | Path) -> list[Path]:
-    """Remove leftovers of interrupted atomic writes directly in `directory`: files named like our temp
-    files and last modified before this process started (so a live writer's temp file is left alone).
-    Returns the removed paths."""
+def clean_stale_temps(directory: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove leftovers of interrupted atomic writes in `directory` (and below it, with `recursive`): files
+    named like our temp files and last modified before this process started (so a live writer's temp file
+    is left alone). Returns the removed paths."""
     directory = Path(directory)
     removed = []
-    for path in sorted(directory.iterdir()) if directory.is_dir() else []:
+    found = (directory.rglob("*") if recursive else directory.iterdir()) if directory.is_dir() else []
+    for path in sorted(found):
         if _TEMP_NAME.fullmatch(path.name) and path.is_file() and path.stat().st_mtime < _PROCESS_START:
             path.unlink(missing_ok=True)
             removed.append(path)
@@ -78,11 +79,23 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes, identical for identical inputs: safetensors writes its metadata from a
+    Rust HashMap, in an order that changes from map to map; the header is rewritten with it sorted."""
     from safetensors.torch import save
 
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    return atomic_write_bytes(path, save(contiguous, metadata=metadata))
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
+    ordered.update(header)  # the tensors, in safetensors' own (deterministic) order
+    text = json.dumps(ordered, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, as safetensors does
+    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+
+def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 def read_json(path: str | Path) -> Any:
