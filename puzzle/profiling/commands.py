@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
 from puzzle.run_dir import run_parent
-from puzzle.io import atomic_write_json, read_json, read_table, table_problem, write_table
+from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_table, table_problem, write_table
 from puzzle.model.configuration_puzzle import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
@@ -134,6 +134,7 @@ def profile(
     source = "roofline" if device is None else "measured"
     variants = list(space.variants())
     base = costs_path(run_dir, hw.name)
+    clean_stale_temps(base.parent)
     fingerprint = _fingerprint({
         "version": FORMAT_VERSION, "profile": hw.to_dict(), "parent": str(parent_path), "config": config.to_dict(),
         "space": space_name,

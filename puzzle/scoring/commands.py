@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
 from puzzle.errors import PuzzleError
-from puzzle.io import JsonlLog, atomic_write_json, write_table
+from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle
 from puzzle.run_dir import resolve_run_info
@@ -147,6 +147,7 @@ def score(
     }
     fingerprint = _fingerprint(settings)
     out_dir = scores_dir(run_dir)
+    clean_stale_temps(out_dir)
     entries = {key_of(v): library_entry(manifest, v) for v in variants} | {PARENT_KEY: "parent"}
     results = ResultLog(out_dir / "partial.jsonl", fingerprint, entries)
     todo = {b: [v for v in variants if not results.has(key_of(v), b)] for b in range(n_batches)}

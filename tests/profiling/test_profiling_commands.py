@@ -111,3 +111,16 @@ def test_a_damaged_costs_table_is_rebuilt_by_rerunning_profile(tmp_path, tiny_pa
         load_costs(run, "h100_80gb")
     profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)  # no --force: the damage is seen
     assert table.read_bytes() == good
+
+
+def test_stale_temp_files_in_costs_are_cleaned_when_profile_starts(tmp_path, tiny_parent_dir):
+    import os
+    import time
+
+    run = tmp_path / "run"
+    stale = run / "costs" / ".h100_80gb.parquet.q8w7e6r5.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a table")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)
+    assert not stale.exists() and (run / "costs" / "h100_80gb.parquet").exists()
