@@ -4,7 +4,7 @@ Everything goes to a temp file in the destination directory and is then `os.repl
 leaves either the old file or the new one, never half of one. A kill -9 mid-write can leave the temp file
 (`.NAME.XXXXXXXX.tmp`); `clean_stale_temps` removes such leftovers when a stage starts.
 
-Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256.json` ({"sha256", "bytes", "rebuild"}),
+Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256` (JSON: {"sha256", "bytes", "rebuild"}),
 checked by `read_table`: a flipped or truncated byte ends in one line naming the file and the command that
 rebuilds it, never in a silently changed value or a pyarrow traceback.
 """
@@ -119,7 +119,7 @@ def read_yaml(path: str | Path) -> Any:
         raise PuzzleError(f"{path}: not valid YAML ({first})") from None
 
 
-_CHECKSUM_SUFFIX = ".sha256.json"
+_CHECKSUM_SUFFIX = ".sha256"  # not .json: stages list their JSON outputs with glob("*.json")
 _REBUILD_DEFAULT = "the stage that wrote it"
 
 
