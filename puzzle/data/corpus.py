@@ -6,11 +6,12 @@ such file under it, in sorted relative-path order so the documents (and so the s
 every machine. Blank documents are skipped.
 
 Encodings (text and .jsonl files), decided from the file's first `_SAMPLE_BYTES`: a UTF-16 or UTF-8
-byte-order mark is obeyed; otherwise UTF-8, where up to `MAX_UNDECODABLE` of the bytes may be undecodable
-(each becomes U+FFFD: one stray byte must not stop a long run); failing that, text that decodes as cp1252
-(a superset of Latin-1's printable range) into printable characters is read as cp1252. Anything else (NUL
-bytes outside UTF-16, random bytes) is skipped, never turned into training tokens: `Corpus.skipped` says
-which files and why, `Corpus.summary()` in one line.
+byte-order mark is obeyed; valid UTF-8 is UTF-8; a file whose non-ASCII bytes are all invalid UTF-8 and
+that decodes as cp1252 (a superset of Latin-1's printable range) into printable characters is Latin-1 text,
+read as cp1252; otherwise UTF-8 where up to `MAX_UNDECODABLE` of the bytes may be undecodable (each becomes
+U+FFFD: one stray byte must not stop a long run), or cp1252 when printable. Anything else (NUL bytes
+outside UTF-16, random bytes) is skipped, never turned into training tokens: `Corpus.skipped` says which
+files and why, `Corpus.summary()` in one line.
 """
 
 import codecs
@@ -64,15 +65,26 @@ def detect_encoding(sample: bytes) -> tuple[str | None, str]:
     text = decoder.decode(sample, final=False)  # a character cut at the sample's end is not an error
     pending = len(decoder.getstate()[0])
     bad = len(sample) - pending - len(text.encode("utf-8"))
+    if bad == 0:
+        return "utf-8", "utf-8"
+    # Latin-1 text: no valid multi-byte UTF-8 sequence at all (UTF-8 text with a stray byte has them, and
+    # would turn into mojibake as cp1252), and printable as cp1252
+    multibyte = sum(b >= 0x80 for b in sample) - bad - pending
+    if multibyte == 0 and _printable_cp1252(sample):
+        return "cp1252", "not utf-8, printable as cp1252 (latin-1)"
     if bad <= MAX_UNDECODABLE * len(sample):
         return "utf-8", "utf-8"
-    try:
-        text = sample.decode("cp1252")
-    except UnicodeDecodeError:
-        text = ""
-    if text and sum(c.isprintable() or c in "\t\n\r\f" for c in text) >= _MIN_PRINTABLE * len(text):
+    if _printable_cp1252(sample):
         return "cp1252", "not utf-8, printable as cp1252 (latin-1)"
     return None, f"undecodable ({bad} of the first {len(sample)} bytes are not utf-8, and it is not latin-1 text)"
+
+
+def _printable_cp1252(sample: bytes) -> bool:
+    try:
+        text = sample.decode("cp1252")
+    except UnicodeDecodeError:  # bytes cp1252 leaves undefined (0x81, 0x8d, 0x8f, 0x90, 0x9d)
+        return False
+    return bool(text) and sum(c.isprintable() or c in "\t\n\r\f" for c in text) >= _MIN_PRINTABLE * len(text)
 
 
 def _file_encoding(path: Path) -> tuple[str | None, str]:

@@ -131,9 +131,11 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except PuzzleError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError, struct.error) as err:
+    except (SafetensorError, RuntimeError) + _GGUF_ERRORS as err:
         if path.suffix == ".gguf":
             raise _bad_gguf(path, err) from None
+        if not isinstance(err, (SafetensorError, OSError, ValueError, RuntimeError)):
+            raise  # not a damaged safetensors checkpoint: a bug, keep its traceback
         raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     return model.eval()
 

@@ -168,3 +168,12 @@ def test_a_corpus_of_only_unreadable_files_says_why(tmp_path):
     (tmp_path / "x.txt").write_bytes(bytes(range(256)) * 8)
     message = _one_line_error(lambda: list(Corpus(tmp_path)), "skipped")
     assert "x.txt" in message
+
+
+def test_mostly_ascii_latin1_is_read_as_latin1_and_utf8_with_a_stray_byte_as_utf8(tmp_path):
+    english = "Plain English prose, line after line. " * 200
+    (tmp_path / "a_latin1.txt").write_bytes((english + "Caf\xe9.").encode("latin-1"))  # one accent in 7.6 KB
+    (tmp_path / "b_utf8.txt").write_bytes((english + "Café.").encode("utf-8") + b"\xe9")  # a stray byte
+    corpus = Corpus(tmp_path)
+    assert list(corpus) == [english + "Café.", english + "Café.\ufffd"]
+    assert corpus.encodings == {tmp_path / "a_latin1.txt": "cp1252", tmp_path / "b_utf8.txt": "utf-8"}
