@@ -130,8 +130,8 @@ def table_checksum_path(parquet: str | Path) -> Path:
 
 def write_table(df: pd.DataFrame, path_without_suffix: str | Path, rebuild: str | None = None) -> Path:
     """Write `df` as .parquet (read back by the pipeline, with its checksum sidecar) and .csv (for people);
-    returns the parquet path. `rebuild`: the command that rewrites it (e.g. "puzzle score --run-dir R"), named when a read finds it
-    damaged."""
+    returns the parquet path. `rebuild`: the command that rewrites it (e.g. "puzzle score --run-dir R"),
+    named when a read finds the table damaged."""
     base = Path(path_without_suffix)
     base.parent.mkdir(parents=True, exist_ok=True)
     parquet = base.with_suffix(".parquet")

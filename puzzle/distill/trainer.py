@@ -45,7 +45,6 @@ from puzzle.io import (
     atomic_write_json,
     atomic_write_text,
     clean_stale_temps,
-    read_json,
     sha256_file,
 )
 from puzzle.model import PuzzleForCausalLM
@@ -324,8 +323,9 @@ class Distiller:
             file, record = path / name, files.get(name) or {}
             if not file.is_file():
                 raise DamagedCheckpoint(f"{name} is missing")
-            if file.stat().st_size != record.get("bytes"):
-                raise DamagedCheckpoint(f"{name} has {file.stat().st_size} bytes, {record.get('bytes')} recorded (truncated?)")
+            size = file.stat().st_size
+            if size != record.get("bytes"):
+                raise DamagedCheckpoint(f"{name} has {size} bytes, {record.get('bytes')} recorded (truncated?)")
             if sha256_file(file) != record.get("sha256"):
                 raise DamagedCheckpoint(f"{name} does not match its recorded sha256 (damaged)")
         return meta
