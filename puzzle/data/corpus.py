@@ -16,6 +16,7 @@ files and why, `Corpus.summary()` in one line.
 
 import codecs
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
@@ -147,16 +148,13 @@ class Corpus:
         """One line: how many files were skipped and why (the first few named), and non-UTF-8 decodings."""
         parts = []
         if self.skipped:
-            reasons: dict[str, int] = {}
-            for why in self.skipped.values():
-                reasons[why.split(" (")[0]] = reasons.get(why.split(" (")[0], 0) + 1
+            reasons = Counter(why.split(" (")[0] for why in self.skipped.values())
             names = [p.name for p in list(self.skipped)[:3]] + (["..."] if len(self.skipped) > 3 else [])
             parts.append(f"skipped {len(self.skipped)} of {len(self.files)} files as not text "
                          f"({', '.join(f'{why}: {n}' for why, n in sorted(reasons.items()))}): {', '.join(names)}")
-        other = sorted({c for c in self.encodings.values() if c not in ("utf-8", "utf-8-sig")})
+        other = {c: n for c, n in sorted(Counter(self.encodings.values()).items()) if c not in ("utf-8", "utf-8-sig")}
         if other:
-            counts = {c: sum(v == c for v in self.encodings.values()) for c in other}
-            parts.append("decoded as " + ", ".join(f"{c}: {n} file(s)" for c, n in counts.items()))
+            parts.append("decoded as " + ", ".join(f"{c}: {n} file(s)" for c, n in other.items()))
         return "; ".join(parts) if parts else f"all {len(self.files)} files read as utf-8"
 
     def report(self) -> dict[str, object]:
@@ -164,7 +162,7 @@ class Corpus:
         return {
             "files": len(self.files),
             "skipped": {str(p): why for p, why in self.skipped.items()},
-            "encodings": {c: sum(v == c for v in self.encodings.values()) for c in sorted(set(self.encodings.values()))},
+            "encodings": dict(sorted(Counter(self.encodings.values()).items())),
         }
 
     def __repr__(self) -> str:
