@@ -159,6 +159,12 @@ def test_shipped_configs_pass_the_check(config):
     ({"realize": [{"solution": "fastest"}]}, "realize: no solve entry names its solution 'fastest'"),
     ({"profile": [{"budget": "h900"}]}, "unknown hardware profile 'h900'"),
     ({"search_space": "nope"}, "search space"),
+    ({"build_library": {"tokens_per_block": "lots"}},
+     "config section 'build_library': argument tokens_per_block expects int, got 'lots' (str)"),
+    ({"score": {"blocks": 2.5}}, "argument blocks expects int, got 2.5 (float)"),
+    ({"build_library": {"ray": "no"}}, "argument ray expects bool, got 'no' (str)"),
+    ({"build_library": {"ffn_init": "random"}}, "argument ffn_init expects one of 'auto', 'channel_contribution', 'minitron'"),
+    ({"build_library": {"layers": [0, "one"]}}, "argument layers expects list[int] or None, got [0, 'one'] (list)"),
 ])
 def test_config_mistakes_fail_before_any_stage_runs(tiny_parent_dir, tmp_path, capsys, mistake, message):
     config = tmp_path / "bad.yaml"

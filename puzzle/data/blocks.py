@@ -73,6 +73,18 @@ def load_blocks(run_dir: str | Path, split: Literal["train", "val"]) -> np.ndarr
     return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
+def check_token_ids(blocks: np.ndarray, vocab_size: int) -> None:
+    """Where data meets a model: every token id must index its embedding (else an IndexError mid-forward).
+    `blocks` as `load_blocks` returns them (a memmap naming its file) or any array of ids."""
+    if len(blocks) == 0:
+        return
+    top = int(np.max(blocks))
+    if top >= vocab_size:
+        where = getattr(blocks, "filename", None) or "the prepared data"
+        raise PuzzleError(f"{where}: token id {top} is outside the model's vocabulary of {vocab_size} tokens "
+                          "(prepared with another tokenizer?); rerun `puzzle prepare-data` with this parent")
+
+
 def iterate_batches(
     blocks: np.ndarray, batch_size: int, *, shuffle: bool, seed: int, limit: int | None = None
 ) -> Iterator[torch.LongTensor]:

@@ -62,6 +62,8 @@ def prepare_data(
     from puzzle.model.checkpoint import load_tokenizer
 
     documents = Corpus(corpus)  # a bad corpus path fails before the slow tokenizer load
+    if documents.skipped or any(c not in ("utf-8", "utf-8-sig") for c in documents.encodings.values()):
+        print(f"corpus {corpus}: {documents.summary()}", flush=True)
     tokenizer = load_tokenizer(parent)
     return prepare_blocks(
         documents,
@@ -72,6 +74,7 @@ def prepare_data(
         seed=seed,
         max_tokens=max_tokens,
         source=str(Path(corpus).resolve()),
+        corpus_files=documents.report(),
     )
 
 
@@ -85,11 +88,13 @@ def prepare_blocks(
     max_tokens: int | None = None,
     *,
     source: str | None = None,
+    corpus_files: dict[str, Any] | None = None,
 ) -> Path:
     """Tokenise, pack, split and cache `documents` with `tokenizer` into `out_dir`; returns `out_dir`.
 
     `documents` is read twice (once to count and fingerprint, once to tokenise): pass a list or a
-    re-iterable such as `Corpus`; a one-shot iterator is materialised first.
+    re-iterable such as `Corpus`; a one-shot iterator is materialised first. `corpus_files`: what reading
+    the files found (`Corpus.report()`: files skipped and why, encodings), recorded in the metadata.
     """
     _check_settings(seq_len, val_fraction, max_tokens)
     if iter(documents) is documents:
@@ -139,6 +144,7 @@ def prepare_blocks(
             "fingerprint": fingerprint,
             "val_documents_sha256": held_out,
             "corpus": source,
+            **({"corpus_files": corpus_files} if corpus_files is not None else {}),
             "n_documents": n_docs,
             "n_train_documents": used_docs["train"],
             "n_val_documents": used_docs["val"],

@@ -77,7 +77,7 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         lm_eval_tasks: lm-evaluation-harness task names, local task YAMLs, or MC JSONL files (scored by
             lm-eval's own code); needs lm_eval installed (pip install 'puzzle[lm-eval]'); hub access stays off
     """
-    from puzzle.data.blocks import iterate_batches, load_blocks
+    from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks
 
     run_dir = Path(run_dir)
     name = name or Path(model).name
@@ -86,6 +86,7 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = load_model(model)
+    check_token_ids(blocks, subject.config.vocab_size)
     if parent is None:
         reference = None
     elif Path(parent).resolve() == Path(model).resolve():

@@ -57,7 +57,7 @@ def importance(
         threads: torch CPU threads
         force: recompute even when scores with the same settings exist
     """
-    from puzzle.data.blocks import load_blocks
+    from puzzle.data.blocks import check_token_ids, load_blocks
 
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
@@ -74,6 +74,7 @@ def importance(
         print(f"importance: {importance_dir(run_dir)} is complete with these settings; nothing to do (--force recomputes)")
         return importance_dir(run_dir)
     model = to_puzzle(load_model(parent))
+    check_token_ids(blocks, model.config.vocab_size)
     seqs = calibration_sequences(blocks, n_samples, seq_len)
     start = time.perf_counter()
     scores = compute_importance(model, batched(seqs, batch_size), batch_agg=batch_agg, seq_agg=seq_agg,

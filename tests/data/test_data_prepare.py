@@ -213,6 +213,24 @@ def test_prepare_data_from_a_parent_directory(tmp_path, tiny_parent_dir, tiny_to
     )[: meta["n_train_blocks"] * SEQ_LEN]
 
 
+def test_prepare_data_says_and_records_which_files_it_skipped(tmp_path, tiny_parent_dir, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(make_documents(6)):
+        (corpus / f"doc{i}.txt").write_text(doc)
+    (corpus / "doc6.txt").write_bytes(make_documents(7)[6].encode("utf-16"))
+    (corpus / "blob.txt").write_bytes(bytes(range(1, 256)) * 16)
+    run_dir = tmp_path / "run"
+    prepare_data(corpus, tiny_parent_dir, run_dir=run_dir, seq_len=SEQ_LEN, val_fraction=0.3, seed=1)
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "skipped" in line]
+    assert "1 of 8" in line and "blob.txt" in line and "utf-16" in line
+    meta = load_meta(run_dir)
+    assert meta["n_documents"] == 7
+    assert meta["corpus_files"]["skipped"] == {str(corpus / "blob.txt"): Corpus(corpus).skipped[corpus / "blob.txt"]}
+    assert meta["corpus_files"]["encodings"] == {"utf-16": 1, "utf-8": 6}
+
+
 def test_prepare_data_bad_corpus_paths(tmp_path, tiny_parent_dir):
     with pytest.raises(PuzzleError, match="corpus not found"):
         prepare_data(tmp_path / "missing", tiny_parent_dir, run_dir=tmp_path / "run")
@@ -297,3 +315,29 @@ def test_smoke_reference_corpus_and_tokenizer(tmp_path):
     tracked = Tracked(tokenizer)
     prepare_blocks(Corpus(REFERENCE_CORPUS), tracked, out, seq_len=256, max_tokens=50_000)
     assert tracked.calls == 0 and (out / "train.bin").stat().st_mtime_ns == mtime
+
+
+def _write_data(run_dir, train, val):
+    data = run_dir / "data"
+    data.mkdir(parents=True)
+    np.asarray(train, dtype=np.uint32).tofile(data / "train.bin")
+    np.asarray(val, dtype=np.uint32).tofile(data / "val.bin")
+    meta = {"dtype": "uint32", "seq_len": train.shape[1], "n_train_blocks": len(train), "n_val_blocks": len(val)}
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_exit_2(tmp_path, tiny_parent_dir, capsys):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_parent_dir).vocab_size
+    rng = np.random.default_rng(0)
+    train = rng.integers(3, vocab, (8, SEQ_LEN))
+    train[5, 7] = vocab + 41  # data prepared with another, larger tokenizer
+    run_dir = tmp_path / "run"
+    _write_data(run_dir, train, rng.integers(3, vocab, (2, SEQ_LEN)))
+    argv = ["importance", str(tiny_parent_dir), "--run-dir", str(run_dir), "--n-samples", "8",
+            "--drop-samples", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "train.bin" in err and str(vocab + 41) in err and str(vocab) in err
