@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         return _fail(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
     from puzzle.errors import PuzzleError
-    from puzzle.model.configuration_puzzle import BlockConfigError
+    from puzzle.model.blocks import BlockConfigError
 
     fn = COMMANDS[name].load()
     args = build_parser(name, fn).parse_args(rest)

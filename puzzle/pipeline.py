@@ -29,6 +29,8 @@ import hashlib
 import inspect
 import json
 import time
+import types
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -102,19 +104,75 @@ def _call(fn: Callable, common: dict[str, Any], args: dict[str, Any]) -> Any:
 
 
 def _check_arguments(fn: Callable, args: dict[str, Any], stage: str) -> None:
+    """Argument names against the stage function's signature, and values against its annotations."""
     params = inspect.signature(fn).parameters
     unknown = sorted(set(args) - set(params))
     if unknown:
         raise PuzzleError(f"config section '{stage}': unknown arguments {unknown}; allowed: {sorted(params)}")
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):  # an annotation that does not resolve: names were checked, types cannot be
+        hints = {}
+    for name, value in args.items():
+        expected = hints.get(name)
+        if expected is not None and not _fits(value, expected):
+            raise PuzzleError(f"config section '{stage}': argument {name} expects {_type_name(expected)}, "
+                              f"got {value!r} ({type(value).__name__})")
+
+
+def _fits(value: Any, expected: Any) -> bool:
+    """Whether a YAML value can be passed where `expected` is annotated. Path takes a str, float an int;
+    bool is no int; annotations this does not model (Any, classes) pass."""
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if expected is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if expected is type(None):
+        return value is None
+    if origin in (list, tuple, set):
+        if not isinstance(value, (list, tuple)):
+            return False
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            return len(value) == len(args) and all(_fits(v, a) for v, a in zip(value, args))
+        return not args or all(_fits(v, args[0]) for v in value)
+    if origin is dict:
+        return isinstance(value, dict)
+    if expected is bool:
+        return isinstance(value, bool)
+    if expected is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if expected is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if expected is Path:
+        return isinstance(value, (str, Path))
+    if expected is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(expected: Any) -> str:
+    origin, args = typing.get_origin(expected), typing.get_args(expected)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if expected is type(None):
+        return "None"
+    if origin is not None:
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
+    return getattr(expected, "__name__", str(expected))
 
 
 def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], inputs: bool = True) -> None:
     """Everything a config can get wrong that needs no computation, found before the first stage runs
-    (a typo in the last section must not cost an hour of library building): argument names against each
-    stage's signature and their values (`stages.check_values`), the search space and hardware profiles it
-    names, realize entries naming a solve entry, and (with `inputs`) the parent (its config only: a
-    supported architecture, the search space resolving against its shape) and the corpus (some readable
-    text)."""
+    (a typo in the last section must not cost an hour of library building): argument names and types
+    against each stage's signature and their values (`stages.check_values`), the search space and hardware
+    profiles it names, realize entries naming a solve entry, and (with `inputs`) the parent (its config
+    only: a supported architecture, the search space resolving against its shape) and the corpus (some
+    readable text)."""
     from puzzle.profiling.hardware import load_profile
     from puzzle.search_space import resolve_space_path
 
@@ -145,32 +203,12 @@ def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], input
 
 
 def check_corpus(path: Path) -> None:
-    """Some corpus file holds text (its start is UTF-8 and not blank; a .jsonl / .parquet yields a document):
-    a wrong directory or a folder of binaries is caught before any stage runs. prepare-data reads the rest."""
-    from puzzle.data.corpus import corpus_files
+    """Some corpus file holds text, as prepare-data decides it (`Corpus`: encodings detected, binary and
+    undecodable files skipped): a wrong directory or a folder of binaries is one line before any stage runs.
+    Reads up to the first document."""
+    from puzzle.data.corpus import Corpus
 
-    files = corpus_files(path)
-    if not any(_readable(f) for f in files):
-        raise PuzzleError(f"corpus {path}: no readable text in its {len(files)} file(s) "
-                          "(UTF-8 text, or .jsonl / .parquet with a 'text' field)")
-
-
-def _readable(path: Path, head: int = 1 << 16) -> bool:
-    from puzzle.data.corpus import TEXT_SUFFIXES, iter_file_documents
-
-    if path.suffix.lower() not in TEXT_SUFFIXES:
-        try:
-            return next(iter_file_documents(path), None) is not None
-        except (PuzzleError, OSError, ValueError):
-            return False
-    data = path.read_bytes()[:head]
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        if err.start < len(data) - 3:  # not just a character cut by `head`
-            return False
-        text = data[: err.start].decode("utf-8-sig")
-    return bool(text.strip()) and "\x00" not in text
+    next(iter(Corpus(path)))  # no document at all: Corpus's one-line PuzzleError, naming what it skipped
 
 
 def _settings(step: Any, fns: dict[str, Callable]) -> dict[str, Any]:

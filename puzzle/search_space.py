@@ -28,7 +28,8 @@ from typing import Any, Iterator, Literal
 
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
-from puzzle.model.configuration_puzzle import AttentionConfig, BlockConfigError, FFNConfig
+from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig
+from puzzle.shape import ModelShape
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 Kind = Literal["attention", "ffn"]
@@ -189,8 +190,8 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     n_layers = parent_config.num_hidden_layers
     num_heads = parent_config.num_attention_heads
     try:
-        parent_att = AttentionConfig(n_heads_in_group=num_heads // parent_config.num_key_value_heads)
-        parent_ffn = FFNConfig(intermediate_size=parent_config.intermediate_size)
+        shape = ModelShape.from_config(parent_config)
+        parent_att, parent_ffn = shape.parent_attention, shape.parent_ffn
     except BlockConfigError as err:
         raise PuzzleError(f"parent config: {err}") from None
     att_default = _section(raw, "attention", name)

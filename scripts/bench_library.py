@@ -69,7 +69,7 @@ def matmul_gflops(processes: int, threads: int, seconds: float = 4.0) -> float:
 
 def by_variant(records: list[dict]) -> list[dict]:
     rows = []
-    names = sorted({(r["kind"], r["variant"]) for r in records}, key=lambda kv: (kv[0], _order(kv[1])))
+    names = sorted({(r["kind"], r["variant"]) for r in records}, key=lambda kv: (kv[0], _order(*kv)))
     for kind, name in names:
         rs = [r for r in records if r["kind"] == kind and r["variant"] == name]
         init = np.array([r["loss_init"] for r in rs])
@@ -84,9 +84,14 @@ def by_variant(records: list[dict]) -> list[dict]:
     return rows
 
 
-def _order(name: str) -> tuple:
-    tail = name.split("_", 1)[1]
-    return (0, -int(tail)) if tail.isdigit() else (1, tail) if not tail.startswith("g") else (0, int(tail[1:]))
+def _order(kind: str, name: str) -> tuple:
+    """GQA by group size, SwiGLU widest first, then linear and no-op."""
+    from puzzle.model.blocks import sublayer_from_name
+
+    cfg = sublayer_from_name(kind, name)
+    if cfg.no_op or cfg.replace_with_linear:
+        return (1, name)
+    return (0, cfg.n_heads_in_group if kind == "attention" else -cfg.intermediate_size)
 
 
 def main() -> None:

@@ -28,8 +28,9 @@ from puzzle.distill.trainer import evaluate_kd  # noqa: E402
 from puzzle.io import JsonlLog, atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle  # noqa: E402
 from puzzle.pruning.commands import importance, prune  # noqa: E402
-from puzzle.pruning.shape import LlamaShape, layers_for_target  # noqa: E402
+from puzzle.pruning.shape import layers_for_target  # noqa: E402
 from puzzle.run_dir import RunDir  # noqa: E402
+from puzzle.shape import ModelShape  # noqa: E402
 
 PARENT = REPO / "assets" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 CORPUS = REPO / "assets" / "corpus" / "python-docs"
@@ -83,8 +84,8 @@ def main() -> None:
                                     max_tokens=args.max_tokens)
     meta = load_meta(run_dir)
 
-    parent_shape = LlamaShape.of(load_config(PARENT))
-    target = int(args.fraction * parent_shape.non_embedding_params)
+    parent_shape = ModelShape.from_config(load_config(PARENT))
+    target = int(args.fraction * parent_shape.non_embedding_params())
     k_drop = layers_for_target(parent_shape, target, "non-embedding")
 
     _, wall["importance"] = timed(importance, PARENT, run_dir=run_dir, n_samples=args.calib, batch_size=8,
@@ -134,14 +135,14 @@ def main() -> None:
         "data": {k: meta.get(k) for k in ("seq_len", "n_train_blocks", "n_val_blocks", "n_train_tokens", "n_val_tokens")},
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "target_non_embedding_params": target,
-        "parent_params": {"total": parent_shape.total_params, "non_embedding": parent_shape.non_embedding_params},
+        "parent_params": {"total": parent_shape.total_params(), "non_embedding": parent_shape.non_embedding_params()},
         "parent_shape": asdict(parent_shape),
         "students": {
             name: {
                 "shape": records[name]["shape"],
                 "dropped_layers": records[name]["dropped_layers"],
                 "params": records[name]["params"],
-                "non_embedding_fraction": records[name]["params"]["non_embedding"] / parent_shape.non_embedding_params,
+                "non_embedding_fraction": records[name]["params"]["non_embedding"] / parent_shape.non_embedding_params(),
                 **distilled[name],
             }
             for name in students
@@ -175,7 +176,7 @@ def verdict(r: dict) -> dict:
 
 def _row(name: str, params: dict, parent_ne: int, ev: dict, wall: str) -> str:
     return (f"| {name} | {params['non_embedding'] / 1e6:.1f}M ({params['non_embedding'] / parent_ne:.1%}) | "
-            f"{params['total'] / 1e6:.1f}M | {ev['lm_loss']:.3f} | {ev['kl']:.3f} | {ev['top1']:.3f} | {wall} |")
+            f"{params['total'] / 1e6:.1f}M | {ev['lm_loss']:.3f} | {ev['kl']:.3f} | {ev['top1_agreement']:.3f} | {wall} |")
 
 
 def markdown(r: dict) -> str:
@@ -201,12 +202,12 @@ def markdown(r: dict) -> str:
         f"- Importance: {s['calib']} calibration sequences of {r['data']['seq_len']} tokens, batch=L2 / seq=mean; "
         f"contiguous-block drop losses on {s['drop_samples']} sequences ({ws['importance']:.0f} s).",
         f"- Width student: hidden {w['shape']['hidden_size']} (of {ps['hidden_size']}), FFN "
-        f"{w['shape']['intermediate_size']} (of {ps['intermediate_size']}), all {ps['num_heads']} query / "
-        f"{ps['num_kv_heads']} KV heads and {ps['num_layers']} layers kept; picked by `--target-params` "
+        f"{w['shape']['intermediate_size']} (of {ps['intermediate_size']}), all {ps['num_attention_heads']} query / "
+        f"{ps['num_key_value_heads']} KV heads and {ps['num_hidden_layers']} layers kept; picked by `--target-params` "
         f"({w['non_embedding_fraction']:.1%} of the non-embedding parameters).",
         f"- Depth student: layers {d['dropped_layers'][0]}-{d['dropped_layers'][-1]} dropped "
         f"({len(d['dropped_layers'])} contiguous layers, the block whose removal raised the LM loss least), "
-        f"{ps['num_layers'] - len(d['dropped_layers'])} kept ({d['non_embedding_fraction']:.1%}).",
+        f"{ps['num_hidden_layers'] - len(d['dropped_layers'])} kept ({d['non_embedding_fraction']:.1%}).",
         f"- Distillation (same for both): forward KL on logits (T=1), no LM loss, AdamW peak lr {s['lr']:g} "
         f"-> {s['min_lr']:g} cosine, {s['warmup_steps']} warm-up steps, {s['steps']} steps x {s['batch_size']} "
         f"sequences x {r['data']['seq_len']} tokens = **{r['distill_tokens']:,} tokens** per student.",

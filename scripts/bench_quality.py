@@ -30,21 +30,21 @@ from puzzle.model.checkpoint import load_config, puzzle_config_from
 from puzzle.pipeline import run as run_pipeline
 from puzzle.profiling.hardware import load_profile
 from puzzle.profiling.roofline import predict_model_costs
-from puzzle.pruning.shape import LlamaShape
 from puzzle.run_dir import RunDir
+from puzzle.shape import ModelShape
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "smollm2_quick.yaml"
 BUDGET = "h100_80gb"
 
 
-def shape_config(parent_cfg, shape: LlamaShape) -> PuzzleConfig:
+def shape_config(parent_cfg, shape: ModelShape) -> PuzzleConfig:
     data = puzzle_config_from(parent_cfg).to_dict()
     for key in ("block_configs", "model_type", "transformers_version", "auto_map", "architectures"):
         data.pop(key, None)
-    data.update(num_hidden_layers=shape.num_layers, hidden_size=shape.hidden_size,
+    data.update(num_hidden_layers=shape.num_hidden_layers, hidden_size=shape.hidden_size,
                 intermediate_size=shape.intermediate_size, head_dim=shape.head_dim,
-                num_attention_heads=shape.num_heads, num_key_value_heads=shape.num_kv_heads)
+                num_attention_heads=shape.num_attention_heads, num_key_value_heads=shape.num_key_value_heads)
     return PuzzleConfig(**data)
 
 
@@ -52,7 +52,7 @@ def throughput(config, profile) -> float:
     return predict_model_costs(config, config.blocks, profile)["throughput_tokens_s"]
 
 
-def width_shape(parent_cfg, parent_tp: float, target: float, profile) -> LlamaShape:
+def width_shape(parent_cfg, parent_tp: float, target: float, profile) -> ModelShape:
     for slack in (1.1, 1.25, 1.5, 2.0):  # widen the window only when no uniform shape lands in it
         try:
             return _width_shape(parent_cfg, parent_tp, target, profile, slack)
@@ -61,22 +61,22 @@ def width_shape(parent_cfg, parent_tp: float, target: float, profile) -> LlamaSh
     raise PuzzleError(f"no width-pruned shape reaches {target}x")
 
 
-def _width_shape(parent_cfg, parent_tp: float, target: float, profile, slack: float) -> LlamaShape:
+def _width_shape(parent_cfg, parent_tp: float, target: float, profile, slack: float) -> ModelShape:
     """The least-pruned (most parameters) uniform width shape whose predicted speedup lies in
     [target, slack x target] (so it does not buy quality with a much larger speedup than Puzzle's): KV groups,
     query heads per group, hidden size and FFN size all searched (Minitron's width axes)."""
-    base = LlamaShape.of(parent_cfg)
-    group = base.num_heads // base.num_kv_heads
+    base = ModelShape.from_config(parent_cfg)
+    group = base.num_attention_heads // base.num_key_value_heads
     best = None
-    for kv in range(base.num_kv_heads, 0, -1):
+    for kv in range(base.num_key_value_heads, 0, -1):
         for hpg in range(group, 0, -1):
             heads = kv * hpg
             step = math.lcm(8, heads)
             for h in range(base.hidden_size - base.hidden_size % step, step - 1, -step):
                 # FFN sizes ascend, so the first that reaches the target is the largest that does not
                 for f in range(base.intermediate_size, 63, -64):
-                    shape = base.with_(hidden_size=h, intermediate_size=f, num_heads=heads, num_kv_heads=kv)
-                    if best is not None and shape.total_params <= best.total_params:
+                    shape = base.with_(hidden_size=h, intermediate_size=f, num_attention_heads=heads, num_key_value_heads=kv)
+                    if best is not None and shape.total_params() <= best.total_params():
                         break
                     speedup = throughput(shape_config(parent_cfg, shape), profile) / parent_tp
                     if speedup > slack * target:
@@ -90,9 +90,9 @@ def _width_shape(parent_cfg, parent_tp: float, target: float, profile, slack: fl
 
 
 def depth_layers(parent_cfg, parent_tp: float, target: float, profile) -> int:
-    base = LlamaShape.of(parent_cfg)
-    for drop in range(1, base.num_layers):
-        if throughput(shape_config(parent_cfg, base.with_(num_layers=base.num_layers - drop)), profile) / parent_tp >= target:
+    base = ModelShape.from_config(parent_cfg)
+    for drop in range(1, base.num_hidden_layers):
+        if throughput(shape_config(parent_cfg, base.with_(num_hidden_layers=base.num_hidden_layers - drop)), profile) / parent_tp >= target:
             return drop
     raise PuzzleError(f"no depth-pruned shape reaches {target}x")
 
@@ -160,10 +160,10 @@ def main() -> None:
         shape = widths[s]
         out = timed(walls, f"prune width {tag}", prune, parent, bench / f"width_{tag}", run_dir=run_dir,
                     hidden_size=shape.hidden_size, ffn_size=shape.intermediate_size,
-                    kv_groups=shape.num_kv_heads, heads_per_group=shape.num_heads // shape.num_kv_heads)
+                    kv_groups=shape.num_key_value_heads, heads_per_group=shape.num_attention_heads // shape.num_key_value_heads)
         students.append({"budget": s, "method": "minitron width", "path": out, "hidden_loss": "none",
                          "shape": f"hidden {shape.hidden_size}, FFN {shape.intermediate_size}, "
-                                  f"{shape.num_heads} heads / {shape.num_kv_heads} KV"})
+                                  f"{shape.num_attention_heads} heads / {shape.num_key_value_heads} KV"})
         drop = drops[s]
         out = timed(walls, f"prune depth {tag}", prune, parent, bench / f"depth_{tag}", run_dir=run_dir,
                     drop_layers=drop, depth_method="block")

@@ -8,6 +8,7 @@ ASSETS=${PUZZLE_ASSETS:-assets}
 PY=${PYTHON:-python3}
 [ -x .venv/bin/python ] && PY=.venv/bin/python
 mkdir -p "$ASSETS"
+ASSETS=$(cd "$ASSETS" && pwd)  # absolute (relative ones are to the repository): the copies below run elsewhere
 
 GGUF="$ASSETS/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 if [ ! -s "$GGUF" ]; then
@@ -43,7 +44,7 @@ if [ ! -d "$CORPUS" ] || [ -z "$(ls -A "$CORPUS" 2>/dev/null)" ]; then
   mkdir -p "$CORPUS.part"
   # The reStructuredText sources are the prose; keep the directory tree so documents stay separate.
   (cd "$tmp/x/usr/share/doc/python3.11/html/_sources" && find . -name '*.rst.txt' -print0 | \
-     xargs -0 -I{} cp --parents {} "$OLDPWD/$CORPUS.part/")
+     xargs -0 -I{} cp --parents {} "$CORPUS.part/")
   rm -rf "$CORPUS" && mv "$CORPUS.part" "$CORPUS"
   rm -rf "$tmp"
   echo "corpus: $CORPUS ($(find "$CORPUS" -type f | wc -l) files)"

@@ -162,6 +162,12 @@ def test_shipped_configs_pass_the_check(config):
     ({"realize": [{"solution": "fastest"}]}, "realize: no solve entry names its solution 'fastest'"),
     ({"profile": [{"budget": "h900"}]}, "unknown hardware profile 'h900'"),
     ({"search_space": "nope"}, "search space"),
+    ({"build_library": {"tokens_per_block": "lots"}},
+     "config section 'build_library': argument tokens_per_block expects int, got 'lots' (str)"),
+    ({"score": {"blocks": 2.5}}, "argument blocks expects int, got 2.5 (float)"),
+    ({"build_library": {"ray": "no"}}, "argument ray expects bool, got 'no' (str)"),
+    ({"build_library": {"ffn_init": "random"}}, "argument ffn_init expects one of 'auto', 'channel_contribution', 'minitron'"),
+    ({"build_library": {"layers": [0, "one"]}}, "argument layers expects list[int] or None, got [0, 'one'] (list)"),
 ])
 def test_config_mistakes_fail_before_any_stage_runs(tiny_parent_dir, tmp_path, capsys, mistake, message):
     config = tmp_path / "bad.yaml"
@@ -217,7 +223,8 @@ def test_check_resolves_the_search_space_against_the_parent(tiny_parent_dir, tmp
     assert "three_kv" in err and "3" in err
 
 
-@pytest.mark.parametrize("content, message", [(None, "holds no text files"), (b"\xff\xfe\x00\xd8" * 64, "no readable text")],
+@pytest.mark.parametrize("content, message", [(None, "holds no text files"),
+                                              (b"\x00\x01\x02\xff" * 64, "no text in its 1 file(s)")],
                          ids=["empty", "binary"])
 def test_check_needs_a_readable_corpus(tiny_parent_dir, tmp_path, capsys, content, message):
     raw = tiny_config(tmp_path, tiny_parent_dir)
@@ -244,6 +251,7 @@ def test_an_edited_library_setting_retrains_the_library_not_just_its_header(tiny
     raw["build_library"] = {**raw["build_library"], "tokens_per_block": 512}
     config.write_text(yaml.safe_dump(raw))
     assert main(["run", str(config)]) == 0
-    assert f"({len(trained)} trained now, {len(before) - len(trained)} already there)" in capsys.readouterr().out
+    assert f"({len(trained)} trained now, 0 recorded without training, {len(before) - len(trained)} already there)" \
+        in capsys.readouterr().out
     after = json.loads(manifest.read_text())["variants"]
     assert sorted(k for k in before if after[k]["tokens"] != before[k]["tokens"]) == trained

@@ -1,9 +1,12 @@
 """Reading prepared data back: the packed token blocks of `runs/R/data/` as memmaps, and batches of them.
 
 Layout (written by `puzzle.data.prepare`): `train.bin` and `val.bin` are raw arrays of token ids, shape
-(n_blocks, seq_len), dtype from `meta.json`; `meta.json` is written last, so it exists only when both
-are complete.
+(n_blocks, seq_len), dtype from `meta.json`; `val_documents.jsonl` holds the held-out documents' text,
+one {"text": ...} a line (what evaluation builds its multiple-choice items from); `meta.json` is written
+last, so it exists only when the others are complete, and records the held-out file's sha256.
 """
+
+import json
 
 from pathlib import Path
 from typing import Any, Iterator, Literal
@@ -12,11 +15,12 @@ import numpy as np
 import torch
 
 from puzzle.errors import PuzzleError
-from puzzle.io import read_json
+from puzzle.io import read_json, sha256_file
 from puzzle.run_dir import RunDir
 
 SPLITS = ("train", "val")
 META_NAME = "meta.json"
+HELD_OUT_NAME = "val_documents.jsonl"
 
 
 def data_dir(run_dir: str | Path) -> Path:
@@ -27,6 +31,10 @@ def bin_path(out_dir: Path, split: str) -> Path:
     return out_dir / f"{split}.bin"
 
 
+def held_out_path(out_dir: Path) -> Path:
+    return out_dir / HELD_OUT_NAME
+
+
 def load_meta(run_dir: str | Path) -> dict[str, Any]:
     """The `meta.json` of a run directory's prepared data (seq_len, dtype, block counts, fingerprint, ...)."""
     path = data_dir(run_dir) / META_NAME
@@ -35,6 +43,19 @@ def load_meta(run_dir: str | Path) -> dict[str, Any]:
             f"{run_dir} has no prepared data; run `puzzle prepare-data CORPUS PARENT --run-dir {run_dir}` first"
         )
     return read_json(path)
+
+
+def load_held_out_documents(run_dir: str | Path) -> list[str]:
+    """The validation split's documents as prepare-data recorded them (never re-read from the corpus, which
+    may have changed since), checked against the sha256 in meta.json."""
+    meta = load_meta(run_dir)
+    path = held_out_path(data_dir(run_dir))
+    want = meta.get("val_documents_sha256")
+    if want is None or not path.exists() or sha256_file(path) != want:
+        raise PuzzleError(
+            f"{path} is missing or does not match its meta.json; rerun `puzzle prepare-data` for {run_dir}"
+        )
+    return [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
 
 
 def load_blocks(run_dir: str | Path, split: Literal["train", "val"]) -> np.ndarray:
@@ -50,6 +71,18 @@ def load_blocks(run_dir: str | Path, split: Literal["train", "val"]) -> np.ndarr
             f"{path} is missing or does not match its meta.json; rerun `puzzle prepare-data` for {run_dir}"
         )
     return np.memmap(path, dtype=dtype, mode="r", shape=shape)
+
+
+def check_token_ids(blocks: np.ndarray, vocab_size: int) -> None:
+    """Where data meets a model: every token id must index its embedding (else an IndexError mid-forward).
+    `blocks` as `load_blocks` returns them (a memmap naming its file) or any array of ids."""
+    if len(blocks) == 0:
+        return
+    top = int(np.max(blocks))
+    if top >= vocab_size:
+        where = getattr(blocks, "filename", None) or "the prepared data"
+        raise PuzzleError(f"{where}: token id {top} is outside the model's vocabulary of {vocab_size} tokens "
+                          "(prepared with another tokenizer?); rerun `puzzle prepare-data` with this parent")
 
 
 def iterate_batches(

@@ -3,7 +3,9 @@
 Each document is tokenised without special tokens and followed by a separator (the tokenizer's eos,
 else its bos); whole documents go to train or validation by a seeded permutation (never single
 blocks, so no document straddles the split); each split is one token stream cut into (n, seq_len)
-blocks, ragged tail dropped. The result lives in `runs/R/data/` (see `puzzle.data.blocks`).
+blocks, ragged tail dropped. The held-out documents' text is kept too (all of them, also past a
+--max-tokens cap): evaluation draws its multiple-choice items from them. The result lives in
+`runs/R/data/` (see `puzzle.data.blocks`).
 
 Resuming: `meta.json` carries a fingerprint of the corpus text, the tokenizer and the settings, and is
 written last (bins go to temp names first). A rerun with the same fingerprint does nothing; a changed
@@ -21,10 +23,10 @@ from typing import Any, Iterable, Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
-from puzzle.data.blocks import META_NAME, SPLITS, bin_path, data_dir
+from puzzle.data.blocks import META_NAME, SPLITS, bin_path, data_dir, held_out_path
 from puzzle.data.corpus import Corpus
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json, read_json
+from puzzle.io import atomic_write_json, atomic_write_text, read_json, sha256_file
 from puzzle.run_dir import writes_run_dir
 
 log = logging.getLogger(__name__)
@@ -62,6 +64,8 @@ def prepare_data(
     from puzzle.model.checkpoint import load_tokenizer
 
     documents = Corpus(corpus)  # a bad corpus path fails before the slow tokenizer load
+    if documents.skipped or any(c not in ("utf-8", "utf-8-sig") for c in documents.encodings.values()):
+        print(f"corpus {corpus}: {documents.summary()}", flush=True)
     tokenizer = load_tokenizer(parent)
     return prepare_blocks(
         documents,
@@ -72,6 +76,7 @@ def prepare_data(
         seed=seed,
         max_tokens=max_tokens,
         source=str(Path(corpus).resolve()),
+        corpus_files=documents.report(),
     )
 
 
@@ -85,11 +90,13 @@ def prepare_blocks(
     max_tokens: int | None = None,
     *,
     source: str | None = None,
+    corpus_files: dict[str, Any] | None = None,
 ) -> Path:
     """Tokenise, pack, split and cache `documents` with `tokenizer` into `out_dir`; returns `out_dir`.
 
     `documents` is read twice (once to count and fingerprint, once to tokenise): pass a list or a
-    re-iterable such as `Corpus`; a one-shot iterator is materialised first.
+    re-iterable such as `Corpus`; a one-shot iterator is materialised first. `corpus_files`: what reading
+    the files found (`Corpus.report()`: files skipped and why, encodings), recorded in the metadata.
     """
     _check_settings(seq_len, val_fraction, max_tokens)
     if iter(documents) is documents:
@@ -133,10 +140,13 @@ def prepare_blocks(
         (out_dir / META_NAME).unlink(missing_ok=True)
         for split in SPLITS:
             os.replace(tmp[split], bin_path(out_dir, split))
+        held_out = _write_held_out(documents, is_val, held_out_path(out_dir))
         meta = {
             **settings,
             "fingerprint": fingerprint,
+            "val_documents_sha256": held_out,
             "corpus": source,
+            **({"corpus_files": corpus_files} if corpus_files is not None else {}),
             "n_documents": n_docs,
             "n_train_documents": used_docs["train"],
             "n_val_documents": used_docs["val"],
@@ -199,7 +209,8 @@ def is_prepared(out_dir: Path, fingerprint: str) -> bool:
         path = bin_path(Path(out_dir), split)
         if not path.exists() or path.stat().st_size != meta[f"n_{split}_blocks"] * row_bytes:
             return False
-    return True
+    held_out = held_out_path(Path(out_dir))
+    return held_out.exists() and sha256_file(held_out) == meta.get("val_documents_sha256")
 
 
 def _check_settings(seq_len: int, val_fraction: float, max_tokens: int | None) -> None:
@@ -288,6 +299,13 @@ def _tokenise_into(
             f.close()
         bar.close()
     return tokens, used_docs
+
+
+def _write_held_out(documents: Iterable[str], is_val: np.ndarray, path: Path) -> str:
+    """Every validation document's text, one {"text": ...} a line (atomically); returns the file's sha256."""
+    lines = (json.dumps({"text": text}) + "\n" for i, text in enumerate(documents) if is_val[i])
+    atomic_write_text(path, "".join(lines))
+    return sha256_file(path)
 
 
 def _split_of(is_val: np.ndarray, index: int) -> str:

@@ -88,7 +88,7 @@ def distill(
         resume: continue from OUT's last checkpoint (--no-resume starts over, discarding it)
         threads: torch CPU threads
     """
-    from puzzle.data.blocks import load_blocks
+    from puzzle.data.blocks import check_token_ids, load_blocks
 
     for name, value in (("--teacher", teacher), ("--student", student), ("--run-dir", run_dir)):
         if value is None:
@@ -118,6 +118,8 @@ def distill(
             print(f"distill: {out} is complete (step {done['step']}); nothing to do")
             return model_dir
     teacher_model = load_model(teacher)
+    for blocks in (train_data, val_data):
+        check_token_ids(blocks, teacher_model.config.vocab_size)
     original = load_model(student)
     record = _student_record(student)
     distiller = Distiller(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
@@ -131,5 +133,5 @@ def distill(
     atomic_write_json(result_path, {"teacher": str(teacher), "student": str(student), "step": result.step,
                                     "complete": result.complete, "val": result.val, "config": config.to_json()})
     print(f"distill: step {result.step}: val LM loss {result.val['lm_loss']:.4f}, KL {result.val['kl']:.4f}, "
-          f"top-1 {result.val['top1']:.3f} -> {model_dir}")
+          f"top-1 {result.val['top1_agreement']:.3f} -> {model_dir}")
     return model_dir

@@ -1,104 +1,19 @@
-"""Distillation losses with bounded memory: forward KL, LM loss and top-1 agreement from final hidden
-states, a chunk of tokens at a time; cosine / MSE losses between intermediate hidden states.
+"""Distillation losses beyond the output distribution: cosine / MSE between intermediate hidden states,
+and which student layer is matched with which teacher layer.
 
-Logits over a 49K vocabulary are the memory hog (8 x 256 tokens x 49152 x 4 bytes = 400 MB per model,
-twice that with their gradient). `kd_terms` never holds more than one chunk of them: it maps
-`chunk_tokens` final hidden states through both LM heads, reduces the chunk to three sums, and, when
-the student needs gradients, recomputes the chunk's logits in backward (activation checkpointing)
-instead of keeping them.
+The KL / LM-loss terms of the loss are `puzzle.metrics.kd_terms` (the same function validation and
+`evaluate` report with).
 
-Shapes: N tokens (batch x sequence flattened), D student hidden, Dt teacher hidden, V vocabulary.
+Shapes: B batch, T sequence, D student hidden, Dt teacher hidden.
 """
 
-from dataclasses import dataclass
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-IGNORE_INDEX = -100
 HiddenLoss = Literal["none", "cosine", "mse"]
-
-
-@dataclass
-class KDTerms:
-    """Sums over the tokens of a batch (divide by `tokens` / `lm_tokens` for means)."""
-
-    kl: torch.Tensor  # sum over tokens of T^2 * KL(teacher || student) at temperature T
-    lm: torch.Tensor  # sum over labelled tokens of the student's cross-entropy
-    agree: torch.Tensor  # number of tokens where the student's argmax is the teacher's
-    tokens: int
-    lm_tokens: int
-
-
-def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Per-token KL(p_teacher || p_student) of (N, V) logits at `temperature`, times T^2 (Hinton's scaling
-    keeps gradient magnitudes comparable across temperatures); float32, shape (N,)."""
-    t = temperature
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1) * (t * t)
-
-
-def _chunk_sums(
-    s_h: torch.Tensor,  # (n, D)
-    t_logits: torch.Tensor,  # (n, V), no grad
-    labels: torch.Tensor,  # (n,)
-    s_head: torch.Tensor,  # (V, D)
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    s_logits = s_h @ s_head.T
-    kl = forward_kl(s_logits, t_logits, temperature).sum()
-    lm = F.cross_entropy(s_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
-    agree = (s_logits.detach().argmax(-1) == t_logits.argmax(-1)).sum()
-    return kl, lm, agree
-
-
-def kd_terms(
-    student_hidden: torch.Tensor,  # (B, T, D) final, normed
-    teacher_hidden: torch.Tensor,  # (B, T, Dt) final, normed; or the teacher's logits (B, T, V), see below
-    student_head: nn.Linear,
-    teacher_head: nn.Linear | None,
-    input_ids: torch.Tensor | None = None,  # (B, T): LM labels are the next tokens; None skips the LM loss
-    temperature: float = 1.0,
-    chunk_tokens: int = 1024,
-) -> KDTerms:
-    """KL to the teacher, LM loss and top-1 agreement over every token, `chunk_tokens` tokens at a time.
-
-    KL and agreement cover all B*T positions; the LM loss covers the B*(T-1) positions with a next token.
-    With `teacher_head=None`, `teacher_hidden` holds the teacher's logits themselves (worth it when one
-    teacher is compared with many students, as in the drop-layer scores).
-    """
-    B, T, _ = student_hidden.shape
-    s_h = student_hidden.reshape(B * T, -1)
-    t_h = teacher_hidden.reshape(B * T, -1).detach()
-    if input_ids is not None:
-        labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=s_h.device)
-        labels[:, :-1] = input_ids[:, 1:]
-        labels = labels.reshape(-1)
-        lm_tokens = B * (T - 1)
-    else:
-        labels = torch.full((B * T,), IGNORE_INDEX, dtype=torch.long, device=s_h.device)
-        lm_tokens = 0
-    kl = lm = agree = torch.zeros((), device=s_h.device)
-    # With one chunk there is nothing to bound: skip the recomputation and keep its logits for backward.
-    need_grad = (torch.is_grad_enabled() and (s_h.requires_grad or student_head.weight.requires_grad)
-                 and B * T > chunk_tokens)
-    for start in range(0, B * T, chunk_tokens):
-        rows = slice(start, start + chunk_tokens)
-        with torch.no_grad():
-            t_logits = teacher_head(t_h[rows]) if teacher_head is not None else t_h[rows]
-        if need_grad:
-            # recompute each chunk's student logits in backward rather than keep all of them alive
-            c_kl, c_lm, c_agree = checkpoint(
-                _chunk_sums, s_h[rows], t_logits, labels[rows], student_head.weight, temperature, use_reentrant=False
-            )
-        else:
-            c_kl, c_lm, c_agree = _chunk_sums(s_h[rows], t_logits, labels[rows], student_head.weight, temperature)
-        kl, lm, agree = kl + c_kl, lm + c_lm, agree + c_agree
-    return KDTerms(kl=kl, lm=lm, agree=agree, tokens=B * T, lm_tokens=lm_tokens)
 
 
 def hidden_state_loss(

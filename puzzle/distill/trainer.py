@@ -9,7 +9,12 @@ Everything in `out_dir`:
   log.jsonl        one record per optimizer step (split "train") and per validation (split "val")
   val_loss.png     validation LM loss and KL against steps
   checkpoints/step_NNNNNN/  model.safetensors (student + projection weights), optimizer.safetensors
-                   (AdamW moments and the torch RNG state as tensors), trainer.json (step, settings)
+                   (AdamW moments and the torch RNG state as tensors), trainer.json (step, settings, and
+                   each file's sha256 and size, written last)
+
+A checkpoint is used only when its files match the hashes in its trainer.json: a damaged one (a flipped
+bit, a truncated file) is skipped with a one-line warning and the newest intact earlier one is used, or
+the run starts over when none is left.
 
 Resuming reproduces the uninterrupted run exactly: micro-batch i is always the same blocks (a function
 of i and the seed, not of how the run was cut), and weights, optimizer moments and RNG come back from
@@ -17,6 +22,7 @@ the checkpoint; log records past the checkpoint are dropped and recomputed.
 """
 
 import json
+import logging
 import math
 import re
 import shutil
@@ -27,22 +33,41 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
-from puzzle.io import JsonlLog, atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json
+from puzzle.io import (
+    JsonlLog,
+    atomic_save_safetensors,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_temps,
+    sha256_file,
+)
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import atomic_dir, commit_dir, to_puzzle
 
-from .losses import HiddenLoss, default_layer_map, hidden_state_loss, kd_terms
+from puzzle.metrics import KEYS, Sums, kd_terms
+
+from .losses import HiddenLoss, default_layer_map, hidden_state_loss
+
+log = logging.getLogger(__name__)
 
 LOG_FILE = "log.jsonl"
 PLOT_FILE = "val_loss.png"
 CHECKPOINTS = "checkpoints"
 # Settings that may change between an interrupted run and its resumption without changing its maths.
 _RESUMABLE_CHANGES = {"val_every", "checkpoint_every", "keep_checkpoints"}
+VAL_KEYS = tuple(k for k in KEYS if k != "tokens")  # a val record's `tokens` counts training tokens (see _metrics)
+CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
+START_OVER = "pass --no-resume (in a `puzzle run` config: resume: false in the gkd section) to start over"
+
+
+class DamagedCheckpoint(Exception):
+    """A checkpoint whose files do not match its record (or cannot be read); the reason is the message."""
 
 
 @dataclass(frozen=True)
@@ -157,24 +182,21 @@ def evaluate_kd(
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
 ) -> dict[str, float]:
-    """Student LM loss, KL(teacher || student) per token (at temperature 1 unless given) and top-1
-    agreement with the teacher over `batches` of token ids (B, T)."""
+    """Student LM loss and perplexity, KL(teacher || student) per token (at temperature 1 unless given) and
+    top-1 agreement with the teacher over `batches` of token ids (B, T), under `puzzle.metrics.KEYS`."""
     if not batches:
         raise PuzzleError("no validation batches")
     teacher_hidden = teacher_hidden or teacher_outputs(teacher, batches)
     device = next(student.parameters()).device
-    kl = lm = agree = 0.0
-    tokens = lm_tokens = 0
+    sums = Sums()
     was_training = student.training
     student.eval()
     for ids, t_h in zip(batches, teacher_hidden):
         ids = ids.to(device)
         s_h = student.model(input_ids=ids, use_cache=False).last_hidden_state
-        terms = kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens)
-        kl, lm, agree = kl + terms.kl.item(), lm + terms.lm.item(), agree + terms.agree.item()
-        tokens, lm_tokens = tokens + terms.tokens, lm_tokens + terms.lm_tokens
+        sums = sums + kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens).sums()
     student.train(was_training)
-    return {"lm_loss": lm / lm_tokens, "kl": kl / tokens, "top1": agree / tokens, "tokens": tokens}
+    return sums.means()
 
 
 def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
@@ -244,7 +266,7 @@ class Distiller:
         kl = terms.kl / terms.tokens
         lm = terms.lm / terms.lm_tokens
         loss = c.kl_weight * kl + c.lm_weight * lm
-        stats = {"kl": kl.item(), "lm_loss": lm.item(), "top1": terms.agree.item() / terms.tokens}
+        stats = {"kl": kl.item(), "lm_loss": lm.item(), "top1_agreement": terms.agree.item() / terms.tokens}
         if need_hidden:
             hidden = sum(hidden_state_loss(s_out.hidden_states[s], t_out.hidden_states[t], c.hidden_loss, self.projection)
                          for s, t in self.layer_map) / len(self.layer_map)
@@ -273,9 +295,11 @@ class Distiller:
             tensors["rng.torch"] = torch.get_rng_state()
             atomic_save_safetensors(tmp / "optimizer.safetensors", tensors)
             groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in opt["param_groups"]]
+            files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
+                     for name in CHECKPOINT_FILES}
             atomic_write_json(tmp / "trainer.json", {
                 "step": step, "elapsed_s": elapsed, "tokens": tokens, "config": self.config.to_json(),
-                "param_names": [n for n, _ in self.params], "param_groups": groups,
+                "param_names": [n for n, _ in self.params], "param_groups": groups, "files": files,
             })
             commit_dir(tmp, out)
         except BaseException:
@@ -285,21 +309,47 @@ class Distiller:
             shutil.rmtree(old, ignore_errors=True)
         return out
 
+    @staticmethod
+    def verify_checkpoint(path: Path) -> dict[str, Any]:
+        """The checkpoint's trainer.json once every file matches its recorded hash; else DamagedCheckpoint."""
+        try:
+            meta = json.loads((path / "trainer.json").read_text())
+        except (OSError, ValueError) as err:
+            raise DamagedCheckpoint(f"trainer.json is unreadable ({err})") from None
+        files = meta.get("files") if isinstance(meta, dict) else None
+        if not isinstance(files, dict):  # written before hashes were recorded: load_checkpoint still checks it loads
+            return meta
+        for name in CHECKPOINT_FILES:
+            file, record = path / name, files.get(name) or {}
+            if not file.is_file():
+                raise DamagedCheckpoint(f"{name} is missing")
+            size = file.stat().st_size
+            if size != record.get("bytes"):
+                raise DamagedCheckpoint(f"{name} has {size} bytes, {record.get('bytes')} recorded (truncated?)")
+            if sha256_file(file) != record.get("sha256"):
+                raise DamagedCheckpoint(f"{name} does not match its recorded sha256 (damaged)")
+        return meta
+
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
-        meta = read_json(path / "trainer.json")
+        """Restore weights, optimizer and RNG from a checkpoint. DamagedCheckpoint when its files are not
+        intact; PuzzleError when it is intact but of other settings or another student."""
+        meta = self.verify_checkpoint(path)
         saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
         now = {k: v for k, v in self.config.to_json().items() if k not in _RESUMABLE_CHANGES}
         changed = sorted(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])  # name, both values
         if changed:
             raise PuzzleError(f"{self.out_dir} holds a run with different settings ({', '.join(changed)}); "
-                              "pass --no-resume to start over or choose another output directory")
+                              f"{START_OVER}, or choose another output directory")
         if meta["param_names"] != [n for n, _ in self.params]:
-            raise PuzzleError(f"{path}: the checkpoint is of a different student; pass --no-resume to start over")
-        weights = load_file(str(path / "model.safetensors"))
+            raise PuzzleError(f"{path}: the checkpoint is of a different student; {START_OVER}")
+        try:
+            weights = load_file(str(path / "model.safetensors"))
+            tensors = load_file(str(path / "optimizer.safetensors"))
+        except (SafetensorError, OSError) as err:
+            raise DamagedCheckpoint(f"unreadable safetensors ({str(err).splitlines()[0]})") from None
         with torch.no_grad():
             for name, p in self.params:
                 p.copy_(weights[name])
-        tensors = load_file(str(path / "optimizer.safetensors"))
         state: dict[int, dict[str, torch.Tensor]] = {}
         for key, value in tensors.items():
             if key.startswith("state."):
@@ -308,6 +358,23 @@ class Distiller:
         groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in meta["param_groups"]]
         self.optimizer.load_state_dict({"state": state, "param_groups": groups})
         torch.set_rng_state(tensors["rng.torch"])
+        return meta
+
+    def _resume(self) -> dict[str, Any] | None:
+        """Load the newest intact checkpoint; None when there is none, so the run starts over. Each damaged
+        one newer than it gets a one-line warning and is removed (the run recomputes its steps)."""
+        damaged: list[tuple[Path, str]] = []
+        meta, used = None, None
+        for _, path in reversed(self._checkpoint_dirs()):
+            try:
+                meta, used = self.load_checkpoint(path), path
+                break
+            except DamagedCheckpoint as err:
+                damaged.append((path, str(err)))
+        then = f"resuming from {used.name}" if used is not None else "no intact checkpoint left, starting from step 0"
+        for path, why in damaged:
+            log.warning("GKD checkpoint %s skipped: %s; %s", path, why, then)
+            shutil.rmtree(path, ignore_errors=True)
         return meta
 
     def _truncate_log(self, step: int) -> None:
@@ -342,10 +409,10 @@ class Distiller:
         if not resume:
             self.reset()
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        clean_stale_temps(self.out_dir)
         start, elapsed, tokens = 0, 0.0, 0
-        checkpoints = self._checkpoint_dirs()
-        if checkpoints:
-            meta = self.load_checkpoint(checkpoints[-1][1])
+        meta = self._resume()
+        if meta is not None:
             start, elapsed, tokens = meta["step"], meta["elapsed_s"], meta["tokens"]
             self._truncate_log(start)
         else:
@@ -392,7 +459,7 @@ class Distiller:
         history = list(self.log.read())
         if last_val is None:
             vals = [r for r in history if r.get("split") == "val"]
-            last_val = {k: vals[-1][k] for k in ("lm_loss", "kl", "top1", "val_tokens")} if vals else {}
+            last_val = {k: vals[-1][k] for k in (*VAL_KEYS, "val_tokens") if k in vals[-1]} if vals else {}
         plot_validation(self.log.path, self.out_dir / PLOT_FILE)
         return DistillResult(student=self.student, step=step, complete=step >= c.steps, val=last_val,
                              out_dir=self.out_dir, projection=self.projection, history=history)

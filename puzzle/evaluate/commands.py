@@ -20,9 +20,9 @@ SHAPE_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "n
 
 def _same_shape(model_config: Any, profiled: dict[str, Any]) -> bool:
     """Whether a model has the widths and depth of the parent a costs table was profiled for."""
-    from puzzle.profiling.roofline import ModelShape
+    from puzzle.shape import ModelShape
 
-    shape = {**asdict(ModelShape.from_config(model_config)), "num_hidden_layers": model_config.num_hidden_layers}
+    shape = asdict(ModelShape.from_config(model_config))
     return all(profiled.get(k) == shape[k] for k in SHAPE_KEYS)
 
 
@@ -78,7 +78,7 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         lm_eval_tasks: lm-evaluation-harness task names, local task YAMLs, or MC JSONL files (scored by
             lm-eval's own code); needs lm_eval installed (pip install 'puzzle[lm-eval]'); hub access stays off
     """
-    from puzzle.data.blocks import iterate_batches, load_blocks
+    from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks
 
     run_dir = Path(run_dir)
     name = name or Path(model).name
@@ -87,6 +87,7 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = load_model(model)
+    check_token_ids(blocks, subject.config.vocab_size)
     if parent is None:
         reference = None
     elif Path(parent).resolve() == Path(model).resolve():

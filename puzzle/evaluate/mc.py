@@ -182,22 +182,13 @@ def build_cloze_tasks(documents: list[str], n_items: int, seed: int = 0, n_choic
     return items
 
 
-def validation_documents(run_dir: str | Path) -> list[str]:
-    """The held-out documents of a prepared run (the same split prepare-data made)."""
-    from puzzle.data import Corpus, load_meta, split_documents
-
-    meta = load_meta(run_dir)
-    docs = list(Corpus(meta["corpus"]))
-    is_val = split_documents(len(docs), meta["val_fraction"], meta["seed"])
-    return [d for d, v in zip(docs, is_val) if v]
-
-
 @writes_run_dir("build_mc")
 def build_mc(run_dir: Path = Path("runs/default"), items: int = 100, seed: int = 0) -> Path:
-    """Write run_dir/eval/cloze.jsonl: a 4-way cloze task from the run's held-out documents."""
+    """Write run_dir/eval/cloze.jsonl: a 4-way cloze task from the held-out documents prepare-data recorded."""
+    from puzzle.data.blocks import load_held_out_documents
     from puzzle.io import atomic_write_text
 
-    tasks = build_cloze_tasks(validation_documents(run_dir), items, seed=seed)
+    tasks = build_cloze_tasks(load_held_out_documents(run_dir), items, seed=seed)
     from puzzle.run_dir import RunDir
 
     out = RunDir(run_dir).mc_tasks

@@ -34,13 +34,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from puzzle.errors import PuzzleError
-from puzzle.io import read_json
+from puzzle.io import JsonlLog, read_json
 from puzzle.library import store
 from puzzle.library.init import FFNCalibration, init_attention, init_ffn
-from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
-from puzzle.model.modeling_puzzle import LlamaRMSNorm, PuzzleForCausalLM, build_attention, build_ffn
+from puzzle.model.blocks import AttentionConfig, FFNConfig
+from puzzle.model.modeling_puzzle import (LlamaRMSNorm, PuzzleForCausalLM, attention_residual, build_attention, build_ffn,
+                                          ffn_residual)
 from puzzle.model.surgery import sublayer_state
 from puzzle.search_space import SearchSpace, Variant
+from puzzle.shape import ModelShape
 
 FFNInit = Literal["auto", "channel_contribution", "minitron"]
 _PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
@@ -99,7 +101,7 @@ class BLDSettings:
 
 class Sublayer(nn.Module):
     """One layer's attention or FFN with its pre-norm, named as in PuzzleDecoderLayer, so `state_dict()` is
-    the `sublayer_state` form the library stores. `forward` returns what it adds to the residual stream."""
+    the `sublayer_state` form the library stores. `forward` is the decoder layer's own residual step."""
 
     def __init__(self, config: Any, kind: str, variant: AttentionConfig | FFNConfig, state: dict[str, torch.Tensor]) -> None:
         super().__init__()
@@ -120,11 +122,10 @@ class Sublayer(nn.Module):
         return getattr(self, _PARTS[self.kind][1])
 
     def forward(self, x: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        if self.module is None:
-            return torch.zeros_like(x)
+        """(B, T, D) -> x + sublayer(norm(x)), x itself for a no-op (as PuzzleDecoderLayer computes it)."""
         if self.kind == "attention":
-            return self.module(self.norm(x), position_embeddings, None, None, 0)
-        return self.module(self.norm(x))
+            return attention_residual(self.norm, self.module, x, position_embeddings)
+        return ffn_residual(self.norm, self.module, x)
 
 
 def _parent_sublayer(parent: PuzzleForCausalLM, layer: int, kind: str, config: Any) -> Sublayer:
@@ -164,8 +165,8 @@ def parent_activations(parent: PuzzleForCausalLM, ids: torch.Tensor, layers: Seq
     out: dict[int, LayerActivations] = {}
     for i in range(max(wanted) + 1):
         block = model.layers[i]
-        a = h if block.self_attn is None else h + block.self_attn(block.input_layernorm(h), pe, None, None, 0)
-        o = a if block.mlp is None else a + block.mlp(block.post_attention_layernorm(a))
+        a = block.attention_residual(h, pe)
+        o = block.ffn_residual(a)
         if i in wanted:
             out[i] = LayerActivations(h, a, o)
         h = o
@@ -215,12 +216,9 @@ def block_error(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, 
     acts = batch.layers[variant.layer]
     pe = batch.position_embeddings
     if variant.kind == "attention":
-        a = acts.h + child(acts.h, pe)
-        out = a + frozen_ffn(a, pe)
-        base = acts.h
+        out, base = frozen_ffn(child(acts.h, pe), pe), acts.h  # the variant's attention, the parent's FFN
     else:
-        out = acts.a + child(acts.a, pe)
-        base = acts.a
+        out, base = child(acts.a, pe), acts.a
     return (out - acts.o).pow(2).sum(), (acts.o - base).pow(2).sum()
 
 
@@ -236,17 +234,6 @@ def normalised_mse(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | Non
 # ----- FLOP accounting -------------------------------------------------------------------------------
 
 
-def _matrix_params(module: nn.Module | None) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters() if p.ndim == 2)
-
-
-def attention_score_flops(config: Any, attention: AttentionConfig | None, seq_len: int) -> int:
-    """Forward FLOPs per token of QK^T and AV under a causal mask (half the T x T square)."""
-    if attention is None or not attention.is_gqa:
-        return 0
-    return 2 * config.num_attention_heads * config.head_dim * seq_len  # 2 matmuls * 2 flops * H * d * T/2
-
-
 def weight_train_flops(kind: str, params: int, frozen_ffn_params: int) -> int:
     """Training FLOPs per token of a variant's weight matmuls: 6 x its params, and for an attention
     variant the frozen parent FFN's forward plus its input-gradient backward (4 x its params). A
@@ -255,21 +242,20 @@ def weight_train_flops(kind: str, params: int, frozen_ffn_params: int) -> int:
     return 6 * params + (4 * frozen_ffn_params if kind == "attention" else 0)
 
 
-def train_flops_per_token(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, config: Any, seq_len: int) -> int:
-    """Training FLOPs per token: `weight_train_flops`, plus an attention variant's scores forward + 2x backward."""
-    flops = weight_train_flops(variant.kind, _matrix_params(child), _matrix_params(frozen_ffn))
-    if variant.kind == "attention":
-        flops += 3 * attention_score_flops(config, variant.config, seq_len)
-    return flops
+def train_flops_per_token(variant: Variant, config: Any, seq_len: int) -> int:
+    """Training FLOPs per token: `weight_train_flops` of the matmul weights (the layer's frozen parent FFN
+    beside an attention variant), plus an attention variant's scores: forward + 2x backward, each query
+    over seq_len / 2 keys on average under the causal mask."""
+    shape = ModelShape.from_config(config)
+    frozen_ffn = shape.matmul_params(config.blocks[variant.layer].ffn) if variant.kind == "attention" else 0
+    flops = weight_train_flops(variant.kind, shape.matmul_params(variant.config), frozen_ffn)
+    return flops + 3 * int(shape.attention_flops(variant.config, seq_len / 2))
 
 
-def parent_forward_flops_per_token(parent: PuzzleForCausalLM, last_layer: int, seq_len: int) -> int:
-    flops = 0
-    for i in range(last_layer + 1):
-        block = parent.model.layers[i]
-        flops += 2 * (_matrix_params(block.self_attn) + _matrix_params(block.mlp))
-        flops += attention_score_flops(parent.config, parent.config.blocks[i].attention, seq_len)
-    return flops
+def parent_forward_flops_per_token(config: Any, last_layer: int, seq_len: int) -> int:
+    """Forward FLOPs per token of the parent's layers 0..last_layer (queries over seq_len / 2 keys on average)."""
+    shape = ModelShape.from_config(config)
+    return sum(int(shape.flops_per_token(block, seq_len / 2)) for block in config.blocks[: last_layer + 1])
 
 
 # ----- one variant under training --------------------------------------------------------------------
@@ -409,42 +395,17 @@ def _base_record(v: Variant) -> dict[str, Any]:
     return {"layer": v.layer, "kind": v.kind, "variant": v.name}
 
 
-def build_layer_group(
-    run_dir: str | Path,
+def collect_inputs(
     parent: PuzzleForCausalLM,
-    space: SearchSpace,
-    layers: Sequence[int],
+    todo: Sequence[Variant],
     train_blocks: np.ndarray,
     eval_blocks: np.ndarray,
-    settings: BLDSettings = BLDSettings(),
-    neuron_scores: dict[int, torch.Tensor] | None = None,
-    progress: Callable[[int], None] | None = None,
-) -> dict[str, Any]:
-    """Initialise, train and store every variant of `layers` the library does not hold yet (or holds trained
-    under other settings: see `BLDSettings.digest`).
-
-    Writes each finished variant (file, then manifest record) as soon as it is done; parent and no-op
-    variants get a record with their measured loss and no file. `parent` is put in eval mode with its
-    gradients off. Returns a summary of the work done (steps, tokens, FLOPs and seconds).
-    """
-    t_start = time.perf_counter()
-    log = store.library_log(run_dir)
-    manifest = store.read_manifest(run_dir)
-    variants = group_variants(space, layers)
-    digest = settings.digest(run_dir)
-    todo = [v for v in variants if not store.is_done(run_dir, manifest, v.layer, v.kind, v.name, settings_sha256=digest)]
-    summary: dict[str, Any] = {"layers": list(layers), "skipped": len(variants) - len(todo), "trained": 0, "recorded": 0}
-    if not todo:
-        return summary
-    train_blocks, eval_blocks = _crop(train_blocks, settings.seq_len), _crop(eval_blocks, settings.seq_len)
-    seq_len = train_blocks.shape[1]
+    settings: BLDSettings,
+    neuron_scores: dict[int, torch.Tensor] | None,
+) -> tuple[list[Batch], dict[int, FFNCalibration]]:
+    """The parent's activations on held-out batches (the losses at init and at the end), and the
+    calibration of the layers whose FFN variants are initialised from data."""
     owned = sorted({v.layer for v in todo})
-    config = parent.config
-    parent.requires_grad_(False).eval()
-    log.write(event="group_start", layers=owned, todo=len(todo), seq_len=seq_len, host=socket.gethostname(), pid=os.getpid())
-
-    # Held-out batches for the losses at init and at the end; calibration for the FFN initialisations.
-    t0 = time.perf_counter()
     eval_ids = _take(eval_blocks, settings.eval_tokens, settings.batch_size, settings.seed + 1)
     eval_batches = [parent_activations(parent, ids, owned) for ids in eval_ids]
     calib_layers = sorted({v.layer for v in todo if _needs_calibration(v, _ffn_scores_for(v.layer, settings, neuron_scores))})
@@ -452,30 +413,57 @@ def build_layer_group(
     if calib_layers:
         calib_ids = _take(train_blocks, settings.calibration_tokens, settings.batch_size, settings.seed + 2)
         calibration = calibrate_ffns(parent, calib_ids, calib_layers)
-    summary["calibration_s"] = time.perf_counter() - t0
+    return eval_batches, calibration
 
-    # Initialise every variant, measure it, and record the ones that are not trained.
+
+def init_variant(
+    parent: PuzzleForCausalLM,
+    space: SearchSpace,
+    v: Variant,
+    frozen: dict[int, Sublayer],
+    calibration: dict[int, FFNCalibration],
+    settings: BLDSettings,
+    neuron_scores: dict[int, torch.Tensor] | None,
+) -> tuple[Sublayer, Sublayer | None, str]:
+    """A variant's initial sublayer from the parent's (pruned, pooled or fitted), the parent FFN it trains
+    next to (attention variants; one per layer, shared through `frozen`), and the init method's name."""
+    config = parent.config
+    parent_state = sublayer_state(parent, v.layer, v.kind)
+    frozen_ffn = None
+    if v.kind == "attention":
+        kv_heads = space.parent_attention.num_key_value_heads(config.num_attention_heads)
+        state, method = init_attention(parent_state, v.config, config.num_attention_heads, kv_heads)
+        if v.layer not in frozen:
+            frozen[v.layer] = _parent_sublayer(parent, v.layer, "ffn", space.parent_ffn)
+        frozen_ffn = frozen[v.layer]
+    else:
+        scores = _ffn_scores_for(v.layer, settings, neuron_scores)
+        if settings.ffn_init == "minitron" and scores is None and v.config.is_swiglu and not v.is_parent:
+            raise PuzzleError(
+                f"no Minitron neuron importance for layer {v.layer}; run puzzle importance first or use --ffn-init auto"
+            )
+        state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
+    return Sublayer(config, v.kind, v.config, state), frozen_ffn, method
+
+
+def init_variants(
+    parent: PuzzleForCausalLM,
+    space: SearchSpace,
+    todo: Sequence[Variant],
+    eval_batches: Sequence[Batch],
+    calibration: dict[int, FFNCalibration],
+    settings: BLDSettings,
+    neuron_scores: dict[int, torch.Tensor] | None,
+    log: JsonlLog,
+) -> tuple[list[VariantRun], list[dict[str, Any]]]:
+    """Initialise and measure every variant: the runs to train, and the records of the parent-identical
+    and no-op variants, which are not trained."""
     runs: list[VariantRun] = []
     untrained: list[dict[str, Any]] = []
     frozen: dict[int, Sublayer] = {}
-    kv_heads = space.parent_attention.num_key_value_heads(config.num_attention_heads)
     for v in todo:
         t0 = time.perf_counter()
-        parent_state = sublayer_state(parent, v.layer, v.kind)
-        frozen_ffn = None
-        if v.kind == "attention":
-            state, method = init_attention(parent_state, v.config, config.num_attention_heads, kv_heads)
-            if v.layer not in frozen:
-                frozen[v.layer] = _parent_sublayer(parent, v.layer, "ffn", space.parent_ffn)
-            frozen_ffn = frozen[v.layer]
-        else:
-            scores = _ffn_scores_for(v.layer, settings, neuron_scores)
-            if settings.ffn_init == "minitron" and scores is None and v.config.is_swiglu and not v.is_parent:
-                raise PuzzleError(
-                    f"no Minitron neuron importance for layer {v.layer}; run puzzle importance first or use --ffn-init auto"
-                )
-            state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
-        child = Sublayer(config, v.kind, v.config, state)
+        child, frozen_ffn, method = init_variant(parent, space, v, frozen, calibration, settings, neuron_scores)
         loss = normalised_mse(v, child, frozen_ffn, eval_batches)
         run = VariantRun(v, child, frozen_ffn, "parent" if v.is_parent else method, loss)
         if v.kind == "ffn" and v.config.replace_with_linear:
@@ -489,21 +477,27 @@ def build_layer_group(
                               "loss_init": loss, "loss_final": loss, "params": 0, "flops": 0, "wall_s": run.wall_s})
         else:
             runs.append(run)
-    calibration.clear()
-    if untrained:
-        store.record_untrained(run_dir, untrained)
-        summary["recorded"] = len(untrained)
-        if progress:
-            progress(len(untrained))
+    return runs, untrained
 
-    # Lockstep BLD: one parent forward per batch feeds one step of every variant.
+
+def train_lockstep(
+    parent: PuzzleForCausalLM,
+    runs: Sequence[VariantRun],
+    owned: Sequence[int],
+    train_blocks: np.ndarray,
+    settings: BLDSettings,
+    log: JsonlLog,
+) -> dict[str, Any]:
+    """Lockstep BLD: one parent forward per batch (up to the last of `owned`) feeds one step of every run.
+    Returns the loop's steps, seconds and the parent forward's share of them."""
+    seq_len = train_blocks.shape[1]
     steps = settings.steps(seq_len)
     for run in runs:
         if run.trainer == "adamw":
             _make_optimizer(run, settings, steps)
-        run.flops_per_token = train_flops_per_token(run.variant, run.child, run.frozen_ffn, config, seq_len)
+        run.flops_per_token = train_flops_per_token(run.variant, parent.config, seq_len)
         run.child.train()
-    parent_flops_per_token = parent_forward_flops_per_token(parent, max(owned), seq_len)
+    parent_flops_per_token = parent_forward_flops_per_token(parent.config, max(owned), seq_len)
     parent_s = parent_flops = 0.0
     t_loop, loop_start = time.perf_counter(), time.time()
     batches = endless_batches(train_blocks, settings.batch_size, settings.seed)
@@ -523,8 +517,26 @@ def build_layer_group(
                 lr = run.scheduler.get_last_lr()[0] if run.scheduler else None
                 log.write(event="step", **_base_record(run.variant), step=step, tokens=run.tokens, loss=run.last_loss, lr=lr)
     loop_s = time.perf_counter() - t_loop
+    return {
+        "steps": steps if runs else 0,
+        "loop_s": loop_s,
+        "loop_start": loop_start,  # wall clock, to line up groups that ran side by side
+        "loop_end": loop_start + loop_s,
+        "parent_forward_s": parent_s,
+        "parent_forward_flops": parent_flops,
+    }
 
-    # Measure and store each variant as it finishes.
+
+def save_variants(
+    run_dir: str | Path,
+    runs: Sequence[VariantRun],
+    eval_batches: Sequence[Batch],
+    log: JsonlLog,
+    progress: Callable[[int], None] | None,
+    settings_sha256: str,
+) -> None:
+    """Finish, measure and store each trained variant (file, then manifest record, with the digest of the
+    settings that trained it) as soon as it is done."""
     for run in runs:
         t0 = time.perf_counter()
         finish(run)
@@ -532,22 +544,73 @@ def build_layer_group(
         params = sum(p.numel() for p in run.child.parameters())
         record = {**_base_record(run.variant), "init": run.init, "trainer": run.trainer, "tokens": run.tokens, "steps": run.steps,
                   "loss_init": run.loss_init, "loss_final": loss_final, "params": params, "flops": run.flops,
-                  "settings_sha256": digest}
+                  "settings_sha256": settings_sha256}
         run.wall_s += time.perf_counter() - t0
         record["wall_s"] = run.wall_s
         record = store.write_variant(run_dir, record, run.child.state_dict())
         log.write(event="variant_done", **{k: record[k] for k in ("layer", "kind", "variant", "init", "tokens", "loss_init", "loss_final", "wall_s")})
         if progress:
             progress(1)
+
+
+def build_layer_group(
+    run_dir: str | Path,
+    parent: PuzzleForCausalLM,
+    space: SearchSpace,
+    layers: Sequence[int],
+    train_blocks: np.ndarray,
+    eval_blocks: np.ndarray,
+    settings: BLDSettings = BLDSettings(),
+    neuron_scores: dict[int, torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Initialise, train and store every variant of `layers` the library does not hold yet (or holds trained
+    under other settings: see `BLDSettings.digest`).
+
+    Steps: `collect_inputs` (held-out parent activations, FFN calibration), `init_variants` (record the
+    untrained ones), `train_lockstep`, `save_variants`. Writes each finished variant (file, then manifest
+    record) as soon as it is done; parent and no-op variants get a record with their measured loss and no
+    file. `parent` is put in eval mode with its gradients off. Returns a summary of the work done (steps,
+    tokens, FLOPs and seconds).
+    """
+    t_start = time.perf_counter()
+    log = store.library_log(run_dir)
+    manifest = store.read_manifest(run_dir)
+    variants = group_variants(space, layers)
+    digest = settings.digest(run_dir)
+    todo = [v for v in variants if not store.is_done(run_dir, manifest, v.layer, v.kind, v.name, settings_sha256=digest)]
+    summary: dict[str, Any] = {"layers": list(layers), "skipped": len(variants) - len(todo), "trained": 0, "recorded": 0}
+    if not todo:
+        return summary
+    train_blocks, eval_blocks = _crop(train_blocks, settings.seq_len), _crop(eval_blocks, settings.seq_len)
+    owned = sorted({v.layer for v in todo})
+    parent.requires_grad_(False).eval()
+    log.write(event="group_start", layers=owned, todo=len(todo), seq_len=train_blocks.shape[1], host=socket.gethostname(),
+              pid=os.getpid())
+
+    t0 = time.perf_counter()
+    eval_batches, calibration = collect_inputs(parent, todo, train_blocks, eval_blocks, settings, neuron_scores)
+    summary["calibration_s"] = time.perf_counter() - t0
+
+    runs, untrained = init_variants(parent, space, todo, eval_batches, calibration, settings, neuron_scores, log)
+    calibration.clear()
+    if untrained:
+        store.record_untrained(run_dir, untrained)
+        summary["recorded"] = len(untrained)
+        if progress:
+            progress(len(untrained))
+
+    loop = train_lockstep(parent, runs, owned, train_blocks, settings, log)
+    save_variants(run_dir, runs, eval_batches, log, progress, digest)
     summary.update(
         trained=len(runs),
-        steps=steps if runs else 0,
+        steps=loop["steps"],
         tokens_per_variant=runs[0].tokens if runs else 0,
-        loop_s=loop_s,
-        loop_start=loop_start,  # wall clock, to line up groups that ran side by side
-        loop_end=loop_start + loop_s,
-        parent_forward_s=parent_s,
-        parent_forward_flops=parent_flops,
+        loop_s=loop["loop_s"],
+        loop_start=loop["loop_start"],
+        loop_end=loop["loop_end"],
+        parent_forward_s=loop["parent_forward_s"],
+        parent_forward_flops=loop["parent_forward_flops"],
         variant_flops=sum(r.flops for r in runs),
         variant_s=sum(r.wall_s for r in runs),
         wall_s=time.perf_counter() - t_start,

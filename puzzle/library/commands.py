@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from puzzle.errors import PuzzleError
-from puzzle.io import read_yaml
+from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
 from puzzle.library.ray_jobs import GroupJob, layer_costs, run_build, split_layers
@@ -92,14 +92,17 @@ def build_library(
     )
     if workers < 0 or threads < 0 or max_retries < 0:
         raise PuzzleError("workers, threads and max-retries must not be negative")
-    from puzzle.data.blocks import load_meta
+    from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
     from puzzle.model.checkpoint import load_config
 
-    load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
+    meta = load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
     digest = settings.digest(run_dir)
     space_path = resolve_space_path(space_name)
     space_raw = read_yaml(space_path)
     parent_config = load_config(parent_path)
+    for split in ("train", "val"):  # ... or holds a token id outside the parent's vocabulary
+        if int(meta.get(f"n_{split}_blocks", 0)) > 0:
+            check_token_ids(load_blocks(run_dir, split), parent_config.vocab_size)
     space = build_search_space(space_raw, parent_config, space_path.stem)
     all_layers = list(range(space.num_layers))
     chosen = sorted(set(layers)) if layers else all_layers
@@ -107,6 +110,7 @@ def build_library(
     if bad:
         raise PuzzleError(f"layers {bad} are outside the parent's {space.num_layers} layers")
     _check_manifest(run_dir, parent_path, space.name, settings, digest, force)
+    clean_stale_temps(store.library_dir(run_dir), recursive=True)  # what a killed build's writes left
 
     jobs = [
         GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
@@ -114,7 +118,7 @@ def build_library(
     ]
     use_ray = ray and workers > 0
     t0 = time.perf_counter()
-    results = run_build(jobs, space, run_dir, use_ray, address or os.environ.get("RAY_ADDRESS"), max_retries)
+    results = run_build(jobs, space, run_dir, use_ray, address or os.environ.get("RAY_ADDRESS"), max_retries, digest)
     missing = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     if missing:
         names = ", ".join(store.key_of(v) for v in missing[:5])
@@ -123,10 +127,12 @@ def build_library(
     summary = {
         "variants": n,
         "trained": sum(r.get("trained", 0) for r in results),
+        "recorded": sum(r.get("recorded", 0) for r in results),  # the parent's own variants and no-ops
         "skipped": sum(r.get("skipped", 0) for r in results),
         "wall_s": time.perf_counter() - t0,
         "groups": results,
     }
     print(f"block library: {n} variants in {store.library_dir(run_dir)} "
-          f"({summary['trained']} trained now, {summary['skipped']} already there)")
+          f"({summary['trained']} trained now, {summary['recorded']} recorded without training, "
+          f"{summary['skipped']} already there)")
     return summary

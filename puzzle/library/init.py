@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+from puzzle.model.blocks import AttentionConfig, FFNConfig
 
 ATT_NORM, FFN_NORM = "input_layernorm.weight", "post_attention_layernorm.weight"
 

@@ -22,6 +22,7 @@ from puzzle.errors import PuzzleError
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, weight_train_flops
 from puzzle.search_space import SearchSpace, build_search_space
+from puzzle.shape import ModelShape
 
 @dataclass(frozen=True)
 class GroupJob:
@@ -83,18 +84,16 @@ def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple
     predicts forward / train = 0.35 per layer; the `group_done` events of two quick runs' library logs
     measured 0.36-0.44 (seconds of parent forward and calibration per layer / seconds of training per layer).
     """
-    from puzzle.profiling.roofline import ModelShape, sublayer_params
-
     shape = ModelShape.from_config(config)
-    layer = sublayer_params(shape, "attention", space.parent_attention) + sublayer_params(shape, "ffn", space.parent_ffn)
+    layer = shape.params(space.parent_attention) + shape.params(space.parent_ffn)
     forward_tokens = settings.tokens_per_block + settings.calibration_tokens + settings.eval_tokens
     forward = [2.0 * layer * forward_tokens] * space.num_layers
-    frozen_ffn = sublayer_params(shape, "ffn", space.parent_ffn)
+    frozen_ffn = shape.params(space.parent_ffn)
     train: dict[int, float] = {}
     for v in space.variants():
         if v.is_parent or v.config.no_op:
             continue
-        flops = weight_train_flops(v.kind, sublayer_params(shape, v.kind, v.config), frozen_ffn)
+        flops = weight_train_flops(v.kind, shape.params(v.config), frozen_ffn)
         train[v.layer] = train.get(v.layer, 0.0) + flops * settings.tokens_per_block
     return forward, train
 
@@ -237,24 +236,32 @@ def run_on_ray(
 
 
 def run_build(
-    jobs: list[GroupJob], space: SearchSpace, run_dir: Path, use_ray: bool, address: str | None, max_retries: int
+    jobs: list[GroupJob], space: SearchSpace, run_dir: Path, use_ray: bool, address: str | None, max_retries: int,
+    settings_sha256: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Run every job with one progress bar over all variants of the jobs' layers."""
+    """Run every job with one progress bar over all variants of the jobs' layers (a variant trained under
+    other settings than `settings_sha256`, `BLDSettings.digest`, counts as missing)."""
     layers = sorted({layer for job in jobs for layer in job.layers})
     keys = {store.key_of(v) for v in group_variants(space, layers)}
-    done = len(keys) - len(store.missing_variants(run_dir, group_variants(space, layers)))
+    missing = store.missing_variants(run_dir, group_variants(space, layers), settings_sha256=settings_sha256)
+    done, missing_layers = len(keys) - len(missing), {v.layer for v in missing}
+    # a group with nothing left is answered here: a finished build starts no Ray (15-28 s) and loads nothing
+    finished = [job for job in jobs if not missing_layers & set(job.layers)]
+    jobs = [job for job in jobs if missing_layers & set(job.layers)]
+    results = [{"layers": list(job.layers), "skipped": len(group_variants(space, job.layers)), "trained": 0,
+                "recorded": 0} for job in finished]
     t0 = time.perf_counter()
     with tqdm(total=len(keys), initial=done, desc="block library", unit="variant", dynamic_ncols=True) as bar:
-        if use_ray:
+        if jobs and use_ray:
 
             def poll() -> None:
                 n = _count_done(run_dir, keys)
                 if n > bar.n:
                     bar.update(n - bar.n)
 
-            results = run_on_ray(jobs, address, max_retries, poll)
+            results += run_on_ray(jobs, address, max_retries, poll)
             poll()
-        else:
-            results = run_in_process(jobs, bar.update)
+        elif jobs:
+            results += run_in_process(jobs, bar.update)
     store.library_log(run_dir).write(event="build_done", groups=len(jobs), wall_s=time.perf_counter() - t0)
-    return results
+    return sorted(results, key=lambda r: r["layers"])

@@ -30,7 +30,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from puzzle.errors import PuzzleError
-from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, sha256_file
+from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, safetensors_bytes, sha256_file
 from puzzle.run_dir import RunDir
 from puzzle.search_space import Kind, Variant
 
@@ -111,12 +111,9 @@ def update_manifest(
 
 def write_variant(run_dir: str | Path, record: dict[str, Any], state: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Write a trained variant's weights (atomically), then its manifest record with the file's hash."""
-    from safetensors.torch import save
-
     layer, kind, name = record["layer"], record["kind"], record["variant"]
     path = variant_path(run_dir, layer, kind, name)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
-    data = save(tensors, metadata={"layer": str(layer), "kind": kind, "variant": name, "format": "pt"})
+    data = safetensors_bytes(state, metadata={"format": "pt", "kind": kind, "layer": str(layer), "variant": name})
     atomic_write_bytes(path, data)
     record = {
         **record,

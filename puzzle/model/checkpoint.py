@@ -3,6 +3,7 @@
 import json
 import os
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,12 +15,15 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from puzzle.errors import PuzzleError
 
+from . import register
 from .configuration_puzzle import PuzzleConfig
 from .modeling_puzzle import PuzzleForCausalLM
 
+register()  # AutoConfig / AutoModelForCausalLM resolve `puzzle_llama` children in this process
+
 # model_type -> why it is (or is not) a Llama-family parent we can express as blocks.
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "puzzle_llama")
-_MODEL_FILES = ("configuration_puzzle.py", "modeling_puzzle.py")
+_MODEL_FILES = ("blocks.py", "configuration_puzzle.py", "modeling_puzzle.py")  # relative imports of each other
 _AUTO_MAP = {
     "AutoConfig": "configuration_puzzle.PuzzleConfig",
     "AutoModelForCausalLM": "modeling_puzzle.PuzzleForCausalLM",
@@ -53,16 +57,37 @@ def _split_gguf(path: Path) -> tuple[str, dict[str, str]]:
     return str(path.parent), {"gguf_file": path.name}
 
 
+# What the gguf reader raises on a truncated or damaged file: struct.error when a header field is cut off,
+# ValueError (numpy reshape / view) when tensor data is, IndexError / KeyError on garbage metadata.
+_GGUF_ERRORS = (struct.error, ValueError, IndexError, KeyError, OSError)
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
+
+
+def _bad_gguf(path: Path, err: BaseException) -> PuzzleError:
+    return PuzzleError(f"{path}: not a readable GGUF file ({_first_line(err)}); is it complete? "
+                       "(a truncated download or copy fails like this)")
+
+
 def load_config(path: str | Path) -> Any:
     """The parent's config (any supported source), checked for support before any weight is read."""
     path = Path(path)
     if not path.exists():
         raise PuzzleError(f"model path not found: {path}")
-    try:
-        if path.suffix == ".gguf":
-            where, extra = _split_gguf(path)
+    if path.suffix == ".gguf":
+        where, extra = _split_gguf(path)
+        try:
             config = AutoConfig.from_pretrained(where, **extra)
-        elif path.suffix == ".safetensors":
+        except _GGUF_ERRORS as err:
+            if "model_type" in _first_line(err) or "not supported" in _first_line(err):
+                raise _unsupported(_peek_model_type(path)) from None
+            raise _bad_gguf(path, err) from None
+        _check_supported(config)
+        return config
+    try:
+        if path.suffix == ".safetensors":
             config = AutoConfig.from_pretrained(path.parent)
         elif (path / "config.json").exists():
             config = AutoConfig.from_pretrained(path)
@@ -109,9 +134,12 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
     except PuzzleError:
         raise
-    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        message = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise PuzzleError(f"{path}: cannot load the weights ({message}); is the checkpoint complete?") from None
+    except (SafetensorError, RuntimeError) + _GGUF_ERRORS as err:
+        if path.suffix == ".gguf":
+            raise _bad_gguf(path, err) from None
+        if not isinstance(err, (SafetensorError, OSError, ValueError, RuntimeError)):
+            raise  # not a damaged safetensors checkpoint: a bug, keep its traceback
+        raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     return model.eval()
 
 
@@ -125,7 +153,9 @@ def load_tokenizer(path: str | Path) -> Any:
             where, extra = _split_gguf(path)
             return AutoTokenizer.from_pretrained(where, **extra)
         return AutoTokenizer.from_pretrained(path.parent if path.is_file() else path)
-    except (OSError, ValueError, KeyError) as err:
+    except _GGUF_ERRORS as err:
+        if path.suffix == ".gguf":
+            raise _bad_gguf(path, err) from None
         raise PuzzleError(f"{path}: no usable tokenizer found ({str(err).splitlines()[0]})") from None
 
 

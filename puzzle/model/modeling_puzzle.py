@@ -15,7 +15,8 @@ from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .configuration_puzzle import AttentionConfig, FFNConfig, PuzzleConfig
+from .blocks import AttentionConfig, FFNConfig
+from .configuration_puzzle import PuzzleConfig
 
 
 # The output field holding the KV cache: `cache` from transformers 5.2x on, `past_key_values` before.
@@ -123,6 +124,22 @@ class PuzzleDecoderLayer(nn.Module):
     def has_kv_cache(self) -> bool:
         return isinstance(self.self_attn, GQAttention)
 
+    def attention_residual(
+        self,
+        h: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None = None,
+        past_key_values: Cache | None = None,
+        cache_index: int = 0,
+    ) -> torch.Tensor:
+        """(B, T, D) -> h + attention(input_layernorm(h)); h itself where attention is a no-op."""
+        return attention_residual(self.input_layernorm, self.self_attn, h, position_embeddings, attention_mask,
+                                  past_key_values, cache_index)
+
+    def ffn_residual(self, h: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) -> h + mlp(post_attention_layernorm(h)); h itself where the FFN is a no-op."""
+        return ffn_residual(self.post_attention_layernorm, self.mlp, h)
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -131,12 +148,31 @@ class PuzzleDecoderLayer(nn.Module):
         past_key_values: Cache | None = None,
         cache_index: int = 0,
     ) -> torch.Tensor:
-        h = hidden_states
-        if self.self_attn is not None:
-            h = h + self.self_attn(self.input_layernorm(h), position_embeddings, attention_mask, past_key_values, cache_index)
-        if self.mlp is not None:
-            h = h + self.mlp(self.post_attention_layernorm(h))
+        h = self.attention_residual(hidden_states, position_embeddings, attention_mask, past_key_values, cache_index)
+        return self.ffn_residual(h)
+
+
+def attention_residual(
+    norm: nn.Module | None,
+    attn: nn.Module | None,
+    h: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor],
+    attention_mask: torch.Tensor | None = None,
+    past_key_values: Cache | None = None,
+    cache_index: int = 0,
+) -> torch.Tensor:
+    """The attention sublayer's pre-norm residual step, h + attn(norm(h)) (B, T, D); h for a no-op (attn None).
+    A function of the parts so that a sublayer trained alone (BLD) runs the decoder layer's own code."""
+    if attn is None:
         return h
+    return h + attn(norm(h), position_embeddings, attention_mask, past_key_values, cache_index)
+
+
+def ffn_residual(norm: nn.Module | None, mlp: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
+    """The FFN sublayer's pre-norm residual step, h + mlp(norm(h)) (B, T, D); h for a no-op (mlp None)."""
+    if mlp is None:
+        return h
+    return h + mlp(norm(h))
 
 
 class PuzzlePreTrainedModel(PreTrainedModel):

@@ -11,7 +11,7 @@ import torch
 
 from puzzle.errors import PuzzleError
 
-from .configuration_puzzle import AttentionConfig, BlockConfig, FFNConfig
+from .blocks import AttentionConfig, BlockConfig, FFNConfig
 from .modeling_puzzle import LlamaRMSNorm, PuzzleForCausalLM, build_attention, build_ffn
 
 Kind = Literal["attention", "ffn"]

@@ -33,8 +33,8 @@ from tqdm.auto import tqdm
 
 from puzzle.errors import PuzzleError
 from puzzle.run_dir import run_parent, writes_run_dir
-from puzzle.io import atomic_write_json, read_json, read_table, write_table
-from puzzle.model.configuration_puzzle import BlockConfig
+from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_table, table_problem, write_table
+from puzzle.model.blocks import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
 from .hardware import HardwareProfile, Workload, load_profile
@@ -135,13 +135,14 @@ def profile(
     source = "roofline" if device is None else "measured"
     variants = list(space.variants())
     base = costs_path(run_dir, hw.name)
+    clean_stale_temps(base.parent)
     fingerprint = _fingerprint({
         "version": FORMAT_VERSION, "profile": hw.to_dict(), "parent": str(parent_path), "config": config.to_dict(),
         "space": space_name,
         "variants": [(v.layer, v.kind, v.name) for v in variants], "source": source, "repeats": repeats,
     })
     json_path = base.with_suffix(".json")
-    if not force and json_path.exists() and base.with_suffix(".parquet").exists():
+    if not force and json_path.exists() and table_problem(base.with_suffix(".parquet")) is None:
         if read_json(json_path).get("fingerprint") == fingerprint:
             log.info(json.dumps({"event": "profile_cached", "path": str(json_path)}))
             return json_path
@@ -168,7 +169,7 @@ def profile(
         measured_on = f"{device.type}: {device_name(device)}"
 
     table = pd.DataFrame(rows, columns=COLUMNS)
-    write_table(table, base)
+    write_table(table, base, rebuild=f"puzzle profile --run-dir {run_dir} --budget {budget}")
     workload = {**vars(hw.workload), "decode_context": hw.workload.decode_context, "kv_context": hw.workload.max_context}
     atomic_write_json(json_path, {
         "profile": hw.name,

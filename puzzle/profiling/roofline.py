@@ -25,7 +25,8 @@ choices alone, and the solver can add up table rows.
 from dataclasses import dataclass
 from typing import Any, Iterable, Literal
 
-from puzzle.model.configuration_puzzle import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.shape import FIXED_PARTS, ModelShape  # noqa: F401  (re-exported for the profiling stage)
 
 from .hardware import Device, HardwareProfile, Workload
 
@@ -34,29 +35,6 @@ Phase = Literal["prefill", "decode"]
 # fixed per-op overhead that dominates tiny CPU ops. LlamaRMSNorm: to, pow, mean, add, rsqrt, mul, to, mul.
 NORM_KERNELS = 8
 ROPE_KERNELS = 16  # unsqueeze x2 + (mul, slice, slice, neg, cat, mul, add) for q and for k
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """The architecture numbers the costs depend on."""
-
-    hidden_size: int
-    num_attention_heads: int
-    head_dim: int
-    vocab_size: int
-    tie_word_embeddings: bool = False
-
-    @classmethod
-    def from_config(cls, config: Any) -> "ModelShape":
-        """From a LlamaConfig / PuzzleConfig (head_dim defaults to hidden / heads)."""
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(
-            hidden_size=config.hidden_size,
-            num_attention_heads=config.num_attention_heads,
-            head_dim=head_dim,
-            vocab_size=config.vocab_size,
-            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
-        )
 
 
 @dataclass(frozen=True)
@@ -106,19 +84,18 @@ def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload
     n = tokens(workload, phase)
     if config.replace_with_linear:
         return [rms_norm(n, D, e), matmul("linear", n, D, D, e), residual(n, D, e)]
-    H, d = shape.num_attention_heads, shape.head_dim
-    K = config.num_key_value_heads(H)
+    H, d, K = shape.num_attention_heads, shape.head_dim, shape.kv_heads(config)
     qkv = matmul("qkv_proj", n, D, (H + 2 * K) * d, e, kernels=9)  # 3 linears, each + view + transpose
     rope = Op("rope", 6.0 * n * (H + K) * d, 2.0 * e * n * (H + K) * d, ROPE_KERNELS)
     if phase == "prefill":
         T = workload.input_len
-        flops = 2.0 * (2.0 * B * H * d * T * (T + 1) / 2)  # QK^T and PV over the causal triangle
+        flops = float(B * shape.causal_attention_flops(config, T))  # QK^T and PV over the causal triangle
         io = n * (H + 2 * K) * d + n * H * d  # read q, k, v; write the output
         kv_write = 2 * n * K * d
         core = Op("attention", flops, float(e) * (io + kv_write), 3)  # 2 cache writes + sdpa
     else:
         S = workload.decode_context
-        flops = 2.0 * 2.0 * B * H * d * S  # one query row against S keys, QK^T and PV
+        flops = float(B * shape.attention_flops(config, S))  # one query row against S keys, QK^T and PV
         kv_read = 2 * B * K * d * S
         io = 2 * n * H * d + 2 * n * K * d  # read q, write out; write the new k, v
         core = Op("attention", flops, float(e) * (kv_read + io), 3)
@@ -149,26 +126,10 @@ def sublayer_ops(shape: ModelShape, kind: str, config: AttentionConfig | FFNConf
 
 # --- parameters and memory ------------------------------------------------------------------------
 
-def sublayer_params(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig) -> int:
-    """Weights of a sublayer, its pre-norm included (as `sublayer_state` stores it)."""
-    D = shape.hidden_size
-    if config.no_op:
-        return 0
-    if config.replace_with_linear:
-        return D * D + D
-    if kind == "attention":
-        H, d = shape.num_attention_heads, shape.head_dim
-        K = config.num_key_value_heads(H)
-        return D * (H + 2 * K) * d + H * d * D + D
-    return 3 * D * config.intermediate_size + D
-
-
-def kv_cache_bytes(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
+def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
     """KV cache of one layer at the end of the generation: 2 * K * d * B * (in + out) * e."""
-    if kind != "attention" or not config.is_gqa:
-        return 0
-    K = config.num_key_value_heads(shape.num_attention_heads)
-    return 2 * K * shape.head_dim * workload.batch_size * workload.max_context * workload.dtype_bytes
+    tokens = workload.batch_size * workload.max_context
+    return shape.kv_cache_bytes_per_token(config, workload.dtype_bytes) * tokens
 
 
 def sublayer_costs(
@@ -176,20 +137,17 @@ def sublayer_costs(
 ) -> dict[str, float]:
     """params, param_bytes, kv_cache_bytes, prefill_s, decode_s of one sublayer variant (roofline)."""
     w, dev = profile.workload, profile.device
-    params = sublayer_params(shape, kind, config)
+    params = shape.params(config)
     return {
         "params": params,
         "param_bytes": params * w.dtype_bytes,
-        "kv_cache_bytes": kv_cache_bytes(shape, kind, config, w),
+        "kv_cache_bytes": kv_cache_bytes(shape, config, w),
         "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill"), dev, w.dtype),
         "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode"), dev, w.dtype),
     }
 
 
 # --- fixed costs ----------------------------------------------------------------------------------
-
-FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
-
 
 def fixed_ops(shape: ModelShape, part: str, workload: Workload, phase: Phase) -> list[Op]:
     e, D, V = workload.dtype_bytes, shape.hidden_size, shape.vocab_size
@@ -203,21 +161,12 @@ def fixed_ops(shape: ModelShape, part: str, workload: Workload, phase: Phase) ->
     raise ValueError(f"unknown fixed part {part!r}")
 
 
-def fixed_params(shape: ModelShape, part: str) -> int:
-    """Weights of a fixed part; a tied LM head shares the embeddings' weights and counts 0."""
-    if part == "embeddings":
-        return shape.vocab_size * shape.hidden_size
-    if part == "final_norm":
-        return shape.hidden_size
-    return 0 if shape.tie_word_embeddings else shape.vocab_size * shape.hidden_size
-
-
 def fixed_costs(shape: ModelShape, profile: HardwareProfile) -> dict[str, dict[str, float]]:
     """{part: {params, param_bytes, prefill_s, decode_s}} for embeddings, final_norm, lm_head."""
     w, dev = profile.workload, profile.device
     out = {}
     for part in FIXED_PARTS:
-        params = fixed_params(shape, part)
+        params = shape.fixed_params(part)
         out[part] = {
             "params": params,
             "param_bytes": params * w.dtype_bytes,
@@ -261,9 +210,7 @@ def parent_blocks(config: Any) -> list[BlockConfig]:
     """The blocks of a config: its block_configs for a puzzle child, else the parent's block per layer."""
     if getattr(config, "block_configs", None) is not None and hasattr(config, "blocks"):
         return config.blocks
-    attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
-    ffn = FFNConfig(intermediate_size=config.intermediate_size)
-    return [BlockConfig(attention, ffn)] * config.num_hidden_layers
+    return [ModelShape.from_config(config).parent_block] * config.num_hidden_layers
 
 
 def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: HardwareProfile) -> dict[str, float]:

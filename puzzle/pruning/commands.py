@@ -25,7 +25,9 @@ from .importance import (
     settings_json,
 )
 from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_pruned
-from .shape import LlamaShape, layers_for_target, parse_param_count, width_for_target
+from puzzle.shape import ModelShape
+
+from .shape import layers_for_target, parse_param_count, width_for_target
 
 
 @writes_run_dir("importance")
@@ -57,7 +59,7 @@ def importance(
         threads: torch CPU threads
         force: recompute even when scores with the same settings exist
     """
-    from puzzle.data.blocks import load_blocks
+    from puzzle.data.blocks import check_token_ids, load_blocks
 
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
@@ -74,6 +76,7 @@ def importance(
         print(f"importance: {importance_dir(run_dir)} is complete with these settings; nothing to do (--force recomputes)")
         return importance_dir(run_dir)
     model = to_puzzle(load_model(parent))
+    check_token_ids(blocks, model.config.vocab_size)
     seqs = calibration_sequences(blocks, n_samples, seq_len)
     start = time.perf_counter()
     scores = compute_importance(model, batched(seqs, batch_size), batch_agg=batch_agg, seq_agg=seq_agg,
@@ -124,7 +127,7 @@ def prune(
     scores = load_importance(run_dir)
     model = to_puzzle(load_model(parent))
     check_uniform(model)
-    shape = LlamaShape.of(model.config)
+    shape = ModelShape.from_config(model.config)
     if target_params is not None:
         target = parse_param_count(target_params)
         if target_mode == "depth":

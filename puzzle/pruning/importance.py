@@ -33,9 +33,9 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from puzzle.distill.losses import kd_terms
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_save_safetensors, atomic_write_json, read_json
+from puzzle.metrics import kd_terms
 from puzzle.model import GQAttention, PuzzleForCausalLM, SwiGLU
 from puzzle.run_dir import RunDir
 

@@ -19,7 +19,7 @@ from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import save_checkpoint
 from puzzle.run_dir import PRUNING_FILE
 
-from .shape import LlamaShape
+from puzzle.shape import ModelShape
 from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
 
 DepthMethod = Literal["block", "bi", "loss"]
@@ -79,20 +79,20 @@ def _check_n(n: int, layers: int) -> None:
         raise PuzzleError(f"cannot drop {n} of {layers} layers (at least one must stay)")
 
 
-def _check_plan(plan: PrunePlan, shape: LlamaShape) -> None:
-    group = shape.num_heads // shape.num_kv_heads
+def _check_plan(plan: PrunePlan, shape: ModelShape) -> None:
+    group = shape.num_attention_heads // shape.num_key_value_heads
     checks = [
         ("hidden size", plan.hidden_size, shape.hidden_size),
         ("FFN size", plan.intermediate_size, shape.intermediate_size),
         ("query heads per KV group", plan.heads_per_group, group),
-        ("KV groups", plan.kv_groups, shape.num_kv_heads),
+        ("KV groups", plan.kv_groups, shape.num_key_value_heads),
     ]
     for name, value, parent in checks:
         if value is not None and not 0 < value <= parent:
             raise PuzzleError(f"{name} must be between 1 and the parent's {parent}, got {value}")
-    if len(set(plan.drop_layers)) != len(plan.drop_layers) or any(not 0 <= i < shape.num_layers for i in plan.drop_layers):
-        raise PuzzleError(f"layers to drop must be distinct indices below {shape.num_layers}, got {list(plan.drop_layers)}")
-    _check_n(len(plan.drop_layers), shape.num_layers)
+    if len(set(plan.drop_layers)) != len(plan.drop_layers) or any(not 0 <= i < shape.num_hidden_layers for i in plan.drop_layers):
+        raise PuzzleError(f"layers to drop must be distinct indices below {shape.num_hidden_layers}, got {list(plan.drop_layers)}")
+    _check_n(len(plan.drop_layers), shape.num_hidden_layers)
 
 
 def _scores(scores: dict[str, torch.Tensor], key: str) -> torch.Tensor:
@@ -101,14 +101,14 @@ def _scores(scores: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return scores[key]
 
 
-def pruned_config(parent: Any, shape: LlamaShape, eps_scale: float = 1.0) -> LlamaConfig:
+def pruned_config(parent: Any, shape: ModelShape, eps_scale: float = 1.0) -> LlamaConfig:
     data = {k: v for k, v in parent.to_dict().items() if k not in _NOT_LLAMA}
     data.update(
-        num_hidden_layers=shape.num_layers,
+        num_hidden_layers=shape.num_hidden_layers,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
-        num_attention_heads=shape.num_heads,
-        num_key_value_heads=shape.num_kv_heads,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
         head_dim=shape.head_dim,  # explicit: hidden / heads no longer gives it once either is pruned
         rms_norm_eps=parent.rms_norm_eps * eps_scale,
     )
@@ -123,29 +123,29 @@ def prune_model(
 ) -> tuple[LlamaForCausalLM, dict[str, Any]]:
     """The pruned standard Llama and a record of what was kept (layers, channels, shapes)."""
     check_uniform(model)
-    parent = LlamaShape.of(model.config)
+    parent = ModelShape.from_config(model.config)
     _check_plan(plan, parent)
-    group = parent.num_heads // parent.num_kv_heads
+    group = parent.num_attention_heads // parent.num_key_value_heads
     heads_per_group = plan.heads_per_group or group
-    kv_groups = plan.kv_groups or parent.num_kv_heads
-    keep = [i for i in range(parent.num_layers) if i not in set(plan.drop_layers)]
+    kv_groups = plan.kv_groups or parent.num_key_value_heads
+    keep = [i for i in range(parent.num_hidden_layers) if i not in set(plan.drop_layers)]
     shape = parent.with_(
-        num_layers=len(keep),
+        num_hidden_layers=len(keep),
         hidden_size=plan.hidden_size or parent.hidden_size,
         intermediate_size=plan.intermediate_size or parent.intermediate_size,
-        num_heads=kv_groups * heads_per_group,
-        num_kv_heads=kv_groups,
+        num_attention_heads=kv_groups * heads_per_group,
+        num_key_value_heads=kv_groups,
     )
-    if shape.hidden_size % shape.num_heads:
-        raise PuzzleError(f"hidden size {shape.hidden_size} is not a multiple of the {shape.num_heads} query heads kept; "
+    if shape.hidden_size % shape.num_attention_heads:
+        raise PuzzleError(f"hidden size {shape.hidden_size} is not a multiple of the {shape.num_attention_heads} query heads kept; "
                           "transformers' LlamaConfig requires it (pick a multiple or prune heads)")
     state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
     state = drop_layers_state(state, keep)
     for new, old in enumerate(keep):
         prefix = f"model.layers.{new}."
         layer = {k: v for k, v in state.items() if k.startswith(prefix)}
-        if (heads_per_group, kv_groups) != (group, parent.num_kv_heads):
-            groups, heads = select_heads(_scores(scores, f"layers.{old}.heads"), parent.num_kv_heads, kv_groups,
+        if (heads_per_group, kv_groups) != (group, parent.num_key_value_heads):
+            groups, heads = select_heads(_scores(scores, f"layers.{old}.heads"), parent.num_key_value_heads, kv_groups,
                                          heads_per_group, _scores(scores, f"layers.{old}.kv_groups"))
             layer = slice_attention_state(layer, heads, groups, parent.head_dim)
         if shape.intermediate_size != parent.intermediate_size:
@@ -176,8 +176,8 @@ def prune_model(
         "kept_layers": keep,
         "dropped_layers": sorted(plan.drop_layers),
         "channels": channels.tolist() if channels is not None else None,
-        "params": {"total": shape.total_params, "non_embedding": shape.non_embedding_params},
-        "parent_params": {"total": parent.total_params, "non_embedding": parent.non_embedding_params},
+        "params": {"total": shape.total_params(), "non_embedding": shape.non_embedding_params()},
+        "parent_params": {"total": parent.total_params(), "non_embedding": parent.non_embedding_params()},
     }
     return pruned.eval(), record
 

@@ -72,22 +72,6 @@ def select_heads(
     return groups, heads
 
 
-def slice_ffn(
-    gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, neurons: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A SwiGLU keeping only `neurons`: gate/up rows and down columns."""
-    return keep_rows(gate, neurons), keep_rows(up, neurons), keep_cols(down, neurons)
-
-
-def slice_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor,
-    heads: torch.Tensor, groups: torch.Tensor, head_dim: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A GQA attention keeping query `heads` and KV `groups` (see `select_heads` for their order)."""
-    q_rows, kv_rows = head_rows(heads, head_dim), head_rows(groups, head_dim)
-    return keep_rows(q, q_rows), keep_rows(k, kv_rows), keep_rows(v, kv_rows), keep_cols(o, q_rows)
-
-
 def slice_ffn_state(state: dict[str, torch.Tensor], neurons: torch.Tensor) -> dict[str, torch.Tensor]:
     """`state` with every SwiGLU in it cut down to `neurons` (other keys unchanged)."""
     out = {}

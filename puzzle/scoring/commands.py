@@ -24,9 +24,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from puzzle.data.blocks import iterate_batches, load_blocks, load_meta
+from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
 from puzzle.errors import PuzzleError
-from puzzle.io import JsonlLog, atomic_write_json, write_table
+from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
@@ -128,7 +128,9 @@ def score(
     info = resolve_run_info(run_dir, parent, search_space)
     manifest = read_manifest(run_dir)
     space_name = info.get("search_space") or manifest.get("search_space") or DEFAULT_SPACE
-    space = load_search_space(space_name, load_config(info["parent"]))
+    parent_config = load_config(info["parent"])
+    check_token_ids(val, parent_config.vocab_size)
+    space = load_search_space(space_name, parent_config)
     variants = list(space.variants())
     _check_library(run_dir, variants, space.name)
 
@@ -145,6 +147,7 @@ def score(
     }
     fingerprint = _fingerprint(settings)
     out_dir = scores_dir(run_dir)
+    clean_stale_temps(out_dir)
     entries = {key_of(v): library_entry(manifest, v) for v in variants} | {PARENT_KEY: "parent"}
     results = ResultLog(out_dir / "partial.jsonl", fingerprint, entries)
     todo = {b: [v for v in variants if not results.has(key_of(v), b)] for b in range(n_batches)}
@@ -158,7 +161,8 @@ def score(
     rows = [{"layer": v.layer, "kind": v.kind, "variant": v.name, **results.total(key_of(v), n_batches).means()}
             for v in variants]
     parent_metrics = results.total(PARENT_KEY, n_batches).means()
-    table = write_table(pd.DataFrame(rows, columns=COLUMNS), RunDir(run_dir).scores_table)
+    table = write_table(pd.DataFrame(rows, columns=COLUMNS), RunDir(run_dir).scores_table,
+                        rebuild=f"puzzle score --run-dir {run_dir}")
     atomic_write_json(out_dir / "scores.json", {
         "parent": str(info["parent"]),
         "search_space": space.name,

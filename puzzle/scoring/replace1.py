@@ -13,11 +13,10 @@ Metrics of a variant, kept as sums per batch (`Sums`) and turned into token-weig
   top1_agreement  share of tokens where the child's argmax is the parent's
   cosine          mean cosine between the child's and the parent's final normed hidden states
 
-KL(p || q) per token is sum_v p_v log p_v - sum_v p_v log q_v: the first sum is the parent's, computed
-once per batch; the second is one dot product per token (a batched matmul, no (n, V) temporary). That is
-about half the memory traffic of `F.kl_div`, which materialises p (log p - log q) over the whole
-vocabulary for each variant. The parent's own variant needs no forward at all: its row is the
-reference's (KL 0, agreement 1, its own LM loss).
+KL, LM loss and agreement come from `puzzle.metrics` (`teacher_reference` once per batch, `compare` per
+variant: the parent's sum p log p is computed once, each variant costs one batched dot product per
+token). The parent's own variant needs no forward at all: its row is the reference's (KL 0, agreement
+1, its own LM loss).
 
 Memory per batch: the parent's probabilities, B*T*V*4 bytes (8 x 256 x 49152 x 4 B = 400 MB for
 SmolLM2 at `puzzle score`'s default batch of 8), plus two (chunk_tokens, V) float32 temporaries for one
@@ -29,56 +28,35 @@ Shapes: B batch, T sequence, D hidden, V vocabulary, n tokens of one chunk.
 import copy
 from collections import defaultdict
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from puzzle import metrics
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
 
 StateFn = Callable[[Variant], dict[str, torch.Tensor]]
-IGNORE_INDEX = -100
 # The attributes of `PuzzleDecoderLayer` a sublayer swap touches (as in puzzle.model.surgery).
 _PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
 METRICS = ("kl", "lm_loss", "top1_agreement", "cosine")
 
 
 @dataclass
-class Sums:
-    """Sums over the tokens of one or more batches; `means()` gives the table's metrics."""
+class Sums(metrics.Sums):
+    """`puzzle.metrics.Sums` plus the cosine of the final hidden states; `means()` gives the table's metrics."""
 
-    kl: float = 0.0  # sum over tokens of KL(parent || child)
-    lm: float = 0.0  # sum over labelled tokens of the child's cross-entropy
-    agree: float = 0.0  # tokens where the child's argmax is the parent's
     cosine: float = 0.0  # sum over tokens of cos(child final hidden, parent final hidden)
-    tokens: int = 0
-    lm_tokens: int = 0
-
-    def __add__(self, other: "Sums") -> "Sums":
-        return Sums(*(getattr(self, f.name) + getattr(other, f.name) for f in fields(self)))
 
     def means(self) -> dict[str, float]:
-        if self.tokens == 0 or self.lm_tokens == 0:
-            raise PuzzleError("no validation tokens were scored")
-        return {
-            "kl": self.kl / self.tokens,
-            "lm_loss": self.lm / self.lm_tokens,
-            "top1_agreement": self.agree / self.tokens,
-            "cosine": self.cosine / self.tokens,
-            "tokens": self.tokens,
-        }
-
-    def to_dict(self) -> dict[str, float]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Sums":
-        return cls(**{f.name: data[f.name] for f in fields(cls)})
+        """The table's columns: `METRICS` (perplexity is left to readers: exp(lm_loss)) and tokens."""
+        means = super().means()
+        return {k: means[k] for k in METRICS if k in means} | {"cosine": self.cosine / self.tokens, "tokens": self.tokens}
 
 
 @dataclass
@@ -88,21 +66,8 @@ class ParentReference:
     input_ids: torch.Tensor  # (B, T)
     position_embeddings: tuple[torch.Tensor, torch.Tensor]  # RoPE cos, sin for positions 0..T-1
     final: torch.Tensor  # (B, T, D) final normed hidden state
-    probs: list[torch.Tensor]  # per chunk of the B*T flattened tokens: (n, V) float32
-    neg_entropy: torch.Tensor  # (B*T,) sum_v p log p, float64
-    argmax: torch.Tensor  # (B*T,)
-    labels: torch.Tensor  # (B*T,) the next token, IGNORE_INDEX at each row's last position
-    chunk_tokens: int
+    teacher: metrics.TeacherReference  # the parent's distribution over the B*T tokens
     sums: Sums  # the parent scored against itself: KL 0, agreement 1, its own LM loss
-
-    def chunks(self) -> Iterator[slice]:
-        for start in range(0, self.labels.numel(), self.chunk_tokens):
-            yield slice(start, start + self.chunk_tokens)
-
-
-def _log_probs(model: PuzzleForCausalLM, h: torch.Tensor) -> torch.Tensor:
-    """(n, D) final normed hidden -> (n, V) float32 log-probabilities."""
-    return F.log_softmax(model.lm_head(h).float(), dim=-1)
 
 
 def run_layers(model: PuzzleForCausalLM, h: torch.Tensor, layers: range, position_embeddings) -> torch.Tensor:
@@ -112,66 +77,27 @@ def run_layers(model: PuzzleForCausalLM, h: torch.Tensor, layers: range, positio
     return model.model.norm(h)
 
 
-def _next_token_labels(ids: torch.Tensor) -> torch.Tensor:
-    labels = torch.full_like(ids, IGNORE_INDEX)
-    labels[:, :-1] = ids[:, 1:]
-    return labels.reshape(-1)
-
-
 @torch.no_grad()
 def parent_reference(model: PuzzleForCausalLM, input_ids: torch.Tensor, chunk_tokens: int = 512) -> ParentReference:
     """Run the all-parent `model` on a batch of token ids (B, T) and keep what scoring compares against."""
-    if chunk_tokens < 1:
-        raise PuzzleError(f"chunk_tokens must be at least 1, got {chunk_tokens}")
     ids = input_ids.to(model.lm_head.weight.device)
     B, T = ids.shape
     h = model.model.embed_tokens(ids)
     position_ids = torch.arange(T, device=ids.device)[None].expand(B, T)
     pos = model.model.rotary_emb(h, position_ids)
     final = run_layers(model, h, range(model.config.num_hidden_layers), pos)
-    flat = final.reshape(B * T, -1)
-    labels = _next_token_labels(ids)
-    probs, neg_entropy, argmax, lm = [], [], [], 0.0
-    for start in range(0, B * T, chunk_tokens):
-        log_p = _log_probs(model, flat[start : start + chunk_tokens])
-        p = log_p.exp()
-        probs.append(p)
-        neg_entropy.append(_dot(p, log_p).double())
-        argmax.append(log_p.argmax(-1))
-        lm += F.nll_loss(log_p, labels[start : start + chunk_tokens], ignore_index=IGNORE_INDEX, reduction="sum").item()
+    teacher = metrics.teacher_reference(model.lm_head, final.reshape(B * T, -1), metrics.next_token_labels(ids), chunk_tokens)
     cosine = F.cosine_similarity(final.float(), final.float(), dim=-1).sum().item()
-    return ParentReference(
-        input_ids=ids,
-        position_embeddings=pos,
-        final=final,
-        probs=probs,
-        neg_entropy=torch.cat(neg_entropy),
-        argmax=torch.cat(argmax),
-        labels=labels,
-        chunk_tokens=chunk_tokens,
-        # the parent against itself: KL 0 and agreement 1 by definition
-        sums=Sums(kl=0.0, lm=lm, agree=float(B * T), cosine=cosine, tokens=B * T, lm_tokens=B * (T - 1)),
-    )
-
-
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Row-wise dot products of (n, V) tensors, (n,), as a batched matmul (no (n, V) product is stored)."""
-    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).reshape(-1)
+    return ParentReference(input_ids=ids, position_embeddings=pos, final=final, teacher=teacher,
+                           sums=Sums(**teacher.sums.to_dict(), cosine=cosine))
 
 
 @torch.no_grad()
 def compare(model: PuzzleForCausalLM, final: torch.Tensor, ref: ParentReference) -> Sums:
     """The metrics' sums of a child whose final normed hidden state on `ref`'s batch is `final` (B, T, D)."""
-    flat = final.reshape(-1, final.shape[-1])
-    kl = lm = agree = 0.0
-    for p, rows in zip(ref.probs, ref.chunks()):
-        log_q = _log_probs(model, flat[rows])
-        kl += (ref.neg_entropy[rows] - _dot(p, log_q).double()).sum().item()  # sum p log p - sum p log q
-        lm += F.nll_loss(log_q, ref.labels[rows], ignore_index=IGNORE_INDEX, reduction="sum").item()
-        agree += (log_q.argmax(-1) == ref.argmax[rows]).sum().item()
+    sums = metrics.compare(ref.teacher, model.lm_head, final.reshape(-1, final.shape[-1]))
     cosine = F.cosine_similarity(final.float(), ref.final.float(), dim=-1).sum().item()
-    B, T = ref.input_ids.shape
-    return Sums(kl=kl, lm=lm, agree=agree, cosine=cosine, tokens=B * T, lm_tokens=B * (T - 1))
+    return Sums(**sums.to_dict(), cosine=cosine)
 
 
 @contextmanager

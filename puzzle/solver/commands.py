@@ -44,13 +44,6 @@ def _fixed_costs(meta: dict[str, Any], where: str) -> FixedCosts:
     return FixedCosts(**{k: int(v) if k in integral else float(v) for k, v in total.items()})
 
 
-def load_problem(run_dir: Path, budget: str, metric: str = "kl", batch_size: int | None = None) -> SolverProblem:
-    """The problem for one profile: `scores/scores.parquet` joined with `costs/<budget>.parquet`."""
-    scores = read_table(RunDir(run_dir).scores_table.with_suffix(".parquet"))
-    costs, meta = load_costs(run_dir, budget)
-    return problem_from_meta(scores, costs, meta, metric, batch_size, where=_costs_json(run_dir, budget))
-
-
 def _costs_json(run_dir: Path, budget: str) -> str:
     return str(costs_path(run_dir, profile_name(budget)).with_suffix(".json"))
 

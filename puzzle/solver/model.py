@@ -25,10 +25,6 @@ class MipModel:
     objective: np.ndarray  # (n_binary + n_continuous,)
     rows: tuple[Row, ...]
 
-    @property
-    def n_vars(self) -> int:
-        return self.n_binary + self.n_continuous
-
 
 @dataclass(frozen=True)
 class RawResult:
@@ -36,5 +32,5 @@ class RawResult:
     incumbent), "infeasible" (proven), or "unknown" (stopped with no incumbent)."""
 
     status: str
-    values: np.ndarray | None  # (n_vars,) when a solution exists
+    values: np.ndarray | None  # (n_binary + n_continuous,) when a solution exists
     bound: float | None  # best proven lower bound on the objective, when the backend gives one

@@ -21,13 +21,13 @@ Quantities of a choice (all linear in the binaries):
 """
 
 import math
-import re
 from dataclasses import dataclass, replace
 from typing import Any, Iterable
 
 import pandas as pd
 
 from puzzle.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, BlockConfigError, FFNConfig, sublayer_from_name
 
 GIB = 2**30
 KINDS = ("attention", "ffn")
@@ -166,10 +166,9 @@ class SolverProblem:
                 if sum(o.is_parent for o in options) != 1:
                     raise PuzzleError(f"layer {i} {kind}: expected exactly one parent variant")
             # Every name must map to a block config; fail here, not after a long solve.
-            for o in layer.attention:
-                attention_block_config(o.name)
-            for o in layer.ffn:
-                ffn_block_config(o.name, None)
+            for kind, options in zip(KINDS, (layer.attention, layer.ffn)):
+                for o in options:
+                    option_config(kind, i, o)
         if self.reference_throughput is None:
             object.__setattr__(self, "reference_throughput", self.evaluate(self.parent_selection()).throughput)
             object.__setattr__(self, "reference_batch_size", self.workload.batch_size)
@@ -310,14 +309,23 @@ class SolverProblem:
             for i, (layer, (a, f)) in enumerate(zip(self.layers, selection))
         ]
 
-    def block_configs(self, selection: Selection) -> list[dict[str, Any]]:
+    def blocks(self, selection: Selection) -> list[BlockConfig]:
         return [
-            {
-                "attention": attention_block_config(layer.attention[a].name),
-                "ffn": ffn_block_config(layer.ffn[f].name, self.hidden_size),
-            }
-            for layer, (a, f) in zip(self.layers, selection)
+            BlockConfig(option_config("attention", i, layer.attention[a]), option_config("ffn", i, layer.ffn[f]))
+            for i, (layer, (a, f)) in enumerate(zip(self.layers, selection))
         ]
+
+    def block_configs(self, selection: Selection) -> list[dict[str, Any]]:
+        """The `block_configs` of a choice (ffn_mult null when the problem has no hidden size)."""
+        return [block.to_dict(self.hidden_size) for block in self.blocks(selection)]
+
+
+def option_config(kind: str, layer: int, option: Option) -> AttentionConfig | FFNConfig:
+    """The typed config of an option, from its canonical name (no torch import: `solve` stays fast)."""
+    try:
+        return sublayer_from_name(kind, option.name)
+    except BlockConfigError as err:
+        raise PuzzleError(f"layer {layer}: {err}") from None
 
 
 def scale_costs(option: Option, ratio: float) -> Option:
@@ -330,34 +338,6 @@ def scale_costs(option: Option, ratio: float) -> Option:
         kv_cache_bytes=math.ceil(option.kv_cache_bytes * ratio),
         prefill_s=option.prefill_s * ratio,
     )
-
-
-# ---- Nemotron-NAS block configs from variant names (no torch import: `solve` stays fast) ----------
-_ATTN_GQA = re.compile(r"attn_g(\d+)$")
-_FFN_SWIGLU = re.compile(r"ffn_(\d+)$")
-
-
-def attention_block_config(name: str) -> dict[str, Any]:
-    if name == "attn_noop":
-        return {"n_heads_in_group": None, "no_op": True, "replace_with_linear": False}
-    if name == "attn_linear":
-        return {"n_heads_in_group": None, "no_op": False, "replace_with_linear": True}
-    if m := _ATTN_GQA.match(name):
-        return {"n_heads_in_group": int(m.group(1)), "no_op": False, "replace_with_linear": False}
-    raise PuzzleError(f"unknown attention variant {name!r} (expected attn_g<N>, attn_linear or attn_noop)")
-
-
-def ffn_block_config(name: str, hidden_size: int | None) -> dict[str, Any]:
-    if name == "ffn_noop":
-        return {"ffn_mult": None, "intermediate_size": None, "no_op": True, "replace_with_linear": False}
-    if name == "ffn_linear":
-        return {"ffn_mult": None, "intermediate_size": None, "no_op": False, "replace_with_linear": True}
-    if m := _FFN_SWIGLU.match(name):
-        size = int(m.group(1))
-        # Same definition as FFNConfig.to_dict: intermediate = 2 * mult * hidden / 3.
-        mult = round(size * 3 / (2 * hidden_size), 6) if hidden_size else None
-        return {"ffn_mult": mult, "intermediate_size": size, "no_op": False, "replace_with_linear": False}
-    raise PuzzleError(f"unknown FFN variant {name!r} (expected ffn_<N>, ffn_linear or ffn_noop)")
 
 
 # ---- building a problem from the run directory's tables ---------------------------------------
@@ -377,7 +357,7 @@ def problem_from_tables(
     hidden_size: int | None = None,
     batch_size: int | None = None,
 ) -> SolverProblem:
-    """Join the scores table and a profile's costs table (contracts in notes/HELPERS.md) into a problem.
+    """Join the scores table and a profile's costs table (contracts in docs/contracts.md) into a problem.
 
     The parent's variant per (layer, kind) is the costs row with `is_parent` true (or, without that
     column, the scores row with kl == 0). The quality cost of a variant is its metric's degradation

@@ -119,3 +119,61 @@ def test_corrupt_parquet(tmp_path):
     path = tmp_path / "docs.parquet"
     path.write_bytes(b"not parquet at all")
     _one_line_error(lambda: list(iter_documents(path)), "not a readable parquet file")
+
+
+# --- encodings: UTF-8 (with or without BOM), UTF-16 by its BOM, Latin-1 text; binary and garbage skipped ---
+
+PROSE = "Déjà vu: the café's naïve façade. " * 20
+
+
+def _encoded_corpus(root):
+    """One file per case; returns {name: expected text or None when it must be skipped}."""
+    import random
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(0)
+    cases = {
+        "a_utf8.txt": (PROSE.encode("utf-8"), PROSE),
+        "b_utf8_bom.txt": (b"\xef\xbb\xbf" + PROSE.encode("utf-8"), PROSE),
+        "c_utf16.txt": (PROSE.encode("utf-16"), PROSE),  # little endian with its BOM
+        "d_utf16_be.md": (b"\xfe\xff" + PROSE.encode("utf-16-be"), PROSE),
+        "e_latin1.txt": (PROSE.encode("latin-1"), PROSE),
+        "f_random.txt": (bytes(rng.randrange(1, 256) for _ in range(4096)), None),  # no NUL: not "binary"
+        "g_binary.rst": (b"\x7fELF\x02\x01\x01\x00" + b"\x00" * 64 + b"text between nulls" * 8, None),
+        "h_mostly_utf8.txt": (PROSE.encode("utf-8") + b"\xff", PROSE + "\ufffd"),  # one stray byte: kept
+    }
+    for name, (data, _) in cases.items():
+        (root / name).write_bytes(data)
+    return {name: text for name, (_, text) in cases.items()}
+
+
+def test_encodings_are_detected_and_unreadable_files_skipped(tmp_path):
+    expected = _encoded_corpus(tmp_path / "corpus")
+    corpus = Corpus(tmp_path / "corpus")
+    assert list(corpus) == [text for text in expected.values() if text is not None]
+    assert sorted(p.name for p in corpus.skipped) == ["f_random.txt", "g_binary.rst"]
+    assert "binary" in corpus.skipped[tmp_path / "corpus" / "g_binary.rst"]
+    assert "undecodable" in corpus.skipped[tmp_path / "corpus" / "f_random.txt"]
+    summary = corpus.summary()
+    assert "\n" not in summary and "2 of 8" in summary and "f_random.txt" in summary
+
+
+def test_a_jsonl_in_utf16_is_read(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_bytes("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in ["café", "naïve"]).encode("utf-16"))
+    assert list(iter_documents(path)) == ["café", "naïve"]
+
+
+def test_a_corpus_of_only_unreadable_files_says_why(tmp_path):
+    (tmp_path / "x.txt").write_bytes(bytes(range(256)) * 8)
+    message = _one_line_error(lambda: list(Corpus(tmp_path)), "skipped")
+    assert "x.txt" in message
+
+
+def test_mostly_ascii_latin1_is_read_as_latin1_and_utf8_with_a_stray_byte_as_utf8(tmp_path):
+    english = "Plain English prose, line after line. " * 200
+    (tmp_path / "a_latin1.txt").write_bytes((english + "Caf\xe9.").encode("latin-1"))  # one accent in 7.6 KB
+    (tmp_path / "b_utf8.txt").write_bytes((english + "Café.").encode("utf-8") + b"\xe9")  # a stray byte
+    corpus = Corpus(tmp_path)
+    assert list(corpus) == [english + "Café.", english + "Café.\ufffd"]
+    assert corpus.encodings == {tmp_path / "a_latin1.txt": "cp1252", tmp_path / "b_utf8.txt": "utf-8"}

@@ -11,7 +11,7 @@ from conftest import REFERENCE_CORPUS, REFERENCE_GGUF, SAMPLE_TEXT, requires_ref
 
 from puzzle.cli import main
 from puzzle.data import prepare as prepare_module
-from puzzle.data.blocks import iterate_batches, load_blocks, load_meta
+from puzzle.data.blocks import iterate_batches, load_blocks, load_held_out_documents, load_meta
 from puzzle.data.corpus import Corpus, iter_documents
 from puzzle.data.prepare import prepare_blocks, prepare_data, split_documents
 from puzzle.errors import PuzzleError
@@ -74,8 +74,31 @@ def test_blocks_are_documents_with_separators_split_by_document(tiny_tokenizer, 
     assert meta["n_documents"] == 20 and meta["seq_len"] == SEQ_LEN and meta["seed"] == 3
     assert meta["tokens"] == (meta["n_train_blocks"] + meta["n_val_blocks"]) * SEQ_LEN
     assert not load_blocks(run_dir, "train").flags.writeable
-    # nothing but the three artefacts is left behind
-    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    # the held-out documents' text is recorded, in corpus order
+    assert load_held_out_documents(run_dir) == [d for d, v in zip(docs, is_val) if v]
+    # nothing but the four artefacts is left behind
+    assert sorted(p.name for p in (run_dir / "data").iterdir()) == ["meta.json", "train.bin", "val.bin",
+                                                                   "val_documents.jsonl"]
+
+
+def test_held_out_documents_are_checked_against_meta_and_rebuilt_when_missing(tiny_tokenizer, run_dir):
+    docs = make_documents()
+    prepare_blocks(docs, tiny_tokenizer, run_dir / "data", seq_len=SEQ_LEN, val_fraction=0.2, seed=3,
+                   max_tokens=4 * SEQ_LEN)
+    held_out = run_dir / "data" / "val_documents.jsonl"
+    # all held-out documents, also those past the --max-tokens cap
+    assert load_held_out_documents(run_dir) == [d for d, v in zip(docs, split_documents(20, 0.2, 3)) if v]
+    good = held_out.read_bytes()
+    held_out.write_bytes(good.replace(b"Document", b"Tampered"))
+    with pytest.raises(PuzzleError, match="does not match its meta.json"):
+        load_held_out_documents(run_dir)
+    held_out.unlink()
+    with pytest.raises(PuzzleError, match="rerun `puzzle prepare-data`"):
+        load_held_out_documents(run_dir)
+    # a rerun with the same settings sees the data incomplete and writes it again
+    prepare_blocks(docs, tiny_tokenizer, run_dir / "data", seq_len=SEQ_LEN, val_fraction=0.2, seed=3,
+                   max_tokens=4 * SEQ_LEN)
+    assert held_out.read_bytes() == good
 
 
 def test_split_is_deterministic_by_seed(tiny_tokenizer, tmp_path):
@@ -136,7 +159,7 @@ def test_crash_leaves_no_valid_looking_meta(tiny_tokenizer, run_dir, monkeypatch
     with pytest.raises(RuntimeError):
         prepare_blocks(docs, Tracked(tiny_tokenizer, fail_on_call=3), out, seq_len=8, val_fraction=0.2)
     assert np.array_equal(load_blocks(run_dir, "train"), old)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "train.bin", "val.bin", "val_documents.jsonl"]
     tracked = Tracked(tiny_tokenizer)
     prepare_blocks(docs, tracked, out, seq_len=8, val_fraction=0.2)
     assert tracked.calls > 0 and load_meta(run_dir)["seq_len"] == 8
@@ -188,6 +211,24 @@ def test_prepare_data_from_a_parent_directory(tmp_path, tiny_parent_dir, tiny_to
     assert load_blocks(run_dir, "train").reshape(-1).tolist() == expected_stream(
         tiny_tokenizer, list(iter_documents(corpus)), ~split_documents(6, 0.3, 1)
     )[: meta["n_train_blocks"] * SEQ_LEN]
+
+
+def test_prepare_data_says_and_records_which_files_it_skipped(tmp_path, tiny_parent_dir, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, doc in enumerate(make_documents(6)):
+        (corpus / f"doc{i}.txt").write_text(doc)
+    (corpus / "doc6.txt").write_bytes(make_documents(7)[6].encode("utf-16"))
+    (corpus / "blob.txt").write_bytes(bytes(range(1, 256)) * 16)
+    run_dir = tmp_path / "run"
+    prepare_data(corpus, tiny_parent_dir, run_dir=run_dir, seq_len=SEQ_LEN, val_fraction=0.3, seed=1)
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "skipped" in line]
+    assert "1 of 8" in line and "blob.txt" in line and "utf-16" in line
+    meta = load_meta(run_dir)
+    assert meta["n_documents"] == 7
+    assert meta["corpus_files"]["skipped"] == {str(corpus / "blob.txt"): Corpus(corpus).skipped[corpus / "blob.txt"]}
+    assert meta["corpus_files"]["encodings"] == {"utf-16": 1, "utf-8": 6}
 
 
 def test_prepare_data_bad_corpus_paths(tmp_path, tiny_parent_dir):
@@ -274,3 +315,29 @@ def test_smoke_reference_corpus_and_tokenizer(tmp_path):
     tracked = Tracked(tokenizer)
     prepare_blocks(Corpus(REFERENCE_CORPUS), tracked, out, seq_len=256, max_tokens=50_000)
     assert tracked.calls == 0 and (out / "train.bin").stat().st_mtime_ns == mtime
+
+
+def _write_data(run_dir, train, val):
+    data = run_dir / "data"
+    data.mkdir(parents=True)
+    np.asarray(train, dtype=np.uint32).tofile(data / "train.bin")
+    np.asarray(val, dtype=np.uint32).tofile(data / "val.bin")
+    meta = {"dtype": "uint32", "seq_len": train.shape[1], "n_train_blocks": len(train), "n_val_blocks": len(val)}
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+def test_token_ids_outside_the_vocabulary_are_one_line_exit_2(tmp_path, tiny_parent_dir, capsys):
+    from transformers import AutoConfig
+
+    vocab = AutoConfig.from_pretrained(tiny_parent_dir).vocab_size
+    rng = np.random.default_rng(0)
+    train = rng.integers(3, vocab, (8, SEQ_LEN))
+    train[5, 7] = vocab + 41  # data prepared with another, larger tokenizer
+    run_dir = tmp_path / "run"
+    _write_data(run_dir, train, rng.integers(3, vocab, (2, SEQ_LEN)))
+    argv = ["importance", str(tiny_parent_dir), "--run-dir", str(run_dir), "--n-samples", "8",
+            "--drop-samples", "0"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "train.bin" in err and str(vocab + 41) in err and str(vocab) in err

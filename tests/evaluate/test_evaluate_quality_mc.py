@@ -1,5 +1,6 @@
 import copy
 import json
+import shutil
 import sys
 
 import numpy as np
@@ -8,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from puzzle.cli import main
-from puzzle.data.prepare import prepare_blocks
-from puzzle.evaluate.mc import build_cloze_tasks, choice_logprobs, choice_scores, evaluate_mc, load_mc_tasks
+from puzzle.data.corpus import Corpus
+from puzzle.data.prepare import prepare_blocks, split_documents
+from puzzle.evaluate.mc import build_cloze_tasks, build_mc, choice_logprobs, choice_scores, evaluate_mc, load_mc_tasks
 from puzzle.evaluate.quality import quality_metrics
 from puzzle.errors import PuzzleError
 
@@ -81,6 +83,23 @@ def test_cloze_tasks_are_valid_and_scored(tiny_parent, tiny_tokenizer, tmp_path)
     path.write_text("".join(json.dumps(i) + "\n" for i in items))
     result = evaluate_mc(tiny_parent, tiny_tokenizer, load_mc_tasks(path))
     assert result["items"] == 6 and 0.0 <= result["acc"] <= 1.0
+
+
+def test_build_mc_draws_from_the_recorded_held_out_documents_not_the_corpus(tiny_tokenizer, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    docs = [f"Document {i}: " + " ".join(SAMPLE_TEXT[j % 5] for j in range(i, i + 30)) for i in range(12)]
+    for i, doc in enumerate(docs):
+        (corpus / f"{i:02d}.txt").write_text(doc)
+    run = tmp_path / "run"
+    prepare_blocks(Corpus(corpus), tiny_tokenizer, run / "data", seq_len=16, val_fraction=0.25, seed=1,
+                   source=str(corpus))
+    held_out = [d for d, v in zip(Corpus(corpus), split_documents(len(docs), 0.25, 1)) if v]
+    want = build_cloze_tasks(held_out, 4, seed=0)
+    shutil.rmtree(corpus)  # the corpus is not read again
+    items = load_mc_tasks(build_mc(run, items=4, seed=0))
+    assert items == want
+    assert all(any(item["context"] in d for d in held_out) for item in items)
 
 
 def test_bad_task_file_is_refused(tmp_path):

@@ -39,7 +39,7 @@ def test_cli_builds_a_complete_library_and_a_rerun_only_checks_it(tmp_path, caps
     # no --parent, no --search-space: both come from run/parent.json; same settings: nothing is trained again
     same = [a for a in FAST if a != "tiny" and a != "--search-space"]
     assert main(["build-library", "--run-dir", str(run), *same, "--no-ray"]) == 0
-    assert "0 trained now, 10 already there" in capsys.readouterr().out
+    assert "0 trained now, 0 recorded without training, 10 already there" in capsys.readouterr().out
     assert manifest_records(run) == manifest["variants"]
 
 
@@ -62,7 +62,7 @@ def test_user_mistakes_end_in_one_line(tmp_path, capsys):
     assert main(["build-library", "--run-dir", str(run), "--parent", str(other), "--layers", "1", "--no-ray", *FAST]) == 2
     assert "use another --run-dir" in capsys.readouterr().err  # a library never mixes two parents
     assert main(["build-library", "--run-dir", str(run), "--layers", "1", "--force", "--no-ray", *FAST]) == 0
-    assert "4 trained now, 0 already there" in capsys.readouterr().out  # --force retrains what was there
+    assert "4 trained now, 4 recorded without training, 0 already there" in capsys.readouterr().out  # --force retrains what was there
 
 
 def _done_layers(run: Path) -> dict[int, int]:
@@ -164,3 +164,54 @@ def test_split_with_costs_balances_the_parent_forward_against_training():
     # only the chosen layers are split; the forward still starts at layer 0
     assert sum(split_layers([20, 21, 22, 29], 2, forward, train), []) == [20, 21, 22, 29]
     assert split_layers([3, 5], 8, forward, train) == [[3], [5]]
+
+
+def _build(run, parent, *extra):
+    return main(["build-library", "--run-dir", str(run), "--parent", str(parent), *FAST, *extra])
+
+
+def test_identical_inputs_give_byte_identical_library_files(tmp_path):
+    parent = save_parent(tmp_path / "parent", layers=2)
+    runs = [write_blocks(tmp_path / name) for name in ("a", "b")]
+    for run in runs:
+        assert _build(run, parent, "--no-ray") == 0
+    files = [sorted(p.relative_to(run / "library") for p in (run / "library").rglob("*.safetensors")) for run in runs]
+    assert files[0] == files[1] and files[0]
+    for rel in files[0]:
+        assert (runs[0] / "library" / rel).read_bytes() == (runs[1] / "library" / rel).read_bytes(), rel
+    hashes = [{k: r.get("sha256") for k, r in manifest_records(run).items()} for run in runs]
+    assert hashes[0] == hashes[1]
+
+
+def test_the_summary_adds_up_and_a_finished_build_starts_no_ray(tmp_path, capsys, monkeypatch):
+    import re
+
+    from puzzle.library import ray_jobs
+
+    parent = save_parent(tmp_path / "parent", layers=2)
+    run = write_blocks(tmp_path / "run")
+    assert _build(run, parent, "--no-ray") == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("block library:")][-1]
+    n, *parts = map(int, re.findall(r"(\d+) (?:variants|trained now|recorded|already there)", line))
+    records = manifest_records(run)
+    untrained = sum(r["source"] != "trained" for r in records.values())
+    assert untrained > 0 and sum(parts) == n == len(records), line
+    assert f"{untrained} recorded" in line
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started with nothing left to do")
+
+    monkeypatch.setattr(ray_jobs, "run_on_ray", no_ray)
+    assert _build(run, parent, "--workers", "2") == 0  # Ray by default
+    assert f"0 trained now, 0 recorded without training, {n} already there" in capsys.readouterr().out
+
+
+def test_stale_temp_files_are_cleaned_when_the_build_starts(tmp_path):
+    parent = save_parent(tmp_path / "parent", layers=2)
+    run = write_blocks(tmp_path / "run")
+    assert _build(run, parent, "--no-ray") == 0
+    stale = run / "library" / "L001" / "ffn" / ".ffn_64.safetensors.k3j9x0qa.tmp"
+    stale.write_bytes(b"half a file")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    assert _build(run, parent, "--no-ray") == 0
+    assert not stale.exists()

@@ -16,7 +16,7 @@ from puzzle.library.init import (
 )
 from puzzle.library.bld import Sublayer
 from puzzle.model.checkpoint import to_puzzle
-from puzzle.model.configuration_puzzle import AttentionConfig, FFNConfig
+from puzzle.model.blocks import AttentionConfig, FFNConfig
 from puzzle.model.surgery import sublayer_state
 
 
@@ -89,7 +89,7 @@ def test_channel_contribution_keeps_the_neurons_that_matter(parent):
     # the pruned FFN (minus 100 near-silent neurons) computes almost what the parent does
     full = Sublayer(parent.config, "ffn", FFNConfig(intermediate_size=128), state)
     pruned = Sublayer(parent.config, "ffn", FFNConfig(intermediate_size=28), child)
-    y, y_pruned = full(x[None], None), pruned(x[None], None)
+    y, y_pruned = full(x[None], None) - x, pruned(x[None], None) - x  # what each adds to the residual stream
     assert (y - y_pruned).pow(2).mean() < 1e-3 * y.pow(2).mean()
 
 

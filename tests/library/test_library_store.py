@@ -11,7 +11,7 @@ from conftest import make_llama
 from puzzle.errors import PuzzleError
 from puzzle.library import store
 from puzzle.model.checkpoint import to_puzzle
-from puzzle.model.configuration_puzzle import FFNConfig
+from puzzle.model.blocks import FFNConfig
 from puzzle.model.surgery import replace_sublayer, sublayer_state
 from puzzle.search_space import load_search_space
 

@@ -75,3 +75,40 @@ def test_cli_lists_every_stage(capsys):
         assert f"  {stage} " in out
     code, _, err = run_cli(capsys, "frobnicate")
     assert code == 2 and "unknown command" in err
+
+
+def _tiny_gguf(path):
+    """A small, valid GGUF (llama metadata, a vocabulary, one tensor) written with the gguf package."""
+    gguf = pytest.importorskip("gguf")
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_context_length(64)
+    w.add_embedding_length(16)
+    w.add_feed_forward_length(32)
+    w.add_head_count(2)
+    w.add_head_count_kv(1)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_vocab_size(8)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{i}" for i in range(8)])
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("keep", [0.05, 0.3, 0.6, 0.9])
+def test_a_truncated_gguf_parent_is_one_line_exit_2(tmp_path, capsys, keep):
+    from puzzle.cli import main
+
+    full = _tiny_gguf(tmp_path / "full.gguf").read_bytes()
+    parent = tmp_path / "parent.gguf"
+    parent.write_bytes(full[: int(len(full) * keep)])
+    assert main(["profile", "--parent", str(parent), "--run-dir", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert str(parent) in err and "GGUF" in err

@@ -99,3 +99,28 @@ def test_cli_reports_user_errors_in_one_line(tmp_path, tiny_parent_dir, capsys):
         return
     assert main(["profile", "--run-dir", str(tmp_path / "r"), "--parent", str(tiny_parent_dir), "--measure"]) == 2
     assert "no CUDA GPU" in capsys.readouterr().err
+
+
+def test_a_damaged_costs_table_is_rebuilt_by_rerunning_profile(tmp_path, tiny_parent_dir):
+    run = tmp_path / "run"
+    profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)
+    table = run / "costs" / "h100_80gb.parquet"
+    good = table.read_bytes()
+    table.write_bytes(good[: len(good) // 2])
+    with pytest.raises(PuzzleError, match="puzzle profile"):
+        load_costs(run, "h100_80gb")
+    profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)  # no --force: the damage is seen
+    assert table.read_bytes() == good
+
+
+def test_stale_temp_files_in_costs_are_cleaned_when_profile_starts(tmp_path, tiny_parent_dir):
+    import os
+    import time
+
+    run = tmp_path / "run"
+    stale = run / "costs" / ".h100_80gb.parquet.q8w7e6r5.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half a table")
+    os.utime(stale, (time.time() - 3600,) * 2)
+    profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)
+    assert not stale.exists() and (run / "costs" / "h100_80gb.parquet").exists()

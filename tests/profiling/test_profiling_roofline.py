@@ -15,7 +15,6 @@ from puzzle.profiling.roofline import (
     predict_model_costs,
     sublayer_costs,
     sublayer_ops,
-    sublayer_params,
 )
 
 from conftest import make_llama_config
@@ -27,9 +26,15 @@ def toy_profile(batch=2, input_len=3, output_len=4, overhead=0.0, dtype="bf16"):
     return HardwareProfile("toy", device, Workload(batch, input_len, output_len, dtype))
 
 
+def toy_shape(hidden: int, heads: int, head_dim: int, vocab: int) -> ModelShape:
+    """The widths the roofline reads; the parent's KV heads, FFN width and depth do not enter a sublayer's costs."""
+    return ModelShape(hidden, heads, num_key_value_heads=1, head_dim=head_dim, intermediate_size=4 * hidden,
+                      num_hidden_layers=1, vocab_size=vocab)
+
+
 def test_swiglu_prefill_by_hand():
     # D=4, I=8, B=2, T=3 -> n=6 tokens, bf16 (e=2 bytes)
-    shape = ModelShape(hidden_size=4, num_attention_heads=2, head_dim=2, vocab_size=10)
+    shape = toy_shape(4, 2, 2, 10)
     hw = toy_profile()
     ops = {op.name: op for op in ffn_ops(shape, FFNConfig(intermediate_size=8), hw.workload, "prefill")}
     # norm: 4 FLOPs per element; reads x and weight, writes y: 2*(2*6*4 + 4) bytes
@@ -58,7 +63,7 @@ def test_op_time_is_the_slower_of_compute_and_memory():
 
 def test_gqa_decode_reads_the_whole_kv_cache_by_hand():
     # D=4, H=2 heads of d=2, K=1 KV head; B=1, input 4, output 4 -> decode context 4 + 2 = 6
-    shape = ModelShape(hidden_size=4, num_attention_heads=2, head_dim=2, vocab_size=10)
+    shape = toy_shape(4, 2, 2, 10)
     hw = toy_profile(batch=1, input_len=4, output_len=4)
     ops = {op.name: op for op in sublayer_ops(shape, "attention", AttentionConfig(n_heads_in_group=2), hw.workload, "decode")}
     core = ops["attention"]
@@ -69,11 +74,11 @@ def test_gqa_decode_reads_the_whole_kv_cache_by_hand():
     assert ops["qkv_proj"].flops == 2 * 1 * 4 * 8
     assert ops["o_proj"].flops == 2 * 1 * 4 * 4
     # weights: q,k,v,o + the norm
-    assert sublayer_params(shape, "attention", AttentionConfig(n_heads_in_group=2)) == 4 * 8 + 4 * 4 + 4
+    assert shape.params(AttentionConfig(n_heads_in_group=2)) == 4 * 8 + 4 * 4 + 4
 
 
 def test_prefill_attention_flops_grow_quadratically_with_the_prompt():
-    shape = ModelShape(hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=10)
+    shape = toy_shape(64, 4, 16, 10)
     att = AttentionConfig(n_heads_in_group=2)
 
     def core_flops(T):
@@ -84,7 +89,7 @@ def test_prefill_attention_flops_grow_quadratically_with_the_prompt():
 
 
 def test_no_op_and_linear_attention_keep_no_kv_cache():
-    shape = ModelShape(hidden_size=64, num_attention_heads=4, head_dim=16, vocab_size=10)
+    shape = toy_shape(64, 4, 16, 10)
     hw = toy_profile()
     noop = sublayer_costs(shape, "attention", AttentionConfig(no_op=True), hw)
     assert noop == {"params": 0, "param_bytes": 0, "kv_cache_bytes": 0, "prefill_s": 0.0, "decode_s": 0.0}
@@ -95,10 +100,10 @@ def test_no_op_and_linear_attention_keep_no_kv_cache():
 
 def test_one_kv_head_of_three_holds_a_third_of_the_parents_kv_cache():
     # SmolLM2's attention: 9 query heads, 3 KV heads of 64
-    shape = ModelShape(hidden_size=576, num_attention_heads=9, head_dim=64, vocab_size=49152)
+    shape = toy_shape(576, 9, 64, 49152)
     w = toy_profile(batch=4, input_len=100, output_len=28).workload
-    parent = kv_cache_bytes(shape, "attention", AttentionConfig(n_heads_in_group=3), w)
-    one_head = kv_cache_bytes(shape, "attention", AttentionConfig(n_heads_in_group=9), w)
+    parent = kv_cache_bytes(shape, AttentionConfig(n_heads_in_group=3), w)
+    one_head = kv_cache_bytes(shape, AttentionConfig(n_heads_in_group=9), w)
     assert parent == 2 * 3 * 64 * 4 * 128 * 2  # 2 (K and V) x K x d x B x (in + out) x bf16 bytes
     assert one_head * 3 == parent
 
@@ -116,7 +121,7 @@ def test_roofline_params_match_the_built_modules():
     for kind, cfg in variants:
         module = build_attention(config, cfg) if kind == "attention" else build_ffn(config, cfg)
         built = sum(p.numel() for p in module.parameters()) + config.hidden_size  # + its RMSNorm
-        assert sublayer_params(shape, kind, cfg) == built, cfg.name
+        assert shape.params(cfg) == built, cfg.name
 
 
 def test_whole_model_is_fixed_plus_blocks_and_throughput_follows():
@@ -142,7 +147,7 @@ def test_a_child_is_predicted_from_its_block_choices_alone():
     child = predict_model_costs(config, lighter, hw)
     assert child["throughput_tokens_s"] > parent["throughput_tokens_s"]
     assert parent["kv_cache_bytes"] - child["kv_cache_bytes"] == kv_cache_bytes(
-        shape, "attention", AttentionConfig(n_heads_in_group=2), hw.workload
+        shape, AttentionConfig(n_heads_in_group=2), hw.workload
     )
     saved = sublayer_costs(shape, "attention", AttentionConfig(n_heads_in_group=2), hw)["decode_s"]
     saved += sublayer_costs(shape, "ffn", FFNConfig(intermediate_size=128), hw)["decode_s"]

@@ -14,7 +14,8 @@ from puzzle.model.checkpoint import to_puzzle
 from puzzle.pruning.commands import importance, prune
 from puzzle.pruning.importance import compute_importance, load_importance
 from puzzle.pruning.prune import PrunePlan, layers_to_drop, prune_model, save_pruned
-from puzzle.pruning.shape import LlamaShape, layers_for_target, parse_param_count, width_for_target
+from puzzle.pruning.shape import layers_for_target, parse_param_count, width_for_target
+from puzzle.shape import ModelShape
 
 IDS = torch.randint(3, 320, (12, 24), generator=torch.Generator().manual_seed(0))
 DEAD_NEURONS = torch.arange(0, 128, 4)  # 32 of 128
@@ -119,9 +120,9 @@ def test_layers_to_drop_methods():
 @pytest.mark.parametrize("tied", [False, True])
 def test_shape_counts_the_real_parameters(tied):
     model = make_llama(tie_word_embeddings=tied)
-    shape = LlamaShape.of(model.config)
-    assert shape.total_params == sum(p.numel() for p in model.parameters())
-    assert shape.total_params - shape.non_embedding_params == shape.embedding_params
+    shape = ModelShape.from_config(model.config)
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())
+    assert shape.total_params() - shape.non_embedding_params() == shape.embedding_params
 
 
 def test_param_targets():
@@ -131,15 +132,16 @@ def test_param_targets():
     assert parse_param_count("250k") == 250_000
     with pytest.raises(PuzzleError, match="80M"):
         parse_param_count("eighty")
-    parent = LlamaShape(30, 576, 1536, 9, 3, 64, 49152, True)  # SmolLM2-135M
-    target = int(0.6 * parent.non_embedding_params)
+    parent = ModelShape(hidden_size=576, num_attention_heads=9, num_key_value_heads=3, head_dim=64, intermediate_size=1536,
+                        num_hidden_layers=30, vocab_size=49152, tie_word_embeddings=True)  # SmolLM2-135M
+    target = int(0.6 * parent.non_embedding_params())
     width = width_for_target(parent, target, "non-embedding")
-    assert abs(width.non_embedding_params - target) / target <= 0.02
+    assert abs(width.non_embedding_params() - target) / target <= 0.02
     # hidden: a multiple of 8 and of the 9 query heads (transformers requires the latter); FFN of 64
-    assert width.hidden_size % 72 == 0 and width.intermediate_size % 64 == 0 and width.num_heads == 9
+    assert width.hidden_size % 72 == 0 and width.intermediate_size % 64 == 0 and width.num_attention_heads == 9
     assert layers_for_target(parent, target, "non-embedding") == 12
     with pytest.raises(PuzzleError, match="not below"):
-        width_for_target(parent, parent.total_params + 1)
+        width_for_target(parent, parent.total_params() + 1)
 
 
 def _write_run_dir(run_dir, n_train=24, n_val=4, seq_len=24):
@@ -172,14 +174,14 @@ def test_importance_and_prune_commands(tmp_path, tiny_parent_dir, capsys):
     assert record["dropped_layers"] == [start, start + 1]
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
 
-    parent = LlamaShape.of(make_llama().config)
-    target = parent.total_params * 3 // 4
+    parent = ModelShape.from_config(make_llama().config)
+    target = parent.total_params() * 3 // 4
     out = prune(tiny_parent_dir, tmp_path / "width", run_dir=run_dir, target_params=str(target))
-    shape = LlamaShape.of(AutoModelForCausalLM.from_pretrained(out).config)
-    assert abs(shape.total_params - target) / target <= 0.1 and shape.num_layers == 4
+    shape = ModelShape.from_config(AutoModelForCausalLM.from_pretrained(out).config)
+    assert abs(shape.total_params() - target) / target <= 0.1 and shape.num_hidden_layers == 4
     out = prune(tiny_parent_dir, tmp_path / "deep", run_dir=run_dir, target_params=str(target), target_mode="depth",
                 depth_method="bi")
-    assert LlamaShape.of(AutoModelForCausalLM.from_pretrained(out).config).num_layers == 3
+    assert ModelShape.from_config(AutoModelForCausalLM.from_pretrained(out).config).num_hidden_layers == 3
 
 
 def test_prune_without_importance_fails_clearly(tmp_path, tiny_parent_dir):
@@ -198,11 +200,11 @@ def test_reference_parent_prunes_to_a_plain_llama(tmp_path):
     with torch.no_grad():
         same, _ = prune_model(parent, scores, PrunePlan())
         assert torch.allclose(same(ids).logits, parent(ids).logits, atol=1e-4)
-        target = int(0.6 * LlamaShape.of(parent.config).non_embedding_params)
-        shape = width_for_target(LlamaShape.of(parent.config), target, "non-embedding")
+        target = int(0.6 * ModelShape.from_config(parent.config).non_embedding_params())
+        shape = width_for_target(ModelShape.from_config(parent.config), target, "non-embedding")
         pruned, record = prune_model(parent, scores, PrunePlan(hidden_size=shape.hidden_size,
                                                                intermediate_size=shape.intermediate_size))
         out = save_pruned(pruned, tmp_path / "width", None, record)
         loaded = AutoModelForCausalLM.from_pretrained(out)
-        assert sum(p.numel() for p in loaded.parameters()) == shape.total_params
+        assert sum(p.numel() for p in loaded.parameters()) == shape.total_params()
         assert torch.isfinite(loaded(ids).logits).all()

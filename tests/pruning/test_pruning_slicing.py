@@ -11,7 +11,6 @@ from puzzle.pruning.slicing import (
     select_heads,
     slice_attention_state,
     slice_channels_state,
-    slice_ffn,
     slice_ffn_state,
     top_k,
 )
@@ -32,12 +31,11 @@ def test_slice_ffn_equals_the_kept_neurons_sum():
     x = torch.randn(5, 8)
     keep = torch.tensor([1, 4, 5, 11])
     small = SwiGLU(8, 4)
-    small.gate_proj.weight[:], small.up_proj.weight[:], small.down_proj.weight[:] = slice_ffn(
-        mlp.gate_proj.weight, mlp.up_proj.weight, mlp.down_proj.weight, keep)
+    state = slice_ffn_state({f"mlp.{k}": w for k, w in mlp.state_dict().items()}
+                            | {"post_attention_layernorm.weight": torch.ones(8)}, keep)
+    small.load_state_dict({k.removeprefix("mlp."): w for k, w in state.items() if k.startswith("mlp.")})
     act = torch.nn.functional.silu(mlp.gate_proj(x)) * mlp.up_proj(x)
     assert torch.allclose(small(x), act[:, keep] @ mlp.down_proj.weight[:, keep].T, atol=1e-6)
-    state = slice_ffn_state({"mlp.gate_proj.weight": mlp.gate_proj.weight, "post_attention_layernorm.weight":
-                             torch.ones(8), "mlp.down_proj.weight": mlp.down_proj.weight}, keep)
     assert state["mlp.gate_proj.weight"].shape == (4, 8) and state["mlp.down_proj.weight"].shape == (8, 4)
     assert state["post_attention_layernorm.weight"].shape == (8,)
 

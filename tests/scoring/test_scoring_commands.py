@@ -10,6 +10,7 @@ from scoring_testing import random_state
 
 from puzzle.cli import main
 from puzzle.data.blocks import iterate_batches, load_blocks
+from puzzle.evaluate.commands import evaluate
 from puzzle.io import read_table
 from puzzle.library.store import key_of, record_untrained, variant_state, write_variant
 from puzzle.model.checkpoint import load_model, to_puzzle
@@ -32,7 +33,7 @@ def write_data(run_dir, n_val=6):
     (out / "meta.json").write_text(json.dumps(meta))
 
 
-def write_library(run_dir, parent, space, seed_offset=0):
+def write_library(run_dir, parent, space):
     untrained = []
     for v in space.variants():
         if v.is_parent or v.config.no_op:
@@ -156,3 +157,23 @@ def test_score_errors_are_one_line(tmp_path, tiny_parent_dir, tiny_parent, capsy
     fails(["--run-dir", str(run_dir)], "run puzzle build-library", key_of(v))
     fails(["--run-dir", str(run_dir), "--search-space", "nope"], "unknown search space")
     fails(["--run-dir", str(run_dir), "--search-space", "tiny", "--blocks", "0"], "--blocks")
+
+
+def test_the_parent_row_agrees_with_evaluate_on_the_same_tokens(run, tiny_parent_dir):
+    """`puzzle score` samples validation blocks (shuffled, `--blocks`), `puzzle evaluate` takes the first
+    `val_blocks`: over every validation block both see the same tokens, and the parent's LM loss (and KL 0,
+    agreement 1) must then be one number, whichever stage computed it."""
+    run_dir, parent, space = run
+    n_val = len(load_blocks(run_dir, "val"))
+    assert main(["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), "--search-space", "tiny",
+                 "--blocks", str(n_val), "--batch-size", "4", "--chunk-tokens", "16"]) == 0
+    scored = json.loads((run_dir / "scores" / "scores.json").read_text())["parent_metrics"]
+    table = read_table(run_dir / "scores" / "scores.parquet")
+    parent_rows = table[[v.is_parent for v in space.variants()]]
+    evaluated = evaluate(tiny_parent_dir, tiny_parent_dir, run_dir, val_blocks=n_val, batch_size=3, budget=None,
+                         measure=False)["validation"]
+    assert evaluated["tokens"] == scored["tokens"] == n_val * SEQ_LEN
+    assert evaluated["lm_loss"] == pytest.approx(scored["lm_loss"], rel=1e-5)
+    assert np.allclose(parent_rows["lm_loss"], evaluated["lm_loss"], rtol=1e-5)
+    assert evaluated["kl"] == pytest.approx(0.0, abs=1e-6) and (parent_rows["kl"] == 0).all()
+    assert evaluated["top1_agreement"] == 1.0 and (parent_rows["top1_agreement"] == 1.0).all()

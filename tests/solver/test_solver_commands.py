@@ -7,7 +7,7 @@ import pytest
 
 from puzzle.cli import main
 from puzzle.io import atomic_write_json, write_table
-from puzzle.model.configuration_puzzle import BlockConfig
+from puzzle.model.blocks import BlockConfig
 from puzzle.run_dir import RunDir
 from puzzle.solver.commands import merge_constraints
 from puzzle.units import parse_count

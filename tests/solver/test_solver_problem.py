@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from puzzle.errors import PuzzleError
-from puzzle.model.configuration_puzzle import BlockConfig
+from puzzle.model.blocks import BlockConfig
 from puzzle.solver.problem import GIB, Constraints, FixedCosts, Workload, problem_from_tables
 from puzzle.solver.synthetic import synthetic_tables
 
@@ -126,3 +126,22 @@ def test_block_configs_are_valid_nemotron_nas_entries(tables):
         assert block.attention.name == attention and block.ffn.name == ffn
     swiglu = problem.block_configs(problem.parent_selection())[0]
     assert BlockConfig.from_dict(swiglu, hidden_size=1024).to_dict(1024) == swiglu
+
+
+@pytest.mark.parametrize("kind, bad", [("attention", "attn_gqa4"), ("ffn", "attn_g4"), ("ffn", "ffn_0")])
+def test_a_variant_name_that_is_no_block_is_refused_before_solving(tables, kind, bad):
+    scores, costs, fixed = tables
+    row = (costs["layer"] == 1) & (costs["kind"] == kind) & ~costs["is_parent"]
+    old = costs[row]["variant"].iloc[0]
+    rename = lambda df: df.assign(variant=df["variant"].where(~((df["layer"] == 1) & (df["variant"] == old)), bad))  # noqa: E731
+    with pytest.raises(PuzzleError, match=f"layer 1: unknown {kind} variant '{bad}'"):
+        problem_from_tables(rename(scores), rename(costs), WORKLOAD, fixed)
+
+
+def test_blocks_of_a_choice_are_typed_and_match_the_choices(tables):
+    scores, costs, fixed = tables
+    problem = problem_from_tables(scores, costs, WORKLOAD, fixed, hidden_size=1024)
+    selection = problem.parent_selection()
+    blocks = problem.blocks(selection)
+    assert [f"{c['attention']}+{c['ffn']}" for c in problem.choices(selection)] == [b.name for b in blocks]
+    assert problem.block_configs(selection) == [b.to_dict(1024) for b in blocks]

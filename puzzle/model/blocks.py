@@ -1,0 +1,262 @@
+"""A layer's block, typed: `AttentionConfig` + `FFNConfig` = `BlockConfig` (Nemotron-NAS / DeciLM fields).
+
+The one place that says what a block is, what it is called and how it is written down:
+  name        the canonical string ("attn_g3", "attn_linear", "attn_noop", "ffn_1536", "ffn_linear",
+              "ffn_noop", "attn_g3+ffn_1536"). It keys the library manifest, the scores and costs
+              tables and the solutions; `from_name` is its only parser.
+  to_dict     the `block_configs` entry of config.json; `from_dict` reads one back (strictly).
+  ffn_mult    DeciLM's FFN width rule and its inverse (`ffn_mult_to_intermediate_size`,
+              `intermediate_size_to_ffn_mult`).
+
+Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py
+imports it relatively), and torch-free stages (the solver) import it without loading torch.
+
+  attention: GQA with `n_heads_in_group` query heads per KV head, or `replace_with_linear`
+             (a hidden->hidden map applied per token), or `no_op` (the sublayer is skipped).
+  ffn:       SwiGLU with `intermediate_size` neurons, or `replace_with_linear`, or `no_op`.
+"""
+
+import math
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class BlockConfigError(ValueError):
+    """A block name or block_configs entry that cannot describe a valid block."""
+
+
+def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
+    """DeciLM's rule (vLLM nemotron_nas.py): int(2 * mult * hidden / 3) rounded up to a multiple of 256."""
+    size = int(2 * ffn_mult * hidden_size / 3)
+    return size if size % 256 == 0 else size + 256 - size % 256
+
+
+def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
+    """The inverse before DeciLM's rounding (intermediate = 2 * mult * hidden / 3), to 6 decimals."""
+    return round(intermediate_size * 3 / (2 * hidden_size), 6)
+
+
+def _check_bool(where: str, name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise BlockConfigError(f"{where}: '{name}' must be true or false, got {value!r}")
+
+
+def _check_positive_int(where: str, name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BlockConfigError(f"{where}: '{name}' must be an integer, got {value!r}")
+    if value <= 0:
+        raise BlockConfigError(f"{where}: '{name}' must be positive, got {value}")
+
+
+def _parse_name(cls: type, name: Any, base: str, size_prefix: str, field: str) -> Any:
+    """`base + "noop" | base + "linear" | size_prefix + <positive int>` -> cls. Digits only, no leading
+    zero: one block, one spelling (so the name of the result is `name` again)."""
+    if isinstance(name, str):
+        if name == base + "noop":
+            return cls(no_op=True)
+        if name == base + "linear":
+            return cls(replace_with_linear=True)
+        if m := re.fullmatch(re.escape(size_prefix) + r"([1-9][0-9]*)", name):
+            return cls(**{field: int(m.group(1))})
+    raise BlockConfigError(
+        f"unknown {cls.kind} variant {name!r} (expected {size_prefix}<N>, {base}linear or {base}noop)"
+    )
+
+
+_ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear"}
+_FFN_KEYS = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear"}
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One layer's attention: GQA (`n_heads_in_group` query heads share a KV head), linear, or no-op."""
+
+    n_heads_in_group: int | None = None
+    no_op: bool = False
+    replace_with_linear: bool = False
+
+    kind = "attention"  # the sublayer kind (tables' `kind` column); a class attribute, not a field
+
+    def __post_init__(self) -> None:
+        _check_bool("attention", "no_op", self.no_op)
+        _check_bool("attention", "replace_with_linear", self.replace_with_linear)
+        if self.no_op and self.replace_with_linear:
+            raise BlockConfigError("attention: 'no_op' and 'replace_with_linear' cannot both be true")
+        if self.is_gqa:
+            if self.n_heads_in_group is None:
+                raise BlockConfigError("attention: a GQA block needs 'n_heads_in_group'")
+            _check_positive_int("attention", "n_heads_in_group", self.n_heads_in_group)
+
+    @property
+    def is_gqa(self) -> bool:
+        return not (self.no_op or self.replace_with_linear)
+
+    def num_key_value_heads(self, num_attention_heads: int) -> int:
+        """KV heads of a GQA block; 0 for linear and no-op blocks (they keep no KV cache)."""
+        if not self.is_gqa:
+            return 0
+        return num_attention_heads // self.n_heads_in_group
+
+    def validate(self, num_attention_heads: int) -> None:
+        if self.is_gqa and num_attention_heads % self.n_heads_in_group != 0:
+            raise BlockConfigError(
+                f"attention: n_heads_in_group={self.n_heads_in_group} does not divide the "
+                f"{num_attention_heads} query heads (KV heads must divide the query heads)"
+            )
+
+    @property
+    def name(self) -> str:
+        if self.no_op:
+            return "attn_noop"
+        if self.replace_with_linear:
+            return "attn_linear"
+        return f"attn_g{self.n_heads_in_group}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "AttentionConfig":
+        """"attn_g3" -> GQA with 3 query heads per KV head; "attn_linear"; "attn_noop"."""
+        return _parse_name(cls, name, "attn_", "attn_g", "n_heads_in_group")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "AttentionConfig":
+        if not isinstance(data, dict):
+            raise BlockConfigError(f"attention: expected a mapping, got {type(data).__name__}")
+        # Unknown DeciLM fields (sparsify, window_length, ...) change nothing we can build: refuse
+        # those that are set rather than silently building a different model.
+        for key, value in data.items():
+            if key not in _ATTENTION_KEYS and value not in (None, False):
+                raise BlockConfigError(f"attention: unsupported field {key!r}={value!r}")
+        return cls(
+            n_heads_in_group=data.get("n_heads_in_group"),
+            no_op=data.get("no_op", False) or False,
+            replace_with_linear=data.get("replace_with_linear", False) or False,
+        )
+
+
+@dataclass(frozen=True)
+class FFNConfig:
+    """One layer's FFN: SwiGLU of `intermediate_size` neurons, linear, or no-op."""
+
+    intermediate_size: int | None = None
+    no_op: bool = False
+    replace_with_linear: bool = False
+
+    kind = "ffn"
+
+    def __post_init__(self) -> None:
+        _check_bool("ffn", "no_op", self.no_op)
+        _check_bool("ffn", "replace_with_linear", self.replace_with_linear)
+        if self.no_op and self.replace_with_linear:
+            raise BlockConfigError("ffn: 'no_op' and 'replace_with_linear' cannot both be true")
+        if self.is_swiglu:
+            if self.intermediate_size is None:
+                raise BlockConfigError("ffn: a SwiGLU block needs 'intermediate_size' or 'ffn_mult'")
+            _check_positive_int("ffn", "intermediate_size", self.intermediate_size)
+
+    @property
+    def is_swiglu(self) -> bool:
+        return not (self.no_op or self.replace_with_linear)
+
+    @property
+    def name(self) -> str:
+        if self.no_op:
+            return "ffn_noop"
+        if self.replace_with_linear:
+            return "ffn_linear"
+        return f"ffn_{self.intermediate_size}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "FFNConfig":
+        """"ffn_1536" -> SwiGLU of 1536 neurons; "ffn_linear"; "ffn_noop"."""
+        return _parse_name(cls, name, "ffn_", "ffn_", "intermediate_size")
+
+    def to_dict(self, hidden_size: int | None) -> dict[str, Any]:
+        # intermediate_size is authoritative; ffn_mult is written for engines that only read it
+        # (null without a hidden size to relate it to).
+        mult = None
+        if self.is_swiglu and hidden_size:
+            mult = intermediate_size_to_ffn_mult(self.intermediate_size, hidden_size)
+        return {
+            "ffn_mult": mult,
+            "intermediate_size": self.intermediate_size,
+            "no_op": self.no_op,
+            "replace_with_linear": self.replace_with_linear,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], hidden_size: int) -> "FFNConfig":
+        if not isinstance(data, dict):
+            raise BlockConfigError(f"ffn: expected a mapping, got {type(data).__name__}")
+        for key, value in data.items():
+            if key not in _FFN_KEYS and value not in (None, False):
+                raise BlockConfigError(f"ffn: unsupported field {key!r}={value!r}")
+        no_op = data.get("no_op", False) or False
+        linear = data.get("replace_with_linear", False) or False
+        size = data.get("intermediate_size")
+        mult = data.get("ffn_mult")
+        if size is None and mult is not None and not (no_op is True or linear is True):
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or not math.isfinite(mult) or mult <= 0:
+                raise BlockConfigError(f"ffn: 'ffn_mult' must be a positive number, got {mult!r}")
+            size = ffn_mult_to_intermediate_size(float(mult), hidden_size)
+        return cls(intermediate_size=size, no_op=no_op, replace_with_linear=linear)
+
+
+SublayerConfig = AttentionConfig | FFNConfig
+SUBLAYER_CONFIGS: dict[str, type] = {"attention": AttentionConfig, "ffn": FFNConfig}
+
+
+def sublayer_from_name(kind: str, name: str) -> SublayerConfig:
+    """The config of a tables' (kind, variant) pair: `AttentionConfig.from_name` or `FFNConfig.from_name`."""
+    if kind not in SUBLAYER_CONFIGS:
+        raise BlockConfigError(f"unknown sublayer kind {kind!r} (expected attention or ffn)")
+    return SUBLAYER_CONFIGS[kind].from_name(name)
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    attention: AttentionConfig
+    ffn: FFNConfig
+
+    @property
+    def name(self) -> str:
+        return f"{self.attention.name}+{self.ffn.name}"
+
+    @classmethod
+    def from_name(cls, name: str) -> "BlockConfig":
+        """"attn_g3+ffn_1536" -> BlockConfig(AttentionConfig(3), FFNConfig(1536))."""
+        if not isinstance(name, str) or name.count("+") != 1:
+            raise BlockConfigError(f"unknown block {name!r} (expected <attention>+<ffn>, e.g. attn_g3+ffn_1536)")
+        attention, ffn = name.split("+")
+        return cls(AttentionConfig.from_name(attention), FFNConfig.from_name(ffn))
+
+    def to_dict(self, hidden_size: int | None) -> dict[str, Any]:
+        return {"attention": self.attention.to_dict(), "ffn": self.ffn.to_dict(hidden_size)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], hidden_size: int) -> "BlockConfig":
+        if isinstance(data, BlockConfig):
+            return data
+        if not isinstance(data, dict) or "attention" not in data or "ffn" not in data:
+            raise BlockConfigError("a block config needs an 'attention' and an 'ffn' mapping")
+        return cls(AttentionConfig.from_dict(data["attention"]), FFNConfig.from_dict(data["ffn"], hidden_size))
+
+
+def parse_block_configs(raw: Any, hidden_size: int, num_attention_heads: int, num_hidden_layers: int | None) -> list[BlockConfig]:
+    """Validate a `block_configs` list; every error names the layer it is in."""
+    if not isinstance(raw, (list, tuple)):
+        raise BlockConfigError(f"block_configs must be a list with one entry per layer, got {type(raw).__name__}")
+    if num_hidden_layers is not None and len(raw) != num_hidden_layers:
+        raise BlockConfigError(f"block_configs has {len(raw)} entries but num_hidden_layers is {num_hidden_layers}")
+    blocks = []
+    for i, entry in enumerate(raw):
+        try:
+            block = BlockConfig.from_dict(entry, hidden_size)
+            block.attention.validate(num_attention_heads)
+        except BlockConfigError as err:
+            raise BlockConfigError(f"block_configs[{i}] {err}") from None
+        blocks.append(block)
+    return blocks

@@ -1,0 +1,194 @@
+"""The one shape arithmetic: parameters, FLOPs, KV-cache and activation bytes of a Llama-family model,
+per block variant (AttentionConfig / FFNConfig / BlockConfig) and per fixed part, from the parent's
+dimensions alone. No torch: the roofline, Minitron's shape search, the solver's synthetic problems and
+BLD's FLOP accounting all count with this, and tests/test_shape.py checks it against real models.
+
+Symbols: D hidden, H query heads, K KV heads of a variant, d head_dim, I FFN width, V vocabulary,
+L layers, T tokens of a sequence, S keys a query attends to, e bytes per element.
+
+  parameters  GQA attention: D*(H + 2K)*d (q, k, v) + H*d*D (o) + D (its pre-norm);
+              SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm).
+              Fixed: embeddings V*D, final norm D, LM head V*D (0 when tied to the embeddings).
+  FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token, plus attention's
+              QK^T and PV: 4*H*d*S per query over S keys. A causal sequence of T tokens has queries
+              over 1..T keys: 2*H*d*T*(T+1) in all.
+  KV cache    2*K*d*e bytes per cached token per layer (K and V); 0 without GQA attention.
+"""
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+
+Part = AttentionConfig | FFNConfig | BlockConfig
+FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The parent's dimensions: everything a child's counts depend on besides its blocks."""
+
+    hidden_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    intermediate_size: int
+    num_hidden_layers: int
+    vocab_size: int
+    tie_word_embeddings: bool = False
+
+    @classmethod
+    def from_config(cls, config: Any) -> "ModelShape":
+        """From a LlamaConfig / PuzzleConfig (head_dim defaults to hidden / heads)."""
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(
+            hidden_size=config.hidden_size,
+            num_attention_heads=config.num_attention_heads,
+            num_key_value_heads=config.num_key_value_heads,
+            head_dim=head_dim,
+            intermediate_size=config.intermediate_size,
+            num_hidden_layers=config.num_hidden_layers,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        )
+
+    def with_(self, **changes: Any) -> "ModelShape":
+        return replace(self, **changes)
+
+    # ---- the parent's own block ---------------------------------------------------------------
+    @property
+    def parent_attention(self) -> AttentionConfig:
+        return AttentionConfig(n_heads_in_group=self.num_attention_heads // self.num_key_value_heads)
+
+    @property
+    def parent_ffn(self) -> FFNConfig:
+        return FFNConfig(intermediate_size=self.intermediate_size)
+
+    @property
+    def parent_block(self) -> BlockConfig:
+        return BlockConfig(self.parent_attention, self.parent_ffn)
+
+    def kv_heads(self, part: Part) -> int:
+        """KV heads of a variant's attention; 0 for linear, no-op attention and FFNs."""
+        attention = part.attention if isinstance(part, BlockConfig) else part
+        return attention.num_key_value_heads(self.num_attention_heads) if isinstance(attention, AttentionConfig) else 0
+
+    # ---- parameters ---------------------------------------------------------------------------
+    def matmul_params(self, part: Part) -> int:
+        """Weights of a variant's matmuls (what its FLOPs scale with): its norms left out."""
+        if isinstance(part, BlockConfig):
+            return self.matmul_params(part.attention) + self.matmul_params(part.ffn)
+        D = self.hidden_size
+        if part.no_op:
+            return 0
+        if part.replace_with_linear:
+            return D * D
+        if isinstance(part, AttentionConfig):
+            H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
+            return D * (H + 2 * K) * d + H * d * D
+        return 3 * D * part.intermediate_size
+
+    def params(self, part: Part) -> int:
+        """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer)."""
+        if isinstance(part, BlockConfig):
+            return self.params(part.attention) + self.params(part.ffn)
+        return 0 if part.no_op else self.matmul_params(part) + self.hidden_size
+
+    def fixed_params(self, part: str) -> int:
+        """Weights of a fixed part; a tied LM head shares the embeddings' weights and counts 0."""
+        if part == "embeddings":
+            return self.vocab_size * self.hidden_size
+        if part == "final_norm":
+            return self.hidden_size
+        if part == "lm_head":
+            return 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        raise ValueError(f"unknown fixed part {part!r}; expected one of {FIXED_PARTS}")
+
+    def layer_params(self, blocks: list[BlockConfig] | None = None) -> int:
+        """Weights of all decoder layers (the parent's block in each of L layers by default)."""
+        if blocks is None:  # one block's count times L: Minitron's shape search calls this in a loop
+            return self.num_hidden_layers * self.params(self.parent_block)
+        return sum(self.params(b) for b in blocks)
+
+    @property
+    def embedding_params(self) -> int:
+        """The embedding table and an untied LM head."""
+        return self.fixed_params("embeddings") + self.fixed_params("lm_head")
+
+    def non_embedding_params(self, blocks: list[BlockConfig] | None = None) -> int:
+        """Every weight but the embedding table and the LM head (the final norm counts)."""
+        return self.layer_params(blocks) + self.fixed_params("final_norm")
+
+    def total_params(self, blocks: list[BlockConfig] | None = None) -> int:
+        return self.non_embedding_params(blocks) + self.embedding_params
+
+    # ---- FLOPs (forward) ----------------------------------------------------------------------
+    def attention_flops(self, part: Part, keys: float) -> float:
+        """QK^T and PV of one query token over `keys` keys: 4*H*d*keys; 0 without GQA attention."""
+        if self.kv_heads(part) == 0:
+            return 0
+        return 4 * self.num_attention_heads * self.head_dim * keys
+
+    def causal_attention_flops(self, part: Part, seq_len: int) -> int:
+        """QK^T and PV of a causal sequence of `seq_len` tokens (query t sees t keys): 2*H*d*T*(T+1)."""
+        if self.kv_heads(part) == 0:
+            return 0
+        return 2 * self.num_attention_heads * self.head_dim * seq_len * (seq_len + 1)
+
+    def flops_per_token(self, part: Part, keys: float) -> float:
+        """Forward FLOPs of one token through a variant whose attention sees `keys` keys (a decode
+        step at context `keys`; `seq_len / 2` approximates a causal sequence's mean)."""
+        return 2 * self.matmul_params(part) + self.attention_flops(part, keys)
+
+    def prefill_flops(self, part: Part, seq_len: int) -> int:
+        """Forward FLOPs of one causal sequence of `seq_len` tokens through a variant."""
+        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len)
+
+    def fixed_matmul_params(self, part: str) -> int:
+        """Weights a fixed part's matmul reads: the LM head's V*D (tied or not); the embedding lookup is
+        a gather and the final norm elementwise (0)."""
+        if part not in FIXED_PARTS:
+            raise ValueError(f"unknown fixed part {part!r}; expected one of {FIXED_PARTS}")
+        return self.vocab_size * self.hidden_size if part == "lm_head" else 0
+
+    def fixed_flops_per_token(self, part: str) -> int:
+        """Forward FLOPs of a fixed part per token it processes (the LM head: 2*D*V)."""
+        return 2 * self.fixed_matmul_params(part)
+
+    # ---- memory -------------------------------------------------------------------------------
+    def kv_cache_bytes_per_token(self, part: Part, dtype_bytes: int) -> int:
+        """KV-cache bytes one cached token costs in a layer with this variant: 2*K*d*e."""
+        return 2 * self.kv_heads(part) * self.head_dim * dtype_bytes
+
+    def kv_cache_bytes(self, blocks: list[BlockConfig] | None, tokens: int, dtype_bytes: int) -> int:
+        """KV cache of a whole model holding `tokens` tokens (batch x context)."""
+        if blocks is None:
+            blocks = [self.parent_block] * self.num_hidden_layers
+        return sum(self.kv_cache_bytes_per_token(b, dtype_bytes) for b in blocks) * tokens
+
+    def activation_bytes_per_token(self, part: Part, dtype_bytes: int) -> int:
+        """Bytes of the tensors one token's forward writes through a variant (each op's output: what a
+        backward pass keeps, and what a forward streams through memory):
+          GQA attention  norm D, q/k/v (H + 2K)*d, attention output H*d, o_proj D
+          SwiGLU FFN     norm D, gate and up 2I, silu(gate)*up I, down_proj D
+          linear         norm D, the map D;   no-op: 0."""
+        if isinstance(part, BlockConfig):
+            return self.activation_bytes_per_token(part.attention, dtype_bytes) + self.activation_bytes_per_token(part.ffn, dtype_bytes)
+        D = self.hidden_size
+        if part.no_op:
+            elements = 0
+        elif part.replace_with_linear:
+            elements = 2 * D
+        elif isinstance(part, AttentionConfig):
+            H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
+            elements = D + (H + 2 * K) * d + H * d + D
+        else:
+            elements = D + 3 * part.intermediate_size + D
+        return elements * dtype_bytes
+
+    def fixed_activation_bytes_per_token(self, part: str, dtype_bytes: int) -> int:
+        """Bytes a fixed part writes per token: the embedded row D, the normed state D, the logits V."""
+        elements = {"embeddings": self.hidden_size, "final_norm": self.hidden_size, "lm_head": self.vocab_size}
+        if part not in elements:
+            raise ValueError(f"unknown fixed part {part!r}; expected one of {FIXED_PARTS}")
+        return elements[part] * dtype_bytes

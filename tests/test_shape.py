@@ -1,0 +1,151 @@
+"""ModelShape's arithmetic against independent references: the parameters of real transformers /
+puzzle models, the KV cache a model builds, the FLOPs torch's counter sees, the tensors a forward writes."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DynamicCache
+
+from puzzle.model import AttentionConfig, BlockConfig, FFNConfig, PuzzleConfig, PuzzleForCausalLM
+from puzzle.model.checkpoint import puzzle_config_from
+from puzzle.shape import FIXED_PARTS, ModelShape
+
+from conftest import make_llama, make_llama_config
+
+# Every kind of block the child format has, one per layer of a 4-layer parent (4 query / 2 KV heads, FFN 128).
+MIXED = [
+    BlockConfig(AttentionConfig(no_op=True), FFNConfig(intermediate_size=128)),
+    BlockConfig(AttentionConfig(n_heads_in_group=2), FFNConfig(replace_with_linear=True)),
+    BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(no_op=True)),
+    BlockConfig(AttentionConfig(replace_with_linear=True), FFNConfig(intermediate_size=48)),
+]
+
+
+def mixed_model(tied: bool = False, **overrides) -> PuzzleForCausalLM:
+    config = puzzle_config_from(make_llama_config(tie_word_embeddings=tied, **overrides))
+    data = {**config.to_dict(), "block_configs": [b.to_dict(config.hidden_size) for b in MIXED]}
+    data.pop("model_type", None)
+    torch.manual_seed(0)
+    return PuzzleForCausalLM(PuzzleConfig(**data)).eval()
+
+
+def numel(module: nn.Module | None, ndim: int | None = None) -> int:
+    if module is None:
+        return 0
+    return sum(p.numel() for p in module.parameters() if ndim is None or p.ndim == ndim)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_of_a_transformers_llama(tied):
+    model = make_llama(tie_word_embeddings=tied)
+    shape = ModelShape.from_config(model.config)
+    assert shape.total_params() == numel(model)
+    assert shape.total_params() - shape.non_embedding_params() == numel(model.model.embed_tokens) + (
+        0 if tied else numel(model.lm_head)
+    )
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_parameters_of_a_child_with_every_block_kind(tied):
+    model = mixed_model(tied)
+    shape = ModelShape.from_config(model.config)
+    assert shape.total_params(MIXED) == numel(model)
+    assert shape.fixed_params("embeddings") == numel(model.model.embed_tokens)
+    assert shape.fixed_params("final_norm") == numel(model.model.norm)
+    for layer, block in zip(model.model.layers, MIXED):
+        assert shape.params(block.attention) == numel(layer.self_attn) + numel(layer.input_layernorm), block.name
+        assert shape.params(block.ffn) == numel(layer.mlp) + numel(layer.post_attention_layernorm), block.name
+        assert shape.params(block) == numel(layer), block.name
+        assert shape.matmul_params(block) == numel(layer, ndim=2), block.name
+
+
+def test_head_dim_other_than_hidden_over_heads_is_counted():
+    model = mixed_model(head_dim=8)  # 4 heads of 8 in a 64-wide model
+    shape = ModelShape.from_config(model.config)
+    assert shape.head_dim == 8
+    assert shape.total_params(MIXED) == numel(model)
+
+
+def test_kv_cache_bytes_equal_the_cache_the_model_builds():
+    model = mixed_model()
+    shape = ModelShape.from_config(model.config)
+    batch, seq = 3, 7
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.randint(0, 320, (batch, seq)), past_key_values=cache, use_cache=True)
+    built = sum(
+        t.numel() * t.element_size() for layer in cache.layers if layer.get_seq_length() > 0 for t in (layer.keys, layer.values)
+    )
+    dtype_bytes = next(model.parameters()).element_size()
+    assert built > 0
+    assert shape.kv_cache_bytes(MIXED, batch * seq, dtype_bytes) == built
+    per_layer = [shape.kv_cache_bytes_per_token(b, dtype_bytes) for b in MIXED]
+    assert [n > 0 for n in per_layer] == [b.attention.is_gqa for b in MIXED]
+
+
+def test_decode_flops_equal_what_torch_counts():
+    """One new token over a cache of `context - 1`: matmuls 2 x weights, attention 4*H*d*context, the LM head."""
+    model = mixed_model()
+    shape = ModelShape.from_config(model.config)
+    batch, context = 2, 9
+    cache = DynamicCache()
+    with torch.no_grad():
+        model(torch.randint(0, 320, (batch, context - 1)), past_key_values=cache, use_cache=True)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):  # attention as plain matmuls, which torch counts
+            model(torch.randint(0, 320, (batch, 1)), past_key_values=cache, use_cache=True)
+    predicted = sum(shape.flops_per_token(b, context) for b in MIXED)
+    predicted += sum(shape.fixed_flops_per_token(part) for part in FIXED_PARTS)
+    assert counter.get_total_flops() == batch * predicted
+
+
+def test_prefill_matmul_flops_equal_what_torch_counts():
+    """A prompt's weight matmuls and LM head; torch counts attention over the full square, so compare it
+    to 4*H*d*T per query (non-causal) and check the causal count is the lower triangle of that."""
+    model = mixed_model()
+    shape = ModelShape.from_config(model.config)
+    batch, seq = 2, 6
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, sdpa_kernel(SDPBackend.MATH):
+        model(torch.randint(0, 320, (batch, seq)), use_cache=False, logits_to_keep=0)
+    full_square = sum(2 * shape.matmul_params(b) * seq + seq * shape.attention_flops(b, seq) for b in MIXED)
+    assert counter.get_total_flops() == batch * (full_square + seq * shape.fixed_flops_per_token("lm_head"))
+    for b in MIXED:
+        causal = shape.prefill_flops(b, seq) - 2 * shape.matmul_params(b) * seq
+        assert causal == sum(shape.attention_flops(b, t) for t in range(1, seq + 1))
+
+
+def test_activation_bytes_equal_the_tensors_a_forward_writes():
+    """Each sublayer's norm, projections, attention output and gated product, seen through module hooks."""
+    model = mixed_model()
+    shape = ModelShape.from_config(model.config)
+    written = {i: 0 for i in range(len(MIXED))}
+    hooks = []
+    for i, layer in enumerate(model.model.layers):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Linear) or "layernorm" in name:
+                def count(mod, args, out, i=i, name=name):
+                    written[i] += out.numel() * out.element_size()
+                    if name.endswith(("o_proj", "down_proj")):  # attention output / silu(gate) * up
+                        written[i] += args[0].numel() * args[0].element_size()
+                hooks.append(module.register_forward_hook(count))
+    batch, seq = 2, 5
+    with torch.no_grad():
+        model(torch.randint(0, 320, (batch, seq)), use_cache=False)
+    for h in hooks:
+        h.remove()
+    e = next(model.parameters()).element_size()
+    assert [written[i] for i in range(len(MIXED))] == [batch * seq * shape.activation_bytes_per_token(b, e) for b in MIXED]
+
+
+def test_parent_block_and_with_():
+    config = make_llama_config()
+    shape = ModelShape.from_config(config)
+    assert shape.parent_block.name == f"attn_g{config.num_attention_heads // config.num_key_value_heads}+ffn_{config.intermediate_size}"
+    assert shape.total_params() == shape.total_params([shape.parent_block] * config.num_hidden_layers)
+    shallower = shape.with_(num_hidden_layers=config.num_hidden_layers - 1)
+    assert shape.total_params() - shallower.total_params() == shape.params(shape.parent_block)
+    with pytest.raises(ValueError, match="unknown fixed part"):
+        shape.fixed_params("head")
