@@ -4,6 +4,7 @@ import os
 from pathlib import Path
 
 import pytest
+import yaml
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -104,3 +105,17 @@ def tiny_parent_dir(tmp_path, tiny_llama, tiny_tokenizer) -> Path:
 requires_reference = pytest.mark.skipif(
     not REFERENCE_GGUF.exists(), reason="reference parent not fetched (scripts/fetch_reference_assets.sh)"
 )
+
+
+@pytest.fixture
+def tiny_cpu_profile(tmp_path):
+    """cpu_local with a tiny workload, so measuring the tiny parent takes a moment."""
+    path = tmp_path / "tiny_cpu.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny_cpu",
+        "device": {"name": "cpu", "kind": "cpu", "peak_flops": {"fp32": 1e10}, "memory_bandwidth": 1e10,
+                   "memory_bytes": 1e9, "threads": 1},
+        "workload": {"batch_size": 1, "input_len": 8, "output_len": 4, "dtype": "fp32"},
+        "constraints": {"speedup": 1.2},
+    }))
+    return path

@@ -1,7 +1,6 @@
 import pandas as pd
 import pytest
 import torch
-import yaml
 
 from puzzle.cli import main
 from puzzle.errors import PuzzleError
@@ -11,19 +10,6 @@ from puzzle.profiling.commands import COLUMNS, load_costs, profile, table_model_
 from puzzle.profiling.hardware import load_profile
 from puzzle.profiling.roofline import parent_blocks, predict_model_costs
 
-
-@pytest.fixture
-def tiny_cpu_profile(tmp_path):
-    """cpu_local with a tiny workload, so measuring the tiny parent takes a moment."""
-    path = tmp_path / "tiny_cpu.yaml"
-    path.write_text(yaml.safe_dump({
-        "name": "tiny_cpu",
-        "device": {"name": "cpu", "kind": "cpu", "peak_flops": {"fp32": 1e10}, "memory_bandwidth": 1e10,
-                   "memory_bytes": 1e9, "threads": 1},
-        "workload": {"batch_size": 1, "input_len": 8, "output_len": 4, "dtype": "fp32"},
-        "constraints": {"speedup": 1.2},
-    }))
-    return path
 
 
 def test_roofline_costs_table_follows_the_contract(tmp_path, tiny_parent_dir):

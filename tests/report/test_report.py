@@ -2,7 +2,6 @@
 
 import pandas as pd
 import pytest
-import yaml
 
 from puzzle.data.prepare import prepare_data
 from puzzle.evaluate.commands import evaluate
@@ -17,27 +16,15 @@ from puzzle.solver.commands import solve
 from conftest import SAMPLE_TEXT
 
 
-def _cpu_profile(path):
-    """A measured profile (cpu kind): its costs are timings, which a roofline would not reproduce."""
-    path.write_text(yaml.safe_dump({
-        "name": "tiny_cpu",
-        "device": {"name": "cpu", "kind": "cpu", "peak_flops": {"fp32": 1e10}, "memory_bandwidth": 1e10,
-                   "memory_bytes": 1e9, "threads": 1},
-        "workload": {"batch_size": 1, "input_len": 8, "output_len": 4, "dtype": "fp32"},
-        "constraints": {"speedup": 1.2},
-    }))
-    return path
-
-
 def _scores_preferring_noops(costs: pd.DataFrame) -> pd.DataFrame:
     """A scores table whose cheapest quality loss is a no-op, so the child needs no library weights."""
     kl = costs["variant"].map(lambda v: 0.01 if v.endswith("_noop") else 1.0).where(~costs["is_parent"], 0.0)
     return costs[["layer", "kind", "variant"]].assign(kl=kl)
 
 
-def test_report_shows_the_solutions_predicted_speedup_for_its_child(tiny_parent_dir, tmp_path):
+def test_report_shows_the_solutions_predicted_speedup_for_its_child(tiny_parent_dir, tmp_path, tiny_cpu_profile):
     run = RunDir(tmp_path / "run")
-    budget = str(_cpu_profile(tmp_path / "tiny_cpu.yaml"))
+    budget = str(tiny_cpu_profile)
     profile(run_dir=run.root, budget=budget, parent=tiny_parent_dir, repeats=3)
     costs, meta = load_costs(run.root, budget)
     assert meta["source"] == "measured"
