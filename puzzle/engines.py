@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Iterable
 
 from puzzle.errors import PuzzleError
-from puzzle.model.blocks import BlockConfig, on_ffn_mult_grid
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, on_ffn_mult_grid
 
 DEFAULT_ENGINE = "transformers"
 
@@ -136,18 +136,26 @@ def get_engine(name: str | None) -> Engine:
     return ENGINES[name]
 
 
+def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hidden_size: int) -> list[str]:
+    """The rules a sublayer breaks whatever the other half of its layer: where the solver picks attention
+    and FFN independently, a no-op FFN counts as following a real attention."""
+    if isinstance(config, AttentionConfig):
+        return ["linear_attention"] if config.replace_with_linear and not engine.linear_attention else []
+    broken = []
+    if engine.ffn_mult_grid and config.is_swiglu and not on_ffn_mult_grid(config.intermediate_size, hidden_size):
+        broken.append("ffn_mult_grid")
+    if config.replace_with_linear and not engine.linear_ffn:
+        broken.append("linear_ffn")
+    if config.no_op and not engine.noop_ffn_after_attention:
+        broken.append("noop_ffn_after_attention")
+    return broken
+
+
 def block_violations(engine: Engine, block: BlockConfig, hidden_size: int) -> list[str]:
     """The rules of `engine` that `block` breaks (rule names, see RULES); [] when it can serve it."""
-    broken = []
-    attention, ffn = block.attention, block.ffn
-    if engine.ffn_mult_grid and ffn.is_swiglu and not on_ffn_mult_grid(ffn.intermediate_size, hidden_size):
-        broken.append("ffn_mult_grid")
-    if not engine.linear_attention and attention.replace_with_linear:
-        broken.append("linear_attention")
-    if not engine.linear_ffn and ffn.replace_with_linear:
-        broken.append("linear_ffn")
-    if not engine.noop_ffn_after_attention and ffn.no_op and not attention.no_op:
-        broken.append("noop_ffn_after_attention")
+    broken = sublayer_violations(engine, block.attention, hidden_size) + sublayer_violations(engine, block.ffn, hidden_size)
+    if "noop_ffn_after_attention" in broken and block.attention.no_op:
+        broken.remove("noop_ffn_after_attention")  # an empty layer is fine everywhere
     return broken
 
 

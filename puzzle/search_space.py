@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, get_engine
+from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, get_engine, sublayer_violations
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
@@ -254,30 +254,22 @@ def _fit_to_engine(
     snapped: dict[int, int] = {}
     dropped: dict[str, str] = {}  # variant name -> rule
 
-    def fit_ffn(cfg: FFNConfig) -> FFNConfig | None:
-        if cfg.replace_with_linear and not engine.linear_ffn:
-            dropped[cfg.name] = "linear_ffn"
-            return None
-        if cfg.no_op and not engine.noop_ffn_after_attention:
-            dropped[cfg.name] = "noop_ffn_after_attention"
-            return None
-        if engine.ffn_mult_grid and cfg.is_swiglu and not on_ffn_mult_grid(cfg.intermediate_size, hidden_size):
+    def fit(cfg: AttentionConfig | FFNConfig) -> AttentionConfig | FFNConfig | None:
+        broken = sublayer_violations(engine, cfg, hidden_size)
+        if broken == ["ffn_mult_grid"]:
             width = min(snap_to_ffn_mult_grid(cfg.intermediate_size), parent_ffn.intermediate_size)
             snapped[cfg.intermediate_size] = width
             return FFNConfig(intermediate_size=width)
-        return cfg
-
-    def fit_attention(cfg: AttentionConfig) -> AttentionConfig | None:
-        if cfg.replace_with_linear and not engine.linear_attention:
-            dropped[cfg.name] = "linear_attention"
+        if broken:
+            dropped[cfg.name] = broken[0]
             return None
         return cfg
 
     def keep(configs: Iterable, fit) -> tuple:
         return tuple(dict.fromkeys(c for c in map(fit, configs) if c is not None))  # dedupe, parent first
 
-    attention = tuple(keep(layer, fit_attention) for layer in attention)
-    ffn = tuple(keep(layer, fit_ffn) for layer in ffn)
+    attention = tuple(keep(layer, fit) for layer in attention)
+    ffn = tuple(keep(layer, fit) for layer in ffn)
     notes = []
     if snapped:
         pairs = ", ".join(f"{a}->{b}" for a, b in sorted(snapped.items()))

@@ -26,7 +26,8 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         out: where to write the child (default: run_dir/children/SOLUTION)
         parent: the parent model (default: the one recorded in the run directory)
         target_engine: the engine the child must load in (transformers, vllm, sglang, trtllm, llamacpp;
-            default: the search space's `target_engine`); a child that breaks its rules is refused
+            default: the solution's `target_engine` (solve --target-engine), else the search space's); a
+            child that breaks its rules is refused
     """
     from puzzle.library.store import variant_state
     from puzzle.search_space import load_search_space
@@ -39,6 +40,7 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     out = Path(out) if out is not None else run.child(src.stem)
     info = run.resolve_info(parent)
     config = load_config(info["parent"])
+    target_engine = target_engine or payload.get("target_engine")
     if target_engine is None:
         target_engine = load_search_space(info["search_space"], config).target_engine
     engine = get_engine(target_engine)

@@ -90,14 +90,16 @@ def test_a_child_its_target_engine_cannot_serve_is_refused_naming_layer_and_rule
     run = tmp_path / "run"
     blocks = to_puzzle(load_model(parent_dir)).config.blocks
     blocks[2] = BlockConfig(blocks[2].attention, FFNConfig(no_op=True))
-    atomic_write_json(run / "solutions" / "s.json", {"block_configs": [b.to_dict(64) for b in blocks]})
+    # solve --target-engine records the engine in the solution; realize checks against it
+    atomic_write_json(run / "solutions" / "s.json", {"block_configs": [b.to_dict(64) for b in blocks],
+                                                     "target_engine": "llamacpp"})
     capsys.readouterr()
-    code = main(["realize", "--run-dir", str(run), "--parent", str(parent_dir), "--target-engine", "llamacpp"])
+    code = main(["realize", "--run-dir", str(run), "--parent", str(parent_dir)])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert "layer 2 (attn_g2+ffn_noop)" in err and "no no-op FFN after a real" in err and "deci.cpp" in err
     assert not (run / "children" / "s").exists()
-    # vLLM builds the same child (a no-op FFN after attention is fine there)
+    # vLLM builds the same child (a no-op FFN after attention is fine there); the flag wins
     assert main(["realize", "--run-dir", str(run), "--target-engine", "vllm"]) == 0
     assert json.loads((run / "children" / "s" / "realized.json").read_text())["target_engine"] == "vllm"
 
