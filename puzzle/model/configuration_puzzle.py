@@ -4,7 +4,10 @@ This file travels with every saved checkpoint (it is copied next to config.json 
 `auto_map`, with blocks.py), so it may import only the standard library, torch, transformers and
 `.blocks`: a process that never imported `puzzle` must be able to load a child with `trust_remote_code=True`.
 
-One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice.
+One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice. It runs under every
+transformers the project declares: 4.56-4.57 (keyword `__init__`, RoPE in `rope_theta` / `rope_scaling`)
+and 5.x (dataclass `__post_init__`, RoPE in `rope_parameters`); tests/model/test_transformers_versions.py
+loads a child under 4.56 and compares its logits.
 """
 
 
