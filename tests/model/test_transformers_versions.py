@@ -97,6 +97,7 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
         tok = AutoTokenizer.from_pretrained({str(out)!r})
         print(json.dumps({{"module": type(model).__module__, "rope_theta": model.config.rope_theta,
                           "rope_scaling": model.config.rope_scaling,
+                          "no_op": [[b.attention.no_op, b.ffn.no_op] for b in model.config.block_configs],
                           "ids": tok({SAMPLE_TEXT[1]!r})["input_ids"]}}))
         """
     )
@@ -108,6 +109,8 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
     assert seen["module"].startswith("transformers_modules")  # the checkpoint's own modeling file
     assert seen["rope_theta"] == 40000.0 and seen["rope_scaling"]["rope_type"] == "llama3"
     assert seen["ids"] == ids
+    # block_configs read as attributes under 4.x too (vLLM and TensorRT-LLM releases pinned to it read them so)
+    assert seen["no_op"] == [[b.attention.no_op, b.ffn.no_op] for b in child.config.blocks]
     expected = load_file(str(tmp_path / "expected.safetensors"))["logits"]
     got = load_file(str(tmp_path / "got.safetensors"))["logits"]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
