@@ -4,6 +4,9 @@ A space is a YAML file (search_spaces/*.yaml) resolved against a parent config i
 `AttentionConfig` / `FFNConfig` lists per layer. Schema (every key optional unless noted):
 
     name: llama_default
+    target_engine: vllm     # transformers (default: everything) | vllm | sglang | trtllm | llamacpp:
+                            # FFN widths snapped to the engine's ffn_mult grid, variants it lacks
+                            # dropped, each with a one-line note (puzzle/engines.py holds the rules)
     attention:
       kv_heads: halves      # "halves": the parent's KV heads, halved down to 1 (only counts that divide
                             # the query heads); "all": the parent's only; or a list of ints
@@ -19,16 +22,19 @@ A space is a YAML file (search_spaces/*.yaml) resolved against a parent config i
         attention: {kv_heads: all, linear: false, no_op: false}
         ffn: {ratios: [1.0], linear: false, no_op: false}
 
-The parent's own variant is always included, so every space contains the parent.
+The parent's own variant is always included, so every space contains the parent (a target engine that
+cannot serve the parent's own blocks is refused).
 """
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Literal
+from typing import Any, Iterable, Iterator, Literal
 
+from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, get_engine, sublayer_violations
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
-from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig
+from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
 from puzzle.shape import ModelShape
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -57,6 +63,8 @@ class SearchSpace:
     parent_ffn: FFNConfig
     attention: tuple[tuple[AttentionConfig, ...], ...]  # [layer] -> variants, parent first
     ffn: tuple[tuple[FFNConfig, ...], ...]
+    target_engine: str = DEFAULT_ENGINE
+    notes: tuple[str, ...] = ()  # what fitting the space to its target engine changed, one line each
 
     def attention_variants(self, layer: int) -> list[AttentionConfig]:
         return list(self.attention[layer])
@@ -183,7 +191,7 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     """Resolve a parsed YAML mapping against a parent config (a LlamaConfig or PuzzleConfig)."""
     if not isinstance(raw, dict):
         raise PuzzleError(f"search space {name!r}: expected a mapping at the top level")
-    unknown = set(raw) - {"name", "description", "attention", "ffn", "overrides"}
+    unknown = set(raw) - {"name", "description", "target_engine", "attention", "ffn", "overrides"}
     if unknown:
         raise PuzzleError(f"search space {name!r}: unknown keys {sorted(unknown)}")
     name = raw.get("name", name)
@@ -217,7 +225,58 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
                 ffn_sections[i % n_layers] = _section(ov, "ffn", where)
     attention = tuple(_attention_variants(s, parent_att, num_heads, f"search space {name!r}") for s in att_sections)
     ffn = tuple(_ffn_variants(s, parent_ffn, f"search space {name!r}") for s in ffn_sections)
-    return SearchSpace(name, n_layers, parent_att, parent_ffn, attention, ffn)
+    engine_name = raw.get("target_engine", DEFAULT_ENGINE)
+    if not isinstance(engine_name, str):
+        raise PuzzleError(f"search space {name!r}: target_engine must be a name, got {engine_name!r}")
+    engine = get_engine(engine_name)
+    attention, ffn, notes = _fit_to_engine(engine, attention, ffn, parent_att, parent_ffn, shape.hidden_size, name)
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
+    return SearchSpace(name, n_layers, parent_att, parent_ffn, attention, ffn, engine.name, notes)
+
+
+def _fit_to_engine(
+    engine: Engine,
+    attention: tuple[tuple[AttentionConfig, ...], ...],
+    ffn: tuple[tuple[FFNConfig, ...], ...],
+    parent_att: AttentionConfig,
+    parent_ffn: FFNConfig,
+    hidden_size: int,
+    name: str,
+) -> tuple[tuple, tuple, tuple[str, ...]]:
+    """The space's variants that `engine` can build (puzzle/engines.py): FFN widths snapped to its ffn_mult
+    grid, linear variants it lacks dropped, and (llama.cpp) the FFN no-op dropped, since the solver picks a
+    layer's attention and FFN independently and every layer may keep a real attention. Notes say what changed."""
+    where = f"search space {name!r} (target_engine {engine.name})"
+    if engine.ffn_mult_grid and not on_ffn_mult_grid(parent_ffn.intermediate_size, hidden_size):
+        raise PuzzleError(f"{where}: the parent's own FFN width {parent_ffn.intermediate_size} is off the engine's "
+                          f"ffn_mult grid (multiples of 256), so {engine.name} cannot serve even the parent")
+    snapped: dict[int, int] = {}
+    dropped: dict[str, str] = {}  # variant name -> rule
+
+    def fit(cfg: AttentionConfig | FFNConfig) -> AttentionConfig | FFNConfig | None:
+        broken = sublayer_violations(engine, cfg, hidden_size)
+        if broken == ["ffn_mult_grid"]:
+            width = min(snap_to_ffn_mult_grid(cfg.intermediate_size), parent_ffn.intermediate_size)
+            snapped[cfg.intermediate_size] = width
+            return FFNConfig(intermediate_size=width)
+        if broken:
+            dropped[cfg.name] = broken[0]
+            return None
+        return cfg
+
+    def keep(configs: Iterable, fit) -> tuple:
+        return tuple(dict.fromkeys(c for c in map(fit, configs) if c is not None))  # dedupe, parent first
+
+    attention = tuple(keep(layer, fit) for layer in attention)
+    ffn = tuple(keep(layer, fit) for layer in ffn)
+    notes = []
+    if snapped:
+        pairs = ", ".join(f"{a}->{b}" for a, b in sorted(snapped.items()))
+        notes.append(f"{where}: FFN widths snapped to the ffn_mult grid (multiples of 256): {pairs}")
+    for variant, rule in dropped.items():
+        notes.append(f"{where}: dropped {variant} ({RULES[rule]}; {engine.source(rule)})")
+    return attention, ffn, tuple(notes)
 
 
 def load_search_space(name_or_path: str | Path, parent_config: Any) -> SearchSpace:

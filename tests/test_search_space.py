@@ -1,8 +1,10 @@
 import pytest
 from transformers import LlamaConfig
 
+from puzzle.engines import ENGINES, block_violations
 from puzzle.errors import PuzzleError
-from puzzle.model import AttentionConfig, FFNConfig
+from puzzle.io import read_yaml
+from puzzle.model import AttentionConfig, BlockConfig, FFNConfig
 from puzzle.search_space import SPACES_DIR, build_search_space, load_search_space
 
 from conftest import make_llama_config
@@ -56,6 +58,8 @@ def test_overrides_keep_first_and_last_layers_whole():
         ({"overrides": [{"layers": [30], "ffn": {}}]}, "outside the parent's 30 layers"),
         ({"overrides": [{"ffn": {}}]}, "needs 'layers'"),
         ({"search": {}}, "unknown keys"),
+        ({"target_engine": "tgi"}, "unknown target engine 'tgi'; choose one of transformers, vllm"),
+        ({"target_engine": ["vllm"]}, "target_engine must be a name"),
         ([1, 2], "expected a mapping"),
     ],
 )
@@ -71,3 +75,44 @@ def test_unknown_name_lists_the_shipped_spaces(tmp_path):
     bad.write_text("attention: [unclosed\n")
     with pytest.raises(PuzzleError, match="not valid YAML"):
         load_search_space(bad, SMOLLM2)
+
+
+# llama_default's FFN ratios on SmolLM2's 1536: 1536, 1336, 1152, 768, 384, 307, 154 -> the nearest multiples
+# of 256 (ties to the smaller: 1152 -> 1024, 384 -> 256), deduplicated, parent first.
+GRID_WIDTHS = [1536, 1280, 1024, 768, 256]
+
+
+@pytest.mark.parametrize("engine, attention, ffn_tail", [
+    ("vllm", ["attn_g3", "attn_g9", "attn_noop"], ["ffn_noop"]),
+    ("sglang", ["attn_g3", "attn_g9", "attn_noop"], ["ffn_noop"]),
+    ("trtllm", ["attn_g3", "attn_g9", "attn_linear", "attn_noop"], ["ffn_linear", "ffn_noop"]),
+    ("llamacpp", ["attn_g3", "attn_g9", "attn_linear", "attn_noop"], []),
+])
+def test_a_target_engine_fits_the_space_to_its_rules(engine, attention, ffn_tail, capsys):
+    raw = {**read_yaml(SPACES_DIR / "llama_default.yaml"), "target_engine": engine}
+    capsys.readouterr()
+    space = build_search_space(raw, SMOLLM2)
+    assert space.target_engine == engine
+    assert [a.name for a in space.attention_variants(7)] == attention
+    assert [f.name for f in space.ffn_variants(7)] == [f"ffn_{w}" for w in GRID_WIDTHS] + ffn_tail
+    # every child the solver can assemble from the space is one the engine serves
+    for layer in range(space.num_layers):
+        for a in space.attention_variants(layer):
+            for f in space.ffn_variants(layer):
+                assert block_violations(ENGINES[engine], BlockConfig(a, f), SMOLLM2.hidden_size) == []
+    notes = capsys.readouterr().err.splitlines()
+    assert notes == [f"note: {n}" for n in space.notes] and len(notes) == 1 + (4 - len(attention)) + (2 - len(ffn_tail))
+    assert "1152->1024" in notes[0] and engine in notes[0]
+
+
+def test_the_default_target_changes_nothing(capsys):
+    raw = read_yaml(SPACES_DIR / "llama_default.yaml")
+    assert build_search_space({**raw, "target_engine": "transformers"}, SMOLLM2) == build_search_space(raw, SMOLLM2)
+    assert capsys.readouterr().err == ""
+
+
+def test_a_target_that_cannot_serve_the_parent_is_refused():
+    # the tiny parent's FFN (128) is off the ffn_mult grid: vLLM would build it 256 wide
+    with pytest.raises(PuzzleError, match="parent's own FFN width 128 is off the engine's ffn_mult grid"):
+        build_search_space({"target_engine": "vllm"}, make_llama_config(), name="tiny")
+    assert build_search_space({"target_engine": "vllm"}, make_llama_config(intermediate_size=512)).parent_ffn.intermediate_size == 512

@@ -6,7 +6,10 @@ The one place that says what a block is, what it is called and how it is written
               tables and the solutions; `from_name` is its only parser.
   to_dict     the `block_configs` entry of config.json; `from_dict` reads one back (strictly).
   ffn_mult    DeciLM's FFN width rule and its inverse (`ffn_mult_to_intermediate_size`,
-              `intermediate_size_to_ffn_mult`).
+              `intermediate_size_to_ffn_mult`); engines that derive widths from ffn_mult serve only
+              widths on its grid (`on_ffn_mult_grid`, `snap_to_ffn_mult_grid`).
+  AttrDict    a block_configs entry as engines read it: a JSON dict whose keys also read as attributes
+              (`block.attention.no_op`, as vLLM, SGLang and TensorRT-LLM do).
 
 Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py
 imports it relatively), and torch-free stages (the solver) import it without loading torch.
@@ -26,15 +29,58 @@ class BlockConfigError(ValueError):
     """A block name or block_configs entry that cannot describe a valid block."""
 
 
+FFN_MULT_MULTIPLE = 256  # DeciLM rounds every ffn_mult-derived width up to a multiple of this
+
+
 def ffn_mult_to_intermediate_size(ffn_mult: float, hidden_size: int) -> int:
-    """DeciLM's rule (vLLM nemotron_nas.py): int(2 * mult * hidden / 3) rounded up to a multiple of 256."""
+    """DeciLM's rule (vLLM nemotron_nas.py `_ffn_mult_to_intermediate_size`, the same in SGLang,
+    TensorRT-LLM and llama.cpp's converter): int(2 * mult * hidden / 3) rounded up to a multiple of 256."""
     size = int(2 * ffn_mult * hidden_size / 3)
-    return size if size % 256 == 0 else size + 256 - size % 256
+    return size if size % FFN_MULT_MULTIPLE == 0 else size + FFN_MULT_MULTIPLE - size % FFN_MULT_MULTIPLE
 
 
 def intermediate_size_to_ffn_mult(intermediate_size: int, hidden_size: int) -> float:
-    """The inverse before DeciLM's rounding (intermediate = 2 * mult * hidden / 3), to 6 decimals."""
+    """The inverse before DeciLM's rounding (intermediate = 2 * mult * hidden / 3), to 6 decimals.
+    For a width on the grid the rule above maps it back exactly (|error| * 2 * hidden / 3 < 1)."""
     return round(intermediate_size * 3 / (2 * hidden_size), 6)
+
+
+def on_ffn_mult_grid(intermediate_size: int, hidden_size: int) -> bool:
+    """Whether an engine that derives the width from the ffn_mult we write gets `intermediate_size` back."""
+    mult = intermediate_size_to_ffn_mult(intermediate_size, hidden_size)
+    return ffn_mult_to_intermediate_size(mult, hidden_size) == intermediate_size
+
+
+def snap_to_ffn_mult_grid(intermediate_size: int) -> int:
+    """The nearest positive multiple of 256 (ties to the smaller width: pruning is the point)."""
+    low = intermediate_size // FFN_MULT_MULTIPLE * FFN_MULT_MULTIPLE
+    high = low + FFN_MULT_MULTIPLE
+    return low if low > 0 and intermediate_size - low <= high - intermediate_size else high
+
+
+class AttrDict(dict):
+    """A dict whose keys also read as attributes, nested: `block.attention.no_op` and
+    `block["attention"]["no_op"]` both work, and json.dumps writes it as the plain dict it is.
+
+    A missing key raises AttributeError, so `hasattr(block.ffn, "ffn_mult")` (vLLM's test) is the
+    key's presence."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for key, value in self.items():
+            if isinstance(value, dict) and not isinstance(value, AttrDict):
+                super().__setitem__(key, AttrDict(value))
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __reduce__(self):  # deepcopy / pickle as the dict it is
+        return (AttrDict, (dict(self),))
 
 
 def _check_bool(where: str, name: str, value: Any) -> None:

@@ -6,11 +6,11 @@ import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
 from puzzle.errors import PuzzleError
@@ -19,15 +19,18 @@ from . import register
 from .configuration_puzzle import PuzzleConfig
 from .modeling_puzzle import PuzzleForCausalLM
 
-register()  # AutoConfig / AutoModelForCausalLM resolve `puzzle_llama` children in this process
+register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
 
 # model_type -> why it is (or is not) a Llama-family parent we can express as blocks.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "puzzle_llama")
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", PuzzleConfig.model_type)
 _MODEL_FILES = ("blocks.py", "configuration_puzzle.py", "modeling_puzzle.py")  # relative imports of each other
 _AUTO_MAP = {
     "AutoConfig": "configuration_puzzle.PuzzleConfig",
     "AutoModelForCausalLM": "modeling_puzzle.PuzzleForCausalLM",
 }
+# The architecture engines dispatch on (vLLM, SGLang, TensorRT-LLM registries; llama.cpp's converter);
+# transformers follows auto_map instead, to the modeling files the checkpoint carries.
+CHILD_ARCHITECTURE = "DeciLMForCausalLM"
 # Config keys that describe a checkpoint, not an architecture.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "auto_map", "quantization_config",
                      "_name_or_path", "dtype", "torch_dtype", "pretraining_tp", "sliding_window", "block_configs"}
@@ -209,9 +212,11 @@ def save_checkpoint(
     extra_json: dict[str, Any] | None = None,
     extra_text: dict[str, str] | None = None,
     copy_files: tuple[Path, ...] = (),
+    finish: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write any transformers model as safetensors + config (+ tokenizer, extra JSON/text files, copied
-    files) to `out` atomically: a crash leaves the old `out` or the new one, never half of one."""
+    files) to `out` atomically: a crash leaves the old `out` or the new one, never half of one.
+    `finish(tmp_dir)` may rewrite what save_pretrained wrote before the directory is committed."""
     out = Path(out)
     tmp = atomic_dir(out)
     try:
@@ -220,6 +225,9 @@ def save_checkpoint(
             shutil.copyfile(src, tmp / Path(src).name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+            _tokenizer_config_for_transformers_4(tmp)
+        if finish is not None:
+            finish(tmp)
         for name, payload in (extra_json or {}).items():
             (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
         for name, text in (extra_text or {}).items():
@@ -231,16 +239,54 @@ def save_checkpoint(
     return out
 
 
+# transformers 5 names the class of a tokenizer.json-backed tokenizer "TokenizersBackend", which 4.x does
+# not know; 4.x's name for the same thing is PreTrainedTokenizerFast (5.x still reads that name).
+_TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def _tokenizer_config_for_transformers_4(directory: Path) -> None:
+    path = directory / "tokenizer_config.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    if data.get("tokenizer_class") in _TOKENIZER_CLASSES_4X:
+        data["tokenizer_class"] = _TOKENIZER_CLASSES_4X[data["tokenizer_class"]]
+        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+
+def _write_child_contract(directory: Path, model: PuzzleForCausalLM, lm_head_weight: bool) -> None:
+    """What engines read besides transformers: `architectures` (save_pretrained writes the class name) and,
+    for a tied head, `lm_head.weight` itself where an engine loads it by name (`lm_head_weight`)."""
+    path = directory / "config.json"
+    config = json.loads(path.read_text())
+    config["architectures"] = [CHILD_ARCHITECTURE]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    if not (lm_head_weight and model.config.tie_word_embeddings):
+        return
+    files = sorted(directory.glob("*.safetensors"))
+    if len(files) != 1:  # sharded: the index would need the new key too; children are far below a shard
+        raise PuzzleError(f"writing lm_head.weight into a sharded checkpoint ({len(files)} files) is not supported")
+    with safe_open(str(files[0]), framework="pt") as f:
+        metadata = f.metadata()
+    state = load_file(str(files[0]))
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # tied: the head is the embedding
+    save_file(state, str(files[0]), metadata=metadata)
+
+
 def save_model(
     model: PuzzleForCausalLM,
     out: str | Path,
     tokenizer: Any = None,
     extra_json: dict[str, Any] | None = None,
     extra_text: dict[str, str] | None = None,
+    lm_head_weight: bool = False,
 ) -> Path:
-    """Write a child checkpoint: safetensors weights, config.json with block_configs and auto_map,
-    the modeling files (so `trust_remote_code=True` needs no `puzzle`), the tokenizer, extra JSON/text files."""
+    """Write a child checkpoint in the Nemotron-NAS / DeciLM contract engines read: safetensors weights,
+    config.json (model_type nemotron-nas, architectures DeciLMForCausalLM, block_configs, auto_map, a
+    top-level rope_theta), the modeling files (so `trust_remote_code=True` needs no `puzzle`), the tokenizer
+    (its config readable by transformers 4.x), extra JSON/text files. `lm_head_weight`: also store a tied
+    head's weight as `lm_head.weight` (TensorRT-LLM reads it by name; see puzzle.engines)."""
     model.config.auto_map = dict(_AUTO_MAP)
-    model.config.architectures = ["PuzzleForCausalLM"]
     here = Path(__file__).parent
-    return save_checkpoint(model, out, tokenizer, extra_json, extra_text, tuple(here / n for n in _MODEL_FILES))
+    return save_checkpoint(model, out, tokenizer, extra_json, extra_text, tuple(here / n for n in _MODEL_FILES),
+                           finish=lambda tmp: _write_child_contract(tmp, model, lm_head_weight))

@@ -4,7 +4,10 @@ This file travels with every saved checkpoint (it is copied next to config.json 
 `auto_map`, with blocks.py), so it may import only the standard library, torch, transformers and
 `.blocks`: a process that never imported `puzzle` must be able to load a child with `trust_remote_code=True`.
 
-One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice.
+One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice. It runs under every
+transformers the project declares: 4.56-4.57 (keyword `__init__`, RoPE in `rope_theta` / `rope_scaling`)
+and 5.x (dataclass `__post_init__`, RoPE in `rope_parameters`); tests/model/test_transformers_versions.py
+loads a child under 4.56 and compares its logits.
 """
 
 
@@ -15,28 +18,69 @@ from transformers import LlamaConfig
 # blocks.py travels with this file (transformers' dynamic-module loader copies relative imports).
 from .blocks import (  # noqa: F401  (re-exported: `from ...configuration_puzzle import BlockConfig` works)
     AttentionConfig,
+    AttrDict,
     BlockConfig,
     BlockConfigError,
     FFNConfig,
     parse_block_configs,
 )
 
+# transformers >= 5 builds configs as dataclasses (fields, then `__post_init__`) and keeps RoPE in
+# `rope_parameters`; 4.56-4.57 take keyword arguments in `__init__` and read `rope_theta` / `rope_scaling`.
+_DATACLASS_CONFIG = hasattr(LlamaConfig, "__post_init__")
+
+
+def legacy_rope_fields(rope_parameters: dict | None) -> dict[str, Any]:
+    """`rope_theta` and `rope_scaling` as transformers 4.x, SGLang and TensorRT-LLM read them, from
+    transformers 5's `rope_parameters` ({"rope_type": ..., "rope_theta": ..., scaling keys})."""
+    params = dict(rope_parameters or {})
+    if "rope_theta" not in params:
+        return {}
+    theta = params.pop("rope_theta")
+    scaling = None if params.get("rope_type", "default") == "default" else params
+    return {"rope_theta": theta, "rope_scaling": scaling}
+
 
 class PuzzleConfig(LlamaConfig):
-    """A Llama config whose layers each carry their own `BlockConfig`.
+    """A Llama config whose layers each carry their own `BlockConfig`, written as Nemotron-NAS / DeciLM.
 
     Global fields mean what they mean in `LlamaConfig` (hidden size, query heads, RoPE, norms,
     vocabulary, tied embeddings); `num_key_value_heads` and `intermediate_size` are the parent's and
     serve only as the default for layers that `block_configs` does not describe.
 
-    `block_configs` is stored as plain JSON dicts (what config.json holds); `blocks` parses them.
+    `block_configs` holds one `AttrDict` per layer: plain JSON dicts in config.json, attributes for
+    engines (`config.block_configs[i].attention.no_op`); `blocks` parses them. `to_dict` writes a
+    top-level `rope_theta` / `rope_scaling` beside transformers 5's `rope_parameters`.
     """
 
-    model_type = "puzzle_llama"
+    model_type = "nemotron-nas"
     block_configs: list | None = None
 
-    def __post_init__(self, **kwargs: Any) -> None:
-        super().__post_init__(**kwargs)
+    if _DATACLASS_CONFIG:
+
+        def __post_init__(self, **kwargs: Any) -> None:
+            super().__post_init__(**kwargs)
+            self._check_blocks()
+
+        @property
+        def rope_theta(self) -> float:
+            """transformers 5 keeps it in `rope_parameters`; engines read it here (SGLang falls back to 10000)."""
+            params = self.__dict__.get("rope_parameters") or {}
+            if "rope_theta" not in params:
+                raise AttributeError("rope_theta")
+            return params["rope_theta"]
+
+    else:
+
+        def __init__(self, block_configs: list | None = None, **kwargs: Any) -> None:
+            # transformers 5's `rope_parameters` -> the rope_theta / rope_scaling 4.x reads (when absent)
+            for key, value in legacy_rope_fields(kwargs.pop("rope_parameters", None)).items():
+                kwargs.setdefault(key, value)
+            self.block_configs = block_configs
+            super().__init__(**kwargs)
+            self._check_blocks()
+
+    def _check_blocks(self) -> None:
         if self.hidden_act != "silu":
             raise BlockConfigError(f"only SwiGLU FFNs (hidden_act='silu') are supported, got {self.hidden_act!r}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
@@ -53,7 +97,14 @@ class PuzzleConfig(LlamaConfig):
         blocks = parse_block_configs(
             self.block_configs, self.hidden_size, self.num_attention_heads, self.num_hidden_layers
         )
-        self.block_configs = [b.to_dict(self.hidden_size) for b in blocks]
+        self.block_configs = [AttrDict(b.to_dict(self.hidden_size)) for b in blocks]
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["block_configs"] = [dict(b, attention=dict(b["attention"]), ffn=dict(b["ffn"])) for b in self.block_configs]
+        if "rope_parameters" in out:  # transformers 5: also the 4.x fields (4.x writes them itself)
+            out.update(legacy_rope_fields(out["rope_parameters"]))
+        return out
 
     @property
     def blocks(self) -> list[BlockConfig]:

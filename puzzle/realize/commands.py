@@ -4,10 +4,11 @@ import hashlib
 import json
 from pathlib import Path
 
+from puzzle.engines import check_child, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
-from puzzle.model import parse_block_configs
-from puzzle.model.checkpoint import load_model, load_tokenizer, save_model, to_puzzle
+from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
+from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, save_model, to_puzzle
 from puzzle.run_dir import RunDir, writes_run_dir
 
 from .assemble import architecture_table, assemble_child, table_markdown
@@ -15,7 +16,7 @@ from .assemble import architecture_table, assemble_child, table_markdown
 
 @writes_run_dir("realize")
 def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, out: Path | None = None,
-            parent: Path | None = None) -> Path:
+            parent: Path | None = None, target_engine: str | None = None) -> Path:
     """Assemble the child of a solution from the block library and save it as a checkpoint.
 
     Args:
@@ -24,8 +25,12 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
             one the last `puzzle solve` wrote, else the run's only solution)
         out: where to write the child (default: run_dir/children/SOLUTION)
         parent: the parent model (default: the one recorded in the run directory)
+        target_engine: the engine the child must load in (transformers, vllm, sglang, trtllm, llamacpp;
+            default: the solution's `target_engine` (solve --target-engine), else the search space's); a
+            child that breaks its rules is refused
     """
     from puzzle.library.store import variant_state
+    from puzzle.search_space import load_search_space
 
     run = RunDir(run_dir)
     src = run.find_solution(solution)
@@ -33,16 +38,26 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     if "block_configs" not in payload:
         raise PuzzleError(f"{src}: not a solution file (no 'block_configs')")
     out = Path(out) if out is not None else run.child(src.stem)
+    info = run.resolve_info(parent)
+    config = load_config(info["parent"])
+    target_engine = target_engine or payload.get("target_engine")
+    if target_engine is None:
+        target_engine = load_search_space(info["search_space"], config).target_engine
+    engine = get_engine(target_engine)
+    try:
+        blocks = parse_block_configs(payload["block_configs"], config.hidden_size, config.num_attention_heads,
+                                     config.num_hidden_layers)
+    except BlockConfigError as err:
+        raise PuzzleError(f"{src}: {err}") from None
+    check_child(engine.name, blocks, config.hidden_size)  # before any weight is read
+
     digest = hashlib.sha256(json.dumps(payload["block_configs"], sort_keys=True).encode()).hexdigest()
     done = out / "realized.json"
-    if done.exists() and read_json(done).get("block_configs_sha256") == digest:
+    if done.exists() and _holds(out, digest, engine.name):
         print(f"{out} already holds this solution; nothing to do")
         return out
 
-    info = run.resolve_info(parent)
     parent_model = to_puzzle(load_model(info["parent"]))
-    cfg = parent_model.config
-    blocks = parse_block_configs(payload["block_configs"], cfg.hidden_size, cfg.num_attention_heads, cfg.num_hidden_layers)
     child = assemble_child(parent_model, blocks, lambda v: variant_state(run_dir, parent_model, v))
     rows = architecture_table(child)
     params = sum(p.numel() for p in child.parameters())
@@ -51,10 +66,21 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         "architecture.json": rows,
         "predicted_costs.json": {"solution": src.stem, **payload.get("predicted", {})},
         "realized.json": {"solution": str(src), "block_configs_sha256": digest, "parent": info["parent"],
-                          "params": params, "parent_params": parent_params},
+                          "target_engine": engine.name, "params": params, "parent_params": parent_params},
     }
     save_model(child, out, load_tokenizer(info["parent"]), extra_json=extra,
-               extra_text={"architecture.md": table_markdown(rows)})
+               extra_text={"architecture.md": table_markdown(rows)}, lm_head_weight=engine.lm_head_weight)
     print(table_markdown(rows))
     print(f"wrote {out}: {params / 1e6:.1f}M parameters ({params / parent_params:.0%} of the parent)")
     return out
+
+
+def _holds(out: Path, digest: str, engine: str) -> bool:
+    """Whether `out` is this solution realised for this engine in today's checkpoint format."""
+    record = read_json(out / "realized.json")
+    try:
+        model_type = read_json(out / "config.json").get("model_type")
+    except PuzzleError:
+        return False
+    return (record.get("block_configs_sha256") == digest and record.get("target_engine", "transformers") == engine
+            and model_type == PuzzleConfig.model_type)

@@ -14,7 +14,15 @@ from puzzle.profiling.costs import costs_path, load_costs
 from puzzle.profiling.hardware import profile_name
 from puzzle.run_dir import RunDir, writes_run_dir
 from puzzle.solver.mip import Solution
-from puzzle.solver.problem import FixedCosts, Constraints, SolverProblem, Workload, problem_from_tables
+from puzzle.solver.problem import (
+    Constraints,
+    FixedCosts,
+    LayerOptions,
+    SolverProblem,
+    Workload,
+    option_config,
+    problem_from_tables,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
@@ -69,6 +77,31 @@ def problem_from_meta(
         hidden_size=int(hidden) if hidden else None,
         batch_size=batch_size,
     )
+
+
+def for_engine(problem: SolverProblem, engine_name: str) -> SolverProblem:
+    """The problem without the options the target engine cannot build (puzzle/engines.py); a PuzzleError if
+    that takes a parent's own option (the engine cannot serve the parent)."""
+    from puzzle.engines import RULES, get_engine, sublayer_violations
+
+    engine = get_engine(engine_name)
+    if engine.ffn_mult_grid and problem.hidden_size is None:
+        raise PuzzleError(f"the costs JSON has no hidden_size: cannot check FFN widths against {engine.name}'s ffn_mult grid")
+    layers = []
+    for i, layer in enumerate(problem.layers):
+        kept = []
+        for kind, options in (("attention", layer.attention), ("ffn", layer.ffn)):
+            ok = []
+            for o in options:
+                broken = sublayer_violations(engine, option_config(kind, i, o), problem.hidden_size)
+                if broken and o.is_parent:
+                    raise PuzzleError(f"target engine {engine.name} cannot serve the parent's own {o.name} in layer {i}: "
+                                      f"{RULES[broken[0]]}")
+                if not broken:
+                    ok.append(o)
+            kept.append(tuple(ok))
+        layers.append(LayerOptions(*kept))
+    return replace(problem, layers=tuple(layers))
 
 
 def profile_constraints(meta: dict[str, Any], budget: str) -> dict[str, Any]:
@@ -152,6 +185,7 @@ def solve(
     sweep: str | None = None,
     time_limit_s: float = 60.0,
     name: str | None = None,
+    target_engine: str | None = None,
 ) -> list[Path]:
     """MIP: one attention and one FFN variant per layer under a hardware budget.
 
@@ -171,6 +205,8 @@ def solve(
         sweep: START:STOP:STEP speedup targets; writes solutions/pareto.json and pareto.png
         time_limit_s: per-solve time limit; a stopped search reports its incumbent and gap
         name: solution name (solutions/<name>.json); default: the budget's name
+        target_engine: only variants this engine builds (vllm, sglang, trtllm, llamacpp; puzzle/engines.py);
+            recorded in the solution, where realize reads it. Default: every variant of the tables
     """
     run = RunDir(run_dir)
     scores = read_table(run.scores_table.with_suffix(".parquet"))
@@ -179,6 +215,8 @@ def solve(
     problems = [problem_from_meta(scores, costs, meta, metric, where=where)]
     if batch_sizes:
         problems = [problem_from_meta(scores, costs, meta, metric, b, where=where) for b in dict.fromkeys(batch_sizes)]
+    if target_engine is not None:
+        problems = [for_engine(p, target_engine) for p in problems]
     defaults = profile_constraints(meta, budget)
     flags = dict(speedup=speedup, throughput=throughput, memory_gib=memory_gib, latency_ms=latency_ms, max_params=max_params)
 
@@ -220,6 +258,8 @@ def solve(
         payload = sol.to_dict()
         payload["name"] = sol_name
         payload["rank"] = rank
+        if target_engine is not None:
+            payload["target_engine"] = target_engine
         floor = sol.problem.throughput_floor(constraints)
         payload["constraints"] = {**constraints.to_dict(), **({"throughput_floor": floor} if floor else {})}
         paths.append(atomic_write_json(run.solution(sol_name), payload))

@@ -154,4 +154,4 @@ def test_distill_command_on_a_heterogeneous_child(tmp_path, tiny_parent_dir, tin
     out = distill(teacher=tiny_parent_dir, student=tmp_path / "child", run_dir=run_dir, out=tmp_path / "gkd", steps=2,
                   batch_size=4, val_every=1, checkpoint_every=1, val_blocks=2)
     loaded = load_model(out)
-    assert loaded.config.model_type == "puzzle_llama" and loaded.model.layers[2].mlp is None
+    assert loaded.config.model_type == "nemotron-nas" and loaded.model.layers[2].mlp is None

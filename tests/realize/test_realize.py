@@ -73,3 +73,51 @@ def test_missing_library_variant_is_one_clear_line(tiny_parent_dir, tmp_path, ca
     assert code == 2 and err.count("\n") == 1 and "run puzzle build-library" in err
     code = main(["realize", "--run-dir", str(run), "--solution", "nope"])
     assert code == 2 and "solutions in" in capsys.readouterr().err
+
+
+def engine_parent_dir(tmp_path, tied: bool):
+    """A tiny parent whose FFN width (512) lies on the ffn_mult grid, so engines other than transformers serve it."""
+    from conftest import make_llama, make_tokenizer
+
+    out = tmp_path / "parent"
+    make_llama(intermediate_size=512, tie_word_embeddings=tied).save_pretrained(out, safe_serialization=True)
+    make_tokenizer().save_pretrained(out)
+    return out
+
+
+def test_a_child_its_target_engine_cannot_serve_is_refused_naming_layer_and_rule(tmp_path, capsys):
+    parent_dir = engine_parent_dir(tmp_path, tied=False)
+    run = tmp_path / "run"
+    blocks = to_puzzle(load_model(parent_dir)).config.blocks
+    blocks[2] = BlockConfig(blocks[2].attention, FFNConfig(no_op=True))
+    # solve --target-engine records the engine in the solution; realize checks against it
+    atomic_write_json(run / "solutions" / "s.json", {"block_configs": [b.to_dict(64) for b in blocks],
+                                                     "target_engine": "llamacpp"})
+    capsys.readouterr()
+    code = main(["realize", "--run-dir", str(run), "--parent", str(parent_dir)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert "layer 2 (attn_g2+ffn_noop)" in err and "no no-op FFN after a real" in err and "deci.cpp" in err
+    assert not (run / "children" / "s").exists()
+    # vLLM builds the same child (a no-op FFN after attention is fine there); the flag wins
+    assert main(["realize", "--run-dir", str(run), "--target-engine", "vllm"]) == 0
+    assert json.loads((run / "children" / "s" / "realized.json").read_text())["target_engine"] == "vllm"
+
+
+def test_trtllm_target_stores_the_tied_head_by_name(tmp_path, capsys):
+    from safetensors import safe_open
+
+    parent_dir = engine_parent_dir(tmp_path, tied=True)
+    run = tmp_path / "run"
+    blocks = to_puzzle(load_model(parent_dir)).config.blocks
+    atomic_write_json(run / "solutions" / "s.json", {"block_configs": [b.to_dict(64) for b in blocks]})
+    for engine, stored in (("transformers", False), ("trtllm", True)):
+        assert main(["realize", "--run-dir", str(run), "--parent", str(parent_dir), "--target-engine", engine]) == 0
+        child = run / "children" / "s"
+        with safe_open(str(child / "model.safetensors"), framework="pt") as f:
+            assert ("lm_head.weight" in f.keys()) is stored
+        config = json.loads((child / "config.json").read_text())
+        assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    x = torch.randint(0, 320, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_model(child)(x).logits, load_model(parent_dir)(x).logits, atol=1e-5, rtol=0)

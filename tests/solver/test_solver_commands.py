@@ -146,3 +146,18 @@ def test_fixed_costs_may_be_given_per_component(run_dir):
     flat, parts = read_solution(run_dir, "flat"), read_solution(run_dir, "parts")
     assert parts["choices"] == flat["choices"]
     assert parts["predicted"]["params"] == flat["predicted"]["params"]
+
+
+@pytest.mark.parametrize("engine, speedup", [("vllm", "1.8"), ("llamacpp", "1.15")])
+def test_target_engine_keeps_only_variants_it_builds(run_dir, engine, speedup):
+    from puzzle.engines import ENGINES, block_violations
+
+    # the synthetic tables offer linear and no-op sublayers and FFN widths off the ffn_mult grid (2752, 1344)
+    assert solve_cli(run_dir, "--speedup", speedup, "--target-engine", engine) == 0
+    sol = read_solution(run_dir)
+    assert sol["target_engine"] == engine
+    for raw in sol["block_configs"]:
+        assert block_violations(ENGINES[engine], BlockConfig.from_dict(raw, hidden_size=1024), 1024) == []
+    assert solve_cli(run_dir, "--speedup", speedup) == 0  # without a target, the same tables pick what they may
+    assert any(block_violations(ENGINES[engine], BlockConfig.from_dict(raw, hidden_size=1024), 1024)
+               for raw in read_solution(run_dir)["block_configs"])

@@ -1,0 +1,178 @@
+"""Target engines as data: what each inference engine can serve of a child, read from its own loader.
+
+A child checkpoint is a Nemotron-NAS / DeciLM checkpoint (puzzle/model/checkpoint.py `save_model`), and
+engines build it by their own rules. Each `Engine` below states those rules, every one with the engine's
+file and function it comes from (read from their sources; tests/test_engines.py replays each loader's
+reading of a saved child to hold the rules to what the engines compute):
+
+  ffn_mult_grid             the engine derives FFN widths from `ffn_mult` (int(2 * m * hidden / 3)
+                            rounded up to a multiple of 256), so a width off that grid is built wider
+  linear_attention          it builds `replace_with_linear` attention (one hidden x hidden map)
+  linear_ffn                it builds `replace_with_linear` FFNs
+  noop_ffn_after_attention  a no-op FFN may follow a real (GQA or linear) attention in the same layer
+  lm_head_weight            it loads `lm_head.weight` by name even when the embeddings are tied
+
+`transformers` is the child's own modeling code: everything is allowed. A search space names its target
+(`target_engine:`, default transformers): loading it snaps widths to the grid and drops variants the engine
+lacks, with a note (puzzle/search_space.py); `realize` refuses a child that breaks its target (`check_child`).
+
+Torch-free: the solver and the search space import it.
+"""
+
+from dataclasses import dataclass, field
+from typing import Iterable
+
+from puzzle.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, on_ffn_mult_grid
+
+DEFAULT_ENGINE = "transformers"
+
+# Rule name -> its one-line statement (used in notes and errors).
+RULES = {
+    "ffn_mult_grid": "FFN widths must lie on the ffn_mult grid (the engine derives them as int(2*m*hidden/3) "
+                     "rounded up to a multiple of 256)",
+    "linear_attention": "no linear (replace_with_linear) attention",
+    "linear_ffn": "no linear (replace_with_linear) FFN",
+    "noop_ffn_after_attention": "no no-op FFN after a real (GQA or linear) attention in the same layer",
+    "lm_head_weight": "lm_head.weight must be stored even with tied embeddings (the engine loads it by name)",
+}
+
+
+@dataclass(frozen=True)
+class Engine:
+    name: str
+    ffn_mult_grid: bool
+    linear_attention: bool
+    linear_ffn: bool
+    noop_ffn_after_attention: bool
+    lm_head_weight: bool
+    sources: dict[str, str] = field(default_factory=dict, compare=False)  # rule -> "file: function"
+
+    def source(self, rule: str) -> str:
+        return self.sources.get(rule, "")
+
+
+_VLLM = "vllm/model_executor/models/nemotron_nas.py"
+_SGLANG = "python/sglang/srt/models/nemotron_nas.py"
+_TRTLLM_CONVERT = "tensorrt_llm/models/nemotron_nas/convert.py"
+_TRTLLM_TORCH = "tensorrt_llm/_torch/models/modeling_nemotron_nas.py"
+_LLAMACPP_CONVERT = "convert_hf_to_gguf.py"
+_LLAMACPP_GRAPH = "src/models/deci.cpp"
+
+ENGINES: dict[str, Engine] = {
+    "transformers": Engine(
+        "transformers", ffn_mult_grid=False, linear_attention=True, linear_ffn=True,
+        noop_ffn_after_attention=True, lm_head_weight=False,
+        sources={
+            "ffn_mult_grid": "puzzle/model/blocks.py: FFNConfig.from_dict (intermediate_size wins over ffn_mult)",
+            "linear_attention": "puzzle/model/modeling_puzzle.py: build_attention",
+            "linear_ffn": "puzzle/model/modeling_puzzle.py: build_ffn",
+            "noop_ffn_after_attention": "puzzle/model/modeling_puzzle.py: ffn_residual",
+            "lm_head_weight": "puzzle/model/modeling_puzzle.py: PuzzleForCausalLM._tied_weights_keys",
+        },
+    ),
+    "vllm": Engine(
+        "vllm", ffn_mult_grid=True, linear_attention=False, linear_ffn=False,
+        noop_ffn_after_attention=True, lm_head_weight=False,
+        sources={
+            "ffn_mult_grid": f"{_VLLM}: DeciLMDecoderLayer.__init__ (ffn_mult, when present, via "
+                             "_ffn_mult_to_intermediate_size / _find_multiple)",
+            "linear_attention": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every attention that is not no_op is "
+                                "DeciLMAttention with num_attention_heads // n_heads_in_group KV heads)",
+            "linear_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
+            "noop_ffn_after_attention": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
+            "lm_head_weight": f"{_VLLM}: DeciLMForCausalLM.load_weights (skips lm_head. when tied)",
+        },
+    ),
+    "sglang": Engine(
+        "sglang", ffn_mult_grid=True, linear_attention=False, linear_ffn=False,
+        noop_ffn_after_attention=True, lm_head_weight=False,
+        sources={
+            "ffn_mult_grid": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (always ffn_mult, _ffn_mult_to_intermediate_size)",
+            "linear_attention": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every attention that is not no_op is "
+                                "LlamaAttention)",
+            "linear_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
+            "noop_ffn_after_attention": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
+            "lm_head_weight": f"{_SGLANG}: DeciLMForCausalLM.__init__ / load_weights (lm_head = embed_tokens when tied)",
+        },
+    ),
+    "trtllm": Engine(
+        "trtllm", ffn_mult_grid=True, linear_attention=True, linear_ffn=True,
+        noop_ffn_after_attention=True, lm_head_weight=True,
+        sources={
+            "ffn_mult_grid": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (_ffn_mult_to_intermediate_size); "
+                             f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.__init__",
+            "linear_attention": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (AttentionImplementation.LINEAR); "
+                                f"{_TRTLLM_TORCH}: LinearAttention",
+            "linear_ffn": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (FFNImplementation.LINEAR); "
+                          f"{_TRTLLM_TORCH}: LinearMLP",
+            "noop_ffn_after_attention": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
+            "lm_head_weight": f"{_TRTLLM_CONVERT}: load_model_weights (load_weight('lm_head.weight') unconditionally)",
+        },
+    ),
+    "llamacpp": Engine(
+        "llamacpp", ffn_mult_grid=True, linear_attention=True, linear_ffn=False,
+        noop_ffn_after_attention=False, lm_head_weight=False,
+        sources={
+            "ffn_mult_grid": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (_ffn_mult_to_intermediate_size of ffn_mult)",
+            "linear_attention": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (n_heads_in_group None + replace_with_linear "
+                                f"-> 0 KV heads); {_LLAMACPP_GRAPH}: llm_build_deci (n_head > 0, n_head_kv == 0: wo only)",
+            "linear_ffn": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (ffn_mult None -> width 0, a skipped FFN; "
+                          "linear_mlp has no GGUF tensor)",
+            "noop_ffn_after_attention": f"{_LLAMACPP_GRAPH}: llm_build_deci (n_ff == 0 -> `continue` before the "
+                                        "residual add: the layer's attention output is dropped)",
+            "lm_head_weight": f"{_LLAMACPP_GRAPH}: llm_build_deci (model.output; llama-model.cpp falls back to "
+                              "tok_embd when output.weight is absent)",
+        },
+    ),
+}
+
+
+def get_engine(name: str | None) -> Engine:
+    """The rules of a target engine by name (None: transformers); a one-line PuzzleError for an unknown one."""
+    name = DEFAULT_ENGINE if name is None else name
+    if name not in ENGINES:
+        raise PuzzleError(f"unknown target engine {name!r}; choose one of {', '.join(ENGINES)}")
+    return ENGINES[name]
+
+
+def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hidden_size: int) -> list[str]:
+    """The rules a sublayer breaks whatever the other half of its layer: where the solver picks attention
+    and FFN independently, a no-op FFN counts as following a real attention."""
+    if isinstance(config, AttentionConfig):
+        return ["linear_attention"] if config.replace_with_linear and not engine.linear_attention else []
+    broken = []
+    if engine.ffn_mult_grid and config.is_swiglu and not on_ffn_mult_grid(config.intermediate_size, hidden_size):
+        broken.append("ffn_mult_grid")
+    if config.replace_with_linear and not engine.linear_ffn:
+        broken.append("linear_ffn")
+    if config.no_op and not engine.noop_ffn_after_attention:
+        broken.append("noop_ffn_after_attention")
+    return broken
+
+
+def block_violations(engine: Engine, block: BlockConfig, hidden_size: int) -> list[str]:
+    """The rules of `engine` that `block` breaks (rule names, see RULES); [] when it can serve it."""
+    broken = sublayer_violations(engine, block.attention, hidden_size) + sublayer_violations(engine, block.ffn, hidden_size)
+    if "noop_ffn_after_attention" in broken and block.attention.no_op:
+        broken.remove("noop_ffn_after_attention")  # an empty layer is fine everywhere
+    return broken
+
+
+def violations(engine: Engine, blocks: Iterable[BlockConfig], hidden_size: int) -> list[tuple[int, BlockConfig, str]]:
+    """(layer, block, rule) for every rule a child's blocks break, in layer order."""
+    return [(i, block, rule) for i, block in enumerate(blocks) for rule in block_violations(engine, block, hidden_size)]
+
+
+def check_child(engine_name: str | None, blocks: list[BlockConfig], hidden_size: int) -> None:
+    """PuzzleError (one line: the first broken rule, its layer and its source) if the engine cannot serve the child."""
+    engine = get_engine(engine_name)
+    found = violations(engine, blocks, hidden_size)
+    if not found:
+        return
+    layer, block, rule = found[0]
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    raise PuzzleError(
+        f"target engine {engine.name} cannot serve layer {layer} ({block.name}): {RULES[rule]} "
+        f"[{engine.source(rule)}]{more}"
+    )
