@@ -1,0 +1,123 @@
+"""`puzzle plan` on real published shapes (Llama-3.1-8B / -70B config.json written here, no weights)."""
+
+import json
+
+import pytest
+import torch
+import yaml
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from puzzle import plan as planner
+from puzzle.cli import main
+
+ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}
+# Meta's published config.json dimensions
+LLAMA_31 = {
+    "8b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 14336},
+    "70b": {"hidden_size": 8192, "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8,
+            "intermediate_size": 28672},
+}
+FAST = ["--cpu-gflops", "100"]  # no matmul timing in tests
+
+
+def write_parent(root, size: str):
+    config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
+                         rope_scaling=ROPE, tie_word_embeddings=False, **LLAMA_31[size])
+    out = root / f"llama-3.1-{size}"
+    config.save_pretrained(out)  # config.json only: no weights anywhere
+    return out, config
+
+
+def write_pipeline(root, parent, **sections):
+    config = {"run_dir": str(root / "run"), "parent": str(parent), "corpus": str(root / "corpus"),
+              "search_space": "llama_default", "prepare_data": {"seq_len": 256, "max_tokens": 1_000_000},
+              "build_library": {"tokens_per_block": 8192, "batch_size": 8, "workers": 2},
+              "score": {"blocks": 4, "batch_size": 4},
+              "solve": [{"budget": "h100_80gb", "speedup": 1.5, "name": "s"}], "realize": [{"solution": "s"}],
+              "gkd": {"steps": 16, "batch_size": 4}, "evaluate": {"val_blocks": 16, "batch_size": 4}, **sections}
+    path = root / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def meta_params(config: LlamaConfig) -> int:
+    with torch.device("meta"):
+        return sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+
+
+def run_plan(tmp_path, size: str, *flags: str, **sections) -> dict:
+    parent, _ = write_parent(tmp_path, size)
+    out = tmp_path / f"{size}.json"
+    assert main(["plan", str(write_pipeline(tmp_path, parent, **sections)), *FAST, "--json", str(out), *flags]) == 0
+    return json.loads(out.read_text())
+
+
+def by_stage(result: dict) -> dict:
+    return {s["step"]: s for s in result["steps"]}
+
+
+@pytest.mark.parametrize("size", ["8b", "70b"])
+def test_parameter_count_matches_transformers(tmp_path, size):
+    _, config = write_parent(tmp_path, size)
+    result = run_plan(tmp_path, size, "--device", "cpu")
+    assert result["parent"]["params"] == meta_params(config)
+    assert result["parent"]["fp32_bytes"] == 4 * meta_params(config)
+
+
+def test_memory_scales_with_the_parent(tmp_path):
+    small = run_plan(tmp_path / "a", "8b", "--device", "cpu") if (tmp_path / "a").mkdir() is None else None
+    large = run_plan(tmp_path / "b", "70b", "--device", "cpu") if (tmp_path / "b").mkdir() is None else None
+    s, l = by_stage(small), by_stage(large)
+    ratio = large["parent"]["params"] / small["parent"]["params"]
+    # realize holds the parent and its deepcopy: exactly twice the fp32 parent
+    for r in (small, large):
+        assert by_stage(r)["realize[s]"]["host_bytes"] == 2 * r["parent"]["fp32_bytes"]
+    # weight-dominated stages grow with the parameters (activations of the same batch grow with hidden only)
+    for step in ("gkd[s]", "evaluate[parent]", "score"):
+        assert 0.8 * ratio < l[step]["host_bytes"] / s[step]["host_bytes"] < 1.1 * ratio, step
+    # GKD: teacher twice + student with gradient and two AdamW moments: more than 6x the parent
+    assert s["gkd[s]"]["host_bytes"] > 6 * small["parent"]["fp32_bytes"]
+
+
+def test_build_library_memory_grows_with_workers(tmp_path):
+    one = by_stage(run_plan(tmp_path, "8b", "--device", "cpu", build_library={"tokens_per_block": 8192, "workers": 1}))
+    four = by_stage(run_plan(tmp_path, "8b", "--device", "cpu", build_library={"tokens_per_block": 8192, "workers": 4}))
+    assert (one["build_library"]["workers"], four["build_library"]["workers"]) == (1, 4)
+    # each worker loads its own parent: four workers need more in all, each less than the single one
+    assert four["build_library"]["host_bytes"] > one["build_library"]["host_bytes"]
+    assert four["build_library"]["host_bytes"] / 4 < one["build_library"]["host_bytes"]
+    # the same variants are trained and stored either way
+    assert four["build_library"]["disk_bytes"] == one["build_library"]["disk_bytes"]
+
+
+def test_small_gpu_warns_and_exits_zero(tmp_path, capsys):
+    roomy = ["--device", "cuda", "--gpus", "1", "--host-memory-gib", "100000"]
+    run_plan(tmp_path, "8b", *roomy, "--gpu-memory-gib", "1000")
+    assert "warning:" not in capsys.readouterr().out
+    result = run_plan(tmp_path, "8b", *roomy, "--gpu-memory-gib", "16")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")]
+    assert warnings == ["warning: score needs ~{:.1f} GiB of GPU memory; 16.0 GiB per GPU available".format(
+        by_stage(result)["score"]["gpu_bytes"] / 2**30)]
+    assert by_stage(result)["score"]["gpu_bytes"] > result["parent"]["fp32_bytes"]
+
+
+def test_small_host_warns(tmp_path, capsys):
+    run_plan(tmp_path, "8b", "--device", "cpu", "--host-memory-gib", "16")
+    warned = {line.split()[1] for line in capsys.readouterr().out.splitlines() if line.startswith("warning:")}
+    assert {"build_library", "score", "gkd[s]", "realize[s]"} <= warned
+
+
+def test_user_mistakes_exit_2(tmp_path, capsys):
+    assert main(["plan", str(tmp_path / "missing.yaml"), *FAST]) == 2
+    parent, _ = write_parent(tmp_path, "8b")
+    config = write_pipeline(tmp_path, parent)
+    assert main(["plan", str(config), *FAST, "--gpus", "0", "--device", "cuda"]) == 2
+    bad = write_pipeline(tmp_path, parent, score={"blocks": -1})
+    assert main(["plan", str(bad), *FAST, "--device", "cpu"]) == 2
+    assert capsys.readouterr().err.count("puzzle: error:") == 3
+
+
+def test_cpu_rate_is_measured():
+    assert planner.measure_cpu_flops(n=64, seconds=0.01) > 0
