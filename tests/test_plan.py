@@ -121,3 +121,57 @@ def test_user_mistakes_exit_2(tmp_path, capsys):
 
 def test_cpu_rate_is_measured():
     assert planner.measure_cpu_flops(n=64, seconds=0.01) > 0
+
+
+# ----- calibration: plan's host estimate against a measured peak on this machine ------------------------
+
+_MEASURE = """
+import json, sys
+from puzzle.cli import main
+from puzzle.evaluate import commands  # noqa: F401  (imports out of the measured window)
+from puzzle.model.checkpoint import load_model  # noqa: F401
+
+def status(key):
+    return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
+
+try:
+    open("/proc/self/clear_refs", "w").write("5")  # reset the peak (VmHWM) to the current RSS
+except OSError:
+    pass
+before = status("VmRSS:")
+code = main(sys.argv[1:])
+print(json.dumps({"code": code, "before": before, "peak": status("VmHWM:")}))
+"""
+
+
+def test_evaluate_host_estimate_matches_a_measured_peak(tmp_path, tiny_tokenizer):
+    """`puzzle evaluate` of a ~34M-parameter child next to its parent (two directories, both loaded), in a
+    fresh process: its peak RSS growth is within 1.5x of evaluate_cost's host estimate."""
+    import subprocess
+    import sys
+
+    from conftest import SAMPLE_TEXT, make_llama
+    from puzzle.data.prepare import prepare_blocks
+    from puzzle.model.checkpoint import load_config
+    from puzzle.search_space import load_search_space
+    from puzzle.shape import ModelShape
+
+    dims = dict(vocab_size=8192, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                num_attention_heads=8, num_key_value_heads=4)
+    for name in ("parent", "child"):
+        make_llama(**dims).save_pretrained(tmp_path / name, safe_serialization=True)
+    run = tmp_path / "run"
+    prepare_blocks([t * 20 for t in SAMPLE_TEXT], tiny_tokenizer, run / "data", seq_len=32, val_fraction=0.4)
+    args = {"val_blocks": 8, "batch_size": 4}
+    done = subprocess.run([sys.executable, "-c", _MEASURE, "evaluate", str(tmp_path / "child"), "--parent",
+                           str(tmp_path / "parent"), "--run-dir", str(run), "--budget", "none", "--no-measure",
+                           "--val-blocks", "8", "--batch-size", "4"],
+                          capture_output=True, text=True, timeout=600)
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
+    assert measured["code"] == 0, done.stderr
+    config = load_config(tmp_path / "parent")
+    ctx = planner.Context(ModelShape.from_config(config), load_search_space("llama_default", config), 32, 0, None)
+    estimate = planner.evaluate_cost(ctx, args).host_bytes
+    growth = measured["peak"] - measured["before"]
+    print(f"evaluate: measured peak growth {growth / 2**20:.0f} MiB, plan {estimate / 2**20:.0f} MiB")
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)  # 276 vs 276 MiB here
