@@ -9,7 +9,9 @@ When a stage changes (bf16, meta-device loading, a BLD memory budget), its estim
 function. Every count comes from `ModelShape` (puzzle/shape.py), the one shape arithmetic.
 
 Symbols as in shape.py; B batch, T sequence length, b = B*T tokens of a batch, P the parent's weight bytes.
-Estimates leave out the Python interpreter, torch's own footprint (~0.5 GiB) and allocator slack.
+Estimates leave out the Python interpreter, torch's own footprint (~0.5 GiB) and allocator slack; times
+leave out loading and writing weights (a GGUF parent's dequantisation included) and assume the stage runs
+at the stated matmul rate (measured on an idle machine; a busy one measures less and predicts longer).
 """
 
 import inspect
@@ -28,6 +30,7 @@ FP32 = 4  # bytes per element: every stage loads models and trains in float32 to
 WORKLOAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a hardware profile's workload dtype
 TOKEN_BYTES = 4  # prepared blocks are uint32 (puzzle/data/prepare.py DTYPE)
 TOKENIZE_PER_S = 2e5  # assumed tokenizer throughput of prepare-data (tokens/s, one core): no FLOPs to count
+MIP_SECONDS = 1.0  # assumed per solution: profile + solve + a 10-point sweep took 2 s on the reference parent
 CHARS_PER_TOKEN = 4.0  # assumed, to size a corpus without tokenising it when prepare_data has no max_tokens
 
 
@@ -244,12 +247,14 @@ def profile_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def solve_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """solve: a MIP over (layers x variants) binaries, small; bounded by time_limit_s per solution."""
+    """solve: a MIP over (layers x variants) binaries, small: about MIP_SECONDS per solution (a sweep
+    solves one per point), at most time_limit_s each."""
     count = args["num_solutions"]
     if args.get("sweep"):
         lo, hi, step = (float(x) for x in str(args["sweep"]).split(":"))
         count = int(round((hi - lo) / step)) + 1
-    return Estimate("", "solve", seconds=count * args["time_limit_s"], note=f"<= {count} x time_limit_s")
+    return Estimate("", "solve", seconds=count * MIP_SECONDS,
+                    note=f"{count} MIP(s), ~{MIP_SECONDS:.0f} s each assumed (<= {args['time_limit_s']:.0f} s)")
 
 
 def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
