@@ -200,7 +200,8 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """score (puzzle/scoring/commands.py, replace1.py): to_puzzle(load_model(parent)) on the host (2P),
     then `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
     two (chunk_tokens, V) temporaries, the cached prefix and final hidden states (a few b x D), one
-    library variant's weights. Each variant runs from its layer to the end (the prefix is reused)."""
+    library variant's weights. Each variant runs from its layer to the end (the prefix is reused).
+    It runs on the plan's --device (the config's score section must say so: its `device` defaults to cpu)."""
     shape, T = ctx.shape, ctx.seq_len
     b = args["batch_size"] * T
     V, D, L = shape.vocab_size, shape.hidden_size, shape.num_hidden_layers
@@ -216,9 +217,10 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
             per_token += shape.flops_per_token(v.config, T / 2) + (L - 1 - v.layer) * block_flops + head
     tokens = args["blocks"] * T
     rows = sum(1 for _ in ctx.space.variants()) * args["blocks"]
+    note = "set score: {device: cuda} in the config" if on_gpu and args["device"] == "cpu" else ""
     return Estimate("", "score", host_bytes=load_peak_bytes(ctx, True) if on_gpu else max(load_peak_bytes(ctx, True), device_bytes),
                     gpu_bytes=device_bytes if on_gpu else 0, disk_bytes=rows * 128, flops=tokens * per_token,
-                    runs_on=ctx.machine.device)
+                    runs_on=ctx.machine.device, note=note)
 
 
 def profile_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
@@ -270,12 +272,15 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
       teacher   load_model (P) and to_puzzle's copy (P), both referenced during training: 2P
       student   weights + gradient + 2 AdamW moments: 4P
       per step  the student's op outputs of a micro-batch for backward (every layer), the teacher's final
-                hidden states (b x D), two (chunk_tokens, V) logits chunks for the KL
+                hidden states (b x D), two (chunk_tokens, V) logits chunks for the KL; with a hidden loss,
+                the teacher's hidden states of every layer (L + 1 of b x D)
     Disk: keep_checkpoints checkpoints (weights + 2 moments) and the final student."""
     shape, T = ctx.shape, ctx.seq_len
     b = args["batch_size"] * T
     P = ctx.parent_bytes
     act = ctx.model_activation_bytes(b) + (b * shape.hidden_size + 2 * args["chunk_tokens"] * shape.vocab_size) * FP32
+    if args["hidden_loss"] != "none":
+        act += (shape.num_hidden_layers + 1) * b * shape.hidden_size * FP32
     params = shape.total_params()
     host = 2 * P + P + shape.adamw_bytes(params, FP32) + act
     tokens = args["steps"] * args["grad_accum"] * b

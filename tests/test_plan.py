@@ -33,6 +33,7 @@ def write_parent(root, size: str):
 def write_pipeline(root, parent, **sections):
     config = {"run_dir": str(root / "run"), "parent": str(parent), "corpus": str(root / "corpus"),
               "search_space": "llama_default", "prepare_data": {"seq_len": 256, "max_tokens": 1_000_000},
+              "importance": {"n_samples": 64},
               "build_library": {"tokens_per_block": 8192, "batch_size": 8, "workers": 2},
               "score": {"blocks": 4, "batch_size": 4},
               "solve": [{"budget": "h100_80gb", "speedup": 1.5, "name": "s"}], "realize": [{"solution": "s"}],
@@ -75,7 +76,7 @@ def test_memory_scales_with_the_parent(tmp_path):
     for r in (small, large):
         assert by_stage(r)["realize[s]"]["host_bytes"] == 2 * r["parent"]["fp32_bytes"]
     # weight-dominated stages grow with the parameters (activations of the same batch grow with hidden only)
-    for step in ("gkd[s]", "evaluate[parent]", "score"):
+    for step in ("gkd[s]", "evaluate[parent]", "score", "importance"):
         assert 0.8 * ratio < l[step]["host_bytes"] / s[step]["host_bytes"] < 1.1 * ratio, step
     # GKD: teacher twice + student with gradient and two AdamW moments: more than 6x the parent
     assert s["gkd[s]"]["host_bytes"] > 6 * small["parent"]["fp32_bytes"]
