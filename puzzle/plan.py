@@ -51,6 +51,7 @@ class Machine:
 class Context:
     """What every estimator reads: the parent's shape, the search space's variants, the prepared data."""
 
+    config: Any  # the parent's transformers config (read without weights)
     shape: ModelShape
     space: Any  # puzzle.search_space.SearchSpace
     seq_len: int  # tokens per prepared block (prepare_data's seq_len)
@@ -149,19 +150,22 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                   (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
       per step    one batch's parent activations (h, a, o per owned layer), and one variant's op outputs
                   for backward at a time (the variants step one after another)
-    Workers run side by side on this machine: host peak = workers x a worker's peak (the largest group:
-    ceil(L / workers) layers; with costs the split is uneven, so this is a lower bound)."""
-    from puzzle.library.bld import weight_train_flops
+    The groups are the build's own split (`split_layers` over `layer_costs`, as build_library calls it);
+    workers run side by side on this machine: host peak = groups x the largest worker's peak."""
+    from dataclasses import fields
+
+    from puzzle.library.bld import BLDSettings, weight_train_flops
+    from puzzle.library.ray_jobs import layer_costs, split_layers
 
     shape, space = ctx.shape, ctx.space
-    T = args.get("seq_len") or ctx.seq_len
-    b = args["batch_size"] * T
-    L, D = shape.num_hidden_layers, shape.hidden_size
-    layers = args.get("layers") or list(range(L))
-    workers = max(1, min(args["workers"] or 1, len(layers)))
-    per_group = math.ceil(len(layers) / workers)
-    groups = [layers[i:i + per_group] for i in range(0, len(layers), per_group)]
-    steps = max(1, math.ceil(args["tokens_per_block"] / b))  # BLDSettings.steps
+    settings = BLDSettings(**{f.name: args[f.name] for f in fields(BLDSettings) if f.name in args})
+    T = settings.seq_len or ctx.seq_len
+    b = settings.batch_size * T
+    D = shape.hidden_size
+    layers = sorted(set(args.get("layers") or range(shape.num_hidden_layers)))
+    groups = split_layers(layers, args["workers"] or 1, *layer_costs(space, ctx.config, settings))
+    workers = len(groups)
+    steps = settings.steps(T)
     hao = 3 * D * FP32  # h, a, o of one token at one layer
 
     def worker_bytes(group: list[int]) -> int:
@@ -177,7 +181,7 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                     p = shape.params(v.config)
                     state += p * FP32 + shape.adamw_bytes(p, FP32)
                 act = max(act, shape.activation_bytes_per_token(v.config, FP32) * b)
-        held = ctx.parent_bytes + len(group) * hao * (args["eval_tokens"] + b) + state + act
+        held = ctx.parent_bytes + len(group) * hao * (settings.eval_tokens + b) + state + act
         return max(load_peak_bytes(ctx, True), held)
 
     flops = disk = 0.0
@@ -185,7 +189,8 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
         parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2) for _ in range(max(group) + 1))
         flops += steps * b * parent_fwd
         for layer in group:
-            for v in sum(_trained(space, layer), []):
+            attention, ffn = _trained(space, layer)
+            for v in attention + ffn:
                 frozen = shape.matmul_params(shape.parent_ffn) if v.kind == "attention" else 0
                 per_token = weight_train_flops(v.kind, shape.matmul_params(v.config), frozen)
                 per_token += 3 * shape.attention_flops(v.config, T / 2)
@@ -422,7 +427,7 @@ def estimate(config: Path, m: Machine) -> tuple[ModelShape, list[Estimate]]:
     prep = next((_arguments(fns[s.fn], s.args) for s in steps if s.fn == "prepare_data"), _arguments(fns["prepare_data"], {}))
     tokens = prep["max_tokens"] or _corpus_tokens(cfg.corpus)
     shape = ModelShape.from_config(parent_config)
-    ctx = Context(shape, space, prep["seq_len"], int(tokens * (1 - prep["val_fraction"])), m)
+    ctx = Context(parent_config, shape, space, prep["seq_len"], int(tokens * (1 - prep["val_fraction"])), m)
     out = []
     for step in steps:
         fn = ESTIMATORS.get(step.fn)

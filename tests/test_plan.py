@@ -171,7 +171,7 @@ def test_evaluate_host_estimate_matches_a_measured_peak(tmp_path, tiny_tokenizer
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     assert measured["code"] == 0, done.stderr
     config = load_config(tmp_path / "parent")
-    ctx = planner.Context(ModelShape.from_config(config), load_search_space("llama_default", config), 32, 0, None)
+    ctx = planner.Context(config, ModelShape.from_config(config), load_search_space("llama_default", config), 32, 0, None)
     estimate = planner.evaluate_cost(ctx, args).host_bytes
     growth = measured["peak"] - measured["before"]
     print(f"evaluate: measured peak growth {growth / 2**20:.0f} MiB, plan {estimate / 2**20:.0f} MiB")
