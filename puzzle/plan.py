@@ -102,6 +102,13 @@ def load_peak_bytes(ctx: Context, to_puzzle: bool) -> int:
     return (2 if to_puzzle else 1) * ctx.parent_bytes
 
 
+def atomic_save_bytes(tensor_bytes: float) -> float:
+    """Host bytes `puzzle.io.atomic_save_safetensors` adds while writing `tensor_bytes` of tensors: the
+    serialised file (safetensors' `save`), the slice of it after the header, and the re-headed result,
+    alive together: 3x."""
+    return 3 * tensor_bytes
+
+
 # ----- one estimator per stage -----------------------------------------------------------------------
 
 
@@ -279,6 +286,9 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
       per step  the student's op outputs of a micro-batch for backward (every layer), the teacher's final
                 hidden states (b x D), two (chunk_tokens, V) logits chunks for the KL; with a hidden loss,
                 the teacher's hidden states of every layer (L + 1 of b x D)
+      checkpoint  every checkpoint_every steps the student and then the 2 AdamW moments are written with
+                `atomic_save_safetensors` (`atomic_save_bytes` of the moments, 2P) next to everything
+                above but the activations (the freed gradients stay in the process: glibc keeps them)
     Disk: keep_checkpoints checkpoints (weights + 2 moments) and the final student."""
     shape, T = ctx.shape, ctx.seq_len
     b = args["batch_size"] * T
@@ -287,7 +297,8 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     if args["hidden_loss"] != "none":
         act += (shape.num_hidden_layers + 1) * b * shape.hidden_size * FP32
     params = shape.total_params()
-    host = 2 * P + P + shape.adamw_bytes(params, FP32) + act
+    resident = 2 * P + P + shape.adamw_bytes(params, FP32)
+    host = resident + max(act, atomic_save_bytes(2 * P))
     tokens = args["steps"] * args["grad_accum"] * b
     forward = shape.model_flops_per_token(None, T / 2)
     val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward
