@@ -132,6 +132,7 @@ from puzzle.cli import main
 from puzzle.evaluate import commands  # noqa: F401  (imports out of the measured window)
 from puzzle.library import bld, commands as library_commands, ray_jobs  # noqa: F401
 from puzzle.distill import commands as distill_commands, trainer  # noqa: F401
+from puzzle.scoring import commands as scoring_commands, replace1  # noqa: F401
 from puzzle.model.checkpoint import load_model  # noqa: F401
 
 def status(key):
@@ -187,7 +188,8 @@ def estimated(root, stage: str, space: str, **args) -> float:
     from puzzle.stages import BY_NAME
 
     config = load_config(root / "parent")
-    ctx = planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), 32, 0, None)
+    cpu = planner.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
+    ctx = planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), 32, 0, cpu)
     return planner.ESTIMATORS[stage](ctx, planner._arguments(BY_NAME[stage].load(), args)).host_bytes
 
 
@@ -201,15 +203,19 @@ def test_evaluate_host_estimate_matches_a_measured_peak(medium_run):
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
 
 
-def test_build_library_host_estimate_matches_a_measured_peak(medium_run):
-    """`puzzle build-library --no-ray` (one worker, every layer) on the tiny search space: measured 528 MiB,
-    estimated 520 MiB on this machine."""
+def test_build_library_and_score_host_estimates_match_measured_peaks(medium_run):
+    """`puzzle build-library --no-ray` (one worker, every layer) on the tiny search space, then `puzzle score`:
+    measured 528 and 267 MiB, estimated 520 and 256 MiB on this machine."""
     root = medium_run
     bld = dict(tokens_per_block=256, batch_size=4, calibration_tokens=1024, eval_tokens=128)  # least squares: >= D
     flags = [x for k, v in bld.items() for x in (f"--{k.replace('_', '-')}", str(v))]
     growth = measured_growth("build-library", "--run-dir", str(root / "run"), "--parent", str(root / "parent"),
                              "--search-space", "tiny", "--no-ray", "--threads", "1", *flags)
     estimate = estimated(root, "build_library", "tiny", workers=1, ray=False, **bld)
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+    # then `puzzle score` of that library (its peak: to_puzzle's two copies of the parent)
+    growth = measured_growth("score", "--run-dir", str(root / "run"), "--blocks", "4", "--batch-size", "4")
+    estimate = estimated(root, "score", "tiny", blocks=4, batch_size=4)
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
 
 
