@@ -18,7 +18,7 @@ import inspect
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -159,8 +159,6 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                   for backward at a time (the variants step one after another)
     The groups are the build's own split (`split_layers` over `layer_costs`, as build_library calls it);
     workers run side by side on this machine: host peak = groups x the largest worker's peak."""
-    from dataclasses import fields
-
     from puzzle.library.bld import BLDSettings, weight_train_flops
     from puzzle.library.ray_jobs import layer_costs, split_layers
 
@@ -302,15 +300,11 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     tokens = args["steps"] * args["grad_accum"] * b
     forward = shape.model_flops_per_token(None, T / 2)
     val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward
-    keep = inspect.signature(_distill_config()).parameters["keep_checkpoints"].default
-    return Estimate("", "distill", host_bytes=host, disk_bytes=(3 * keep + 1) * P,
-                    flops=tokens * 4 * forward + val, note="student <= parent; teacher held twice")
-
-
-def _distill_config() -> Callable[..., Any]:
     from puzzle.distill.trainer import DistillConfig
 
-    return DistillConfig
+    keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
+    return Estimate("", "distill", host_bytes=host, disk_bytes=(3 * keep + 1) * P,
+                    flops=tokens * 4 * forward + val, note="student <= parent; teacher held twice")
 
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
@@ -389,7 +383,7 @@ def machine(device: str, gpus: int | None, gpu_memory_gib: float | None, host_me
 # ----- putting it together ---------------------------------------------------------------------------
 
 
-def _arguments(fn: Callable[..., Any], args: dict[str, Any]) -> dict[str, Any]:
+def stage_arguments(fn: Callable[..., Any], args: dict[str, Any]) -> dict[str, Any]:
     """The step's arguments over its function's defaults (the signature is the one place they live)."""
     defaults = {k: p.default for k, p in inspect.signature(fn).parameters.items() if p.default is not inspect.Parameter.empty}
     return {**defaults, **args}
@@ -435,7 +429,7 @@ def estimate(config: Path, m: Machine) -> tuple[ModelShape, list[Estimate]]:
     fns = stage_functions()
     steps = plan_steps(cfg, fns)
     check_plan(cfg, steps, fns, inputs=False)
-    prep = next((_arguments(fns[s.fn], s.args) for s in steps if s.fn == "prepare_data"), _arguments(fns["prepare_data"], {}))
+    prep = next((stage_arguments(fns[s.fn], s.args) for s in steps if s.fn == "prepare_data"), stage_arguments(fns["prepare_data"], {}))
     tokens = prep["max_tokens"] or _corpus_tokens(cfg.corpus)
     shape = ModelShape.from_config(parent_config)
     ctx = Context(parent_config, shape, space, prep["seq_len"], int(tokens * (1 - prep["val_fraction"])), m)
@@ -445,7 +439,7 @@ def estimate(config: Path, m: Machine) -> tuple[ModelShape, list[Estimate]]:
         if fn is None:  # report, build_mc, prune: no model-sized work modelled
             out.append(Estimate(step.name, step.fn, seconds=0.0, note="not modelled (small)"))
             continue
-        e = fn(ctx, _arguments(fns[step.fn], step.args))
+        e = fn(ctx, stage_arguments(fns[step.fn], step.args))
         e.step = step.name
         estimate_time(e, m)
         check_fit(e, m)

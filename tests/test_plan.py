@@ -68,8 +68,8 @@ def test_parameter_count_matches_transformers(tmp_path, size):
 
 
 def test_memory_scales_with_the_parent(tmp_path):
-    small = run_plan(tmp_path / "a", "8b", "--device", "cpu") if (tmp_path / "a").mkdir() is None else None
-    large = run_plan(tmp_path / "b", "70b", "--device", "cpu") if (tmp_path / "b").mkdir() is None else None
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    small, large = run_plan(tmp_path / "a", "8b", "--device", "cpu"), run_plan(tmp_path / "b", "70b", "--device", "cpu")
     s, l = by_stage(small), by_stage(large)
     ratio = large["parent"]["params"] / small["parent"]["params"]
     # realize holds the parent and its deepcopy: exactly twice the fp32 parent
@@ -190,7 +190,7 @@ def estimated(root, stage: str, space: str, **args) -> float:
     config = load_config(root / "parent")
     cpu = planner.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
     ctx = planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), 32, 0, cpu)
-    return planner.ESTIMATORS[stage](ctx, planner._arguments(BY_NAME[stage].load(), args)).host_bytes
+    return planner.ESTIMATORS[stage](ctx, planner.stage_arguments(BY_NAME[stage].load(), args)).host_bytes
 
 
 def test_evaluate_host_estimate_matches_a_measured_peak(medium_run):
