@@ -7,6 +7,7 @@ import torch
 import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
+from conftest import REFERENCE_GGUF, REPO, requires_reference
 from puzzle import plan as planner
 from puzzle.cli import main
 
@@ -231,3 +232,21 @@ def test_distill_host_estimate_matches_a_measured_peak(medium_run):
                              "--run-dir", str(root / "run"), "--out", str(root / "gkd"), *flags)
     estimate = estimated(root, "distill", "llama_default", **gkd)
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@requires_reference
+@pytest.mark.smoke
+def test_plan_of_the_shipped_config_reads_the_gguf_metadata_only(monkeypatch, tmp_path):
+    """The quick config's GGUF parent: its config from the metadata, never a tensor."""
+    import puzzle.model.checkpoint as checkpoint
+
+    def no_weights(*args, **kwargs):
+        raise AssertionError("plan loaded weights")
+
+    monkeypatch.setattr(checkpoint, "load_model", no_weights)
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(REPO / "configs" / "smollm2_quick.yaml"), *FAST, "--device", "cpu", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    config = checkpoint.load_config(REFERENCE_GGUF)
+    assert result["parent"]["params"] == meta_params(config)
+    assert [s["step"] for s in result["steps"]][:2] == ["convert_parent", "prepare_data"]
