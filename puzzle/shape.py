@@ -155,7 +155,24 @@ class ModelShape:
         """Forward FLOPs of a fixed part per token it processes (the LM head: 2*D*V)."""
         return 2 * self.fixed_matmul_params(part)
 
+    def model_flops_per_token(self, blocks: list[BlockConfig] | None, keys: float) -> float:
+        """Forward FLOPs of one token through the whole model (every layer, attention over `keys` keys,
+        then the LM head); the parent's block in each layer by default."""
+        if blocks is None:
+            blocks = [self.parent_block] * self.num_hidden_layers
+        return sum(self.flops_per_token(b, keys) for b in blocks) + self.fixed_flops_per_token("lm_head")
+
     # ---- memory -------------------------------------------------------------------------------
+    def model_bytes(self, blocks: list[BlockConfig] | None, dtype_bytes: int) -> int:
+        """Weights of a whole model in memory (a tied LM head stored once)."""
+        return self.total_params(blocks) * dtype_bytes
+
+    @staticmethod
+    def adamw_bytes(params: int, dtype_bytes: int = 4) -> int:
+        """What training `params` weights with AdamW holds beside the weights: the gradient and the two
+        moments (exp_avg, exp_avg_sq), each one element per weight (fp32 in torch's AdamW on fp32 weights)."""
+        return 3 * params * dtype_bytes
+
     def kv_cache_bytes_per_token(self, part: Part, dtype_bytes: int) -> int:
         """KV-cache bytes one cached token costs in a layer with this variant: 2*K*d*e."""
         return 2 * self.kv_heads(part) * self.head_dim * dtype_bytes

@@ -69,6 +69,8 @@ STAGES: tuple[Stage, ...] = (
           "perplexity, KL, agreement, multiple choice and throughput of a model", section="evaluate"),
     Stage("report", "puzzle.report.commands:report",
           "report.md and pareto.png for a run directory", section="report", always=True),
+    Stage("plan", "puzzle.plan:plan",
+          "dry run: per-stage peak memory, disk, FLOPs and time of a pipeline config, from the parent's config alone"),
     Stage("run", "puzzle.pipeline:run", "every stage in order from a YAML config, each resumable"),
 )
 BY_NAME: dict[str, Stage] = {s.name: s for s in STAGES}
@@ -116,7 +118,7 @@ def check_values(args: dict[str, Any], where: str) -> None:
 
 def stage_functions() -> dict[str, Callable[..., Any]]:
     """Every pipeline-usable stage function by name (imports them all: torch)."""
-    return {s.name: s.load() for s in STAGES if s.name != "run"}
+    return {s.name: s.load() for s in STAGES if s.name not in ("run", "plan")}  # commands that run stages
 
 
 def accepted(fn: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:

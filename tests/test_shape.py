@@ -149,3 +149,31 @@ def test_parent_block_and_with_():
     assert shape.total_params() - shallower.total_params() == shape.params(shape.parent_block)
     with pytest.raises(ValueError, match="unknown fixed part"):
         shape.fixed_params("head")
+
+
+def test_model_bytes_and_adamw_bytes_equal_what_torch_holds():
+    """Weights in memory, and AdamW's gradient + two moments after one step (torch's own tensors)."""
+    model = mixed_model()
+    shape = ModelShape.from_config(model.config)
+    e = next(model.parameters()).element_size()
+    blocks = model.config.blocks
+    assert shape.model_bytes(blocks, e) == sum(p.numel() * p.element_size() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters())
+    model(torch.randint(0, 320, (2, 5)), labels=torch.randint(0, 320, (2, 5))).loss.backward()
+    optimizer.step()
+    held = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters())
+    held += sum(t.numel() * t.element_size() for s in optimizer.state.values() for k, t in s.items() if k != "step")
+    assert shape.adamw_bytes(shape.total_params(blocks), e) == held
+
+
+def test_model_flops_per_token_equal_what_torch_counts_for_a_decode_step():
+    """One decode step (a token after a cached prompt) through every layer and the LM head."""
+    model = mixed_model()
+    shape = ModelShape.from_config(model.config)
+    prompt, cache = torch.randint(0, 320, (1, 4)), DynamicCache()
+    with torch.no_grad():
+        model(prompt, past_key_values=cache, use_cache=True)
+        counter = FlopCounterMode(display=False)
+        with counter, sdpa_kernel(SDPBackend.MATH):
+            model(torch.randint(0, 320, (1, 1)), past_key_values=cache, use_cache=True)
+    assert counter.get_total_flops() == shape.model_flops_per_token(model.config.blocks, keys=5)
