@@ -13,7 +13,8 @@ What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cp
   a layer with n_ff > 0 loads `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down` (SwiGLU, no other FFN).
 - src/models/deci.cpp, the graph: n_head == 0 passes h through the attention step; n_head_kv == 0 applies
   `attn_output` to the normed input (linear attention); n_ff == 0 `continue`s before the layer's output is
-  stored (dropping a real attention's output) and after the last layer picked its output rows (left unpicked).
+  stored (dropping a real attention's output) and after the last layer picked its output rows (left unused:
+  llama.cpp 0c1e57098 aborts with GGML_ASSERT(buffer) when it sets that input).
 
 `LLAMACPP_RULES` lists the blocks that graph cannot run; `check_llamacpp` refuses them by layer.
 """
@@ -46,7 +47,7 @@ LLAMACPP_RULES: tuple[tuple[Callable[[BlockConfig, bool], bool], str], ...] = (
      "width is 0, dropping the attention"),
     (lambda b, last: b.ffn.no_op and last,
      "a no-op FFN in the last layer: llama.cpp's deci graph selects the output tokens inside the last layer's "
-     "FFN step, which a width of 0 skips"),
+     "FFN step, which a width of 0 skips (llama.cpp aborts)"),
 )
 
 
