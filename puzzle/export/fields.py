@@ -29,11 +29,6 @@ def rope(config: Any) -> tuple[float, dict[str, Any] | None]:
     return float(theta), scaling
 
 
-def rope_type(config: Any) -> str:
-    _, scaling = rope(config)
-    return "default" if scaling is None else scaling.get("rope_type", scaling.get("type"))
-
-
 def safetensors_dtype(dtype: str, stored: Any) -> torch.dtype:
     """The torch dtype to write: `dtype` by name, or the checkpoint's own with "auto" (float32 if unknown)."""
     if dtype == "auto":
