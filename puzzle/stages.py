@@ -69,6 +69,8 @@ STAGES: tuple[Stage, ...] = (
           "perplexity, KL, agreement, multiple choice and throughput of a model", section="evaluate"),
     Stage("report", "puzzle.report.commands:report",
           "report.md and pareto.png for a run directory", section="report", always=True),
+    Stage("export", "puzzle.export.commands:export",
+          "write a child (or a parent) for an inference engine: GGUF (llama.cpp), nemotron-nas or anymodel"),
     Stage("plan", "puzzle.plan:plan",
           "dry run: per-stage peak memory, disk, FLOPs and time of a pipeline config, from the parent's config alone"),
     Stage("run", "puzzle.pipeline:run", "every stage in order from a YAML config, each resumable"),

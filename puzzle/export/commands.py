@@ -1,0 +1,71 @@
+"""`puzzle export`: a child, or a parent as an all-parent child, in a format an inference engine loads."""
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, puzzle_config_from, to_puzzle
+
+FORMATS = ("gguf", "nemotron-nas", "anymodel")
+
+
+def _check(format: str, blocks: list, hidden_size: int) -> None:
+    """The format's rules on the blocks alone, before any weight is read."""
+    if format == "gguf":
+        from .llamacpp import check_llamacpp
+
+        check_llamacpp(blocks)
+    elif format == "nemotron-nas":
+        from .nemotron_nas import check_ffn_grid
+
+        check_ffn_grid(blocks, hidden_size)
+    else:
+        from .anymodel import check_anymodel
+
+        check_anymodel(blocks)
+
+
+def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel"] = "gguf",
+           dtype: str = "auto") -> Path:
+    """Write a child (or a parent, as an all-parent child) in a format an inference engine loads.
+
+    Args:
+        child: a child checkpoint directory, or a parent (Hugging Face directory, .safetensors or .gguf file)
+        out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel) to write
+        format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
+            with trust_remote_code) or anymodel (NVIDIA Puzzletron)
+        dtype: weights: f32, f16 or q8_0 for gguf (auto: f16); f32, f16 or bf16 for the others (auto: as stored)
+    """
+    if format not in FORMATS:
+        raise PuzzleError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
+    stored = load_config(child)
+    config = puzzle_config_from(stored)
+    _check(format, config.blocks, config.hidden_size)  # refuse before seconds of weight loading
+    if format == "gguf":
+        from .llamacpp import GGUF_DTYPES, write_gguf
+
+        weights = "f16" if dtype == "auto" else dtype
+        if weights not in GGUF_DTYPES:
+            raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose auto, {', '.join(GGUF_DTYPES)}")
+    else:
+        from .fields import safetensors_dtype
+
+        weights = safetensors_dtype(dtype, getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None))
+    model = to_puzzle(load_model(child, dtype=torch.float32))
+    tokenizer = load_tokenizer(child)
+    out = Path(out)
+    if format == "gguf":
+        write_gguf(model, tokenizer, out, weights, name=Path(child).stem)
+    elif format == "nemotron-nas":
+        from .nemotron_nas import write_nemotron_nas
+
+        write_nemotron_nas(model, tokenizer, out, weights)
+    else:
+        from .anymodel import write_anymodel
+
+        write_anymodel(model, tokenizer, out, weights)
+    size = sum(p.stat().st_size for p in ([out] if out.is_file() else out.rglob("*")) if p.is_file())
+    print(f"wrote {out}: {format}, {config.num_hidden_layers} layers, {size / 2**20:.1f} MiB")
+    return out

@@ -1,0 +1,230 @@
+"""llama.cpp's `deci` architecture: a child as one GGUF file, written with the `gguf` package.
+
+What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cpp):
+- convert_hf_to_gguf.py, class `DeciModel`: per-layer `deci.attention.head_count` / `head_count_kv` arrays
+  (GQA: H and H / n_heads_in_group; linear attention: H and 0; no-op attention: 0 and 0), a per-layer
+  `deci.feed_forward_length` array (0 for a no-op FFN), rope base and dimension, RMS eps, key / value length,
+  vocabulary size. Q and K rows go from transformers' rotate-half layout to GGML's adjacent pairs
+  (`DeciModel.permute`; K with its layer's KV heads). Tensor names: gguf's own `TensorNameMap` for DECI
+  (`self_attn.linear_attn` -> `attn_output`). A tied LM head is not written (llama.cpp reuses `token_embd`).
+- convert_hf_to_gguf.py, `ModelBase.prepare_tensors`: 1-D tensors and norms stay f32; q8_0 falls back to f16
+  for a tensor whose rows are not whole 32-value blocks (`gguf.quants.QuantError`).
+- src/models/deci.cpp, `load_arch_tensors`: linear attention = `attn_norm` + an n_embd x n_embd `attn_output`;
+  a layer with n_ff > 0 loads `ffn_norm`, `ffn_gate`, `ffn_up`, `ffn_down` (SwiGLU, no other FFN).
+- src/models/deci.cpp, the graph: n_head == 0 passes h through the attention step; n_head_kv == 0 applies
+  `attn_output` to the normed input (linear attention); n_ff == 0 `continue`s before the layer's output is
+  stored (dropping a real attention's output) and after the last layer picked its output rows (left unused:
+  llama.cpp 0c1e57098 aborts with GGML_ASSERT(buffer) when it sets that input).
+
+`LLAMACPP_RULES` lists the blocks that graph cannot run; `check_llamacpp` refuses them by layer.
+"""
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import gguf
+import numpy as np
+import torch
+
+from puzzle.errors import PuzzleError
+from puzzle.model.blocks import BlockConfig
+
+from .fields import rope
+
+GGUF_DTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
+               "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
+
+# (the block breaks it (block, is it the last layer), why llama.cpp's deci graph cannot run it): from
+# src/models/deci.cpp (llama.cpp 0c1e57098, vendored by llama-cpp-python 0.3.36).
+LLAMACPP_RULES: tuple[tuple[Callable[[BlockConfig, bool], bool], str], ...] = (
+    (lambda b, last: b.ffn.replace_with_linear,
+     "a linear FFN: llama.cpp's deci architecture builds every FFN as SwiGLU (ffn_gate/ffn_up/ffn_down)"),
+    (lambda b, last: b.ffn.no_op and not b.attention.no_op,
+     "a no-op FFN after a real attention: llama.cpp's deci graph skips the layer's output when its FFN "
+     "width is 0, dropping the attention"),
+    (lambda b, last: b.ffn.no_op and last,
+     "a no-op FFN in the last layer: llama.cpp's deci graph selects the output tokens inside the last layer's "
+     "FFN step, which a width of 0 skips (llama.cpp aborts)"),
+)
+
+
+def check_llamacpp(blocks: list[BlockConfig]) -> None:
+    """Refuse the first layer whose block breaks one of `LLAMACPP_RULES`, in one line."""
+    for i, block in enumerate(blocks):
+        for breaks, why in LLAMACPP_RULES:
+            if breaks(block, i == len(blocks) - 1):
+                raise PuzzleError(f"layer {i} ({block.name}) cannot be exported to llama.cpp: {why}")
+
+
+def permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads * d, ...) rows: each head's two rotate-half halves -> adjacent (even, odd) pairs, the order
+    GGML's normal RoPE rotates (convert_hf_to_gguf.py `DeciModel.permute`)."""
+    d_half = weight.shape[0] // n_heads // 2
+    return weight.reshape(n_heads, 2, d_half, *weight.shape[1:]).swapaxes(1, 2).reshape(weight.shape)
+
+
+def _layer(name: str) -> int:
+    return int(name.split(".")[2])  # model.layers.{i}.
+
+
+def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(GGUF name, tensor in llama.cpp's layout) for every weight of a PuzzleForCausalLM."""
+    config = model.config
+    blocks = config.blocks
+    heads = config.num_attention_heads
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.DECI, config.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        if "rotary_emb" in name or (config.tie_word_embeddings and name == "lm_head.weight"):
+            continue
+        gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
+        if gguf_name is None:
+            raise RuntimeError(f"no GGUF tensor name for {name}")  # a module this writer does not know: a bug
+        if name.endswith(("q_proj.weight", "q_proj.bias")):
+            tensor = permute(tensor, heads)
+        elif name.endswith(("k_proj.weight", "k_proj.bias")):
+            tensor = permute(tensor, blocks[_layer(name)].attention.num_key_value_heads(heads))
+        yield gguf_name, tensor
+
+
+def encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
+    """A tensor's GGUF data and type: norms and 1-D tensors f32; else `dtype`, q8_0 falling back to f16."""
+    data = tensor.detach().float().numpy()
+    if dtype == "f32" or data.ndim <= 1 or name.endswith("_norm.weight"):
+        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
+    if dtype == "q8_0":
+        try:
+            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
+        except gguf.quants.QuantError:
+            pass
+    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+
+
+def llama3_rope_factors(scaling: dict[str, Any], theta: float, dim: int) -> np.ndarray:
+    """Per-frequency divisors of Llama 3 RoPE (dim/2,) f32: the `rope_freqs` tensor DeciModel writes
+    (`generate_extra_tensors`). Wavelengths below original_context / high_freq_factor keep their frequency,
+    those above original_context / low_freq_factor are divided by `factor`, the band between is blended."""
+    freqs = 1.0 / theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
+    factor = scaling.get("factor", 8.0)
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    context = scaling.get("original_max_position_embeddings", 8192)
+    wavelen = 2 * np.pi / freqs
+    smooth = (context / wavelen - low) / (high - low)
+    blended = 1 / ((1 - smooth) / factor + smooth)
+    out = np.where(wavelen < context / high, 1.0, np.where(wavelen > context / low, factor, blended))
+    return out.astype(np.float32)
+
+
+def _write_hparams(w: gguf.GGUFWriter, config: Any, blocks: list[BlockConfig], dtype: str) -> None:
+    heads = config.num_attention_heads
+    theta, scaling = rope(config)
+    w.add_rope_freq_base(theta)
+    w.add_head_count_kv([b.attention.num_key_value_heads(heads) for b in blocks])
+    w.add_head_count([0 if b.attention.no_op else heads for b in blocks])
+    w.add_feed_forward_length([b.ffn.intermediate_size if b.ffn.is_swiglu else 0 for b in blocks])
+    w.add_block_count(config.num_hidden_layers)
+    w.add_context_length(config.max_position_embeddings)
+    w.add_embedding_length(config.hidden_size)
+    w.add_layer_norm_rms_eps(config.rms_norm_eps)
+    w.add_key_length(config.head_dim)
+    w.add_value_length(config.head_dim)
+    w.add_file_type(GGUF_DTYPES[dtype])
+    w.add_vocab_size(config.vocab_size)
+    w.add_rope_dimension_count(config.head_dim)
+    if scaling is not None:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind != "llama3":
+            raise PuzzleError(f"RoPE scaling {kind!r} cannot be exported to llama.cpp's deci architecture "
+                              "(it reads plain and llama3 RoPE)")
+        name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
+        w.add_tensor(name, llama3_rope_factors(scaling, theta, config.head_dim))
+
+
+# llama.cpp's BPE pre-tokenizer names (src/llama-vocab.cpp) for the tokenizer.json pre-tokenizers they split
+# text like: GPT-2's byte-level regex alone, or after single digits (SmolLM).
+_BYTE_LEVEL = {"type": "ByteLevel", "use_regex": True}
+_PRE_TOKENIZERS = (
+    ("gpt-2", [_BYTE_LEVEL]),
+    ("smollm", [{"type": "Digits", "individual_digits": True}, _BYTE_LEVEL]),
+)
+
+
+def _pre_tokenizer(spec: dict[str, Any] | None) -> str:
+    steps = (spec or {}).get("pretokenizers", [spec]) if (spec or {}).get("type") == "Sequence" else [spec]
+    for name, pattern in _PRE_TOKENIZERS:
+        if len(steps) == len(pattern) and all(
+            s and all(s.get(k) == v for k, v in p.items()) for s, p in zip(steps, pattern)
+        ):
+            return name
+    raise PuzzleError(f"the tokenizer's pre-tokenizer {json.dumps(spec)} has no llama.cpp equivalent here "
+                      f"(known: {', '.join(n for n, _ in _PRE_TOKENIZERS)})")
+
+
+def token_list(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
+    """Tokens by id with llama.cpp token types, as convert_hf_to_gguf.py `get_vocab_base` lists them: ids the
+    tokenizer lacks are `[PAD{i}]` (unused), added special tokens control, other added tokens user-defined."""
+    by_id = {i: t for t, i in tokenizer.get_vocab().items()}
+    added = tokenizer.added_tokens_decoder  # id -> AddedToken
+    tokens, types = [], []
+    for i in range(vocab_size):
+        if i not in by_id:
+            tokens.append(f"[PAD{i}]")
+            types.append(gguf.TokenType.UNUSED)
+        elif i in added:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
+        else:
+            tokens.append(by_id[i])
+            types.append(gguf.TokenType.NORMAL)
+    return tokens, types
+
+
+def _write_vocab(w: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's `gpt2` vocabulary: tokens, types, merges, special ids."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    spec = json.loads(backend.to_str()) if backend is not None else {}
+    if spec.get("model", {}).get("type") != "BPE":
+        raise PuzzleError("only byte-level BPE tokenizers (tokenizer.json with a BPE model) can be exported to "
+                          f"GGUF here; this one is {spec.get('model', {}).get('type') or type(tokenizer).__name__}")
+    tokens, types = token_list(tokenizer, vocab_size)
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(_pre_tokenizer(spec.get("pre_tokenizer")))
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    with tempfile.TemporaryDirectory() as files:  # SpecialVocab reads merges and special ids from the files
+        tokenizer.save_pretrained(files)
+        gguf.SpecialVocab(files, load_merges=True, n_vocab=vocab_size).add_to_gguf(w, quiet=True)
+
+
+def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "f16", name: str = "puzzle-child") -> Path:
+    """Write a PuzzleForCausalLM (+ its tokenizer) to `out` as a llama.cpp `deci` GGUF, atomically."""
+    if dtype not in GGUF_DTYPES:
+        raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose {', '.join(GGUF_DTYPES)}")
+    config = model.config
+    blocks = config.blocks
+    check_llamacpp(blocks)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI])
+        w.add_type(gguf.GGUFType.MODEL)
+        w.add_name(name)
+        w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        _write_hparams(w, config, blocks, dtype)
+        _write_vocab(w, tokenizer, config.vocab_size)
+        for gguf_name, tensor in gguf_tensors(model):
+            data, qtype = encode(gguf_name, tensor, dtype)
+            w.add_tensor(gguf_name, data, raw_dtype=qtype)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return out

@@ -1,0 +1,76 @@
+"""`puzzle export --format nemotron-nas`: the checkpoint engines load, reloaded by transformers
+(trust_remote_code, in a process without `puzzle`) with the child's logits."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from puzzle.errors import PuzzleError
+from puzzle.export.commands import export
+from puzzle.model.blocks import ffn_mult_to_intermediate_size
+
+from tiny_children import logits, make_child, save_child
+
+# Every block kind, FFN widths on the ffn_mult grid (multiples of 256) that engines rebuild widths from.
+BLOCKS = ["attn_g2+ffn_512", "attn_noop+ffn_256", "attn_linear+ffn_linear", "attn_g4+ffn_noop", "attn_g1+ffn_256"]
+TOKENS = [5, 17, 300, 42, 7, 99, 123, 250, 8, 64, 11]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_reloads_in_transformers_without_puzzle_with_equal_logits(tmp_path, tied):
+    child = make_child(BLOCKS, intermediate_size=512, tie_word_embeddings=tied)
+    out = export(save_child(child, tmp_path / "child"), tmp_path / "nas", format="nemotron-nas")
+    script = textwrap.dedent(
+        f"""
+        import sys, torch
+        from safetensors.torch import save_file
+        from transformers import AutoModelForCausalLM
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+        assert "puzzle" not in sys.modules, "the export must load without the puzzle package"
+        assert model.config.model_type == "nemotron-nas", model.config.model_type
+        with torch.no_grad():
+            save_file({{"logits": model(torch.tensor([{TOKENS}])).logits[0]}}, {str(tmp_path / "logits.safetensors")!r})
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
+    torch.testing.assert_close(got, logits(child, TOKENS), rtol=0, atol=1e-5)
+
+
+def test_config_and_weights_carry_what_engines_read(tmp_path):
+    """Read as vLLM's nemotron_nas.py reads it: names, top-level RoPE, widths from ffn_mult, the LM head."""
+    child = make_child(BLOCKS, intermediate_size=512, tie_word_embeddings=True)
+    out = export(save_child(child, tmp_path / "child"), tmp_path / "nas", format="nemotron-nas")
+    config = json.loads((out / "config.json").read_text())
+    weights = load_file(str(out / "model.safetensors"))
+    assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+    assert config["rope_theta"] == child.config.rope_parameters["rope_theta"] and config["rope_scaling"] is None
+    for i, block in enumerate(config["block_configs"]):
+        if block["ffn"]["no_op"] or block["ffn"]["replace_with_linear"]:
+            assert f"model.layers.{i}.mlp.down_proj.weight" not in weights
+            continue
+        width = ffn_mult_to_intermediate_size(block["ffn"]["ffn_mult"], config["hidden_size"])
+        assert weights[f"model.layers.{i}.mlp.down_proj.weight"].shape == (config["hidden_size"], width)
+    assert torch.equal(weights["lm_head.weight"], weights["model.embed_tokens.weight"])
+
+
+def test_bf16_export_holds_bf16_weights(tmp_path):
+    child = make_child(BLOCKS, intermediate_size=512)
+    out = export(save_child(child, tmp_path / "child"), tmp_path / "nas", format="nemotron-nas", dtype="bf16")
+    weights = load_file(str(out / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.bfloat16}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+def test_width_off_the_ffn_mult_grid_is_refused_by_layer(tmp_path):
+    path = save_child(make_child(["attn_g2+ffn_512", "attn_g2+ffn_96"], intermediate_size=512), tmp_path / "child")
+    with pytest.raises(PuzzleError, match=r"^layer 1 \(attn_g2\+ffn_96\) cannot be exported as nemotron-nas: "
+                                          r"FFN width 96 is off the ffn_mult grid"):
+        export(path, tmp_path / "nas", format="nemotron-nas")
+    assert not (tmp_path / "nas").exists()
