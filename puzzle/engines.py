@@ -10,6 +10,7 @@ reading of a saved child to hold the rules to what the engines compute):
   linear_attention          it builds `replace_with_linear` attention (one hidden x hidden map)
   linear_ffn                it builds `replace_with_linear` FFNs
   noop_ffn_after_attention  a no-op FFN may follow a real (GQA or linear) attention in the same layer
+  noop_ffn_last_layer       the last layer's FFN may be a no-op
   lm_head_weight            it loads `lm_head.weight` by name even when the embeddings are tied
 
 `transformers` is the child's own modeling code: everything is allowed. A search space names its target
@@ -34,6 +35,7 @@ RULES = {
     "linear_attention": "no linear (replace_with_linear) attention",
     "linear_ffn": "no linear (replace_with_linear) FFN",
     "noop_ffn_after_attention": "no no-op FFN after a real (GQA or linear) attention in the same layer",
+    "noop_ffn_last_layer": "no no-op FFN in the last layer",
     "lm_head_weight": "lm_head.weight must be stored even with tied embeddings (the engine loads it by name)",
 }
 
@@ -46,6 +48,7 @@ class Engine:
     linear_ffn: bool
     noop_ffn_after_attention: bool
     lm_head_weight: bool
+    noop_ffn_last_layer: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # rule -> "file: function"
 
     def source(self, rule: str) -> str:
@@ -69,6 +72,7 @@ ENGINES: dict[str, Engine] = {
             "linear_ffn": "puzzle/model/modeling_puzzle.py: build_ffn",
             "noop_ffn_after_attention": "puzzle/model/modeling_puzzle.py: ffn_residual",
             "lm_head_weight": "puzzle/model/modeling_puzzle.py: PuzzleForCausalLM._tied_weights_keys",
+            "noop_ffn_last_layer": "puzzle/model/modeling_puzzle.py: ffn_residual",
         },
     ),
     "vllm": Engine(
@@ -82,6 +86,7 @@ ENGINES: dict[str, Engine] = {
             "linear_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
             "noop_ffn_after_attention": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_VLLM}: DeciLMForCausalLM.load_weights (skips lm_head. when tied)",
+            "noop_ffn_last_layer": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
         },
     ),
     "sglang": Engine(
@@ -94,6 +99,7 @@ ENGINES: dict[str, Engine] = {
             "linear_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
             "noop_ffn_after_attention": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_SGLANG}: DeciLMForCausalLM.__init__ / load_weights (lm_head = embed_tokens when tied)",
+            "noop_ffn_last_layer": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
         },
     ),
     "trtllm": Engine(
@@ -108,11 +114,12 @@ ENGINES: dict[str, Engine] = {
                           f"{_TRTLLM_TORCH}: LinearMLP",
             "noop_ffn_after_attention": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_TRTLLM_CONVERT}: load_model_weights (load_weight('lm_head.weight') unconditionally)",
+            "noop_ffn_last_layer": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
         },
     ),
     "llamacpp": Engine(
         "llamacpp", ffn_mult_grid=True, linear_attention=True, linear_ffn=False,
-        noop_ffn_after_attention=False, lm_head_weight=False,
+        noop_ffn_after_attention=False, lm_head_weight=False, noop_ffn_last_layer=False,
         sources={
             "ffn_mult_grid": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (_ffn_mult_to_intermediate_size of ffn_mult)",
             "linear_attention": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (n_heads_in_group None + replace_with_linear "
@@ -123,6 +130,8 @@ ENGINES: dict[str, Engine] = {
                                         "residual add: the layer's attention output is dropped)",
             "lm_head_weight": f"{_LLAMACPP_GRAPH}: llm_build_deci (model.output; llama-model.cpp falls back to "
                               "tok_embd when output.weight is absent)",
+            "noop_ffn_last_layer": f"{_LLAMACPP_GRAPH}: llm_build_deci (the output rows are selected inside the "
+                                   "last layer's FFN step, which a width of 0 skips: llama.cpp aborts)",
         },
     ),
 }
@@ -151,17 +160,22 @@ def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hid
     return broken
 
 
-def block_violations(engine: Engine, block: BlockConfig, hidden_size: int) -> list[str]:
-    """The rules of `engine` that `block` breaks (rule names, see RULES); [] when it can serve it."""
+def block_violations(engine: Engine, block: BlockConfig, hidden_size: int, last: bool = False) -> list[str]:
+    """The rules of `engine` that `block` breaks (rule names, see RULES); [] when it can serve it. `last`:
+    the block is the model's last layer."""
     broken = sublayer_violations(engine, block.attention, hidden_size) + sublayer_violations(engine, block.ffn, hidden_size)
     if "noop_ffn_after_attention" in broken and block.attention.no_op:
-        broken.remove("noop_ffn_after_attention")  # an empty layer is fine everywhere
+        broken.remove("noop_ffn_after_attention")  # an empty layer is fine in the middle
+    if last and block.ffn.no_op and not engine.noop_ffn_last_layer:
+        broken.append("noop_ffn_last_layer")
     return broken
 
 
 def violations(engine: Engine, blocks: Iterable[BlockConfig], hidden_size: int) -> list[tuple[int, BlockConfig, str]]:
     """(layer, block, rule) for every rule a child's blocks break, in layer order."""
-    return [(i, block, rule) for i, block in enumerate(blocks) for rule in block_violations(engine, block, hidden_size)]
+    blocks = list(blocks)
+    return [(i, block, rule) for i, block in enumerate(blocks)
+            for rule in block_violations(engine, block, hidden_size, last=i == len(blocks) - 1)]
 
 
 def check_child(engine_name: str | None, blocks: list[BlockConfig], hidden_size: int) -> None:

@@ -200,7 +200,8 @@ def test_engine_rules_match_what_its_loader_builds(engine, saved_child):
 
 
 def test_every_rule_refuses_something_and_every_engine_is_cited():
-    refused = {rule for e in ENGINES.values() for b in CANDIDATES for rule in block_violations(e, b, HIDDEN)}
+    refused = {rule for e in ENGINES.values() for b in CANDIDATES for last in (False, True)
+               for rule in block_violations(e, b, HIDDEN, last=last)}
     assert refused == set(RULES) - {"lm_head_weight"}  # lm_head_weight is about files, tested below
     for engine in ENGINES.values():
         assert set(engine.sources) == set(RULES), engine.name

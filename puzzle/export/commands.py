@@ -16,7 +16,7 @@ def _check(format: str, blocks: list, hidden_size: int) -> None:
     if format == "gguf":
         from .llamacpp import check_llamacpp
 
-        check_llamacpp(blocks)
+        check_llamacpp(blocks, hidden_size)
     elif format == "nemotron-nas":
         from .nemotron_nas import check_ffn_grid
 

@@ -16,19 +16,20 @@ What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cp
   stored (dropping a real attention's output) and after the last layer picked its output rows (left unused:
   llama.cpp 0c1e57098 aborts with GGML_ASSERT(buffer) when it sets that input).
 
-`LLAMACPP_RULES` lists the blocks that graph cannot run; `check_llamacpp` refuses them by layer.
+`check_llamacpp` refuses, by layer, the blocks that graph cannot run (the rules are `puzzle.engines`').
 """
 
 import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import gguf
 import numpy as np
 import torch
 
+from puzzle.engines import RULES, get_engine, violations
 from puzzle.errors import PuzzleError
 from puzzle.model.blocks import BlockConfig
 
@@ -37,26 +38,15 @@ from .fields import rope
 GGUF_DTYPES = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}
 
-# (the block breaks it (block, is it the last layer), why llama.cpp's deci graph cannot run it): from
-# src/models/deci.cpp (llama.cpp 0c1e57098, vendored by llama-cpp-python 0.3.36).
-LLAMACPP_RULES: tuple[tuple[Callable[[BlockConfig, bool], bool], str], ...] = (
-    (lambda b, last: b.ffn.replace_with_linear,
-     "a linear FFN: llama.cpp's deci architecture builds every FFN as SwiGLU (ffn_gate/ffn_up/ffn_down)"),
-    (lambda b, last: b.ffn.no_op and not b.attention.no_op,
-     "a no-op FFN after a real attention: llama.cpp's deci graph skips the layer's output when its FFN "
-     "width is 0, dropping the attention"),
-    (lambda b, last: b.ffn.no_op and last,
-     "a no-op FFN in the last layer: llama.cpp's deci graph selects the output tokens inside the last layer's "
-     "FFN step, which a width of 0 skips (llama.cpp aborts)"),
-)
-
-
-def check_llamacpp(blocks: list[BlockConfig]) -> None:
-    """Refuse the first layer whose block breaks one of `LLAMACPP_RULES`, in one line."""
-    for i, block in enumerate(blocks):
-        for breaks, why in LLAMACPP_RULES:
-            if breaks(block, i == len(blocks) - 1):
-                raise PuzzleError(f"layer {i} ({block.name}) cannot be exported to llama.cpp: {why}")
+def check_llamacpp(blocks: list[BlockConfig], hidden_size: int) -> None:
+    """Refuse the first layer whose block llama.cpp's deci graph cannot run (`puzzle.engines` "llamacpp"), in
+    one line. The GGUF carries each layer's exact FFN width, so the ffn_mult grid (a rule of llama.cpp's own
+    converter from a nemotron-nas checkpoint) does not apply here."""
+    engine = get_engine("llamacpp")
+    for layer, block, rule in violations(engine, blocks, hidden_size):
+        if rule != "ffn_mult_grid":
+            raise PuzzleError(f"layer {layer} ({block.name}) cannot be exported to llama.cpp: {RULES[rule]} "
+                              f"[{engine.source(rule)}]")
 
 
 def permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -204,7 +194,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "
         raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose {', '.join(GGUF_DTYPES)}")
     config = model.config
     blocks = config.blocks
-    check_llamacpp(blocks)
+    check_llamacpp(blocks, config.hidden_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)

@@ -12,7 +12,8 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.export.commands import export
-from puzzle.export.llamacpp import LLAMACPP_RULES, permute
+from puzzle.engines import RULES
+from puzzle.export.llamacpp import permute
 
 from conftest import make_llama, make_tokenizer
 from tiny_children import logits, make_child, save_child
@@ -141,17 +142,17 @@ def test_permute_pairs_each_heads_rotate_half_halves():
 
 
 @pytest.mark.parametrize("blocks, rule", [
-    (["attn_g2+ffn_128", "attn_g2+ffn_linear"], 0),
-    (["attn_g2+ffn_128", "attn_linear+ffn_noop", "attn_g2+ffn_128"], 1),
-    (["attn_g2+ffn_128", "attn_g4+ffn_noop", "attn_g2+ffn_128"], 1),
-    (["attn_g2+ffn_128", "attn_noop+ffn_noop"], 2),
+    (["attn_g2+ffn_128", "attn_g2+ffn_linear"], "linear_ffn"),
+    (["attn_g2+ffn_128", "attn_linear+ffn_noop", "attn_g2+ffn_128"], "noop_ffn_after_attention"),
+    (["attn_g2+ffn_128", "attn_g4+ffn_noop", "attn_g2+ffn_128"], "noop_ffn_after_attention"),
+    (["attn_g2+ffn_128", "attn_noop+ffn_noop"], "noop_ffn_last_layer"),
 ])
 def test_blocks_llamacpp_cannot_run_are_refused_by_layer(tmp_path, blocks, rule):
     path = save_child(make_child(blocks), tmp_path / "child")
     with pytest.raises(PuzzleError, match=r"^layer 1 \(" + blocks[1].replace("+", r"\+") + r"\) cannot be "
                        r"exported to llama.cpp: ") as err:
         export(path, tmp_path / "x.gguf", format="gguf")
-    assert LLAMACPP_RULES[rule][1] in str(err.value) and "\n" not in str(err.value)
+    assert RULES[rule] in str(err.value) and "\n" not in str(err.value)
     assert not (tmp_path / "x.gguf").exists()
 
 
@@ -159,7 +160,7 @@ def test_blocks_llamacpp_cannot_run_are_refused_by_layer(tmp_path, blocks, rule)
 def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     """Written anyway (rules off), llama.cpp gets them wrong: the rules are llama.cpp's, not caution. A no-op FFN
     after an attention loses the attention; in the last layer llama.cpp aborts (so in a subprocess)."""
-    monkeypatch.setattr("puzzle.export.llamacpp.LLAMACPP_RULES", ())
+    monkeypatch.setattr("puzzle.export.llamacpp.check_llamacpp", lambda blocks, hidden_size: None)
     child = make_child(["attn_g2+ffn_128", "attn_g4+ffn_noop", "attn_g2+ffn_128"])
     path = export(save_child(child, tmp_path / "a"), tmp_path / "a.gguf", format="gguf", dtype="f32")
     assert np.abs(run_llamacpp(path, TOKENS) - logits(child, TOKENS).numpy()).max() > TOL
