@@ -1,0 +1,87 @@
+import json
+
+import pytest
+from puzzle.errors import PuzzleError
+from puzzle.model.blocks import BlockConfig
+from puzzle.profiling.calibrate import Sample, calibrate, fit_factors, load_measured, predict_seconds, with_factors
+from puzzle.profiling.hardware import Device, HardwareProfile, Workload, load_profile
+from puzzle.shape import ModelShape
+
+SHAPE = ModelShape(hidden_size=256, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                   intermediate_size=768, num_hidden_layers=4, vocab_size=1000)
+# Children of SHAPE: depth and block kinds vary so the compute-, memory- and overhead-bound columns differ.
+CHILDREN = {
+    "parent": ["attn_g2+ffn_768"] * 4,
+    "narrow": ["attn_g4+ffn_256"] * 4,
+    "pruned": ["attn_g2+ffn_768", "attn_noop+ffn_512", "attn_linear+ffn_noop", "attn_g8+ffn_linear"],
+    "shallow": ["attn_g2+ffn_768"] * 2,
+}
+
+
+def profile(c=1.0, m=1.0, overhead=0.0, input_len=256):
+    device = Device("toy cpu", "cpu", {"fp16": 2e11}, 5e10, 1e10, c, m, kernel_overhead_s=overhead)
+    return HardwareProfile("toy", device, Workload(1, input_len, 64, "fp16"))
+
+
+def samples_from(truth: HardwareProfile) -> list[Sample]:
+    out = []
+    for name, blocks in CHILDREN.items():
+        blocks = tuple(BlockConfig.from_name(b) for b in blocks)
+        for phase in ("prefill", "decode"):
+            s = Sample(name, blocks, phase, 0.0)
+            out.append(Sample(name, blocks, phase, predict_seconds(s, SHAPE, truth)))
+    return out
+
+
+@pytest.mark.parametrize("c, m, overhead", [(0.35, 0.6, 3e-6), (0.8, 0.25, 0.0), (0.5, 0.5, 2e-5)])
+def test_fit_recovers_known_factors(c, m, overhead):
+    samples = samples_from(profile(c, m, overhead))
+    fit = fit_factors(samples, SHAPE, profile())  # starts from c = m = 1, no overhead
+    assert fit.compute_efficiency == pytest.approx(c, rel=1e-3)
+    assert fit.memory_efficiency == pytest.approx(m, rel=1e-3)
+    assert fit.kernel_overhead_s == pytest.approx(overhead, rel=1e-3, abs=1e-10)
+    assert fit.rel_rms < 1e-6
+
+
+def test_fit_brings_predictions_in_line():
+    truth = profile(0.3, 0.45, 5e-6)
+    samples = samples_from(truth)
+    start = profile()
+    before = max(abs(predict_seconds(s, SHAPE, start) / s.seconds - 1) for s in samples)
+    fit = fit_factors(samples, SHAPE, start)
+    fitted = with_factors(start, fit.compute_efficiency, fit.memory_efficiency, fit.kernel_overhead_s)
+    after = max(abs(predict_seconds(s, SHAPE, fitted) / s.seconds - 1) for s in samples)
+    assert before > 0.5 and after < 1e-3
+
+
+def test_calibrate_writes_a_loadable_profile(tmp_path):
+    base = load_profile("cpu_local")
+    truth = with_factors(base, 0.4, 0.2, 2e-6)
+    samples = samples_from(truth)
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({
+        "shape": SHAPE.__dict__,
+        "samples": [{"name": s.name, "blocks": [b.name for b in s.blocks], "phase": s.phase, "seconds": s.seconds}
+                    for s in samples],
+    }))
+    out, fit = calibrate(measured, "cpu_local")
+    assert out == tmp_path / "cpu_local.calibrated.yaml"
+    written = load_profile(out)
+    assert written.device.compute_efficiency == pytest.approx(0.4, rel=1e-3)
+    assert written.device.memory_efficiency == pytest.approx(0.2, rel=1e-3)
+    assert written.device.kernel_overhead_s == pytest.approx(2e-6, rel=1e-3)
+    assert written.workload == base.workload
+    assert "calibrate" in out.read_text().splitlines()[0]
+
+
+def test_too_few_timings_is_a_user_error():
+    samples = samples_from(profile())[:2]
+    with pytest.raises(PuzzleError, match="at least 3"):
+        fit_factors(samples, SHAPE, profile())
+
+
+def test_bad_measured_file_is_a_user_error(tmp_path):
+    bad = tmp_path / "m.json"
+    bad.write_text(json.dumps({"shape": SHAPE.__dict__, "samples": [{"blocks": [], "phase": "train", "seconds": 1}]}))
+    with pytest.raises(PuzzleError, match="phase"):
+        load_measured(bad)
