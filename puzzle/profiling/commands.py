@@ -70,6 +70,13 @@ def table_model_costs(table: pd.DataFrame, meta: dict[str, Any], blocks: list[Bl
 
 def _should_measure(profile: HardwareProfile, measure: bool | None) -> torch.device | None:
     """The torch device to measure on, or None for the roofline."""
+    if profile.device.engine == "llamacpp":
+        # llama.cpp runs whole GGUF models, not one sublayer: its timings calibrate the roofline instead
+        # (scripts/bench_engine.py measures parent and children, `puzzle profile --calibrate` fits them).
+        if measure:
+            raise PuzzleError(f"{profile.name} is a llama.cpp profile: per-variant timing needs torch; measure whole "
+                              "models with scripts/bench_engine.py and fit them with --calibrate MEASURED.json")
+        return None
     if profile.device.kind == "cpu":
         return torch.device("cpu") if measure in (None, True) else None
     if torch.cuda.is_available():
@@ -110,6 +117,8 @@ def profile(
     measure: bool | None = None,
     repeats: int = 15,
     force: bool = False,
+    calibrate: Path | None = None,
+    output: Path | None = None,
 ) -> Path:
     """Latency and memory of every search-space variant on a hardware profile (roofline or measured).
 
@@ -121,10 +130,19 @@ def profile(
         measure: time every variant on this machine (default: for cpu_local, and for GPU profiles when a GPU is present)
         repeats: timing samples per measurement (the median is kept)
         force: recompute even when the costs are up to date
+        calibrate: instead of profiling, fit BUDGET's efficiencies and per-kernel overhead to the whole-model
+            timings in this MEASURED.json (format: puzzle/profiling/calibrate.py) and write a calibrated profile
+        output: with --calibrate, the calibrated profile's path (default: MEASURED's folder/BUDGET.calibrated.yaml)
     """
     from puzzle.model.checkpoint import load_config, puzzle_config_from
     from puzzle.search_space import load_search_space
 
+    if calibrate is not None:
+        from .calibrate import calibrate as fit_profile, fit_report
+
+        out, fit = fit_profile(calibrate, budget, output)
+        log.info(json.dumps({"event": "profile_calibrated", "path": str(out), **fit_report(fit)}))
+        return out
     hw = load_profile(budget)
     if repeats <= 0:
         raise PuzzleError(f"--repeats must be positive, got {repeats}")

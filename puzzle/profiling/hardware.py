@@ -13,6 +13,7 @@ A profile is `hardware_profiles/<name>.yaml` (or any YAML path):
       efficiency: {compute: 0.7, memory: 0.8}          # achievable share of the peaks, in (0, 1]
       kernel_overhead_s: 0.0          # optional: fixed cost per kernel launch / eager op
       threads: null                   # optional, cpu only: torch threads while measuring
+      engine: torch                   # optional: torch (measurable per sublayer) | llamacpp (roofline only)
     workload: {batch_size: 64, input_len: 1024, output_len: 1024, dtype: bf16}
     constraints: {speedup: 1.5, memory_gib: 67.0}
 
@@ -48,6 +49,7 @@ class Device:
     memory_efficiency: float
     kernel_overhead_s: float = 0.0
     threads: int | None = None
+    engine: str = "torch"  # what runs the model: torch (profile can time each sublayer) | llamacpp
 
     def flops_per_s(self, dtype: str) -> float:
         """Achievable FLOP/s in `dtype`: peak x compute efficiency."""
@@ -164,7 +166,7 @@ def _mapping(where: str, raw: Any, allowed: set[str], required: set[str]) -> dic
 
 
 def _parse_device(raw: Any, where: str) -> Device:
-    keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s", "threads"}
+    keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s", "threads", "engine"}
     raw = _mapping(where, raw, keys, {"name", "peak_flops", "memory_bandwidth", "memory_bytes"})
     kind = raw.get("kind", "gpu")
     if kind not in ("gpu", "cpu"):
@@ -188,7 +190,17 @@ def _parse_device(raw: Any, where: str) -> Device:
         memory_efficiency=efficiency["memory"],
         kernel_overhead_s=_number(f"{where}.kernel_overhead_s", raw.get("kernel_overhead_s", 0.0), positive=False),
         threads=None if threads is None else _number(f"{where}.threads", threads, integer=True),
+        engine=_engine(raw.get("engine", "torch"), where),
     )
+
+
+ENGINES = ("torch", "llamacpp")
+
+
+def _engine(value: Any, where: str) -> str:
+    if value not in ENGINES:
+        raise PuzzleError(f"{where}.engine must be one of {', '.join(ENGINES)}, got {value!r}")
+    return value
 
 
 def _check_workload(workload: Workload, device: Device, where: str) -> None:
