@@ -3,8 +3,8 @@
 On a run directory that already holds a library and scores (e.g. a quick run): profile on cpu_llamacpp,
 solve for each predicted speedup with --target-engine llamacpp, realize, export parent and children to
 GGUF, then time them in llama.cpp (llama-cpp-python), parent and children interleaved, REPEATS rounds:
-prompt eval of INPUT_LEN tokens and OUTPUT_LEN single-token decode steps, from llama.cpp's own perf
-counters (llama_perf_context). Finally `puzzle profile --calibrate` fits the profile to these timings,
+prompt eval of INPUT_LEN tokens and OUTPUT_LEN single-token decode steps, timed by the wall clock
+around Llama.eval (llama_decode). Finally `puzzle profile --calibrate` fits the profile to these timings,
 in-sample on all models and leave-one-out per child (fit without that child, predict it).
 
     python scripts/bench_engine.py --run-dir runs/engine      -> benchmarks/engine.{md,json}
@@ -57,7 +57,12 @@ def build(run_dir: Path, targets: list[float], dtype: str) -> tuple[dict[str, Pa
 
 
 def measure(ggufs: dict[str, Path], input_len: int, output_len: int, repeats: int, threads: int) -> dict:
-    """name -> {prefill_s: [..], decode_s: [..]} (decode_s: mean seconds of one step), llama.cpp's own timers."""
+    """name -> {prefill_s: [..], decode_s: [..]} (decode_s: mean seconds of one step).
+
+    Wall clock around `Llama.eval` (llama_decode + reading the last row of logits): llama_perf_context
+    counted one prompt and one eval call per round under llama-cpp-python 0.3.36's `eval`, so its
+    counters do not give per-token figures here.
+    """
     import llama_cpp
 
     llms = {n: llama_cpp.Llama(str(p), n_ctx=input_len + output_len + 8, n_batch=input_len, n_threads=threads,
@@ -67,18 +72,17 @@ def measure(ggufs: dict[str, Path], input_len: int, output_len: int, repeats: in
     for rep in range(repeats + 1):  # round 0 warms up
         for name, llm in llms.items():
             llm.reset()
-            ctx = llm._ctx.ctx
-            llama_cpp.llama_perf_context_reset(ctx)
+            start = time.perf_counter()
             llm.eval(prompt)
+            prefill = time.perf_counter() - start
+            start = time.perf_counter()
             for i in range(output_len):
                 llm.eval([(7 * i + 5) % 1000 + 100])
-            perf = llama_cpp.llama_perf_context(ctx)
-            assert perf.n_p_eval == input_len and perf.n_eval == output_len, (perf.n_p_eval, perf.n_eval)
+            decode = (time.perf_counter() - start) / output_len
             if rep:
-                out[name]["prefill_s"].append(perf.t_p_eval_ms / 1e3)
-                out[name]["decode_s"].append(perf.t_eval_ms / 1e3 / perf.n_eval)
-            print(json.dumps({"rep": rep, "model": name, "prompt_tok_s": input_len / (perf.t_p_eval_ms / 1e3),
-                              "gen_tok_s": perf.n_eval / (perf.t_eval_ms / 1e3)}), flush=True)
+                out[name]["prefill_s"].append(prefill)
+                out[name]["decode_s"].append(decode)
+            print(json.dumps({"rep": rep, "model": name, "prompt_tok_s": input_len / prefill, "gen_tok_s": 1 / decode}), flush=True)
     return out
 
 
@@ -155,8 +159,8 @@ def main() -> None:
         "# A child's speedup measured in llama.cpp", "",
         f"`python scripts/bench_engine.py` at commit {commit}, llama-cpp-python {llama_cpp.__version__}, profile "
         f"`{PROFILE}` (batch {w.batch_size}, {w.input_len} prompt + {w.output_len} generated tokens, {args.dtype} GGUF, "
-        f"{hw.device.threads} threads), {args.repeats} interleaved rounds after a warm-up, medians of llama.cpp's "
-        "own perf counters. Speedup = parent's (prefill + output_len decode steps) time / the child's.", "",
+        f"{hw.device.threads} threads), {args.repeats} interleaved rounds after a warm-up, medians of wall-clock "
+        "time around llama-cpp-python's `Llama.eval` (llama_decode). Speedup = parent's (prefill + output_len decode steps) time / the child's.", "",
         f"Parent: {result['parent']['prompt_tok_s']:.1f} prompt tok/s, {result['parent']['gen_tok_s']:.1f} generation tok/s.", "",
         "| budget | predicted | calibrated, leave-one-out | calibrated, in-sample | prompt tok/s | gen tok/s | prompt speedup | gen speedup | measured speedup |",
         "|---|---|---|---|---|---|---|---|---|",
