@@ -85,3 +85,13 @@ def test_bad_measured_file_is_a_user_error(tmp_path):
     bad.write_text(json.dumps({"shape": SHAPE.__dict__, "samples": [{"blocks": [], "phase": "train", "seconds": 1}]}))
     with pytest.raises(PuzzleError, match="phase"):
         load_measured(bad)
+
+
+def test_llamacpp_profile_uses_the_roofline_and_refuses_measure():
+    from puzzle.profiling.commands import _should_measure
+
+    hw = load_profile("cpu_llamacpp")
+    assert hw.device.engine == "llamacpp"
+    assert _should_measure(hw, None) is None
+    with pytest.raises(PuzzleError, match="calibrate"):
+        _should_measure(hw, True)
