@@ -91,6 +91,45 @@ def median(xs: list[float]) -> float:
     return xs[len(xs) // 2] if len(xs) % 2 else 0.5 * (xs[len(xs) // 2 - 1] + xs[len(xs) // 2])
 
 
+
+def render(result: dict, out: Path) -> None:
+    """benchmarks/engine.md from the result JSON (also: `--render engine.json` re-renders without timing)."""
+    w, f, fit = result["workload"], result["factors"], result["fit_all"]
+    rows = result["rows"]
+    err = [abs(r["predicted"] - r["measured"]) / r["measured"] for r in rows]
+    at_15 = [r for r in rows if r["model"] == "engine_1.5x"]
+    lines = [
+        "# A child's speedup measured in llama.cpp", "",
+        f"`python scripts/bench_engine.py` at commit {result['commit']}, llama-cpp-python {result['llama_cpp_python']}, profile "
+        f"`{result['profile']}` (batch {w['batch_size']}, {w['input_len']} prompt + {w['output_len']} generated tokens, "
+        f"{result['dtype']} GGUF, {result['threads']} threads), {result['repeats']} interleaved rounds after a warm-up, medians of wall-clock "
+        "time around llama-cpp-python's `Llama.eval` (llama_decode). Speedup = parent's (prefill + output_len decode steps) time / the child's.", "",
+        f"*Predicted* is the solver's roofline on the profile as shipped (compute efficiency {f['compute']:.4g}, memory "
+        f"efficiency {f['memory']:.4g}, {f['kernel_overhead_s']:.4g} s per op: `hardware_profiles/{result['profile']}.yaml`, "
+        "calibrated from an earlier run of this script); the children were solved on it.", "",
+        f"Parent: {result['parent']['prompt_tok_s']:.1f} prompt tok/s, {result['parent']['gen_tok_s']:.1f} generation tok/s.", "",
+        "| budget | predicted | calibrated, leave-one-out | calibrated, in-sample | prompt tok/s | gen tok/s | prompt speedup | gen speedup | measured speedup |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['predicted']:.2f}x | {r['predicted_calibrated_loo']:.2f}x | {r['predicted_calibrated_all']:.2f}x "
+                     f"| {r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.1f} | {r['prompt_speedup']:.2f}x | {r['gen_speedup']:.2f}x | {r['measured']:.2f}x |")
+    lines += [""]
+    if at_15:
+        m = at_15[0]["measured"]
+        lines.append(f"Goals: measured >= 1.5x at the 1.5x budget: **{'yes' if m >= 1.5 else 'no'}** ({m:.2f}x); predicted within "
+                     f"+-15% of measured at every budget: **{'yes' if max(err) <= 0.15 else 'no'}** (largest error {max(err):.1%}).")
+    lines += ["", "Calibration: `puzzle profile --calibrate benchmarks/engine_measured.json --budget cpu_llamacpp` fits "
+              "compute and memory efficiency and a per-op overhead by least squares on relative errors of the "
+              "median prefill and per-step decode times. *Leave-one-out*: fitted on the parent and the other "
+              "children, then predicting this child (out of sample). *In-sample*: fitted on all models, "
+              "these included (not a validation).",
+              f"In-sample fit: compute {fit['compute_efficiency']:.3f}, memory {fit['memory_efficiency']:.3f}, "
+              f"overhead {fit['kernel_overhead_s']:.3g} s/op, relative RMS error {fit['rel_rms']:.3f}.",
+              "", f"Wall time {result['wall_s']:.0f} s. llama.cpp system info: `{result['system_info'].strip()}`"]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--run-dir", type=Path, default=ROOT / "runs/engine")
@@ -98,7 +137,10 @@ def main() -> None:
     ap.add_argument("--dtype", default="f16")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks/engine")
+    ap.add_argument("--render", type=Path, help="re-render the markdown from an existing result JSON; time nothing")
     args = ap.parse_args()
+    if args.render:
+        return render(json.loads(args.render.read_text()), args.out)
     t0 = time.time()
     hw = load_profile(PROFILE)
     w = hw.workload
@@ -148,36 +190,16 @@ def main() -> None:
         "parent": {"prompt_tok_s": w.input_len / median(timings["parent"]["prefill_s"]),
                    "gen_tok_s": 1 / median(timings["parent"]["decode_s"])},
         "rows": rows, "timings": timings,
-        "fit_all": vars(fit_all), "wall_s": time.time() - t0,
+        "fit_all": vars(fit_all), "wall_s": time.time() - t0, "threads": hw.device.threads,
+        "factors": {"compute": hw.device.compute_efficiency, "memory": hw.device.memory_efficiency,
+                    "kernel_overhead_s": hw.device.kernel_overhead_s},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(result, indent=1))
     measured_json = args.out.with_name("engine_measured.json")
     measured_json.write_text(json.dumps({"shape": vars(shape), "samples": [
         {"name": s.name, "blocks": [b.name for b in s.blocks], "phase": s.phase, "seconds": s.seconds} for s in samples]}))
-    lines = [
-        "# A child's speedup measured in llama.cpp", "",
-        f"`python scripts/bench_engine.py` at commit {commit}, llama-cpp-python {llama_cpp.__version__}, profile "
-        f"`{PROFILE}` (batch {w.batch_size}, {w.input_len} prompt + {w.output_len} generated tokens, {args.dtype} GGUF, "
-        f"{hw.device.threads} threads), {args.repeats} interleaved rounds after a warm-up, medians of wall-clock "
-        "time around llama-cpp-python's `Llama.eval` (llama_decode). Speedup = parent's (prefill + output_len decode steps) time / the child's.", "",
-        f"Parent: {result['parent']['prompt_tok_s']:.1f} prompt tok/s, {result['parent']['gen_tok_s']:.1f} generation tok/s.", "",
-        "| budget | predicted | calibrated, leave-one-out | calibrated, in-sample | prompt tok/s | gen tok/s | prompt speedup | gen speedup | measured speedup |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(f"| {r['model']} | {r['predicted']:.2f}x | {r['predicted_calibrated_loo']:.2f}x | {r['predicted_calibrated_all']:.2f}x "
-                     f"| {r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.1f} | {r['prompt_speedup']:.2f}x | {r['gen_speedup']:.2f}x | {r['measured']:.2f}x |")
-    lines += ["", "Calibration: `puzzle profile --calibrate benchmarks/engine_measured.json --budget cpu_llamacpp` fits "
-              "compute and memory efficiency and a per-op overhead by least squares on relative errors of the "
-              "median prefill and per-step decode times. *Leave-one-out*: fitted on the parent and the other "
-              "children, then predicting this child (out of sample). *In-sample*: fitted on all models, "
-              "these included (not a validation).",
-              f"In-sample fit: compute {fit_all.compute_efficiency:.3f}, memory {fit_all.memory_efficiency:.3f}, "
-              f"overhead {fit_all.kernel_overhead_s:.3g} s/op, relative RMS error {fit_all.rel_rms:.3f}.",
-              f"", f"Wall time {result['wall_s']:.0f} s. llama.cpp system info: `{result['system_info'].strip()}`"]
-    args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    render(result, args.out)
 
 
 if __name__ == "__main__":
