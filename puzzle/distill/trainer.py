@@ -45,7 +45,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from puzzle.device import CPU_FP32, Runtime, place
+from puzzle.device import Runtime, place
 from puzzle.errors import PuzzleError
 from puzzle.io import (
     JsonlLog,
@@ -250,12 +250,17 @@ class Distiller:
         *,
         kept_layers: list[int] | None = None,
         kept_channels: list[int] | None = None,
-        runtime: Runtime = CPU_FP32,
+        runtime: Runtime | None = None,
         gradient_checkpointing: bool = False,
     ) -> None:
-        self.runtime = runtime
-        self.teacher = place(to_puzzle(teacher), runtime.device, runtime.dtype).eval().requires_grad_(False)
-        self.student = place(to_puzzle(student), runtime.device, torch.float32)  # fp32 master weights
+        """`runtime` (puzzle.device.resolve): where and in which precision to train; the teacher and the
+        student are placed there (in place: no copy). None: both stay where and as they are, fp32 maths."""
+        self.teacher = to_puzzle(teacher).eval().requires_grad_(False)
+        self.student = to_puzzle(student)
+        if runtime is not None:
+            place(self.teacher, runtime.device, runtime.dtype)  # held once, in the low dtype
+            place(self.student, runtime.device, torch.float32)  # fp32 master weights
+        self.runtime = runtime or Runtime(next(self.student.parameters()).device, "fp32")
         if gradient_checkpointing:
             enable_checkpointing(self.student)
         self.config = config
@@ -280,8 +285,8 @@ class Distiller:
             self.params += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
         c = config
         self.optimizer = torch.optim.AdamW(_param_groups(self.params, c.weight_decay), lr=c.lr, betas=c.betas,
-                                           **(runtime.adamw_kwargs() if runtime.is_cuda else {}))
-        self.scaler = runtime.grad_scaler()  # fp16 on CUDA: loss scaling; a pass-through otherwise
+                                           **(self.runtime.adamw_kwargs() if self.runtime.is_cuda else {}))
+        self.scaler = self.runtime.grad_scaler()  # fp16 on CUDA: loss scaling; a pass-through otherwise
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint and result.json record and compare on resume: the config, and the dtype when
