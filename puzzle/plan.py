@@ -211,7 +211,8 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     then `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
     two (chunk_tokens, V) temporaries, the cached prefix and final hidden states (a few b x D), one
     library variant's weights. Each variant runs from its layer to the end (the prefix is reused).
-    It runs on the plan's --device (the config's score section must say so: its `device` defaults to cpu)."""
+    It runs on the plan's --device (its `device` defaults to auto: CUDA where a GPU is visible). Sizes are
+    fp32's: the plan does not yet price `--dtype bf16` (puzzle/device.py), which halves the parent's share."""
     shape, T = ctx.shape, ctx.seq_len
     b = args["batch_size"] * T
     V, D, L = shape.vocab_size, shape.hidden_size, shape.num_hidden_layers

@@ -58,6 +58,9 @@ def distill(
     seed: int = 0,
     resume: bool = True,
     threads: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    gradient_checkpointing: bool | None = None,
 ) -> Path:
     """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
 
@@ -87,13 +90,22 @@ def distill(
         seed: data order seed
         resume: continue from OUT's last checkpoint (--no-resume starts over, discarding it)
         threads: torch CPU threads
+        device: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
+        dtype: the teacher's dtype and the student's autocast dtype (its weights and AdamW state stay fp32):
+            auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
+        gradient_checkpointing: recompute each student decoder layer in the backward instead of keeping its
+            activations (default: on for CUDA, off on the CPU)
     """
     from puzzle.data.blocks import check_token_ids, load_blocks
+    from puzzle.device import resolve
 
     for name, value in (("--teacher", teacher), ("--student", student), ("--run-dir", run_dir)):
         if value is None:
             raise PuzzleError(f"{name} is required")
     teacher, student, run_dir = Path(teacher), Path(student), Path(run_dir)
+    runtime = resolve(device, dtype)
+    if gradient_checkpointing is None:
+        gradient_checkpointing = runtime.is_cuda  # where memory binds; on the CPU it would only cost time
     if threads:
         torch.set_num_threads(threads)
     out = Path(out) if out is not None else RunDir(run_dir).distill_out(student)
@@ -114,16 +126,17 @@ def distill(
     result_path = out / RESULT_FILE
     if resume and result_path.exists() and model_dir.exists():
         done = read_json(result_path)
-        if done.get("config") == config.to_json() and done.get("complete"):
+        if done.get("config") == {**config.to_json(), **runtime.settings()} and done.get("complete"):
             print(f"distill: {out} is complete (step {done['step']}); nothing to do")
             return model_dir
-    teacher_model = load_model(teacher)
+    teacher_model = load_model(teacher, dtype=runtime.dtype)  # held once, frozen, in the runtime's dtype
     for blocks in (train_data, val_data):
         check_token_ids(blocks, teacher_model.config.vocab_size)
     original = load_model(student)
     record = _student_record(student)
     distiller = Distiller(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
-                          kept_channels=record.get("channels"))
+                          kept_channels=record.get("channels"), runtime=runtime,
+                          gradient_checkpointing=gradient_checkpointing)
     result = distiller.train(train_data, val_data[:val_blocks], resume=resume)
     try:
         tokenizer = load_tokenizer(student)
@@ -131,7 +144,7 @@ def distill(
         tokenizer = None
     save_student(result.student, original, model_dir, tokenizer, record or None)
     atomic_write_json(result_path, {"teacher": str(teacher), "student": str(student), "step": result.step,
-                                    "complete": result.complete, "val": result.val, "config": config.to_json()})
+                                    "complete": result.complete, "val": result.val, "config": distiller.settings()})
     print(f"distill: step {result.step}: val LM loss {result.val['lm_loss']:.4f}, KL {result.val['kl']:.4f}, "
           f"top-1 {result.val['top1_agreement']:.3f} -> {model_dir}")
     return model_dir

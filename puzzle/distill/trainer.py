@@ -5,6 +5,13 @@ Loss = kl_weight * forward KL(teacher || student) at a temperature + lm_weight *
 the widths differ). AdamW with linear warm-up then cosine decay to `min_lr`, gradient accumulation,
 gradient clipping; validation (LM loss, KL to the teacher, top-1 agreement) every `val_every` steps.
 
+Precision and memory (`runtime`, puzzle.device): the teacher is held once in the runtime's dtype, frozen
+(no gradients, no optimizer state); the student keeps fp32 (master) weights and fp32 AdamW moments (fused
+on CUDA) and runs its forward under `torch.autocast` in bf16 / fp16 (fp16 with a GradScaler on CUDA);
+fp32 is plain fp32 training. `gradient_checkpointing` recomputes each decoder layer in the backward
+(transformers' GradientCheckpointingLayer, non-reentrant torch.utils.checkpoint) instead of keeping its
+activations: O(1) layers of activations instead of O(L), for about one more forward of compute.
+
 Everything in `out_dir`:
   log.jsonl        one record per optimizer step (split "train") and per validation (split "val")
   val_loss.png     validation LM loss and KL against steps
@@ -38,6 +45,7 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from puzzle.device import Runtime, place
 from puzzle.errors import PuzzleError
 from puzzle.io import (
     JsonlLog,
@@ -205,6 +213,20 @@ def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def enable_checkpointing(model: PuzzleForCausalLM) -> None:
+    """Recompute each decoder layer in the backward (PuzzleDecoderLayer is transformers'
+    GradientCheckpointingLayer), non-reentrant as torch advises. transformers 5 calls it
+    activation_checkpointing_enable (gradient_checkpointing_enable is its deprecated alias), 4.x only the latter."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable({"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def is_checkpointing(model: nn.Module) -> bool:
+    return any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
+
+
 def make_projection(student_width: int, teacher_width: int, kept_channels: list[int] | None = None) -> nn.Linear:
     """Student -> teacher hidden width. From a width-pruned student (`kept_channels` known) it starts as
     the map putting each kept channel back where it came from."""
@@ -228,9 +250,19 @@ class Distiller:
         *,
         kept_layers: list[int] | None = None,
         kept_channels: list[int] | None = None,
+        runtime: Runtime | None = None,
+        gradient_checkpointing: bool = False,
     ) -> None:
+        """`runtime` (puzzle.device.resolve): where and in which precision to train; the teacher and the
+        student are placed there (in place: no copy). None: both stay where and as they are, fp32 maths."""
         self.teacher = to_puzzle(teacher).eval().requires_grad_(False)
         self.student = to_puzzle(student)
+        if runtime is not None:
+            place(self.teacher, runtime.device, runtime.dtype)  # held once, in the low dtype
+            place(self.student, runtime.device, torch.float32)  # fp32 master weights
+        self.runtime = runtime or Runtime(next(self.student.parameters()).device, "fp32")
+        if gradient_checkpointing:
+            enable_checkpointing(self.student)
         self.config = config
         self.out_dir = Path(out_dir)
         self.log = JsonlLog(self.out_dir / LOG_FILE)
@@ -252,10 +284,23 @@ class Distiller:
         if self.projection is not None:
             self.params += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
         c = config
-        self.optimizer = torch.optim.AdamW(_param_groups(self.params, c.weight_decay), lr=c.lr, betas=c.betas)
+        self.optimizer = torch.optim.AdamW(_param_groups(self.params, c.weight_decay), lr=c.lr, betas=c.betas,
+                                           **(self.runtime.adamw_kwargs() if self.runtime.is_cuda else {}))
+        self.scaler = self.runtime.grad_scaler()  # fp16 on CUDA: loss scaling; a pass-through otherwise
+
+    def settings(self) -> dict[str, Any]:
+        """What a checkpoint and result.json record and compare on resume: the config, and the dtype when
+        it is not fp32 (`Runtime.settings`: runs written before --dtype keep resuming)."""
+        return {**self.config.to_json(), **self.runtime.settings()}
 
     # --- the loss of one micro-batch -------------------------------------------------------------
     def _loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """The micro-batch's loss, its forward (teacher, student, chunked logits) under the runtime's
+        autocast (nothing under fp32); the caller runs the backward outside it."""
+        with self.runtime.autocast():
+            return self._forward_loss(ids)
+
+    def _forward_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         need_hidden = c.hidden_loss != "none"
         with torch.no_grad():
@@ -298,7 +343,7 @@ class Distiller:
             files = {name: {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
                      for name in CHECKPOINT_FILES}
             atomic_write_json(tmp / "trainer.json", {
-                "step": step, "elapsed_s": elapsed, "tokens": tokens, "config": self.config.to_json(),
+                "step": step, "elapsed_s": elapsed, "tokens": tokens, "config": self.settings(),
                 "param_names": [n for n, _ in self.params], "param_groups": groups, "files": files,
             })
             commit_dir(tmp, out)
@@ -335,8 +380,9 @@ class Distiller:
         intact; PuzzleError when it is intact but of other settings or another student."""
         meta = self.verify_checkpoint(path)
         saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
-        now = {k: v for k, v in self.config.to_json().items() if k not in _RESUMABLE_CHANGES}
-        changed = sorted(f"{k} {saved.get(k)!r} -> {now[k]!r}" for k in now if saved.get(k) != now[k])  # name, both values
+        now = {k: v for k, v in self.settings().items() if k not in _RESUMABLE_CHANGES}
+        changed = sorted(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now.keys() | saved.keys()
+                         if saved.get(k) != now.get(k))  # name, both values (a key only one side has: the dtype)
         if changed:
             raise PuzzleError(f"{self.out_dir} holds a run with different settings ({', '.join(changed)}); "
                               f"{START_OVER}, or choose another output directory")
@@ -402,7 +448,7 @@ class Distiller:
 
         `train_blocks` / `val_blocks`: (n, T) token ids (numpy memmap, array or tensor)."""
         c = self.config
-        device = next(self.student.parameters()).device
+        device = self.runtime.device
         data = MicroBatches(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
         val = torch.as_tensor(np.asarray(_as_tensor_blocks(val_blocks), dtype=np.int64))
         val_batches = [val[i : i + (val_batch_size or c.batch_size)] for i in range(0, len(val), val_batch_size or c.batch_size)]
@@ -418,8 +464,12 @@ class Distiller:
         else:
             self.log.path.unlink(missing_ok=True)
         teacher_hidden = teacher_outputs(self.teacher, val_batches)
-        validate = lambda: _metrics(evaluate_kd(self.teacher, self.student, val_batches,  # noqa: E731
-                                                teacher_hidden=teacher_hidden, chunk_tokens=c.chunk_tokens))
+
+        def validate() -> dict[str, float]:
+            with self.runtime.autocast():
+                return _metrics(evaluate_kd(self.teacher, self.student, val_batches, teacher_hidden=teacher_hidden,
+                                            chunk_tokens=c.chunk_tokens))
+
         last_val = None
         if start == 0:
             last_val = validate()
@@ -436,13 +486,15 @@ class Distiller:
             for micro in range(c.grad_accum):
                 ids = data[step * c.grad_accum + micro].to(device)
                 loss, stats = self._loss(ids)
-                (loss / c.grad_accum).backward()
+                self.scaler.scale(loss / c.grad_accum).backward()
                 for k, v in stats.items():
                     totals[k] = totals.get(k, 0.0) + v / c.grad_accum
                 tokens += ids.numel()
             params = [p for _, p in self.params]
+            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without loss scaling)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)  # skips the step on inf / NaN gradients under fp16 scaling
+            self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
             now = elapsed + time.perf_counter() - clock

@@ -61,7 +61,8 @@ def predicted_costs(run_dir: Path, model_config: Any, budget: str) -> dict[str, 
 @writes_run_dir("evaluate")
 def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs/default"), val_blocks: int = 32,
              batch_size: int = 4, mc_tasks: list[str] | None = None, budget: str | None = "h100_80gb",
-             measure: bool = True, name: str | None = None, lm_eval_tasks: list[str] | None = None) -> dict[str, Any]:
+             measure: bool = True, name: str | None = None, lm_eval_tasks: list[str] | None = None,
+             device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
     """Validation perplexity, KL and top-1 agreement with the parent, multiple choice, throughput.
 
     Args:
@@ -77,27 +78,32 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         name: result name (default: the model directory's name)
         lm_eval_tasks: lm-evaluation-harness task names, local task YAMLs, or MC JSONL files (scored by
             lm-eval's own code); needs lm_eval installed (pip install 'puzzle[lm-eval]'); hub access stays off
+        device: where to evaluate: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
+        dtype: the models' dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (metrics in fp32)
     """
     from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks
+    from puzzle.device import place, resolve
 
     run_dir = Path(run_dir)
+    runtime = resolve(device, dtype)
     name = name or Path(model).name
     if parent is None and (recorded := RunDir(run_dir).info().get("parent")):
         parent = Path(recorded)
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
-    subject = load_model(model)
+    subject = place(load_model(model, dtype=runtime.dtype), runtime.device)
     check_token_ids(blocks, subject.config.vocab_size)
     if parent is None:
         reference = None
     elif Path(parent).resolve() == Path(model).resolve():
         reference = subject  # the parent against itself: KL 0 and agreement 1, from one forward
     else:
-        reference = load_model(parent)
+        reference = place(load_model(parent, dtype=runtime.dtype), runtime.device)
     if reference is not None and reference.config.vocab_size != subject.config.vocab_size:
         raise PuzzleError(f"{model} and its parent {parent} have different vocabularies")
     started = time.perf_counter()
-    result: dict[str, Any] = {"model": str(model), "parent": str(parent) if parent else None, "name": name}
+    result: dict[str, Any] = {"model": str(model), "parent": str(parent) if parent else None, "name": name,
+                              "device": str(runtime.device), "dtype": runtime.dtype_name}
     result["params"] = sum(p.numel() for p in subject.parameters())
     result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)
     if mc_items:

@@ -120,8 +120,9 @@ def choice_scores(model: Any, items: list[tuple[list[int], list[list[int]]]], pa
             rows += [r] * len(scored)
             at += [p for p, _, _ in scored]
             targets += [t for _, t, _ in scored]
-        hidden = model.model(input_ids=ids, attention_mask=_packed_mask(segments), position_ids=positions,
-                             use_cache=False).last_hidden_state  # (B, W, D)
+        device = model.lm_head.weight.device
+        hidden = model.model(input_ids=ids.to(device), attention_mask=_packed_mask(segments).to(device),
+                             position_ids=positions.to(device), use_cache=False).last_hidden_state  # (B, W, D)
         logp = F.log_softmax(model.lm_head(hidden[torch.tensor(rows), torch.tensor(at)]).float(), dim=-1)  # (n, V)
         token_logp = logp[torch.arange(len(targets)), torch.tensor(targets)].tolist()
         j = 0

@@ -10,8 +10,8 @@ from puzzle.metrics import Sums, kd_terms
 
 
 def final_hidden(model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-    """(B, T, D) final normed hidden states: what the LM head reads."""
-    return model.model(input_ids=input_ids, use_cache=False).last_hidden_state
+    """(B, T, D) final normed hidden states: what the LM head reads (ids moved to the model's device)."""
+    return model.model(input_ids=input_ids.to(model.device), use_cache=False).last_hidden_state
 
 
 @torch.no_grad()

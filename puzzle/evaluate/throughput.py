@@ -13,15 +13,20 @@ def measure_throughput(model: Any, vocab_size: int, batch: int = 4, prompt_len: 
     """Medians over `repeats` after one warm-up. Decode = greedy generation of `new_tokens` after the
     prompt with the KV cache, prefill time subtracted."""
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab_size, (batch, prompt_len), generator=g)
+    device = model.lm_head.weight.device
+    ids = torch.randint(3, vocab_size, (batch, prompt_len), generator=g).to(device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)  # CUDA runs asynchronously
     kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, use_cache=True,
                   pad_token_id=0, eos_token_id=None)
     prefill, total = [], []
     for r in range(repeats + 1):
+        sync()
         t0 = time.perf_counter()
         model(input_ids=ids, use_cache=False)
+        sync()
         t1 = time.perf_counter()
         model.generate(ids, **kwargs)
+        sync()
         t2 = time.perf_counter()
         if r:  # the first round is the warm-up
             prefill.append(t1 - t0)

@@ -33,10 +33,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from puzzle.device import CPU_FP32, Runtime, place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, read_json
 from puzzle.library import store
-from puzzle.library.init import FFNCalibration, init_attention, init_ffn
+from puzzle.library.init import FFNCalibration, init_attention, init_ffn, ridge_solve
 from puzzle.model.blocks import AttentionConfig, FFNConfig
 from puzzle.model.modeling_puzzle import (LlamaRMSNorm, PuzzleForCausalLM, attention_residual, build_attention, build_ffn,
                                           ffn_residual)
@@ -64,6 +65,10 @@ class BLDSettings:
     ffn_init: FFNInit = "auto"  # auto: Minitron neuron importance when the run has it, else Channel Contribution
     seed: int = 0
     log_every: int = 25
+    # Resolved by build_library (puzzle.device): the parent's forward in `dtype`, the variants trained under
+    # autocast in it with fp32 weights and AdamW state (fp32: plain fp32 training, as before the flag)
+    device: str = "cpu"
+    dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         for name in ("tokens_per_block", "batch_size", "calibration_tokens", "eval_tokens", "log_every"):
@@ -74,6 +79,10 @@ class BLDSettings:
         if not self.lr > 0:
             raise PuzzleError(f"lr must be positive, got {self.lr}")
 
+    @property
+    def runtime(self) -> Runtime:
+        return resolve(self.device, self.dtype)
+
     def steps(self, seq_len: int) -> int:
         return max(1, math.ceil(self.tokens_per_block / (self.batch_size * seq_len)))
 
@@ -82,13 +91,16 @@ class BLDSettings:
 
     def digest(self, run_dir: str | Path) -> str:
         """sha256 of what a trained variant's weights depend on besides the parent and the variant itself:
-        every setting but `log_every` (it changes the log, not the weights), the prepared data, and the
-        Minitron importance's settings when FFNs may be initialised from it. A library entry trained under
-        another digest is retrained (store.is_done); workers and threads change no weight, so no digest."""
+        every setting but `log_every` (it changes the log, not the weights) and `device` (rounding only,
+        like workers and threads), the dtype only when it is not fp32 (`Runtime.settings`: libraries trained
+        before the flag keep their digest), the prepared data, and the Minitron importance's settings when
+        FFNs may be initialised from it. A library entry trained under another digest is retrained
+        (store.is_done)."""
         from puzzle.data.blocks import META_NAME, data_dir
         from puzzle.pruning.importance import has_importance, load_importance_settings
 
-        settings = {k: v for k, v in self.to_dict().items() if k != "log_every"}
+        settings = {k: v for k, v in self.to_dict().items() if k not in ("log_every", "device", "dtype")}
+        settings.update({} if self.dtype == "fp32" else {"dtype": self.dtype})
         meta = data_dir(run_dir) / META_NAME  # absent when a caller hands build_layer_group its blocks directly
         settings["data"] = read_json(meta).get("fingerprint") if meta.exists() else None
         if self.ffn_init != "channel_contribution" and has_importance(run_dir):
@@ -129,7 +141,9 @@ class Sublayer(nn.Module):
 
 
 def _parent_sublayer(parent: PuzzleForCausalLM, layer: int, kind: str, config: Any) -> Sublayer:
-    sub = Sublayer(parent.config, kind, config, sublayer_state(parent, layer, kind))
+    """A frozen copy of a parent sublayer, on the parent's device and in its dtype (bf16 under --dtype bf16)."""
+    weight = parent.lm_head.weight
+    sub = place(Sublayer(parent.config, kind, config, sublayer_state(parent, layer, kind)), weight.device, weight.dtype)
     return sub.requires_grad_(False).eval()
 
 
@@ -157,6 +171,7 @@ class Batch:
 def parent_activations(parent: PuzzleForCausalLM, ids: torch.Tensor, layers: Sequence[int]) -> Batch:
     """One parent forward up to the last of `layers`, keeping h, a, o of each of them."""
     model = parent.model
+    ids = ids.to(model.embed_tokens.weight.device)
     B, T = ids.shape
     h = model.embed_tokens(ids)
     position_ids = torch.arange(T, device=ids.device)[None].expand(B, T)
@@ -201,7 +216,7 @@ def calibrate_ffns(parent: PuzzleForCausalLM, ids_batches: Sequence[torch.Tensor
             block, acts = parent.model.layers[i], batch.layers[i]
             x = block.post_attention_layernorm(acts.a).flatten(0, 1)  # (N, D)
             inner = F.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)  # (N, I): the input of down_proj
-            sums[i] = inner.abs().sum(0) + sums.get(i, 0)
+            sums[i] = inner.abs().float().sum(0) + sums.get(i, 0)  # summed in fp32 under a bf16 parent
             xs[i].append(x)
             ys[i].append((acts.o - acts.a).flatten(0, 1))
         tokens += ids.numel()
@@ -219,14 +234,17 @@ def block_error(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, 
         out, base = frozen_ffn(child(acts.h, pe), pe), acts.h  # the variant's attention, the parent's FFN
     else:
         out, base = child(acts.a, pe), acts.a
-    return (out - acts.o).pow(2).sum(), (acts.o - base).pow(2).sum()
+    o = acts.o.float()  # the sums in fp32 whatever the forward's dtype (a no-op under fp32)
+    return (out.float() - o).pow(2).sum(), (o - base.float()).pow(2).sum()
 
 
 @torch.no_grad()
-def normalised_mse(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, batches: Sequence[Batch]) -> float:
+def normalised_mse(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | None, batches: Sequence[Batch],
+                   runtime: Runtime = CPU_FP32) -> float:
     err = ref = 0.0
     for batch in batches:
-        e, r = block_error(variant, child, frozen_ffn, batch)
+        with runtime.autocast():
+            e, r = block_error(variant, child, frozen_ffn, batch)
         err, ref = err + e.item(), ref + r.item()
     return err / max(ref, 1e-30)
 
@@ -262,7 +280,7 @@ def parent_forward_flops_per_token(config: Any, last_layer: int, seq_len: int) -
 
 
 class NormalEquations:
-    """X^T X and X^T Y over a linear block's (normed input, target) pairs, in float64.
+    """X^T X and X^T Y over a linear block's (normed input, target) pairs, in float64, on the inputs' device.
 
     A linear FFN is linear in its weights, so its BLD loss is a least-squares problem: accumulating the
     normal equations over the batches and solving them once gives its exact minimiser over every token
@@ -270,8 +288,8 @@ class NormalEquations:
     """
 
     def __init__(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-        self.xty = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64)
+        self.xtx = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
+        self.xty = torch.zeros(x.shape[1], y.shape[1], dtype=torch.float64, device=x.device)
         self.add(x, y)
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
@@ -280,8 +298,8 @@ class NormalEquations:
         self.xty += x.T @ y.double()
 
     def solve(self) -> torch.Tensor:
-        """(D_out, D_in) weight W minimising ||x W^T - y||^2 over everything added."""
-        return torch.linalg.lstsq(self.xtx, self.xty, driver="gelsd").solution.T.float().contiguous()
+        """(D_out, D_in) weight W minimising ||x W^T - y||^2 over everything added (+ init.RIDGE's ridge)."""
+        return ridge_solve(self.xtx, self.xty).T.float().contiguous()
 
 
 @dataclass
@@ -295,6 +313,7 @@ class VariantRun:
     normal: NormalEquations | None = None
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
+    scaler: Any = None  # torch.amp.GradScaler: scales fp16-on-CUDA losses, a pass-through otherwise
     steps: int = 0
     tokens: int = 0
     wall_s: float = 0.0
@@ -315,31 +334,37 @@ def cosine_with_warmup(steps: int, warmup_fraction: float, min_lr_ratio: float) 
     return factor
 
 
-def _make_optimizer(run: VariantRun, settings: BLDSettings, steps: int) -> None:
+def _make_optimizer(run: VariantRun, settings: BLDSettings, steps: int, runtime: Runtime = CPU_FP32) -> None:
+    """fp32 AdamW state over the fp32 (master) weights of the variant: fused on CUDA, foreach on the CPU."""
     params = [p for p in run.child.parameters() if p.requires_grad]
     # Norm gains are scale parameters: no weight decay on them (as in litgpt / nanoGPT).
     groups = [
         {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
         {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
     ]
-    run.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), foreach=True)
+    run.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), **(runtime.adamw_kwargs() or {"foreach": True}))
+    run.scaler = runtime.grad_scaler()
     schedule = cosine_with_warmup(steps, settings.warmup_fraction, settings.min_lr_ratio)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, schedule)
 
 
-def train_step(run: VariantRun, batch: Batch) -> float:
-    """One step on `batch`; returns the batch's normalised MSE before the step."""
+def train_step(run: VariantRun, batch: Batch, runtime: Runtime = CPU_FP32) -> float:
+    """One step on `batch`; returns the batch's normalised MSE before the step. The forward runs under
+    `runtime.autocast()` (fp32 weights, bf16 / fp16 matmuls; nothing under fp32), the backward and the
+    AdamW step outside it, as torch's AMP recipe does."""
     if run.trainer == "lstsq":
         with torch.no_grad():
             acts = batch.layers[run.variant.layer]
-            x = run.child.norm(acts.a).flatten(0, 1)  # (N, D) the linear FFN's input
-            y = (acts.o - acts.a).flatten(0, 1)  # (N, D) what the parent FFN adds
+            x = run.child.norm(acts.a).flatten(0, 1)  # (N, D) the linear FFN's input (fp32: the norm's gain is)
+            y = (acts.o - acts.a).flatten(0, 1).float()  # (N, D) what the parent FFN adds
             run.normal.add(x, y)
             return ((run.child.module(x) - y).pow(2).sum() / y.pow(2).sum()).item()
-    err, ref = block_error(run.variant, run.child, run.frozen_ffn, batch)
+    with runtime.autocast():
+        err, ref = block_error(run.variant, run.child, run.frozen_ffn, batch)
     loss = err / ref
-    loss.backward()
-    run.optimizer.step()
+    run.scaler.scale(loss).backward()
+    run.scaler.step(run.optimizer)
+    run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)  # no gradient kept between steps: lockstep holds many variants
     run.scheduler.step()
     return loss.item()
@@ -350,7 +375,7 @@ def finish(run: VariantRun) -> None:
     if run.trainer == "lstsq":
         with torch.no_grad():
             run.child.module.linear_mlp.weight.copy_(run.normal.solve())
-    run.optimizer = run.scheduler = run.normal = None
+    run.optimizer = run.scheduler = run.normal = run.scaler = None
     run.child.eval()
 
 
@@ -428,7 +453,8 @@ def init_variant(
     """A variant's initial sublayer from the parent's (pruned, pooled or fitted), the parent FFN it trains
     next to (attention variants; one per layer, shared through `frozen`), and the init method's name."""
     config = parent.config
-    parent_state = sublayer_state(parent, v.layer, v.kind)
+    # fp32 master weights: the init works on an fp32 copy of the parent's sublayer (no copy when it is fp32)
+    parent_state = {k: t.float() for k, t in sublayer_state(parent, v.layer, v.kind).items()}
     frozen_ffn = None
     if v.kind == "attention":
         kv_heads = space.parent_attention.num_key_value_heads(config.num_attention_heads)
@@ -443,7 +469,8 @@ def init_variant(
                 f"no Minitron neuron importance for layer {v.layer}; run puzzle importance first or use --ffn-init auto"
             )
         state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
-    return Sublayer(config, v.kind, v.config, state), frozen_ffn, method
+    child = Sublayer(config, v.kind, v.config, state).to(parent.lm_head.weight.device)
+    return child, frozen_ffn, method
 
 
 def init_variants(
@@ -455,6 +482,7 @@ def init_variants(
     settings: BLDSettings,
     neuron_scores: dict[int, torch.Tensor] | None,
     log: JsonlLog,
+    runtime: Runtime = CPU_FP32,
 ) -> tuple[list[VariantRun], list[dict[str, Any]]]:
     """Initialise and measure every variant: the runs to train, and the records of the parent-identical
     and no-op variants, which are not trained."""
@@ -464,7 +492,7 @@ def init_variants(
     for v in todo:
         t0 = time.perf_counter()
         child, frozen_ffn, method = init_variant(parent, space, v, frozen, calibration, settings, neuron_scores)
-        loss = normalised_mse(v, child, frozen_ffn, eval_batches)
+        loss = normalised_mse(v, child, frozen_ffn, eval_batches, runtime)
         run = VariantRun(v, child, frozen_ffn, "parent" if v.is_parent else method, loss)
         if v.kind == "ffn" and v.config.replace_with_linear:
             # the calibration tokens are training data too: the solution at the end covers them
@@ -487,6 +515,7 @@ def train_lockstep(
     train_blocks: np.ndarray,
     settings: BLDSettings,
     log: JsonlLog,
+    runtime: Runtime = CPU_FP32,
 ) -> dict[str, Any]:
     """Lockstep BLD: one parent forward per batch (up to the last of `owned`) feeds one step of every run.
     Returns the loop's steps, seconds and the parent forward's share of them."""
@@ -494,7 +523,7 @@ def train_lockstep(
     steps = settings.steps(seq_len)
     for run in runs:
         if run.trainer == "adamw":
-            _make_optimizer(run, settings, steps)
+            _make_optimizer(run, settings, steps, runtime)
         run.flops_per_token = train_flops_per_token(run.variant, parent.config, seq_len)
         run.child.train()
     parent_flops_per_token = parent_forward_flops_per_token(parent.config, max(owned), seq_len)
@@ -508,7 +537,7 @@ def train_lockstep(
         parent_flops += parent_flops_per_token * batch.tokens
         for run in runs:
             t0 = time.perf_counter()
-            run.last_loss = train_step(run, batch)
+            run.last_loss = train_step(run, batch, runtime)
             run.wall_s += time.perf_counter() - t0
             run.steps += 1
             run.tokens += batch.tokens
@@ -534,13 +563,14 @@ def save_variants(
     log: JsonlLog,
     progress: Callable[[int], None] | None,
     settings_sha256: str,
+    runtime: Runtime = CPU_FP32,
 ) -> None:
     """Finish, measure and store each trained variant (file, then manifest record, with the digest of the
     settings that trained it) as soon as it is done."""
     for run in runs:
         t0 = time.perf_counter()
         finish(run)
-        loss_final = normalised_mse(run.variant, run.child, run.frozen_ffn, eval_batches)
+        loss_final = normalised_mse(run.variant, run.child, run.frozen_ffn, eval_batches, runtime)
         params = sum(p.numel() for p in run.child.parameters())
         record = {**_base_record(run.variant), "init": run.init, "trainer": run.trainer, "tokens": run.tokens, "steps": run.steps,
                   "loss_init": run.loss_init, "loss_final": loss_final, "params": params, "flops": run.flops,
@@ -570,7 +600,8 @@ def build_layer_group(
     Steps: `collect_inputs` (held-out parent activations, FFN calibration), `init_variants` (record the
     untrained ones), `train_lockstep`, `save_variants`. Writes each finished variant (file, then manifest
     record) as soon as it is done; parent and no-op variants get a record with their measured loss and no
-    file. `parent` is put in eval mode with its gradients off. Returns a summary of the work done (steps,
+    file. `parent` is put in eval mode with its gradients off, on `settings.device` with its parameters in
+    `settings.dtype` (a no-op when it was loaded so). Returns a summary of the work done (steps,
     tokens, FLOPs and seconds).
     """
     t_start = time.perf_counter()
@@ -584,15 +615,16 @@ def build_layer_group(
         return summary
     train_blocks, eval_blocks = _crop(train_blocks, settings.seq_len), _crop(eval_blocks, settings.seq_len)
     owned = sorted({v.layer for v in todo})
-    parent.requires_grad_(False).eval()
+    runtime = settings.runtime
+    place(parent, runtime.device, runtime.dtype).requires_grad_(False).eval()
     log.write(event="group_start", layers=owned, todo=len(todo), seq_len=train_blocks.shape[1], host=socket.gethostname(),
-              pid=os.getpid())
+              pid=os.getpid(), device=str(runtime.device), dtype=runtime.dtype_name)
 
     t0 = time.perf_counter()
     eval_batches, calibration = collect_inputs(parent, todo, train_blocks, eval_blocks, settings, neuron_scores)
     summary["calibration_s"] = time.perf_counter() - t0
 
-    runs, untrained = init_variants(parent, space, todo, eval_batches, calibration, settings, neuron_scores, log)
+    runs, untrained = init_variants(parent, space, todo, eval_batches, calibration, settings, neuron_scores, log, runtime)
     calibration.clear()
     if untrained:
         store.record_untrained(run_dir, untrained)
@@ -600,8 +632,8 @@ def build_layer_group(
         if progress:
             progress(len(untrained))
 
-    loop = train_lockstep(parent, runs, owned, train_blocks, settings, log)
-    save_variants(run_dir, runs, eval_batches, log, progress, digest)
+    loop = train_lockstep(parent, runs, owned, train_blocks, settings, log, runtime)
+    save_variants(run_dir, runs, eval_batches, log, progress, digest, runtime)
     summary.update(
         trained=len(runs),
         steps=loop["steps"],

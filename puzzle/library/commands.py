@@ -58,6 +58,8 @@ def build_library(
     max_retries: int = 3,
     seed: int = 0,
     force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """block library: pruned initialisation + blockwise local distillation (BLD) of every variant, on Ray
 
@@ -83,12 +85,20 @@ def build_library(
         seed: data order and held-out sample
         force: retrain every variant even if the library already holds it (a variant trained under other
             settings is retrained without it; workers, threads, ray, address and max_retries change no weight)
+        device: where the parent's forward and the training run: auto (CUDA when a GPU is visible, else the
+            CPU), cpu, cuda or cuda:N
+        dtype: the parent's dtype and the training's autocast dtype (fp32 weights and AdamW state): auto (bf16
+            on CUDA, fp32 on the CPU), bf16, fp16 or fp32
     """
+    from puzzle.device import resolve
+
     run_dir = Path(run_dir).resolve()
     parent_path, space_name = run_parent(run_dir, parent, search_space)  # absolute: Ray workers may start elsewhere
+    runtime = resolve(device, dtype)  # here, not in the workers: one meaning of `auto` for the whole library
     settings = BLDSettings(
         tokens_per_block=tokens_per_block, batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
         calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, ffn_init=ffn_init, seed=seed,
+        device=str(runtime.device), dtype=runtime.dtype_name,
     )
     if workers < 0 or threads < 0 or max_retries < 0:
         raise PuzzleError("workers, threads and max-retries must not be negative")

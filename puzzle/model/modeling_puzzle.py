@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
@@ -107,8 +108,10 @@ def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
     return SwiGLU(config.hidden_size, ffn.intermediate_size, config.mlp_bias)
 
 
-class PuzzleDecoderLayer(nn.Module):
-    """Pre-norm residual block; a no-op sublayer has neither its module nor its norm (as in DeciLM)."""
+class PuzzleDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block; a no-op sublayer has neither its module nor its norm (as in DeciLM).
+    `gradient_checkpointing_enable()` recomputes it in the backward (transformers' GradientCheckpointingLayer,
+    as LlamaDecoderLayer; its inputs are passed positionally, as that class requires)."""
 
     def __init__(self, config: PuzzleConfig, layer_idx: int) -> None:
         super().__init__()
@@ -179,7 +182,7 @@ class PuzzlePreTrainedModel(PreTrainedModel):
     config_class = PuzzleConfig
     config: PuzzleConfig
     base_model_prefix = "model"
-    supports_gradient_checkpointing = False
+    supports_gradient_checkpointing = True
     _no_split_modules = ["PuzzleDecoderLayer"]
     _supports_sdpa = True
     _skip_keys_device_placement = ["past_key_values"]
@@ -245,6 +248,8 @@ class PuzzleModel(PuzzlePreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.embed_tokens(input_ids)
         use_cache = self.config.use_cache if use_cache is None else use_cache
+        if self.training and self.layers[0].gradient_checkpointing and torch.is_grad_enabled():
+            use_cache = False  # a checkpointed layer recomputed in the backward would write its KV cache again
         if use_cache and past_key_values is None:
             # Cache slots are numbered over GQA layers only: no-op and linear attention keep nothing.
             past_key_values = DynamicCache()

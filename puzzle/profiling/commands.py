@@ -15,9 +15,12 @@ Writes, for profile P (file names use the profile's `name`):
 The parent: `--parent PATH` (recorded in R/parent.json as {"parent": absolute path, "search_space":
 name} so later stages and reruns need not repeat it) or, without it, the one R/parent.json names.
 
-Measured (torch timing on this machine) for `cpu_local`, and for a GPU profile when a CUDA GPU is
-present; the roofline otherwise (`--measure/--no-measure` overrides). Every distinct (kind, variant)
-is measured once and reused for all layers that offer it (latency does not depend on the layer).
+Measured (torch timing on this machine) for `cpu_local`, and for a GPU profile when a CUDA GPU of the
+profile's model is present (decode replayed from CUDA graphs, as serving engines run it: see measure.py);
+the roofline otherwise (`--measure/--no-measure` overrides). A measurement is filed only under a profile
+naming the device it ran on (`Device.matches`): `--measure` on another GPU is refused, the default falls
+back to the roofline with a warning. Every distinct (kind, variant) is measured once and reused for all
+layers that offer it (latency does not depend on the layer).
 """
 
 import hashlib
@@ -68,8 +71,9 @@ def table_model_costs(table: pd.DataFrame, meta: dict[str, Any], blocks: list[Bl
     return combine_costs(meta["fixed"], rows, workload)
 
 
-def _should_measure(profile: HardwareProfile, measure: bool | None) -> torch.device | None:
-    """The torch device to measure on, or None for the roofline."""
+def _should_measure(profile: HardwareProfile, measure: bool | None, device: str = "auto") -> torch.device | None:
+    """The torch device to measure on, or None for the roofline. `device`: auto (the profile's kind: the
+    CPU for a CPU profile, the current CUDA GPU for a GPU profile), cpu, cuda or cuda:N."""
     if profile.device.engine == "llamacpp":
         # llama.cpp runs whole GGUF models, not one sublayer: its timings calibrate the roofline instead
         # (scripts/bench_engine.py measures parent and children, `puzzle profile --calibrate` fits them).
@@ -77,12 +81,37 @@ def _should_measure(profile: HardwareProfile, measure: bool | None) -> torch.dev
             raise PuzzleError(f"{profile.name} is a llama.cpp profile: per-variant timing needs torch; measure whole "
                               "models with scripts/bench_engine.py and fit them with --calibrate MEASURED.json")
         return None
+    if measure is False:
+        return None
+    from puzzle.device import resolve_device
+
     if profile.device.kind == "cpu":
-        return torch.device("cpu") if measure in (None, True) else None
-    if torch.cuda.is_available():
-        return torch.device("cuda") if measure in (None, True) else None
+        target = torch.device("cpu") if device == "auto" else resolve_device(device)
+        if target.type != "cpu":
+            raise PuzzleError(f"{profile.name} is a CPU profile; measure it with --device cpu (or auto)")
+        return target
+    if device == "auto" and not torch.cuda.is_available():
+        if measure:
+            raise PuzzleError(f"cannot measure {profile.name} here: no CUDA GPU; drop --measure to use the roofline")
+        return None
+    target = resolve_device("cuda" if device == "auto" else device)
+    if target.type != "cuda":
+        raise PuzzleError(f"{profile.name} is a GPU profile: it cannot be measured on the {target.type}; "
+                          "drop --device (or --measure) to use the roofline")
+    return _check_device(profile, target, measure)
+
+
+def _check_device(profile: HardwareProfile, target: torch.device, measure: bool | None) -> torch.device | None:
+    """`target` when it is the device the profile names; else a refusal (--measure) or the roofline (default)."""
+    from .measure import device_name
+
+    name = device_name(target)
+    if profile.device.matches(name):
+        return target
+    why = f"this GPU is {name}, not the {profile.device.name} that {profile.name} describes"
     if measure:
-        raise PuzzleError(f"cannot measure {profile.name} here: no CUDA GPU; drop --measure to use the roofline")
+        raise PuzzleError(f"cannot file a measurement under {profile.name}: {why}; pick its profile with --budget")
+    log.warning("profile %s: %s; using the roofline (pass --budget for this GPU's profile to measure)", profile.name, why)
     return None
 
 
@@ -119,6 +148,7 @@ def profile(
     force: bool = False,
     calibrate: Path | None = None,
     output: Path | None = None,
+    device: str = "auto",
 ) -> Path:
     """Latency and memory of every search-space variant on a hardware profile (roofline or measured).
 
@@ -133,6 +163,8 @@ def profile(
         calibrate: instead of profiling, fit BUDGET's efficiencies and per-kernel overhead to the whole-model
             timings in this MEASURED.json (format: puzzle/profiling/calibrate.py) and write a calibrated profile
         output: with --calibrate, the calibrated profile's path (default: MEASURED's folder/BUDGET.calibrated.yaml)
+        device: where to measure: auto (the CPU for a CPU profile, the CUDA GPU for a GPU profile), cpu, cuda or
+            cuda:N; a GPU of another model than the profile's is refused (the dtype is the profile's workload's)
     """
     from puzzle.model.checkpoint import load_config, puzzle_config_from
     from puzzle.search_space import load_search_space
@@ -149,8 +181,11 @@ def profile(
     parent_path, space_name = run_parent(run_dir, parent, search_space)
     config = load_config(parent_path)
     space = load_search_space(space_name, config)
-    device = _should_measure(hw, measure)
+    device = _should_measure(hw, measure, device)
     source = "roofline" if device is None else "measured"
+    from .measure import decode_timing, device_name
+
+    measured_on = None if device is None else f"{device.type}: {device_name(device)}"
     variants = list(space.variants())
     base = costs_path(run_dir, hw.name)
     clean_stale_temps(base.parent)
@@ -158,6 +193,8 @@ def profile(
         "version": FORMAT_VERSION, "profile": hw.to_dict(), "parent": str(parent_path), "config": config.to_dict(),
         "space": space_name,
         "variants": [(v.layer, v.kind, v.name) for v in variants], "source": source, "repeats": repeats,
+        # a GPU measurement is of one GPU model (CPU tables keep the key they had before this field)
+        **({"measured_on": measured_on} if device is not None and device.type == "cuda" else {}),
     })
     json_path = base.with_suffix(".json")
     if not force and json_path.exists() and table_problem(base.with_suffix(".parquet")) is None:
@@ -173,7 +210,6 @@ def profile(
                      "source": "roofline", "is_parent": v.is_parent, "batch_size": hw.workload.batch_size})
     roofline_parent = combine_costs(fixed, [r for r in rows if r["is_parent"]], hw.workload)
 
-    measured_on = None
     if device is not None:
         pconfig = puzzle_config_from(config)
         distinct = list(dict.fromkeys((v.kind, v.config) for v in variants))
@@ -182,9 +218,6 @@ def profile(
             row.update(sub[(v.kind, v.config)], source="measured")
         for part in FIXED_PARTS:
             fixed[part].update(fixed_measured[part])
-        from .measure import device_name
-
-        measured_on = f"{device.type}: {device_name(device)}"
 
     table = pd.DataFrame(rows, columns=COLUMNS)
     write_table(table, base, rebuild=f"puzzle profile --run-dir {run_dir} --budget {budget}")
@@ -197,6 +230,7 @@ def profile(
         "constraints": hw.constraints,
         "source": source,
         "measured_on": measured_on,
+        "decode_timing": None if device is None else decode_timing(device),
         "parent_path": str(parent_path),
         "search_space": space.name,
         "num_layers": space.num_layers,

@@ -35,6 +35,7 @@ from puzzle.io import read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
 DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
+_VENDORS = {"NVIDIA", "AMD", "INTEL", "GEFORCE", "TESLA", "RTX"}
 CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
 
 
@@ -56,6 +57,21 @@ class Device:
         if dtype not in self.peak_flops:
             raise PuzzleError(f"{self.name} has no {dtype} peak; it has {', '.join(self.peak_flops)}")
         return self.peak_flops[dtype] * self.compute_efficiency
+
+    @property
+    def model(self) -> str | None:
+        """The device's model token in `name`: the first word with a digit after the vendor's name
+        ("NVIDIA H100 SXM5 80GB" -> "H100", "NVIDIA L40S 48GB" -> "L40S"); None when the name has none."""
+        words = [w for w in self.name.replace("-", " ").split() if w.upper() not in _VENDORS]
+        return next((w.upper() for w in words if any(c.isdigit() for c in w)), None)
+
+    def matches(self, device_name: str) -> bool:
+        """Whether a measuring device (torch.cuda.get_device_name: "NVIDIA H100 80GB HBM3") is this
+        profile's: its name holds this profile's model token as a word. A CPU profile names this machine's
+        CPU, whatever it is; a name without a model token cannot be checked and passes."""
+        if self.kind == "cpu" or self.model is None:
+            return True
+        return self.model in device_name.upper().replace("-", " ").split()
 
     @property
     def bytes_per_s(self) -> float:

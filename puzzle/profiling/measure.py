@@ -9,6 +9,13 @@ random weights (latency does not depend on the values), and timed as the decoder
 Timing: `warmup` calls, then `repeats` samples of `number` calls each (`number` chosen so a sample
 lasts >= `min_sample_s`), CUDA synchronised; the figure is the median per call. On a single CPU
 thread the clock is the thread's CPU time (see `_clock`), else wall time.
+
+On CUDA, decode is timed as serving engines run it: the step is captured once in a CUDA graph and
+replayed (vLLM's CUDAGraphRunner, TensorRT-LLM's and SGLang's decode graphs), so per-kernel launch
+costs, which dominate eager decode of small sublayers, are not counted. One graph holds one call of
+every cold copy (`COLD_BYTES`), so a replay still streams every copy's weights from memory; the
+figure is the replay time over the copies. Prefill (large kernels) is timed eagerly. `decode_timing`
+names the method, which the costs metadata records.
 """
 
 import itertools
@@ -82,6 +89,40 @@ def _clock(device: torch.device) -> Callable[[], float]:
     return time.perf_counter
 
 
+def decode_timing(device: torch.device) -> str:
+    """How decode is timed on `device`: replayed CUDA graphs on a GPU, eager calls on the CPU."""
+    return "cuda_graph" if device.type == "cuda" else "eager"
+
+
+def cuda_graph(fn: Callable[[], Any], warmup: int = 3) -> Callable[[], None]:
+    """`fn` captured in a CUDA graph; returns the replay. Warm-up on a side stream first, as the PyTorch
+    CUDA Graphs notes prescribe (lazy initialisation, cuBLAS workspaces and autotuning happen outside the
+    capture); static inputs: `fn`'s closures already hold fixed tensors and a preallocated KV cache."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.inference_mode(), torch.cuda.stream(stream):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.inference_mode(), torch.cuda.graph(graph):
+        fn()
+    torch.cuda.synchronize()
+    return graph.replay
+
+
+def time_calls(calls: list[Callable[[], Any]], device: torch.device, phase: Phase, **timing: Any) -> float:
+    """Median seconds per call over the copies in `calls`: eager calls in turn, or (decode on CUDA) one
+    replay of a graph calling each copy once, divided by the copies."""
+    if phase == "decode" and decode_timing(device) == "cuda_graph":
+        replay = cuda_graph(lambda: [call() for call in calls])
+        return time_call(replay, device, **timing) / len(calls)
+    if len(calls) == 1:
+        return time_call(calls[0], device, **timing)
+    turn = itertools.cycle(calls)
+    return time_call(lambda: next(turn)(), device, **timing)
+
+
 def time_call(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, repeats: int = 15, min_sample_s: float = 2e-3) -> float:
     """Median seconds per call of `fn`, after `warmup` calls."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
@@ -129,15 +170,15 @@ def _inputs(config: PuzzleConfig, workload: Workload, phase: Phase, device: torc
     return h, position_embeddings, past + T
 
 
-def sublayer_fn(
+def sublayer_calls(
     config: PuzzleConfig, kind: str, variant: AttentionConfig | FFNConfig, workload: Workload, phase: Phase,
     device: torch.device, dtype: torch.dtype, cold_bytes: float = COLD_BYTES,
-) -> Callable[[], torch.Tensor] | None:
-    """A closure running one sublayer as the decoder layer does; None for a no-op (nothing runs).
+) -> list[Callable[[], torch.Tensor]] | None:
+    """Closures each running one copy of a sublayer as the decoder layer does; None for a no-op.
 
     In a real model every layer has its own weights and KV cache, so each is read from memory, not
-    from a cache of the previous call: the closure cycles through copies of the sublayer (weights and
-    KV cache together at least `cold_bytes`, at most MAX_COPIES copies).
+    from a cache of the previous call: the copies (weights and KV cache together at least `cold_bytes`,
+    at most MAX_COPIES copies) are run in turn.
     """
     if variant.no_op:
         return None
@@ -148,6 +189,17 @@ def sublayer_fn(
         call, footprint = _one_sublayer(config, kind, variant, workload, h, position_embeddings, keys)
         calls.append(call)
         copies += 1
+    return calls
+
+
+def sublayer_fn(
+    config: PuzzleConfig, kind: str, variant: AttentionConfig | FFNConfig, workload: Workload, phase: Phase,
+    device: torch.device, dtype: torch.dtype, cold_bytes: float = COLD_BYTES,
+) -> Callable[[], torch.Tensor] | None:
+    """One closure cycling through `sublayer_calls`' copies; None for a no-op (nothing runs)."""
+    calls = sublayer_calls(config, kind, variant, workload, phase, device, dtype, cold_bytes)
+    if calls is None:
+        return None
     turn = itertools.cycle(calls)
     return lambda: next(turn)()
 
@@ -198,8 +250,8 @@ def measure_sublayer(
     dtype = torch_dtype(workload.dtype)
     out = {}
     for phase in ("prefill", "decode"):
-        fn = sublayer_fn(config, kind, variant, workload, phase, device, dtype)
-        out[f"{phase}_s"] = 0.0 if fn is None else time_call(fn, device, **timing)
+        calls = sublayer_calls(config, kind, variant, workload, phase, device, dtype)
+        out[f"{phase}_s"] = 0.0 if calls is None else time_calls(calls, device, phase, **timing)
     return out
 
 
@@ -208,6 +260,31 @@ def measure_fixed(config: PuzzleConfig, part: str, workload: Workload, device: t
     device = device or local_device()
     dtype = torch_dtype(workload.dtype)
     return {
-        f"{phase}_s": time_call(fixed_fn(config, part, workload, phase, device, dtype), device, **timing)
+        f"{phase}_s": time_calls([fixed_fn(config, part, workload, phase, device, dtype)], device, phase, **timing)
         for phase in ("prefill", "decode")
     }
+
+
+def decode_step_calls(config: PuzzleConfig, workload: Workload, device: torch.device, dtype: torch.dtype) -> list[Callable[[], Any]]:
+    """One decode step of a whole model, `config.blocks` as its layers: each layer's sublayers (their own
+    random weights and KV cache, no-ops skipped) and the fixed parts, as one list of calls. The calls
+    read the same input rather than each other's output: the kernels, their shapes and the bytes they
+    stream are a real step's, and timing does not depend on the values."""
+    h, position_embeddings, keys = _inputs(config, workload, "decode", device, dtype)
+    calls = []
+    for block in config.blocks:
+        for kind, variant in (("attention", block.attention), ("ffn", block.ffn)):
+            if not variant.no_op:
+                calls.append(_one_sublayer(config, kind, variant, workload, h, position_embeddings, keys)[0])
+    return [fixed_fn(config, "embeddings", workload, "decode", device, dtype), *calls,
+            *(fixed_fn(config, part, workload, "decode", device, dtype) for part in ("final_norm", "lm_head"))]
+
+
+def measure_decode_step(config: PuzzleConfig, workload: Workload, device: torch.device | None = None, **timing: Any) -> float:
+    """Seconds per decode step of the whole model at the workload's batch and mean decode context: one CUDA
+    graph replay on a GPU (what serving engines run), the eager calls on the CPU. The ratio of a parent's
+    figure to a child's is the child's measured decode speedup (scripts/gpu_check.sh)."""
+    device = device or local_device()
+    calls = decode_step_calls(config, workload, device, torch_dtype(workload.dtype))
+    step = lambda: [call() for call in calls]  # noqa: E731
+    return time_call(cuda_graph(step) if decode_timing(device) == "cuda_graph" else step, device, **timing)

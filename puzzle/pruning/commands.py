@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_model, load_tokenizer, to_puzzle
@@ -43,6 +44,8 @@ def importance(
     drop_samples: int = 64,
     threads: int | None = None,
     force: bool = False,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> Path:
     """Minitron activation importance of heads, KV groups, neurons, channels and layers (forward passes only).
 
@@ -58,6 +61,8 @@ def importance(
         drop_samples: calibration sequences used for the drop-layer losses (each needs extra forwards)
         threads: torch CPU threads
         force: recompute even when scores with the same settings exist
+        device: where the forward passes run: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
+        dtype: the model's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (scores are summed in fp32)
     """
     from puzzle.data.blocks import check_token_ids, load_blocks
 
@@ -67,15 +72,17 @@ def importance(
         raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
     if threads:
         torch.set_num_threads(threads)
+    runtime = resolve(device, dtype)
     settings = ImportanceSettings(batch_agg, seq_agg, tuple(block_sizes or [1]),
                                   drop_batches=math.ceil(drop_samples / batch_size))
     blocks = load_blocks(run_dir, "train")
     seq_len = seq_len or blocks.shape[1]
-    wanted = settings_json(settings, parent=str(parent), n_samples=n_samples, seq_len=seq_len, batch_size=batch_size)
+    wanted = settings_json(settings, parent=str(parent), n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
+                           **runtime.settings())
     if has_importance(run_dir) and not force and load_importance_settings(run_dir) == wanted:
         print(f"importance: {importance_dir(run_dir)} is complete with these settings; nothing to do (--force recomputes)")
         return importance_dir(run_dir)
-    model = to_puzzle(load_model(parent))
+    model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
     check_token_ids(blocks, model.config.vocab_size)
     seqs = calibration_sequences(blocks, n_samples, seq_len)
     start = time.perf_counter()
@@ -103,6 +110,8 @@ def prune(
     target_mode: Literal["width", "depth"] = "width",
     params_scope: Literal["total", "non-embedding"] = "total",
     rescale_norms: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> Path:
     """Minitron width/depth pruning of a uniform Llama parent into a standard Llama checkpoint.
 
@@ -121,11 +130,14 @@ def prune(
         target_mode: width (hidden and FFN sizes, heads kept) or depth (layers) to reach the target
         params_scope: count total parameters or non-embedding ones for --target-params
         rescale_norms: rescale RMSNorm weights (and eps) for the smaller hidden size
+        device: where the weights are sliced: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
+        dtype: the pruned checkpoint's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
+    runtime = resolve(device, dtype)
     scores = load_importance(run_dir)
-    model = to_puzzle(load_model(parent))
+    model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
     check_uniform(model)
     shape = ModelShape.from_config(model.config)
     if target_params is not None:

@@ -167,17 +167,18 @@ def compute_importance(
     model.eval()
     collector = _Collector(seq_agg, batch_agg)
     collector.attach(model)
-    cos_sum = torch.zeros(L, dtype=torch.float64)
+    device = next(model.parameters()).device  # the sums live where the forward runs (CPU or CUDA)
+    cos_sum = torch.zeros(L, dtype=torch.float64, device=device)
     n_tokens = 0
-    base_lm = torch.zeros((), dtype=torch.float64)
+    base_lm = torch.zeros((), dtype=torch.float64, device=device)
     lm_tokens = 0
-    drop_lm = {k: torch.zeros(L - k + 1, dtype=torch.float64) for k in sizes}
-    drop_kl = {k: torch.zeros(L - k + 1, dtype=torch.float64) for k in sizes}
+    drop_lm = {k: torch.zeros(L - k + 1, dtype=torch.float64, device=device) for k in sizes}
+    drop_kl = {k: torch.zeros(L - k + 1, dtype=torch.float64, device=device) for k in sizes}
     drop_tokens = 0
     seen = 0
     try:
         for b, ids in enumerate(tqdm(batches, desc="importance", unit="batch", disable=not progress)):
-            ids = ids.to(next(model.parameters()).device)
+            ids = ids.to(device)
             B, T = ids.shape
             out = model.model(input_ids=ids, output_hidden_states=True, use_cache=False)
             hs = out.hidden_states  # L + 1 of (B, T, D)
@@ -231,7 +232,7 @@ def compute_importance(
         if 1 in sizes:
             scores["layers.drop_loss"] = scores["layers.drop_loss.k1"].clone()
             scores["layers.drop_kl"] = scores["layers.drop_kl.k1"].clone()
-    return scores
+    return {key: value.cpu() for key, value in scores.items()}  # no copy on the CPU
 
 
 def ranking(scores: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
+from puzzle.device import Runtime, place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
@@ -104,7 +105,8 @@ def score(
     batch_size: int = 8,
     seed: int = 0,
     chunk_tokens: int = 512,
-    device: str = "cpu",
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> Path:
     """Replace-1-block quality of every library variant: KL to the parent, LM loss, top-1 agreement, cosine.
 
@@ -117,9 +119,12 @@ def score(
             (batch_size x seq_len x vocab x 4 bytes)
         seed: seed of the validation sample
         chunk_tokens: tokens per chunk of the vocabulary-sized logits (bounds memory; results change only by float rounding)
-        device: torch device to score on (cpu, cuda, ...)
+        device: where to score: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
+        dtype: the parent's and the variants' dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
+            (log-probabilities, KL and losses are computed in fp32 either way)
     """
     run_dir = Path(run_dir)
+    runtime = resolve(device, dtype)
     for name, value in (("blocks", blocks), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         if value < 1:
             raise PuzzleError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -144,6 +149,7 @@ def score(
         "blocks": n_blocks,
         "batch_size": batch_size,
         "seed": seed,
+        **runtime.settings(),  # nothing under fp32: tables scored before --dtype stay valid
     }
     fingerprint = _fingerprint(settings)
     out_dir = scores_dir(run_dir)
@@ -154,7 +160,7 @@ def score(
     needed = {b for b in range(n_batches) if todo[b] or not results.has(PARENT_KEY, b)}
     if needed:
         batches = iterate_batches(val, batch_size, shuffle=True, seed=seed, limit=n_blocks)
-        _score_batches(run_dir, info["parent"], device, chunk_tokens, batches, todo, needed, results)
+        _score_batches(run_dir, info["parent"], runtime, chunk_tokens, batches, todo, needed, results)
     else:
         log.info(json.dumps({"event": "score_cached", "run_dir": str(run_dir), "variants": len(variants)}))
 
@@ -166,7 +172,7 @@ def score(
     atomic_write_json(out_dir / "scores.json", {
         "parent": str(info["parent"]),
         "search_space": space.name,
-        "settings": {**settings, "chunk_tokens": chunk_tokens, "device": device},
+        "settings": {**settings, "chunk_tokens": chunk_tokens, "device": str(runtime.device), "dtype": runtime.dtype_name},
         "fingerprint": fingerprint,
         "parent_lm_loss": parent_metrics["lm_loss"],
         "parent_metrics": parent_metrics,
@@ -181,7 +187,7 @@ def score(
 def _score_batches(
     run_dir: Path,
     parent_path: str,
-    device: str,
+    runtime: Runtime,
     chunk_tokens: int,
     batches: Iterator[torch.Tensor],
     todo: dict[int, list[Variant]],
@@ -189,11 +195,7 @@ def _score_batches(
     results: ResultLog,
 ) -> None:
     """Load the parent and compute the `todo` variants of each `needed` batch, logging each result as it finishes."""
-    try:
-        target = torch.device(device)
-    except RuntimeError as err:
-        raise PuzzleError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
-    model = to_puzzle(load_model(parent_path)).to(target).eval()
+    model = place(to_puzzle(load_model(parent_path, dtype=runtime.dtype)), runtime.device).eval()
 
     def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
         return variant_state(run_dir, model, variant)

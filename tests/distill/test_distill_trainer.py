@@ -10,7 +10,7 @@ from conftest import make_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from puzzle.distill.commands import distill
-from puzzle.distill.trainer import DistillConfig, Distiller, MicroBatches, lr_at
+from puzzle.distill.trainer import DistillConfig, Distiller, MicroBatches, is_checkpointing, lr_at
 from puzzle.errors import PuzzleError
 from puzzle.model import FFNConfig
 from puzzle.model.checkpoint import load_model, save_model, to_puzzle
@@ -155,3 +155,29 @@ def test_distill_command_on_a_heterogeneous_child(tmp_path, tiny_parent_dir, tin
                   batch_size=4, val_every=1, checkpoint_every=1, val_blocks=2)
     loaded = load_model(out)
     assert loaded.config.model_type == "nemotron-nas" and loaded.model.layers[2].mlp is None
+
+
+def test_bf16_autocast_with_checkpointing_keeps_fp32_masters_and_a_frozen_bf16_teacher(tmp_path):
+    """--dtype bf16 on the CPU: the teacher held once in bf16 without gradients, the student's weights and
+    AdamW moments in fp32, its forward under autocast, each decoder layer checkpointed; the loss still falls."""
+    from puzzle.device import resolve
+
+    teacher = to_puzzle(make_llama())
+    student, _ = prune_model(teacher, SCORES, PrunePlan(hidden_size=48, intermediate_size=64, drop_layers=(1, 2)))
+    config = DistillConfig(steps=16, batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, val_every=16,
+                           checkpoint_every=16)
+    distiller = Distiller(teacher, student, tmp_path, config, runtime=resolve("cpu", "bf16"), gradient_checkpointing=True)
+    assert {p.dtype for p in distiller.teacher.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in distiller.teacher.parameters())
+    assert is_checkpointing(distiller.student)
+    result = distiller.train(TRAIN, VAL, progress=False)
+    assert {p.dtype for p in result.student.parameters()} == {torch.float32}
+    moments = [t for s in distiller.optimizer.state.values() for k, t in s.items() if k != "step"]
+    assert moments and {t.dtype for t in moments} == {torch.float32}
+    vals = [r for r in result.history if r["split"] == "val"]
+    assert vals[-1]["kl"] < 0.9 * vals[0]["kl"]
+    # the dtype is part of what a resumed run must match: fp32 settings do not resume a bf16 run
+    meta = json.loads((tmp_path / "checkpoints" / "step_000016" / "trainer.json").read_text())
+    assert meta["config"]["dtype"] == "bf16"
+    with pytest.raises(PuzzleError, match="dtype"):
+        Distiller(to_puzzle(make_llama()), _student()[0], tmp_path, config).train(TRAIN, VAL, progress=False)

@@ -126,3 +126,24 @@ def test_minitron_neuron_scores_rank_the_ffn_neurons_when_the_run_has_them(tmp_p
     build_layer_group(tmp_path / "cc", parent, space, [1], *data, replace(quick, ffn_init="channel_contribution"), scores)
     assert store.read_manifest(tmp_path / "auto")["variants"]["L001/ffn/ffn_64"]["init"] == "minitron"
     assert store.read_manifest(tmp_path / "cc")["variants"]["L001/ffn/ffn_64"]["init"] == "channel_contribution"
+
+
+def test_bf16_autocast_bld_lowers_every_trained_variant(tmp_path, parent, data):
+    """--dtype bf16 on the CPU: the parent held in bf16, each variant trained under autocast with fp32
+    weights and fp32 AdamW state; every variant still ends below its loss at initialisation."""
+    settings = BLDSettings(tokens_per_block=3072, batch_size=4, calibration_tokens=512, eval_tokens=256, lr=2e-3,
+                           dtype="bf16")
+    space = load_search_space("tiny", parent.config)
+    summary = build_layer_group(tmp_path, parent, space, [1, 2], *data, settings)
+    assert {p.dtype for p in parent.parameters()} == {torch.bfloat16}  # the frozen parent, held once in bf16
+    assert parent.model.rotary_emb.inv_freq.dtype == torch.float32
+    trained = [r for r in store.read_manifest(tmp_path)["variants"].values() if r["source"] == "trained"]
+    assert len(trained) == summary["trained"] == 8
+    for r in trained:
+        assert r["loss_final"] < r["loss_init"], r
+    state = store.load_variant(tmp_path, 1, "ffn", "ffn_64")
+    assert {t.dtype for t in state.values()} == {torch.float32}  # the trained (master) weights
+    # a bf16 library is not an fp32 one: the digest tells them apart, an fp32 library keeps its old digest
+    assert settings.digest(tmp_path) != SETTINGS.digest(tmp_path)
+    fp32 = BLDSettings(**{**settings.to_dict(), "dtype": "fp32"})
+    assert fp32.digest(tmp_path) == BLDSettings(**{**fp32.to_dict(), "device": "cuda:0"}).digest(tmp_path)

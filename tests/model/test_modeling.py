@@ -130,3 +130,37 @@ def test_registered_in_process_with_auto_classes(tiny_parent, tmp_path):
     again = AutoModelForCausalLM.from_pretrained(tmp_path / "child")
     assert isinstance(again, PuzzleForCausalLM)
     assert again.config.block_configs == child.config.block_configs
+
+
+def test_gradient_checkpointing_gives_the_gradients_of_the_plain_backward():
+    """Per-layer checkpointing (PuzzleDecoderLayer is transformers' GradientCheckpointingLayer) recomputes
+    each layer in the backward: same gradients in fp32, on a child with every block kind."""
+    child = to_puzzle(make_llama())
+    torch.manual_seed(3)
+    replace_sublayer(child, 0, "attention", AttentionConfig(no_op=True))
+    replace_sublayer(child, 1, "ffn", FFNConfig(replace_with_linear=True))
+    replace_sublayer(child, 2, "attention", AttentionConfig(n_heads_in_group=4))
+    replace_sublayer(child, 3, "ffn", FFNConfig(intermediate_size=48))
+    x = torch.randint(0, 320, (2, 17))
+    child.train()
+
+    def grads():
+        child.zero_grad()
+        out = child(x, output_hidden_states=True, use_cache=False)
+        (out.logits.square().mean() + out.hidden_states[2].pow(3).mean()).backward()
+        return {n: p.grad.clone() for n, p in child.named_parameters()}
+
+    plain = grads()
+    calls = []
+    child.activation_checkpointing_enable({"use_reentrant": False})  # gradient_checkpointing_enable in 4.x
+    assert child.model.layers[1].gradient_checkpointing
+    hook = child.model.layers[1].self_attn.register_forward_pre_hook(lambda *args: calls.append(1))
+    checkpointed = grads()
+    hook.remove()
+    assert len(calls) == 2  # the layer ran again in the backward: its activations were not kept
+    assert plain.keys() == checkpointed.keys()
+    for name in plain:
+        torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7, msg=name)
+    child.eval()  # eval / no_grad forwards (validation, generation) are not checkpointed
+    with torch.no_grad():
+        child(x)

@@ -95,7 +95,17 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
         with torch.no_grad():
             save_file({{"logits": model(x).logits}}, {str(tmp_path / "got.safetensors")!r})
         tok = AutoTokenizer.from_pretrained({str(out)!r})
-        print(json.dumps({{"module": type(model).__module__, "rope_theta": model.config.rope_theta,
+        model.train()  # gradient checkpointing per layer (GradientCheckpointingLayer) under 4.56: same gradients
+        def grads():
+            model.zero_grad()
+            model(x).logits.square().mean().backward()
+            return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        plain = grads()
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}})
+        checkpointed = grads()
+        same = len(plain) == len(checkpointed) > 0 and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, checkpointed))
+        print(json.dumps({{"checkpointing": [model.model.layers[0].gradient_checkpointing, same],
+                          "module": type(model).__module__, "rope_theta": model.config.rope_theta,
                           "rope_scaling": model.config.rope_scaling,
                           "no_op": [[b.attention.no_op, b.ffn.no_op] for b in model.config.block_configs],
                           "ids": tok({SAMPLE_TEXT[1]!r})["input_ids"]}}))
@@ -109,6 +119,7 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
     assert seen["module"].startswith("transformers_modules")  # the checkpoint's own modeling file
     assert seen["rope_theta"] == 40000.0 and seen["rope_scaling"]["rope_type"] == "llama3"
     assert seen["ids"] == ids
+    assert seen["checkpointing"] == [True, True]
     # block_configs read as attributes under 4.x too (vLLM and TensorRT-LLM releases pinned to it read them so)
     assert seen["no_op"] == [[b.attention.no_op, b.ffn.no_op] for b in child.config.blocks]
     expected = load_file(str(tmp_path / "expected.safetensors"))["logits"]

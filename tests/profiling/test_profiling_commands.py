@@ -110,3 +110,38 @@ def test_stale_temp_files_in_costs_are_cleaned_when_profile_starts(tmp_path, tin
     os.utime(stale, (time.time() - 3600,) * 2)
     profile(run_dir=run, budget="h100_80gb", parent=tiny_parent_dir)
     assert not stale.exists() and (run / "costs" / "h100_80gb.parquet").exists()
+
+
+def _fake_gpu(monkeypatch, name):
+    import puzzle.profiling.measure as measure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(measure, "device_name", lambda device: name if device.type == "cuda" else "cpu")
+
+
+def test_a_measurement_is_filed_only_under_the_profile_of_the_device_it_ran_on(monkeypatch):
+    from puzzle.profiling.commands import _should_measure
+
+    _fake_gpu(monkeypatch, "NVIDIA H200")
+    assert _should_measure(load_profile("h200_141gb"), None) == torch.device("cuda", 0)
+    with pytest.raises(PuzzleError, match="cannot file a measurement under h100_80gb: this GPU is NVIDIA H200") as err:
+        _should_measure(load_profile("h100_80gb"), True)
+    assert "\n" not in str(err.value)
+    assert _should_measure(load_profile("h100_80gb"), None) is None  # the default falls back to the roofline
+    assert _should_measure(load_profile("h100_80gb"), False) is None
+    with pytest.raises(PuzzleError, match="CPU profile"):
+        _should_measure(load_profile("cpu_local"), None, "cuda")
+    with pytest.raises(PuzzleError, match="GPU profile"):
+        _should_measure(load_profile("h200_141gb"), True, "cpu")
+
+
+def test_without_a_gpu_a_gpu_profile_uses_the_roofline_and_cuda_is_refused(monkeypatch):
+    from puzzle.profiling.commands import _should_measure
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _should_measure(load_profile("h100_80gb"), None) is None
+    assert _should_measure(load_profile("cpu_local"), None) == torch.device("cpu")
+    with pytest.raises(PuzzleError, match="no CUDA GPU"):
+        _should_measure(load_profile("h100_80gb"), None, "cuda")

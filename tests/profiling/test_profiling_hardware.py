@@ -98,3 +98,18 @@ def test_with_workload_changes_one_field_and_validates():
     assert hw.workload.batch_size == 64  # the original is unchanged (frozen)
     with pytest.raises(PuzzleError):
         hw.with_workload(batch_size=-1)
+
+
+@pytest.mark.parametrize("profile, gpu, same", [
+    ("h100_80gb", "NVIDIA H100 80GB HBM3", True),
+    ("h100_80gb", "NVIDIA H100 PCIe", True),
+    ("h100_80gb", "NVIDIA H200", False),
+    ("h200_141gb", "NVIDIA H200", True),
+    ("a100_80gb", "NVIDIA A100-SXM4-80GB", True),
+    ("a100_80gb", "NVIDIA A10", False),
+    ("l40s_48gb", "NVIDIA L40S", True),
+    ("l40s_48gb", "NVIDIA L40", False),
+    ("cpu_local", "AMD EPYC 9B45", True),  # a CPU profile describes whatever CPU it runs on
+])
+def test_a_profile_knows_which_devices_are_its_own(profile, gpu, same):
+    assert load_profile(profile).device.matches(gpu) is same

@@ -66,3 +66,49 @@ def test_time_call_returns_the_median_per_call():
 def test_fp8_cannot_be_measured_eagerly():
     with pytest.raises(PuzzleError, match="--no-measure"):
         torch_dtype("fp8")
+
+
+def test_copies_are_timed_in_turn_on_the_cpu_and_decode_is_eager_there():
+    from puzzle.profiling.measure import decode_timing, sublayer_calls, time_calls
+
+    assert decode_timing(torch.device("cpu")) == "eager" and decode_timing(torch.device("cuda")) == "cuda_graph"
+    config = puzzle_config_from(make_llama_config())
+    workload = Workload(batch_size=1, input_len=8, output_len=4, dtype="fp32")
+    calls = sublayer_calls(config, "ffn", FFNConfig(intermediate_size=64), workload, "decode", torch.device("cpu"),
+                           torch.float32, cold_bytes=1e5)
+    assert len(calls) > 1  # copies enough to cover cold_bytes
+    seen = []
+    counted = [lambda i=i: seen.append(i) for i in range(len(calls))]
+    assert time_calls(counted, torch.device("cpu"), "decode", warmup=0, repeats=len(calls), min_sample_s=0) > 0
+    assert sorted(set(seen)) == list(range(len(calls)))  # every copy ran, in turn
+    assert sublayer_calls(config, "ffn", FFNConfig(no_op=True), workload, "decode", torch.device("cpu"), torch.float32) is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_a_cuda_graph_replays_the_decode_step():
+    from puzzle.profiling.measure import cuda_graph
+
+    x = torch.randn(4, 64, device="cuda")
+    w = torch.randn(64, 64, device="cuda")
+    out = torch.empty(4, 64, device="cuda")
+    replay = cuda_graph(lambda: torch.matmul(x, w, out=out))
+    x.copy_(torch.randn_like(x))
+    replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, x @ w)
+
+
+def test_a_decode_step_runs_every_sublayer_the_child_has():
+    from puzzle.model import BlockConfig
+    from puzzle.profiling.measure import decode_step_calls, measure_decode_step
+
+    parent = puzzle_config_from(make_llama_config())
+    workload = Workload(batch_size=1, input_len=8, output_len=4, dtype="fp32")
+    calls = decode_step_calls(parent, workload, torch.device("cpu"), torch.float32)
+    assert len(calls) == 3 + 2 * parent.num_hidden_layers  # embeddings, final norm, LM head + two per layer
+    child = puzzle_config_from(make_llama_config())
+    blocks = list(child.blocks)
+    blocks[1] = BlockConfig(AttentionConfig(no_op=True), FFNConfig(no_op=True))
+    child.block_configs = [b.to_dict(child.hidden_size) for b in blocks]
+    assert len(decode_step_calls(child, workload, torch.device("cpu"), torch.float32)) == len(calls) - 2
+    assert measure_decode_step(child, workload, torch.device("cpu"), warmup=1, repeats=2) > 0

@@ -2,6 +2,7 @@ import copy
 import json
 
 import torch
+from safetensors import safe_open
 
 from puzzle.cli import main
 from puzzle.library.store import write_variant
@@ -121,3 +122,40 @@ def test_trtllm_target_stores_the_tied_head_by_name(tmp_path, capsys):
     x = torch.randint(0, 320, (1, 9))
     with torch.no_grad():
         torch.testing.assert_close(load_model(child)(x).logits, load_model(parent_dir)(x).logits, atol=1e-5, rtol=0)
+
+
+def test_a_child_realised_in_bf16_matches_the_fp32_child_within_bf16_rounding(tiny_parent_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    parent = to_puzzle(load_model(tiny_parent_dir))
+    att, ffn = parent.config.blocks[0].attention, parent.config.blocks[0].ffn
+    chosen = [BlockConfig(att, ffn), BlockConfig(AttentionConfig(n_heads_in_group=4), FFNConfig(intermediate_size=64)),
+              BlockConfig(att, FFNConfig(replace_with_linear=True)), BlockConfig(AttentionConfig(no_op=True), ffn)]
+    for layer, block in enumerate(chosen):
+        for kind, cfg in (("attention", block.attention), ("ffn", block.ffn)):
+            if cfg not in (att, ffn) and not cfg.no_op:
+                write_variant(run, {"layer": layer, "kind": kind, "variant": cfg.name},
+                              random_state(parent.config, kind, cfg, seed=layer))
+    atomic_write_json(run / "solutions" / "best.json",
+                      {"block_configs": [b.to_dict(parent.config.hidden_size) for b in chosen]})
+    children = {}
+    for dtype in ("fp32", "bf16"):
+        out = run / "children" / dtype
+        args = ["realize", "--run-dir", str(run), "--parent", str(tiny_parent_dir), "--out", str(out)]
+        assert main([*args, "--device", "cpu", "--dtype", dtype]) == 0
+        assert json.loads((out / "realized.json").read_text())["dtype"] == dtype
+        children[dtype] = load_model(out, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
+    with safe_open(str(run / "children" / "bf16" / "model.safetensors"), framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # stored in bf16: half the bytes
+    x = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        ref = children["fp32"](x).logits
+        low = children["bf16"](x).logits.float()
+    # bf16 keeps 8 bits of mantissa: a 4-layer forward lands within a few percent of the logits' scale
+    scale = ref.abs().mean()
+    assert (low - ref).abs().mean() < 0.03 * scale
+    assert (low.argmax(-1) == ref.argmax(-1)).float().mean() > 0.9
+    # another dtype is another child: realising it again in fp32 over the bf16 one is not "nothing to do"
+    capsys.readouterr()
+    out = run / "children" / "bf16"
+    assert main(["realize", "--run-dir", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
+    assert "nothing to do" not in capsys.readouterr().out

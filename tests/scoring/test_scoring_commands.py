@@ -177,3 +177,27 @@ def test_the_parent_row_agrees_with_evaluate_on_the_same_tokens(run, tiny_parent
     assert np.allclose(parent_rows["lm_loss"], evaluated["lm_loss"], rtol=1e-5)
     assert evaluated["kl"] == pytest.approx(0.0, abs=1e-6) and (parent_rows["kl"] == 0).all()
     assert evaluated["top1_agreement"] == 1.0 and (parent_rows["top1_agreement"] == 1.0).all()
+
+
+def test_bf16_scores_and_evaluation_match_fp32_within_bf16_rounding(run, tiny_parent_dir, monkeypatch):
+    """--dtype bf16 end to end on the inference side: the parent and every variant held in bf16, metrics in
+    fp32. The table is fp32's within bf16 rounding, and a bf16 table is not an fp32 one (rescored, not reused)."""
+    run_dir, parent, space = run
+    base = ["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *ARGS]
+    assert main([*base, "--dtype", "fp32"]) == 0
+    fp32 = read_table(run_dir / "scores" / "scores.parquet")
+    count = Counter(monkeypatch)
+    assert main([*base, "--device", "cpu", "--dtype", "bf16"]) == 0
+    assert count.calls > 0  # the fp32 results were not taken for bf16 ones
+    bf16 = read_table(run_dir / "scores" / "scores.parquet")
+    settings = json.loads((run_dir / "scores" / "scores.json").read_text())["settings"]
+    assert settings["dtype"] == "bf16" and settings["device"] == "cpu"
+    assert np.allclose(bf16["lm_loss"], fp32["lm_loss"], rtol=0.01)
+    assert np.allclose(bf16["kl"], fp32["kl"], rtol=0.1, atol=0.01)
+    assert not np.array_equal(bf16["lm_loss"], fp32["lm_loss"])  # it did compute in bf16
+    n_val = len(load_blocks(run_dir, "val"))
+    ev = {dtype: evaluate(tiny_parent_dir, None, run_dir, val_blocks=n_val, batch_size=3, budget=None, measure=False,
+                          dtype=dtype)
+          for dtype in ("fp32", "bf16")}
+    assert ev["bf16"]["dtype"] == "bf16" and ev["fp32"]["dtype"] == "fp32"
+    assert ev["bf16"]["validation"]["lm_loss"] == pytest.approx(ev["fp32"]["validation"]["lm_loss"], rel=0.01)
