@@ -140,70 +140,72 @@ def importance_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                     flops=args["n_samples"] * T * shape.model_flops_per_token(None, T / 2))
 
 
-def _trained(space: Any, layer: int) -> tuple[list[Any], list[Any]]:
-    """A layer's variants BLD trains (AdamW or least squares): not the parent's own, not no-ops."""
-    variants = [v for v in space.variants() if v.layer == layer and not v.is_parent and not v.config.no_op]
-    return [v for v in variants if v.kind == "attention"], [v for v in variants if v.kind == "ffn"]
+def truncated_parent_bytes(shape: ModelShape, last_layer: int, dtype_bytes: int = FP32) -> int:
+    """A BLD worker's parent (`load_puzzle(last_layer=...)`): the embeddings and layers 0..last_layer, no
+    head, no final norm, read once from safetensors onto the meta-built model."""
+    return (shape.fixed_params("embeddings") + (last_layer + 1) * shape.params(shape.parent_block)) * dtype_bytes
+
+
+def bld_job_bytes(shape: ModelShape, space: Any, layers: list[int], variants: list[Any], settings: Any, seq_len: int,
+                  dtype_bytes: int = FP32) -> int:
+    """Host bytes of one BLD job (puzzle/library/ray_jobs.py run_group -> bld.py build_layer_group): the
+    `variants` (a subset of those of `layers`) of a contiguous range of layers, trained in lockstep.
+      parent      the truncated parent up to max(layers) (`truncated_parent_bytes`): loaded once, 1x
+      per layer   the held-out batches' parent activations (h, a, o; eval_tokens) and one training
+                  batch's (b tokens); the frozen parent FFN is the parent's own module (`Sublayer.of`)
+      per variant trained with AdamW: weights + gradient + 2 moments (4x its params); a linear FFN
+                  (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
+      per step    one variant's op outputs for backward at a time (the variants step one after another)
+    Parent-identical variants and no-ops are measured, not trained: no state."""
+    D, b = shape.hidden_size, settings.batch_size * seq_len
+    hao = 3 * D * dtype_bytes  # h, a, o of one token at one layer
+    state = act = 0
+    for v in variants:
+        if v.is_parent or v.config.no_op:
+            continue
+        if v.kind == "ffn" and v.config.replace_with_linear:
+            state += 2 * D * D * 8
+        else:
+            p = shape.params(v.config)
+            state += p * dtype_bytes + shape.adamw_bytes(p, dtype_bytes)
+        act = max(act, shape.activation_bytes_per_token(v.config, dtype_bytes) * b)
+    held = len(set(layers)) * hao * (settings.eval_tokens + b)
+    return truncated_parent_bytes(shape, max(layers), dtype_bytes) + held + state + act
 
 
 def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """build-library, per worker (a Ray task, or the driver with --no-ray) owning a contiguous group of
-    layers (puzzle/library/ray_jobs.py run_group, puzzle/library/bld.py build_layer_group):
-      load        to_puzzle(load_model(parent)): 2P
-      resident    the parent P; the held-out eval batches' parent activations (h, a, o of each owned
-                  layer, eval_tokens of them); per owned layer with an attention variant, a frozen copy
-                  of the parent FFN (`_parent_sublayer`)
-      per variant trained with AdamW: weights + gradient + 2 moments (4x its params); a linear FFN
-                  (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
-      per step    one batch's parent activations (h, a, o per owned layer), and one variant's op outputs
-                  for backward at a time (the variants step one after another)
-    The groups are the build's own split (`split_layers` over `layer_costs`, as build_library calls it);
-    workers run side by side on this machine: host peak = groups x the largest worker's peak."""
+    """build-library: the jobs the build itself plans (`ray_jobs.plan_jobs`: contiguous layer groups, one
+    per worker, each split into variant subsets that fit `worker_memory_gib` when one is given), each
+    costing `bld_job_bytes`. Workers run side by side on this machine: host peak = the jobs that run at
+    once (at most `workers`) x the largest job's peak."""
     from puzzle.library.bld import BLDSettings, weight_train_flops
-    from puzzle.library.ray_jobs import layer_costs, split_layers
+    from puzzle.library.ray_jobs import plan_jobs
 
     shape, space = ctx.shape, ctx.space
     settings = BLDSettings(**{f.name: args[f.name] for f in fields(BLDSettings) if f.name in args})
     T = settings.seq_len or ctx.seq_len
     b = settings.batch_size * T
-    D = shape.hidden_size
     layers = sorted(set(args.get("layers") or range(shape.num_hidden_layers)))
-    groups = split_layers(layers, args["workers"] or 1, *layer_costs(space, ctx.config, settings))
-    workers = len(groups)
+    budget = args.get("worker_memory_gib")
+    jobs = plan_jobs(space, ctx.config, settings, layers, args["workers"] or 1, T, budget * GIB if budget else None)
+    workers = min(len(jobs), args["workers"] or 1)
     steps = settings.steps(T)
-    hao = 3 * D * FP32  # h, a, o of one token at one layer
-
-    def worker_bytes(group: list[int]) -> int:
-        state = act = 0
-        for layer in group:
-            attention, ffn = _trained(space, layer)
-            if attention:
-                state += shape.params(shape.parent_ffn) * FP32  # the frozen parent FFN
-            for v in attention + ffn:
-                if v.kind == "ffn" and v.config.replace_with_linear:
-                    state += 2 * D * D * 8
-                else:
-                    p = shape.params(v.config)
-                    state += p * FP32 + shape.adamw_bytes(p, FP32)
-                act = max(act, shape.activation_bytes_per_token(v.config, FP32) * b)
-        held = ctx.parent_bytes + len(group) * hao * (settings.eval_tokens + b) + state + act
-        return max(load_peak_bytes(ctx, True), held)
 
     flops = disk = 0.0
-    for group in groups:
-        parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2) for _ in range(max(group) + 1))
+    for job in jobs:
+        parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2) for _ in range(max(job.layers) + 1))
         flops += steps * b * parent_fwd
-        for layer in group:
-            attention, ffn = _trained(space, layer)
-            for v in attention + ffn:
-                frozen = shape.matmul_params(shape.parent_ffn) if v.kind == "attention" else 0
-                per_token = weight_train_flops(v.kind, shape.matmul_params(v.config), frozen)
-                per_token += 3 * shape.attention_flops(v.config, T / 2)
-                flops += steps * b * per_token
-                disk += shape.params(v.config) * FP32
-    peak = max(worker_bytes(g) for g in groups)
+        for v in job.variants:
+            if v.is_parent or v.config.no_op:
+                continue
+            frozen = shape.matmul_params(shape.parent_ffn) if v.kind == "attention" else 0
+            per_token = weight_train_flops(v.kind, shape.matmul_params(v.config), frozen)
+            per_token += 3 * shape.attention_flops(v.config, T / 2)
+            flops += steps * b * per_token
+            disk += shape.params(v.config) * FP32
+    peak = max(job.bytes for job in jobs)
     return Estimate("", "build_library", host_bytes=workers * peak, disk_bytes=disk, flops=flops, workers=workers,
-                    note=f"{workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
+                    note=f"{len(jobs)} job(s) on {workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
 
 
 def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:

@@ -8,10 +8,11 @@ from puzzle.engines import check_child, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
-from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, save_model, to_puzzle
+from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
+from puzzle.shape import ModelShape
 from puzzle.run_dir import RunDir, writes_run_dir
 
-from .assemble import architecture_table, assemble_child, table_markdown
+from .assemble import architecture_table, stream_child, table_markdown
 
 
 @writes_run_dir("realize")
@@ -57,11 +58,12 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         print(f"{out} already holds this solution; nothing to do")
         return out
 
-    parent_model = to_puzzle(load_model(info["parent"]))
-    child = assemble_child(parent_model, blocks, lambda v: variant_state(run_dir, parent_model, v))
+    # streamed: the child is filled sublayer by sublayer from the parent's checkpoint and the library,
+    # never next to a whole parent; stored in the parent's dtype
+    child = stream_child(info["parent"], blocks, lambda v: variant_state(run_dir, None, v))
     rows = architecture_table(child)
     params = sum(p.numel() for p in child.parameters())
-    parent_params = sum(p.numel() for p in parent_model.parameters())
+    parent_params = ModelShape.from_config(config).total_params()
     extra = {
         "architecture.json": rows,
         "predicted_costs.json": {"solution": src.stem, **payload.get("predicted", {})},

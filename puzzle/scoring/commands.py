@@ -10,7 +10,9 @@ size, seed) and the library entry (its file's sha256, or "parent" / "noop"). A r
 is missing or stale, and loads no model at all when nothing is; the tables are written at the end.
 
 Memory: the loop is batch-outer, variant-inner, so only one batch's parent reference is held (see
-`puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries).
+`puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries). The parent is
+loaded once (`load_puzzle`: built on the meta device, filled from safetensors); each library file is read
+and verified once per run (`store.LibraryReader`).
 """
 
 import hashlib
@@ -27,8 +29,8 @@ from tqdm.auto import tqdm
 from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
-from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
-from puzzle.model.checkpoint import load_config, load_model, to_puzzle
+from puzzle.library.store import LibraryReader, key_of, library_dir, missing_variants, read_manifest, variant_state
+from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
 from puzzle.search_space import Variant, load_search_space
@@ -193,10 +195,16 @@ def _score_batches(
         target = torch.device(device)
     except RuntimeError as err:
         raise PuzzleError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
-    model = to_puzzle(load_model(parent_path)).to(target).eval()
+    model = load_puzzle(parent_path).to(target).eval()
+    # each library file is read and verified once per run (kept while the entries take at most a quarter
+    # of the parent's bytes; beyond that re-read, not re-hashed), not once per batch
+    parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    library = LibraryReader(run_dir, keep_bytes=parent_bytes / 4)
 
     def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
-        return variant_state(run_dir, model, variant)
+        if variant.is_parent:
+            return variant_state(run_dir, model, variant)
+        return library.state(variant)
 
     bar = tqdm(total=sum(len(t) for t in todo.values()), desc="score", unit="variant-batch")
     try:
