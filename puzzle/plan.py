@@ -96,10 +96,11 @@ class Estimate:
 
 
 def load_peak_bytes(ctx: Context, to_puzzle: bool) -> int:
-    """Host bytes while a stage loads the parent: `load_model` builds the model and fills it (one copy,
-    P); `to_puzzle` builds a second, heterogeneous copy and loads the first one's state into it while the
-    first is still referenced (2P) (puzzle/model/checkpoint.py load_model, to_puzzle)."""
-    return (2 if to_puzzle else 1) * ctx.parent_bytes
+    """Host bytes while a stage loads the parent: `load_model` / `load_puzzle` build the model on the meta
+    device and make the tensors read from safetensors its own (one copy, P); `to_puzzle` takes the loaded
+    model's tensors themselves (no second copy) (puzzle/model/checkpoint.py, puzzle/model/loading.py).
+    `to_puzzle` is kept as an argument: the same P either way."""
+    return ctx.parent_bytes
 
 
 def atomic_save_bytes(tensor_bytes: float) -> float:
@@ -113,8 +114,8 @@ def atomic_save_bytes(tensor_bytes: float) -> float:
 
 
 def convert_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """convert (a GGUF parent written once as safetensors): load_model + to_puzzle (2P), then the fp32
-    safetensors file (P on disk)."""
+    """convert (a GGUF parent written once as safetensors): load_model + to_puzzle (P: the child takes the
+    loaded tensors), then the fp32 safetensors file (P on disk)."""
     return Estimate("", "convert", host_bytes=load_peak_bytes(ctx, True), disk_bytes=ctx.parent_bytes,
                     note="GGUF parent -> fp32 safetensors")
 
@@ -129,7 +130,7 @@ def prepare_data_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def importance_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """importance: to_puzzle(load_model(parent)) (2P at load), then forward passes of batch_size x seq_len
+    """importance: to_puzzle(load_model(parent)) (P at load), then forward passes of batch_size x seq_len
     with hooks: one layer's activations and the batch's logits alive at a time; the per-layer statistics
     (heads, neurons, channels) are small (puzzle/pruning/commands.py importance)."""
     shape, T = ctx.shape, args.get("seq_len") or ctx.seq_len
@@ -209,10 +210,11 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """score (puzzle/scoring/commands.py, replace1.py): to_puzzle(load_model(parent)) on the host (2P),
-    then `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
+    """score (puzzle/scoring/commands.py, replace1.py): load_puzzle(parent) on the host (P), then
+    `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
     two (chunk_tokens, V) temporaries, the cached prefix and final hidden states (a few b x D), one
-    library variant's weights. Each variant runs from its layer to the end (the prefix is reused).
+    library variant's weights; on the host the library entries kept after their first load
+    (`store.LibraryReader`, at most `KEEP_LIBRARY` x P). Each variant runs from its layer to the end (the prefix is reused).
     It runs on the plan's --device (the config's score section must say so: its `device` defaults to cpu)."""
     shape, T = ctx.shape, ctx.seq_len
     b = args["batch_size"] * T
@@ -230,7 +232,10 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     tokens = args["blocks"] * T
     rows = sum(1 for _ in ctx.space.variants()) * args["blocks"]
     note = "set score: {device: cuda} in the config" if on_gpu and args["device"] == "cpu" else ""
-    return Estimate("", "score", host_bytes=load_peak_bytes(ctx, True) if on_gpu else max(load_peak_bytes(ctx, True), device_bytes),
+    from puzzle.scoring.commands import KEEP_LIBRARY
+
+    kept = KEEP_LIBRARY * ctx.parent_bytes
+    return Estimate("", "score", host_bytes=load_peak_bytes(ctx, True) + kept if on_gpu else device_bytes + kept,
                     gpu_bytes=device_bytes if on_gpu else 0, disk_bytes=rows * 128, flops=tokens * per_token,
                     runs_on=ctx.machine.device, note=note)
 
@@ -272,16 +277,16 @@ def solve_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """realize (puzzle/realize/commands.py, assemble.py): to_puzzle(load_model(parent)) (2P), then
-    `copy.deepcopy(parent)` into which the library's blocks are loaded (2P); the child written in fp32
-    (at most the parent's size: the parent bounds it)."""
-    return Estimate("", "realize", host_bytes=2 * ctx.parent_bytes, disk_bytes=ctx.parent_bytes,
+    """realize (puzzle/realize/commands.py, assemble.py stream_child): the child built on the meta device
+    and filled one sublayer at a time from the parent's safetensors and the library (the child, at most
+    the parent's size P, plus one sublayer), then written in the parent's dtype."""
+    return Estimate("", "realize", host_bytes=ctx.parent_bytes, disk_bytes=ctx.parent_bytes,
                     note="child <= parent")
 
 
 def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """distill / GKD (puzzle/distill/commands.py, trainer.py), the student bounded by the parent:
-      teacher   load_model (P) and to_puzzle's copy (P), both referenced during training: 2P
+      teacher   load_model (P); to_puzzle takes its tensors (no copy): P
       student   weights + gradient + 2 AdamW moments: 4P
       per step  the student's op outputs of a micro-batch for backward (every layer), the teacher's final
                 hidden states (b x D), two (chunk_tokens, V) logits chunks for the KL; with a hidden loss,
@@ -297,7 +302,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     if args["hidden_loss"] != "none":
         act += (shape.num_hidden_layers + 1) * b * shape.hidden_size * FP32
     params = shape.total_params()
-    resident = 2 * P + P + shape.adamw_bytes(params, FP32)
+    resident = P + P + shape.adamw_bytes(params, FP32)
     host = resident + max(act, atomic_save_bytes(2 * P))
     tokens = args["steps"] * args["grad_accum"] * b
     forward = shape.model_flops_per_token(None, T / 2)
@@ -306,7 +311,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
     keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
     return Estimate("", "distill", host_bytes=host, disk_bytes=(3 * keep + 1) * P,
-                    flops=tokens * 4 * forward + val, note="student <= parent; teacher held twice")
+                    flops=tokens * 4 * forward + val, note="student <= parent")
 
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:

@@ -12,7 +12,7 @@ is missing or stale, and loads no model at all when nothing is; the tables are w
 Memory: the loop is batch-outer, variant-inner, so only one batch's parent reference is held (see
 `puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries). The parent is
 loaded once (`load_puzzle`: built on the meta device, filled from safetensors); each library file is read
-and verified once per run (`store.LibraryReader`).
+and verified once per run (`store.LibraryReader`, keeping up to `KEEP_LIBRARY` x the parent's bytes of them).
 """
 
 import hashlib
@@ -41,6 +41,9 @@ FORMAT_VERSION = 1
 DEFAULT_SPACE = "llama_default"
 COLUMNS = ["layer", "kind", "variant", "kl", "lm_loss", "top1_agreement", "cosine", "tokens"]
 PARENT_KEY = "parent"  # the partial log's key for the parent's own per-batch metrics
+# Library entries kept in memory after their first load, as a share of the parent's bytes: the parent and
+# the kept entries stay within 1.5x the parent (a search space's library is several parents' worth).
+KEEP_LIBRARY = 0.5
 
 
 def scores_dir(run_dir: str | Path) -> Path:
@@ -196,10 +199,10 @@ def _score_batches(
     except RuntimeError as err:
         raise PuzzleError(f"unknown device {device!r} ({str(err).splitlines()[0]})") from None
     model = load_puzzle(parent_path).to(target).eval()
-    # each library file is read and verified once per run (kept while the entries take at most a quarter
-    # of the parent's bytes; beyond that re-read, not re-hashed), not once per batch
+    # each library file is read and verified once per run, not once per batch (kept in memory while the
+    # entries take at most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed)
     parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    library = LibraryReader(run_dir, keep_bytes=parent_bytes / 4)
+    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes)
 
     def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
         if variant.is_parent:
