@@ -147,7 +147,7 @@ def truncated_parent_bytes(shape: ModelShape, last_layer: int, dtype_bytes: int 
     return (shape.fixed_params("embeddings") + (last_layer + 1) * shape.params(shape.parent_block)) * dtype_bytes
 
 
-def bld_job_bytes(shape: ModelShape, space: Any, layers: list[int], variants: list[Any], settings: Any, seq_len: int,
+def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], settings: Any, seq_len: int,
                   dtype_bytes: int = FP32) -> int:
     """Host bytes of one BLD job (puzzle/library/ray_jobs.py run_group -> bld.py build_layer_group): the
     `variants` (a subset of those of `layers`) of a contiguous range of layers, trained in lockstep.

@@ -128,7 +128,7 @@ def plan_jobs(space: SearchSpace, config: Any, settings: BLDSettings, layers: li
 
     def job(variants: list[Variant], whole: bool) -> JobPlan:
         own = tuple(sorted({v.layer for v in variants}))
-        return JobPlan(own, tuple(variants), bld_job_bytes(shape, space, list(own), variants, settings, seq_len), whole)
+        return JobPlan(own, tuple(variants), bld_job_bytes(shape, list(own), variants, settings, seq_len), whole)
 
     plans = []
     for group in split_layers(layers, workers, *layer_costs(space, config, settings)):

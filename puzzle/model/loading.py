@@ -34,14 +34,16 @@ def on_meta(build: Callable[[], nn.Module]) -> nn.Module:
 
 
 def materialise_buffers(model: nn.Module) -> None:
-    """Rebuild, on the CPU, every module whose buffers are still on the meta device and that a checkpoint
-    does not hold: rotary embeddings (a fresh `type(m)(m.config)` computes inv_freq as construction does)."""
+    """Rebuild, on the weights' device, every module whose buffers are still on the meta device and that a
+    checkpoint does not hold: rotary embeddings (a fresh `type(m)(m.config)` computes inv_freq as
+    construction does)."""
+    device = next((p.device for p in model.parameters() if not p.is_meta), torch.device("cpu"))
     for name, module in list(model.named_modules()):
         if not any(b.is_meta for b in module.buffers(recurse=False)):
             continue
         if "RotaryEmbedding" not in type(module).__name__ or not hasattr(module, "config"):
             raise RuntimeError(f"{name}: a meta buffer with no rule to compute it ({type(module).__name__})")
-        with torch.device("cpu"):
+        with torch.device(device):  # beside the weights (to_puzzle of a model on a GPU stays there)
             fresh = type(module)(config=module.config)
         owner, _, attr = name.rpartition(".")
         setattr(model.get_submodule(owner) if owner else model, attr, fresh)
@@ -101,9 +103,8 @@ class SafetensorsCheckpoint:
         self.names_read.append(name)
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
-    def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None,
-                  rename: Callable[[str], str] = lambda k: k) -> dict[str, torch.Tensor]:
-        return {rename(k): self.read(k, dtype) for k in names}
+    def read_many(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        return {k: self.read(k, dtype) for k in names}
 
     def close(self) -> None:
         self._stack.close()

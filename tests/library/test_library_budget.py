@@ -89,7 +89,7 @@ def _smallest_budget_gib(parent) -> float:
     """The budget of the largest single-variant job: every job then holds as few variants as can be."""
     _, space = _space(parent)
     shape = ModelShape.from_config(load_config(parent))
-    return max(bld_job_bytes(shape, space, [v.layer], [v], SETTINGS, SEQ_LEN) for v in space.variants()) / GIB
+    return max(bld_job_bytes(shape, [v.layer], [v], SETTINGS, SEQ_LEN) for v in space.variants()) / GIB
 
 
 def test_a_small_budget_builds_the_same_library_in_more_jobs(tmp_path):
