@@ -96,10 +96,11 @@ class Estimate:
 
 
 def load_peak_bytes(ctx: Context, to_puzzle: bool) -> int:
-    """Host bytes while a stage loads the parent: `load_model` builds the model and fills it (one copy,
-    P); `to_puzzle` builds a second, heterogeneous copy and loads the first one's state into it while the
-    first is still referenced (2P) (puzzle/model/checkpoint.py load_model, to_puzzle)."""
-    return (2 if to_puzzle else 1) * ctx.parent_bytes
+    """Host bytes while a stage loads the parent: `load_model` / `load_puzzle` build the model on the meta
+    device and make the tensors read from safetensors its own (one copy, P); `to_puzzle` takes the loaded
+    model's tensors themselves (no second copy) (puzzle/model/checkpoint.py, puzzle/model/loading.py).
+    `to_puzzle` is kept as an argument: the same P either way."""
+    return ctx.parent_bytes
 
 
 def atomic_save_bytes(tensor_bytes: float) -> float:
@@ -113,8 +114,8 @@ def atomic_save_bytes(tensor_bytes: float) -> float:
 
 
 def convert_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """convert (a GGUF parent written once as safetensors): load_model + to_puzzle (2P), then the fp32
-    safetensors file (P on disk)."""
+    """convert (a GGUF parent written once as safetensors): load_model + to_puzzle (P: the child takes the
+    loaded tensors), then the fp32 safetensors file (P on disk)."""
     return Estimate("", "convert", host_bytes=load_peak_bytes(ctx, True), disk_bytes=ctx.parent_bytes,
                     note="GGUF parent -> fp32 safetensors")
 
@@ -129,7 +130,7 @@ def prepare_data_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def importance_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """importance: to_puzzle(load_model(parent)) (2P at load), then forward passes of batch_size x seq_len
+    """importance: to_puzzle(load_model(parent)) (P at load), then forward passes of batch_size x seq_len
     with hooks: one layer's activations and the batch's logits alive at a time; the per-layer statistics
     (heads, neurons, channels) are small (puzzle/pruning/commands.py importance)."""
     shape, T = ctx.shape, args.get("seq_len") or ctx.seq_len
@@ -140,77 +141,80 @@ def importance_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                     flops=args["n_samples"] * T * shape.model_flops_per_token(None, T / 2))
 
 
-def _trained(space: Any, layer: int) -> tuple[list[Any], list[Any]]:
-    """A layer's variants BLD trains (AdamW or least squares): not the parent's own, not no-ops."""
-    variants = [v for v in space.variants() if v.layer == layer and not v.is_parent and not v.config.no_op]
-    return [v for v in variants if v.kind == "attention"], [v for v in variants if v.kind == "ffn"]
+def truncated_parent_bytes(shape: ModelShape, last_layer: int, dtype_bytes: int = FP32) -> int:
+    """A BLD worker's parent (`load_puzzle(last_layer=...)`): the embeddings and layers 0..last_layer, no
+    head, no final norm, read once from safetensors onto the meta-built model."""
+    return (shape.fixed_params("embeddings") + (last_layer + 1) * shape.params(shape.parent_block)) * dtype_bytes
+
+
+def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], settings: Any, seq_len: int,
+                  dtype_bytes: int = FP32) -> int:
+    """Host bytes of one BLD job (puzzle/library/ray_jobs.py run_group -> bld.py build_layer_group): the
+    `variants` (a subset of those of `layers`) of a contiguous range of layers, trained in lockstep.
+      parent      the truncated parent up to max(layers) (`truncated_parent_bytes`): loaded once, 1x
+      per layer   the held-out batches' parent activations (h, a, o; eval_tokens) and one training
+                  batch's (b tokens); the frozen parent FFN is the parent's own module (`Sublayer.of`)
+      per variant trained with AdamW: weights + gradient + 2 moments (4x its params); a linear FFN
+                  (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
+      per step    one variant's op outputs for backward at a time (the variants step one after another)
+    Parent-identical variants and no-ops are measured, not trained: no state."""
+    D, b = shape.hidden_size, settings.batch_size * seq_len
+    hao = 3 * D * dtype_bytes  # h, a, o of one token at one layer
+    state = act = 0
+    for v in variants:
+        if v.is_parent or v.config.no_op:
+            continue
+        if v.kind == "ffn" and v.config.replace_with_linear:
+            state += 2 * D * D * 8
+        else:
+            p = shape.params(v.config)
+            state += p * dtype_bytes + shape.adamw_bytes(p, dtype_bytes)
+        act = max(act, shape.activation_bytes_per_token(v.config, dtype_bytes) * b)
+    held = len(set(layers)) * hao * (settings.eval_tokens + b)
+    return truncated_parent_bytes(shape, max(layers), dtype_bytes) + held + state + act
 
 
 def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """build-library, per worker (a Ray task, or the driver with --no-ray) owning a contiguous group of
-    layers (puzzle/library/ray_jobs.py run_group, puzzle/library/bld.py build_layer_group):
-      load        to_puzzle(load_model(parent)): 2P
-      resident    the parent P; the held-out eval batches' parent activations (h, a, o of each owned
-                  layer, eval_tokens of them); per owned layer with an attention variant, a frozen copy
-                  of the parent FFN (`_parent_sublayer`)
-      per variant trained with AdamW: weights + gradient + 2 moments (4x its params); a linear FFN
-                  (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
-      per step    one batch's parent activations (h, a, o per owned layer), and one variant's op outputs
-                  for backward at a time (the variants step one after another)
-    The groups are the build's own split (`split_layers` over `layer_costs`, as build_library calls it);
-    workers run side by side on this machine: host peak = groups x the largest worker's peak."""
+    """build-library: the jobs the build itself plans (`ray_jobs.plan_jobs`: contiguous layer groups, one
+    per worker, each split into variant subsets that fit `worker_memory_gib` when one is given), each
+    costing `bld_job_bytes`. Workers run side by side on this machine: host peak = the jobs that run at
+    once (at most `workers`) x the largest job's peak."""
     from puzzle.library.bld import BLDSettings, weight_train_flops
-    from puzzle.library.ray_jobs import layer_costs, split_layers
+    from puzzle.library.ray_jobs import plan_jobs
 
     shape, space = ctx.shape, ctx.space
     settings = BLDSettings(**{f.name: args[f.name] for f in fields(BLDSettings) if f.name in args})
     T = settings.seq_len or ctx.seq_len
     b = settings.batch_size * T
-    D = shape.hidden_size
     layers = sorted(set(args.get("layers") or range(shape.num_hidden_layers)))
-    groups = split_layers(layers, args["workers"] or 1, *layer_costs(space, ctx.config, settings))
-    workers = len(groups)
+    budget = args.get("worker_memory_gib")
+    jobs = plan_jobs(space, ctx.config, settings, layers, args["workers"] or 1, T, budget * GIB if budget else None)
+    workers = min(len(jobs), args["workers"] or 1)
     steps = settings.steps(T)
-    hao = 3 * D * FP32  # h, a, o of one token at one layer
-
-    def worker_bytes(group: list[int]) -> int:
-        state = act = 0
-        for layer in group:
-            attention, ffn = _trained(space, layer)
-            if attention:
-                state += shape.params(shape.parent_ffn) * FP32  # the frozen parent FFN
-            for v in attention + ffn:
-                if v.kind == "ffn" and v.config.replace_with_linear:
-                    state += 2 * D * D * 8
-                else:
-                    p = shape.params(v.config)
-                    state += p * FP32 + shape.adamw_bytes(p, FP32)
-                act = max(act, shape.activation_bytes_per_token(v.config, FP32) * b)
-        held = ctx.parent_bytes + len(group) * hao * (settings.eval_tokens + b) + state + act
-        return max(load_peak_bytes(ctx, True), held)
 
     flops = disk = 0.0
-    for group in groups:
-        parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2) for _ in range(max(group) + 1))
+    for job in jobs:
+        parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2) for _ in range(max(job.layers) + 1))
         flops += steps * b * parent_fwd
-        for layer in group:
-            attention, ffn = _trained(space, layer)
-            for v in attention + ffn:
-                frozen = shape.matmul_params(shape.parent_ffn) if v.kind == "attention" else 0
-                per_token = weight_train_flops(v.kind, shape.matmul_params(v.config), frozen)
-                per_token += 3 * shape.attention_flops(v.config, T / 2)
-                flops += steps * b * per_token
-                disk += shape.params(v.config) * FP32
-    peak = max(worker_bytes(g) for g in groups)
+        for v in job.variants:
+            if v.is_parent or v.config.no_op:
+                continue
+            frozen = shape.matmul_params(shape.parent_ffn) if v.kind == "attention" else 0
+            per_token = weight_train_flops(v.kind, shape.matmul_params(v.config), frozen)
+            per_token += 3 * shape.attention_flops(v.config, T / 2)
+            flops += steps * b * per_token
+            disk += shape.params(v.config) * FP32
+    peak = max(job.bytes for job in jobs)
     return Estimate("", "build_library", host_bytes=workers * peak, disk_bytes=disk, flops=flops, workers=workers,
-                    note=f"{workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
+                    note=f"{len(jobs)} job(s) on {workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
 
 
 def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """score (puzzle/scoring/commands.py, replace1.py): to_puzzle(load_model(parent)) on the host (2P),
-    then `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
+    """score (puzzle/scoring/commands.py, replace1.py): load_puzzle(parent) on the host (P), then
+    `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
     two (chunk_tokens, V) temporaries, the cached prefix and final hidden states (a few b x D), one
-    library variant's weights. Each variant runs from its layer to the end (the prefix is reused).
+    library variant's weights; on the host the library entries kept after their first load
+    (`store.LibraryReader`, at most `KEEP_LIBRARY` x P). Each variant runs from its layer to the end (the prefix is reused).
     It runs on the plan's --device (its `device` defaults to auto: CUDA where a GPU is visible). Sizes are
     fp32's: the plan does not yet price `--dtype bf16` (puzzle/device.py), which halves the parent's share."""
     shape, T = ctx.shape, ctx.seq_len
@@ -229,7 +233,10 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     tokens = args["blocks"] * T
     rows = sum(1 for _ in ctx.space.variants()) * args["blocks"]
     note = "set score: {device: cuda} in the config" if on_gpu and args["device"] == "cpu" else ""
-    return Estimate("", "score", host_bytes=load_peak_bytes(ctx, True) if on_gpu else max(load_peak_bytes(ctx, True), device_bytes),
+    from puzzle.scoring.commands import KEEP_LIBRARY
+
+    kept = KEEP_LIBRARY * ctx.parent_bytes
+    return Estimate("", "score", host_bytes=load_peak_bytes(ctx, True) + kept if on_gpu else device_bytes + kept,
                     gpu_bytes=device_bytes if on_gpu else 0, disk_bytes=rows * 128, flops=tokens * per_token,
                     runs_on=ctx.machine.device, note=note)
 
@@ -271,16 +278,16 @@ def solve_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """realize (puzzle/realize/commands.py, assemble.py): to_puzzle(load_model(parent)) (2P), then
-    `copy.deepcopy(parent)` into which the library's blocks are loaded (2P); the child written in fp32
-    (at most the parent's size: the parent bounds it)."""
-    return Estimate("", "realize", host_bytes=2 * ctx.parent_bytes, disk_bytes=ctx.parent_bytes,
+    """realize (puzzle/realize/commands.py, assemble.py stream_child): the child built on the meta device
+    and filled one sublayer at a time from the parent's safetensors and the library (the child, at most
+    the parent's size P, plus one sublayer), then written in the parent's dtype."""
+    return Estimate("", "realize", host_bytes=ctx.parent_bytes, disk_bytes=ctx.parent_bytes,
                     note="child <= parent")
 
 
 def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """distill / GKD (puzzle/distill/commands.py, trainer.py), the student bounded by the parent:
-      teacher   load_model (P) and to_puzzle's copy (P), both referenced during training: 2P
+      teacher   load_model (P); to_puzzle takes its tensors (no copy): P
       student   weights + gradient + 2 AdamW moments: 4P
       per step  the student's op outputs of a micro-batch for backward (every layer), the teacher's final
                 hidden states (b x D), two (chunk_tokens, V) logits chunks for the KL; with a hidden loss,
@@ -296,7 +303,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     if args["hidden_loss"] != "none":
         act += (shape.num_hidden_layers + 1) * b * shape.hidden_size * FP32
     params = shape.total_params()
-    resident = 2 * P + P + shape.adamw_bytes(params, FP32)
+    resident = P + P + shape.adamw_bytes(params, FP32)
     host = resident + max(act, atomic_save_bytes(2 * P))
     tokens = args["steps"] * args["grad_accum"] * b
     forward = shape.model_flops_per_token(None, T / 2)
@@ -305,7 +312,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
     keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
     return Estimate("", "distill", host_bytes=host, disk_bytes=(3 * keep + 1) * P,
-                    flops=tokens * 4 * forward + val, note="student <= parent; teacher held twice")
+                    flops=tokens * 4 * forward + val, note="student <= parent")
 
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:

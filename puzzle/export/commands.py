@@ -3,10 +3,9 @@
 from pathlib import Path
 from typing import Literal
 
-import torch
 
 from puzzle.errors import PuzzleError
-from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, puzzle_config_from, to_puzzle
+from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
 
 FORMATS = ("gguf", "nemotron-nas", "anymodel")
 
@@ -53,7 +52,9 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         from .fields import safetensors_dtype
 
         weights = safetensors_dtype(dtype, getattr(stored, "dtype", None) or getattr(stored, "torch_dtype", None))
-    model = to_puzzle(load_model(child, dtype=torch.float32))
+    # loaded once, in its stored dtype (built on the meta device, filled from safetensors); each writer
+    # converts tensor by tensor to the export's dtype
+    model = load_puzzle(child, dtype=None)
     tokenizer = load_tokenizer(child)
     out = Path(out)
     if format == "gguf":

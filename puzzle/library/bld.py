@@ -26,7 +26,7 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Literal, Sequence
+from typing import Any, Callable, Collection, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
@@ -139,12 +139,21 @@ class Sublayer(nn.Module):
             return attention_residual(self.norm, self.module, x, position_embeddings)
         return ffn_residual(self.norm, self.module, x)
 
+    @classmethod
+    def of(cls, block: nn.Module, kind: str) -> "Sublayer":
+        """A decoder layer's own norm and module as a Sublayer: shared with the layer, not copied."""
+        sub = cls.__new__(cls)
+        nn.Module.__init__(sub)
+        sub.kind = kind
+        for name in _PARTS[kind]:
+            setattr(sub, name, getattr(block, name))
+        return sub
 
-def _parent_sublayer(parent: PuzzleForCausalLM, layer: int, kind: str, config: Any) -> Sublayer:
-    """A frozen copy of a parent sublayer, on the parent's device and in its dtype (bf16 under --dtype bf16)."""
-    weight = parent.lm_head.weight
-    sub = place(Sublayer(parent.config, kind, config, sublayer_state(parent, layer, kind)), weight.device, weight.dtype)
-    return sub.requires_grad_(False).eval()
+
+def _parent_sublayer(parent: PuzzleForCausalLM, layer: int, kind: str) -> Sublayer:
+    """The parent's frozen sublayer (the target an attention variant trains next to): the parent's own
+    modules, shared by every variant of the layer; nothing is cloned."""
+    return Sublayer.of(parent.model.layers[layer], kind).requires_grad_(False).eval()
 
 
 # ----- parent activations ----------------------------------------------------------------------------
@@ -460,7 +469,7 @@ def init_variant(
         kv_heads = space.parent_attention.num_key_value_heads(config.num_attention_heads)
         state, method = init_attention(parent_state, v.config, config.num_attention_heads, kv_heads)
         if v.layer not in frozen:
-            frozen[v.layer] = _parent_sublayer(parent, v.layer, "ffn", space.parent_ffn)
+            frozen[v.layer] = _parent_sublayer(parent, v.layer, "ffn")
         frozen_ffn = frozen[v.layer]
     else:
         scores = _ffn_scores_for(v.layer, settings, neuron_scores)
@@ -564,9 +573,10 @@ def save_variants(
     progress: Callable[[int], None] | None,
     settings_sha256: str,
     runtime: Runtime = CPU_FP32,
+    store_dtype: torch.dtype | None = None,
 ) -> None:
     """Finish, measure and store each trained variant (file, then manifest record, with the digest of the
-    settings that trained it) as soon as it is done."""
+    settings that trained it) as soon as it is done, in `store_dtype` (the parent's; None: as trained)."""
     for run in runs:
         t0 = time.perf_counter()
         finish(run)
@@ -577,7 +587,8 @@ def save_variants(
                   "settings_sha256": settings_sha256}
         run.wall_s += time.perf_counter() - t0
         record["wall_s"] = run.wall_s
-        record = store.write_variant(run_dir, record, run.child.state_dict())
+        state = {k: v if store_dtype is None else v.to(store_dtype) for k, v in run.child.state_dict().items()}
+        record = store.write_variant(run_dir, record, state)
         log.write(event="variant_done", **{k: record[k] for k in ("layer", "kind", "variant", "init", "tokens", "loss_init", "loss_final", "wall_s")})
         if progress:
             progress(1)
@@ -593,9 +604,14 @@ def build_layer_group(
     settings: BLDSettings = BLDSettings(),
     neuron_scores: dict[int, torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
+    only: Collection[str] | None = None,
+    store_dtype: torch.dtype | None = None,
 ) -> dict[str, Any]:
-    """Initialise, train and store every variant of `layers` the library does not hold yet (or holds trained
-    under other settings: see `BLDSettings.digest`).
+    """Initialise, train and store every variant of `layers` (or only those whose `store.key_of` is in
+    `only`: a job of a memory-budgeted build) the library does not hold yet (or holds trained under other
+    settings: see `BLDSettings.digest`), stored in `store_dtype` (the parent's dtype; None: as trained).
+    `parent` may be truncated after the last of `layers` (`load_puzzle(last_layer=...)`): nothing here
+    reaches later layers or the head.
 
     Steps: `collect_inputs` (held-out parent activations, FFN calibration), `init_variants` (record the
     untrained ones), `train_lockstep`, `save_variants`. Writes each finished variant (file, then manifest
@@ -608,6 +624,8 @@ def build_layer_group(
     log = store.library_log(run_dir)
     manifest = store.read_manifest(run_dir)
     variants = group_variants(space, layers)
+    if only is not None:
+        variants = [v for v in variants if store.key_of(v) in set(only)]
     digest = settings.digest(run_dir)
     todo = [v for v in variants if not store.is_done(run_dir, manifest, v.layer, v.kind, v.name, settings_sha256=digest)]
     summary: dict[str, Any] = {"layers": list(layers), "skipped": len(variants) - len(todo), "trained": 0, "recorded": 0}
@@ -633,7 +651,7 @@ def build_layer_group(
             progress(len(untrained))
 
     loop = train_lockstep(parent, runs, owned, train_blocks, settings, log, runtime)
-    save_variants(run_dir, runs, eval_batches, log, progress, digest, runtime)
+    save_variants(run_dir, runs, eval_batches, log, progress, digest, runtime, store_dtype)
     summary.update(
         trained=len(runs),
         steps=loop["steps"],

@@ -9,7 +9,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
-from puzzle.library.ray_jobs import GroupJob, layer_costs, run_build, split_layers
+from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
 from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
@@ -52,6 +52,7 @@ def build_library(
     ffn_init: Literal["auto", "channel_contribution", "minitron"] = "auto",
     layers: list[int] | None = None,
     workers: int = 1,
+    worker_memory_gib: float | None = None,
     threads: int = 1,
     ray: bool = True,
     address: str | None = None,
@@ -78,6 +79,8 @@ def build_library(
             else Channel Contribution
         layers: only these layers (default: all)
         workers: layer groups, one Ray task each (0 or --no-ray: all in this process)
+        worker_memory_gib: host memory one job may take (estimated as `puzzle plan` does): a layer group
+            over it is split into jobs of fewer variants, with the same results (default: no limit)
         threads: CPU threads (and Ray CPUs) per worker
         ray: run the groups as Ray tasks; --no-ray runs them one after another in this process
         address: Ray cluster address; default: RAY_ADDRESS, else a local embedded Ray
@@ -122,9 +125,14 @@ def build_library(
     _check_manifest(run_dir, parent_path, space.name, settings, digest, force)
     clean_stale_temps(store.library_dir(run_dir), recursive=True)  # what a killed build's writes left
 
+    if worker_memory_gib is not None and worker_memory_gib <= 0:
+        raise PuzzleError(f"worker-memory-gib must be positive, got {worker_memory_gib}")
+    seq_len = settings.seq_len or int(meta["seq_len"])
+    budget = worker_memory_gib * 2**30 if worker_memory_gib is not None else None
     jobs = [
-        GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
-        for group in split_layers(chosen, workers or 1, *layer_costs(space, parent_config, settings))
+        GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, plan.layers, settings.to_dict(), threads,
+                 plan.keys)
+        for plan in plan_jobs(space, parent_config, settings, chosen, workers or 1, seq_len, budget)
     ]
     use_ray = ray and workers > 0
     t0 = time.perf_counter()

@@ -1,8 +1,10 @@
 """Running a library build: layer groups as Ray tasks (or one after another in this process).
 
-Each task owns a contiguous group of layers. It loads the parent and the data itself (from paths, so
-nothing large travels through Ray), runs the parent once per batch up to its last layer, trains every
-variant of its layers and writes each one as it finishes (`store.write_variant`). A task whose worker
+Each task owns a contiguous group of layers (and, under a per-worker memory budget, a subset of their
+variants: `plan_jobs`). It loads the data and the parent itself (from paths, so nothing large travels
+through Ray): only the embeddings and the layers up to its last one, read from the parent's safetensors
+(`load_puzzle(last_layer=...)`). It runs that parent once per batch, trains the job's variants and writes
+each one as it finishes (`store.write_variant`), in the parent's dtype. A task whose worker
 dies is retried (`max_retries`); the retry, like any rerun, skips what the manifest already holds.
 The driver shows one progress bar over all variants by polling the manifest.
 """
@@ -21,7 +23,7 @@ from tqdm import tqdm
 from puzzle.errors import PuzzleError
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, weight_train_flops
-from puzzle.search_space import SearchSpace, build_search_space
+from puzzle.search_space import SearchSpace, Variant, build_search_space
 from puzzle.shape import ModelShape
 
 @dataclass(frozen=True)
@@ -35,6 +37,22 @@ class GroupJob:
     layers: tuple[int, ...]
     settings: dict
     threads: int
+    variants: tuple[str, ...] = ()  # `store.key_of` of the variants to build; empty: every variant of `layers`
+
+
+@dataclass(frozen=True)
+class JobPlan:
+    """One job of a build: `variants` of the contiguous `layers`, and its estimated host bytes
+    (`plan.bld_job_bytes`). `whole`: the job holds every variant of its layers (no subset)."""
+
+    layers: tuple[int, ...]
+    variants: tuple[Variant, ...]
+    bytes: int
+    whole: bool = True
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return () if self.whole else tuple(store.key_of(v) for v in self.variants)
 
 
 def split_layers(layers: list[int], groups: int, forward: list[float] | None = None,
@@ -98,6 +116,41 @@ def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple
     return forward, train
 
 
+def plan_jobs(space: SearchSpace, config: Any, settings: BLDSettings, layers: list[int], workers: int, seq_len: int,
+              budget_bytes: float | None = None) -> list[JobPlan]:
+    """The build's jobs: contiguous layer groups, one per worker (`split_layers` over `layer_costs`); with a
+    per-worker `budget_bytes`, a group whose estimate (`plan.bld_job_bytes`, the one memory arithmetic)
+    exceeds it is split into consecutive variant subsets, each as large as fits. A subset covers the layers
+    of its variants only, so its parent stops at its own last layer. Without a budget: today's groups."""
+    from puzzle.plan import bld_job_bytes
+
+    shape = ModelShape.from_config(config)
+
+    def job(variants: list[Variant], whole: bool) -> JobPlan:
+        own = tuple(sorted({v.layer for v in variants}))
+        return JobPlan(own, tuple(variants), bld_job_bytes(shape, list(own), variants, settings, seq_len), whole)
+
+    plans = []
+    for group in split_layers(layers, workers, *layer_costs(space, config, settings)):
+        whole = job(group_variants(space, group), True)
+        if budget_bytes is None or whole.bytes <= budget_bytes:
+            plans.append(JobPlan(tuple(group), whole.variants, whole.bytes))
+            continue
+        current: list[Variant] = []
+        for v in whole.variants:  # layer order: a subset's layers stay contiguous
+            if current and job(current + [v], False).bytes > budget_bytes:
+                plans.append(job(current, False))
+                current = []
+            current.append(v)
+        plans.append(job(current, False))
+    over = [p for p in plans if budget_bytes is not None and p.bytes > budget_bytes]
+    if over:
+        worst = max(over, key=lambda p: p.bytes)
+        raise PuzzleError(f"BLD of {store.key_of(worst.variants[0])} alone needs ~{worst.bytes / 2**30:.2f} GiB; "
+                          f"raise --worker-memory-gib to at least {math.ceil(worst.bytes / 2**30 * 100) / 100:.2f}")
+    return plans
+
+
 def load_neuron_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | None:
     """Minitron neuron scores per layer (`layers.{i}.neurons` of `puzzle importance`), or None when the run
     has none (complete) yet."""
@@ -127,14 +180,33 @@ def _load_data(run_dir: str | Path) -> tuple[Any, Any]:
     return train[:-held], train[-held:]
 
 
-def _already_done(job: GroupJob) -> dict[str, Any] | None:
-    """A summary when the library already holds every variant of the job's layers (no weights loaded)."""
+def job_variants(job: GroupJob, space: SearchSpace) -> list[Variant]:
+    """The variants a job builds: its subset, or every variant of its layers."""
+    variants = group_variants(space, job.layers)
+    return [v for v in variants if store.key_of(v) in set(job.variants)] if job.variants else variants
+
+
+def _job_space(job: GroupJob) -> SearchSpace:
+    """The search space over the parent's whole config (a worker's parent model is truncated)."""
     from puzzle.model.checkpoint import load_config
 
-    variants = group_variants(build_search_space(job.space_raw, load_config(job.parent), job.space_name), job.layers)
+    return build_search_space(job.space_raw, load_config(job.parent), job.space_name)
+
+
+def _already_done(job: GroupJob, space: SearchSpace) -> dict[str, Any] | None:
+    """A summary when the library already holds every variant of the job (no weights loaded)."""
+    variants = job_variants(job, space)
     if store.missing_variants(job.run_dir, variants, settings_sha256=BLDSettings(**job.settings).digest(job.run_dir)):
         return None
     return {"layers": list(job.layers), "skipped": len(variants), "trained": 0, "recorded": 0}
+
+
+def _load_parent(job: GroupJob, last_layer: int) -> Any:
+    """The parent truncated after `last_layer`: embeddings and layers 0..last_layer read from its safetensors
+    (`load_puzzle`), nothing beyond."""
+    from puzzle.model.checkpoint import load_puzzle
+
+    return load_puzzle(job.parent, last_layer=last_layer).requires_grad_(False)
 
 
 def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None, tuple[Any, Any]]:
@@ -143,18 +215,24 @@ def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None,
     return settings, scores, _load_data(job.run_dir)
 
 
-def run_group(job: GroupJob) -> dict[str, Any]:
-    """One worker's whole job: skip what is done, else load the parent and data and run BLD on its layers."""
-    from puzzle.model.checkpoint import load_model, to_puzzle
+def _build(job: GroupJob, parent: Any, space: SearchSpace, inputs: tuple, progress: Callable[[int], None] | None = None
+           ) -> dict[str, Any]:
+    from puzzle.model.checkpoint import weights_dtype
 
+    settings, scores, (train, held_out) = inputs
+    return build_layer_group(job.run_dir, parent, space, job.layers, train, held_out, settings, scores, progress,
+                             only=job.variants or None, store_dtype=weights_dtype(job.parent))
+
+
+def run_group(job: GroupJob) -> dict[str, Any]:
+    """One worker's whole job: skip what is done, else load the parent up to the job's last layer and the
+    data, and run BLD on the job's variants."""
     if job.threads > 0:
         torch.set_num_threads(job.threads)
-    if (done := _already_done(job)) is not None:
+    space = _job_space(job)
+    if (done := _already_done(job, space)) is not None:
         return done
-    parent = to_puzzle(load_model(job.parent))
-    space = build_search_space(job.space_raw, parent.config, job.space_name)
-    settings, scores, (train, held_out) = _inputs(job)
-    return build_layer_group(job.run_dir, parent, space, job.layers, train, held_out, settings, scores)
+    return _build(job, _load_parent(job, max(job.layers)), space, _inputs(job))
 
 
 def _count_done(run_dir: str | Path, keys: set[str]) -> int:
@@ -176,20 +254,18 @@ def run_in_process(jobs: list[GroupJob], progress: Callable[[int], None]) -> lis
 
 
 def _run_jobs_here(jobs: list[GroupJob], progress: Callable[[int], None]) -> list[dict[str, Any]]:
-    from puzzle.model.checkpoint import load_model, to_puzzle
-
-    results, parent = [], None
+    results, parent, inputs = [], None, None
+    space = _job_space(jobs[0])
     for job in jobs:
         if job.threads > 0:
             torch.set_num_threads(job.threads)
-        if (done := _already_done(job)) is not None:
+        if (done := _already_done(job, space)) is not None:
             results.append(done)
             continue
-        if parent is None:  # loaded once, for the first group with work left
-            parent = to_puzzle(load_model(job.parent))
-            settings, scores, (train, held_out) = _inputs(job)
-        space = build_search_space(job.space_raw, parent.config, job.space_name)
-        results.append(build_layer_group(job.run_dir, parent, space, job.layers, train, held_out, settings, scores, progress))
+        if parent is None:  # loaded once, for the first job with work left, up to the last layer any job needs
+            parent = _load_parent(job, max(layer for j in jobs for layer in j.layers))
+            inputs = _inputs(job)
+        results.append(_build(job, parent, space, inputs, progress))
     return results
 
 
@@ -244,11 +320,12 @@ def run_build(
     layers = sorted({layer for job in jobs for layer in job.layers})
     keys = {store.key_of(v) for v in group_variants(space, layers)}
     missing = store.missing_variants(run_dir, group_variants(space, layers), settings_sha256=settings_sha256)
-    done, missing_layers = len(keys) - len(missing), {v.layer for v in missing}
-    # a group with nothing left is answered here: a finished build starts no Ray (15-28 s) and loads nothing
-    finished = [job for job in jobs if not missing_layers & set(job.layers)]
-    jobs = [job for job in jobs if missing_layers & set(job.layers)]
-    results = [{"layers": list(job.layers), "skipped": len(group_variants(space, job.layers)), "trained": 0,
+    done, missing_keys = len(keys) - len(missing), {store.key_of(v) for v in missing}
+    # a job with nothing left is answered here: a finished build starts no Ray (15-28 s) and loads nothing
+    left = [bool({store.key_of(v) for v in job_variants(job, space)} & missing_keys) for job in jobs]
+    finished = [job for job, todo in zip(jobs, left) if not todo]
+    jobs = [job for job, todo in zip(jobs, left) if todo]
+    results = [{"layers": list(job.layers), "skipped": len(job_variants(job, space)), "trained": 0,
                 "recorded": 0} for job in finished]
     t0 = time.perf_counter()
     with tqdm(total=len(keys), initial=done, desc="block library", unit="variant", dynamic_ncols=True) as bar:

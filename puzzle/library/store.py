@@ -188,3 +188,48 @@ def variant_state(run_dir: str | Path, parent_model: Any, variant: Variant) -> d
     if variant.config.no_op:
         return {}
     return load_variant(run_dir, variant.layer, variant.kind, variant.name)
+
+
+class LibraryReader:
+    """Library entries for a whole run (scoring): the manifest read once, each file's sha256 verified once,
+    and its tensors kept after the first load while they fit in `keep_bytes` (the others are read again on
+    each later use, not hashed again). Scoring visits every variant once per batch; this makes that one
+    load per run where memory allows, and one hash per run always."""
+
+    def __init__(self, run_dir: str | Path, keep_bytes: float = float("inf")) -> None:
+        self.run_dir = run_dir
+        self.manifest = read_manifest(run_dir)
+        self.keep_bytes = keep_bytes
+        self.kept: dict[str, dict[str, torch.Tensor]] = {}
+        self.kept_bytes = 0
+        self.verified: set[str] = set()
+        self.loads = 0  # files read (verified or not): what a test counts
+
+    def state(self, variant: Variant) -> dict[str, torch.Tensor]:
+        """A library variant's weights ({} for a no-op); parent-identical variants are the caller's."""
+        from safetensors.torch import load
+
+        if variant.config.no_op:
+            return {}
+        key = key_of(variant)
+        if key in self.kept:
+            return self.kept[key]
+        record = self.manifest["variants"].get(key)
+        if record is None or record.get("source") != "trained":
+            raise PuzzleError(f"the block library in {self.run_dir} has no trained {variant.kind} variant "
+                              f"{variant.name!r} for layer {variant.layer}; run puzzle build-library")
+        path = library_dir(self.run_dir) / record["file"]
+        if not path.is_file():
+            raise PuzzleError(f"{path} is missing; run puzzle build-library to rebuild it")
+        data = path.read_bytes()
+        self.loads += 1
+        if key not in self.verified:
+            if hashlib.sha256(data).hexdigest() != record["sha256"]:
+                raise PuzzleError(f"{path} does not match its manifest hash (incomplete or changed); "
+                                  "run puzzle build-library")
+            self.verified.add(key)
+        state = load(data)
+        if self.kept_bytes + len(data) <= self.keep_bytes:
+            self.kept[key] = state
+            self.kept_bytes += len(data)
+        return state

@@ -17,6 +17,7 @@ from puzzle.errors import PuzzleError
 
 from . import register
 from .configuration_puzzle import PuzzleConfig
+from .loading import SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
 from .modeling_puzzle import PuzzleForCausalLM
 
 register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
@@ -116,7 +117,11 @@ def _peek_model_type(path: Path) -> str:
 
 
 def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """Load a supported parent or a puzzle child, in eval mode; never unpickles anything."""
+    """Load a supported parent or a puzzle child, in eval mode; never unpickles anything.
+
+    Safetensors sources (a .safetensors file, a directory with model.safetensors or a sharded index) are
+    built on the meta device and filled tensor by tensor (`puzzle.model.loading`): the weights exist once,
+    nothing is randomly initialised first. A GGUF goes through transformers' own loader (dequantisation)."""
     path = Path(path)
     config = load_config(path)
     try:
@@ -124,17 +129,19 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             where, extra = _split_gguf(path)
             # the config read above: parsing a GGUF's metadata (49K-token vocabulary included) takes seconds
             model = AutoModelForCausalLM.from_pretrained(where, config=config, dtype=dtype, **extra)
-        elif path.suffix == ".safetensors":
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-            state = load_file(str(path))
-            if getattr(config, "tie_word_embeddings", False):
-                state.setdefault("lm_head.weight", state.get("model.embed_tokens.weight"))
-            missing, unexpected = model.load_state_dict(state, strict=False)
-            missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
-            if missing or unexpected:
-                raise PuzzleError(f"{path}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
         else:
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, use_safetensors=True)
+            model = on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
+            with SafetensorsCheckpoint(path) as ckpt:
+                state = ckpt.read_many(ckpt.keys(), dtype)
+            tied = getattr(config, "tie_word_embeddings", False)
+            if tied:
+                state.pop("lm_head.weight", None)  # a tied head is the embedding (tie_weights below)
+            assign_state(model, state, str(path), ignore_missing=lambda k: tied and k == "lm_head.weight")
+            del state
+            if tied:
+                model.tie_weights()
+            materialise_buffers(model)
+            check_materialised(model, str(path))
     except PuzzleError:
         raise
     except (SafetensorError, RuntimeError) + _GGUF_ERRORS as err:
@@ -144,6 +151,80 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             raise  # not a damaged safetensors checkpoint: a bug, keep its traceback
         raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     return model.eval()
+
+
+def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, last_layer: int | None = None,
+                checkpoint: SafetensorsCheckpoint | None = None) -> PuzzleForCausalLM:
+    """A parent or child straight into a `PuzzleForCausalLM` (what `to_puzzle(load_model(path))` computes,
+    holding the weights once). `dtype` None keeps the stored dtype.
+
+    `last_layer`: a truncated model for work that never reaches the head (a BLD worker): the embeddings
+    and decoder layers 0..last_layer only; `lm_head` and the final norm are None and the rest of the
+    checkpoint is never read. `checkpoint`: an open reader to use (tests pass one to see what was read).
+    A GGUF parent is dequantised whole by transformers first (convert it once: `puzzle convert`)."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        model = to_puzzle(load_model(path, dtype or torch.float32))
+        return model if last_layer is None else _truncate(model, last_layer)
+    config = puzzle_config_from(load_config(path))
+    truncated = last_layer is not None
+    if truncated:
+        if not 0 <= last_layer < config.num_hidden_layers:
+            raise PuzzleError(f"layer {last_layer} is outside the model's {config.num_hidden_layers} layers")
+        config = _truncated_config(config, last_layer)
+    ckpt = checkpoint or SafetensorsCheckpoint(path)
+    try:
+        if dtype is None:
+            dtype = ckpt.dtype("model.embed_tokens.weight")
+        model = on_meta(lambda: PuzzleForCausalLM(config))
+        if truncated:
+            model.lm_head, model.model.norm = None, None
+        wanted = set(model.state_dict())
+        names = [k for k in ckpt.keys() if k in wanted]
+        if config.tie_word_embeddings:
+            names = [k for k in names if k != "lm_head.weight"]
+        state = ckpt.read_many(names, dtype)
+    except SafetensorError as err:
+        raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
+    finally:
+        if checkpoint is None:
+            ckpt.close()
+    tied = config.tie_word_embeddings and not truncated
+    assign_state(model, state, str(path), ignore_missing=lambda k: k == "lm_head.weight" and config.tie_word_embeddings)
+    del state
+    if tied:
+        model.tie_weights()
+    materialise_buffers(model)
+    check_materialised(model, str(path))
+    return model.eval()
+
+
+def _truncated_config(config: PuzzleConfig, last_layer: int) -> PuzzleConfig:
+    data = config.to_dict()
+    data.update(num_hidden_layers=last_layer + 1, block_configs=data["block_configs"][: last_layer + 1])
+    return PuzzleConfig(**{k: v for k, v in data.items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
+
+
+def _truncate(model: PuzzleForCausalLM, last_layer: int) -> PuzzleForCausalLM:
+    """`model` cut after `last_layer` (layers beyond, final norm and head dropped), in place."""
+    model.config = _truncated_config(model.config, last_layer)
+    model.model.config = model.config
+    model.model.layers = model.model.layers[: last_layer + 1]
+    model.lm_head, model.model.norm = None, None
+    return model
+
+
+def weights_dtype(path: str | Path) -> torch.dtype:
+    """The dtype a checkpoint stores its weights in (the embedding's, read from the safetensors header); a GGUF
+    is dequantised to float32. The library and children of a run are stored in their parent's dtype."""
+    path = Path(path)
+    if path.suffix == ".gguf":
+        return torch.float32
+    try:
+        with SafetensorsCheckpoint(path) as ckpt:
+            return ckpt.dtype("model.embed_tokens.weight")
+    except (SafetensorError, OSError, KeyError) as err:
+        raise PuzzleError(f"{path}: cannot read the weights' header ({_first_line(err)})") from None
 
 
 def load_tokenizer(path: str | Path) -> Any:
@@ -172,18 +253,23 @@ def puzzle_config_from(config: Any) -> PuzzleConfig:
 
 
 def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
-    """The parent as an all-parent heterogeneous child with identical weights (and so identical logits)."""
+    """The parent as an all-parent heterogeneous child with identical weights (and so identical logits).
+
+    The child is built on the meta device and takes the parent's tensors themselves (`assign=True`): no
+    second copy, and the two share storage (training one changes the other; callers drop the parent)."""
     if isinstance(model, PuzzleForCausalLM):
         return model
     config = puzzle_config_from(model.config)
-    child = PuzzleForCausalLM(config).to(next(model.parameters()).dtype)
-    state = model.state_dict()
-    missing, unexpected = child.load_state_dict(state, strict=False)
-    missing = [k for k in missing if "rotary_emb" not in k]
-    if missing or unexpected:
-        raise PuzzleError(f"parent weights do not map onto the child (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    child = on_meta(lambda: PuzzleForCausalLM(config))
+    state = dict(model.state_dict())
+    if config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)
+    assign_state(child, state, "parent weights do not map onto the child",
+                 ignore_missing=lambda k: config.tie_word_embeddings and k == "lm_head.weight")
     if config.tie_word_embeddings:
         child.tie_weights()
+    materialise_buffers(child)
+    check_materialised(child, "parent weights do not map onto the child")
     return child.eval()
 
 

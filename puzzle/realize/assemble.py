@@ -1,7 +1,8 @@
 """A child = the parent with every layer's attention and FFN replaced by the chosen library variants."""
 
 import copy
-from typing import Callable
+from pathlib import Path
+from typing import Any, Callable
 
 import torch
 
@@ -10,10 +11,11 @@ from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
 
 StateFn = Callable[[Variant], dict[str, torch.Tensor]]
+# The attributes of `PuzzleDecoderLayer` a sublayer is made of (as in puzzle.model.surgery).
+_PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
 
 
-def _variants(parent: PuzzleForCausalLM, blocks: list[BlockConfig]) -> list[Variant]:
-    parent_blocks = parent.config.blocks
+def _variants(parent_blocks: list[BlockConfig], blocks: list[BlockConfig]) -> list[Variant]:
     out = []
     for layer, (block, own) in enumerate(zip(blocks, parent_blocks)):
         out.append(Variant(layer, "attention", block.attention, block.attention == own.attention))
@@ -31,11 +33,103 @@ def assemble_child(parent: PuzzleForCausalLM, blocks: list[BlockConfig], state_f
 
         raise PuzzleError(f"the solution has {len(blocks)} layers but the parent has {parent.config.num_hidden_layers}")
     child = copy.deepcopy(parent)
-    for variant in _variants(parent, blocks):
+    for variant in _variants(parent.config.blocks, blocks):
         if variant.is_parent:
             continue  # the deep copy already holds the parent's weights
         replace_sublayer(child, variant.layer, variant.kind, variant.config, state_fn(variant))
     return child.eval()
+
+
+class StateReader:
+    """An in-memory state dict behind `SafetensorsCheckpoint`'s reading interface (a GGUF parent, loaded whole)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]) -> None:
+        self.state = state
+
+    def keys(self) -> list[str]:
+        return list(self.state)
+
+    def dtype(self, name: str) -> torch.dtype:
+        return self.state[name].dtype
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        tensor = self.state[name]
+        return tensor if dtype is None else tensor.to(dtype)
+
+    def close(self) -> None:
+        self.state = {}
+
+
+def _open_parent(parent: Path) -> Any:
+    from puzzle.model.checkpoint import load_puzzle
+    from puzzle.model.loading import SafetensorsCheckpoint
+
+    if parent.suffix == ".gguf":  # dequantised whole by transformers: nothing to stream from
+        return StateReader(load_puzzle(parent, dtype=None).state_dict())
+    return SafetensorsCheckpoint(parent)
+
+
+def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateFn,
+                 dtype: torch.dtype | None = None) -> PuzzleForCausalLM:
+    """The child of `blocks`, built on the meta device and filled one sublayer at a time: the parent's own
+    sublayers (and the embeddings, final norm and head) read from the parent's checkpoint, the others from
+    `state_fn(variant)` (the library). Holds the child and one sublayer, never the parent besides (a GGUF
+    parent excepted: it is dequantised whole). `dtype`: the child's (default: the parent's stored dtype).
+    Equal to `assemble_child(load_puzzle(parent), blocks, state_fn)`, tensor for tensor."""
+    from puzzle.errors import PuzzleError
+    from puzzle.model.checkpoint import load_config, puzzle_config_from
+    from puzzle.model.loading import assign_state, check_materialised, materialise_buffers, on_meta
+
+    parent_config = puzzle_config_from(load_config(parent))
+    if len(blocks) != parent_config.num_hidden_layers:
+        raise PuzzleError(f"the solution has {len(blocks)} layers but the parent has {parent_config.num_hidden_layers}")
+    config = copy.deepcopy(parent_config)
+    config.block_configs = [b.to_dict(config.hidden_size) for b in blocks]  # as replace_sublayer leaves it
+    child = on_meta(lambda: PuzzleForCausalLM(config))
+    source = _open_parent(Path(parent))
+    try:
+        dtype = dtype or source.dtype("model.embed_tokens.weight")
+        fixed = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
+        _fill(child, {k: source.read(k, dtype) for k in fixed})
+        for variant in _variants(parent_config.blocks, blocks):
+            _fill(child, _sublayer_weights(source, parent_config, variant, state_fn, dtype))
+    finally:
+        source.close()
+    if config.tie_word_embeddings:
+        child.tie_weights()
+    materialise_buffers(child)
+    check_materialised(child, f"the child of {parent}")
+    return child.eval()
+
+
+def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_fn: StateFn,
+                      dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """One sublayer's tensors under the child's names: the parent's own (read from `source`), or the library
+    entry's with the parent's pre-norm where the entry has none (as `replace_sublayer` keeps it)."""
+    prefix = f"model.layers.{variant.layer}."
+    norm_name, module_name = _PARTS[variant.kind]
+    own = [k for k in source.keys() if k.startswith((prefix + norm_name + ".", prefix + module_name + "."))]
+    if variant.is_parent:
+        return {k: source.read(k, dtype) for k in own}
+    if variant.config.no_op:
+        return {}
+    state = state_fn(variant)
+    if not any(k.startswith(norm_name + ".") for k in state):
+        norm = prefix + norm_name + ".weight"
+        parent_has_norm = norm in own
+        state = {**state, f"{norm_name}.weight": source.read(norm, dtype) if parent_has_norm
+                 else torch.ones(parent_config.hidden_size, dtype=dtype)}
+    return {prefix + k: v.to(dtype) for k, v in state.items()}
+
+
+def _fill(model: PuzzleForCausalLM, state: dict[str, torch.Tensor]) -> None:
+    """Assign `state`'s tensors (a part of the model's) to the meta-built model, checking every name exists."""
+    from puzzle.errors import PuzzleError
+
+    unexpected = [k for k in state if k not in dict(model.named_parameters())]
+    if unexpected:
+        raise PuzzleError(f"weights that do not fit the child: {unexpected[:3]}")
+    model.load_state_dict(state, strict=False, assign=True)
 
 
 def architecture_table(child: PuzzleForCausalLM) -> list[dict]:

@@ -4,21 +4,21 @@ import hashlib
 import json
 from pathlib import Path
 
-from puzzle.device import place, resolve
+from puzzle.device import DTYPES, resolve_dtype
 from puzzle.engines import check_child, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
-from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, save_model, to_puzzle
+from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
+from puzzle.shape import ModelShape
 from puzzle.run_dir import RunDir, writes_run_dir
 
-from .assemble import architecture_table, assemble_child, table_markdown
+from .assemble import architecture_table, stream_child, table_markdown
 
 
 @writes_run_dir("realize")
 def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, out: Path | None = None,
-            parent: Path | None = None, target_engine: str | None = None, device: str = "auto",
-            dtype: str = "auto") -> Path:
+            parent: Path | None = None, target_engine: str | None = None, dtype: str = "auto") -> Path:
     """Assemble the child of a solution from the block library and save it as a checkpoint.
 
     Args:
@@ -30,13 +30,13 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         target_engine: the engine the child must load in (transformers, vllm, sglang, trtllm, llamacpp;
             default: the solution's `target_engine` (solve --target-engine), else the search space's); a
             child that breaks its rules is refused
-        device: where the child is assembled: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
-        dtype: the child's weights: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
+        dtype: the child's stored weights: auto (the parent's stored dtype), bf16, fp16 or fp32. Realize
+            copies tensors (streamed on the CPU, one sublayer at a time), so it has no --device.
     """
     from puzzle.library.store import variant_state
     from puzzle.search_space import load_search_space
 
-    runtime = resolve(device, dtype)
+    wanted = None if dtype == "auto" else resolve_dtype(dtype)  # None: the parent's
     run = RunDir(run_dir)
     src = run.find_solution(solution)
     payload = read_json(src)
@@ -58,21 +58,24 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
 
     digest = hashlib.sha256(json.dumps(payload["block_configs"], sort_keys=True).encode()).hexdigest()
     done = out / "realized.json"
-    if done.exists() and _holds(out, digest, engine.name, runtime.dtype_name):
+    if done.exists() and _holds(out, digest, engine.name, wanted):
         print(f"{out} already holds this solution; nothing to do")
         return out
 
-    parent_model = place(to_puzzle(load_model(info["parent"], dtype=runtime.dtype)), runtime.device)
-    child = assemble_child(parent_model, blocks, lambda v: variant_state(run_dir, parent_model, v))
+    # streamed: the child is filled sublayer by sublayer from the parent's checkpoint and the library,
+    # never next to a whole parent; stored in the parent's dtype unless --dtype names another
+    child = stream_child(info["parent"], blocks, lambda v: variant_state(run_dir, None, v),
+                         dtype=DTYPES[wanted] if wanted else None)
+    stored = next(k for k, v in DTYPES.items() if v == child.model.embed_tokens.weight.dtype)
     rows = architecture_table(child)
     params = sum(p.numel() for p in child.parameters())
-    parent_params = sum(p.numel() for p in parent_model.parameters())
+    parent_params = ModelShape.from_config(config).total_params()
     extra = {
         "architecture.json": rows,
         "predicted_costs.json": {"solution": src.stem, **payload.get("predicted", {})},
         "realized.json": {"solution": str(src), "block_configs_sha256": digest, "parent": info["parent"],
                           "target_engine": engine.name, "params": params, "parent_params": parent_params,
-                          "dtype": runtime.dtype_name},
+                          "dtype": stored},
     }
     save_model(child, out, load_tokenizer(info["parent"]), extra_json=extra,
                extra_text={"architecture.md": table_markdown(rows)}, lm_head_weight=engine.lm_head_weight)
@@ -81,13 +84,13 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     return out
 
 
-def _holds(out: Path, digest: str, engine: str, dtype: str = "fp32") -> bool:
-    """Whether `out` is this solution realised for this engine, in `dtype`, in today's checkpoint format
-    (a child realised before --dtype is fp32)."""
+def _holds(out: Path, digest: str, engine: str, dtype: str | None) -> bool:
+    """Whether `out` is this solution realised for this engine, in `dtype` (None: whichever the parent's
+    was), in today's checkpoint format (a child realised before --dtype is fp32)."""
     record = read_json(out / "realized.json")
     try:
         model_type = read_json(out / "config.json").get("model_type")
     except PuzzleError:
         return False
     return (record.get("block_configs_sha256") == digest and record.get("target_engine", "transformers") == engine
-            and record.get("dtype", "fp32") == dtype and model_type == PuzzleConfig.model_type)
+            and dtype in (None, record.get("dtype", "fp32")) and model_type == PuzzleConfig.model_type)

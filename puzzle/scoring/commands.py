@@ -10,7 +10,9 @@ size, seed) and the library entry (its file's sha256, or "parent" / "noop"). A r
 is missing or stale, and loads no model at all when nothing is; the tables are written at the end.
 
 Memory: the loop is batch-outer, variant-inner, so only one batch's parent reference is held (see
-`puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries).
+`puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries). The parent is
+loaded once (`load_puzzle`: built on the meta device, filled from safetensors); each library file is read
+and verified once per run (`store.LibraryReader`, keeping up to `KEEP_LIBRARY` x the parent's bytes of them).
 """
 
 import hashlib
@@ -28,8 +30,8 @@ from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, lo
 from puzzle.device import Runtime, place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
-from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
-from puzzle.model.checkpoint import load_config, load_model, to_puzzle
+from puzzle.library.store import LibraryReader, key_of, library_dir, missing_variants, read_manifest, variant_state
+from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
 from puzzle.search_space import Variant, load_search_space
@@ -40,6 +42,9 @@ FORMAT_VERSION = 1
 DEFAULT_SPACE = "llama_default"
 COLUMNS = ["layer", "kind", "variant", "kl", "lm_loss", "top1_agreement", "cosine", "tokens"]
 PARENT_KEY = "parent"  # the partial log's key for the parent's own per-batch metrics
+# Library entries kept in memory after their first load, as a share of the parent's bytes: the parent and
+# the kept entries stay within 1.5x the parent (a search space's library is several parents' worth).
+KEEP_LIBRARY = 0.5
 
 
 def scores_dir(run_dir: str | Path) -> Path:
@@ -195,10 +200,16 @@ def _score_batches(
     results: ResultLog,
 ) -> None:
     """Load the parent and compute the `todo` variants of each `needed` batch, logging each result as it finishes."""
-    model = place(to_puzzle(load_model(parent_path, dtype=runtime.dtype)), runtime.device).eval()
+    model = place(load_puzzle(parent_path, dtype=runtime.dtype), runtime.device).eval()
+    # each library file is read and verified once per run, not once per batch (kept in memory while the
+    # entries take at most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed)
+    parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes)
 
     def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
-        return variant_state(run_dir, model, variant)
+        if variant.is_parent:
+            return variant_state(run_dir, model, variant)
+        return library.state(variant)
 
     bar = tqdm(total=sum(len(t) for t in todo.values()), desc="score", unit="variant-batch")
     try:

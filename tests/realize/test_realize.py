@@ -1,13 +1,17 @@
 import copy
 import json
 
+import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
+from conftest import make_llama, make_tokenizer
 from puzzle.cli import main
-from puzzle.library.store import write_variant
+from puzzle.library.store import variant_state, write_variant
 from puzzle.model import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.model.checkpoint import load_model, to_puzzle
+from puzzle.model.checkpoint import load_config, load_model, puzzle_config_from, save_model, to_puzzle
+from puzzle.realize.assemble import assemble_child
 from puzzle.model.modeling_puzzle import build_attention, build_ffn
 from puzzle.model.surgery import replace_sublayer
 from puzzle.io import atomic_write_json
@@ -141,7 +145,7 @@ def test_a_child_realised_in_bf16_matches_the_fp32_child_within_bf16_rounding(ti
     for dtype in ("fp32", "bf16"):
         out = run / "children" / dtype
         args = ["realize", "--run-dir", str(run), "--parent", str(tiny_parent_dir), "--out", str(out)]
-        assert main([*args, "--device", "cpu", "--dtype", dtype]) == 0
+        assert main([*args, "--dtype", dtype]) == 0
         assert json.loads((out / "realized.json").read_text())["dtype"] == dtype
         children[dtype] = load_model(out, dtype=torch.float32 if dtype == "fp32" else torch.bfloat16)
     with safe_open(str(run / "children" / "bf16" / "model.safetensors"), framework="pt") as f:
@@ -159,3 +163,48 @@ def test_a_child_realised_in_bf16_matches_the_fp32_child_within_bf16_rounding(ti
     out = run / "children" / "bf16"
     assert main(["realize", "--run-dir", str(run), "--out", str(out), "--dtype", "fp32"]) == 0
     assert "nothing to do" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_streamed_realize_writes_the_whole_model_assemblys_safetensors(tmp_path, tied):
+    """realize builds the child on the meta device and fills it block by block; it writes exactly what the
+    old assembly (parent loaded whole, deep-copied, blocks swapped in) wrote."""
+    parent_dir = tmp_path / "parent"
+    make_llama(tie_word_embeddings=tied).save_pretrained(parent_dir)
+    make_tokenizer().save_pretrained(parent_dir)
+    run = tmp_path / "run"
+    parent = to_puzzle(load_model(parent_dir))
+    own = parent.config.blocks[0]
+    chosen = [
+        BlockConfig(AttentionConfig(n_heads_in_group=4), own.ffn),
+        BlockConfig(own.attention, FFNConfig(intermediate_size=64)),
+        BlockConfig(AttentionConfig(no_op=True), FFNConfig(replace_with_linear=True)),
+        own,
+    ]
+    for layer, block in enumerate(chosen):
+        for kind, cfg in (("attention", block.attention), ("ffn", block.ffn)):
+            if cfg not in (own.attention, own.ffn) and not cfg.no_op:
+                write_variant(run, {"layer": layer, "kind": kind, "variant": cfg.name},
+                              random_state(parent.config, kind, cfg, seed=layer))
+    atomic_write_json(run / "solutions" / "s.json", {"block_configs": [b.to_dict(64) for b in chosen]})
+    assert main(["realize", "--run-dir", str(run), "--parent", str(parent_dir)]) == 0
+    old = assemble_child(parent, chosen, lambda v: variant_state(run, parent, v))
+    save_model(old, tmp_path / "old")
+    new_bytes = (run / "children" / "s" / "model.safetensors").read_bytes()
+    assert new_bytes == (tmp_path / "old" / "model.safetensors").read_bytes()
+    new_config = json.loads((run / "children" / "s" / "config.json").read_text())
+    assert new_config == json.loads((tmp_path / "old" / "config.json").read_text())
+
+
+def test_a_bf16_parents_child_is_stored_in_bf16(tmp_path):
+    parent_dir = tmp_path / "parent"
+    make_llama().to(torch.bfloat16).save_pretrained(parent_dir)
+    make_tokenizer().save_pretrained(parent_dir)
+    run = tmp_path / "run"
+    blocks = [b.to_dict(64) for b in puzzle_config_from(load_config(parent_dir)).blocks]
+    atomic_write_json(run / "solutions" / "s.json", {"block_configs": blocks})
+    assert main(["realize", "--run-dir", str(run), "--parent", str(parent_dir)]) == 0
+    child = load_file(str(run / "children" / "s" / "model.safetensors"))
+    parent = load_file(str(parent_dir / "model.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in child.values())
+    assert all(child[k].equal(parent[k]) for k in parent)

@@ -12,6 +12,7 @@ from puzzle.cli import main
 from puzzle.data.blocks import iterate_batches, load_blocks
 from puzzle.evaluate.commands import evaluate
 from puzzle.io import read_table
+from puzzle.library import store
 from puzzle.library.store import key_of, record_untrained, variant_state, write_variant
 from puzzle.model.checkpoint import load_model, to_puzzle
 from puzzle.scoring import commands
@@ -102,7 +103,7 @@ def test_score_resumes(run, tiny_parent_dir, monkeypatch):
     first = read_table(run_dir / "scores" / "scores.parquet")
 
     # a second run computes nothing and does not even load the parent
-    monkeypatch.setattr(commands, "load_model", lambda *a, **k: pytest.fail("the parent was loaded"))
+    monkeypatch.setattr(commands, "load_puzzle", lambda *a, **k: pytest.fail("the parent was loaded"))
     count.calls = 0
     assert main(["score", "--run-dir", str(run_dir), "--blocks", "5", "--batch-size", "2"]) == 0  # parent, space recorded
     assert count.calls == 0
@@ -201,3 +202,45 @@ def test_bf16_scores_and_evaluation_match_fp32_within_bf16_rounding(run, tiny_pa
           for dtype in ("fp32", "bf16")}
     assert ev["bf16"]["dtype"] == "bf16" and ev["fp32"]["dtype"] == "fp32"
     assert ev["bf16"]["validation"]["lm_loss"] == pytest.approx(ev["fp32"]["validation"]["lm_loss"], rel=0.01)
+
+
+def test_each_library_file_is_read_and_verified_once_per_run(run, tiny_parent_dir, monkeypatch):
+    """5 blocks in batches of 2: 3 batches visit every variant, yet each file is read and hashed once (the
+    whole library kept: see the next test for one over `KEEP_LIBRARY`)."""
+    run_dir, parent, space = run
+    monkeypatch.setattr(commands, "KEEP_LIBRARY", float("inf"))
+    readers, hashed = [], []
+    inner_init, inner_sha = commands.LibraryReader.__init__, store.hashlib.sha256
+
+    def init(self, *args, **kwargs):
+        inner_init(self, *args, **kwargs)
+        readers.append(self)
+
+    def sha256(data=b""):
+        hashed.append(len(data))
+        return inner_sha(data)
+
+    monkeypatch.setattr(commands.LibraryReader, "__init__", init)
+    monkeypatch.setattr(store.hashlib, "sha256", sha256)
+    counter = Counter(monkeypatch)
+    assert main(["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *ARGS]) == 0
+    trained = [v for v in space.variants() if not v.is_parent and not v.config.no_op]
+    assert counter.calls == 3 * len(space)  # every variant on every batch ...
+    assert [r.loads for r in readers] == [len(trained)]  # ... from one read of each file
+    sizes = {r["bytes"] for r in store.read_manifest(run_dir)["variants"].values() if "bytes" in r}
+    assert len([n for n in hashed if n in sizes]) == len(trained)  # and one hash of each
+
+
+def test_a_library_over_the_kept_bytes_is_read_again_but_not_hashed_again(run, monkeypatch):
+    run_dir, parent, space = run
+    trained = [v for v in space.variants() if not v.is_parent and not v.config.no_op]
+    want = {key_of(v): variant_state(run_dir, parent, v).keys() for v in trained}
+    reader = store.LibraryReader(run_dir, keep_bytes=0)
+    hashed = []
+    inner_sha = store.hashlib.sha256
+    monkeypatch.setattr(store.hashlib, "sha256", lambda data=b"": hashed.append(1) or inner_sha(data))
+    for _ in range(2):
+        for v in trained:
+            assert reader.state(v).keys() == want[key_of(v)]
+    assert reader.loads == 2 * len(trained) and not reader.kept
+    assert len(hashed) == len(trained)  # nothing else hashes in this loop
