@@ -112,3 +112,66 @@ def test_heterogeneous_children_reload_with_remote_code_alone(tmp_path):
     for family in FAMILY_PARENTS:
         assert f"{family} PuzzleForCausalLM transformers_modules" in stdout
         assert torch.equal(got[family], expected[family])
+
+
+@pytest.mark.parametrize("family", FAMILY_PARENTS)
+def test_parents_load_from_a_directory_and_a_safetensors_file(family, tmp_path):
+    from puzzle.model.checkpoint import load_model
+
+    parent = make_family_parent(family)
+    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    x = torch.randint(3, 320, (1, SEQ))
+    with torch.no_grad():
+        ref = parent(x).logits
+        for source in (tmp_path / "parent", tmp_path / "parent" / "model.safetensors"):
+            assert (to_puzzle(load_model(source))(x).logits - ref).abs().max() <= ATOL
+
+
+def write_family_gguf(model, tokenizer, path):
+    """`model` (transformers' Qwen2 / Qwen3) as llama.cpp's own qwen2 / qwen3 GGUF, f32, as convert_hf_to_gguf.py
+    `Qwen2Model` writes it (no q/k permutation: that is LlamaModel's alone)."""
+    import gguf
+
+    from puzzle.export.llamacpp import _write_vocab
+
+    c = model.config
+    arch = {"qwen2": gguf.MODEL_ARCH.QWEN2, "qwen3": gguf.MODEL_ARCH.QWEN3}[c.model_type]
+    w = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[arch])
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(model.model.layers[0].self_attn.head_dim)
+    w.add_value_length(model.model.layers[0].self_attn.head_dim)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    w.add_vocab_size(c.vocab_size)
+    _write_vocab(w, tokenizer, c.vocab_size)
+    names = gguf.get_tensor_name_map(arch, c.num_hidden_layers)
+    for name, tensor in model.state_dict().items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_parents_load_from_gguf_through_transformers_loader(family, tmp_path):
+    """transformers' GGUF loader reads qwen2 / qwen3 (integrations/ggml.py); it maps no `key_length`, so a
+    Qwen3 GGUF is read with Qwen3Config's default head_dim (128): the tiny parent uses that one."""
+    from puzzle.model.checkpoint import load_model
+
+    overrides = {"use_sliding_window": False, "layer_types": None}  # GGUF metadata carries no window
+    if family == "qwen3":
+        overrides["head_dim"] = 128
+    parent = make_family_parent(family, **overrides)
+    path = write_family_gguf(parent, make_tokenizer(), tmp_path / f"{family}.gguf")
+    child = to_puzzle(load_model(path))
+    assert child.config.family == family
+    x = torch.randint(3, 320, (1, SEQ))
+    with torch.no_grad():
+        assert (child(x).logits - parent(x).logits).abs().max() <= ATOL
