@@ -39,7 +39,10 @@ class Family:
                       vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
     windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
                       "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3)
-    engines           the target engines (puzzle.engines) that serve this family's children
+    engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
+                      deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
+                      layer at layer 0's KV and FFN widths (llama.cpp 0c1e57098 `check_tensor_dims` refuses a
+                      per-layer head_count_kv or feed_forward_length), so Qwen children are transformers'
     """
 
     name: str
