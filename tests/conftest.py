@@ -189,9 +189,10 @@ from safetensors.torch import load_file, save_file  # noqa: E402
 
 RELOAD = textwrap.dedent(
     """
-    import json, sys, torch
+    import json, sys, torch, transformers
     from safetensors.torch import load_file, save_file
     from transformers import AutoModelForCausalLM
+    print("transformers", transformers.__version__)
     x = load_file(sys.argv[2])["x"]
     out = {}
     for name, path in json.loads(sys.argv[1]).items():
@@ -205,13 +206,16 @@ RELOAD = textwrap.dedent(
 )
 
 
-def reload_elsewhere(dirs: dict, x: torch.Tensor, tmp_path, remote_code: bool) -> tuple[dict, str]:
-    """Logits of each checkpoint loaded by AutoModelForCausalLM in a process that never imports puzzle."""
+def reload_elsewhere(dirs: dict, x: torch.Tensor, tmp_path, remote_code: bool,
+                     pythonpath: str | None = None) -> tuple[dict, str]:
+    """Logits of each checkpoint loaded by AutoModelForCausalLM in a process that never imports puzzle
+    (`pythonpath`: where that process finds its transformers first, e.g. an older release)."""
     save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
     run = subprocess.run(
         [sys.executable, "-c", RELOAD, json.dumps({k: str(v) for k, v in dirs.items()}), str(tmp_path / "x.safetensors"),
          str(tmp_path / "logits.safetensors"), "1" if remote_code else "0"],
-        cwd=tmp_path, capture_output=True, text=True, timeout=600,
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
     )
     assert run.returncode == 0, run.stderr[-3000:]
     return load_file(str(tmp_path / "logits.safetensors")), run.stdout

@@ -175,3 +175,26 @@ def test_parents_load_from_gguf_through_transformers_loader(family, tmp_path):
     x = torch.randint(3, 320, (1, SEQ))
     with torch.no_grad():
         assert (child(x).logits - parent(x).logits).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("config_class, kwargs", [
+    ("GemmaConfig", {}),
+    ("Qwen3MoeConfig", {}),
+    ("MixtralConfig", {}),
+    ("Qwen2MoeConfig", {}),
+])
+def test_unsupported_families_end_in_one_line_naming_the_supported(config_class, kwargs, tmp_path, capsys):
+    """Gemma (sandwich norms, GeGLU), MoE and other families: one line, exit 2, the supported list named."""
+    import transformers
+
+    from puzzle.cli import main
+
+    config = getattr(transformers, config_class)(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                 num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                                 **kwargs)
+    config.save_pretrained(tmp_path / "parent")
+    capsys.readouterr()
+    assert main(["convert", str(tmp_path / "parent"), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"unsupported architecture {config.model_type!r}" in err
+    assert all(t in err for t in ("llama", "mistral", "qwen2", "qwen3"))
