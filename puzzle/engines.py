@@ -13,7 +13,9 @@ reading of a saved child to hold the rules to what the engines compute):
   noop_ffn_last_layer       the last layer's FFN may be a no-op
   lm_head_weight            it loads `lm_head.weight` by name even when the embeddings are tied
 
-`transformers` is the child's own modeling code: everything is allowed. A search space names its target
+`transformers` is the child's own modeling code: everything is allowed. Which engines serve a parent family
+at all (Qwen2's q/k/v-only biases, Qwen3's q/k norms and sliding windows are beyond the nemotron-nas / deci
+loaders) is the family descriptor's `engines` (puzzle/model/family.py); `check_family` refuses the rest. A search space names its target
 (`target_engine:`, default transformers): loading it snaps widths to the grid and drops variants the engine
 lacks, with a note (puzzle/search_space.py); `realize` refuses a child that breaks its target (`check_child`).
 
@@ -25,6 +27,7 @@ from typing import Iterable
 
 from puzzle.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, on_ffn_mult_grid
+from puzzle.model.family import config_family, serving_engines
 
 DEFAULT_ENGINE = "transformers"
 
@@ -190,3 +193,16 @@ def check_child(engine_name: str | None, blocks: list[BlockConfig], hidden_size:
         f"target engine {engine.name} cannot serve layer {layer} ({block.name}): {RULES[rule]} "
         f"[{engine.source(rule)}]{more}"
     )
+
+
+def check_family(engine_name: str | None, config) -> None:
+    """PuzzleError (one line) if the engine cannot build a layer of this parent's or child's family: its
+    nemotron-nas / deci loader builds Llama's attention (biases on all four projections or none, no q/k norm,
+    no sliding window)."""
+    engine = get_engine(engine_name)
+    family, windows = config_family(config)
+    allowed = serving_engines(family, windows)
+    if engine.name not in allowed:
+        what = f"{family.name} children" + (" with sliding-window layers" if family.engines != allowed else "")
+        raise PuzzleError(f"target engine {engine.name} cannot serve {what} (its loader builds Llama-style attention "
+                          f"only: no q/k/v-only biases, q/k norms or sliding windows); engines that can: {', '.join(allowed)}")

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal
 
-from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, get_engine, sublayer_violations
+from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, check_family, get_engine, sublayer_violations
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
@@ -229,6 +229,7 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     if not isinstance(engine_name, str):
         raise PuzzleError(f"search space {name!r}: target_engine must be a name, got {engine_name!r}")
     engine = get_engine(engine_name)
+    check_family(engine.name, parent_config)
     attention, ffn, notes = _fit_to_engine(engine, attention, ffn, parent_att, parent_ffn, shape.hidden_size, name)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)

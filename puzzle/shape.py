@@ -1,24 +1,30 @@
-"""The one shape arithmetic: parameters, FLOPs, KV-cache and activation bytes of a Llama-family model,
-per block variant (AttentionConfig / FFNConfig / BlockConfig) and per fixed part, from the parent's
-dimensions alone. No torch: the roofline, Minitron's shape search, the solver's synthetic problems and
+"""The one shape arithmetic: parameters, FLOPs, KV-cache and activation bytes of a model of any supported
+family (puzzle/model/family.py), per block variant (AttentionConfig / FFNConfig / BlockConfig) and per fixed
+part, from the parent's dimensions alone. No torch: the roofline, Minitron's shape search, the solver's synthetic problems and
 BLD's FLOP accounting all count with this, and tests/test_shape.py checks it against real models.
 
 Symbols: D hidden, H query heads, K KV heads of a variant, d head_dim, I FFN width, V vocabulary,
 L layers, T tokens of a sequence, S keys a query attends to, e bytes per element.
 
-  parameters  GQA attention: D*(H + 2K)*d (q, k, v) + H*d*D (o) + D (its pre-norm);
+  parameters  GQA attention: D*(H + 2K)*d (q, k, v) + H*d*D (o) + D (its pre-norm), plus the family's
+              biases ((H + 2K)*d on q/k/v, D on o) and q/k norms (2*d, shared by the heads);
               SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm).
               Fixed: embeddings V*D, final norm D, LM head V*D (0 when tied to the embeddings).
   FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token, plus attention's
               QK^T and PV: 4*H*d*S per query over S keys. A causal sequence of T tokens has queries
               over 1..T keys: 2*H*d*T*(T+1) in all.
   KV cache    2*K*d*e bytes per cached token per layer (K and V); 0 without GQA attention.
+  windows     a layer with sliding window W attends to at most W keys and an engine caches at most W
+              tokens of a sequence there (vLLM, llama.cpp and transformers' sliding cache layers all
+              bound it): S -> min(S, W); the causal sequence's queries see min(t, W) keys. Every
+              per-variant count takes the `layer` it is placed in (None: no window).
 """
 
 from dataclasses import dataclass, replace
 from typing import Any
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.model.family import config_family
 
 Part = AttentionConfig | FFNConfig | BlockConfig
 FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
@@ -36,11 +42,21 @@ class ModelShape:
     num_hidden_layers: int
     vocab_size: int
     tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # the family's attention parts (family.py)
+    o_bias: bool = False
+    qk_norm: bool = False
+    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: no layer has one
+
+    def __post_init__(self) -> None:
+        if self.sliding_windows is not None:  # read back from JSON as a list
+            object.__setattr__(self, "sliding_windows", tuple(self.sliding_windows))
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
-        """From a LlamaConfig / PuzzleConfig (head_dim defaults to hidden / heads)."""
+        """From a PuzzleConfig or a supported family's HF config (head_dim defaults to hidden / heads)."""
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        family, windows = config_family(config)
+        qkv_bias, o_bias = family.attention_biases(config)
         return cls(
             hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
@@ -50,6 +66,10 @@ class ModelShape:
             num_hidden_layers=config.num_hidden_layers,
             vocab_size=config.vocab_size,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+            qkv_bias=qkv_bias,
+            o_bias=o_bias,
+            qk_norm=family.qk_norm,
+            sliding_windows=tuple(windows) if any(w is not None for w in windows) else None,
         )
 
     def with_(self, **changes: Any) -> "ModelShape":
@@ -67,6 +87,15 @@ class ModelShape:
     @property
     def parent_block(self) -> BlockConfig:
         return BlockConfig(self.parent_attention, self.parent_ffn)
+
+    def window(self, layer: int | None) -> int | None:
+        """Layer `layer`'s sliding window; None for full attention or no layer given."""
+        return None if layer is None or self.sliding_windows is None else self.sliding_windows[layer]
+
+    def keys(self, layer: int | None, context: float) -> float:
+        """Keys one query attends to (and tokens of one sequence cached) at `context` in layer `layer`."""
+        window = self.window(layer)
+        return context if window is None else min(context, window)
 
     def kv_heads(self, part: Part) -> int:
         """KV heads of a variant's attention; 0 for linear, no-op attention and FFNs."""
@@ -89,10 +118,17 @@ class ModelShape:
         return 3 * D * part.intermediate_size
 
     def params(self, part: Part) -> int:
-        """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer)."""
+        """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer), and a GQA
+        attention's biases and q/k norms where the family has them."""
         if isinstance(part, BlockConfig):
             return self.params(part.attention) + self.params(part.ffn)
-        return 0 if part.no_op else self.matmul_params(part) + self.hidden_size
+        if part.no_op:
+            return 0
+        extra = 0
+        if isinstance(part, AttentionConfig) and part.is_gqa:
+            H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
+            extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d
+        return self.matmul_params(part) + self.hidden_size + extra
 
     def fixed_params(self, part: str) -> int:
         """Weights of a fixed part; a tied LM head shares the embeddings' weights and counts 0."""
@@ -123,26 +159,32 @@ class ModelShape:
         return self.non_embedding_params(blocks) + self.embedding_params
 
     # ---- FLOPs (forward) ----------------------------------------------------------------------
-    def attention_flops(self, part: Part, keys: float) -> float:
-        """QK^T and PV of one query token over `keys` keys: 4*H*d*keys; 0 without GQA attention."""
+    def attention_flops(self, part: Part, keys: float, layer: int | None = None) -> float:
+        """QK^T and PV of one query token over `keys` keys (at most the layer's window): 4*H*d*keys;
+        0 without GQA attention."""
         if self.kv_heads(part) == 0:
             return 0
-        return 4 * self.num_attention_heads * self.head_dim * keys
+        return 4 * self.num_attention_heads * self.head_dim * self.keys(layer, keys)
 
-    def causal_attention_flops(self, part: Part, seq_len: int) -> int:
-        """QK^T and PV of a causal sequence of `seq_len` tokens (query t sees t keys): 2*H*d*T*(T+1)."""
+    def causal_attention_flops(self, part: Part, seq_len: int, layer: int | None = None) -> int:
+        """QK^T and PV of a causal sequence of `seq_len` tokens (query t sees t keys, at most the
+        window W): 2*H*d*T*(T+1); with T > W, 4*H*d*(W*(W+1)/2 + (T-W)*W)."""
         if self.kv_heads(part) == 0:
             return 0
-        return 2 * self.num_attention_heads * self.head_dim * seq_len * (seq_len + 1)
+        window = self.window(layer)
+        if window is None or seq_len <= window:
+            return 2 * self.num_attention_heads * self.head_dim * seq_len * (seq_len + 1)
+        pairs = window * (window + 1) // 2 + (seq_len - window) * window
+        return 4 * self.num_attention_heads * self.head_dim * pairs
 
-    def flops_per_token(self, part: Part, keys: float) -> float:
+    def flops_per_token(self, part: Part, keys: float, layer: int | None = None) -> float:
         """Forward FLOPs of one token through a variant whose attention sees `keys` keys (a decode
         step at context `keys`; `seq_len / 2` approximates a causal sequence's mean)."""
-        return 2 * self.matmul_params(part) + self.attention_flops(part, keys)
+        return 2 * self.matmul_params(part) + self.attention_flops(part, keys, layer)
 
-    def prefill_flops(self, part: Part, seq_len: int) -> int:
+    def prefill_flops(self, part: Part, seq_len: int, layer: int | None = None) -> int:
         """Forward FLOPs of one causal sequence of `seq_len` tokens through a variant."""
-        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len)
+        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len, layer)
 
     def fixed_matmul_params(self, part: str) -> int:
         """Weights a fixed part's matmul reads: the LM head's V*D (tied or not); the embedding lookup is
@@ -160,7 +202,7 @@ class ModelShape:
         then the LM head); the parent's block in each layer by default."""
         if blocks is None:
             blocks = [self.parent_block] * self.num_hidden_layers
-        return sum(self.flops_per_token(b, keys) for b in blocks) + self.fixed_flops_per_token("lm_head")
+        return sum(self.flops_per_token(b, keys, i) for i, b in enumerate(blocks)) + self.fixed_flops_per_token("lm_head")
 
     # ---- memory -------------------------------------------------------------------------------
     def model_bytes(self, blocks: list[BlockConfig] | None, dtype_bytes: int) -> int:
@@ -177,11 +219,17 @@ class ModelShape:
         """KV-cache bytes one cached token costs in a layer with this variant: 2*K*d*e."""
         return 2 * self.kv_heads(part) * self.head_dim * dtype_bytes
 
-    def kv_cache_bytes(self, blocks: list[BlockConfig] | None, tokens: int, dtype_bytes: int) -> int:
-        """KV cache of a whole model holding `tokens` tokens (batch x context)."""
+    def kv_cache_bytes(self, blocks: list[BlockConfig] | None, tokens: int, dtype_bytes: int,
+                       context: int | None = None) -> int:
+        """KV cache of a whole model holding `tokens` tokens (batch x `context`); a windowed layer holds
+        batch x min(context, window) of them (`context` None: as if no window binds)."""
         if blocks is None:
             blocks = [self.parent_block] * self.num_hidden_layers
-        return sum(self.kv_cache_bytes_per_token(b, dtype_bytes) for b in blocks) * tokens
+        total = 0
+        for i, b in enumerate(blocks):
+            held = tokens if context is None else tokens // context * int(self.keys(i, context))
+            total += self.kv_cache_bytes_per_token(b, dtype_bytes) * held
+        return total
 
     def activation_bytes_per_token(self, part: Part, dtype_bytes: int) -> int:
         """Bytes of the tensors one token's forward writes through a variant (each op's output: what a

@@ -119,3 +119,103 @@ def tiny_cpu_profile(tmp_path):
         "constraints": {"speedup": 1.2},
     }))
     return path
+
+
+# ---- parents of every supported family (puzzle/model/family.py), from transformers' own config classes ----
+
+FAMILY_WINDOW = 5  # a sliding window short enough to bind at the tests' sequence lengths (>= 12 tokens)
+
+
+def make_family_config(family: str, **overrides):
+    """A tiny config of `family` built by transformers' own config class, shaped like make_llama_config:
+      llama           the conftest Llama
+      mistral         every layer a sliding window of FAMILY_WINDOW keys ("mistral_nowindow": none)
+      qwen2           q/k/v biases; layers 2-3 windowed (use_sliding_window, max_window_layers=2)
+      qwen3           per-head q/k RMSNorm, explicit head_dim 24 (H*d != hidden), layer 3 windowed
+    """
+    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+
+    base = make_llama_config().to_dict()
+    common = {k: base[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                                   "rms_norm_eps", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+                                   "pad_token_id")}
+    if family == "llama":
+        return make_llama_config(**overrides)
+    if family in ("mistral", "mistral_nowindow"):
+        kwargs = dict(common, sliding_window=FAMILY_WINDOW if family == "mistral" else None)
+        cls = MistralConfig
+    elif family == "qwen2":
+        kwargs = dict(common, use_sliding_window=True, sliding_window=FAMILY_WINDOW, max_window_layers=2)
+        cls = Qwen2Config
+    elif family == "qwen3":
+        layer_types = ["full_attention"] * (common["num_hidden_layers"] - 1) + ["sliding_attention"]
+        kwargs = dict(common, head_dim=24, use_sliding_window=True, sliding_window=FAMILY_WINDOW,
+                      layer_types=layer_types)
+        cls = Qwen3Config
+    else:
+        raise ValueError(family)
+    kwargs.update(overrides)
+    return cls(**kwargs)
+
+
+FAMILY_PARENTS = ("llama", "mistral", "mistral_nowindow", "qwen2", "qwen3")
+
+
+def make_family_parent(family: str, seed: int = 0, **overrides):
+    """transformers' own causal LM of `family`, with weights wide enough that every part matters: matrices
+    N(0, 0.08), biases N(0, 0.1), q/k norm weights N(1, 0.2) (transformers initialises the last two constant)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(make_family_config(family, **overrides)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 2:
+                p.normal_(0.0, 0.08)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+            elif "q_norm" in name or "k_norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+import json  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import textwrap  # noqa: E402
+
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+RELOAD = textwrap.dedent(
+    """
+    import json, sys, torch, transformers
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+    print("transformers", transformers.__version__)
+    x = load_file(sys.argv[2])["x"]
+    out = {}
+    for name, path in json.loads(sys.argv[1]).items():
+        model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=sys.argv[4] == "1").eval()
+        with torch.no_grad():
+            out[name] = model(x).logits
+        print(name, type(model).__name__, type(model).__module__)
+    assert "puzzle" not in sys.modules, "must load without the puzzle package"
+    save_file(out, sys.argv[3])
+    """
+)
+
+
+def reload_elsewhere(dirs: dict, x: torch.Tensor, tmp_path, remote_code: bool,
+                     pythonpath: str | None = None) -> tuple[dict, str]:
+    """Logits of each checkpoint loaded by AutoModelForCausalLM in a process that never imports puzzle
+    (`pythonpath`: where that process finds its transformers first, e.g. an older release)."""
+    save_file({"x": x}, str(tmp_path / "x.safetensors"))
+    env = {**os.environ, "PYTHONPATH": pythonpath} if pythonpath else None
+    run = subprocess.run(
+        [sys.executable, "-c", RELOAD, json.dumps({k: str(v) for k, v in dirs.items()}), str(tmp_path / "x.safetensors"),
+         str(tmp_path / "logits.safetensors"), "1" if remote_code else "0"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    return load_file(str(tmp_path / "logits.safetensors")), run.stdout

@@ -263,3 +263,24 @@ def test_check_child_names_layer_rule_and_source():
     assert "src/models/deci.cpp" in message
     with pytest.raises(PuzzleError, match="unknown target engine 'tgi'"):
         check_child("tgi", blocks, HIDDEN)
+
+
+@pytest.mark.parametrize("family, engines", [
+    ("llama", ("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
+    ("mistral_nowindow", ("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
+    ("mistral", ("transformers",)), ("qwen2", ("transformers",)), ("qwen3", ("transformers",)),
+])
+def test_each_family_is_served_by_its_engines_and_refused_by_the_rest(family, engines):
+    """Parent configs (transformers' classes) and their children's configs give the same answer."""
+    from conftest import make_family_config
+
+    from puzzle.engines import check_family
+    from puzzle.model.checkpoint import puzzle_config_from
+
+    for config in (make_family_config(family), puzzle_config_from(make_family_config(family))):
+        for name in ENGINES:
+            if name in engines:
+                check_family(name, config)
+            else:
+                with pytest.raises(PuzzleError, match=f"target engine {name} cannot serve"):
+                    check_family(name, config)

@@ -177,3 +177,40 @@ def test_model_flops_per_token_equal_what_torch_counts_for_a_decode_step():
         with counter, sdpa_kernel(SDPBackend.MATH):
             model(torch.randint(0, 320, (1, 1)), past_key_values=cache, use_cache=True)
     assert counter.get_total_flops() == shape.model_flops_per_token(model.config.blocks, keys=5)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+def test_parameters_of_each_familys_transformers_model(family):
+    """q/k/v and o biases, q/k norms and explicit head_dim counted as transformers' own classes hold them."""
+    from conftest import make_family_parent
+
+    from puzzle.model.checkpoint import to_puzzle
+
+    model = make_family_parent(family)
+    shape = ModelShape.from_config(model.config)
+    assert shape.total_params() == numel(model)
+    assert ModelShape.from_config(to_puzzle(model).config) == shape  # the child's config gives the same shape
+    attention = shape.parent_attention
+    assert shape.params(attention) == numel(model.model.layers[0].self_attn) + numel(model.model.layers[0].input_layernorm)
+
+
+def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
+    """Attention FLOPs count exactly the (query, key) pairs transformers' sliding-window mask allows; the
+    cache of a windowed layer holds at most the window per sequence."""
+    from conftest import FAMILY_WINDOW, make_family_config
+    from transformers.masking_utils import causal_mask_function, sliding_window_overlay
+
+    shape = ModelShape.from_config(make_family_config("qwen2"))  # layers 2 and 3 windowed
+    assert shape.sliding_windows == (None, None, FAMILY_WINDOW, FAMILY_WINDOW)
+    W, T, att = FAMILY_WINDOW, 3 * FAMILY_WINDOW, shape.parent_attention
+    per_pair = 4 * shape.num_attention_heads * shape.head_dim
+    window = sliding_window_overlay(W)
+    pairs = sum(bool(causal_mask_function(0, 0, q, k)) and bool(window(0, 0, q, k)) for q in range(T) for k in range(T))
+    assert shape.causal_attention_flops(att, T, layer=2) == per_pair * pairs
+    assert shape.causal_attention_flops(att, T, layer=0) == per_pair * T * (T + 1) // 2
+    assert shape.causal_attention_flops(att, W - 1, layer=2) == shape.causal_attention_flops(att, W - 1, layer=0)
+    assert shape.attention_flops(att, 100, layer=3) == per_pair * W
+    batch, e = 2, 4
+    full = shape.kv_cache_bytes_per_token(att, e)
+    assert shape.kv_cache_bytes(None, batch * T, e, context=T) == full * batch * (2 * T + 2 * W)
+    assert shape.kv_cache_bytes(None, batch * T, e) == full * batch * T * 4  # no context: no window applied

@@ -37,7 +37,7 @@ SUBBLOCKS_DIR = "subblocks_safetensors"
 # Puzzletron's SubblockConfig defaults, written out so the config is complete without its code.
 _SUBBLOCK_DEFAULTS = {"sparsify": None, "weights_precision": "bf16"}
 # Keys of the child's config that a plain Llama config has not (block_configs is rewritten in Puzzletron's form).
-_NOT_LLAMA = ("block_configs", "auto_map")
+_NOT_LLAMA = ("block_configs", "auto_map", "family", "sliding_windows")  # family: only llama-like ones get here
 
 
 def check_anymodel(blocks: list[BlockConfig]) -> None:

@@ -4,14 +4,27 @@ from pathlib import Path
 from typing import Literal
 
 
+from puzzle.engines import check_family
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
 
 FORMATS = ("gguf", "nemotron-nas", "anymodel")
 
 
-def _check(format: str, blocks: list, hidden_size: int) -> None:
-    """The format's rules on the blocks alone, before any weight is read."""
+# The engine whose rules each format follows: its family rules (puzzle.engines `check_family`) say which
+# parent families a format can carry. AnyModel writes model_type llama for Puzzletron's Llama descriptor: the
+# families a Llama layer computes, as for vLLM.
+_FORMAT_ENGINE = {"gguf": "llamacpp", "nemotron-nas": "vllm", "anymodel": "vllm"}
+
+
+def _check(format: str, blocks: list, hidden_size: int, config=None) -> None:
+    """The format's rules on the config and blocks alone, before any weight is read: a family whose layers the
+    format's engines would misread (q/k/v-only biases, q/k norms, sliding windows) is refused in one line."""
+    if config is not None:
+        try:
+            check_family(_FORMAT_ENGINE[format], config)
+        except PuzzleError as err:
+            raise PuzzleError(f"cannot export as {format}: {err}") from None
     if format == "gguf":
         from .llamacpp import check_llamacpp
 
@@ -41,7 +54,7 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         raise PuzzleError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
     stored = load_config(child)
     config = puzzle_config_from(stored)
-    _check(format, config.blocks, config.hidden_size)  # refuse before seconds of weight loading
+    _check(format, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
 

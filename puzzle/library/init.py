@@ -4,9 +4,12 @@ States are in the `sublayer_state` form (`input_layernorm.weight`, `self_attn.q_
 attention; `post_attention_layernorm.weight`, `mlp.gate_proj.weight`, ... for FFN). The child keeps the
 parent's pre-norm; only the module behind it changes.
 
-  attention, fewer KV heads  K and V projections mean-pooled over the parent heads of each new group
+  attention, fewer KV heads  K and V projections (and their biases) mean-pooled over the parent heads of
+                             each new group; q_proj, o_proj, their biases and Qwen3's q/k norms (one (d,)
+                             weight shared by all heads) copied
   attention, linear          W_o @ W_v with each KV head copied to its query heads: the attention output
-                             when every token attends only to itself
+                             when every token attends only to itself (v/o biases dropped: a linear
+                             sublayer has none, as in DeciLM; BLD fits the rest)
   FFN, fewer neurons         the neurons with the highest Channel Contribution (mean |X_i| * ||W_down[:, i]||
                              on calibration data, Puzzle) or Minitron activation importance
   FFN, linear                least squares from the normed FFN input to the FFN output on calibration data,
@@ -58,13 +61,16 @@ def mean_pool_kv_heads(weight: torch.Tensor, num_heads: int, num_kv_heads: int, 
 
     New KV head j serves query heads [j*H/K', (j+1)*H/K'); it becomes the mean of the parent KV heads those
     query heads read, weighted by how many of them read each (a plain mean when K' divides K). RoPE acts on
-    each head linearly after the projection, so pooling the weights pools the rotated keys too.
+    each head linearly after the projection, so pooling the weights pools the rotated keys too (Qwen3's k_norm
+    sits between them and is not linear: there the pool is an initialisation BLD refines). A bias (K*d,)
+    pools the same way into (K'*d,).
     """
     if num_heads % new_kv_heads or num_heads % num_kv_heads:
         raise ValueError(f"{new_kv_heads} and {num_kv_heads} KV heads must both divide {num_heads} query heads")
     d = weight.shape[0] // num_kv_heads
-    per_query = weight.view(num_kv_heads, d, -1)[_kv_head_of_query(num_heads, num_kv_heads)]  # (H, d, D)
-    return per_query.view(new_kv_heads, num_heads // new_kv_heads, d, -1).mean(1).reshape(new_kv_heads * d, -1)
+    per_query = weight.view(num_kv_heads, d, -1)[_kv_head_of_query(num_heads, num_kv_heads)]  # (H, d, D or 1)
+    pooled = per_query.view(new_kv_heads, num_heads // new_kv_heads, d, -1).mean(1)
+    return pooled.reshape(new_kv_heads * d, *weight.shape[1:])
 
 
 def linear_attention_weight(v_weight: torch.Tensor, o_weight: torch.Tensor, num_heads: int, num_kv_heads: int) -> torch.Tensor:
@@ -90,10 +96,13 @@ def init_attention(
         return {**norm, "self_attn.linear_attn.weight": w}, "wo_wv"
     new_kv = variant.num_key_value_heads(num_heads)
     state = {**norm}
-    for name in ("q_proj", "o_proj"):
-        state[f"self_attn.{name}.weight"] = parent[f"self_attn.{name}.weight"].clone()
-    for name in ("k_proj", "v_proj"):
-        state[f"self_attn.{name}.weight"] = mean_pool_kv_heads(parent[f"self_attn.{name}.weight"], num_heads, num_kv_heads, new_kv)
+    for key, w in parent.items():  # q/k/v/o weights and biases, q/k norms: whatever the family's attention has
+        if not key.startswith("self_attn."):
+            continue
+        if key.startswith(("self_attn.k_proj.", "self_attn.v_proj.")):
+            state[key] = mean_pool_kv_heads(w, num_heads, num_kv_heads, new_kv)
+        else:
+            state[key] = w.clone()
     return state, "copy" if new_kv == num_kv_heads else "kv_mean_pool"
 
 

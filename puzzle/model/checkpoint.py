@@ -18,13 +18,15 @@ from puzzle.errors import PuzzleError
 from . import register
 from .configuration_puzzle import PuzzleConfig
 from .loading import SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
+from .family import FAMILIES, Family, family_of_model_type
 from .modeling_puzzle import PuzzleForCausalLM
 
 register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
 
-# model_type -> why it is (or is not) a Llama-family parent we can express as blocks.
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", PuzzleConfig.model_type)
-_MODEL_FILES = ("blocks.py", "configuration_puzzle.py", "modeling_puzzle.py")  # relative imports of each other
+# The HF model_types a parent may have: one per family descriptor (family.py), and our own children.
+SUPPORTED_ARCHITECTURES = (*(t for f in FAMILIES.values() for t in f.model_types), PuzzleConfig.model_type)
+# relative imports of each other: every one travels with a child
+_MODEL_FILES = ("blocks.py", "family.py", "configuration_puzzle.py", "modeling_puzzle.py")
 _AUTO_MAP = {
     "AutoConfig": "configuration_puzzle.PuzzleConfig",
     "AutoModelForCausalLM": "modeling_puzzle.PuzzleForCausalLM",
@@ -34,27 +36,36 @@ _AUTO_MAP = {
 CHILD_ARCHITECTURE = "DeciLMForCausalLM"
 # Config keys that describe a checkpoint, not an architecture.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "auto_map", "quantization_config",
-                     "_name_or_path", "dtype", "torch_dtype", "pretraining_tp", "sliding_window", "block_configs"}
+                     "_name_or_path", "dtype", "torch_dtype", "pretraining_tp", "block_configs",
+                     # the families' own window fields; the child keeps per-layer `sliding_windows`
+                     "sliding_window", "layer_types", "use_sliding_window", "max_window_layers"}
 
 
 def _unsupported(model_type: str) -> PuzzleError:
     return PuzzleError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-        "(Llama-family decoders with SwiGLU FFNs and no attention biases)"
+        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, and puzzle children)"
     )
 
 
-def _check_supported(config: Any) -> None:
+def family_of(config: Any) -> Family:
+    """The family descriptor of a parent's or child's config; a one-line PuzzleError for anything else."""
     model_type = getattr(config, "model_type", "?")
-    if model_type not in SUPPORTED_ARCHITECTURES:
+    if model_type == PuzzleConfig.model_type:
+        family = config.family_descriptor if isinstance(config, PuzzleConfig) else FAMILIES["llama"]
+    else:
+        family = family_of_model_type(model_type)
+    if family is None:
         raise _unsupported(model_type)
-    if model_type == "mistral" and getattr(config, "sliding_window", None):
-        if config.sliding_window < config.max_position_embeddings:
-            raise PuzzleError("mistral parents with a sliding window shorter than the context are not supported")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise PuzzleError(f"unsupported FFN activation {config.hidden_act!r}; only SwiGLU (silu) parents are supported")
-    if getattr(config, "attention_bias", False) or getattr(config, "mlp_bias", False):
-        raise PuzzleError("parents with attention or MLP biases are not supported")
+    if getattr(config, "mlp_bias", False):
+        raise PuzzleError("parents with MLP biases are not supported (SwiGLU FFNs without biases only)")
+    return family
+
+
+def _check_supported(config: Any) -> None:
+    family_of(config)
 
 
 def _split_gguf(path: Path) -> tuple[str, dict[str, str]]:
@@ -244,11 +255,14 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def puzzle_config_from(config: Any) -> PuzzleConfig:
-    """The all-parent PuzzleConfig of a Llama-family config: one parent block per layer."""
-    _check_supported(config)
+    """The PuzzleConfig of a supported parent's config (one parent block per layer, its family and per-layer
+    sliding windows recorded), or a copy of a child's."""
+    family = family_of(config)
     if isinstance(config, PuzzleConfig):
         return PuzzleConfig(**{k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    windows = family.layer_windows(config)
+    data.update(family=family.name, sliding_windows=windows if any(w is not None for w in windows) else None)
     return PuzzleConfig(**data)
 
 

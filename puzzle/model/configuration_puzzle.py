@@ -1,8 +1,12 @@
-"""Configuration of the heterogeneous Llama child, in the Nemotron-NAS / DeciLM `block_configs` format.
+"""Configuration of the heterogeneous child, in the Nemotron-NAS / DeciLM `block_configs` format.
 
 This file travels with every saved checkpoint (it is copied next to config.json and named in
-`auto_map`, with blocks.py), so it may import only the standard library, torch, transformers and
-`.blocks`: a process that never imported `puzzle` must be able to load a child with `trust_remote_code=True`.
+`auto_map`, with blocks.py and family.py), so it may import only the standard library, torch, transformers,
+`.blocks` and `.family`: a process that never imported `puzzle` must be able to load a child with
+`trust_remote_code=True`.
+
+The parent's family (family.py: llama, mistral, qwen2, qwen3) is recorded in `family`; what a layer's
+attention consists of (biases, q/k norm) follows from it, and `sliding_windows` lists each layer's window.
 
 One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice. It runs under every
 transformers the project declares: 4.56-4.57 (keyword `__init__`, RoPE in `rope_theta` / `rope_scaling`)
@@ -14,6 +18,8 @@ loads a child under 4.56 and compares its logits.
 from typing import Any
 
 from transformers import LlamaConfig
+
+from .family import get_family
 
 # blocks.py travels with this file (transformers' dynamic-module loader copies relative imports).
 from .blocks import (  # noqa: F401  (re-exported: `from ...configuration_puzzle import BlockConfig` works)
@@ -42,19 +48,26 @@ def legacy_rope_fields(rope_parameters: dict | None) -> dict[str, Any]:
 
 
 class PuzzleConfig(LlamaConfig):
-    """A Llama config whose layers each carry their own `BlockConfig`, written as Nemotron-NAS / DeciLM.
+    """A Llama-style config whose layers each carry their own `BlockConfig`, written as Nemotron-NAS / DeciLM.
 
-    Global fields mean what they mean in `LlamaConfig` (hidden size, query heads, RoPE, norms,
-    vocabulary, tied embeddings); `num_key_value_heads` and `intermediate_size` are the parent's and
-    serve only as the default for layers that `block_configs` does not describe.
+    Global fields mean what they mean in `LlamaConfig` (hidden size, query heads, head_dim, RoPE, norms,
+    vocabulary, tied embeddings, attention_bias); `num_key_value_heads` and `intermediate_size` are the
+    parent's and serve only as the default for layers that `block_configs` does not describe.
 
     `block_configs` holds one `AttrDict` per layer: plain JSON dicts in config.json, attributes for
     engines (`config.block_configs[i].attention.no_op`); `blocks` parses them. `to_dict` writes a
     top-level `rope_theta` / `rope_scaling` beside transformers 5's `rope_parameters`.
+
+    `family` names the parent's family descriptor (family.py; "llama" when absent). `sliding_windows`
+    holds each layer's sliding window (None: full causal attention), or is None when no layer has one. It
+    is deliberately not transformers' `sliding_window` / `layer_types`: generate() would then build
+    sliding cache layers numbered by layer, while the child's cache numbers only its GQA layers.
     """
 
     model_type = "nemotron-nas"
     block_configs: list | None = None
+    family: str = "llama"
+    sliding_windows: list | None = None
 
     if _DATACLASS_CONFIG:
 
@@ -72,15 +85,30 @@ class PuzzleConfig(LlamaConfig):
 
     else:
 
-        def __init__(self, block_configs: list | None = None, **kwargs: Any) -> None:
+        def __init__(self, block_configs: list | None = None, family: str = "llama",
+                     sliding_windows: list | None = None, **kwargs: Any) -> None:
             # transformers 5's `rope_parameters` -> the rope_theta / rope_scaling 4.x reads (when absent)
             for key, value in legacy_rope_fields(kwargs.pop("rope_parameters", None)).items():
                 kwargs.setdefault(key, value)
             self.block_configs = block_configs
+            self.family = family
+            self.sliding_windows = sliding_windows
             super().__init__(**kwargs)
             self._check_blocks()
 
     def _check_blocks(self) -> None:
+        try:
+            get_family(self.family)
+        except ValueError as err:
+            raise BlockConfigError(str(err)) from None
+        if self.sliding_windows is not None:
+            windows = list(self.sliding_windows)
+            if len(windows) != self.num_hidden_layers or any(
+                w is not None and (isinstance(w, bool) or not isinstance(w, int) or w <= 0) for w in windows
+            ):
+                raise BlockConfigError(f"sliding_windows must list a positive window or null for each of the "
+                                       f"{self.num_hidden_layers} layers, got {windows!r}")
+            self.sliding_windows = windows if any(w is not None for w in windows) else None
         if self.hidden_act != "silu":
             raise BlockConfigError(f"only SwiGLU FFNs (hidden_act='silu') are supported, got {self.hidden_act!r}")
         if self.num_attention_heads % self.num_key_value_heads != 0:
@@ -109,6 +137,15 @@ class PuzzleConfig(LlamaConfig):
     @property
     def blocks(self) -> list[BlockConfig]:
         return [BlockConfig.from_dict(d, self.hidden_size) for d in self.block_configs]
+
+    @property
+    def family_descriptor(self):
+        """The parent family's `Family` (family.py): what a layer's attention consists of."""
+        return get_family(self.family)
+
+    def layer_window(self, layer: int) -> int | None:
+        """Layer `layer`'s sliding window (keys in (t - window, t] for query t), None for full attention."""
+        return None if self.sliding_windows is None else self.sliding_windows[layer]
 
     @property
     def num_cached_layers(self) -> int:

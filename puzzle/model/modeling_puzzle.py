@@ -1,8 +1,9 @@
-"""The heterogeneous Llama: every layer picks its own attention and FFN (see configuration_puzzle.py).
+"""The heterogeneous decoder: every layer picks its own attention and FFN (see configuration_puzzle.py).
 
 Travels with every saved checkpoint next to configuration_puzzle.py, so it imports only torch and
-transformers. RoPE and RMSNorm are transformers' own Llama modules, so a child whose blocks are all
-the parent's computes the parent's logits.
+transformers. RoPE and RMSNorm are transformers' own Llama modules (Mistral's, Qwen2's and Qwen3's are the
+same code), and a layer's attention is built as its family (family.py) says: q/k/v and o biases, per-head q/k
+RMSNorm, a sliding window; so a child whose blocks are all the parent's computes the parent's logits.
 
 Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, d head_dim.
 """
@@ -24,18 +25,29 @@ from .configuration_puzzle import PuzzleConfig
 _CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 class GQAttention(nn.Module):
-    """Grouped-query attention with `num_kv_heads` KV heads (divides the query heads)."""
+    """Grouped-query attention with `num_kv_heads` KV heads (divides the query heads), built as the parent
+    family's attention: q/k/v and o biases, and for Qwen3 an RMSNorm over head_dim on each query and key head
+    before RoPE (one (d,) weight shared by the heads: transformers `Qwen3Attention.q_norm` / `k_norm`).
+    `window`: the layer's sliding window (query t sees keys in (t - window, t], as transformers masking_utils
+    `sliding_window_overlay`), applied here so that every caller of the layer gets it; None: full causal."""
 
-    def __init__(self, config: PuzzleConfig, attention: AttentionConfig) -> None:
+    def __init__(self, config: PuzzleConfig, attention: AttentionConfig, window: int | None = None) -> None:
         super().__init__()
+        family = config.family_descriptor
+        self.window = window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = attention.num_key_value_heads(config.num_attention_heads)
         self.head_dim = config.head_dim
-        bias = config.attention_bias
-        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
-        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        qkv_bias, o_bias = family.attention_biases(config)
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=qkv_bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=o_bias)
+        if family.qk_norm:
+            self.q_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
 
     def forward(
         self,
@@ -46,19 +58,33 @@ class GQAttention(nn.Module):
         cache_index: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, d)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, K, T, d)
+        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
+        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)  # (B, T, K, d)
+        if self.q_norm is not None:  # over d, per head
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, d), (B, K, T, d)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
-            k, v = past_key_values.update(k, v, cache_index)  # (B, K, S, d)
+            k, v = past_key_values.update(k, v, cache_index)  # (B, K, S, d): every past key (a full cache)
+        if self.window is not None and k.shape[2] > self.window:
+            attention_mask = window_mask(attention_mask, T, k.shape[2], self.window, x.device)
         # Plain causal when every query sees exactly its prefix; a single decode token sees everything.
         is_causal = attention_mask is None and T > 1 and k.shape[2] == T
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
         )  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def window_mask(attention_mask: torch.Tensor | None, T: int, S: int, window: int, device: torch.device) -> torch.Tensor:
+    """The bool mask (B or 1, 1, T, S) of the last T of S positions under a sliding window: causal (or
+    `attention_mask`, already causal) and key s > query t - window."""
+    q_pos = torch.arange(S - T, S, device=device)[:, None]
+    k_pos = torch.arange(S, device=device)[None, :]
+    band = ((k_pos > q_pos - window) & (k_pos <= q_pos))[None, None]  # (1, 1, T, S)
+    return band if attention_mask is None else attention_mask & band
 
 
 class LinearAttention(nn.Module):
@@ -92,12 +118,14 @@ class LinearFFN(nn.Module):
         return self.linear_mlp(x)
 
 
-def build_attention(config: PuzzleConfig, attention: AttentionConfig) -> nn.Module | None:
+def build_attention(config: PuzzleConfig, attention: AttentionConfig, layer: int | None = None) -> nn.Module | None:
+    """The attention module of a variant; `layer` gives it that layer's sliding window (None: full causal,
+    e.g. a module profiled alone)."""
     if attention.no_op:
         return None
     if attention.replace_with_linear:
         return LinearAttention(config)
-    return GQAttention(config, attention)
+    return GQAttention(config, attention, None if layer is None else config.layer_window(layer))
 
 
 def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
@@ -117,7 +145,7 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         block = config.blocks[layer_idx]
         self.layer_idx = layer_idx
-        self.self_attn = build_attention(config, block.attention)
+        self.self_attn = build_attention(config, block.attention, layer_idx)
         self.mlp = build_ffn(config, block.ffn)
         eps = config.rms_norm_eps
         self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps) if self.self_attn is not None else None
@@ -195,6 +223,7 @@ def build_attention_mask(
 
     `attention_mask` is the usual 2D (B, past+T) padding mask (1 = real token), or a ready 4D bool mask
     (B, 1, T, past+T), True = may attend, used as it is (as transformers does with custom 4D masks).
+    A layer with a sliding window narrows it further itself (`GQAttention.window`).
     """
     if attention_mask is not None and attention_mask.dim() == 4:
         if attention_mask.dtype != torch.bool:

@@ -127,7 +127,7 @@ class _Collector:
 
                 self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(neurons_hook))
         for name, module in model.named_modules():
-            if isinstance(module, LlamaRMSNorm):
+            if isinstance(module, LlamaRMSNorm) and not name.endswith(("q_norm", "k_norm")):  # not per-head ones
 
                 def norm_hook(module, args, output, key=f"norms.{name}"):
                     self._add(key, output.abs())  # (B, T, D)

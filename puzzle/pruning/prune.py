@@ -1,31 +1,36 @@
-"""Minitron pruning of a uniform Llama-family parent into a smaller standard Llama.
+"""Minitron pruning of a uniform parent into a smaller plain checkpoint of the parent's own family.
 
 Width: every kept layer keeps the same number of units (the top ones by importance, different units
 per layer): FFN neurons, KV groups and query heads per group; the residual stream keeps its top
 channels everywhere. Depth: whole layers go, chosen by Block Importance, by the LM loss of dropping
 each alone, or as the contiguous run of k whose removal costs the least (Llama-3.1-Minitron's choice).
-The result is a `LlamaForCausalLM` that plain transformers loads with no custom code.
+The result is the family's own transformers class (family.py `causal_lm_class`: LlamaForCausalLM,
+MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) that plain transformers loads with no custom code;
+the kept layers keep their sliding windows.
 """
 
+import dataclasses
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+import transformers
+from transformers import PretrainedConfig, PreTrainedModel
 
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import save_checkpoint
+from puzzle.model.family import Family, window_layer_types
 from puzzle.run_dir import PRUNING_FILE
 
 from puzzle.shape import ModelShape
 from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
 
 DepthMethod = Literal["block", "bi", "loss"]
-# PuzzleConfig fields that a plain LlamaConfig must not receive.
-_NOT_LLAMA = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-              "dtype", "torch_dtype"}
+# PuzzleConfig fields that a plain family config must not receive.
+_NOT_PLAIN = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
+              "dtype", "torch_dtype", "family", "sliding_windows"}
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,7 @@ def check_uniform(model: PuzzleForCausalLM) -> None:
     """Minitron pruning starts from a parent whose layers are all GQA + SwiGLU of the same sizes."""
     blocks = model.config.blocks
     if any(not (b.attention.is_gqa and b.ffn.is_swiglu) for b in blocks) or len(set(blocks)) != 1:
-        raise PuzzleError("prune needs a uniform Llama parent (every layer GQA + SwiGLU of the same sizes); "
+        raise PuzzleError("prune needs a uniform parent (every layer GQA + SwiGLU of the same sizes); "
                           "this model is a heterogeneous child")
 
 
@@ -101,27 +106,52 @@ def _scores(scores: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return scores[key]
 
 
-def pruned_config(parent: Any, shape: ModelShape, eps_scale: float = 1.0) -> LlamaConfig:
-    data = {k: v for k, v in parent.to_dict().items() if k not in _NOT_LLAMA}
+def _window_fields(family: Family, windows: list[int | None]) -> dict[str, Any]:
+    """The kept layers' sliding windows in the family config's own fields (transformers' Mistral / Qwen2 /
+    Qwen3 configs; see family.py `Family.layer_windows` for how each reads them back)."""
+    window, layer_types = window_layer_types(windows)
+    if family.windows == "all":
+        if layer_types is not None and None in windows:
+            raise PuzzleError("a Mistral config windows every layer or none; these layers mix both")
+        return {"sliding_window": window}
+    if family.windows == "layer_types":
+        if window is None:
+            return {"use_sliding_window": False, "sliding_window": None}
+        return {"use_sliding_window": True, "sliding_window": window, "layer_types": layer_types}
+    return {}
+
+
+def pruned_config(parent: Any, shape: ModelShape, eps_scale: float = 1.0,
+                  kept_layers: list[int] | None = None) -> PretrainedConfig:
+    """The plain config of the parent's family (transformers' own class) for the pruned `shape`;
+    `kept_layers` (parent indices, default all) carry their sliding windows over."""
+    family = parent.family_descriptor
+    cls = getattr(transformers, family.config_class)
+    data = {k: v for k, v in parent.to_dict().items() if k not in _NOT_PLAIN}
+    if dataclasses.is_dataclass(cls):  # transformers 5: only the class's own fields (no stray Llama ones)
+        data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
+    kept = range(parent.num_hidden_layers) if kept_layers is None else kept_layers
     data.update(
         num_hidden_layers=shape.num_hidden_layers,
         hidden_size=shape.hidden_size,
         intermediate_size=shape.intermediate_size,
         num_attention_heads=shape.num_attention_heads,
         num_key_value_heads=shape.num_key_value_heads,
-        head_dim=shape.head_dim,  # explicit: hidden / heads no longer gives it once either is pruned
+        # explicit: hidden / heads no longer gives it once either is pruned (Qwen2's attention reads it too)
+        head_dim=shape.head_dim,
         rms_norm_eps=parent.rms_norm_eps * eps_scale,
+        **_window_fields(family, [parent.layer_window(i) for i in kept]),
     )
-    config = LlamaConfig(**data)
-    config.architectures = ["LlamaForCausalLM"]
+    config = cls(**data)
+    config.architectures = [family.causal_lm_class]
     return config
 
 
 @torch.no_grad()
 def prune_model(
     model: PuzzleForCausalLM, scores: dict[str, torch.Tensor], plan: PrunePlan
-) -> tuple[LlamaForCausalLM, dict[str, Any]]:
-    """The pruned standard Llama and a record of what was kept (layers, channels, shapes)."""
+) -> tuple[PreTrainedModel, dict[str, Any]]:
+    """The pruned plain model of the parent's family and a record of what was kept (layers, channels, shapes)."""
     check_uniform(model)
     parent = ModelShape.from_config(model.config)
     _check_plan(plan, parent)
@@ -135,10 +165,11 @@ def prune_model(
         intermediate_size=plan.intermediate_size or parent.intermediate_size,
         num_attention_heads=kv_groups * heads_per_group,
         num_key_value_heads=kv_groups,
+        sliding_windows=None if parent.sliding_windows is None else tuple(parent.sliding_windows[i] for i in keep),
     )
     if shape.hidden_size % shape.num_attention_heads:
         raise PuzzleError(f"hidden size {shape.hidden_size} is not a multiple of the {shape.num_attention_heads} query heads kept; "
-                          "transformers' LlamaConfig requires it (pick a multiple or prune heads)")
+                          "transformers' config classes require it (pick a multiple or prune heads)")
     state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
     state = drop_layers_state(state, keep)
     for new, old in enumerate(keep):
@@ -158,9 +189,9 @@ def prune_model(
         state = slice_channels_state(state, channels, parent.hidden_size, plan.rescale_norms)
         if plan.rescale_norms:
             eps_scale = parent.hidden_size / shape.hidden_size
-    config = pruned_config(model.config, shape, eps_scale)
+    config = pruned_config(model.config, shape, eps_scale, keep)
     dtype = next(model.parameters()).dtype
-    pruned = LlamaForCausalLM(config).to(dtype)
+    pruned = getattr(transformers, model.config.family_descriptor.causal_lm_class)(config).to(dtype)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = pruned.load_state_dict(state, strict=False)
@@ -182,6 +213,6 @@ def prune_model(
     return pruned.eval(), record
 
 
-def save_pruned(model: LlamaForCausalLM, out: str | Path, tokenizer: Any = None, record: dict | None = None) -> Path:
-    """Write a standard Llama checkpoint (safetensors, config.json, tokenizer, pruning.json) atomically."""
+def save_pruned(model: PreTrainedModel, out: str | Path, tokenizer: Any = None, record: dict | None = None) -> Path:
+    """Write a plain checkpoint of the family (safetensors, config.json, tokenizer, pruning.json) atomically."""
     return save_checkpoint(model, out, tokenizer, extra_json={PRUNING_FILE: record} if record is not None else None)

@@ -2,10 +2,13 @@
 
 Conventions (nn.Linear weights are (out, in)):
   FFN       gate_proj / up_proj (F, D): rows are neurons; down_proj (D, F): columns are neurons.
-  attention q_proj (H*d, D), k_proj / v_proj (K*d, D): rows are heads / KV groups, d rows each;
-            o_proj (D, H*d): columns are heads. Query head h reads KV head h // (H / K).
+  attention q_proj (H*d, D), k_proj / v_proj (K*d, D): rows are heads / KV groups, d rows each, and so
+            are their biases (Qwen2's q/k/v, Llama's with attention_bias); o_proj (D, H*d): columns are
+            heads. Query head h reads KV head h // (H / K). Qwen3's q_norm / k_norm (d,) are one weight
+            over head_dim shared by all heads (transformers `Qwen3Attention`): every kept head keeps it.
   channels  every weight that touches the residual stream: embeddings and lm_head (V, D) columns,
-            q/k/v/gate/up columns, o_proj/down_proj rows, RMSNorm weights, linear sublayers both ways.
+            q/k/v/gate/up columns, o_proj/down_proj rows and biases, RMSNorm weights over the hidden
+            size (not the per-head q/k norms), linear sublayers both ways.
 
 State-dict functions match keys by suffix, so they work on a whole model's state dict
 (`model.layers.3.mlp.gate_proj.weight`) and on a sublayer state (`mlp.gate_proj.weight`, as in
@@ -21,9 +24,10 @@ _FFN_ROWS = ("gate_proj.weight", "up_proj.weight")
 _FFN_COLS = ("down_proj.weight",)
 _CHANNEL_COLS = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
                  "gate_proj.weight", "up_proj.weight")
-_CHANNEL_ROWS = ("o_proj.weight", "down_proj.weight")
+_CHANNEL_ROWS = ("o_proj.weight", "down_proj.weight", "o_proj.bias", "down_proj.bias")
 _CHANNEL_BOTH = ("linear_attn.weight", "linear_mlp.weight")
 _NORMS = ("layernorm.weight", "norm.weight")
+_HEAD_NORMS = ("q_norm.weight", "k_norm.weight")  # over head_dim, not the residual stream
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -91,9 +95,9 @@ def slice_attention_state(
     q_rows, kv_rows = head_rows(heads, head_dim), head_rows(groups, head_dim)
     out = {}
     for key, w in state.items():
-        if key.endswith("q_proj.weight"):
+        if key.endswith(("q_proj.weight", "q_proj.bias")):
             w = keep_rows(w, q_rows)
-        elif key.endswith(("k_proj.weight", "v_proj.weight")):
+        elif key.endswith(("k_proj.weight", "v_proj.weight", "k_proj.bias", "v_proj.bias")):
             w = keep_rows(w, kv_rows)
         elif key.endswith("o_proj.weight"):
             w = keep_cols(w, q_rows)
@@ -128,7 +132,7 @@ def slice_channels_state(
             w = keep_cols(w, channels)
         elif key.endswith(_CHANNEL_ROWS):
             w = keep_rows(w, channels)
-        elif key.endswith(_NORMS) and w.ndim == 1 and w.numel() == hidden_size:
+        elif key.endswith(_NORMS) and not key.endswith(_HEAD_NORMS) and w.ndim == 1 and w.numel() == hidden_size:
             w = keep_rows(w, channels) * scale
         out[key] = w
     return out

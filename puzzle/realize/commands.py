@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from puzzle.device import DTYPES, resolve_dtype
-from puzzle.engines import check_child, get_engine
+from puzzle.engines import check_child, check_family, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
@@ -54,6 +54,7 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
                                      config.num_hidden_layers)
     except BlockConfigError as err:
         raise PuzzleError(f"{src}: {err}") from None
+    check_family(engine.name, config)
     check_child(engine.name, blocks, config.hidden_size)  # before any weight is read
 
     digest = hashlib.sha256(json.dumps(payload["block_configs"], sort_keys=True).encode()).hexdigest()

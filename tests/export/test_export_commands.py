@@ -1,6 +1,7 @@
 """`puzzle export` as a command: refusals are one line and exit code 2, before any file is written."""
 
 import pytest
+import torch
 
 from puzzle.cli import main
 from puzzle.errors import PuzzleError
@@ -24,3 +25,33 @@ def test_a_dtype_the_format_cannot_hold_is_refused(tmp_path, fmt, dtype):
     with pytest.raises(PuzzleError, match=dtype):
         export(path, tmp_path / "out", format=fmt, dtype=dtype)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("fmt", ["gguf", "nemotron-nas", "anymodel"])
+def test_a_family_the_formats_engines_misread_is_refused_in_one_line(family, fmt, tmp_path, capsys):
+    """Qwen2's q/k/v-only biases, Qwen3's q/k norms and sliding windows are beyond the deci / nemotron-nas /
+    AnyModel Llama loaders: refused before anything is written, naming the engines that serve such a child."""
+    from conftest import make_family_parent, make_tokenizer
+
+    from puzzle.model.checkpoint import save_model, to_puzzle
+
+    path = save_model(to_puzzle(make_family_parent(family)), tmp_path / "child", make_tokenizer())
+    capsys.readouterr()
+    assert main(["export", str(path), str(tmp_path / "out"), "--format", fmt]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"cannot export as {fmt}" in err and "engines that can: transformers" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_mistral_child_without_a_window_exports_as_llama_does(tmp_path):
+    from conftest import make_family_parent, make_tokenizer
+
+    from puzzle.model.checkpoint import load_model, save_model, to_puzzle
+
+    parent = to_puzzle(make_family_parent("mistral_nowindow", intermediate_size=256))  # on the ffn_mult grid
+    path = save_model(parent, tmp_path / "child", make_tokenizer())
+    out = export(path, tmp_path / "nas", format="nemotron-nas")
+    x = torch.randint(3, 320, (1, 9))
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(x).logits, parent(x).logits)

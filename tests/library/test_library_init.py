@@ -168,3 +168,29 @@ def test_a_non_finite_calibration_fails_in_one_line():
     x[3, 2] = float("nan")
     with pytest.raises(PuzzleError, match="not positive definite"):
         linear_ffn_weight(x, torch.randn(32, 8))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+def test_attention_init_carries_the_familys_biases_and_qk_norms(family):
+    """Copy keeps every part of the family's attention; pooling to one KV head pools k/v biases like their
+    weights, keeps q's bias and the (head_dim,) q/k norms, and fits the module the child builds."""
+    from conftest import make_family_parent
+
+    from puzzle.model.checkpoint import to_puzzle
+    from puzzle.model.surgery import replace_sublayer, sublayer_state
+
+    parent = to_puzzle(make_family_parent(family))
+    state = sublayer_state(parent, 2, "attention")
+    copy, method = init_attention(state, AttentionConfig(n_heads_in_group=2), 4, 2)
+    assert method == "copy" and copy.keys() == state.keys() and all(torch.equal(copy[k], state[k]) for k in state)
+    pooled, method = init_attention(state, AttentionConfig(n_heads_in_group=4), 4, 2)
+    assert method == "kv_mean_pool"
+    d = parent.model.layers[2].self_attn.head_dim
+    for name in ("k_proj", "v_proj"):
+        weight = state[f"self_attn.{name}.weight"]
+        torch.testing.assert_close(pooled[f"self_attn.{name}.weight"], weight.view(2, d, -1).mean(0))
+        if f"self_attn.{name}.bias" in state:
+            torch.testing.assert_close(pooled[f"self_attn.{name}.bias"], state[f"self_attn.{name}.bias"].view(2, d).mean(0))
+    for key in [k for k in state if "q_proj" in k or "norm" in k]:
+        assert torch.equal(pooled[key], state[key])
+    replace_sublayer(parent, 2, "attention", AttentionConfig(n_heads_in_group=4), pooled)  # strict load: fits

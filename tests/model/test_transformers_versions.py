@@ -125,3 +125,25 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
     expected = load_file(str(tmp_path / "expected.safetensors"))["logits"]
     got = load_file(str(tmp_path / "got.safetensors"))["logits"]
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_family_children_load_under_the_oldest_declared_transformers(tmp_path):
+    """Mistral (windowed), Qwen2 (biases, windows) and Qwen3 (q/k norms, head_dim 24) children with other KV
+    widths and FFN sizes: family.py and the config's family / sliding_windows fields work under 4.56 too."""
+    from conftest import FAMILY_WINDOW, make_family_parent, reload_elsewhere
+
+    old = oldest_transformers()
+    x = torch.randint(3, 320, (2, 3 * FAMILY_WINDOW))
+    dirs, expected = {}, {}
+    for family in ("mistral", "qwen2", "qwen3"):
+        child = to_puzzle(make_family_parent(family))
+        torch.manual_seed(1)
+        replace_sublayer(child, 0, "attention", AttentionConfig(n_heads_in_group=4))
+        replace_sublayer(child, 3, "ffn", FFNConfig(intermediate_size=48))
+        dirs[family] = save_model(child.eval(), tmp_path / family, make_tokenizer())
+        with torch.no_grad():
+            expected[family] = child(x).logits
+    got, stdout = reload_elsewhere(dirs, x, tmp_path, remote_code=True, pythonpath=str(old))
+    assert f"transformers {OLDEST}." in stdout
+    for family in dirs:
+        torch.testing.assert_close(got[family], expected[family], atol=1e-5, rtol=0)

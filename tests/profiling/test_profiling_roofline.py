@@ -164,3 +164,19 @@ def puzzle_child_params(config):
 
     torch.manual_seed(0)
     return list(LlamaForCausalLM(config).parameters())
+
+
+def test_a_sliding_window_bounds_a_layers_kv_cache_and_decode_reads():
+    """Mistral with and without its window: same weights and FLOPs per token, but a windowed layer caches and
+    reads at most `window` tokens per sequence (the workload's context is longer than the window)."""
+    from conftest import FAMILY_WINDOW, make_family_config
+
+    profile = toy_profile(batch=2, input_len=8, output_len=8)
+    assert profile.workload.max_context > FAMILY_WINDOW
+    windowed = puzzle_config_from(make_family_config("mistral"))
+    full = puzzle_config_from(make_family_config("mistral_nowindow"))
+    w = predict_model_costs(windowed, parent_blocks(windowed), profile)
+    f = predict_model_costs(full, parent_blocks(full), profile)
+    assert w["params"] == f["params"]
+    assert w["kv_cache_bytes"] * profile.workload.max_context == f["kv_cache_bytes"] * FAMILY_WINDOW
+    assert w["decode_s"] < f["decode_s"] and w["prefill_s"] < f["prefill_s"]

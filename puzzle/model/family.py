@@ -1,0 +1,126 @@
+"""Parent families as data: what one decoder layer of each supported Hugging Face family consists of.
+
+One frozen `Family` per family; everything that differs between them is a field here, and the rest of the
+code reads the descriptor instead of branching on a model_type:
+
+  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm), `PuzzleModel` (per-layer windows)
+  conversion           checkpoint.py `puzzle_config_from` (`layer_windows`, the config fields below)
+  pruning / slicing    pruning/slicing.py (a bias is cut with its heads, a q/k norm is per head_dim and stays),
+                       prune.py (the Minitron output is the family's own plain class: `config_class`)
+  library init         library/init.py (q/k norms and q bias copied, k/v biases pooled with their heads)
+  shape / roofline     shape.py `ModelShape` (bias and q/k-norm parameters; a window bounds KV cache and keys)
+  export               `engines`: the engines whose loader builds this family's layer
+
+Every supported family is a pre-norm RMSNorm decoder with SwiGLU FFNs, RoPE from transformers'
+`rope_parameters` (plain, llama3, yarn, ... as the family's own rotary class computes them) and the same
+weight names as transformers' class (`model.layers.{i}.self_attn.q_proj.weight`, `...q_norm.weight`), so
+conversion is a straight state-dict copy. A family with another norm placement (Gemma's sandwich norms),
+other names or another FFN adds a field here, its part in modeling_puzzle.py and a parity test.
+
+Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py imports
+it relatively), so a process without `puzzle` builds the child's layers from it.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+# How a family's HF config says which layers attend through a sliding window.
+WindowRule = Literal["none", "all", "layer_types"]
+FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' `layer_types` values
+
+
+@dataclass(frozen=True)
+class Family:
+    """One HF decoder family (transformers' `<X>Attention` / `<X>Config` are the reference for every field).
+
+    qkv_bias, o_bias  whether q/k/v_proj and o_proj have biases; None: the config's `attention_bias` decides
+                      (Llama and Qwen3 put it on all four; Qwen2 hard-codes q/k/v on, o off; Mistral none)
+    qk_norm           an RMSNorm over head_dim applied to every query and key head before RoPE, one weight
+                      vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
+    windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
+                      "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3)
+    engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
+                      deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
+                      layer at layer 0's KV and FFN widths (llama.cpp 0c1e57098 `check_tensor_dims` refuses a
+                      per-layer head_count_kv or feed_forward_length), so Qwen children are transformers'
+    """
+
+    name: str
+    model_types: tuple[str, ...]
+    config_class: str  # transformers' config and causal-LM classes: Minitron writes these plain checkpoints
+    causal_lm_class: str
+    qkv_bias: bool | None = None
+    o_bias: bool | None = None
+    qk_norm: bool = False
+    windows: WindowRule = "none"
+    engines: tuple[str, ...] = ("transformers",)
+
+    def attention_biases(self, config: Any) -> tuple[bool, bool]:
+        """(q/k/v bias, o bias) of a config of this family (a PuzzleConfig or the HF config)."""
+        default = bool(getattr(config, "attention_bias", False))
+        return (default if self.qkv_bias is None else self.qkv_bias,
+                default if self.o_bias is None else self.o_bias)
+
+    def layer_windows(self, config: Any) -> list[int | None]:
+        """The HF config's sliding window per layer (None: full causal attention), as transformers applies it."""
+        n = config.num_hidden_layers
+        window = getattr(config, "sliding_window", None)
+        if self.windows == "none" or window is None:
+            return [None] * n
+        if self.windows == "all":  # MistralModel: create_sliding_window_causal_mask for every layer
+            return [window] * n
+        # Qwen2/Qwen3 configs resolve use_sliding_window and max_window_layers into layer_types themselves
+        types = getattr(config, "layer_types", None) or [FULL] * n
+        return [window if t == SLIDING else None for t in types]
+
+
+FAMILIES: dict[str, Family] = {
+    "llama": Family("llama", ("llama",), "LlamaConfig", "LlamaForCausalLM",
+                    engines=("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
+    "mistral": Family("mistral", ("mistral",), "MistralConfig", "MistralForCausalLM", qkv_bias=False, o_bias=False,
+                      windows="all", engines=("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
+    "qwen2": Family("qwen2", ("qwen2",), "Qwen2Config", "Qwen2ForCausalLM", qkv_bias=True, o_bias=False,
+                    windows="layer_types"),
+    "qwen3": Family("qwen3", ("qwen3",), "Qwen3Config", "Qwen3ForCausalLM", qk_norm=True, windows="layer_types"),
+}
+DEFAULT_FAMILY = "llama"
+
+
+def get_family(name: str | None) -> Family:
+    """The descriptor recorded in a child's config (`family`; absent in children older than families: llama)."""
+    family = FAMILIES.get(name or DEFAULT_FAMILY)
+    if family is None:
+        raise ValueError(f"unknown model family {name!r}; supported: {', '.join(FAMILIES)}")
+    return family
+
+
+def family_of_model_type(model_type: str) -> Family | None:
+    """The family whose HF `model_type` this is, or None."""
+    return next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+
+
+def window_layer_types(windows: list[int | None]) -> tuple[int | None, list[str] | None]:
+    """(sliding_window, layer_types) that describe per-layer windows in transformers' fields; (None, None)
+    when no layer has one. One window size per model (as every supported family has)."""
+    sizes = {w for w in windows if w is not None}
+    if not sizes:
+        return None, None
+    if len(sizes) > 1:
+        raise ValueError(f"layers with different sliding windows {sorted(sizes)} are not supported")
+    return sizes.pop(), [FULL if w is None else SLIDING for w in windows]
+
+
+def config_family(config: Any) -> tuple[Family, list[int | None]]:
+    """(family, each layer's sliding window) of a puzzle child's config (its `family` and `sliding_windows`) or
+    of a supported family's HF config (read as transformers does); an unknown model_type reads as Llama."""
+    n = config.num_hidden_layers
+    if getattr(config, "model_type", None) == "nemotron-nas":
+        return get_family(getattr(config, "family", None)), list(getattr(config, "sliding_windows", None) or [None] * n)
+    family = family_of_model_type(getattr(config, "model_type", "")) or FAMILIES[DEFAULT_FAMILY]
+    return family, family.layer_windows(config)
+
+
+def serving_engines(family: Family, windows: list[int | None]) -> tuple[str, ...]:
+    """The target engines that serve a child of `family` with these per-layer windows: the family's own, or
+    only transformers once a layer has a window (the engines' nemotron-nas / deci loaders apply none)."""
+    return ("transformers",) if any(w is not None for w in windows) else family.engines
