@@ -11,6 +11,7 @@ from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
 
+from . import fsdp
 from .losses import parse_layer_map
 from .trainer import DistillConfig, Distiller
 
@@ -58,6 +59,7 @@ def distill(
     seed: int = 0,
     resume: bool = True,
     threads: int | None = None,
+    nproc: int = 1,
 ) -> Path:
     """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
 
@@ -87,7 +89,10 @@ def distill(
         seed: data order seed
         resume: continue from OUT's last checkpoint (--no-resume starts over, discarding it)
         threads: torch CPU threads
+        nproc: processes (one GPU each on CUDA) to train on with FSDP2, the same global batch; above 1
+            launches torchrun on this node (grad-accum must be a multiple). Under torchrun the job's size is used
     """
+    arguments = dict(locals())  # this call, for torchrun's workers
     from puzzle.data.blocks import check_token_ids, load_blocks
 
     for name, value in (("--teacher", teacher), ("--student", student), ("--run-dir", run_dir)):
@@ -117,14 +122,21 @@ def distill(
         if done.get("config") == config.to_json() and done.get("complete"):
             print(f"distill: {out} is complete (step {done['step']}); nothing to do")
             return model_dir
+    if nproc > 1 and not fsdp.distributed():
+        fsdp.check_world(config, nproc)
+        fsdp.launch(arguments, nproc)
+        return model_dir
     teacher_model = load_model(teacher)
     for blocks in (train_data, val_data):
         check_token_ids(blocks, teacher_model.config.vocab_size)
     original = load_model(student)
     record = _student_record(student)
-    distiller = Distiller(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
-                          kept_channels=record.get("channels"))
+    trainer = fsdp.FSDPDistiller if fsdp.distributed() else Distiller
+    distiller = trainer(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
+                        kept_channels=record.get("channels"))
     result = distiller.train(train_data, val_data[:val_blocks], resume=resume)
+    if result.student is None:  # a torchrun worker other than rank 0, which saves
+        return model_dir
     try:
         tokenizer = load_tokenizer(student)
     except PuzzleError:
