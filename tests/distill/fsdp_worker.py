@@ -1,6 +1,7 @@
 """torchrun worker for test_distill_fsdp.py: FSDP2 GKD of one tiny case, under OUT/NAME for each run:
   straight   uninterrupted, teacher replicated
   sharded    uninterrupted, teacher sharded too
+  bf16       as `sharded`, computing in bf16 (MixedPrecisionPolicy: bf16 gathers, fp32 shards and reductions)
   resumed    stopped after STOP steps, then resumed by a fresh FSDPDistiller (fresh weights; all state from
              the sharded checkpoint)
   damaged    a copy of `straight` with a flipped byte in rank 1's shard of its last checkpoint, resumed: it
@@ -58,6 +59,7 @@ def run(out: Path, *, stop_after: int | None = None, **kwargs):
 def main(out: Path) -> None:
     run(out / "straight", teacher_sharding="replicate")
     run(out / "sharded", teacher_sharding="shard")
+    run(out / "bf16", teacher_sharding="shard", compute_dtype=torch.bfloat16)
     run(out / "resumed", teacher_sharding="replicate", stop_after=STOP)
     run(out / "resumed", teacher_sharding="replicate")
     if torch.distributed.get_rank() == 0:

@@ -75,6 +75,17 @@ def test_two_processes_match_one(runs, name):
 
 
 @pytest.mark.timeout(150)
+def test_bf16_compute_keeps_fp32_masters_and_the_fp32_curve(runs):
+    """bf16 has 8 mantissa bits (relative rounding 2^-9 = 2e-3): the curve follows fp32's to about that,
+    and differs from it (bf16 was in effect); the trained shards, so the saved weights, stay fp32."""
+    out, _, _ = runs
+    fp32, bf16 = _log(out / "sharded", "train"), _log(out / "bf16", "train")
+    gaps = np.abs(np.array([r["loss"] for r in fp32]) - [r["loss"] for r in bf16])
+    assert gaps.max() < 2e-2 and gaps.max() > TOL
+    assert {v.dtype for v in load_file(out / "bf16" / "final.safetensors").values()} == {torch.float32}
+
+
+@pytest.mark.timeout(150)
 def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
     out, _, _ = runs
     straight, resumed = _log(out / "straight", "train"), _log(out / "resumed", "train")
@@ -111,3 +122,44 @@ def test_settings_that_cannot_split_fail_in_one_line():
     assert shard_teacher("shard", 1, 1000) and not shard_teacher("replicate", 10**6, 1)
     assert _flags({"steps": 3, "resume": False, "out": None, "teacher": Path("t")}) == [
         "--steps", "3", "--no-resume", "--teacher", "t"]
+
+
+def _write_run_dir(run_dir: Path, train: torch.Tensor, val: torch.Tensor) -> None:
+    data = run_dir / "data"
+    data.mkdir(parents=True)
+    train.numpy().astype(np.uint16).tofile(data / "train.bin")
+    val.numpy().astype(np.uint16).tofile(data / "val.bin")
+    meta = {"dtype": "uint16", "seq_len": train.shape[1], "n_train_blocks": len(train), "n_val_blocks": len(val)}
+    (data / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.timeout(150)
+def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent_dir, tiny_tokenizer, capsys):
+    """`puzzle distill --nproc 2` (torchrun under the hood) on a heterogeneous child: the gathered child is
+    saved by rank 0 in the child format and equals the one-process child; a rerun has nothing to do."""
+    from puzzle.distill.commands import distill
+    from puzzle.model import FFNConfig
+    from puzzle.model.checkpoint import load_model, save_model, to_puzzle
+    from puzzle.model.surgery import replace_sublayer
+
+    _, _, _, train, val = case()
+    run_dir = tmp_path / "run"
+    _write_run_dir(run_dir, train, val)
+    child = to_puzzle(load_model(tiny_parent_dir))
+    replace_sublayer(child, 2, "ffn", FFNConfig(no_op=True))
+    save_model(child, tmp_path / "child", tiny_tokenizer)
+    kwargs = dict(teacher=tiny_parent_dir, student=tmp_path / "child", run_dir=run_dir, steps=3, batch_size=4,
+                  grad_accum=2, val_every=2, checkpoint_every=2, val_blocks=4)
+    two = distill(**kwargs, out=tmp_path / "two", nproc=2)
+    one = distill(**kwargs, out=tmp_path / "one")
+    assert two == tmp_path / "two" / "model"
+    a, b = load_model(one), load_model(two)
+    assert b.config.model_type == "nemotron-nas" and b.model.layers[2].mlp is None
+    for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=TOL), name
+    assert not torch.equal(b.model.embed_tokens.weight, child.model.embed_tokens.weight)  # it trained
+    result = json.loads((tmp_path / "two" / "result.json").read_text())
+    assert result["complete"] and result["step"] == 3
+    capsys.readouterr()
+    distill(**kwargs, out=tmp_path / "two", nproc=2)
+    assert "nothing to do" in capsys.readouterr().out
