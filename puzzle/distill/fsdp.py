@@ -31,9 +31,9 @@ gathered to rank 0 (full state dict) and saved as one-process GKD saves it.
 """
 
 import functools
+import json
 import logging
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -284,8 +284,6 @@ class FSDPDistiller(Distiller):
     def verify_checkpoint(self, path: Path) -> dict[str, Any]:  # type: ignore[override]
         """trainer.json once every file it lists (the DCP index among them) matches its size and sha256;
         else DamagedCheckpoint on every rank."""
-        import json
-
         try:
             meta = json.loads((path / "trainer.json").read_text())
             files = meta["files"]
@@ -337,7 +335,11 @@ class FSDPDistiller(Distiller):
         config = self.student.config
         with torch.device("meta"):
             plain = PuzzleForCausalLM(config)
-        plain.load_state_dict(state, strict=False, assign=True)
+        missing, unexpected = plain.load_state_dict(state, strict=False, assign=True)
+        missing = [k for k in missing if not (config.tie_word_embeddings and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise RuntimeError(f"gathered state does not fit the student (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]})")
         # the one non-persistent buffer (rotary inv_freq) is not in a state dict: rebuild its module
         plain.model.rotary_emb = type(self.student.model.rotary_emb)(config=config)
         if config.tie_word_embeddings:

@@ -4,6 +4,7 @@
   bf16       as `sharded`, computing in bf16 (MixedPrecisionPolicy: bf16 gathers, fp32 shards and reductions)
   resumed    stopped after STOP steps, then resumed by a fresh FSDPDistiller (fresh weights; all state from
              the sharded checkpoint)
+  tied       tied input and output embeddings (SmolLM2's layout), a 2-layer student of the same width
   damaged    a copy of `straight` with a flipped byte in rank 1's shard of its last checkpoint, resumed: it
              falls back to the checkpoint before and recomputes the steps since
 Rank 0 writes each run's final student as OUT/NAME/final.safetensors.
@@ -45,14 +46,24 @@ def case():
     return teacher, student, kept, train, val
 
 
-def run(out: Path, *, stop_after: int | None = None, **kwargs):
+def tied_case():
+    """As `case`, with tied embeddings in both models and a student that is not pruned from the teacher."""
+    _, _, _, train, val = case()
+    teacher = to_puzzle(make_llama(tie_word_embeddings=True))
+    student = to_puzzle(make_llama(seed=1, num_hidden_layers=2, tie_word_embeddings=True))
+    return teacher, student, {}, train, val
+
+
+def run(out: Path, *, stop_after: int | None = None, make=case, **kwargs):
     from puzzle.distill.fsdp import FSDPDistiller
 
-    teacher, student, kept, train, val = case()
+    teacher, student, kept, train, val = make()
     result = FSDPDistiller(teacher, student, out, CONFIG, **kept, **kwargs).train(
         train, val, progress=False, stop_after=stop_after)
     if result.student is not None:
-        save_file({k: v.contiguous() for k, v in result.student.state_dict().items()}, out / "final.safetensors")
+        if result.student.config.tie_word_embeddings:
+            assert result.student.lm_head.weight is result.student.model.embed_tokens.weight
+        save_file({k: v.clone() for k, v in result.student.state_dict().items()}, out / "final.safetensors")
     return result
 
 
@@ -62,6 +73,7 @@ def main(out: Path) -> None:
     run(out / "bf16", teacher_sharding="shard", compute_dtype=torch.bfloat16)
     run(out / "resumed", teacher_sharding="replicate", stop_after=STOP)
     run(out / "resumed", teacher_sharding="replicate")
+    run(out / "tied", teacher_sharding="shard", make=tied_case)
     if torch.distributed.get_rank() == 0:
         shutil.copytree(out / "straight", out / "damaged")
         shard = out / "damaged" / "checkpoints" / f"step_{CONFIG.steps:06d}" / "__1_0.distcp"

@@ -7,8 +7,9 @@ accumulates in order, and the clipping norm is a sum of per-shard norms: the sam
 another order, a few float32 ulps per step. AdamW divides by sqrt(v), so those differences stay at
 rounding level rather than growing with the step count. TOL = 1e-5 on per-token losses of order 1-5 and
 on weights (measured after 6 steps: 2.4e-7 on the loss, 1.5e-6 on a weight; float32 epsilon is 1.2e-7),
-while a wrong gradient scale (not multiplying by the rank count) fails it: the grad norm halves. Resuming the 2-process run repeats the same
-reductions, so it matches the uninterrupted 2-process run to 1e-6, as one-process resume does.
+while a wrong gradient scale (not multiplying by the rank count) fails it: the grad norm halves. Resuming
+the 2-process run repeats the same reductions, so it matches the uninterrupted 2-process run to 1e-6, as
+one-process resume does.
 """
 
 import json
@@ -20,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fsdp_worker import CONFIG, STOP, case
+from fsdp_worker import CONFIG, STOP, case, tied_case
 from safetensors.torch import load_file
 
 from puzzle.distill.fsdp import _flags, check_world, shard_teacher
-from puzzle.distill.trainer import Distiller
+from puzzle.distill.trainer import DistillConfig, Distiller
 from puzzle.errors import PuzzleError
 
 WORKER = Path(__file__).with_name("fsdp_worker.py")
@@ -48,15 +49,19 @@ def _log(out: Path, split: str) -> list[dict]:
 def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("fsdp")
     output = _torchrun(str(WORKER), str(out))
-    teacher, student, kept, train, val = case()
-    single = Distiller(teacher, student, out / "single", CONFIG, **kept).train(train, val, progress=False)
+    single = {}
+    for name, make in (("single", case), ("tied", tied_case)):
+        teacher, student, kept, train, val = make()
+        single[name] = Distiller(teacher, student, out / f"{name}-single", CONFIG, **kept).train(
+            train, val, progress=False)
     return out, single, output
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("name", ["straight", "sharded"])
+@pytest.mark.parametrize("name", ["straight", "sharded", "tied"])
 def test_two_processes_match_one(runs, name):
-    out, single, _ = runs
+    out, singles, _ = runs
+    single = singles["tied" if name == "tied" else "single"]
     one = [r for r in single.history if r["split"] == "train"]
     two = _log(out / name, "train")
     assert [r["step"] for r in two] == list(range(1, CONFIG.steps + 1))
@@ -71,7 +76,8 @@ def test_two_processes_match_one(runs, name):
     assert sorted(weights) == sorted(mine)
     for key, value in mine.items():
         assert torch.allclose(weights[key], value, rtol=0, atol=TOL), key
-    assert not torch.equal(weights["model.embed_tokens.weight"], case()[1].state_dict()["model.embed_tokens.weight"])
+    start = (tied_case if name == "tied" else case)()[1].state_dict()["model.embed_tokens.weight"]
+    assert not torch.equal(weights["model.embed_tokens.weight"], start)  # it trained
 
 
 @pytest.mark.timeout(150)
@@ -116,7 +122,7 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
 
 def test_settings_that_cannot_split_fail_in_one_line():
     with pytest.raises(PuzzleError, match="grad-accum .1. must be a multiple of the process count .2."):
-        check_world(CONFIG.__class__(grad_accum=1), 2)
+        check_world(DistillConfig(grad_accum=1), 2)
     check_world(CONFIG, 2)
     assert shard_teacher("auto", 300, 1000) and not shard_teacher("auto", 200, 1000)
     assert shard_teacher("shard", 1, 1000) and not shard_teacher("replicate", 10**6, 1)
