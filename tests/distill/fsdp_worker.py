@@ -72,6 +72,8 @@ def main(out: Path) -> None:
     run(out / "sharded", teacher_sharding="shard")
     run(out / "bf16", teacher_sharding="shard", compute_dtype=torch.bfloat16)
     run(out / "resumed", teacher_sharding="replicate", stop_after=STOP)
+    if torch.distributed.get_rank() == 0:  # the stopped run's log, to tell a resume from a restart
+        shutil.copy(out / "resumed" / "log.jsonl", out / "stopped.jsonl")
     run(out / "resumed", teacher_sharding="replicate")
     run(out / "tied", teacher_sharding="shard", make=tied_case)
     if torch.distributed.get_rank() == 0:

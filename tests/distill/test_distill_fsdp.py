@@ -14,6 +14,8 @@ one-process resume does.
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +98,10 @@ def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
     out, _, _ = runs
     straight, resumed = _log(out / "straight", "train"), _log(out / "resumed", "train")
     assert len(resumed) == CONFIG.steps  # steps past the checkpoint were dropped and recomputed, once
+    stopped = [json.loads(line) for line in (out / "stopped.jsonl").read_text().splitlines()]
+    kept = STOP - STOP % CONFIG.checkpoint_every
+    assert [r for r in stopped if r["split"] == "train"][kept:] != resumed[kept:STOP]  # recomputed: new timings
+    assert [r for r in stopped if r["split"] == "train" and r["step"] <= kept] == resumed[:kept]  # resumed, not restarted
     assert np.allclose([r["loss"] for r in straight], [r["loss"] for r in resumed], rtol=0, atol=1e-6)
     a, b = load_file(out / "straight" / "final.safetensors"), load_file(out / "resumed" / "final.safetensors")
     for key in a:
@@ -118,6 +124,37 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
     assert len(damaged) == CONFIG.steps
     a, b = load_file(out / "straight" / "final.safetensors"), load_file(out / "damaged" / "final.safetensors")
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+@pytest.mark.timeout(150)
+def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch):
+    """DCP reshards on load: the 2-rank run's step-4 checkpoint, resumed by a 1-rank FSDP job (this
+    process), reaches the 2-rank run's losses and weights."""
+    import torch.distributed as dist
+    from fsdp_worker import run
+
+    out, _, _ = runs
+    shutil.copytree(out / "straight", tmp_path / "one")
+    last = tmp_path / "one" / "checkpoints" / f"step_{CONFIG.steps:06d}"
+    shutil.rmtree(last)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1",
+                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
+        monkeypatch.setenv(key, value)
+    try:
+        run(tmp_path / "one", teacher_sharding="replicate")
+    finally:
+        dist.destroy_process_group()
+    two, one = _log(out / "straight", "train"), _log(tmp_path / "one", "train")
+    assert np.allclose([r["loss"] for r in two], [r["loss"] for r in one], rtol=0, atol=TOL) and len(one) == CONFIG.steps
+    a, b = load_file(out / "straight" / "final.safetensors"), load_file(tmp_path / "one" / "final.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=TOL) for k in a)
+    assert json.loads((last / "trainer.json").read_text())["world_size"] == 1
+    resumed_from = CONFIG.steps - CONFIG.checkpoint_every  # kept, and its steps not recomputed (same timings)
+    assert (last.parent / f"step_{resumed_from:06d}").exists()
+    assert [r for r in one if r["step"] <= resumed_from] == [r for r in two if r["step"] <= resumed_from]
 
 
 def test_settings_that_cannot_split_fail_in_one_line():
