@@ -86,7 +86,7 @@ SECTIONS: tuple[str, ...] = tuple(s.section for s in STAGES if s.section)
 POSITIVE = frozenset({
     "batch_size", "blocks", "calibration_tokens", "checkpoint_every", "chunk_tokens", "eval_tokens", "ffn_size",
     "grad_accum", "heads_per_group", "hidden_size", "items", "kv_groups", "latency_ms", "lr", "max_tokens",
-    "memory_gib", "n_samples", "num_solutions", "repeats", "seq_len", "speedup", "steps", "temperature",
+    "memory_gib", "n_samples", "nproc", "num_solutions", "repeats", "seq_len", "speedup", "steps", "temperature",
     "throughput", "time_limit_s", "tokens_per_block", "val_blocks", "val_every",
     "batch_sizes", "block_sizes",  # lists: every element
 })

@@ -11,6 +11,7 @@ from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
 
+from . import fsdp
 from .losses import parse_layer_map
 from .trainer import DistillConfig, Distiller
 
@@ -61,6 +62,7 @@ def distill(
     device: str = "auto",
     dtype: str = "auto",
     gradient_checkpointing: bool | None = None,
+    nproc: int = 1,
 ) -> Path:
     """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
 
@@ -95,7 +97,10 @@ def distill(
             auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
         gradient_checkpointing: recompute each student decoder layer in the backward instead of keeping its
             activations (default: on for CUDA, off on the CPU)
+        nproc: processes (one GPU each on CUDA) to train on with FSDP2, the same global batch; above 1
+            launches torchrun on this node (grad-accum must be a multiple). Under torchrun the job's size is used
     """
+    arguments = dict(locals())  # this call, for torchrun's workers
     from puzzle.data.blocks import check_token_ids, load_blocks
     from puzzle.device import resolve
 
@@ -129,15 +134,23 @@ def distill(
         if done.get("config") == {**config.to_json(), **runtime.settings()} and done.get("complete"):
             print(f"distill: {out} is complete (step {done['step']}); nothing to do")
             return model_dir
+    if nproc > 1 and not fsdp.distributed():
+        fsdp.check_world(config, nproc)
+        fsdp.launch(arguments, nproc)
+        return model_dir
     teacher_model = load_model(teacher, dtype=runtime.dtype)  # held once, frozen, in the runtime's dtype
     for blocks in (train_data, val_data):
         check_token_ids(blocks, teacher_model.config.vocab_size)
     original = load_model(student)
     record = _student_record(student)
-    distiller = Distiller(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
-                          kept_channels=record.get("channels"), runtime=runtime,
-                          gradient_checkpointing=gradient_checkpointing)
+    trainer = fsdp.FSDPDistiller if fsdp.distributed() else Distiller
+    placement = {"compute_dtype": runtime.dtype} if fsdp.distributed() else {"runtime": runtime}
+    distiller = trainer(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
+                        kept_channels=record.get("channels"), gradient_checkpointing=gradient_checkpointing,
+                        **placement)
     result = distiller.train(train_data, val_data[:val_blocks], resume=resume)
+    if result.student is None:  # a torchrun worker other than rank 0, which saves
+        return model_dir
     try:
         tokenizer = load_tokenizer(student)
     except PuzzleError:

@@ -78,6 +78,34 @@ class DamagedCheckpoint(Exception):
     """A checkpoint whose files do not match its record (or cannot be read); the reason is the message."""
 
 
+def check_file(checkpoint: Path, name: str, record: dict[str, Any]) -> None:
+    """DamagedCheckpoint unless `checkpoint/name` has the size and sha256 its trainer.json `record` gives."""
+    file = checkpoint / name
+    if not file.is_file():
+        raise DamagedCheckpoint(f"{name} is missing")
+    size = file.stat().st_size
+    if size != record.get("bytes"):
+        raise DamagedCheckpoint(f"{name} has {size} bytes, {record.get('bytes')} recorded (truncated?)")
+    if sha256_file(file) != record.get("sha256"):
+        raise DamagedCheckpoint(f"{name} does not match its recorded sha256 (damaged)")
+
+
+def check_resumable(meta: dict[str, Any], settings: dict[str, Any], param_names: list[str], out_dir: Path,
+                    path: Path) -> None:
+    """PuzzleError unless the checkpoint `meta` (its trainer.json) was written under `settings` (a
+    distiller's `settings()`: the config and a non-fp32 dtype; up to the settings in _RESUMABLE_CHANGES)
+    for a student with these parameter names."""
+    saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
+    now = {k: v for k, v in settings.items() if k not in _RESUMABLE_CHANGES}
+    changed = sorted(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now.keys() | saved.keys()
+                     if saved.get(k) != now.get(k))  # name, both values (a key only one side has: the dtype)
+    if changed:
+        raise PuzzleError(f"{out_dir} holds a run with different settings ({', '.join(changed)}); "
+                          f"{START_OVER}, or choose another output directory")
+    if meta["param_names"] != param_names:
+        raise PuzzleError(f"{path}: the checkpoint is of a different student; {START_OVER}")
+
+
 @dataclass(frozen=True)
 class DistillConfig:
     steps: int = 200  # optimizer steps
@@ -365,29 +393,14 @@ class Distiller:
         if not isinstance(files, dict):  # written before hashes were recorded: load_checkpoint still checks it loads
             return meta
         for name in CHECKPOINT_FILES:
-            file, record = path / name, files.get(name) or {}
-            if not file.is_file():
-                raise DamagedCheckpoint(f"{name} is missing")
-            size = file.stat().st_size
-            if size != record.get("bytes"):
-                raise DamagedCheckpoint(f"{name} has {size} bytes, {record.get('bytes')} recorded (truncated?)")
-            if sha256_file(file) != record.get("sha256"):
-                raise DamagedCheckpoint(f"{name} does not match its recorded sha256 (damaged)")
+            check_file(path, name, files.get(name) or {})
         return meta
 
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         """Restore weights, optimizer and RNG from a checkpoint. DamagedCheckpoint when its files are not
         intact; PuzzleError when it is intact but of other settings or another student."""
         meta = self.verify_checkpoint(path)
-        saved = {k: v for k, v in meta["config"].items() if k not in _RESUMABLE_CHANGES}
-        now = {k: v for k, v in self.settings().items() if k not in _RESUMABLE_CHANGES}
-        changed = sorted(f"{k} {saved.get(k)!r} -> {now.get(k)!r}" for k in now.keys() | saved.keys()
-                         if saved.get(k) != now.get(k))  # name, both values (a key only one side has: the dtype)
-        if changed:
-            raise PuzzleError(f"{self.out_dir} holds a run with different settings ({', '.join(changed)}); "
-                              f"{START_OVER}, or choose another output directory")
-        if meta["param_names"] != [n for n, _ in self.params]:
-            raise PuzzleError(f"{path}: the checkpoint is of a different student; {START_OVER}")
+        check_resumable(meta, self.settings(), [n for n, _ in self.params], self.out_dir, path)
         try:
             weights = load_file(str(path / "model.safetensors"))
             tensors = load_file(str(path / "optimizer.safetensors"))
