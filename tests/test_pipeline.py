@@ -201,6 +201,7 @@ def _check(tmp_path, raw, capsys) -> str:
     ({"build_library": {"tokens_per_block": -256}}, "config section 'build_library': tokens_per_block must be a positive"),
     ({"build_library": {"workers": -1}}, "workers must not be negative, got -1"),
     ({"gkd": {"lr": 0.0}}, "config section 'gkd[fast]': lr must be a positive number, got 0.0"),
+    ({"gkd": {"nproc": 0}}, "config section 'gkd[fast]': nproc must be a positive number, got 0"),
     ({"importance": {"block_sizes": [1, 0]}}, "block_sizes must be positive numbers, got [1, 0]"),
 ])
 def test_check_catches_bad_argument_values(tiny_parent_dir, tmp_path, capsys, mistake, message):

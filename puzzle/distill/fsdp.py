@@ -37,6 +37,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable, Literal
@@ -87,8 +88,10 @@ from .trainer import (
 
 log = logging.getLogger(__name__)
 
-# `puzzle distill --nproc N` holds the run directory's lock for its torchrun workers and says so here.
+# `puzzle distill --nproc N` holds the run directory's lock for its torchrun workers and says so here,
+# and names a file where rank 0 leaves a user error's one line for it to end with.
 LOCK_HELD_ENV = "PUZZLE_DISTILL_LOCK_HELD"
+ERROR_FILE_ENV = "PUZZLE_DISTILL_ERROR_FILE"
 # A replica of the teacher may take this much of one device's memory (host memory / local ranks on CPU);
 # a larger teacher is sharded: the student's shards, gradients, AdamW moments and activations need the rest.
 TEACHER_REPLICA_FRACTION = 0.25
@@ -491,7 +494,12 @@ def launch(arguments: dict[str, Any], nproc: int) -> None:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "puzzle.distill.fsdp", *_flags(args)]
     print(f"distill: {nproc} processes (FSDP2): {' '.join(command[1:])}", flush=True)
-    code = subprocess.run(command, env={**os.environ, LOCK_HELD_ENV: "1"}).returncode
+    with tempfile.TemporaryDirectory() as tmp:
+        error = Path(tmp) / "error.txt"
+        env = {**os.environ, LOCK_HELD_ENV: "1", ERROR_FILE_ENV: str(error)}
+        code = subprocess.run(command, env=env).returncode
+        if code and error.exists():
+            raise PuzzleError(error.read_text())
     if code:
         raise PuzzleError(f"distill: the {nproc} torchrun workers failed (exit code {code}); their output is above")
 
@@ -512,6 +520,8 @@ def main(argv: list[str] | None = None) -> int:
         with RunDir(args["run_dir"]).lock("distill") if locked else nullcontext():
             distill.__wrapped__(**args)  # undecorated: one lock for the job, held above
     except PuzzleError as err:
+        if rank() == 0 and os.environ.get(ERROR_FILE_ENV):
+            Path(os.environ[ERROR_FILE_ENV]).write_text(str(err))
         return _fail(str(err))
     finally:
         if dist.is_initialized():

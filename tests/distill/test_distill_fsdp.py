@@ -179,7 +179,8 @@ def _write_run_dir(run_dir: Path, train: torch.Tensor, val: torch.Tensor) -> Non
 @pytest.mark.timeout(150)
 def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent_dir, tiny_tokenizer, capsys):
     """`puzzle distill --nproc 2` (torchrun under the hood) on a heterogeneous child: the gathered child is
-    saved by rank 0 in the child format and equals the one-process child; a rerun has nothing to do."""
+    saved by rank 0 in the child format and equals the one-process child; a rerun has nothing to do; a
+    user error in the workers ends the launcher in that one line."""
     from puzzle.distill.commands import distill
     from puzzle.model import FFNConfig
     from puzzle.model.checkpoint import load_model, save_model, to_puzzle
@@ -206,3 +207,6 @@ def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent
     capsys.readouterr()
     distill(**kwargs, out=tmp_path / "two", nproc=2)
     assert "nothing to do" in capsys.readouterr().out
+    # a worker's user error is the launcher's one line (here: resuming under another lr, found by the workers)
+    with pytest.raises(PuzzleError, match=r"different settings \(lr 0.0001 -> 0.0002\); pass --no-resume"):
+        distill(**{**kwargs, "lr": 2e-4}, out=tmp_path / "two", nproc=2)
