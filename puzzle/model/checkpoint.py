@@ -175,8 +175,11 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     """The parent as an all-parent heterogeneous child with identical weights (and so identical logits)."""
     if isinstance(model, PuzzleForCausalLM):
         return model
+    from puzzle.device import place
+
     config = puzzle_config_from(model.config)
-    child = PuzzleForCausalLM(config).to(next(model.parameters()).dtype)
+    weight = next(model.parameters())  # the child where the parent is, in its dtype; RoPE's buffers stay fp32
+    child = place(PuzzleForCausalLM(config), weight.device, weight.dtype)
     state = model.state_dict()
     missing, unexpected = child.load_state_dict(state, strict=False)
     missing = [k for k in missing if "rotary_emb" not in k]
