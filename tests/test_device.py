@@ -74,3 +74,13 @@ def test_place_casts_parameters_and_keeps_rope_in_fp32():
     assert model.model.rotary_emb.inv_freq.dtype == torch.float32
     assert torch.equal(model.model.rotary_emb.inv_freq, inv_freq)
     assert model.lm_head.weight is not model.model.embed_tokens.weight or model.config.tie_word_embeddings
+
+
+def test_a_bf16_parent_becomes_a_bf16_child_with_fp32_rope(tmp_path):
+    from puzzle.model.checkpoint import load_model
+
+    make_llama(num_hidden_layers=1).save_pretrained(tmp_path / "parent")
+    parent = load_model(tmp_path / "parent", dtype=torch.bfloat16)
+    child = to_puzzle(parent)
+    assert next(child.parameters()).dtype == torch.bfloat16
+    assert child.model.rotary_emb.inv_freq.dtype == parent.model.rotary_emb.inv_freq.dtype == torch.float32
