@@ -58,7 +58,9 @@ def gpu_config(config: Path, run_dir: Path) -> tuple[dict[str, Any], str]:
     for section in MODEL_SECTIONS:
         items = raw.get(section)
         for item in items if isinstance(items, list) else [items] if items else []:
-            item.update(dtype="bf16") if section == "realize" else item.update(device="cuda", dtype="bf16")  # realize copies tensors: no device
+            item.update(dtype="bf16")  # realize copies tensors: a dtype, no device
+            if section != "realize":
+                item.update(device="cuda")
             if section == "evaluate" and item.get("budget") == default:
                 item["budget"] = profile
     for section in ("solve",):
