@@ -130,6 +130,7 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None) -> 
     run = work / name / "run"
     shape = ModelShape.from_config(load_config(parent))
     bld = dict(STAGE_ARGS["build_library"], **({"worker_memory_gib": worker_gib} if worker_gib else {}))
+    bld["calibration_tokens"] = max(bld["calibration_tokens"], shape.hidden_size)  # a linear FFN's least squares
     steps = [
         ("prepare_data", ["prepare-data", str(corpus), str(parent), "--run-dir", str(run), "--seq-len", str(SEQ_LEN)], None),
         ("build_library", ["build-library", "--run-dir", str(run), "--parent", str(parent), "--search-space", space,
