@@ -158,7 +158,13 @@ def markdown(results: list[dict]) -> str:
              "Random Llama parents in bf16 safetensors; each stage a fresh `puzzle` process with small token budgets "
              f"(seq_len {SEQ_LEN}; {json.dumps(STAGE_ARGS)}). Peak RSS of the whole process tree (psutil, 50 ms); "
              "`plan`: puzzle/plan.py's estimator for the same arguments (it leaves out the interpreter and torch, "
-             "~0.3-0.5 GiB).", ""]
+             "~0.3-0.5 GiB: prepare-data's row is about that baseline). Calibration tokens are raised to the hidden "
+             "size where smaller (the linear FFN's least squares). The stages load the parent in fp32 today (the "
+             "dtype work makes that bf16); realize stores the child in the parent's bf16.", ""]
+    missing = [s for s in SHAPES if s != "tiny" and s not in {r["shape"] for r in results}]
+    if missing:
+        lines += [f"Not measured here: {', '.join(missing)} (`--shapes {' '.join(missing)}` on a machine of their "
+                  "own: they need ~10-30 GiB of free host memory).", ""]
     for r in results:
         lines += [f"## {r['shape']}: {r['params'] / 1e9:.3f}B parameters, {r['bf16_bytes'] / GIB:.2f} GiB in bf16"
                   + (f", --worker-memory-gib {r['worker_memory_gib']}" if r["worker_memory_gib"] else ""), "",
