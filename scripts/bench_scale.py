@@ -130,6 +130,7 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None) -> 
     run = work / name / "run"
     shape = ModelShape.from_config(load_config(parent))
     bld = dict(STAGE_ARGS["build_library"], **({"worker_memory_gib": worker_gib} if worker_gib else {}))
+    bld["calibration_tokens"] = max(bld["calibration_tokens"], shape.hidden_size)  # a linear FFN's least squares
     steps = [
         ("prepare_data", ["prepare-data", str(corpus), str(parent), "--run-dir", str(run), "--seq-len", str(SEQ_LEN)], None),
         ("build_library", ["build-library", "--run-dir", str(run), "--parent", str(parent), "--search-space", space,
@@ -157,7 +158,13 @@ def markdown(results: list[dict]) -> str:
              "Random Llama parents in bf16 safetensors; each stage a fresh `puzzle` process with small token budgets "
              f"(seq_len {SEQ_LEN}; {json.dumps(STAGE_ARGS)}). Peak RSS of the whole process tree (psutil, 50 ms); "
              "`plan`: puzzle/plan.py's estimator for the same arguments (it leaves out the interpreter and torch, "
-             "~0.3-0.5 GiB).", ""]
+             "~0.3-0.5 GiB: prepare-data's row is about that baseline). Calibration tokens are raised to the hidden "
+             "size where smaller (the linear FFN's least squares). The stages load the parent in fp32 today (the "
+             "dtype work makes that bf16); realize stores the child in the parent's bf16.", ""]
+    missing = [s for s in SHAPES if s != "tiny" and s not in {r["shape"] for r in results}]
+    if missing:
+        lines += [f"Not measured here: {', '.join(missing)} (`--shapes {' '.join(missing)}` on a machine of their "
+                  "own: they need ~10-30 GiB of free host memory).", ""]
     for r in results:
         lines += [f"## {r['shape']}: {r['params'] / 1e9:.3f}B parameters, {r['bf16_bytes'] / GIB:.2f} GiB in bf16"
                   + (f", --worker-memory-gib {r['worker_memory_gib']}" if r["worker_memory_gib"] else ""), "",

@@ -183,22 +183,23 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
         if not 0 <= last_layer < config.num_hidden_layers:
             raise PuzzleError(f"layer {last_layer} is outside the model's {config.num_hidden_layers} layers")
         config = _truncated_config(config, last_layer)
-    ckpt = checkpoint or SafetensorsCheckpoint(path)
+    model = on_meta(lambda: PuzzleForCausalLM(config))
+    if truncated:
+        model.lm_head, model.model.norm = None, None
+    wanted = set(model.state_dict())
+    ckpt = checkpoint
     try:
+        ckpt = ckpt or SafetensorsCheckpoint(path)
         if dtype is None:
             dtype = ckpt.dtype("model.embed_tokens.weight")
-        model = on_meta(lambda: PuzzleForCausalLM(config))
-        if truncated:
-            model.lm_head, model.model.norm = None, None
-        wanted = set(model.state_dict())
-        names = [k for k in ckpt.keys() if k in wanted]
-        if config.tie_word_embeddings:
-            names = [k for k in names if k != "lm_head.weight"]
-        state = ckpt.read_many(names, dtype)
-    except SafetensorError as err:
+        stray = [k for k in ckpt.keys() if k not in wanted and not _left_out(k, config, truncated)]
+        if stray:
+            raise PuzzleError(f"{path}: weights do not match the config (unexpected {stray[:3]})")
+        state = ckpt.read_many([k for k in ckpt.keys() if k in wanted], dtype)
+    except (SafetensorError, OSError) as err:
         raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     finally:
-        if checkpoint is None:
+        if checkpoint is None and ckpt is not None:
             ckpt.close()
     tied = config.tie_word_embeddings and not truncated
     assign_state(model, state, str(path), ignore_missing=lambda k: k == "lm_head.weight" and config.tie_word_embeddings)
@@ -208,6 +209,19 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     materialise_buffers(model)
     check_materialised(model, str(path))
     return model.eval()
+
+
+def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
+    """A stored tensor the model does not take: a tied head's copy (save_model's `lm_head_weight`) and, when
+    truncated, the head, the final norm and the layers after the last one kept."""
+    if name == "lm_head.weight" and config.tie_word_embeddings:
+        return True
+    if not truncated:
+        return False
+    if name.startswith(("lm_head.", "model.norm.")):
+        return True
+    parts = name.split(".")
+    return name.startswith("model.layers.") and parts[2].isdigit() and int(parts[2]) >= config.num_hidden_layers
 
 
 def _truncated_config(config: PuzzleConfig, last_layer: int) -> PuzzleConfig:

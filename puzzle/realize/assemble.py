@@ -78,7 +78,7 @@ def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateF
     Equal to `assemble_child(load_puzzle(parent), blocks, state_fn)`, tensor for tensor."""
     from puzzle.errors import PuzzleError
     from puzzle.model.checkpoint import load_config, puzzle_config_from
-    from puzzle.model.loading import assign_state, check_materialised, materialise_buffers, on_meta
+    from puzzle.model.loading import check_materialised, materialise_buffers, on_meta
 
     parent_config = puzzle_config_from(load_config(parent))
     if len(blocks) != parent_config.num_hidden_layers:

@@ -138,3 +138,17 @@ def test_a_checkpoint_missing_a_weight_is_one_line(tmp_path):
     for load in (load_model, load_puzzle):
         with pytest.raises(PuzzleError, match="up_proj"):
             load(path)
+
+
+def test_a_checkpoint_with_a_weight_the_model_lacks_is_one_line(tmp_path):
+    path = _save(tmp_path)
+    state = load_file(str(path / "model.safetensors"))
+    state["model.layers.1.mlp.extra.weight"] = torch.zeros(2)
+    from safetensors.torch import save_file
+
+    save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(PuzzleError, match="extra"):
+        load_puzzle(path)
+    with pytest.raises(PuzzleError, match="extra"):
+        load_puzzle(path, last_layer=2)
+    assert len(load_puzzle(path, last_layer=0).model.layers) == 1  # a later layer's tensors are never looked at
