@@ -1,10 +1,11 @@
 """`puzzle build-library`: every child block of the search space, initialised from the parent and trained by BLD."""
 
-import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from puzzle import cluster
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
@@ -51,7 +52,7 @@ def build_library(
     eval_tokens: int = 2048,
     ffn_init: Literal["auto", "channel_contribution", "minitron"] = "auto",
     layers: list[int] | None = None,
-    workers: int = 1,
+    workers: int | Literal["auto"] = "auto",
     threads: int = 1,
     ray: bool = True,
     address: str | None = None,
@@ -75,11 +76,13 @@ def build_library(
         ffn_init: neuron ranking for pruned FFNs; auto: Minitron importance when RUN_DIR/importance has it,
             else Channel Contribution
         layers: only these layers (default: all)
-        workers: layer groups, one Ray task each (0 or --no-ray: all in this process)
+        workers: layer groups, one Ray task each; auto: one per GPU of the Ray cluster (per THREADS CPUs on a
+            CPU-only one) when a cluster is named (--address, RAY_ADDRESS), else 1; 1 (without a cluster),
+            0 or --no-ray: all in this process
         threads: CPU threads (and Ray CPUs) per worker
         ray: run the groups as Ray tasks; --no-ray runs them one after another in this process
         address: Ray cluster address; default: RAY_ADDRESS, else a local embedded Ray
-        max_retries: times Ray reruns a group whose worker died
+        max_retries: times a group whose worker died is submitted again
         seed: data order and held-out sample
         force: retrain every variant even if the library already holds it (a variant trained under other
             settings is retrained without it; workers, threads, ray, address and max_retries change no weight)
@@ -90,8 +93,9 @@ def build_library(
         tokens_per_block=tokens_per_block, batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
         calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, ffn_init=ffn_init, seed=seed,
     )
-    if workers < 0 or threads < 0 or max_retries < 0:
-        raise PuzzleError("workers, threads and max-retries must not be negative")
+    workers = cluster.parse_workers(workers)
+    if threads < 0 or max_retries < 0:
+        raise PuzzleError("threads and max-retries must not be negative")
     from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
     from puzzle.model.checkpoint import load_config
 
@@ -112,13 +116,17 @@ def build_library(
     _check_manifest(run_dir, parent_path, space.name, settings, digest, force)
     clean_stale_temps(store.library_dir(run_dir), recursive=True)  # what a killed build's writes left
 
-    jobs = [
-        GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
-        for group in split_layers(chosen, workers or 1, *layer_costs(space, parent_config, settings))
-    ]
-    use_ray = ray and workers > 0
+    use_ray = cluster.uses_ray(workers, ray, address)
+    todo = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     t0 = time.perf_counter()
-    results = run_build(jobs, space, run_dir, use_ray, address or os.environ.get("RAY_ADDRESS"), max_retries, digest)
+    with cluster.connected(address) if use_ray and todo else nullcontext():  # a finished build starts no Ray
+        if workers == "auto":
+            workers = cluster.auto_workers(threads) if use_ray and todo else 1
+        jobs = [
+            GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, tuple(group), settings.to_dict(), threads)
+            for group in split_layers(chosen, workers or 1, *layer_costs(space, parent_config, settings))
+        ]
+        results = run_build(jobs, space, run_dir, use_ray, max_retries, digest)
     missing = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     if missing:
         names = ", ".join(store.key_of(v) for v in missing[:5])

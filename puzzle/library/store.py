@@ -188,3 +188,13 @@ def variant_state(run_dir: str | Path, parent_model: Any, variant: Variant) -> d
     if variant.config.no_op:
         return {}
     return load_variant(run_dir, variant.layer, variant.kind, variant.name)
+
+
+def receive_variant(run_dir: str | Path, record: dict[str, Any], data: bytes | None) -> None:
+    """A variant finished elsewhere (a Ray worker's private directory, puzzle/cluster.py): for a trained one
+    its file, checked against the record's hash and written atomically, then the record."""
+    if record.get("source") == "trained":
+        if data is None or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+            raise PuzzleError(f"variant {record.get('file')} arrived damaged from its worker; rerun puzzle build-library")
+        atomic_write_bytes(library_dir(run_dir) / record["file"], data)
+    update_manifest(run_dir, [record])
