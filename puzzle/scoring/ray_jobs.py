@@ -46,8 +46,7 @@ def layer_ranges(variants: list[Variant], num_layers: int, workers: int) -> list
     for v in variants:
         if not v.is_parent:
             cost[v.layer] = cost.get(v.layer, 0.0) + (num_layers - v.layer)
-    layers = sorted(cost) or sorted({v.layer for v in variants})
-    return split_layers(layers, workers, [1.0] * num_layers, cost)
+    return split_layers(sorted({v.layer for v in variants}), workers, [1.0] * num_layers, cost)
 
 
 def score_task(job: ScoreJob, inputs: dict[str, bytes]) -> Iterator[dict[str, Any]]:
