@@ -20,6 +20,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "library"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scoring"))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from library_testing import save_parent, write_blocks  # noqa: E402
 from test_scoring_commands import write_data, write_library  # noqa: E402
 
@@ -257,3 +258,40 @@ def test_submit_ray_job_submits_puzzle_run(tmp_path):
     assert args[args.index("--") + 1:] == ["puzzle", "run", "configs/smollm2_quick.yaml", "--run-dir",
                                            "s3://bucket/runs/quick", "--force"]
     assert subprocess.run([str(script)], env=env, capture_output=True).returncode == 2
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(900)
+def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a_uri_run_dir(
+        head, tmp_path, tiny_parent_dir, capsys, monkeypatch):
+    import fsspec
+    import yaml
+    from test_pipeline import tiny_config
+
+    from puzzle.cli import main
+
+    monkeypatch.setenv("RAY_ADDRESS", head)
+    monkeypatch.setenv("PUZZLE_CACHE", str(tmp_path / "cache"))
+    raw = tiny_config(tmp_path, tiny_parent_dir)
+    raw["build_library"].pop("ray")  # workers: auto, RAY_ADDRESS set: one Ray task per GPU
+    raw["run_dir"] = "memory://piped-run"
+    config = tmp_path / "tiny.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "run dir: memory://piped-run (fsspec memory" in out and "Ray: 1 node(s), 2 CPUs, 2 GPUs" in out
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+
+    fs = fsspec.filesystem("memory")
+    assert fs.exists("/piped-run/report.md") and fs.exists("/piped-run/scores/scores.parquet")
+    log = [json.loads(line) for line in fs.cat_file("/piped-run/library/log.jsonl").splitlines() if line.strip()]
+    assert len({r["pid"] for r in log if r.get("event") == "group_start"} - {os.getpid()}) == 2
+    scored = [json.loads(line) for line in fs.cat_file("/piped-run/scores/log.jsonl").splitlines() if line.strip()]
+    assert len([r for r in scored if r["event"] == "score_worker"]) == 2
+    ledger = json.loads(fs.cat_file("/piped-run/pipeline.json"))
+    assert "build_library" in ledger and "report" in ledger
+    capsys.readouterr()
+    assert main(["run", str(config)]) == 0  # from a fresh mirror too: the ledger is the URI's, not a path's
+    shutil.rmtree(tmp_path / "cache")
+    assert main(["run", str(config)]) == 0
+    assert capsys.readouterr().out.count("complete, skipped") == len(ledger)
