@@ -293,5 +293,6 @@ def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a
     capsys.readouterr()
     assert main(["run", str(config)]) == 0  # from a fresh mirror too: the ledger is the URI's, not a path's
     shutil.rmtree(tmp_path / "cache")
+    capsys.readouterr()
     assert main(["run", str(config)]) == 0
     assert capsys.readouterr().out.count("complete, skipped") == len(ledger)
