@@ -284,11 +284,25 @@ def stream(jobs: Sequence[J], submit: Callable[[J], Any], handle: Callable[[J, A
     """Run generator tasks to the end: `submit(job)` starts one (an ObjectRefGenerator), `handle(job, item)`
     takes each item it yields, in order. A job whose worker died is submitted again (`submit` sees the
     driver's state, so it leaves out what was received), at most `max_retries` times; a `PuzzleError` raised
-    in a worker is raised here as itself (one line)."""
+    in a worker is raised here as itself (one line); the other jobs are then cancelled."""
+    import ray
+
+    running = {submit(job): (job, 1) for job in jobs}
+    try:
+        _drain(running, submit, handle, max_retries, what, poll_s)
+    finally:
+        for gen in running:  # after an error: stop the other jobs (a cluster outlives this driver)
+            try:
+                ray.cancel(gen, force=True)
+            except Exception:  # already finished, or a Ray without generator cancellation
+                pass
+
+
+def _drain(running: dict[Any, tuple[Any, int]], submit: Callable[[Any], Any], handle: Callable[[Any, Any], None],
+           max_retries: int, what: str, poll_s: float) -> None:
     import ray
     from ray.exceptions import RayError, RayTaskError
 
-    running = {submit(job): (job, 1) for job in jobs}
     while running:
         ready, _ = ray.wait(list(running), num_returns=1, timeout=poll_s)
         for gen in ready:

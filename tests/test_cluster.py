@@ -204,7 +204,10 @@ def test_job_resources_and_check_fits():
 
 
 def test_workers_and_when_ray_is_used(monkeypatch):
+    import ray
+
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)  # the module's head may be joined
     assert cluster.parse_workers("auto") == "auto" and cluster.parse_workers("3") == 3
     with pytest.raises(PuzzleError, match="number or 'auto'"):
         cluster.parse_workers("many")

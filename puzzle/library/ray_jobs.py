@@ -302,6 +302,7 @@ def run_on_ray(jobs: list[GroupJob], space: SearchSpace, run_dir: Path, max_retr
     index = {id(job): i for i, job in enumerate(jobs)}
     log = store.library_log(run_dir)
     workers: dict[int, dict[str, Any]] = {}
+    received: dict[int, list[int]] = {id(job): [0, 0] for job in jobs}  # trained, recorded: across attempts
     results: list[dict[str, Any]] = []
 
     def submit(job: GroupJob) -> Any:
@@ -312,14 +313,18 @@ def run_on_ray(jobs: list[GroupJob], space: SearchSpace, run_dir: Path, max_retr
     def handle(job: GroupJob, item: dict[str, Any]) -> None:
         for record, data in item.get("variants", ()):
             store.receive_variant(run_dir, record, data)
+            received[id(job)][record.get("source") != "trained"] += 1
         if item.get("variants"):
             progress(len(item["variants"]))
         for line in item.get("log", ()):
             log.write(**line)
         if "worker" in item:
             workers[id(job)] = item["worker"]
-        if "summary" in item:
-            results.append({**item["summary"], "worker": workers[id(job)], "request": asdict(requests[index[id(job)]])})
+        if "summary" in item:  # counts of what arrived here, a dead attempt's included
+            trained, recorded = received[id(job)]
+            results.append({**item["summary"], "trained": trained, "recorded": recorded,
+                            "skipped": len(group_variants(space, job.layers)) - trained - recorded,
+                            "worker": workers[id(job)], "request": asdict(requests[index[id(job)]])})
 
     try:
         cluster.stream(jobs, submit, handle, max_retries, "library")
