@@ -100,11 +100,32 @@ def write_data(run: Path, args: argparse.Namespace) -> Path:
     return run
 
 
+def _imports() -> int:
+    import puzzle.library.ray_jobs  # noqa: F401  (torch, transformers, puzzle: what every job imports first)
+    import puzzle.scoring.ray_jobs  # noqa: F401
+
+    return os.getpid()
+
+
+def warm_workers(n: int) -> None:
+    """Start `n` Ray worker processes and import the package in each, so neither column pays for a cold
+    worker (several seconds here) that the other does not."""
+    import ray
+
+    # the runtime env the stages' tasks use: Ray starts separate workers per runtime env
+    task = ray.remote(_imports).options(num_cpus=1, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+    pids: set[int] = set()
+    for _ in range(10):
+        pids |= set(ray.get([task.remote() for _ in range(n)]))
+        if len(pids) >= n:
+            return
+
+
 def time_stages(parent: Path, root: Path, workers: int, args: argparse.Namespace) -> dict:
     from puzzle.library.commands import build_library
     from puzzle.scoring.commands import score
 
-    run = write_data(root / f"run-{workers}", args)
+    run = write_data(root / f"run-{workers}", args)  # fresh: nothing to resume
     t0 = time.perf_counter()
     build_library(run, parent, search_space=args.search_space, tokens_per_block=args.tokens_per_block, batch_size=4,
                   calibration_tokens=args.tokens_per_block, eval_tokens=args.seq_len * 4, workers=workers, threads=1)
@@ -182,6 +203,8 @@ def main() -> None:
     proc, address = start_head(cpus=2)
     try:
         ray.init(address=address, log_to_driver=False)
+        warm_workers(2)
+        time_stages(parent, root / "warm-up", 2, args)  # untimed: the preflight's probe workers, first imports
         timings = [time_stages(parent, root, n, args) for n in (1, 2)]
     finally:
         ray.shutdown()
