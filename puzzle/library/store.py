@@ -15,9 +15,9 @@ last build's; each trained entry's digest is what decides whether a rerun reuses
 
 A variant counts as done only when the manifest holds it and, for a trained one, its file exists with the
 recorded hash: the file is written first (temp + rename), the manifest after it, so neither a crash between
-the two nor a half-written or stray file is ever taken for a finished variant. Several Ray workers update
-the manifest; each read-modify-write holds an exclusive `flock` on `.manifest.lock` (the run directory must
-be on a filesystem every worker shares).
+the two nor a half-written or stray file is ever taken for a finished variant. Each read-modify-write of the
+manifest holds an exclusive `flock` on `.manifest.lock`. On Ray the workers write into private directories
+and the driver writes what they stream back (`receive_variant`): the run directory is shared with no one.
 """
 
 import fcntl

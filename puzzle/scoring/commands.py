@@ -31,9 +31,8 @@ from tqdm.auto import tqdm
 from puzzle import cluster
 from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
 from puzzle.errors import PuzzleError
-from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
+from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, read_yaml, write_table
 from puzzle.library.store import key_of, library_dir, missing_variants, read_manifest, variant_state
-from puzzle.io import read_yaml
 from puzzle.model.checkpoint import load_config, load_model, to_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.ray_jobs import ScoreJob, layer_ranges, score_on_ray, without
@@ -140,6 +139,7 @@ def score(
         max_retries: times a layer range whose worker died is submitted again
     """
     run_dir = Path(run_dir)
+    _resolve_device(device)  # an unknown device is one line before anything slow
     for name, value in (("blocks", blocks), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         if value < 1:
             raise PuzzleError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -271,7 +271,8 @@ def _score_batches(
     results: ResultLog,
 ) -> None:
     """Load the parent and compute the `todo` variants of each `needed` batch, logging each result as it finishes."""
-    model = to_puzzle(load_model(parent_path)).to(_resolve_device(device)).eval()
+    target = _resolve_device(device)
+    model = to_puzzle(load_model(parent_path)).to(target).eval()
     parent_batches = {b for b in needed if not results.has(PARENT_KEY, b)}
     bar = tqdm(total=sum(len(t) for t in todo.values()), desc="score", unit="variant-batch")
     try:
