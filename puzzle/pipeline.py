@@ -259,8 +259,6 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
     """
     cfg = RunConfig.load(Path(config), run_dir)
     location = cfg.run_dir
-    if isinstance(location, Path) and not check:
-        location.mkdir(parents=True, exist_ok=True)
     with staged(location) as local:  # a URI run works in its local mirror, uploaded after each stage
         _run(replace(cfg, run_dir=local), force, check)
     return location
@@ -277,6 +275,7 @@ def _run(cfg: RunConfig, force: bool, check: bool) -> None:
         _run_steps(cfg, steps, fns, force, check)
         print(f"config OK: {len(steps)} stages, run directory {origin(cfg.run_dir) or cfg.run_dir}")
         return
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     with RunDir(cfg.run_dir).lock("run"):  # one pipeline per run directory; each stage also locks its own
         started = time.perf_counter()
         _run_steps(cfg, steps, fns, force, check)
