@@ -299,3 +299,28 @@ def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     assert capsys.readouterr().out.count("complete, skipped") == len(ledger)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_jobs_of_one_layer_group_share_a_strict_pack_placement_group(head):
+    import ray
+
+    requests = [cluster.Resources(num_cpus=1, num_gpus=0.5, memory=2**20)] * 3
+    options, groups = cluster.placement([(0, 1), (0, 1), (2, 3)], requests)
+    try:
+        assert len(groups) == 1 and options[2] == {}  # a group of one job is one task: nothing to gang
+        strategies = [options[i]["scheduling_strategy"] for i in (0, 1)]
+        assert strategies[0].placement_group == strategies[1].placement_group == groups[0]
+        assert [s.placement_group_bundle_index for s in strategies] == [0, 1]
+        assert ray.get(groups[0].ready(), timeout=60) and groups[0].bundle_specs[0] == {
+            "CPU": 1, "GPU": 0.5, "memory": 2**20}
+
+        def where() -> tuple[str, list[str]]:
+            return ray.get_runtime_context().get_node_id(), [str(i) for i in ray.get_gpu_ids()]
+
+        task = ray.remote(where)
+        placed = ray.get([task.options(**requests[i].options(), **options[i]).remote() for i in (0, 1)], timeout=120)
+        assert placed[0][0] == placed[1][0] and all(len(gpus) == 1 for _, gpus in placed)
+    finally:
+        cluster.remove_placement(groups)
