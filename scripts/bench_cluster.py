@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
@@ -48,7 +49,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_head(cpus: int) -> tuple[subprocess.Popen, str]:
+def start_head(cpus: int) -> tuple[subprocess.Popen, str, str]:
     ray = Path(sys.executable).parent / "ray"
     port = _free_port()
     tmp = tempfile.mkdtemp(prefix="pzb", dir="/tmp")
@@ -64,15 +65,16 @@ def start_head(cpus: int) -> tuple[subprocess.Popen, str]:
         if proc.poll() is not None or time.monotonic() > deadline:
             raise SystemExit("the Ray head did not come up")
         time.sleep(1)
-    return proc, address
+    return proc, address, tmp
 
 
-def stop_head(proc: subprocess.Popen) -> None:
+def stop_head(proc: subprocess.Popen, tmp: str) -> None:
     proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
     try:
         proc.wait(60)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_parent(out: Path, args: argparse.Namespace) -> Path:
@@ -200,7 +202,7 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_cluster"))
     parent = make_parent(root / "parent", args)
-    proc, address = start_head(cpus=2)
+    proc, address, ray_tmp = start_head(cpus=2)
     try:
         ray.init(address=address, log_to_driver=False)
         warm_workers(2)
@@ -208,10 +210,11 @@ def main() -> None:
         timings = [time_stages(parent, root, n, args) for n in (1, 2)]
     finally:
         ray.shutdown()
-        stop_head(proc)
+        stop_head(proc, ray_tmp)
     planned = plan_70b(root)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, timings, planned, args)
+    shutil.rmtree(root, ignore_errors=True)
     print(args.out.with_suffix(".md").read_text())
 
 
