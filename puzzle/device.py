@@ -117,6 +117,24 @@ def resolve(device: str = "auto", dtype: str = "auto") -> Runtime:
     return Runtime(where, resolve_dtype(dtype, where))
 
 
+def resolve_remote(device: str = "auto", dtype: str = "auto") -> Runtime:
+    """For work that runs on other machines (Ray workers, whose GPUs this driver may lack): the names are
+    checked here and nothing is looked up. `cuda[:N]` -> a CUDA Runtime, `cpu` / `auto` -> a CPU one (each
+    worker takes the device Ray gave it); dtype auto is bf16 for a CUDA request, fp32 otherwise, so every
+    worker computes in the one dtype the driver records."""
+    name = str(device).strip().lower()
+    index = name.partition(":")[2]
+    if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
+        raise PuzzleError(f"unknown device {device!r}; choose {DEVICE_HELP}")
+    where = torch.device("cuda" if name.startswith("cuda") else "cpu")
+    low = _ALIASES.get(str(dtype).strip().lower(), str(dtype).strip().lower())
+    if low == "auto":
+        low = "bf16" if where.type == "cuda" else "fp32"
+    if low not in DTYPES:
+        raise PuzzleError(f"unknown dtype {dtype!r}; choose {DTYPE_HELP}")
+    return Runtime(where, low)
+
+
 def place(model: nn.Module, device: torch.device | str, dtype: torch.dtype | None = None) -> nn.Module:
     """`model` on `device` with its floating parameters in `dtype`; buffers keep their dtype.
 

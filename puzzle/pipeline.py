@@ -31,13 +31,13 @@ import json
 import time
 import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json, read_yaml
-from puzzle.run_dir import RunDir, check_parent
+from puzzle.run_dir import RunDir, as_location, check_parent, describe, origin, staged, sync
 from puzzle.stages import SECTIONS, check_values, stage_functions
 
 REQUIRED = ("parent", "corpus")
@@ -45,7 +45,7 @@ REQUIRED = ("parent", "corpus")
 
 @dataclass(frozen=True)
 class RunConfig:
-    run_dir: Path
+    run_dir: Path | str  # a local path, or an fsspec URI (`run` stages it: puzzle/run_dir.py)
     parent: Path
     corpus: Path
     search_space: str
@@ -77,8 +77,10 @@ class RunConfig:
         def resolve(p: str) -> Path:  # relative paths are relative to the project holding configs/
             q = Path(p)
             return q if q.is_absolute() or q.exists() else base / q
+
+        location = as_location(run_dir or raw.get("run_dir", f"runs/{path.stem}"))
         return cls(
-            run_dir=Path(run_dir) if run_dir else resolve(raw.get("run_dir", f"runs/{path.stem}")),
+            run_dir=location if isinstance(location, str) or run_dir else resolve(str(location)),
             parent=resolve(raw["parent"]),
             corpus=resolve(raw["corpus"]),
             search_space=str(raw.get("search_space", "llama_default")),
@@ -255,29 +257,60 @@ def run(config: Path, run_dir: Path | None = None, force: bool = False, check: b
         force: rerun every stage (each stage still reuses its own complete outputs)
         check: validate the config and print the plan (which stages would run, which are complete); run nothing
     """
+    cfg = RunConfig.load(Path(config), run_dir)
+    location = cfg.run_dir
+    with staged(location) as local:  # a URI run works in its local mirror, uploaded after each stage
+        _run(replace(cfg, run_dir=local), force, check)
+    return location
+
+
+def _run(cfg: RunConfig, force: bool, check: bool) -> None:
     from puzzle.pipeline_stages import plan
 
-    cfg = RunConfig.load(Path(config), run_dir)
     fns = stage_functions()
     steps = plan(cfg, fns)
     check_plan(cfg, steps, fns)
     if check:
+        preflight(cfg)
         _run_steps(cfg, steps, fns, force, check)
-        print(f"config OK: {len(steps)} stages, run directory {cfg.run_dir}")
-        return cfg.run_dir
-    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        print(f"config OK: {len(steps)} stages, run directory {origin(cfg.run_dir) or cfg.run_dir}")
+        return
+    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
     with RunDir(cfg.run_dir).lock("run"):  # one pipeline per run directory; each stage also locks its own
         started = time.perf_counter()
         _run_steps(cfg, steps, fns, force, check)
-    print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {RunDir(cfg.run_dir).report}")
-    return cfg.run_dir
+    print(f"pipeline complete in {time.perf_counter() - started:.1f} s: {origin(cfg.run_dir) or RunDir(cfg.run_dir).root}/"
+          f"{RunDir(cfg.run_dir).report.name}")
+
+
+def preflight(cfg: RunConfig) -> None:
+    """`run --check`'s view of where stages run: with a Ray cluster named (RAY_ADDRESS), the cluster
+    preflight (its one line; a one-line error when a node cannot reach what it needs); else the run
+    directory's line and that the fanned-out stages run in this process."""
+    from puzzle import cluster
+
+    if not cluster.named(None):
+        print(f"{describe(cfg.run_dir)}; no Ray cluster named (RAY_ADDRESS): every stage runs in this process")
+        return
+    with cluster.connected(None):
+        cluster.preflight(cfg.run_dir, cfg.parent.resolve())
+
+
+def _portable(settings: Any, run_dir: Path) -> Any:
+    """A step's settings with a staged run's local mirror path written as its URI, so the ledger's hashes
+    do not depend on the machine that drives the run."""
+    uri = origin(run_dir)
+    if uri is None:
+        return settings
+    local = json.dumps(str(run_dir))[1:-1]
+    return json.loads(json.dumps(settings, default=str).replace(local, uri))
 
 
 def _run_steps(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], force: bool, check: bool) -> None:
     """Each step in order, skipped when the ledger holds it with the same settings (with `check`: only say so)."""
     ledger = Ledger(cfg.run_dir)  # an absent run directory reads as an empty ledger
     for i, step in enumerate(steps, 1):
-        digest = ledger.key(step.name, _settings(step, fns))
+        digest = ledger.key(step.name, _portable(_settings(step, fns), cfg.run_dir))
         done = not force and ledger.done(step.name, digest)
         if check:
             print(f"[{i}/{len(steps)}] {step.name}: {'complete' if done else 'would run'}")
@@ -289,4 +322,5 @@ def _run_steps(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], force
         t0 = time.perf_counter()
         _call(fns[step.fn], step.common, step.args)
         ledger.record(step.name, digest, time.perf_counter() - t0)
+        sync(cfg.run_dir)  # a URI run: what this stage wrote is uploaded now, not only at the end
         print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)

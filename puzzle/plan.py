@@ -188,8 +188,10 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     b = settings.batch_size * T
     layers = sorted(set(args.get("layers") or range(shape.num_hidden_layers)))
     budget = args.get("worker_memory_gib")
-    jobs = plan_jobs(space, ctx.config, settings, layers, args["workers"] or 1, T, budget * GIB if budget else None)
-    workers = min(len(jobs), args["workers"] or 1)
+    requested = args["workers"]  # "auto": one per GPU of the planned machine (`puzzle.cluster.auto_workers`)
+    requested = (ctx.machine.gpus or 1) if requested == "auto" else int(requested) or 1
+    jobs = plan_jobs(space, ctx.config, settings, layers, requested, T, budget * GIB if budget else None)
+    workers = min(len(jobs), requested)
     steps = settings.steps(T)
 
     flops = disk = 0.0
@@ -330,6 +332,17 @@ ESTIMATORS: dict[str, Callable[[Context, dict[str, Any]], Estimate]] = {
     "build_library": build_library_cost, "score": score_cost, "profile": profile_cost, "solve": solve_cost,
     "realize": realize_cost, "distill": distill_cost, "evaluate": evaluate_cost,
 }
+
+
+def job_estimate(stage: str, config: Any, space: Any, seq_len: int, args: dict[str, Any], device: str = "cpu") -> Estimate:
+    """One Ray job's resources (`puzzle.cluster.job_resources` turns them into its request): `stage`'s
+    estimator on a machine of one `device`, with the job's arguments over the stage function's defaults."""
+    from puzzle.stages import stage_functions
+
+    cuda = device.startswith("cuda")
+    m = Machine("cuda" if cuda else "cpu", int(cuda), 0.0, 0.0, 0.0, 0.0, "one Ray worker")
+    ctx = Context(config, ModelShape.from_config(config), space, seq_len, 0, m)
+    return ESTIMATORS[stage](ctx, stage_arguments(stage_functions()[stage], args))
 
 
 # ----- the machine -----------------------------------------------------------------------------------

@@ -33,14 +33,25 @@ writer ends at once with one line naming the holder. The lock dies with its proc
 a lock file left by a dead holder blocks nothing. The run directory must be on a filesystem with `flock`
 (local, or NFS v4).
 
+A run directory may also be an fsspec URI (`s3://bucket/runs/R`, `gs://...`, `memory://R`, `file:///abs/R`):
+no filesystem need be shared with anyone. The process that runs a stage (the driver) mirrors the URI into a
+local cache (`staged`: `$PUZZLE_CACHE/runs/<sha of the URI>`, default ~/.cache/puzzle), every stage works on
+that local directory as on any other, and what the stage changed is uploaded when it ends (also when it
+fails, so its finished work is kept): each file under a temporary name, then renamed, in the order the stage
+wrote them (a variant's file before the manifest that lists it). Ray workers never open the run directory
+(puzzle/cluster.py: inputs and results travel through Ray's object store), so a URI works on a cluster with
+no shared filesystem. The stage lock is the driver's: one driver per run URI at a time.
+
 Torch-free (the CLI's `solve` and `report` start in a moment).
 """
 
 import fcntl
 import functools
+import hashlib
 import inspect
 import json
 import os
+import re
 import socket
 import time
 from contextlib import contextmanager
@@ -49,7 +60,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, TypeVar
 
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_text, atomic_write_json, read_json
+from puzzle.io import atomic_write_bytes, atomic_write_json, atomic_write_text, read_json
 
 RUN_INFO = "parent.json"
 DEFAULT_SPACE = "llama_default"
@@ -62,6 +73,9 @@ DISTILLED_MODEL = "model"  # distill writes its trained model to OUT/model
 GKD_SUFFIX = "+gkd"  # the evaluation name of a model after GKD
 LOCKS = ".locks"
 _HELD: dict[Path, int] = {}  # lock files this process holds -> depth (a lock is reentrant within a process)
+SYNC_INDEX = ".puzzle-sync.json"  # in a staged run's local mirror: what was last pulled / pushed
+_URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a Windows path, not a scheme
+_MIRRORS: dict[str, "RunMirror"] = {}  # URI -> its mirror, while a stage (or `puzzle run`) has it staged
 
 
 @dataclass(frozen=True)
@@ -329,6 +343,10 @@ def writes_run_dir(stage: str) -> Callable[[F], F]:
             run_dir = bound.arguments.get("run_dir")
             if run_dir is None:
                 return fn(*args, **kwargs)
+            if is_uri(run_dir):  # the stage works on the local mirror; what it wrote is uploaded after
+                with staged(run_dir) as local, RunDir(local).lock(stage):
+                    bound.arguments["run_dir"] = local
+                    return fn(*bound.args, **bound.kwargs)
             with RunDir(run_dir).lock(stage):
                 return fn(*args, **kwargs)
 
@@ -359,3 +377,202 @@ def run_parent(run_dir: str | Path, parent: str | Path | None = None, search_spa
     """(parent path, search space name) of a run; see `resolve_run_info`."""
     info = resolve_run_info(run_dir, parent, search_space)
     return Path(info["parent"]), info["search_space"]
+
+
+# ---- run directories at fsspec URIs -------------------------------------------------------------------
+
+
+def as_location(value: str | Path) -> str | Path:
+    """A run directory as given: an fsspec URI (str) or a local Path. A URI that went through `Path` (the CLI's
+    argument type) lost a slash ('s3:/b/k', 'file:/abs'); it is given back ('s3://b/k', 'file:///abs')."""
+    text = str(value)
+    match = _URI.match(text)
+    if match is None:
+        return Path(value)
+    scheme, rest = match.group(1), text[match.end():].lstrip("/")
+    return f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
+
+
+def is_uri(value: str | Path | None) -> bool:
+    return value is not None and isinstance(as_location(value), str)
+
+
+def cache_dir() -> Path:
+    """Where staged runs are mirrored on this machine ($PUZZLE_CACHE, default ~/.cache/puzzle)."""
+    return Path(os.environ.get("PUZZLE_CACHE") or Path.home() / ".cache" / "puzzle")
+
+
+def origin(run_dir: str | Path) -> str | None:
+    """The URI a local directory mirrors while it is staged, else None (a plain local run directory)."""
+    local = Path(run_dir).resolve()
+    return next((uri for uri, m in _MIRRORS.items() if m.local.resolve() == local), None)
+
+
+def describe(run_dir: str | Path) -> str:
+    """One line: where the run directory is and how it is reached (the preflight prints it)."""
+    uri = origin(run_dir) or (str(as_location(run_dir)) if is_uri(run_dir) else None)
+    if uri is None:
+        return f"run dir: {Path(run_dir).resolve()} (local path of the driver)"
+    scheme = str(as_location(uri)).split(":", 1)[0]
+    local = _MIRRORS[uri].local if uri in _MIRRORS else RunMirror.local_for(uri)
+    return f"run dir: {uri} (fsspec {scheme}: staged at {local}, the driver uploads what each stage writes)"
+
+
+def check_reachable(run_dir: str | Path) -> None:
+    """Write, read back and delete a probe file in the run directory (through fsspec for a URI, in its
+    mirror's origin when staged); one line when that fails."""
+    import secrets
+
+    uri = origin(run_dir) or (str(as_location(run_dir)) if is_uri(run_dir) else None)
+    token = secrets.token_hex(8)
+    name = f".preflight-{token}"
+    fs, root = _filesystem(uri) if uri else (None, "")
+    try:
+        if uri is None:
+            path = Path(run_dir) / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(token)
+            ok = path.read_text() == token
+            path.unlink()
+        else:
+            fs.makedirs(root, exist_ok=True)
+            fs.pipe_file(f"{root}/{name}", token.encode())
+            ok = fs.cat_file(f"{root}/{name}") == token.encode()
+            fs.rm_file(f"{root}/{name}")
+    except Exception as err:  # any filesystem's error (credentials, a missing bucket, a read-only mount)
+        raise PuzzleError(f"cannot write the run directory {uri or run_dir}: {type(err).__name__}: "
+                          f"{str(err).splitlines()[0] if str(err) else ''}") from None
+    if not ok:
+        raise PuzzleError(f"the run directory {uri or run_dir} did not give back what was written to it")
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    try:
+        import fsspec
+
+        fs, root = fsspec.core.url_to_fs(uri)
+    except (ImportError, ValueError) as err:  # an unknown protocol, or its package is not installed
+        raise PuzzleError(f"cannot open run directory {uri}: {str(err).splitlines()[0]}") from None
+    return fs, root.rstrip("/")
+
+
+class RunMirror:
+    """A local mirror of a run directory at an fsspec URI (see the module's docstring).
+
+    The sync index (`SYNC_INDEX` in the mirror) records, per relative path, the remote file's identity at the
+    last pull or push (size + ETag/mtime) and the local file's (size, mtime_ns) then: a pull downloads what
+    changed remotely, a push uploads what changed locally."""
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.fs, self.root = _filesystem(uri)
+        self.local = self.local_for(uri)
+
+    @staticmethod
+    def local_for(uri: str) -> Path:
+        return cache_dir() / "runs" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+
+    def _index(self) -> dict[str, Any]:
+        path = self.local / SYNC_INDEX
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def _save_index(self, index: dict[str, Any]) -> None:
+        atomic_write_json(self.local / SYNC_INDEX, index)
+
+    @staticmethod
+    def _remote_id(info: dict[str, Any]) -> str:
+        stamp = next((info[k] for k in ("ETag", "etag", "md5Hash", "mtime", "LastModified", "created") if k in info), "")
+        stamp = stamp.timestamp() if hasattr(stamp, "timestamp") else stamp  # info() and find() differ in type
+        return f"{info.get('size')}:{stamp}"
+
+    def _local_id(self, rel: str) -> list[int] | None:
+        path = self.local / rel
+        if not path.is_file():
+            return None
+        st = path.stat()
+        return [st.st_size, st.st_mtime_ns]
+
+    def _remote_files(self) -> dict[str, dict[str, Any]]:
+        if not self.fs.exists(self.root):
+            return {}
+        found = self.fs.find(self.root, detail=True)
+        prefix = self.root + "/"
+        return {path[len(prefix):]: info for path, info in found.items()
+                if path.startswith(prefix) and info.get("type", "file") == "file" and not _private(path[len(prefix):])}
+
+    def pull(self) -> int:
+        """Download what changed remotely since the last sync (and drop local copies of files deleted there).
+        Returns the number of files downloaded."""
+        self.local.mkdir(parents=True, exist_ok=True)
+        index, remote = self._index(), self._remote_files()
+        count = 0
+        for rel, info in remote.items():
+            seen = index.get(rel)
+            if seen and seen["remote"] == self._remote_id(info) and seen["local"] == self._local_id(rel):
+                continue
+            data = self.fs.cat_file(f"{self.root}/{rel}")
+            atomic_write_bytes(self.local / rel, data)
+            index[rel] = {"remote": self._remote_id(info), "local": self._local_id(rel)}
+            count += 1
+        for rel in [r for r in index if r not in remote]:
+            if index[rel]["local"] == self._local_id(rel):  # synced once, deleted remotely since
+                (self.local / rel).unlink(missing_ok=True)
+            del index[rel]
+        self._save_index(index)
+        return count
+
+    def push(self) -> int:
+        """Upload every local file changed since the last sync, oldest first (the order the stage wrote them:
+        a library variant before the manifest that lists it), each under a temporary name then renamed.
+        Returns the number of files uploaded."""
+        index = self._index()
+        changed = []
+        for path in self.local.rglob("*"):
+            rel = path.relative_to(self.local).as_posix()
+            if path.is_file() and not _private(rel) and index.get(rel, {}).get("local") != self._local_id(rel):
+                changed.append((path.stat().st_mtime_ns, rel))
+        for _, rel in sorted(changed):
+            target = f"{self.root}/{rel}"
+            temp = f"{target}.{os.getpid()}.uploading"
+            self.fs.makedirs(target.rsplit("/", 1)[0], exist_ok=True)
+            self.fs.put_file(str(self.local / rel), temp)
+            self.fs.mv(temp, target)
+            index[rel] = {"remote": self._remote_id(self.fs.info(target)), "local": self._local_id(rel)}
+        self._save_index(index)
+        return len(changed)
+
+
+def _private(rel: str) -> bool:
+    """Files of the mirror that are not the run's: the sync index, the driver's locks, temp files, uploads."""
+    name = rel.rsplit("/", 1)[-1]
+    return (rel == SYNC_INDEX or rel.startswith(LOCKS + "/") or name.endswith(".uploading")
+            or (name.startswith(".") and name.endswith(".tmp")))
+
+
+@contextmanager
+def staged(run_dir: str | Path) -> Iterator[Path]:
+    """The local directory a stage works in: `run_dir` itself when local; for a URI, its mirror, pulled on
+    entry and pushed on exit (also after an error: finished work is kept). Reentrant: an inner stage of a
+    staged `puzzle run` works in the same mirror and leaves the push to the outermost."""
+    location = as_location(run_dir)
+    if isinstance(location, Path):
+        yield location
+        return
+    if location in _MIRRORS:
+        yield _MIRRORS[location].local
+        return
+    mirror = RunMirror(location)
+    mirror.pull()
+    _MIRRORS[location] = mirror
+    try:
+        yield mirror.local
+    finally:
+        del _MIRRORS[location]
+        mirror.push()
+
+
+def sync(run_dir: str | Path) -> None:
+    """Upload what changed in a staged run's mirror now (`puzzle run` after each step); no-op when local."""
+    uri = origin(run_dir) or (str(as_location(run_dir)) if is_uri(run_dir) else None)
+    if uri in _MIRRORS:
+        _MIRRORS[uri].push()

@@ -1,7 +1,13 @@
 """Shared fixtures: tiny random Llama parents and a tiny tokenizer, all built here (nothing downloaded)."""
 
 import os
+import secrets
 from pathlib import Path
+
+# Ray reads its auth token when it is imported: set one for the session before anything imports ray, so a
+# head a test starts (`ray start --head`, given this environment) admits this process and nobody else.
+os.environ.setdefault("RAY_AUTH_MODE", "token")
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
 
 import pytest
 import yaml

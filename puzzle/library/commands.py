@@ -1,10 +1,11 @@
 """`puzzle build-library`: every child block of the search space, initialised from the parent and trained by BLD."""
 
-import os
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal
 
+from puzzle import cluster
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
@@ -51,7 +52,7 @@ def build_library(
     eval_tokens: int = 2048,
     ffn_init: Literal["auto", "channel_contribution", "minitron"] = "auto",
     layers: list[int] | None = None,
-    workers: int = 1,
+    workers: int | Literal["auto"] = "auto",
     worker_memory_gib: float | None = None,
     threads: int = 1,
     ray: bool = True,
@@ -78,13 +79,15 @@ def build_library(
         ffn_init: neuron ranking for pruned FFNs; auto: Minitron importance when RUN_DIR/importance has it,
             else Channel Contribution
         layers: only these layers (default: all)
-        workers: layer groups, one Ray task each (0 or --no-ray: all in this process)
+        workers: layer groups, one Ray task each; auto: one per GPU of the Ray cluster (per THREADS CPUs on a
+            CPU-only one) when a cluster is named (--address, RAY_ADDRESS), else 1; 1 (without a cluster),
+            0 or --no-ray: all in this process
         worker_memory_gib: host memory one job may take (estimated as `puzzle plan` does): a layer group
             over it is split into jobs of fewer variants, with the same results (default: no limit)
         threads: CPU threads (and Ray CPUs) per worker
         ray: run the groups as Ray tasks; --no-ray runs them one after another in this process
         address: Ray cluster address; default: RAY_ADDRESS, else a local embedded Ray
-        max_retries: times Ray reruns a group whose worker died
+        max_retries: times a group whose worker died is submitted again
         seed: data order and held-out sample
         force: retrain every variant even if the library already holds it (a variant trained under other
             settings is retrained without it; workers, threads, ray, address and max_retries change no weight)
@@ -93,18 +96,22 @@ def build_library(
         dtype: the parent's dtype and the training's autocast dtype (fp32 weights and AdamW state): auto (bf16
             on CUDA, fp32 on the CPU), bf16, fp16 or fp32
     """
-    from puzzle.device import resolve
+    from puzzle.device import resolve, resolve_remote
 
     run_dir = Path(run_dir).resolve()
     parent_path, space_name = run_parent(run_dir, parent, search_space)  # absolute: Ray workers may start elsewhere
-    runtime = resolve(device, dtype)  # here, not in the workers: one meaning of `auto` for the whole library
+    workers = cluster.parse_workers(workers)
+    # the dtype is fixed here, not in the workers: one meaning of `auto` for the whole library. On Ray the
+    # device is each worker's (the GPU Ray assigned), so only the names are checked on this driver.
+    on_ray = cluster.uses_ray(workers, ray, address)
+    runtime = resolve_remote(device, dtype) if on_ray else resolve(device, dtype)
     settings = BLDSettings(
         tokens_per_block=tokens_per_block, batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
         calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, ffn_init=ffn_init, seed=seed,
-        device=str(runtime.device), dtype=runtime.dtype_name,
+        device="auto" if on_ray and device == "auto" else str(runtime.device), dtype=runtime.dtype_name,
     )
-    if workers < 0 or threads < 0 or max_retries < 0:
-        raise PuzzleError("workers, threads and max-retries must not be negative")
+    if threads < 0 or max_retries < 0:
+        raise PuzzleError("threads and max-retries must not be negative")
     from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
     from puzzle.model.checkpoint import load_config
 
@@ -129,14 +136,18 @@ def build_library(
         raise PuzzleError(f"worker-memory-gib must be positive, got {worker_memory_gib}")
     seq_len = settings.seq_len or int(meta["seq_len"])
     budget = worker_memory_gib * 2**30 if worker_memory_gib is not None else None
-    jobs = [
-        GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, plan.layers, settings.to_dict(), threads,
-                 plan.keys)
-        for plan in plan_jobs(space, parent_config, settings, chosen, workers or 1, seq_len, budget)
-    ]
-    use_ray = ray and workers > 0
+    use_ray = cluster.uses_ray(workers, ray, address)
+    todo = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     t0 = time.perf_counter()
-    results = run_build(jobs, space, run_dir, use_ray, address or os.environ.get("RAY_ADDRESS"), max_retries, digest)
+    with cluster.connected(address) if use_ray and todo else nullcontext():  # a finished build starts no Ray
+        if workers == "auto":
+            workers = cluster.auto_workers(threads) if use_ray and todo else 1
+        jobs = [
+            GroupJob(str(run_dir), str(parent_path), space_raw, space_path.stem, plan.layers, settings.to_dict(), threads,
+                     plan.keys)
+            for plan in plan_jobs(space, parent_config, settings, chosen, workers or 1, seq_len, budget)
+        ]
+        results = run_build(jobs, space, run_dir, use_ray, max_retries, digest)
     missing = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     if missing:
         names = ", ".join(store.key_of(v) for v in missing[:5])

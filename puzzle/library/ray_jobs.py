@@ -1,28 +1,32 @@
 """Running a library build: layer groups as Ray tasks (or one after another in this process).
 
 Each task owns a contiguous group of layers (and, under a per-worker memory budget, a subset of their
-variants: `plan_jobs`). It loads the data and the parent itself (from paths, so nothing large travels
-through Ray): only the embeddings and the layers up to its last one, read from the parent's safetensors
-(`load_puzzle(last_layer=...)`). It runs that parent once per batch, trains the job's variants and writes
-each one as it finishes (`store.write_variant`), in the parent's dtype. A task whose worker
-dies is retried (`max_retries`); the retry, like any rerun, skips what the manifest already holds.
-The driver shows one progress bar over all variants by polling the manifest.
+variants: `plan_jobs`). It loads the parent itself (from its path): only the embeddings and the layers up
+to its last one, read from the parent's safetensors (`load_puzzle(last_layer=...)`). It receives the
+prepared data and importance scores through Ray's object store (`bld_task`, puzzle/cluster.py: workers
+never open the run directory), runs that parent once per batch, trains the job's variants and streams
+each one back as it finishes, in the parent's dtype; the driver writes it (`store.receive_variant`) and
+advances one progress bar over all variants. A job whose worker dies is submitted again without the
+variants the driver already holds.
 """
 
+import json
 import math
-import os
-from itertools import accumulate
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
+from itertools import accumulate
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm import tqdm
 
+from puzzle import cluster
 from puzzle.errors import PuzzleError
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, weight_train_flops
+from puzzle.run_dir import RunDir
 from puzzle.search_space import SearchSpace, Variant, build_search_space
 from puzzle.shape import ModelShape
 
@@ -204,9 +208,11 @@ def _already_done(job: GroupJob, space: SearchSpace) -> dict[str, Any] | None:
 def _load_parent(job: GroupJob, last_layer: int) -> Any:
     """The parent truncated after `last_layer`: embeddings and layers 0..last_layer read from its safetensors
     (`load_puzzle`), nothing beyond."""
+    from puzzle.device import DTYPES
     from puzzle.model.checkpoint import load_puzzle
 
-    return load_puzzle(job.parent, last_layer=last_layer).requires_grad_(False)
+    dtype = DTYPES[job.settings.get("dtype", "fp32")]  # held once in the training's low dtype (bf16 under --dtype bf16)
+    return load_puzzle(job.parent, dtype=dtype, last_layer=last_layer).requires_grad_(False)
 
 
 def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None, tuple[Any, Any]]:
@@ -233,13 +239,6 @@ def run_group(job: GroupJob) -> dict[str, Any]:
     if (done := _already_done(job, space)) is not None:
         return done
     return _build(job, _load_parent(job, max(job.layers)), space, _inputs(job))
-
-
-def _count_done(run_dir: str | Path, keys: set[str]) -> int:
-    try:
-        return len(keys & set(store.read_manifest(run_dir)["variants"]))
-    except PuzzleError:  # read while being replaced on a filesystem without atomic rename: try again later
-        return -1
 
 
 def run_in_process(jobs: list[GroupJob], progress: Callable[[int], None]) -> list[dict[str, Any]]:
@@ -269,54 +268,164 @@ def _run_jobs_here(jobs: list[GroupJob], progress: Callable[[int], None]) -> lis
     return results
 
 
-def run_on_ray(
-    jobs: list[GroupJob], address: str | None, max_retries: int, poll: Callable[[], None], poll_s: float = 1.0
-) -> list[dict[str, Any]]:
-    """The groups as Ray tasks: `ray.init(address)` unless Ray is already initialised in this process
-    (None: RAY_ADDRESS, else the local cluster `ray start` left, else a new embedded one)."""
-    import ray
-    from ray.exceptions import RayTaskError, WorkerCrashedError
+def bld_task(job: GroupJob, inputs: dict[str, bytes], seed: dict[str, bytes]) -> Iterator[dict[str, Any]]:
+    """A Ray generator task: `run_group` on a private run directory holding the shipped `inputs` (prepared
+    data, importance) and `seed` (the driver's manifest and the group's finished files, so a resubmitted
+    job skips them). Yields {"worker": `task_device()`} first, then {"log": [...], "variants": [(record,
+    bytes or None)]} as variants finish, then {"summary": ...} (see puzzle/cluster.py, Transport)."""
+    worker = cluster.task_device()
+    yield {"worker": worker}
+    if job.settings.get("device", "cpu") != "cpu":  # cuda or auto: the GPU Ray assigned (the CPU if none)
+        job = replace(job, settings={**job.settings, "device": worker["device"]})
+    with cluster.unpacked(inputs, seed) as work:
+        yield from _follow(work, lambda: run_group(replace(job, run_dir=str(work))))
 
-    started_here = not ray.is_initialized()
-    if started_here:
+
+def _follow(work: Path, fn: Callable[[], dict[str, Any]], tick_s: float = 0.25) -> Iterator[dict[str, Any]]:
+    """Run `fn` (which writes library variants and log lines into `work`) in a thread; every `tick_s` yield
+    what it wrote since the last look (whole log lines; manifest records with their files' bytes), then its
+    result. A record goes out one tick after it was first seen, with the log read after it: bld writes a
+    variant's file, its record, then its `variant_done` line, so the line travels with (or before) it and a
+    worker killed in between loses both (its job, resubmitted, trains the variant once more) or neither."""
+    shipped = set(store.read_manifest(work)["variants"])  # seeded: the driver holds them
+    log_path, offset = store.library_log(work).path, 0
+    box: dict[str, Any] = {}
+
+    def target() -> None:
         try:
-            ray.init(address=address, log_to_driver=True)
-        except (ConnectionError, ValueError, RuntimeError) as err:
-            raise PuzzleError(f"cannot reach the Ray cluster at {address or os.environ.get('RAY_ADDRESS')}: {err}") from None
+            box["result"] = fn()
+        except BaseException as err:  # raised again below, in the task's own thread
+            box["error"] = err
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    pending: dict[str, dict[str, Any]] = {}
+    while True:
+        thread.join(timeout=tick_s)
+        alive = thread.is_alive()
+        seen = {k: r for k, r in store.read_manifest(work)["variants"].items() if k not in shipped}
+        lines, offset = _new_lines(log_path, offset)
+        ready = {k: r for k, r in seen.items() if k in pending or not alive}
+        pending = {k: r for k, r in seen.items() if k not in ready}
+        shipped |= set(ready)
+        variants = [(r, (store.library_dir(work) / r["file"]).read_bytes() if r.get("source") == "trained" else None)
+                    for r in ready.values()]
+        if lines or variants:
+            yield {"log": lines, "variants": variants}
+        if not alive:
+            break
+    if "error" in box:
+        raise box["error"]
+    yield {"summary": box["result"]}
+
+
+def _new_lines(path: Path, offset: int) -> tuple[list[dict[str, Any]], int]:
+    """The whole JSON lines of `path` after byte `offset`, and the offset after them."""
+    if not path.exists():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    lines = []
+    for line in data[:end].splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines, offset + end
+
+
+def _seed(run_dir: Path, job: GroupJob) -> dict[str, bytes]:
+    """The driver's manifest and the files of the job's trained variants it holds, as run-relative bytes."""
+    manifest = store.manifest_path(run_dir)
+    rels = [manifest.relative_to(run_dir).as_posix()] if manifest.exists() else []
+    for record in store.read_manifest(run_dir)["variants"].values():
+        if record.get("layer") in job.layers and record.get("source") == "trained":
+            rels.append((store.library_dir(run_dir) / record["file"]).relative_to(run_dir).as_posix())
+    return {rel: (run_dir / rel).read_bytes() for rel in rels if (run_dir / rel).is_file()}
+
+
+def job_requests(jobs: list[GroupJob], space: SearchSpace, info: cluster.ClusterInfo) -> list[cluster.Resources]:
+    """Each job's Ray request from `build_library_cost` on its layers alone (one worker's peak)."""
+    from puzzle.data.blocks import load_meta
+    from puzzle.model.checkpoint import load_config
+    from puzzle.plan import bld_job_bytes, job_estimate
+
+    requests = []
+    for job in jobs:
+        config = load_config(job.parent)
+        seq_len = int(load_meta(job.run_dir)["seq_len"])
+        if job.variants:  # a job of a budgeted build: its own variants' estimate, as `plan_jobs` sized it
+            settings = BLDSettings(**job.settings)
+            nbytes = bld_job_bytes(ModelShape.from_config(config), list(job.layers), job_variants(job, space), settings,
+                                   settings.seq_len or seq_len)
+            requests.append(cluster.job_resources(nbytes, nbytes, job.threads, info))
+            continue
+        est = job_estimate("build_library", config, space, seq_len, {**job.settings, "layers": list(job.layers), "workers": 1})
+        requests.append(cluster.job_resources(est.host_bytes, est.gpu_bytes or est.host_bytes, job.threads, info))
+    return requests
+
+
+def run_on_ray(jobs: list[GroupJob], space: SearchSpace, run_dir: Path, max_retries: int,
+               progress: Callable[[int], None]) -> list[dict[str, Any]]:
+    """The groups as Ray generator tasks (Ray must be connected: `cluster.connected`): preflight, each job's
+    request from its estimate, jobs of one layer group placed together, inputs shipped once, results
+    written here as they arrive, a dead worker's job resubmitted (puzzle/cluster.py)."""
+    import ray
+
+    info = cluster.preflight(run_dir, jobs[0].parent)
+    requests = job_requests(jobs, space, info)
+    keys = [job.layers for job in jobs]
+    cluster.check_fits([[r for k, r in zip(keys, requests) if k == key] for key in dict.fromkeys(keys)], info, "library")
+    run = RunDir(run_dir)
+    inputs = cluster.ship(run_dir, cluster.run_files(run_dir, run.data) + cluster.run_files(run_dir, run.importance))
+    placed, groups = cluster.placement(keys, requests)
+    # Workers report progress by what they yield; their own bars (transformers' GGUF conversion, once per
+    # worker) would only interleave in the driver's log. env_vars merge with the job's.
+    task = ray.remote(bld_task)
+    quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
+    index = {id(job): i for i, job in enumerate(jobs)}
+    log = store.library_log(run_dir)
+    workers: dict[int, dict[str, Any]] = {}
+    received: dict[int, list[int]] = {id(job): [0, 0] for job in jobs}  # trained, recorded: across attempts
+    results: list[dict[str, Any]] = []
+
+    def submit(job: GroupJob) -> Any:
+        i = index[id(job)]
+        return task.options(max_retries=0, runtime_env=quiet, **requests[i].options(), **placed[i]).remote(
+            job, inputs, _seed(run_dir, job))
+
+    def handle(job: GroupJob, item: dict[str, Any]) -> None:
+        for record, data in item.get("variants", ()):
+            store.receive_variant(run_dir, record, data)
+            received[id(job)][record.get("source") != "trained"] += 1
+        if item.get("variants"):
+            progress(len(item["variants"]))
+        for line in item.get("log", ()):
+            log.write(**line)
+        if "worker" in item:
+            workers[id(job)] = item["worker"]
+        if "summary" in item:  # counts of what arrived here, a dead attempt's included
+            trained, recorded = received[id(job)]
+            results.append({**item["summary"], "trained": trained, "recorded": recorded,
+                            "skipped": len(job_variants(job, space)) - trained - recorded,
+                            "worker": workers[id(job)], "request": asdict(requests[index[id(job)]])})
+
     try:
-        task = ray.remote(run_group)
-        # Workers report progress through the manifest the driver polls; their own bars (transformers' GGUF
-        # conversion, once per worker) would only interleave in the driver's log. env_vars merge with the job's.
-        quiet = {"env_vars": {"TQDM_DISABLE": "1"}}
-        refs = [task.options(num_cpus=max(job.threads, 1), max_retries=max_retries, retry_exceptions=False,
-                             runtime_env=quiet).remote(job) for job in jobs]
-        results, pending = [], list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1, timeout=poll_s)
-            poll()
-            for ref in ready:
-                try:
-                    results.append(ray.get(ref))
-                except RayTaskError as err:
-                    if isinstance(err.cause, PuzzleError):
-                        raise err.cause from None
-                    raise
-                except WorkerCrashedError:
-                    raise PuzzleError(
-                        f"a library worker died {max_retries + 1} times; rerun puzzle build-library to resume"
-                    ) from None
-        return results
+        cluster.stream(jobs, submit, handle, max_retries, "library")
     finally:
-        if started_here:
-            ray.shutdown()
+        cluster.remove_placement(groups)
+    return results
 
 
 def run_build(
-    jobs: list[GroupJob], space: SearchSpace, run_dir: Path, use_ray: bool, address: str | None, max_retries: int,
+    jobs: list[GroupJob], space: SearchSpace, run_dir: Path, use_ray: bool, max_retries: int,
     settings_sha256: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run every job with one progress bar over all variants of the jobs' layers (a variant trained under
-    other settings than `settings_sha256`, `BLDSettings.digest`, counts as missing)."""
+    other settings than `settings_sha256`, `BLDSettings.digest`, counts as missing). With `use_ray`, Ray
+    must be connected (`cluster.connected`)."""
     layers = sorted({layer for job in jobs for layer in job.layers})
     keys = {store.key_of(v) for v in group_variants(space, layers)}
     missing = store.missing_variants(run_dir, group_variants(space, layers), settings_sha256=settings_sha256)
@@ -330,14 +439,7 @@ def run_build(
     t0 = time.perf_counter()
     with tqdm(total=len(keys), initial=done, desc="block library", unit="variant", dynamic_ncols=True) as bar:
         if jobs and use_ray:
-
-            def poll() -> None:
-                n = _count_done(run_dir, keys)
-                if n > bar.n:
-                    bar.update(n - bar.n)
-
-            results += run_on_ray(jobs, address, max_retries, poll)
-            poll()
+            results += run_on_ray(jobs, space, run_dir, max_retries, bar.update)
         elif jobs:
             results += run_in_process(jobs, bar.update)
     store.library_log(run_dir).write(event="build_done", groups=len(jobs), wall_s=time.perf_counter() - t0)

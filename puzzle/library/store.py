@@ -15,9 +15,9 @@ last build's; each trained entry's digest is what decides whether a rerun reuses
 
 A variant counts as done only when the manifest holds it and, for a trained one, its file exists with the
 recorded hash: the file is written first (temp + rename), the manifest after it, so neither a crash between
-the two nor a half-written or stray file is ever taken for a finished variant. Several Ray workers update
-the manifest; each read-modify-write holds an exclusive `flock` on `.manifest.lock` (the run directory must
-be on a filesystem every worker shares).
+the two nor a half-written or stray file is ever taken for a finished variant. Each read-modify-write of the
+manifest holds an exclusive `flock` on `.manifest.lock`. On Ray the workers write into private directories
+and the driver writes what they stream back (`receive_variant`): the run directory is shared with no one.
 """
 
 import fcntl
@@ -233,3 +233,13 @@ class LibraryReader:
             self.kept[key] = state
             self.kept_bytes += len(data)
         return state
+
+
+def receive_variant(run_dir: str | Path, record: dict[str, Any], data: bytes | None) -> None:
+    """A variant finished elsewhere (a Ray worker's private directory, puzzle/cluster.py): for a trained one
+    its file, checked against the record's hash and written atomically, then the record."""
+    if record.get("source") == "trained":
+        if data is None or hashlib.sha256(data).hexdigest() != record.get("sha256"):
+            raise PuzzleError(f"variant {record.get('file')} arrived damaged from its worker; rerun puzzle build-library")
+        atomic_write_bytes(library_dir(run_dir) / record["file"], data)
+    update_manifest(run_dir, [record])

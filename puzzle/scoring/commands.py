@@ -9,6 +9,9 @@ variant, the batch index, a fingerprint of the settings (parent, prepared data, 
 size, seed) and the library entry (its file's sha256, or "parent" / "noop"). A rerun computes only what
 is missing or stale, and loads no model at all when nothing is; the tables are written at the end.
 
+On Ray (`--workers N`, or `auto` with a cluster named): the variants are split by layer ranges, one
+task per range (puzzle/scoring/ray_jobs.py); their results arrive here and go into the same log.
+
 Memory: the loop is batch-outer, variant-inner, so only one batch's parent reference is held (see
 `puzzle.scoring.replace1`: B*T*V*4 bytes of parent log-probabilities plus chunk temporaries). The parent is
 loaded once (`load_puzzle`: built on the meta device, filled from safetensors); each library file is read
@@ -19,22 +22,25 @@ import hashlib
 import json
 import logging
 import math
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Literal
 
 import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from puzzle import cluster
 from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, load_meta
-from puzzle.device import Runtime, place, resolve
+from puzzle.device import Runtime, place, resolve, resolve_remote
 from puzzle.errors import PuzzleError
-from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, write_table
+from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, read_yaml, write_table
 from puzzle.library.store import LibraryReader, key_of, library_dir, missing_variants, read_manifest, variant_state
 from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
+from puzzle.scoring.ray_jobs import ScoreJob, layer_ranges, score_on_ray, without
 from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
-from puzzle.search_space import Variant, load_search_space
+from puzzle.search_space import Variant, build_search_space, resolve_space_path
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +118,11 @@ def score(
     chunk_tokens: int = 512,
     device: str = "auto",
     dtype: str = "auto",
+    workers: int | Literal["auto"] = "auto",
+    threads: int = 1,
+    ray: bool = True,
+    address: str | None = None,
+    max_retries: int = 3,
 ) -> Path:
     """Replace-1-block quality of every library variant: KL to the parent, LM loss, top-1 agreement, cosine.
 
@@ -124,12 +135,22 @@ def score(
             (batch_size x seq_len x vocab x 4 bytes)
         seed: seed of the validation sample
         chunk_tokens: tokens per chunk of the vocabulary-sized logits (bounds memory; results change only by float rounding)
-        device: where to score: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
+        device: where to score: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N. On Ray,
+            any device but cpu requests GPUs and runs on the one Ray assigns to each worker
         dtype: the parent's and the variants' dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
             (log-probabilities, KL and losses are computed in fp32 either way)
+        workers: Ray tasks, one per contiguous layer range; auto: one per GPU of the Ray cluster (per THREADS
+            CPUs on a CPU-only one) when a cluster is named (--address, RAY_ADDRESS), else 1; 1 (without a
+            cluster), 0 or --no-ray: in this process
+        threads: CPU threads (and Ray CPUs) per Ray worker
+        ray: score on Ray when there are several workers or a cluster is named; --no-ray: in this process
+        address: Ray cluster address; default: RAY_ADDRESS, else a local embedded Ray
+        max_retries: times a layer range whose worker died is submitted again
     """
     run_dir = Path(run_dir)
-    runtime = resolve(device, dtype)
+    workers = cluster.parse_workers(workers)
+    # here, or on each Ray worker's node (whose GPU this driver may not have): one line before anything slow
+    runtime = resolve_remote(device, dtype) if cluster.uses_ray(workers, ray, address) else resolve(device, dtype)
     for name, value in (("blocks", blocks), ("batch_size", batch_size), ("chunk_tokens", chunk_tokens)):
         if value < 1:
             raise PuzzleError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -140,7 +161,9 @@ def score(
     space_name = info.get("search_space") or manifest.get("search_space") or DEFAULT_SPACE
     parent_config = load_config(info["parent"])
     check_token_ids(val, parent_config.vocab_size)
-    space = load_search_space(space_name, parent_config)
+    space_path = resolve_space_path(space_name)
+    space_raw = read_yaml(space_path)
+    space = build_search_space(space_raw, parent_config, space_path.stem)
     variants = list(space.variants())
     _check_library(run_dir, variants, space.name)
 
@@ -163,9 +186,20 @@ def score(
     results = ResultLog(out_dir / "partial.jsonl", fingerprint, entries)
     todo = {b: [v for v in variants if not results.has(key_of(v), b)] for b in range(n_batches)}
     needed = {b for b in range(n_batches) if todo[b] or not results.has(PARENT_KEY, b)}
+    use_ray = cluster.uses_ray(workers, ray, address) and bool(needed)  # a finished table starts no Ray
     if needed:
-        batches = iterate_batches(val, batch_size, shuffle=True, seed=seed, limit=n_blocks)
-        _score_batches(run_dir, info["parent"], runtime, chunk_tokens, batches, todo, needed, results)
+        with cluster.connected(address) if use_ray else nullcontext():
+            count = (cluster.auto_workers(threads) if use_ray else 1) if workers == "auto" else workers
+            if use_ray:
+                ray_jobs = [ScoreJob(str(info["parent"]), space_raw, space_path.stem, tuple(layers),
+                                     {b: tuple(key_of(v) for v in todo[b] if v.layer in layers) for b in todo},
+                                     tuple(sorted(needed)) if i == 0 else (), n_blocks, batch_size, seed,  # 1st: parent rows
+                                     chunk_tokens, device, threads, runtime.dtype_name)
+                            for i, layers in enumerate(layer_ranges(variants, space.num_layers, max(count, 1)))]
+                _score_on_ray(run_dir, ray_jobs, variants, int(meta["seq_len"]), results, max_retries)
+            else:
+                batches = iterate_batches(val, batch_size, shuffle=True, seed=seed, limit=n_blocks)
+                _score_batches(run_dir, info["parent"], runtime, chunk_tokens, batches, todo, needed, results)
     else:
         log.info(json.dumps({"event": "score_cached", "run_dir": str(run_dir), "variants": len(variants)}))
 
@@ -189,6 +223,51 @@ def score(
     return table
 
 
+def _score_on_ray(run_dir: Path, jobs: list[ScoreJob], variants: list[Variant], seq_len: int, results: ResultLog,
+                  max_retries: int) -> None:
+    """The layer ranges as Ray tasks, each result logged as it arrives (see puzzle/scoring/ray_jobs.py)."""
+    bar = tqdm(total=sum(len(k) for job in jobs for k in job.todo.values()), desc="score", unit="variant-batch")
+
+    def add(key: str, batch: int, sums: Sums, extra: dict[str, Any]) -> None:
+        if results.has(key, batch):  # the parent's row, or a result a dead worker's job sent before dying
+            return
+        results.add(key, batch, sums, **extra)
+        if key != PARENT_KEY:
+            bar.update()
+
+    try:
+        workers = score_on_ray(run_dir, jobs, {key_of(v): v for v in variants}, seq_len, add,
+                               lambda job: without(job, results.has), max_retries)
+    finally:
+        bar.close()
+    for worker in workers:  # where each range ran: host, pid, device, the GPU ids Ray assigned, the request
+        JsonlLog(scores_dir(run_dir) / "log.jsonl").write(event="score_worker", **worker)
+
+
+def score_results(run_dir: Path, model: Any, batches: Iterator[torch.Tensor], todo: dict[int, list[Variant]],
+                  parent_batches: set[int], chunk_tokens: int) -> Iterator[tuple[str, int, Sums, Variant | None]]:
+    """(key, batch, sums, variant) of the `todo` variants of each batch, and (PARENT_KEY, batch, sums, None)
+    of each batch in `parent_batches`; batches with neither are skipped without a forward. Each library
+    file is read and verified once per run, not once per batch (kept in memory while the entries take at
+    most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed)."""
+    parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes)
+
+    def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
+        if variant.is_parent:
+            return variant_state(run_dir, model, variant)
+        return library.state(variant)
+
+    for b, ids in enumerate(batches):
+        if not todo.get(b) and b not in parent_batches:
+            continue
+        ref = parent_reference(model, ids, chunk_tokens)
+        if b in parent_batches:
+            yield PARENT_KEY, b, ref.sums, None
+        for variant, sums in score_batch(model, ref, todo.get(b, []), state_fn):
+            yield key_of(variant), b, sums, variant
+
+
 def _score_batches(
     run_dir: Path,
     parent_path: str,
@@ -201,27 +280,15 @@ def _score_batches(
 ) -> None:
     """Load the parent and compute the `todo` variants of each `needed` batch, logging each result as it finishes."""
     model = place(load_puzzle(parent_path, dtype=runtime.dtype), runtime.device).eval()
-    # each library file is read and verified once per run, not once per batch (kept in memory while the
-    # entries take at most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed)
-    parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes)
-
-    def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
-        if variant.is_parent:
-            return variant_state(run_dir, model, variant)
-        return library.state(variant)
-
+    parent_batches = {b for b in needed if not results.has(PARENT_KEY, b)}
     bar = tqdm(total=sum(len(t) for t in todo.values()), desc="score", unit="variant-batch")
     try:
-        for b, ids in enumerate(batches):
-            if b not in needed:
+        for key, b, sums, variant in score_results(run_dir, model, batches, todo, parent_batches, chunk_tokens):
+            if variant is None:
+                results.add(PARENT_KEY, b, sums)
                 continue
-            ref = parent_reference(model, ids, chunk_tokens)
-            if not results.has(PARENT_KEY, b):
-                results.add(PARENT_KEY, b, ref.sums)
-            for variant, sums in score_batch(model, ref, todo[b], state_fn):
-                results.add(key_of(variant), b, sums, layer=variant.layer, kind=variant.kind, variant=variant.name)
-                bar.update()
-                bar.set_postfix(batch=b, layer=variant.layer, refresh=False)
+            results.add(key, b, sums, layer=variant.layer, kind=variant.kind, variant=variant.name)
+            bar.update()
+            bar.set_postfix(batch=b, layer=variant.layer, refresh=False)
     finally:
         bar.close()

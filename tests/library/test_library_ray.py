@@ -1,5 +1,6 @@
-"""The library build on Ray: layer groups as tasks, a worker killed mid-task is retried without redoing the
-other group's work, and `ray job submit -- puzzle build-library` works against a real local head."""
+"""The library build on Ray: layer groups as tasks, a worker killed mid-task is resubmitted without redoing the
+other group's work (or its own finished variants) and the library equals an undisturbed build's, and
+`ray job submit -- puzzle build-library` works against a real local head."""
 
 import os
 import secrets
@@ -43,6 +44,7 @@ def local_ray():
         ray.shutdown()
 
 
+@pytest.mark.timeout(900)
 def test_layer_groups_run_as_ray_tasks_and_a_killed_worker_is_retried(tmp_path, local_ray):
     parent = save_parent(tmp_path / "parent", layers=4)
     run = write_blocks(tmp_path / "run")
@@ -71,6 +73,10 @@ def test_layer_groups_run_as_ray_tasks_and_a_killed_worker_is_retried(tmp_path, 
     done = [(e["layer"], e["kind"], e["variant"]) for e in _events(run, "variant_done")]
     assert len(done) == len(set(done)) == 12  # nothing trained twice: the first group was not redone
     assert summary["trained"] == 12
+    undisturbed = write_blocks(tmp_path / "undisturbed")
+    build_library(undisturbed, parent, tokens_per_block=20000, workers=1, ray=False, **SMALL)
+    hashes = [{k: r.get("sha256") for k, r in store.read_manifest(r)["variants"].items()} for r in (run, undisturbed)]
+    assert hashes[0] == hashes[1]  # the same tensors as a build nobody killed
 
 
 def _free_ports(n: int) -> list[int]:

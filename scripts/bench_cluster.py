@@ -1,0 +1,222 @@
+"""BLD and scoring wall time on 1 vs 2 Ray workers on this machine, and `puzzle plan`'s estimate for
+Llama-3.1-70B on one 8xH100 node beside the reported setups -> benchmarks/cluster.{md,json}.
+
+    python scripts/bench_cluster.py                       # the full table (minutes; run on an idle machine)
+    python scripts/bench_cluster.py --layers 2 --hidden 64 --tokens-per-block 256 --blocks 4 --out /tmp/c
+
+A random Llama parent of the given shape (saved as safetensors) and random prepared data; a local Ray head
+started here (`ray start --head --block`, 2 CPUs, stopped at the end) that each build joins; per worker
+count a fresh run directory, `build_library(workers=N)` then `score(workers=N)`, timed from the call (Ray
+tasks, the preflight, shipping inputs, streaming results included). The plan rows come from
+`puzzle.plan.plan` on Meta's published Llama-3.1-70B config.json (written here, no weights).
+"""
+
+import argparse
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_AUTH_MODE", "token")  # before ray is imported (it reads the token then)
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(32))
+
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+GIB = 1024**3
+# Meta's published Llama-3.1-70B config.json dimensions (as in tests/test_plan.py)
+LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
+                 num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=131072, rms_norm_eps=1e-5,
+                 rope_theta=500000.0, tie_word_embeddings=False)
+REPORTED = [  # what we could cite; "-" where the source we read does not say
+    ("Puzzle paper (arXiv 2411.19146, abstract)", "Llama-3.1-70B-Instruct -> Nemotron-51B", "-",
+     "<= 45B training tokens; the child fits one H100, 2.17x throughput"),
+    ("Puzzletron (nvidia-modelopt), as quoted in issue 15", "Llama-3.1-8B", "2x H100", "46 min end to end"),
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_head(cpus: int) -> tuple[subprocess.Popen, str, str]:
+    ray = Path(sys.executable).parent / "ray"
+    port = _free_port()
+    tmp = tempfile.mkdtemp(prefix="pzb", dir="/tmp")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                             "--num-cpus", str(cpus), "--object-store-memory", str(200 * 2**20),
+                             "--include-dashboard", "false", "--temp-dir", tmp, "--disable-usage-stats"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    address = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while subprocess.run([str(ray), "status", "--address", address], env=env, capture_output=True).returncode:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit("the Ray head did not come up")
+        time.sleep(1)
+    return proc, address, tmp
+
+
+def stop_head(proc: subprocess.Popen, tmp: str) -> None:
+    proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def make_parent(out: Path, args: argparse.Namespace) -> Path:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.ffn,
+                         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads // 2,
+                         max_position_embeddings=args.seq_len, tie_word_embeddings=False)
+    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def write_data(run: Path, args: argparse.Namespace) -> Path:
+    out = run / "data"
+    out.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    n = {"train": args.train_blocks, "val": args.blocks}
+    for split, count in n.items():
+        rng.integers(3, args.vocab, size=(count, args.seq_len), dtype=np.uint32).tofile(out / f"{split}.bin")
+    meta = {"seq_len": args.seq_len, "dtype": "uint32", "n_train_blocks": n["train"], "n_val_blocks": n["val"],
+            "fingerprint": "bench_cluster"}
+    (out / "meta.json").write_text(json.dumps(meta))
+    return run
+
+
+def _imports() -> int:
+    import puzzle.library.ray_jobs  # noqa: F401  (torch, transformers, puzzle: what every job imports first)
+    import puzzle.scoring.ray_jobs  # noqa: F401
+
+    return os.getpid()
+
+
+def warm_workers(n: int) -> None:
+    """Start `n` Ray worker processes and import the package in each, so neither column pays for a cold
+    worker (several seconds here) that the other does not."""
+    import ray
+
+    # the runtime env the stages' tasks use: Ray starts separate workers per runtime env
+    task = ray.remote(_imports).options(num_cpus=1, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}})
+    pids: set[int] = set()
+    for _ in range(10):
+        pids |= set(ray.get([task.remote() for _ in range(n)]))
+        if len(pids) >= n:
+            return
+
+
+def time_stages(parent: Path, root: Path, workers: int, args: argparse.Namespace) -> dict:
+    from puzzle.library.commands import build_library
+    from puzzle.scoring.commands import score
+
+    run = write_data(root / f"run-{workers}", args)  # fresh: nothing to resume
+    t0 = time.perf_counter()
+    build_library(run, parent, search_space=args.search_space, tokens_per_block=args.tokens_per_block, batch_size=4,
+                  calibration_tokens=args.tokens_per_block, eval_tokens=args.seq_len * 4, workers=workers, threads=1)
+    bld = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    score(run, parent, search_space=args.search_space, blocks=args.blocks, batch_size=2, workers=workers)
+    return {"workers": workers, "build_library_s": bld, "score_s": time.perf_counter() - t0}
+
+
+def plan_70b(root: Path) -> dict:
+    from transformers import LlamaConfig
+
+    from puzzle.plan import plan
+
+    parent = root / "llama-3.1-70b"
+    LlamaConfig(**LLAMA_70B).save_pretrained(parent)
+    (root / "corpus").mkdir(exist_ok=True)
+    config = {"run_dir": str(root / "plan-run"), "parent": str(parent), "corpus": str(root / "corpus"),
+              "search_space": "llama_default", "prepare_data": {"seq_len": 4096, "max_tokens": 1_000_000_000},
+              "build_library": {"tokens_per_block": 1_000_000, "batch_size": 8, "workers": "auto"},
+              "score": {"blocks": 64, "batch_size": 4, "device": "cuda", "workers": "auto"},
+              "solve": [{"budget": "h100_80gb", "speedup": 2.0, "name": "s"}], "realize": [{"solution": "s"}]}
+    path = root / "plan_70b.yaml"
+    path.write_text(yaml.safe_dump(config))
+    # one DGX H100 node: 8 x H100 80 GB, 2 TiB of host memory (NVIDIA's DGX H100 datasheet)
+    return plan(path, device="cuda", gpus=8, gpu_memory_gib=80, host_memory_gib=2048, budget="h100_80gb",
+                cpu_gflops=1000)
+
+
+def write_report(out: Path, timings: list[dict], planned: dict, args: argparse.Namespace) -> None:
+    one, two = timings
+    steps = {s["step"]: s for s in planned["steps"]}
+    lines = ["# Ray: 1 vs 2 workers, and the plan for Llama-3.1-70B on 8xH100", "",
+             f"Regenerate: `python scripts/bench_cluster.py {' '.join(sys.argv[1:])}`. Parent: random Llama, "
+             f"{args.layers} layers, hidden {args.hidden}, FFN {args.ffn}; search space `{args.search_space}`; "
+             f"BLD {args.tokens_per_block} tokens per variant; score {args.blocks} blocks. A local Ray head with "
+             "2 CPUs on this machine (shared with other work: treat single runs as indicative).", "",
+             "| stage | 1 worker (s) | 2 workers (s) | ratio |", "|---|---:|---:|---:|"]
+    for stage in ("build_library", "score"):
+        a, b = one[f"{stage}_s"], two[f"{stage}_s"]
+        lines.append(f"| {stage} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
+    lines += ["", "## `puzzle plan`: Llama-3.1-70B, one node of 8 x H100 80 GB, 2 TiB host", "",
+              "| step | workers | host GiB | GPU GiB | time |", "|---|---:|---:|---:|---:|"]
+    for name in ("build_library", "score"):
+        s = steps[name]
+        lines.append(f"| {name} | {s['workers']} | {s['host_bytes'] / GIB:.0f} | {s['gpu_bytes'] / GIB:.0f} | "
+                     f"{s['seconds'] / 3600:.1f} h |")
+    lines += ["", "Warnings: " + ("; ".join(w for s in planned["steps"] for w in s["warnings"]) or "none"), "",
+              "## Reported setups", "", "| source | parent -> child | hardware | reported |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in REPORTED]
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".json").write_text(json.dumps({"timings": timings, "plan_70b": {k: steps[k] for k in ("build_library", "score")},
+                                                    "settings": vars(args)}, indent=2, default=str) + "\n")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--ffn", type=int, default=768)
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--vocab", type=int, default=2048)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--train-blocks", type=int, default=256)
+    parser.add_argument("--tokens-per-block", type=int, default=4096)
+    parser.add_argument("--blocks", type=int, default=16)
+    parser.add_argument("--search-space", default="tiny")
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "cluster")
+    args = parser.parse_args()
+
+    import ray
+
+    root = Path(tempfile.mkdtemp(prefix="bench_cluster"))
+    parent = make_parent(root / "parent", args)
+    proc, address, ray_tmp = start_head(cpus=2)
+    try:
+        ray.init(address=address, log_to_driver=False)
+        warm_workers(2)
+        time_stages(parent, root / "warm-up", 2, args)  # untimed: the preflight's probe workers, first imports
+        timings = [time_stages(parent, root, n, args) for n in (1, 2)]
+    finally:
+        ray.shutdown()
+        stop_head(proc, ray_tmp)
+    planned = plan_70b(root)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    write_report(args.out, timings, planned, args)
+    shutil.rmtree(root, ignore_errors=True)
+    print(args.out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()
