@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from puzzle.device import CPU_FP32, place, resolve, resolve_device, resolve_dtype
+from puzzle.device import CPU_FP32, place, resolve, resolve_device, resolve_dtype, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import to_puzzle
 from conftest import make_llama
@@ -55,6 +55,20 @@ def test_a_gpu_index_past_the_visible_ones_is_refused(monkeypatch):
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
     with pytest.raises(PuzzleError, match="only 2 CUDA GPU"):
         resolve_device("cuda:2")
+
+
+@pytest.mark.parametrize("device, dtype, expected", [
+    ("cuda", "auto", ("cuda", "bf16")), ("cuda:3", "fp32", ("cuda", "fp32")), ("cpu", "auto", ("cpu", "fp32")),
+    ("auto", "auto", ("cpu", "fp32")), ("auto", "bf16", ("cpu", "bf16")),
+])
+def test_a_driver_without_a_gpu_names_what_its_ray_workers_run(monkeypatch, device, dtype, expected):
+    """Ray stages resolve on the driver, whose GPUs may be none: names only, one dtype for every worker."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runtime = resolve_remote(device, dtype)
+    assert (runtime.device.type, runtime.dtype_name) == expected
+    for bad in (("tpu", "auto"), ("cuda:x", "auto"), ("cuda", "int8")):
+        with pytest.raises(PuzzleError, match="unknown"):
+            resolve_remote(*bad)
 
 
 def test_cpu_autocast_is_bf16_only_when_mixed():
