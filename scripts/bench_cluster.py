@@ -43,7 +43,8 @@ LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_
 REPORTED = [  # what we could cite; "-" where the source we read does not say
     ("Puzzle paper (arXiv 2411.19146, abstract)", "Llama-3.1-70B-Instruct -> Nemotron-51B", "-",
      "<= 45B training tokens; the child fits one H100, 2.17x throughput"),
-    ("Puzzletron (nvidia-modelopt), as quoted in issue 15", "Llama-3.1-8B", "2x H100", "46 min end to end"),
+    ("Puzzletron (nvidia-modelopt `examples/puzzletron/README.md`, its progress log)", "Llama-3.1-8B-Instruct", "2x H100 80GB",
+     "46 min: one-block scoring 38 min; no block training, distillation a separate NeMo step"),
 ]
 
 
@@ -185,7 +186,10 @@ def write_report(out: Path, timings: list[dict], planned: dict, args: argparse.N
         lines.append(f"| {name} | {s['runs_on']} {s['dtype']} | {s['workers']} | {s['host_bytes'] / GIB:.0f} | "
                      f"{s['gpu_bytes'] / GIB:.0f} | {fits} | {s['seconds'] / 3600:.1f} h |")
     lines += ["", f"build_library: {steps['build_library']['note']}. A BLD worker runs the parent up to its layers' "
-              "last one: the worker of the last layers holds (almost) the whole bf16 parent."]
+              "last one: the worker of the last layers holds (almost) the whole bf16 parent. The bf16 70B parent "
+              f"({planned['parent']['fp32_bytes'] / 2 / GIB:.0f} GiB) exceeds one H100: score and the late layers' BLD "
+              "jobs cannot run on one GPU until the parent is split across GPUs (not implemented), whatever "
+              "`worker_memory_gib` is."]
     lines += ["", "Warnings: " + ("; ".join(w for s in planned["steps"] for w in s["warnings"]) or "none"), "",
               "## Reported setups", "", "| source | parent -> child | hardware | reported |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in REPORTED]
