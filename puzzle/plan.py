@@ -105,10 +105,12 @@ class Context:
         return rt.device.type, rt.dtype_name
 
     def stored_dtype(self) -> str:
-        """The parent's stored dtype from its config (`torch_dtype`; fp32 when absent, as convert writes)."""
+        """The parent's stored dtype from its config (`dtype`, transformers 4's `torch_dtype`; fp32 when
+        absent, as convert writes)."""
         from puzzle.device import DTYPES
 
-        stored = str(getattr(self.config, "torch_dtype", None) or "float32").replace("torch.", "")
+        stored = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        stored = str(stored or "float32").replace("torch.", "")
         return next((k for k, v in DTYPES.items() if str(v).replace("torch.", "") == stored), "fp32")
 
 

@@ -39,7 +39,7 @@ GIB = 1024**3
 # Meta's published Llama-3.1-70B config.json dimensions (as in tests/test_plan.py)
 LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16")
+                 rope_theta=500000.0, tie_word_embeddings=False, dtype="bfloat16")
 REPORTED = [  # what we could cite; "-" where the source we read does not say
     ("Puzzle paper (arXiv 2411.19146, abstract)", "Llama-3.1-70B-Instruct -> Nemotron-51B", "-",
      "<= 45B training tokens; the child fits one H100, 2.17x throughput"),

@@ -25,7 +25,7 @@ FAST = ["--cpu-gflops", "100"]  # no matmul timing in tests
 
 def write_parent(root, size: str):
     config = LlamaConfig(vocab_size=128256, max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=500000.0,
-                         rope_scaling=ROPE, tie_word_embeddings=False, torch_dtype="bfloat16", **LLAMA_31[size])
+                         rope_scaling=ROPE, tie_word_embeddings=False, dtype="bfloat16", **LLAMA_31[size])
     out = root / f"llama-3.1-{size}"
     config.save_pretrained(out)  # config.json only: no weights anywhere
     return out, config
