@@ -32,8 +32,8 @@ GIB = 1024**3
 FP32 = 4  # bytes per element of master weights, optimizer state, probabilities and losses (always fp32)
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a stage's --dtype, or a hardware profile's workload dtype
 # RSS of a stage's process before it loads anything: the interpreter + torch + transformers + puzzle's
-# imports. Measured: prepare-data's whole peak in benchmarks/scale.md (0.43 GiB, it holds a few MB of
-# tokens); the tests' `_MEASURE` probe reads 0.35-0.45 GiB after the same imports.
+# imports. Measured: prepare-data's whole peak in benchmarks/scale.md (0.43 GiB; it holds a few MB of
+# tokens and a tokenizer).
 PROCESS_BASELINE_BYTES = int(0.4 * GIB)
 TOKEN_BYTES = 4  # prepared blocks are uint32 (puzzle/data/prepare.py DTYPE)
 TOKENIZE_PER_S = 2e5  # assumed tokenizer throughput of prepare-data (tokens/s, one core): no FLOPs to count

@@ -61,8 +61,12 @@ STAGE_ARGS = {
     "distill": dict(steps=2, batch_size=2, val_every=2, val_blocks=2, checkpoint_every=2),
 }
 # Smaller still where a shape's time would run past a shared machine's half hour.
+# build-library's --worker-memory-gib per shape: jobs sized to fit (the whole build at once would hold every
+# variant's fp32 AdamW state: ~24 GiB for the 1b shape).
 SHAPE_ARGS = {
-    "1b": {"importance": dict(n_samples=4, batch_size=2), "build_library": dict(tokens_per_block=256, batch_size=2),
+    "smollm2": {"build_library": dict(worker_memory_gib=0.75)},
+    "1b": {"importance": dict(n_samples=4, batch_size=2),
+           "build_library": dict(tokens_per_block=256, batch_size=2, worker_memory_gib=4),
            "score": dict(blocks=1, batch_size=1), "evaluate": dict(val_blocks=2, batch_size=2)},
 }
 AVAILABLE_SHARE = 0.8  # run a stage only when its plan is below this share of the memory available
@@ -216,7 +220,8 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
     run = work / name / "run"
     ctx = context(parent, space)
     shape = ctx.shape
-    bld = dict(stage_args(name, "build_library"), **({"worker_memory_gib": worker_gib} if worker_gib else {}))
+    bld = {**stage_args(name, "build_library"), **({"worker_memory_gib": worker_gib} if worker_gib else {})}
+    worker_gib = bld.get("worker_memory_gib")
     bld["calibration_tokens"] = max(bld["calibration_tokens"], shape.hidden_size)  # a linear FFN's least squares
     low = {"dtype": DTYPE}
     gkd = stage_args(name, "distill")
@@ -342,10 +347,26 @@ def markdown(results: list[dict], plans: list[dict]) -> str:
             lines.append(f"| {s['stage']} | {_gib(peak)} | {_gib(plan)} | {ratio} | {_gib(need)} | "
                          f"{'-' if goal is None else f'{goal:.2f}'} | {'-' if goal is None else ('yes' if goal <= 1.5 else 'no')} | "
                          f"{'-' if net is None else f'{net:.2f}'} | {s['wall_s']:.1f} |")
-        lines.append("")
+        lines += ["", goals(rows), ""]
     if plans:
         lines += extrapolation_markdown(plans)
     return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> str:
+    """The issue's two measured goals over a shape's stages that ran: plan within +-25% of the peak, and the
+    peak within 1.5x of what the stage must hold in bf16."""
+    ran = [s for s in rows if s.get("peak_bytes") is not None]
+    planned = [s for s in ran if s["plan_bytes"]]
+    within = [s["stage"] for s in planned if 0.75 <= s["peak_bytes"] / s["plan_bytes"] <= 1.25]
+    held = [s for s in ran if s["must_hold_bytes"]]
+    lean = [s["stage"] for s in held if s["peak_bytes"] <= 1.5 * s["must_hold_bytes"]]
+    outside = [s["stage"] for s in planned if s["stage"] not in within]
+    heavy = [s["stage"] for s in held if s["stage"] not in lean]
+    return (f"Goals: plan within +-25% of the measured peak for {len(within)} of {len(planned)} stages"
+            + (f" (not: {', '.join(outside)})" if outside else "")
+            + f"; peak <= 1.5x the bf16 must-hold for {len(lean)} of {len(held)}"
+            + (f" (not: {', '.join(heavy)})" if heavy else "") + ".")
 
 
 def extrapolation_markdown(plans: list[dict]) -> list[str]:
@@ -382,7 +403,7 @@ def main() -> None:
                                                     "solve", "realize", "evaluate", "distill"])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_scale")
     ap.add_argument("--search-space", default="tiny")
-    ap.add_argument("--worker-memory-gib", type=float, default=None)
+    ap.add_argument("--worker-memory-gib", type=float, default=None, help="every shape's (default: SHAPE_ARGS')")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scale")
     a = ap.parse_args()
     results: list[dict] = []
