@@ -215,7 +215,8 @@ def plan_only(out: Path) -> None:
         planned = plan_70b(root)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    command = before.get("command") or "python scripts/bench_cluster.py"
+    command = before.get("command") or "python scripts/bench_cluster.py " + " ".join(  # a JSON from before "command"
+        f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if k != "out")
     write_report(out, before["timings"], planned, argparse.Namespace(**settings), command)
 
 
