@@ -66,8 +66,16 @@ STAGE_ARGS = {
 SHAPE_ARGS = {
     "smollm2": {"build_library": dict(worker_memory_gib=0.75)},
     "1b": {"importance": dict(n_samples=4, batch_size=2),
-           "build_library": dict(tokens_per_block=256, batch_size=2, worker_memory_gib=4),
+           "build_library": dict(tokens_per_block=256, batch_size=2, worker_memory_gib=4, layers=[15]),
            "score": dict(blocks=1, batch_size=1), "evaluate": dict(val_blocks=2, batch_size=2)},
+}
+# What a shape's run left out, said in its section.
+SHAPE_NOTES = {
+    "1b": ("Run here: prepare-data, importance, build-library of the last layer only (`layers: [15]`: its job "
+           "holds the whole truncated parent, the worst case), evaluate of the parent against itself. Not run: score "
+           "(bf16 matmuls on this CPU are slow: smollm2's score took ~9 min; the 1b's would take well over the "
+           "session's remaining time), hence no solve / realize; GKD (its plan exceeds this shared machine's "
+           "free memory; see its plan row)."),
 }
 AVAILABLE_SHARE = 0.8  # run a stage only when its plan is below this share of the memory available
 
@@ -128,6 +136,8 @@ def flags(args: dict) -> list[str]:
     for k, v in args.items():
         if isinstance(v, bool):
             out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+        elif isinstance(v, list):  # list[int] arguments take several values (puzzle/cli.py: nargs "+")
+            out += [f"--{k.replace('_', '-')}", *map(str, v)]
         else:
             out += [f"--{k.replace('_', '-')}", str(v)]
     return out
@@ -179,7 +189,8 @@ def must_hold(stage: str, shape, space, args: dict, run: Path, parent: Path) -> 
         settings = BLDSettings(**{k: v for k, v in args.items() if k in BLDSettings.__dataclass_fields__ and k != 'dtype'},
                                dtype=DTYPE)
         budget = args.get("worker_memory_gib")
-        jobs = plan_jobs(space, load_config(parent), settings, list(range(L)), 1, SEQ_LEN, budget * GIB if budget else None)
+        layers = sorted(set(args.get("layers") or range(L)))
+        jobs = plan_jobs(space, load_config(parent), settings, layers, 1, SEQ_LEN, budget * GIB if budget else None)
         b = settings.batch_size * SEQ_LEN
 
         def job_bytes(job) -> int:
@@ -227,6 +238,7 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
     bld["calibration_tokens"] = max(bld["calibration_tokens"], shape.hidden_size)  # a linear FFN's least squares
     low = {"dtype": DTYPE}
     gkd = stage_args(name, "distill")
+    child = run / "children" / "s15"
     steps = [
         ("prepare_data", ["prepare-data", str(corpus), str(parent), "--run-dir", str(run), "--seq-len", str(SEQ_LEN)], None),
         ("importance", ["importance", str(parent), "--run-dir", str(run), *flags({**stage_args(name, "importance"), **low})],
@@ -238,7 +250,7 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
         ("profile", ["profile", "--run-dir", str(run), "--budget", "h100_80gb"], None),
         ("solve", ["solve", "--run-dir", str(run), "--budget", "h100_80gb", "--speedup", "1.5", "--name", "s15"], None),
         ("realize", ["realize", "--run-dir", str(run), "--solution", "s15"], {}),
-        ("evaluate", ["evaluate", str(run / "children" / "s15"), "--run-dir", str(run), "--budget", "none",
+        ("evaluate", ["evaluate", str(child if "realize" in stages else parent), "--run-dir", str(run), "--budget", "none",
                       "--no-measure", *flags({**stage_args(name, "evaluate"), **low})], {**stage_args(name, "evaluate"), **low}),
         ("distill", ["distill", "--teacher", str(parent), "--student", str(run / "children" / "s15"), "--run-dir", str(run),
                      "--out", str(run / "gkd"), "--no-resume", *flags({**gkd, **low})], {**gkd, **low}),
@@ -337,6 +349,7 @@ def markdown(results: list[dict], plans: list[dict]) -> str:
         base = next((s.get("peak_bytes") for s in rows if s["stage"] == "prepare_data"), None)
         lines += [f"## {r['shape']}: {r['params'] / 1e9:.3f}B parameters, {r['bf16_bytes'] / GIB:.2f} GiB in bf16"
                   + (f", --worker-memory-gib {r['worker_memory_gib']}" if r["worker_memory_gib"] else ""), "",
+                  *( [SHAPE_NOTES[r["shape"]], ""] if r["shape"] in SHAPE_NOTES else []),
                   "| stage | peak RSS GiB | plan GiB | measured / plan | must hold GiB | peak / must hold | <= 1.5x | net / must hold | wall s |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for s in rows:
@@ -410,6 +423,11 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scale")
     a = ap.parse_args()
     results: list[dict] = []
+    old = a.out.with_suffix(".json")
+    if old.exists():  # shapes measured by an earlier run and not rerun now are kept
+        kept = json.loads(old.read_text())
+        kept = kept.get("shapes", []) if isinstance(kept, dict) else []
+        results += [r for r in kept if r["shape"] not in a.shapes]
     for name in a.shapes:
         bench_shape(name, a.work, a.search_space, a.worker_memory_gib, a.stages, a.out, results)
     write(results, a.out, extrapolate(a.work))
