@@ -409,12 +409,15 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """evaluate (puzzle/evaluate/commands.py, quality.py): load_model(dtype) of the model (<= P_e) and of
-    the parent (P_e), each placed on the device after loading; per batch both models' logits and their
-    log-softmax temporaries (fp32, b x V each) and one layer's activations (e)."""
+    the parent (P_e), each placed on the device after loading (the parent against itself: loaded once);
+    per batch both models' logits and their log-softmax temporaries (fp32, b x V each) and one layer's
+    activations (e)."""
     shape, T = ctx.shape, ctx.seq_len
     device, dtype = ctx.runtime(args)
     e, b = DTYPE_BYTES[dtype], args["batch_size"] * T
-    working = 2 * ctx.model_bytes(e) + 4 * b * ctx.logits_bytes_per_token + ctx.layer_activation_bytes(b, e)
+    model, parent = args.get("model"), args.get("parent")
+    models = 1 if model is not None and parent is not None and Path(model).resolve() == Path(parent).resolve() else 2
+    working = models * ctx.model_bytes(e) + 4 * b * ctx.logits_bytes_per_token + ctx.layer_activation_bytes(b, e)
     flops = args["val_blocks"] * T * 2 * shape.model_flops_per_token(None, T / 2)
     est = Estimate("", "evaluate", flops=flops, dtype=dtype, note="model <= parent, next to the parent")
     return placed(est, device, load_peak_bytes(ctx, e), working)
@@ -554,7 +557,7 @@ def estimate(config: Path, m: Machine) -> tuple[ModelShape, list[Estimate]]:
         if fn is None:  # report, build_mc, prune: no model-sized work modelled
             out.append(Estimate(step.name, step.fn, seconds=0.0, note="not modelled (small)"))
             continue
-        e = fn(ctx, stage_arguments(fns[step.fn], step.args))
+        e = fn(ctx, stage_arguments(fns[step.fn], {**step.common, **step.args}))  # paths too: evaluate reads them
         e.step = step.name
         estimate_time(e, m)
         check_fit(e, m)

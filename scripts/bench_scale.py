@@ -210,9 +210,9 @@ def must_hold(stage: str, shape, space, args: dict, run: Path, parent: Path) -> 
     child = shape.model_bytes(blocks, BF16)
     if stage == "realize":
         return child
-    if stage == "evaluate":
+    if stage == "evaluate":  # the parent against itself (no child realised) is one model
         b = args["batch_size"] * SEQ_LEN
-        return parent_bf16 + child + b * (layer_act + 2 * V * BF16)
+        return parent_bf16 + (child if blocks else 0) + b * (layer_act + 2 * V * BF16)
     if stage == "distill":  # the teacher, the realised child trained, its activations for backward, the logits
         b = args["batch_size"] * SEQ_LEN
         act = sum(shape.activation_bytes_per_token(blk, BF16) for blk in blocks) if blocks else L * layer_act
@@ -251,7 +251,8 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
         ("solve", ["solve", "--run-dir", str(run), "--budget", "h100_80gb", "--speedup", "1.5", "--name", "s15"], None),
         ("realize", ["realize", "--run-dir", str(run), "--solution", "s15"], {}),
         ("evaluate", ["evaluate", str(child if "realize" in stages else parent), "--run-dir", str(run), "--budget", "none",
-                      "--no-measure", *flags({**stage_args(name, "evaluate"), **low})], {**stage_args(name, "evaluate"), **low}),
+                      "--no-measure", *flags({**stage_args(name, "evaluate"), **low})],
+         {**stage_args(name, "evaluate"), **low, "model": str(child if "realize" in stages else parent), "parent": str(parent)}),
         ("distill", ["distill", "--teacher", str(parent), "--student", str(run / "children" / "s15"), "--run-dir", str(run),
                      "--out", str(run / "gkd"), "--no-resume", *flags({**gkd, **low})], {**gkd, **low}),
     ]
@@ -412,6 +413,23 @@ def extrapolation_markdown(plans: list[dict]) -> list[str]:
     return lines
 
 
+def replan(out: Path, work: Path, space: str) -> None:
+    """The plan columns again from the estimators as they are now, for the measured rows of `out`'s JSON (their
+    stored arguments), and the extrapolation; nothing is run."""
+    results = json.loads(out.with_suffix(".json").read_text())["shapes"]
+    for r in results:
+        ctx = context(work / r["shape"] / "parent", space)
+        parent, ran = work / r["shape"] / "parent", {s["stage"] for s in r["stages"]}
+        model = work / r["shape"] / "run" / "children" / "s15" if "realize" in ran else parent
+        r["stage_args"]["evaluate"] = {"model": str(model), "parent": str(parent), **r["stage_args"]["evaluate"]}
+        for s in r["stages"]:
+            if s["plan_bytes"] is not None:
+                s["plan_bytes"] = predicted(ctx, s["stage"], r["stage_args"][s["stage"]])
+                s["must_hold_bytes"] = must_hold(s["stage"], ctx.shape, ctx.space, r["stage_args"][s["stage"]],
+                                                 work / r["shape"] / "run", parent)
+    write(results, out, extrapolate(work))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["smollm2", "1b", "8b_slice"], choices=list(SHAPES))
@@ -421,7 +439,12 @@ def main() -> None:
     ap.add_argument("--search-space", default="tiny")
     ap.add_argument("--worker-memory-gib", type=float, default=None, help="every shape's (default: SHAPE_ARGS')")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scale")
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute only the plan columns of the existing JSON's rows (today's estimators) and the extrapolation")
     a = ap.parse_args()
+    if a.replan:
+        replan(a.out, a.work, a.search_space)
+        return
     results: list[dict] = []
     old = a.out.with_suffix(".json")
     if old.exists():  # shapes measured by an earlier run and not rerun now are kept

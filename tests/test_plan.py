@@ -200,6 +200,12 @@ def test_gkd_gradient_checkpointing_and_fsdp_lower_the_per_rank_peak(tmp_path):
     assert two["seconds"] < on["seconds"]
 
 
+def test_the_parent_evaluated_against_itself_is_loaded_once(tmp_path):
+    steps = by_stage(run_plan(tmp_path, "8b", "--device", "cpu"))
+    fp32 = steps["evaluate[s]"]["host_bytes"] - steps["evaluate[parent]"]["host_bytes"]
+    assert fp32 == run_plan(tmp_path, "8b", "--device", "cpu")["parent"]["fp32_bytes"]
+
+
 def test_a_sliding_window_bounds_the_profiled_kv_cache():
     """Mistral's every-layer window: the profiled layer caches at most the window's tokens per sequence."""
     from transformers import MistralConfig
