@@ -341,7 +341,10 @@ def markdown(results: list[dict], plans: list[dict]) -> str:
              "activations), computed by this script from ModelShape; the issue's goal is peak <= 1.5x that. "
              "`net`: the same ratio after taking off this run's measured baseline (prepare-data's peak). "
              "GKD distils the realised 1.5x child from the parent, as the pipeline does; plan prices a student as "
-             "large as the parent (it plans before the child exists), so its distill row is an upper bound.", ""]
+             "large as the parent (it plans before the child exists), so its distill row is an upper bound. Wall times "
+             "are from a shared 2-core machine (other work ran beside these runs): indicative only; bf16 matmuls on "
+             "this CPU are far slower than fp32 ones, so score dominates. The 1.5x goal cannot hold for a parent "
+             "smaller than the interpreter's own ~0.4 GiB (smollm2: 0.25 GiB): read its `net` column.", ""]
     missing = [s for s in SHAPES if s != "tiny" and s not in {r["shape"] for r in results}]
     if missing:
         lines += [f"Not measured here: {', '.join(missing)}.", ""]
