@@ -17,6 +17,7 @@ it, no weights) on one and on two H100 80GB, the stages' default budgets.
 
     python scripts/bench_scale.py --shapes smollm2 1b --out benchmarks/scale      -> benchmarks/scale.{md,json}
     python scripts/bench_scale.py --shapes tiny --out /tmp/scale_check              (a check that it runs)
+    python scripts/bench_scale.py --replan        (the plan columns and the extrapolation again, nothing run)
 
 The large shapes (1b, 8b_slice) need ~5-30 GiB of free host memory; a stage whose plan exceeds 80% of the
 memory available when it starts is not run (its row says so).
