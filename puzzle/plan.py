@@ -3,15 +3,18 @@ FLOPs, estimated wall time and the workers/GPUs it can use, from the parent's co
 GGUF parent's metadata only), the search space and the config's sections; one warning line per step
 whose peak exceeds the memory at hand.
 
-One estimator per stage below, each modelling what the stage's code holds TODAY (read from the code,
-cited in its docstring), in the dtype the code uses today: float32 (`load_model`'s default) on the CPU.
-When a stage changes (bf16, meta-device loading, a BLD memory budget), its estimator changes here, in one
-function. Every count comes from `ModelShape` (puzzle/shape.py), the one shape arithmetic.
+One estimator per stage below, each modelling what the stage's code holds (read from the code, cited in
+its docstring) on the device and in the dtype its `--device` / `--dtype` resolve to on the planned machine
+(`Context.runtime`: auto = CUDA + bf16 on a GPU machine, CPU + fp32 otherwise, as puzzle/device.py
+resolves them). When a stage changes, its estimator changes here, in one function. Every count comes from
+`ModelShape` (puzzle/shape.py), the one shape arithmetic.
 
-Symbols as in shape.py; B batch, T sequence length, b = B*T tokens of a batch, P the parent's weight bytes.
-Estimates leave out the Python interpreter, torch's own footprint (~0.5 GiB) and allocator slack; times
-leave out loading and writing weights (a GGUF parent's dequantisation included) and assume the stage runs
-at the stated matmul rate (measured on an idle machine; a busy one measures less and predicts longer).
+Symbols as in shape.py; B batch, T sequence length, b = B*T tokens of a batch, e the bytes of the stage's
+low dtype (4 fp32, 2 bf16/fp16), P_e the parent's weight bytes in it. Training keeps fp32 master weights
+and AdamW state whatever e is. Host estimates include one `PROCESS_BASELINE_BYTES` per process (the
+interpreter, torch and transformers), not allocator slack; times leave out loading and writing weights (a
+GGUF parent's dequantisation included) and assume the stage runs at the stated matmul rate (measured on an
+idle machine; a busy one measures less and predicts longer).
 """
 
 import inspect
@@ -26,8 +29,12 @@ from puzzle.errors import PuzzleError
 from puzzle.shape import ModelShape
 
 GIB = 1024**3
-FP32 = 4  # bytes per element: every stage loads models and trains in float32 today
-WORKLOAD_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a hardware profile's workload dtype
+FP32 = 4  # bytes per element of master weights, optimizer state, probabilities and losses (always fp32)
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a stage's --dtype, or a hardware profile's workload dtype
+# RSS of a stage's process before it loads anything: the interpreter + torch + transformers + puzzle's
+# imports. Measured: prepare-data's whole peak in benchmarks/scale.md (0.43 GiB; it holds a few MB of
+# tokens and a tokenizer).
+PROCESS_BASELINE_BYTES = int(0.4 * GIB)
 TOKEN_BYTES = 4  # prepared blocks are uint32 (puzzle/data/prepare.py DTYPE)
 TOKENIZE_PER_S = 2e5  # assumed tokenizer throughput of prepare-data (tokens/s, one core): no FLOPs to count
 MIP_SECONDS = 1.0  # assumed per solution: profile + solve + a 10-point sweep took 2 s on the reference parent
@@ -43,8 +50,14 @@ class Machine:
     host_bytes: float
     gpu_bytes: float  # one GPU's memory (0 on cpu)
     cpu_flops: float  # measured fp32 matmul rate of this machine (all threads), or given
-    gpu_flops: float  # the hardware profile's fp32 peak x its compute efficiency (0 on cpu)
+    gpu_flops: float  # the hardware profile's fastest dense peak x its compute efficiency (0 on cpu)
     throughput_note: str
+    gpu_flops_by_dtype: dict[str, float] = field(default_factory=dict)  # the profile's peak per dtype x efficiency
+
+    def gpu_rate(self, dtype: str) -> float:
+        """GPU FLOP/s for matmuls in `dtype` (fp16 at bf16's rate; a dtype the profile lacks: `gpu_flops`)."""
+        rates = self.gpu_flops_by_dtype
+        return rates.get(dtype) or rates.get("bf16" if dtype == "fp16" else dtype) or self.gpu_flops
 
 
 @dataclass(frozen=True)
@@ -60,19 +73,45 @@ class Context:
 
     @property
     def parent_bytes(self) -> int:
+        """The parent's weights in fp32 (what the table's header and the JSON's `fp32_bytes` report)."""
         return self.shape.model_bytes(None, FP32)
+
+    def model_bytes(self, e: int) -> int:
+        """The parent's weights at `e` bytes per element (P_e): a child is at most this."""
+        return self.shape.model_bytes(None, e)
 
     @property
     def logits_bytes_per_token(self) -> int:
+        """Logits as the stages' losses and statistics use them: upcast to fp32 whatever the model's dtype."""
         return self.shape.fixed_activation_bytes_per_token("lm_head", FP32)
 
-    def layer_activation_bytes(self, tokens: int) -> int:
+    def layer_activation_bytes(self, tokens: int, e: int = FP32) -> int:
         """One parent decoder layer's op outputs for `tokens` tokens (an inference forward frees each layer's)."""
-        return self.shape.activation_bytes_per_token(self.shape.parent_block, FP32) * tokens
+        return self.shape.activation_bytes_per_token(self.shape.parent_block, e) * tokens
 
-    def model_activation_bytes(self, tokens: int) -> int:
+    def model_activation_bytes(self, tokens: int, e: int = FP32) -> int:
         """Every parent layer's op outputs for `tokens` tokens: what a training forward keeps for backward."""
-        return self.shape.num_hidden_layers * self.layer_activation_bytes(tokens)
+        return self.shape.num_hidden_layers * self.layer_activation_bytes(tokens, e)
+
+    def runtime(self, args: dict[str, Any]) -> tuple[str, str]:
+        """(device kind, dtype name) a stage with these arguments runs in on the planned machine: its
+        `device` (auto: the machine's) and its `dtype` resolved as puzzle/device.py resolves them (auto:
+        bf16 on CUDA, fp32 on the CPU); a stage without the arguments runs on the CPU in fp32."""
+        from puzzle.device import resolve_remote
+
+        device = str(args.get("device", "cpu"))
+        device = self.machine.device if device == "auto" else device
+        rt = resolve_remote(device, args.get("dtype", "auto"))
+        return rt.device.type, rt.dtype_name
+
+    def stored_dtype(self) -> str:
+        """The parent's stored dtype from its config (`dtype`, transformers 4's `torch_dtype`; fp32 when
+        absent, as convert writes)."""
+        from puzzle.device import DTYPES
+
+        stored = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
+        stored = str(stored or "float32").replace("torch.", "")
+        return next((k for k, v in DTYPES.items() if str(v).replace("torch.", "") == stored), "fp32")
 
 
 @dataclass
@@ -86,7 +125,8 @@ class Estimate:
     disk_bytes: float = 0.0
     flops: float = 0.0
     workers: int = 1  # processes / GPUs the step can use
-    runs_on: str = "cpu"  # where today's code runs it
+    runs_on: str = "cpu"  # where the stage runs on the planned machine
+    dtype: str = "fp32"  # the dtype its matmuls run in (sets the GPU's rate)
     seconds: float | None = None  # set by `estimate_time` (or by the estimator when not FLOP-bound)
     note: str = ""
     warnings: list[str] = field(default_factory=list)
@@ -95,12 +135,12 @@ class Estimate:
 # ----- loading ---------------------------------------------------------------------------------------
 
 
-def load_peak_bytes(ctx: Context, to_puzzle: bool) -> int:
-    """Host bytes while a stage loads the parent: `load_model` / `load_puzzle` build the model on the meta
-    device and make the tensors read from safetensors its own (one copy, P); `to_puzzle` takes the loaded
-    model's tensors themselves (no second copy) (puzzle/model/checkpoint.py, puzzle/model/loading.py).
-    `to_puzzle` is kept as an argument: the same P either way."""
-    return ctx.parent_bytes
+def load_peak_bytes(ctx: Context, e: int) -> int:
+    """Host bytes while a stage loads the parent at `e` bytes per element: `load_model` / `load_puzzle`
+    build the model on the meta device and make the tensors read from safetensors its own (one copy,
+    P_e); `to_puzzle` takes the loaded model's tensors themselves (puzzle/model/loading.py). A stage on a
+    GPU loads on the host and then places the model (`device.place`), freeing the host copy."""
+    return ctx.model_bytes(e)
 
 
 def atomic_save_bytes(tensor_bytes: float) -> float:
@@ -110,56 +150,73 @@ def atomic_save_bytes(tensor_bytes: float) -> float:
     return 3 * tensor_bytes
 
 
+def placed(e: Estimate, device: str, host_loaded: float, working: float, processes: int = 1) -> Estimate:
+    """Where a stage's bytes live. On the CPU: per process the baseline + `working` (the model and
+    everything else it holds) on the host. On CUDA: `working` on each GPU, and on the host per process the
+    baseline + `host_loaded` (what it loads before placing it, or writes from the GPU)."""
+    e.runs_on = device
+    if device == "cuda":
+        e.gpu_bytes, e.host_bytes = working, processes * (PROCESS_BASELINE_BYTES + host_loaded)
+    else:
+        e.host_bytes = processes * (PROCESS_BASELINE_BYTES + working)
+    return e
+
+
 # ----- one estimator per stage -----------------------------------------------------------------------
 
 
 def convert_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """convert (a GGUF parent written once as safetensors): load_model + to_puzzle (P: the child takes the
-    loaded tensors), then the fp32 safetensors file (P on disk)."""
-    return Estimate("", "convert", host_bytes=load_peak_bytes(ctx, True), disk_bytes=ctx.parent_bytes,
-                    note="GGUF parent -> fp32 safetensors")
+    """convert (a GGUF parent written once as safetensors, puzzle/model/convert.py): transformers' GGUF
+    loader dequantises to fp32 (P_fp32), to_puzzle takes the tensors, then the file in `dtype`."""
+    e = DTYPE_BYTES.get({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(args.get("dtype", "float32"), "fp32"), FP32)
+    return Estimate("", "convert", host_bytes=PROCESS_BASELINE_BYTES + load_peak_bytes(ctx, FP32),
+                    disk_bytes=ctx.model_bytes(e), note="GGUF parent -> safetensors")
 
 
 def prepare_data_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """prepare-data: tokenises documents one at a time and packs them into uint32 rows of seq_len; holds
     the packed rows (and the token ids of the document being packed) until they are written."""
     tokens = ctx.train_tokens
-    return Estimate("", "prepare_data", host_bytes=tokens * TOKEN_BYTES, disk_bytes=tokens * TOKEN_BYTES,
-                    seconds=tokens / TOKENIZE_PER_S,
+    return Estimate("", "prepare_data", host_bytes=PROCESS_BASELINE_BYTES + tokens * TOKEN_BYTES,
+                    disk_bytes=tokens * TOKEN_BYTES, seconds=tokens / TOKENIZE_PER_S,
                     note=f"{tokens / 1e6:.1f}M tokens at an assumed {TOKENIZE_PER_S:.0e} tokens/s")
 
 
 def importance_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """importance: to_puzzle(load_model(parent)) (P at load), then forward passes of batch_size x seq_len
-    with hooks: one layer's activations and the batch's logits alive at a time; the per-layer statistics
-    (heads, neurons, channels) are small (puzzle/pruning/commands.py importance)."""
+    """importance: to_puzzle(load_model(parent, dtype)) placed on its device (P_e), then forward passes of
+    batch_size x seq_len with hooks: one layer's activations (e) and the batch's logits (fp32) alive at a
+    time; the per-layer statistics (heads, neurons, channels; fp32) are small (puzzle/pruning/commands.py)."""
     shape, T = ctx.shape, args.get("seq_len") or ctx.seq_len
-    b = args["batch_size"] * T
-    steady = ctx.parent_bytes + ctx.layer_activation_bytes(b) + b * ctx.logits_bytes_per_token
+    device, dtype = ctx.runtime(args)
+    e, b = DTYPE_BYTES[dtype], args["batch_size"] * T
+    working = ctx.model_bytes(e) + ctx.layer_activation_bytes(b, e) + b * ctx.logits_bytes_per_token
     stats = shape.num_hidden_layers * (shape.num_attention_heads + shape.intermediate_size + shape.hidden_size + 1) * FP32
-    return Estimate("", "importance", host_bytes=max(load_peak_bytes(ctx, True), steady), disk_bytes=stats,
-                    flops=args["n_samples"] * T * shape.model_flops_per_token(None, T / 2))
+    est = Estimate("", "importance", disk_bytes=stats, dtype=dtype,
+                   flops=args["n_samples"] * T * shape.model_flops_per_token(None, T / 2))
+    return placed(est, device, load_peak_bytes(ctx, e), working)
 
 
 def truncated_parent_bytes(shape: ModelShape, last_layer: int, dtype_bytes: int = FP32) -> int:
     """A BLD worker's parent (`load_puzzle(last_layer=...)`): the embeddings and layers 0..last_layer, no
-    head, no final norm, read once from safetensors onto the meta-built model."""
+    head, no final norm, read once from safetensors onto the meta-built model, in the training's low dtype."""
     return (shape.fixed_params("embeddings") + (last_layer + 1) * shape.params(shape.parent_block)) * dtype_bytes
 
 
-def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], settings: Any, seq_len: int,
-                  dtype_bytes: int = FP32) -> int:
-    """Host bytes of one BLD job (puzzle/library/ray_jobs.py run_group -> bld.py build_layer_group): the
-    `variants` (a subset of those of `layers`) of a contiguous range of layers, trained in lockstep.
-      parent      the truncated parent up to max(layers) (`truncated_parent_bytes`): loaded once, 1x
-      per layer   the held-out batches' parent activations (h, a, o; eval_tokens) and one training
+def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], settings: Any, seq_len: int) -> int:
+    """Bytes of one BLD job (puzzle/library/ray_jobs.py run_group -> bld.py build_layer_group), on its
+    worker's device, the process's baseline left out: the `variants` (a subset of those of `layers`) of a
+    contiguous range of layers, trained in lockstep; e the low dtype of `settings.dtype` (resolved):
+      parent      the truncated parent up to max(layers) in e (`truncated_parent_bytes`): loaded once, 1x
+      per layer   the held-out batches' parent activations (h, a, o in e; eval_tokens) and one training
                   batch's (b tokens); the frozen parent FFN is the parent's own module (`Sublayer.of`)
-      per variant trained with AdamW: weights + gradient + 2 moments (4x its params); a linear FFN
-                  (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
-      per step    one variant's op outputs for backward at a time (the variants step one after another)
+      per variant trained with AdamW in fp32 whatever e: weights + gradient + 2 moments (4 x 4 bytes per
+                  param); a linear FFN (least squares) holds X^T X and X^T Y in float64 (2 D^2 x 8) instead
+      per step    one variant's op outputs for backward at a time (the variants step one after another),
+                  in e under autocast
     Parent-identical variants and no-ops are measured, not trained: no state."""
+    e = DTYPE_BYTES[settings.dtype]
     D, b = shape.hidden_size, settings.batch_size * seq_len
-    hao = 3 * D * dtype_bytes  # h, a, o of one token at one layer
+    hao = 3 * D * e  # h, a, o of one token at one layer
     state = act = 0
     for v in variants:
         if v.is_parent or v.config.no_op:
@@ -168,22 +225,25 @@ def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], set
             state += 2 * D * D * 8
         else:
             p = shape.params(v.config)
-            state += p * dtype_bytes + shape.adamw_bytes(p, dtype_bytes)
-        act = max(act, shape.activation_bytes_per_token(v.config, dtype_bytes) * b)
+            state += p * FP32 + shape.adamw_bytes(p, FP32)
+        act = max(act, shape.activation_bytes_per_token(v.config, e) * b)
     held = len(set(layers)) * hao * (settings.eval_tokens + b)
-    return truncated_parent_bytes(shape, max(layers), dtype_bytes) + held + state + act
+    return truncated_parent_bytes(shape, max(layers), e) + held + state + act
 
 
 def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """build-library: the jobs the build itself plans (`ray_jobs.plan_jobs`: contiguous layer groups, one
     per worker, each split into variant subsets that fit `worker_memory_gib` when one is given), each
-    costing `bld_job_bytes`. Workers run side by side on this machine: host peak = the jobs that run at
-    once (at most `workers`) x the largest job's peak."""
+    costing `bld_job_bytes` on its worker's device. Workers run side by side (one GPU each on CUDA): the
+    host holds, per worker process running at once, the baseline + the largest job (CPU) or the truncated
+    parent it loads before placing it (CUDA); each GPU the largest job."""
     from puzzle.library.bld import BLDSettings, weight_train_flops
     from puzzle.library.ray_jobs import plan_jobs
 
     shape, space = ctx.shape, ctx.space
-    settings = BLDSettings(**{f.name: args[f.name] for f in fields(BLDSettings) if f.name in args})
+    device, dtype = ctx.runtime(args)
+    given = {f.name: args[f.name] for f in fields(BLDSettings) if f.name in args}
+    settings = BLDSettings(**{**given, "device": device, "dtype": dtype})
     T = settings.seq_len or ctx.seq_len
     b = settings.batch_size * T
     layers = sorted(set(args.get("layers") or range(shape.num_hidden_layers)))
@@ -196,58 +256,61 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
     flops = disk = 0.0
     for job in jobs:
-        parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2) for _ in range(max(job.layers) + 1))
+        parent_fwd = sum(shape.flops_per_token(shape.parent_block, T / 2, i) for i in range(max(job.layers) + 1))
         flops += steps * b * parent_fwd
         for v in job.variants:
             if v.is_parent or v.config.no_op:
                 continue
             frozen = shape.matmul_params(shape.parent_ffn) if v.kind == "attention" else 0
             per_token = weight_train_flops(v.kind, shape.matmul_params(v.config), frozen)
-            per_token += 3 * shape.attention_flops(v.config, T / 2)
+            per_token += 3 * shape.attention_flops(v.config, T / 2, v.layer)
             flops += steps * b * per_token
-            disk += shape.params(v.config) * FP32
+            disk += shape.params(v.config) * DTYPE_BYTES[ctx.stored_dtype()]  # stored in the parent's dtype
     peak = max(job.bytes for job in jobs)
-    return Estimate("", "build_library", host_bytes=workers * peak, disk_bytes=disk, flops=flops, workers=workers,
-                    note=f"{len(jobs)} job(s) on {workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
+    loaded = max(truncated_parent_bytes(shape, max(job.layers), DTYPE_BYTES[dtype]) for job in jobs)
+    est = Estimate("", "build_library", disk_bytes=disk, flops=flops, workers=workers, dtype=dtype,
+                   note=f"{len(jobs)} job(s) on {workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
+    if device == "cuda" and not budget and ctx.machine.gpu_bytes and peak > ctx.machine.gpu_bytes:
+        est.note += "; set worker_memory_gib to split it into jobs that fit"
+    return placed(est, device, loaded, peak, processes=workers)
 
 
 def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """score (puzzle/scoring/commands.py, replace1.py): load_puzzle(parent) on the host (P), then
-    `.to(device)`. On the device: the parent P; per batch the parent's probabilities (b x V fp32),
-    two (chunk_tokens, V) temporaries, the cached prefix and final hidden states (a few b x D), one
-    library variant's weights; on the host the library entries kept after their first load
-    (`store.LibraryReader`, at most `KEEP_LIBRARY` x P). Each variant runs from its layer to the end (the prefix is reused).
-    It runs on the plan's --device (its `device` defaults to auto: CUDA where a GPU is visible). Sizes are
-    fp32's: the plan does not yet price `--dtype bf16` (puzzle/device.py), which halves the parent's share."""
-    shape, T = ctx.shape, ctx.seq_len
-    b = args["batch_size"] * T
-    V, D, L = shape.vocab_size, shape.hidden_size, shape.num_hidden_layers
-    largest = max(shape.params(v.config) for v in ctx.space.variants())
-    working = (b * V + 2 * args["chunk_tokens"] * V + 4 * b * D) * FP32 + ctx.layer_activation_bytes(b) + largest * FP32
-    on_gpu = ctx.machine.device == "cuda"
-    device_bytes = ctx.parent_bytes + working
-    block_flops = shape.flops_per_token(shape.parent_block, T / 2)
-    head = shape.fixed_flops_per_token("lm_head")
-    per_token = shape.model_flops_per_token(None, T / 2)  # the parent reference
-    for v in ctx.space.variants():
-        if not v.is_parent:
-            per_token += shape.flops_per_token(v.config, T / 2) + (L - 1 - v.layer) * block_flops + head
-    tokens = args["blocks"] * T
-    rows = sum(1 for _ in ctx.space.variants()) * args["blocks"]
-    note = "set score: {device: cuda} in the config" if on_gpu and args["device"] == "cpu" else ""
+    """score (puzzle/scoring/commands.py, replace1.py): load_puzzle(parent, dtype) on the host (P_e), then
+    placed on its device. There: the parent P_e; per batch the parent's probabilities (b x V fp32), two
+    (chunk_tokens, V) fp32 temporaries, the cached prefix and final hidden states (a few b x D in e), one
+    library variant's weights (e); on the host the library entries kept after their first load
+    (`store.LibraryReader`, at most `KEEP_LIBRARY` x P_e). Each variant runs from its layer to the end (the
+    prefix is reused)."""
     from puzzle.scoring.commands import KEEP_LIBRARY
 
-    kept = KEEP_LIBRARY * ctx.parent_bytes
-    return Estimate("", "score", host_bytes=load_peak_bytes(ctx, True) + kept if on_gpu else device_bytes + kept,
-                    gpu_bytes=device_bytes if on_gpu else 0, disk_bytes=rows * 128, flops=tokens * per_token,
-                    runs_on=ctx.machine.device, note=note)
+    shape, T = ctx.shape, ctx.seq_len
+    device, dtype = ctx.runtime(args)
+    e, b = DTYPE_BYTES[dtype], args["batch_size"] * T
+    V, D, L = shape.vocab_size, shape.hidden_size, shape.num_hidden_layers
+    largest = max(shape.params(v.config) for v in ctx.space.variants())
+    working = (b * V + 2 * args["chunk_tokens"] * V) * FP32 + (4 * b * D + largest) * e + ctx.layer_activation_bytes(b, e)
+    kept = KEEP_LIBRARY * ctx.model_bytes(e)
+    per_token = shape.model_flops_per_token(None, T / 2)  # the parent reference
+    head = shape.fixed_flops_per_token("lm_head")
+    for v in ctx.space.variants():
+        if not v.is_parent:
+            rest = sum(shape.flops_per_token(shape.parent_block, T / 2, i) for i in range(v.layer + 1, L))
+            per_token += shape.flops_per_token(v.config, T / 2, v.layer) + rest + head
+    tokens = args["blocks"] * T
+    rows = sum(1 for _ in ctx.space.variants()) * args["blocks"]
+    est = Estimate("", "score", disk_bytes=rows * 128, flops=tokens * per_token, dtype=dtype)
+    placed(est, device, load_peak_bytes(ctx, e), ctx.model_bytes(e) + working)
+    est.host_bytes += kept
+    return est
 
 
 def profile_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """profile (puzzle/profiling/commands.py, measure.py): the roofline is arithmetic (no model); `measure`
     (a CPU profile, or a GPU profile on a GPU) times each distinct variant alone in the workload's dtype,
     without gradients: one sublayer's weights cycled through COLD_BYTES of copies, a prefill input
-    (B, input_len, D) and the sublayer's op outputs on it, and one layer's KV cache of decode_context."""
+    (B, input_len, D) and the sublayer's op outputs on it, and one layer's KV cache of decode_context
+    tokens per sequence (a sliding-window layer caches at most its window: the largest layer's counts)."""
     from puzzle.profiling.hardware import load_profile
     from puzzle.profiling.measure import COLD_BYTES
 
@@ -256,16 +319,17 @@ def profile_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     measured = args["measure"] if args["measure"] is not None else (kind == "cpu" or ctx.machine.device == "cuda")
     if not measured:
         return Estimate("", "profile", note=f"{profile.name}: roofline (no model)", seconds=0.0)
-    w, e = profile.workload, WORKLOAD_BYTES[profile.workload.dtype]
+    w, e = profile.workload, DTYPE_BYTES[profile.workload.dtype]
     sublayer = max(shape.activation_bytes_per_token(p, e) for p in (shape.parent_attention, shape.parent_ffn))
+    cached = max(shape.keys(i, w.decode_context) for i in range(shape.num_hidden_layers))
     held = (COLD_BYTES + sublayer * w.batch_size * w.input_len
-            + shape.kv_cache_bytes_per_token(shape.parent_block, e) * w.batch_size * w.decode_context)
-    distinct = {(v.kind, v.name): v.config for v in ctx.space.variants()}
-    flops = sum(args["repeats"] * w.batch_size * (shape.prefill_flops(c, w.input_len) + shape.flops_per_token(c, w.decode_context))
-                for c in distinct.values())
-    runs_on = "cuda" if kind == "gpu" else "cpu"
-    return Estimate("", "profile", host_bytes=held if runs_on == "cpu" else 0, gpu_bytes=held if runs_on == "cuda" else 0,
-                    flops=flops, runs_on=runs_on, note=f"{profile.name}: measured, {len(distinct)} variants")
+            + shape.kv_cache_bytes_per_token(shape.parent_block, e) * w.batch_size * int(cached))
+    distinct = {(v.kind, v.name): (v.config, v.layer) for v in ctx.space.variants()}
+    flops = sum(args["repeats"] * w.batch_size * (shape.prefill_flops(c, w.input_len, i) + shape.flops_per_token(c, w.decode_context, i))
+                for c, i in distinct.values())
+    est = Estimate("", "profile", flops=flops, dtype=profile.workload.dtype,
+                   note=f"{profile.name}: measured, {len(distinct)} variants")
+    return placed(est, "cuda" if kind == "gpu" else "cpu", 0, held)
 
 
 def solve_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
@@ -275,56 +339,88 @@ def solve_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     if args.get("sweep"):
         lo, hi, step = (float(x) for x in str(args["sweep"]).split(":"))
         count = int(round((hi - lo) / step)) + 1
-    return Estimate("", "solve", seconds=count * MIP_SECONDS,
+    return Estimate("", "solve", host_bytes=PROCESS_BASELINE_BYTES, seconds=count * MIP_SECONDS,
                     note=f"{count} MIP(s), ~{MIP_SECONDS:.0f} s each assumed (<= {args['time_limit_s']:.0f} s)")
 
 
 def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """realize (puzzle/realize/commands.py, assemble.py stream_child): the child built on the meta device
-    and filled one sublayer at a time from the parent's safetensors and the library (the child, at most
-    the parent's size P, plus one sublayer), then written in the parent's dtype."""
-    return Estimate("", "realize", host_bytes=ctx.parent_bytes, disk_bytes=ctx.parent_bytes,
-                    note="child <= parent")
+    """realize (puzzle/realize/commands.py, assemble.py stream_child), on the host: the child built on the
+    meta device and filled one sublayer at a time from the parent's safetensors and the library (the child,
+    at most the parent's size, plus one sublayer), in `dtype` (auto: the parent's stored dtype), then written."""
+    dtype = ctx.stored_dtype() if args.get("dtype", "auto") == "auto" else ctx.runtime({"device": "cpu", **args})[1]
+    child = ctx.model_bytes(DTYPE_BYTES[dtype])
+    return Estimate("", "realize", host_bytes=PROCESS_BASELINE_BYTES + child, disk_bytes=child, dtype=dtype,
+                    note=f"child <= parent, {dtype}")
 
 
 def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """distill / GKD (puzzle/distill/commands.py, trainer.py), the student bounded by the parent:
-      teacher   load_model (P); to_puzzle takes its tensors (no copy): P
-      student   weights + gradient + 2 AdamW moments: 4P
-      per step  the student's op outputs of a micro-batch for backward (every layer), the teacher's final
-                hidden states (b x D), two (chunk_tokens, V) logits chunks for the KL; with a hidden loss,
-                the teacher's hidden states of every layer (L + 1 of b x D)
-      checkpoint  every checkpoint_every steps the student and then the 2 AdamW moments are written with
-                `atomic_save_safetensors` (`atomic_save_bytes` of the moments, 2P) next to everything
-                above but the activations (the freed gradients stay in the process: glibc keeps them)
-    Disk: keep_checkpoints checkpoints (weights + 2 moments) and the final student."""
-    shape, T = ctx.shape, ctx.seq_len
-    b = args["batch_size"] * T
-    P = ctx.parent_bytes
-    act = ctx.model_activation_bytes(b) + (b * shape.hidden_size + 2 * args["chunk_tokens"] * shape.vocab_size) * FP32
-    if args["hidden_loss"] != "none":
-        act += (shape.num_hidden_layers + 1) * b * shape.hidden_size * FP32
-    params = shape.total_params()
-    resident = P + P + shape.adamw_bytes(params, FP32)
-    host = resident + max(act, atomic_save_bytes(2 * P))
-    tokens = args["steps"] * args["grad_accum"] * b
-    forward = shape.model_flops_per_token(None, T / 2)
-    val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward
+    """distill / GKD (puzzle/distill/commands.py, trainer.py, fsdp.py), the student bounded by the parent,
+    on `nproc` processes (FSDP2 over nproc ranks; one GPU each on CUDA), per rank, e the low dtype:
+      teacher   load_model(dtype): P_e, frozen; replicated on every rank unless it exceeds
+                TEACHER_REPLICA_FRACTION of a rank's memory (`fsdp.shard_teacher`), then P_e / nproc
+      student   fp32 master weights + gradient + 2 AdamW moments: 4 x P_fp32, / nproc under FSDP2; a mixed
+                single process also holds autocast's e copies of the weights for the step (P_e); FSDP2
+                gathers one layer's weights in e at a time (two with prefetch)
+      per step  the student's activations of a micro-batch for backward: every layer's op outputs in e, or
+                with gradient checkpointing (`gradient_checkpointing`, default on CUDA) each layer's input
+                (b x D) plus one layer's op outputs recomputed; the teacher's final hidden states (b x D),
+                two (chunk_tokens, V) fp32 logits chunks for the KL; with a hidden loss the teacher's hidden
+                states of every layer (L + 1 of b x D)
+      checkpoint  every checkpoint_every steps the student and then the 2 AdamW moments are written from
+                the host (`atomic_save_bytes` of the moments, 2 x P_fp32) next to everything above but the
+                activations (the freed gradients stay in the process: glibc keeps them); under FSDP2
+                `dcp.save` writes each rank's shard of weights + moments (3 x P_fp32 / nproc), staged once
+    On CUDA the host holds per rank the baseline + max(the teacher it loads, the checkpoint it writes).
+    Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the final student."""
+    from puzzle.distill.fsdp import shard_teacher
     from puzzle.distill.trainer import DistillConfig
 
+    shape, T, L, D = ctx.shape, ctx.seq_len, ctx.shape.num_hidden_layers, ctx.shape.hidden_size
+    device, dtype = ctx.runtime(args)
+    e, n = DTYPE_BYTES[dtype], max(1, int(args.get("nproc", 1)))
+    checkpointing = args.get("gradient_checkpointing")
+    checkpointing = device == "cuda" if checkpointing is None else bool(checkpointing)
+    b = math.ceil(args["batch_size"] / n) * T  # the global batch split over the ranks
+    P32, Pe = ctx.parent_bytes, ctx.model_bytes(e)
+    rank_memory = ctx.machine.gpu_bytes if device == "cuda" else ctx.machine.host_bytes / n
+    teacher = Pe / n if n > 1 and rank_memory and shard_teacher("auto", Pe, rank_memory) else Pe
+    student = 4 * P32 / n
+    if n > 1:
+        student += 2 * shape.params(shape.parent_block) * e
+    elif e != FP32:
+        student += Pe
+    layer = ctx.layer_activation_bytes(b, e)
+    act = (L * b * D * e + layer) if checkpointing else L * layer
+    act += b * D * e + 2 * args["chunk_tokens"] * shape.vocab_size * FP32
+    if args["hidden_loss"] != "none":
+        act += (L + 1) * b * D * e
+    save = atomic_save_bytes(2 * P32) if n == 1 else 3 * P32 / n
+    tokens = args["steps"] * args["grad_accum"] * args["batch_size"] * T
+    forward = shape.model_flops_per_token(None, T / 2)
+    val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward
     keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
-    return Estimate("", "distill", host_bytes=host, disk_bytes=(3 * keep + 1) * P,
-                    flops=tokens * 4 * forward + val, note="student <= parent")
+    est = Estimate("", "distill", disk_bytes=(3 * keep + 1) * P32, workers=n, dtype=dtype,
+                   flops=tokens * (5 if checkpointing else 4) * forward + val,
+                   note="student <= parent" + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else ""))
+    if device == "cuda":
+        return placed(est, device, max(Pe, save), teacher + student + act, processes=n)
+    return placed(est, device, 0, teacher + student + max(act, save), processes=n)
 
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """evaluate (puzzle/evaluate/commands.py, quality.py): load_model of the model (<= P) and of the
-    parent (P); per batch both models' logits (b x V each) and their log-softmax temporaries."""
+    """evaluate (puzzle/evaluate/commands.py, quality.py): load_model(dtype) of the model (<= P_e) and of
+    the parent (P_e), each placed on the device after loading (the parent against itself: loaded once);
+    per batch both models' logits and their log-softmax temporaries (fp32, b x V each) and one layer's
+    activations (e)."""
     shape, T = ctx.shape, ctx.seq_len
-    b = args["batch_size"] * T
-    host = 2 * ctx.parent_bytes + 4 * b * ctx.logits_bytes_per_token + ctx.layer_activation_bytes(b)
+    device, dtype = ctx.runtime(args)
+    e, b = DTYPE_BYTES[dtype], args["batch_size"] * T
+    model, parent = args.get("model"), args.get("parent")
+    models = 1 if model is not None and parent is not None and Path(model).resolve() == Path(parent).resolve() else 2
+    working = models * ctx.model_bytes(e) + 4 * b * ctx.logits_bytes_per_token + ctx.layer_activation_bytes(b, e)
     flops = args["val_blocks"] * T * 2 * shape.model_flops_per_token(None, T / 2)
-    return Estimate("", "evaluate", host_bytes=host, flops=flops, note="model <= parent, next to the parent")
+    est = Estimate("", "evaluate", flops=flops, dtype=dtype, note="model <= parent, next to the parent")
+    return placed(est, device, load_peak_bytes(ctx, e), working)
 
 
 ESTIMATORS: dict[str, Callable[[Context, dict[str, Any]], Estimate]] = {
@@ -393,12 +489,13 @@ def machine(device: str, gpus: int | None, gpu_memory_gib: float | None, host_me
         gpu_mem = float(torch.cuda.get_device_properties(0).total_memory)
     else:
         gpu_mem = profile.device.memory_bytes
-    peak = profile.device.peak_flops.get("fp32") or max(profile.device.peak_flops.values())
-    gpu_flops = peak * profile.device.compute_efficiency
-    note = (f"{cpu_note}; GPU: {profile.name} fp32 peak {peak / 1e12:.1f} TFLOP/s x efficiency "
-            f"{profile.device.compute_efficiency} (the code computes in fp32 today)")
+    efficiency = profile.device.compute_efficiency
+    rates = {k: v * efficiency for k, v in profile.device.peak_flops.items()}
+    peaks = ", ".join(f"{k} {v / 1e12:.0f}" for k, v in profile.device.peak_flops.items())
+    note = (f"{cpu_note}; GPU: {profile.name} peak TFLOP/s {peaks} x efficiency {efficiency} "
+            "(each step at its dtype's rate)")
     count = gpus or (torch.cuda.device_count() if here else 1)
-    return Machine("cuda", count, host, gpu_mem, cpu, gpu_flops, note)
+    return Machine("cuda", count, host, gpu_mem, cpu, max(rates.values()), note, rates)
 
 
 # ----- putting it together ---------------------------------------------------------------------------
@@ -420,7 +517,7 @@ def _corpus_tokens(corpus: Path) -> int:
 def estimate_time(e: Estimate, m: Machine) -> None:
     """Wall time from FLOPs at the step's device's rate (unless its estimator set one)."""
     if e.seconds is None:
-        rate = m.gpu_flops * max(1, min(e.workers, m.gpus)) if e.runs_on == "cuda" else m.cpu_flops
+        rate = m.gpu_rate(e.dtype) * max(1, min(e.workers, m.gpus)) if e.runs_on == "cuda" else m.cpu_flops
         e.seconds = e.flops / rate
 
 
@@ -460,7 +557,7 @@ def estimate(config: Path, m: Machine) -> tuple[ModelShape, list[Estimate]]:
         if fn is None:  # report, build_mc, prune: no model-sized work modelled
             out.append(Estimate(step.name, step.fn, seconds=0.0, note="not modelled (small)"))
             continue
-        e = fn(ctx, stage_arguments(fns[step.fn], step.args))
+        e = fn(ctx, stage_arguments(fns[step.fn], {**step.common, **step.args}))  # paths too: evaluate reads them
         e.step = step.name
         estimate_time(e, m)
         check_fit(e, m)
@@ -479,17 +576,18 @@ def _duration(s: float | None) -> str:
 
 
 def table(shape: ModelShape, estimates: list[Estimate], m: Machine) -> str:
-    lines = [f"parent: {shape.total_params() / 1e9:.3f}B parameters ({_gib(shape.model_bytes(None, FP32))} GiB in fp32), "
+    lines = [f"parent: {shape.total_params() / 1e9:.3f}B parameters ({_gib(shape.model_bytes(None, FP32))} GiB in fp32, "
+             f"{_gib(shape.model_bytes(None, DTYPE_BYTES['bf16']))} in bf16), "
              f"{shape.num_hidden_layers} layers, hidden {shape.hidden_size}",
              f"machine: {m.device}, {m.gpus} GPU(s) x {_gib(m.gpu_bytes)} GiB, host {_gib(m.host_bytes)} GiB",
              f"throughput: {m.throughput_note}", ""]
-    head = f"{'step':<28} {'runs on':>7} {'workers':>7} {'host GiB':>9} {'GPU GiB':>8} {'disk GiB':>9} {'TFLOP':>10} {'time':>9}"
+    head = f"{'step':<28} {'runs on':>12} {'workers':>7} {'host GiB':>9} {'GPU GiB':>8} {'disk GiB':>9} {'TFLOP':>10} {'time':>9}"
     lines += [head, "-" * len(head)]
     for e in estimates:
-        lines.append(f"{e.step:<28} {e.runs_on:>7} {e.workers:>7} {_gib(e.host_bytes):>9} {_gib(e.gpu_bytes):>8} "
+        lines.append(f"{e.step:<28} {e.runs_on + ' ' + e.dtype:>12} {e.workers:>7} {_gib(e.host_bytes):>9} {_gib(e.gpu_bytes):>8} "
                      f"{_gib(e.disk_bytes):>9} {e.flops / 1e12:>10.2f} {_duration(e.seconds):>9}  {e.note}")
     total = sum(e.seconds or 0 for e in estimates)
-    lines += ["-" * len(head), f"{'total':<28} {'':>7} {'':>7} {_gib(max(e.host_bytes for e in estimates)):>9} "
+    lines += ["-" * len(head), f"{'total':<28} {'':>12} {'':>7} {_gib(max(e.host_bytes for e in estimates)):>9} "
               f"{_gib(max(e.gpu_bytes for e in estimates)):>8} {_gib(sum(e.disk_bytes for e in estimates)):>9} "
               f"{sum(e.flops for e in estimates) / 1e12:>10.2f} {_duration(total):>9}  (peaks: max; disk, FLOPs, time: sums)"]
     return "\n".join(lines)
@@ -508,12 +606,14 @@ def plan(
     """Dry run: per step, peak host/GPU memory, disk, FLOPs and time of a pipeline config, from the parent's config alone
 
     Reads the parent's config.json (a GGUF's metadata), never its weights. Each stage is modelled as the
-    code runs it today (fp32 on the CPU; score and profile can use CUDA). Prints a table and one warning
-    line per step whose peak exceeds the memory given (or this machine's); exits 0 with warnings.
+    code runs it on the planned machine, in the dtype each step's --dtype resolves to there (auto: bf16 on
+    CUDA, fp32 on the CPU). Prints a table and one warning line per step whose peak exceeds the memory
+    given (or this machine's); exits 0 with warnings.
 
     Args:
         config: pipeline YAML (as for puzzle run)
-        device: where the stages that can use a GPU run (auto: CUDA when this machine has one)
+        device: where the stages that can use a GPU run (auto: CUDA when this machine has one); a step's
+            own device / dtype arguments in the config take precedence
         gpus: GPUs available (default: this machine's, or 1)
         gpu_memory_gib: memory of one GPU (default: this machine's GPU, else the budget profile's)
         host_memory_gib: host memory (default: this machine's)

@@ -8,7 +8,11 @@ A random Llama parent of the given shape (saved as safetensors) and random prepa
 started here (`ray start --head --block`, 2 CPUs, stopped at the end) that each build joins; per worker
 count a fresh run directory, `build_library(workers=N)` then `score(workers=N)`, timed from the call (Ray
 tasks, the preflight, shipping inputs, streaming results included). The plan rows come from
-`puzzle.plan.plan` on Meta's published Llama-3.1-70B config.json (written here, no weights).
+`puzzle.plan.plan` on Meta's published Llama-3.1-70B config.json (written here, no weights), in bf16
+(what `--dtype auto` resolves to on CUDA).
+
+    python scripts/bench_cluster.py --plan-only           # only the plan section again, the timings kept
+                                                          # from the existing benchmarks/cluster.json
 """
 
 import argparse
@@ -35,11 +39,12 @@ GIB = 1024**3
 # Meta's published Llama-3.1-70B config.json dimensions (as in tests/test_plan.py)
 LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=131072, rms_norm_eps=1e-5,
-                 rope_theta=500000.0, tie_word_embeddings=False)
+                 rope_theta=500000.0, tie_word_embeddings=False, dtype="bfloat16")
 REPORTED = [  # what we could cite; "-" where the source we read does not say
     ("Puzzle paper (arXiv 2411.19146, abstract)", "Llama-3.1-70B-Instruct -> Nemotron-51B", "-",
      "<= 45B training tokens; the child fits one H100, 2.17x throughput"),
-    ("Puzzletron (nvidia-modelopt), as quoted in issue 15", "Llama-3.1-8B", "2x H100", "46 min end to end"),
+    ("Puzzletron (nvidia-modelopt `examples/puzzletron/README.md`, its progress log)", "Llama-3.1-8B-Instruct", "2x H100 80GB",
+     "46 min: one-block scoring 38 min; no block training, distillation a separate NeMo step"),
 ]
 
 
@@ -147,8 +152,8 @@ def plan_70b(root: Path) -> dict:
     (root / "corpus").mkdir(exist_ok=True)
     config = {"run_dir": str(root / "plan-run"), "parent": str(parent), "corpus": str(root / "corpus"),
               "search_space": "llama_default", "prepare_data": {"seq_len": 4096, "max_tokens": 1_000_000_000},
-              "build_library": {"tokens_per_block": 1_000_000, "batch_size": 8, "workers": "auto"},
-              "score": {"blocks": 64, "batch_size": 4, "device": "cuda", "workers": "auto"},
+              "build_library": {"tokens_per_block": 1_000_000, "batch_size": 8, "workers": "auto", "dtype": "bf16"},
+              "score": {"blocks": 64, "batch_size": 4, "device": "cuda", "workers": "auto", "dtype": "bf16"},
               "solve": [{"budget": "h100_80gb", "speedup": 2.0, "name": "s"}], "realize": [{"solution": "s"}]}
     path = root / "plan_70b.yaml"
     path.write_text(yaml.safe_dump(config))
@@ -157,11 +162,12 @@ def plan_70b(root: Path) -> dict:
                 cpu_gflops=1000)
 
 
-def write_report(out: Path, timings: list[dict], planned: dict, args: argparse.Namespace) -> None:
+def write_report(out: Path, timings: list[dict], planned: dict, args: argparse.Namespace, command: str) -> None:
     one, two = timings
     steps = {s["step"]: s for s in planned["steps"]}
     lines = ["# Ray: 1 vs 2 workers, and the plan for Llama-3.1-70B on 8xH100", "",
-             f"Regenerate: `python scripts/bench_cluster.py {' '.join(sys.argv[1:])}`. Parent: random Llama, "
+             f"Regenerate: `{command}` (the plan section alone: `python scripts/bench_cluster.py --plan-only`). "
+             "Parent: random Llama, "
              f"{args.layers} layers, hidden {args.hidden}, FFN {args.ffn}; search space `{args.search_space}`; "
              f"BLD {args.tokens_per_block} tokens per variant; score {args.blocks} blocks. A local Ray head with "
              "2 CPUs on this machine (shared with other work: treat single runs as indicative).", "",
@@ -170,17 +176,48 @@ def write_report(out: Path, timings: list[dict], planned: dict, args: argparse.N
         a, b = one[f"{stage}_s"], two[f"{stage}_s"]
         lines.append(f"| {stage} | {a:.1f} | {b:.1f} | {a / b:.2f}x |")
     lines += ["", "## `puzzle plan`: Llama-3.1-70B, one node of 8 x H100 80 GB, 2 TiB host", "",
-              "| step | workers | host GiB | GPU GiB | time |", "|---|---:|---:|---:|---:|"]
+              "Every stage in bf16 (`--dtype auto` on CUDA): the parent held in bf16; BLD's variants trained in fp32 "
+              "with fp32 AdamW under bf16 autocast; times at the h100_80gb profile's bf16 peak x its efficiency.", "",
+              "| step | runs on | workers | host GiB | GPU GiB (per GPU) | fits 80 GB | time |", "|---|---|---:|---:|---:|---|---:|"]
+    gpu = planned["machine"]["gpu_bytes"]
     for name in ("build_library", "score"):
         s = steps[name]
-        lines.append(f"| {name} | {s['workers']} | {s['host_bytes'] / GIB:.0f} | {s['gpu_bytes'] / GIB:.0f} | "
-                     f"{s['seconds'] / 3600:.1f} h |")
+        fits = "-" if s["runs_on"] != "cuda" else ("yes" if s["gpu_bytes"] <= gpu else "**no**")
+        lines.append(f"| {name} | {s['runs_on']} {s['dtype']} | {s['workers']} | {s['host_bytes'] / GIB:.0f} | "
+                     f"{s['gpu_bytes'] / GIB:.0f} | {fits} | {s['seconds'] / 3600:.1f} h |")
+    lines += ["", f"build_library: {steps['build_library']['note']}. A BLD worker runs the parent up to its layers' "
+              "last one: the worker of the last layers holds (almost) the whole bf16 parent. The bf16 70B parent "
+              f"({planned['parent']['fp32_bytes'] / 2 / GIB:.0f} GiB) exceeds one H100: score and the late layers' BLD "
+              "jobs cannot run on one GPU until the parent is split across GPUs (not implemented), whatever "
+              "`worker_memory_gib` is."]
     lines += ["", "Warnings: " + ("; ".join(w for s in planned["steps"] for w in s["warnings"]) or "none"), "",
               "## Reported setups", "", "| source | parent -> child | hardware | reported |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in REPORTED]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     out.with_suffix(".json").write_text(json.dumps({"timings": timings, "plan_70b": {k: steps[k] for k in ("build_library", "score")},
-                                                    "settings": vars(args)}, indent=2, default=str) + "\n")
+                                                    "machine_70b": planned["machine"], "settings": vars(args),
+                                                    "command": command}, indent=2, default=str) + "\n")
+
+
+def plan_only(out: Path) -> None:
+    """The plan section again from today's planner; the timings (and the settings that produced them) read
+    back from `out`'s JSON, nothing timed."""
+    from puzzle.errors import PuzzleError
+
+    path = out.with_suffix(".json")
+    if not path.exists():
+        raise PuzzleError(f"--plan-only needs {path} from a full run (python scripts/bench_cluster.py)")
+    before = json.loads(path.read_text())
+    settings = {k: v for k, v in before["settings"].items() if k != "plan_only"}
+    settings["out"] = out
+    root = Path(tempfile.mkdtemp(prefix="bench_cluster_plan"))
+    try:
+        planned = plan_70b(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    command = before.get("command") or "python scripts/bench_cluster.py " + " ".join(  # a JSON from before "command"
+        f"--{k.replace('_', '-')} {v}" for k, v in settings.items() if k != "out")
+    write_report(out, before["timings"], planned, argparse.Namespace(**settings), command)
 
 
 def main() -> None:
@@ -196,7 +233,13 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, default=16)
     parser.add_argument("--search-space", default="tiny")
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks" / "cluster")
+    parser.add_argument("--plan-only", action="store_true",
+                        help="recompute only the Llama-3.1-70B plan section; timings from the existing JSON")
     args = parser.parse_args()
+    if args.plan_only:
+        plan_only(args.out)
+        print(args.out.with_suffix(".md").read_text())
+        return
 
     import ray
 
@@ -213,7 +256,8 @@ def main() -> None:
         stop_head(proc, ray_tmp)
     planned = plan_70b(root)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, timings, planned, args)
+    write_report(args.out, timings, planned, args,
+                 "python scripts/bench_cluster.py " + " ".join(a for a in sys.argv[1:]))
     shutil.rmtree(root, ignore_errors=True)
     print(args.out.with_suffix(".md").read_text())
 

@@ -2,20 +2,30 @@
 
 For each shape: a random-initialised Llama saved as bf16 safetensors (built on the meta device and filled
 layer by layer, so writing it holds one copy), a small corpus, then each stage as its own `puzzle` process
-with small token budgets: prepare-data, build-library (--no-ray, one worker, --worker-memory-gib), score,
-profile (roofline), solve, realize, evaluate. For each stage: the peak RSS of the whole process tree
-(psutil, polled every 50 ms over the process and its children), the wall time, and the host memory
-`puzzle plan`'s estimator (puzzle/plan.py ESTIMATORS, the function `puzzle plan` calls) predicts for the
-same arguments, and the bf16 bytes of the parent.
+with small token budgets and `--dtype bf16`: prepare-data, importance, build-library (--no-ray, one worker,
+--worker-memory-gib), score, profile (roofline), solve, realize, evaluate, distill (GKD). `--dtype bf16` on
+the CPU runs the code path a GPU run takes (the parent / teacher held in bf16, BLD variants and the GKD
+student trained in fp32 under bf16 autocast), so the host memory measured here is what a bf16 run holds.
+For each stage: the peak RSS of the whole process tree (psutil, polled every 50 ms over the process and its
+children), the wall time, the host memory `puzzle plan`'s estimator (puzzle/plan.py ESTIMATORS, the
+function `puzzle plan` calls) predicts for the same arguments on a CPU machine, and the issue's goal: the
+bf16 bytes of what the stage must hold (the parent layers it uses + its own trained state + activations,
+computed here from ModelShape, independently of plan.py) against the measured peak.
 
-    python scripts/bench_scale.py --shapes smollm2 --out benchmarks/scale      -> benchmarks/scale.{md,json}
-    python scripts/bench_scale.py --shapes tiny --out /tmp/scale_check          (a check that it runs)
+Then an extrapolation: `puzzle plan` of a Llama-3.1-8B config.json (written as tests/test_plan.py writes
+it, no weights) on one and on two H100 80GB, the stages' default budgets.
 
-The large shapes (1b, 8b_slice) need ~10-30 GiB of free host memory; run them on a machine of their own.
+    python scripts/bench_scale.py --shapes smollm2 1b --out benchmarks/scale      -> benchmarks/scale.{md,json}
+    python scripts/bench_scale.py --shapes tiny --out /tmp/scale_check              (a check that it runs)
+    python scripts/bench_scale.py --replan        (the plan columns and the extrapolation again, nothing run)
+
+The large shapes (1b, 8b_slice) need ~5-30 GiB of free host memory; a stage whose plan exceeds 80% of the
+memory available when it starts is not run (its row says so).
 """
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import time
@@ -28,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))
 
 GIB = 2**30
+BF16 = 2
 # name -> LlamaConfig fields (the issue's shapes: the reference SmolLM2 parent, a ~1.2B Llama, and a slice of
 # a few Llama-3.1-8B layers); `tiny` only checks that the script runs.
 SHAPES = {
@@ -41,12 +52,42 @@ SHAPES = {
                      num_attention_heads=32, num_key_value_heads=8, tie_word_embeddings=False),
 }
 SEQ_LEN = 64
+DTYPE = "bf16"
 # Small token budgets: memory is what is measured; time scales with these.
 STAGE_ARGS = {
+    "importance": dict(n_samples=8, batch_size=4, drop_samples=0),
     "build_library": dict(tokens_per_block=512, batch_size=4, calibration_tokens=512, eval_tokens=256, workers=1),
-    "score": dict(blocks=4, batch_size=4),
+    "score": dict(blocks=2, batch_size=2),
     "evaluate": dict(val_blocks=4, batch_size=4),
+    "distill": dict(steps=2, batch_size=2, val_every=2, val_blocks=2, checkpoint_every=2),
 }
+# Smaller still where a shape's time would run past a shared machine's half hour.
+# build-library's --worker-memory-gib per shape: jobs sized to fit (the whole build at once would hold every
+# variant's fp32 AdamW state: ~24 GiB for the 1b shape).
+SHAPE_ARGS = {
+    "smollm2": {"build_library": dict(worker_memory_gib=0.75)},
+    "1b": {"importance": dict(n_samples=4, batch_size=2),
+           "build_library": dict(tokens_per_block=256, batch_size=2, worker_memory_gib=4, layers=[15]),
+           "score": dict(blocks=1, batch_size=1), "evaluate": dict(val_blocks=2, batch_size=2)},
+    "8b_slice": {"importance": dict(n_samples=4, batch_size=2),
+                 "build_library": dict(tokens_per_block=256, batch_size=2, worker_memory_gib=8, layers=[3]),
+                 "score": dict(blocks=1, batch_size=1), "evaluate": dict(val_blocks=2, batch_size=2)},
+}
+# What a shape's run left out, said in its section.
+SHAPE_NOTES = {
+    "1b": ("Run here: prepare-data, importance, build-library of the last layer only (`layers: [15]`: its job "
+           "holds the whole truncated parent, the worst case), evaluate of the parent against itself. Not run: score "
+           "(bf16 matmuls on this CPU are slow: smollm2's score took ~9 min; the 1b's would take well over the "
+           "session's remaining time), hence no solve / realize; GKD (its plan exceeds this shared machine's "
+           "free memory; see its plan row)."),
+    "8b_slice": ("Four Llama-3.1-8B layers (hidden 4096, FFN 14336, untied 128K vocabulary). Run as the 1b: "
+                 "prepare-data, importance, build-library of the last layer (`layers: [3]`), evaluate of the parent "
+                 "against itself; score, solve, realize and GKD not run (time; GKD's plan exceeds the free memory). "
+                 "importance measured at half its plan: not investigated; a likely cause (unverified) is weights "
+                 "that run never reads (the 1 GiB LM head with drop_samples 0, all but a few embedding rows) "
+                 "staying out of RSS as unread file pages."),
+}
+AVAILABLE_SHARE = 0.8  # run a stage only when its plan is below this share of the memory available
 
 
 def write_parent(out: Path, fields: dict) -> Path:
@@ -103,96 +144,329 @@ def run_measured(argv: list[str]) -> dict:
 def flags(args: dict) -> list[str]:
     out = []
     for k, v in args.items():
-        out += [f"--{k.replace('_', '-')}", str(v)]
+        if isinstance(v, bool):
+            out.append(f"--{'' if v else 'no-'}{k.replace('_', '-')}")
+        elif isinstance(v, list):  # list[int] arguments take several values (puzzle/cli.py: nargs "+")
+            out += [f"--{k.replace('_', '-')}", *map(str, v)]
+        else:
+            out += [f"--{k.replace('_', '-')}", str(v)]
     return out
 
 
-def predicted(parent: Path, stage: str, space: str, args: dict) -> float:
-    """The host bytes `puzzle plan` predicts for this stage and these arguments."""
+def context(parent: Path, space: str):
+    """plan.py's Context for `parent` on a CPU machine (this one: the stages run here)."""
     from puzzle import plan as planner
     from puzzle.model.checkpoint import load_config
     from puzzle.search_space import load_search_space
     from puzzle.shape import ModelShape
-    from puzzle.stages import BY_NAME
 
     config = load_config(parent)
-    machine = planner.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
-    ctx = planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), SEQ_LEN, 0, machine)
+    machine = planner.Machine("cpu", 0, host_bytes=psutil.virtual_memory().total, gpu_bytes=0, cpu_flops=1,
+                              gpu_flops=0, throughput_note="")
+    return planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), SEQ_LEN, 0, machine)
+
+
+def predicted(ctx, stage: str, args: dict) -> float:
+    """The host bytes `puzzle plan` predicts for this stage and these arguments (its baseline included)."""
+    from puzzle import plan as planner
+    from puzzle.stages import BY_NAME
+
     return planner.ESTIMATORS[stage](ctx, planner.stage_arguments(BY_NAME[stage].load(), args)).host_bytes
 
 
-def bench_shape(name: str, work: Path, space: str, worker_gib: float | None) -> dict:
-    from puzzle.shape import ModelShape
+# ----- what a stage must hold, in bf16 (the issue's goal), from ModelShape alone ------------------------
+
+
+def trained_bf16(shape, params: int) -> int:
+    """Weights, gradient and two AdamW moments of `params` trained weights, at bf16's 2 bytes each."""
+    return 4 * params * BF16
+
+
+def must_hold(stage: str, shape, space, args: dict, run: Path, parent: Path) -> int | None:
+    """bf16 bytes of the parent layers `stage` uses + its own trained state + its activations; None for the
+    stages that hold no model (prepare-data, profile's roofline, solve)."""
+    from puzzle.library.bld import BLDSettings
+    from puzzle.library.ray_jobs import plan_jobs
+    from puzzle.model.checkpoint import load_config
+
+    D, V, L = shape.hidden_size, shape.vocab_size, shape.num_hidden_layers
+    parent_bf16 = shape.model_bytes(None, BF16)
+    layer_act = shape.activation_bytes_per_token(shape.parent_block, BF16)
+    if stage == "importance":
+        b = args["batch_size"] * SEQ_LEN
+        return parent_bf16 + b * (layer_act + V * BF16)
+    if stage == "build_library":  # the largest of the jobs the build runs one after another (the same partition)
+        settings = BLDSettings(**{k: v for k, v in args.items() if k in BLDSettings.__dataclass_fields__ and k != 'dtype'},
+                               dtype=DTYPE)
+        budget = args.get("worker_memory_gib")
+        layers = sorted(set(args.get("layers") or range(L)))
+        jobs = plan_jobs(space, load_config(parent), settings, layers, 1, SEQ_LEN, budget * GIB if budget else None)
+        b = settings.batch_size * SEQ_LEN
+
+        def job_bytes(job) -> int:
+            layers = (shape.fixed_params("embeddings") + (max(job.layers) + 1) * shape.params(shape.parent_block)) * BF16
+            trained = [v for v in job.variants if not (v.is_parent or v.config.no_op)]
+            state = sum(trained_bf16(shape, shape.params(v.config)) for v in trained)
+            act = max((shape.activation_bytes_per_token(v.config, BF16) * b for v in trained), default=0)
+            held = len(job.layers) * 3 * D * BF16 * (settings.eval_tokens + b)  # h, a, o per layer
+            return layers + state + act + held
+
+        return max(job_bytes(job) for job in jobs)
+    if stage == "score":
+        b = args["batch_size"] * SEQ_LEN
+        largest = max(shape.params(v.config) for v in space.variants())
+        return parent_bf16 + largest * BF16 + b * (layer_act + V * BF16)
+    blocks = load_config(run / "children" / "s15").blocks if (run / "children" / "s15").exists() else None
+    child = shape.model_bytes(blocks, BF16)
+    if stage == "realize":
+        return child
+    if stage == "evaluate":  # the parent against itself (no child realised) is one model
+        b = args["batch_size"] * SEQ_LEN
+        return parent_bf16 + (child if blocks else 0) + b * (layer_act + 2 * V * BF16)
+    if stage == "distill":  # the teacher, the realised child trained, its activations for backward, the logits
+        b = args["batch_size"] * SEQ_LEN
+        act = sum(shape.activation_bytes_per_token(blk, BF16) for blk in blocks) if blocks else L * layer_act
+        return parent_bf16 + trained_bf16(shape, shape.total_params(blocks)) + b * (act + 2 * V * BF16)
+    return None
+
+
+def stage_args(name: str, stage: str) -> dict:
+    return {**STAGE_ARGS.get(stage, {}), **SHAPE_ARGS.get(name, {}).get(stage, {})}
+
+
+def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, stages: list[str], out: Path,
+                done: list[dict]) -> dict:
     from puzzle.model.checkpoint import load_config
 
     parent = write_parent(work / name / "parent", SHAPES[name])
     corpus = write_corpus(work / "corpus")
     run = work / name / "run"
-    shape = ModelShape.from_config(load_config(parent))
-    bld = dict(STAGE_ARGS["build_library"], **({"worker_memory_gib": worker_gib} if worker_gib else {}))
+    ctx = context(parent, space)
+    shape = ctx.shape
+    bld = {**stage_args(name, "build_library"), **({"worker_memory_gib": worker_gib} if worker_gib else {})}
+    worker_gib = bld.get("worker_memory_gib")
     bld["calibration_tokens"] = max(bld["calibration_tokens"], shape.hidden_size)  # a linear FFN's least squares
+    low = {"dtype": DTYPE}
+    gkd = stage_args(name, "distill")
+    child = run / "children" / "s15"
     steps = [
         ("prepare_data", ["prepare-data", str(corpus), str(parent), "--run-dir", str(run), "--seq-len", str(SEQ_LEN)], None),
+        ("importance", ["importance", str(parent), "--run-dir", str(run), *flags({**stage_args(name, "importance"), **low})],
+         {**stage_args(name, "importance"), **low}),
         ("build_library", ["build-library", "--run-dir", str(run), "--parent", str(parent), "--search-space", space,
-                           "--no-ray", *flags(bld)], bld),
-        ("score", ["score", "--run-dir", str(run), *flags(STAGE_ARGS["score"])], STAGE_ARGS["score"]),
+                           "--no-ray", *flags({**bld, **low})], {**bld, **low, "ray": False}),
+        ("score", ["score", "--run-dir", str(run), "--no-ray", *flags({**stage_args(name, "score"), **low})],
+         {**stage_args(name, "score"), **low, "ray": False}),
         ("profile", ["profile", "--run-dir", str(run), "--budget", "h100_80gb"], None),
         ("solve", ["solve", "--run-dir", str(run), "--budget", "h100_80gb", "--speedup", "1.5", "--name", "s15"], None),
         ("realize", ["realize", "--run-dir", str(run), "--solution", "s15"], {}),
-        ("evaluate", ["evaluate", str(run / "children" / "s15"), "--run-dir", str(run), "--budget", "none",
-                      "--no-measure", *flags(STAGE_ARGS["evaluate"])], STAGE_ARGS["evaluate"]),
+        ("evaluate", ["evaluate", str(child if "realize" in stages else parent), "--run-dir", str(run), "--budget", "none",
+                      "--no-measure", *flags({**stage_args(name, "evaluate"), **low})],
+         {**stage_args(name, "evaluate"), **low, "model": str(child if "realize" in stages else parent), "parent": str(parent)}),
+        ("distill", ["distill", "--teacher", str(parent), "--student", str(run / "children" / "s15"), "--run-dir", str(run),
+                     "--out", str(run / "gkd"), "--no-resume", *flags({**gkd, **low})], {**gkd, **low}),
     ]
-    rows = []
+    result = {"shape": name, "fields": SHAPES[name], "params": shape.total_params(), "bf16_bytes": shape.model_bytes(None, BF16),
+              "worker_memory_gib": worker_gib, "stage_args": {s: a for s, _, a in steps if a is not None}, "stages": []}
+    done.append(result)
     for stage, argv, args in steps:
-        measured = run_measured(argv)
-        plan = predicted(parent, stage, space, {k: v for k, v in args.items()}) if args is not None else None
-        rows.append({"stage": stage, **measured, "plan_bytes": plan})
-        print(f"{name} {stage}: {measured['peak_bytes'] / GIB:.2f} GiB, {measured['wall_s']:.1f} s"
-              + (f", plan {plan / GIB:.2f} GiB" if plan else ""), flush=True)
-    return {"shape": name, "fields": SHAPES[name], "params": shape.total_params(),
-            "bf16_bytes": shape.model_bytes(None, 2), "worker_memory_gib": worker_gib, "stages": rows}
+        if stage not in stages:
+            continue
+        plan = predicted(ctx, stage, args) if args is not None else None
+        available = psutil.virtual_memory().available
+        row = {"stage": stage, "plan_bytes": plan, "available_bytes": available}
+        if plan is not None and plan > AVAILABLE_SHARE * available:
+            row["skipped"] = f"plan {plan / GIB:.1f} GiB > {AVAILABLE_SHARE:.0%} of the {available / GIB:.1f} GiB available"
+            print(f"{name} {stage}: not run ({row['skipped']})", flush=True)
+        else:
+            row.update(run_measured(argv))
+            print(f"{name} {stage}: {row['peak_bytes'] / GIB:.2f} GiB, {row['wall_s']:.1f} s"
+                  + (f", plan {plan / GIB:.2f} GiB" if plan else ""), flush=True)
+        row["must_hold_bytes"] = must_hold(stage, shape, ctx.space, args or {}, run, parent)
+        result["stages"].append(row)
+        write(done, out)  # after every stage: a run cut short keeps what it measured
+    return result
 
 
-def markdown(results: list[dict]) -> str:
+# ----- extrapolation: `puzzle plan` for Llama-3.1-8B on H100s -------------------------------------------
+
+# nvidia-modelopt examples/puzzletron/README.md (read in the isomap/Model-Optimizer copy): its progress log for
+# Llama-3.1-8B-Instruct with `torchrun --nproc_per_node 2` on 2x H100 80GB runs 12:06:34 -> 12:52:34.
+PUZZLETRON_8B = ("Puzzletron (nvidia-modelopt `examples/puzzletron/README.md`, Llama-3.1-8B-Instruct, 2x H100 80GB): "
+                 "46 min from start to realised model by its progress log (12:06:34 -> 12:52:34): convert 0.4 min, "
+                 "pruning activations 4.5 min, pruning 0.7 min, replacement library (pruned checkpoints, no block "
+                 "training) under 1 s, one-block scores 38.3 min, MIP + realize 1.9 min; distillation is a separate "
+                 "NeMo step. Its library is not trained (no BLD) and there is no GKD in the 46 min: the comparable "
+                 "figure here is the pipeline without build_library's training and without gkd")
+
+
+def extrapolate(work: Path) -> list[dict]:
+    """`puzzle plan` of a Llama-3.1-8B config.json (no weights) in bf16 on one and on two H100 80GB with the
+    stages' default budgets (prepare-data capped at what GKD's steps read)."""
+    import yaml
+    from test_plan import write_parent as write_llama
+
+    from puzzle import plan as planner
+
+    plans = []
+    for gpus in (1, 2):
+        root = work / f"llama31_8b_{gpus}xh100"
+        root.mkdir(parents=True, exist_ok=True)
+        parent, _ = write_llama(root, "8b")
+        config = {"run_dir": str(root / "run"), "parent": str(parent), "corpus": str(root / "corpus"),
+                  "search_space": "llama_default", "prepare_data": {"max_tokens": 2_000_000},
+                  "build_library": {"workers": gpus, "worker_memory_gib": 60},
+                  "solve": [{"budget": "h100_80gb", "speedup": 1.5, "name": "s"}], "realize": [{"solution": "s"}],
+                  "gkd": {"nproc": gpus}}
+        (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
+        result = planner.plan(root / "pipeline.yaml", device="cuda", gpus=gpus, gpu_memory_gib=80e9 / GIB,
+                              host_memory_gib=1000, budget="h100_80gb", cpu_gflops=100)
+        plans.append({"gpus": gpus, "config": config, **result})
+    return plans
+
+
+def write(results: list[dict], out: Path, plans: list[dict] | None = None) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    data = {"shapes": results, "extrapolation": plans or []}
+    out.with_suffix(".json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    out.with_suffix(".md").write_text(markdown(results, plans or []))
+
+
+def _gib(x: float | None) -> str:
+    return "-" if x is None else f"{x / GIB:.2f}"
+
+
+def markdown(results: list[dict], plans: list[dict]) -> str:
+    from puzzle.plan import PROCESS_BASELINE_BYTES
+
     lines = ["# Memory and time per stage at scale (scripts/bench_scale.py)", "",
-             "Random Llama parents in bf16 safetensors; each stage a fresh `puzzle` process with small token budgets "
-             f"(seq_len {SEQ_LEN}; {json.dumps(STAGE_ARGS)}). Peak RSS of the whole process tree (psutil, 50 ms); "
-             "`plan`: puzzle/plan.py's estimator for the same arguments (it leaves out the interpreter and torch, "
-             "~0.3-0.5 GiB: prepare-data's row is about that baseline). Calibration tokens are raised to the hidden "
-             "size where smaller (the linear FFN's least squares). The stages load the parent in fp32 today (the "
-             "dtype work makes that bf16); realize stores the child in the parent's bf16.", ""]
+             f"Random Llama parents in bf16 safetensors; each stage a fresh `puzzle` process with `--dtype {DTYPE}` "
+             "on this CPU: the code path a GPU run takes (parent / teacher held in bf16; BLD variants and the GKD "
+             "student trained with fp32 weights and AdamW under bf16 autocast), so the host memory here is what a "
+             f"bf16 run holds. seq_len {SEQ_LEN}, small token budgets (per shape in the JSON's `stage_args`). "
+             "Peak RSS of the whole process tree (psutil, 50 ms). `plan`: puzzle/plan.py's estimator for the same "
+             f"arguments on a CPU machine, including one process baseline ({PROCESS_BASELINE_BYTES / GIB:.1f} GiB: "
+             "the interpreter + torch + transformers). `must hold`: the bf16 bytes of what the stage must hold (the "
+             "parent layers it uses + its own trained state, weights + gradient + 2 moments at 2 bytes each + its "
+             "activations), computed by this script from ModelShape; the issue's goal is peak <= 1.5x that. "
+             "`net`: the same ratio after taking off this run's measured baseline (prepare-data's peak). "
+             "GKD distils the realised 1.5x child from the parent, as the pipeline does; plan prices a student as "
+             "large as the parent (it plans before the child exists), so its distill row is an upper bound. Wall times "
+             "are from a shared 2-core machine (other work ran beside these runs): indicative only; bf16 matmuls on "
+             "this CPU are far slower than fp32 ones, so score dominates. The 1.5x goal cannot hold for a parent "
+             "smaller than the interpreter's own ~0.4 GiB (smollm2: 0.25 GiB): read its `net` column.", ""]
     missing = [s for s in SHAPES if s != "tiny" and s not in {r["shape"] for r in results}]
     if missing:
-        lines += [f"Not measured here: {', '.join(missing)} (`--shapes {' '.join(missing)}` on a machine of their "
-                  "own: they need ~10-30 GiB of free host memory).", ""]
+        lines += [f"Not measured here: {', '.join(missing)}.", ""]
     for r in results:
+        rows = r["stages"]
+        base = next((s.get("peak_bytes") for s in rows if s["stage"] == "prepare_data"), None)
         lines += [f"## {r['shape']}: {r['params'] / 1e9:.3f}B parameters, {r['bf16_bytes'] / GIB:.2f} GiB in bf16"
                   + (f", --worker-memory-gib {r['worker_memory_gib']}" if r["worker_memory_gib"] else ""), "",
-                  "| stage | peak RSS GiB | plan GiB | measured / plan | peak / bf16 parent | wall s |",
-                  "|---|---|---|---|---|---|"]
-        for s in r["stages"]:
-            plan = s["plan_bytes"]
-            ratio = f"{s['peak_bytes'] / plan:.2f}" if plan else "-"
-            lines.append(f"| {s['stage']} | {s['peak_bytes'] / GIB:.2f} | {plan / GIB:.2f} | {ratio} | "
-                         f"{s['peak_bytes'] / r['bf16_bytes']:.2f} | {s['wall_s']:.1f} |" if plan else
-                         f"| {s['stage']} | {s['peak_bytes'] / GIB:.2f} | - | - | "
-                         f"{s['peak_bytes'] / r['bf16_bytes']:.2f} | {s['wall_s']:.1f} |")
-        lines.append("")
+                  *( [SHAPE_NOTES[r["shape"]], ""] if r["shape"] in SHAPE_NOTES else []),
+                  "| stage | peak RSS GiB | plan GiB | measured / plan | must hold GiB | peak / must hold | <= 1.5x | net / must hold | wall s |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for s in rows:
+            peak, plan, need = s.get("peak_bytes"), s["plan_bytes"], s["must_hold_bytes"]
+            if peak is None:
+                lines.append(f"| {s['stage']} | not run: {s['skipped']} | {_gib(plan)} | - | {_gib(need)} | - | - | - | - |")
+                continue
+            ratio = f"{peak / plan:.2f}" if plan else "-"
+            goal = peak / need if need else None
+            net = (peak - base) / need if need and base else None
+            lines.append(f"| {s['stage']} | {_gib(peak)} | {_gib(plan)} | {ratio} | {_gib(need)} | "
+                         f"{'-' if goal is None else f'{goal:.2f}'} | {'-' if goal is None else ('yes' if goal <= 1.5 else 'no')} | "
+                         f"{'-' if net is None else f'{net:.2f}'} | {s['wall_s']:.1f} |")
+        lines += ["", goals(rows), ""]
+    if plans:
+        lines += extrapolation_markdown(plans)
     return "\n".join(lines)
+
+
+def goals(rows: list[dict]) -> str:
+    """The issue's two measured goals over a shape's stages that ran: plan within +-25% of the peak, and the
+    peak within 1.5x of what the stage must hold in bf16."""
+    ran = [s for s in rows if s.get("peak_bytes") is not None]
+    planned = [s for s in ran if s["plan_bytes"]]
+    within = [s["stage"] for s in planned if 0.75 <= s["peak_bytes"] / s["plan_bytes"] <= 1.25]
+    held = [s for s in ran if s["must_hold_bytes"]]
+    lean = [s["stage"] for s in held if s["peak_bytes"] <= 1.5 * s["must_hold_bytes"]]
+    outside = [s["stage"] for s in planned if s["stage"] not in within]
+    heavy = [s["stage"] for s in held if s["stage"] not in lean]
+    return (f"Goals: plan within +-25% of the measured peak for {len(within)} of {len(planned)} stages"
+            + (f" (not: {', '.join(outside)})" if outside else "")
+            + f"; peak <= 1.5x the bf16 must-hold for {len(lean)} of {len(held)}"
+            + (f" (not: {', '.join(heavy)})" if heavy else "") + ".")
+
+
+def extrapolation_markdown(plans: list[dict]) -> list[str]:
+    from puzzle.plan import _duration
+
+    lines = ["## Extrapolation: `puzzle plan` for Llama-3.1-8B on H100 80GB (bf16)", "",
+             "Meta's Llama-3.1-8B config.json (as tests/test_plan.py writes it; no weights), the llama_default search "
+             "space, the stages' default budgets (build-library with `worker_memory_gib: 60` so its jobs fit a GPU; "
+             "GKD with `nproc` = the GPUs), `puzzle plan --device cuda --budget h100_80gb`. Times are the plan's "
+             "FLOP estimates at the profile's bf16 peak x its efficiency: lower bounds that leave out loading and "
+             "writing weights (~15 GiB per stage that loads the parent), Python overhead and data loading, for "
+             "the defaults' small budgets (score 16 blocks, BLD 32768 tokens per variant, GKD 200 steps of 8 x "
+             "256 tokens). GPU GiB for GKD assumes a student as large as the parent (a realised child is smaller).", ""]
+    for p in plans:
+        gpu = p["machine"]["gpu_bytes"]
+        lines += [f"### {p['gpus']} x H100 80GB", "",
+                  "| step | runs on | GPUs | host GiB | GPU GiB (per GPU) | fits 80 GB | est. time | note |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for s in p["steps"]:
+            fits = "-" if s["runs_on"] != "cuda" else ("yes" if s["gpu_bytes"] <= gpu else "**no**")
+            lines.append(f"| {s['step']} | {s['runs_on']} {s['dtype']} | {s['workers']} | {_gib(s['host_bytes'])} | "
+                         f"{_gib(s['gpu_bytes'])} | {fits} | {_duration(s['seconds'])} | {s['note']} |")
+        comparable = sum(s["seconds"] or 0 for s in p["steps"] if s["stage"] not in ("build_library", "distill"))
+        lines += ["", f"Whole pipeline, estimated: **{_duration(p['total_seconds'])}** on {p['gpus']} x H100 "
+                  f"(steps back to back); without BLD training and GKD: {_duration(comparable)}.", ""]
+    lines += [PUZZLETRON_8B + ".", ""]
+    return lines
+
+
+def replan(out: Path, work: Path, space: str) -> None:
+    """The plan columns again from the estimators as they are now, for the measured rows of `out`'s JSON (their
+    stored arguments), and the extrapolation; nothing is run."""
+    results = json.loads(out.with_suffix(".json").read_text())["shapes"]
+    for r in results:
+        ctx = context(work / r["shape"] / "parent", space)
+        parent, ran = work / r["shape"] / "parent", {s["stage"] for s in r["stages"]}
+        model = work / r["shape"] / "run" / "children" / "s15" if "realize" in ran else parent
+        r["stage_args"]["evaluate"] = {"model": str(model), "parent": str(parent), **r["stage_args"]["evaluate"]}
+        for s in r["stages"]:
+            if s["plan_bytes"] is not None:
+                s["plan_bytes"] = predicted(ctx, s["stage"], r["stage_args"][s["stage"]])
+                s["must_hold_bytes"] = must_hold(s["stage"], ctx.shape, ctx.space, r["stage_args"][s["stage"]],
+                                                 work / r["shape"] / "run", parent)
+    write(results, out, extrapolate(work))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--shapes", nargs="+", default=["smollm2", "1b", "8b_slice"], choices=list(SHAPES))
+    ap.add_argument("--shapes", nargs="*", default=["smollm2", "1b", "8b_slice"], choices=list(SHAPES))
+    ap.add_argument("--stages", nargs="+", default=["prepare_data", "importance", "build_library", "score", "profile",
+                                                    "solve", "realize", "evaluate", "distill"])
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "bench_scale")
     ap.add_argument("--search-space", default="tiny")
-    ap.add_argument("--worker-memory-gib", type=float, default=None)
+    ap.add_argument("--worker-memory-gib", type=float, default=None, help="every shape's (default: SHAPE_ARGS')")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scale")
+    ap.add_argument("--replan", action="store_true",
+                    help="recompute only the plan columns of the existing JSON's rows (today's estimators) and the extrapolation")
     a = ap.parse_args()
-    results = [bench_shape(name, a.work, a.search_space, a.worker_memory_gib) for name in a.shapes]
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
-    a.out.with_suffix(".md").write_text(markdown(results))
+    if a.replan:
+        replan(a.out, a.work, a.search_space)
+        return
+    results: list[dict] = []
+    old = a.out.with_suffix(".json")
+    if old.exists():  # shapes measured by an earlier run and not rerun now are kept
+        kept = json.loads(old.read_text())
+        kept = kept.get("shapes", []) if isinstance(kept, dict) else []
+        results += [r for r in kept if r["shape"] not in a.shapes]
+    for name in a.shapes:
+        bench_shape(name, a.work, a.search_space, a.worker_memory_gib, a.stages, a.out, results)
+    write(results, a.out, extrapolate(a.work))
     print(f"wrote {a.out.with_suffix('.md')}")
 
 
