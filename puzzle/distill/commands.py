@@ -1,5 +1,6 @@
 """`puzzle distill`: knowledge distillation of a student checkpoint from a teacher on a run's data."""
 
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Literal
 
@@ -63,6 +64,7 @@ def distill(
     dtype: str = "auto",
     gradient_checkpointing: bool | None = None,
     nproc: int = 1,
+    cpu_offload: bool = False,
 ) -> Path:
     """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
 
@@ -99,6 +101,10 @@ def distill(
             activations (default: on for CUDA, off on the CPU)
         nproc: processes (one GPU each on CUDA) to train on with FSDP2, the same global batch; above 1
             launches torchrun on this node (grad-accum must be a multiple). Under torchrun the job's size is used
+        cpu_offload: keep the student's fp32 weights, gradients and AdamW moments in host memory (FSDP2's
+            CPUOffloadPolicy; the optimizer steps on the CPU), streaming each layer to the device for its
+            forward and backward: a student too large for the GPU trains on it. Any nproc (1 runs FSDP2 in
+            this process); needs host memory for 16 bytes per student parameter (/ nproc per process)
     """
     arguments = dict(locals())  # this call, for torchrun's workers
     from puzzle.data.blocks import check_token_ids, load_blocks
@@ -134,6 +140,9 @@ def distill(
         if done.get("config") == {**config.to_json(), **runtime.settings()} and done.get("complete"):
             print(f"distill: {out} is complete (step {done['step']}); nothing to do")
             return model_dir
+    if cpu_offload and not runtime.is_cuda and torch.cuda.is_available():
+        raise PuzzleError("--cpu-offload offloads from a GPU: it needs --device cuda (or auto) here, where a GPU "
+                          "is visible (on the CPU the student is in host memory already)")
     if nproc > 1 and not fsdp.distributed():
         fsdp.check_world(config, nproc)
         fsdp.launch(arguments, nproc)
@@ -143,12 +152,15 @@ def distill(
         check_token_ids(blocks, teacher_model.config.vocab_size)
     original = load_model(student)
     record = _student_record(student)
-    trainer = fsdp.FSDPDistiller if fsdp.distributed() else Distiller
-    placement = {"compute_dtype": runtime.dtype} if fsdp.distributed() else {"runtime": runtime}
-    distiller = trainer(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
-                        kept_channels=record.get("channels"), gradient_checkpointing=gradient_checkpointing,
-                        **placement)
-    result = distiller.train(train_data, val_data[:val_blocks], resume=resume)
+    sharded = fsdp.distributed() or cpu_offload  # FSDP2: over the torchrun job, or one rank here to offload
+    trainer = fsdp.FSDPDistiller if sharded else Distiller
+    placement = {"compute_dtype": runtime.dtype, "cpu_offload": cpu_offload} if sharded else {"runtime": runtime}
+    group = fsdp.one_process(runtime.device) if sharded and not fsdp.dist.is_initialized() else nullcontext()
+    with group:
+        distiller = trainer(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
+                            kept_channels=record.get("channels"), gradient_checkpointing=gradient_checkpointing,
+                            **placement)
+        result = distiller.train(train_data, val_data[:val_blocks], resume=resume)
     if result.student is None:  # a torchrun worker other than rank 0, which saves
         return model_dir
     try:

@@ -28,9 +28,21 @@ ranks. The output directory must be one filesystem that every rank writes (one n
 
 Every rank loads the full teacher and student before sharding (N host copies); the final student is
 gathered to rank 0 (full state dict) and saved as one-process GKD saves it.
+
+CPU offload (`puzzle distill --cpu-offload`, FSDP2's `CPUOffloadPolicy` on the student's units, as
+torchtitan's `apply_fsdp` passes it): the student's fp32 shards, their gradients and the AdamW moments stay
+in host memory (pinned on CUDA, for asynchronous copies); FSDP2 copies each unit's shards to the GPU to
+gather them for its forward and backward, moves the reduced gradient shards back to the host, and the
+optimizer steps on the CPU. The GPU holds the frozen teacher (or its shard), the gathered layers in flight
+and the activations: a student whose 16 bytes per parameter exceed the GPU trains on it. With one process
+the job needs no torchrun: `one_process` makes a one-rank group in the calling process (an in-memory
+store), so the run directory's lock, user errors and the pipeline's stage call stay as one-process GKD's.
+The maths is FSDP2's without offload (the same reductions, on another device), so checkpoints are the
+same DCP checkpoints and a run may resume with or without offload.
 """
 
 import functools
+from contextlib import contextmanager
 import json
 import logging
 import os
@@ -40,7 +52,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -56,7 +68,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
@@ -115,18 +127,30 @@ def rank() -> int:
 
 
 def init_distributed() -> torch.device:
-    """Join the torchrun job (nccl on CUDA with one GPU per local rank, gloo on CPU); this rank's device.
-    Ranks other than 0 log errors only: rank 0 speaks for the job."""
-    if torch.cuda.is_available():
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
+    """Join the torchrun job (nccl on CUDA with one GPU per local rank, gloo on CPU), or the group already
+    made in this process (an earlier run's, or `one_process`'s); this rank's device, named by the group's
+    backend. Ranks other than 0 log errors only: rank 0 speaks for the job."""
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
     if dist.get_rank() != 0:
         logging.getLogger("puzzle").setLevel(logging.ERROR)
     return device
+
+
+@contextmanager
+def one_process(device: torch.device) -> Iterator[None]:
+    """A one-rank process group in this process for FSDP2 without torchrun (`--cpu-offload` on one
+    device): an in-memory store, nccl on `device` if it is a GPU, else gloo; destroyed on exit."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def check_world(config: DistillConfig, nproc: int) -> None:
@@ -170,14 +194,22 @@ class FSDPRoot(nn.Module):
         return run(*args)
 
 
-def shard(root: FSDPRoot, layers: nn.ModuleList, mesh: DeviceMesh, compute_dtype: torch.dtype) -> FSDPRoot:
+def offload_policy(cpu_offload: bool, device: torch.device) -> OffloadPolicy:
+    """FSDP2's policy: CPUOffloadPolicy (host memory pinned on CUDA only: pinning is for copies to a GPU)
+    or none (OffloadPolicy(), fully_shard's default)."""
+    return CPUOffloadPolicy(pin_memory=device.type == "cuda") if cpu_offload else OffloadPolicy()
+
+
+def shard(root: FSDPRoot, layers: nn.ModuleList, mesh: DeviceMesh, compute_dtype: torch.dtype,
+          offload: OffloadPolicy | None = None) -> FSDPRoot:
     """fully_shard each decoder layer, then the root (torchtitan's `apply_fsdp`; the root keeps its
-    parameters gathered between forward and backward)."""
+    parameters gathered between forward and backward), every unit under `offload` (default: none)."""
     mp = (MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
           if compute_dtype != torch.float32 else MixedPrecisionPolicy())
+    offload = offload or OffloadPolicy()
     for layer in layers:
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(root, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, offload_policy=offload)
+    fully_shard(root, mesh=mesh, mp_policy=mp, offload_policy=offload)
     return root
 
 
@@ -221,6 +253,7 @@ class FSDPDistiller(Distiller):
         compute_dtype: torch.dtype = torch.float32,
         teacher_sharding: TeacherSharding = "auto",
         gradient_checkpointing: bool = False,
+        cpu_offload: bool = False,
     ) -> None:
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -230,8 +263,10 @@ class FSDPDistiller(Distiller):
                          gradient_checkpointing=gradient_checkpointing)
         self.compute_dtype = compute_dtype
         mesh = init_device_mesh(self.device.type, (self.world,))
+        # the student (and the hidden-loss projection) trains from host memory under cpu_offload; the frozen
+        # teacher has no gradients or moments to offload and stays on the device
         self.root = shard(FSDPRoot(student=self.student, projection=self.projection), self.student.model.layers,
-                          mesh, compute_dtype)
+                          mesh, compute_dtype, offload_policy(cpu_offload, self.device))
         self.teacher_root = None
         if shard_teacher(teacher_sharding, model_bytes(self.teacher), device_memory(self.device)):
             self.teacher_root = shard(FSDPRoot(teacher=self.teacher), self.teacher.model.layers, mesh, compute_dtype)

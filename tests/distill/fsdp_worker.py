@@ -5,6 +5,8 @@
   resumed    stopped after STOP steps, then resumed by a fresh FSDPDistiller (fresh weights; all state from
              the sharded checkpoint)
   tied       tied input and output embeddings (SmolLM2's layout), a 2-layer student of the same width
+  offload    as `straight`, the student under FSDP2's CPUOffloadPolicy (shards, gradients, moments on the host)
+  offload-resumed  as `resumed`, both halves under CPUOffloadPolicy
   damaged    a copy of `straight` with a flipped byte in rank 1's shard of its last checkpoint, resumed: it
              falls back to the checkpoint before and recomputes the steps since
 Rank 0 writes each run's final student as OUT/NAME/final.safetensors.
@@ -76,6 +78,9 @@ def main(out: Path) -> None:
         shutil.copy(out / "resumed" / "log.jsonl", out / "stopped.jsonl")
     run(out / "resumed", teacher_sharding="replicate")
     run(out / "tied", teacher_sharding="shard", make=tied_case)
+    run(out / "offload", teacher_sharding="replicate", cpu_offload=True)
+    run(out / "offload-resumed", teacher_sharding="replicate", cpu_offload=True, stop_after=STOP)
+    run(out / "offload-resumed", teacher_sharding="replicate", cpu_offload=True)
     if torch.distributed.get_rank() == 0:
         shutil.copytree(out / "straight", out / "damaged")
         shard = out / "damaged" / "checkpoints" / f"step_{CONFIG.steps:06d}" / "__1_0.distcp"

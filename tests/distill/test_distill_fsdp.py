@@ -1,6 +1,7 @@
 """FSDP2 GKD on 2 CPU processes (gloo) is one-process GKD: the same losses and weights after N steps, a
 stopped run resumes from its sharded checkpoint onto the uninterrupted curve, a damaged shard is refused,
-and `puzzle distill --nproc 2` saves a child that loads like one-process GKD's.
+and `puzzle distill --nproc 2` saves a child that loads like one-process GKD's. The same holds under CPU
+offload (FSDP2's CPUOffloadPolicy), on 2 ranks and on one rank in this process (`--cpu-offload`).
 
 Tolerance (fp32): two ranks reduce-scatter the sum of two micro-batch gradients that one process
 accumulates in order, and the clipping norm is a sum of per-shard norms: the same maths with sums in
@@ -10,6 +11,11 @@ on weights (measured after 6 steps: 2.4e-7 on the loss, 1.5e-6 on a weight; floa
 while a wrong gradient scale (not multiplying by the rank count) fails it: the grad norm halves. Resuming
 the 2-process run repeats the same reductions, so it matches the uninterrupted 2-process run to 1e-6, as
 one-process resume does.
+
+CPU offload on this CPU-only torch: FSDP2 takes CPUOffloadPolicy with a CPU mesh and runs its offload path
+(shards marked offloaded, gradients "moved" to the host, the optimizer stepping host shards), but host and
+device are the same memory, so these tests show the option is carried to fully_shard and changes no number,
+and that its checkpoints resume; the GPU memory it saves is priced by `puzzle plan`, not measured here.
 """
 
 import json
@@ -60,7 +66,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.timeout(150)
-@pytest.mark.parametrize("name", ["straight", "sharded", "tied"])
+@pytest.mark.parametrize("name", ["straight", "sharded", "tied", "offload"])
 def test_two_processes_match_one(runs, name):
     out, singles, _ = runs
     single = singles["tied" if name == "tied" else "single"]
@@ -114,6 +120,16 @@ def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
 
 
 @pytest.mark.timeout(150)
+def test_an_offloaded_run_resumes_from_its_checkpoint(runs):
+    out, _, _ = runs
+    straight, resumed = _log(out / "straight", "train"), _log(out / "offload-resumed", "train")
+    assert len(resumed) == CONFIG.steps
+    assert np.allclose([r["loss"] for r in straight], [r["loss"] for r in resumed], rtol=0, atol=1e-6)
+    a, b = load_file(out / "straight" / "final.safetensors"), load_file(out / "offload-resumed" / "final.safetensors")
+    assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+@pytest.mark.timeout(150)
 def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
     out, _, output = runs
     last = f"step_{CONFIG.steps:06d}"
@@ -127,9 +143,10 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
 
 
 @pytest.mark.timeout(150)
-def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch, cpu_offload):
     """DCP reshards on load: the 2-rank run's step-4 checkpoint, resumed by a 1-rank FSDP job (this
-    process), reaches the 2-rank run's losses and weights."""
+    process), with or without CPU offload, reaches the 2-rank run's losses and weights."""
     import torch.distributed as dist
     from fsdp_worker import run
 
@@ -144,7 +161,7 @@ def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch):
                            LOCAL_RANK="0", LOCAL_WORLD_SIZE="1").items():
         monkeypatch.setenv(key, value)
     try:
-        run(tmp_path / "one", teacher_sharding="replicate")
+        run(tmp_path / "one", teacher_sharding="replicate", cpu_offload=cpu_offload)
     finally:
         dist.destroy_process_group()
     two, one = _log(out / "straight", "train"), _log(tmp_path / "one", "train")
@@ -167,6 +184,31 @@ def test_settings_that_cannot_split_fail_in_one_line():
         "--steps", "3", "--no-resume", "--teacher", "t"]
 
 
+def test_cpu_offload_reaches_fully_shard(tmp_path):
+    """--cpu-offload: every student unit's parameters under CPUOffloadPolicy (pinned only for a GPU), the
+    teacher's not; without it, none."""
+    import torch.distributed as dist
+
+    from puzzle.distill.fsdp import FSDPDistiller, offload_policy, one_process
+
+    def units(model):
+        return [m for m in model.modules() if hasattr(m, "_get_fsdp_state")]
+
+    assert offload_policy(True, torch.device("cuda")).pin_memory
+    assert not offload_policy(True, torch.device("cpu")).pin_memory
+    for cpu_offload in (False, True):
+        teacher, student, kept, _, _ = case()
+        with one_process(torch.device("cpu")):
+            d = FSDPDistiller(teacher, student, tmp_path, CONFIG, **kept, teacher_sharding="shard",
+                              cpu_offload=cpu_offload)
+            params = [p for m in units(d.root) for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params]
+            teacher_params = [p for m in units(d.teacher_root) for p in m._get_fsdp_state()._fsdp_param_group.fsdp_params]
+        assert not dist.is_initialized()  # one_process cleans up
+        assert len(params) == len(list(student.parameters())) + len(list(d.projection.parameters()))
+        assert {(p.offload_to_cpu, p.pin_memory) for p in params} == {(cpu_offload, False)}
+        assert not any(p.offload_to_cpu for p in teacher_params)
+
+
 def _write_run_dir(run_dir: Path, train: torch.Tensor, val: torch.Tensor) -> None:
     data = run_dir / "data"
     data.mkdir(parents=True)
@@ -177,7 +219,8 @@ def _write_run_dir(run_dir: Path, train: torch.Tensor, val: torch.Tensor) -> Non
 
 
 @pytest.mark.timeout(150)
-def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent_dir, tiny_tokenizer, capsys):
+def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent_dir, tiny_tokenizer, capsys,
+                                                            monkeypatch):
     """`puzzle distill --nproc 2` (torchrun under the hood) on a heterogeneous child: the gathered child is
     saved by rank 0 in the child format and equals the one-process child; a rerun has nothing to do; a
     user error in the workers ends the launcher in that one line."""
@@ -207,6 +250,15 @@ def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent
     capsys.readouterr()
     distill(**kwargs, out=tmp_path / "two", nproc=2)
     assert "nothing to do" in capsys.readouterr().out
+    # --cpu-offload on one rank: FSDP2 in this process (no torchrun), the one-process child again
+    offloaded = distill(**kwargs, out=tmp_path / "offload", cpu_offload=True)
+    for (name, p), (_, q) in zip(a.named_parameters(), load_model(offloaded).named_parameters(), strict=True):
+        assert torch.allclose(p, q, rtol=0, atol=TOL), name
+    assert (tmp_path / "offload" / "checkpoints" / "step_000003" / ".metadata").exists()  # DCP, as FSDP2 writes
     # a worker's user error is the launcher's one line (here: resuming under another lr, found by the workers)
     with pytest.raises(PuzzleError, match=r"different settings \(lr 0.0001 -> 0.0002\); pass --no-resume"):
         distill(**{**kwargs, "lr": 2e-4}, out=tmp_path / "two", nproc=2)
+    # offloading from a GPU to the host needs the GPU: asked for on the CPU where one is visible, one line
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(PuzzleError, match="--cpu-offload offloads from a GPU: it needs --device cuda"):
+        distill(**kwargs, out=tmp_path / "cpu", cpu_offload=True, device="cpu")
