@@ -371,13 +371,16 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                 activations (the freed gradients stay in the process: glibc keeps them); under FSDP2
                 `dcp.save` writes each rank's shard of weights + moments (3 x P_fp32 / nproc), staged once
     On CUDA the host holds per rank the baseline + max(the teacher it loads, the checkpoint it writes).
-    Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the final student."""
+    cpu_offload (FSDP2's CPUOffloadPolicy on the student, any nproc; `offloaded_student`): the student's
+    fp32 state moves from the GPU to the host; the GPU keeps the teacher, the units in flight and the
+    activations. Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the final student."""
     from puzzle.distill.fsdp import shard_teacher
     from puzzle.distill.trainer import DistillConfig
 
     shape, T, L, D = ctx.shape, ctx.seq_len, ctx.shape.num_hidden_layers, ctx.shape.hidden_size
     device, dtype = ctx.runtime(args)
     e, n = DTYPE_BYTES[dtype], max(1, int(args.get("nproc", 1)))
+    offload = bool(args.get("cpu_offload"))
     checkpointing = args.get("gradient_checkpointing")
     checkpointing = device == "cuda" if checkpointing is None else bool(checkpointing)
     b = math.ceil(args["batch_size"] / n) * T  # the global batch split over the ranks
@@ -385,7 +388,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     rank_memory = ctx.machine.gpu_bytes if device == "cuda" else ctx.machine.host_bytes / n
     teacher = Pe / n if n > 1 and rank_memory and shard_teacher("auto", Pe, rank_memory) else Pe
     student = 4 * P32 / n
-    if n > 1:
+    if n > 1 or offload:
         student += 2 * shape.params(shape.parent_block) * e
     elif e != FP32:
         student += Pe
@@ -394,17 +397,39 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     act += b * D * e + 2 * args["chunk_tokens"] * shape.vocab_size * FP32
     if args["hidden_loss"] != "none":
         act += (L + 1) * b * D * e
-    save = atomic_save_bytes(2 * P32) if n == 1 else 3 * P32 / n
+    save = atomic_save_bytes(2 * P32) if n == 1 and not offload else 3 * P32 / n  # FSDP2 saves with DCP
     tokens = args["steps"] * args["grad_accum"] * args["batch_size"] * T
     forward = shape.model_flops_per_token(None, T / 2)
     val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward
     keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
     est = Estimate("", "distill", disk_bytes=(3 * keep + 1) * P32, workers=n, dtype=dtype,
                    flops=tokens * (5 if checkpointing else 4) * forward + val,
-                   note="student <= parent" + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else ""))
+                   note="student <= parent" + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")
+                   + (", CPU offload" if offload else ""))
+    if device == "cuda" and offload:
+        host, gpu = offloaded_student(shape, e, n)
+        return placed(est, device, max(P32 + Pe, host), teacher + gpu + act, processes=n)
     if device == "cuda":
         return placed(est, device, max(Pe, save), teacher + student + act, processes=n)
     return placed(est, device, 0, teacher + student + max(act, save), processes=n)
+
+
+def offloaded_student(shape: ModelShape, e: int, n: int) -> tuple[float, float]:
+    """(host, GPU) bytes per rank of a parent-sized student trained by FSDP2 under CPUOffloadPolicy
+    (puzzle/distill/fsdp.py `shard`, torch's _fsdp_param.py / _fsdp_collectives.py), e the compute dtype:
+      host  the fp32 shards, their gradients and 2 AdamW moments (4 x P_fp32 / n; pinned on CUDA: page-locked,
+            so the host must allow it) + the largest tensor `dcp.save` copies while it writes (the padded
+            embedding shard: DCP writes host tensors in place and clones only a view of a larger storage)
+      GPU   the root unit (embeddings, LM head, final norm), gathered for the whole step (FSDPRoot), and two
+            decoder layers (the one computing and the one prefetched), each gathered in e from its fp32 shard
+            copied to the GPU (+ 4 / n bytes per parameter); the layers' unsharded gradients in e and their
+            fp32 copies for the reduce-scatter, one unit at a time (the root's is the largest)
+    Loading (every rank: the student in fp32 and the teacher in e, before sharding and placing) is the caller's."""
+    P32, root, layer = shape.model_bytes(None, FP32), shape.embedding_params + shape.hidden_size, shape.params(shape.parent_block)
+    host = 4 * P32 / n + shape.fixed_params("embeddings") * FP32 / n
+    gathered = (root + 2 * layer) * (e + FP32 / n)
+    grads = max(root, layer) * (e + FP32)
+    return host, gathered + grads
 
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:

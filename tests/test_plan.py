@@ -163,6 +163,30 @@ def test_llama_8b_in_bf16_fits_one_h100_but_gkd_of_a_parent_sized_student(tmp_pa
     assert sharded["gkd[s]"]["workers"] == 4
 
 
+def test_llama_8b_gkd_with_cpu_offload_fits_one_h100_and_holds_its_fp32_state_on_the_host(tmp_path, capsys):
+    """--cpu-offload: the parent-sized student's 16 bytes per parameter (fp32 weights, gradient, 2 AdamW
+    moments, 128 GB for 8B) live in host memory; one H100 80GB holds the bf16 teacher, the layers in flight
+    and the checkpointed activations. With too little host memory, the host line warns instead."""
+    gkd = {"steps": 16, "batch_size": 4}
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir(), (tmp_path / "c").mkdir()
+    plain = by_stage(run_plan(tmp_path / "a", "8b", *H100, "--gpus", "1", gkd=gkd))["gkd[s]"]
+    capsys.readouterr()  # its GPU warning
+    result = run_plan(tmp_path / "b", "8b", *H100, "--gpus", "1", gkd={**gkd, "cpu_offload": True})
+    offloaded, P = by_stage(result)["gkd[s]"], result["parent"]["fp32_bytes"]
+    assert not any(line.startswith("warning: gkd") for line in capsys.readouterr().out.splitlines())
+    assert offloaded["gpu_bytes"] <= 80e9 < plain["gpu_bytes"]
+    # the bf16 teacher (P / 2) and what is in flight stay; at least 3 of the 4 x P of fp32 state leave
+    assert P / 2 < offloaded["gpu_bytes"] < plain["gpu_bytes"] - 3 * P
+    assert 4 * P < offloaded["host_bytes"] < 4.5 * P  # the fp32 state on the host (DCP writes it in place)
+    assert offloaded["flops"] == plain["flops"] and offloaded["workers"] == 1 and "CPU offload" in offloaded["note"]
+    two = by_stage(run_plan(tmp_path / "c", "8b", *H100, "--gpus", "2", gkd={**gkd, "cpu_offload": True, "nproc": 2}))["gkd[s]"]
+    # each rank holds half the fp32 state (host_bytes sums the processes) and half the in-flight shard copies
+    assert two["host_bytes"] / 2 < 0.6 * offloaded["host_bytes"] and two["gpu_bytes"] < offloaded["gpu_bytes"]
+    run_plan(tmp_path / "a", "8b", *H100[:-2], "--host-memory-gib", "100", "--gpus", "1", gkd={**gkd, "cpu_offload": True})
+    assert [line.split()[1] for line in capsys.readouterr().out.splitlines()
+            if line.startswith("warning:") and "host" in line] == ["gkd[s]"]
+
+
 def test_bf16_halves_what_is_held_in_the_model_dtype(tmp_path):
     """--dtype bf16 against fp32 on the same GPU: the inference stages hold the parent in bf16 (about half);
     realize writes half the bytes; BLD halves only its truncated parent (its variants train in fp32 with fp32
