@@ -39,6 +39,10 @@ TOKEN_BYTES = 4  # prepared blocks are uint32 (puzzle/data/prepare.py DTYPE)
 TOKENIZE_PER_S = 2e5  # assumed tokenizer throughput of prepare-data (tokens/s, one core): no FLOPs to count
 MIP_SECONDS = 1.0  # assumed per solution: profile + solve + a 10-point sweep took 2 s on the reference parent
 CHARS_PER_TOKEN = 4.0  # assumed, to size a corpus without tokenising it when prepare_data has no max_tokens
+# assumed for GKD's CPU offload: pinned host <-> GPU copies over PCIe Gen4/5 x16 (each direction), and the
+# host memory bandwidth a CPU AdamW step streams at (a server's several DDR5 channels, not one core's)
+PCIE_BYTES_PER_S = 25e9
+HOST_BYTES_PER_S = 50e9
 
 
 @dataclass(frozen=True)
@@ -128,6 +132,7 @@ class Estimate:
     runs_on: str = "cpu"  # where the stage runs on the planned machine
     dtype: str = "fp32"  # the dtype its matmuls run in (sets the GPU's rate)
     seconds: float | None = None  # set by `estimate_time` (or by the estimator when not FLOP-bound)
+    io_seconds: float = 0.0  # time no FLOP rate bounds (offload copies, a CPU optimizer step): added to the FLOPs'
     note: str = ""
     warnings: list[str] = field(default_factory=list)
 
@@ -373,7 +378,8 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     On CUDA the host holds per rank the baseline + max(the teacher it loads, the checkpoint it writes).
     cpu_offload (FSDP2's CPUOffloadPolicy on the student, any nproc; `offloaded_student`): the student's
     fp32 state moves from the GPU to the host; the GPU keeps the teacher, the units in flight and the
-    activations. Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the final student."""
+    activations; each step adds its copies and CPU AdamW step (`offload_step_seconds`) to the FLOPs' time.
+    Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the final student."""
     from puzzle.distill.fsdp import shard_teacher
     from puzzle.distill.trainer import DistillConfig
 
@@ -408,6 +414,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                    + (", CPU offload" if offload else ""))
     if device == "cuda" and offload:
         host, gpu = offloaded_student(shape, e, n)
+        est.io_seconds = args["steps"] * offload_step_seconds(P32, n, math.ceil(args["grad_accum"] / n))
         return placed(est, device, max(P32 + Pe, host), teacher + gpu + act, processes=n)
     if device == "cuda":
         return placed(est, device, max(Pe, save), teacher + student + act, processes=n)
@@ -430,6 +437,15 @@ def offloaded_student(shape: ModelShape, e: int, n: int) -> tuple[float, float]:
     gathered = (root + 2 * layer) * (e + FP32 / n)
     grads = max(root, layer) * (e + FP32)
     return host, gathered + grads
+
+
+def offload_step_seconds(P32: float, n: int, micro_batches: int) -> float:
+    """One optimizer step's offload time per rank (the ranks' copies run in parallel on their own links),
+    not overlapped with compute (FSDP2 overlaps some: an upper bound): per micro-batch the rank's fp32 shards
+    are copied to the GPU twice (forward and backward gathers) and its reduced gradient shards back
+    (3 x P_fp32 / n over PCIe); then AdamW on the CPU reads weights, gradients and 2 moments and writes
+    weights and moments (7 x P_fp32 / n of host memory traffic)."""
+    return micro_batches * 3 * P32 / n / PCIE_BYTES_PER_S + 7 * P32 / n / HOST_BYTES_PER_S
 
 
 def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
@@ -543,7 +559,7 @@ def estimate_time(e: Estimate, m: Machine) -> None:
     """Wall time from FLOPs at the step's device's rate (unless its estimator set one)."""
     if e.seconds is None:
         rate = m.gpu_rate(e.dtype) * max(1, min(e.workers, m.gpus)) if e.runs_on == "cuda" else m.cpu_flops
-        e.seconds = e.flops / rate
+        e.seconds = e.flops / rate + e.io_seconds
 
 
 def check_fit(e: Estimate, m: Machine) -> None:

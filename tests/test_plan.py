@@ -179,6 +179,9 @@ def test_llama_8b_gkd_with_cpu_offload_fits_one_h100_and_holds_its_fp32_state_on
     assert P / 2 < offloaded["gpu_bytes"] < plain["gpu_bytes"] - 3 * P
     assert 4 * P < offloaded["host_bytes"] < 4.5 * P  # the fp32 state on the host (DCP writes it in place)
     assert offloaded["flops"] == plain["flops"] and offloaded["workers"] == 1 and "CPU offload" in offloaded["note"]
+    # and each step pays the host <-> GPU copies and a CPU AdamW step on top of the same FLOPs
+    io = gkd["steps"] * planner.offload_step_seconds(P, 1, 1)
+    assert offloaded["seconds"] == pytest.approx(plain["seconds"] + io) and io > plain["seconds"]
     two = by_stage(run_plan(tmp_path / "c", "8b", *H100, "--gpus", "2", gkd={**gkd, "cpu_offload": True, "nproc": 2}))["gkd[s]"]
     # each rank holds half the fp32 state (host_bytes sums the processes) and half the in-flight shard copies
     assert two["host_bytes"] / 2 < 0.6 * offloaded["host_bytes"] and two["gpu_bytes"] < offloaded["gpu_bytes"]
