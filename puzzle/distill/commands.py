@@ -155,7 +155,8 @@ def distill(
     sharded = fsdp.distributed() or cpu_offload  # FSDP2: over the torchrun job, or one rank here to offload
     trainer = fsdp.FSDPDistiller if sharded else Distiller
     placement = {"compute_dtype": runtime.dtype, "cpu_offload": cpu_offload} if sharded else {"runtime": runtime}
-    group = fsdp.one_process(runtime.device) if sharded and not fsdp.dist.is_initialized() else nullcontext()
+    alone = cpu_offload and not fsdp.distributed() and not fsdp.dist.is_initialized()  # no torchrun job to join
+    group = fsdp.one_process(runtime.device) if alone else nullcontext()
     with group:
         distiller = trainer(teacher_model, original, out, config, kept_layers=record.get("kept_layers"),
                             kept_channels=record.get("channels"), gradient_checkpointing=gradient_checkpointing,

@@ -247,6 +247,8 @@ def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent
     assert not torch.equal(b.model.embed_tokens.weight, child.model.embed_tokens.weight)  # it trained
     result = json.loads((tmp_path / "two" / "result.json").read_text())
     assert result["complete"] and result["step"] == 3
+    world = lambda out: json.loads((out / "checkpoints" / "step_000003" / "trainer.json").read_text())["world_size"]
+    assert world(tmp_path / "two") == 2  # the workers joined one job
     capsys.readouterr()
     distill(**kwargs, out=tmp_path / "two", nproc=2)
     assert "nothing to do" in capsys.readouterr().out
@@ -255,6 +257,7 @@ def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent
     for (name, p), (_, q) in zip(a.named_parameters(), load_model(offloaded).named_parameters(), strict=True):
         assert torch.allclose(p, q, rtol=0, atol=TOL), name
     assert (tmp_path / "offload" / "checkpoints" / "step_000003" / ".metadata").exists()  # DCP, as FSDP2 writes
+    assert world(tmp_path / "offload") == 1
     # a worker's user error is the launcher's one line (here: resuming under another lr, found by the workers)
     with pytest.raises(PuzzleError, match=r"different settings \(lr 0.0001 -> 0.0002\); pass --no-resume"):
         distill(**{**kwargs, "lr": 2e-4}, out=tmp_path / "two", nproc=2)
