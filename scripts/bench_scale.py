@@ -18,6 +18,7 @@ it, no weights) on one and on two H100 80GB, the stages' default budgets.
     python scripts/bench_scale.py --shapes smollm2 1b --out benchmarks/scale      -> benchmarks/scale.{md,json}
     python scripts/bench_scale.py --shapes tiny --out /tmp/scale_check              (a check that it runs)
     python scripts/bench_scale.py --replan        (the plan columns and the extrapolation again, nothing run)
+    python scripts/bench_scale.py --extrapolation-only   (the 8B extrapolation alone, from config.json files)
 
 The large shapes (1b, 8b_slice) need ~5-30 GiB of free host memory; a stage whose plan exceeds 80% of the
 memory available when it starts is not run (its row says so).
@@ -309,19 +310,19 @@ def extrapolate(work: Path) -> list[dict]:
     from puzzle import plan as planner
 
     plans = []
-    for gpus in (1, 2):
-        root = work / f"llama31_8b_{gpus}xh100"
+    for gpus, offload in ((1, False), (1, True), (2, False)):  # GKD's student states on the GPU, or on the host
+        root = work / f"llama31_8b_{gpus}xh100{'_offload' if offload else ''}"
         root.mkdir(parents=True, exist_ok=True)
         parent, _ = write_llama(root, "8b")
         config = {"run_dir": str(root / "run"), "parent": str(parent), "corpus": str(root / "corpus"),
                   "search_space": "llama_default", "prepare_data": {"max_tokens": 2_000_000},
                   "build_library": {"workers": gpus, "worker_memory_gib": 60},
                   "solve": [{"budget": "h100_80gb", "speedup": 1.5, "name": "s"}], "realize": [{"solution": "s"}],
-                  "gkd": {"nproc": gpus}}
+                  "gkd": {"nproc": gpus, **({"cpu_offload": True} if offload else {})}}
         (root / "pipeline.yaml").write_text(yaml.safe_dump(config))
         result = planner.plan(root / "pipeline.yaml", device="cuda", gpus=gpus, gpu_memory_gib=80e9 / GIB,
                               host_memory_gib=1000, budget="h100_80gb", cpu_gflops=100)
-        plans.append({"gpus": gpus, "config": config, **result})
+        plans.append({"gpus": gpus, "cpu_offload": offload, "config": config, **result})
     return plans
 
 
@@ -412,7 +413,8 @@ def extrapolation_markdown(plans: list[dict]) -> list[str]:
              "256 tokens). GPU GiB for GKD assumes a student as large as the parent (a realised child is smaller).", ""]
     for p in plans:
         gpu = p["machine"]["gpu_bytes"]
-        lines += [f"### {p['gpus']} x H100 80GB", "",
+        offload = ", GKD with `cpu_offload: true` (FSDP2 CPUOffloadPolicy: student weights, gradients and AdamW on the host)" if p.get("cpu_offload") else ""
+        lines += [f"### {p['gpus']} x H100 80GB{offload}", "",
                   "| step | runs on | GPUs | host GiB | GPU GiB (per GPU) | fits 80 GB | est. time | note |",
                   "|---|---|---|---|---|---|---|---|"]
         for s in p["steps"]:
@@ -443,6 +445,11 @@ def replan(out: Path, work: Path, space: str) -> None:
     write(results, out, extrapolate(work))
 
 
+def reextrapolate(out: Path, work: Path) -> None:
+    """Only the extrapolation again (the measured rows and their plan columns kept as stored)."""
+    write(json.loads(out.with_suffix(".json").read_text())["shapes"], out, extrapolate(work))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shapes", nargs="*", default=["smollm2", "1b", "8b_slice"], choices=list(SHAPES))
@@ -452,9 +459,13 @@ def main() -> None:
     ap.add_argument("--search-space", default="tiny")
     ap.add_argument("--worker-memory-gib", type=float, default=None, help="every shape's (default: SHAPE_ARGS')")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "scale")
+    ap.add_argument("--extrapolation-only", action="store_true",
+                    help="recompute only the Llama-3.1-8B extrapolation (no parent needed), keep the measured rows")
     ap.add_argument("--replan", action="store_true",
                     help="recompute only the plan columns of the existing JSON's rows (today's estimators) and the extrapolation")
     a = ap.parse_args()
+    if a.extrapolation_only:
+        return reextrapolate(a.out, a.work)
     if a.replan:
         replan(a.out, a.work, a.search_space)
         return
