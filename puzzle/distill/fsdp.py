@@ -41,7 +41,6 @@ The maths is FSDP2's without offload (the same reductions, on another device), s
 same DCP checkpoints and a run may resume with or without offload.
 """
 
-import functools
 from contextlib import contextmanager
 import json
 import logging
@@ -50,11 +49,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
@@ -70,32 +67,21 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
-from tqdm.auto import tqdm
 
 from puzzle.device import DTYPES
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_save_safetensors, atomic_write_json, clean_stale_temps, sha256_file
+from puzzle.io import atomic_save_safetensors, atomic_write_json, sha256_file
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import atomic_dir, commit_dir
 
 from .trainer import (
     CHECKPOINTS,
-    PLOT_FILE,
-    VAL_KEYS,
     DamagedCheckpoint,
     DistillConfig,
-    DistillResult,
     Distiller,
-    MicroBatches,
-    _as_tensor_blocks,
-    _metrics,
     _param_groups,
     check_file,
     check_resumable,
-    evaluate_kd,
-    lr_at,
-    plot_validation,
-    teacher_outputs,
 )
 
 log = logging.getLogger(__name__)
@@ -397,112 +383,32 @@ class FSDPDistiller(Distiller):
             raise RuntimeError(f"gathered student lacks {left[:3]}")
         return plain.eval()
 
-    # --- the loop -------------------------------------------------------------------------------------
-    def train(
-        self,
-        train_blocks: Any,
-        val_blocks: Any,
-        *,
-        val_batch_size: int | None = None,
-        resume: bool = True,
-        stop_after: int | None = None,
-        progress: bool = True,
-    ) -> DistillResult:
-        """`Distiller.train` on every rank (collective); rank 0 writes the log, plot and checkpoints' record."""
-        c, lead = self.config, self.rank == 0
-        data = MicroBatches(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
-        val = torch.as_tensor(np.asarray(_as_tensor_blocks(val_blocks), dtype=np.int64))
-        vbs = val_batch_size or c.batch_size
-        val_batches = [val[i : i + vbs].to(self.device) for i in range(0, len(val), vbs)]
-        if lead:
-            if not resume:
-                self.reset()
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(self.out_dir)
+    # --- the loop: Distiller.train on every rank, through these hooks ---------------------------------
+    def _barrier(self) -> None:
         dist.barrier()
-        start, elapsed, tokens = 0, 0.0, 0
-        meta = self._resume()
-        if meta is not None:
-            start, elapsed, tokens = meta["step"], meta["elapsed_s"], meta["tokens"]
-            if lead:
-                self._truncate_log(start)
-        elif lead:
-            self.log.path.unlink(missing_ok=True)
-        teacher_hidden = self._teacher(teacher_outputs, self.teacher, val_batches)
-        validate = functools.partial(self._validate, val_batches, teacher_hidden)
-        last_val = None
-        if start == 0:
-            last_val = validate()
-            if lead:
-                self.log.write(split="val", step=0, tokens=0, elapsed_s=0.0, **last_val)
-        end = c.steps if stop_after is None else min(c.steps, stop_after)
-        self.student.train()
-        clock = time.perf_counter()
-        for step in tqdm(range(start, end), desc="distill", unit="step", disable=not (progress and lead)):
-            lr = lr_at(step, c)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            totals, step_tokens = self._accumulate(data, step)
-            tokens += step_tokens
-            grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in self.params],
-                                                       c.grad_clip if c.grad_clip > 0 else float("inf"))
-            if isinstance(grad_norm, DTensor):
-                grad_norm = grad_norm.full_tensor()
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            now = elapsed + time.perf_counter() - clock
-            if lead:
-                self.log.write(split="train", step=done, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
-                               elapsed_s=now, **totals)
-            if done % c.val_every == 0 or done == c.steps:
-                last_val = validate()
-                self.student.train()
-                if lead:
-                    self.log.write(split="val", step=done, tokens=tokens, elapsed_s=now, **last_val)
-            if done % c.checkpoint_every == 0 or done == c.steps:
-                self.save_checkpoint(done, elapsed + time.perf_counter() - clock, tokens)
-        self.student.eval()
-        step = max(start, end)
-        student = self.gather_student()
-        history: list[dict[str, Any]] = []
-        if lead:
-            history = list(self.log.read())
-            if last_val is None:
-                vals = [r for r in history if r.get("split") == "val"]
-                last_val = {k: vals[-1][k] for k in (*VAL_KEYS, "val_tokens") if k in vals[-1]} if vals else {}
-            plot_validation(self.log.path, self.out_dir / PLOT_FILE)
-        dist.barrier()
-        return DistillResult(student=student, step=step, complete=step >= c.steps, val=last_val or {},
-                             out_dir=self.out_dir, projection=None, history=history)
+
+    @property
+    def _device(self) -> torch.device:
+        return self.device
 
     def _teacher(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) with a sharded teacher's root unit gathered (a replicated teacher needs nothing)."""
         return self.teacher_root(fn, *args) if self.teacher_root is not None else fn(*args)
 
-    def _validate(self, batches: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> dict[str, float]:
-        c = self.config
-        run = functools.partial(evaluate_kd, self.teacher, self.student, batches, teacher_hidden=teacher_hidden,
-                                chunk_tokens=c.chunk_tokens)
-        return _metrics(self._run(run))
-
-    def _accumulate(self, data: MicroBatches, step: int) -> tuple[dict[str, float], int]:
-        """This rank's share of step `step`'s micro-batches, forward and backward; the step's loss terms
-        (means over its micro-batches, summed over ranks) and its tokens (all ranks)."""
-        c = self.config
-        totals: dict[str, float] = {}
-        tokens = 0
-        for micro in range(self.rank, c.grad_accum, self.world):
-            ids = data[step * c.grad_accum + micro].to(self.device)
-            loss, stats = self._run(self._loss, ids)
-            (loss * self.world / c.grad_accum).backward()  # FSDP averages over ranks: the mean over micro-batches
-            for k, v in stats.items():
-                totals[k] = totals.get(k, 0.0) + v / c.grad_accum
-            tokens += ids.numel()
+    def _reduce(self, totals: dict[str, float], tokens: int) -> tuple[dict[str, float], int]:
+        """The step's loss terms (this rank's means over its micro-batches) and tokens, summed over ranks."""
         keys = sorted(totals)
         summed = torch.tensor([totals[k] for k in keys] + [tokens], dtype=torch.float64, device=self.device)
         dist.all_reduce(summed)
         return dict(zip(keys, summed[:-1].tolist())), int(summed[-1].item())
+
+    def _clip(self) -> torch.Tensor:
+        norm = super()._clip()
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm  # the global norm, on every rank
+
+    def _final(self) -> tuple[PuzzleForCausalLM | None, nn.Module | None]:
+        """The student gathered whole on rank 0 (None elsewhere); the sharded projection is not returned."""
+        return self.gather_student(), None
 
 
 # --- launching ------------------------------------------------------------------------------------------

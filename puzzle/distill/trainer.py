@@ -28,6 +28,7 @@ of i and the seed, not of how the run was cut), and weights, optimizer moments a
 the checkpoint; log records past the checkpoint are dropped and recomputed.
 """
 
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -447,6 +448,66 @@ class Distiller:
         (self.out_dir / PLOT_FILE).unlink(missing_ok=True)
 
     # --- the loop --------------------------------------------------------------------------------
+    # The hooks below are one process's; puzzle/distill/fsdp.py's FSDPDistiller overrides them (ranks, the
+    # sharded forward, the gathered student) and runs this same loop on every rank.
+    rank, world = 0, 1  # this process's share of each step's micro-batches
+
+    @property
+    def lead(self) -> bool:
+        """Whether this process writes the log, the plot and the run directory's files."""
+        return self.rank == 0
+
+    def _barrier(self) -> None:
+        """Wait for the other processes (none here)."""
+
+    @property
+    def _device(self) -> torch.device:
+        return self.runtime.device
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args): a forward through the student (and teacher); FSDP runs it inside its root unit."""
+        return fn(*args)
+
+    def _teacher(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) reading only the teacher."""
+        return fn(*args)
+
+    def _validate(self, batches: list[torch.Tensor], teacher_hidden: list[torch.Tensor]) -> dict[str, float]:
+        run = functools.partial(evaluate_kd, self.teacher, self.student, batches, teacher_hidden=teacher_hidden,
+                                chunk_tokens=self.config.chunk_tokens)
+        with self.runtime.autocast():
+            return _metrics(self._run(run))
+
+    def _reduce(self, totals: dict[str, float], tokens: int) -> tuple[dict[str, float], int]:
+        """A step's loss terms and tokens over all processes (this one's here)."""
+        return totals, tokens
+
+    def _accumulate(self, data: "MicroBatches", step: int) -> tuple[dict[str, float], int]:
+        """This process's micro-batches of step `step` (every `world`-th), forward and backward; the step's loss
+        terms (means over its micro-batches) and its tokens, over all processes (`_reduce`)."""
+        c = self.config
+        totals: dict[str, float] = {}
+        tokens = 0
+        for micro in range(self.rank, c.grad_accum, self.world):
+            ids = data[step * c.grad_accum + micro].to(self._device)
+            loss, stats = self._run(self._loss, ids)
+            # x world: FSDP averages gradients over ranks, so each rank's sum is the mean over micro-batches
+            self.scaler.scale(loss * self.world / c.grad_accum).backward()
+            for k, v in stats.items():
+                totals[k] = totals.get(k, 0.0) + v / c.grad_accum
+            tokens += ids.numel()
+        return self._reduce(totals, tokens)
+
+    def _clip(self) -> torch.Tensor:
+        """Unscale (a no-op without loss scaling) and clip the true gradients; their global norm."""
+        self.scaler.unscale_(self.optimizer)
+        c = self.config
+        return torch.nn.utils.clip_grad_norm_([p for _, p in self.params], c.grad_clip if c.grad_clip > 0 else float("inf"))
+
+    def _final(self) -> tuple[PuzzleForCausalLM | None, nn.Module | None]:
+        """The trained student and hidden-loss projection to return."""
+        return self.student, self.projection
+
     def train(
         self,
         train_blocks: Any,
@@ -457,77 +518,76 @@ class Distiller:
         stop_after: int | None = None,
         progress: bool = True,
     ) -> DistillResult:
-        """Train to `config.steps` (or stop after `stop_after` steps, leaving the run resumable).
+        """Train to `config.steps` (or stop after `stop_after` steps, leaving the run resumable). Collective
+        under FSDP: every rank runs it; the lead one writes the log, the plot and the checkpoints' record.
 
         `train_blocks` / `val_blocks`: (n, T) token ids (numpy memmap, array or tensor)."""
-        c = self.config
-        device = self.runtime.device
+        c, lead = self.config, self.lead
         data = MicroBatches(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
         val = torch.as_tensor(np.asarray(_as_tensor_blocks(val_blocks), dtype=np.int64))
-        val_batches = [val[i : i + (val_batch_size or c.batch_size)] for i in range(0, len(val), val_batch_size or c.batch_size)]
-        if not resume:
-            self.reset()
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        clean_stale_temps(self.out_dir)
+        vbs = val_batch_size or c.batch_size
+        val_batches = [val[i : i + vbs].to(self._device) for i in range(0, len(val), vbs)]
+        if lead:
+            if not resume:
+                self.reset()
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale_temps(self.out_dir)
+        self._barrier()
         start, elapsed, tokens = 0, 0.0, 0
         meta = self._resume()
         if meta is not None:
             start, elapsed, tokens = meta["step"], meta["elapsed_s"], meta["tokens"]
-            self._truncate_log(start)
-        else:
+            if lead:
+                self._truncate_log(start)
+        elif lead:
             self.log.path.unlink(missing_ok=True)
-        teacher_hidden = teacher_outputs(self.teacher, val_batches)
-
-        def validate() -> dict[str, float]:
-            with self.runtime.autocast():
-                return _metrics(evaluate_kd(self.teacher, self.student, val_batches, teacher_hidden=teacher_hidden,
-                                            chunk_tokens=c.chunk_tokens))
-
+        teacher_hidden = self._teacher(teacher_outputs, self.teacher, val_batches)
+        validate = functools.partial(self._validate, val_batches, teacher_hidden)
         last_val = None
         if start == 0:
             last_val = validate()
-            self.log.write(split="val", step=0, tokens=0, elapsed_s=0.0, **last_val)
+            if lead:
+                self.log.write(split="val", step=0, tokens=0, elapsed_s=0.0, **last_val)
         end = c.steps if stop_after is None else min(c.steps, stop_after)
         self.student.train()
         clock = time.perf_counter()
-        bar = tqdm(range(start, end), desc="distill", unit="step", disable=not progress, initial=0)
+        bar = tqdm(range(start, end), desc="distill", unit="step", disable=not (progress and lead), initial=0)
         for step in bar:
             lr = lr_at(step, c)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            totals: dict[str, float] = {}
-            for micro in range(c.grad_accum):
-                ids = data[step * c.grad_accum + micro].to(device)
-                loss, stats = self._loss(ids)
-                self.scaler.scale(loss / c.grad_accum).backward()
-                for k, v in stats.items():
-                    totals[k] = totals.get(k, 0.0) + v / c.grad_accum
-                tokens += ids.numel()
-            params = [p for _, p in self.params]
-            self.scaler.unscale_(self.optimizer)  # clip the true gradients (a no-op without loss scaling)
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, c.grad_clip if c.grad_clip > 0 else float("inf"))
+            totals, step_tokens = self._accumulate(data, step)
+            tokens += step_tokens
+            grad_norm = self._clip()
             self.scaler.step(self.optimizer)  # skips the step on inf / NaN gradients under fp16 scaling
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             done = step + 1
             now = elapsed + time.perf_counter() - clock
-            self.log.write(split="train", step=done, lr=lr, grad_norm=grad_norm.item(), tokens=tokens, elapsed_s=now, **totals)
+            if lead:
+                self.log.write(split="train", step=done, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
+                               elapsed_s=now, **totals)
             bar.set_postfix(loss=f"{totals['loss']:.4f}", kl=f"{totals['kl']:.4f}")
             if done % c.val_every == 0 or done == c.steps:
                 last_val = validate()
                 self.student.train()
-                self.log.write(split="val", step=done, tokens=tokens, elapsed_s=now, **last_val)
+                if lead:
+                    self.log.write(split="val", step=done, tokens=tokens, elapsed_s=now, **last_val)
             if done % c.checkpoint_every == 0 or done == c.steps:
                 self.save_checkpoint(done, elapsed + time.perf_counter() - clock, tokens)
         self.student.eval()
         step = max(start, end)
-        history = list(self.log.read())
-        if last_val is None:
-            vals = [r for r in history if r.get("split") == "val"]
-            last_val = {k: vals[-1][k] for k in (*VAL_KEYS, "val_tokens") if k in vals[-1]} if vals else {}
-        plot_validation(self.log.path, self.out_dir / PLOT_FILE)
-        return DistillResult(student=self.student, step=step, complete=step >= c.steps, val=last_val,
-                             out_dir=self.out_dir, projection=self.projection, history=history)
+        student, projection = self._final()
+        history: list[dict[str, Any]] = []
+        if lead:
+            history = list(self.log.read())
+            if last_val is None:
+                vals = [r for r in history if r.get("split") == "val"]
+                last_val = {k: vals[-1][k] for k in (*VAL_KEYS, "val_tokens") if k in vals[-1]} if vals else {}
+            plot_validation(self.log.path, self.out_dir / PLOT_FILE)
+        self._barrier()
+        return DistillResult(student=student, step=step, complete=step >= c.steps, val=last_val or {},
+                             out_dir=self.out_dir, projection=projection, history=history)
 
 
 def _metrics(val: dict[str, float]) -> dict[str, float]:
