@@ -316,13 +316,18 @@ class RunDir:
         return self.root / f"{PARETO}.png"
 
 
-def _holder(path: Path) -> str:
-    """'pid P on HOST since T' from a held lock file (written by its holder right after it took the lock)."""
-    try:
-        h = json.loads(path.read_text())
-        return f"pid {h['pid']} on {h['host']} since {h['since']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process (it has not written its name yet)"
+def _holder(path: Path, wait_s: float = 2.0) -> str:
+    """'pid P on HOST since T' from a held lock file. Its holder writes it right after taking the lock, so a
+    reader that comes in between (a busy machine can stretch that gap) waits up to `wait_s` for the name."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            h = json.loads(path.read_text())
+            return f"pid {h['pid']} on {h['host']} since {h['since']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "another process (it has not written its name yet)"
+            time.sleep(0.05)
 
 
 F = TypeVar("F", bound=Callable[..., Any])
