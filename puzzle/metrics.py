@@ -92,6 +92,13 @@ class KDTerms:
                     lm_tokens=self.lm_tokens)
 
 
+# (n, V) fp32 tensors alive at once inside `_chunk_sums` for a chunk of n tokens (its peak, in `forward_kl`'s
+# last line): the student's logits, both log-softmaxes, the teacher's probabilities, their difference and its
+# product with them. puzzle/plan.py prices a chunk's loss with it.
+KL_CHUNK_TEMPORARIES = 6
+CHUNK_TOKENS = 1024  # tokens per chunk of `kd_terms`' loss by default
+
+
 def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Per-token KL(p_teacher || p_student) of (N, V) logits at `temperature`, times T^2 (Hinton's scaling
     keeps gradient magnitudes comparable across temperatures); float32, shape (N,)."""
@@ -122,7 +129,7 @@ def kd_terms(
     teacher_head: nn.Linear | None,
     input_ids: torch.Tensor | None = None,  # (B, T): LM labels are the next tokens; None skips the LM loss
     temperature: float = 1.0,
-    chunk_tokens: int = 1024,
+    chunk_tokens: int = CHUNK_TOKENS,
 ) -> KDTerms:
     """KL to the teacher, LM loss and top-1 agreement over every token, `chunk_tokens` tokens at a time.
 

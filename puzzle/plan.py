@@ -148,6 +148,24 @@ def load_peak_bytes(ctx: Context, e: int) -> int:
     return ctx.model_bytes(e)
 
 
+def unread_bytes(ctx: Context, device: str, e: int, logits: bool, head: bool = True) -> int:
+    """Weights a CPU stage never pages in, to take off the model bytes it holds. On the CPU a parent stored in
+    the stage's dtype is not copied: safetensors' `safe_open(...).get_tensor` returns views of the file's
+    memory map (safetensors 0.8: `safe_open` maps the file, the tensor is built on the mapping) and the
+    model takes them as its parameters (`load_state_dict(assign=True)`, puzzle/model/loading.py), so a
+    weight counts in the process's RSS only once read. The embedding table is read a row per looked-up
+    token (a few MiB: ~0); an untied LM head only by a stage that computes logits; a tied one is the
+    table, read whole by the logits. `head`: whether the stage's model has an LM head at all (a BLD
+    worker's truncated parent has none). Anything else (a GPU, a dtype conversion) reads every weight."""
+    if device != "cpu" or DTYPE_BYTES[ctx.stored_dtype()] != e:
+        return 0
+    shape = ctx.shape
+    table, untied_head = shape.fixed_params("embeddings") * e, shape.fixed_params("lm_head") * e
+    if shape.tie_word_embeddings:
+        return 0 if head and logits else table
+    return table + (untied_head if head and not logits else 0)
+
+
 def atomic_save_bytes(tensor_bytes: float) -> float:
     """Host bytes `puzzle.io.atomic_save_safetensors` adds while writing `tensor_bytes` of tensors: the
     serialised file (safetensors' `save`), the slice of it after the header, and the re-headed result,
@@ -188,13 +206,19 @@ def prepare_data_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def importance_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """importance: to_puzzle(load_model(parent, dtype)) placed on its device (P_e), then forward passes of
-    batch_size x seq_len with hooks: one layer's activations (e) and the batch's logits (fp32) alive at a
-    time; the per-layer statistics (heads, neurons, channels; fp32) are small (puzzle/pruning/commands.py)."""
+    """importance: to_puzzle(load_model(parent, dtype)) placed on its device (P_e; on the CPU less what it
+    never reads, `unread_bytes`), then forward passes of batch_size x seq_len with hooks: one layer's
+    activations (e) and, when drop_samples > 0, the batch's logits (fp32) alive at a time; the per-layer
+    statistics (heads, neurons, channels; fp32) are small (puzzle/pruning/commands.py)."""
+    from puzzle.metrics import CHUNK_TOKENS, KL_CHUNK_TEMPORARIES
+
     shape, T = ctx.shape, args.get("seq_len") or ctx.seq_len
     device, dtype = ctx.runtime(args)
     e, b = DTYPE_BYTES[dtype], args["batch_size"] * T
-    working = ctx.model_bytes(e) + ctx.layer_activation_bytes(b, e) + b * ctx.logits_bytes_per_token
+    logits = args["drop_samples"] > 0  # only the drop-layer losses use the LM head (importance.py)
+    working = ctx.model_bytes(e) - unread_bytes(ctx, device, e, logits) + ctx.layer_activation_bytes(b, e)
+    if logits:  # the batch's reference logits, and one chunk's loss temporaries per dropped run (kd_terms)
+        working += (b + KL_CHUNK_TEMPORARIES * min(b, CHUNK_TOKENS)) * ctx.logits_bytes_per_token
     stats = shape.num_hidden_layers * (shape.num_attention_heads + shape.intermediate_size + shape.hidden_size + 1) * FP32
     est = Estimate("", "importance", disk_bytes=stats, dtype=dtype,
                    flops=args["n_samples"] * T * shape.model_flops_per_token(None, T / 2))
@@ -271,7 +295,9 @@ def build_library_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
             per_token += 3 * shape.attention_flops(v.config, T / 2, v.layer)
             flops += steps * b * per_token
             disk += shape.params(v.config) * DTYPE_BYTES[ctx.stored_dtype()]  # stored in the parent's dtype
-    peak = max(job.bytes for job in jobs)
+    # A job's bytes (`bld_job_bytes`, what the build sizes jobs by) count the embedding table a CPU worker
+    # only maps (`unread_bytes`): the estimate of its RSS leaves it out.
+    peak = max(job.bytes for job in jobs) - unread_bytes(ctx, device, DTYPE_BYTES[dtype], logits=False, head=False)
     loaded = max(truncated_parent_bytes(shape, max(job.layers), DTYPE_BYTES[dtype]) for job in jobs)
     est = Estimate("", "build_library", disk_bytes=disk, flops=flops, workers=workers, dtype=dtype,
                    note=f"{len(jobs)} job(s) on {workers} worker(s) x {peak / GIB:.1f} GiB, {steps} steps of {b} tokens")
@@ -295,6 +321,7 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     V, D, L = shape.vocab_size, shape.hidden_size, shape.num_hidden_layers
     largest = max(shape.params(v.config) for v in ctx.space.variants())
     working = (b * V + 2 * args["chunk_tokens"] * V) * FP32 + (4 * b * D + largest) * e + ctx.layer_activation_bytes(b, e)
+    working -= unread_bytes(ctx, device, e, logits=True)
     kept = KEEP_LIBRARY * ctx.model_bytes(e)
     per_token = shape.model_flops_per_token(None, T / 2)  # the parent reference
     head = shape.fixed_flops_per_token("lm_head")
@@ -359,9 +386,9 @@ def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 
 def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
-    """distill / GKD (puzzle/distill/commands.py, trainer.py, fsdp.py), the student bounded by the parent,
-    on `nproc` processes (FSDP2 over nproc ranks; one GPU each on CUDA), per rank, e the low dtype:
-      teacher   load_model(dtype): P_e, frozen; replicated on every rank unless it exceeds
+    """distill / GKD (puzzle/distill/commands.py, trainer.py, fsdp.py), the student priced from its config
+    when it exists (`student_of`), else bounded by the parent, on `nproc` processes (FSDP2 over nproc ranks; one GPU each on CUDA), per rank, e the low dtype:
+      teacher   load_model(dtype): P_e (on the CPU less what it never reads, `unread_bytes`), frozen; replicated on every rank unless it exceeds
                 TEACHER_REPLICA_FRACTION of a rank's memory (`fsdp.shard_teacher`), then P_e / nproc
       student   fp32 master weights + gradient + 2 AdamW moments: 4 x P_fp32, / nproc under FSDP2; a mixed
                 single process also holds autocast's e copies of the weights for the step (P_e); FSDP2
@@ -390,14 +417,17 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     checkpointing = args.get("gradient_checkpointing")
     checkpointing = device == "cuda" if checkpointing is None else bool(checkpointing)
     b = math.ceil(args["batch_size"] / n) * T  # the global batch split over the ranks
-    P32, Pe = ctx.parent_bytes, ctx.model_bytes(e)
+    Pe = ctx.model_bytes(e)  # the teacher (the parent)
+    student_shape = student_of(args.get("student"))  # (shape, blocks) of a student that exists, else None
+    P32 = student_shape[0].model_bytes(student_shape[1], FP32) if student_shape else ctx.parent_bytes
     rank_memory = ctx.machine.gpu_bytes if device == "cuda" else ctx.machine.host_bytes / n
     teacher = Pe / n if n > 1 and rank_memory and shard_teacher("auto", Pe, rank_memory) else Pe
+    teacher -= unread_bytes(ctx, device, e, logits=True) if teacher == Pe else 0  # a CPU teacher's mapped table
     student = 4 * P32 / n
     if n > 1 or offload:
         student += 2 * shape.params(shape.parent_block) * e
     elif e != FP32:
-        student += Pe
+        student += P32 * e // FP32  # autocast's e copies of the student's weights
     layer = ctx.layer_activation_bytes(b, e)
     act = (L * b * D * e + layer) if checkpointing else L * layer
     act += b * D * e + 2 * args["chunk_tokens"] * shape.vocab_size * FP32
@@ -410,7 +440,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
     est = Estimate("", "distill", disk_bytes=(3 * keep + 1) * P32, workers=n, dtype=dtype,
                    flops=tokens * (5 if checkpointing else 4) * forward + val,
-                   note="student <= parent" + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")
+                   note=("student: its config" if student_shape else "student <= parent") + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")
                    + (", CPU offload" if offload else ""))
     if device == "cuda" and offload:
         host, gpu = offloaded_student(shape, e, n)
@@ -419,6 +449,19 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     if device == "cuda":
         return placed(est, device, max(Pe, save), teacher + student + act, processes=n)
     return placed(est, device, 0, teacher + student + max(act, save), processes=n)
+
+
+def student_of(student: Any) -> tuple[ModelShape, list | None] | None:
+    """The shape and blocks (a puzzle child's; None for a plain model) of a GKD student that exists when
+    planning (a standalone `puzzle distill --student DIR`, or a pipeline planned again after realize), from
+    its config.json alone; None when it does not exist yet (the pipeline plans before realize: the student
+    is then bounded by the parent)."""
+    if not student or not (Path(student) / "config.json").is_file():
+        return None
+    from puzzle.model.checkpoint import load_config
+
+    config = load_config(student)
+    return ModelShape.from_config(config), getattr(config, "blocks", None)
 
 
 def offloaded_student(shape: ModelShape, e: int, n: int) -> tuple[float, float]:
@@ -458,7 +501,8 @@ def evaluate_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     e, b = DTYPE_BYTES[dtype], args["batch_size"] * T
     model, parent = args.get("model"), args.get("parent")
     models = 1 if model is not None and parent is not None and Path(model).resolve() == Path(parent).resolve() else 2
-    working = models * ctx.model_bytes(e) + 4 * b * ctx.logits_bytes_per_token + ctx.layer_activation_bytes(b, e)
+    working = models * (ctx.model_bytes(e) - unread_bytes(ctx, device, e, logits=True))
+    working += 4 * b * ctx.logits_bytes_per_token + ctx.layer_activation_bytes(b, e)
     flops = args["val_blocks"] * T * 2 * shape.model_flops_per_token(None, T / 2)
     est = Estimate("", "evaluate", flops=flops, dtype=dtype, note="model <= parent, next to the parent")
     return placed(est, device, load_peak_bytes(ctx, e), working)
