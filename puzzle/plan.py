@@ -311,8 +311,8 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     placed on its device. There: the parent P_e; per batch the parent's probabilities (b x V fp32), two
     (chunk_tokens, V) fp32 temporaries, the cached prefix and final hidden states (a few b x D in e), one
     library variant's weights (e); on the host the library entries kept after their first load
-    (`store.LibraryReader`, at most `KEEP_LIBRARY` x P_e). Each variant runs from its layer to the end (the
-    prefix is reused)."""
+    (`store.LibraryReader`, at most `KEEP_LIBRARY` x P_e; none for a single batch). Each variant runs from
+    its layer to the end (the prefix is reused). On the CPU less the weights it never reads (`unread_bytes`)."""
     from puzzle.scoring.commands import KEEP_LIBRARY
 
     shape, T = ctx.shape, ctx.seq_len
@@ -322,7 +322,8 @@ def score_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     largest = max(shape.params(v.config) for v in ctx.space.variants())
     working = (b * V + 2 * args["chunk_tokens"] * V) * FP32 + (4 * b * D + largest) * e + ctx.layer_activation_bytes(b, e)
     working -= unread_bytes(ctx, device, e, logits=True)
-    kept = KEEP_LIBRARY * ctx.model_bytes(e)
+    batches = math.ceil(args["blocks"] / args["batch_size"])
+    kept = KEEP_LIBRARY * ctx.model_bytes(e) if batches > 1 else 0  # a single batch uses each entry once
     per_token = shape.model_flops_per_token(None, T / 2)  # the parent reference
     head = shape.fixed_flops_per_token("lm_head")
     for v in ctx.space.variants():

@@ -249,9 +249,11 @@ def score_results(run_dir: Path, model: Any, batches: Iterator[torch.Tensor], to
     """(key, batch, sums, variant) of the `todo` variants of each batch, and (PARENT_KEY, batch, sums, None)
     of each batch in `parent_batches`; batches with neither are skipped without a forward. Each library
     file is read and verified once per run, not once per batch (kept in memory while the entries take at
-    most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed)."""
+    most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed; nothing kept when a single
+    batch has variants to score: no entry is used twice)."""
     parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes)
+    reused = sum(1 for variants in todo.values() if variants) > 1
+    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes if reused else 0)
 
     def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
         if variant.is_parent:

@@ -231,6 +231,23 @@ def test_each_library_file_is_read_and_verified_once_per_run(run, tiny_parent_di
     assert len([n for n in hashed if n in sizes]) == len(trained)  # and one hash of each
 
 
+def test_a_single_batch_keeps_no_library_entry(run, tiny_parent_dir, monkeypatch):
+    """One batch uses each entry once: nothing is kept in memory after its use (`KEEP_LIBRARY` is for reuse)."""
+    run_dir, parent, space = run
+    readers = []
+    inner_init = commands.LibraryReader.__init__
+
+    def init(self, *args, **kwargs):
+        inner_init(self, *args, **kwargs)
+        readers.append(self)
+
+    monkeypatch.setattr(commands.LibraryReader, "__init__", init)
+    one_batch = ["--search-space", "tiny", "--blocks", "2", "--batch-size", "2", "--chunk-tokens", "16"]
+    assert main(["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *one_batch]) == 0
+    trained = [v for v in space.variants() if not v.is_parent and not v.config.no_op]
+    assert [r.loads for r in readers] == [len(trained)] and not readers[0].kept
+
+
 def test_a_library_over_the_kept_bytes_is_read_again_but_not_hashed_again(run, monkeypatch):
     run_dir, parent, space = run
     trained = [v for v in space.variants() if not v.is_parent and not v.config.no_op]
