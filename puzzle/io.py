@@ -121,56 +121,64 @@ def _safetensors_dtypes() -> dict:
     return {getattr(torch, k): v for k, v in _TORCH_TO_SAFETENSORS.items() if hasattr(torch, k)}
 
 
-def _safetensors_dtype(name: str, tensor: Any) -> str:
+def _safetensors_dtype(name: str, dtype: Any) -> str:
     try:
-        return _safetensors_dtypes()[tensor.dtype]
-    except (KeyError, AttributeError):
-        raise TypeError(f"{name}: {getattr(tensor, 'dtype', type(tensor).__name__)} cannot be stored in safetensors") from None
+        return _safetensors_dtypes()[dtype]
+    except KeyError:
+        raise TypeError(f"{name}: {dtype} cannot be stored in safetensors") from None
 
 
-def safetensors_header(tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> tuple[bytes, list[str]]:
+def _stored_dtype(tensor: Any, dtype: Any) -> Any:
+    """The dtype `tensor` is written in: `dtype` for a floating tensor when one is given, else its own."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def safetensors_header(tensors: Mapping[str, Any], metadata: dict[str, str] | None = None,
+                       dtype: Any = None) -> tuple[bytes, list[str]]:
     """(the header: 8-byte little-endian length + JSON padded with spaces to 8 bytes, the names in the order
-    their bytes follow it), from dtypes and shapes alone: the bytes safetensors' `serialize` writes
-    (tensor.rs `prepare`), with `metadata` sorted (safetensors writes it from a Rust HashMap, whose order
-    changes from map to map) so identical inputs give identical files."""
-    dtypes = {name: _safetensors_dtype(name, t) for name, t in tensors.items()}
-    order = sorted(tensors, key=lambda name: (-_SAFETENSORS_RANK[dtypes[name]], name))
+    their bytes follow it), from dtypes and shapes alone (floating tensors in `dtype` when given): the bytes
+    safetensors' `serialize` writes (tensor.rs `prepare`), with `metadata` sorted (safetensors writes it from
+    a Rust HashMap, whose order changes from map to map) so identical inputs give identical files."""
+    stored = {name: _stored_dtype(t, dtype) for name, t in tensors.items()}
+    names = {name: _safetensors_dtype(name, d) for name, d in stored.items()}
+    order = sorted(tensors, key=lambda name: (-_SAFETENSORS_RANK[names[name]], name))
     header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
     offset = 0
     for name in order:
-        t = tensors[name]
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": dtypes[name], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        n = tensors[name].numel() * stored[name].itemsize
+        header[name] = {"dtype": names[name], "shape": list(tensors[name].shape), "data_offsets": [offset, offset + n]}
         offset += n
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text, order
 
 
-def _write_tensor(f: BinaryIO, tensor: Any) -> None:
-    """A tensor's bytes from its own storage: a contiguous CPU tensor through a uint8 view (no copy); any
-    other made contiguous on the CPU first (a copy of this one tensor)."""
+def _write_tensor(f: BinaryIO, tensor: Any, dtype: Any) -> int:
+    """A tensor's bytes from its own storage: a contiguous CPU tensor already in `dtype` through a uint8 view
+    (no copy); any other converted, made contiguous and brought to the CPU first (a copy of this one
+    tensor). Returns the bytes written."""
     import torch
 
     t = tensor.detach()
-    if t.device.type != "cpu" or not t.is_contiguous():
-        t = t.contiguous().cpu()
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype != dtype:
+        t = t.to(dtype).contiguous().cpu()
     if t.numel():
         f.write(t.reshape(-1).view(torch.uint8).numpy())
+    return t.numel() * t.element_size()
 
 
-def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> int:
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None,
+                      dtype: Any = None) -> int:
     """Stream `tensors` (name -> torch tensor, any device or layout) to the binary file `f` in the
     safetensors format, the header first and then each tensor's bytes straight from its storage; returns
-    the bytes written. Tensors sharing storage are each written whole (safetensors' own `save` refuses
-    them). The bytes are those `safetensors.torch.save` writes, metadata sorted (`safetensors_header`)."""
+    the bytes written. `dtype`: store floating tensors in it, each converted just before it is written.
+    Tensors sharing storage are each written whole (safetensors' own `save` refuses them). The bytes are
+    those `safetensors.torch.save` writes, metadata sorted (`safetensors_header`)."""
     if sys.byteorder != "little":
         raise RuntimeError("safetensors files are little-endian; writing them on a big-endian host is not supported")
-    header, order = safetensors_header(tensors, metadata)
+    header, order = safetensors_header(tensors, metadata, dtype)
     f.write(header)
-    for name in order:
-        _write_tensor(f, tensors[name])
-    return len(header) + sum(tensors[n].numel() * tensors[n].element_size() for n in order)
+    return len(header) + sum(_write_tensor(f, tensors[n], _stored_dtype(tensors[n], dtype)) for n in order)
 
 
 def safetensors_bytes(tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> bytes:

@@ -2,7 +2,6 @@
 safetensors' own serialiser writes (metadata sorted), read back by `safe_open`, written atomically, and
 without a serialised copy of the tensors in memory."""
 
-import json
 import tracemalloc
 
 import pytest
@@ -11,20 +10,7 @@ from safetensors import safe_open
 
 from puzzle.io import atomic_save_safetensors, safetensors_bytes, write_safetensors
 
-
-def reference_bytes(tensors: dict, metadata: dict | None = None) -> bytes:
-    """The file as the serialising path wrote it before streaming: `safetensors.torch.save` (the whole file as
-    bytes), its header re-dumped with the metadata sorted. An independent reference for the writer's header."""
-    from safetensors.torch import save
-
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
-    ordered.update(header)
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+from safetensors_reference import reference_bytes
 
 
 def mixed_tensors() -> dict[str, torch.Tensor]:
@@ -59,6 +45,16 @@ def test_streamed_bytes_equal_safetensors_own(tmp_path, metadata):
         for name, tensor in tensors.items():
             got = f.get_tensor(name)
             assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_a_dtype_converts_floating_tensors_one_at_a_time(tmp_path, dtype):
+    """`dtype`: the file of the floating tensors converted first (integer and bool tensors kept as they are)."""
+    tensors = mixed_tensors()
+    converted = {k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()}
+    with open(tmp_path / "c.safetensors", "wb") as f:
+        write_safetensors(f, tensors, {"format": "pt"}, dtype=dtype)
+    assert (tmp_path / "c.safetensors").read_bytes() == reference_bytes(converted, {"format": "pt"})
 
 
 def test_tensors_sharing_storage_are_each_written_whole(tmp_path):
