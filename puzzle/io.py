@@ -139,6 +139,8 @@ def safetensors_header(tensors: Mapping[str, Any], metadata: dict[str, str] | No
     their bytes follow it), from dtypes and shapes alone (floating tensors in `dtype` when given): the bytes
     safetensors' `serialize` writes (tensor.rs `prepare`), with `metadata` sorted (safetensors writes it from
     a Rust HashMap, whose order changes from map to map) so identical inputs give identical files."""
+    if metadata is not None and not all(isinstance(x, str) for kv in metadata.items() for x in kv):
+        raise TypeError(f"safetensors metadata maps strings to strings, not {metadata!r}")
     stored = {name: _stored_dtype(t, dtype) for name, t in tensors.items()}
     names = {name: _safetensors_dtype(name, d) for name, d in stored.items()}
     order = sorted(tensors, key=lambda name: (-_SAFETENSORS_RANK[names[name]], name))
