@@ -76,6 +76,13 @@ def test_a_write_that_fails_midway_leaves_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
 
 
+def test_metadata_must_map_strings_to_strings(tmp_path):
+    """safetensors' reader parses the metadata as strings: anything else is refused before a byte is written."""
+    with pytest.raises(TypeError, match="strings"):
+        atomic_save_safetensors(tmp_path / "m.safetensors", {"a": torch.ones(2)}, {"layer": 3})
+    assert not list(tmp_path.iterdir())
+
+
 def test_write_safetensors_returns_the_bytes_written(tmp_path):
     tensors = mixed_tensors()
     with open(tmp_path / "y.safetensors", "wb") as f:
