@@ -7,16 +7,25 @@ leaves either the old file or the new one, never half of one. A kill -9 mid-writ
 Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256` (JSON: {"sha256", "bytes", "rebuild"}),
 checked by `read_table`: a flipped or truncated byte ends in one line naming the file and the command that
 rebuilds it, never in a silently changed value or a pyarrow traceback.
+
+Safetensors files (`write_safetensors`, `atomic_save_safetensors`) are streamed: the header is computed from
+the tensors' dtypes and shapes, then each tensor's bytes go from its own storage to the file, so writing a
+model or an optimizer's state holds no second copy of it (one tensor at a time when it must be made
+contiguous or brought from a GPU).
 """
 
+import contextlib
+import functools
 import hashlib
+import io
 import json
 import os
 import re
+import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, BinaryIO, Iterator, Mapping
 
 import pandas as pd
 import yaml
@@ -47,20 +56,28 @@ def clean_stale_temps(directory: str | Path, recursive: bool = False) -> list[Pa
     return removed
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+@contextlib.contextmanager
+def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
+    """A binary file to write `path` through: a temp file beside it, flushed, fsynced and `os.replace`d over
+    `path` when the block ends; removed, leaving `path` as it was, when the block raises."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return path
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    with atomic_open(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
@@ -79,23 +96,107 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def safetensors_bytes(tensors: dict, metadata: dict[str, str] | None = None) -> bytes:
-    """A safetensors file's bytes, identical for identical inputs: safetensors writes its metadata from a
-    Rust HashMap, in an order that changes from map to map; the header is rewritten with it sorted."""
-    from safetensors.torch import save
+# safetensors' dtype names in the declaration order of its `Dtype` enum, which "MUST be in increasing
+# alignment order" (huggingface/safetensors safetensors/src/tensor.rs `enum Dtype`). The same file's
+# `prepare` lays the tensors out sorted by that order descending, then by name, and writes the header as
+# {"__metadata__": ..., name: {"dtype", "shape", "data_offsets"}, ...} in that order, padded with spaces to a
+# multiple of 8 bytes.
+_SAFETENSORS_DTYPES = ("BOOL", "F4", "F6_E2M3", "F6_E3M2", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0",
+                       "F8_E4M3FNUZ", "F8_E5M2FNUZ", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "C64",
+                       "F64", "I64", "U64")
+_SAFETENSORS_RANK = {name: i for i, name in enumerate(_SAFETENSORS_DTYPES)}
+# torch's name for each (safetensors.torch `_TYPES`); a dtype this torch lacks is left out
+_TORCH_TO_SAFETENSORS = {
+    "bool": "BOOL", "uint8": "U8", "int8": "I8", "float8_e5m2": "F8_E5M2", "float8_e4m3fn": "F8_E4M3",
+    "float8_e8m0fnu": "F8_E8M0", "float8_e4m3fnuz": "F8_E4M3FNUZ", "float8_e5m2fnuz": "F8_E5M2FNUZ",
+    "int16": "I16", "uint16": "U16", "float16": "F16", "bfloat16": "BF16", "int32": "I32", "uint32": "U32",
+    "float32": "F32", "complex64": "C64", "float64": "F64", "int64": "I64", "uint64": "U64",
+}
 
-    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    n = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8 : 8 + n])
-    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__").items()))} if "__metadata__" in header else {}
-    ordered.update(header)  # the tensors, in safetensors' own (deterministic) order
-    text = json.dumps(ordered, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the header is padded to 8 bytes, as safetensors does
-    return len(text).to_bytes(8, "little") + text + data[8 + n :]
+
+@functools.cache
+def _safetensors_dtypes() -> dict:
+    import torch
+
+    return {getattr(torch, k): v for k, v in _TORCH_TO_SAFETENSORS.items() if hasattr(torch, k)}
 
 
-def atomic_save_safetensors(path: str | Path, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
-    return atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
+def _safetensors_dtype(name: str, dtype: Any) -> str:
+    try:
+        return _safetensors_dtypes()[dtype]
+    except KeyError:
+        raise TypeError(f"{name}: {dtype} cannot be stored in safetensors") from None
+
+
+def _stored_dtype(tensor: Any, dtype: Any) -> Any:
+    """The dtype `tensor` is written in: `dtype` for a floating tensor when one is given, else its own."""
+    return dtype if dtype is not None and tensor.is_floating_point() else tensor.dtype
+
+
+def safetensors_header(tensors: Mapping[str, Any], metadata: dict[str, str] | None = None,
+                       dtype: Any = None) -> tuple[bytes, list[str]]:
+    """(the header: 8-byte little-endian length + JSON padded with spaces to 8 bytes, the names in the order
+    their bytes follow it), from dtypes and shapes alone (floating tensors in `dtype` when given): the bytes
+    safetensors' `serialize` writes (tensor.rs `prepare`), with `metadata` sorted (safetensors writes it from
+    a Rust HashMap, whose order changes from map to map) so identical inputs give identical files."""
+    if metadata is not None and not all(isinstance(x, str) for kv in metadata.items() for x in kv):
+        raise TypeError(f"safetensors metadata maps strings to strings, not {metadata!r}")
+    stored = {name: _stored_dtype(t, dtype) for name, t in tensors.items()}
+    names = {name: _safetensors_dtype(name, d) for name, d in stored.items()}
+    order = sorted(tensors, key=lambda name: (-_SAFETENSORS_RANK[names[name]], name))
+    header: dict[str, Any] = {} if metadata is None else {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in order:
+        n = tensors[name].numel() * stored[name].itemsize
+        header[name] = {"dtype": names[name], "shape": list(tensors[name].shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, order
+
+
+def _write_tensor(f: BinaryIO, tensor: Any, dtype: Any) -> int:
+    """A tensor's bytes from its own storage: a contiguous CPU tensor already in `dtype` through a uint8 view
+    (no copy); any other converted, made contiguous and brought to the CPU first (a copy of this one
+    tensor). Returns the bytes written."""
+    import torch
+
+    t = tensor.detach()
+    if t.device.type != "cpu" or not t.is_contiguous() or t.dtype != dtype:
+        t = t.to(dtype).contiguous().cpu()
+    if t.numel():
+        f.write(t.reshape(-1).view(torch.uint8).numpy())
+    return t.numel() * t.element_size()
+
+
+def write_safetensors(f: BinaryIO, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None,
+                      dtype: Any = None) -> int:
+    """Stream `tensors` (name -> torch tensor, any device or layout) to the binary file `f` in the
+    safetensors format, the header first and then each tensor's bytes straight from its storage; returns
+    the bytes written. `dtype`: store floating tensors in it, each converted just before it is written.
+    Tensors sharing storage are each written whole (safetensors' own `save` refuses them). The bytes are
+    those `safetensors.torch.save` writes, metadata sorted (`safetensors_header`)."""
+    if sys.byteorder != "little":
+        raise RuntimeError("safetensors files are little-endian; writing them on a big-endian host is not supported")
+    header, order = safetensors_header(tensors, metadata, dtype)
+    f.write(header)
+    return len(header) + sum(_write_tensor(f, tensors[n], _stored_dtype(tensors[n], dtype)) for n in order)
+
+
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> bytes:
+    """A safetensors file's bytes in memory (for a small file that is hashed before it is written),
+    identical for identical inputs: `write_safetensors` into a buffer."""
+    buf = io.BytesIO()
+    write_safetensors(buf, tensors, metadata)
+    return buf.getvalue()
+
+
+def atomic_save_safetensors(path: str | Path, tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> Path:
+    """Write `tensors` as a safetensors file at `path` atomically, streamed (`write_safetensors`): no
+    serialised copy of the tensors is held."""
+    with atomic_open(path) as f:
+        write_safetensors(f, tensors, metadata)
+    return Path(path)
 
 
 def read_json(path: str | Path) -> Any:

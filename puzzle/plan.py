@@ -166,11 +166,15 @@ def unread_bytes(ctx: Context, device: str, e: int, logits: bool, head: bool = T
     return table + (untied_head if head and not logits else 0)
 
 
-def atomic_save_bytes(tensor_bytes: float) -> float:
-    """Host bytes `puzzle.io.atomic_save_safetensors` adds while writing `tensor_bytes` of tensors: the
-    serialised file (safetensors' `save`), the slice of it after the header, and the re-headed result,
-    alive together: 3x."""
-    return 3 * tensor_bytes
+def atomic_save_bytes(shape: ModelShape, dtype_bytes: int, device: str) -> float:
+    """Host bytes `puzzle.io.atomic_save_safetensors` adds while writing a model's worth of tensors (its
+    weights, or one AdamW moment of each) in `dtype_bytes` from `device`. The writer streams each tensor's
+    bytes from its own storage (`write_safetensors`): contiguous CPU tensors add nothing; a tensor on a GPU
+    (or not contiguous, or converted) is copied to the host one at a time, so at most the largest: the
+    embedding table or one FFN matrix."""
+    if device != "cuda":
+        return 0.0
+    return max(shape.fixed_params("embeddings"), shape.hidden_size * shape.intermediate_size) * dtype_bytes
 
 
 def placed(e: Estimate, device: str, host_loaded: float, working: float, processes: int = 1) -> Estimate:
@@ -379,7 +383,8 @@ def solve_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """realize (puzzle/realize/commands.py, assemble.py stream_child), on the host: the child built on the
     meta device and filled one sublayer at a time from the parent's safetensors and the library (the child,
-    at most the parent's size, plus one sublayer), in `dtype` (auto: the parent's stored dtype), then written."""
+    at most the parent's size, plus one sublayer), in `dtype` (auto: the parent's stored dtype), then
+    streamed to safetensors from its own tensors (`save_model`; `atomic_save_bytes` on the host: nothing)."""
     dtype = ctx.stored_dtype() if args.get("dtype", "auto") == "auto" else ctx.runtime({"device": "cpu", **args})[1]
     child = ctx.model_bytes(DTYPE_BYTES[dtype])
     return Estimate("", "realize", host_bytes=PROCESS_BASELINE_BYTES + child, disk_bytes=child, dtype=dtype,
@@ -399,10 +404,11 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
                 (b x D) plus one layer's op outputs recomputed; the teacher's final hidden states (b x D),
                 two (chunk_tokens, V) fp32 logits chunks for the KL; with a hidden loss the teacher's hidden
                 states of every layer (L + 1 of b x D)
-      checkpoint  every checkpoint_every steps the student and then the 2 AdamW moments are written from
-                the host (`atomic_save_bytes` of the moments, 2 x P_fp32) next to everything above but the
-                activations (the freed gradients stay in the process: glibc keeps them); under FSDP2
-                `dcp.save` writes each rank's shard of weights + moments (3 x P_fp32 / nproc), staged once
+      checkpoint  every checkpoint_every steps the student and then the 2 AdamW moments are streamed to
+                safetensors (`atomic_save_bytes`: nothing from the host, one tensor at a time from a GPU) next
+                to everything above but the activations (the freed gradients stay in the process: glibc
+                keeps them); under FSDP2 `dcp.save` writes each rank's shard of weights + moments
+                (3 x P_fp32 / nproc), staged once
     On CUDA the host holds per rank the baseline + max(the teacher it loads, the checkpoint it writes).
     cpu_offload (FSDP2's CPUOffloadPolicy on the student, any nproc; `offloaded_student`): the student's
     fp32 state moves from the GPU to the host; the GPU keeps the teacher, the units in flight and the
@@ -434,7 +440,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     act += b * D * e + 2 * args["chunk_tokens"] * shape.vocab_size * FP32
     if args["hidden_loss"] != "none":
         act += (L + 1) * b * D * e
-    save = atomic_save_bytes(2 * P32) if n == 1 and not offload else 3 * P32 / n  # FSDP2 saves with DCP
+    save = atomic_save_bytes(shape, FP32, device) if n == 1 and not offload else 3 * P32 / n  # FSDP2 saves with DCP
     tokens = args["steps"] * args["grad_accum"] * args["batch_size"] * T
     forward = shape.model_flops_per_token(None, T / 2)
     val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward

@@ -80,8 +80,9 @@ def test_memory_scales_with_the_parent(tmp_path):
     # weight-dominated stages grow with the parameters (activations of the same batch grow with hidden only)
     for step in ("gkd[s]", "evaluate[parent]", "score", "importance"):
         assert 0.8 * ratio < l[step]["host_bytes"] / s[step]["host_bytes"] < 1.1 * ratio, step
-    # GKD: teacher + student with gradient and two AdamW moments + the checkpoint write: more than 6x the parent
-    assert s["gkd[s]"]["host_bytes"] > 6 * small["parent"]["fp32_bytes"]
+    # GKD: teacher + student with gradient and two AdamW moments: more than 5x the parent (the checkpoint is
+    # streamed from the student's own tensors: puzzle.io.write_safetensors holds no serialised copy)
+    assert s["gkd[s]"]["host_bytes"] > 5 * small["parent"]["fp32_bytes"]
 
 
 def test_a_worker_memory_budget_splits_the_build_into_jobs_that_fit(tmp_path):
@@ -358,8 +359,8 @@ def test_build_library_and_score_host_estimates_match_measured_peaks(medium_run)
 
 def test_distill_host_estimate_matches_a_measured_peak(medium_run):
     """`puzzle distill` (GKD) of a heterogeneous child (as realize writes it) from a plain Llama parent, with a
-    checkpoint: measured 1595 MiB, estimated 1536 MiB on this machine (867 before the estimator counted the
-    checkpoint's serialised AdamW moments)."""
+    checkpoint: measured 741 MiB, estimated 739 MiB on this machine (1595 and 1536 while the checkpoint's
+    AdamW moments were serialised in memory, 3x over, before being written; now they are streamed)."""
     root = medium_run
     assert main(["convert", str(root / "child"), str(root / "student")]) == 0
     gkd = dict(steps=2, batch_size=4, val_every=2, val_blocks=2, checkpoint_every=2, hidden_loss="cosine")
@@ -446,5 +447,4 @@ def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path
     own = estimated(medium_run, "distill", "llama_default", student=str(student), **gkd)
     parent, child = (ModelShape.from_config(load_config(p)) for p in (medium_run / "parent", student))
     P, C = parent.model_bytes(None, 4), child.model_bytes(None, 4)
-    # the state, and the checkpoint's write of the 2 moments (here above the activations)
-    assert bound - own == 4 * (P - C) + planner.atomic_save_bytes(2 * P) - planner.atomic_save_bytes(2 * C)
+    assert bound - own == 4 * (P - C)  # fp32 runs on the CPU: no autocast copies, a streamed checkpoint

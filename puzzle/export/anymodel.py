@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from puzzle.errors import PuzzleError
-from puzzle.io import safetensors_bytes
+from puzzle.io import write_safetensors
 from puzzle.model.blocks import BlockConfig
 from puzzle.model.checkpoint import atomic_dir, commit_dir
 
@@ -105,14 +105,15 @@ def write_anymodel(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: tor
     for name, tensor in model.state_dict().items():
         if "rotary_emb" in name or (config.tie_word_embeddings and name == "lm_head.weight"):
             continue
-        groups.setdefault(subblock_of(name), {})[name] = tensor.detach().to(dtype)
+        groups.setdefault(subblock_of(name), {})[name] = tensor  # converted to dtype as it is written
     out = Path(out)
     tmp = atomic_dir(out)
     try:
         (tmp / SUBBLOCKS_DIR).mkdir()
         weight_map = {}
         for group, tensors in groups.items():
-            (tmp / SUBBLOCKS_DIR / f"{group}.safetensors").write_bytes(safetensors_bytes(tensors, {"format": "pt"}))
+            with open(tmp / SUBBLOCKS_DIR / f"{group}.safetensors", "wb") as f:  # streamed, one tensor at a time
+                write_safetensors(f, tensors, {"format": "pt"}, dtype=dtype)
             weight_map.update({name: f"{SUBBLOCKS_DIR}/{group}.safetensors" for name in tensors})
         index = {"metadata": {"format": "pt"}, "weight_map": dict(sorted(weight_map.items()))}
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

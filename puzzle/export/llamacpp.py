@@ -19,11 +19,13 @@ What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cp
 `check_llamacpp` refuses, by layer, the blocks that graph cannot run (the rules are `puzzle.engines`').
 """
 
+import functools
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import gguf
 import numpy as np
@@ -60,8 +62,13 @@ def _layer(name: str) -> int:
     return int(name.split(".")[2])  # model.layers.{i}.
 
 
-def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """(GGUF name, tensor in llama.cpp's layout) for every weight of a PuzzleForCausalLM."""
+def _in_layout(tensor: torch.Tensor, n_heads: int | None) -> torch.Tensor:
+    return tensor if n_heads is None else permute(tensor, n_heads)
+
+
+def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Size, Callable[[], torch.Tensor]]]:
+    """(GGUF name, shape, the tensor in llama.cpp's layout computed when called) for every weight of a
+    PuzzleForCausalLM: the writer lists every tensor's shape first and computes each as it writes it."""
     config = model.config
     blocks = config.blocks
     heads = config.num_attention_heads
@@ -72,24 +79,34 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
         gguf_name = names.get_name(name, try_suffixes=(".weight", ".bias"))
         if gguf_name is None:
             raise RuntimeError(f"no GGUF tensor name for {name}")  # a module this writer does not know: a bug
+        n_heads = None  # the rows' order is transformers' own
         if name.endswith(("q_proj.weight", "q_proj.bias")):
-            tensor = permute(tensor, heads)
+            n_heads = heads
         elif name.endswith(("k_proj.weight", "k_proj.bias")):
-            tensor = permute(tensor, blocks[_layer(name)].attention.num_key_value_heads(heads))
-        yield gguf_name, tensor
+            n_heads = blocks[_layer(name)].attention.num_key_value_heads(heads)
+        yield gguf_name, tensor.shape, functools.partial(_in_layout, tensor, n_heads)
 
 
-def encode(name: str, tensor: torch.Tensor, dtype: str) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """A tensor's GGUF data and type: norms and 1-D tensors f32; else `dtype`, q8_0 falling back to f16."""
-    data = tensor.detach().float().numpy()
-    if dtype == "f32" or data.ndim <= 1 or name.endswith("_norm.weight"):
-        return data.astype(np.float32), gguf.GGMLQuantizationType.F32
-    if dtype == "q8_0":
-        try:
-            return gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0), gguf.GGMLQuantizationType.Q8_0
-        except gguf.quants.QuantError:
-            pass
-    return data.astype(np.float16), gguf.GGMLQuantizationType.F16
+def gguf_type(name: str, shape: Sequence[int], dtype: str) -> gguf.GGMLQuantizationType:
+    """A tensor's GGUF type, from its name and shape alone: norms and 1-D tensors f32; else `dtype`, q8_0
+    falling back to f16 for rows that are not whole 32-value blocks (convert_hf_to_gguf.py
+    `ModelBase.prepare_tensors`, on gguf.quants' `QuantError`, raised exactly then: `can_quantize`)."""
+    if dtype == "f32" or len(shape) <= 1 or name.endswith("_norm.weight"):
+        return gguf.GGMLQuantizationType.F32
+    q8_0 = gguf.GGMLQuantizationType.Q8_0
+    if dtype == "q8_0" and shape[-1] % gguf.GGML_QUANT_SIZES[q8_0][0] == 0:
+        return q8_0
+    return gguf.GGMLQuantizationType.F16
+
+
+def gguf_nbytes(shape: Sequence[int], qtype: gguf.GGMLQuantizationType) -> int:
+    """The bytes of a tensor of `shape` (elements) stored as `qtype`."""
+    return math.prod(gguf.quants.quant_shape_to_byte_shape(shape, qtype))
+
+
+def encode(tensor: torch.Tensor, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """A tensor's GGUF data in `qtype` (f32, f16: the values; q8_0: its blocks' bytes)."""
+    return gguf.quants.quantize(tensor.detach().float().numpy(), qtype)
 
 
 def llama3_rope_factors(scaling: dict[str, Any], theta: float, dim: int) -> np.ndarray:
@@ -107,7 +124,9 @@ def llama3_rope_factors(scaling: dict[str, Any], theta: float, dim: int) -> np.n
     return out.astype(np.float32)
 
 
-def _write_hparams(w: gguf.GGUFWriter, config: Any, blocks: list[BlockConfig], dtype: str) -> None:
+def _write_hparams(w: gguf.GGUFWriter, config: Any, blocks: list[BlockConfig], dtype: str) -> dict[str, np.ndarray]:
+    """The hyperparameters as KV data; returns the tensors they add (llama3 RoPE's `rope_freqs`), written
+    before the model's."""
     heads = config.num_attention_heads
     theta, scaling = rope(config)
     w.add_rope_freq_base(theta)
@@ -129,7 +148,8 @@ def _write_hparams(w: gguf.GGUFWriter, config: Any, blocks: list[BlockConfig], d
             raise PuzzleError(f"RoPE scaling {kind!r} cannot be exported to llama.cpp's deci architecture "
                               "(it reads plain and llama3 RoPE)")
         name = gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight"
-        w.add_tensor(name, llama3_rope_factors(scaling, theta, config.head_dim))
+        return {name: llama3_rope_factors(scaling, theta, config.head_dim)}
+    return {}
 
 
 # llama.cpp's BPE pre-tokenizer names (src/llama-vocab.cpp) for the tokenizer.json pre-tokenizers they split
@@ -189,7 +209,10 @@ def _write_vocab(w: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "f16", name: str = "puzzle-child") -> Path:
-    """Write a PuzzleForCausalLM (+ its tokenizer) to `out` as a llama.cpp `deci` GGUF, atomically."""
+    """Write a PuzzleForCausalLM (+ its tokenizer) to `out` as a llama.cpp `deci` GGUF, atomically, streamed:
+    every tensor's name, shape and type first (GGUF's header lists them before the data), then each tensor
+    computed in llama.cpp's layout, converted and written in turn, so one converted tensor is held at a
+    time (gguf's `add_tensor_info` + `write_tensor_data`; `add_tensor` would hold them all until written)."""
     if dtype not in GGUF_DTYPES:
         raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose {', '.join(GGUF_DTYPES)}")
     config = model.config
@@ -204,14 +227,18 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        _write_hparams(w, config, blocks, dtype)
+        extra = _write_hparams(w, config, blocks, dtype)
         _write_vocab(w, tokenizer, config.vocab_size)
-        for gguf_name, tensor in gguf_tensors(model):
-            data, qtype = encode(gguf_name, tensor, dtype)
-            w.add_tensor(gguf_name, data, raw_dtype=qtype)
+        listed = [(n, a.shape, functools.partial(torch.from_numpy, a)) for n, a in extra.items()]
+        tensors = [(n, shape, load, gguf_type(n, shape, dtype)) for n, shape, load in [*listed, *gguf_tensors(model)]]
+        for gguf_name, shape, _, qtype in tensors:
+            # the element shape: gguf reads a uint8 array's shape as bytes, any other dtype's as elements
+            w.add_tensor_info(gguf_name, shape, np.float32, gguf_nbytes(shape, qtype), raw_dtype=qtype)
         w.write_header_to_file()
         w.write_kv_data_to_file()
-        w.write_tensors_to_file()
+        w.write_ti_data_to_file()
+        for _, _, load, qtype in tensors:
+            w.write_tensor_data(encode(load(), qtype))  # gguf checks its bytes against the listed size
         w.close()
         os.replace(tmp, out)
     except BaseException:

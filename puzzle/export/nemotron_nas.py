@@ -22,7 +22,7 @@ import torch
 
 import puzzle.model
 from puzzle.errors import PuzzleError
-from puzzle.io import safetensors_bytes
+from puzzle.io import write_safetensors
 from puzzle.model.blocks import BlockConfig, ffn_mult_to_intermediate_size
 from puzzle.model.checkpoint import _AUTO_MAP, _MODEL_FILES, atomic_dir, commit_dir
 
@@ -64,11 +64,12 @@ def nemotron_nas_config(config: Any, dtype: torch.dtype) -> dict[str, Any]:
     return data
 
 
-def nemotron_nas_state(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The weights to write: every parameter in `dtype`, lm_head.weight its own copy when tied."""
-    state = {k: v.detach().to(dtype) for k, v in model.state_dict().items() if "rotary_emb" not in k}
+def nemotron_nas_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights to write, the model's own tensors (converted one at a time as they are written):
+    lm_head.weight written even when tied (the embedding tensor, stored a second time)."""
+    state = {k: v for k, v in model.state_dict().items() if "rotary_emb" not in k}
     if model.config.tie_word_embeddings:
-        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # safetensors stores no aliases
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
     return state
 
 
@@ -79,7 +80,8 @@ def write_nemotron_nas(model: torch.nn.Module, tokenizer: Any, out: Path, dtype:
     out = Path(out)
     tmp = atomic_dir(out)
     try:
-        (tmp / "model.safetensors").write_bytes(safetensors_bytes(nemotron_nas_state(model, dtype), {"format": "pt"}))
+        with open(tmp / "model.safetensors", "wb") as f:  # streamed: no second copy of the weights
+            write_safetensors(f, nemotron_nas_state(model), {"format": "pt"}, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(config, dtype), indent=2) + "\n")
         for name in _MODEL_FILES:  # the modeling code travels with the checkpoint
             shutil.copyfile(Path(puzzle.model.__file__).parent / name, tmp / name)

@@ -9,11 +9,12 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.utils import SAFE_WEIGHTS_NAME
 
 from puzzle.errors import PuzzleError
+from puzzle.io import write_safetensors
 
 from . import register
 from .configuration_puzzle import PuzzleConfig
@@ -319,6 +320,46 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+def saved_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` stores for `model`, the model's own (nothing copied): its state dict less
+    `_keys_to_ignore_on_save` and less a tied output embedding (safetensors stores no aliases; transformers
+    keeps the input embedding: modeling_utils.py `remove_tied_weights_from_state_dict`)."""
+    state = model.state_dict()
+    for key in getattr(model, "_keys_to_ignore_on_save", None) or ():
+        state.pop(key, None)
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and embed is not None and head.weight is embed.weight:
+        state.pop(next(f"{n}.weight" for n, m in model.named_modules() if m is head))
+    return state
+
+
+def _max_shard_bytes() -> int:
+    """The file size above which this transformers' `save_pretrained` shards by default ("5GB" in 4.x,
+    "50GB" in 5.x)."""
+    import inspect
+
+    from transformers.utils.hub import convert_file_size_to_int
+
+    default = inspect.signature(PreTrainedModel.save_pretrained).parameters["max_shard_size"].default
+    return convert_file_size_to_int(default)
+
+
+def _write_weights(model: PreTrainedModel, directory: Path, extra: dict[str, torch.Tensor]) -> None:
+    """The model's config files and weights into `directory`, as `save_pretrained` writes them. Weights that fit
+    one file (`save_pretrained`'s single-file case) are streamed from the model's own tensors
+    (`puzzle.io.write_safetensors`: no serialised copy), with `extra` tensors beside them; larger ones are
+    sharded by `save_pretrained` itself, which cannot take `extra`."""
+    weights = {**saved_weights(model), **extra}
+    if sum(t.numel() * t.element_size() for t in weights.values()) > _max_shard_bytes():
+        if extra:
+            raise PuzzleError(f"writing {', '.join(extra)} into a sharded checkpoint is not supported")
+        model.save_pretrained(directory, safe_serialization=True)
+        return
+    model.save_pretrained(directory, state_dict={})  # everything but the weights: config, generation config
+    with open(directory / SAFE_WEIGHTS_NAME, "wb") as f:  # `directory` is committed whole: no temp file here
+        write_safetensors(f, weights, {"format": "pt"})  # transformers' metadata for an unquantised model
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     out: str | Path,
@@ -327,14 +368,16 @@ def save_checkpoint(
     extra_text: dict[str, str] | None = None,
     copy_files: tuple[Path, ...] = (),
     finish: Callable[[Path], None] | None = None,
+    extra_weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write any transformers model as safetensors + config (+ tokenizer, extra JSON/text files, copied
-    files) to `out` atomically: a crash leaves the old `out` or the new one, never half of one.
-    `finish(tmp_dir)` may rewrite what save_pretrained wrote before the directory is committed."""
+    files) to `out` atomically: a crash leaves the old `out` or the new one, never half of one. The weights
+    are streamed from the model's tensors (`_write_weights`), with `extra_weights` stored beside them.
+    `finish(tmp_dir)` may rewrite what was written before the directory is committed."""
     out = Path(out)
     tmp = atomic_dir(out)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        _write_weights(model, tmp, extra_weights or {})
         for src in copy_files:
             shutil.copyfile(src, tmp / Path(src).name)
         if tokenizer is not None:
@@ -368,23 +411,12 @@ def _tokenizer_config_for_transformers_4(directory: Path) -> None:
         path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
 
-def _write_child_contract(directory: Path, model: PuzzleForCausalLM, lm_head_weight: bool) -> None:
-    """What engines read besides transformers: `architectures` (save_pretrained writes the class name) and,
-    for a tied head, `lm_head.weight` itself where an engine loads it by name (`lm_head_weight`)."""
+def _write_child_contract(directory: Path) -> None:
+    """`architectures` as engines read it (save_pretrained writes the class name)."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
     config["architectures"] = [CHILD_ARCHITECTURE]
     path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    if not (lm_head_weight and model.config.tie_word_embeddings):
-        return
-    files = sorted(directory.glob("*.safetensors"))
-    if len(files) != 1:  # sharded: the index would need the new key too; children are far below a shard
-        raise PuzzleError(f"writing lm_head.weight into a sharded checkpoint ({len(files)} files) is not supported")
-    with safe_open(str(files[0]), framework="pt") as f:
-        metadata = f.metadata()
-    state = load_file(str(files[0]))
-    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()  # tied: the head is the embedding
-    save_file(state, str(files[0]), metadata=metadata)
 
 
 def save_model(
@@ -402,5 +434,7 @@ def save_model(
     head's weight as `lm_head.weight` (TensorRT-LLM reads it by name; see puzzle.engines)."""
     model.config.auto_map = dict(_AUTO_MAP)
     here = Path(__file__).parent
+    # a tied head's weight under its own name: the embedding tensor itself, written a second time
+    head = {"lm_head.weight": model.model.embed_tokens.weight} if lm_head_weight and model.config.tie_word_embeddings else {}
     return save_checkpoint(model, out, tokenizer, extra_json, extra_text, tuple(here / n for n in _MODEL_FILES),
-                           finish=lambda tmp: _write_child_contract(tmp, model, lm_head_weight))
+                           finish=_write_child_contract, extra_weights=head)

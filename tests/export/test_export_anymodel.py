@@ -22,8 +22,10 @@ import torch
 from safetensors.torch import load_file
 
 from puzzle.errors import PuzzleError
+from puzzle.export.anymodel import SUBBLOCKS_DIR, subblock_of
 from puzzle.export.commands import export
 
+from safetensors_reference import reference_bytes
 from tiny_children import logits, make_child, save_child
 
 TRANSFORMERS = ("transformers==5.14.*", "tokenizers>=0.22,<=0.23.0", "huggingface_hub>=1.5,<2", "datasets<5",
@@ -120,6 +122,22 @@ def test_layout_is_puzzletrons(tmp_path):
     assert index["model.layers.3.mlp.down_proj.weight"] == "subblocks_safetensors/block_3_ffn.safetensors"
     assert index["model.norm.weight"] == "subblocks_safetensors/lm_head.safetensors"
     assert not any(".layers.4." in name for name in index)  # a fully no-op layer has no weights
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_the_streamed_subblock_files_are_the_serialised_ones(tmp_path, dtype):
+    """Each subblock file streamed tensor by tensor, converted as each is written: the bytes of its converted
+    tensors serialised at once (what the export wrote before)."""
+    child = make_child(BLOCKS, tie_word_embeddings=True)
+    out = export(save_child(child, tmp_path / "child"), tmp_path / "anymodel", format="anymodel", dtype=dtype)
+    to = torch.bfloat16 if dtype == "bf16" else torch.float32
+    groups = {}
+    for name, tensor in child.state_dict().items():
+        if "rotary_emb" not in name and name != "lm_head.weight":  # tied: left out
+            groups.setdefault(subblock_of(name), {})[name] = tensor.detach().to(to)
+    assert sorted(p.stem for p in (out / SUBBLOCKS_DIR).iterdir()) == sorted(groups)
+    for group, tensors in groups.items():
+        assert (out / SUBBLOCKS_DIR / f"{group}.safetensors").read_bytes() == reference_bytes(tensors, {"format": "pt"}), group
 
 
 @pytest.mark.parametrize("blocks", [["attn_g2+ffn_128", "attn_linear+ffn_128"], ["attn_g2+ffn_128", "attn_g2+ffn_linear"]])

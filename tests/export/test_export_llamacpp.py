@@ -1,9 +1,11 @@
 """`puzzle export --format gguf` run by llama.cpp itself (llama-cpp-python, built from source by
 scripts/install.sh): a child of every block kind llama.cpp's deci graph runs gives puzzle's logits."""
 
+import math
 import os
 import subprocess
 import sys
+import tracemalloc
 
 import gguf
 import numpy as np
@@ -13,7 +15,8 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.export.commands import export
 from puzzle.engines import RULES
-from puzzle.export.llamacpp import permute
+from puzzle.export.llamacpp import _write_hparams, _write_vocab, gguf_tensors, permute, write_gguf
+from puzzle.model.checkpoint import load_puzzle, load_tokenizer
 
 from conftest import make_llama, make_tokenizer
 from tiny_children import logits, make_child, save_child
@@ -170,3 +173,79 @@ def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     script = f"import llama_cpp; llama_cpp.Llama({str(path)!r}, n_ctx=64, verbose=False).eval({TOKENS})"
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert run.returncode != 0 and "GGML_ASSERT" in run.stderr
+
+
+def reference_gguf(model, tokenizer, out, dtype: str, name: str) -> None:
+    """The file as the export wrote it before streaming: every tensor converted (q8_0 tried, f16 on
+    `QuantError`) and handed to gguf's in-memory `add_tensor`, then `write_tensors_to_file`."""
+    w = gguf.GGUFWriter(out, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI])
+    w.add_type(gguf.GGUFType.MODEL)
+    w.add_name(name)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    for rope_name, factors in _write_hparams(w, model.config, model.config.blocks, dtype).items():
+        w.add_tensor(rope_name, factors)
+    _write_vocab(w, tokenizer, model.config.vocab_size)
+    for gguf_name, _, load in gguf_tensors(model):
+        data = load().detach().float().numpy()
+        if dtype == "f32" or data.ndim <= 1 or gguf_name.endswith("_norm.weight"):
+            w.add_tensor(gguf_name, data.astype(np.float32), raw_dtype=gguf.GGMLQuantizationType.F32)
+            continue
+        if dtype == "q8_0":
+            try:
+                w.add_tensor(gguf_name, gguf.quants.quantize(data, gguf.GGMLQuantizationType.Q8_0),
+                             raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+                continue
+            except gguf.quants.QuantError:
+                pass
+        w.add_tensor(gguf_name, data.astype(np.float16), raw_dtype=gguf.GGMLQuantizationType.F16)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+@pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
+def test_the_streamed_gguf_is_the_one_written_in_memory(tmp_path, dtype):
+    """Listed first, written tensor by tensor: the bytes of gguf's in-memory path, with llama3 RoPE's extra
+    tensor, a tied head left out and q8_0's f16 fallback (rows of 48)."""
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 8}
+    child_dir = save_child(make_child(ALLOWED, rope_parameters=rope, tie_word_embeddings=True), tmp_path / "child")
+    model, tokenizer = load_puzzle(child_dir, dtype=None), load_tokenizer(child_dir)
+    write_gguf(model, tokenizer, tmp_path / "streamed.gguf", dtype, name="child")
+    reference_gguf(model, tokenizer, tmp_path / "reference.gguf", dtype, name="child")
+    streamed, reference = gguf.GGUFReader(tmp_path / "streamed.gguf"), gguf.GGUFReader(tmp_path / "reference.gguf")
+    assert "rope_freqs.weight" in {t.name for t in streamed.tensors}
+    assert {t.tensor_type for t in streamed.tensors} >= (
+        {gguf.GGMLQuantizationType.Q8_0, gguf.GGMLQuantizationType.F16} if dtype == "q8_0" else set())
+    assert [(t.name, t.tensor_type, t.data.tobytes()) for t in streamed.tensors] == \
+        [(t.name, t.tensor_type, t.data.tobytes()) for t in reference.tensors]
+    assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
+
+
+def _traced_peak(write) -> int:
+    tracemalloc.start()
+    try:
+        write()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_gguf_export_holds_one_converted_tensor_at_a_time(tmp_path):
+    """tracemalloc sees numpy's buffers (the converted tensors), not torch's: streaming peaks below twice the
+    largest converted tensor (plus the vocabulary's KV data), the in-memory path at every converted tensor."""
+    blocks = ["attn_g2+ffn_1024", "attn_g4+ffn_512", "attn_noop+ffn_1024", "attn_g2+ffn_768"]
+    child = make_child(blocks, vocab_size=4096, hidden_size=256, intermediate_size=1024, num_attention_heads=4,
+                       num_key_value_heads=2)
+    child_dir = save_child(child, tmp_path / "child")
+    model, tokenizer = load_puzzle(child_dir, dtype=None), load_tokenizer(child_dir)
+    sizes = [math.prod(shape) * (4 if len(shape) == 1 or n.endswith("_norm.weight") else 2)
+             for n, shape, _ in gguf_tensors(model)]  # f16, norms f32
+    streamed = _traced_peak(lambda: write_gguf(model, tokenizer, tmp_path / "s.gguf", "f16", name="c"))
+    in_memory = _traced_peak(lambda: reference_gguf(model, tokenizer, tmp_path / "r.gguf", "f16", name="c"))
+    print(f"peak: streamed {streamed / max(sizes):.2f}x the largest tensor, in memory {in_memory / sum(sizes):.2f}x "
+          f"all {len(sizes)} ({sum(sizes)} bytes)")
+    assert streamed < 2 * max(sizes) < sum(sizes) / 2  # the bound itself is far below the total
+    assert in_memory >= sum(sizes)
+    assert (tmp_path / "s.gguf").read_bytes() == (tmp_path / "r.gguf").read_bytes()

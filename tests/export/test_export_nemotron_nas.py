@@ -14,6 +14,7 @@ from puzzle.errors import PuzzleError
 from puzzle.export.commands import export
 from puzzle.model.blocks import ffn_mult_to_intermediate_size
 
+from safetensors_reference import reference_bytes
 from tiny_children import logits, make_child, save_child
 
 # Every block kind, FFN widths on the ffn_mult grid (multiples of 256) that engines rebuild widths from.
@@ -66,6 +67,18 @@ def test_bf16_export_holds_bf16_weights(tmp_path):
     weights = load_file(str(out / "model.safetensors"))
     assert {w.dtype for w in weights.values()} == {torch.bfloat16}
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bf16"])
+def test_the_streamed_weights_file_is_the_serialised_one(tmp_path, dtype):
+    """Streamed tensor by tensor, converted as each is written: the bytes of the whole converted state
+    serialised at once (what the export wrote before), a tied head stored as its own tensor."""
+    child = make_child(BLOCKS, intermediate_size=512, tie_word_embeddings=True)
+    out = export(save_child(child, tmp_path / "child"), tmp_path / "nas", format="nemotron-nas", dtype=dtype)
+    to = torch.bfloat16 if dtype == "bf16" else torch.float32
+    state = {k: v.detach().to(to) for k, v in child.state_dict().items() if "rotary_emb" not in k}
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    assert (out / "model.safetensors").read_bytes() == reference_bytes(state, {"format": "pt"})
 
 
 def test_width_off_the_ffn_mult_grid_is_refused_by_layer(tmp_path):

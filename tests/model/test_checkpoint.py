@@ -3,13 +3,16 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
 from puzzle.cli import main
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleForCausalLM
-from puzzle.model.checkpoint import load_model
+from puzzle.model.checkpoint import load_model, save_checkpoint, save_model, to_puzzle
 from puzzle.model.convert import convert
+
+from conftest import make_llama
 
 
 def run_cli(capsys, *argv):
@@ -112,3 +115,33 @@ def test_a_truncated_gguf_parent_is_one_line_exit_2(tmp_path, capsys, keep):
     err = capsys.readouterr().err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1
     assert str(parent) in err and "GGUF" in err
+
+
+def _files(directory):
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_save_checkpoint_streams_the_files_save_pretrained_writes(tmp_path, tied):
+    """The streamed weights (and the config files transformers writes beside them) are save_pretrained's own,
+    byte for byte: same tensors (a tied head left out), same order, same header."""
+    model = make_llama(tie_word_embeddings=tied)
+    save_checkpoint(model, tmp_path / "streamed")
+    model.save_pretrained(tmp_path / "reference")
+    assert _files(tmp_path / "streamed") == _files(tmp_path / "reference")
+
+
+@pytest.mark.parametrize("lm_head_weight", [False, True])
+def test_save_model_writes_the_weights_file_it_wrote_before_streaming(tmp_path, lm_head_weight):
+    """A tied child, with and without the head stored by name (`lm_head_weight`): the weights file equals
+    save_pretrained's, and with the head, that file with `lm_head.weight` added as safetensors writes it."""
+    child = to_puzzle(make_llama(tie_word_embeddings=True))
+    save_model(child, tmp_path / "child", lm_head_weight=lm_head_weight)
+    child.save_pretrained(tmp_path / "reference")
+    reference = tmp_path / "reference" / "model.safetensors"
+    if lm_head_weight:  # what save_model did before: reload the file, add a copy of the embedding, save again
+        state = load_file(str(reference))
+        state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+        save_file(state, str(reference), metadata={"format": "pt"})
+    assert (tmp_path / "child" / "model.safetensors").read_bytes() == reference.read_bytes()
+    assert ("lm_head.weight" in load_file(str(reference))) == lm_head_weight
