@@ -27,6 +27,7 @@ memory available when it starts is not run (its row says so).
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import time
@@ -76,8 +77,18 @@ SHAPE_ARGS = {
 }
 # What a shape's run left out or needs said, in its section.
 SHAPE_NOTES = {
-    "8b_slice": "Four Llama-3.1-8B layers (hidden 4096, FFN 14336, untied 128K vocabulary).",
+    "1b": ("GKD (the realised 1.5x child, 1.03B parameters, from the parent) was run with `--available-share "
+           "0.97`: its plan (21 GiB) is above the default 80% of this 24 GiB machine's free memory."),
+    "8b_slice": ("Four Llama-3.1-8B layers (hidden 4096, FFN 14336, untied 128K vocabulary). GKD not run: "
+                 "its plan (the child's fp32 weights, gradient and AdamW moments: 16 bytes x 1.6B parameters, and "
+                 "the teacher) exceeds this machine's memory; on a GPU the plan puts it at 16 bytes per student "
+                 "parameter on the device, or on the host with `cpu_offload`."),
 }
+# How benchmarks/scale.md was produced (said in its text): the shapes in turn, a stage measured again after a change
+PRODUCED_BY = ("`python scripts/bench_scale.py --shapes 1b 8b_slice --work W --out OUT` (OUT.{md,json} copied to benchmarks/scale.*), "
+               "`--shapes smollm2`, then `--shapes 1b 8b_slice --stages realize distill --available-share 0.97` "
+               "(realize measured again once checkpoints were streamed; the 1b's GKD), then `--replan` (every plan "
+               "column from the estimators as committed)")
 AVAILABLE_SHARE = 0.8  # run a stage only when its plan is below this share of the memory available
 
 
@@ -232,7 +243,9 @@ def stage_args(name: str, stage: str) -> dict:
 
 
 def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, stages: list[str], out: Path,
-                done: list[dict]) -> dict:
+                done: list[dict], prior: dict | None = None, share: float = AVAILABLE_SHARE) -> dict:
+    """Run `stages` of shape `name`; the rows of the other stages are kept from `prior` (an earlier run's
+    result for this shape), so one stage can be measured again after a change."""
     from puzzle.model.checkpoint import load_config
 
     parent = write_parent(work / name / "parent", SHAPES[name])
@@ -266,16 +279,24 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
     result = {"shape": name, "fields": SHAPES[name], "params": shape.total_params(), "bf16_bytes": shape.model_bytes(None, BF16),
               "worker_memory_gib": worker_gib, "stage_args": {s: a for s, _, a in steps if a is not None}, "stages": []}
     done.append(result)
+    # what a stage would find done and skip when measured again (the others have --force / --no-resume flags
+    # here, or are cheap and always recompute)
+    outputs = {"build_library": run / "library", "score": run / "scores", "realize": child}
+    earlier = {row["stage"]: row for row in (prior or {}).get("stages", [])}
     for stage, argv, args in steps:
         if stage not in stages:
+            if stage in earlier:
+                result["stages"].append(earlier[stage])
             continue
         plan = predicted(ctx, stage, args) if args is not None else None
         available = psutil.virtual_memory().available
         row = {"stage": stage, "plan_bytes": plan, "available_bytes": available}
-        if plan is not None and plan > AVAILABLE_SHARE * available:
-            row["skipped"] = f"plan {plan / GIB:.1f} GiB > {AVAILABLE_SHARE:.0%} of the {available / GIB:.1f} GiB available"
+        if plan is not None and plan > share * available:
+            row["skipped"] = f"plan {plan / GIB:.1f} GiB > {share:.0%} of the {available / GIB:.1f} GiB available"
             print(f"{name} {stage}: not run ({row['skipped']})", flush=True)
         else:
+            if stage in outputs and outputs[stage].exists():
+                shutil.rmtree(outputs[stage])
             row.update(run_measured(argv))
             print(f"{name} {stage}: {row['peak_bytes'] / GIB:.2f} GiB, {row['wall_s']:.1f} s"
                   + (f", plan {plan / GIB:.2f} GiB" if plan else ""), flush=True)
@@ -356,7 +377,8 @@ def markdown(results: list[dict], plans: list[dict]) -> str:
              "- `net`: the peak less this run's measured process baseline (prepare-data's peak: the interpreter, "
              "torch, transformers and the tokenizer), which no stage can shed and the must-hold leaves out. "
              "The goal column (`<= 1.5x`) reads `net / must hold`.",
-             "- Wall times: a 2-core machine shared with other work; indicative only.", ""]
+             "- Wall times: a 2-core machine (AMX bf16 matmuls), shared with other work; indicative only.",
+             f"- Produced by {PRODUCED_BY}.", ""]
     missing = [s for s in SHAPES if s != "tiny" and s not in {r["shape"] for r in results}]
     if missing:
         lines += [f"Not measured here: {', '.join(missing)}.", ""]
@@ -477,6 +499,8 @@ def main() -> None:
                     help="recompute only the Llama-3.1-8B extrapolation (no parent needed), keep the measured rows")
     ap.add_argument("--replan", action="store_true",
                     help="recompute only the plan columns of the existing JSON's rows (today's estimators) and the extrapolation")
+    ap.add_argument("--available-share", type=float, default=AVAILABLE_SHARE,
+                    help="run a stage only when its plan is below this share of the memory available when it starts")
     a = ap.parse_args()
     if a.extrapolation_only:
         return reextrapolate(a.out, a.work)
@@ -484,13 +508,15 @@ def main() -> None:
         replan(a.out, a.work, a.search_space)
         return
     results: list[dict] = []
-    old = a.out.with_suffix(".json")
-    if old.exists():  # shapes measured by an earlier run and not rerun now are kept
+    old, kept = a.out.with_suffix(".json"), []
+    if old.exists():  # shapes (and stages) measured by an earlier run and not rerun now are kept
         kept = json.loads(old.read_text())
         kept = kept.get("shapes", []) if isinstance(kept, dict) else []
         results += [r for r in kept if r["shape"] not in a.shapes]
     for name in a.shapes:
-        bench_shape(name, a.work, a.search_space, a.worker_memory_gib, a.stages, a.out, results)
+        prior = next((r for r in kept if r["shape"] == name), None)
+        bench_shape(name, a.work, a.search_space, a.worker_memory_gib, a.stages, a.out, results, prior,
+                    a.available_share)
     write(results, a.out, extrapolate(a.work))
     print(f"wrote {a.out.with_suffix('.md')}")
 
