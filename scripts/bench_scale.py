@@ -8,20 +8,22 @@ the CPU runs the code path a GPU run takes (the parent / teacher held in bf16, B
 student trained in fp32 under bf16 autocast), so the host memory measured here is what a bf16 run holds.
 For each stage: the peak RSS of the whole process tree (psutil, polled every 50 ms over the process and its
 children), the wall time, the host memory `puzzle plan`'s estimator (puzzle/plan.py ESTIMATORS, the
-function `puzzle plan` calls) predicts for the same arguments on a CPU machine, and the issue's goal: the
-bf16 bytes of what the stage must hold (the parent layers it uses + its own trained state + activations,
-computed here from ModelShape, independently of plan.py) against the measured peak.
+function `puzzle plan` calls) predicts for the same arguments on a CPU machine, and the issue's goal: what
+the stage must hold (the parent layers it uses and its activations in bf16 + its own trained state, in fp32
+as autocast with fp32 AdamW requires and, strictly, at bf16's 2 bytes; computed here from ModelShape,
+independently of plan.py) against the measured peak less the process baseline.
 
 Then an extrapolation: `puzzle plan` of a Llama-3.1-8B config.json (written as tests/test_plan.py writes
 it, no weights) on one and on two H100 80GB, the stages' default budgets.
 
     python scripts/bench_scale.py --shapes smollm2 1b --out benchmarks/scale      -> benchmarks/scale.{md,json}
+    python scripts/bench_scale.py --shapes 1b --stages realize distill  (those stages again, the other rows kept)
     python scripts/bench_scale.py --shapes tiny --out /tmp/scale_check              (a check that it runs)
     python scripts/bench_scale.py --replan        (the plan columns and the extrapolation again, nothing run)
     python scripts/bench_scale.py --extrapolation-only   (the 8B extrapolation alone, from config.json files)
 
-The large shapes (1b, 8b_slice) need ~5-30 GiB of free host memory; a stage whose plan exceeds 80% of the
-memory available when it starts is not run (its row says so).
+The large shapes (1b, 8b_slice) need ~5-30 GiB of free host memory; a stage whose plan exceeds 80% (or
+--available-share) of the memory available when it starts is not run (its row says so).
 """
 
 import argparse
