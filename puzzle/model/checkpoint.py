@@ -1,12 +1,13 @@
 """Loading parents (HF directory, safetensors file, GGUF file) and saving children, safely and atomically."""
 
+import contextlib
 import json
 import os
 import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -318,6 +319,20 @@ def commit_dir(tmp: Path, out: Path) -> None:
     os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write the directory into (`atomic_dir`): committed over `out`
+    (`commit_dir`) when the block ends, removed when it raises, so a crash leaves the old `out` or the new
+    one, never half of one."""
+    tmp = atomic_dir(out)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def saved_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
