@@ -390,8 +390,7 @@ def save_checkpoint(
     are streamed from the model's tensors (`_write_weights`), with `extra_weights` stored beside them.
     `finish(tmp_dir)` may rewrite what was written before the directory is committed."""
     out = Path(out)
-    tmp = atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         _write_weights(model, tmp, extra_weights or {})
         for src in copy_files:
             shutil.copyfile(src, tmp / Path(src).name)
@@ -404,10 +403,6 @@ def save_checkpoint(
             (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
         for name, text in (extra_text or {}).items():
             (tmp / name).write_text(text)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
