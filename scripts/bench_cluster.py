@@ -5,7 +5,7 @@ Llama-3.1-70B on one 8xH100 node beside the reported setups -> benchmarks/cluste
     python scripts/bench_cluster.py --layers 2 --hidden 64 --tokens-per-block 256 --blocks 4 --out /tmp/c
 
 A random Llama parent of the given shape (saved as safetensors) and random prepared data; a local Ray head
-started here (`ray start --head --block`, 2 CPUs, stopped at the end) that each build joins; per worker
+started here (tests/ray_head.py `local_head`: `ray start --head --block`, 2 CPUs, stopped at the end) that each build joins; per worker
 count a fresh run directory, `build_library(workers=N)` then `score(workers=N)`, timed from the call (Ray
 tasks, the preflight, shipping inputs, streaming results included). The plan rows come from
 `puzzle.plan.plan` on Meta's published Llama-3.1-70B config.json (written here, no weights), in bf16
@@ -20,9 +20,6 @@ import json
 import os
 import secrets
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +32,9 @@ import numpy as np  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from ray_head import local_head  # noqa: E402
+
 GIB = 1024**3
 # Meta's published Llama-3.1-70B config.json dimensions (as in tests/test_plan.py)
 LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
@@ -46,40 +46,6 @@ REPORTED = [  # what we could cite; "-" where the source we read does not say
     ("Puzzletron (nvidia-modelopt `examples/puzzletron/README.md`, its progress log)", "Llama-3.1-8B-Instruct", "2x H100 80GB",
      "46 min: one-block scoring 38 min; no block training, distillation a separate NeMo step"),
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_head(cpus: int) -> tuple[subprocess.Popen, str, str]:
-    ray = Path(sys.executable).parent / "ray"
-    port = _free_port()
-    tmp = tempfile.mkdtemp(prefix="pzb", dir="/tmp")
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen([str(ray), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-                             "--num-cpus", str(cpus), "--object-store-memory", str(200 * 2**20),
-                             "--include-dashboard", "false", "--temp-dir", tmp, "--disable-usage-stats"],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while subprocess.run([str(ray), "status", "--address", address], env=env, capture_output=True).returncode:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit("the Ray head did not come up")
-        time.sleep(1)
-    return proc, address, tmp
-
-
-def stop_head(proc: subprocess.Popen, tmp: str) -> None:
-    proc.send_signal(signal.SIGTERM)  # `ray start --block` stops what it started
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def make_parent(out: Path, args: argparse.Namespace) -> Path:
@@ -245,15 +211,14 @@ def main() -> None:
 
     root = Path(tempfile.mkdtemp(prefix="bench_cluster"))
     parent = make_parent(root / "parent", args)
-    proc, address, ray_tmp = start_head(cpus=2)
-    try:
-        ray.init(address=address, log_to_driver=False)
-        warm_workers(2)
-        time_stages(parent, root / "warm-up", 2, args)  # untimed: the preflight's probe workers, first imports
-        timings = [time_stages(parent, root, n, args) for n in (1, 2)]
-    finally:
-        ray.shutdown()
-        stop_head(proc, ray_tmp)
+    with local_head(num_cpus=2, object_store_bytes=200 * 2**20) as head:
+        ray.init(address=head.address, log_to_driver=False)
+        try:
+            warm_workers(2)
+            time_stages(parent, root / "warm-up", 2, args)  # untimed: the preflight's probe workers, first imports
+            timings = [time_stages(parent, root, n, args) for n in (1, 2)]
+        finally:
+            ray.shutdown()
     planned = plan_70b(root)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_report(args.out, timings, planned, args,

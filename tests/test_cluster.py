@@ -7,11 +7,8 @@ one-line failures; and the pure parts (requests, GPU shares, fitting, URIs, mirr
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent / "library"))
 sys.path.insert(0, str(Path(__file__).resolve().parent / "scoring"))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from library_testing import save_parent, write_blocks  # noqa: E402
+from ray_head import local_head  # noqa: E402
 from test_scoring_commands import write_data, write_library  # noqa: E402
 
 from puzzle import cluster  # noqa: E402
@@ -34,51 +32,21 @@ from puzzle.run_dir import RunMirror, as_location, is_uri, staged  # noqa: E402
 from puzzle.scoring.commands import score  # noqa: E402
 from puzzle.search_space import load_search_space  # noqa: E402
 
-RAY_BIN = Path(sys.executable).parent / "ray"
 SMALL = dict(search_space="tiny", tokens_per_block=256, batch_size=4, calibration_tokens=256, eval_tokens=128, threads=1)
 SCORE = dict(search_space="tiny", blocks=5, batch_size=2, chunk_tokens=16)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def head():
-    """A Ray head on 127.0.0.1 with 2 CPUs and 2 declared GPUs, joined by this process; stopped at the end
-    (`ray start --block` stops what it started on SIGTERM: no `ray stop`, which would stop every Ray here)."""
+    """A Ray head on 127.0.0.1 with 2 CPUs and 2 declared GPUs, joined by this process; stopped at the end."""
     import ray
 
-    port = _free_port()
-    ray_tmp = tempfile.mkdtemp(prefix="pzc", dir="/tmp")  # Ray's unix socket paths must stay short
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}  # with the session's Ray token (tests/conftest.py)
-    env.pop("RAY_ADDRESS", None)
-    proc = subprocess.Popen(
-        [str(RAY_BIN), "start", "--head", "--block", "--node-ip-address", "127.0.0.1", "--port", str(port),
-         "--num-cpus", "2", "--num-gpus", "2", "--object-store-memory", "100000000", "--include-dashboard", "false",
-         "--temp-dir", ray_tmp, "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    address = f"127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        # ask from a subprocess until the head answers: a failed ray.init here would linger in this process
-        while subprocess.run([str(RAY_BIN), "status", "--address", address], env=env, capture_output=True).returncode:
-            assert proc.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(1)
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
-        yield address
-    finally:
-        ray.shutdown()
-        proc.send_signal(signal.SIGTERM)
+    with local_head(num_cpus=2, num_gpus=2) as started:
+        ray.init(address=started.address, log_to_driver=False, configure_logging=False)
         try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+            yield started.address
+        finally:
+            ray.shutdown()
 
 
 def _hashes(manifest: dict) -> dict:

@@ -2,14 +2,13 @@
 safetensors' own serialiser writes (metadata sorted), read back by `safe_open`, written atomically, and
 without a serialised copy of the tensors in memory."""
 
-import tracemalloc
-
 import pytest
 import torch
 from safetensors import safe_open
 
 from puzzle.io import atomic_save_safetensors, safetensors_bytes, write_safetensors
 
+from memory import traced_peak
 from safetensors_reference import reference_bytes
 
 
@@ -90,15 +89,6 @@ def test_write_safetensors_returns_the_bytes_written(tmp_path):
     assert n == (tmp_path / "y.safetensors").stat().st_size
 
 
-def _traced_peak(write) -> int:
-    tracemalloc.start()
-    try:
-        write()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_streaming_holds_no_serialised_copy(tmp_path):
     """tracemalloc sees Python bytes and numpy buffers, not torch's own tensors: the serialising path's peak
     is at least the tensors' bytes (the whole file as bytes, then its slice), the streaming one's a few
@@ -108,8 +98,8 @@ def test_streaming_holds_no_serialised_copy(tmp_path):
                for i in range(16) for kind, dtype in (("w", torch.float32), ("v", torch.bfloat16))}
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     assert total >= 64 * 2**20
-    streamed = _traced_peak(lambda: atomic_save_safetensors(tmp_path / "s.safetensors", tensors, {"format": "pt"}))
-    serialised = _traced_peak(lambda: (tmp_path / "r.safetensors").write_bytes(reference_bytes(tensors, {"format": "pt"})))
+    streamed = traced_peak(lambda: atomic_save_safetensors(tmp_path / "s.safetensors", tensors, {"format": "pt"}))
+    serialised = traced_peak(lambda: (tmp_path / "r.safetensors").write_bytes(reference_bytes(tensors, {"format": "pt"})))
     print(f"peak: streamed {streamed / total:.4f}x, serialised {serialised / total:.2f}x of {total} bytes")
     assert streamed < 0.05 * total, (streamed, total)
     assert serialised >= total, (serialised, total)

@@ -227,26 +227,15 @@ class FSDPDistiller(Distiller):
     """`Distiller` on every rank of a torchrun job; `train` is collective and returns the trained student
     (gathered, unsharded) on rank 0 and `student=None` elsewhere. The loss is `Distiller._loss`."""
 
-    def __init__(
-        self,
-        teacher: PuzzleForCausalLM,
-        student: Any,
-        out_dir: str | Path,
-        config: DistillConfig,
-        *,
-        kept_layers: list[int] | None = None,
-        kept_channels: list[int] | None = None,
-        compute_dtype: torch.dtype = torch.float32,
-        teacher_sharding: TeacherSharding = "auto",
-        gradient_checkpointing: bool = False,
-        cpu_offload: bool = False,
-    ) -> None:
+    def __init__(self, teacher: PuzzleForCausalLM, student: Any, out_dir: str | Path, config: DistillConfig, *,
+                 compute_dtype: torch.dtype = torch.float32, teacher_sharding: TeacherSharding = "auto",
+                 cpu_offload: bool = False, **kwargs: Any) -> None:
+        """`kwargs`: the rest of `Distiller`'s keywords (kept_layers, kept_channels, gradient_checkpointing)."""
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_world(config, self.world)
         # no Runtime: FSDP2's MixedPrecisionPolicy casts for the forward (no autocast on top); the masters stay fp32
-        super().__init__(teacher, student, out_dir, config, kept_layers=kept_layers, kept_channels=kept_channels,
-                         gradient_checkpointing=gradient_checkpointing)
+        super().__init__(teacher, student, out_dir, config, runtime=None, **kwargs)
         self.compute_dtype = compute_dtype
         mesh = init_device_mesh(self.device.type, (self.world,))
         # the student (and the hidden-loss projection) trains from host memory under cpu_offload; the frozen

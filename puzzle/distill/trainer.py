@@ -57,7 +57,7 @@ from puzzle.io import (
     sha256_file,
 )
 from puzzle.model import PuzzleForCausalLM
-from puzzle.model.checkpoint import atomic_dir, commit_dir, to_puzzle
+from puzzle.model.checkpoint import atomic_directory, to_puzzle
 
 from puzzle.metrics import KEYS, Sums, kd_terms
 
@@ -361,8 +361,7 @@ class Distiller:
 
     def save_checkpoint(self, step: int, elapsed: float, tokens: int) -> Path:
         out = self.out_dir / CHECKPOINTS / f"step_{step:06d}"
-        tmp = atomic_dir(out)
-        try:
+        with atomic_directory(out) as tmp:
             atomic_save_safetensors(tmp / "model.safetensors", {n: p for n, p in self.params})
             opt = self.optimizer.state_dict()
             tensors = {f"state.{i}.{k}": v for i, s in opt["state"].items() for k, v in s.items()}
@@ -375,10 +374,6 @@ class Distiller:
                 "step": step, "elapsed_s": elapsed, "tokens": tokens, "config": self.settings(),
                 "param_names": [n for n, _ in self.params], "param_groups": groups, "files": files,
             })
-            commit_dir(tmp, out)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         for _, old in self._checkpoint_dirs()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return out

@@ -20,7 +20,6 @@ What Puzzletron's Llama support reads:
 
 import json
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import write_safetensors
 from puzzle.model.blocks import BlockConfig
-from puzzle.model.checkpoint import atomic_dir, commit_dir
+from puzzle.model.checkpoint import atomic_directory
 
 from .fields import rope
 
@@ -107,8 +106,7 @@ def write_anymodel(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: tor
             continue
         groups.setdefault(subblock_of(name), {})[name] = tensor  # converted to dtype as it is written
     out = Path(out)
-    tmp = atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         (tmp / SUBBLOCKS_DIR).mkdir()
         weight_map = {}
         for group, tensors in groups.items():
@@ -120,8 +118,4 @@ def write_anymodel(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: tor
         (tmp / "config.json").write_text(json.dumps(anymodel_config(config, dtype), indent=2) + "\n")
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -24,7 +24,7 @@ import puzzle.model
 from puzzle.errors import PuzzleError
 from puzzle.io import write_safetensors
 from puzzle.model.blocks import BlockConfig, ffn_mult_to_intermediate_size
-from puzzle.model.checkpoint import _AUTO_MAP, _MODEL_FILES, atomic_dir, commit_dir
+from puzzle.model.checkpoint import _AUTO_MAP, _MODEL_FILES, atomic_directory
 
 from .fields import rope
 
@@ -78,8 +78,7 @@ def write_nemotron_nas(model: torch.nn.Module, tokenizer: Any, out: Path, dtype:
     config = model.config
     check_ffn_grid(config.blocks, config.hidden_size)
     out = Path(out)
-    tmp = atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         with open(tmp / "model.safetensors", "wb") as f:  # streamed: no second copy of the weights
             write_safetensors(f, nemotron_nas_state(model), {"format": "pt"}, dtype=dtype)
         (tmp / "config.json").write_text(json.dumps(nemotron_nas_config(config, dtype), indent=2) + "\n")
@@ -87,8 +86,4 @@ def write_nemotron_nas(model: torch.nn.Module, tokenizer: Any, out: Path, dtype:
             shutil.copyfile(Path(puzzle.model.__file__).parent / name, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -1,12 +1,13 @@
 """Loading parents (HF directory, safetensors file, GGUF file) and saving children, safely and atomically."""
 
+import contextlib
 import json
 import os
 import shutil
 import struct
 import uuid
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -320,6 +321,20 @@ def commit_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def atomic_directory(out: Path) -> Iterator[Path]:
+    """A temporary sibling of `out` to write the directory into (`atomic_dir`): committed over `out`
+    (`commit_dir`) when the block ends, removed when it raises, so a crash leaves the old `out` or the new
+    one, never half of one."""
+    tmp = atomic_dir(out)
+    try:
+        yield tmp
+        commit_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def saved_weights(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     """The tensors `save_pretrained` stores for `model`, the model's own (nothing copied): its state dict less
     `_keys_to_ignore_on_save` and less a tied output embedding (safetensors stores no aliases; transformers
@@ -375,8 +390,7 @@ def save_checkpoint(
     are streamed from the model's tensors (`_write_weights`), with `extra_weights` stored beside them.
     `finish(tmp_dir)` may rewrite what was written before the directory is committed."""
     out = Path(out)
-    tmp = atomic_dir(out)
-    try:
+    with atomic_directory(out) as tmp:
         _write_weights(model, tmp, extra_weights or {})
         for src in copy_files:
             shutil.copyfile(src, tmp / Path(src).name)
@@ -389,10 +403,6 @@ def save_checkpoint(
             (tmp / name).write_text(json.dumps(payload, indent=2) + "\n")
         for name, text in (extra_text or {}).items():
             (tmp / name).write_text(text)
-        commit_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

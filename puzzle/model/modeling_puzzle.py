@@ -53,9 +53,9 @@ class GQAttention(nn.Module):
         self,
         x: torch.Tensor,  # (B, T, D), already normed
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None,  # bool (B, 1, T, S) or None for plain causal
-        past_key_values: Cache | None,
-        cache_index: int,
+        attention_mask: torch.Tensor | None = None,  # bool (B, 1, T, S) or None for plain causal
+        past_key_values: Cache | None = None,
+        cache_index: int = 0,
     ) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)  # (B, T, H, d)
@@ -155,17 +155,10 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
     def has_kv_cache(self) -> bool:
         return isinstance(self.self_attn, GQAttention)
 
-    def attention_residual(
-        self,
-        h: torch.Tensor,
-        position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor | None = None,
-        past_key_values: Cache | None = None,
-        cache_index: int = 0,
-    ) -> torch.Tensor:
-        """(B, T, D) -> h + attention(input_layernorm(h)); h itself where attention is a no-op."""
-        return attention_residual(self.input_layernorm, self.self_attn, h, position_embeddings, attention_mask,
-                                  past_key_values, cache_index)
+    def attention_residual(self, h: torch.Tensor, *attn_args) -> torch.Tensor:
+        """(B, T, D) -> h + attention(input_layernorm(h)); h itself where attention is a no-op.
+        `attn_args` as `forward` takes them after the hidden states."""
+        return attention_residual(self.input_layernorm, self.self_attn, h, *attn_args)
 
     def ffn_residual(self, h: torch.Tensor) -> torch.Tensor:
         """(B, T, D) -> h + mlp(post_attention_layernorm(h)); h itself where the FFN is a no-op."""
@@ -183,20 +176,14 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         return self.ffn_residual(h)
 
 
-def attention_residual(
-    norm: nn.Module | None,
-    attn: nn.Module | None,
-    h: torch.Tensor,
-    position_embeddings: tuple[torch.Tensor, torch.Tensor],
-    attention_mask: torch.Tensor | None = None,
-    past_key_values: Cache | None = None,
-    cache_index: int = 0,
-) -> torch.Tensor:
+def attention_residual(norm: nn.Module | None, attn: nn.Module | None, h: torch.Tensor, *attn_args) -> torch.Tensor:
     """The attention sublayer's pre-norm residual step, h + attn(norm(h)) (B, T, D); h for a no-op (attn None).
-    A function of the parts so that a sublayer trained alone (BLD) runs the decoder layer's own code."""
+    `attn_args` go to the attention module as they are: position_embeddings, then optionally attention_mask,
+    past_key_values, cache_index (GQAttention.forward). A function of the parts so that a sublayer trained
+    alone (BLD) runs the decoder layer's own code."""
     if attn is None:
         return h
-    return h + attn(norm(h), position_embeddings, attention_mask, past_key_values, cache_index)
+    return h + attn(norm(h), *attn_args)
 
 
 def ffn_residual(norm: nn.Module | None, mlp: nn.Module | None, h: torch.Tensor) -> torch.Tensor:
@@ -207,6 +194,8 @@ def ffn_residual(norm: nn.Module | None, mlp: nn.Module | None, h: torch.Tensor)
 
 
 class PuzzlePreTrainedModel(PreTrainedModel):
+    # get/set_input_embeddings and get/set_output_embeddings are transformers' own (EmbeddingAccessMixin in
+    # modeling_utils.py, 4.56 on): they find `embed_tokens`, `model.embed_tokens` and `lm_head`, as for Llama.
     config_class = PuzzleConfig
     config: PuzzleConfig
     base_model_prefix = "model"
@@ -252,12 +241,6 @@ class PuzzleModel(PuzzlePreTrainedModel):
         self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
-
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.embed_tokens = value
 
     def forward(
         self,
@@ -315,18 +298,8 @@ class PuzzleForCausalLM(PuzzlePreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def get_input_embeddings(self) -> nn.Embedding:
-        return self.model.embed_tokens
-
-    def set_input_embeddings(self, value: nn.Embedding) -> None:
-        self.model.embed_tokens = value
-
-    def get_output_embeddings(self) -> nn.Linear:
-        return self.lm_head
-
-    def set_output_embeddings(self, value: nn.Linear) -> None:
-        self.lm_head = value
-
+    # The parameters are spelled out again (in LlamaForCausalLM's order) because GenerationMixin reads this
+    # signature: it passes attention_mask, position_ids and logits_to_keep only where forward names them.
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,

@@ -266,11 +266,19 @@ def solve(
 
 
 # ---- diagnosis ----------------------------------------------------------------------------------
+def _tokens_per_s(time_s: float, problem: SolverProblem) -> float:
+    """The throughput of a model taking `time_s` for the workload: batch_size * output_len / time_s."""
+    return problem.workload.batch_size * problem.workload.output_len / time_s
+
+
+def _throughput(tput: float, problem: SolverProblem) -> str:
+    return f"{tput:,.1f} tok/s (speedup {tput / problem.reference_throughput:.3f}x)"
+
+
 def _describe(name: str, value: float, problem: SolverProblem) -> str:
     """A limit's quantity in the user's units: time_s -> throughput or latency, bytes -> GiB."""
     if name == "throughput":
-        tput = problem.workload.batch_size * problem.workload.output_len / value
-        return f"{tput:,.1f} tok/s (speedup {tput / problem.reference_throughput:.3f}x)"
+        return _throughput(_tokens_per_s(value, problem), problem)
     if name == "latency":
         return f"{value * 1e3:,.2f} ms"
     if name == "memory":
@@ -280,8 +288,7 @@ def _describe(name: str, value: float, problem: SolverProblem) -> str:
 
 def _requirement(name: str, constraints: Constraints, problem: SolverProblem) -> str:
     if name == "throughput":
-        floor = problem.throughput_floor(constraints)
-        return f"throughput >= {floor:,.1f} tok/s (speedup {floor / problem.reference_throughput:.3f}x)"
+        return f"throughput >= {_throughput(problem.throughput_floor(constraints), problem)}"
     if name == "latency":
         return f"latency <= {constraints.latency_ms:,.2f} ms"
     if name == "memory":
@@ -292,9 +299,7 @@ def _requirement(name: str, constraints: Constraints, problem: SolverProblem) ->
 def _better(name: str, a: tuple[float, SolverProblem], b: tuple[float, SolverProblem]) -> bool:
     """Is reachable value a better than b (higher throughput, lower anything else)?"""
     if name == "throughput":
-        ta = a[1].workload.batch_size * a[1].workload.output_len / a[0]
-        tb = b[1].workload.batch_size * b[1].workload.output_len / b[0]
-        return ta > tb
+        return _tokens_per_s(*a) > _tokens_per_s(*b)
     return a[0] < b[0]
 
 

@@ -5,7 +5,6 @@ import math
 import os
 import subprocess
 import sys
-import tracemalloc
 
 import gguf
 import numpy as np
@@ -19,6 +18,7 @@ from puzzle.export.llamacpp import _write_hparams, _write_vocab, gguf_tensors, p
 from puzzle.model.checkpoint import load_puzzle, load_tokenizer
 
 from conftest import make_llama, make_tokenizer
+from memory import traced_peak
 from tiny_children import logits, make_child, save_child
 
 try:
@@ -223,15 +223,6 @@ def test_the_streamed_gguf_is_the_one_written_in_memory(tmp_path, dtype):
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
 
 
-def _traced_peak(write) -> int:
-    tracemalloc.start()
-    try:
-        write()
-        return tracemalloc.get_traced_memory()[1]
-    finally:
-        tracemalloc.stop()
-
-
 def test_the_gguf_export_holds_one_converted_tensor_at_a_time(tmp_path):
     """tracemalloc sees numpy's buffers (the converted tensors), not torch's: streaming peaks below twice the
     largest converted tensor (plus the vocabulary's KV data), the in-memory path at every converted tensor."""
@@ -242,8 +233,8 @@ def test_the_gguf_export_holds_one_converted_tensor_at_a_time(tmp_path):
     model, tokenizer = load_puzzle(child_dir, dtype=None), load_tokenizer(child_dir)
     sizes = [math.prod(shape) * (4 if len(shape) == 1 or n.endswith("_norm.weight") else 2)
              for n, shape, _ in gguf_tensors(model)]  # f16, norms f32
-    streamed = _traced_peak(lambda: write_gguf(model, tokenizer, tmp_path / "s.gguf", "f16", name="c"))
-    in_memory = _traced_peak(lambda: reference_gguf(model, tokenizer, tmp_path / "r.gguf", "f16", name="c"))
+    streamed = traced_peak(lambda: write_gguf(model, tokenizer, tmp_path / "s.gguf", "f16", name="c"))
+    in_memory = traced_peak(lambda: reference_gguf(model, tokenizer, tmp_path / "r.gguf", "f16", name="c"))
     print(f"peak: streamed {streamed / max(sizes):.2f}x the largest tensor, in memory {in_memory / sum(sizes):.2f}x "
           f"all {len(sizes)} ({sum(sizes)} bytes)")
     assert streamed < 2 * max(sizes) < sum(sizes) / 2  # the bound itself is far below the total

@@ -3,19 +3,15 @@ other group's work (or its own finished variants) and the library equals an undi
 `ray job submit -- puzzle build-library` works against a real local head."""
 
 import os
-import secrets
-import shutil
 import signal
-import socket
 import subprocess
-import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
 from library_testing import save_parent, write_blocks
+from ray_head import RAY_BIN, local_head
 
 from puzzle.library import store
 from puzzle.library.commands import build_library
@@ -24,7 +20,6 @@ from puzzle.search_space import load_search_space
 
 pytestmark = pytest.mark.ray
 
-RAY_BIN = Path(sys.executable).parent / "ray"
 SMALL = dict(search_space="tiny", batch_size=4, calibration_tokens=256, eval_tokens=128, threads=1)
 
 
@@ -79,58 +74,21 @@ def test_layer_groups_run_as_ray_tasks_and_a_killed_worker_is_retried(tmp_path, 
     assert hashes[0] == hashes[1]  # the same tensors as a build nobody killed
 
 
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
 def test_ray_job_submit_builds_the_library_on_a_local_head(tmp_path):
     parent = save_parent(tmp_path / "parent", layers=2)
     run = write_blocks(tmp_path / "run")
     job_dir = tmp_path / "job"  # the uploaded working dir: the package itself is installed in the venv
     job_dir.mkdir()
-    gcs, dashboard, client, agent = _free_ports(4)
-    address = f"http://127.0.0.1:{dashboard}"
-    # Ray keeps unix sockets under its temp dir, whose path must stay short; its own token keeps it private.
-    ray_tmp = tempfile.mkdtemp(prefix="pzr", dir="/tmp")
-    env = {**os.environ, "PATH": f"{RAY_BIN.parent}{os.pathsep}{os.environ['PATH']}", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_USAGE_STATS_ENABLED": "0"}
-    env.pop("RAY_ADDRESS", None)
-    head = subprocess.Popen(
-        [str(RAY_BIN), "start", "--head", "--block", "--port", str(gcs), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dashboard), "--include-dashboard", "true", "--ray-client-server-port", str(client),
-         "--dashboard-agent-listen-port", str(agent), "--num-cpus", "1", "--object-store-memory", str(100 * 2**20),
-         "--temp-dir", ray_tmp, "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while subprocess.run([str(RAY_BIN), "job", "list", "--address", address], env=env, capture_output=True).returncode:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.monotonic() < deadline, "the Ray head did not come up"
-            time.sleep(1)
+    with local_head(num_cpus=1, dashboard=True) as head:
         submit = subprocess.run(
-            [str(RAY_BIN), "job", "submit", "--address", address, "--working-dir", str(job_dir), "--",
+            [str(RAY_BIN), "job", "submit", "--address", head.dashboard, "--working-dir", str(job_dir), "--",
              "puzzle", "build-library", "--run-dir", str(run), "--parent", str(parent), "--search-space", "tiny",
              "--tokens-per-block", "256", "--batch-size", "4", "--calibration-tokens", "256", "--eval-tokens", "128",
              "--workers", "2", "--threads", "1"],
-            env=env, capture_output=True, text=True, timeout=240,
+            env=head.env, capture_output=True, text=True, timeout=240,
         )
-        assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
-        assert "succeeded" in submit.stdout + submit.stderr
-    finally:
-        head.send_signal(signal.SIGTERM)  # `ray start --block` stops the processes it started
-        try:
-            head.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-            head.wait()
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert submit.returncode == 0, submit.stdout[-2000:] + submit.stderr[-2000:]
+    assert "succeeded" in submit.stdout + submit.stderr
     space = load_search_space("tiny", load_config(parent))
     assert store.missing_variants(run, space.variants()) == []
     records = store.read_manifest(run)["variants"]
