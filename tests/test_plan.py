@@ -391,14 +391,14 @@ def test_plan_of_the_shipped_config_reads_the_gguf_metadata_only(monkeypatch, tm
 
 @pytest.fixture(scope="module")
 def vocab_heavy_run(tmp_path_factory):
-    """An untied Llama whose embedding table and LM head (2 x 100 MB in fp32) outweigh its 2 layers (141 MB),
+    """An untied Llama whose embedding table and LM head (2 x 134 MB in fp32) outweigh its 3 layers (189 MB),
     and a run directory of 32-token blocks."""
     from conftest import SAMPLE_TEXT, make_llama, make_tokenizer
     from puzzle.data.prepare import prepare_blocks
 
     root = tmp_path_factory.mktemp("vocab_heavy")
-    make_llama(vocab_size=32768, hidden_size=768, intermediate_size=3072, num_hidden_layers=2, num_attention_heads=12,
-               num_key_value_heads=6).save_pretrained(root / "parent", safe_serialization=True)
+    make_llama(vocab_size=32768, hidden_size=1024, intermediate_size=4096, num_hidden_layers=3, num_attention_heads=16,
+               num_key_value_heads=8).save_pretrained(root / "parent", safe_serialization=True)
     make_tokenizer().save_pretrained(root / "parent")
     prepare_blocks([t * 20 for t in SAMPLE_TEXT], make_tokenizer(), root / "run" / "data", seq_len=32, val_fraction=0.4)
     return root
