@@ -393,9 +393,11 @@ def realize_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
 
 def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """distill / GKD (puzzle/distill/commands.py, trainer.py, fsdp.py), the student priced from its config
-    when it exists (`student_of`), else bounded by the parent, on `nproc` processes (FSDP2 over nproc ranks; one GPU each on CUDA), per rank, e the low dtype:
-      teacher   load_model(dtype): P_e (on the CPU less what it never reads, `unread_bytes`), frozen; replicated on every rank unless it exceeds
-                TEACHER_REPLICA_FRACTION of a rank's memory (`fsdp.shard_teacher`), then P_e / nproc
+    when it exists (`student_of`), else bounded by the parent, on `nproc` processes (FSDP2 over nproc
+    ranks; one GPU each on CUDA), per rank, e the low dtype:
+      teacher   load_model(dtype): P_e (on the CPU less what it never reads, `unread_bytes`), frozen;
+                replicated on every rank unless it exceeds TEACHER_REPLICA_FRACTION of a rank's memory
+                (`fsdp.shard_teacher`), then P_e / nproc
       student   fp32 master weights + gradient + 2 AdamW moments: 4 x P_fp32, / nproc under FSDP2; a mixed
                 single process also holds autocast's e copies of the weights for the step (P_e); FSDP2
                 gathers one layer's weights in e at a time (two with prefetch)
@@ -428,8 +430,8 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     student_shape = student_of(args.get("student"))  # (shape, blocks) of a student that exists, else None
     P32 = student_shape[0].model_bytes(student_shape[1], FP32) if student_shape else ctx.parent_bytes
     rank_memory = ctx.machine.gpu_bytes if device == "cuda" else ctx.machine.host_bytes / n
-    teacher = Pe / n if n > 1 and rank_memory and shard_teacher("auto", Pe, rank_memory) else Pe
-    teacher -= unread_bytes(ctx, device, e, logits=True) if teacher == Pe else 0  # a CPU teacher's mapped table
+    sharded = n > 1 and rank_memory and shard_teacher("auto", Pe, rank_memory)
+    teacher = Pe / n if sharded else Pe - unread_bytes(ctx, device, e, logits=True)
     student = 4 * P32 / n
     if n > 1 or offload:
         student += 2 * shape.params(shape.parent_block) * e
@@ -447,7 +449,8 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
     est = Estimate("", "distill", disk_bytes=(3 * keep + 1) * P32, workers=n, dtype=dtype,
                    flops=tokens * (5 if checkpointing else 4) * forward + val,
-                   note=("student: its config" if student_shape else "student <= parent") + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")
+                   note=("student: its config" if student_shape else "student <= parent")
+                   + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")
                    + (", CPU offload" if offload else ""))
     if device == "cuda" and offload:
         host, gpu = offloaded_student(shape, e, n)

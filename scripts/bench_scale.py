@@ -181,13 +181,9 @@ def predicted(ctx, stage: str, args: dict) -> float:
 # ----- what a stage must hold, in bf16 (the issue's goal), from ModelShape alone ------------------------
 
 
-def trained(params: int, state_bytes: int) -> int:
-    """Weights, gradient and two AdamW moments of `params` trained weights at `state_bytes` per parameter for
-    the four together: 16 in fp32 (what the issue's "autocast with fp32 optimizer state" requires), 8 at
-    bf16's 2 bytes each (the strict reading of "the bf16 bytes")."""
-    return params * state_bytes
-
-
+# Bytes per trained parameter of its weights, gradient and two AdamW moments together: 16 in fp32 (what the
+# issue's "autocast with fp32 optimizer state" requires), 8 at bf16's 2 bytes each (the strict reading of
+# "the bf16 bytes").
 FP32_STATE, BF16_STATE = 16, 8
 
 
@@ -215,9 +211,9 @@ def must_hold(stage: str, shape, space, args: dict, run: Path, parent: Path, sta
 
         def job_bytes(job) -> int:
             layers = (shape.fixed_params("embeddings") + (max(job.layers) + 1) * shape.params(shape.parent_block)) * BF16
-            trained_ = [v for v in job.variants if not (v.is_parent or v.config.no_op)]
-            state = sum(trained(shape.params(v.config), state_bytes) for v in trained_)
-            act = max((shape.activation_bytes_per_token(v.config, BF16) * b for v in trained_), default=0)
+            trained = [v for v in job.variants if not (v.is_parent or v.config.no_op)]
+            state = sum(shape.params(v.config) for v in trained) * state_bytes
+            act = max((shape.activation_bytes_per_token(v.config, BF16) * b for v in trained), default=0)
             held = len(job.layers) * 3 * D * BF16 * (settings.eval_tokens + b)  # h, a, o per layer
             return layers + state + act + held
 
@@ -236,7 +232,7 @@ def must_hold(stage: str, shape, space, args: dict, run: Path, parent: Path, sta
     if stage == "distill":  # the teacher, the realised child trained, its activations for backward, the logits
         b = args["batch_size"] * SEQ_LEN
         act = sum(shape.activation_bytes_per_token(blk, BF16) for blk in blocks) if blocks else L * layer_act
-        return parent_bf16 + trained(shape.total_params(blocks), state_bytes) + b * (act + 2 * V * BF16)
+        return parent_bf16 + shape.total_params(blocks) * state_bytes + b * (act + 2 * V * BF16)
     return None
 
 

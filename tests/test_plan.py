@@ -421,15 +421,10 @@ def test_importance_on_the_cpu_counts_only_the_weights_it_reads(vocab_heavy_run,
     estimate = estimated(root, "importance", "llama_default", **args)
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
     if drop_samples == 0:
-        shape = planner.ModelShape.from_config(make_llama_config_of(root))
-        every_weight = estimate + shape.embedding_params * 4
+        from puzzle.model.checkpoint import load_config
+
+        every_weight = estimate + planner.ModelShape.from_config(load_config(root / "parent")).embedding_params * 4
         assert every_weight / growth > 1.75
-
-
-def make_llama_config_of(root):
-    from puzzle.model.checkpoint import load_config
-
-    return load_config(root / "parent")
 
 
 def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path):
