@@ -87,10 +87,10 @@ SHAPE_NOTES = {
                  "parameter on the device, or on the host with `cpu_offload`."),
 }
 # How benchmarks/scale.md was produced (said in its text): the shapes in turn, a stage measured again after a change
-PRODUCED_BY = ("`python scripts/bench_scale.py --shapes 1b 8b_slice --work W --out OUT` (OUT.{md,json} copied to benchmarks/scale.*), "
-               "`--shapes smollm2`, then `--shapes 1b 8b_slice --stages realize distill --available-share 0.97` "
-               "(realize measured again once checkpoints were streamed; the 1b's GKD), then `--replan` (every plan "
-               "column from the estimators as committed)")
+PRODUCED_BY = ("`python scripts/bench_scale.py --shapes smollm2 8b_slice --work W --out OUT` (OUT.{md,json} copied "
+               "to benchmarks/scale.*), `--shapes 1b --available-share 0.97`, `--shapes 1b --stages distill "
+               "--available-share 0.97` (the 1b's GKD again once the machine's other work had ended: the first "
+               "found too little memory free), then `--replan` (every plan column from the estimators as committed)")
 AVAILABLE_SHARE = 0.8  # run a stage only when its plan is below this share of the memory available
 
 
@@ -257,6 +257,7 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
     low = {"dtype": DTYPE}
     gkd = stage_args(name, "distill")
     child = run / "children" / "s15"
+    evaluated = child if "realize" in stages or child.exists() else parent  # the realised child, else the parent
     steps = [
         ("prepare_data", ["prepare-data", str(corpus), str(parent), "--run-dir", str(run), "--seq-len", str(SEQ_LEN)], None),
         ("importance", ["importance", str(parent), "--run-dir", str(run), *flags({**stage_args(name, "importance"), **low})],
@@ -268,14 +269,16 @@ def bench_shape(name: str, work: Path, space: str, worker_gib: float | None, sta
         ("profile", ["profile", "--run-dir", str(run), "--budget", "h100_80gb"], None),
         ("solve", ["solve", "--run-dir", str(run), "--budget", "h100_80gb", "--speedup", "1.5", "--name", "s15"], None),
         ("realize", ["realize", "--run-dir", str(run), "--solution", "s15"], {}),
-        ("evaluate", ["evaluate", str(child if "realize" in stages else parent), "--run-dir", str(run), "--budget", "none",
+        ("evaluate", ["evaluate", str(evaluated), "--run-dir", str(run), "--budget", "none",
                       "--no-measure", *flags({**stage_args(name, "evaluate"), **low})],
-         {**stage_args(name, "evaluate"), **low, "model": str(child if "realize" in stages else parent), "parent": str(parent)}),
+         {**stage_args(name, "evaluate"), **low, "model": str(evaluated), "parent": str(parent)}),
         ("distill", ["distill", "--teacher", str(parent), "--student", str(run / "children" / "s15"), "--run-dir", str(run),
                      "--out", str(run / "gkd"), "--no-resume", *flags({**gkd, **low})], {**gkd, **low, "student": str(child)}),
     ]
+    ran_args = {s: a for s, _, a in steps if a is not None and s in stages}
     result = {"shape": name, "fields": SHAPES[name], "params": shape.total_params(), "bf16_bytes": shape.model_bytes(None, BF16),
-              "worker_memory_gib": worker_gib, "stage_args": {s: a for s, _, a in steps if a is not None}, "stages": []}
+              "worker_memory_gib": worker_gib,  # the kept rows' arguments as they ran, and the new ones'
+              "stage_args": {**(prior or {}).get("stage_args", {}), **ran_args}, "stages": []}
     done.append(result)
     # what a stage would find done and skip when measured again (the others have --force / --no-resume flags
     # here, or are cheap and always recompute)
