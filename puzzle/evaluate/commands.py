@@ -102,7 +102,12 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     if reference is not None and reference.config.vocab_size != subject.config.vocab_size:
         raise PuzzleError(f"{model} and its parent {parent} have different vocabularies")
     started = time.perf_counter()
+    from puzzle.model.fingerprint import fingerprint
+
+    # the contents compared, not only their paths (a parent overwritten in place is another reference)
     result: dict[str, Any] = {"model": str(model), "parent": str(parent) if parent else None, "name": name,
+                              "model_fingerprint": fingerprint(model),
+                              "parent_fingerprint": fingerprint(parent) if parent else None,
                               "device": str(runtime.device), "dtype": runtime.dtype_name}
     result["params"] = sum(p.numel() for p in subject.parameters())
     result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)

@@ -42,6 +42,7 @@ from puzzle.model.blocks import AttentionConfig, FFNConfig
 from puzzle.model.modeling_puzzle import (LlamaRMSNorm, PuzzleForCausalLM, attention_residual, build_attention, build_ffn,
                                           ffn_residual)
 from puzzle.model.surgery import sublayer_state
+from puzzle.run_dir import RunDir
 from puzzle.search_space import SearchSpace, Variant
 from puzzle.shape import ModelShape
 
@@ -90,8 +91,8 @@ class BLDSettings:
         return asdict(self)
 
     def digest(self, run_dir: str | Path) -> str:
-        """sha256 of what a trained variant's weights depend on besides the parent and the variant itself:
-        every setting but `log_every` (it changes the log, not the weights) and `device` (rounding only,
+        """sha256 of what a trained variant's weights depend on besides the variant itself: the parent's
+        content fingerprint (parent.json's), every setting but `log_every` (it changes the log, not the weights) and `device` (rounding only,
         like workers and threads), the dtype only when it is not fp32 (`Runtime.settings`: libraries trained
         before the flag keep their digest), the prepared data, and the Minitron importance's settings when
         FFNs may be initialised from it. A library entry trained under another digest is retrained
@@ -103,6 +104,8 @@ class BLDSettings:
         settings.update({} if self.dtype == "fp32" else {"dtype": self.dtype})
         meta = data_dir(run_dir) / META_NAME  # absent when a caller hands build_layer_group its blocks directly
         settings["data"] = read_json(meta).get("fingerprint") if meta.exists() else None
+        # the parent's content: a parent overwritten in place retrains every variant (puzzle/model/fingerprint.py)
+        settings["parent"] = RunDir(run_dir).info().get("parent_fingerprint")
         if self.ffn_init != "channel_contribution" and has_importance(run_dir):
             settings["importance"] = load_importance_settings(run_dir)
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()

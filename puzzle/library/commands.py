@@ -11,21 +11,25 @@ from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
 from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
-from puzzle.run_dir import run_parent, writes_run_dir
+from puzzle.run_dir import RunDir, run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
 
 def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, digest: str, force: bool) -> None:
     manifest = store.read_manifest(run_dir)
     drop = []
-    if force:
+    fingerprint = RunDir(run_dir).info().get("parent_fingerprint")
+    if force or store.of_another_parent(manifest, fingerprint):
+        # a parent overwritten in place: every record (trained variants, and the parent's own and no-op
+        # entries with their measured losses) is of the old bytes; until rebuilt, they are missing
         drop = list(manifest["variants"])
     elif manifest["variants"] and manifest.get("parent") not in (None, str(parent)):
         raise PuzzleError(
             f"the block library in {store.library_dir(run_dir)} was built from {manifest['parent']}, not {parent}; "
             "use another --run-dir or pass --force to rebuild it"
         )
-    header = {"parent": str(parent), "search_space": space_name, "settings": settings.to_dict()}
+    header = {"parent": str(parent), "parent_fingerprint": fingerprint, "search_space": space_name,
+              "settings": settings.to_dict()}
     store.update_manifest(run_dir, _stamp_legacy(manifest, settings, digest), header=header, drop=drop)
 
 

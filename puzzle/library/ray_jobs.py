@@ -379,7 +379,9 @@ def run_on_ray(jobs: list[GroupJob], space: SearchSpace, run_dir: Path, max_retr
     keys = [job.layers for job in jobs]
     cluster.check_fits([[r for k, r in zip(keys, requests) if k == key] for key in dict.fromkeys(keys)], info, "library")
     run = RunDir(run_dir)
-    inputs = cluster.ship(run_dir, cluster.run_files(run_dir, run.data) + cluster.run_files(run_dir, run.importance))
+    # parent.json too: BLDSettings.digest reads the parent's fingerprint from it
+    inputs = cluster.ship(run_dir, [run.info_file.name] + cluster.run_files(run_dir, run.data)
+                          + cluster.run_files(run_dir, run.importance))
     placed, groups = cluster.placement(keys, requests)
     # Workers report progress by what they yield; their own bars (transformers' GGUF conversion, once per
     # worker) would only interleave in the driver's log. env_vars merge with the job's.

@@ -2,7 +2,8 @@
 
 Layout under `runs/R/library/`:
 
-    manifest.json                          {"version", "parent", "search_space", "settings", "variants"}
+    manifest.json                          {"version", "parent", "parent_fingerprint", "search_space",
+                                           "settings", "variants"}
     L{layer:03d}/{kind}/{variant}.safetensors   the variant's sublayer state (`sublayer_state` form:
                                            norm + module weights keyed as inside the decoder layer)
     log.jsonl                              JSON lines: init, training losses, finished variants
@@ -134,6 +135,22 @@ def record_untrained(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> 
         if r.get("source") not in ("parent", "noop"):
             raise ValueError(f"untrained records need source 'parent' or 'noop', got {r.get('source')!r}")
     update_manifest(run_dir, records)
+
+
+def of_another_parent(manifest: dict[str, Any], fingerprint: str | None) -> bool:
+    """Whether the manifest records variants made from another parent content than `fingerprint` (the run's
+    parent now, parent.json's `parent_fingerprint`). A library written before fingerprints were recorded
+    has none and is taken as the parent's."""
+    recorded = manifest.get("parent_fingerprint")
+    return bool(manifest["variants"]) and None not in (recorded, fingerprint) and recorded != fingerprint
+
+
+def check_parent(run_dir: str | Path, manifest: dict[str, Any], fingerprint: str | None) -> None:
+    """One line when the library was built from another parent content than the run's parent now: a stage
+    that reads it (score, realize) does not retrain it, so it refuses, naming the stage that does."""
+    if of_another_parent(manifest, fingerprint):
+        raise PuzzleError(f"the block library in {library_dir(run_dir)} was built from other parent weights than "
+                          f"the parent now holds (its content changed since); rerun puzzle build-library first")
 
 
 def is_done(run_dir: str | Path, manifest: dict[str, Any], layer: int, kind: Kind, name: str, check_hash: bool = True,

@@ -77,8 +77,11 @@ def importance(
                                   drop_batches=math.ceil(drop_samples / batch_size))
     blocks = load_blocks(run_dir, "train")
     seq_len = seq_len or blocks.shape[1]
-    wanted = settings_json(settings, parent=str(parent), n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
-                           **runtime.settings())
+    from puzzle.model.fingerprint import fingerprint
+
+    # the parent's content, not only its path: a parent overwritten in place is scored again
+    wanted = settings_json(settings, parent=str(parent), parent_fingerprint=fingerprint(parent), n_samples=n_samples,
+                           seq_len=seq_len, batch_size=batch_size, **runtime.settings())
     if has_importance(run_dir) and not force and load_importance_settings(run_dir) == wanted:
         print(f"importance: {importance_dir(run_dir)} is complete with these settings; nothing to do (--force recomputes)")
         return importance_dir(run_dir)

@@ -5,7 +5,7 @@ top1_agreement, cosine, tokens) and `scores.json` (the same rows, the settings a
 metrics).
 
 Resuming: every (variant, batch) result is appended to `scores/partial.jsonl` as it finishes, keyed by the
-variant, the batch index, a fingerprint of the settings (parent, prepared data, number of blocks, batch
+variant, the batch index, a fingerprint of the settings (parent path and content, prepared data, number of blocks, batch
 size, seed) and the library entry (its file's sha256, or "parent" / "noop"). A rerun computes only what
 is missing or stale, and loads no model at all when nothing is; the tables are written at the end.
 
@@ -35,7 +35,8 @@ from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, lo
 from puzzle.device import Runtime, place, resolve, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, read_yaml, write_table
-from puzzle.library.store import LibraryReader, key_of, library_dir, missing_variants, read_manifest, variant_state
+from puzzle.library.store import (LibraryReader, check_parent, key_of, library_dir, missing_variants, read_manifest,
+                                   variant_state)
 from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.ray_jobs import ScoreJob, layer_ranges, score_on_ray, without
@@ -166,12 +167,14 @@ def score(
     space = build_search_space(space_raw, parent_config, space_path.stem)
     variants = list(space.variants())
     _check_library(run_dir, variants, space.name)
+    check_parent(run_dir, manifest, info.get("parent_fingerprint"))  # a library of other parent weights: rebuild it first
 
     n_blocks = min(blocks, len(val))
     n_batches = math.ceil(n_blocks / batch_size)
     settings = {
         "format": FORMAT_VERSION,
         "parent": str(info["parent"]),
+        "parent_fingerprint": info.get("parent_fingerprint"),  # its content: a parent overwritten in place rescores
         "data": meta.get("fingerprint"),
         "seq_len": int(meta["seq_len"]),
         "blocks": n_blocks,
