@@ -293,7 +293,7 @@ class Ledger:
         mine = sorted(r for r in (kept | set(written)) - set(removed) if (self.root / r).is_file())
         outputs = {rel: file_fingerprint(self.root / rel) for rel in mine}
         self.entries[name] = {"sha256": digest, "wall_s": round(wall_s, 2),
-                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": dict(sorted(outputs.items()))}
+                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs}
         atomic_write_json(self.path, self.entries)
 
 

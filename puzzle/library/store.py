@@ -145,7 +145,7 @@ def of_another_parent(manifest: dict[str, Any], fingerprint: str | None) -> bool
     return bool(manifest["variants"]) and None not in (recorded, fingerprint) and recorded != fingerprint
 
 
-def check_parent(run_dir: str | Path, manifest: dict[str, Any], fingerprint: str | None) -> None:
+def check_library_parent(run_dir: str | Path, manifest: dict[str, Any], fingerprint: str | None) -> None:
     """One line when the library was built from another parent content than the run's parent now: a stage
     that reads it (score, realize) does not retrain it, so it refuses, naming the stage that does."""
     if of_another_parent(manifest, fingerprint):

@@ -33,7 +33,7 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         dtype: the child's stored weights: auto (the parent's stored dtype), bf16, fp16 or fp32. Realize
             copies tensors (streamed on the CPU, one sublayer at a time), so it has no --device.
     """
-    from puzzle.library.store import check_parent, read_manifest, variant_state
+    from puzzle.library.store import check_library_parent, read_manifest, variant_state
     from puzzle.search_space import load_search_space
 
     wanted = None if dtype == "auto" else resolve_dtype(dtype)  # None: the parent's
@@ -58,7 +58,7 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     check_child(engine.name, blocks, config.hidden_size)  # before any weight is read
 
     manifest = read_manifest(run_dir)
-    check_parent(run_dir, manifest, info.get("parent_fingerprint"))  # a library of other parent weights: rebuild first
+    check_library_parent(run_dir, manifest, info.get("parent_fingerprint"))  # of other parent weights: rebuild first
     digest = hashlib.sha256(json.dumps(payload["block_configs"], sort_keys=True).encode()).hexdigest()
     # what the child's weights come from besides its blocks: the parent's content and the library's entries
     sources = {"parent_fingerprint": info.get("parent_fingerprint"),

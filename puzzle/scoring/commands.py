@@ -35,8 +35,8 @@ from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, lo
 from puzzle.device import Runtime, place, resolve, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, read_yaml, write_table
-from puzzle.library.store import (LibraryReader, check_parent, key_of, library_dir, missing_variants, read_manifest,
-                                   variant_state)
+from puzzle.library.store import (LibraryReader, check_library_parent, key_of, library_dir, missing_variants,
+                                   read_manifest, variant_state)
 from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.ray_jobs import ScoreJob, layer_ranges, score_on_ray, without
@@ -167,7 +167,7 @@ def score(
     space = build_search_space(space_raw, parent_config, space_path.stem)
     variants = list(space.variants())
     _check_library(run_dir, variants, space.name)
-    check_parent(run_dir, manifest, info.get("parent_fingerprint"))  # a library of other parent weights: rebuild it first
+    check_library_parent(run_dir, manifest, info.get("parent_fingerprint"))  # of other parent weights: rebuild first
 
     n_blocks = min(blocks, len(val))
     n_batches = math.ceil(n_blocks / batch_size)

@@ -14,6 +14,7 @@ from library_testing import save_parent, write_blocks
 from puzzle.cli import main
 from puzzle.library import store
 from puzzle.model.checkpoint import load_config
+from puzzle.model.fingerprint import fingerprint
 from puzzle.search_space import load_search_space
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,8 @@ def test_cli_builds_a_complete_library_and_a_rerun_only_checks_it(tmp_path, caps
     parent = save_parent(tmp_path / "parent", layers=2)
     run = write_blocks(tmp_path / "run")
     assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), *FAST, "--no-ray"]) == 0
-    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny"}
+    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny",
+                                                             "parent_fingerprint": fingerprint(parent)}
     space = load_search_space("tiny", load_config(parent))
     assert store.missing_variants(run, space.variants()) == []
     manifest = store.read_manifest(run)
