@@ -11,6 +11,7 @@ from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
 from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
+from puzzle.pruning.importance import check_importance_parent
 from puzzle.run_dir import RunDir, run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
@@ -133,6 +134,8 @@ def build_library(
     bad = [i for i in chosen if i not in all_layers]
     if bad:
         raise PuzzleError(f"layers {bad} are outside the parent's {space.num_layers} layers")
+    if ffn_init != "channel_contribution":  # FFNs may start from the importance scores: of this parent only
+        check_importance_parent(run_dir, parent_path)
     _check_manifest(run_dir, parent_path, space.name, settings, digest, force)
     clean_stale_temps(store.library_dir(run_dir), recursive=True)  # what a killed build's writes left
 

@@ -17,6 +17,7 @@ from .importance import (
     ImportanceSettings,
     batched,
     calibration_sequences,
+    check_importance_parent,
     compute_importance,
     has_importance,
     importance_dir,
@@ -139,6 +140,7 @@ def prune(
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
     runtime = resolve(device, dtype)
+    check_importance_parent(run_dir, parent)
     scores = load_importance(run_dir)
     model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
     check_uniform(model)

@@ -204,23 +204,35 @@ def test_a_parent_overwritten_in_place_redoes_what_was_made_from_it(tiny_parent_
     assert set(_step_lines(capsys.readouterr().out).values()) == {"complete, skipped"}  # and then stable
 
 
-def test_a_stage_that_does_not_retrain_refuses_a_library_of_another_parent(tiny_parent_dir, tmp_path, capsys):
-    """score and realize read the library and never retrain it: after the parent changed under a run, each
-    ends in one line naming build-library (before: they used variants trained on the old weights)."""
+def test_a_stage_that_does_not_retrain_refuses_what_was_made_from_another_parent(tiny_parent_dir, tmp_path, capsys):
+    """Every stage that reads an artefact made from the parent and does not remake it ends in one line naming
+    the stage that does, once the parent changed under the run: score and realize (the library), solve (the
+    scores), prune and build-library's FFN init (the importance scores). Before: each used what was made
+    from the old weights."""
     from conftest import make_llama
 
-    config = _tiny_run(tmp_path, tiny_parent_dir, convert_parent=False, importance=None, gkd=None,
-                       baselines=None, evaluate=None)
+    config = _tiny_run(tmp_path, tiny_parent_dir, convert_parent=False, gkd=None, baselines=None, evaluate=None)
     assert main(["run", str(config)]) == 0, capsys.readouterr().err
     run = tmp_path / "run"
     make_llama(seed=7).save_pretrained(tiny_parent_dir, safe_serialization=True)
     capsys.readouterr()
-    for argv in (["score", "--run-dir", str(run), "--blocks", "2", "--batch-size", "2"],
-                 ["realize", "--run-dir", str(run), "--solution", "fast", "--out", str(tmp_path / "child2")]):
-        assert main(argv) == 2, argv
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and "rerun puzzle build-library" in err, err
-    assert not (tmp_path / "child2").exists()
+    refused = {
+        "rerun puzzle build-library": [
+            ["score", "--run-dir", str(run), "--blocks", "2", "--batch-size", "2"],
+            ["realize", "--run-dir", str(run), "--solution", "fast", "--out", str(tmp_path / "child2")]],
+        "rerun puzzle build-library and puzzle score": [
+            ["solve", "--run-dir", str(run), "--budget", "h100_80gb", "--speedup", "1.2", "--name", "again"]],
+        "rerun puzzle importance": [
+            ["prune", str(tiny_parent_dir), str(tmp_path / "pruned"), "--run-dir", str(run), "--ffn-size", "64"],
+            ["build-library", "--run-dir", str(run), "--tokens-per-block", "256", "--batch-size", "4", "--no-ray"]],
+    }
+    for message, commands in refused.items():
+        for argv in commands:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "child2").exists() and not (tmp_path / "pruned").exists()
+    assert not (run / "solutions" / "again.json").exists()
 
 
 # ---- item 3: the ledger against the files ------------------------------------------------------------------
