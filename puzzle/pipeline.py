@@ -245,10 +245,11 @@ def _settings(step: Any, fns: dict[str, Callable]) -> dict[str, Any]:
 
 
 def input_fingerprints(common: dict[str, Any]) -> dict[str, str]:
-    """The content fingerprint of each model and corpus a step reads (`INPUTS`), by name."""
-    from puzzle.model.fingerprint import fingerprint
+    """The fingerprint of each model (its content) and corpus (its listing) a step reads (`INPUTS`), by name."""
+    from puzzle.model.fingerprint import fingerprint, listing_fingerprint
 
-    return {k: fingerprint(v, recursive=k == "corpus") for k, v in common.items() if k in INPUTS and v is not None}
+    return {k: (listing_fingerprint if k == "corpus" else fingerprint)(v)
+            for k, v in common.items() if k in INPUTS and v is not None}
 
 
 class Ledger:

@@ -20,7 +20,11 @@ The rule, for a file:
 A directory (a Hugging Face model directory, a child): each of its top-level regular files whose name does
 not start with a dot, with its name, by the rule above; its subdirectories are other things (a child's
 `gkd/` is the next model). A single `.safetensors` parent also covers the `config.json` beside it (its
-config is read from there). With `recursive` (a corpus), every file below the directory.
+config is read from there).
+
+A corpus (terabytes of small text files, which prepare-data reads whole when it runs) is known by its
+listing instead (`listing_fingerprint`): every file below it with its size and modification time, so a
+`puzzle run` with nothing to do reads none of it.
 
 Fingerprints are memoised in-process by (path, size, mtime, ctime, inode): a stage that asks for the same
 parent ten times reads it once. The result is a sha256 hex string.
@@ -39,19 +43,19 @@ _MAX_HEADER = 100 << 20  # safetensors' own limit on a header's JSON
 _MEMO: dict[tuple, str] = {}
 
 
-def fingerprint(path: str | Path, recursive: bool = False) -> str:
+def fingerprint(path: str | Path) -> str:
     """The content fingerprint of a model file or directory (see the module's rule); "absent" for a path
     that does not exist (what an artefact records before its input is made)."""
     path = Path(path)
     if not path.exists():
         return "absent"
     h = hashlib.sha256()
-    for name, file in _members(path, recursive):
+    for name, file in _members(path):
         h.update(f"{name}\0{file_fingerprint(file)}\n".encode())
     return h.hexdigest()
 
 
-def _members(path: Path, recursive: bool) -> list[tuple[str, Path]]:
+def _members(path: Path) -> list[tuple[str, Path]]:
     """(name, file) pairs a fingerprint covers, in name order."""
     if path.is_file():
         members = [(path.name, path)]
@@ -59,9 +63,24 @@ def _members(path: Path, recursive: bool) -> list[tuple[str, Path]]:
         if path.suffix == ".safetensors" and config.is_file():
             members.append((config.name, config))
         return members
-    found = path.rglob("*") if recursive else path.iterdir()
-    return sorted((p.relative_to(path).as_posix(), p) for p in found
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    return sorted((p.name, p) for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+
+
+def listing_fingerprint(path: str | Path) -> str:
+    """sha256 hex of every file at or below `path` (hidden ones aside) with its size and modification time;
+    "absent" for a path that does not exist."""
+    path = Path(path)
+    if not path.exists():
+        return "absent"
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    h = hashlib.sha256()
+    for p in files:
+        rel = p.relative_to(path).as_posix() if p != path else p.name
+        if any(part.startswith(".") for part in Path(rel).parts):
+            continue
+        st = p.stat()
+        h.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
 
 
 def file_fingerprint(path: str | Path) -> str:

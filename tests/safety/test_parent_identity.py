@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from puzzle.cli import main
 from puzzle.model import fingerprint as fp
-from puzzle.model.fingerprint import file_fingerprint, fingerprint
+from puzzle.model.fingerprint import file_fingerprint, fingerprint, listing_fingerprint
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: the pipeline tests' tiny config
 from test_pipeline import tiny_config  # noqa: E402
@@ -117,13 +117,23 @@ def test_a_model_directory_is_its_top_level_files(tmp_path):
     single = fingerprint(model / "model.safetensors")
     (model / "config.json").write_text(json.dumps({"hidden_size": 66}))
     assert fingerprint(model / "model.safetensors") != single
-    # a corpus: every file below it
+
+
+def test_a_corpus_is_its_listing(tmp_path):
+    """Every file below it by name, size and modification time: nothing of it is read."""
     corpus = tmp_path / "corpus"
     (corpus / "sub").mkdir(parents=True)
     (corpus / "sub" / "a.txt").write_text("one")
-    before = fingerprint(corpus, recursive=True)
-    (corpus / "sub" / "a.txt").write_text("two")
-    assert fingerprint(corpus, recursive=True) != before
+    before = listing_fingerprint(corpus)
+    (corpus / "sub" / "a.txt").write_text("two")  # the same size, written again
+    assert listing_fingerprint(corpus) != before
+    before = listing_fingerprint(corpus)
+    (corpus / "sub" / "b.txt").write_text("more")
+    assert listing_fingerprint(corpus) != before
+    (corpus / ".cache").write_text("x")  # hidden files are not the corpus
+    before = listing_fingerprint(corpus)
+    (corpus / ".cache").write_text("xy")
+    assert listing_fingerprint(corpus) == before
 
 
 def test_an_overwrite_in_place_is_seen_within_one_process(tmp_path):
