@@ -9,8 +9,9 @@ from puzzle import cluster
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
-from puzzle.library.bld import BLDSettings, group_variants
-from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
+from puzzle.library.bld import BLDSettings
+from puzzle.library.cost import group_variants, plan_jobs
+from puzzle.library.ray_jobs import GroupJob, run_build
 from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
