@@ -270,6 +270,10 @@ from puzzle.library import bld, commands as library_commands, ray_jobs  # noqa: 
 from puzzle.distill import commands as distill_commands, trainer  # noqa: F401
 from puzzle.scoring import commands as scoring_commands, replace1  # noqa: F401
 from puzzle.model.checkpoint import load_model  # noqa: F401
+from puzzle.model import convert  # noqa: F401
+from puzzle.realize import commands as realize_commands  # noqa: F401
+from puzzle.pruning import commands as pruning_commands, prune  # noqa: F401
+from puzzle.profiling import commands as profiling_commands, measure  # noqa: F401
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -442,3 +446,62 @@ def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path
     parent, child = (ModelShape.from_config(load_config(p)) for p in (medium_run / "parent", student))
     P, C = parent.model_bytes(None, 4), child.model_bytes(None, 4)
     assert bound - own == 4 * (P - C)  # fp32 runs on the CPU: no autocast copies, a streamed checkpoint
+
+
+# ----- calibration of the stages priced without a model-sized computation: realize, convert, profile, prune --
+
+
+@pytest.mark.slow
+def test_convert_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle convert` of a safetensors parent: the parent read whole (every tensor is written) and streamed
+    out from its own tensors."""
+    root = medium_run
+    growth = measured_growth("convert", str(root / "parent"), str(tmp_path / "converted"))
+    estimate = estimated(root, "convert", "llama_default", parent=str(root / "parent"), out=str(tmp_path / "converted"))
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_realize_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle realize` of an all-parent solution: the child streamed sublayer by sublayer into a meta-built
+    model (at most the parent's bytes) and written from its own tensors."""
+    root = medium_run
+    assert main(["convert", str(root / "parent"), str(tmp_path / "converted")]) == 0  # its block_configs
+    blocks = json.loads((tmp_path / "converted" / "config.json").read_text())["block_configs"]
+    solution = tmp_path / "all_parent.json"
+    solution.write_text(json.dumps({"block_configs": blocks}))
+    run = tmp_path / "run"
+    growth = measured_growth("realize", "--run-dir", str(run), "--solution", str(solution), "--parent",
+                             str(root / "parent"), "--out", str(tmp_path / "child"))
+    estimate = estimated(root, "realize", "llama_default", solution=str(solution))
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_profile_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle profile --measure` on the CPU profile: one variant's sublayer at a time, its weights cycled
+    through COLD_BYTES of copies, a prefill input and a layer's KV cache of the workload."""
+    root = medium_run
+    args = dict(budget="cpu_local", measure=True, repeats=1)
+    growth = measured_growth("profile", "--run-dir", str(tmp_path / "run"), "--parent", str(root / "parent"),
+                             "--search-space", "tiny", "--budget", "cpu_local", "--measure", "--repeats", "1",
+                             "--output", str(tmp_path / "costs.json"))
+    estimate = estimated(root, "profile", "tiny", **args)
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_prune_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle prune` to half the FFN width: the parent, the sliced state and the pruned model transformers
+    builds in fp32 before the state is copied into it (before this estimate, prune was priced at zero)."""
+    import shutil
+
+    root, run = medium_run, tmp_path / "run"
+    shutil.copytree(root / "run" / "data", run / "data")
+    assert main(["importance", str(root / "parent"), "--run-dir", str(run), "--n-samples", "8", "--batch-size", "4",
+                 "--drop-samples", "0"]) == 0
+    args = dict(ffn_size=DIMS["intermediate_size"] // 2, device="cpu")
+    growth = measured_growth("prune", str(root / "parent"), str(tmp_path / "pruned"), "--run-dir", str(run),
+                             "--ffn-size", str(args["ffn_size"]), "--device", "cpu")
+    estimate = estimated(root, "prune", "llama_default", **args)
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
