@@ -413,7 +413,7 @@ def test_importance_on_the_cpu_counts_only_the_weights_it_reads(vocab_heavy_run,
     """A parent stored in the stage's dtype is memory-mapped on the CPU: importance without drop-layer losses
     never reads the LM head nor more than a few embedding rows, and its measured peak grows by the layers
     alone; with them, the head and the loss's (chunk, V) temporaries too. The estimate follows both
-    (`plan.unread_bytes`); counting every weight would overestimate the first case by more than 1.75x."""
+    (`footprint.unread_bytes`); counting every weight would overestimate the first case by more than 1.75x."""
     root = vocab_heavy_run
     args = dict(n_samples=8, batch_size=4, drop_samples=drop_samples)
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]

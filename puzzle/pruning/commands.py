@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from puzzle.data.blocks import check_token_ids, load_blocks
 from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
@@ -64,8 +65,6 @@ def importance(
         device: where the forward passes run: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
         dtype: the model's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (scores are summed in fp32)
     """
-    from puzzle.data.blocks import check_token_ids, load_blocks
-
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
