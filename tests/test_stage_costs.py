@@ -170,3 +170,12 @@ def test_a_bld_job_requests_what_the_plan_prices_one_worker_at(tmp_path, gpu, bu
         else:
             unread = ctx.shape.fixed_params("embeddings") * 4
             assert request.memory == PROCESS_BASELINE_BYTES + job.bytes - unread and request.num_gpus == 0
+
+
+def test_a_score_worker_job_is_priced_as_its_stage_settings():
+    """A Ray score worker's request is `score_cost` of its `ScoreJob` (scoring/ray_jobs.py): the job carries
+    every setting the cost model reads, under the stage's own names."""
+    from puzzle.scoring.cost import score_cost
+    from puzzle.scoring.ray_jobs import ScoreJob
+
+    assert settings_reads(score_cost) <= {f.name for f in fields(ScoreJob)}

@@ -14,6 +14,7 @@ from puzzle.library import store
 from puzzle.library.bld import BLDSettings
 from puzzle.library.cost import group_variants, plan_jobs
 from puzzle.library.ray_jobs import GroupJob, run_build
+from puzzle.model.checkpoint import load_config
 from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
