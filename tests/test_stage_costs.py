@@ -98,6 +98,12 @@ def test_the_bld_recipe_is_build_library_parameters_and_bld_settings_fields():
     wanted = set(bld_cost.Recipe.__annotations__)
     assert wanted <= set(inspect.signature(build_library).parameters)
     assert wanted <= {f.name for f in fields(BLDSettings)}
+    # and the cost module's functions that take a recipe read only what the protocol names
+    readers = [fn for _, fn in inspect.getmembers(bld_cost, inspect.isfunction) if fn.__module__ == bld_cost.__name__]
+    reads = {name: settings_reads(fn, arg) for fn in readers for name in [fn.__name__]
+             for arg in ("settings", "recipe") if arg in inspect.signature(fn).parameters}
+    assert {"bld_job_bytes", "layer_costs", "steps", "worker_estimate"} <= set(reads)
+    assert all(r <= wanted for r in reads.values()), reads
 
 
 def _windowed_config(window):
@@ -179,3 +185,15 @@ def test_a_score_worker_job_is_priced_as_its_stage_settings():
     from puzzle.scoring.ray_jobs import ScoreJob
 
     assert settings_reads(score_cost) <= {f.name for f in fields(ScoreJob)}
+
+
+def test_the_footprint_vocabulary_imports_no_torch():
+    """puzzle/footprint.py sits below every stage: importing it (and the registry) loads no torch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = "import sys, puzzle.footprint, puzzle.stages; assert 'torch' not in sys.modules, 'torch'"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
