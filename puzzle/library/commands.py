@@ -6,11 +6,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 from puzzle import cluster
+from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
+from puzzle.device import resolve, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
-from puzzle.library.bld import BLDSettings, group_variants
-from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
+from puzzle.library.bld import BLDSettings
+from puzzle.library.cost import group_variants, plan_jobs
+from puzzle.library.ray_jobs import GroupJob, run_build
+from puzzle.model.checkpoint import load_config
 from puzzle.pruning.importance import check_importance_parent
 from puzzle.run_dir import RunDir, run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
@@ -101,8 +105,6 @@ def build_library(
         dtype: the parent's dtype and the training's autocast dtype (fp32 weights and AdamW state): auto (bf16
             on CUDA, fp32 on the CPU), bf16, fp16 or fp32
     """
-    from puzzle.device import resolve, resolve_remote
-
     run_dir = Path(run_dir).resolve()
     parent_path, space_name = run_parent(run_dir, parent, search_space)  # absolute: Ray workers may start elsewhere
     workers = cluster.parse_workers(workers)
@@ -117,9 +119,6 @@ def build_library(
     )
     if threads < 0 or max_retries < 0:
         raise PuzzleError("threads and max-retries must not be negative")
-    from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
-    from puzzle.model.checkpoint import load_config
-
     meta = load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
     digest = settings.digest(run_dir)
     space_path = resolve_space_path(space_name)

@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from safetensors.torch import load
 
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, safetensors_bytes, sha256_file
+from puzzle.model.surgery import sublayer_state
 from puzzle.run_dir import RunDir
 from puzzle.search_space import Kind, Variant
 
@@ -179,8 +181,6 @@ def missing_variants(run_dir: str | Path, variants: Iterable[Variant], check_has
 
 def load_variant(run_dir: str | Path, layer: int, kind: Kind, name: str) -> dict[str, torch.Tensor]:
     """A trained variant's stored state, checked against the manifest's hash."""
-    from safetensors.torch import load
-
     record = read_manifest(run_dir)["variants"].get(variant_key(layer, kind, name))
     if record is None or record.get("source") != "trained":
         raise PuzzleError(
@@ -198,8 +198,6 @@ def load_variant(run_dir: str | Path, layer: int, kind: Kind, name: str) -> dict
 
 def variant_state(run_dir: str | Path, parent_model: Any, variant: Variant) -> dict[str, torch.Tensor]:
     """The weights to pass to `replace_sublayer` for `variant`: the parent's own, {} for a no-op, or the stored file."""
-    from puzzle.model.surgery import sublayer_state
-
     if variant.is_parent:
         return sublayer_state(parent_model, variant.layer, variant.kind)
     if variant.config.no_op:
@@ -224,8 +222,6 @@ class LibraryReader:
 
     def state(self, variant: Variant) -> dict[str, torch.Tensor]:
         """A library variant's weights ({} for a no-op); parent-identical variants are the caller's."""
-        from safetensors.torch import load
-
         if variant.config.no_op:
             return {}
         key = key_of(variant)

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from puzzle.data.blocks import check_token_ids, load_blocks
 from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
@@ -29,7 +30,7 @@ from .importance import (
 from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_pruned
 from puzzle.shape import ModelShape
 
-from .shape import layers_for_target, parse_param_count, width_for_target
+from .shape import target_sizes
 
 
 @writes_run_dir("importance")
@@ -65,8 +66,6 @@ def importance(
         device: where the forward passes run: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
         dtype: the model's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (scores are summed in fp32)
     """
-    from puzzle.data.blocks import check_token_ids, load_blocks
-
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
@@ -145,13 +144,8 @@ def prune(
     model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
     check_uniform(model)
     shape = ModelShape.from_config(model.config)
-    if target_params is not None:
-        target = parse_param_count(target_params)
-        if target_mode == "depth":
-            drop_layers = layers_for_target(shape, target, params_scope)
-        else:
-            picked = width_for_target(shape, target, params_scope)
-            hidden_size, ffn_size = picked.hidden_size, picked.intermediate_size
+    hidden_size, ffn_size, drop_layers = target_sizes(shape, target_params, target_mode, params_scope, hidden_size,
+                                                      ffn_size, drop_layers)
     if drop_layers < 0:
         raise PuzzleError(f"drop-layers must be >= 0, got {drop_layers}")
     drop = layers_to_drop(scores, drop_layers, depth_method)

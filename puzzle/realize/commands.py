@@ -8,10 +8,12 @@ from puzzle.device import DTYPES, resolve_dtype
 from puzzle.engines import check_child, check_family, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
+from puzzle.library.store import check_library_parent, read_manifest, variant_state
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
 from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
 from puzzle.shape import ModelShape
 from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.search_space import load_search_space
 
 from .assemble import architecture_table, stream_child, table_markdown
 
@@ -33,8 +35,6 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         dtype: the child's stored weights: auto (the parent's stored dtype), bf16, fp16 or fp32. Realize
             copies tensors (streamed on the CPU, one sublayer at a time), so it has no --device.
     """
-    from puzzle.library.store import check_library_parent, read_manifest, variant_state
-    from puzzle.search_space import load_search_space
 
     wanted = None if dtype == "auto" else resolve_dtype(dtype)  # None: the parent's
     run = RunDir(run_dir)

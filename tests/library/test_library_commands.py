@@ -138,7 +138,7 @@ def test_a_killed_build_resumes_without_retraining_or_accepting_half_files(tmp_p
 
 
 def test_layers_split_into_contiguous_groups():
-    from puzzle.library.ray_jobs import split_layers
+    from puzzle.library.cost import split_layers
 
     groups = split_layers(list(range(30)), 4)
     assert [len(g) for g in groups] == [8, 8, 8, 6] and sum(groups, []) == list(range(30))
@@ -149,7 +149,7 @@ def test_layers_split_into_contiguous_groups():
 def test_split_with_costs_balances_the_parent_forward_against_training():
     """A later group runs the parent further, so the cost-balanced split gives earlier groups more layers,
     and its largest group costs no more than the equal-size split's (checked by brute force for 2 groups)."""
-    from puzzle.library.ray_jobs import split_layers
+    from puzzle.library.cost import split_layers
 
     layers = list(range(30))
     forward, train = [1.0] * 30, {l: 3.0 for l in layers}
