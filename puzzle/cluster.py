@@ -38,6 +38,7 @@ back from the object store, opens the parent and writes/reads its scratch direct
 import hashlib
 import math
 import os
+import sys
 import secrets
 import shutil
 import socket
@@ -62,10 +63,12 @@ J = TypeVar("J")
 
 
 def named(address: str | None) -> bool:
-    """Whether a cluster was named: an address, RAY_ADDRESS, or a Ray this process already joined."""
-    import ray
-
-    return bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    """Whether a cluster was named: an address, RAY_ADDRESS, or a Ray this process already joined (a process
+    without Ray installed, e.g. a GPU image, has joined none: it runs every stage in-process)."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # imported by whoever joined a cluster; never imported here just to ask
+    return ray is not None and ray.is_initialized()
 
 
 @contextmanager
