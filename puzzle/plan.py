@@ -718,7 +718,10 @@ def plan(
         json: also write the numbers to this JSON file
     """
     from puzzle.io import atomic_write_json
+    from puzzle.outputs import JSON_KEY, check_output
 
+    if json is not None:
+        check_output(Path(json), "plan", inputs=(config,), file=True)  # before any work: never over a user's file
     m = machine(device, gpus, gpu_memory_gib, host_memory_gib, budget, cpu_gflops)
     shape, estimates = estimate(Path(config), m)
     print(table(shape, estimates, m))
@@ -729,5 +732,5 @@ def plan(
               "machine": asdict(m), "steps": [asdict(e) for e in estimates],
               "total_seconds": sum(e.seconds or 0 for e in estimates)}
     if json is not None:
-        atomic_write_json(json, result)
+        atomic_write_json(json, {**result, JSON_KEY: "plan"})
     return result

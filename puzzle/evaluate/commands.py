@@ -8,7 +8,7 @@ from typing import Any
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_model, load_tokenizer, puzzle_config_from
-from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.run_dir import RunDir, safe_name, writes_run_dir
 
 from .mc import evaluate_mc, load_mc_tasks
 from .quality import quality_metrics
@@ -86,7 +86,7 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
 
     run_dir = Path(run_dir)
     runtime = resolve(device, dtype)
-    name = name or Path(model).name
+    name = safe_name(name or Path(model).resolve().name, "evaluation name")  # files eval/NAME.json: checked first
     if parent is None and (recorded := RunDir(run_dir).info().get("parent")):
         parent = Path(recorded)
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
