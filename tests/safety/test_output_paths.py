@@ -115,18 +115,48 @@ def _child(tmp_path) -> Path:
     return save_model(to_puzzle(make_llama()), tmp_path / "child", make_tokenizer())
 
 
+def _prepared_data(run: Path) -> None:
+    """data/ as prepare-data leaves it: 16 train and 4 validation blocks of 16 tokens."""
+    (run / "data").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 16), ("val", 4)):
+        rng.integers(3, 320, (n, 16)).astype(np.uint16).tofile(run / "data" / f"{split}.bin")
+    (run / "data" / "meta.json").write_text(json.dumps({"dtype": "uint16", "seq_len": 16, "n_train_blocks": 16,
+                                                        "n_val_blocks": 4}))
+
+
+@pytest.fixture
+def work_run(tmp_path):
+    """(a parent every format can carry, a run with prepared data and importance scores): every command
+    below would succeed, so on older code it replaced the output directory."""
+    import torch
+
+    from puzzle.pruning.importance import ImportanceSettings, compute_importance, save_importance, settings_json
+
+    parent = tmp_path / "parent"
+    llama = make_llama(intermediate_size=256)  # on the ffn_mult grid nemotron-nas engines derive widths from
+    llama.save_pretrained(parent)
+    make_tokenizer().save_pretrained(parent)
+    run = tmp_path / "run"
+    _prepared_data(run)
+    scores = compute_importance(to_puzzle(llama), [torch.randint(3, 320, (4, 16))], progress=False)
+    save_importance(run, scores, settings_json(ImportanceSettings("l2", "mean", (1,))))
+    return parent, run
+
+
 @pytest.mark.parametrize("command", [
     ["prune", "{parent}", "{out}", "--run-dir", "{run}", "--hidden-size", "48"],
     ["export", "{parent}", "{out}", "--format", "nemotron-nas"],
     ["export", "{parent}", "{out}", "--format", "anymodel"],
     ["convert", "{parent}", "{out}"],
-    ["distill", "--teacher", "{parent}", "--student", "{parent}", "--run-dir", "{run}", "--out", "{out}"],
+    ["distill", "--teacher", "{parent}", "--student", "{parent}", "--run-dir", "{run}", "--out", "{out}",
+     "--steps", "1", "--batch-size", "2", "--val-blocks", "2"],
 ], ids=lambda c: "-".join(c[:1] + [a for a in c if a in ("nemotron-nas", "anymodel")]))
 @pytest.mark.parametrize("force", [False, True])
-def test_every_directory_output_refuses_a_users_directory(tmp_path, tiny_parent_dir, capsys, command, force):
+def test_every_directory_output_refuses_a_users_directory(tmp_path, work_run, capsys, command, force):
     mine = _user_dir(tmp_path)
-    run = tmp_path / "run"
-    args = [a.format(parent=tiny_parent_dir, out=mine, run=run) for a in command] + (["--force"] if force else [])
+    parent, run = work_run
+    args = [a.format(parent=parent, out=mine, run=run) for a in command] + (["--force"] if force else [])
     assert main(args) == 2
     assert "was not written by puzzle" in _one_line_error(capsys)
     assert _tree(mine) == {"thesis.tex": b"three years of work"}
@@ -240,12 +270,7 @@ def test_a_gguf_export_removes_what_a_killed_export_of_that_file_left(tmp_path, 
 
 def test_a_killed_gkd_checkpoint_is_removed_when_distill_starts_again(tmp_path, tiny_parent_dir, capsys):
     run = tmp_path / "run"
-    (run / "data").mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 16), ("val", 4)):
-        rng.integers(3, 320, (n, 16)).astype(np.uint16).tofile(run / "data" / f"{split}.bin")
-    (run / "data" / "meta.json").write_text(json.dumps({"dtype": "uint16", "seq_len": 16, "n_train_blocks": 16,
-                                                        "n_val_blocks": 4}))
+    _prepared_data(run)
     out = tmp_path / "gkd"
     out.mkdir()
     (out / MARKER).write_text(json.dumps({"command": "distill"}))  # as the killed distill left it
