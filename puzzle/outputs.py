@@ -13,8 +13,9 @@ The rule (docs/reliability.md "Outputs, names and temporaries"), checked before 
 
 The marker: `.puzzle-output.json` inside a directory output ({"command": ...}), written into the temporary
 directory with the rest so it is committed atomically; a GGUF carries the key `puzzle.output`, a JSON file
-the key `puzzle_output`, a calibrated profile its first comment line. A model directory under a run's children/, baselines/ or distill/ written
-before markers existed is the pipeline's own (the run directory is ours): an earlier output of any command.
+the key `puzzle_output`, a calibrated profile its first comment line. A model directory under a run's children/, baselines/ or distill/ (or the
+run's converted parent/) written before markers existed is the pipeline's own (the run directory is ours):
+an earlier output of any command.
 
 Torch-free.
 """
@@ -45,9 +46,14 @@ def write_marker(directory: Path, command: str) -> Path:
 
 
 def enclosing_run(path: Path) -> Path | None:
-    """The run directory `path` is in or is (the nearest directory holding parent.json), else None."""
+    """The run directory `path` is in or is (the nearest directory whose parent.json records a parent), else
+    None."""
     for candidate in [path, *path.parents]:
-        if (candidate / RUN_INFO).is_file():
+        try:
+            info = json.loads((candidate / RUN_INFO).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and "parent" in info:
             return candidate
     return None
 
@@ -88,7 +94,8 @@ def owner(path: Path) -> str | None:
         except (OSError, ValueError, AttributeError):
             pass
         run = enclosing_run(path.parent)
-        if run is not None and any(area in path.parents for area in _managed(run)):
+        if run is not None and (any(area in path.parents for area in _managed(run))
+                                or path == RunDir(run).converted_parent):
             return ANY
         return None
     if path.suffix == ".gguf":

@@ -93,6 +93,9 @@ def test_owner_reads_each_kind_of_marker(tmp_path, run):
     (run / "children" / "old").mkdir(parents=True)  # a pipeline child from before markers
     (run / "children" / "old" / "config.json").write_text("{}")
     assert owner(run / "children" / "old") == ANY
+    (run / "parent").mkdir()  # the pipeline's converted parent, from before markers
+    (run / "parent" / "config.json").write_text("{}")
+    assert owner(run / "parent") == ANY
     assert owner(tmp_path) is None
 
 
