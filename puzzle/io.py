@@ -2,7 +2,8 @@
 
 Everything goes to a temp file in the destination directory and is then `os.replace`d, so a crash
 leaves either the old file or the new one, never half of one. A kill -9 mid-write can leave the temp file
-(`.NAME.XXXXXXXX.tmp`); `clean_stale_temps` removes such leftovers when a stage starts.
+(`.NAME.XXXXXXXX.tmp`, or an atomic directory's `.NAME.tmp-XXXXXXXX/`); `clean_stale_temps` removes such
+leftovers when a stage starts.
 
 Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256` (JSON: {"sha256", "bytes", "rebuild"}),
 checked by `read_table`: a flipped or truncated byte ends in one line naming the file and the command that
@@ -21,6 +22,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -38,7 +40,6 @@ _TEMP_FILE = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"
 # puzzle.model.checkpoint's temporary directories: `atomic_dir`'s `.NAME.tmp-XXXXXXXX` (a directory being
 # written) and `commit_dir`'s `.NAME.old-XXXXXXXX` (the version being replaced, set aside for a moment)
 _TEMP_DIR = r"\.{name}\.(?:tmp|old)-[0-9a-f]{{8}}"
-_TEMP_NAME = re.compile(_TEMP_FILE.format(name=".+"))
 _PROCESS_START = time.time()  # temporaries older than this process are no writer's of ours
 
 
@@ -61,8 +62,6 @@ def clean_stale_temps(directory: str | Path, recursive: bool = False, name: str 
     set-aside old version), last modified before this process started (so a live writer's temporary is left
     alone). `name`: only the temporaries of that one target (`.NAME.…`), for a directory that is not ours
     alone. Returns the removed paths."""
-    import shutil
-
     directory = Path(directory)
     target = ".+" if name is None else re.escape(name)
     file_pattern, dir_pattern = re.compile(_TEMP_FILE.format(name=target)), re.compile(_TEMP_DIR.format(name=target))
@@ -72,14 +71,16 @@ def clean_stale_temps(directory: str | Path, recursive: bool = False, name: str 
     for path in sorted(directory.iterdir()):
         if path.is_symlink():
             continue  # never followed, never removed: not something we create
-        if path.is_file() and file_pattern.fullmatch(path.name) and _newest_mtime(path) < _PROCESS_START:
+        if path.is_dir() and dir_pattern.fullmatch(path.name):  # a temporary directory: whole or not at all
+            if _newest_mtime(path) < _PROCESS_START:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        elif path.is_dir():
+            if recursive:
+                removed += clean_stale_temps(path, recursive=True, name=name)
+        elif file_pattern.fullmatch(path.name) and _newest_mtime(path) < _PROCESS_START:
             path.unlink(missing_ok=True)
             removed.append(path)
-        elif path.is_dir() and dir_pattern.fullmatch(path.name) and _newest_mtime(path) < _PROCESS_START:
-            shutil.rmtree(path, ignore_errors=True)
-            removed.append(path)
-        elif path.is_dir() and recursive:
-            removed += clean_stale_temps(path, recursive=True, name=name)
     return removed
 
 
