@@ -27,6 +27,7 @@ from puzzle.errors import PuzzleError
 from puzzle.footprint import DTYPE_BYTES, FP32, GIB, Context, Estimate, Machine, stage_settings
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_config
+from puzzle.outputs import JSON_KEY, check_output
 from puzzle.pipeline import RunConfig, check_plan
 from puzzle.pipeline_stages import plan as plan_steps
 from puzzle.profiling.hardware import load_profile
@@ -190,6 +191,8 @@ def plan(
         cpu_gflops: CPU fp32 matmul rate (default: measured here for a fraction of a second)
         json: also write the numbers to this JSON file
     """
+    if json is not None:
+        check_output(Path(json), "plan", inputs=(config,), file=True)  # before any work: never over a user's file
     m = machine(device, gpus, gpu_memory_gib, host_memory_gib, budget, cpu_gflops)
     shape, estimates = estimate(Path(config), m)
     print(table(shape, estimates, m))
@@ -200,5 +203,5 @@ def plan(
               "machine": asdict(m), "steps": [asdict(e) for e in estimates],
               "total_seconds": sum(e.seconds or 0 for e in estimates)}
     if json is not None:
-        atomic_write_json(json, result)
+        atomic_write_json(json, {**result, JSON_KEY: "plan"})
     return result

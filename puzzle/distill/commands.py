@@ -10,6 +10,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
+from puzzle.outputs import check_output, marker, write_marker
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
 
 from . import fsdp
@@ -41,11 +42,12 @@ def _student_record(student: Path) -> dict:
 def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Path, tokenizer=None,
                  record: dict | None = None) -> Path:
     """Save in the student's own format: a plain Llama stays a plain Llama (no custom code needed),
-    a puzzle child stays a puzzle child."""
+    a puzzle child stays a puzzle child; marked as `puzzle distill`'s output (puzzle.outputs)."""
+    extra = {**marker("distill"), **({PRUNING_FILE: record} if record else {})}
     if isinstance(original, PuzzleForCausalLM):
-        return save_model(trained, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
+        return save_model(trained, out, tokenizer, extra_json=extra)
     original.load_state_dict(trained.state_dict(), strict=False)
-    return save_checkpoint(original, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
+    return save_checkpoint(original, out, tokenizer, extra_json=extra)
 
 
 @writes_run_dir("distill")
@@ -79,6 +81,7 @@ def distill(
     gradient_checkpointing: bool | None = None,
     nproc: int = 1,
     cpu_offload: bool = False,
+    force: bool = False,
 ) -> Path:
     """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
 
@@ -119,6 +122,7 @@ def distill(
             CPUOffloadPolicy; the optimizer steps on the CPU), streaming each layer to the device for its
             forward and backward: a student too large for the GPU trains on it. Any nproc (1 runs FSDP2 in
             this process); needs host memory for 16 bytes per student parameter (/ nproc per process)
+        force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     arguments = dict(locals())  # this call, for torchrun's workers
     from puzzle.data.blocks import check_token_ids, load_blocks
@@ -135,6 +139,7 @@ def distill(
         torch.set_num_threads(threads)
     out = Path(out) if out is not None else RunDir(run_dir).distill_out(student)
     model_dir = RunDir.distilled_model(out)
+    check_output(out, "distill", force=force, inputs=(teacher, student), run_dir=run_dir)
     try:
         pairs = tuple(parse_layer_map(layer_map)) if layer_map else None
     except ValueError as err:
@@ -163,6 +168,7 @@ def distill(
     if cpu_offload and not runtime.is_cuda and torch.cuda.is_available():
         raise PuzzleError("--cpu-offload offloads from a GPU: it needs --device cuda (or auto) here, where a GPU "
                           "is visible (on the CPU the student is in host memory already)")
+    write_marker(out, "distill")  # before the first checkpoint: OUT is this command's from now on
     if not fsdp.distributed():  # before any checkpoint: what this run is trained from
         atomic_write_json(out / SOURCES_FILE, sources)
     if nproc > 1 and not fsdp.distributed():

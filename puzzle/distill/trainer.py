@@ -50,6 +50,7 @@ from puzzle.device import Runtime, place
 from puzzle.errors import PuzzleError
 from puzzle.io import (
     JsonlLog,
+    atomic_open,
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
@@ -526,7 +527,8 @@ class Distiller:
             if not resume:
                 self.reset()
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(self.out_dir)
+            # what a killed run left: temp files, checkpoints/.step_*.tmp-*/ and the trained model's temporaries
+            clean_stale_temps(self.out_dir, recursive=True)
         self._barrier()
         start, elapsed, tokens = 0, 0.0, 0
         meta = self._resume()
@@ -617,8 +619,7 @@ def plot_validation(log_path: str | Path, png_path: str | Path) -> Path | None:
     ax.set_title("distillation: validation")
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(png_path) as f:  # a fresh temp file (O_EXCL), never one planted in its place
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
     return png_path
