@@ -417,7 +417,6 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     activations; each step adds its copies and CPU AdamW step (`offload_step_seconds`) to the FLOPs' time.
     Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the final student."""
     from puzzle.distill.fsdp import shard_teacher
-    from puzzle.distill.trainer import DistillConfig
 
     shape, T, L, D = ctx.shape, ctx.seq_len, ctx.shape.num_hidden_layers, ctx.shape.hidden_size
     device, dtype = ctx.runtime(args)
@@ -446,8 +445,7 @@ def distill_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     tokens = args["steps"] * args["grad_accum"] * args["batch_size"] * T
     forward = shape.model_flops_per_token(None, T / 2)
     val = math.ceil(args["steps"] / args["val_every"]) * args["val_blocks"] * T * 2 * forward
-    keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
-    est = Estimate("", "distill", disk_bytes=(3 * keep + 1) * P32, workers=n, dtype=dtype,
+    est = Estimate("", "distill", disk_bytes=(3 * args["keep_checkpoints"] + 1) * P32, workers=n, dtype=dtype,
                    flops=tokens * (5 if checkpointing else 4) * forward + val,
                    note=("student: its config" if student_shape else "student <= parent")
                    + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")

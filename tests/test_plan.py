@@ -443,3 +443,14 @@ def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path
     parent, child = (ModelShape.from_config(load_config(p)) for p in (medium_run / "parent", student))
     P, C = parent.model_bytes(None, 4), child.model_bytes(None, 4)
     assert bound - own == 4 * (P - C)  # fp32 runs on the CPU: no autocast copies, a streamed checkpoint
+
+
+def test_gkd_disk_counts_the_checkpoints_it_keeps(tmp_path):
+    """`keep_checkpoints` is a distill argument: the plan's disk grows by 3 fp32 copies of the student per
+    checkpoint kept (weights and the two AdamW moments)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    two = by_stage(run_plan(tmp_path / "a", "8b", *H100, "--gpus", "1", gkd={"steps": 16, "batch_size": 4}))
+    five = by_stage(run_plan(tmp_path / "b", "8b", *H100, "--gpus", "1",
+                             gkd={"steps": 16, "batch_size": 4, "keep_checkpoints": 5}))
+    P = two["gkd[s]"]["disk_bytes"] / (3 * 2 + 1)
+    assert five["gkd[s]"]["disk_bytes"] == pytest.approx((3 * 5 + 1) * P)
