@@ -19,18 +19,17 @@ idle machine; a busy one measures less and predicts longer).
 
 import inspect
 import math
-import os
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Literal
 
+from puzzle.dtypes import BYTES as DTYPE_BYTES, name_of  # a stage's --dtype, or a hardware profile's workload dtype
 from puzzle.errors import PuzzleError
 from puzzle.shape import ModelShape
+from puzzle.units import GIB, host_memory_bytes
 
-GIB = 1024**3
-FP32 = 4  # bytes per element of master weights, optimizer state, probabilities and losses (always fp32)
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a stage's --dtype, or a hardware profile's workload dtype
+FP32 = DTYPE_BYTES["fp32"]  # bytes per element of master weights, optimizer state, probabilities and losses (always fp32)
 # RSS of a stage's process before it loads anything: the interpreter + torch + transformers + puzzle's
 # imports. Measured: prepare-data's whole peak in benchmarks/scale.md (0.43 GiB; it holds a few MB of
 # tokens and a tokenizer).
@@ -111,11 +110,8 @@ class Context:
     def stored_dtype(self) -> str:
         """The parent's stored dtype from its config (`dtype`, transformers 4's `torch_dtype`; fp32 when
         absent, as convert writes)."""
-        from puzzle.device import DTYPES
-
         stored = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-        stored = str(stored or "float32").replace("torch.", "")
-        return next((k for k, v in DTYPES.items() if str(v).replace("torch.", "") == stored), "fp32")
+        return name_of(stored or "float32") or "fp32"
 
 
 @dataclass
@@ -195,7 +191,7 @@ def placed(e: Estimate, device: str, host_loaded: float, working: float, process
 def convert_cost(ctx: Context, args: dict[str, Any]) -> Estimate:
     """convert (a GGUF parent written once as safetensors, puzzle/model/convert.py): transformers' GGUF
     loader dequantises to fp32 (P_fp32), to_puzzle takes the tensors, then the file in `dtype`."""
-    e = DTYPE_BYTES.get({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(args.get("dtype", "float32"), "fp32"), FP32)
+    e = DTYPE_BYTES.get(name_of(args.get("dtype", "fp32")), FP32)
     return Estimate("", "convert", host_bytes=PROCESS_BASELINE_BYTES + load_peak_bytes(ctx, FP32),
                     disk_bytes=ctx.model_bytes(e), note="GGUF parent -> safetensors")
 
@@ -548,10 +544,6 @@ def measure_cpu_flops(n: int = 512, seconds: float = 0.3) -> float:
         a @ b
         count += 1
     return 2 * n**3 * count / elapsed
-
-
-def host_memory_bytes() -> float:
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def machine(device: str, gpus: int | None, gpu_memory_gib: float | None, host_memory_gib: float | None,

@@ -68,11 +68,12 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from puzzle.device import DTYPES
+from puzzle import dtypes
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_save_safetensors, atomic_write_json, sha256_file
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import atomic_dir, commit_dir
+from puzzle.units import host_memory_bytes
 
 from .trainer import (
     CHECKPOINTS,
@@ -206,8 +207,7 @@ def device_memory(device: torch.device) -> int:
     """Bytes one rank may use: the GPU's memory, or on CPU the host's memory over the local ranks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    return host_memory_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def shard_teacher(mode: TeacherSharding, teacher_bytes: int, memory: int) -> bool:
@@ -259,7 +259,7 @@ class FSDPDistiller(Distiller):
 
     def settings(self) -> dict[str, Any]:
         """As `Distiller.settings`, the dtype being FSDP's compute dtype (nothing added for fp32)."""
-        name = next(k for k, v in DTYPES.items() if v == self.compute_dtype)
+        name = dtypes.name_of(self.compute_dtype)
         return {**self.config.to_json(), **({} if name == "fp32" else {"dtype": name})}
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:

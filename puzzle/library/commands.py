@@ -14,6 +14,7 @@ from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
 from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 from puzzle.stages import settings_of
+from puzzle.units import GIB
 
 
 def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, digest: str, force: bool) -> None:
@@ -133,7 +134,7 @@ def build_library(
     if worker_memory_gib is not None and worker_memory_gib <= 0:
         raise PuzzleError(f"worker-memory-gib must be positive, got {worker_memory_gib}")
     seq_len = settings.seq_len or int(meta["seq_len"])
-    budget = worker_memory_gib * 2**30 if worker_memory_gib is not None else None
+    budget = worker_memory_gib * GIB if worker_memory_gib is not None else None
     use_ray = cluster.uses_ray(workers, ray, address)
     todo = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     t0 = time.perf_counter()

@@ -29,6 +29,7 @@ from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, w
 from puzzle.run_dir import RunDir
 from puzzle.search_space import SearchSpace, Variant, build_search_space
 from puzzle.shape import ModelShape
+from puzzle.units import GIB
 
 @dataclass(frozen=True)
 class GroupJob:
@@ -150,8 +151,8 @@ def plan_jobs(space: SearchSpace, config: Any, settings: BLDSettings, layers: li
     over = [p for p in plans if budget_bytes is not None and p.bytes > budget_bytes]
     if over:
         worst = max(over, key=lambda p: p.bytes)
-        raise PuzzleError(f"BLD of {store.key_of(worst.variants[0])} alone needs ~{worst.bytes / 2**30:.2f} GiB; "
-                          f"raise --worker-memory-gib to at least {math.ceil(worst.bytes / 2**30 * 100) / 100:.2f}")
+        raise PuzzleError(f"BLD of {store.key_of(worst.variants[0])} alone needs ~{worst.bytes / GIB:.2f} GiB; "
+                          f"raise --worker-memory-gib to at least {math.ceil(worst.bytes / GIB * 100) / 100:.2f}")
     return plans
 
 
