@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from puzzle.dtypes import BYTES as DTYPE_BYTES, canonical, name_of
+from puzzle.dtypes import BYTES as DTYPE_BYTES, name_of
 from puzzle.errors import PuzzleError
 from puzzle.units import parse_count
 from puzzle.io import read_yaml
@@ -242,7 +242,7 @@ def _parse_workload(raw: Any, device: Device, where: str) -> Workload:
         batch_size=_number(f"{where}.batch_size", raw["batch_size"], integer=True),
         input_len=_number(f"{where}.input_len", raw["input_len"], integer=True),
         output_len=_number(f"{where}.output_len", raw["output_len"], integer=True),
-        dtype=canonical(raw["dtype"]),
+        dtype=name_of(raw["dtype"]) or str(raw["dtype"]),  # torch's names accepted; _check_workload names the rest
     )
     _check_workload(workload, device, where)
     return workload
