@@ -101,3 +101,17 @@ BOTH = ("puzzle", "scripts")
 def test_a_fact_is_stated_in_one_module(fact, pattern, homes, folders):
     found = [name for name, text in _sources(folders) if re.search(pattern, text, re.M)]
     assert found == homes, f"{fact} is stated in {found}, not only in {homes}"
+
+
+@pytest.mark.parametrize("spelling, stored", [("fp32", "F32"), ("float16", "F16"), ("f16", "F16")])
+def test_gguf_export_takes_the_vocabulary(tiny_parent_dir, tmp_path, spelling, stored):
+    """`puzzle export --format gguf --dtype fp32` (llama.cpp's f32 / f16 were its only names before)."""
+    import gguf
+
+    from puzzle.export.commands import export
+
+    path = export(tiny_parent_dir, tmp_path / "p.gguf", format="gguf", dtype=spelling)
+    matrices = {t.tensor_type.name for t in gguf.GGUFReader(path).tensors if len(t.shape) > 1}
+    assert matrices == {stored}
+    with pytest.raises(PuzzleError, match="GGUF dtype 'bf16' not supported"):
+        export(tiny_parent_dir, tmp_path / "b.gguf", format="gguf", dtype="bf16")
