@@ -107,6 +107,7 @@ def build_library(
     # device is each worker's (the GPU Ray assigned), so only the names are checked on this driver.
     on_ray = cluster.uses_ray(workers, ray, address)
     runtime = resolve_remote(device, dtype) if on_ray else resolve(device, dtype)
+    # the arguments as given (no local reuses a setting's name before this line); device and dtype as resolved
     settings = settings_of(BLDSettings, locals(), device="auto" if on_ray and device == "auto" else str(runtime.device),
                            dtype=runtime.dtype_name)
     if threads < 0 or max_retries < 0:
