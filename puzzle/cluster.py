@@ -51,8 +51,8 @@ from typing import Any, Callable, Hashable, Iterator, Literal, Sequence, TypeVar
 
 from puzzle.errors import PuzzleError
 from puzzle.run_dir import check_reachable, describe
+from puzzle.units import GIB
 
-GIB = 1024**3
 MAX_GPU_SHARE = 8  # at most this many jobs on one GPU, however small they are
 PROBE_TIMEOUT_S = 120.0
 Workers = int | Literal["auto"]

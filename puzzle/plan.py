@@ -14,7 +14,6 @@ weights (a GGUF parent's dequantisation included) and assume the stage runs at t
 (measured on an idle machine; a busy one measures less and predicts longer).
 """
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -33,6 +32,7 @@ from puzzle.pipeline_stages import plan as plan_steps
 from puzzle.profiling.hardware import load_profile
 from puzzle.search_space import load_search_space
 from puzzle.shape import ModelShape
+from puzzle.units import host_memory_bytes
 from puzzle.stages import BY_NAME, stage_functions
 
 
@@ -48,10 +48,6 @@ def measure_cpu_flops(n: int = 512, seconds: float = 0.3) -> float:
         a @ b
         count += 1
     return 2 * n**3 * count / elapsed
-
-
-def host_memory_bytes() -> float:
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def machine(device: str, gpus: int | None, gpu_memory_gib: float | None, host_memory_gib: float | None,

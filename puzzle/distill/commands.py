@@ -12,6 +12,7 @@ from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
 from puzzle.outputs import check_output, marker, write_marker
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
+from puzzle.stages import settings_of
 
 from . import fsdp
 from .losses import parse_layer_map
@@ -56,24 +57,25 @@ def distill(
     student: Path | None = None,
     run_dir: Path | None = None,
     out: Path | None = None,
-    steps: int = 200,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 1e-4,
-    min_lr: float = 1e-5,
-    warmup_steps: int = 10,
-    weight_decay: float = 0.01,
-    temperature: float = 1.0,
-    kl_weight: float = 1.0,
-    lm_weight: float = 0.0,
-    hidden_loss: Literal["none", "cosine", "mse"] = "none",
-    hidden_weight: float = 1.0,
-    layer_map: str | None = None,
-    val_every: int = 50,
+    steps: int = DistillConfig.steps,
+    batch_size: int = DistillConfig.batch_size,
+    grad_accum: int = DistillConfig.grad_accum,
+    lr: float = DistillConfig.lr,
+    min_lr: float = DistillConfig.min_lr,
+    warmup_steps: int = DistillConfig.warmup_steps,
+    weight_decay: float = DistillConfig.weight_decay,
+    temperature: float = DistillConfig.temperature,
+    kl_weight: float = DistillConfig.kl_weight,
+    lm_weight: float = DistillConfig.lm_weight,
+    hidden_loss: Literal["none", "cosine", "mse"] = DistillConfig.hidden_loss,
+    hidden_weight: float = DistillConfig.hidden_weight,
+    layer_map: str | None = DistillConfig.layer_map,
+    val_every: int = DistillConfig.val_every,
     val_blocks: int = 32,
-    checkpoint_every: int = 50,
-    chunk_tokens: int = 1024,
-    seed: int = 0,
+    checkpoint_every: int = DistillConfig.checkpoint_every,
+    keep_checkpoints: int = DistillConfig.keep_checkpoints,
+    chunk_tokens: int = DistillConfig.chunk_tokens,
+    seed: int = DistillConfig.seed,
     resume: bool = True,
     threads: int | None = None,
     device: str = "auto",
@@ -107,6 +109,7 @@ def distill(
         val_every: validate every this many steps
         val_blocks: validation blocks used (the first ones of the val split)
         checkpoint_every: checkpoint every this many steps
+        keep_checkpoints: checkpoints kept in OUT (the newest; older ones are removed as new ones are written)
         chunk_tokens: tokens whose logits are alive at once in the KL (bounds memory)
         seed: data order seed
         resume: continue from OUT's last checkpoint (--no-resume starts over, discarding it)
@@ -144,12 +147,7 @@ def distill(
         pairs = tuple(parse_layer_map(layer_map)) if layer_map else None
     except ValueError as err:
         raise PuzzleError(str(err)) from None
-    config = DistillConfig(
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, temperature=temperature, kl_weight=kl_weight, lm_weight=lm_weight,
-        hidden_loss=hidden_loss, hidden_weight=hidden_weight, layer_map=pairs, val_every=val_every,
-        checkpoint_every=checkpoint_every, chunk_tokens=chunk_tokens, seed=seed,
-    )
+    config = settings_of(DistillConfig, arguments, layer_map=pairs)
     if val_blocks < 1:
         raise PuzzleError(f"val-blocks must be at least 1, got {val_blocks}")
     train_data, val_data = load_blocks(run_dir, "train"), load_blocks(run_dir, "val")

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Literal
 
 
+from puzzle import dtypes
 from puzzle.engines import check_family
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
@@ -49,7 +50,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel) to write
         format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
             with trust_remote_code) or anymodel (NVIDIA Puzzletron)
-        dtype: weights: f32, f16 or q8_0 for gguf (auto: f16); f32, f16 or bf16 for the others (auto: as stored)
+        dtype: weights: fp32, fp16 or q8_0 for gguf (auto: fp16); fp32, fp16 or bf16 for the others (auto: as
+            stored); torch's names (float32, ...) and llama.cpp's (f32, f16) work too
         force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     if format not in FORMATS:
@@ -61,7 +63,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
 
-        weights = "f16" if dtype == "auto" else dtype
+        name = dtypes.name_of(dtype)  # fp32 / fp16 (torch's names too) -> llama.cpp's f32 / f16
+        weights = "f16" if dtype == "auto" else (dtypes.BY_NAME[name].gguf if name else dtype)
         if weights not in GGUF_DTYPES:
             raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose auto, {', '.join(GGUF_DTYPES)}")
     else:
