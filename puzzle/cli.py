@@ -102,6 +102,18 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _check_values(args: dict[str, Any]) -> None:
+    """The rules `puzzle run --check` holds a config to (`stages.value_problem`: finite numbers, positive
+    budgets and sizes), for flags: `--speedup inf` or `--memory-gib nan` is one line before anything runs."""
+    from puzzle.errors import PuzzleError
+    from puzzle.stages import value_problem
+
+    for name, value in args.items():
+        problem = value_problem(name, value)
+        if problem is not None:
+            raise PuzzleError(f"--{name.replace('_', '-')} {problem}")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -117,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(name, fn).parse_args(rest)
     _quiet_libraries()
     try:
+        _check_values(vars(args))
         fn(**vars(args))
     except (PuzzleError, BlockConfigError) as err:
         return _fail(str(err))

@@ -1,5 +1,6 @@
 """Counts written the way people write them: 80M, 1.2B, 250k, 80e6."""
 
+import math
 import re
 
 from puzzle.errors import PuzzleError
@@ -15,4 +16,7 @@ def parse_count(value: float | int | str | None) -> float | None:
     m = _COUNT.match(str(value))
     if not m:
         raise PuzzleError(f"not a count: {value!r} (write e.g. 80M, 1.2B, 250k or 80000000)")
-    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    count = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not math.isfinite(count):  # "1e999" reads as inf
+        raise PuzzleError(f"not a finite count: {value!r}")
+    return count

@@ -209,7 +209,7 @@ def solve(
             recorded in the solution, where realize reads it. Default: every variant of the tables
     """
     run = RunDir(run_dir)
-    scores = read_table(run.scores_table.with_suffix(".parquet"))
+    scores = read_table(run.scores_table.with_suffix(".parquet"), rebuild=f"puzzle score --run-dir {run_dir}")
     costs, meta = load_costs(run_dir, budget)
     where = _costs_json(run_dir, budget)
     problems = [problem_from_meta(scores, costs, meta, metric, where=where)]
