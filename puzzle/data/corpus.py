@@ -126,9 +126,10 @@ def iter_file_documents(path: Path, encoding: str | None = None) -> Iterator[str
             yield text
 
 
-def pieces(text: str, limit: int = MAX_DOCUMENT_CHARS) -> Iterator[str]:
-    """`text` in consecutive pieces of at most `limit` characters (itself when it is no longer), each cut
-    where a run of whitespace starts (`_cut`); joined, they are `text`."""
+def pieces(text: str, limit: int | None = None) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` (default MAX_DOCUMENT_CHARS) characters (itself when it
+    is no longer), each cut where a run of whitespace starts (`_cut`); joined, they are `text`."""
+    limit = limit or MAX_DOCUMENT_CHARS
     start = 0
     while len(text) - start > limit:
         end = _cut(text, start, limit)
