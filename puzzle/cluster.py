@@ -8,7 +8,8 @@ RAY_ADDRESS, or a Ray this process already joined): `--workers auto` is then the
 threads on a CPU-only cluster), else 1 (the stage runs in this process, as without Ray).
 
 What a task requests (`job_resources`): `num_cpus` = its threads; `memory` = the host bytes its job's
-estimate names (`puzzle.plan.job_estimate`, the estimators `puzzle plan` prints); on a cluster with GPUs,
+estimate names (the stage's own cost model for one worker, the one `puzzle plan` prints: `library.cost.worker_estimate`,
+`scoring.cost.score_cost`); on a cluster with GPUs,
 `num_gpus` = the share of one GPU its estimate needs: 1/k where k jobs fit in one GPU's memory (read on
 each node with nvidia-smi by the preflight), 1 when that memory is unknown. Inside a task the device is
 the GPU Ray assigned (`task_device`: Ray sets CUDA_VISIBLE_DEVICES to it, so it is `cuda`), the CPU when

@@ -23,11 +23,22 @@ Sections and their functions come from the stage registry (`puzzle/stages.py`). 
 `run_dir/pipeline.json` records each finished stage with a hash of its settings chained to
 the hashes of the stages before it, so a rerun does no work, and changing one stage's settings reruns it
 and everything after it. Each stage is itself resumable, so a crash mid-stage loses little.
+
+The ledger never trusts itself over the files (issue 22). A step's settings include the content
+fingerprints (`puzzle/model/fingerprint.py`) of the models and corpus it reads (`INPUTS`: a parent
+re-exported to the same path is another parent), and its record lists the fingerprint of every file it
+wrote in the run directory (found by comparing the directory before and after the step; a file belongs
+to the last step that wrote it). A step is complete only when its settings hash matches and every file
+it wrote is still what it wrote; a step that runs again reruns every step after it (each of which reuses
+its own outputs where its inputs are unchanged). So a `puzzle solve --name fast` run by hand between two
+`puzzle run`s reruns solve[fast] and everything downstream, never reports a solution beside a child made
+from another.
 """
 
 import hashlib
 import inspect
 import json
+import os
 import time
 import types
 import typing
@@ -41,6 +52,8 @@ from puzzle.run_dir import RunDir, as_location, check_parent, describe, origin, 
 from puzzle.stages import SECTIONS, check_values, stage_functions
 
 REQUIRED = ("parent", "corpus")
+# the common arguments a step reads outside what earlier steps wrote: the ledger hashes their content
+INPUTS = ("parent", "teacher", "student", "model", "corpus")
 
 
 @dataclass(frozen=True)
@@ -227,11 +240,24 @@ def _settings(step: Any, fns: dict[str, Callable]) -> dict[str, Any]:
         settings["search_space_content"] = read_yaml(resolve_space_path(step.common["search_space"]))
     if isinstance(step.args.get("budget"), str) and step.args["budget"].lower() != "none":
         settings["budget_content"] = read_yaml(resolve_profile_path(step.args["budget"]))
+    settings["inputs"] = input_fingerprints(step.common)
     return settings
 
 
+def input_fingerprints(common: dict[str, Any]) -> dict[str, str]:
+    """The fingerprint of each model (its content) and corpus (its listing) a step reads (`INPUTS`), by name."""
+    from puzzle.model.fingerprint import fingerprint, listing_fingerprint
+
+    return {k: (listing_fingerprint if k == "corpus" else fingerprint)(v)
+            for k, v in common.items() if k in INPUTS and v is not None}
+
+
 class Ledger:
+    """`pipeline.json`: per step, the chained hash of its settings, and the fingerprint of each file it wrote
+    (relative to the run directory)."""
+
     def __init__(self, run_dir: Path) -> None:
+        self.root = Path(run_dir)
         self.path = RunDir(run_dir).ledger
         self.entries: dict[str, Any] = read_json(self.path) if self.path.exists() else {}
         self.chain = ""
@@ -243,9 +269,51 @@ class Ledger:
     def done(self, name: str, digest: str) -> bool:
         return self.entries.get(name, {}).get("sha256") == digest
 
-    def record(self, name: str, digest: str, wall_s: float) -> None:
-        self.entries[name] = {"sha256": digest, "wall_s": round(wall_s, 2), "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    def changed(self, name: str) -> str | None:
+        """The first file `name` wrote that is no longer what it wrote (changed or removed), else None."""
+        from puzzle.model.fingerprint import file_fingerprint
+
+        for rel, recorded in self.entries.get(name, {}).get("outputs", {}).items():
+            path = self.root / rel
+            if (file_fingerprint(path) if path.is_file() else "absent") != recorded:
+                return rel
+        return None
+
+    def record(self, name: str, digest: str, wall_s: float, written: set[str] = frozenset(),
+               removed: set[str] = frozenset()) -> None:
+        """Step `name` finished: its hash, and the files it wrote (taken from any earlier writer's record)
+        with those it wrote before and kept (a stage that found its output complete rewrites nothing: it
+        vouches for what is there now); files it removed leave every record."""
+        from puzzle.model.fingerprint import file_fingerprint
+
+        kept = set(self.entries.get(name, {}).get("outputs", {}))
+        for entry in self.entries.values():
+            outputs = entry.get("outputs", {})
+            for rel in [r for r in outputs if r in written or r in removed]:
+                del outputs[rel]
+        mine = sorted(r for r in (kept | set(written)) - set(removed) if (self.root / r).is_file())
+        outputs = {rel: file_fingerprint(self.root / rel) for rel in mine}
+        self.entries[name] = {"sha256": digest, "wall_s": round(wall_s, 2),
+                              "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"), "outputs": outputs}
         atomic_write_json(self.path, self.entries)
+
+
+def _listing(root: Path, ledger: Path) -> dict[str, tuple[int, int, int]]:
+    """Every file of the run directory but the ledger and hidden ones (locks, temporaries, a mirror's sync
+    index) -> (size, mtime, inode): what a step wrote is what differs after it."""
+    found = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            path = Path(dirpath) / name
+            if name.startswith(".") or path == ledger:
+                continue
+            try:
+                st = path.stat()
+            except FileNotFoundError:  # removed while listed
+                continue
+            found[path.relative_to(root).as_posix()] = (st.st_size, st.st_mtime_ns, st.st_ino)
+    return found
 
 
 def run(config: Path, run_dir: Path | None = None, force: bool = False, check: bool = False) -> Path:
@@ -309,18 +377,26 @@ def _portable(settings: Any, run_dir: Path) -> Any:
 def _run_steps(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], force: bool, check: bool) -> None:
     """Each step in order, skipped when the ledger holds it with the same settings (with `check`: only say so)."""
     ledger = Ledger(cfg.run_dir)  # an absent run directory reads as an empty ledger
+    stale = force  # once a step runs, every step after it runs (what it reads may have changed)
     for i, step in enumerate(steps, 1):
         digest = ledger.key(step.name, _portable(_settings(step, fns), cfg.run_dir))
-        done = not force and ledger.done(step.name, digest)
+        edited = None if stale or not ledger.done(step.name, digest) else ledger.changed(step.name)
+        done = not stale and ledger.done(step.name, digest) and edited is None
+        stale = stale or not done
         if check:
             print(f"[{i}/{len(steps)}] {step.name}: {'complete' if done else 'would run'}")
             continue
         if done:
             print(f"[{i}/{len(steps)}] {step.name}: complete, skipped")
             continue
-        print(f"[{i}/{len(steps)}] {step.name} ...", flush=True)
+        why = f" ({edited} is not what it wrote: running it again, and every step after it)" if edited else ""
+        print(f"[{i}/{len(steps)}] {step.name} ...{why}", flush=True)
         t0 = time.perf_counter()
+        before = _listing(Path(cfg.run_dir), ledger.path)
         _call(fns[step.fn], step.common, step.args)
-        ledger.record(step.name, digest, time.perf_counter() - t0)
+        after = _listing(Path(cfg.run_dir), ledger.path)
+        ledger.record(step.name, digest, time.perf_counter() - t0,
+                      written={rel for rel, st in after.items() if before.get(rel) != st},
+                      removed=set(before) - set(after))
         sync(cfg.run_dir)  # a URI run: what this stage wrote is uploaded now, not only at the end
         print(f"[{i}/{len(steps)}] {step.name}: done in {time.perf_counter() - t0:.1f} s", flush=True)

@@ -23,7 +23,9 @@ naming rule (`name-2` solutions, `+gkd` rows, distill's `out/model`, `pruning.js
 
 `parent.json`: stages after the first can be called with only `--run-dir`. A run belongs to one parent:
 naming a different one is an error (its library, scores and costs would silently mix two models); the
-search space may change (a new space only adds the variants it lacks). A parent and search space are
+search space may change (a new space only adds the variants it lacks). It also records the parent's
+content fingerprint (`puzzle/model/fingerprint.py`), updated when the file at that path changed: each
+artefact made from the parent records the fingerprint it was made from and is redone on a mismatch. A parent and search space are
 recorded only once they are known good (a supported config, a space that resolves against it), so a
 rejected one never claims the run.
 
@@ -111,7 +113,11 @@ class RunDir:
             raise PuzzleError(f"{self.root} belongs to parent {recorded['parent']}, not {parent}; use another --run-dir")
         if not parent.exists():
             raise PuzzleError(f"parent model not found: {parent}")
-        info = {**recorded, "parent": str(parent),
+        from puzzle.model.fingerprint import fingerprint
+
+        # the parent's content (a parent overwritten in place is another parent: what was made from the old
+        # bytes records their fingerprint and is redone, see puzzle/model/fingerprint.py)
+        info = {**recorded, "parent": str(parent), "parent_fingerprint": fingerprint(parent),
                 "search_space": search_space or recorded.get("search_space") or DEFAULT_SPACE}
         if info != recorded:
             check_parent(parent, info["search_space"])  # validate first, record after

@@ -8,7 +8,8 @@ Adding a stage: write the function, add one `Stage` here. It becomes the command
 dashes); with a `section`, a pipeline config section of that name runs it (once, or once per mapping when
 `many`) in registry order, passing the run's common arguments (run_dir, parent, search_space, corpus) it
 accepts. Stages that fan out over models (realize, gkd, baselines, evaluate) are planned in
-`pipeline_stages.py`.
+`pipeline_stages.py`. Its `cost` names its estimate beside it (puzzle/<package>/cost.py, on the
+vocabulary of puzzle/footprint.py): `puzzle plan` prices each step with it (`Stage.estimate`).
 """
 
 import importlib
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
+from puzzle.footprint import Context, Estimate, stage_settings
 
 
 @dataclass(frozen=True)
@@ -29,45 +31,67 @@ class Stage:
     always: bool = False  # planned with its defaults when the config has no section for it
     many: bool = False  # the section may be a list of mappings, one step each
     command: bool = True  # a CLI command
+    cost: str | None = None  # "module:function" of its estimate, f(Context, settings) -> Estimate; None: not modelled
 
     @property
     def command_name(self) -> str:
         return self.name.replace("_", "-")
 
     def load(self) -> Callable[..., Any]:
-        module_name, fn_name = self.target.split(":")
-        return getattr(importlib.import_module(module_name), fn_name)
+        return _load(self.target)
+
+    def estimator(self) -> Callable[[Context, Any], Estimate] | None:
+        """The stage's cost model (None when it does no model-sized work)."""
+        return _load(self.cost) if self.cost else None
+
+    def estimate(self, ctx: Context, args: dict[str, Any]) -> Estimate | None:
+        """The stage's estimate for these arguments over its function's defaults (`stage_settings`)."""
+        fn = self.estimator()
+        return fn(ctx, stage_settings(self.load(), args)) if fn else None
+
+
+def _load(target: str) -> Any:
+    module_name, fn_name = target.split(":")
+    return getattr(importlib.import_module(module_name), fn_name)
 
 
 # Pipeline order (DESIGN.md); the CLI lists commands in this order.
 STAGES: tuple[Stage, ...] = (
     Stage("convert", "puzzle.model.convert:convert",
-          "load a parent (HF dir, safetensors or GGUF) and write it as an all-parent heterogeneous child"),
+          "load a parent (HF dir, safetensors or GGUF) and write it as an all-parent heterogeneous child",
+          cost="puzzle.model.cost:convert_cost"),
     Stage("prepare_data", "puzzle.data.prepare:prepare_data",
           "tokenise a corpus into packed train/validation blocks in the run directory",
-          section="prepare_data", always=True),
+          section="prepare_data", always=True, cost="puzzle.data.cost:prepare_data_cost"),
     Stage("importance", "puzzle.pruning.commands:importance",
           "Minitron activation importance of heads, neurons, channels and layers (forward only)",
-          section="importance"),
+          section="importance", cost="puzzle.pruning.cost:importance_cost"),
     Stage("build_library", "puzzle.library.commands:build_library",
           "block library: pruned initialisation + blockwise local distillation on Ray",
-          section="build_library", always=True),
+          section="build_library", always=True, cost="puzzle.library.cost:build_library_cost"),
     Stage("score", "puzzle.scoring.commands:score",
-          "replace-1-block quality of every library variant (KL, LM loss, agreement)", section="score", always=True),
+          "replace-1-block quality of every library variant (KL, LM loss, agreement)", section="score", always=True,
+          cost="puzzle.scoring.cost:score_cost"),
     Stage("profile", "puzzle.profiling.commands:profile",
-          "latency and memory of every variant on a hardware profile", section="profile", always=True, many=True),
+          "latency and memory of every variant on a hardware profile", section="profile", always=True, many=True,
+          cost="puzzle.profiling.cost:profile_cost"),
     Stage("solve", "puzzle.solver.commands:solve",
-          "MIP: one attention and one FFN variant per layer under a hardware budget", section="solve", many=True),
+          "MIP: one attention and one FFN variant per layer under a hardware budget", section="solve", many=True,
+          cost="puzzle.solver.cost:solve_cost"),
     Stage("realize", "puzzle.realize.commands:realize",
-          "assemble a child checkpoint from a solution and the library", section="realize", many=True),
+          "assemble a child checkpoint from a solution and the library", section="realize", many=True,
+          cost="puzzle.realize.cost:realize_cost"),
     Stage("distill", "puzzle.distill.commands:distill",
-          "knowledge distillation of a student from a teacher (Minitron retraining, Puzzle GKD)", section="gkd"),
+          "knowledge distillation of a student from a teacher (Minitron retraining, Puzzle GKD)", section="gkd",
+          cost="puzzle.distill.cost:distill_cost"),
     Stage("prune", "puzzle.pruning.commands:prune",
-          "Minitron width/depth pruning to a standard Llama checkpoint", section="baselines", many=True),
+          "Minitron width/depth pruning to a standard Llama checkpoint", section="baselines", many=True,
+          cost="puzzle.pruning.cost:prune_cost"),
     Stage("build_mc", "puzzle.evaluate.mc:build_mc",
           "a 4-way cloze task from the run's held-out documents", command=False),
     Stage("evaluate", "puzzle.evaluate.commands:evaluate",
-          "perplexity, KL, agreement, multiple choice and throughput of a model", section="evaluate"),
+          "perplexity, KL, agreement, multiple choice and throughput of a model", section="evaluate",
+          cost="puzzle.evaluate.cost:evaluate_cost"),
     Stage("report", "puzzle.report.commands:report",
           "report.md and pareto.png for a run directory", section="report", always=True),
     Stage("export", "puzzle.export.commands:export",

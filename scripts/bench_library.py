@@ -8,9 +8,10 @@ Ray worker, `--threads` threads each), before and after the build.
     .venv/bin/python scripts/bench_library.py                       # all 30 layers, 16k tokens per variant
     .venv/bin/python scripts/bench_library.py --layers 0 1 --tokens-per-block 2048   # a quick look
 
-Training FLOPs are counted per step (see puzzle.library.bld.train_flops_per_token): 6 x the trained
-variant's matrix parameters per token, the attention scores (forward + 2x backward, causal half), the
-frozen parent FFN after an attention variant (forward + input-gradient backward, 4 x its parameters),
+Training FLOPs are counted per step by BLD itself with the functions `puzzle plan` and the worker split
+use (puzzle/library/cost.py `variant_train_flops`, `parent_layer_flops`): 6 x the trained variant's matrix
+parameters per token, the attention scores (forward + 2x backward, causal half, at most the layer's window),
+the frozen parent FFN after an attention variant (forward + input-gradient backward, 4 x its parameters),
 plus the parent forward that feeds each batch (2 x parameters up to the group's last layer). The rate is
 those FLOPs over the span in which the workers' training loops ran (first loop start to last loop end).
 """

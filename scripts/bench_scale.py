@@ -7,8 +7,8 @@ with small token budgets and `--dtype bf16`: prepare-data, importance, build-lib
 the CPU runs the code path a GPU run takes (the parent / teacher held in bf16, BLD variants and the GKD
 student trained in fp32 under bf16 autocast), so the host memory measured here is what a bf16 run holds.
 For each stage: the peak RSS of the whole process tree (psutil, polled every 50 ms over the process and its
-children), the wall time, the host memory `puzzle plan`'s estimator (puzzle/plan.py ESTIMATORS, the
-function `puzzle plan` calls) predicts for the same arguments on a CPU machine, and the issue's goal: what
+children), the wall time, the host memory `puzzle plan`'s estimator (the stage's cost model, `Stage.estimate`,
+what `puzzle plan` calls) predicts for the same arguments on a CPU machine, and the issue's goal: what
 the stage must hold (the parent layers it uses and its activations in bf16 + its own trained state, in fp32
 as autocast with fp32 AdamW requires and, strictly, at bf16's 2 bytes; computed here from ModelShape,
 independently of plan.py) against the measured peak less the process baseline.
@@ -158,24 +158,23 @@ def flags(args: dict) -> list[str]:
 
 
 def context(parent: Path, space: str):
-    """plan.py's Context for `parent` on a CPU machine (this one: the stages run here)."""
-    from puzzle import plan as planner
+    """The cost models' Context for `parent` on a CPU machine (this one: the stages run here)."""
+    from puzzle.footprint import Context, Machine
     from puzzle.model.checkpoint import load_config
     from puzzle.search_space import load_search_space
     from puzzle.shape import ModelShape
 
     config = load_config(parent)
-    machine = planner.Machine("cpu", 0, host_bytes=psutil.virtual_memory().total, gpu_bytes=0, cpu_flops=1,
-                              gpu_flops=0, throughput_note="")
-    return planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), SEQ_LEN, 0, machine)
+    machine = Machine("cpu", 0, host_bytes=psutil.virtual_memory().total, gpu_bytes=0, cpu_flops=1,
+                      gpu_flops=0, throughput_note="")
+    return Context(config, ModelShape.from_config(config), load_search_space(space, config), SEQ_LEN, 0, machine)
 
 
 def predicted(ctx, stage: str, args: dict) -> float:
     """The host bytes `puzzle plan` predicts for this stage and these arguments (its baseline included)."""
-    from puzzle import plan as planner
     from puzzle.stages import BY_NAME
 
-    return planner.ESTIMATORS[stage](ctx, planner.stage_arguments(BY_NAME[stage].load(), args)).host_bytes
+    return BY_NAME[stage].estimate(ctx, args).host_bytes
 
 
 # ----- what a stage must hold, in bf16 (the issue's goal), from ModelShape alone ------------------------
@@ -357,7 +356,7 @@ def _gib(x: float | None) -> str:
 
 
 def markdown(results: list[dict], plans: list[dict]) -> str:
-    from puzzle.plan import PROCESS_BASELINE_BYTES
+    from puzzle.footprint import PROCESS_BASELINE_BYTES
 
     lines = ["# Memory and time per stage at scale (scripts/bench_scale.py)", "",
              f"Random Llama parents in bf16 safetensors; each stage a fresh `puzzle` process with `--dtype {DTYPE}` "

@@ -7,13 +7,16 @@
    `Device.matches`; else the config's, which then falls back to the roofline) in place of the config's,
    a measuring `profile` (decode replayed from CUDA graphs) and BLD in this process when Ray is absent.
 2. Runs it with `puzzle run` in a fresh RUN_DIR (--keep reuses it), timing each step and reading its peak GPU memory
-   (torch.cuda.max_memory_allocated, reset before each step; every step runs in this process).
+   (torch.cuda.max_memory_allocated, reset before each step; every step runs in this process), and sets each
+   CUDA step's peak beside `puzzle plan`'s GPU estimate for it (the stage's cost model on this GPU): the check
+   fails (exit 1) when a measured peak is outside PLAN_BAND of its estimate, as the CPU calibrations in
+   tests/test_plan.py hold host estimates.
 3. Measures one decode step of the parent and of the 1.5x child (random weights of their shapes, the
    profile's workload, one CUDA graph replay each: `puzzle.profiling.measure.measure_decode_step`) and
    states the measured speedup next to the one the solver predicted.
 4. Writes OUT (Markdown) and OUT with .json (the same figures).
 
---dry-run writes the config and prints it, on any machine (the CPU skeleton of the check).
+--dry-run writes the config, prints it and the plan's GPU estimates, on any machine (the CPU skeleton of the check).
 """
 
 import argparse
@@ -33,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 MODEL_SECTIONS = ("importance", "build_library", "score", "realize", "gkd", "evaluate", "baselines")
 CHILD = "speedup_1.5"
+PLAN_BAND = (2 / 3, 1.5)  # measured / planned GPU peak a step must stay within (the CPU calibrations' band)
 
 
 def gpu_profile(default: str) -> str:
@@ -100,6 +104,38 @@ def run_timed(config_path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def planned(config_path: Path, profile: str) -> list[dict[str, Any]]:
+    """`puzzle plan`'s estimate of every step of the config on one GPU of this machine (the profile's GPU
+    when there is none here), in step order."""
+    from dataclasses import asdict
+
+    from puzzle.plan import estimate, machine
+
+    _, steps = estimate(config_path, machine("cuda", 1, None, None, profile, None))
+    return [asdict(e) for e in steps]
+
+
+def against_plan(rows: list[dict[str, Any]], plan: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each timed row with its planned step (the next unmatched step of its stage: `puzzle run` runs them in
+    the plan's order) and, where the plan puts the step on CUDA, its planned GPU GiB and measured / plan."""
+    left = list(plan)
+    for row in rows:
+        step = next((s for s in left if s["stage"] == row["stage"]), None)
+        if step is None:
+            continue
+        left.remove(step)
+        row["step"] = step["step"]
+        if step["runs_on"] == "cuda" and step["gpu_bytes"] > 0:
+            row["plan_gpu_gib"] = step["gpu_bytes"] / 2**30
+            row["measured_over_plan"] = row["peak_gpu_gib"] / row["plan_gpu_gib"]
+    return rows
+
+
+def outside_band(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    lo, hi = PLAN_BAND
+    return [r for r in rows if "measured_over_plan" in r and not lo <= r["measured_over_plan"] <= hi]
+
+
 def decode_speedup(run_dir: Path, profile: str) -> dict[str, Any]:
     """Measured decode step of the parent and of the 1.5x child on this GPU (CUDA graphs), and the prediction."""
     from puzzle.io import read_json
@@ -131,11 +167,16 @@ def markdown(rows: list[dict[str, Any]], decode: dict[str, Any], profile: str) -
         "Every stage ran in one process with `--device cuda --dtype bf16`; peak GPU memory is",
         "`torch.cuda.max_memory_allocated()` over the step (reset before it).",
         "",
-        "| step | wall s | peak GPU GiB |",
-        "|---|---:|---:|",
-        *(f"| {r['stage']}{'[' + r['label'] + ']' if r['label'] else ''} | {r['wall_s']:.1f} | {r['peak_gpu_gib']:.2f} |"
+        f"The plan column is `puzzle plan`'s GPU estimate of the step on this GPU (its stage's cost model); the check",
+        f"holds measured / plan within {PLAN_BAND[0]:.2f}-{PLAN_BAND[1]:.2f} for every step the plan puts on CUDA.",
+        "",
+        "| step | wall s | peak GPU GiB | plan GPU GiB | measured / plan |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {r.get('step') or r['stage'] + ('[' + r['label'] + ']' if r['label'] else '')} | {r['wall_s']:.1f} | "
+          f"{r['peak_gpu_gib']:.2f} | {format(r['plan_gpu_gib'], '.2f') if 'plan_gpu_gib' in r else '-'} | "
+          f"{format(r['measured_over_plan'], '.2f') if 'measured_over_plan' in r else '-'} |"
           for r in rows),
-        f"| **total** | {sum(r['wall_s'] for r in rows):.1f} | {max((r['peak_gpu_gib'] for r in rows), default=0):.2f} |",
+        f"| **total** | {sum(r['wall_s'] for r in rows):.1f} | {max((r['peak_gpu_gib'] for r in rows), default=0):.2f} | | |",
         "",
         "## Decode speedup of the 1.5x child, measured",
         "",
@@ -176,17 +217,25 @@ def main() -> int:
         from puzzle.pipeline import run
 
         run(config_path, check=True)  # the plan: every section's keys are its stage's arguments
+        for step in planned(config_path, profile):
+            if step["runs_on"] == "cuda":
+                print(f"plan: {step['step']}: {step['gpu_bytes'] / 2**30:.2f} GiB on the GPU")
         return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible", file=sys.stderr)
         return 2
-    rows = run_timed(config_path)
+    plan = planned(config_path, profile)  # before the run: its parent is the config's, not yet converted
+    rows = against_plan(run_timed(config_path), plan)
     decode = decode_speedup(a.run_dir, profile)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(markdown(rows, decode, profile))
     a.out.with_suffix(".json").write_text(json.dumps({"steps": rows, "decode": decode}, indent=2) + "\n")
     print(a.out.read_text())
-    return 0
+    bad = outside_band(rows)
+    for r in bad:
+        print(f"gpu_check: {r['step']}: measured {r['peak_gpu_gib']:.2f} GiB on the GPU, planned {r['plan_gpu_gib']:.2f} "
+              f"({r['measured_over_plan']:.2f}x, outside {PLAN_BAND[0]:.2f}-{PLAN_BAND[1]:.2f})", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ import yaml
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from conftest import REFERENCE_GGUF, REPO, requires_reference
+from puzzle.distill.cost import offload_step_seconds
+from puzzle import footprint
 from puzzle import plan as planner
 from puzzle.cli import main
+from puzzle.shape import ModelShape
 
 ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192}
@@ -76,7 +79,7 @@ def test_memory_scales_with_the_parent(tmp_path):
     # realize streams the child into a meta-built model: one parent-sized model (the parent bounds the child),
     # in the parent's stored dtype (Meta's config.json: bfloat16) whatever the device
     for r in (small, large):
-        assert by_stage(r)["realize[s]"]["host_bytes"] == r["parent"]["fp32_bytes"] // 2 + planner.PROCESS_BASELINE_BYTES
+        assert by_stage(r)["realize[s]"]["host_bytes"] == r["parent"]["fp32_bytes"] // 2 + footprint.PROCESS_BASELINE_BYTES
     # weight-dominated stages grow with the parameters (activations of the same batch grow with hidden only)
     for step in ("gkd[s]", "evaluate[parent]", "score", "importance"):
         assert 0.8 * ratio < l[step]["host_bytes"] / s[step]["host_bytes"] < 1.1 * ratio, step
@@ -89,11 +92,11 @@ def test_a_worker_memory_budget_splits_the_build_into_jobs_that_fit(tmp_path):
     bld = {"tokens_per_block": 8192, "workers": 2}
     whole = by_stage(run_plan(tmp_path, "8b", "--device", "cpu", build_library=bld))["build_library"]
     # the budget bounds a job's own bytes; each worker process adds the interpreter's baseline
-    per_worker = whole["host_bytes"] / whole["workers"] - planner.PROCESS_BASELINE_BYTES
+    per_worker = whole["host_bytes"] / whole["workers"] - footprint.PROCESS_BASELINE_BYTES
     budget = per_worker / 3 / 2**30
     split = by_stage(run_plan(tmp_path, "8b", "--device", "cpu",
                               build_library={**bld, "worker_memory_gib": budget}))["build_library"]
-    assert split["host_bytes"] / split["workers"] - planner.PROCESS_BASELINE_BYTES <= budget * 2**30 < per_worker
+    assert split["host_bytes"] / split["workers"] - footprint.PROCESS_BASELINE_BYTES <= budget * 2**30 < per_worker
     assert split["disk_bytes"] == whole["disk_bytes"]  # the same variants, in more jobs
     assert int(split["note"].split()[0]) > int(whole["note"].split()[0])
 
@@ -181,7 +184,7 @@ def test_llama_8b_gkd_with_cpu_offload_fits_one_h100_and_holds_its_fp32_state_on
     assert 4 * P < offloaded["host_bytes"] < 4.5 * P  # the fp32 state on the host (DCP writes it in place)
     assert offloaded["flops"] == plain["flops"] and offloaded["workers"] == 1 and "CPU offload" in offloaded["note"]
     # and each step pays the host <-> GPU copies and a CPU AdamW step on top of the same FLOPs
-    io = gkd["steps"] * planner.offload_step_seconds(P, 1, 1)
+    io = gkd["steps"] * offload_step_seconds(P, 1, 1)
     assert offloaded["seconds"] == pytest.approx(plain["seconds"] + io) and io > plain["seconds"]
     two = by_stage(run_plan(tmp_path / "c", "8b", *H100, "--gpus", "2", gkd={**gkd, "cpu_offload": True, "nproc": 2}))["gkd[s]"]
     # each rank holds half the fp32 state (host_bytes sums the processes) and half the in-flight shard copies
@@ -240,21 +243,19 @@ def test_a_sliding_window_bounds_the_profiled_kv_cache():
 
     from puzzle.profiling.hardware import load_profile
     from puzzle.search_space import load_search_space
-    from puzzle.shape import ModelShape
     from puzzle.stages import BY_NAME
 
     dims = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2, num_attention_heads=8,
                 num_key_value_heads=2)
     w, window = load_profile("cpu_local").workload, 64
-    cpu = planner.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
+    cpu = footprint.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
     held = {}
     for sliding in (None, window):
         config = MistralConfig(sliding_window=sliding, **dims)
-        ctx = planner.Context(config, ModelShape.from_config(config), load_search_space("tiny", config), 32, 0, cpu)
-        args = planner.stage_arguments(BY_NAME["profile"].load(), {"budget": "cpu_local", "measure": True})
-        held[sliding] = planner.profile_cost(ctx, args).host_bytes
+        ctx = footprint.Context(config, ModelShape.from_config(config), load_search_space("tiny", config), 32, 0, cpu)
+        held[sliding] = BY_NAME["profile"].estimate(ctx, {"budget": "cpu_local", "measure": True}).host_bytes
     shape = ModelShape.from_config(MistralConfig(**dims))
-    per_token = shape.kv_cache_bytes_per_token(shape.parent_block, planner.DTYPE_BYTES[w.dtype])
+    per_token = shape.kv_cache_bytes_per_token(shape.parent_block, footprint.DTYPE_BYTES[w.dtype])
     assert w.decode_context > window
     assert held[None] - held[window] == per_token * w.batch_size * (w.decode_context - window)
 
@@ -269,6 +270,10 @@ from puzzle.library import bld, commands as library_commands, ray_jobs  # noqa: 
 from puzzle.distill import commands as distill_commands, trainer  # noqa: F401
 from puzzle.scoring import commands as scoring_commands, replace1  # noqa: F401
 from puzzle.model.checkpoint import load_model  # noqa: F401
+from puzzle.model import convert  # noqa: F401
+from puzzle.realize import commands as realize_commands  # noqa: F401
+from puzzle.pruning import commands as pruning_commands, prune  # noqa: F401
+from puzzle.profiling import commands as profiling_commands, measure  # noqa: F401
 
 def status(key):
     return next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith(key))
@@ -321,14 +326,13 @@ def measured_growth(*argv: str, env: dict | None = None) -> int:
 def estimated(root, stage: str, space: str, **args) -> float:
     from puzzle.model.checkpoint import load_config
     from puzzle.search_space import load_search_space
-    from puzzle.shape import ModelShape
     from puzzle.stages import BY_NAME
 
     config = load_config(root / "parent")
-    cpu = planner.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
-    ctx = planner.Context(config, ModelShape.from_config(config), load_search_space(space, config), 32, 0, cpu)
+    cpu = footprint.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
+    ctx = footprint.Context(config, ModelShape.from_config(config), load_search_space(space, config), 32, 0, cpu)
     # the measured growth starts after the imports: the estimate's process baseline left out
-    return planner.ESTIMATORS[stage](ctx, planner.stage_arguments(BY_NAME[stage].load(), args)).host_bytes - planner.PROCESS_BASELINE_BYTES
+    return BY_NAME[stage].estimate(ctx, args).host_bytes - footprint.PROCESS_BASELINE_BYTES
 
 
 def test_evaluate_host_estimate_matches_a_measured_peak(medium_run):
@@ -409,7 +413,7 @@ def test_importance_on_the_cpu_counts_only_the_weights_it_reads(vocab_heavy_run,
     """A parent stored in the stage's dtype is memory-mapped on the CPU: importance without drop-layer losses
     never reads the LM head nor more than a few embedding rows, and its measured peak grows by the layers
     alone; with them, the head and the loss's (chunk, V) temporaries too. The estimate follows both
-    (`plan.unread_bytes`); counting every weight would overestimate the first case by more than 1.75x."""
+    (`footprint.unread_bytes`); counting every weight would overestimate the first case by more than 1.75x."""
     root = vocab_heavy_run
     args = dict(n_samples=8, batch_size=4, drop_samples=drop_samples)
     flags = [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
@@ -423,7 +427,7 @@ def test_importance_on_the_cpu_counts_only_the_weights_it_reads(vocab_heavy_run,
     if drop_samples == 0:
         from puzzle.model.checkpoint import load_config
 
-        every_weight = estimate + planner.ModelShape.from_config(load_config(root / "parent")).embedding_params * 4
+        every_weight = estimate + ModelShape.from_config(load_config(root / "parent")).embedding_params * 4
         assert every_weight / growth > 1.75
 
 
@@ -433,7 +437,6 @@ def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path
     from conftest import make_llama
 
     from puzzle.model.checkpoint import load_config
-    from puzzle.shape import ModelShape
 
     student = tmp_path / "student"
     make_llama(**{**DIMS, "num_hidden_layers": 3}).save_pretrained(student, safe_serialization=True)
@@ -443,3 +446,62 @@ def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path
     parent, child = (ModelShape.from_config(load_config(p)) for p in (medium_run / "parent", student))
     P, C = parent.model_bytes(None, 4), child.model_bytes(None, 4)
     assert bound - own == 4 * (P - C)  # fp32 runs on the CPU: no autocast copies, a streamed checkpoint
+
+
+# ----- calibration of the stages priced without a model-sized computation: realize, convert, profile, prune --
+
+
+@pytest.mark.slow
+def test_convert_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle convert` of a safetensors parent: the parent read whole (every tensor is written) and streamed
+    out from its own tensors."""
+    root = medium_run
+    growth = measured_growth("convert", str(root / "parent"), str(tmp_path / "converted"))
+    estimate = estimated(root, "convert", "llama_default", parent=str(root / "parent"), out=str(tmp_path / "converted"))
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_realize_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle realize` of an all-parent solution: the child streamed sublayer by sublayer into a meta-built
+    model (at most the parent's bytes) and written from its own tensors."""
+    root = medium_run
+    assert main(["convert", str(root / "parent"), str(tmp_path / "converted")]) == 0  # its block_configs
+    blocks = json.loads((tmp_path / "converted" / "config.json").read_text())["block_configs"]
+    solution = tmp_path / "all_parent.json"
+    solution.write_text(json.dumps({"block_configs": blocks}))
+    run = tmp_path / "run"
+    growth = measured_growth("realize", "--run-dir", str(run), "--solution", str(solution), "--parent",
+                             str(root / "parent"), "--out", str(tmp_path / "child"))
+    estimate = estimated(root, "realize", "llama_default", solution=str(solution))
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_profile_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle profile --measure` on the CPU profile: one variant's sublayer at a time, its weights cycled
+    through COLD_BYTES of copies, a prefill input and a layer's KV cache of the workload."""
+    root = medium_run
+    args = dict(budget="cpu_local", measure=True, repeats=1)
+    growth = measured_growth("profile", "--run-dir", str(tmp_path / "run"), "--parent", str(root / "parent"),
+                             "--search-space", "tiny", "--budget", "cpu_local", "--measure", "--repeats", "1",
+                             "--output", str(tmp_path / "costs.json"))
+    estimate = estimated(root, "profile", "tiny", **args)
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+@pytest.mark.slow
+def test_prune_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
+    """`puzzle prune` to half the FFN width: the parent, the sliced state and the pruned model transformers
+    builds in fp32 before the state is copied into it (before this estimate, prune was priced at zero)."""
+    import shutil
+
+    root, run = medium_run, tmp_path / "run"
+    shutil.copytree(root / "run" / "data", run / "data")
+    assert main(["importance", str(root / "parent"), "--run-dir", str(run), "--n-samples", "8", "--batch-size", "4",
+                 "--drop-samples", "0"]) == 0
+    args = dict(ffn_size=DIMS["intermediate_size"] // 2, device="cpu")
+    growth = measured_growth("prune", str(root / "parent"), str(tmp_path / "pruned"), "--run-dir", str(run),
+                             "--ffn-size", str(args["ffn_size"]), "--device", "cpu")
+    estimate = estimated(root, "prune", "llama_default", **args)
+    assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)

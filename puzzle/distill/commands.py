@@ -17,6 +17,20 @@ from .losses import parse_layer_map
 from .trainer import DistillConfig, Distiller
 
 RESULT_FILE = "result.json"
+SOURCES_FILE = "sources.json"  # the teacher's and the student's content fingerprints the run was trained from
+
+
+def _sources(teacher: Path, student: Path) -> dict[str, str]:
+    from puzzle.model.fingerprint import fingerprint
+
+    return {"teacher_fingerprint": fingerprint(teacher), "student_fingerprint": fingerprint(student)}
+
+
+def _trained_from_others(out: Path, sources: dict[str, str]) -> bool:
+    """Whether `out` holds a run recorded as trained from other teacher or student content (a run written
+    before sources were recorded is taken as this one's)."""
+    path = out / SOURCES_FILE
+    return path.exists() and read_json(path) != sources
 
 
 def _student_record(student: Path) -> dict:
@@ -135,6 +149,12 @@ def distill(
         raise PuzzleError(f"val-blocks must be at least 1, got {val_blocks}")
     train_data, val_data = load_blocks(run_dir, "train"), load_blocks(run_dir, "val")
     result_path = out / RESULT_FILE
+    sources = _sources(teacher, student)
+    if resume and not fsdp.distributed() and _trained_from_others(out, sources):
+        # its checkpoints and result are of other teacher or student weights (a parent overwritten in place,
+        # a child realised again): nothing of them can be resumed
+        print(f"distill: {out} was trained from another teacher or student content than now; starting over")
+        resume = arguments["resume"] = False
     if resume and result_path.exists() and model_dir.exists():
         done = read_json(result_path)
         if done.get("config") == {**config.to_json(), **runtime.settings()} and done.get("complete"):
@@ -143,6 +163,8 @@ def distill(
     if cpu_offload and not runtime.is_cuda and torch.cuda.is_available():
         raise PuzzleError("--cpu-offload offloads from a GPU: it needs --device cuda (or auto) here, where a GPU "
                           "is visible (on the CPU the student is in host memory already)")
+    if not fsdp.distributed():  # before any checkpoint: what this run is trained from
+        atomic_write_json(out / SOURCES_FILE, sources)
     if nproc > 1 and not fsdp.distributed():
         fsdp.check_world(config, nproc)
         fsdp.launch(arguments, nproc)

@@ -1,8 +1,8 @@
 """GKD on N processes with FSDP2: the student sharded over ranks, the same run as one process.
 
-Launch: `puzzle distill ... --nproc N` starts `torchrun --standalone --nproc-per-node N -m puzzle.distill.fsdp`
+Launch: `puzzle distill ... --nproc N` starts `torchrun --standalone --nproc-per-node N -m puzzle.distill.torchrun`
 with the same flags and holds the run directory's lock for it; `torchrun --nproc-per-node N -m
-puzzle.distill.fsdp ...` (flags as `puzzle distill`'s) works by hand too, rank 0 then holding the lock.
+puzzle.distill.torchrun ...` (flags as `puzzle distill`'s) works by hand too, rank 0 then holding the lock.
 Backend: nccl on CUDA (rank r on cuda:LOCAL_RANK), gloo on CPU.
 
 Sharding (torch.distributed.fsdp.fully_shard, as torchtitan's `apply_fsdp`): each student decoder layer is
@@ -422,7 +422,7 @@ def launch(arguments: dict[str, Any], nproc: int) -> None:
     """Run `distill(**arguments)` on `nproc` torchrun workers on this node; the caller holds the lock."""
     args = {k: v for k, v in arguments.items() if k != "nproc"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "puzzle.distill.fsdp", *_flags(args)]
+               "-m", "puzzle.distill.torchrun", *_flags(args)]
     print(f"distill: {nproc} processes (FSDP2): {' '.join(command[1:])}", flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         error = Path(tmp) / "error.txt"
@@ -432,32 +432,3 @@ def launch(arguments: dict[str, Any], nproc: int) -> None:
             raise PuzzleError(error.read_text())
     if code:
         raise PuzzleError(f"distill: the {nproc} torchrun workers failed (exit code {code}); their output is above")
-
-
-def main(argv: list[str] | None = None) -> int:
-    """`torchrun --nproc-per-node N -m puzzle.distill.fsdp [puzzle distill flags]`."""
-    from contextlib import nullcontext
-
-    from puzzle.cli import _fail, _quiet_libraries, build_parser
-    from puzzle.run_dir import RunDir
-
-    from .commands import distill
-
-    args = vars(build_parser("distill", distill).parse_args(argv))
-    _quiet_libraries()
-    locked = rank() == 0 and not os.environ.get(LOCK_HELD_ENV) and args.get("run_dir") is not None
-    try:
-        with RunDir(args["run_dir"]).lock("distill") if locked else nullcontext():
-            distill.__wrapped__(**args)  # undecorated: one lock for the job, held above
-    except PuzzleError as err:
-        if rank() == 0 and os.environ.get(ERROR_FILE_ENV):
-            Path(os.environ[ERROR_FILE_ENV]).write_text(str(err))
-        return _fail(str(err))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -5,10 +5,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks
+from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_model, load_tokenizer, puzzle_config_from
+from puzzle.profiling.commands import table_model_costs
+from puzzle.profiling.costs import load_costs
+from puzzle.profiling.hardware import load_profile
+from puzzle.profiling.roofline import predict_model_costs
 from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.shape import ModelShape
+
+from .lm_eval_adapter import run_lm_eval  # lm_eval itself is imported when called
 
 from .mc import evaluate_mc, load_mc_tasks
 from .quality import quality_metrics
@@ -20,8 +29,6 @@ SHAPE_KEYS = ("hidden_size", "num_attention_heads", "head_dim", "vocab_size", "n
 
 def _same_shape(model_config: Any, profiled: dict[str, Any]) -> bool:
     """Whether a model has the widths and depth of the parent a costs table was profiled for."""
-    from puzzle.shape import ModelShape
-
     shape = asdict(ModelShape.from_config(model_config))
     return all(profiled.get(k) == shape[k] for k in SHAPE_KEYS)
 
@@ -35,11 +42,6 @@ def predicted_costs(run_dir: Path, model_config: Any, budget: str) -> dict[str, 
     figures, its speedup relative to the parent's roofline (`parent_roofline` in the costs JSON); without
     costs for the profile, the roofline's figures and no speedup.
     """
-    from puzzle.profiling.commands import table_model_costs
-    from puzzle.profiling.costs import load_costs
-    from puzzle.profiling.hardware import load_profile
-    from puzzle.profiling.roofline import predict_model_costs
-
     config = puzzle_config_from(model_config)
     try:
         table, meta = load_costs(run_dir, budget)
@@ -81,9 +83,6 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         device: where to evaluate: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
         dtype: the models' dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (metrics in fp32)
     """
-    from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks
-    from puzzle.device import place, resolve
-
     run_dir = Path(run_dir)
     runtime = resolve(device, dtype)
     name = name or Path(model).name
@@ -102,7 +101,12 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     if reference is not None and reference.config.vocab_size != subject.config.vocab_size:
         raise PuzzleError(f"{model} and its parent {parent} have different vocabularies")
     started = time.perf_counter()
+    from puzzle.model.fingerprint import fingerprint
+
+    # the contents compared, not only their paths (a parent overwritten in place is another reference)
     result: dict[str, Any] = {"model": str(model), "parent": str(parent) if parent else None, "name": name,
+                              "model_fingerprint": fingerprint(model),
+                              "parent_fingerprint": fingerprint(parent) if parent else None,
                               "device": str(runtime.device), "dtype": runtime.dtype_name}
     result["params"] = sum(p.numel() for p in subject.parameters())
     result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)
@@ -110,8 +114,6 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         tokenizer = load_tokenizer(model)
         result["multiple_choice"] = {task: evaluate_mc(subject, tokenizer, items) for task, items in mc_items.items()}
     if lm_eval_tasks:
-        from .lm_eval_adapter import run_lm_eval
-
         result["lm_eval"] = run_lm_eval(subject, load_tokenizer(model), lm_eval_tasks)
     if measure:
         result["measured"] = measure_throughput(subject, subject.config.vocab_size)

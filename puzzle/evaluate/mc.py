@@ -14,8 +14,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from puzzle.data.blocks import load_held_out_documents
 from puzzle.errors import PuzzleError
-from puzzle.run_dir import writes_run_dir
+from puzzle.io import atomic_write_text
+from puzzle.run_dir import RunDir, writes_run_dir
 
 
 def load_mc_tasks(path: str | Path) -> list[dict[str, Any]]:
@@ -186,11 +188,8 @@ def build_cloze_tasks(documents: list[str], n_items: int, seed: int = 0, n_choic
 @writes_run_dir("build_mc")
 def build_mc(run_dir: Path = Path("runs/default"), items: int = 100, seed: int = 0) -> Path:
     """Write run_dir/eval/cloze.jsonl: a 4-way cloze task from the held-out documents prepare-data recorded."""
-    from puzzle.data.blocks import load_held_out_documents
-    from puzzle.io import atomic_write_text
 
     tasks = build_cloze_tasks(load_held_out_documents(run_dir), items, seed=seed)
-    from puzzle.run_dir import RunDir
 
     out = RunDir(run_dir).mc_tasks
     atomic_write_text(out, "".join(json.dumps(t) + "\n" for t in tasks))

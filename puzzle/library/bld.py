@@ -37,11 +37,13 @@ from puzzle.device import CPU_FP32, Runtime, place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, read_json
 from puzzle.library import store
+from puzzle.library.cost import group_variants, parent_forward_flops, steps as bld_steps, variant_train_flops
 from puzzle.library.init import FFNCalibration, init_attention, init_ffn, ridge_solve
 from puzzle.model.blocks import AttentionConfig, FFNConfig
 from puzzle.model.modeling_puzzle import (LlamaRMSNorm, PuzzleForCausalLM, attention_residual, build_attention, build_ffn,
                                           ffn_residual)
 from puzzle.model.surgery import sublayer_state
+from puzzle.run_dir import RunDir
 from puzzle.search_space import SearchSpace, Variant
 from puzzle.shape import ModelShape
 
@@ -84,14 +86,14 @@ class BLDSettings:
         return resolve(self.device, self.dtype)
 
     def steps(self, seq_len: int) -> int:
-        return max(1, math.ceil(self.tokens_per_block / (self.batch_size * seq_len)))
+        return bld_steps(self, seq_len)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def digest(self, run_dir: str | Path) -> str:
-        """sha256 of what a trained variant's weights depend on besides the parent and the variant itself:
-        every setting but `log_every` (it changes the log, not the weights) and `device` (rounding only,
+        """sha256 of what a trained variant's weights depend on besides the variant itself: the parent's
+        content fingerprint (parent.json's), every setting but `log_every` (it changes the log, not the weights) and `device` (rounding only,
         like workers and threads), the dtype only when it is not fp32 (`Runtime.settings`: libraries trained
         before the flag keep their digest), the prepared data, and the Minitron importance's settings when
         FFNs may be initialised from it. A library entry trained under another digest is retrained
@@ -103,6 +105,8 @@ class BLDSettings:
         settings.update({} if self.dtype == "fp32" else {"dtype": self.dtype})
         meta = data_dir(run_dir) / META_NAME  # absent when a caller hands build_layer_group its blocks directly
         settings["data"] = read_json(meta).get("fingerprint") if meta.exists() else None
+        # the parent's content: a parent overwritten in place retrains every variant (puzzle/model/fingerprint.py)
+        settings["parent"] = RunDir(run_dir).info().get("parent_fingerprint")
         if self.ffn_init != "channel_contribution" and has_importance(run_dir):
             settings["importance"] = load_importance_settings(run_dir)
         return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
@@ -260,33 +264,6 @@ def normalised_mse(variant: Variant, child: Sublayer, frozen_ffn: Sublayer | Non
     return err / max(ref, 1e-30)
 
 
-# ----- FLOP accounting -------------------------------------------------------------------------------
-
-
-def weight_train_flops(kind: str, params: int, frozen_ffn_params: int) -> int:
-    """Training FLOPs per token of a variant's weight matmuls: 6 x its params, and for an attention
-    variant the frozen parent FFN's forward plus its input-gradient backward (4 x its params). A
-    least-squares linear FFN also costs 6 x its params: X^T X and X^T Y (2 D^2 each) and its forward
-    for the batch loss."""
-    return 6 * params + (4 * frozen_ffn_params if kind == "attention" else 0)
-
-
-def train_flops_per_token(variant: Variant, config: Any, seq_len: int) -> int:
-    """Training FLOPs per token: `weight_train_flops` of the matmul weights (the layer's frozen parent FFN
-    beside an attention variant), plus an attention variant's scores: forward + 2x backward, each query
-    over seq_len / 2 keys on average under the causal mask."""
-    shape = ModelShape.from_config(config)
-    frozen_ffn = shape.matmul_params(config.blocks[variant.layer].ffn) if variant.kind == "attention" else 0
-    flops = weight_train_flops(variant.kind, shape.matmul_params(variant.config), frozen_ffn)
-    return flops + 3 * int(shape.attention_flops(variant.config, seq_len / 2))
-
-
-def parent_forward_flops_per_token(config: Any, last_layer: int, seq_len: int) -> int:
-    """Forward FLOPs per token of the parent's layers 0..last_layer (queries over seq_len / 2 keys on average)."""
-    shape = ModelShape.from_config(config)
-    return sum(int(shape.flops_per_token(block, seq_len / 2)) for block in config.blocks[: last_layer + 1])
-
-
 # ----- one variant under training --------------------------------------------------------------------
 
 
@@ -422,11 +399,6 @@ def endless_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[
 # ----- a layer group ---------------------------------------------------------------------------------
 
 
-def group_variants(space: SearchSpace, layers: Sequence[int]) -> list[Variant]:
-    owned = set(layers)
-    return [v for v in space.variants() if v.layer in owned]
-
-
 def _base_record(v: Variant) -> dict[str, Any]:
     return {"layer": v.layer, "kind": v.kind, "variant": v.name}
 
@@ -531,13 +503,13 @@ def train_lockstep(
     """Lockstep BLD: one parent forward per batch (up to the last of `owned`) feeds one step of every run.
     Returns the loop's steps, seconds and the parent forward's share of them."""
     seq_len = train_blocks.shape[1]
-    steps = settings.steps(seq_len)
+    steps, shape = settings.steps(seq_len), ModelShape.from_config(parent.config)
     for run in runs:
         if run.trainer == "adamw":
             _make_optimizer(run, settings, steps, runtime)
-        run.flops_per_token = train_flops_per_token(run.variant, parent.config, seq_len)
+        run.flops_per_token = int(variant_train_flops(shape, run.variant, seq_len))
         run.child.train()
-    parent_flops_per_token = parent_forward_flops_per_token(parent.config, max(owned), seq_len)
+    parent_flops_per_token = parent_forward_flops(shape, max(owned), seq_len)
     parent_s = parent_flops = 0.0
     t_loop, loop_start = time.perf_counter(), time.time()
     batches = endless_batches(train_blocks, settings.batch_size, settings.seed)

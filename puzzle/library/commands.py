@@ -6,26 +6,35 @@ from pathlib import Path
 from typing import Any, Literal
 
 from puzzle import cluster
+from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
+from puzzle.device import resolve, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
-from puzzle.library.bld import BLDSettings, group_variants
-from puzzle.library.ray_jobs import GroupJob, plan_jobs, run_build
-from puzzle.run_dir import run_parent, writes_run_dir
+from puzzle.library.bld import BLDSettings
+from puzzle.library.cost import group_variants, plan_jobs
+from puzzle.library.ray_jobs import GroupJob, run_build
+from puzzle.model.checkpoint import load_config
+from puzzle.pruning.importance import check_importance_parent
+from puzzle.run_dir import RunDir, run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
 
 
 def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, digest: str, force: bool) -> None:
     manifest = store.read_manifest(run_dir)
     drop = []
-    if force:
+    fingerprint = RunDir(run_dir).info().get("parent_fingerprint")
+    if force or store.of_another_parent(manifest, fingerprint):
+        # a parent overwritten in place: every record (trained variants, and the parent's own and no-op
+        # entries with their measured losses) is of the old bytes; until rebuilt, they are missing
         drop = list(manifest["variants"])
     elif manifest["variants"] and manifest.get("parent") not in (None, str(parent)):
         raise PuzzleError(
             f"the block library in {store.library_dir(run_dir)} was built from {manifest['parent']}, not {parent}; "
             "use another --run-dir or pass --force to rebuild it"
         )
-    header = {"parent": str(parent), "search_space": space_name, "settings": settings.to_dict()}
+    header = {"parent": str(parent), "parent_fingerprint": fingerprint, "search_space": space_name,
+              "settings": settings.to_dict()}
     store.update_manifest(run_dir, _stamp_legacy(manifest, settings, digest), header=header, drop=drop)
 
 
@@ -96,8 +105,6 @@ def build_library(
         dtype: the parent's dtype and the training's autocast dtype (fp32 weights and AdamW state): auto (bf16
             on CUDA, fp32 on the CPU), bf16, fp16 or fp32
     """
-    from puzzle.device import resolve, resolve_remote
-
     run_dir = Path(run_dir).resolve()
     parent_path, space_name = run_parent(run_dir, parent, search_space)  # absolute: Ray workers may start elsewhere
     workers = cluster.parse_workers(workers)
@@ -112,9 +119,6 @@ def build_library(
     )
     if threads < 0 or max_retries < 0:
         raise PuzzleError("threads and max-retries must not be negative")
-    from puzzle.data.blocks import check_token_ids, load_blocks, load_meta
-    from puzzle.model.checkpoint import load_config
-
     meta = load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
     digest = settings.digest(run_dir)
     space_path = resolve_space_path(space_name)
@@ -128,6 +132,8 @@ def build_library(
     bad = [i for i in chosen if not 0 <= i < space.num_layers]  # a comparison, not a search of a list per layer
     if bad:
         raise PuzzleError(f"layers {bad} are outside the parent's {space.num_layers} layers")
+    if ffn_init != "channel_contribution":  # FFNs may start from the importance scores: of this parent only
+        check_importance_parent(run_dir, parent_path)
     _check_manifest(run_dir, parent_path, space.name, settings, digest, force)
     clean_stale_temps(store.library_dir(run_dir), recursive=True)  # what a killed build's writes left
 

@@ -11,11 +11,9 @@ variants the driver already holds.
 """
 
 import json
-import math
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
-from itertools import accumulate
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -23,12 +21,18 @@ import torch
 from tqdm import tqdm
 
 from puzzle import cluster
+from puzzle.data.blocks import load_blocks, load_meta
+from puzzle.device import DTYPES
 from puzzle.errors import PuzzleError
+from puzzle.footprint import Context
 from puzzle.library import store
-from puzzle.library.bld import BLDSettings, build_layer_group, group_variants, weight_train_flops
+from puzzle.library.bld import BLDSettings, build_layer_group
+from puzzle.library.cost import JobPlan, bld_job_bytes, group_variants, worker_estimate
+from puzzle.model.checkpoint import load_config, load_puzzle, weights_dtype
+from puzzle.pruning.importance import has_importance, load_importance
 from puzzle.run_dir import RunDir
 from puzzle.search_space import SearchSpace, Variant, build_search_space
-from puzzle.shape import ModelShape
+
 
 @dataclass(frozen=True)
 class GroupJob:
@@ -44,122 +48,9 @@ class GroupJob:
     variants: tuple[str, ...] = ()  # `store.key_of` of the variants to build; empty: every variant of `layers`
 
 
-@dataclass(frozen=True)
-class JobPlan:
-    """One job of a build: `variants` of the contiguous `layers`, and its estimated host bytes
-    (`plan.bld_job_bytes`). `whole`: the job holds every variant of its layers (no subset)."""
-
-    layers: tuple[int, ...]
-    variants: tuple[Variant, ...]
-    bytes: int
-    whole: bool = True
-
-    @property
-    def keys(self) -> tuple[str, ...]:
-        return () if self.whole else tuple(store.key_of(v) for v in self.variants)
-
-
-def split_layers(layers: list[int], groups: int, forward: list[float] | None = None,
-                 train: dict[int, float] | None = None) -> list[list[int]]:
-    """Contiguous groups of `layers` for the workers.
-
-    Without costs: groups of nearly equal size. With them, the split that minimises the largest group's
-    cost, where a group costs the parent's forward through every layer up to its last one
-    (sum of forward[0..last]) plus the training of its own layers (sum of train[l]). A later group runs
-    the parent further, so with costs the early groups take more layers.
-    """
-    groups = max(1, min(groups, len(layers)))
-    if forward is None or train is None:
-        size = math.ceil(len(layers) / groups)
-        return [layers[i : i + size] for i in range(0, len(layers), size)]
-    reach = list(accumulate(forward, initial=0.0))  # reach[l + 1]: the parent's forward through layer l
-    trained = list(accumulate((train.get(layer, 0.0) for layer in layers), initial=0.0))
-
-    def cost(i: int, j: int) -> float:  # the group layers[i:j]
-        return reach[layers[j - 1] + 1] + trained[j] - trained[i]
-
-    n = len(layers)
-    # best[k][j]: the smallest largest cost of splitting layers[:j] into k groups; cut[k][j]: where the last starts
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(groups + 1)]
-    cut = [[0] * (n + 1) for _ in range(groups + 1)]
-    best[0][0] = 0.0
-    for k in range(1, groups + 1):
-        for j in range(k, n + 1):
-            for i in range(k - 1, j):
-                c = max(best[k - 1][i], cost(i, j))
-                if c < best[k][j]:
-                    best[k][j], cut[k][j] = c, i
-    bounds, j = [], n
-    for k in range(groups, 0, -1):
-        bounds.append((cut[k][j], j))
-        j = cut[k][j]
-    return [layers[i:j] for i, j in reversed(bounds)]
-
-
-def layer_costs(space: SearchSpace, config: Any, settings: BLDSettings) -> tuple[list[float], dict[int, float]]:
-    """Estimated FLOPs, per layer, of the two kinds of work in a group (for `split_layers`).
-
-    forward[l]: the parent's layer l (2 x its weights per token) on the training, calibration and
-    held-out tokens. train[l]: `weight_train_flops` of each trained variant of layer l, on the training
-    tokens. Attention scores are left out (small at BLD's sequence lengths). On the quick config this
-    predicts forward / train = 0.35 per layer; the `group_done` events of two quick runs' library logs
-    measured 0.36-0.44 (seconds of parent forward and calibration per layer / seconds of training per layer).
-    """
-    shape = ModelShape.from_config(config)
-    layer = shape.params(space.parent_attention) + shape.params(space.parent_ffn)
-    forward_tokens = settings.tokens_per_block + settings.calibration_tokens + settings.eval_tokens
-    forward = [2.0 * layer * forward_tokens] * space.num_layers
-    frozen_ffn = shape.params(space.parent_ffn)
-    train: dict[int, float] = {}
-    for v in space.variants():
-        if v.is_parent or v.config.no_op:
-            continue
-        flops = weight_train_flops(v.kind, shape.params(v.config), frozen_ffn)
-        train[v.layer] = train.get(v.layer, 0.0) + flops * settings.tokens_per_block
-    return forward, train
-
-
-def plan_jobs(space: SearchSpace, config: Any, settings: BLDSettings, layers: list[int], workers: int, seq_len: int,
-              budget_bytes: float | None = None) -> list[JobPlan]:
-    """The build's jobs: contiguous layer groups, one per worker (`split_layers` over `layer_costs`); with a
-    per-worker `budget_bytes`, a group whose estimate (`plan.bld_job_bytes`, the one memory arithmetic)
-    exceeds it is split into consecutive variant subsets, each as large as fits. A subset covers the layers
-    of its variants only, so its parent stops at its own last layer. Without a budget: today's groups."""
-    from puzzle.plan import bld_job_bytes
-
-    shape = ModelShape.from_config(config)
-
-    def job(variants: list[Variant], whole: bool) -> JobPlan:
-        own = tuple(sorted({v.layer for v in variants}))
-        return JobPlan(own, tuple(variants), bld_job_bytes(shape, list(own), variants, settings, seq_len), whole)
-
-    plans = []
-    for group in split_layers(layers, workers, *layer_costs(space, config, settings)):
-        whole = job(group_variants(space, group), True)
-        if budget_bytes is None or whole.bytes <= budget_bytes:
-            plans.append(JobPlan(tuple(group), whole.variants, whole.bytes))
-            continue
-        current: list[Variant] = []
-        for v in whole.variants:  # layer order: a subset's layers stay contiguous
-            if current and job(current + [v], False).bytes > budget_bytes:
-                plans.append(job(current, False))
-                current = []
-            current.append(v)
-        plans.append(job(current, False))
-    over = [p for p in plans if budget_bytes is not None and p.bytes > budget_bytes]
-    if over:
-        worst = max(over, key=lambda p: p.bytes)
-        raise PuzzleError(f"BLD of {store.key_of(worst.variants[0])} alone needs ~{worst.bytes / 2**30:.2f} GiB; "
-                          f"raise --worker-memory-gib to at least {math.ceil(worst.bytes / 2**30 * 100) / 100:.2f}")
-    return plans
-
-
 def load_neuron_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | None:
     """Minitron neuron scores per layer (`layers.{i}.neurons` of `puzzle importance`), or None when the run
     has none (complete) yet."""
-    from puzzle.pruning.importance import has_importance, load_importance
-
     if not has_importance(run_dir):
         return None
     scores = {}
@@ -172,8 +63,6 @@ def load_neuron_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | Non
 
 def _load_data(run_dir: str | Path) -> tuple[Any, Any]:
     """Training blocks and held-out blocks (the validation split, or the last train blocks without one)."""
-    from puzzle.data.blocks import load_blocks, load_meta
-
     train = load_blocks(run_dir, "train")
     meta = load_meta(run_dir)
     if int(meta.get("n_val_blocks", 0)) > 0:
@@ -192,8 +81,6 @@ def job_variants(job: GroupJob, space: SearchSpace) -> list[Variant]:
 
 def _job_space(job: GroupJob) -> SearchSpace:
     """The search space over the parent's whole config (a worker's parent model is truncated)."""
-    from puzzle.model.checkpoint import load_config
-
     return build_search_space(job.space_raw, load_config(job.parent), job.space_name)
 
 
@@ -208,9 +95,6 @@ def _already_done(job: GroupJob, space: SearchSpace) -> dict[str, Any] | None:
 def _load_parent(job: GroupJob, last_layer: int) -> Any:
     """The parent truncated after `last_layer`: embeddings and layers 0..last_layer read from its safetensors
     (`load_puzzle`), nothing beyond."""
-    from puzzle.device import DTYPES
-    from puzzle.model.checkpoint import load_puzzle
-
     dtype = DTYPES[job.settings.get("dtype", "fp32")]  # held once in the training's low dtype (bf16 under --dtype bf16)
     return load_puzzle(job.parent, dtype=dtype, last_layer=last_layer).requires_grad_(False)
 
@@ -223,8 +107,6 @@ def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None,
 
 def _build(job: GroupJob, parent: Any, space: SearchSpace, inputs: tuple, progress: Callable[[int], None] | None = None
            ) -> dict[str, Any]:
-    from puzzle.model.checkpoint import weights_dtype
-
     settings, scores, (train, held_out) = inputs
     return build_layer_group(job.run_dir, parent, space, job.layers, train, held_out, settings, scores, progress,
                              only=job.variants or None, store_dtype=weights_dtype(job.parent))
@@ -347,23 +229,21 @@ def _seed(run_dir: Path, job: GroupJob) -> dict[str, bytes]:
 
 
 def job_requests(jobs: list[GroupJob], space: SearchSpace, info: cluster.ClusterInfo) -> list[cluster.Resources]:
-    """Each job's Ray request from `build_library_cost` on its layers alone (one worker's peak)."""
-    from puzzle.data.blocks import load_meta
-    from puzzle.model.checkpoint import load_config
-    from puzzle.plan import bld_job_bytes, job_estimate
-
+    """Each job's Ray request: its variants' bytes (`bld_job_bytes`, as `plan_jobs` sized them) in one worker
+    process as `puzzle plan` prices it (`library.cost.worker_estimate`: the process baseline included; on a
+    GPU the job's bytes on it and the loaded truncated parent on the host). A job runs on a GPU when the
+    cluster has one and its settings ask for one (cuda, or auto: the GPU Ray assigns)."""
+    config = load_config(jobs[0].parent) if jobs else None
     requests = []
     for job in jobs:
-        config = load_config(job.parent)
-        seq_len = int(load_meta(job.run_dir)["seq_len"])
-        if job.variants:  # a job of a budgeted build: its own variants' estimate, as `plan_jobs` sized it
-            settings = BLDSettings(**job.settings)
-            nbytes = bld_job_bytes(ModelShape.from_config(config), list(job.layers), job_variants(job, space), settings,
-                                   settings.seq_len or seq_len)
-            requests.append(cluster.job_resources(nbytes, nbytes, job.threads, info))
-            continue
-        est = job_estimate("build_library", config, space, seq_len, {**job.settings, "layers": list(job.layers), "workers": 1})
-        requests.append(cluster.job_resources(est.host_bytes, est.gpu_bytes or est.host_bytes, job.threads, info))
+        settings = BLDSettings(**job.settings)
+        seq_len = settings.seq_len or int(load_meta(job.run_dir)["seq_len"])
+        gpu = info.gpus > 0 and settings.device != "cpu"
+        ctx = Context.one_worker(config, space, seq_len, "cuda" if gpu else "cpu")
+        variants = job_variants(job, space)
+        plan = JobPlan(job.layers, tuple(variants), bld_job_bytes(ctx.shape, list(job.layers), variants, settings, seq_len))
+        est = worker_estimate(ctx, plan, settings)
+        requests.append(cluster.job_resources(est.host_bytes, est.gpu_bytes, job.threads, info, use_gpu=gpu))
     return requests
 
 
@@ -379,7 +259,9 @@ def run_on_ray(jobs: list[GroupJob], space: SearchSpace, run_dir: Path, max_retr
     keys = [job.layers for job in jobs]
     cluster.check_fits([[r for k, r in zip(keys, requests) if k == key] for key in dict.fromkeys(keys)], info, "library")
     run = RunDir(run_dir)
-    inputs = cluster.ship(run_dir, cluster.run_files(run_dir, run.data) + cluster.run_files(run_dir, run.importance))
+    # parent.json too: BLDSettings.digest reads the parent's fingerprint from it
+    inputs = cluster.ship(run_dir, [run.info_file.name] + cluster.run_files(run_dir, run.data)
+                          + cluster.run_files(run_dir, run.importance))
     placed, groups = cluster.placement(keys, requests)
     # Workers report progress by what they yield; their own bars (transformers' GGUF conversion, once per
     # worker) would only interleave in the driver's log. env_vars merge with the job's.

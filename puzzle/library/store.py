@@ -2,7 +2,8 @@
 
 Layout under `runs/R/library/`:
 
-    manifest.json                          {"version", "parent", "search_space", "settings", "variants"}
+    manifest.json                          {"version", "parent", "parent_fingerprint", "search_space",
+                                           "settings", "variants"}
     L{layer:03d}/{kind}/{variant}.safetensors   the variant's sublayer state (`sublayer_state` form:
                                            norm + module weights keyed as inside the decoder layer)
     log.jsonl                              JSON lines: init, training losses, finished variants
@@ -28,9 +29,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from safetensors.torch import load
 
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, safetensors_bytes, sha256_file
+from puzzle.model.surgery import sublayer_state
 from puzzle.run_dir import RunDir
 from puzzle.search_space import Kind, Variant
 
@@ -136,6 +139,22 @@ def record_untrained(run_dir: str | Path, records: Iterable[dict[str, Any]]) -> 
     update_manifest(run_dir, records)
 
 
+def of_another_parent(manifest: dict[str, Any], fingerprint: str | None) -> bool:
+    """Whether the manifest records variants made from another parent content than `fingerprint` (the run's
+    parent now, parent.json's `parent_fingerprint`). A library written before fingerprints were recorded
+    has none and is taken as the parent's."""
+    recorded = manifest.get("parent_fingerprint")
+    return bool(manifest["variants"]) and None not in (recorded, fingerprint) and recorded != fingerprint
+
+
+def check_library_parent(run_dir: str | Path, manifest: dict[str, Any], fingerprint: str | None) -> None:
+    """One line when the library was built from another parent content than the run's parent now: a stage
+    that reads it (score, realize) does not retrain it, so it refuses, naming the stage that does."""
+    if of_another_parent(manifest, fingerprint):
+        raise PuzzleError(f"the block library in {library_dir(run_dir)} was built from other parent weights than "
+                          f"the parent now holds (its content changed since); rerun puzzle build-library first")
+
+
 def is_done(run_dir: str | Path, manifest: dict[str, Any], layer: int, kind: Kind, name: str, check_hash: bool = True,
             settings_sha256: str | None = None) -> bool:
     """True when the manifest holds the variant and, for a trained one, its file is whole (hash matches) and,
@@ -162,8 +181,6 @@ def missing_variants(run_dir: str | Path, variants: Iterable[Variant], check_has
 
 def load_variant(run_dir: str | Path, layer: int, kind: Kind, name: str) -> dict[str, torch.Tensor]:
     """A trained variant's stored state, checked against the manifest's hash."""
-    from safetensors.torch import load
-
     record = read_manifest(run_dir)["variants"].get(variant_key(layer, kind, name))
     if record is None or record.get("source") != "trained":
         raise PuzzleError(
@@ -181,8 +198,6 @@ def load_variant(run_dir: str | Path, layer: int, kind: Kind, name: str) -> dict
 
 def variant_state(run_dir: str | Path, parent_model: Any, variant: Variant) -> dict[str, torch.Tensor]:
     """The weights to pass to `replace_sublayer` for `variant`: the parent's own, {} for a no-op, or the stored file."""
-    from puzzle.model.surgery import sublayer_state
-
     if variant.is_parent:
         return sublayer_state(parent_model, variant.layer, variant.kind)
     if variant.config.no_op:
@@ -207,8 +222,6 @@ class LibraryReader:
 
     def state(self, variant: Variant) -> dict[str, torch.Tensor]:
         """A library variant's weights ({} for a no-op); parent-identical variants are the caller's."""
-        from safetensors.torch import load
-
         if variant.config.no_op:
             return {}
         key = key_of(variant)

@@ -4,6 +4,8 @@ from pathlib import Path
 
 import torch
 
+from puzzle.errors import PuzzleError
+
 from .checkpoint import load_model, load_tokenizer, save_model, to_puzzle
 
 
@@ -17,8 +19,6 @@ def convert(parent: Path, out: Path, dtype: str = "float32") -> Path:
     """
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(dtype)
     if torch_dtype is None:
-        from puzzle.errors import PuzzleError
-
         raise PuzzleError(f"unknown dtype {dtype!r}; choose float32, bfloat16 or float16")
     parent_model = load_model(parent, dtype=torch_dtype)
     child = to_puzzle(parent_model)

@@ -34,7 +34,9 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from puzzle.device import resolve_device
 from puzzle.errors import PuzzleError
+from puzzle.search_space import load_search_space
 from puzzle.run_dir import run_parent, writes_run_dir
 from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_table, table_problem, write_table
 from puzzle.model.blocks import BlockConfig
@@ -83,8 +85,6 @@ def _should_measure(profile: HardwareProfile, measure: bool | None, device: str 
         return None
     if measure is False:
         return None
-    from puzzle.device import resolve_device
-
     if profile.device.kind == "cpu":
         target = torch.device("cpu") if device == "auto" else resolve_device(device)
         if target.type != "cpu":
@@ -167,7 +167,6 @@ def profile(
             cuda:N; a GPU of another model than the profile's is refused (the dtype is the profile's workload's)
     """
     from puzzle.model.checkpoint import load_config, puzzle_config_from
-    from puzzle.search_space import load_search_space
 
     if calibrate is not None:
         from .calibrate import calibrate as fit_profile, fit_report

@@ -250,6 +250,7 @@ def measure_sublayer(
     dtype = torch_dtype(workload.dtype)
     out = {}
     for phase in ("prefill", "decode"):
+        calls = None  # the previous phase's copies freed before this one's are built: COLD_BYTES held once, not twice
         calls = sublayer_calls(config, kind, variant, workload, phase, device, dtype)
         out[f"{phase}_s"] = 0.0 if calls is None else time_calls(calls, device, phase, **timing)
     return out

@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from puzzle.data.blocks import check_token_ids, load_blocks
 from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
@@ -17,6 +18,7 @@ from .importance import (
     ImportanceSettings,
     batched,
     calibration_sequences,
+    check_importance_parent,
     compute_importance,
     has_importance,
     importance_dir,
@@ -28,7 +30,7 @@ from .importance import (
 from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_pruned
 from puzzle.shape import ModelShape
 
-from .shape import layers_for_target, parse_param_count, width_for_target
+from .shape import target_sizes
 
 
 @writes_run_dir("importance")
@@ -64,8 +66,6 @@ def importance(
         device: where the forward passes run: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
         dtype: the model's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32 (scores are summed in fp32)
     """
-    from puzzle.data.blocks import check_token_ids, load_blocks
-
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
@@ -77,8 +77,11 @@ def importance(
                                   drop_batches=math.ceil(drop_samples / batch_size))
     blocks = load_blocks(run_dir, "train")
     seq_len = seq_len or blocks.shape[1]
-    wanted = settings_json(settings, parent=str(parent), n_samples=n_samples, seq_len=seq_len, batch_size=batch_size,
-                           **runtime.settings())
+    from puzzle.model.fingerprint import fingerprint
+
+    # the parent's content, not only its path: a parent overwritten in place is scored again
+    wanted = settings_json(settings, parent=str(parent), parent_fingerprint=fingerprint(parent), n_samples=n_samples,
+                           seq_len=seq_len, batch_size=batch_size, **runtime.settings())
     if has_importance(run_dir) and not force and load_importance_settings(run_dir) == wanted:
         print(f"importance: {importance_dir(run_dir)} is complete with these settings; nothing to do (--force recomputes)")
         return importance_dir(run_dir)
@@ -136,17 +139,13 @@ def prune(
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
     runtime = resolve(device, dtype)
+    check_importance_parent(run_dir, parent)
     scores = load_importance(run_dir)
     model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
     check_uniform(model)
     shape = ModelShape.from_config(model.config)
-    if target_params is not None:
-        target = parse_param_count(target_params)
-        if target_mode == "depth":
-            drop_layers = layers_for_target(shape, target, params_scope)
-        else:
-            picked = width_for_target(shape, target, params_scope)
-            hidden_size, ffn_size = picked.hidden_size, picked.intermediate_size
+    hidden_size, ffn_size, drop_layers = target_sizes(shape, target_params, target_mode, params_scope, hidden_size,
+                                                      ffn_size, drop_layers)
     if drop_layers < 0:
         raise PuzzleError(f"drop-layers must be >= 0, got {drop_layers}")
     drop = layers_to_drop(scores, drop_layers, depth_method)

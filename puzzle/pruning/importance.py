@@ -272,6 +272,20 @@ def load_importance_settings(run_dir: str | Path) -> dict:
     return read_json(importance_dir(run_dir) / SETTINGS_FILE)
 
 
+def check_importance_parent(run_dir: str | Path, parent: str | Path) -> None:
+    """One line when the run's importance scores were computed from other weights than `parent` holds now
+    (overwritten in place since): a stage that reads them (prune, build-library's FFN init) does not
+    recompute them. Scores written before they recorded the parent's fingerprint pass."""
+    from puzzle.model.fingerprint import fingerprint
+
+    if not has_importance(run_dir):
+        return
+    recorded = load_importance_settings(run_dir).get("parent_fingerprint")
+    if recorded and recorded != fingerprint(parent):
+        raise PuzzleError(f"the importance scores in {importance_dir(run_dir)} were computed from other weights than "
+                          f"{parent} holds now; rerun puzzle importance (puzzle run does) first")
+
+
 def calibration_sequences(blocks, n_samples: int, seq_len: int | None = None) -> torch.Tensor:
     """`n_samples` sequences of `seq_len` tokens cut from consecutive packed blocks (n, L), as (n, seq_len).
 

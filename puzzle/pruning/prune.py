@@ -25,6 +25,7 @@ from puzzle.model.family import Family, window_layer_types
 from puzzle.run_dir import PRUNING_FILE
 
 from puzzle.shape import ModelShape
+from .shape import pruned_shape
 from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
 
 DepthMethod = Literal["block", "bi", "loss"]
@@ -159,14 +160,7 @@ def prune_model(
     heads_per_group = plan.heads_per_group or group
     kv_groups = plan.kv_groups or parent.num_key_value_heads
     keep = [i for i in range(parent.num_hidden_layers) if i not in set(plan.drop_layers)]
-    shape = parent.with_(
-        num_hidden_layers=len(keep),
-        hidden_size=plan.hidden_size or parent.hidden_size,
-        intermediate_size=plan.intermediate_size or parent.intermediate_size,
-        num_attention_heads=kv_groups * heads_per_group,
-        num_key_value_heads=kv_groups,
-        sliding_windows=None if parent.sliding_windows is None else tuple(parent.sliding_windows[i] for i in keep),
-    )
+    shape = pruned_shape(parent, plan.hidden_size, plan.intermediate_size, heads_per_group, kv_groups, keep)
     if shape.hidden_size % shape.num_attention_heads:
         raise PuzzleError(f"hidden size {shape.hidden_size} is not a multiple of the {shape.num_attention_heads} query heads kept; "
                           "transformers' config classes require it (pick a multiple or prune heads)")

@@ -55,3 +55,32 @@ def width_for_target(parent: ModelShape, target: int, scope: Scope = "total", al
     if best_any is None:
         raise PuzzleError(f"no hidden size below {parent.hidden_size} is a multiple of {step}; give the sizes explicitly")
     return (best_close or best_any)[1]
+
+
+def target_sizes(parent: ModelShape, target_params: str | int | None, target_mode: str, params_scope: Scope,
+                 hidden_size: int | None, ffn_size: int | None, drop_layers: int) -> tuple[int | None, int | None, int]:
+    """(hidden size, FFN size, layers to drop) of a prune: the given ones, or those a parameter target
+    picks (`target_mode` depth: layers; width: hidden and FFN sizes, overriding the given ones)."""
+    if target_params is None:
+        return hidden_size, ffn_size, drop_layers
+    target = parse_param_count(target_params)
+    if target_mode == "depth":
+        return hidden_size, ffn_size, layers_for_target(parent, target, params_scope)
+    picked = width_for_target(parent, target, params_scope)
+    return picked.hidden_size, picked.intermediate_size, drop_layers
+
+
+def pruned_shape(parent: ModelShape, hidden_size: int | None, ffn_size: int | None, heads_per_group: int | None,
+                 kv_groups: int | None, keep: list[int]) -> ModelShape:
+    """The pruned model's shape: the kept layers (`keep`, their windows with them), the given widths (None:
+    the parent's), `kv_groups` KV heads of `heads_per_group` query heads each (None: the parent's)."""
+    group = parent.num_attention_heads // parent.num_key_value_heads
+    kv_groups = kv_groups or parent.num_key_value_heads
+    return parent.with_(
+        num_hidden_layers=len(keep),
+        hidden_size=hidden_size or parent.hidden_size,
+        intermediate_size=ffn_size or parent.intermediate_size,
+        num_attention_heads=kv_groups * (heads_per_group or group),
+        num_key_value_heads=kv_groups,
+        sliding_windows=None if parent.sliding_windows is None else tuple(parent.sliding_windows[i] for i in keep),
+    )

@@ -6,7 +6,10 @@ from typing import Any, Callable
 
 import torch
 
+from puzzle.errors import PuzzleError
 from puzzle.model import BlockConfig, PuzzleForCausalLM
+from puzzle.model.checkpoint import load_config, load_puzzle, puzzle_config_from
+from puzzle.model.loading import SafetensorsCheckpoint, check_materialised, materialise_buffers, on_meta
 from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
 
@@ -29,8 +32,6 @@ def assemble_child(parent: PuzzleForCausalLM, blocks: list[BlockConfig], state_f
     `parent` must be the all-parent model, so `Variant.is_parent` means "identical to the parent's block".
     """
     if len(blocks) != parent.config.num_hidden_layers:
-        from puzzle.errors import PuzzleError
-
         raise PuzzleError(f"the solution has {len(blocks)} layers but the parent has {parent.config.num_hidden_layers}")
     child = copy.deepcopy(parent)
     for variant in _variants(parent.config.blocks, blocks):
@@ -61,9 +62,6 @@ class StateReader:
 
 
 def _open_parent(parent: Path) -> Any:
-    from puzzle.model.checkpoint import load_puzzle
-    from puzzle.model.loading import SafetensorsCheckpoint
-
     if parent.suffix == ".gguf":  # dequantised whole by transformers: nothing to stream from
         return StateReader(load_puzzle(parent, dtype=None).state_dict())
     return SafetensorsCheckpoint(parent)
@@ -76,10 +74,6 @@ def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateF
     `state_fn(variant)` (the library). Holds the child and one sublayer, never the parent besides (a GGUF
     parent excepted: it is dequantised whole). `dtype`: the child's (default: the parent's stored dtype).
     Equal to `assemble_child(load_puzzle(parent), blocks, state_fn)`, tensor for tensor."""
-    from puzzle.errors import PuzzleError
-    from puzzle.model.checkpoint import load_config, puzzle_config_from
-    from puzzle.model.loading import check_materialised, materialise_buffers, on_meta
-
     parent_config = puzzle_config_from(load_config(parent))
     if len(blocks) != parent_config.num_hidden_layers:
         raise PuzzleError(f"the solution has {len(blocks)} layers but the parent has {parent_config.num_hidden_layers}")
@@ -124,8 +118,6 @@ def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_f
 
 def _fill(model: PuzzleForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Assign `state`'s tensors (a part of the model's) to the meta-built model, checking every name exists."""
-    from puzzle.errors import PuzzleError
-
     unexpected = [k for k in state if k not in dict(model.named_parameters())]
     if unexpected:
         raise PuzzleError(f"weights that do not fit the child: {unexpected[:3]}")

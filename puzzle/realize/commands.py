@@ -8,10 +8,12 @@ from puzzle.device import DTYPES, resolve_dtype
 from puzzle.engines import check_child, check_family, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
+from puzzle.library.store import check_library_parent, read_manifest, variant_state
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
 from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
 from puzzle.shape import ModelShape
 from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.search_space import load_search_space
 
 from .assemble import architecture_table, stream_child, table_markdown
 
@@ -33,8 +35,6 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         dtype: the child's stored weights: auto (the parent's stored dtype), bf16, fp16 or fp32. Realize
             copies tensors (streamed on the CPU, one sublayer at a time), so it has no --device.
     """
-    from puzzle.library.store import variant_state
-    from puzzle.search_space import load_search_space
 
     wanted = None if dtype == "auto" else resolve_dtype(dtype)  # None: the parent's
     run = RunDir(run_dir)
@@ -57,9 +57,14 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     check_family(engine.name, config)
     check_child(engine.name, blocks, config.hidden_size)  # before any weight is read
 
+    manifest = read_manifest(run_dir)
+    check_library_parent(run_dir, manifest, info.get("parent_fingerprint"))  # of other parent weights: rebuild first
     digest = hashlib.sha256(json.dumps(payload["block_configs"], sort_keys=True).encode()).hexdigest()
+    # what the child's weights come from besides its blocks: the parent's content and the library's entries
+    sources = {"parent_fingerprint": info.get("parent_fingerprint"),
+               "library_sha256": hashlib.sha256(json.dumps(manifest["variants"], sort_keys=True).encode()).hexdigest()}
     done = out / "realized.json"
-    if done.exists() and _holds(out, digest, engine.name, wanted):
+    if done.exists() and _holds(out, digest, engine.name, wanted, sources):
         print(f"{out} already holds this solution; nothing to do")
         return out
 
@@ -74,7 +79,7 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     extra = {
         "architecture.json": rows,
         "predicted_costs.json": {"solution": src.stem, **payload.get("predicted", {})},
-        "realized.json": {"solution": str(src), "block_configs_sha256": digest, "parent": info["parent"],
+        "realized.json": {"solution": str(src), "block_configs_sha256": digest, "parent": info["parent"], **sources,
                           "target_engine": engine.name, "params": params, "parent_params": parent_params,
                           "dtype": stored},
     }
@@ -85,10 +90,13 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     return out
 
 
-def _holds(out: Path, digest: str, engine: str, dtype: str | None) -> bool:
+def _holds(out: Path, digest: str, engine: str, dtype: str | None, sources: dict[str, str | None]) -> bool:
     """Whether `out` is this solution realised for this engine, in `dtype` (None: whichever the parent's
-    was), in today's checkpoint format (a child realised before --dtype is fp32)."""
+    was), in today's checkpoint format (a child realised before --dtype is fp32), from today's parent
+    content and library entries (`sources`)."""
     record = read_json(out / "realized.json")
+    if any(record.get(k) != v for k, v in sources.items()):
+        return False
     try:
         model_type = read_json(out / "config.json").get("model_type")
     except PuzzleError:

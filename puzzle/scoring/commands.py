@@ -5,7 +5,7 @@ top1_agreement, cosine, tokens) and `scores.json` (the same rows, the settings a
 metrics).
 
 Resuming: every (variant, batch) result is appended to `scores/partial.jsonl` as it finishes, keyed by the
-variant, the batch index, a fingerprint of the settings (parent, prepared data, number of blocks, batch
+variant, the batch index, a fingerprint of the settings (parent path and content, prepared data, number of blocks, batch
 size, seed) and the library entry (its file's sha256, or "parent" / "noop"). A rerun computes only what
 is missing or stale, and loads no model at all when nothing is; the tables are written at the end.
 
@@ -35,11 +35,11 @@ from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks, lo
 from puzzle.device import Runtime, place, resolve, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, read_yaml, write_table
-from puzzle.library.store import LibraryReader, key_of, library_dir, missing_variants, read_manifest, variant_state
+from puzzle.library.store import check_library_parent, key_of, library_dir, missing_variants, read_manifest
 from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir, resolve_run_info, writes_run_dir
 from puzzle.scoring.ray_jobs import ScoreJob, layer_ranges, score_on_ray, without
-from puzzle.scoring.replace1 import Sums, parent_reference, score_batch
+from puzzle.scoring.replace1 import PARENT_KEY, Sums, score_results
 from puzzle.search_space import Variant, build_search_space, resolve_space_path
 
 log = logging.getLogger(__name__)
@@ -47,10 +47,6 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_SPACE = "llama_default"
 COLUMNS = ["layer", "kind", "variant", "kl", "lm_loss", "top1_agreement", "cosine", "tokens"]
-PARENT_KEY = "parent"  # the partial log's key for the parent's own per-batch metrics
-# Library entries kept in memory after their first load, as a share of the parent's bytes: the parent and
-# the kept entries stay within 1.5x the parent (a search space's library is several parents' worth).
-KEEP_LIBRARY = 0.5
 
 
 def scores_dir(run_dir: str | Path) -> Path:
@@ -166,12 +162,14 @@ def score(
     space = build_search_space(space_raw, parent_config, space_path.stem)
     variants = list(space.variants())
     _check_library(run_dir, variants, space.name)
+    check_library_parent(run_dir, manifest, info.get("parent_fingerprint"))  # of other parent weights: rebuild first
 
     n_blocks = min(blocks, len(val))
     n_batches = math.ceil(n_blocks / batch_size)
     settings = {
         "format": FORMAT_VERSION,
         "parent": str(info["parent"]),
+        "parent_fingerprint": info.get("parent_fingerprint"),  # its content: a parent overwritten in place rescores
         "data": meta.get("fingerprint"),
         "seq_len": int(meta["seq_len"]),
         "blocks": n_blocks,
@@ -242,32 +240,6 @@ def _score_on_ray(run_dir: Path, jobs: list[ScoreJob], variants: list[Variant], 
         bar.close()
     for worker in workers:  # where each range ran: host, pid, device, the GPU ids Ray assigned, the request
         JsonlLog(scores_dir(run_dir) / "log.jsonl").write(event="score_worker", **worker)
-
-
-def score_results(run_dir: Path, model: Any, batches: Iterator[torch.Tensor], todo: dict[int, list[Variant]],
-                  parent_batches: set[int], chunk_tokens: int) -> Iterator[tuple[str, int, Sums, Variant | None]]:
-    """(key, batch, sums, variant) of the `todo` variants of each batch, and (PARENT_KEY, batch, sums, None)
-    of each batch in `parent_batches`; batches with neither are skipped without a forward. Each library
-    file is read and verified once per run, not once per batch (kept in memory while the entries take at
-    most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed; nothing kept when a single
-    batch has variants to score: no entry is used twice)."""
-    parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    reused = sum(1 for variants in todo.values() if variants) > 1
-    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes if reused else 0)
-
-    def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
-        if variant.is_parent:
-            return variant_state(run_dir, model, variant)
-        return library.state(variant)
-
-    for b, ids in enumerate(batches):
-        if not todo.get(b) and b not in parent_batches:
-            continue
-        ref = parent_reference(model, ids, chunk_tokens)
-        if b in parent_batches:
-            yield PARENT_KEY, b, ref.sums, None
-        for variant, sums in score_batch(model, ref, todo.get(b, []), state_fn):
-            yield key_of(variant), b, sums, variant
 
 
 def _score_batches(

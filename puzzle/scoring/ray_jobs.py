@@ -14,11 +14,19 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import torch
+
 from puzzle import cluster
+from puzzle.data.blocks import iterate_batches, load_blocks
+from puzzle.device import DTYPES, place
+from puzzle.footprint import Context
 from puzzle.library import store
-from puzzle.library.ray_jobs import split_layers
+from puzzle.library.cost import split_layers
+from puzzle.model.checkpoint import load_config, load_puzzle
 from puzzle.run_dir import RunDir
-from puzzle.search_space import Variant
+from puzzle.scoring.cost import score_cost
+from puzzle.scoring.replace1 import PARENT_KEY, Sums, score_results
+from puzzle.search_space import Variant, build_search_space
 
 
 @dataclass(frozen=True)
@@ -53,14 +61,6 @@ def layer_ranges(variants: list[Variant], num_layers: int, workers: int) -> list
 def score_task(job: ScoreJob, inputs: dict[str, bytes]) -> Iterator[dict[str, Any]]:
     """A Ray generator task: {"worker": `task_device()`}, then one {"result": ...} per (variant, batch) and
     per parent batch of `job.parent_batches`."""
-    import torch
-
-    from puzzle.data.blocks import iterate_batches, load_blocks
-    from puzzle.device import DTYPES, place
-    from puzzle.model.checkpoint import load_config, load_puzzle
-    from puzzle.scoring.commands import score_results
-    from puzzle.search_space import build_search_space
-
     worker = cluster.task_device()
     yield {"worker": worker}
     if job.threads > 0:
@@ -91,22 +91,16 @@ def _inputs(run_dir: Path, job: ScoreJob, variants: dict[str, Variant]) -> list[
 def score_on_ray(run_dir: Path, jobs: list[ScoreJob], variants: dict[str, Variant], seq_len: int,
                  add: Callable[[str, int, Any, dict[str, Any]], None], remaining: Callable[[ScoreJob], ScoreJob],
                  max_retries: int) -> list[dict[str, Any]]:
-    """Run the ranges as Ray tasks (Ray connected): preflight, requests from `score_cost`, each result
+    """Run the ranges as Ray tasks (Ray connected): preflight, requests from `scoring.cost.score_cost` (the job itself as its settings), each result
     handed to `add(key, batch, sums, extra)` as it arrives; a dead worker's job resubmitted as
     `remaining(job)` (what the driver has not received yet). Returns each job's worker record."""
     import ray
-
-    from puzzle.model.checkpoint import load_config
-    from puzzle.plan import job_estimate
-    from puzzle.scoring.replace1 import Sums
-    from puzzle.search_space import build_search_space
 
     info = cluster.preflight(run_dir, jobs[0].parent)
     config = load_config(jobs[0].parent)
     space = build_search_space(jobs[0].space_raw, config, jobs[0].space_name)
     use_gpu = jobs[0].device != "cpu"
-    est = job_estimate("score", config, space, seq_len, {"batch_size": jobs[0].batch_size, "blocks": jobs[0].blocks,
-                       "chunk_tokens": jobs[0].chunk_tokens, "device": jobs[0].device}, "cuda" if use_gpu else "cpu")
+    est = score_cost(Context.one_worker(config, space, seq_len, "cuda" if use_gpu else "cpu"), jobs[0])
     request = cluster.job_resources(est.host_bytes, est.gpu_bytes, jobs[0].threads, info, use_gpu=use_gpu)
     cluster.check_fits([[request]], info, "score")
     task = ray.remote(score_task).options(max_retries=0, runtime_env={"env_vars": {"TQDM_DISABLE": "1"}}, **request.options())
@@ -129,8 +123,6 @@ def score_on_ray(run_dir: Path, jobs: list[ScoreJob], variants: dict[str, Varian
 
 def without(job: ScoreJob, done: Callable[[str, int], bool]) -> ScoreJob:
     """The job less the results `done(key, batch)` already holds."""
-    from puzzle.scoring.commands import PARENT_KEY
-
     todo = {b: tuple(k for k in keys if not done(k, b)) for b, keys in job.todo.items()}
     return replace(job, todo={b: keys for b, keys in todo.items() if keys},
                    parent_batches=tuple(b for b in job.parent_batches if not done(PARENT_KEY, b)))

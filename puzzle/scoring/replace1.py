@@ -29,7 +29,8 @@ import copy
 from collections import defaultdict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -37,9 +38,13 @@ from tqdm.auto import tqdm
 
 from puzzle import metrics
 from puzzle.errors import PuzzleError
+from puzzle.library.store import LibraryReader, key_of, variant_state
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.surgery import replace_sublayer
+from puzzle.scoring.cost import KEEP_LIBRARY
 from puzzle.search_space import Variant
+
+PARENT_KEY = "parent"  # the partial log's key for the parent's own per-batch metrics
 
 StateFn = Callable[[Variant], dict[str, torch.Tensor]]
 # The attributes of `PuzzleDecoderLayer` a sublayer swap touches (as in puzzle.model.surgery).
@@ -200,3 +205,29 @@ def score_variants(
         raise PuzzleError("no validation batches to score on")
     rows = [{"layer": v.layer, "kind": v.kind, "variant": v.name, **totals[(v.layer, v.kind, v.name)].means()} for v in variants]
     return rows, parent.means()
+
+
+def score_results(run_dir: Path, model: Any, batches: Iterator[torch.Tensor], todo: dict[int, list[Variant]],
+                  parent_batches: set[int], chunk_tokens: int) -> Iterator[tuple[str, int, Sums, Variant | None]]:
+    """(key, batch, sums, variant) of the `todo` variants of each batch, and (PARENT_KEY, batch, sums, None)
+    of each batch in `parent_batches`; batches with neither are skipped without a forward. Each library
+    file is read and verified once per run, not once per batch (kept in memory while the entries take at
+    most KEEP_LIBRARY x the parent's bytes; beyond that re-read, not re-hashed; nothing kept when a single
+    batch has variants to score: no entry is used twice)."""
+    parent_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    reused = sum(1 for variants in todo.values() if variants) > 1
+    library = LibraryReader(run_dir, keep_bytes=KEEP_LIBRARY * parent_bytes if reused else 0)
+
+    def state_fn(variant: Variant) -> dict[str, torch.Tensor]:
+        if variant.is_parent:
+            return variant_state(run_dir, model, variant)
+        return library.state(variant)
+
+    for b, ids in enumerate(batches):
+        if not todo.get(b) and b not in parent_batches:
+            continue
+        ref = parent_reference(model, ids, chunk_tokens)
+        if b in parent_batches:
+            yield PARENT_KEY, b, ref.sums, None
+        for variant, sums in score_batch(model, ref, todo.get(b, []), state_fn):
+            yield key_of(variant), b, sums, variant

@@ -168,6 +168,20 @@ def layer_table(solution: Solution) -> str:
     return "\n".join(rows)
 
 
+def _check_scored_parent(run: RunDir) -> None:
+    """One line when the scores were computed from other weights than the run's parent holds now (it was
+    overwritten in place since): solve does not rescore. A parent no longer on disk, or scores written
+    before they recorded the parent's fingerprint, pass."""
+    from puzzle.model.fingerprint import fingerprint
+
+    meta = run.scores / "scores.json"
+    scored = read_json(meta).get("settings", {}).get("parent_fingerprint") if meta.exists() else None
+    parent = run.info().get("parent")
+    if scored and parent and Path(parent).exists() and fingerprint(parent) != scored:
+        raise PuzzleError(f"the scores in {run.scores} were computed from other weights than the parent {parent} "
+                          "holds now; rerun puzzle build-library and puzzle score (puzzle run does) first")
+
+
 @writes_run_dir("solve")
 def solve(
     run_dir: Path = Path("runs/default"),
@@ -210,6 +224,7 @@ def solve(
     """
     run = RunDir(run_dir)
     scores = read_table(run.scores_table.with_suffix(".parquet"), rebuild=f"puzzle score --run-dir {run_dir}")
+    _check_scored_parent(run)
     costs, meta = load_costs(run_dir, budget)
     where = _costs_json(run_dir, budget)
     problems = [problem_from_meta(scores, costs, meta, metric, where=where)]

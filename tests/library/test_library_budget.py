@@ -12,9 +12,10 @@ from puzzle.io import read_yaml
 from puzzle.library import store
 from puzzle.library.bld import BLDSettings, group_variants
 from puzzle.library.commands import build_library
-from puzzle.library.ray_jobs import GroupJob, layer_costs, plan_jobs, run_group, split_layers
+from puzzle.library.cost import bld_job_bytes, layer_costs, plan_jobs, split_layers
+from puzzle.library.ray_jobs import GroupJob, run_group
 from puzzle.model.checkpoint import load_config
-from puzzle.plan import GIB, bld_job_bytes
+from puzzle.footprint import GIB
 from puzzle.search_space import build_search_space, resolve_space_path
 from puzzle.shape import ModelShape
 
@@ -81,7 +82,7 @@ def test_without_a_budget_the_jobs_are_the_layer_groups(tmp_path):
     _, space = _space(parent)
     config = load_config(parent)
     jobs = plan_jobs(space, config, SETTINGS, [0, 1, 2, 3], 2, SEQ_LEN)
-    assert [list(j.layers) for j in jobs] == split_layers([0, 1, 2, 3], 2, *layer_costs(space, config, SETTINGS))
+    assert [list(j.layers) for j in jobs] == split_layers([0, 1, 2, 3], 2, *layer_costs(space, config, SETTINGS, SEQ_LEN))
     assert all(j.keys == () for j in jobs)
 
 

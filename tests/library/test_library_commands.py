@@ -14,6 +14,7 @@ from library_testing import save_parent, write_blocks
 from puzzle.cli import main
 from puzzle.library import store
 from puzzle.model.checkpoint import load_config
+from puzzle.model.fingerprint import fingerprint
 from puzzle.search_space import load_search_space
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,7 +30,8 @@ def test_cli_builds_a_complete_library_and_a_rerun_only_checks_it(tmp_path, caps
     parent = save_parent(tmp_path / "parent", layers=2)
     run = write_blocks(tmp_path / "run")
     assert main(["build-library", "--run-dir", str(run), "--parent", str(parent), *FAST, "--no-ray"]) == 0
-    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny"}
+    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny",
+                                                             "parent_fingerprint": fingerprint(parent)}
     space = load_search_space("tiny", load_config(parent))
     assert store.missing_variants(run, space.variants()) == []
     manifest = store.read_manifest(run)
@@ -136,7 +138,7 @@ def test_a_killed_build_resumes_without_retraining_or_accepting_half_files(tmp_p
 
 
 def test_layers_split_into_contiguous_groups():
-    from puzzle.library.ray_jobs import split_layers
+    from puzzle.library.cost import split_layers
 
     groups = split_layers(list(range(30)), 4)
     assert [len(g) for g in groups] == [8, 8, 8, 6] and sum(groups, []) == list(range(30))
@@ -147,7 +149,7 @@ def test_layers_split_into_contiguous_groups():
 def test_split_with_costs_balances_the_parent_forward_against_training():
     """A later group runs the parent further, so the cost-balanced split gives earlier groups more layers,
     and its largest group costs no more than the equal-size split's (checked by brute force for 2 groups)."""
-    from puzzle.library.ray_jobs import split_layers
+    from puzzle.library.cost import split_layers
 
     layers = list(range(30))
     forward, train = [1.0] * 30, {l: 3.0 for l in layers}

@@ -13,6 +13,7 @@ from transformers import GPT2Config
 from puzzle.cli import main
 from puzzle.library import store
 from puzzle.library.commands import build_library
+from puzzle.model.fingerprint import fingerprint
 
 REPO = Path(__file__).resolve().parents[2]
 FAST = dict(search_space="tiny", tokens_per_block=512, batch_size=4, calibration_tokens=256, eval_tokens=128,
@@ -67,7 +68,8 @@ def test_a_rejected_parent_or_search_space_leaves_the_run_directory_usable(tmp_p
     assert not (run / "parent.json").exists()
 
     assert main([*base, "--parent", str(parent)]) == 0
-    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny"}
+    assert json.loads((run / "parent.json").read_text()) == {"parent": str(parent.resolve()), "search_space": "tiny",
+                                                             "parent_fingerprint": fingerprint(parent)}
 
 
 BUILD = """

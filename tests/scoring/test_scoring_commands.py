@@ -15,7 +15,7 @@ from puzzle.io import read_table
 from puzzle.library import store
 from puzzle.library.store import key_of, record_untrained, variant_state, write_variant
 from puzzle.model.checkpoint import load_model, to_puzzle
-from puzzle.scoring import commands
+from puzzle.scoring import commands, replace1
 from puzzle.scoring.replace1 import score_variants
 from puzzle.search_space import load_search_space
 
@@ -59,14 +59,14 @@ class Counter:
 
     def __init__(self, monkeypatch):
         self.calls = 0
-        inner = commands.score_batch
+        inner = replace1.score_batch
 
         def counting(*args, **kwargs):
             for item in inner(*args, **kwargs):
                 self.calls += 1
                 yield item
 
-        monkeypatch.setattr(commands, "score_batch", counting)
+        monkeypatch.setattr(replace1, "score_batch", counting)
 
 
 def test_score_writes_the_table_and_json(run, tiny_parent_dir):
@@ -208,9 +208,9 @@ def test_each_library_file_is_read_and_verified_once_per_run(run, tiny_parent_di
     """5 blocks in batches of 2: 3 batches visit every variant, yet each file is read and hashed once (the
     whole library kept: see the next test for one over `KEEP_LIBRARY`)."""
     run_dir, parent, space = run
-    monkeypatch.setattr(commands, "KEEP_LIBRARY", float("inf"))
+    monkeypatch.setattr(replace1, "KEEP_LIBRARY", float("inf"))
     readers, hashed = [], []
-    inner_init, inner_sha = commands.LibraryReader.__init__, store.hashlib.sha256
+    inner_init, inner_sha = replace1.LibraryReader.__init__, store.hashlib.sha256
 
     def init(self, *args, **kwargs):
         inner_init(self, *args, **kwargs)
@@ -220,7 +220,7 @@ def test_each_library_file_is_read_and_verified_once_per_run(run, tiny_parent_di
         hashed.append(len(data))
         return inner_sha(data)
 
-    monkeypatch.setattr(commands.LibraryReader, "__init__", init)
+    monkeypatch.setattr(replace1.LibraryReader, "__init__", init)
     monkeypatch.setattr(store.hashlib, "sha256", sha256)
     counter = Counter(monkeypatch)
     assert main(["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *ARGS]) == 0
@@ -235,13 +235,13 @@ def test_a_single_batch_keeps_no_library_entry(run, tiny_parent_dir, monkeypatch
     """One batch uses each entry once: nothing is kept in memory after its use (`KEEP_LIBRARY` is for reuse)."""
     run_dir, parent, space = run
     readers = []
-    inner_init = commands.LibraryReader.__init__
+    inner_init = replace1.LibraryReader.__init__
 
     def init(self, *args, **kwargs):
         inner_init(self, *args, **kwargs)
         readers.append(self)
 
-    monkeypatch.setattr(commands.LibraryReader, "__init__", init)
+    monkeypatch.setattr(replace1.LibraryReader, "__init__", init)
     one_batch = ["--search-space", "tiny", "--blocks", "2", "--batch-size", "2", "--chunk-tokens", "16"]
     assert main(["score", "--run-dir", str(run_dir), "--parent", str(tiny_parent_dir), *one_batch]) == 0
     trained = [v for v in space.variants() if not v.is_parent and not v.config.no_op]

@@ -1,0 +1,47 @@
+"""importance's and prune's cost models (`puzzle plan`)."""
+
+from typing import Any
+
+from puzzle.footprint import DTYPE_BYTES, FP32, Context, Estimate, load_peak_bytes, placed, unread_bytes
+from puzzle.metrics import CHUNK_TOKENS, KL_CHUNK_TEMPORARIES
+from puzzle.pruning.shape import pruned_shape, target_sizes
+
+
+def importance_cost(ctx: Context, s: Any) -> Estimate:
+    """importance: to_puzzle(load_model(parent, dtype)) placed on its device (P_e; on the CPU less what it
+    never reads, `unread_bytes`), then forward passes of batch_size x seq_len with hooks: one layer's
+    activations (e) and, when drop_samples > 0, the batch's logits (fp32) alive at a time; the per-layer
+    statistics (heads, neurons, channels; fp32) are small (puzzle/pruning/commands.py)."""
+    shape, T = ctx.shape, s.seq_len or ctx.seq_len
+    device, dtype = ctx.runtime(s.device, s.dtype)
+    e, b = DTYPE_BYTES[dtype], s.batch_size * T
+    logits = s.drop_samples > 0  # only the drop-layer losses use the LM head (importance.py)
+    working = ctx.model_bytes(e) - unread_bytes(ctx, device, e, logits) + ctx.layer_activation_bytes(b, e)
+    if logits:  # the batch's reference logits, and one chunk's loss temporaries per dropped run (kd_terms)
+        working += (b + KL_CHUNK_TEMPORARIES * min(b, CHUNK_TOKENS)) * ctx.logits_bytes_per_token
+    stats = shape.num_hidden_layers * (shape.num_attention_heads + shape.intermediate_size + shape.hidden_size + 1) * FP32
+    est = Estimate("", "importance", disk_bytes=stats, dtype=dtype,
+                   flops=s.n_samples * T * shape.model_flops_per_token(None, T / 2))
+    return placed(est, device, load_peak_bytes(ctx, e), working)
+
+
+def prune_cost(ctx: Context, s: Any) -> Estimate:
+    """prune (puzzle/pruning/commands.py, prune.py): to_puzzle(load_model(parent, dtype)) placed on its
+    device (P_e, every weight read: each kept one is sliced or copied into the pruned model), the sliced
+    state dict (at most the pruned model C_e, on the device), then the pruned model built by transformers on
+    the host in fp32 (C_fp32; cast to e after) into which the state is copied, and streamed to safetensors
+    (`save_checkpoint`). No FLOPs to speak of: index_select and copies."""
+    device, dtype = ctx.runtime(s.device, s.dtype)
+    e = DTYPE_BYTES[dtype]
+    parent = ctx.shape
+    hidden, ffn, drop = target_sizes(parent, s.target_params, s.target_mode, s.params_scope, s.hidden_size,
+                                     s.ffn_size, s.drop_layers)
+    keep = list(range(parent.num_hidden_layers - drop))  # which layers go leaves the count unchanged
+    child = pruned_shape(parent, hidden, ffn, s.heads_per_group, s.kv_groups, keep)
+    built = child.model_bytes(None, FP32) + (child.model_bytes(None, e) if e != FP32 else 0)  # fp32, then cast
+    est = Estimate("", "prune", disk_bytes=child.model_bytes(None, e), dtype=dtype, seconds=0.0,
+                   note=f"pruned: {child.total_params() / 1e9:.3f}B parameters")
+    working = ctx.model_bytes(e) + child.model_bytes(None, e)
+    if device == "cuda":
+        return placed(est, device, max(load_peak_bytes(ctx, e), built), working)
+    return placed(est, device, 0, working + built)
