@@ -16,6 +16,7 @@ every count it reads against the bytes left in the file. A checkpoint with no we
 (`puzzle plan` sizes a model from its config alone) has only its numbers checked: positive integers.
 """
 
+import math
 import mmap
 import struct
 from pathlib import Path
@@ -31,26 +32,21 @@ GGUF_KEYS = {"num_hidden_layers": "block_count", "hidden_size": "embedding_lengt
              "intermediate_size": "feed_forward_length", "num_attention_heads": "attention.head_count",
              "num_key_value_heads": "attention.head_count_kv", "vocab_size": "vocab_size",
              "head_dim": "attention.key_length"}
-# Tensor roles: (HF name, GGUF name) with {i} for the layer; the expected shape comes from `_expected`.
-_TENSORS = {
-    "embed": ("model.embed_tokens.weight", "token_embd.weight"),
-    "head": ("lm_head.weight", "output.weight"),
-    "q": ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
-    "k": ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
-    "v": ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
-    "o": ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
-    "gate": ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
-    "up": ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
-    "down": ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
-}
-# The fields each role's shape is made of (named in the message when it disagrees).
-_ROLE_FIELDS = {
-    "embed": ("vocab_size", "hidden_size"), "head": ("vocab_size", "hidden_size"),
-    "q": ("num_attention_heads", "head_dim", "hidden_size"), "o": ("num_attention_heads", "head_dim", "hidden_size"),
-    "k": ("num_key_value_heads", "head_dim", "hidden_size"), "v": ("num_key_value_heads", "head_dim", "hidden_size"),
-    "gate": ("intermediate_size", "hidden_size"), "up": ("intermediate_size", "hidden_size"),
-    "down": ("intermediate_size", "hidden_size"),
-}
+# The tensors compared: (HF name, GGUF name) with {i} for the layer, and their (rows, columns) as sizes below.
+_TENSORS = (
+    ("model.embed_tokens.weight", "token_embd.weight", ("vocab", "hidden")),
+    ("lm_head.weight", "output.weight", ("vocab", "hidden")),
+    ("model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight", ("q", "hidden")),
+    ("model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight", ("kv", "hidden")),
+    ("model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight", ("kv", "hidden")),
+    ("model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight", ("hidden", "q")),
+    ("model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight", ("ffn", "hidden")),
+    ("model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight", ("ffn", "hidden")),
+    ("model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight", ("hidden", "ffn")),
+)
+# Each size: the product of these fields.
+_SIZES = {"vocab": ("vocab_size",), "hidden": ("hidden_size",), "ffn": ("intermediate_size",),
+          "q": ("num_attention_heads", "head_dim"), "kv": ("num_key_value_heads", "head_dim")}
 _DAMAGED = "the file is damaged or its metadata was edited"
 _DEFAULTS = {"head_dim": "hidden / heads", "num_key_value_heads": "the query heads"}  # see `_with_defaults`
 
@@ -107,12 +103,15 @@ def _check_against(claims: dict[str, Any], names: dict[str, str], shapes: dict[s
         raise PuzzleError(f"{where}: {names['num_hidden_layers']} says {n} layers, but the file holds tensors "
                           f"for {held}; {_DAMAGED}")
     dims = _with_defaults(claims)
-    column = 0 if hf else 1
-    for role, (fields, expected) in _expected(dims).items():
-        template = _TENSORS[role][column]
+    for hf_name, gguf_name, (rows, cols) in _TENSORS:
+        expected = (_size(dims, rows), _size(dims, cols))
+        if None in expected:
+            continue  # a dimension the header does not give: nothing to compare
+        template = hf_name if hf else gguf_name
         for i in sorted(layers) if "{i}" in template else [None]:
             name = template.format(i=i)
-            if name in shapes and expected is not None and tuple(shapes[name]) != expected:
+            if name in shapes and tuple(shapes[name]) != expected:
+                fields = dict.fromkeys(_SIZES[rows] + _SIZES[cols])
                 said = ", ".join(f"{names[f]} {dims[f]}" if f in claims else f"{f} {dims[f]} ({_DEFAULTS[f]})"
                                  for f in fields)
                 raise PuzzleError(f"{where}: {name} is {list(shapes[name])}, but {said} give {list(expected)}; "
@@ -130,27 +129,10 @@ def _with_defaults(claims: dict[str, Any]) -> dict[str, Any]:
     return dims
 
 
-def _expected(dims: dict[str, Any]) -> dict[str, tuple[tuple[str, ...], tuple[int, ...] | None]]:
-    """role -> (the fields its shape is made of, its shape; None when one of them is not given)."""
-    d = dims.get
-    sizes = {
-        "vocab_size": d("vocab_size"), "hidden_size": d("hidden_size"), "intermediate_size": d("intermediate_size"),
-        "num_attention_heads": _product(d("num_attention_heads"), d("head_dim")),
-        "num_key_value_heads": _product(d("num_key_value_heads"), d("head_dim")),
-    }
-    rows = {"embed": "vocab_size", "head": "vocab_size", "q": "num_attention_heads", "k": "num_key_value_heads",
-            "v": "num_key_value_heads", "o": "hidden_size", "gate": "intermediate_size", "up": "intermediate_size",
-            "down": "hidden_size"}
-    cols = {"o": "num_attention_heads", "down": "intermediate_size"}
-    out = {}
-    for role, fields in _ROLE_FIELDS.items():
-        shape = (sizes[rows[role]], sizes[cols.get(role, "hidden_size")])
-        out[role] = (fields, None if None in shape else shape)
-    return out
-
-
-def _product(a: int | None, b: int | None) -> int | None:
-    return None if a is None or b is None else a * b
+def _size(dims: dict[str, Any], size: str) -> int | None:
+    """The product of the fields `size` is made of; None when one is not given."""
+    values = [dims.get(f) for f in _SIZES[size]]
+    return None if None in values else math.prod(values)
 
 
 def _layer_indices(shapes: dict[str, Any], prefix: str) -> set[int]:
