@@ -6,6 +6,7 @@ its arguments' help (`name: text` lines under "Args:"). Parameters without a def
 """
 
 import argparse
+import errno
 import inspect
 import sys
 import types
@@ -114,6 +115,34 @@ def _check_values(args: dict[str, Any]) -> None:
             raise PuzzleError(f"--{name.replace('_', '-')} {problem}")
 
 
+# What to do about an OSError, by errno: (exit code, advice). 1: the environment (a full disk, a failing device),
+# 2: the user's path (a directory where a file goes, no permission). Anything else: 1, with generic advice.
+_OS_ERRORS = {
+    errno.ENOSPC: (1, "the disk is full: free space (or choose another path) and rerun the same command; finished "
+                      "work is kept and nothing half-written is used"),
+    errno.EDQUOT: (1, "the disk quota is exhausted: free space and rerun the same command; finished work is kept"),
+    errno.EROFS: (1, "the filesystem is read-only: choose a writable path"),
+    errno.EIO: (1, "the device reported an I/O error: check the disk and rerun"),
+    errno.EACCES: (2, "permission denied: choose a path you may write, or fix its permissions"),
+    errno.EPERM: (2, "operation not permitted: choose a path you may write, or fix its permissions"),
+    errno.EISDIR: (2, "it is a directory where a file is expected: name a file"),
+    errno.ENOTDIR: (2, "a part of the path is a file where a directory is expected: choose another path"),
+    errno.ENOENT: (2, "no such file or directory: check the path"),
+    errno.ELOOP: (2, "it is a symbolic link where puzzle does not follow one: remove it or name the real path"),
+    errno.ENAMETOOLONG: (2, "the name is too long: choose a shorter one"),
+}
+
+
+def _os_error(err: OSError) -> int:
+    """One line for an OSError (a full disk, a directory where a file goes): the path and what to do. Our
+    writes are atomic, so what it interrupted left nothing half-written behind."""
+    code, advice = _OS_ERRORS.get(err.errno, (1, "rerun once the cause is fixed; finished work is kept"))
+    path = " -> ".join(str(p) for p in (err.filename, err.filename2) if p is not None)
+    reason = err.strerror or str(err) or type(err).__name__
+    print(f"puzzle: error: {path + ': ' if path else ''}{reason.splitlines()[0]}; {advice}", file=sys.stderr)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
@@ -133,6 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         fn(**vars(args))
     except (PuzzleError, BlockConfigError) as err:
         return _fail(str(err))
+    except OSError as err:
+        return _os_error(err)
     except KeyboardInterrupt:
         return _fail("interrupted; rerun the same command to resume")
     return 0

@@ -38,6 +38,7 @@ back from the object store, opens the parent and writes/reads its scratch direct
 import hashlib
 import math
 import os
+import sys
 import secrets
 import shutil
 import socket
@@ -50,8 +51,8 @@ from typing import Any, Callable, Hashable, Iterator, Literal, Sequence, TypeVar
 
 from puzzle.errors import PuzzleError
 from puzzle.run_dir import check_reachable, describe
+from puzzle.units import GIB
 
-GIB = 1024**3
 MAX_GPU_SHARE = 8  # at most this many jobs on one GPU, however small they are
 PROBE_TIMEOUT_S = 120.0
 Workers = int | Literal["auto"]
@@ -62,10 +63,12 @@ J = TypeVar("J")
 
 
 def named(address: str | None) -> bool:
-    """Whether a cluster was named: an address, RAY_ADDRESS, or a Ray this process already joined."""
-    import ray
-
-    return bool(address or os.environ.get("RAY_ADDRESS")) or ray.is_initialized()
+    """Whether a cluster was named: an address, RAY_ADDRESS, or a Ray this process already joined (a process
+    without Ray installed, e.g. a GPU image, has joined none: it runs every stage in-process)."""
+    if address or os.environ.get("RAY_ADDRESS"):
+        return True
+    ray = sys.modules.get("ray")  # imported by whoever joined a cluster; never imported here just to ask
+    return ray is not None and ray.is_initialized()
 
 
 @contextmanager

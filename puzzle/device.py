@@ -2,6 +2,7 @@
 
     device  auto | cpu | cuda | cuda:N     auto: the first CUDA GPU when one is visible, else the CPU
     dtype   auto | bf16 | fp16 | fp32      auto: bf16 on CUDA (fp16 on a GPU without bf16), fp32 on the CPU
+                                          (torch's names, bfloat16 / float16 / float32, too: puzzle/dtypes.py)
 
 Inference stages (importance, score, evaluate, realize) hold the model in the resolved dtype. Training
 stages (BLD, GKD) keep their trainable weights and AdamW state in fp32 and run the forward under
@@ -21,13 +22,12 @@ from typing import Any, ContextManager
 import torch
 from torch import nn
 
+from puzzle import dtypes
 from puzzle.errors import PuzzleError
 
-DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# torch's own names, accepted as spellings of the short ones (convert and export speak these)
-_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16", "half": "fp16", "float": "fp32"}
+# the dtypes a stage computes in (puzzle/dtypes.py: the vocabulary, torch's names accepted as aliases)
+DTYPES: dict[str, torch.dtype] = {name: dtypes.torch_dtype(name) for name in dtypes.COMPUTE}
 DEVICE_HELP = "auto, cpu, cuda or cuda:N"
-DTYPE_HELP = "auto, bf16, fp16 or fp32"
 
 
 @dataclass(frozen=True)
@@ -98,14 +98,11 @@ def resolve_device(device: str = "auto") -> torch.device:
 def resolve_dtype(dtype: str = "auto", device: torch.device | str = "cpu") -> str:
     """The short dtype name for `dtype` on `device` (auto: bf16 on CUDA, fp32 on the CPU)."""
     device = torch.device(device)
-    name = str(dtype).strip().lower()
-    name = _ALIASES.get(name, name)
+    name = dtypes.canonical(dtype, dtypes.COMPUTE, extra=("auto",))
     if name == "auto":
         if device.type != "cuda":
             return "fp32"
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if name not in DTYPES:
-        raise PuzzleError(f"unknown dtype {dtype!r}; choose {DTYPE_HELP}")
     if name == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise PuzzleError(f"--dtype bf16: {torch.cuda.get_device_name(device)} has no bf16; use --dtype fp16")
     return name
@@ -127,11 +124,9 @@ def resolve_remote(device: str = "auto", dtype: str = "auto") -> Runtime:
     if name not in ("auto", "cpu", "cuda") and not (name.startswith("cuda:") and index.isdigit()):
         raise PuzzleError(f"unknown device {device!r}; choose {DEVICE_HELP}")
     where = torch.device("cuda" if name.startswith("cuda") else "cpu")
-    low = _ALIASES.get(str(dtype).strip().lower(), str(dtype).strip().lower())
+    low = dtypes.canonical(dtype, dtypes.COMPUTE, extra=("auto",))
     if low == "auto":
         low = "bf16" if where.type == "cuda" else "fp32"
-    if low not in DTYPES:
-        raise PuzzleError(f"unknown dtype {dtype!r}; choose {DTYPE_HELP}")
     return Runtime(where, low)
 
 

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 from typing import Any, Callable, Literal
 
+from puzzle.dtypes import BYTES as DTYPE_BYTES, name_of  # a stage's --dtype, or a hardware profile's workload dtype
 from puzzle.errors import PuzzleError
 from puzzle.shape import ModelShape
+from puzzle.units import GIB
 
-GIB = 1024**3
-FP32 = 4  # bytes per element of master weights, optimizer state, probabilities and losses (always fp32)
-DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1}  # a stage's --dtype, or a hardware profile's workload dtype
+FP32 = DTYPE_BYTES["fp32"]  # bytes per element of master weights, optimizer state, probabilities and losses (always fp32)
 # RSS of a stage's process before it loads anything: the interpreter + torch + transformers + puzzle's
 # imports. Measured: prepare-data's whole peak in benchmarks/scale.md (0.43 GiB; it holds a few MB of
 # tokens and a tokenizer).
@@ -102,11 +102,8 @@ class Context:
     def stored_dtype(self) -> str:
         """The parent's stored dtype from its config (`dtype`, transformers 4's `torch_dtype`; fp32 when
         absent, as convert writes)."""
-        from puzzle.device import DTYPES  # torch, deferred (see `runtime`)
-
         stored = getattr(self.config, "dtype", None) or getattr(self.config, "torch_dtype", None)
-        stored = str(stored or "float32").replace("torch.", "")
-        return next((k for k, v in DTYPES.items() if str(v).replace("torch.", "") == stored), "fp32")
+        return name_of(stored or "float32") or "fp32"
 
 
 @dataclass

@@ -2,7 +2,8 @@
 
 Everything goes to a temp file in the destination directory and is then `os.replace`d, so a crash
 leaves either the old file or the new one, never half of one. A kill -9 mid-write can leave the temp file
-(`.NAME.XXXXXXXX.tmp`); `clean_stale_temps` removes such leftovers when a stage starts.
+(`.NAME.XXXXXXXX.tmp`, or an atomic directory's `.NAME.tmp-XXXXXXXX/`); `clean_stale_temps` removes such
+leftovers when a stage starts.
 
 Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256` (JSON: {"sha256", "bytes", "rebuild"}),
 checked by `read_table`: a flipped or truncated byte, or a missing sidecar (every table we write has one, so
@@ -22,6 +23,7 @@ import io
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 import time
@@ -35,23 +37,49 @@ from puzzle.errors import PuzzleError
 
 
 # mkstemp(prefix=".NAME.", suffix=".tmp") names: a dot, the target's name, a dot, 8 random characters, .tmp
-_TEMP_NAME = re.compile(r"\..+\.[A-Za-z0-9_]{8}\.tmp")
-_PROCESS_START = time.time()  # temp files older than this process are no writer's of ours
+_TEMP_FILE = r"\.{name}\.[A-Za-z0-9_]{{8}}\.tmp"
+# puzzle.model.checkpoint's temporary directories: `atomic_dir`'s `.NAME.tmp-XXXXXXXX` (a directory being
+# written) and `commit_dir`'s `.NAME.old-XXXXXXXX` (the version being replaced, set aside for a moment)
+_TEMP_DIR = r"\.{name}\.(?:tmp|old)-[0-9a-f]{{8}}"
+_PROCESS_START = time.time()  # temporaries older than this process are no writer's of ours
 
 
 def _temp_file(path: Path) -> tuple[int, str]:
+    # mkstemp opens with O_CREAT | O_EXCL (and O_NOFOLLOW where there is one): always a new file, never one
+    # planted in its place (a symlink included)
     return tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
 
 
-def clean_stale_temps(directory: str | Path, recursive: bool = False) -> list[Path]:
+def _newest_mtime(path: Path) -> float:
+    """When anything under `path` last changed: a directory a live writer is still filling stays new."""
+    if not path.is_dir() or path.is_symlink():
+        return path.lstat().st_mtime
+    return max([path.lstat().st_mtime] + [p.lstat().st_mtime for p in path.rglob("*")])
+
+
+def clean_stale_temps(directory: str | Path, recursive: bool = False, name: str | None = None) -> list[Path]:
     """Remove leftovers of interrupted atomic writes in `directory` (and below it, with `recursive`): files
-    named like our temp files and last modified before this process started (so a live writer's temp file
-    is left alone). Returns the removed paths."""
+    named like our temp files and directories named like `checkpoint.atomic_dir`'s (or `commit_dir`'s
+    set-aside old version), last modified before this process started (so a live writer's temporary is left
+    alone). `name`: only the temporaries of that one target (`.NAME.…`), for a directory that is not ours
+    alone. Returns the removed paths."""
     directory = Path(directory)
-    removed = []
-    found = (directory.rglob("*") if recursive else directory.iterdir()) if directory.is_dir() else []
-    for path in sorted(found):
-        if _TEMP_NAME.fullmatch(path.name) and path.is_file() and path.stat().st_mtime < _PROCESS_START:
+    target = ".+" if name is None else re.escape(name)
+    file_pattern, dir_pattern = re.compile(_TEMP_FILE.format(name=target)), re.compile(_TEMP_DIR.format(name=target))
+    removed: list[Path] = []
+    if not directory.is_dir():
+        return removed
+    for path in sorted(directory.iterdir()):
+        if path.is_symlink():
+            continue  # never followed, never removed: not something we create
+        if path.is_dir() and dir_pattern.fullmatch(path.name):  # a temporary directory: whole or not at all
+            if _newest_mtime(path) < _PROCESS_START:
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+        elif path.is_dir():
+            if recursive:
+                removed += clean_stale_temps(path, recursive=True, name=name)
+        elif file_pattern.fullmatch(path.name) and _newest_mtime(path) < _PROCESS_START:
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -70,9 +98,20 @@ def atomic_open(path: str | Path) -> Iterator[BinaryIO]:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        Path(tmp).unlink(missing_ok=True)
+        raise naming(err, path) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def naming(err: OSError, path: str | Path) -> OSError:
+    """`err` naming the file it was writing: a write that fails (ENOSPC from `write` or `fsync`) says only
+    what failed, not where; the CLI prints the path with what to do."""
+    if err.filename is not None:
+        return err
+    return type(err)(err.errno, err.strerror or str(err), str(path))
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -318,7 +357,9 @@ class JsonlLog:
 
     def write(self, **record: Any) -> None:
         line = json.dumps(record, default=_json_default) + "\n"
-        with open(self.path, "a+b") as f:
+        # O_NOFOLLOW: a symlink planted in the log's place is refused (ELOOP), never appended through
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        with os.fdopen(fd, "a+b") as f:
             # A crash can leave a torn last line: end it first so this record stays whole.
             if f.tell() > 0:
                 f.seek(-1, os.SEEK_END)

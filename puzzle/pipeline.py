@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json, read_yaml
-from puzzle.run_dir import RunDir, as_location, check_parent, describe, origin, staged, sync
+from puzzle.run_dir import DEFAULT_SPACE, RunDir, as_location, check_parent, describe, origin, staged, sync
 from puzzle.stages import SECTIONS, check_values, stage_functions
 
 REQUIRED = ("parent", "corpus")
@@ -96,7 +96,7 @@ class RunConfig:
             run_dir=location if isinstance(location, str) or run_dir else resolve(str(location)),
             parent=resolve(raw["parent"]),
             corpus=resolve(raw["corpus"]),
-            search_space=str(raw.get("search_space", "llama_default")),
+            search_space=str(raw.get("search_space", DEFAULT_SPACE)),
             sections=sections,
             convert_parent=_convert_flag(raw.get("convert_parent", "auto"), path),
         )

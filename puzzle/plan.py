@@ -14,7 +14,6 @@ weights (a GGUF parent's dequantisation included) and assume the stage runs at t
 (measured on an idle machine; a busy one measures less and predicts longer).
 """
 
-import os
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,11 +26,13 @@ from puzzle.errors import PuzzleError
 from puzzle.footprint import DTYPE_BYTES, FP32, GIB, Context, Estimate, Machine, stage_settings
 from puzzle.io import atomic_write_json
 from puzzle.model.checkpoint import load_config
+from puzzle.outputs import JSON_KEY, check_output
 from puzzle.pipeline import RunConfig, check_plan
 from puzzle.pipeline_stages import plan as plan_steps
 from puzzle.profiling.hardware import load_profile
 from puzzle.search_space import load_search_space
 from puzzle.shape import ModelShape
+from puzzle.units import host_memory_bytes
 from puzzle.stages import BY_NAME, stage_functions
 
 
@@ -47,10 +48,6 @@ def measure_cpu_flops(n: int = 512, seconds: float = 0.3) -> float:
         a @ b
         count += 1
     return 2 * n**3 * count / elapsed
-
-
-def host_memory_bytes() -> float:
-    return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
 def machine(device: str, gpus: int | None, gpu_memory_gib: float | None, host_memory_gib: float | None,
@@ -190,6 +187,8 @@ def plan(
         cpu_gflops: CPU fp32 matmul rate (default: measured here for a fraction of a second)
         json: also write the numbers to this JSON file
     """
+    if json is not None:
+        check_output(Path(json), "plan", inputs=(config,), file=True)  # before any work: never over a user's file
     m = machine(device, gpus, gpu_memory_gib, host_memory_gib, budget, cpu_gflops)
     shape, estimates = estimate(Path(config), m)
     print(table(shape, estimates, m))
@@ -200,5 +199,5 @@ def plan(
               "machine": asdict(m), "steps": [asdict(e) for e in estimates],
               "total_seconds": sum(e.seconds or 0 for e in estimates)}
     if json is not None:
-        atomic_write_json(json, result)
+        atomic_write_json(json, {**result, JSON_KEY: "plan"})
     return result

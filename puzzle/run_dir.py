@@ -47,6 +47,7 @@ no shared filesystem. The stage lock is the driver's: one driver per run URI at 
 Torch-free (the CLI's `solve` and `report` start in a moment).
 """
 
+import errno
 import fcntl
 import functools
 import hashlib
@@ -78,6 +79,22 @@ _HELD: dict[Path, int] = {}  # lock files this process holds -> depth (a lock is
 SYNC_INDEX = ".puzzle-sync.json"  # in a staged run's local mirror: what was last pulled / pushed
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a Windows path, not a scheme
 _MIRRORS: dict[str, "RunMirror"] = {}  # URI -> its mirror, while a stage (or `puzzle run`) has it staged
+_NAME_LIMIT = 200  # bytes: under every filesystem's 255 with room for the suffixes we add (.json, .parquet.sha256)
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """`name` when it is one safe path component, else a one-line PuzzleError. Every name a user gives that
+    becomes a path under the run directory (a solution, a profile, a baseline, an evaluation, a stage's lock)
+    goes through here (each RunDir path builder calls it), so none can reach outside the run directory:
+    no separator, not `.` / `..`, no leading dot (our own hidden files and temporaries), no control
+    character, at most 200 bytes."""
+    text = str(name)
+    bad = (not text or text in (".", "..") or text.startswith(".") or "/" in text or "\\" in text
+           or any(ord(c) < 32 or ord(c) == 127 for c in text) or len(text.encode()) > _NAME_LIMIT)
+    if bad:
+        raise PuzzleError(f"invalid {what} {text!r}: it must be one file name (no '/', '\\', leading '.', "
+                          f"or control characters, at most {_NAME_LIMIT} bytes), since it names a file in the run directory")
+    return text
 
 
 @dataclass(frozen=True)
@@ -126,7 +143,7 @@ class RunDir:
 
     # ---- one writer per stage ----------------------------------------------------------------------
     def lock_file(self, stage: str) -> Path:
-        return self.root / LOCKS / f"{stage}.lock"
+        return self.root / LOCKS / f"{safe_name(stage, 'stage name')}.lock"
 
     @contextmanager
     def lock(self, stage: str) -> Iterator[None]:
@@ -136,8 +153,12 @@ class RunDir:
         by a dead process is simply taken over. Reentrant within a process (a stage may call another function
         that locks the same stage)."""
         path = self.lock_file(stage)
+        if path.parent.is_symlink():
+            raise PuzzleError(f"{path.parent}: is a symbolic link, not the run's lock directory; remove it and rerun")
         path.parent.mkdir(parents=True, exist_ok=True)
-        path = path.resolve()  # one key however the run directory is spelled
+        # one key however the run directory is spelled; the lock file itself is not resolved: a symlink
+        # planted there is refused (open_lock), never followed
+        path = path.parent.resolve() / path.name
         if _HELD.get(path):
             _HELD[path] += 1
             try:
@@ -145,7 +166,7 @@ class RunDir:
             finally:
                 _HELD[path] -= 1
             return
-        with open(path, "a+") as f:
+        with open_lock(path) as f:
             try:
                 fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -194,7 +215,7 @@ class RunDir:
 
     def costs(self, profile: str) -> Path:
         """costs/<profile name> without suffix (.parquet, .csv and .json sit beside each other)."""
-        return self.costs_dir / profile
+        return self.costs_dir / safe_name(profile, "hardware profile name")
 
     # ---- solutions ----------------------------------------------------------------------------------
     @property
@@ -202,7 +223,9 @@ class RunDir:
         return self.root / "solutions"
 
     def solution(self, name: str) -> Path:
-        return self.solutions / f"{name}.json"
+        if name == PARETO:
+            raise PuzzleError(f"invalid solution name {name!r}: solutions/{PARETO}.json is solve --sweep's")
+        return self.solutions / f"{safe_name(name, 'solution name')}.json"
 
     @staticmethod
     def solution_name(base: str, rank: int) -> str:
@@ -258,19 +281,20 @@ class RunDir:
         return self.root / "children"
 
     def child(self, solution: str) -> Path:
-        return self.children / solution
+        return self.children / safe_name(solution, "solution name")
 
     @property
     def baselines(self) -> Path:
         return self.root / "baselines"
 
     def baseline(self, name: str) -> Path:
-        return self.baselines / name
+        return self.baselines / safe_name(name, "baseline name")
 
     def distill_out(self, student: Path) -> Path:
         """distill's default output directory for a student (a checkpoint dir or a single weights file)."""
         student = Path(student)
-        return self.root / "distill" / (student.stem if student.is_file() else student.name)
+        return self.root / "distill" / safe_name(student.stem if student.is_file() else student.resolve().name,
+                                                 "student name")
 
     @staticmethod
     def gkd_dir(model: Path) -> Path:
@@ -294,7 +318,7 @@ class RunDir:
         return self.root / "eval"
 
     def eval_result(self, name: str) -> Path:
-        return self.eval / f"{name}.json"
+        return self.eval / f"{safe_name(name, 'evaluation name')}.json"
 
     def eval_names(self) -> list[str]:
         """Every evaluated model's name, in file-name order."""
@@ -320,6 +344,18 @@ class RunDir:
     @property
     def report_pareto(self) -> Path:
         return self.root / f"{PARETO}.png"
+
+
+def open_lock(path: Path) -> Any:
+    """A lock file opened for reading and writing (created when absent) without following a symbolic link:
+    one planted at `path` would otherwise let us truncate whatever it points to. One line when it is one."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise PuzzleError(f"{path}: is a symbolic link, not our lock file; remove it and rerun") from None
+        raise
+    return os.fdopen(fd, "r+")
 
 
 def _holder(path: Path, wait_s: float = 2.0) -> str:

@@ -15,8 +15,8 @@ vocabulary of puzzle/footprint.py): `puzzle plan` prices each step with it (`Sta
 import importlib
 import inspect
 import math
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, fields
+from typing import Any, Callable, TypeVar
 
 from puzzle.errors import PuzzleError
 from puzzle.footprint import Context, Estimate, stage_settings
@@ -110,7 +110,7 @@ SECTIONS: tuple[str, ...] = tuple(s.section for s in STAGES if s.section)
 # checks its own arguments again when called directly. A value of another type is left to the type check.
 POSITIVE = frozenset({
     "batch_size", "blocks", "calibration_tokens", "checkpoint_every", "chunk_tokens", "eval_tokens", "ffn_size",
-    "grad_accum", "heads_per_group", "hidden_size", "items", "kv_groups", "latency_ms", "lr", "max_tokens",
+    "grad_accum", "heads_per_group", "hidden_size", "items", "keep_checkpoints", "kv_groups", "latency_ms", "lr", "max_tokens",
     "memory_gib", "n_samples", "nproc", "num_solutions", "repeats", "seq_len", "speedup", "steps", "temperature",
     "throughput", "time_limit_s", "tokens_per_block", "val_blocks", "val_every",
     "batch_sizes", "block_sizes",  # lists: every element
@@ -163,3 +163,16 @@ def accepted(fn: Callable[..., Any], values: dict[str, Any]) -> dict[str, Any]:
     """The entries of `values` that `fn` takes as arguments."""
     params = inspect.signature(fn).parameters
     return {k: v for k, v in values.items() if k in params}
+
+
+S = TypeVar("S")
+
+
+def settings_of(cls: type[S], arguments: dict[str, Any], **resolved: Any) -> S:
+    """A stage's settings dataclass (`DistillConfig`, `BLDSettings`) from the stage function's arguments:
+    each field the function takes comes from its argument, `resolved` ones (a parsed layer map, a resolved
+    device) are given, the rest keep the dataclass's defaults. The function's defaults for those arguments
+    are the dataclass's own (`steps: int = DistillConfig.steps`), so a default is stated once;
+    tests/test_stages.py holds every such pair to it."""
+    given = {f.name: arguments[f.name] for f in fields(cls) if f.name in arguments}
+    return cls(**{**given, **resolved})

@@ -35,7 +35,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from ray_head import local_head  # noqa: E402
 
-GIB = 1024**3
+sys.path.insert(0, str(REPO))
+from puzzle.units import GIB  # noqa: E402
+
 # Meta's published Llama-3.1-70B config.json dimensions (as in tests/test_plan.py)
 LLAMA_70B = dict(vocab_size=128256, hidden_size=8192, num_hidden_layers=80, num_attention_heads=64,
                  num_key_value_heads=8, intermediate_size=28672, max_position_embeddings=131072, rms_norm_eps=1e-5,

@@ -41,8 +41,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(1, str(ROOT / "tests"))
 
-GIB = 2**30
-BF16 = 2
+from puzzle.dtypes import BYTES  # noqa: E402
+from puzzle.units import GIB  # noqa: E402
+
+BF16 = BYTES["bf16"]
 # name -> LlamaConfig fields (the shapes: the reference SmolLM2 parent, a ~1.2B Llama, and a slice of
 # a few Llama-3.1-8B layers); `tiny` only checks that the script runs.
 SHAPES = {

@@ -25,7 +25,8 @@ sys.path.insert(0, str(REPO))
 from puzzle.io import atomic_write_json, atomic_write_text  # noqa: E402
 from puzzle.solver.mip import BACKENDS, solve  # noqa: E402
 from puzzle.solver.pareto import frontier, parse_sweep, sweep_speedups  # noqa: E402
-from puzzle.solver.problem import GIB, Constraints, FixedCosts, Workload, problem_from_tables  # noqa: E402
+from puzzle.solver.problem import Constraints, FixedCosts, Workload, problem_from_tables  # noqa: E402
+from puzzle.units import GIB  # noqa: E402
 from puzzle.solver.synthetic import synthetic_tables  # noqa: E402
 
 SIZES = [(30, 4, 8), (80, 6, 9), (126, 6, 9)]

@@ -33,6 +33,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from puzzle.units import GIB  # noqa: E402
 
 MODEL_SECTIONS = ("importance", "build_library", "score", "realize", "gkd", "evaluate", "baselines")
 CHILD = "speedup_1.5"
@@ -92,7 +93,7 @@ def run_timed(config_path: Path) -> list[dict[str, Any]]:
         torch.cuda.synchronize()
         label = args.get("name") or args.get("solution") or args.get("budget") or ""
         rows.append({"stage": fn.__name__, "label": str(label), "wall_s": time.perf_counter() - t0,
-                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30})
+                     "peak_gpu_gib": torch.cuda.max_memory_allocated() / GIB})
         print(json.dumps(rows[-1]), flush=True)
         return out
 

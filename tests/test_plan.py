@@ -505,3 +505,14 @@ def test_prune_host_estimate_matches_a_measured_peak(medium_run, tmp_path):
                              "--ffn-size", str(args["ffn_size"]), "--device", "cpu")
     estimate = estimated(root, "prune", "llama_default", **args)
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
+
+
+def test_gkd_disk_counts_the_checkpoints_it_keeps(tmp_path):
+    """`keep_checkpoints` is a distill argument: the plan's disk grows by 3 fp32 copies of the student per
+    checkpoint kept (weights and the two AdamW moments)."""
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    two = by_stage(run_plan(tmp_path / "a", "8b", *H100, "--gpus", "1", gkd={"steps": 16, "batch_size": 4}))
+    five = by_stage(run_plan(tmp_path / "b", "8b", *H100, "--gpus", "1",
+                             gkd={"steps": 16, "batch_size": 4, "keep_checkpoints": 5}))
+    P = two["gkd[s]"]["disk_bytes"] / (3 * 2 + 1)
+    assert five["gkd[s]"]["disk_bytes"] == pytest.approx((3 * 5 + 1) * P)

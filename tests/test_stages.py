@@ -1,5 +1,6 @@
 """The stage registry: one table for the CLI and `puzzle run`; adding a stage touches only the registry."""
 
+import dataclasses
 import inspect
 import subprocess
 import sys
@@ -76,3 +77,30 @@ def test_a_new_stage_needs_only_a_registry_entry(tmp_path, monkeypatch):
 def test_unknown_section_names_the_registry(tmp_path):
     with pytest.raises(Exception, match="stages are " + ", ".join(SECTIONS)):
         _config(tmp_path, frobnicate={})
+
+
+# (stage, its settings dataclass, the fields the stage resolves itself before building it)
+STAGE_SETTINGS = [("distill", "puzzle.distill.trainer:DistillConfig", set()),
+                  ("build_library", "puzzle.library.bld:BLDSettings", {"device", "dtype"})]
+
+
+@pytest.mark.parametrize("stage, target, resolved", STAGE_SETTINGS, ids=[s for s, _, _ in STAGE_SETTINGS])
+def test_a_stage_and_its_settings_state_each_default_once(stage, target, resolved):
+    """Every argument of a stage that is a field of its settings dataclass has the dataclass's default: a
+    default changed on one side only (a literal in the signature) fails here."""
+    fn = stages.BY_NAME[stage].load()
+    cls = Stage("", target, "").load()
+    params = inspect.signature(fn).parameters
+    shared = [f for f in dataclasses.fields(cls) if f.name in params and f.name not in resolved]
+    assert len(shared) >= 9
+    differ = {f.name: (params[f.name].default, f.default) for f in shared if params[f.name].default != f.default}
+    assert not differ, f"{stage}() and {cls.__name__} disagree on defaults (signature, dataclass): {differ}"
+
+
+def test_settings_of_takes_each_field_from_the_stage_arguments():
+    from puzzle.distill.trainer import DistillConfig
+
+    arguments = {"steps": 7, "keep_checkpoints": 5, "layer_map": "1:2", "teacher": "t", "seed": 3}
+    config = stages.settings_of(DistillConfig, arguments, layer_map=((1, 2),))
+    assert (config.steps, config.keep_checkpoints, config.seed, config.layer_map) == (7, 5, 3, ((1, 2),))
+    assert config.lr == DistillConfig.lr  # not an argument here: the dataclass's default

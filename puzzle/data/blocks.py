@@ -99,7 +99,7 @@ def iterate_batches(
         raise PuzzleError(f"limit must be at least 1 block, got {limit}")
     if len(blocks) == 0:
         raise PuzzleError("no blocks to iterate over; rerun `puzzle prepare-data` with more text")
-    order = np.random.default_rng(seed).permutation(len(blocks)) if shuffle else np.arange(len(blocks))
+    order = shuffled(len(blocks), seed) if shuffle else np.arange(len(blocks))
     if limit is not None:
         order = order[:limit]
     return _batches(blocks, order, batch_size)
@@ -107,6 +107,16 @@ def iterate_batches(
 
 def _batches(blocks: np.ndarray, order: np.ndarray, batch_size: int) -> Iterator[torch.LongTensor]:
     for start in range(0, len(order), batch_size):
-        # fancy indexing copies out of the read-only memmap, so the tensor owns writable memory
-        batch = np.asarray(blocks[order[start : start + batch_size]], dtype=np.int64)
-        yield torch.from_numpy(batch)
+        yield rows(blocks, order[start : start + batch_size])
+
+
+def shuffled(n: int, seed: Any) -> np.ndarray:
+    """A permutation of range(n) drawn from `seed` (an int or a sequence of ints: numpy's SeedSequence);
+    every shuffle of blocks (this module's, puzzle.training's batch streams) draws it here."""
+    return np.random.default_rng(seed).permutation(n)
+
+
+def rows(blocks: np.ndarray, index: Any) -> torch.LongTensor:
+    """blocks[index] (an index array or list) as an int64 tensor (B, seq_len). Fancy indexing copies out of
+    the read-only memmap, so the tensor owns writable memory."""
+    return torch.from_numpy(np.asarray(blocks[index], dtype=np.int64))

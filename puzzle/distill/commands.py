@@ -10,7 +10,9 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
+from puzzle.outputs import check_output, marker, write_marker
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
+from puzzle.stages import settings_of
 
 from . import fsdp
 from .losses import parse_layer_map
@@ -41,11 +43,12 @@ def _student_record(student: Path) -> dict:
 def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Path, tokenizer=None,
                  record: dict | None = None) -> Path:
     """Save in the student's own format: a plain Llama stays a plain Llama (no custom code needed),
-    a puzzle child stays a puzzle child."""
+    a puzzle child stays a puzzle child; marked as `puzzle distill`'s output (puzzle.outputs)."""
+    extra = {**marker("distill"), **({PRUNING_FILE: record} if record else {})}
     if isinstance(original, PuzzleForCausalLM):
-        return save_model(trained, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
+        return save_model(trained, out, tokenizer, extra_json=extra)
     original.load_state_dict(trained.state_dict(), strict=False)
-    return save_checkpoint(original, out, tokenizer, extra_json={PRUNING_FILE: record} if record else None)
+    return save_checkpoint(original, out, tokenizer, extra_json=extra)
 
 
 @writes_run_dir("distill")
@@ -54,24 +57,25 @@ def distill(
     student: Path | None = None,
     run_dir: Path | None = None,
     out: Path | None = None,
-    steps: int = 200,
-    batch_size: int = 8,
-    grad_accum: int = 1,
-    lr: float = 1e-4,
-    min_lr: float = 1e-5,
-    warmup_steps: int = 10,
-    weight_decay: float = 0.01,
-    temperature: float = 1.0,
-    kl_weight: float = 1.0,
-    lm_weight: float = 0.0,
-    hidden_loss: Literal["none", "cosine", "mse"] = "none",
-    hidden_weight: float = 1.0,
-    layer_map: str | None = None,
-    val_every: int = 50,
+    steps: int = DistillConfig.steps,
+    batch_size: int = DistillConfig.batch_size,
+    grad_accum: int = DistillConfig.grad_accum,
+    lr: float = DistillConfig.lr,
+    min_lr: float = DistillConfig.min_lr,
+    warmup_steps: int = DistillConfig.warmup_steps,
+    weight_decay: float = DistillConfig.weight_decay,
+    temperature: float = DistillConfig.temperature,
+    kl_weight: float = DistillConfig.kl_weight,
+    lm_weight: float = DistillConfig.lm_weight,
+    hidden_loss: Literal["none", "cosine", "mse"] = DistillConfig.hidden_loss,
+    hidden_weight: float = DistillConfig.hidden_weight,
+    layer_map: str | None = DistillConfig.layer_map,
+    val_every: int = DistillConfig.val_every,
     val_blocks: int = 32,
-    checkpoint_every: int = 50,
-    chunk_tokens: int = 1024,
-    seed: int = 0,
+    checkpoint_every: int = DistillConfig.checkpoint_every,
+    keep_checkpoints: int = DistillConfig.keep_checkpoints,
+    chunk_tokens: int = DistillConfig.chunk_tokens,
+    seed: int = DistillConfig.seed,
     resume: bool = True,
     threads: int | None = None,
     device: str = "auto",
@@ -79,6 +83,7 @@ def distill(
     gradient_checkpointing: bool | None = None,
     nproc: int = 1,
     cpu_offload: bool = False,
+    force: bool = False,
 ) -> Path:
     """Distil a student from a teacher on the run's prepared data (forward KL on logits, optional hidden-state loss).
 
@@ -104,6 +109,7 @@ def distill(
         val_every: validate every this many steps
         val_blocks: validation blocks used (the first ones of the val split)
         checkpoint_every: checkpoint every this many steps
+        keep_checkpoints: checkpoints kept in OUT (the newest; older ones are removed as new ones are written)
         chunk_tokens: tokens whose logits are alive at once in the KL (bounds memory)
         seed: data order seed
         resume: continue from OUT's last checkpoint (--no-resume starts over, discarding it)
@@ -119,6 +125,7 @@ def distill(
             CPUOffloadPolicy; the optimizer steps on the CPU), streaming each layer to the device for its
             forward and backward: a student too large for the GPU trains on it. Any nproc (1 runs FSDP2 in
             this process); needs host memory for 16 bytes per student parameter (/ nproc per process)
+        force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     arguments = dict(locals())  # this call, for torchrun's workers
     from puzzle.data.blocks import check_token_ids, load_blocks
@@ -135,16 +142,12 @@ def distill(
         torch.set_num_threads(threads)
     out = Path(out) if out is not None else RunDir(run_dir).distill_out(student)
     model_dir = RunDir.distilled_model(out)
+    check_output(out, "distill", force=force, inputs=(teacher, student), run_dir=run_dir)
     try:
         pairs = tuple(parse_layer_map(layer_map)) if layer_map else None
     except ValueError as err:
         raise PuzzleError(str(err)) from None
-    config = DistillConfig(
-        steps=steps, batch_size=batch_size, grad_accum=grad_accum, lr=lr, min_lr=min_lr, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, temperature=temperature, kl_weight=kl_weight, lm_weight=lm_weight,
-        hidden_loss=hidden_loss, hidden_weight=hidden_weight, layer_map=pairs, val_every=val_every,
-        checkpoint_every=checkpoint_every, chunk_tokens=chunk_tokens, seed=seed,
-    )
+    config = settings_of(DistillConfig, arguments, layer_map=pairs)
     if val_blocks < 1:
         raise PuzzleError(f"val-blocks must be at least 1, got {val_blocks}")
     train_data, val_data = load_blocks(run_dir, "train"), load_blocks(run_dir, "val")
@@ -163,6 +166,7 @@ def distill(
     if cpu_offload and not runtime.is_cuda and torch.cuda.is_available():
         raise PuzzleError("--cpu-offload offloads from a GPU: it needs --device cuda (or auto) here, where a GPU "
                           "is visible (on the CPU the student is in host memory already)")
+    write_marker(out, "distill")  # before the first checkpoint: OUT is this command's from now on
     if not fsdp.distributed():  # before any checkpoint: what this run is trained from
         atomic_write_json(out / SOURCES_FILE, sources)
     if nproc > 1 and not fsdp.distributed():

@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Any
 
 from puzzle.distill.fsdp import shard_teacher
-from puzzle.distill.trainer import DistillConfig
 from puzzle.footprint import DTYPE_BYTES, FP32, Context, Estimate, atomic_save_bytes, placed, unread_bytes
 from puzzle.model.checkpoint import load_config
 from puzzle.shape import ModelShape
@@ -68,8 +67,7 @@ def distill_cost(ctx: Context, s: Any) -> Estimate:
     tokens = s.steps * s.grad_accum * s.batch_size * T
     forward = shape.model_flops_per_token(None, T / 2)
     val = math.ceil(s.steps / s.val_every) * s.val_blocks * T * 2 * forward
-    keep = DistillConfig.keep_checkpoints  # not a distill() argument: its default holds
-    est = Estimate("", "distill", disk_bytes=(3 * keep + 1) * P32, workers=n, dtype=dtype,
+    est = Estimate("", "distill", disk_bytes=(3 * s.keep_checkpoints + 1) * P32, workers=n, dtype=dtype,
                    flops=tokens * (5 if checkpointing else 4) * forward + val,
                    note=("student: its config" if student_shape else "student <= parent")
                    + (", checkpointed" if checkpointing else "") + (f", FSDP2 x {n}" if n > 1 else "")

@@ -68,18 +68,18 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from puzzle.device import DTYPES
+from puzzle import dtypes
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_save_safetensors, atomic_write_json, sha256_file
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import atomic_dir, commit_dir
+from puzzle.units import host_memory_bytes
 
 from .trainer import (
     CHECKPOINTS,
     DamagedCheckpoint,
     DistillConfig,
     Distiller,
-    _param_groups,
     check_file,
     check_resumable,
 )
@@ -207,8 +207,7 @@ def device_memory(device: torch.device) -> int:
     """Bytes one rank may use: the GPU's memory, or on CPU the host's memory over the local ranks."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return host // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
+    return host_memory_bytes() // int(os.environ.get("LOCAL_WORLD_SIZE", world_size()))
 
 
 def shard_teacher(mode: TeacherSharding, teacher_bytes: int, memory: int) -> bool:
@@ -234,29 +233,33 @@ class FSDPDistiller(Distiller):
         self.device = init_distributed()
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         check_world(config, self.world)
-        # no Runtime: FSDP2's MixedPrecisionPolicy casts for the forward (no autocast on top); the masters stay fp32
+        self.compute_dtype, self._teacher_sharding, self._cpu_offload = compute_dtype, teacher_sharding, cpu_offload
+        # no Runtime: FSDP2's MixedPrecisionPolicy casts for the forward (no autocast on top); the masters stay
+        # fp32. Distiller's constructor shards (`_shard`), then builds the one optimizer over the shards.
         super().__init__(teacher, student, out_dir, config, runtime=None, **kwargs)
-        self.compute_dtype = compute_dtype
+
+    def _shard(self) -> None:
+        """fully_shard the student (and the hidden-loss projection) over the job's ranks, and the teacher too
+        when its replica would not fit (`shard_teacher`); fully_shard replaces every parameter by its DTensor
+        shard, which is what the optimizer then steps. Under cpu_offload the student trains from host memory;
+        the frozen teacher has no gradients or moments to offload and stays on the device."""
         mesh = init_device_mesh(self.device.type, (self.world,))
-        # the student (and the hidden-loss projection) trains from host memory under cpu_offload; the frozen
-        # teacher has no gradients or moments to offload and stays on the device
         self.root = shard(FSDPRoot(student=self.student, projection=self.projection), self.student.model.layers,
-                          mesh, compute_dtype, offload_policy(cpu_offload, self.device))
+                          mesh, self.compute_dtype, offload_policy(self._cpu_offload, self.device))
         self.teacher_root = None
-        if shard_teacher(teacher_sharding, model_bytes(self.teacher), device_memory(self.device)):
-            self.teacher_root = shard(FSDPRoot(teacher=self.teacher), self.teacher.model.layers, mesh, compute_dtype)
+        if shard_teacher(self._teacher_sharding, model_bytes(self.teacher), device_memory(self.device)):
+            self.teacher_root = shard(FSDPRoot(teacher=self.teacher), self.teacher.model.layers, mesh,
+                                      self.compute_dtype)
         else:
             self.teacher.to(self.device)
-        # fully_shard replaced every parameter by its DTensor shard: the optimizer steps the shards
-        self.params = list(self.student.named_parameters())
-        if self.projection is not None:
-            self.params += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
-        self.optimizer = torch.optim.AdamW(_param_groups(self.params, config.weight_decay), lr=config.lr,
-                                           betas=config.betas)
+
+    def _adamw_implementation(self) -> dict[str, Any] | None:
+        """torch's own choice for the DTensor shards."""
+        return None
 
     def settings(self) -> dict[str, Any]:
         """As `Distiller.settings`, the dtype being FSDP's compute dtype (nothing added for fp32)."""
-        name = next(k for k, v in DTYPES.items() if v == self.compute_dtype)
+        name = dtypes.name_of(self.compute_dtype)
         return {**self.config.to_json(), **({} if name == "fp32" else {"dtype": name})}
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -300,8 +303,7 @@ class FSDPDistiller(Distiller):
             raise
         dist.barrier()
         if self.rank == 0:
-            for _, old in self._checkpoint_dirs()[: -self.config.keep_checkpoints]:
-                shutil.rmtree(old, ignore_errors=True)
+            self._drop_old_checkpoints()
         return out
 
     def verify_checkpoint(self, path: Path) -> dict[str, Any]:  # type: ignore[override]

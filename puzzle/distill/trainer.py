@@ -31,7 +31,6 @@ the checkpoint; log records past the checkpoint are dropped and recomputed.
 import functools
 import json
 import logging
-import math
 import re
 import shutil
 import time
@@ -46,10 +45,12 @@ from safetensors.torch import load_file
 from torch import nn
 from tqdm.auto import tqdm
 
+from puzzle import training
 from puzzle.device import Runtime, place
 from puzzle.errors import PuzzleError
 from puzzle.io import (
     JsonlLog,
+    atomic_open,
     atomic_save_safetensors,
     atomic_write_json,
     atomic_write_text,
@@ -116,7 +117,7 @@ class DistillConfig:
     min_lr: float = 1e-5  # end of the cosine
     warmup_steps: int = 10
     weight_decay: float = 0.01  # on matrices only, not on norms
-    betas: tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = training.BETAS
     grad_clip: float = 1.0  # max global gradient norm; 0 turns clipping off
     temperature: float = 1.0
     kl_weight: float = 1.0
@@ -155,34 +156,7 @@ class DistillConfig:
 
 def lr_at(step: int, config: DistillConfig) -> float:
     """Learning rate of optimizer step `step` (0-based): linear warm-up to `lr`, cosine down to `min_lr`."""
-    if step < config.warmup_steps:
-        return config.lr * (step + 1) / config.warmup_steps
-    span = max(1, config.steps - config.warmup_steps)
-    progress = min(1.0, (step - config.warmup_steps) / span)
-    return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-class MicroBatches:
-    """Micro-batch i = the blocks at positions [i*B, (i+1)*B) of an endless stream of per-epoch shuffles;
-    epoch e's permutation comes from (seed, e) alone, so batch i never depends on where a run resumed."""
-
-    def __init__(self, blocks: Any, batch_size: int, seed: int) -> None:
-        if len(blocks) == 0:
-            raise PuzzleError("no training blocks")
-        self.blocks, self.batch_size, self.seed = blocks, batch_size, seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.blocks))
-        return self._perms[epoch]
-
-    def __getitem__(self, index: int) -> torch.Tensor:
-        n = len(self.blocks)
-        rows = []
-        for pos in range(index * self.batch_size, (index + 1) * self.batch_size):
-            rows.append(int(self._perm(pos // n)[pos % n]))
-        return torch.as_tensor(np.asarray(self.blocks[rows], dtype=np.int64))
+    return training.cosine_lr(step, steps=config.steps, warmup=config.warmup_steps, peak=config.lr, floor=config.min_lr)
 
 
 @dataclass
@@ -234,12 +208,6 @@ def evaluate_kd(
         sums = sums + kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens).sums()
     student.train(was_training)
     return sums.means()
-
-
-def _param_groups(params: list[tuple[str, nn.Parameter]], weight_decay: float) -> list[dict[str, Any]]:
-    decay = [p for _, p in params if p.ndim >= 2]
-    rest = [p for _, p in params if p.ndim < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
 def enable_checkpointing(model: PuzzleForCausalLM) -> None:
@@ -309,13 +277,22 @@ class Distiller:
                 if not (0 <= s <= ts.num_hidden_layers and 0 <= t <= tt.num_hidden_layers):
                     raise PuzzleError(f"layer map pair {s}:{t} is out of range (student has {ts.num_hidden_layers} "
                                       f"layers, teacher {tt.num_hidden_layers}; 0 = embeddings)")
+        self._shard()
+        # the parameters the optimizer steps: the student's and the projection's (their shards under FSDP2)
         self.params = list(self.student.named_parameters())
         if self.projection is not None:
             self.params += [(f"projection.{n}", p) for n, p in self.projection.named_parameters()]
-        c = config
-        self.optimizer = torch.optim.AdamW(_param_groups(self.params, c.weight_decay), lr=c.lr, betas=c.betas,
-                                           **(self.runtime.adamw_kwargs() if self.runtime.is_cuda else {}))
+        self.optimizer = training.adamw((p for _, p in self.params), lr=config.lr, weight_decay=config.weight_decay,
+                                        betas=config.betas, implementation=self._adamw_implementation())
         self.scaler = self.runtime.grad_scaler()  # fp16 on CUDA: loss scaling; a pass-through otherwise
+
+    def _shard(self) -> None:
+        """Where the student and teacher are distributed before the optimizer is built over the student's
+        parameters: nothing here (one process); FSDPDistiller shards them."""
+
+    def _adamw_implementation(self) -> dict[str, Any] | None:
+        """AdamW's kernel: fused on CUDA, torch's default (the per-tensor loop) on the CPU."""
+        return self.runtime.adamw_kwargs() if self.runtime.is_cuda else None
 
     def settings(self) -> dict[str, Any]:
         """What a checkpoint and result.json record and compare on resume: the config, and the dtype when
@@ -374,9 +351,13 @@ class Distiller:
                 "step": step, "elapsed_s": elapsed, "tokens": tokens, "config": self.settings(),
                 "param_names": [n for n, _ in self.params], "param_groups": groups, "files": files,
             })
+        self._drop_old_checkpoints()
+        return out
+
+    def _drop_old_checkpoints(self) -> None:
+        """Keep the newest `keep_checkpoints` checkpoints."""
         for _, old in self._checkpoint_dirs()[: -self.config.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
-        return out
 
     @staticmethod
     def verify_checkpoint(path: Path) -> dict[str, Any]:
@@ -477,7 +458,7 @@ class Distiller:
         """A step's loss terms and tokens over all processes (this one's here)."""
         return totals, tokens
 
-    def _accumulate(self, data: "MicroBatches", step: int) -> tuple[dict[str, float], int]:
+    def _accumulate(self, data: training.BatchStream, step: int) -> tuple[dict[str, float], int]:
         """This process's micro-batches of step `step` (every `world`-th), forward and backward; the step's loss
         terms (means over its micro-batches) and its tokens, over all processes (`_reduce`)."""
         c = self.config
@@ -518,7 +499,7 @@ class Distiller:
 
         `train_blocks` / `val_blocks`: (n, T) token ids (numpy memmap, array or tensor)."""
         c, lead = self.config, self.lead
-        data = MicroBatches(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
+        data = training.BatchStream(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
         val = torch.as_tensor(np.asarray(_as_tensor_blocks(val_blocks), dtype=np.int64))
         vbs = val_batch_size or c.batch_size
         val_batches = [val[i : i + vbs].to(self._device) for i in range(0, len(val), vbs)]
@@ -526,7 +507,8 @@ class Distiller:
             if not resume:
                 self.reset()
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            clean_stale_temps(self.out_dir)
+            # what a killed run left: temp files, checkpoints/.step_*.tmp-*/ and the trained model's temporaries
+            clean_stale_temps(self.out_dir, recursive=True)
         self._barrier()
         start, elapsed, tokens = 0, 0.0, 0
         meta = self._resume()
@@ -563,12 +545,12 @@ class Distiller:
                 self.log.write(split="train", step=done, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
                                elapsed_s=now, **totals)
             bar.set_postfix(loss=f"{totals['loss']:.4f}", kl=f"{totals['kl']:.4f}")
-            if done % c.val_every == 0 or done == c.steps:
+            if training.due(done, c.val_every, c.steps):
                 last_val = validate()
                 self.student.train()
                 if lead:
                     self.log.write(split="val", step=done, tokens=tokens, elapsed_s=now, **last_val)
-            if done % c.checkpoint_every == 0 or done == c.steps:
+            if training.due(done, c.checkpoint_every, c.steps):
                 self.save_checkpoint(done, elapsed + time.perf_counter() - clock, tokens)
         self.student.eval()
         step = max(start, end)
@@ -617,8 +599,7 @@ def plot_validation(log_path: str | Path, png_path: str | Path) -> Path | None:
     ax.set_title("distillation: validation")
     fig.tight_layout()
     png_path = Path(png_path)
-    tmp = png_path.with_name(f".{png_path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    with atomic_open(png_path) as f:  # a fresh temp file (O_EXCL), never one planted in its place
+        fig.savefig(f, dpi=110, format="png")
     plt.close(fig)
-    tmp.replace(png_path)
     return png_path

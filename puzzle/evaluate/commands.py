@@ -14,7 +14,7 @@ from puzzle.profiling.commands import table_model_costs
 from puzzle.profiling.costs import load_costs
 from puzzle.profiling.hardware import load_profile
 from puzzle.profiling.roofline import predict_model_costs
-from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.run_dir import RunDir, safe_name, writes_run_dir
 from puzzle.shape import ModelShape
 
 from .lm_eval_adapter import run_lm_eval  # lm_eval itself is imported when called
@@ -85,7 +85,7 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     """
     run_dir = Path(run_dir)
     runtime = resolve(device, dtype)
-    name = name or Path(model).name
+    name = safe_name(name or Path(model).resolve().name, "evaluation name")  # files eval/NAME.json: checked first
     if parent is None and (recorded := RunDir(run_dir).info().get("parent")):
         parent = Path(recorded)
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files

@@ -4,9 +4,11 @@ from pathlib import Path
 from typing import Literal
 
 
+from puzzle import dtypes
 from puzzle.engines import check_family
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
+from puzzle.outputs import check_output
 
 FORMATS = ("gguf", "nemotron-nas", "anymodel")
 
@@ -40,7 +42,7 @@ def _check(format: str, blocks: list, hidden_size: int, config=None) -> None:
 
 
 def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel"] = "gguf",
-           dtype: str = "auto") -> Path:
+           dtype: str = "auto", force: bool = False) -> Path:
     """Write a child (or a parent, as an all-parent child) in a format an inference engine loads.
 
     Args:
@@ -48,17 +50,21 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel) to write
         format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
             with trust_remote_code) or anymodel (NVIDIA Puzzletron)
-        dtype: weights: f32, f16 or q8_0 for gguf (auto: f16); f32, f16 or bf16 for the others (auto: as stored)
+        dtype: weights: fp32, fp16 or q8_0 for gguf (auto: fp16); fp32, fp16 or bf16 for the others (auto: as
+            stored); torch's names (float32, ...) and llama.cpp's (f32, f16) work too
+        force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     if format not in FORMATS:
         raise PuzzleError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
+    check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
     _check(format, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
 
-        weights = "f16" if dtype == "auto" else dtype
+        name = dtypes.name_of(dtype)  # fp32 / fp16 (torch's names too) -> llama.cpp's f32 / f16
+        weights = "f16" if dtype == "auto" else (dtypes.BY_NAME[name].gguf if name else dtype)
         if weights not in GGUF_DTYPES:
             raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose auto, {', '.join(GGUF_DTYPES)}")
     else:

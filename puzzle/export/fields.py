@@ -4,10 +4,11 @@ from typing import Any
 
 import torch
 
+from puzzle import dtypes
 from puzzle.errors import PuzzleError
 
-# Safetensors formats: the dtype names a user may give -> torch dtype ("auto": as the child is stored).
-SAFETENSORS_DTYPES = {"f32": torch.float32, "f16": torch.float16, "bf16": torch.bfloat16}
+# Safetensors formats write these dtypes (puzzle/dtypes.py names and aliases; "auto": as the child is stored).
+SAFETENSORS_DTYPES = dtypes.COMPUTE
 
 
 def rope(config: Any) -> tuple[float, dict[str, Any] | None]:
@@ -34,8 +35,6 @@ def safetensors_dtype(dtype: str, stored: Any) -> torch.dtype:
     if dtype == "auto":
         if isinstance(stored, torch.dtype):
             return stored
-        name = str(stored or "float32").removeprefix("torch.")
-        return getattr(torch, name, torch.float32) if name in ("float32", "float16", "bfloat16") else torch.float32
-    if dtype not in SAFETENSORS_DTYPES:
-        raise PuzzleError(f"dtype {dtype!r} is not a safetensors dtype; choose auto, {', '.join(SAFETENSORS_DTYPES)}")
-    return SAFETENSORS_DTYPES[dtype]
+        name = dtypes.name_of(stored or "float32")
+        return dtypes.torch_dtype(name) if name in SAFETENSORS_DTYPES else torch.float32
+    return dtypes.torch_dtype(dtypes.canonical(dtype, SAFETENSORS_DTYPES, extra=("auto",)))

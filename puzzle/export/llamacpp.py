@@ -33,7 +33,9 @@ import torch
 
 from puzzle.engines import RULES, get_engine, violations
 from puzzle.errors import PuzzleError
+from puzzle.io import clean_stale_temps, naming
 from puzzle.model.blocks import BlockConfig
+from puzzle.outputs import GGUF_KEY
 
 from .fields import rope
 
@@ -220,6 +222,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "
     check_llamacpp(blocks, config.hidden_size)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent, name=out.name)  # what a killed export of this file left (.NAME.XXXXXXXX.tmp)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
@@ -227,6 +230,7 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        w.add_string(GGUF_KEY, "export")  # an earlier export may be replaced by the next (puzzle.outputs)
         extra = _write_hparams(w, config, blocks, dtype)
         _write_vocab(w, tokenizer, config.vocab_size)
         listed = [(n, a.shape, functools.partial(torch.from_numpy, a)) for n, a in extra.items()]
@@ -241,6 +245,9 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "
             w.write_tensor_data(encode(load(), qtype))  # gguf checks its bytes against the listed size
         w.close()
         os.replace(tmp, out)
+    except OSError as err:  # a full disk: named, and nothing half-written left
+        Path(tmp).unlink(missing_ok=True)
+        raise naming(err, out) from err
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

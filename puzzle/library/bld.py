@@ -18,6 +18,7 @@ its weights, so its BLD loss is least squares: it accumulates the normal equatio
 (and the calibration tokens) and is solved exactly at the end instead of taking AdamW steps.
 """
 
+import functools
 import hashlib
 import json
 import math
@@ -26,13 +27,15 @@ import socket
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Collection, Iterator, Literal, Sequence
+from typing import Any, Callable, Collection, Literal, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from puzzle import training
+from puzzle.data.blocks import iterate_batches
 from puzzle.device import CPU_FP32, Runtime, place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, read_json
@@ -310,29 +313,16 @@ class VariantRun:
     last_loss: float = float("nan")
 
 
-def cosine_with_warmup(steps: int, warmup_fraction: float, min_lr_ratio: float) -> Callable[[int], float]:
-    warmup = max(1, round(steps * warmup_fraction)) if steps > 1 else 0
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, steps - warmup)
-        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-    return factor
-
-
 def _make_optimizer(run: VariantRun, settings: BLDSettings, steps: int, runtime: Runtime = CPU_FP32) -> None:
-    """fp32 AdamW state over the fp32 (master) weights of the variant: fused on CUDA, foreach on the CPU."""
+    """fp32 AdamW state over the fp32 (master) weights of the variant: fused on CUDA, foreach on the CPU;
+    its LambdaLR's factor is the shared schedule from 1 down to `min_lr_ratio` (warm-up: a fraction of
+    `steps`, in steps here)."""
     params = [p for p in run.child.parameters() if p.requires_grad]
-    # Norm gains are scale parameters: no weight decay on them (as in litgpt / nanoGPT).
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": settings.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    run.optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.95), **(runtime.adamw_kwargs() or {"foreach": True}))
+    run.optimizer = training.adamw(params, lr=settings.lr, weight_decay=settings.weight_decay,
+                                   implementation=runtime.adamw_kwargs())
     run.scaler = runtime.grad_scaler()
-    schedule = cosine_with_warmup(steps, settings.warmup_fraction, settings.min_lr_ratio)
+    warmup = training.warmup_steps(steps, settings.warmup_fraction)
+    schedule = functools.partial(training.cosine_lr, steps=steps, warmup=warmup, peak=1.0, floor=settings.min_lr_ratio)
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, schedule)
 
 
@@ -381,19 +371,7 @@ def _crop(blocks: np.ndarray, seq_len: int | None) -> np.ndarray:
 def _take(blocks: np.ndarray, n_tokens: int, batch_size: int, seed: int) -> list[torch.Tensor]:
     """Batches covering at least `n_tokens` tokens, drawn in a seeded order (fewer when the data is short)."""
     n_blocks = min(len(blocks), math.ceil(n_tokens / blocks.shape[1]))
-    order = np.random.default_rng(seed).permutation(len(blocks))[:n_blocks]
-    return [torch.from_numpy(np.asarray(blocks[order[i : i + batch_size]], dtype=np.int64)) for i in range(0, n_blocks, batch_size)]
-
-
-def endless_batches(blocks: np.ndarray, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
-    """Shuffled full batches forever, a new permutation each epoch (seed + epoch)."""
-    batch_size = min(batch_size, len(blocks))
-    epoch = 0
-    while True:
-        order = np.random.default_rng(seed + epoch).permutation(len(blocks))
-        for start in range(0, len(order) - batch_size + 1, batch_size):
-            yield torch.from_numpy(np.asarray(blocks[order[start : start + batch_size]], dtype=np.int64))
-        epoch += 1
+    return list(iterate_batches(blocks, batch_size, shuffle=True, seed=seed, limit=n_blocks))
 
 
 # ----- a layer group ---------------------------------------------------------------------------------
@@ -512,10 +490,12 @@ def train_lockstep(
     parent_flops_per_token = parent_forward_flops(shape, max(owned), seq_len)
     parent_s = parent_flops = 0.0
     t_loop, loop_start = time.perf_counter(), time.time()
-    batches = endless_batches(train_blocks, settings.batch_size, settings.seed)
+    # full batches of each epoch, BLD's order (training.sum_seed)
+    batches = training.BatchStream(train_blocks, settings.batch_size, settings.seed, straddle=False,
+                                   epoch_seed=training.sum_seed)
     for step in range(steps if runs else 0):
         t0 = time.perf_counter()
-        batch = parent_activations(parent, next(batches), owned)
+        batch = parent_activations(parent, batches[step], owned)
         parent_s += time.perf_counter() - t0
         parent_flops += parent_flops_per_token * batch.tokens
         for run in runs:
@@ -525,7 +505,7 @@ def train_lockstep(
             run.steps += 1
             run.tokens += batch.tokens
             run.flops += run.flops_per_token * batch.tokens
-            if step % settings.log_every == 0 or step == steps - 1:
+            if training.due(step, settings.log_every, steps - 1):
                 lr = run.scheduler.get_last_lr()[0] if run.scheduler else None
                 log.write(event="step", **_base_record(run.variant), step=step, tokens=run.tokens, loss=run.last_loss, lr=lr)
     loop_s = time.perf_counter() - t_loop

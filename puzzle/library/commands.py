@@ -11,13 +11,15 @@ from puzzle.device import resolve, resolve_remote
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_yaml
 from puzzle.library import store
-from puzzle.library.bld import BLDSettings
+from puzzle.library.bld import BLDSettings, FFNInit
 from puzzle.library.cost import group_variants, plan_jobs
 from puzzle.library.ray_jobs import GroupJob, run_build
 from puzzle.model.checkpoint import load_config
 from puzzle.pruning.importance import check_importance_parent
 from puzzle.run_dir import RunDir, run_parent, writes_run_dir
 from puzzle.search_space import build_search_space, resolve_space_path
+from puzzle.stages import settings_of
+from puzzle.units import GIB
 
 
 def _check_manifest(run_dir: Path, parent: Path, space_name: str, settings: BLDSettings, digest: str, force: bool) -> None:
@@ -52,14 +54,14 @@ def build_library(
     run_dir: Path = Path("runs/default"),
     parent: Path | None = None,
     search_space: str | None = None,
-    tokens_per_block: int = 32768,
-    batch_size: int = 4,
-    seq_len: int | None = None,
-    lr: float = 3e-3,
-    weight_decay: float = 0.0,
-    calibration_tokens: int = 4096,
-    eval_tokens: int = 2048,
-    ffn_init: Literal["auto", "channel_contribution", "minitron"] = "auto",
+    tokens_per_block: int = BLDSettings.tokens_per_block,
+    batch_size: int = BLDSettings.batch_size,
+    seq_len: int | None = BLDSettings.seq_len,
+    lr: float = BLDSettings.lr,
+    weight_decay: float = BLDSettings.weight_decay,
+    calibration_tokens: int = BLDSettings.calibration_tokens,
+    eval_tokens: int = BLDSettings.eval_tokens,
+    ffn_init: FFNInit = BLDSettings.ffn_init,
     layers: list[int] | None = None,
     workers: int | Literal["auto"] = "auto",
     worker_memory_gib: float | None = None,
@@ -67,7 +69,7 @@ def build_library(
     ray: bool = True,
     address: str | None = None,
     max_retries: int = 3,
-    seed: int = 0,
+    seed: int = BLDSettings.seed,
     force: bool = False,
     device: str = "auto",
     dtype: str = "auto",
@@ -112,11 +114,9 @@ def build_library(
     # device is each worker's (the GPU Ray assigned), so only the names are checked on this driver.
     on_ray = cluster.uses_ray(workers, ray, address)
     runtime = resolve_remote(device, dtype) if on_ray else resolve(device, dtype)
-    settings = BLDSettings(
-        tokens_per_block=tokens_per_block, batch_size=batch_size, seq_len=seq_len, lr=lr, weight_decay=weight_decay,
-        calibration_tokens=calibration_tokens, eval_tokens=eval_tokens, ffn_init=ffn_init, seed=seed,
-        device="auto" if on_ray and device == "auto" else str(runtime.device), dtype=runtime.dtype_name,
-    )
+    # the arguments as given (no local reuses a setting's name before this line); device and dtype as resolved
+    settings = settings_of(BLDSettings, locals(), device="auto" if on_ray and device == "auto" else str(runtime.device),
+                           dtype=runtime.dtype_name)
     if threads < 0 or max_retries < 0:
         raise PuzzleError("threads and max-retries must not be negative")
     meta = load_meta(run_dir)  # fail now, not inside a worker, when the data is not prepared
@@ -140,7 +140,7 @@ def build_library(
     if worker_memory_gib is not None and worker_memory_gib <= 0:
         raise PuzzleError(f"worker-memory-gib must be positive, got {worker_memory_gib}")
     seq_len = settings.seq_len or int(meta["seq_len"])
-    budget = worker_memory_gib * 2**30 if worker_memory_gib is not None else None
+    budget = worker_memory_gib * GIB if worker_memory_gib is not None else None
     use_ray = cluster.uses_ray(workers, ray, address)
     todo = store.missing_variants(run_dir, group_variants(space, chosen), settings_sha256=digest)
     t0 = time.perf_counter()

@@ -34,7 +34,7 @@ from safetensors.torch import load
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_bytes, atomic_write_json, read_json, safetensors_bytes, sha256_file
 from puzzle.model.surgery import sublayer_state
-from puzzle.run_dir import RunDir
+from puzzle.run_dir import RunDir, open_lock
 from puzzle.search_space import Kind, Variant
 
 MANIFEST_VERSION = 1
@@ -85,7 +85,7 @@ def read_manifest(run_dir: str | Path) -> dict[str, Any]:
 def _locked(run_dir: str | Path) -> Iterator[None]:
     lock = library_dir(run_dir) / ".manifest.lock"
     lock.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as f:
+    with open_lock(lock) as f:  # never through a symlink planted in its place
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield

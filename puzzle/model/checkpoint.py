@@ -15,7 +15,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.utils import SAFE_WEIGHTS_NAME
 
 from puzzle.errors import PuzzleError
-from puzzle.io import write_safetensors
+from puzzle.io import clean_stale_temps, naming, write_safetensors
+from puzzle.outputs import replaceable
 
 from . import register
 from .configuration_puzzle import PuzzleConfig
@@ -344,16 +345,24 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
 
 
 def atomic_dir(out: Path) -> Path:
-    """A fresh temporary sibling of `out`; pair with `commit_dir` so `out` is never half written."""
+    """A fresh temporary sibling of `out`; pair with `commit_dir` so `out` is never half written. What an
+    earlier, killed write of `out` left beside it (its temporary, or the old version set aside) goes first."""
     out.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temps(out.parent, name=out.name)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     return tmp
 
 
 def commit_dir(tmp: Path, out: Path) -> None:
+    """Put the finished directory `tmp` at `out`. An `out` already there is replaced only when it is empty or
+    an earlier output of ours (`puzzle.outputs.replaceable`): a user's directory is never deleted, whatever
+    the caller checked before."""
     old = None
-    if out.exists():
+    if out.exists() or out.is_symlink():
+        if not replaceable(out):
+            raise PuzzleError(f"{out} exists and was not written by puzzle; it is left as it is: choose a new "
+                              "or empty output path")
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         os.replace(out, old)
     os.replace(tmp, out)
@@ -370,6 +379,9 @@ def atomic_directory(out: Path) -> Iterator[Path]:
     try:
         yield tmp
         commit_dir(tmp, out)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise naming(err, out) from err
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -19,12 +19,13 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from puzzle import dtypes
 from puzzle.errors import PuzzleError
 from puzzle.io import read_json
 
 INDEX_NAME = "model.safetensors.index.json"
-# safetensors' dtype names (safe_open(...).get_slice(k).get_dtype()) -> torch dtypes
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+# safetensors' dtype names (safe_open(...).get_slice(k).get_dtype()) -> the torch dtypes a model is loaded in
+_DTYPES = {dtypes.BY_NAME[n].safetensors: dtypes.torch_dtype(n) for n in dtypes.COMPUTE} | {"F64": torch.float64}
 
 
 def on_meta(build: Callable[[], nn.Module]) -> nn.Module:

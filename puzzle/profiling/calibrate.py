@@ -27,6 +27,8 @@ import numpy as np
 import yaml
 
 from puzzle.errors import PuzzleError
+from puzzle.io import atomic_write_text
+from puzzle.outputs import CALIBRATED_HEADER
 from puzzle.model.blocks import BlockConfig
 from puzzle.shape import FIXED_PARTS, ModelShape
 
@@ -172,11 +174,9 @@ def write_calibrated(profile_path: Path, fit: Fit, measured: Path, out: Path) ->
         eff["memory"] = 1.0
     device["efficiency"] = {k: round(v, 4) for k, v in eff.items()}
     device["kernel_overhead_s"] = float(f"{fit.kernel_overhead_s:.4g}")
-    header = (f"# Calibrated by `puzzle profile --calibrate {measured}` from {Path(profile_path).name}:\n"
+    header = (f"{CALIBRATED_HEADER} {measured}` from {Path(profile_path).name}:\n"
               f"# least squares over the measured timings, relative RMS error {fit.rel_rms:.3f}.\n")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(header + yaml.safe_dump(raw, sort_keys=False))
-    return out
+    return atomic_write_text(out, header + yaml.safe_dump(raw, sort_keys=False))
 
 
 def calibrate(measured: Path, budget: str, output: Path | None = None) -> tuple[Path, Fit]:
@@ -186,7 +186,12 @@ def calibrate(measured: Path, budget: str, output: Path | None = None) -> tuple[
     profile = load_profile(budget)
     shape, samples = load_measured(measured)
     fit = fit_factors(samples, shape, profile)
-    out = Path(output) if output else Path(measured).with_name(f"{profile.name}.calibrated.yaml")
+    from puzzle.outputs import check_output
+    from puzzle.run_dir import safe_name
+
+    name = safe_name(profile.name, "hardware profile name")
+    out = Path(output) if output else Path(measured).with_name(f"{name}.calibrated.yaml")
+    check_output(out, "profile", inputs=(measured, resolve_profile_path(budget)), file=True)
     return write_calibrated(resolve_profile_path(budget), fit, Path(measured), out), fit
 
 

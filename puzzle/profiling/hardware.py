@@ -30,12 +30,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
+from puzzle.dtypes import BYTES as DTYPE_BYTES, name_of
 from puzzle.errors import PuzzleError
 from puzzle.units import parse_count
 from puzzle.io import read_yaml
 
 PROFILES_DIR = Path(__file__).resolve().parents[2] / "hardware_profiles"
-DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "fp8": 1}
 _VENDORS = {"NVIDIA", "AMD", "INTEL", "GEFORCE", "TESLA", "RTX"}
 CONSTRAINT_KEYS = ("speedup", "throughput", "memory_gib", "latency_ms", "max_params")
 
@@ -190,7 +190,10 @@ def _parse_device(raw: Any, where: str) -> Device:
     kind = raw.get("kind", "gpu")
     if kind not in ("gpu", "cpu"):
         raise PuzzleError(f"{where}.kind must be 'gpu' or 'cpu', got {kind!r}")
-    peaks = _mapping(f"{where}.peak_flops", raw["peak_flops"], set(DTYPE_BYTES), set())
+    peaks = raw["peak_flops"]
+    if isinstance(peaks, dict):  # keyed by dtype: torch's names accepted, held under the vocabulary's
+        peaks = {name_of(k) or k: v for k, v in peaks.items()}
+    peaks = _mapping(f"{where}.peak_flops", peaks, set(DTYPE_BYTES), set())
     if not peaks:
         raise PuzzleError(f"{where}.peak_flops needs at least one of {sorted(DTYPE_BYTES)}")
     eff = _mapping(f"{where}.efficiency", raw.get("efficiency", {}), {"compute", "memory"}, set())
@@ -242,7 +245,7 @@ def _parse_workload(raw: Any, device: Device, where: str) -> Workload:
         batch_size=_number(f"{where}.batch_size", raw["batch_size"], integer=True),
         input_len=_number(f"{where}.input_len", raw["input_len"], integer=True),
         output_len=_number(f"{where}.output_len", raw["output_len"], integer=True),
-        dtype=str(raw["dtype"]),
+        dtype=name_of(raw["dtype"]) or str(raw["dtype"]),  # torch's names accepted; _check_workload names the rest
     )
     _check_workload(workload, device, where)
     return workload

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 import torch
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
+from puzzle.device import DTYPES
 from puzzle.errors import PuzzleError
 from puzzle.model import AttentionConfig, FFNConfig, PuzzleConfig, build_attention, build_ffn
 
@@ -37,13 +38,12 @@ from .roofline import Phase
 # today's CPUs (tens of MB) and of an H100 (50 MB L2), so weights stream from memory as in a real model.
 COLD_BYTES = 128e6
 MAX_COPIES = 64
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def torch_dtype(dtype: str) -> torch.dtype:
-    if dtype not in TORCH_DTYPES:
-        raise PuzzleError(f"cannot measure in {dtype}: eager PyTorch runs {', '.join(TORCH_DTYPES)}; use --no-measure")
-    return TORCH_DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise PuzzleError(f"cannot measure in {dtype}: eager PyTorch runs {', '.join(DTYPES)}; use --no-measure")
+    return DTYPES[dtype]
 
 
 def local_device() -> torch.device:

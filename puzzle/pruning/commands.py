@@ -10,9 +10,10 @@ import torch
 from puzzle.data.blocks import check_token_ids, load_blocks
 from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json
+from puzzle.io import atomic_write_json, clean_stale_temps
 from puzzle.model.checkpoint import load_model, load_tokenizer, to_puzzle
-from puzzle.run_dir import writes_run_dir
+from puzzle.outputs import check_output
+from puzzle.run_dir import RunDir, writes_run_dir
 
 from .importance import (
     ImportanceSettings,
@@ -115,6 +116,7 @@ def prune(
     rescale_norms: bool = True,
     device: str = "auto",
     dtype: str = "auto",
+    force: bool = False,
 ) -> Path:
     """Minitron width/depth pruning of a uniform Llama parent into a standard Llama checkpoint.
 
@@ -135,9 +137,12 @@ def prune(
         rescale_norms: rescale RMSNorm weights (and eps) for the smaller hidden size
         device: where the weights are sliced: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
         dtype: the pruned checkpoint's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
+        force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
+    check_output(Path(out), "prune", force=force, inputs=(parent,), run_dir=run_dir)
+    clean_stale_temps(RunDir(run_dir).baselines)  # what a killed prune left there: the prune lock is ours
     runtime = resolve(device, dtype)
     check_importance_parent(run_dir, parent)
     scores = load_importance(run_dir)

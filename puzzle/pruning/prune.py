@@ -21,6 +21,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleForCausalLM
 from puzzle.model.checkpoint import save_checkpoint
+from puzzle.outputs import marker
 from puzzle.model.family import Family, window_layer_types
 from puzzle.run_dir import PRUNING_FILE
 
@@ -208,5 +209,7 @@ def prune_model(
 
 
 def save_pruned(model: PreTrainedModel, out: str | Path, tokenizer: Any = None, record: dict | None = None) -> Path:
-    """Write a plain checkpoint of the family (safetensors, config.json, tokenizer, pruning.json) atomically."""
-    return save_checkpoint(model, out, tokenizer, extra_json={PRUNING_FILE: record} if record is not None else None)
+    """Write a plain checkpoint of the family (safetensors, config.json, tokenizer, pruning.json) atomically,
+    marked as `puzzle prune`'s output (puzzle.outputs)."""
+    extra = {**marker("prune"), **({PRUNING_FILE: record} if record is not None else {})}
+    return save_checkpoint(model, out, tokenizer, extra_json=extra)

@@ -7,10 +7,11 @@ from pathlib import Path
 from puzzle.device import DTYPES, resolve_dtype
 from puzzle.engines import check_child, check_family, get_engine
 from puzzle.errors import PuzzleError
-from puzzle.io import read_json
+from puzzle.io import clean_stale_temps, read_json
 from puzzle.library.store import check_library_parent, read_manifest, variant_state
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
 from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
+from puzzle.outputs import check_output, marker
 from puzzle.shape import ModelShape
 from puzzle.run_dir import RunDir, writes_run_dir
 from puzzle.search_space import load_search_space
@@ -20,7 +21,8 @@ from .assemble import architecture_table, stream_child, table_markdown
 
 @writes_run_dir("realize")
 def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, out: Path | None = None,
-            parent: Path | None = None, target_engine: str | None = None, dtype: str = "auto") -> Path:
+            parent: Path | None = None, target_engine: str | None = None, dtype: str = "auto",
+            force: bool = False) -> Path:
     """Assemble the child of a solution from the block library and save it as a checkpoint.
 
     Args:
@@ -34,6 +36,8 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
             child that breaks its rules is refused
         dtype: the child's stored weights: auto (the parent's stored dtype), bf16, fp16 or fp32. Realize
             copies tensors (streamed on the CPU, one sublayer at a time), so it has no --device.
+        force: replace an earlier output of another puzzle command at --out (never anything else: a
+            directory puzzle did not write is refused)
     """
 
     wanted = None if dtype == "auto" else resolve_dtype(dtype)  # None: the parent's
@@ -44,6 +48,8 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         raise PuzzleError(f"{src}: not a solution file (no 'block_configs')")
     out = Path(out) if out is not None else run.child(src.stem)
     info = run.resolve_info(parent)
+    check_output(out, "realize", force=force, inputs=(info["parent"], src), run_dir=run.root)
+    clean_stale_temps(run.children)  # what a killed realize left (children/.NAME.tmp-*): the realize lock is ours
     config = load_config(info["parent"])
     target_engine = target_engine or payload.get("target_engine")
     if target_engine is None:
@@ -77,6 +83,7 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     params = sum(p.numel() for p in child.parameters())
     parent_params = ModelShape.from_config(config).total_params()
     extra = {
+        **marker("realize"),
         "architecture.json": rows,
         "predicted_costs.json": {"solution": src.stem, **payload.get("predicted", {})},
         "realized.json": {"solution": str(src), "block_configs_sha256": digest, "parent": info["parent"], **sources,

@@ -12,7 +12,7 @@ from puzzle.units import parse_count
 from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
 from puzzle.profiling.costs import costs_path, load_costs
 from puzzle.profiling.hardware import profile_name
-from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.run_dir import RunDir, safe_name, writes_run_dir
 from puzzle.solver.mip import Solution
 from puzzle.solver.problem import (
     Constraints,
@@ -223,6 +223,7 @@ def solve(
             recorded in the solution, where realize reads it. Default: every variant of the tables
     """
     run = RunDir(run_dir)
+    base = safe_name(name or profile_name(budget), "solution name")  # before any work: files solutions/BASE.json
     scores = read_table(run.scores_table.with_suffix(".parquet"), rebuild=f"puzzle score --run-dir {run_dir}")
     _check_scored_parent(run)
     costs, meta = load_costs(run_dir, budget)
@@ -266,7 +267,6 @@ def solve(
     if not constraints.to_dict():
         print("no constraint given or in the profile: the parent itself is the optimum")
     solutions = solve_mip(problems, constraints, backend, time_limit_s, num_solutions, diversity)
-    base = name or budget
     paths = []
     for rank, sol in enumerate(solutions, start=1):
         sol_name = RunDir.solution_name(base, rank)

@@ -23,7 +23,8 @@ import numpy as np
 
 from puzzle.errors import PuzzleError
 from puzzle.solver.model import MipModel, RawResult, Row
-from puzzle.solver.problem import GIB, Constraints, Limit, Prediction, Selection, SolverProblem
+from puzzle.solver.problem import Constraints, Limit, Prediction, Selection, SolverProblem
+from puzzle.units import GIB
 
 BACKENDS = ("pulp", "ortools")
 

@@ -28,8 +28,8 @@ import pandas as pd
 
 from puzzle.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, BlockConfigError, FFNConfig, sublayer_from_name
+from puzzle.units import GIB
 
-GIB = 2**30
 KINDS = ("attention", "ffn")
 # Scores where higher is better; the objective minimises the drop from the parent for these.
 HIGHER_IS_BETTER = {"top1_agreement", "cosine"}

@@ -10,13 +10,14 @@ from conftest import make_llama
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from puzzle.distill.commands import distill
-from puzzle.distill.trainer import DistillConfig, Distiller, MicroBatches, is_checkpointing, lr_at
+from puzzle.distill.trainer import DistillConfig, Distiller, is_checkpointing, lr_at
 from puzzle.errors import PuzzleError
 from puzzle.model import FFNConfig
 from puzzle.model.checkpoint import load_model, save_model, to_puzzle
 from puzzle.model.surgery import replace_sublayer
 from puzzle.pruning.importance import compute_importance
 from puzzle.pruning.prune import PrunePlan, prune_model, save_pruned
+from puzzle.training import BatchStream
 
 GEN = torch.Generator().manual_seed(0)
 TRAIN = torch.randint(3, 320, (40, 16), generator=GEN)
@@ -99,7 +100,7 @@ def test_schedule_warms_up_then_decays_to_min():
 
 def test_micro_batches_are_a_function_of_their_index():
     blocks = np.arange(10 * 2).reshape(10, 2)
-    a, b = MicroBatches(blocks, 4, seed=3), MicroBatches(blocks, 4, seed=3)
+    a, b = BatchStream(blocks, 4, seed=3), BatchStream(blocks, 4, seed=3)
     first = [a[i] for i in range(6)]
     assert torch.equal(b[4], first[4]) and torch.equal(b[1], first[1])  # any order of access
     epoch0 = torch.cat([first[0], first[1], first[2][:2]])[:, 0] // 2

@@ -16,6 +16,7 @@ from puzzle.export.commands import export
 from puzzle.engines import RULES
 from puzzle.export.llamacpp import _write_hparams, _write_vocab, gguf_tensors, permute, write_gguf
 from puzzle.model.checkpoint import load_puzzle, load_tokenizer
+from puzzle.outputs import GGUF_KEY
 
 from conftest import make_llama, make_tokenizer
 from memory import traced_peak
@@ -182,6 +183,7 @@ def reference_gguf(model, tokenizer, out, dtype: str, name: str) -> None:
     w.add_type(gguf.GGUFType.MODEL)
     w.add_name(name)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    w.add_string(GGUF_KEY, "export")  # the marker that lets a later export replace this file (puzzle.outputs)
     for rope_name, factors in _write_hparams(w, model.config, model.config.blocks, dtype).items():
         w.add_tensor(rope_name, factors)
     _write_vocab(w, tokenizer, model.config.vocab_size)
