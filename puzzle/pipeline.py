@@ -48,7 +48,7 @@ from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json, read_yaml
-from puzzle.run_dir import DEFAULT_SPACE, RunDir, as_location, check_parent, describe, origin, staged, sync
+from puzzle.run_dir import DEFAULT_SPACE, RunDir, as_location, describe, origin, staged, sync
 from puzzle.stages import SECTIONS, check_values, stage_functions
 
 REQUIRED = ("parent", "corpus")
@@ -189,7 +189,7 @@ def check_plan(cfg: RunConfig, steps: list[Any], fns: dict[str, Callable], input
     only: a supported architecture, the search space resolving against its shape) and the corpus (some
     readable text)."""
     from puzzle.profiling.hardware import load_profile
-    from puzzle.search_space import resolve_space_path
+    from puzzle.search_space import check_parent, resolve_space_path
 
     if inputs:
         for what, path in (("parent", cfg.parent), ("corpus", cfg.corpus)):

@@ -118,8 +118,11 @@ class RunDir:
             raise PuzzleError(f"{self.info_file}: expected a JSON object")
         return info
 
-    def resolve_info(self, parent: str | Path | None = None, search_space: str | None = None) -> dict[str, Any]:
-        """{"parent": absolute path, "search_space": name}: given values are recorded, missing ones read back."""
+    def resolve_info(self, parent: str | Path | None, search_space: str | None,
+                     check: Callable[[Path, str], None]) -> dict[str, Any]:
+        """{"parent": absolute path, "search_space": name}: given values are recorded, missing ones read back.
+        `check(parent, search_space)` validates what is about to be recorded (`search_space.check_parent`:
+        model code, which this torch-free module does not import), so a rejected parent never claims the run."""
         recorded = self.info()
         if parent is None:
             if "parent" not in recorded:
@@ -137,7 +140,7 @@ class RunDir:
         info = {**recorded, "parent": str(parent), "parent_fingerprint": fingerprint(parent),
                 "search_space": search_space or recorded.get("search_space") or DEFAULT_SPACE}
         if info != recorded:
-            check_parent(parent, info["search_space"])  # validate first, record after
+            check(parent, info["search_space"])  # validate first, record after
             atomic_write_json(self.info_file, info)
         return info
 
@@ -402,28 +405,8 @@ def writes_run_dir(stage: str) -> Callable[[F], F]:
     return decorate
 
 
-def check_parent(parent: str | Path, search_space: str | Path) -> None:
-    """A parent a run can use: its config loads (no weights; a GGUF's metadata only) and is of a supported
-    architecture, and the search space resolves against its shape. One line otherwise."""
-    from puzzle.model.checkpoint import load_config
-    from puzzle.search_space import load_search_space
-
-    load_search_space(search_space, load_config(parent))
-
-
 def read_run_info(run_dir: str | Path) -> dict[str, Any]:
     return RunDir(run_dir).info()
-
-
-def resolve_run_info(run_dir: str | Path, parent: str | Path | None = None, search_space: str | None = None) -> dict[str, Any]:
-    """{"parent": absolute path, "search_space": name}: given values are recorded, missing ones read back."""
-    return RunDir(run_dir).resolve_info(parent, search_space)
-
-
-def run_parent(run_dir: str | Path, parent: str | Path | None = None, search_space: str | None = None) -> tuple[Path, str]:
-    """(parent path, search space name) of a run; see `resolve_run_info`."""
-    info = resolve_run_info(run_dir, parent, search_space)
-    return Path(info["parent"]), info["search_space"]
 
 
 # ---- run directories at fsspec URIs -------------------------------------------------------------------

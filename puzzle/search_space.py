@@ -35,6 +35,7 @@ from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, check_family, get_engi
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
+from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
@@ -284,3 +285,25 @@ def load_search_space(name_or_path: str | Path, parent_config: Any) -> SearchSpa
     """A shipped space by name (`llama_default`, `ffn_only`, `tiny`) or a YAML path, resolved for the parent."""
     path = resolve_space_path(name_or_path)
     return build_search_space(read_yaml(path), parent_config, name=path.stem)
+
+
+# ---- a run's parent and search space (recorded in R/parent.json by puzzle/run_dir.py) ------------------
+
+
+def check_parent(parent: str | Path, search_space: str | Path) -> None:
+    """A parent a run can use: its config loads (no weights; a GGUF's metadata only) and is of a supported
+    architecture, and the search space resolves against its shape. One line otherwise."""
+    from puzzle.model.checkpoint import load_config  # torch: only when a parent is recorded
+
+    load_search_space(search_space, load_config(parent))
+
+
+def resolve_run_info(run_dir: str | Path, parent: str | Path | None = None, search_space: str | None = None) -> dict[str, Any]:
+    """{"parent": absolute path, "search_space": name}: given values are checked and recorded, missing ones read back."""
+    return RunDir(run_dir).resolve_info(parent, search_space, check=check_parent)
+
+
+def run_parent(run_dir: str | Path, parent: str | Path | None = None, search_space: str | None = None) -> tuple[Path, str]:
+    """(parent path, search space name) of a run; see `resolve_run_info`."""
+    info = resolve_run_info(run_dir, parent, search_space)
+    return Path(info["parent"]), info["search_space"]

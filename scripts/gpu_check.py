@@ -127,7 +127,7 @@ def against_plan(rows: list[dict[str, Any]], plan: list[dict[str, Any]]) -> list
         left.remove(step)
         row["step"] = step["step"]
         if step["runs_on"] == "cuda" and step["gpu_bytes"] > 0:
-            row["plan_gpu_gib"] = step["gpu_bytes"] / 2**30
+            row["plan_gpu_gib"] = step["gpu_bytes"] / GIB
             row["measured_over_plan"] = row["peak_gpu_gib"] / row["plan_gpu_gib"]
     return rows
 
@@ -220,7 +220,7 @@ def main() -> int:
         run(config_path, check=True)  # the plan: every section's keys are its stage's arguments
         for step in planned(config_path, profile):
             if step["runs_on"] == "cuda":
-                print(f"plan: {step['step']}: {step['gpu_bytes'] / 2**30:.2f} GiB on the GPU")
+                print(f"plan: {step['step']}: {step['gpu_bytes'] / GIB:.2f} GiB on the GPU")
         return 0
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU visible", file=sys.stderr)

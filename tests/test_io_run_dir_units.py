@@ -3,7 +3,7 @@ from conftest import make_llama_config
 
 from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, read_json
-from puzzle.run_dir import resolve_run_info, run_parent
+from puzzle.search_space import resolve_run_info, run_parent
 from puzzle.units import parse_count
 
 

@@ -16,8 +16,8 @@ from puzzle.library.cost import group_variants, plan_jobs
 from puzzle.library.ray_jobs import GroupJob, run_build
 from puzzle.model.checkpoint import load_config
 from puzzle.pruning.importance import check_importance_parent
-from puzzle.run_dir import RunDir, run_parent, writes_run_dir
-from puzzle.search_space import build_search_space, resolve_space_path
+from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.search_space import build_search_space, resolve_space_path, run_parent
 from puzzle.stages import settings_of
 from puzzle.units import GIB
 

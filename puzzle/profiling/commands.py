@@ -36,8 +36,8 @@ from tqdm.auto import tqdm
 
 from puzzle.device import resolve_device
 from puzzle.errors import PuzzleError
-from puzzle.search_space import load_search_space
-from puzzle.run_dir import run_parent, writes_run_dir
+from puzzle.search_space import load_search_space, run_parent
+from puzzle.run_dir import writes_run_dir
 from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_table, table_problem, write_table
 from puzzle.model.blocks import BlockConfig
 

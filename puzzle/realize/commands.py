@@ -14,7 +14,7 @@ from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
 from puzzle.outputs import check_output, marker
 from puzzle.shape import ModelShape
 from puzzle.run_dir import RunDir, writes_run_dir
-from puzzle.search_space import load_search_space
+from puzzle.search_space import check_parent, load_search_space
 
 from .assemble import architecture_table, stream_child, table_markdown
 
@@ -47,8 +47,9 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
     if "block_configs" not in payload:
         raise PuzzleError(f"{src}: not a solution file (no 'block_configs')")
     out = Path(out) if out is not None else run.child(src.stem)
-    info = run.resolve_info(parent)
-    check_output(out, "realize", force=force, inputs=(info["parent"], src), run_dir=run.root)
+    # the output is checked before anything is written (resolve_info may record the parent's fingerprint)
+    check_output(out, "realize", force=force, inputs=(parent or run.info().get("parent"), src), run_dir=run.root)
+    info = run.resolve_info(parent, None, check=check_parent)
     clean_stale_temps(run.children)  # what a killed realize left (children/.NAME.tmp-*): the realize lock is ours
     config = load_config(info["parent"])
     target_engine = target_engine or payload.get("target_engine")

@@ -37,10 +37,10 @@ from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, atomic_write_json, clean_stale_temps, read_yaml, write_table
 from puzzle.library.store import check_library_parent, key_of, library_dir, missing_variants, read_manifest
 from puzzle.model.checkpoint import load_config, load_puzzle
-from puzzle.run_dir import DEFAULT_SPACE, RunDir, resolve_run_info, writes_run_dir
+from puzzle.run_dir import DEFAULT_SPACE, RunDir, writes_run_dir
 from puzzle.scoring.ray_jobs import ScoreJob, layer_ranges, score_on_ray, without
 from puzzle.scoring.replace1 import PARENT_KEY, Sums, score_results
-from puzzle.search_space import Variant, build_search_space, resolve_space_path
+from puzzle.search_space import Variant, build_search_space, resolve_run_info, resolve_space_path
 
 log = logging.getLogger(__name__)
 
