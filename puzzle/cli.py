@@ -103,6 +103,18 @@ def _fail(message: str) -> int:
     return 2
 
 
+def _check_values(args: dict[str, Any]) -> None:
+    """The rules `puzzle run --check` holds a config to (`stages.value_problem`: finite numbers, positive
+    budgets and sizes), for flags: `--speedup inf` or `--memory-gib nan` is one line before anything runs."""
+    from puzzle.errors import PuzzleError
+    from puzzle.stages import value_problem
+
+    for name, value in args.items():
+        problem = value_problem(name, value)
+        if problem is not None:
+            raise PuzzleError(f"--{name.replace('_', '-')} {problem}")
+
+
 # What to do about an OSError, by errno: (exit code, advice). 1: the environment (a full disk, a failing device),
 # 2: the user's path (a directory where a file goes, no permission). Anything else: 1, with generic advice.
 _OS_ERRORS = {
@@ -146,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser(name, fn).parse_args(rest)
     _quiet_libraries()
     try:
+        _check_values(vars(args))
         fn(**vars(args))
     except (PuzzleError, BlockConfigError) as err:
         return _fail(str(err))

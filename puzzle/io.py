@@ -6,8 +6,9 @@ leaves either the old file or the new one, never half of one. A kill -9 mid-writ
 leftovers when a stage starts.
 
 Tables (`write_table`) get a checksum sidecar `NAME.parquet.sha256` (JSON: {"sha256", "bytes", "rebuild"}),
-checked by `read_table`: a flipped or truncated byte ends in one line naming the file and the command that
-rebuilds it, never in a silently changed value or a pyarrow traceback.
+checked by `read_table`: a flipped or truncated byte, or a missing sidecar (every table we write has one, so
+a table without it was changed or replaced behind our back), ends in one line naming the file and the
+command that rebuilds it, never in a silently changed value or a pyarrow traceback.
 
 Safetensors files (`write_safetensors`, `atomic_save_safetensors`) are streamed: the header is computed from
 the tensors' dtypes and shapes, then each tensor's bytes go from its own storage to the file, so writing a
@@ -292,14 +293,14 @@ def write_table(df: pd.DataFrame, path_without_suffix: str | Path, rebuild: str 
 
 
 def table_problem(parquet: str | Path) -> str | None:
-    """Why the parquet table at `parquet` cannot be trusted (missing, or not matching its recorded checksum),
-    or None when it is whole. A table written before checksums were recorded has no sidecar and passes."""
+    """Why the parquet table at `parquet` cannot be trusted (missing, without its checksum sidecar, or not
+    matching the checksum recorded there), or None when it is whole."""
     parquet = Path(parquet)
     if not parquet.is_file():
         return "not found"
     sidecar = table_checksum_path(parquet)
     if not sidecar.exists():
-        return None
+        return f"its checksum file {sidecar.name} is missing, so it cannot be verified"
     try:
         record = json.loads(sidecar.read_text())
         expected = record["sha256"]
@@ -310,15 +311,19 @@ def table_problem(parquet: str | Path) -> str | None:
     return None
 
 
-def _rebuild_hint(parquet: Path) -> str:
+def _rebuild_hint(parquet: Path, rebuild: str | None) -> str:
+    """The command recorded in the sidecar, else the caller's `rebuild`, else a generic one."""
     try:
-        return str(json.loads(table_checksum_path(parquet).read_text()).get("rebuild") or _REBUILD_DEFAULT)
+        recorded = json.loads(table_checksum_path(parquet).read_text()).get("rebuild")
     except (OSError, ValueError, AttributeError):
-        return _REBUILD_DEFAULT
+        recorded = None
+    return str(recorded or rebuild or _REBUILD_DEFAULT)
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """A table written by `write_table`, its checksum verified; any damage is one-line `PuzzleError`."""
+def read_table(path: str | Path, rebuild: str | None = None) -> pd.DataFrame:
+    """A table written by `write_table`, its checksum verified; any damage (a missing sidecar included) is a
+    one-line `PuzzleError` naming the command that rebuilds it: the one recorded in the sidecar, else
+    `rebuild`."""
     path = Path(path)
     if path.suffix not in (".parquet", ".csv"):
         path = path.with_suffix(".parquet")
@@ -332,7 +337,7 @@ def read_table(path: str | Path) -> pd.DataFrame:
             return pd.read_parquet(path)
         except (OSError, ValueError) as err:  # pyarrow's ArrowInvalid is a ValueError, its IO errors OSError
             problem = f"not a readable parquet file ({str(err).splitlines()[0] if str(err) else type(err).__name__})"
-    raise PuzzleError(f"{path}: {problem}; rerun {_rebuild_hint(path)} to rebuild it")
+    raise PuzzleError(f"{path}: {problem}; rerun {_rebuild_hint(path, rebuild)} to rebuild it")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -14,6 +14,7 @@ vocabulary of puzzle/footprint.py): `puzzle plan` prices each step with it (`Sta
 
 import importlib
 import inspect
+import math
 from dataclasses import dataclass, fields
 from typing import Any, Callable, TypeVar
 
@@ -125,21 +126,32 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def value_problem(name: str, value: Any) -> str | None:
+    """What is wrong with argument `name`'s value ("must be a positive number, got 0"), or None. Every
+    number must be finite (an `inf` budget or bandwidth turns every estimate into nonsense, silently); the
+    names in POSITIVE / NON_NEGATIVE must also be > 0 / >= 0, element-wise for lists."""
+    values = value if isinstance(value, list) else [value]
+    if not all(_number(v) for v in values):
+        return None
+    if not all(math.isfinite(v) for v in values):
+        return f"must be {'finite numbers' if isinstance(value, list) else 'a finite number'}, got {value}"
+    if name not in POSITIVE and name not in NON_NEGATIVE:
+        return None
+    positive = name in POSITIVE
+    if all(v > 0 if positive else v >= 0 for v in values):
+        return None
+    what = "must be a positive number" if positive else "must not be negative"
+    if isinstance(value, list):
+        what = "must be positive numbers" if positive else "must not be negative"
+    return f"{what}, got {value}"
+
+
 def check_values(args: dict[str, Any], where: str) -> None:
-    """One line for the first argument in `args` whose value its name does not allow (see POSITIVE)."""
+    """One line for the first argument in `args` of a config section whose value is wrong (`value_problem`)."""
     for name, value in args.items():
-        if name not in POSITIVE and name not in NON_NEGATIVE:
-            continue
-        values = value if isinstance(value, list) else [value]
-        if not all(_number(v) for v in values):
-            continue
-        positive = name in POSITIVE
-        if all(v > 0 if positive else v >= 0 for v in values):
-            continue
-        what = "must be a positive number" if positive else "must not be negative"
-        if isinstance(value, list):
-            what = "must be positive numbers" if positive else "must not be negative"
-        raise PuzzleError(f"config section '{where}': {name} {what}, got {value}")
+        problem = value_problem(name, value)
+        if problem is not None:
+            raise PuzzleError(f"config section '{where}': {name} {problem}")
 
 
 def stage_functions() -> dict[str, Callable[..., Any]]:

@@ -1,6 +1,7 @@
 """Quantities: counts written the way people write them (80M, 1.2B, 250k, 80e6), bytes in GiB, and the
 host's memory. Torch-free (the planner and the CLI use it)."""
 
+import math
 import os
 import re
 
@@ -18,7 +19,10 @@ def parse_count(value: float | int | str | None) -> float | None:
     m = _COUNT.match(str(value))
     if not m:
         raise PuzzleError(f"not a count: {value!r} (write e.g. 80M, 1.2B, 250k or 80000000)")
-    return float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    count = float(m.group(1)) * _SUFFIX[m.group(2).lower()]
+    if not math.isfinite(count):  # "1e999" reads as inf
+        raise PuzzleError(f"not a finite count: {value!r}")
+    return count
 
 
 def host_memory_bytes() -> int:

@@ -9,7 +9,8 @@ import pytest
 
 from puzzle.cli import main
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json, atomic_write_text, clean_stale_temps, read_table, write_table
+from puzzle.io import (atomic_write_json, atomic_write_text, clean_stale_temps, read_table, table_checksum_path,
+                       table_problem, write_table)
 from puzzle.solver.problem import Workload
 from puzzle.solver.synthetic import synthetic_tables
 
@@ -37,6 +38,18 @@ def test_a_flipped_byte_in_a_table_is_refused_naming_the_file_and_the_fix(tmp_pa
     assert "\n" not in message and str(path) in message and "puzzle score" in message
 
 
+def test_a_table_without_its_checksum_sidecar_is_refused_naming_the_file_and_the_fix(tmp_path):
+    """Every table we write has a sidecar: without one it cannot be verified, so it is not read (it was read
+    silently before: deleting the sidecar bypassed the checksum). The command named is the caller's."""
+    path = write_table(_table(), tmp_path / "scores", rebuild="puzzle score --run-dir R")
+    table_checksum_path(path).unlink()
+    assert table_problem(path) is not None
+    with pytest.raises(PuzzleError) as err:
+        read_table(path, rebuild="puzzle score --run-dir R")
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "sha256" in message and "puzzle score --run-dir R" in message
+
+
 @pytest.fixture
 def solve_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -54,7 +67,7 @@ def solve_run(tmp_path, monkeypatch):
 def test_a_truncated_table_ends_in_one_line_exit_2(solve_run, capsys, table, checksum):
     path = solve_run / table
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-    if not checksum:  # a table written before checksums were recorded
+    if not checksum:  # its sidecar deleted as well: refused for that alone
         for sidecar in path.parent.glob(f"{path.name}.*"):
             sidecar.unlink()
     assert main(["solve", "--run-dir", str(solve_run), "--budget", BUDGET]) == 2

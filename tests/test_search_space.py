@@ -61,6 +61,14 @@ def test_overrides_keep_first_and_last_layers_whole():
         ({"target_engine": "tgi"}, "unknown target engine 'tgi'; choose one of transformers, vllm"),
         ({"target_engine": ["vllm"]}, "target_engine must be a name"),
         ([1, 2], "expected a mapping"),
+        # non-finite and negative numbers (issue 22)
+        ({"ffn": {"ratios": [float("inf")]}}, "ratios must be a list of numbers in"),
+        ({"ffn": {"ratios": [float("nan")]}}, "ratios must be a list of numbers in"),
+        ({"ffn": {"ratios": [-0.5]}}, "ratios must be a list of numbers in"),
+        ({"ffn": {"sizes": [float("inf")]}}, "sizes must be a list of positive integers"),
+        ({"ffn": {"sizes": [-64]}}, "sizes must be a list of positive integers"),
+        ({"ffn": {"ratios": [0.5], "round_to": float("inf")}}, "round_to must be a positive integer"),
+        ({"attention": {"kv_heads": [-3]}}, "-3 KV heads do not divide"),
     ],
 )
 def test_bad_spaces_are_one_clear_error(raw, message):

@@ -5,6 +5,13 @@ line in its `text` field; a .parquet one document a row in its `text` column. A 
 such file under it, in sorted relative-path order so the documents (and so the split) are the same on
 every machine. Blank documents are skipped.
 
+Bounded pieces: a document longer than `MAX_DOCUMENT_CHARS` characters (a 180 MB single-line file) becomes
+several documents of at most that many, each cut where a run of whitespace starts (so the next piece begins
+with the whitespace, as a whitespace-splitting tokenizer would have split there), or at the limit itself
+when the window holds no whitespace. A text file is read in blocks, never whole, and every string a reader
+hands on (to prepare-data's tokenizer among others) is at most that long. Documents up to the limit are
+exactly what they were.
+
 Encodings (text and .jsonl files), decided from the file's first `_SAMPLE_BYTES`: a UTF-16 or UTF-8
 byte-order mark is obeyed; valid UTF-8 is UTF-8; a file whose non-ASCII bytes are all invalid UTF-8 and
 that decodes as cp1252 (a superset of Latin-1's printable range) into printable characters is Latin-1 text,
@@ -28,6 +35,13 @@ SUPPORTED_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES
 TEXT_FIELD = "text"
 _PARQUET_BATCH_ROWS = 1024
 _SAMPLE_BYTES = 1 << 20  # what the encoding is decided from
+# The longest document handed on. A fast tokenizer holds ~300 bytes per token of one call (ids, offsets, token
+# strings; a 180 MB line asked for 1.3 GB at once and aborted at 7.4 GB), so a piece of this many characters
+# costs at most ~80 MB even at one token per character. Larger than any file of the reference corpus (the
+# Python 3.11 docs, 212 KB at most), so its documents stay whole.
+MAX_DOCUMENT_CHARS = 1 << 18
+_READ_CHARS = 1 << 18  # a text file is read in blocks of this many characters
+_SPACES = " \n\t\r\f\v"  # the cut points looked for (with C speed, by str.rfind)
 MAX_UNDECODABLE = 0.01  # share of a UTF-8 file's bytes that may be undecodable
 _MIN_PRINTABLE = 0.99  # share of printable characters (or whitespace) for cp1252 text
 _BOMS = ((codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"), (codecs.BOM_UTF8, "utf-8-sig"))
@@ -102,14 +116,54 @@ def iter_file_documents(path: Path, encoding: str | None = None) -> Iterator[str
         if encoding is None:
             raise PuzzleError(f"{path}: not text: {why}")
     if suffix == ".jsonl":
-        docs = _jsonl_documents(path, encoding)
+        docs = (piece for text in _jsonl_documents(path, encoding) for piece in pieces(text))
     elif suffix == ".parquet":
-        docs = _parquet_documents(path)
+        docs = (piece for text in _parquet_documents(path) for piece in pieces(text))
     else:
-        docs = iter([path.read_text(encoding=encoding, errors="replace")])
+        docs = _text_pieces(path, encoding)
     for text in docs:
         if text.strip():
             yield text
+
+
+def pieces(text: str, limit: int | None = None) -> Iterator[str]:
+    """`text` in consecutive pieces of at most `limit` (default MAX_DOCUMENT_CHARS) characters (itself when it
+    is no longer), each cut where a run of whitespace starts (`_cut`); joined, they are `text`."""
+    limit = limit or MAX_DOCUMENT_CHARS
+    start = 0
+    while len(text) - start > limit:
+        end = _cut(text, start, limit)
+        yield text[start:end]
+        start = end
+    yield text[start:] if start else text
+
+
+def _cut(text: str, start: int, limit: int) -> int:
+    """Where the piece starting at `start` ends (needs len(text) > start + limit): at the start of the last run
+    of whitespace that begins within (start, start + limit]; at start + limit when there is none."""
+    end = start + limit
+    space = max(text.rfind(c, start + 1, end + 1) for c in _SPACES)
+    if space < 0:
+        return end
+    run_start = start + len(text[start:space].rstrip())  # back to the first character of the run
+    return run_start if run_start > start else space
+
+
+def _text_pieces(path: Path, encoding: str) -> Iterator[str]:
+    """A text file's one document as `pieces` gives it, read `_READ_CHARS` at a time: the same cuts (each is
+    decided only once `limit` + 1 characters past the piece's start are in the buffer), never the whole file
+    in memory. Newlines are translated as `Path.read_text` does."""
+    buffer, limit = "", MAX_DOCUMENT_CHARS
+    with open(path, encoding=encoding, errors="replace") as f:
+        while block := f.read(_READ_CHARS):
+            buffer += block
+            start = 0
+            while len(buffer) - start > limit:
+                end = _cut(buffer, start, limit)
+                yield buffer[start:end]
+                start = end
+            buffer = buffer[start:]
+    yield buffer
 
 
 class Corpus:

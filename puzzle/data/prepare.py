@@ -7,6 +7,11 @@ blocks, ragged tail dropped. The held-out documents' text is kept too (all of th
 --max-tokens cap): evaluation draws its multiple-choice items from them. The result lives in
 `runs/R/data/` (see `puzzle.data.blocks`).
 
+Bounded work: the corpus reader hands on documents of at most `corpus.MAX_DOCUMENT_CHARS` characters (a
+longer one is cut into pieces at whitespace, each a document), so no tokenizer call sees more than a chunk
+of them, whatever one line of the corpus holds; tokenising stops once --max-tokens are kept. Counting,
+fingerprinting and writing the held-out text read the corpus once more each, one document at a time.
+
 Resuming: `meta.json` carries a fingerprint of the corpus text, the tokenizer and the settings, and is
 written last (bins go to temp names first). A rerun with the same fingerprint does nothing; a changed
 one rebuilds; a crash leaves no meta.json for the new settings.
@@ -26,7 +31,7 @@ from tqdm.auto import tqdm
 from puzzle.data.blocks import META_NAME, SPLITS, bin_path, data_dir, held_out_path
 from puzzle.data.corpus import Corpus
 from puzzle.errors import PuzzleError
-from puzzle.io import atomic_write_json, atomic_write_text, read_json, sha256_file
+from puzzle.io import atomic_open, atomic_write_json, read_json, sha256_file
 from puzzle.run_dir import writes_run_dir
 
 log = logging.getLogger(__name__)
@@ -302,9 +307,12 @@ def _tokenise_into(
 
 
 def _write_held_out(documents: Iterable[str], is_val: np.ndarray, path: Path) -> str:
-    """Every validation document's text, one {"text": ...} a line (atomically); returns the file's sha256."""
-    lines = (json.dumps({"text": text}) + "\n" for i, text in enumerate(documents) if is_val[i])
-    atomic_write_text(path, "".join(lines))
+    """Every validation document's text, one {"text": ...} a line (atomically, streamed: one document in
+    memory at a time); returns the file's sha256."""
+    with atomic_open(path) as f:
+        for i, text in enumerate(documents):
+            if is_val[i]:
+                f.write((json.dumps({"text": text}) + "\n").encode())
     return sha256_file(path)
 
 

@@ -367,8 +367,8 @@ class Distiller:
         except (OSError, ValueError) as err:
             raise DamagedCheckpoint(f"trainer.json is unreadable ({err})") from None
         files = meta.get("files") if isinstance(meta, dict) else None
-        if not isinstance(files, dict):  # written before hashes were recorded: load_checkpoint still checks it loads
-            return meta
+        if not isinstance(files, dict):  # every checkpoint we write records them: without, nothing is verified
+            raise DamagedCheckpoint("trainer.json records no file hashes, so its files cannot be verified")
         for name in CHECKPOINT_FILES:
             check_file(path, name, files.get(name) or {})
         return meta

@@ -128,9 +128,8 @@ def build_library(
         if int(meta.get(f"n_{split}_blocks", 0)) > 0:
             check_token_ids(load_blocks(run_dir, split), parent_config.vocab_size)
     space = build_search_space(space_raw, parent_config, space_path.stem)
-    all_layers = list(range(space.num_layers))
-    chosen = sorted(set(layers)) if layers else all_layers
-    bad = [i for i in chosen if i not in all_layers]
+    chosen = sorted(set(layers)) if layers else list(range(space.num_layers))
+    bad = [i for i in chosen if not 0 <= i < space.num_layers]  # a comparison, not a search of a list per layer
     if bad:
         raise PuzzleError(f"layers {bad} are outside the parent's {space.num_layers} layers")
     if ffn_init != "channel_contribution":  # FFNs may start from the importance scores: of this parent only

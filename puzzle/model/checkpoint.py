@@ -20,14 +20,16 @@ from puzzle.outputs import replaceable
 
 from . import register
 from .configuration_puzzle import PuzzleConfig
-from .loading import SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
+from .dimensions import check_config_json, check_gguf
+from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
 from .family import FAMILIES, Family, family_of_model_type
 from .modeling_puzzle import PuzzleForCausalLM
 
 register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
 
 # The HF model_types a parent may have: one per family descriptor (family.py), and our own children.
-SUPPORTED_ARCHITECTURES = (*(t for f in FAMILIES.values() for t in f.model_types), PuzzleConfig.model_type)
+SUPPORTED_PARENTS = tuple(t for f in FAMILIES.values() for t in f.model_types)
+SUPPORTED_ARCHITECTURES = (*SUPPORTED_PARENTS, PuzzleConfig.model_type)
 # relative imports of each other: every one travels with a child
 _MODEL_FILES = ("blocks.py", "family.py", "configuration_puzzle.py", "modeling_puzzle.py")
 _AUTO_MAP = {
@@ -78,6 +80,10 @@ def _split_gguf(path: Path) -> tuple[str, dict[str, str]]:
 # What the gguf reader raises on a truncated or damaged file: struct.error when a header field is cut off,
 # ValueError (numpy reshape / view) when tensor data is, IndexError / KeyError on garbage metadata.
 _GGUF_ERRORS = (struct.error, ValueError, IndexError, KeyError, OSError)
+try:  # what transformers' configs raise when their own checks fail (huggingface_hub strict dataclasses)
+    from huggingface_hub.errors import StrictDataclassError as _INVALID_CONFIG
+except ImportError:  # older huggingface_hub: the configs raise ValueError, caught as unreadable
+    _INVALID_CONFIG = ()
 
 
 def _first_line(err: BaseException) -> str:
@@ -90,10 +96,12 @@ def _bad_gguf(path: Path, err: BaseException) -> PuzzleError:
 
 
 def load_config(path: str | Path) -> Any:
-    """The parent's config (any supported source), checked for support before any weight is read."""
+    """The parent's config (any supported source), checked for support before any weight is read, its
+    dimensions checked against the tensors present (`puzzle.model.dimensions`) before it is built."""
     path = Path(path)
     if not path.exists():
         raise PuzzleError(f"model path not found: {path}")
+    _check_dimensions(path)
     if path.suffix == ".gguf":
         where, extra = _split_gguf(path)
         try:
@@ -102,6 +110,8 @@ def load_config(path: str | Path) -> Any:
             if "model_type" in _first_line(err) or "not supported" in _first_line(err):
                 raise _unsupported(_peek_model_type(path)) from None
             raise _bad_gguf(path, err) from None
+        except _INVALID_CONFIG as err:
+            raise _invalid_config(path, err) from None
         _check_supported(config)
         return config
     try:
@@ -113,6 +123,8 @@ def load_config(path: str | Path) -> Any:
             raise PuzzleError(f"{path}: expected a model directory with config.json, a .safetensors or a .gguf file")
     except PuzzleError:
         raise
+    except _INVALID_CONFIG as err:
+        raise _invalid_config(path, err) from None
     except (OSError, ValueError, KeyError) as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if "model_type" in message or "Unrecognized model" in message or "not supported" in message:
@@ -120,6 +132,34 @@ def load_config(path: str | Path) -> Any:
         raise PuzzleError(f"{path}: cannot read the model config ({message})") from None
     _check_supported(config)
     return config
+
+
+def _check_dimensions(path: Path) -> None:
+    """A supported parent's dimensions (GGUF header, config.json) against the tensors it holds, read from the
+    headers alone: one line naming the field before any loop trusts a damaged number."""
+    if path.suffix == ".gguf":
+        try:
+            check_gguf(path, SUPPORTED_PARENTS)
+        except _GGUF_ERRORS as err:
+            raise _bad_gguf(path, err) from None
+        return
+    config_json = path.parent / "config.json" if path.suffix == ".safetensors" else path / "config.json"
+    try:
+        raw = json.loads(config_json.read_text())
+    except (OSError, ValueError):
+        return  # transformers' loader names what is wrong with it
+    if not isinstance(raw, dict) or raw.get("model_type") not in SUPPORTED_PARENTS:
+        return  # a child is ours (its layers differ by design); anything else is refused as unsupported
+    has_weights = path.suffix == ".safetensors" or any((path / n).exists() for n in (SAFE_WEIGHTS_NAME, INDEX_NAME))
+    try:
+        check_config_json(path, raw, path if has_weights else None)
+    except (SafetensorError, OSError) as err:
+        raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
+
+
+def _invalid_config(path: Path, err: BaseException) -> PuzzleError:
+    """transformers' own validation of a config (hidden size not a multiple of the heads, ...), in one line."""
+    return PuzzleError(f"{path}: the model config is not valid ({_first_line(err.__cause__ or err)})")
 
 
 def _peek_model_type(path: Path) -> str:

@@ -98,6 +98,10 @@ class SafetensorsCheckpoint:
         code = self._open(self._where[name]).get_slice(name).get_dtype()
         return _DTYPES.get(code, torch.float32)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of tensor `name` (read from the header, no data)."""
+        return tuple(self._open(self._where[name]).get_slice(name).get_shape())
+
     def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Tensor `name`, in `dtype` when given (a cast of a tensor already in it is the tensor itself)."""
         tensor = self._open(self._where[name]).get_tensor(name)

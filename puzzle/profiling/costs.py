@@ -30,4 +30,4 @@ def load_costs(run_dir: Path, budget: str) -> tuple[pd.DataFrame, dict[str, Any]
     meta = read_json(base.with_suffix(".json"))
     if not isinstance(meta, dict) or "workload" not in meta:
         raise PuzzleError(f"{base.with_suffix('.json')}: expected a mapping with 'workload' and 'fixed'")
-    return read_table(base.with_suffix(".parquet")), meta
+    return read_table(base.with_suffix(".parquet"), rebuild=f"puzzle profile --run-dir {run_dir} --budget {budget}"), meta

@@ -25,6 +25,7 @@ steps), `max_params` (a number, or a count such as 80M / 1.5B).
 YAML 1.1 reads `1e12` (no dot, no exponent sign) as a string; such strings are accepted as numbers.
 """
 
+import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -162,6 +163,8 @@ def _number(where: str, value: Any, *, positive: bool = True, integer: bool = Fa
             raise PuzzleError(f"{where} must be a number, got {value!r}") from None
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise PuzzleError(f"{where} must be a number, got {value!r}")
+    if not math.isfinite(value):  # YAML's .inf / .nan: a profile of infinite bandwidth predicts anything
+        raise PuzzleError(f"{where} must be a finite number, got {value!r}")
     if integer and value != int(value):
         raise PuzzleError(f"{where} must be an integer, got {value!r}")
     if (positive and not value > 0) or (not positive and value < 0):

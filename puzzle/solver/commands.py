@@ -224,7 +224,7 @@ def solve(
     """
     run = RunDir(run_dir)
     base = safe_name(name or profile_name(budget), "solution name")  # before any work: files solutions/BASE.json
-    scores = read_table(run.scores_table.with_suffix(".parquet"))
+    scores = read_table(run.scores_table.with_suffix(".parquet"), rebuild=f"puzzle score --run-dir {run_dir}")
     _check_scored_parent(run)
     costs, meta = load_costs(run_dir, budget)
     where = _costs_json(run_dir, budget)

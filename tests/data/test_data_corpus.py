@@ -177,3 +177,80 @@ def test_mostly_ascii_latin1_is_read_as_latin1_and_utf8_with_a_stray_byte_as_utf
     corpus = Corpus(tmp_path)
     assert list(corpus) == [english + "Café.", english + "Café.\ufffd"]
     assert corpus.encodings == {tmp_path / "a_latin1.txt": "cp1252", tmp_path / "b_utf8.txt": "utf-8"}
+
+
+# ---- bounded pieces (issue 22): no string handed on is longer than MAX_DOCUMENT_CHARS --------------------------
+
+def _awkward_text(n: int, seed: int = 0) -> str:
+    """Words, runs of mixed whitespace, CRLF line ends and long stretches without any whitespace."""
+    import random
+
+    rng = random.Random(seed)
+    parts = []
+    while sum(map(len, parts)) < n:
+        parts.append(rng.choice(["word", "Straße", "x" * rng.randint(1, 300), "é"]))
+        parts.append(rng.choice([" ", "  \t ", "\r\n", "\n\n", " \u3000 ", ""]))
+    return "".join(parts)
+
+
+def test_pieces_rejoin_to_the_text_and_each_ends_where_a_whitespace_run_starts():
+    from puzzle.data.corpus import pieces
+
+    text = _awkward_text(20_000)
+    out = list(pieces(text, limit=500))
+    assert "".join(out) == text and len(out) > 40
+    assert all(len(p) <= 500 for p in out)
+    for before, after in zip(out, out[1:]):
+        # cut before a whitespace run, never inside one; or at the limit where the window had none
+        assert (after[0].isspace() and not before[-1].isspace()) or len(before) == 500
+    short = "a short document"
+    assert list(pieces(short, limit=500)) == [short]
+
+
+def test_a_text_file_is_read_in_blocks_into_the_same_pieces(tmp_path, monkeypatch):
+    """Reading a file block by block cuts where `pieces` cuts the whole text (block boundaries anywhere, CRLF
+    translated as read_text does)."""
+    from puzzle.data import corpus
+
+    text = _awkward_text(30_000, seed=1)
+    path = tmp_path / "doc.txt"
+    path.write_bytes(text.encode("utf-8"))
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 700)
+    monkeypatch.setattr(corpus, "_READ_CHARS", 97)
+    expected = [p for p in corpus.pieces(path.read_text(encoding="utf-8"), limit=700) if p.strip()]
+    assert list(Corpus(path)) == expected
+
+
+def test_a_multi_megabyte_single_line_is_read_in_bounded_memory(tmp_path):
+    """A 16 MB line (the 180 MB one that aborted prepare-data, scaled down): every document is at most
+    MAX_DOCUMENT_CHARS, the pieces rejoin to the line, and reading holds a few pieces, not the file."""
+    import hashlib
+    import tracemalloc
+
+    from puzzle.data.corpus import MAX_DOCUMENT_CHARS
+
+    line = ("lorem ipsum dolor " * (16 * 2**20 // 18 + 1))[: 16 * 2**20]
+    (tmp_path / "big.txt").write_text(line)
+    tracemalloc.start()
+    try:
+        lengths, digest = [], hashlib.sha256()
+        for doc in Corpus(tmp_path / "big.txt"):
+            lengths.append(len(doc))
+            digest.update(doc.encode())
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert max(lengths) <= MAX_DOCUMENT_CHARS and sum(lengths) == len(line)
+    assert digest.hexdigest() == hashlib.sha256(line.encode()).hexdigest()
+    # 4 MB: the encoding sample (1 MiB, decoded) and a few pieces; reading the file whole takes 32 MB
+    assert peak < 16 * MAX_DOCUMENT_CHARS, peak
+
+
+def test_a_jsonl_document_longer_than_the_limit_becomes_pieces(tmp_path, monkeypatch):
+    from puzzle.data import corpus
+
+    monkeypatch.setattr(corpus, "MAX_DOCUMENT_CHARS", 100)
+    text = " ".join(f"w{i}" for i in range(200))
+    _write_jsonl(tmp_path / "c.jsonl", [{"text": text}, {"text": "short"}])
+    docs = list(Corpus(tmp_path / "c.jsonl"))
+    assert "".join(docs[:-1]) == text and docs[-1] == "short" and max(map(len, docs)) <= 100

@@ -88,6 +88,22 @@ def test_no_intact_checkpoint_starts_over(tmp_path, straight, caplog):
     _assert_same_run(straight, resumed)
 
 
+def test_a_checkpoint_whose_trainer_json_lost_its_file_records_is_not_trusted(tmp_path, straight, caplog):
+    """A damaged checkpoint with its hashes removed from trainer.json (it was loaded unverified before) is skipped
+    like any damaged one: every checkpoint we write records them."""
+    _train(tmp_path, stop_after=5)
+    _flip_exponent_bit(_step_dir(tmp_path, 4) / "model.safetensors")
+    meta_path = _step_dir(tmp_path, 4) / "trainer.json"
+    meta = json.loads(meta_path.read_text())
+    del meta["files"]
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="puzzle.distill.trainer"):
+        resumed = _train(tmp_path)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "step_000004" in warnings[0] and "no file hashes" in warnings[0]
+    _assert_same_run(straight, resumed)
+
+
 def test_resume_advice_names_the_flag_and_the_config_key(tmp_path):
     _train(tmp_path, stop_after=2)
     other = DistillConfig(**{**CONFIG.to_json(), "betas": CONFIG.betas, "layer_map": None, "lr": 1e-3})

@@ -84,6 +84,21 @@ def test_a_damaged_or_unlisted_file_is_never_accepted(tmp_path, parent):
     assert store.missing_variants(run, [space.variant(1, "ffn", "ffn_linear")]) != []
 
 
+def test_a_record_without_its_hash_is_never_accepted(tmp_path, parent):
+    """A trained entry whose sha256 was removed from the manifest verifies nothing: missing for build-library,
+    one line when read (was a KeyError traceback)."""
+    run = tmp_path / "run"
+    store.write_variant(run, record(1, "ffn", "ffn_64"), ffn64_state(parent))
+    manifest = store.read_manifest(run)
+    entry = dict(manifest["variants"]["L001/ffn/ffn_64"])
+    del entry["sha256"]
+    store.update_manifest(run, [entry])
+    v = load_search_space("tiny", parent.config).variant(1, "ffn", "ffn_64")
+    assert store.missing_variants(run, [v]) == [v]
+    with pytest.raises(PuzzleError, match="manifest hash"):
+        store.load_variant(run, 1, "ffn", "ffn_64")
+
+
 def test_untrained_records_have_no_file(tmp_path):
     run = tmp_path / "run"
     store.record_untrained(run, [record(0, "ffn", "ffn_128", source="parent"), record(0, "ffn", "ffn_noop", source="noop")])

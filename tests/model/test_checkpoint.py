@@ -117,6 +117,31 @@ def test_a_truncated_gguf_parent_is_one_line_exit_2(tmp_path, capsys, keep):
     assert str(parent) in err and "GGUF" in err
 
 
+def test_the_gguf_header_reader_agrees_with_gguf_s_own(tmp_path):
+    """`read_gguf_header` (which skips metadata payloads) reads the tensor table and scalars GGUFReader reads."""
+    gguf = pytest.importorskip("gguf")
+    from puzzle.model.dimensions import read_gguf_header
+
+    path = _tiny_gguf(tmp_path / "p.gguf")
+    header, reference = read_gguf_header(path), gguf.GGUFReader(str(path))
+    assert header.shapes == {t.name: tuple(int(d) for d in reversed(t.shape)) for t in reference.tensors}
+    assert header.shapes["token_embd.weight"] == (8, 16)
+    assert header.metadata["llama.block_count"] == 2 and header.metadata["general.architecture"] == "llama"
+    assert header.array_lengths["tokenizer.ggml.tokens"] == 8
+
+
+@pytest.mark.parametrize("at", [8, 16], ids=["tensor-count", "metadata-count"])
+def test_a_gguf_count_larger_than_the_file_is_one_line_without_a_loop(tmp_path, capsys, at):
+    """A damaged count (2^62 tensors or metadata entries) is compared with the bytes left before any loop."""
+    data = bytearray(_tiny_gguf(tmp_path / "full.gguf").read_bytes())
+    data[at:at + 8] = (1 << 62).to_bytes(8, "little")
+    parent = tmp_path / "parent.gguf"
+    parent.write_bytes(bytes(data))
+    assert main(["convert", str(parent), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and str(parent) in err and "does not fit in the file" in err
+
+
 def _files(directory):
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 

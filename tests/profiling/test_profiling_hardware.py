@@ -77,6 +77,17 @@ def test_unknown_name_lists_the_shipped_profiles():
         ({"device__peak_flops": {"bf17": 1.0}}, "unknown keys"),
         ({"constraints": {"max_memory_bytes": 2}}, "unknown keys"),
         ({"constraints": {"speedup": -1}}, "must be positive"),
+        # every number finite (issue 22: memory_bandwidth .inf predicted 316M tok/s)
+        ({"device__memory_bandwidth": float("inf")}, "memory_bandwidth must be a finite number"),
+        ({"device__memory_bandwidth": "inf"}, "memory_bandwidth must be a finite number"),
+        ({"device__peak_flops": {"bf16": float("inf")}}, "peak_flops.bf16 must be a finite number"),
+        ({"device__memory_bytes": float("nan")}, "memory_bytes must be a finite number"),
+        ({"device__kernel_overhead_s": float("nan")}, "kernel_overhead_s must be a finite number"),
+        ({"device__efficiency": {"memory": float("nan")}}, "efficiency.memory must be a finite number"),
+        ({"device__threads": float("inf")}, "threads must be a finite number"),
+        ({"workload__output_len": float("inf")}, "output_len must be a finite number"),
+        ({"constraints": {"latency_ms": float("inf")}}, "latency_ms must be a finite number"),
+        ({"constraints": {"max_params": "1e999"}}, "not a finite count"),
         ({"extra": 1}, "unknown keys"),
     ],
 )
