@@ -42,7 +42,10 @@ def test_roofline_costs_table_follows_the_contract(tmp_path, tiny_parent_dir):
     assert table_model_costs(*load_costs(run, "h100_80gb"), parent_blocks(config))["decode_s"] == pytest.approx(
         meta["parent"]["decode_s"]
     )
-    assert read_json(run / "parent.json") == {"parent": str(tiny_parent_dir.resolve()), "search_space": "llama_default"}
+    from puzzle.model.fingerprint import fingerprint
+
+    assert read_json(run / "parent.json") == {"parent": str(tiny_parent_dir.resolve()), "search_space": "llama_default",
+                                              "parent_fingerprint": fingerprint(tiny_parent_dir)}
 
 
 def test_reruns_find_the_parent_reuse_what_is_complete_and_refuse_another_parent(tmp_path, tiny_parent_dir):
