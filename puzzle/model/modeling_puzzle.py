@@ -3,7 +3,8 @@
 Travels with every saved checkpoint next to configuration_puzzle.py, so it imports only torch and
 transformers. RoPE and RMSNorm are transformers' own Llama modules (Mistral's, Qwen2's and Qwen3's are the
 same code), and a layer's attention is built as its family (family.py) says: q/k/v and o biases, per-head q/k
-RMSNorm, a sliding window; so a child whose blocks are all the parent's computes the parent's logits.
+RMSNorm, a sliding window; an MoE block's FFN routes as its family's `MoESpec` says (`MoEFFN`); so a child
+whose blocks are all the parent's computes the parent's logits.
 
 Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, d head_dim.
 """
@@ -17,7 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .blocks import AttentionConfig, FFNConfig
+from .blocks import AttentionConfig, FFNConfig, MoEConfig
 from .configuration_puzzle import PuzzleConfig
 
 
@@ -109,6 +110,46 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoEFFN(nn.Module):
+    """A Mixture-of-Experts FFN: a router `gate` (D -> E logits, no bias) and E SwiGLU `experts`, routed as the
+    parent family says (family.py `MoESpec`, the same steps as transformers' `<X>TopKRouter` and `<X>Experts`):
+    softmax over the E logits in float32, the top-k probabilities, divided by their sum where the family
+    renormalises; each chosen expert's output times its weight (in float32, then the input's dtype, as
+    transformers' index_add_), summed over experts in ascending order.
+
+    Experts are separate modules (`experts.{j}.gate_proj.weight`, the hub checkpoints' layout), so keeping a
+    subset of experts or narrowing one is a module-level edit. Only the experts some token chose run."""
+
+    def __init__(self, config: PuzzleConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        spec = config.family_descriptor.moe
+        if spec is None:
+            raise ValueError(f"family {config.family!r} has no MoE FFN; an MoE block needs an MoE family")
+        self.top_k = moe.top_k
+        self.renormalise = spec.renormalise(config)
+        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config.hidden_size, moe.expert_size) for _ in range(moe.num_experts))
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) -> the top-k weights (N, k) float32 and the chosen experts (N, k)."""
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights, chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, D)
+        weights, chosen = self.route(flat)
+        out = torch.zeros_like(flat)
+        for j in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == j)
+            y = self.experts[j](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        return out.view(shape)
+
+
 class LinearFFN(nn.Module):
     def __init__(self, config: PuzzleConfig) -> None:
         super().__init__()
@@ -133,6 +174,8 @@ def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
         return None
     if ffn.replace_with_linear:
         return LinearFFN(config)
+    if ffn.is_moe:
+        return MoEFFN(config, ffn.moe)
     return SwiGLU(config.hidden_size, ffn.intermediate_size, config.mlp_bias)
 
 
