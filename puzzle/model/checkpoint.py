@@ -56,21 +56,6 @@ def _unsupported(model_type: str) -> PuzzleError:
     )
 
 
-def is_moe(config: Any) -> bool:
-    """Whether a parent's or child's config has an MoE FFN in some layer."""
-    if isinstance(config, PuzzleConfig):
-        return any(b.ffn.is_moe for b in config.blocks)
-    family = family_of_model_type(getattr(config, "model_type", ""))
-    return family is not None and family.moe is not None
-
-
-def refuse_moe(config: Any, stage: str) -> None:
-    """One line for a stage that does not handle MoE FFNs yet (issue 25: MoE parents load, convert and
-    run; the search over their blocks comes later)."""
-    if is_moe(config):
-        raise PuzzleError(f"{stage}: MoE parents ({getattr(config, 'family', None) or config.model_type}) load and "
-                          "convert, but the search is not supported for them yet (dense parents only)")
-
 
 def family_of(config: Any) -> Family:
     """The family descriptor of a parent's or child's config; a one-line PuzzleError for anything else."""

@@ -180,6 +180,15 @@ def parent_ffns(config: Any) -> list[FFNConfig] | None:
     return family.moe.parent_ffns(config) if family is not None and family.moe is not None else None
 
 
+def has_moe(config: Any) -> bool:
+    """Whether a puzzle child's config (an MoE block in some layer) or a supported HF config (an MoE family)
+    has MoE FFNs."""
+    if getattr(config, "model_type", None) == "nemotron-nas":
+        return any(b.ffn.is_moe for b in config.blocks)
+    family = family_of_model_type(getattr(config, "model_type", ""))
+    return family is not None and family.moe is not None
+
+
 def config_family(config: Any) -> tuple[Family, list[int | None]]:
     """(family, each layer's sliding window) of a puzzle child's config (its `family` and `sliding_windows`) or
     of a supported family's HF config (read as transformers does); an unknown model_type reads as Llama."""

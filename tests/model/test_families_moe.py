@@ -10,9 +10,10 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.model import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
-from puzzle.model.checkpoint import load_model, load_puzzle, puzzle_config_from, refuse_moe, save_model, to_puzzle
+from puzzle.model.checkpoint import load_model, load_puzzle, puzzle_config_from, save_model, to_puzzle
 from puzzle.model.modeling_puzzle import MoEFFN, SwiGLU
 from puzzle.model.surgery import replace_sublayer
+from puzzle.search_space import refuse_moe
 
 from conftest import FAMILY_WINDOW, MOE_PARENTS, make_family_config, make_family_parent, make_tokenizer, reload_elsewhere
 
@@ -165,7 +166,7 @@ def test_moe_blocks_need_an_moe_family():
 def test_search_stages_refuse_moe_parents_in_one_line(family):
     hf = make_family_config(family)
     for config in (hf, puzzle_config_from(hf)):
-        with pytest.raises(PuzzleError, match="MoE parents .* load and convert, but the search is not supported") as info:
+        with pytest.raises(PuzzleError, match="^score: MoE parents .* load, convert and run, but the search is not supported") as info:
             refuse_moe(config, "score")
         assert "\n" not in str(info.value)
     refuse_moe(make_family_config("qwen3"), "score")  # dense: nothing
@@ -182,3 +183,38 @@ def test_convert_writes_an_all_parent_moe_child(family, tmp_path, capsys):
     x = torch.randint(3, 320, (1, SEQ))
     with torch.no_grad():
         assert (load_puzzle(tmp_path / "child")(x).logits - parent(x).logits).abs().max() <= ATOL
+
+
+@pytest.mark.parametrize("argv", [
+    ["importance", "{parent}", "--run-dir", "{tmp}/run"],
+    ["prune", "{parent}", "{tmp}/pruned", "--run-dir", "{tmp}/run", "--drop-layers", "1"],
+    ["export", "{child}", "{tmp}/export.gguf"],
+    ["export", "{child}", "{tmp}/export", "--format", "nemotron-nas"],
+])
+def test_stages_without_moe_support_refuse_in_one_line(argv, tmp_path, capsys):
+    """Every stage that would otherwise half-work on MoE FFNs (importance, prune, export; the search
+    stages through `build_search_space`) ends with one line and exit 2, writing nothing."""
+    from puzzle.cli import main
+
+    parent = make_family_parent("mixtral")
+    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    make_tokenizer().save_pretrained(tmp_path / "parent")
+    save_model(to_puzzle(parent), tmp_path / "child", make_tokenizer())
+    before = sorted(p.name for p in tmp_path.iterdir())
+    capsys.readouterr()
+    args = [a.format(parent=tmp_path / "parent", child=tmp_path / "child", tmp=tmp_path) for a in argv]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and f"{argv[0]}: MoE parents (mixtral) load, convert and run" in err
+    # nothing written but the run directory the CLI opens for importance and prune (run_dir.py writes_run_dir)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run") == before
+    assert not (tmp_path / "run" / "importance").exists()
+
+
+@pytest.mark.parametrize("space", ["tiny", "llama_default", "ffn_only"])
+def test_search_spaces_refuse_moe_parents(space):
+    from puzzle.search_space import load_search_space
+
+    for config in (make_family_config("qwen3_moe"), puzzle_config_from(make_family_config("mixtral"))):
+        with pytest.raises(PuzzleError, match=f"search space .*: MoE parents .* not supported"):
+            load_search_space(space, config)
