@@ -172,10 +172,11 @@ def window_layer_types(windows: list[int | None]) -> tuple[int | None, list[str]
 
 
 def parent_ffns(config: Any) -> list[FFNConfig] | None:
-    """Each layer's FFN of a supported MoE family's HF config; None for a dense family (every layer
-    `intermediate_size`) and for a puzzle child (its `block_configs` say)."""
+    """Each layer's FFN of an MoE parent: a supported MoE family's HF config as the family reads it, a puzzle
+    child's `block_configs` where some layer is MoE; None for a dense parent (every layer `intermediate_size`)."""
     if getattr(config, "model_type", None) == "nemotron-nas":
-        return None
+        ffns = [b.ffn for b in config.blocks]
+        return ffns if any(f.is_moe for f in ffns) else None
     family = family_of_model_type(getattr(config, "model_type", ""))
     return family.moe.parent_ffns(config) if family is not None and family.moe is not None else None
 
@@ -183,10 +184,7 @@ def parent_ffns(config: Any) -> list[FFNConfig] | None:
 def has_moe(config: Any) -> bool:
     """Whether a puzzle child's config (an MoE block in some layer) or a supported HF config (an MoE family)
     has MoE FFNs."""
-    if getattr(config, "model_type", None) == "nemotron-nas":
-        return any(b.ffn.is_moe for b in config.blocks)
-    family = family_of_model_type(getattr(config, "model_type", ""))
-    return family is not None and family.moe is not None
+    return parent_ffns(config) is not None
 
 
 def config_family(config: Any) -> tuple[Family, list[int | None]]:
