@@ -10,7 +10,8 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
               biases ((H + 2K)*d on q/k/v, D on o) and q/k norms (2*d, shared by the heads);
               SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm);
               MoE FFN of E experts of width I, top-k: E*3*D*I (experts) + E*D (router) + D in all, of which a
-              token uses k*3*D*I + E*D + D (`active_params`).
+              token uses k*3*D*I + E*D + D (`active_params`); a shared expert of width S adds 3*D*S (+ D for
+              its gate) to both.
               Fixed: embeddings V*D, final norm D, LM head V*D (0 when tied to the embeddings).
   FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token (an MoE FFN's active ones:
               the router and k experts), plus attention's
@@ -52,6 +53,7 @@ class ModelShape:
     # An MoE parent's FFN per layer, by name ("moe_e8k2_i64", or "ffn_768" for a dense layer of Qwen3-MoE's
     # mlp_only_layers); None: every layer the dense SwiGLU of `intermediate_size`
     parent_ffns: tuple[str, ...] | None = None
+    shared_expert_gate: bool = False  # an MoE family's shared expert has a (1, D) sigmoid gate (Qwen2-MoE)
 
     def __post_init__(self) -> None:
         for field in ("sliding_windows", "parent_ffns"):  # read back from JSON as lists
@@ -79,6 +81,7 @@ class ModelShape:
             qk_norm=family.qk_norm,
             sliding_windows=tuple(windows) if any(w is not None for w in windows) else None,
             parent_ffns=None if ffns is None else tuple(f.name for f in ffns),
+            shared_expert_gate=family.moe is not None and family.moe.shared_expert_gate,
         )
 
     def with_(self, **changes: Any) -> "ModelShape":
@@ -139,7 +142,9 @@ class ModelShape:
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             return D * (H + 2 * K) * d + H * d * D
         if part.is_moe:
-            return part.moe.top_k * 3 * D * part.moe.expert_size + part.moe.num_experts * D
+            moe = part.moe
+            shared = 0 if moe.shared_expert_size is None else 3 * D * moe.shared_expert_size + self.shared_expert_gate * D
+            return moe.top_k * 3 * D * moe.expert_size + moe.num_experts * D + shared
         return 3 * D * part.intermediate_size
 
     def params(self, part: Part) -> int:
@@ -276,7 +281,7 @@ class ModelShape:
           GQA attention  norm D, q/k/v (H + 2K)*d, attention output H*d, o_proj D
           SwiGLU FFN     norm D, gate and up 2I, silu(gate)*up I, down_proj D
           MoE FFN        norm D, router logits E, per chosen expert (k of them) gate, up, product 3I and
-                         its output D, the weighted sum D
+                         its output D, the weighted sum D; a shared expert 3S + D, its gate 1, the sum D
           linear         norm D, the map D;   no-op: 0."""
         if isinstance(part, BlockConfig):
             return self.activation_bytes_per_token(part.attention, dtype_bytes) + self.activation_bytes_per_token(part.ffn, dtype_bytes)
@@ -291,6 +296,8 @@ class ModelShape:
         elif part.is_moe:
             moe = part.moe
             elements = D + moe.num_experts + moe.top_k * (3 * moe.expert_size + D) + D
+            if moe.shared_expert_size is not None:  # its gate, product and output, and the sum
+                elements += 3 * moe.shared_expert_size + D + self.shared_expert_gate + D
         else:
             elements = D + 3 * part.intermediate_size + D
         return elements * dtype_bytes

@@ -142,8 +142,10 @@ def make_family_config(family: str, **overrides):
                       (mlp_only_layers), every layer windowed ("qwen3_moe_norm": renormalised top-k, every
                       2nd layer MoE (decoder_sparse_step), no window)
       mixtral         4 experts of intermediate_size top-2 (always renormalised), every layer windowed
+      qwen2_moe       Qwen2's attention (q/k/v biases, layers 0 and 2 windowed), 6 experts of 32 top-2
+                      renormalised, a gated shared expert of 48, layer 3 dense (mlp_only_layers)
     """
-    from transformers import MistralConfig, MixtralConfig, Qwen2Config, Qwen3Config, Qwen3MoeConfig
+    from transformers import MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     base = make_llama_config().to_dict()
     common = {k: base[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -171,6 +173,11 @@ def make_family_config(family: str, **overrides):
         kwargs = dict(common, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       norm_topk_prob=True, decoder_sparse_step=2)
         cls = Qwen3MoeConfig
+    elif family == "qwen2_moe":
+        kwargs = dict(common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[3],
+                      use_sliding_window=True, sliding_window=FAMILY_WINDOW, max_window_layers=4)
+        cls = Qwen2MoeConfig
     elif family == "mixtral":
         kwargs = dict(common, num_local_experts=4, num_experts_per_tok=2, sliding_window=FAMILY_WINDOW)
         cls = MixtralConfig
@@ -181,7 +188,7 @@ def make_family_config(family: str, **overrides):
 
 
 FAMILY_PARENTS = ("llama", "mistral", "mistral_nowindow", "qwen2", "qwen3")
-MOE_PARENTS = ("qwen3_moe", "qwen3_moe_norm", "mixtral")  # the MoE families' tiny parents (family: the prefix)
+MOE_PARENTS = ("qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe")  # the MoE families' tiny parents (family: the prefix)
 
 
 def make_family_parent(family: str, seed: int = 0, **overrides):

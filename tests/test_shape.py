@@ -218,7 +218,7 @@ def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
 
 # ---- MoE parents (issue 25): total and active parameters, FLOPs of the experts a token goes through ----
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe"])
 def test_parameters_of_moe_parents_total_and_active(family):
     from conftest import make_family_parent
 
@@ -236,6 +236,7 @@ def test_parameters_of_moe_parents_total_and_active(family):
         assert shape.params(block.ffn) == numel(layer.mlp) + norm, block.name
         if block.ffn.is_moe:  # a token uses the router and top_k of the experts
             active = numel(layer.mlp.gate) + block.ffn.moe.top_k * numel(layer.mlp.experts[0])
+            active += numel(layer.mlp.shared_expert) + numel(layer.mlp.shared_expert_gate)  # every token's
             assert shape.active_params(block.ffn) == active + norm < shape.params(block.ffn)
             assert shape.matmul_params(block.ffn) == active
         else:
@@ -243,7 +244,7 @@ def test_parameters_of_moe_parents_total_and_active(family):
     assert shape.active_layer_params() == sum(shape.active_params(b) for b in shape.parent_blocks) < shape.layer_params()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
 def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
     """Every token runs exactly top_k experts and the router: torch's count of the MoE FFN's matmuls on a
     prompt is `prefill_flops`, whichever experts the tokens chose."""

@@ -116,7 +116,8 @@ _ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear"}
 _FFN_KEYS = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear", "moe"}
 # Puzzletron's names for an MoE FFN's fields (its block_config.py `MoEConfig`; export/anymodel.py writes `moe`)
 _MOE_KEYS = {"num_local_experts": "num_experts", "num_experts_per_tok": "top_k",
-             "expert_intermediate_dim": "expert_size"}
+             "expert_intermediate_dim": "expert_size", "shared_expert_intermediate_dim": "shared_expert_size"}
+_MOE_OPTIONAL = {"shared_expert_intermediate_dim"}
 
 
 @dataclass(frozen=True)
@@ -124,24 +125,34 @@ class MoEConfig:
     """A Mixture-of-Experts FFN: `num_experts` SwiGLU experts of `expert_size` neurons each and a router
     (hidden -> num_experts logits) that sends every token to `top_k` of them. How the router's logits turn
     into the top-k weights (softmax then top-k, renormalised or not, a router bias) is the parent family's
-    (family.py `MoESpec`), not the block's: a block only says how many experts, how many per token, how wide."""
+    (family.py `MoESpec`), not the block's: a block only says how many experts, how many per token, how wide.
+
+    `shared_expert_size`: the width of a shared expert every token goes through beside the routed ones
+    (Qwen2-MoE's `shared_expert`; None: none), named "moe_e60k4_i1408_s5632"."""
 
     num_experts: int
     top_k: int
     expert_size: int
+    shared_expert_size: int | None = None
 
     def __post_init__(self) -> None:
         for field in ("num_experts", "top_k", "expert_size"):
             _check_positive_int("ffn.moe", field, getattr(self, field))
+        if self.shared_expert_size is not None:
+            _check_positive_int("ffn.moe", "shared_expert_size", self.shared_expert_size)
         if self.top_k > self.num_experts:
             raise BlockConfigError(f"ffn.moe: top_k={self.top_k} exceeds the {self.num_experts} experts")
 
     @property
     def name(self) -> str:
-        return f"moe_e{self.num_experts}k{self.top_k}_i{self.expert_size}"
+        shared = "" if self.shared_expert_size is None else f"_s{self.shared_expert_size}"
+        return f"moe_e{self.num_experts}k{self.top_k}_i{self.expert_size}{shared}"
 
     def to_dict(self) -> dict[str, Any]:
-        return {key: getattr(self, field) for key, field in _MOE_KEYS.items()}
+        out = {key: getattr(self, field) for key, field in _MOE_KEYS.items()}
+        if self.shared_expert_size is None:  # written only when there is one
+            del out["shared_expert_intermediate_dim"]
+        return out
 
     @classmethod
     def from_dict(cls, data: Any) -> "MoEConfig":
@@ -150,10 +161,10 @@ class MoEConfig:
         for key, value in data.items():  # Puzzletron's shared-expert fields etc.: refuse what is set
             if key not in _MOE_KEYS and value not in (None, False):
                 raise BlockConfigError(f"ffn.moe: unsupported field {key!r}={value!r}")
-        missing = [key for key in _MOE_KEYS if data.get(key) is None]
+        missing = [key for key in _MOE_KEYS if data.get(key) is None and key not in _MOE_OPTIONAL]
         if missing:
             raise BlockConfigError(f"ffn.moe: missing {', '.join(repr(k) for k in missing)}")
-        return cls(**{field: data[key] for key, field in _MOE_KEYS.items()})
+        return cls(**{field: data.get(key) for key, field in _MOE_KEYS.items()})
 
 
 @dataclass(frozen=True)
@@ -275,12 +286,13 @@ class FFNConfig:
     @classmethod
     def from_name(cls, name: str) -> "FFNConfig":
         """"ffn_1536" -> SwiGLU of 1536 neurons; "ffn_linear"; "ffn_noop"; "moe_e8k2_i64" -> 8 experts of
-        64 neurons, top-2 (digits only, no leading zero: one block, one spelling)."""
+        64 neurons, top-2 ("moe_e8k2_i64_s128": and a shared expert of 128); digits only, no leading zero:
+        one block, one spelling."""
         if isinstance(name, str) and name.startswith("moe_"):
-            if m := re.fullmatch(r"moe_e([1-9][0-9]*)k([1-9][0-9]*)_i([1-9][0-9]*)", name):
-                return cls(moe=MoEConfig(*(int(g) for g in m.groups())))
-            raise BlockConfigError(f"unknown ffn variant {name!r} (expected moe_e<experts>k<top_k>_i<expert width>, "
-                                   "e.g. moe_e8k2_i64)")
+            if m := re.fullmatch(r"moe_e([1-9][0-9]*)k([1-9][0-9]*)_i([1-9][0-9]*)(?:_s([1-9][0-9]*))?", name):
+                return cls(moe=MoEConfig(*(None if g is None else int(g) for g in m.groups())))
+            raise BlockConfigError(f"unknown ffn variant {name!r} (expected moe_e<experts>k<top_k>_i<expert width>"
+                                   "[_s<shared expert width>], e.g. moe_e8k2_i64)")
         return _parse_name(cls, name, "ffn_", "ffn_", "intermediate_size")
 
     def to_dict(self, hidden_size: int | None) -> dict[str, Any]:

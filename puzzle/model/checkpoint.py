@@ -51,8 +51,8 @@ _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "aut
 def _unsupported(model_type: str) -> PuzzleError:
     return PuzzleError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen3-MoE and Mixtral, "
-        "and puzzle children)"
+        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen2-MoE, Qwen3-MoE and "
+        "Mixtral, and puzzle children)"
     )
 
 

@@ -52,14 +52,20 @@ class MoESpec:
 
     experts_field, expert_size_field  the HF config fields of the expert count and an expert's width
     norm_topk    True: always renormalise the top-k probabilities (Mixtral); None: the config's
-                 `norm_topk_prob` decides (Qwen3-MoE)
+                 `norm_topk_prob` decides (Qwen2-MoE, Qwen3-MoE)
     sparse       which layers are MoE (`SparseRule`)
+    shared_expert_field  the HF config field of the shared expert's width (Qwen2-MoE: a SwiGLU every token
+                 goes through, added to the routed experts' sum, `mlp.shared_expert`); None: no shared expert
+    shared_expert_gate   the shared expert's output is scaled by sigmoid(x . w) (`mlp.shared_expert_gate`,
+                 a (1, D) weight; Qwen2-MoE)
     """
 
     experts_field: str
     expert_size_field: str
     norm_topk: bool | None
     sparse: SparseRule = "all"
+    shared_expert_field: str | None = None
+    shared_expert_gate: bool = False
 
     def renormalise(self, config: Any) -> bool:
         """Whether the top-k probabilities are divided by their sum (a child's config carries the parent's
@@ -75,8 +81,9 @@ class MoESpec:
 
     def parent_ffns(self, config: Any) -> list[FFNConfig]:
         """Each layer's FFN in the HF config: the MoE block, or the dense SwiGLU of `intermediate_size`."""
+        shared = getattr(config, self.shared_expert_field) if self.shared_expert_field else None
         moe = FFNConfig(moe=MoEConfig(getattr(config, self.experts_field), config.num_experts_per_tok,
-                                      getattr(config, self.expert_size_field)))
+                                      getattr(config, self.expert_size_field), shared or None))
         dense = FFNConfig(intermediate_size=config.intermediate_size)
         return [moe if self.is_moe_layer(config, i) else dense for i in range(config.num_hidden_layers)]
 
@@ -85,8 +92,9 @@ class MoESpec:
 class Family:
     """One HF decoder family (transformers' `<X>Attention` / `<X>Config` are the reference for every field).
 
-    qkv_bias, o_bias  whether q/k/v_proj and o_proj have biases; None: the config's `attention_bias` decides
-                      (Llama and Qwen3 put it on all four; Qwen2 hard-codes q/k/v on, o off; Mistral none)
+    qkv_bias, o_bias  whether q/k/v_proj and o_proj have biases; None: the config's `bias_field` decides
+                      (Llama and Qwen3 put `attention_bias` on all four; Qwen2 hard-codes q/k/v on, o off;
+                      Qwen2-MoE reads q/k/v's from `qkv_bias`, o off; Mistral none)
     qk_norm           an RMSNorm over head_dim applied to every query and key head before RoPE, one weight
                       vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
     windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
@@ -108,10 +116,11 @@ class Family:
     windows: WindowRule = "none"
     engines: tuple[str, ...] = ("transformers",)
     moe: MoESpec | None = None
+    bias_field: str = "attention_bias"
 
     def attention_biases(self, config: Any) -> tuple[bool, bool]:
         """(q/k/v bias, o bias) of a config of this family (a PuzzleConfig or the HF config)."""
-        default = bool(getattr(config, "attention_bias", False))
+        default = bool(getattr(config, self.bias_field, False))
         return (default if self.qkv_bias is None else self.qkv_bias,
                 default if self.o_bias is None else self.o_bias)
 
@@ -139,6 +148,12 @@ FAMILIES: dict[str, Family] = {
     # MoE families: Qwen3's attention (q/k norm, attention_bias on all four; its config resolves
     # use_sliding_window into `sliding_window`, applied to every layer); Mistral's attention (no biases).
     # Served by transformers only until the engines' loaders read per-layer MoE blocks.
+    # Qwen2's attention (q/k/v biases per the config's `qkv_bias`, windowed layers from `layer_types`), MoE FFNs
+    # with a gated shared expert
+    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), "Qwen2MoeConfig", "Qwen2MoeForCausalLM", o_bias=False,
+                        bias_field="qkv_bias", windows="layer_types",
+                        moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen",
+                                    shared_expert_field="shared_expert_intermediate_size", shared_expert_gate=True)),
     "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeConfig", "Qwen3MoeForCausalLM", qk_norm=True,
                         windows="all", moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen")),
     "mixtral": Family("mixtral", ("mixtral",), "MixtralConfig", "MixtralForCausalLM", qkv_bias=False, o_bias=False,

@@ -118,7 +118,9 @@ class MoEFFN(nn.Module):
     transformers' index_add_), summed over experts in ascending order.
 
     Experts are separate modules (`experts.{j}.gate_proj.weight`, the hub checkpoints' layout), so keeping a
-    subset of experts or narrowing one is a module-level edit. Only the experts some token chose run."""
+    subset of experts or narrowing one is a module-level edit. Only the experts some token chose run. A
+    shared expert (`moe.shared_expert_size`) runs on every token and is added, scaled by
+    sigmoid(`shared_expert_gate`(x)) where the family gates it (Qwen2MoeSparseMoeBlock)."""
 
     def __init__(self, config: PuzzleConfig, moe: MoEConfig) -> None:
         super().__init__()
@@ -129,6 +131,11 @@ class MoEFFN(nn.Module):
         self.renormalise = spec.renormalise(config)
         self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(config.hidden_size, moe.expert_size) for _ in range(moe.num_experts))
+        self.shared_expert = self.shared_expert_gate = None
+        if moe.shared_expert_size is not None:
+            self.shared_expert = SwiGLU(config.hidden_size, moe.shared_expert_size)
+            if spec.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) -> the top-k weights (N, k) float32 and the chosen experts (N, k)."""
@@ -147,6 +154,11 @@ class MoEFFN(nn.Module):
             token, slot = torch.where(chosen == j)
             y = self.experts[j](flat[token]) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
         return out.view(shape)
 
 

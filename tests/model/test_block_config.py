@@ -87,9 +87,13 @@ def test_moe_blocks_round_trip_through_names_and_decilm_dicts():
                             "moe": {"num_local_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_dim": 64}}
     assert BlockConfig.from_dict(entry, 64) == block
     assert "moe" not in FFNConfig(intermediate_size=128).to_dict(64)  # a dense child's config.json is unchanged
+    shared = FFNConfig(moe=MoEConfig(num_experts=60, top_k=4, expert_size=1408, shared_expert_size=5632))
+    assert shared.name == "moe_e60k4_i1408_s5632" and FFNConfig.from_name(shared.name) == shared
+    assert shared.to_dict(64)["moe"]["shared_expert_intermediate_dim"] == 5632
+    assert FFNConfig.from_dict(shared.to_dict(64), 64) == shared
 
 
-@pytest.mark.parametrize("name", ["moe_e8k2", "moe_e08k2_i64", "moe_e8k0_i64", "moe_e8k2_i64x", "moe_e2k3_i64", "moe_"])
+@pytest.mark.parametrize("name", ["moe_e8k2", "moe_e8k2_i64_s0", "moe_e8k2_i64_s", "moe_e08k2_i64", "moe_e8k0_i64", "moe_e8k2_i64x", "moe_e2k3_i64", "moe_"])
 def test_malformed_moe_names_are_refused(name):
     with pytest.raises(BlockConfigError):
         FFNConfig.from_name(name)
@@ -99,8 +103,10 @@ def test_malformed_moe_names_are_refused(name):
     ({"num_local_experts": 4, "num_experts_per_tok": 2}, "missing 'expert_intermediate_dim'"),
     ({"num_local_experts": 4, "num_experts_per_tok": 5, "expert_intermediate_dim": 8}, "exceeds the 4 experts"),
     ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 0}, "must be positive"),
-    ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 8, "shared_expert_intermediate_dim": 8},
+    ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 8, "router_bias": True},
      "unsupported field"),
+    ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 8, "shared_expert_intermediate_dim": -1},
+     "must be positive"),
     ("yes", "expected a mapping"),
 ])
 def test_malformed_moe_entries_are_refused_with_the_layer_named(moe, message):

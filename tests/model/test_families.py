@@ -81,7 +81,8 @@ def test_attention_parts_follow_the_descriptor():
     assert qwen3.q_norm.weight.shape == (24,) and qwen3.q_proj.out_features == 4 * 24
     llama_bias = to_puzzle(make_family_parent("llama", attention_bias=True)).model.layers[0].self_attn
     assert llama_bias.o_proj.bias is not None  # Llama's attention_bias puts a bias on all four
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral"}  # MoE: test_families_moe.py
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",
+                             "qwen2_moe", "qwen3_moe", "mixtral"}  # MoE: test_families_moe.py
 
 
 def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
@@ -179,7 +180,7 @@ def test_parents_load_from_gguf_through_transformers_loader(family, tmp_path):
 
 @pytest.mark.parametrize("config_class, kwargs", [
     ("GemmaConfig", {}),
-    ("Qwen2MoeConfig", {}),  # Qwen3-MoE and Mixtral are families (test_families_moe.py)
+    ("GptOssConfig", {}),  # Qwen2-MoE, Qwen3-MoE and Mixtral are families (test_families_moe.py)
 ])
 def test_unsupported_families_end_in_one_line_naming_the_supported(config_class, kwargs, tmp_path, capsys):
     """Gemma (sandwich norms, GeGLU), MoE and other families: one line, exit 2, the supported list named."""

@@ -25,7 +25,7 @@ RELOAD_ATOL = 1e-6
 
 
 def family_name(parent: str) -> str:
-    return "qwen3_moe" if parent.startswith("qwen3_moe") else parent
+    return parent.removesuffix("_norm")
 
 
 @pytest.mark.parametrize("family", MOE_PARENTS)
@@ -65,6 +65,8 @@ def test_generation_with_kv_cache_computes_transformers_logits(family):
     # decoder_sparse_step=2: layers 1 and 3 are MoE
     ("qwen3_moe_norm", ["ffn_128", "moe_e8k2_i32", "ffn_128", "moe_e8k2_i32"], None),
     ("mixtral", ["moe_e4k2_i128"] * 4, [FAMILY_WINDOW] * 4),
+    # a shared expert of 48; layer 3 in mlp_only_layers; windows on layers 0 and 2 (Qwen2MoeConfig's layer_types)
+    ("qwen2_moe", ["moe_e6k2_i32_s48"] * 3 + ["ffn_128"], [FAMILY_WINDOW, None, FAMILY_WINDOW, None]),
 ])
 def test_conversion_records_each_layers_ffn_and_window(family, ffns, windows):
     config = puzzle_config_from(make_family_config(family))
@@ -75,7 +77,8 @@ def test_conversion_records_each_layers_ffn_and_window(family, ffns, windows):
     assert again.blocks == config.blocks and again.family == config.family
 
 
-@pytest.mark.parametrize("family, renormalised", [("qwen3_moe", False), ("qwen3_moe_norm", True), ("mixtral", True)])
+@pytest.mark.parametrize("family, renormalised", [
+    ("qwen3_moe", False), ("qwen3_moe_norm", True), ("mixtral", True), ("qwen2_moe", True)])
 def test_top_k_weights_are_renormalised_as_the_family_says(family, renormalised):
     child = to_puzzle(make_family_parent(family))
     moe = next(layer.mlp for layer in child.model.layers if isinstance(layer.mlp, MoEFFN))
@@ -87,6 +90,21 @@ def test_top_k_weights_are_renormalised_as_the_family_says(family, renormalised)
         torch.testing.assert_close(sums, torch.ones(32))
     else:
         assert bool((sums < 1 - 1e-3).all())  # 2 of 8 softmax probabilities
+
+
+def test_qwen2_moe_shared_expert_and_its_gate_are_the_parents():
+    parent = make_family_parent("qwen2_moe")
+    ref = parent.model.layers[0].mlp
+    moe = to_puzzle(parent).model.layers[0].mlp
+    assert moe.shared_expert.down_proj.weight.data_ptr() == ref.shared_expert.down_proj.weight.data_ptr()
+    assert moe.shared_expert_gate.weight.data_ptr() == ref.shared_expert_gate.weight.data_ptr()
+    attn = to_puzzle(make_family_parent("qwen2_moe", qkv_bias=False)).model.layers[0].self_attn
+    assert attn.q_proj.bias is None and attn.o_proj.bias is None  # Qwen2-MoE's own `qkv_bias` flag decides
+    x = torch.randn(1, 5, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), ref(x), atol=ATOL, rtol=0)
+        ref.shared_expert_gate.weight.zero_()  # sigmoid(0) = 1/2 of the shared expert: the gate is applied
+        assert (moe(x) - ref(x)).abs().max() <= ATOL
 
 
 def test_conversion_splits_fused_experts_into_views():
