@@ -58,6 +58,9 @@ class MoESpec:
                  goes through, added to the routed experts' sum, `mlp.shared_expert`); None: no shared expert
     shared_expert_gate   the shared expert's output is scaled by sigmoid(x . w) (`mlp.shared_expert_gate`,
                  a (1, D) weight; Qwen2-MoE)
+    weights_in_input_dtype  the top-k weights are cast to the hidden states' dtype before they scale the
+                 experts' outputs (Qwen's `router_top_value.to(router_logits.dtype)`); False: they stay fp32
+                 (Mixtral). The same in fp32; one rounding apart in bf16.
     """
 
     experts_field: str
@@ -66,6 +69,7 @@ class MoESpec:
     sparse: SparseRule = "all"
     shared_expert_field: str | None = None
     shared_expert_gate: bool = False
+    weights_in_input_dtype: bool = True
 
     def renormalise(self, config: Any) -> bool:
         """Whether the top-k probabilities are divided by their sum (a child's config carries the parent's
@@ -157,7 +161,7 @@ FAMILIES: dict[str, Family] = {
     "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeConfig", "Qwen3MoeForCausalLM", qk_norm=True,
                         windows="all", moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen")),
     "mixtral": Family("mixtral", ("mixtral",), "MixtralConfig", "MixtralForCausalLM", qkv_bias=False, o_bias=False,
-                      windows="all", moe=MoESpec("num_local_experts", "intermediate_size", True)),
+                      windows="all", moe=MoESpec("num_local_experts", "intermediate_size", True, weights_in_input_dtype=False)),
 }
 DEFAULT_FAMILY = "llama"
 

@@ -114,8 +114,8 @@ class MoEFFN(nn.Module):
     """A Mixture-of-Experts FFN: a router `gate` (D -> E logits, no bias) and E SwiGLU `experts`, routed as the
     parent family says (family.py `MoESpec`, the same steps as transformers' `<X>TopKRouter` and `<X>Experts`):
     softmax over the E logits in float32, the top-k probabilities, divided by their sum where the family
-    renormalises; each chosen expert's output times its weight (in float32, then the input's dtype, as
-    transformers' index_add_), summed over experts in ascending order.
+    renormalises (and cast to the input's dtype where it does so); each chosen expert's output times its
+    weight, in the input's dtype, summed over experts in ascending order (transformers' index_add_).
 
     Experts are separate modules (`experts.{j}.gate_proj.weight`, the hub checkpoints' layout), so keeping a
     subset of experts or narrowing one is a module-level edit. Only the experts some token chose run. A
@@ -129,6 +129,7 @@ class MoEFFN(nn.Module):
             raise ValueError(f"family {config.family!r} has no MoE FFN; an MoE block needs an MoE family")
         self.top_k = moe.top_k
         self.renormalise = spec.renormalise(config)
+        self.weights_in_input_dtype = spec.weights_in_input_dtype
         self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
         self.experts = nn.ModuleList(SwiGLU(config.hidden_size, moe.expert_size) for _ in range(moe.num_experts))
         self.shared_expert = self.shared_expert_gate = None
@@ -138,12 +139,14 @@ class MoEFFN(nn.Module):
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, D) -> the top-k weights (N, k) float32 and the chosen experts (N, k)."""
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float)
+        """(N, D) -> the top-k weights (N, k) (float32, or x's dtype where the family casts them) and the
+        chosen experts (N, k)."""
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
-        return weights, chosen
+        return weights.to(logits.dtype) if self.weights_in_input_dtype else weights, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -92,6 +92,17 @@ def test_top_k_weights_are_renormalised_as_the_family_says(family, renormalised)
         assert bool((sums < 1 - 1e-3).all())  # 2 of 8 softmax probabilities
 
 
+@pytest.mark.parametrize("family, dtype", [("qwen3_moe", torch.bfloat16), ("qwen2_moe", torch.bfloat16),
+                                           ("mixtral", torch.float32)])
+def test_top_k_weights_scale_the_experts_in_the_dtype_the_family_uses(family, dtype):
+    """Qwen casts the top-k weights to the hidden states' dtype (`router_top_value.to(router_logits.dtype)`),
+    Mixtral keeps them fp32: in bf16 the two differ by a rounding, so each family does as transformers does."""
+    parent = make_family_parent(family).to(torch.bfloat16)
+    moe = next(layer.mlp for layer in to_puzzle(parent).model.layers if isinstance(layer.mlp, MoEFFN))
+    weights, _ = moe.route(torch.randn(8, 64, dtype=torch.bfloat16))
+    assert weights.dtype == dtype
+
+
 def test_qwen2_moe_shared_expert_and_its_gate_are_the_parents():
     parent = make_family_parent("qwen2_moe")
     ref = parent.model.layers[0].mlp
