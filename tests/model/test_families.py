@@ -197,3 +197,14 @@ def test_unsupported_families_end_in_one_line_naming_the_supported(config_class,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"unsupported architecture {config.model_type!r}" in err
     assert all(t in err for t in ("llama", "mistral", "qwen2", "qwen3"))
+
+
+def test_a_windowed_parent_loads_truncated_with_the_windows_of_the_layers_kept(tmp_path):
+    """A BLD worker's truncated parent (`load_puzzle(last_layer=...)`) keeps the windows of its layers."""
+    from puzzle.model.checkpoint import load_puzzle
+
+    parent = make_family_parent("qwen2")  # windows on layers 2 and 3
+    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    truncated = load_puzzle(tmp_path / "parent", last_layer=2)
+    assert truncated.config.sliding_windows == [None, None, FAMILY_WINDOW]
+    assert truncated.model.layers[2].self_attn.window == FAMILY_WINDOW
