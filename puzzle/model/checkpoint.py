@@ -20,8 +20,8 @@ from puzzle.io import clean_stale_temps, naming, write_safetensors
 from puzzle.outputs import replaceable
 
 from . import register
-from .configuration_puzzle import PuzzleConfig
 from .blocks import AttentionConfig, BlockConfig
+from .configuration_puzzle import PuzzleConfig
 from .dimensions import check_config_json, check_gguf
 from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
 from .family import FAMILIES, Family, family_of_model_type
