@@ -35,6 +35,7 @@ from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, check_family, get_engi
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
+from puzzle.model.family import has_moe
 from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
@@ -188,8 +189,19 @@ def _section(raw: dict, key: str, where: str) -> dict:
     return value
 
 
+def refuse_moe(config: Any, stage: str) -> None:
+    """One line for a stage that does not handle MoE FFNs yet (issue 25: MoE parents load, convert and run;
+    importance, the search over their blocks, pruning and export come later). Every search stage builds
+    the search space (`build_search_space`), so the search is refused there."""
+    if has_moe(config):
+        family = getattr(config, "family", None) or getattr(config, "model_type", "?")
+        raise PuzzleError(f"{stage}: MoE parents ({family}) load, convert and run, but the search is not supported "
+                          f"for them yet, {stage} included (dense parents only)")
+
+
 def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> SearchSpace:
     """Resolve a parsed YAML mapping against a parent config (a LlamaConfig or PuzzleConfig)."""
+    refuse_moe(parent_config, f"search space {name!r}")
     if not isinstance(raw, dict):
         raise PuzzleError(f"search space {name!r}: expected a mapping at the top level")
     unknown = set(raw) - {"name", "description", "target_engine", "attention", "ffn", "overrides"}

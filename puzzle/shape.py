@@ -8,9 +8,13 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
 
   parameters  GQA attention: D*(H + 2K)*d (q, k, v) + H*d*D (o) + D (its pre-norm), plus the family's
               biases ((H + 2K)*d on q/k/v, D on o) and q/k norms (2*d, shared by the heads);
-              SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm).
+              SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm);
+              MoE FFN of E experts of width I, top-k: E*3*D*I (experts) + E*D (router) + D in all, of which a
+              token uses k*3*D*I + E*D + D (`active_params`); a shared expert of width S adds 3*D*S (+ D for
+              its gate) to both.
               Fixed: embeddings V*D, final norm D, LM head V*D (0 when tied to the embeddings).
-  FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token, plus attention's
+  FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token (an MoE FFN's active ones:
+              the router and k experts), plus attention's
               QK^T and PV: 4*H*d*S per query over S keys. A causal sequence of T tokens has queries
               over 1..T keys: 2*H*d*T*(T+1) in all.
   KV cache    2*K*d*e bytes per cached token per layer (K and V); 0 without GQA attention.
@@ -24,7 +28,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.model.family import config_family
+from puzzle.model.family import config_family, parent_ffns
 
 Part = AttentionConfig | FFNConfig | BlockConfig
 FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
@@ -46,10 +50,15 @@ class ModelShape:
     o_bias: bool = False
     qk_norm: bool = False
     sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: no layer has one
+    # An MoE parent's FFN per layer, by name ("moe_e8k2_i64", or "ffn_768" for a dense layer of Qwen3-MoE's
+    # mlp_only_layers); None: every layer the dense SwiGLU of `intermediate_size`
+    parent_ffns: tuple[str, ...] | None = None
+    shared_expert_gate: bool = False  # an MoE family's shared expert has a (1, D) sigmoid gate (Qwen2-MoE)
 
     def __post_init__(self) -> None:
-        if self.sliding_windows is not None:  # read back from JSON as a list
-            object.__setattr__(self, "sliding_windows", tuple(self.sliding_windows))
+        for field in ("sliding_windows", "parent_ffns"):  # read back from JSON as lists
+            if getattr(self, field) is not None:
+                object.__setattr__(self, field, tuple(getattr(self, field)))
 
     @classmethod
     def from_config(cls, config: Any) -> "ModelShape":
@@ -57,6 +66,7 @@ class ModelShape:
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         family, windows = config_family(config)
         qkv_bias, o_bias = family.attention_biases(config)
+        ffns = parent_ffns(config)
         return cls(
             hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
@@ -70,6 +80,8 @@ class ModelShape:
             o_bias=o_bias,
             qk_norm=family.qk_norm,
             sliding_windows=tuple(windows) if any(w is not None for w in windows) else None,
+            parent_ffns=None if ffns is None else tuple(f.name for f in ffns),
+            shared_expert_gate=family.moe is not None and family.moe.shared_expert_gate,
         )
 
     def with_(self, **changes: Any) -> "ModelShape":
@@ -82,11 +94,24 @@ class ModelShape:
 
     @property
     def parent_ffn(self) -> FFNConfig:
-        return FFNConfig(intermediate_size=self.intermediate_size)
+        """The parent's FFN, the same in every layer; an MoE parent whose layers differ (Qwen3-MoE's dense
+        mlp_only_layers) has none: `parent_blocks` lists them."""
+        if self.parent_ffns is None:
+            return FFNConfig(intermediate_size=self.intermediate_size)
+        if len(set(self.parent_ffns)) != 1:
+            raise ValueError(f"the parent's FFN differs by layer ({', '.join(sorted(set(self.parent_ffns)))})")
+        return FFNConfig.from_name(self.parent_ffns[0])
 
     @property
     def parent_block(self) -> BlockConfig:
         return BlockConfig(self.parent_attention, self.parent_ffn)
+
+    @property
+    def parent_blocks(self) -> list[BlockConfig]:
+        """The parent's block in each layer."""
+        if self.parent_ffns is None:
+            return [self.parent_block] * self.num_hidden_layers
+        return [BlockConfig(self.parent_attention, FFNConfig.from_name(f)) for f in self.parent_ffns]
 
     def window(self, layer: int | None) -> int | None:
         """Layer `layer`'s sliding window; None for full attention or no layer given."""
@@ -104,7 +129,8 @@ class ModelShape:
 
     # ---- parameters ---------------------------------------------------------------------------
     def matmul_params(self, part: Part) -> int:
-        """Weights of a variant's matmuls (what its FLOPs scale with): its norms left out."""
+        """Weights of the matmuls one token goes through in a variant (what its FLOPs scale with): its norms
+        left out; an MoE FFN's router and top-k experts (its other experts are idle for that token)."""
         if isinstance(part, BlockConfig):
             return self.matmul_params(part.attention) + self.matmul_params(part.ffn)
         D = self.hidden_size
@@ -115,11 +141,15 @@ class ModelShape:
         if isinstance(part, AttentionConfig):
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             return D * (H + 2 * K) * d + H * d * D
+        if part.is_moe:
+            moe = part.moe
+            shared = 0 if moe.shared_expert_size is None else 3 * D * moe.shared_expert_size + self.shared_expert_gate * D
+            return moe.top_k * 3 * D * moe.expert_size + moe.num_experts * D + shared
         return 3 * D * part.intermediate_size
 
     def params(self, part: Part) -> int:
-        """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer), and a GQA
-        attention's biases and q/k norms where the family has them."""
+        """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer), a GQA
+        attention's biases and q/k norms where the family has them, and every expert of an MoE FFN."""
         if isinstance(part, BlockConfig):
             return self.params(part.attention) + self.params(part.ffn)
         if part.no_op:
@@ -128,7 +158,17 @@ class ModelShape:
         if isinstance(part, AttentionConfig) and part.is_gqa:
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d
+        if isinstance(part, FFNConfig) and part.is_moe:  # the experts no token of this one chose
+            extra = (part.moe.num_experts - part.moe.top_k) * 3 * self.hidden_size * part.moe.expert_size
         return self.matmul_params(part) + self.hidden_size + extra
+
+    def active_params(self, part: Part) -> int:
+        """Weights one token uses in a variant: `params` less an MoE FFN's experts outside its top-k."""
+        if isinstance(part, BlockConfig):
+            return self.active_params(part.attention) + self.active_params(part.ffn)
+        if isinstance(part, FFNConfig) and part.is_moe:
+            return self.matmul_params(part) + self.hidden_size
+        return self.params(part)
 
     def fixed_params(self, part: str) -> int:
         """Weights of a fixed part; a tied LM head shares the embeddings' weights and counts 0."""
@@ -142,9 +182,13 @@ class ModelShape:
 
     def layer_params(self, blocks: list[BlockConfig] | None = None) -> int:
         """Weights of all decoder layers (the parent's block in each of L layers by default)."""
-        if blocks is None:  # one block's count times L: Minitron's shape search calls this in a loop
+        if blocks is None and self.parent_ffns is None:  # one block's count times L: Minitron's shape search calls this in a loop
             return self.num_hidden_layers * self.params(self.parent_block)
-        return sum(self.params(b) for b in blocks)
+        return sum(self.params(b) for b in (self.parent_blocks if blocks is None else blocks))
+
+    def active_layer_params(self, blocks: list[BlockConfig] | None = None) -> int:
+        """Weights of all decoder layers one token uses (the parent's blocks by default)."""
+        return sum(self.active_params(b) for b in (self.parent_blocks if blocks is None else blocks))
 
     @property
     def embedding_params(self) -> int:
@@ -201,7 +245,7 @@ class ModelShape:
         """Forward FLOPs of one token through the whole model (every layer, attention over `keys` keys,
         then the LM head); the parent's block in each layer by default."""
         if blocks is None:
-            blocks = [self.parent_block] * self.num_hidden_layers
+            blocks = self.parent_blocks
         return sum(self.flops_per_token(b, keys, i) for i, b in enumerate(blocks)) + self.fixed_flops_per_token("lm_head")
 
     # ---- memory -------------------------------------------------------------------------------
@@ -224,7 +268,7 @@ class ModelShape:
         """KV cache of a whole model holding `tokens` tokens (batch x `context`); a windowed layer holds
         batch x min(context, window) of them (`context` None: as if no window binds)."""
         if blocks is None:
-            blocks = [self.parent_block] * self.num_hidden_layers
+            blocks = self.parent_blocks
         total = 0
         for i, b in enumerate(blocks):
             held = tokens if context is None else tokens // context * int(self.keys(i, context))
@@ -236,6 +280,8 @@ class ModelShape:
         backward pass keeps, and what a forward streams through memory):
           GQA attention  norm D, q/k/v (H + 2K)*d, attention output H*d, o_proj D
           SwiGLU FFN     norm D, gate and up 2I, silu(gate)*up I, down_proj D
+          MoE FFN        norm D, router logits E, per chosen expert (k of them) gate, up, product 3I and
+                         its output D, the weighted sum D; a shared expert 3S + D, its gate 1, the sum D
           linear         norm D, the map D;   no-op: 0."""
         if isinstance(part, BlockConfig):
             return self.activation_bytes_per_token(part.attention, dtype_bytes) + self.activation_bytes_per_token(part.ffn, dtype_bytes)
@@ -247,6 +293,11 @@ class ModelShape:
         elif isinstance(part, AttentionConfig):
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             elements = D + (H + 2 * K) * d + H * d + D
+        elif part.is_moe:
+            moe = part.moe
+            elements = D + moe.num_experts + moe.top_k * (3 * moe.expert_size + D) + D
+            if moe.shared_expert_size is not None:  # its gate, product and output, and the sum
+                elements += 3 * moe.shared_expert_size + D + self.shared_expert_gate + D
         else:
             elements = D + 3 * part.intermediate_size + D
         return elements * dtype_bytes

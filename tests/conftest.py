@@ -59,7 +59,7 @@ def make_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
     # transformers' init is small (std 0.02); widen it so layers matter and differences are visible.
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2:
+            if p.ndim >= 2:
                 p.normal_(0.0, 0.08)
     return model
 
@@ -138,8 +138,14 @@ def make_family_config(family: str, **overrides):
       mistral         every layer a sliding window of FAMILY_WINDOW keys ("mistral_nowindow": none)
       qwen2           q/k/v biases; layers 2-3 windowed (use_sliding_window, max_window_layers=2)
       qwen3           per-head q/k RMSNorm, explicit head_dim 24 (H*d != hidden), layer 3 windowed
+      qwen3_moe       Qwen3's attention, 8 experts of 32 top-2 (not renormalised), layer 1 a dense SwiGLU
+                      (mlp_only_layers), every layer windowed ("qwen3_moe_norm": renormalised top-k, every
+                      2nd layer MoE (decoder_sparse_step), no window)
+      mixtral         4 experts of intermediate_size top-2 (always renormalised), every layer windowed
+      qwen2_moe       Qwen2's attention (q/k/v biases, layers 0 and 2 windowed), 6 experts of 32 top-2
+                      renormalised, a gated shared expert of 48, layer 3 dense (mlp_only_layers)
     """
-    from transformers import MistralConfig, Qwen2Config, Qwen3Config
+    from transformers import MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
     base = make_llama_config().to_dict()
     common = {k: base[k] for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -159,6 +165,22 @@ def make_family_config(family: str, **overrides):
         kwargs = dict(common, head_dim=24, use_sliding_window=True, sliding_window=FAMILY_WINDOW,
                       layer_types=layer_types)
         cls = Qwen3Config
+    elif family == "qwen3_moe":
+        kwargs = dict(common, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=False, mlp_only_layers=[1], use_sliding_window=True, sliding_window=FAMILY_WINDOW)
+        cls = Qwen3MoeConfig
+    elif family == "qwen3_moe_norm":
+        kwargs = dict(common, head_dim=24, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      norm_topk_prob=True, decoder_sparse_step=2)
+        cls = Qwen3MoeConfig
+    elif family == "qwen2_moe":
+        kwargs = dict(common, num_experts=6, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[3],
+                      use_sliding_window=True, sliding_window=FAMILY_WINDOW, max_window_layers=4)
+        cls = Qwen2MoeConfig
+    elif family == "mixtral":
+        kwargs = dict(common, num_local_experts=4, num_experts_per_tok=2, sliding_window=FAMILY_WINDOW)
+        cls = MixtralConfig
     else:
         raise ValueError(family)
     kwargs.update(overrides)
@@ -166,18 +188,20 @@ def make_family_config(family: str, **overrides):
 
 
 FAMILY_PARENTS = ("llama", "mistral", "mistral_nowindow", "qwen2", "qwen3")
+MOE_PARENTS = ("qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe")  # the MoE families' tiny parents (family: the prefix)
 
 
 def make_family_parent(family: str, seed: int = 0, **overrides):
     """transformers' own causal LM of `family`, with weights wide enough that every part matters: matrices
-    N(0, 0.08), biases N(0, 0.1), q/k norm weights N(1, 0.2) (transformers initialises the last two constant)."""
+    N(0, 0.08) (an MoE's router and its experts' fused 3-D weights too), biases N(0, 0.1), q/k norm weights
+    N(1, 0.2) (transformers initialises the last two constant, and Qwen3-MoE's router to zeros)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(make_family_config(family, **overrides)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if p.ndim == 2:
+            if p.ndim >= 2:
                 p.normal_(0.0, 0.08)
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.1)

@@ -214,3 +214,67 @@ def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
     full = shape.kv_cache_bytes_per_token(att, e)
     assert shape.kv_cache_bytes(None, batch * T, e, context=T) == full * batch * (2 * T + 2 * W)
     assert shape.kv_cache_bytes(None, batch * T, e) == full * batch * T * 4  # no context: no window applied
+
+
+# ---- MoE parents (issue 25): total and active parameters, FLOPs of the experts a token goes through ----
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe"])
+def test_parameters_of_moe_parents_total_and_active(family):
+    from conftest import make_family_parent
+
+    from puzzle.model.checkpoint import to_puzzle
+
+    parent = make_family_parent(family)
+    shape = ModelShape.from_config(parent.config)
+    assert shape.total_params() == numel(parent)  # transformers' fused 3-D experts counted whole
+    child = to_puzzle(parent)
+    assert ModelShape.from_config(child.config) == shape  # the converted child has the same parent blocks
+    assert shape.total_params(child.config.blocks) == numel(child)
+    assert [b.ffn.name for b in shape.parent_blocks] == [b.ffn.name for b in child.config.blocks]
+    for layer, block in zip(child.model.layers, shape.parent_blocks):
+        norm = numel(layer.post_attention_layernorm)
+        assert shape.params(block.ffn) == numel(layer.mlp) + norm, block.name
+        if block.ffn.is_moe:  # a token uses the router and top_k of the experts
+            active = numel(layer.mlp.gate) + block.ffn.moe.top_k * numel(layer.mlp.experts[0])
+            active += numel(layer.mlp.shared_expert) + numel(layer.mlp.shared_expert_gate)  # every token's
+            assert shape.active_params(block.ffn) == active + norm < shape.params(block.ffn)
+            assert shape.matmul_params(block.ffn) == active
+        else:
+            assert shape.active_params(block.ffn) == shape.params(block.ffn)
+    assert shape.active_layer_params() == sum(shape.active_params(b) for b in shape.parent_blocks) < shape.layer_params()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
+    """Every token runs exactly top_k experts and the router: torch's count of the MoE FFN's matmuls on a
+    prompt is `prefill_flops`, whichever experts the tokens chose."""
+    from conftest import make_family_parent
+
+    from puzzle.model.checkpoint import to_puzzle
+
+    child = to_puzzle(make_family_parent(family))
+    shape = ModelShape.from_config(child.config)
+    layer = next(i for i, b in enumerate(shape.parent_blocks) if b.ffn.is_moe)
+    ffn = shape.parent_blocks[layer].ffn
+    batch, seq = 2, 9
+    x = torch.randn(batch, seq, shape.hidden_size)
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        child.model.layers[layer].mlp(x)
+    assert counter.get_total_flops() == batch * shape.prefill_flops(ffn, seq, layer)
+    assert shape.flops_per_token(ffn, 100, layer) == 2 * shape.matmul_params(ffn)
+
+
+def test_moe_parent_shapes_round_trip_through_json_and_name_their_per_layer_ffns():
+    import json
+
+    from conftest import make_family_config
+
+    shape = ModelShape.from_config(make_family_config("qwen3_moe"))
+    assert shape.parent_ffns == ("moe_e8k2_i32", "ffn_128", "moe_e8k2_i32", "moe_e8k2_i32")
+    with pytest.raises(ValueError, match="differs by layer"):
+        shape.parent_ffn  # noqa: B018  (Qwen3-MoE's dense mlp_only_layers: no one parent FFN)
+    assert ModelShape(**json.loads(json.dumps(shape.__dict__))) == shape
+    mixtral = ModelShape.from_config(make_family_config("mixtral"))
+    assert mixtral.parent_ffn.name == "moe_e4k2_i128" and mixtral.parent_block.ffn == mixtral.parent_ffn
+    assert ModelShape.from_config(make_llama_config()).parent_ffns is None  # dense: as before

@@ -9,6 +9,7 @@ from puzzle.engines import check_family
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
 from puzzle.outputs import check_output
+from puzzle.search_space import refuse_moe
 
 FORMATS = ("gguf", "nemotron-nas", "anymodel")
 
@@ -59,6 +60,7 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
+    refuse_moe(config, "export")  # no writer handles MoE FFNs yet (issue 25)
     _check(format, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf

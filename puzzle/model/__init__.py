@@ -13,6 +13,7 @@ from .blocks import (
     BlockConfig,
     BlockConfigError,
     FFNConfig,
+    MoEConfig,
     parse_block_configs,
 )
 
@@ -20,7 +21,7 @@ from .blocks import (
 _LAZY = {
     "PuzzleConfig": "configuration_puzzle",
     **{name: "modeling_puzzle" for name in (
-        "GQAttention", "LinearAttention", "LinearFFN", "PuzzleDecoderLayer", "PuzzleForCausalLM", "PuzzleModel",
+        "GQAttention", "LinearAttention", "LinearFFN", "MoEFFN", "PuzzleDecoderLayer", "PuzzleForCausalLM", "PuzzleModel",
         "SwiGLU", "build_attention", "build_ffn",
     )},
 }
@@ -53,6 +54,7 @@ __all__ = [
     "BlockConfig",
     "BlockConfigError",
     "FFNConfig",
+    "MoEConfig",
     "parse_block_configs",
     "register",
     *_LAZY,

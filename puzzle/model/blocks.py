@@ -2,7 +2,7 @@
 
 The one place that says what a block is, what it is called and how it is written down:
   name        the canonical string ("attn_g3", "attn_linear", "attn_noop", "ffn_1536", "ffn_linear",
-              "ffn_noop", "attn_g3+ffn_1536"). It keys the library manifest, the scores and costs
+              "ffn_noop", "moe_e8k2_i64", "attn_g3+ffn_1536"). It keys the library manifest, the scores and costs
               tables and the solutions; `from_name` is its only parser.
   to_dict     the `block_configs` entry of config.json; `from_dict` reads one back (strictly).
   ffn_mult    DeciLM's FFN width rule and its inverse (`ffn_mult_to_intermediate_size`,
@@ -16,7 +16,9 @@ imports it relatively), and torch-free stages (the solver) import it without loa
 
   attention: GQA with `n_heads_in_group` query heads per KV head, or `replace_with_linear`
              (a hidden->hidden map applied per token), or `no_op` (the sublayer is skipped).
-  ffn:       SwiGLU with `intermediate_size` neurons, or `replace_with_linear`, or `no_op`.
+  ffn:       SwiGLU with `intermediate_size` neurons, or `replace_with_linear`, or `no_op`, or a
+             Mixture of Experts (`moe`: `MoEConfig`, named "moe_e8k2_i64": 8 SwiGLU experts of 64
+             neurons, 2 of them per token, and a router), written as NVIDIA Puzzletron's `ffn.moe` entry.
 """
 
 import math
@@ -111,7 +113,58 @@ def _parse_name(cls: type, name: Any, base: str, size_prefix: str, field: str) -
 
 
 _ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear"}
-_FFN_KEYS = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear"}
+_FFN_KEYS = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear", "moe"}
+# Puzzletron's names for an MoE FFN's fields (its block_config.py `MoEConfig`; export/anymodel.py writes `moe`)
+_MOE_KEYS = {"num_local_experts": "num_experts", "num_experts_per_tok": "top_k",
+             "expert_intermediate_dim": "expert_size", "shared_expert_intermediate_dim": "shared_expert_size"}
+_MOE_OPTIONAL = {"shared_expert_intermediate_dim"}
+
+
+@dataclass(frozen=True)
+class MoEConfig:
+    """A Mixture-of-Experts FFN: `num_experts` SwiGLU experts of `expert_size` neurons each and a router
+    (hidden -> num_experts logits) that sends every token to `top_k` of them. How the router's logits turn
+    into the top-k weights (softmax then top-k, renormalised or not, a router bias) is the parent family's
+    (family.py `MoESpec`), not the block's: a block only says how many experts, how many per token, how wide.
+
+    `shared_expert_size`: the width of a shared expert every token goes through beside the routed ones
+    (Qwen2-MoE's `shared_expert`; None: none), named "moe_e60k4_i1408_s5632"."""
+
+    num_experts: int
+    top_k: int
+    expert_size: int
+    shared_expert_size: int | None = None
+
+    def __post_init__(self) -> None:
+        for field in ("num_experts", "top_k", "expert_size"):
+            _check_positive_int("ffn.moe", field, getattr(self, field))
+        if self.shared_expert_size is not None:
+            _check_positive_int("ffn.moe", "shared_expert_size", self.shared_expert_size)
+        if self.top_k > self.num_experts:
+            raise BlockConfigError(f"ffn.moe: top_k={self.top_k} exceeds the {self.num_experts} experts")
+
+    @property
+    def name(self) -> str:
+        shared = "" if self.shared_expert_size is None else f"_s{self.shared_expert_size}"
+        return f"moe_e{self.num_experts}k{self.top_k}_i{self.expert_size}{shared}"
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {key: getattr(self, field) for key, field in _MOE_KEYS.items()}
+        if self.shared_expert_size is None:  # written only when there is one
+            del out["shared_expert_intermediate_dim"]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MoEConfig":
+        if not isinstance(data, dict):
+            raise BlockConfigError(f"ffn.moe: expected a mapping, got {type(data).__name__}")
+        for key, value in data.items():  # Puzzletron's shared-expert fields etc.: refuse what is set
+            if key not in _MOE_KEYS and value not in (None, False):
+                raise BlockConfigError(f"ffn.moe: unsupported field {key!r}={value!r}")
+        missing = [key for key in _MOE_KEYS if data.get(key) is None and key not in _MOE_OPTIONAL]
+        if missing:
+            raise BlockConfigError(f"ffn.moe: missing {', '.join(repr(k) for k in missing)}")
+        return cls(**{field: data.get(key) for key, field in _MOE_KEYS.items()})
 
 
 @dataclass(frozen=True)
@@ -185,11 +238,14 @@ class AttentionConfig:
 
 @dataclass(frozen=True)
 class FFNConfig:
-    """One layer's FFN: SwiGLU of `intermediate_size` neurons, linear, or no-op."""
+    """One layer's FFN: SwiGLU of `intermediate_size` neurons, linear, no-op, or a Mixture of Experts (`moe`;
+    then `intermediate_size` is None: an expert's width is `moe.expert_size`, and code that reads a dense width
+    fails loudly on an MoE block rather than mistaking it for a dense one)."""
 
     intermediate_size: int | None = None
     no_op: bool = False
     replace_with_linear: bool = False
+    moe: MoEConfig | None = None
 
     kind = "ffn"
 
@@ -198,14 +254,24 @@ class FFNConfig:
         _check_bool("ffn", "replace_with_linear", self.replace_with_linear)
         if self.no_op and self.replace_with_linear:
             raise BlockConfigError("ffn: 'no_op' and 'replace_with_linear' cannot both be true")
-        if self.is_swiglu:
+        if self.moe is not None:
+            if not isinstance(self.moe, MoEConfig):
+                raise BlockConfigError(f"ffn: 'moe' must be an MoEConfig, got {self.moe!r}")
+            if self.no_op or self.replace_with_linear or self.intermediate_size is not None:
+                raise BlockConfigError("ffn: an MoE block has no 'intermediate_size', 'no_op' or 'replace_with_linear'")
+        elif self.is_swiglu:
             if self.intermediate_size is None:
                 raise BlockConfigError("ffn: a SwiGLU block needs 'intermediate_size' or 'ffn_mult'")
             _check_positive_int("ffn", "intermediate_size", self.intermediate_size)
 
     @property
     def is_swiglu(self) -> bool:
-        return not (self.no_op or self.replace_with_linear)
+        """A dense SwiGLU FFN (not an MoE one: its width is per expert)."""
+        return not (self.no_op or self.replace_with_linear or self.is_moe)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
 
     @property
     def name(self) -> str:
@@ -213,11 +279,20 @@ class FFNConfig:
             return "ffn_noop"
         if self.replace_with_linear:
             return "ffn_linear"
+        if self.moe is not None:
+            return self.moe.name
         return f"ffn_{self.intermediate_size}"
 
     @classmethod
     def from_name(cls, name: str) -> "FFNConfig":
-        """"ffn_1536" -> SwiGLU of 1536 neurons; "ffn_linear"; "ffn_noop"."""
+        """"ffn_1536" -> SwiGLU of 1536 neurons; "ffn_linear"; "ffn_noop"; "moe_e8k2_i64" -> 8 experts of
+        64 neurons, top-2 ("moe_e8k2_i64_s128": and a shared expert of 128); digits only, no leading zero:
+        one block, one spelling."""
+        if isinstance(name, str) and name.startswith("moe_"):
+            if m := re.fullmatch(r"moe_e([1-9][0-9]*)k([1-9][0-9]*)_i([1-9][0-9]*)(?:_s([1-9][0-9]*))?", name):
+                return cls(moe=MoEConfig(*(None if g is None else int(g) for g in m.groups())))
+            raise BlockConfigError(f"unknown ffn variant {name!r} (expected moe_e<experts>k<top_k>_i<expert width>"
+                                   "[_s<shared expert width>], e.g. moe_e8k2_i64)")
         return _parse_name(cls, name, "ffn_", "ffn_", "intermediate_size")
 
     def to_dict(self, hidden_size: int | None) -> dict[str, Any]:
@@ -226,12 +301,15 @@ class FFNConfig:
         mult = None
         if self.is_swiglu and hidden_size:
             mult = intermediate_size_to_ffn_mult(self.intermediate_size, hidden_size)
-        return {
+        out = {
             "ffn_mult": mult,
             "intermediate_size": self.intermediate_size,
             "no_op": self.no_op,
             "replace_with_linear": self.replace_with_linear,
         }
+        if self.moe is not None:  # only then: a dense child's config.json stays as it was
+            out["moe"] = self.moe.to_dict()
+        return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], hidden_size: int) -> "FFNConfig":
@@ -242,6 +320,9 @@ class FFNConfig:
                 raise BlockConfigError(f"ffn: unsupported field {key!r}={value!r}")
         no_op = data.get("no_op", False) or False
         linear = data.get("replace_with_linear", False) or False
+        if data.get("moe") is not None:
+            return cls(intermediate_size=data.get("intermediate_size"), no_op=no_op, replace_with_linear=linear,
+                       moe=MoEConfig.from_dict(data["moe"]))
         size = data.get("intermediate_size")
         mult = data.get("ffn_mult")
         if size is None and mult is not None and not (no_op is True or linear is True):
@@ -273,7 +354,7 @@ class BlockConfig:
 
     @classmethod
     def from_name(cls, name: str) -> "BlockConfig":
-        """"attn_g3+ffn_1536" -> BlockConfig(AttentionConfig(3), FFNConfig(1536))."""
+        """"attn_g3+ffn_1536" -> BlockConfig(AttentionConfig(3), FFNConfig(1536)); "attn_g3+moe_e8k2_i64"."""
         if not isinstance(name, str) or name.count("+") != 1:
             raise BlockConfigError(f"unknown block {name!r} (expected <attention>+<ffn>, e.g. attn_g3+ffn_1536)")
         attention, ffn = name.split("+")

@@ -3,6 +3,7 @@
 import contextlib
 import json
 import os
+import re
 import shutil
 import struct
 import uuid
@@ -19,6 +20,7 @@ from puzzle.io import clean_stale_temps, naming, write_safetensors
 from puzzle.outputs import replaceable
 
 from . import register
+from .blocks import AttentionConfig, BlockConfig
 from .configuration_puzzle import PuzzleConfig
 from .dimensions import check_config_json, check_gguf
 from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
@@ -49,8 +51,10 @@ _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "aut
 def _unsupported(model_type: str) -> PuzzleError:
     return PuzzleError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, and puzzle children)"
+        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen2-MoE, Qwen3-MoE and "
+        "Mixtral, and puzzle children)"
     )
+
 
 
 def family_of(config: Any) -> Family:
@@ -187,6 +191,8 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             model = on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
             with SafetensorsCheckpoint(path) as ckpt:
                 state = ckpt.read_many(ckpt.keys(), dtype)
+            if config.model_type != PuzzleConfig.model_type and family_of(config).moe is not None:
+                state = transformers_moe_state(state, set(model.state_dict()))  # hub experts -> this class's
             tied = getattr(config, "tie_word_embeddings", False)
             if tied:
                 state.pop("lm_head.weight", None)  # a tied head is the embedding (tie_weights below)
@@ -235,10 +241,14 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
         ckpt = ckpt or SafetensorsCheckpoint(path)
         if dtype is None:
             dtype = ckpt.dtype("model.embed_tokens.weight")
-        stray = [k for k in ckpt.keys() if k not in wanted and not _left_out(k, config, truncated)]
+        # stored name -> ours (an MoE parent's hub names, e.g. Mixtral's block_sparse_moe, read as puzzle's)
+        names = {k: canonical_key(k) for k in ckpt.keys()}
+        stray = [k for k, ours in names.items() if ours not in wanted and not _left_out(ours, config, truncated)]
         if stray:
             raise PuzzleError(f"{path}: weights do not match the config (unexpected {stray[:3]})")
-        state = ckpt.read_many([k for k in ckpt.keys() if k in wanted], dtype)
+        stored = ckpt.read_many([k for k, ours in names.items() if ours in wanted], dtype)
+        state = {names[k]: v for k, v in stored.items()}
+        del stored
     except (SafetensorError, OSError) as err:
         raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     finally:
@@ -270,6 +280,8 @@ def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
 def _truncated_config(config: PuzzleConfig, last_layer: int) -> PuzzleConfig:
     data = config.to_dict()
     data.update(num_hidden_layers=last_layer + 1, block_configs=data["block_configs"][: last_layer + 1])
+    if data.get("sliding_windows"):  # per layer, as block_configs (a windowed parent's BLD worker)
+        data["sliding_windows"] = data["sliding_windows"][: last_layer + 1]
     return PuzzleConfig(**{k: v for k, v in data.items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
 
 
@@ -320,6 +332,10 @@ def puzzle_config_from(config: Any) -> PuzzleConfig:
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
     windows = family.layer_windows(config)
     data.update(family=family.name, sliding_windows=windows if any(w is not None for w in windows) else None)
+    if family.moe is not None:  # each layer's FFN as the family reads the config (MoE or dense)
+        attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
+        data["block_configs"] = [BlockConfig(attention, ffn).to_dict(config.hidden_size)
+                                 for ffn in family.moe.parent_ffns(config)]
     return PuzzleConfig(**data)
 
 
@@ -333,6 +349,8 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     config = puzzle_config_from(model.config)
     child = on_meta(lambda: PuzzleForCausalLM(config))
     state = dict(model.state_dict())
+    if config.family_descriptor.moe is not None:
+        state = puzzle_moe_state(state)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     assign_state(child, state, "parent weights do not map onto the child",
@@ -342,6 +360,58 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     materialise_buffers(child)
     check_materialised(child, "parent weights do not map onto the child")
     return child.eval()
+
+
+# An MoE expert's weights in the hub checkpoints' names (Qwen-MoE `mlp.experts.{j}.gate_proj.weight`, Mixtral
+# `block_sparse_moe.experts.{j}.w1.weight`), and the 3-D parameters transformers 5 fuses them into
+# (`mlp.experts.gate_up_proj` (E, 2I, D): gate rows then up rows; `mlp.experts.down_proj` (E, D, I)).
+_MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+_HUB_EXPERT = re.compile(r"(.*\.)block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w[123])\.weight)")
+_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)")
+
+
+def canonical_key(key: str) -> str:
+    """A checkpoint key in puzzle's names: Mixtral's hub names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
+    (mlp, gate_proj/up_proj/down_proj); every other key as it is."""
+    m = _HUB_EXPERT.fullmatch(key)
+    if m is None:
+        return key
+    if m.group(3) is None:
+        return f"{m.group(1)}mlp.gate.weight"
+    return f"{m.group(1)}mlp.experts.{m.group(3)}.{_MIXTRAL_EXPERT[m.group(4)]}.weight"
+
+
+def puzzle_moe_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A parent's state dict in puzzle's layout: transformers 5's fused expert parameters split into one
+    SwiGLU per expert (views of the fused tensors: nothing copied), hub names made canonical."""
+    out = {}
+    for key, value in state.items():
+        m = _FUSED.fullmatch(key)
+        if m is None:
+            out[canonical_key(key)] = value
+        elif m.group(2) == "down_proj":
+            out.update({f"{m.group(1)}{j}.down_proj.weight": w for j, w in enumerate(value)})
+        else:
+            for j, w in enumerate(value):
+                gate, up = w.chunk(2, dim=0)  # transformers' `linear(x, gate_up_proj[j]).chunk(2, dim=-1)`
+                out[f"{m.group(1)}{j}.gate_proj.weight"], out[f"{m.group(1)}{j}.up_proj.weight"] = gate, up
+    return out
+
+
+def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+    """A hub checkpoint's MoE state in the layout of the transformers model whose keys are `wanted`: each
+    expert's tensors stacked into the fused 3-D parameters where that model has them (transformers 5)."""
+    state = {canonical_key(k): v for k, v in state.items()}
+    for key in [k for k in wanted if _FUSED.fullmatch(k)]:
+        prefix, which = _FUSED.fullmatch(key).groups()
+        parts = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
+        experts = []
+        while f"{prefix}{len(experts)}.{parts[0]}.weight" in state:
+            j = len(experts)
+            experts.append(torch.cat([state.pop(f"{prefix}{j}.{p}.weight") for p in parts], dim=0))
+        if experts:
+            state[key] = torch.stack(experts)
+    return state
 
 
 def atomic_dir(out: Path) -> Path:

@@ -5,8 +5,10 @@ This file travels with every saved checkpoint (it is copied next to config.json 
 `.blocks` and `.family`: a process that never imported `puzzle` must be able to load a child with
 `trust_remote_code=True`.
 
-The parent's family (family.py: llama, mistral, qwen2, qwen3) is recorded in `family`; what a layer's
-attention consists of (biases, q/k norm) follows from it, and `sliding_windows` lists each layer's window.
+The parent's family (family.py: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) is recorded in `family`; what a
+layer's attention consists of (biases, q/k norm) and how an MoE FFN routes follow from it (an MoE family's
+routing flag, e.g. Qwen3-MoE's `norm_topk_prob`, is carried over from the parent's config as it is), and
+`sliding_windows` lists each layer's window.
 
 One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice. It runs under every
 transformers the project declares: 4.56-4.57 (keyword `__init__`, RoPE in `rope_theta` / `rope_scaling`)
@@ -28,6 +30,7 @@ from .blocks import (  # noqa: F401  (re-exported: `from ...configuration_puzzle
     BlockConfig,
     BlockConfigError,
     FFNConfig,
+    MoEConfig,
     parse_block_configs,
 )
 
@@ -98,7 +101,7 @@ class PuzzleConfig(LlamaConfig):
 
     def _check_blocks(self) -> None:
         try:
-            get_family(self.family)
+            family = get_family(self.family)
         except ValueError as err:
             raise BlockConfigError(str(err)) from None
         if self.sliding_windows is not None:
@@ -125,6 +128,8 @@ class PuzzleConfig(LlamaConfig):
         blocks = parse_block_configs(
             self.block_configs, self.hidden_size, self.num_attention_heads, self.num_hidden_layers
         )
+        if family.moe is None and any(b.ffn.is_moe for b in blocks):  # the router's semantics are the family's
+            raise BlockConfigError(f"block_configs has MoE FFNs but family {family.name!r} has none")
         self.block_configs = [AttrDict(b.to_dict(self.hidden_size)) for b in blocks]
 
     def to_dict(self) -> dict[str, Any]:

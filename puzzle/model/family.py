@@ -17,6 +17,11 @@ weight names as transformers' class (`model.layers.{i}.self_attn.q_proj.weight`,
 conversion is a straight state-dict copy. A family with another norm placement (Gemma's sandwich norms),
 other names or another FFN adds a field here, its part in modeling_puzzle.py and a parity test.
 
+MoE families (`moe`: an `MoESpec`) have an MoE FFN (blocks.py `MoEConfig`) in some or all layers: a router
+`mlp.gate.weight` (E, D) and experts `mlp.experts.{j}.{gate,up,down}_proj.weight` (the hub checkpoints'
+per-expert layout, which transformers 5 fuses into 3-D `gate_up_proj` / `down_proj` parameters: conversion
+unfuses them, checkpoint.py `moe_state`).
+
 Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py imports
 it relatively), so a process without `puzzle` builds the child's layers from it.
 """
@@ -24,21 +29,81 @@ it relatively), so a process without `puzzle` builds the child's layers from it.
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from .blocks import FFNConfig, MoEConfig
+
 # How a family's HF config says which layers attend through a sliding window.
 WindowRule = Literal["none", "all", "layer_types"]
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' `layer_types` values
+
+
+# Which layers of an MoE family's HF config are MoE ("all"; "qwen": every `decoder_sparse_step`-th layer not in
+# `mlp_only_layers`, the others dense SwiGLU of `intermediate_size`, as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer)
+SparseRule = Literal["all", "qwen"]
+
+
+@dataclass(frozen=True)
+class MoESpec:
+    """How an MoE family's FFN routes, read from transformers' `<X>TopKRouter` / `<X>SparseMoeBlock` (the
+    reference for every field). The block (blocks.py `MoEConfig`) says how many experts and how wide; this says
+    how the router's logits become each token's top-k weights, the same for every layer of a family:
+
+      softmax over all experts' logits (in float32), then the top-k of those probabilities, then divided by
+      their sum when renormalising; each chosen expert's SwiGLU output is scaled by its weight and summed.
+
+    experts_field, expert_size_field  the HF config fields of the expert count and an expert's width
+    norm_topk    True: always renormalise the top-k probabilities (Mixtral); None: the config's
+                 `norm_topk_prob` decides (Qwen2-MoE, Qwen3-MoE)
+    sparse       which layers are MoE (`SparseRule`)
+    shared_expert_field  the HF config field of the shared expert's width (Qwen2-MoE: a SwiGLU every token
+                 goes through, added to the routed experts' sum, `mlp.shared_expert`); None: no shared expert
+    shared_expert_gate   the shared expert's output is scaled by sigmoid(x . w) (`mlp.shared_expert_gate`,
+                 a (1, D) weight; Qwen2-MoE)
+    weights_in_input_dtype  the top-k weights are cast to the hidden states' dtype before they scale the
+                 experts' outputs (Qwen's `router_top_value.to(router_logits.dtype)`); False: they stay fp32
+                 (Mixtral). The same in fp32; one rounding apart in bf16.
+    """
+
+    experts_field: str
+    expert_size_field: str
+    norm_topk: bool | None
+    sparse: SparseRule = "all"
+    shared_expert_field: str | None = None
+    shared_expert_gate: bool = False
+    weights_in_input_dtype: bool = True
+
+    def renormalise(self, config: Any) -> bool:
+        """Whether the top-k probabilities are divided by their sum (a child's config carries the parent's
+        `norm_topk_prob`)."""
+        return self.norm_topk if self.norm_topk is not None else bool(getattr(config, "norm_topk_prob", False))
+
+    def is_moe_layer(self, config: Any, layer: int) -> bool:
+        if self.sparse == "all":
+            return True
+        step = getattr(config, "decoder_sparse_step", 1) or 1
+        return (layer not in (getattr(config, "mlp_only_layers", None) or [])
+                and getattr(config, self.experts_field) > 0 and (layer + 1) % step == 0)
+
+    def parent_ffns(self, config: Any) -> list[FFNConfig]:
+        """Each layer's FFN in the HF config: the MoE block, or the dense SwiGLU of `intermediate_size`."""
+        shared = getattr(config, self.shared_expert_field) if self.shared_expert_field else None
+        moe = FFNConfig(moe=MoEConfig(getattr(config, self.experts_field), config.num_experts_per_tok,
+                                      getattr(config, self.expert_size_field), shared or None))
+        dense = FFNConfig(intermediate_size=config.intermediate_size)
+        return [moe if self.is_moe_layer(config, i) else dense for i in range(config.num_hidden_layers)]
 
 
 @dataclass(frozen=True)
 class Family:
     """One HF decoder family (transformers' `<X>Attention` / `<X>Config` are the reference for every field).
 
-    qkv_bias, o_bias  whether q/k/v_proj and o_proj have biases; None: the config's `attention_bias` decides
-                      (Llama and Qwen3 put it on all four; Qwen2 hard-codes q/k/v on, o off; Mistral none)
+    qkv_bias, o_bias  whether q/k/v_proj and o_proj have biases; None: the config's `bias_field` decides
+                      (Llama and Qwen3 put `attention_bias` on all four; Qwen2 hard-codes q/k/v on, o off;
+                      Qwen2-MoE reads q/k/v's from `qkv_bias`, o off; Mistral none)
     qk_norm           an RMSNorm over head_dim applied to every query and key head before RoPE, one weight
                       vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
     windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
                       "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3)
+    moe               how the family's MoE FFNs route (`MoESpec`); None for a dense family
     engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
                       deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
                       layer at layer 0's KV and FFN widths (llama.cpp 0c1e57098 `check_tensor_dims` refuses a
@@ -54,10 +119,12 @@ class Family:
     qk_norm: bool = False
     windows: WindowRule = "none"
     engines: tuple[str, ...] = ("transformers",)
+    moe: MoESpec | None = None
+    bias_field: str = "attention_bias"
 
     def attention_biases(self, config: Any) -> tuple[bool, bool]:
         """(q/k/v bias, o bias) of a config of this family (a PuzzleConfig or the HF config)."""
-        default = bool(getattr(config, "attention_bias", False))
+        default = bool(getattr(config, self.bias_field, False))
         return (default if self.qkv_bias is None else self.qkv_bias,
                 default if self.o_bias is None else self.o_bias)
 
@@ -82,6 +149,19 @@ FAMILIES: dict[str, Family] = {
     "qwen2": Family("qwen2", ("qwen2",), "Qwen2Config", "Qwen2ForCausalLM", qkv_bias=True, o_bias=False,
                     windows="layer_types"),
     "qwen3": Family("qwen3", ("qwen3",), "Qwen3Config", "Qwen3ForCausalLM", qk_norm=True, windows="layer_types"),
+    # MoE families: Qwen3's attention (q/k norm, attention_bias on all four; its config resolves
+    # use_sliding_window into `sliding_window`, applied to every layer); Mistral's attention (no biases).
+    # Served by transformers only until the engines' loaders read per-layer MoE blocks.
+    # Qwen2's attention (q/k/v biases per the config's `qkv_bias`, windowed layers from `layer_types`), MoE FFNs
+    # with a gated shared expert
+    "qwen2_moe": Family("qwen2_moe", ("qwen2_moe",), "Qwen2MoeConfig", "Qwen2MoeForCausalLM", o_bias=False,
+                        bias_field="qkv_bias", windows="layer_types",
+                        moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen",
+                                    shared_expert_field="shared_expert_intermediate_size", shared_expert_gate=True)),
+    "qwen3_moe": Family("qwen3_moe", ("qwen3_moe",), "Qwen3MoeConfig", "Qwen3MoeForCausalLM", qk_norm=True,
+                        windows="all", moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen")),
+    "mixtral": Family("mixtral", ("mixtral",), "MixtralConfig", "MixtralForCausalLM", qkv_bias=False, o_bias=False,
+                      windows="all", moe=MoESpec("num_local_experts", "intermediate_size", True, weights_in_input_dtype=False)),
 }
 DEFAULT_FAMILY = "llama"
 
@@ -108,6 +188,22 @@ def window_layer_types(windows: list[int | None]) -> tuple[int | None, list[str]
     if len(sizes) > 1:
         raise ValueError(f"layers with different sliding windows {sorted(sizes)} are not supported")
     return sizes.pop(), [FULL if w is None else SLIDING for w in windows]
+
+
+def parent_ffns(config: Any) -> list[FFNConfig] | None:
+    """Each layer's FFN of an MoE parent: a supported MoE family's HF config as the family reads it, a puzzle
+    child's `block_configs` where some layer is MoE; None for a dense parent (every layer `intermediate_size`)."""
+    if getattr(config, "model_type", None) == "nemotron-nas":
+        ffns = [b.ffn for b in config.blocks]
+        return ffns if any(f.is_moe for f in ffns) else None
+    family = family_of_model_type(getattr(config, "model_type", ""))
+    return family.moe.parent_ffns(config) if family is not None and family.moe is not None else None
+
+
+def has_moe(config: Any) -> bool:
+    """Whether a puzzle child's config (an MoE block in some layer) or a supported HF config (an MoE family)
+    has MoE FFNs."""
+    return parent_ffns(config) is not None
 
 
 def config_family(config: Any) -> tuple[Family, list[int | None]]:

@@ -3,7 +3,8 @@
 Travels with every saved checkpoint next to configuration_puzzle.py, so it imports only torch and
 transformers. RoPE and RMSNorm are transformers' own Llama modules (Mistral's, Qwen2's and Qwen3's are the
 same code), and a layer's attention is built as its family (family.py) says: q/k/v and o biases, per-head q/k
-RMSNorm, a sliding window; so a child whose blocks are all the parent's computes the parent's logits.
+RMSNorm, a sliding window; an MoE block's FFN routes as its family's `MoESpec` says (`MoEFFN`); so a child
+whose blocks are all the parent's computes the parent's logits.
 
 Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, d head_dim.
 """
@@ -17,7 +18,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding, apply_rotary_pos_emb
 
-from .blocks import AttentionConfig, FFNConfig
+from .blocks import AttentionConfig, FFNConfig, MoEConfig
 from .configuration_puzzle import PuzzleConfig
 
 
@@ -109,6 +110,61 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class MoEFFN(nn.Module):
+    """A Mixture-of-Experts FFN: a router `gate` (D -> E logits, no bias) and E SwiGLU `experts`, routed as the
+    parent family says (family.py `MoESpec`, the same steps as transformers' `<X>TopKRouter` and `<X>Experts`):
+    softmax over the E logits in float32, the top-k probabilities, divided by their sum where the family
+    renormalises (and cast to the input's dtype where it does so); each chosen expert's output times its
+    weight, in the input's dtype, summed over experts in ascending order (transformers' index_add_).
+
+    Experts are separate modules (`experts.{j}.gate_proj.weight`, the hub checkpoints' layout), so keeping a
+    subset of experts or narrowing one is a module-level edit. Only the experts some token chose run. A
+    shared expert (`moe.shared_expert_size`) runs on every token and is added, scaled by
+    sigmoid(`shared_expert_gate`(x)) where the family gates it (Qwen2MoeSparseMoeBlock)."""
+
+    def __init__(self, config: PuzzleConfig, moe: MoEConfig) -> None:
+        super().__init__()
+        spec = config.family_descriptor.moe
+        if spec is None:
+            raise ValueError(f"family {config.family!r} has no MoE FFN; an MoE block needs an MoE family")
+        self.top_k = moe.top_k
+        self.renormalise = spec.renormalise(config)
+        self.weights_in_input_dtype = spec.weights_in_input_dtype
+        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
+        self.experts = nn.ModuleList(SwiGLU(config.hidden_size, moe.expert_size) for _ in range(moe.num_experts))
+        self.shared_expert = self.shared_expert_gate = None
+        if moe.shared_expert_size is not None:
+            self.shared_expert = SwiGLU(config.hidden_size, moe.shared_expert_size)
+            if spec.shared_expert_gate:
+                self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, D) -> the top-k weights (N, k) (float32, or x's dtype where the family casts them) and the
+        chosen experts (N, k)."""
+        logits = self.gate(x)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float)
+        weights, chosen = torch.topk(probs, self.top_k, dim=-1)
+        if self.renormalise:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype) if self.weights_in_input_dtype else weights, chosen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        flat = x.reshape(-1, shape[-1])  # (N, D)
+        weights, chosen = self.route(flat)
+        out = torch.zeros_like(flat)
+        for j in torch.unique(chosen).tolist():
+            token, slot = torch.where(chosen == j)
+            y = self.experts[j](flat[token]) * weights[token, slot, None]
+            out.index_add_(0, token, y.to(out.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(flat)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(flat)) * shared
+            out = out + shared
+        return out.view(shape)
+
+
 class LinearFFN(nn.Module):
     def __init__(self, config: PuzzleConfig) -> None:
         super().__init__()
@@ -133,6 +189,8 @@ def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
         return None
     if ffn.replace_with_linear:
         return LinearFFN(config)
+    if ffn.is_moe:
+        return MoEFFN(config, ffn.moe)
     return SwiGLU(config.hidden_size, ffn.intermediate_size, config.mlp_bias)
 
 

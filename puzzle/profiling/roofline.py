@@ -217,7 +217,7 @@ def parent_blocks(config: Any) -> list[BlockConfig]:
     """The blocks of a config: its block_configs for a puzzle child, else the parent's block per layer."""
     if getattr(config, "block_configs", None) is not None and hasattr(config, "blocks"):
         return config.blocks
-    return [ModelShape.from_config(config).parent_block] * config.num_hidden_layers
+    return ModelShape.from_config(config).parent_blocks
 
 
 def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: HardwareProfile) -> dict[str, float]:

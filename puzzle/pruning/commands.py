@@ -11,9 +11,10 @@ from puzzle.data.blocks import check_token_ids, load_blocks
 from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, clean_stale_temps
-from puzzle.model.checkpoint import load_model, load_tokenizer, to_puzzle
+from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, to_puzzle
 from puzzle.outputs import check_output
 from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.search_space import refuse_moe
 
 from .importance import (
     ImportanceSettings,
@@ -71,6 +72,7 @@ def importance(
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
         raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
+    refuse_moe(load_config(parent), "importance")  # before the data and the weights are read
     if threads:
         torch.set_num_threads(threads)
     runtime = resolve(device, dtype)
@@ -141,6 +143,7 @@ def prune(
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
+    refuse_moe(load_config(parent), "prune")  # before the importance it would look for
     check_output(Path(out), "prune", force=force, inputs=(parent,), run_dir=run_dir)
     clean_stale_temps(RunDir(run_dir).baselines)  # what a killed prune left there: the prune lock is ours
     runtime = resolve(device, dtype)

@@ -20,6 +20,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 
 from puzzle.errors import PuzzleError
 from puzzle.model import PuzzleForCausalLM
+from puzzle.search_space import refuse_moe
 from puzzle.model.checkpoint import save_checkpoint
 from puzzle.outputs import marker
 from puzzle.model.family import Family, window_layer_types
@@ -49,6 +50,7 @@ class PrunePlan:
 
 def check_uniform(model: PuzzleForCausalLM) -> None:
     """Minitron pruning starts from a parent whose layers are all GQA + SwiGLU of the same sizes."""
+    refuse_moe(model.config, "prune")  # Minitron's expert pruning comes with the MoE search (issue 25)
     blocks = model.config.blocks
     if any(not (b.attention.is_gqa and b.ffn.is_swiglu) for b in blocks) or len(set(blocks)) != 1:
         raise PuzzleError("prune needs a uniform parent (every layer GQA + SwiGLU of the same sizes); "

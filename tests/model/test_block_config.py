@@ -72,3 +72,52 @@ def test_kv_heads_of_each_kind():
     assert AttentionConfig(n_heads_in_group=3).num_key_value_heads(9) == 3
     assert AttentionConfig(no_op=True).num_key_value_heads(9) == 0
     assert AttentionConfig(replace_with_linear=True).num_key_value_heads(9) == 0
+
+
+def test_moe_blocks_round_trip_through_names_and_decilm_dicts():
+    from puzzle.model import MoEConfig
+
+    moe = FFNConfig(moe=MoEConfig(num_experts=8, top_k=2, expert_size=64))
+    assert moe.name == "moe_e8k2_i64" and moe.is_moe and not moe.is_swiglu
+    assert FFNConfig.from_name("moe_e8k2_i64") == moe
+    block = BlockConfig(AttentionConfig(n_heads_in_group=2), moe)
+    assert BlockConfig.from_name("attn_g2+moe_e8k2_i64") == block
+    entry = block.to_dict(64)
+    assert entry["ffn"] == {"ffn_mult": None, "intermediate_size": None, "no_op": False, "replace_with_linear": False,
+                            "moe": {"num_local_experts": 8, "num_experts_per_tok": 2, "expert_intermediate_dim": 64}}
+    assert BlockConfig.from_dict(entry, 64) == block
+    assert "moe" not in FFNConfig(intermediate_size=128).to_dict(64)  # a dense child's config.json is unchanged
+    shared = FFNConfig(moe=MoEConfig(num_experts=60, top_k=4, expert_size=1408, shared_expert_size=5632))
+    assert shared.name == "moe_e60k4_i1408_s5632" and FFNConfig.from_name(shared.name) == shared
+    assert shared.to_dict(64)["moe"]["shared_expert_intermediate_dim"] == 5632
+    assert FFNConfig.from_dict(shared.to_dict(64), 64) == shared
+
+
+@pytest.mark.parametrize("name", ["moe_e8k2", "moe_e8k2_i64_s0", "moe_e8k2_i64_s", "moe_e08k2_i64", "moe_e8k0_i64", "moe_e8k2_i64x", "moe_e2k3_i64", "moe_"])
+def test_malformed_moe_names_are_refused(name):
+    with pytest.raises(BlockConfigError):
+        FFNConfig.from_name(name)
+
+
+@pytest.mark.parametrize("moe, message", [
+    ({"num_local_experts": 4, "num_experts_per_tok": 2}, "missing 'expert_intermediate_dim'"),
+    ({"num_local_experts": 4, "num_experts_per_tok": 5, "expert_intermediate_dim": 8}, "exceeds the 4 experts"),
+    ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 0}, "must be positive"),
+    ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 8, "router_bias": True},
+     "unsupported field"),
+    ({"num_local_experts": 4, "num_experts_per_tok": 2, "expert_intermediate_dim": 8, "shared_expert_intermediate_dim": -1},
+     "must be positive"),
+    ("yes", "expected a mapping"),
+])
+def test_malformed_moe_entries_are_refused_with_the_layer_named(moe, message):
+    entry = {"attention": {"n_heads_in_group": 2}, "ffn": {"moe": moe}}
+    with pytest.raises(BlockConfigError, match=message) as info:
+        parse_block_configs([parent_dict(), entry], hidden_size=64, num_attention_heads=4, num_hidden_layers=2)
+    assert "block_configs[1]" in str(info.value)
+
+
+def test_an_moe_block_has_no_dense_width():
+    from puzzle.model import MoEConfig
+
+    with pytest.raises(BlockConfigError, match="an MoE block has no"):
+        FFNConfig(intermediate_size=64, moe=MoEConfig(4, 2, 8))

@@ -81,7 +81,8 @@ def test_attention_parts_follow_the_descriptor():
     assert qwen3.q_norm.weight.shape == (24,) and qwen3.q_proj.out_features == 4 * 24
     llama_bias = to_puzzle(make_family_parent("llama", attention_bias=True)).model.layers[0].self_attn
     assert llama_bias.o_proj.bias is not None  # Llama's attention_bias puts a bias on all four
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3"}
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",
+                             "qwen2_moe", "qwen3_moe", "mixtral"}  # MoE: test_families_moe.py
 
 
 def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
@@ -179,9 +180,7 @@ def test_parents_load_from_gguf_through_transformers_loader(family, tmp_path):
 
 @pytest.mark.parametrize("config_class, kwargs", [
     ("GemmaConfig", {}),
-    ("Qwen3MoeConfig", {}),
-    ("MixtralConfig", {}),
-    ("Qwen2MoeConfig", {}),
+    ("GptOssConfig", {}),  # Qwen2-MoE, Qwen3-MoE and Mixtral are families (test_families_moe.py)
 ])
 def test_unsupported_families_end_in_one_line_naming_the_supported(config_class, kwargs, tmp_path, capsys):
     """Gemma (sandwich norms, GeGLU), MoE and other families: one line, exit 2, the supported list named."""
@@ -198,3 +197,14 @@ def test_unsupported_families_end_in_one_line_naming_the_supported(config_class,
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and f"unsupported architecture {config.model_type!r}" in err
     assert all(t in err for t in ("llama", "mistral", "qwen2", "qwen3"))
+
+
+def test_a_windowed_parent_loads_truncated_with_the_windows_of_the_layers_kept(tmp_path):
+    """A BLD worker's truncated parent (`load_puzzle(last_layer=...)`) keeps the windows of its layers."""
+    from puzzle.model.checkpoint import load_puzzle
+
+    parent = make_family_parent("qwen2")  # windows on layers 2 and 3
+    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    truncated = load_puzzle(tmp_path / "parent", last_layer=2)
+    assert truncated.config.sliding_windows == [None, None, FAMILY_WINDOW]
+    assert truncated.model.layers[2].self_attn.window == FAMILY_WINDOW
