@@ -106,6 +106,9 @@ def build_models(run_dir: Path, engine: str, targets: list[float]) -> tuple[dict
     out = run_dir / f"export_{engine}"
     out.mkdir(exist_ok=True)
     models = {"parent": (parent, out / f"parent{spec['suffix']}")}
+    # again here, outside the pipeline's ledger: after `--calibrate` the costs follow the new profile (its
+    # fingerprint changed), while a complete pipeline would skip its profile stage
+    puzzle("profile", "--run-dir", str(run_dir), "--budget", spec["profile"])
     for s in targets:
         name = f"{engine}_{s:g}x"
         child = run_dir / "children" / name
