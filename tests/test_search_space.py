@@ -88,28 +88,34 @@ def test_unknown_name_lists_the_shipped_spaces(tmp_path):
 # llama_default's FFN ratios on SmolLM2's 1536: 1536, 1336, 1152, 768, 384, 307, 154 -> the nearest multiples
 # of 256 (ties to the smaller: 1152 -> 1024, 384 -> 256), deduplicated, parent first.
 GRID_WIDTHS = [1536, 1280, 1024, 768, 256]
+ATTENTION_VARIANTS = [AttentionConfig(n_heads_in_group=3), AttentionConfig(n_heads_in_group=9),
+                      AttentionConfig(replace_with_linear=True), AttentionConfig(no_op=True)]  # llama_default's
 
 
-@pytest.mark.parametrize("engine, attention, ffn_tail", [
-    ("vllm", ["attn_g3", "attn_g9", "attn_noop"], ["ffn_noop"]),
-    ("sglang", ["attn_g3", "attn_g9", "attn_noop"], ["ffn_noop"]),
-    ("trtllm", ["attn_g3", "attn_g9", "attn_linear", "attn_noop"], ["ffn_linear", "ffn_noop"]),
-    ("llamacpp", ["attn_g3", "attn_g9", "attn_linear", "attn_noop"], []),
+@pytest.mark.parametrize("engine, attention, ffn_tail, first_layer", [
+    # vLLM and SGLang: no no-op attention in the first layer; SGLang: the parent's KV heads only (no variable GQA)
+    ("vllm", ["attn_g3", "attn_g9", "attn_noop"], ["ffn_noop"], ["attn_g3", "attn_g9"]),
+    ("sglang", ["attn_g3", "attn_noop"], ["ffn_noop"], ["attn_g3"]),
+    ("trtllm", ["attn_g3", "attn_g9", "attn_linear", "attn_noop"], ["ffn_linear", "ffn_noop"], None),
+    ("llamacpp", ["attn_g3", "attn_g9", "attn_linear", "attn_noop"], [], None),
 ])
-def test_a_target_engine_fits_the_space_to_its_rules(engine, attention, ffn_tail, capsys):
+def test_a_target_engine_fits_the_space_to_its_rules(engine, attention, ffn_tail, first_layer, capsys):
     raw = {**read_yaml(SPACES_DIR / "llama_default.yaml"), "target_engine": engine}
     capsys.readouterr()
     space = build_search_space(raw, SMOLLM2)
     assert space.target_engine == engine
     assert [a.name for a in space.attention_variants(7)] == attention
+    assert [a.name for a in space.attention_variants(0)] == (first_layer or attention)
     assert [f.name for f in space.ffn_variants(7)] == [f"ffn_{w}" for w in GRID_WIDTHS] + ffn_tail
     # every child the solver can assemble from the space is one the engine serves
     for layer in range(space.num_layers):
         for a in space.attention_variants(layer):
             for f in space.ffn_variants(layer):
-                assert block_violations(ENGINES[engine], BlockConfig(a, f), SMOLLM2.hidden_size) == []
+                assert block_violations(ENGINES[engine], BlockConfig(a, f), SMOLLM2.hidden_size, first=layer == 0,
+                                        kv_reference=space.parent_attention) == []
     notes = capsys.readouterr().err.splitlines()
-    assert notes == [f"note: {n}" for n in space.notes] and len(notes) == 1 + (4 - len(attention)) + (2 - len(ffn_tail))
+    dropped = {a.name for a in ATTENTION_VARIANTS} - set(attention) | set(attention) - set(first_layer or attention)
+    assert notes == [f"note: {n}" for n in space.notes] and len(notes) == 1 + len(dropped) + (2 - len(ffn_tail))
     assert "1152->1024" in notes[0] and engine in notes[0]
 
 

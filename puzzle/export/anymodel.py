@@ -28,7 +28,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import write_safetensors
 from puzzle.model.blocks import BlockConfig
-from puzzle.model.checkpoint import atomic_directory
+from puzzle.model.checkpoint import atomic_directory, save_tokenizer
 from puzzle.outputs import write_marker
 
 from .fields import rope
@@ -118,6 +118,6 @@ def write_anymodel(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: tor
         (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         (tmp / "config.json").write_text(json.dumps(anymodel_config(config, dtype), indent=2) + "\n")
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         write_marker(tmp, "export")  # an earlier export may be replaced by the next (puzzle.outputs)
     return out

@@ -5,7 +5,7 @@ from typing import Literal
 
 
 from puzzle import dtypes
-from puzzle.engines import check_family
+from puzzle.engines import check_child, check_family, get_engine, violations
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
 from puzzle.outputs import check_output
@@ -14,18 +14,34 @@ from puzzle.search_space import refuse_moe
 FORMATS = ("gguf", "nemotron-nas", "anymodel")
 
 
-# The engine whose rules each format follows: its family rules (puzzle.engines `check_family`) say which
-# parent families a format can carry. AnyModel writes model_type llama for Puzzletron's Llama descriptor: the
-# families a Llama layer computes, as for vLLM.
-_FORMAT_ENGINE = {"gguf": "llamacpp", "nemotron-nas": "vllm", "anymodel": "vllm"}
+# The engines that read each format, the default first. A nemotron-nas export is for one of them (--engine)
+# and is held to that engine's rules (puzzle/engines.py): vLLM builds neither linear sublayers nor a first
+# layer without attention, SGLang not variable GQA either, while TensorRT-LLM and transformers build them all.
+# GGUF is llama.cpp's. AnyModel is Puzzletron's (its own block check, `check_anymodel`); it writes model_type
+# llama, so its families are those a Llama layer computes, as for vLLM.
+FORMAT_ENGINES = {"gguf": ("llamacpp",), "nemotron-nas": ("vllm", "sglang", "trtllm", "transformers"),
+                  "anymodel": ("vllm",)}
 
 
-def _check(format: str, blocks: list, hidden_size: int, config=None) -> None:
-    """The format's rules on the config and blocks alone, before any weight is read: a family whose layers the
-    format's engines would misread (q/k/v-only biases, q/k norms, sliding windows) is refused in one line."""
+def format_engine(format: str, engine: str | None) -> str:
+    """The engine an export in `format` is for: `engine`, or the format's default; one line if the format does
+    not carry that engine."""
+    engines = FORMAT_ENGINES[format]
+    if engine is None:
+        return engines[0]
+    if engine not in engines:
+        choose = f"choose {', '.join(engines)}" if len(engines) > 1 else "it has no --engine choice"
+        raise PuzzleError(f"cannot export as {format} for engine {engine!r}: {choose}")
+    return engine
+
+
+def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None) -> None:
+    """The format's and its engine's rules on the config and blocks alone, before any weight is read: a family
+    whose layers the engine would misread (q/k/v-only biases, q/k norms, sliding windows) or a block it cannot
+    build is refused in one line, naming the format's engines that can serve the child."""
     if config is not None:
         try:
-            check_family(_FORMAT_ENGINE[format], config)
+            check_family(engine, config)
         except PuzzleError as err:
             raise PuzzleError(f"cannot export as {format}: {err}") from None
     if format == "gguf":
@@ -36,6 +52,12 @@ def _check(format: str, blocks: list, hidden_size: int, config=None) -> None:
         from .nemotron_nas import check_ffn_grid
 
         check_ffn_grid(blocks, hidden_size)
+        try:
+            check_child(engine, blocks, hidden_size)
+        except PuzzleError as err:
+            able = [e for e in FORMAT_ENGINES[format] if not violations(get_engine(e), blocks, hidden_size)]
+            hint = f"; --engine {' or '.join(able)} can serve it" if able else ""
+            raise PuzzleError(f"cannot export as {format} for {engine}: {err}{hint}") from None
     else:
         from .anymodel import check_anymodel
 
@@ -43,7 +65,7 @@ def _check(format: str, blocks: list, hidden_size: int, config=None) -> None:
 
 
 def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel"] = "gguf",
-           dtype: str = "auto", force: bool = False) -> Path:
+           dtype: str = "auto", engine: str | None = None, force: bool = False) -> Path:
     """Write a child (or a parent, as an all-parent child) in a format an inference engine loads.
 
     Args:
@@ -53,15 +75,18 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
             with trust_remote_code) or anymodel (NVIDIA Puzzletron)
         dtype: weights: fp32, fp16 or q8_0 for gguf (auto: fp16); fp32, fp16 or bf16 for the others (auto: as
             stored); torch's names (float32, ...) and llama.cpp's (f32, f16) work too
+        engine: the engine the export is for, whose rules every layer must meet: nemotron-nas: vllm (default),
+            sglang, trtllm or transformers; gguf: llamacpp; anymodel: Puzzletron's own check
         force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     if format not in FORMATS:
         raise PuzzleError(f"unknown export format {format!r}; choose {', '.join(FORMATS)}")
+    engine = format_engine(format, engine)
     check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
     refuse_moe(config, "export")  # no writer handles MoE FFNs yet (issue 25)
-    _check(format, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
+    _check(format, engine, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
 

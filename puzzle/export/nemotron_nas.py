@@ -24,7 +24,7 @@ import puzzle.model
 from puzzle.errors import PuzzleError
 from puzzle.io import write_safetensors
 from puzzle.model.blocks import BlockConfig, ffn_mult_to_intermediate_size
-from puzzle.model.checkpoint import _AUTO_MAP, _MODEL_FILES, atomic_directory
+from puzzle.model.checkpoint import _AUTO_MAP, _MODEL_FILES, atomic_directory, save_tokenizer
 from puzzle.outputs import write_marker
 
 from .fields import rope
@@ -86,6 +86,6 @@ def write_nemotron_nas(model: torch.nn.Module, tokenizer: Any, out: Path, dtype:
         for name in _MODEL_FILES:  # the modeling code travels with the checkpoint
             shutil.copyfile(Path(puzzle.model.__file__).parent / name, tmp / name)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
+            save_tokenizer(tokenizer, tmp)
         write_marker(tmp, "export")  # an earlier export may be replaced by the next (puzzle.outputs)
     return out

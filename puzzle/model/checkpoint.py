@@ -517,8 +517,7 @@ def save_checkpoint(
         for src in copy_files:
             shutil.copyfile(src, tmp / Path(src).name)
         if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-            _tokenizer_config_for_transformers_4(tmp)
+            save_tokenizer(tokenizer, tmp)
         if finish is not None:
             finish(tmp)
         for name, payload in (extra_json or {}).items():
@@ -531,6 +530,13 @@ def save_checkpoint(
 # transformers 5 names the class of a tokenizer.json-backed tokenizer "TokenizersBackend", which 4.x does
 # not know; 4.x's name for the same thing is PreTrainedTokenizerFast (5.x still reads that name).
 _TOKENIZER_CLASSES_4X = {"TokenizersBackend": "PreTrainedTokenizerFast"}
+
+
+def save_tokenizer(tokenizer: Any, directory: Path) -> None:
+    """The tokenizer's files in `directory`, its config readable by transformers 4.x too (every checkpoint and
+    export that carries a tokenizer writes it here)."""
+    tokenizer.save_pretrained(directory)
+    _tokenizer_config_for_transformers_4(Path(directory))
 
 
 def _tokenizer_config_for_transformers_4(directory: Path) -> None:

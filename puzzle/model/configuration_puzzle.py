@@ -86,6 +86,16 @@ class PuzzleConfig(LlamaConfig):
                 raise AttributeError("rope_theta")
             return params["rope_theta"]
 
+        @rope_theta.setter
+        def rope_theta(self, value: float) -> None:
+            """Engines assign it back (vLLM's `patch_rope_parameters` does `config.rope_theta = ...`): it lands
+            in `rope_parameters`, the one place transformers 5 keeps it, so the two never disagree."""
+            params = self.__dict__.get("rope_parameters")
+            if params is None:
+                self.rope_parameters = {"rope_type": "default", "rope_theta": value}
+            else:
+                params["rope_theta"] = value
+
     else:
 
         def __init__(self, block_configs: list | None = None, family: str = "llama",

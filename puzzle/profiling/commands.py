@@ -42,7 +42,7 @@ from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_tabl
 from puzzle.model.blocks import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
-from .hardware import HardwareProfile, Workload, load_profile
+from .hardware import WHOLE_MODEL_ENGINES, HardwareProfile, Workload, load_profile
 from .roofline import FIXED_PARTS, ModelShape, combine_costs, fixed_costs, sublayer_costs
 
 log = logging.getLogger(__name__)
@@ -76,12 +76,12 @@ def table_model_costs(table: pd.DataFrame, meta: dict[str, Any], blocks: list[Bl
 def _should_measure(profile: HardwareProfile, measure: bool | None, device: str = "auto") -> torch.device | None:
     """The torch device to measure on, or None for the roofline. `device`: auto (the profile's kind: the
     CPU for a CPU profile, the current CUDA GPU for a GPU profile), cpu, cuda or cuda:N."""
-    if profile.device.engine == "llamacpp":
-        # llama.cpp runs whole GGUF models, not one sublayer: its timings calibrate the roofline instead
+    if profile.device.engine in WHOLE_MODEL_ENGINES:
+        # llama.cpp and vLLM run whole models, not one sublayer: their timings calibrate the roofline instead
         # (scripts/bench_engine.py measures parent and children, `puzzle profile --calibrate` fits them).
         if measure:
-            raise PuzzleError(f"{profile.name} is a llama.cpp profile: per-variant timing needs torch; measure whole "
-                              "models with scripts/bench_engine.py and fit them with --calibrate MEASURED.json")
+            raise PuzzleError(f"{profile.name} is a {profile.device.engine} profile: per-variant timing needs torch; "
+                              "measure whole models with scripts/bench_engine.py and fit them with --calibrate MEASURED.json")
         return None
     if measure is False:
         return None

@@ -13,7 +13,8 @@ A profile is `hardware_profiles/<name>.yaml` (or any YAML path):
       efficiency: {compute: 0.7, memory: 0.8}          # achievable share of the peaks, in (0, 1]
       kernel_overhead_s: 0.0          # optional: fixed cost per kernel launch / eager op
       threads: null                   # optional, cpu only: torch threads while measuring
-      engine: torch                   # optional: torch (measurable per sublayer) | llamacpp (roofline only)
+      engine: torch                   # optional: torch (measurable per sublayer) | llamacpp | vllm (whole
+                                      # models only: the roofline, calibrated by scripts/bench_engine.py)
     workload: {batch_size: 64, input_len: 1024, output_len: 1024, dtype: bf16}
     constraints: {speedup: 1.5, memory_gib: 67.0}
 
@@ -51,7 +52,7 @@ class Device:
     memory_efficiency: float
     kernel_overhead_s: float = 0.0
     threads: int | None = None
-    engine: str = "torch"  # what runs the model: torch (profile can time each sublayer) | llamacpp
+    engine: str = "torch"  # what runs the model: torch (profile can time each sublayer) | llamacpp | vllm
 
     def flops_per_s(self, dtype: str) -> float:
         """Achievable FLOP/s in `dtype`: peak x compute efficiency."""
@@ -216,7 +217,10 @@ def _parse_device(raw: Any, where: str) -> Device:
     )
 
 
-ENGINES = ("torch", "llamacpp")
+ENGINES = ("torch", "llamacpp", "vllm")
+# Engines that run whole models only: `puzzle profile` prices their variants with the roofline, which
+# scripts/bench_engine.py's timings calibrate (`puzzle profile --calibrate`).
+WHOLE_MODEL_ENGINES = ("llamacpp", "vllm")
 
 
 def _engine(value: Any, where: str) -> str:

@@ -89,11 +89,14 @@ def for_engine(problem: SolverProblem, engine_name: str) -> SolverProblem:
         raise PuzzleError(f"the costs JSON has no hidden_size: cannot check FFN widths against {engine.name}'s ffn_mult grid")
     layers = []
     for i, layer in enumerate(problem.layers):
+        # the parent's attention: the KV heads every layer keeps where the engine has no variable GQA
+        kv_reference = next((option_config("attention", i, o) for o in layer.attention if o.is_parent), None)
         kept = []
         for kind, options in (("attention", layer.attention), ("ffn", layer.ffn)):
             ok = []
             for o in options:
-                broken = sublayer_violations(engine, option_config(kind, i, o), problem.hidden_size)
+                broken = sublayer_violations(engine, option_config(kind, i, o), problem.hidden_size,
+                                             first=i == 0, kv_reference=kv_reference)
                 if broken and o.is_parent:
                     raise PuzzleError(f"target engine {engine.name} cannot serve the parent's own {o.name} in layer {i}: "
                                       f"{RULES[broken[0]]}")

@@ -121,3 +121,14 @@ def test_an_moe_block_has_no_dense_width():
 
     with pytest.raises(BlockConfigError, match="an MoE block has no"):
         FFNConfig(intermediate_size=64, moe=MoEConfig(4, 2, 8))
+
+
+def test_rope_theta_reads_and_assigns_through_rope_parameters():
+    """vLLM's `patch_rope_parameters` reads `config.rope_theta` and assigns it back: with transformers 5 the
+    value lives in `rope_parameters`, so an assignment must land there (issue 24: the property had no setter)."""
+    cfg = PuzzleConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                       num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 5e4})
+    assert cfg.rope_theta == 5e4
+    cfg.rope_theta = 2e5
+    assert cfg.rope_theta == 2e5 and cfg.rope_parameters == {"rope_type": "default", "rope_theta": 2e5}
+    assert cfg.to_dict()["rope_theta"] == 2e5

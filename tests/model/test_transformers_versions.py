@@ -147,3 +147,30 @@ def test_family_children_load_under_the_oldest_declared_transformers(tmp_path):
     assert f"transformers {OLDEST}." in stdout
     for family in dirs:
         torch.testing.assert_close(got[family], expected[family], atol=1e-5, rtol=0)
+
+
+def test_every_directory_we_write_has_a_tokenizer_transformers_4_loads(tmp_path):
+    """A child, and its nemotron-nas and anymodel exports: AutoTokenizer under 4.56 reads each and gives the
+    ids we give (issue 24: the exports wrote transformers 5's "TokenizersBackend", which 4.x does not know)."""
+    from puzzle.export.commands import export
+
+    old = oldest_transformers()
+    child = make_llama(0, intermediate_size=256)  # on the ffn_mult grid the nemotron-nas export requires
+    tokenizer = make_tokenizer()
+    dirs = {"child": save_model(to_puzzle(child), tmp_path / "child", tokenizer)}
+    for fmt in ("nemotron-nas", "anymodel"):
+        dirs[fmt] = export(dirs["child"], tmp_path / fmt, format=fmt)
+    script = textwrap.dedent(
+        f"""
+        import json, transformers
+        from transformers import AutoTokenizer
+        assert transformers.__version__.startswith({OLDEST + "."!r}), transformers.__version__
+        dirs = {json.dumps({k: str(v) for k, v in dirs.items()})}
+        print(json.dumps({{k: AutoTokenizer.from_pretrained(d)({SAMPLE_TEXT[1]!r})["input_ids"] for k, d in dirs.items()}}))
+        """
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONPATH": str(old)})
+    assert run.returncode == 0, run.stderr[-3000:]
+    ids = tokenizer(SAMPLE_TEXT[1])["input_ids"]
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {name: ids for name in dirs}

@@ -148,16 +148,19 @@ def test_fixed_costs_may_be_given_per_component(run_dir):
     assert parts["predicted"]["params"] == flat["predicted"]["params"]
 
 
-@pytest.mark.parametrize("engine, speedup", [("vllm", "1.8"), ("llamacpp", "1.15")])
+@pytest.mark.parametrize("engine, speedup", [("vllm", "1.8"), ("sglang", "1.5"), ("llamacpp", "1.15")])
 def test_target_engine_keeps_only_variants_it_builds(run_dir, engine, speedup):
-    from puzzle.engines import ENGINES, block_violations
+    from puzzle.engines import ENGINES, violations
 
-    # the synthetic tables offer linear and no-op sublayers and FFN widths off the ffn_mult grid (2752, 1344)
+    def broken(solution):  # the whole child's: first-layer and variable-GQA rules included
+        return violations(ENGINES[engine], [BlockConfig.from_dict(raw, hidden_size=1024)
+                                            for raw in solution["block_configs"]], 1024)
+
+    # the synthetic tables offer linear and no-op sublayers, several KV-head counts and FFN widths off the
+    # ffn_mult grid (2752, 1344)
     assert solve_cli(run_dir, "--speedup", speedup, "--target-engine", engine) == 0
     sol = read_solution(run_dir)
     assert sol["target_engine"] == engine
-    for raw in sol["block_configs"]:
-        assert block_violations(ENGINES[engine], BlockConfig.from_dict(raw, hidden_size=1024), 1024) == []
+    assert broken(sol) == []
     assert solve_cli(run_dir, "--speedup", speedup) == 0  # without a target, the same tables pick what they may
-    assert any(block_violations(ENGINES[engine], BlockConfig.from_dict(raw, hidden_size=1024), 1024)
-               for raw in read_solution(run_dir)["block_configs"])
+    assert broken(read_solution(run_dir))
