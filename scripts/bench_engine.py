@@ -35,6 +35,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from puzzle import dtypes  # noqa: E402
 from puzzle.model.checkpoint import load_config  # noqa: E402
 from puzzle.profiling.calibrate import Sample, fit_factors, load_measured, predict_seconds  # noqa: E402
 from puzzle.profiling.hardware import load_profile  # noqa: E402
@@ -172,7 +173,7 @@ def measure_vllm(models: dict[str, Path], workload, repeats: int, threads: int, 
     n_out = workload.output_len
     prompts = prompts_of(workload.batch_size, workload.input_len, vocab)
     env = {"VLLM_CPU_OMP_THREADS_BIND": f"0-{threads - 1}", "VLLM_CPU_NUM_OF_RESERVED_CPU": "0"}
-    dtype = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[workload.dtype]
+    dtype = dtypes.BY_NAME[dtypes.canonical(workload.dtype)].torch  # vLLM's name for it (bfloat16, ...)
     out = {n: {"prefill_s": [], "decode_s": []} for n in models}
     logs.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from puzzle.engines import check_child, check_family
+from puzzle import dtypes
 from puzzle.errors import PuzzleError
 
 SERVE_ENGINES = ("vllm", "llamacpp", "transformers")
@@ -29,7 +30,6 @@ PROMPTS = (
     "In the morning the city was quiet; by noon",
 )
 # Export dtype -> vLLM's dtype name (the weights are served in the dtype they were exported in).
-_VLLM_DTYPES = {"f32": "float32", "f16": "float16", "bf16": "bfloat16"}
 
 
 def _available(engine: str) -> None:
@@ -110,7 +110,8 @@ def _serve(child: Path, engine: str, prompts: list[list[int]], max_tokens: int, 
 
     from .drivers import run_llamacpp, run_vllm
 
-    if engine == "vllm" and dtype not in _VLLM_DTYPES:
+    served = dtypes.name_of(dtype)  # the one vocabulary (puzzle/dtypes.py): f32 / fp32 / float32 alike
+    if engine == "vllm" and served not in dtypes.COMPUTE:
         raise PuzzleError(f"vLLM serves dtype f32, f16 or bf16, got {dtype!r}")
     with tempfile.TemporaryDirectory(prefix="puzzle-serve-check-") as tmp:
         with contextlib.redirect_stdout(io.StringIO()):  # the export's "wrote ..." line: the file is ours
@@ -119,5 +120,5 @@ def _serve(child: Path, engine: str, prompts: list[list[int]], max_tokens: int, 
             else:
                 out = export(child, Path(tmp) / "child.gguf", format="gguf", dtype=dtype)
         if engine == "vllm":
-            return run_vllm(out, prompts, max_tokens, repeats=rounds, dtype=_VLLM_DTYPES[dtype])
+            return run_vllm(out, prompts, max_tokens, repeats=rounds, dtype=dtypes.BY_NAME[served].torch)
         return run_llamacpp(out, prompts, max_tokens, repeats=rounds)
