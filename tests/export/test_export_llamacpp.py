@@ -171,7 +171,7 @@ def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     last = make_child(["attn_g2+ffn_128", "attn_noop+ffn_noop"])
     path = export(save_child(last, tmp_path / "b"), tmp_path / "b.gguf", format="gguf", dtype="f32")
     script = f"import llama_cpp; llama_cpp.Llama({str(path)!r}, n_ctx=64, verbose=False).eval({TOKENS})"
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert run.returncode != 0 and "GGML_ASSERT" in run.stderr
 
 

@@ -38,7 +38,7 @@ def test_reloads_in_transformers_without_puzzle_with_equal_logits(tmp_path, tied
             save_file({{"logits": model(torch.tensor([{TOKENS}])).logits[0]}}, {str(tmp_path / "logits.safetensors")!r})
         """
     )
-    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     got = load_file(str(tmp_path / "logits.safetensors"))["logits"]
     torch.testing.assert_close(got, logits(child, TOKENS), rtol=0, atol=1e-5)

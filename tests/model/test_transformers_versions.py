@@ -113,7 +113,7 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
     )
     env = {**os.environ, "PYTHONPATH": str(old)}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env=env)
+                         timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["module"].startswith("transformers_modules")  # the checkpoint's own modeling file
