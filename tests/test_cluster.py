@@ -256,7 +256,10 @@ def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a
     fs = fsspec.filesystem("memory")
     assert fs.exists("/piped-run/report.md") and fs.exists("/piped-run/scores/scores.parquet")
     log = [json.loads(line) for line in fs.cat_file("/piped-run/library/log.jsonl").splitlines() if line.strip()]
-    assert len({r["pid"] for r in log if r.get("event") == "group_start"} - {os.getpid()}) == 2
+    starts = [r for r in log if r.get("event") == "group_start"]
+    # two tasks, both in Ray workers; not two distinct worker processes: on a busy machine Ray may run the
+    # second task in the first one's worker, which finished before another worker had started
+    assert len(starts) == 2 and os.getpid() not in {r["pid"] for r in starts}
     scored = [json.loads(line) for line in fs.cat_file("/piped-run/scores/log.jsonl").splitlines() if line.strip()]
     assert len([r for r in scored if r["event"] == "score_worker"]) == 2
     ledger = json.loads(fs.cat_file("/piped-run/pipeline.json"))
