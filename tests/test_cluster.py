@@ -65,6 +65,7 @@ def undisturbed(tmp_path_factory):
 
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_library_jobs_request_gpus_and_build_the_same_library(head, undisturbed, tmp_path, capsys):
     parent, reference = undisturbed
     run = write_blocks(tmp_path / "run")
@@ -86,6 +87,7 @@ def test_library_jobs_request_gpus_and_build_the_same_library(head, undisturbed,
 
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_run_directory_on_fsspec_memory_gives_the_same_library(head, undisturbed, tmp_path, capsys, monkeypatch):
     import fsspec
 
@@ -107,6 +109,7 @@ def test_a_run_directory_on_fsspec_memory_gives_the_same_library(head, undisturb
 
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_score_jobs_request_gpus_split_by_layers_and_match_in_process(head, tmp_path, tiny_parent_dir):
     tables = []
     for name, kwargs in (("here", dict(ray=False)), ("ray", dict(workers=2, device="auto"))):
@@ -127,6 +130,7 @@ def test_score_jobs_request_gpus_split_by_layers_and_match_in_process(head, tmp_
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
+@pytest.mark.slow
 def test_preflight_prints_its_mode_and_fails_in_one_line(head, tmp_path, tiny_parent_dir, capsys):
     info = cluster.preflight(tmp_path / "run", tiny_parent_dir)
     line = capsys.readouterr().out.strip()
@@ -233,6 +237,7 @@ def test_submit_ray_job_submits_puzzle_run(tmp_path):
 
 @pytest.mark.ray
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a_uri_run_dir(
         head, tmp_path, tiny_parent_dir, capsys, monkeypatch):
     import fsspec
@@ -274,6 +279,7 @@ def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
+@pytest.mark.slow
 def test_jobs_of_one_layer_group_share_a_strict_pack_placement_group(head):
     import ray
 

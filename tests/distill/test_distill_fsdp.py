@@ -67,6 +67,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", ["straight", "sharded", "tied", "offload"])
+@pytest.mark.slow
 def test_two_processes_match_one(runs, name):
     out, singles, _ = runs
     single = singles["tied" if name == "tied" else "single"]
@@ -89,6 +90,7 @@ def test_two_processes_match_one(runs, name):
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_masters_and_the_fp32_curve(runs):
     """bf16 has 8 mantissa bits (relative rounding 2^-9 = 2e-3): the curve follows fp32's to about that,
     and differs from it (bf16 was in effect); the trained shards, so the saved weights, stay fp32."""
@@ -100,6 +102,7 @@ def test_bf16_compute_keeps_fp32_masters_and_the_fp32_curve(runs):
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
     out, _, _ = runs
     straight, resumed = _log(out / "straight", "train"), _log(out / "resumed", "train")
@@ -120,6 +123,7 @@ def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_an_offloaded_run_resumes_from_its_checkpoint(runs):
     out, _, _ = runs
     straight, resumed = _log(out / "straight", "train"), _log(out / "offload-resumed", "train")
@@ -130,6 +134,7 @@ def test_an_offloaded_run_resumes_from_its_checkpoint(runs):
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
     out, _, output = runs
     last = f"step_{CONFIG.steps:06d}"
@@ -144,6 +149,7 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("cpu_offload", [False, True])
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch, cpu_offload):
     """DCP reshards on load: the 2-rank run's step-4 checkpoint, resumed by a 1-rank FSDP job (this
     process), with or without CPU offload, reaches the 2-rank run's losses and weights."""
@@ -219,6 +225,7 @@ def _write_run_dir(run_dir: Path, train: torch.Tensor, val: torch.Tensor) -> Non
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent_dir, tiny_tokenizer, capsys,
                                                             monkeypatch):
     """`puzzle distill --nproc 2` (torchrun under the hood) on a heterogeneous child: the gathered child is

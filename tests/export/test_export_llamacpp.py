@@ -128,6 +128,7 @@ def test_f16_and_q8_0_hold_the_weights_within_their_rounding(child_gguf, tmp_pat
 
 @needs_llamacpp
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.slow
 def test_llamacpp_runs_f16_and_q8_0(child_gguf, tmp_path, dtype):
     child, f32_path = child_gguf
     path = export(save_child(child, tmp_path / "child"), tmp_path / "child.gguf", format="gguf", dtype=dtype)
@@ -160,6 +161,7 @@ def test_blocks_llamacpp_cannot_run_are_refused_by_layer(tmp_path, blocks, rule)
 
 
 @needs_llamacpp
+@pytest.mark.slow
 def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     """Written anyway (rules off), llama.cpp gets them wrong: the rules are llama.cpp's, not caution. A no-op FFN
     after an attention loses the attention; in the last layer llama.cpp aborts (so in a subprocess)."""
@@ -223,6 +225,7 @@ def test_the_streamed_gguf_is_the_one_written_in_memory(tmp_path, dtype):
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_gguf_export_holds_one_converted_tensor_at_a_time(tmp_path):
     """tracemalloc sees numpy's buffers (the converted tensors), not torch's: streaming peaks below twice the
     largest converted tensor (plus the vocabulary's KV data), the in-memory path at every converted tensor."""

@@ -23,6 +23,7 @@ TOKENS = [5, 17, 300, 42, 7, 99, 123, 250, 8, 64, 11]
 
 
 @pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.slow
 def test_reloads_in_transformers_without_puzzle_with_equal_logits(tmp_path, tied):
     child = make_child(BLOCKS, intermediate_size=512, tie_word_embeddings=tied)
     out = export(save_child(child, tmp_path / "child"), tmp_path / "nas", format="nemotron-nas")

@@ -83,6 +83,7 @@ def _events(run: Path, event: str) -> list[dict]:
 
 
 @pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_killed_build_resumes_without_retraining_or_accepting_half_files(tmp_path):
     parent = save_parent(tmp_path / "parent", layers=4)
     run = write_blocks(tmp_path / "run")

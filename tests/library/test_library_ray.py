@@ -17,7 +17,7 @@ from puzzle.library.commands import build_library
 from puzzle.model.checkpoint import load_config
 from puzzle.search_space import load_search_space
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
 SMALL = dict(search_space="tiny", batch_size=4, calibration_tokens=256, eval_tokens=128, threads=1)
 

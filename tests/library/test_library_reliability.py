@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from library_testing import save_parent, write_blocks
 from transformers import GPT2Config
 
@@ -77,6 +78,7 @@ sys.exit(main(["build-library", "--run-dir", sys.argv[1], "--parent", sys.argv[2
 """
 
 
+@pytest.mark.slow
 def test_two_concurrent_builds_train_each_variant_once(tmp_path):
     parent = save_parent(tmp_path / "parent", layers=2)
     run = write_blocks(tmp_path / "run")

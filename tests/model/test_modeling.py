@@ -94,6 +94,7 @@ def test_left_padded_batch_matches_unpadded_rows(tiny_parent):
     torch.testing.assert_close(padded[1, 3:], alone[0], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_mixed_child_reloads_in_a_process_that_never_imports_puzzle(tiny_parent, tiny_tokenizer, tmp_path):
     child = mixed_child(tiny_parent).eval()
     out = save_model(child, tmp_path / "child", tiny_tokenizer)

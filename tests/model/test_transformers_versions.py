@@ -25,6 +25,8 @@ from puzzle.model.surgery import replace_sublayer
 
 from conftest import SAMPLE_TEXT, make_llama, make_tokenizer
 
+pytestmark = pytest.mark.slow  # each test reloads a child under an older transformers in a subprocess
+
 OLDEST = "4.56"
 # transformers 4.56's own pins (its setup.py): tokenizers>=0.22,<=0.23.0, huggingface-hub>=0.34,<1.0
 OLD_PACKAGES = (f"transformers=={OLDEST}.*", "tokenizers>=0.22,<=0.23.0", "huggingface_hub>=0.34,<1.0")
