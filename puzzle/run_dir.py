@@ -361,18 +361,33 @@ def open_lock(path: Path) -> Any:
     return os.fdopen(fd, "r+")
 
 
-def _holder(path: Path, wait_s: float = 2.0) -> str:
+def _holder(path: Path, hang_s: float = 60.0) -> str:
     """'pid P on HOST since T' from a held lock file. Its holder writes it right after taking the lock, so a
-    reader that comes in between (a busy machine can stretch that gap) waits up to `wait_s` for the name."""
-    deadline = time.monotonic() + wait_s
+    reader that comes in between waits for the name as long as the lock stays held: a busy machine can stretch
+    that gap to seconds, so only `hang_s` (a holder stuck between the two) ends the wait without it."""
+    deadline = time.monotonic() + hang_s
     while True:
         try:
             h = json.loads(path.read_text())
             return f"pid {h['pid']} on {h['host']} since {h['since']}"
         except (OSError, ValueError, KeyError, TypeError):
+            if not _held(path):
+                return "another process (it has exited since)"
             if time.monotonic() >= deadline:
                 return "another process (it has not written its name yet)"
             time.sleep(0.05)
+
+
+def _held(path: Path) -> bool:
+    """Whether some open file holds `path`'s flock (a shared probe is refused while a writer holds it)."""
+    try:
+        with os.fdopen(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as f:  # as open_lock: never a planted link
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    return False
 
 
 F = TypeVar("F", bound=Callable[..., Any])

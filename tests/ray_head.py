@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 RAY_BIN = Path(sys.executable).parent / "ray"
-START_TIMEOUT_S = 120.0
+START_TIMEOUT_S = 600.0  # a hang, not a busy machine (a head takes seconds idle, minutes loaded)
 
 
 @dataclass(frozen=True)

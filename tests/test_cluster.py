@@ -64,7 +64,8 @@ def undisturbed(tmp_path_factory):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_library_jobs_request_gpus_and_build_the_same_library(head, undisturbed, tmp_path, capsys):
     parent, reference = undisturbed
     run = write_blocks(tmp_path / "run")
@@ -85,7 +86,8 @@ def test_library_jobs_request_gpus_and_build_the_same_library(head, undisturbed,
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_run_directory_on_fsspec_memory_gives_the_same_library(head, undisturbed, tmp_path, capsys, monkeypatch):
     import fsspec
 
@@ -106,7 +108,8 @@ def test_a_run_directory_on_fsspec_memory_gives_the_same_library(head, undisturb
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_score_jobs_request_gpus_split_by_layers_and_match_in_process(head, tmp_path, tiny_parent_dir):
     tables = []
     for name, kwargs in (("here", dict(ray=False)), ("ray", dict(workers=2, device="auto"))):
@@ -126,7 +129,8 @@ def test_score_jobs_request_gpus_split_by_layers_and_match_in_process(head, tmp_
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
+@pytest.mark.slow
 def test_preflight_prints_its_mode_and_fails_in_one_line(head, tmp_path, tiny_parent_dir, capsys):
     info = cluster.preflight(tmp_path / "run", tiny_parent_dir)
     line = capsys.readouterr().out.strip()
@@ -232,7 +236,8 @@ def test_submit_ray_job_submits_puzzle_run(tmp_path):
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a_uri_run_dir(
         head, tmp_path, tiny_parent_dir, capsys, monkeypatch):
     import fsspec
@@ -256,7 +261,10 @@ def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a
     fs = fsspec.filesystem("memory")
     assert fs.exists("/piped-run/report.md") and fs.exists("/piped-run/scores/scores.parquet")
     log = [json.loads(line) for line in fs.cat_file("/piped-run/library/log.jsonl").splitlines() if line.strip()]
-    assert len({r["pid"] for r in log if r.get("event") == "group_start"} - {os.getpid()}) == 2
+    starts = [r for r in log if r.get("event") == "group_start"]
+    # two tasks, both in Ray workers; not two distinct worker processes: on a busy machine Ray may run the
+    # second task in the first one's worker, which finished before another worker had started
+    assert len(starts) == 2 and os.getpid() not in {r["pid"] for r in starts}
     scored = [json.loads(line) for line in fs.cat_file("/piped-run/scores/log.jsonl").splitlines() if line.strip()]
     assert len([r for r in scored if r["event"] == "score_worker"]) == 2
     ledger = json.loads(fs.cat_file("/piped-run/pipeline.json"))
@@ -270,7 +278,8 @@ def test_puzzle_run_with_ray_address_puts_library_and_score_on_the_cluster_and_a
 
 
 @pytest.mark.ray
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1200)
+@pytest.mark.slow
 def test_jobs_of_one_layer_group_share_a_strict_pack_placement_group(head):
     import ray
 
@@ -281,14 +290,14 @@ def test_jobs_of_one_layer_group_share_a_strict_pack_placement_group(head):
         strategies = [options[i]["scheduling_strategy"] for i in (0, 1)]
         assert strategies[0].placement_group == strategies[1].placement_group == groups[0]
         assert [s.placement_group_bundle_index for s in strategies] == [0, 1]
-        assert ray.get(groups[0].ready(), timeout=60) and groups[0].bundle_specs[0] == {
+        assert ray.get(groups[0].ready(), timeout=600) and groups[0].bundle_specs[0] == {
             "CPU": 1, "GPU": 0.5, "memory": 2**20}
 
         def where() -> tuple[str, list[str]]:
             return ray.get_runtime_context().get_node_id(), [str(i) for i in ray.get_gpu_ids()]
 
         task = ray.remote(where)
-        placed = ray.get([task.options(**requests[i].options(), **options[i]).remote() for i in (0, 1)], timeout=120)
+        placed = ray.get([task.options(**requests[i].options(), **options[i]).remote() for i in (0, 1)], timeout=600)
         assert placed[0][0] == placed[1][0] and all(len(gpus) == 1 for _, gpus in placed)
     finally:
         cluster.remove_placement(groups)

@@ -47,6 +47,7 @@ def tiny_config(tmp_path, parent_dir):
     }
 
 
+@pytest.mark.slow
 def test_run_end_to_end_then_rerun_does_nothing(tiny_parent_dir, tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     # convert_parent (automatic for GGUF parents) writes the parent into the run once; every stage loads that

@@ -15,6 +15,7 @@ from test_pipeline import tiny_config
 
 
 @pytest.mark.parametrize("family", ["qwen3", "mistral"])
+@pytest.mark.slow
 def test_run_end_to_end_on_a_family_parent(family, tmp_path, capsys):
     parent_dir = tmp_path / "parent"
     make_family_parent(family).save_pretrained(parent_dir, safe_serialization=True)

@@ -335,6 +335,7 @@ def estimated(root, stage: str, space: str, **args) -> float:
     return BY_NAME[stage].estimate(ctx, args).host_bytes - footprint.PROCESS_BASELINE_BYTES
 
 
+@pytest.mark.slow
 def test_evaluate_host_estimate_matches_a_measured_peak(medium_run):
     """`puzzle evaluate` of a child next to its parent (two directories, both loaded): measured 276 MiB,
     estimated 276 MiB on this machine."""
@@ -345,6 +346,7 @@ def test_evaluate_host_estimate_matches_a_measured_peak(medium_run):
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
 
 
+@pytest.mark.slow
 def test_build_library_and_score_host_estimates_match_measured_peaks(medium_run):
     """`puzzle build-library --no-ray` (one worker, every layer) on the tiny search space, then `puzzle score`:
     measured 528 and 267 MiB, estimated 520 and 256 MiB on this machine."""
@@ -361,6 +363,7 @@ def test_build_library_and_score_host_estimates_match_measured_peaks(medium_run)
     assert 2 / 3 < growth / estimate < 1.5, (growth / 2**20, estimate / 2**20)
 
 
+@pytest.mark.slow
 def test_distill_host_estimate_matches_a_measured_peak(medium_run):
     """`puzzle distill` (GKD) of a heterogeneous child (as realize writes it) from a plain Llama parent, with a
     checkpoint: measured 741 MiB, estimated 739 MiB on this machine (1595 and 1536 while the checkpoint's
@@ -377,6 +380,7 @@ def test_distill_host_estimate_matches_a_measured_peak(medium_run):
 
 @requires_reference
 @pytest.mark.smoke
+@pytest.mark.slow
 def test_plan_of_the_shipped_config_reads_the_gguf_metadata_only(monkeypatch, tmp_path):
     """The quick config's GGUF parent: its config from the metadata, never a tensor."""
     import puzzle.model.checkpoint as checkpoint
@@ -409,6 +413,7 @@ def vocab_heavy_run(tmp_path_factory):
 
 
 @pytest.mark.parametrize("drop_samples", [0, 8])
+@pytest.mark.slow
 def test_importance_on_the_cpu_counts_only_the_weights_it_reads(vocab_heavy_run, drop_samples):
     """A parent stored in the stage's dtype is memory-mapped on the CPU: importance without drop-layer losses
     never reads the LM head nor more than a few embedding rows, and its measured peak grows by the layers
@@ -431,6 +436,7 @@ def test_importance_on_the_cpu_counts_only_the_weights_it_reads(vocab_heavy_run,
         assert every_weight / growth > 1.75
 
 
+@pytest.mark.slow
 def test_a_student_that_exists_is_planned_by_its_own_config(medium_run, tmp_path):
     """`puzzle distill --student DIR` planned when DIR exists: the student's fp32 weights, gradient and
     AdamW moments (4 x its fp32 bytes) priced from its config, not bounded by the parent."""

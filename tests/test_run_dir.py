@@ -84,17 +84,18 @@ def test_find_solution_by_name_or_path(tmp_path):
 
 
 HOLD = """
-import sys, time
+import sys
 from puzzle.run_dir import RunDir
 with RunDir(sys.argv[1]).lock("score"):
     print("held", flush=True)
-    time.sleep(120)
+    sys.stdin.read()  # held until the test kills it (or its stdin closes), however long the test takes
 """
 
 
 def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, env=env)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(PuzzleError, match=rf"'score'.* pid {holder.pid} on {socket.gethostname()} since "):
@@ -107,6 +108,50 @@ def test_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
         holder.wait()
     with RunDir(tmp_path).lock("score"):  # a lock dies with its holder
         assert json.loads(RunDir(tmp_path).lock_file("score").read_text())["pid"] == os.getpid()
+
+
+def test_a_holder_slow_to_write_its_name_is_still_named_however_busy_the_machine(tmp_path, monkeypatch):
+    """The holder writes its name right after taking the lock; on a busy machine that gap can last seconds.
+    A fake clock (each wait of the reader takes a virtual second) makes the holder's name appear after 10 s:
+    the refused writer still names it, and one whose holder exits unnamed says so instead of waiting."""
+    import fcntl
+    import types
+
+    from puzzle import run_dir as run_dir_module
+
+    run = RunDir(tmp_path)
+    path = run.lock_file("score")
+    path.parent.mkdir(parents=True)
+    clock = {"now": 0.0}
+    holder = open(path, "a+")
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)  # another open file: the lock is held, no name yet
+
+    def sleep(seconds: float) -> None:
+        clock["now"] += 1.0
+        if clock["now"] == 10:
+            holder.write(json.dumps({"pid": 4242, "host": "elsewhere", "stage": "score", "since": "then"}))
+            holder.flush()
+
+    monkeypatch.setattr(run_dir_module, "time", types.SimpleNamespace(
+        monotonic=lambda: clock["now"], sleep=sleep, strftime=run_dir_module.time.strftime))
+    try:
+        with pytest.raises(PuzzleError, match=r"'score' is being written by pid 4242 on elsewhere since then"):
+            with run.lock("score"):
+                pass
+        holder.truncate(0)
+        holder.flush()
+        clock["now"] = 0.0
+
+        def exits_unnamed(seconds: float) -> None:
+            clock["now"] += 1.0
+            if clock["now"] == 3:
+                fcntl.flock(holder, fcntl.LOCK_UN)  # as its death would
+
+        monkeypatch.setattr(run_dir_module.time, "sleep", exits_unnamed)
+        assert run_dir_module._holder(path.resolve()) == "another process (it has exited since)"
+        assert clock["now"] == 3  # it stopped waiting when the lock was let go
+    finally:
+        holder.close()
 
 
 def test_a_stale_lock_file_does_not_block_and_a_lock_is_reentrant(tmp_path):

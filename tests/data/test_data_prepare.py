@@ -283,6 +283,7 @@ def test_iterate_batches():
 
 @pytest.mark.smoke
 @requires_reference
+@pytest.mark.slow
 def test_smoke_reference_corpus_and_tokenizer(tmp_path):
     from puzzle.model.checkpoint import load_tokenizer
 

@@ -65,6 +65,7 @@ def _assert_same_run(a, b):
 
 @pytest.mark.parametrize("damage", [_flip_exponent_bit, _truncate], ids=["bit-flip", "truncated"])
 @pytest.mark.parametrize("file", ["model.safetensors", "optimizer.safetensors"])
+@pytest.mark.slow
 def test_a_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, straight, caplog, damage, file):
     _train(tmp_path, stop_after=5)  # checkpoints at steps 2 and 4
     damage(_step_dir(tmp_path, 4) / file)

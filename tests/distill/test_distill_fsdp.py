@@ -40,7 +40,7 @@ WORKER = Path(__file__).with_name("fsdp_worker.py")
 TOL = 1e-5
 
 
-def _torchrun(*args: str, timeout: int = 100) -> str:
+def _torchrun(*args: str, timeout: int = 1200) -> str:
     """Its output (stdout + stderr) once the 2 workers succeeded."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", *args]
     done = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
@@ -65,8 +65,9 @@ def runs(tmp_path_factory):
     return out, single, output
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("name", ["straight", "sharded", "tied", "offload"])
+@pytest.mark.slow
 def test_two_processes_match_one(runs, name):
     out, singles, _ = runs
     single = singles["tied" if name == "tied" else "single"]
@@ -88,7 +89,8 @@ def test_two_processes_match_one(runs, name):
     assert not torch.equal(weights["model.embed_tokens.weight"], start)  # it trained
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_bf16_compute_keeps_fp32_masters_and_the_fp32_curve(runs):
     """bf16 has 8 mantissa bits (relative rounding 2^-9 = 2e-3): the curve follows fp32's to about that,
     and differs from it (bf16 was in effect); the trained shards, so the saved weights, stay fp32."""
@@ -99,7 +101,8 @@ def test_bf16_compute_keeps_fp32_masters_and_the_fp32_curve(runs):
     assert {v.dtype for v in load_file(out / "bf16" / "final.safetensors").values()} == {torch.float32}
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
     out, _, _ = runs
     straight, resumed = _log(out / "straight", "train"), _log(out / "resumed", "train")
@@ -119,7 +122,8 @@ def test_a_stopped_run_resumes_from_its_sharded_checkpoint(runs):
     assert STOP % CONFIG.checkpoint_every  # the stop fell between checkpoints: work was redone
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_an_offloaded_run_resumes_from_its_checkpoint(runs):
     out, _, _ = runs
     straight, resumed = _log(out / "straight", "train"), _log(out / "offload-resumed", "train")
@@ -129,7 +133,8 @@ def test_an_offloaded_run_resumes_from_its_checkpoint(runs):
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
     out, _, output = runs
     last = f"step_{CONFIG.steps:06d}"
@@ -142,8 +147,9 @@ def test_a_damaged_shard_falls_back_to_the_previous_checkpoint(runs):
     assert all(torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("cpu_offload", [False, True])
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_on_one_rank(runs, tmp_path, monkeypatch, cpu_offload):
     """DCP reshards on load: the 2-rank run's step-4 checkpoint, resumed by a 1-rank FSDP job (this
     process), with or without CPU offload, reaches the 2-rank run's losses and weights."""
@@ -218,7 +224,8 @@ def _write_run_dir(run_dir: Path, train: torch.Tensor, val: torch.Tensor) -> Non
     (data / "meta.json").write_text(json.dumps(meta))
 
 
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_distill_nproc_2_saves_the_child_one_process_saves(tmp_path, tiny_parent_dir, tiny_tokenizer, capsys,
                                                             monkeypatch):
     """`puzzle distill --nproc 2` (torchrun under the hood) on a heterogeneous child: the gathered child is

@@ -50,6 +50,7 @@ def test_distillation_loss_falls(tmp_path):
 
 
 @pytest.mark.parametrize("hidden_loss", ["none", "cosine"])
+@pytest.mark.slow
 def test_interrupted_run_resumes_onto_the_same_curve(tmp_path, hidden_loss):
     config = DistillConfig(steps=7, batch_size=4, grad_accum=2, lr=2e-3, min_lr=2e-4, warmup_steps=2, val_every=3,
                            checkpoint_every=2, hidden_loss=hidden_loss, lm_weight=0.5)

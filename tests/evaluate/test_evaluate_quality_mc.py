@@ -142,6 +142,7 @@ def test_yaml_task_name_is_read_from_the_file(tmp_path):
         yaml_task_name(tmp_path / "nameless.yaml")
 
 
+@pytest.mark.slow
 def test_lm_eval_scores_our_cloze_items_as_we_do(tiny_parent, tiny_tokenizer, tmp_path):
     """lm-evaluation-harness's own loglikelihood code, on the same JSONL items (turned into a task YAML by the
     adapter), picks the same choices as puzzle.evaluate.mc: identical acc and acc_norm."""

@@ -87,6 +87,7 @@ print(transformers.__version__, [type(layer.mlp).__name__ for layer in model.mod
 
 
 @pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.slow
 def test_puzzletron_loads_the_export_with_equal_logits(tmp_path, tied):
     target = modelopt_transformers()
     rope = {"rope_type": "llama3", "rope_theta": 40000.0, "factor": 8.0, "low_freq_factor": 1.0,

@@ -129,6 +129,7 @@ def test_f16_and_q8_0_hold_the_weights_within_their_rounding(child_gguf, tmp_pat
 
 @needs_llamacpp
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+@pytest.mark.slow
 def test_llamacpp_runs_f16_and_q8_0(child_gguf, tmp_path, dtype):
     child, f32_path = child_gguf
     path = export(save_child(child, tmp_path / "child"), tmp_path / "child.gguf", format="gguf", dtype=dtype)
@@ -161,6 +162,7 @@ def test_blocks_llamacpp_cannot_run_are_refused_by_layer(tmp_path, blocks, rule)
 
 
 @needs_llamacpp
+@pytest.mark.slow
 def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     """Written anyway (rules off), llama.cpp gets them wrong: the rules are llama.cpp's, not caution. A no-op FFN
     after an attention loses the attention; in the last layer llama.cpp aborts (so in a subprocess)."""
@@ -172,7 +174,7 @@ def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     last = make_child(["attn_g2+ffn_128", "attn_noop+ffn_noop"])
     path = export(save_child(last, tmp_path / "b"), tmp_path / "b.gguf", format="gguf", dtype="f32")
     script = f"import llama_cpp; llama_cpp.Llama({str(path)!r}, n_ctx=64, verbose=False).eval({TOKENS})"
-    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=900)
     assert run.returncode != 0 and "GGML_ASSERT" in run.stderr
 
 
@@ -225,6 +227,7 @@ def test_the_streamed_gguf_is_the_one_written_in_memory(tmp_path, dtype):
     assert (tmp_path / "streamed.gguf").read_bytes() == (tmp_path / "reference.gguf").read_bytes()
 
 
+@pytest.mark.slow
 def test_the_gguf_export_holds_one_converted_tensor_at_a_time(tmp_path):
     """tracemalloc sees numpy's buffers (the converted tensors), not torch's: streaming peaks below twice the
     largest converted tensor (plus the vocabulary's KV data), the in-memory path at every converted tensor."""

@@ -83,6 +83,7 @@ def test_a_stored_variant_placed_in_the_model_reproduces_its_recorded_loss(tmp_p
     assert loss < record["loss_init"]
 
 
+@pytest.mark.slow
 def test_one_parent_forward_per_batch_feeds_every_variant(tmp_path, parent, data):
     """The parent runs as often with 2 trained variants per layer as with 4: never once per variant."""
     calls = []

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from library_testing import save_parent, write_blocks
 
 from puzzle.cli import main
@@ -83,6 +84,8 @@ def _events(run: Path, event: str) -> list[dict]:
     return [r for r in store.library_log(run).read() if r.get("event") == event]
 
 
+@pytest.mark.timeout(1800)
+@pytest.mark.slow
 def test_a_killed_build_resumes_without_retraining_or_accepting_half_files(tmp_path):
     parent = save_parent(tmp_path / "parent", layers=4)
     run = write_blocks(tmp_path / "run")
@@ -93,15 +96,16 @@ def test_a_killed_build_resumes_without_retraining_or_accepting_half_files(tmp_p
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        deadline = time.monotonic() + 120
+        # wait for the event (layer 1 finished), however long a busy machine takes; the test's timeout
+        # is the ceiling that catches a hang
         while _done_layers(run).get(1, 0) < 4:
             assert proc.poll() is None, "the build ended before it could be killed"
-            assert time.monotonic() < deadline
             time.sleep(0.02)
         proc.send_signal(signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL  # it died of the kill, not of its own accord
     done = _done_layers(run)
     assert done.get(1) == 4 and done.get(3, 0) < 4, done  # killed midway
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from library_testing import save_parent, write_blocks
 from transformers import GPT2Config
 
@@ -79,6 +80,7 @@ sys.exit(main(["build-library", "--run-dir", sys.argv[1], "--parent", sys.argv[2
 """
 
 
+@pytest.mark.slow
 def test_two_concurrent_builds_train_each_variant_once(tmp_path):
     parent = save_parent(tmp_path / "parent", layers=2)
     run = write_blocks(tmp_path / "run")
@@ -86,7 +88,10 @@ def test_two_concurrent_builds_train_each_variant_once(tmp_path):
     slow = [*FAST_CLI, "--tokens-per-block", "32768"]  # long enough for the two builds to overlap
     procs = [subprocess.Popen([sys.executable, "-c", BUILD, str(run), str(parent), *slow], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    outs = [(p.wait(timeout=600), *p.communicate()) for p in procs]
+    # communicate reads both pipes while it waits (wait() alone could stall on a full one); the ceiling only
+    # catches a hang, however busy the machine
+    streams = [p.communicate(timeout=1800) for p in procs]
+    outs = [(p.returncode, out, err) for p, (out, err) in zip(procs, streams)]
     assert sorted(rc for rc, _, _ in outs) in ([0, 0], [0, 2]), outs
     for rc, _, err in outs:
         if rc == 2:  # the second writer is told who holds the library, in one line

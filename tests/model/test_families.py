@@ -97,6 +97,7 @@ def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_heterogeneous_children_reload_with_remote_code_alone(tmp_path):
     x = torch.randint(3, 320, (2, SEQ))
     dirs, expected = {}, {}

@@ -25,6 +25,8 @@ from puzzle.model.surgery import replace_sublayer
 
 from conftest import SAMPLE_TEXT, make_llama, make_tokenizer
 
+pytestmark = pytest.mark.slow  # each test reloads a child under an older transformers in a subprocess
+
 OLDEST = "4.56"
 # transformers 4.56's own pins (its setup.py): tokenizers>=0.22,<=0.23.0, huggingface-hub>=0.34,<1.0
 OLD_PACKAGES = (f"transformers=={OLDEST}.*", "tokenizers>=0.22,<=0.23.0", "huggingface_hub>=0.34,<1.0")
@@ -113,7 +115,7 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
     )
     env = {**os.environ, "PYTHONPATH": str(old)}
     run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                         timeout=300, env=env)
+                         timeout=900, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
     seen = json.loads(run.stdout.strip().splitlines()[-1])
     assert seen["module"].startswith("transformers_modules")  # the checkpoint's own modeling file

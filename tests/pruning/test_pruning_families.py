@@ -55,6 +55,7 @@ def test_pruning_dead_units_keeps_the_parents_outputs(family):
 
 
 @torch.no_grad()
+@pytest.mark.slow
 def test_pruned_checkpoints_load_in_plain_transformers_without_custom_code(tmp_path):
     tokenizer = make_tokenizer()
     dirs, expected = {}, {}

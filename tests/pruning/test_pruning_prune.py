@@ -191,6 +191,7 @@ def test_prune_without_importance_fails_clearly(tmp_path, tiny_parent_dir):
 
 @pytest.mark.smoke
 @requires_reference
+@pytest.mark.slow
 def test_reference_parent_prunes_to_a_plain_llama(tmp_path):
     from puzzle.model.checkpoint import load_model
 

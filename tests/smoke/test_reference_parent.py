@@ -7,7 +7,7 @@ from puzzle.model.checkpoint import load_model, load_tokenizer, to_puzzle
 
 from conftest import REFERENCE_GGUF, requires_reference
 
-pytestmark = [pytest.mark.smoke, requires_reference]
+pytestmark = [pytest.mark.smoke, pytest.mark.slow, requires_reference]
 
 
 def test_converted_parent_matches_transformers_llama_and_generates_with_cache():
