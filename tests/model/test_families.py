@@ -9,7 +9,7 @@ from puzzle.model.checkpoint import puzzle_config_from, save_model, to_puzzle
 from puzzle.model.family import FAMILIES
 from puzzle.model.surgery import replace_sublayer
 
-from conftest import (FAMILY_PARENTS, FAMILY_WINDOW, make_family_config, make_family_parent, make_tokenizer,
+from conftest import (FAMILY_PARENTS, FAMILY_WINDOW, MOE_PARENTS, make_family_config, make_family_parent, make_tokenizer,
                       reload_elsewhere)
 
 ATOL = 1e-5
@@ -28,7 +28,7 @@ def test_all_parent_child_computes_transformers_logits(family):
     assert (got - ref).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("family", FAMILY_PARENTS)
+@pytest.mark.parametrize("family", FAMILY_PARENTS + MOE_PARENTS)  # MoE ones: the Mixture-of-Experts families too
 def test_generation_with_kv_cache_computes_transformers_logits(family):
     parent = make_family_parent(family)
     child = to_puzzle(parent)
