@@ -51,10 +51,21 @@ REFERENCE_GGUF = ROOT / "assets" / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 LIBRARY_SECTIONS = ("run_dir", "parent", "corpus", "search_space", "prepare_data", "build_library", "score")
 
 
-def puzzle(*args: str) -> None:
+def puzzle(*args: str, infeasible_ok: bool = False) -> str | None:
+    """Run a puzzle command; with `infeasible_ok`, an exit 2 whose line says "infeasible" returns that line."""
     cmd = [sys.executable, "-c", "import sys; from puzzle.cli import main; sys.argv[0]='puzzle'; sys.exit(main())", *args]
     print("+ puzzle", " ".join(args), flush=True)
-    subprocess.run(cmd, check=True, cwd=ROOT)
+    if not infeasible_ok:
+        subprocess.run(cmd, check=True, cwd=ROOT)
+        return None
+    done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(done.stderr)
+    lines = [ln for ln in done.stderr.splitlines() if "infeasible" in ln]
+    if done.returncode == 2 and lines:
+        return lines[-1].strip()
+    if done.returncode:
+        raise subprocess.CalledProcessError(done.returncode, cmd, stderr=done.stderr)
+    return None
 
 
 # --- the library of one seed -------------------------------------------------------------------------------
@@ -100,8 +111,9 @@ def build_library(run_dir: Path, seed: int, profile: str, tiny: bool) -> None:
     puzzle("run", str(path))
 
 
-def build_models(run_dir: Path, engine: str, targets: list[float]) -> tuple[dict[str, Path], dict[str, Path]]:
-    """(name -> export, name -> source checkpoint) for the parent and one child per target speedup."""
+def build_models(run_dir: Path, engine: str, targets: list[float]) -> tuple[dict[str, Path], dict[str, Path], dict]:
+    """(name -> export, name -> source checkpoint) for the parent and one child per reachable target speedup,
+    and {target: the solver's one line} for the targets the profile says no child reaches."""
     spec = ENGINES[engine]
     parent = Path(json.loads((run_dir / "parent.json").read_text())["parent"])
     out = run_dir / f"export_{engine}"
@@ -110,18 +122,22 @@ def build_models(run_dir: Path, engine: str, targets: list[float]) -> tuple[dict
     # again here, outside the pipeline's ledger: after `--calibrate` the costs follow the new profile (its
     # fingerprint changed), while a complete pipeline would skip its profile stage
     puzzle("profile", "--run-dir", str(run_dir), "--budget", spec["profile"])
+    unreachable = {}
     for s in targets:
         name = f"{engine}_{s:g}x"
         child = run_dir / "children" / name
-        puzzle("solve", "--run-dir", str(run_dir), "--budget", spec["profile"], "--speedup", str(s),
-               "--target-engine", engine, "--name", name)
+        done = puzzle("solve", "--run-dir", str(run_dir), "--budget", spec["profile"], "--speedup", str(s),
+                      "--target-engine", engine, "--name", name, infeasible_ok=True)
+        if done is not None:  # exit 2 with the solver's explanation: out of the search's reach on this profile
+            unreachable[s] = done
+            continue
         puzzle("realize", "--run-dir", str(run_dir), "--solution", name, "--out", str(child), "--target-engine", engine)
         models[name] = (child, out / f"{name}{spec['suffix']}")
     for src, dst in models.values():
         extra = ["--engine", engine] if spec["format"] == "nemotron-nas" else []
         # re-exported every time: a child re-solved on a recalibrated profile replaces the last one's export
         puzzle("export", str(src), str(dst), "--format", spec["format"], "--dtype", spec["dtype"], *extra)
-    return {n: dst for n, (_, dst) in models.items()}, {n: src for n, (src, _) in models.items()}
+    return {n: dst for n, (_, dst) in models.items()}, {n: src for n, (src, _) in models.items()}, unreachable
 
 
 # --- timing ------------------------------------------------------------------------------------------------
@@ -212,7 +228,7 @@ def median(xs: list[float]) -> float:
 def cycle(engine: str, run_dir: Path, seed: int, args, hw) -> dict:
     """Solve, export and time one seed's children: its rows and its samples for calibration."""
     w = hw.workload
-    models, sources = build_models(run_dir, engine, args.targets)
+    models, sources, unreachable = build_models(run_dir, engine, args.targets)
     vocab = load_config(sources["parent"]).vocab_size
     threads = hw.device.threads or 2
     if engine == "llamacpp":
@@ -249,8 +265,22 @@ def cycle(engine: str, run_dir: Path, seed: int, args, hw) -> dict:
               "gen_tok_s": w.batch_size / median(timings["parent"]["decode_s"]),
               "prefill_s": median(timings["parent"]["prefill_s"]), "decode_s": median(timings["parent"]["decode_s"])}
     return {"seed": seed, "run_dir": str(run_dir), "rows": rows, "parent": parent, "timings": timings,
+            "unreachable": {f"{b:g}": line for b, line in unreachable.items()},
+            "bound": speedup_bound(shape, hw),
             "shape": vars(shape), "samples": [{"name": f"seed{seed}/{s.name}", "blocks": [b.name for b in s.blocks],
                                                 "phase": s.phase, "seconds": s.seconds} for s in samples]}
+
+
+def speedup_bound(shape: ModelShape, hw) -> float:
+    """The predicted speedup of a child with no layers at all (embeddings, final norm, LM head and the
+    engine's per-step work left): no child of any search space goes faster on this profile."""
+    from puzzle.profiling.roofline import combine_costs, fixed_costs, sublayer_costs
+
+    fixed = fixed_costs(shape, hw)
+    rows = [sublayer_costs(shape, kind, getattr(block, kind), hw, layer)
+            for layer, block in enumerate(shape.parent_blocks) for kind in ("attention", "ffn")]
+    parent = combine_costs(fixed, rows, hw.workload)["generation_s"]
+    return parent / combine_costs(fixed, [], hw.workload)["generation_s"]
 
 
 def summary(result: dict) -> list[dict]:
@@ -277,7 +307,8 @@ def render(result: dict, out: Path) -> None:
         "parent's (prefill + output_len decode steps) time / the child's. Each seed is the whole cycle: a library "
         "built with that seed, its scores, the solve for every budget, the export and the timing.", "",
         f"*Predicted*: the solver's roofline on the profile as it was (compute efficiency {f['compute']:.4g}, memory "
-        f"efficiency {f['memory']:.4g}, {f['kernel_overhead_s']:.4g} s per op); the children were solved on it.", "",
+        f"efficiency {f['memory']:.4g}, {f['kernel_overhead_s']:.4g} s per op, {f.get('step_overhead_s', 0):.4g} s per "
+        "forward pass); the children were solved on it.", "",
         "| seed | budget | predicted | measured | prompt tok/s | gen tok/s | prompt speedup | gen speedup |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -287,6 +318,8 @@ def render(result: dict, out: Path) -> None:
         for r in c["rows"]:
             lines.append(f"| {c['seed']} | {r['budget']:g}x | {r['predicted']:.2f}x | {r['measured']:.2f}x | "
                          f"{r['prompt_tok_s']:.1f} | {r['gen_tok_s']:.1f} | {r['prompt_speedup']:.2f}x | {r['gen_speedup']:.2f}x |")
+        for b in c.get("unreachable", {}):
+            lines.append(f"| {c['seed']} | {float(b):g}x | out of reach | | | | | |")
     lines += ["", "| budget | measured (each seed) | median measured | median predicted | prediction error |", "|---|---|---|---|---|"]
     summ = summary(result)
     for s in summ:
@@ -299,11 +332,18 @@ def render(result: dict, out: Path) -> None:
         lines += ["", f"Goals: median measured >= 1.5x at the 1.5x budget: **{'yes' if m >= 1.5 else 'no'}** ({m:.2f}x); "
                       f"every budget's prediction within +-15% of the median measured: **{'yes' if worst <= 0.15 else 'no'}** "
                       f"(largest error {worst:.1%})."]
+    notes = {line for c in result["cycles"] for line in c.get("unreachable", {}).values()}
+    if notes:
+        bound = median([c["bound"] for c in result["cycles"]])
+        lines += ["", f"*Out of reach*: on this profile no child of the search space reaches that budget; a child "
+                      f"with no layers at all would be {bound:.2f}x (the embeddings, the LM head and the engine's "
+                      "per-step work stay). The solver's line:", ""] + [f"    {n}" for n in sorted(notes)]
     fit = result["fit_all"]
     lines += ["", f"Calibration: `puzzle profile --calibrate {result['measured_json']} --budget {result['profile']}` fits "
-                  "compute and memory efficiency and a per-op overhead to every seed's median prefill and decode-step "
-                  f"times (in-sample here: compute {fit['compute_efficiency']:.3f}, memory {fit['memory_efficiency']:.3f}, "
-                  f"overhead {fit['kernel_overhead_s']:.3g} s/op, relative RMS error {fit['rel_rms']:.3f}).",
+                  "compute and memory efficiency, a per-op and a per-step overhead to every seed's median prefill and "
+                  f"decode-step times (in-sample here: compute {fit['compute_efficiency']:.3f}, memory "
+                  f"{fit['memory_efficiency']:.3f}, overhead {fit['kernel_overhead_s']:.3g} s/op, "
+                  f"{fit.get('step_overhead_s', 0):.3g} s/step, relative RMS error {fit['rel_rms']:.3f}).",
               "", f"Wall time {result['wall_s']:.0f} s."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -343,7 +383,7 @@ def main() -> None:
         "threads": hw.device.threads, "repeats": args.repeats, "seeds": args.seeds, "cycles": cycles,
         "fit_all": vars(fit), "measured_json": str(measured_json.relative_to(ROOT) if measured_json.is_relative_to(ROOT) else measured_json),
         "factors": {"compute": hw.device.compute_efficiency, "memory": hw.device.memory_efficiency,
-                    "kernel_overhead_s": hw.device.kernel_overhead_s},
+                    "kernel_overhead_s": hw.device.kernel_overhead_s, "step_overhead_s": hw.device.step_overhead_s},
         "wall_s": time.time() - t0,
     }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))

@@ -1,12 +1,17 @@
-"""Fit a profile's efficiency factors and per-kernel overhead to measured whole-model timings.
+"""Fit a profile's efficiency factors, per-kernel and per-step overheads to measured whole-model timings.
 
-The roofline prices an op at max(flops / (peak * c), bytes / (bw * m)) + kernels * overhead
-(`roofline.op_time`). Once we know which side of the max each op falls on, a model's time is linear
-in x = (1/c, 1/m, overhead):
+The roofline prices an op at max(flops / (peak * c), bytes / (bw * m)) + kernels * overhead + steps * step
+(`roofline.op_time`; `step` is the engine's fixed work per forward pass). Once we know which side of the
+max each op falls on, a model's time is linear in x = (1/c, 1/m, overhead, step):
 
-    t = (1/c) * sum_compute_bound(flops / peak) + (1/m) * sum_memory_bound(bytes / bw) + overhead * sum(kernels)
+    t = (1/c) * sum_compute_bound(flops / peak) + (1/m) * sum_memory_bound(bytes / bw)
+        + overhead * sum(kernels) + step * sum(steps)
 
-so `fit_factors` alternates: classify every op with the current factors, solve that linear least
+(sum(steps) is 1 for every sample: one forward pass, a prefill or a decode step. The per-kernel and the
+per-step overheads are told apart by models of different depths: a child with fewer layers launches
+fewer kernels but takes the same step.)
+
+so the fit alternates: classify every op with the current factors, solve that linear least
 squares problem (rows scaled by 1/t_measured: relative errors, so a 40 ms prefill and a 3 ms decode
 step weigh alike), re-classify; it stops when the classification no longer changes.
 
@@ -51,6 +56,7 @@ class Fit:
     compute_efficiency: float
     memory_efficiency: float
     kernel_overhead_s: float
+    step_overhead_s: float
     rel_rms: float  # root mean square of (predicted - measured) / measured over the samples
     rounds: int
 
@@ -66,75 +72,115 @@ def model_ops(shape: ModelShape, blocks: tuple[BlockConfig, ...], profile: Hardw
 
 
 def design_row(ops: list[Op], profile: HardwareProfile, c: float, m: float) -> np.ndarray:
-    """(compute seconds at c=1, memory seconds at m=1, kernels) of the ops, each op on its binding side."""
+    """(compute seconds at c=1, memory seconds at m=1, kernels, steps) of the ops, each op on its binding side."""
     peak = profile.device.peak_flops[profile.workload.dtype]
     bw = profile.device.memory_bandwidth
-    row = np.zeros(3)
+    row = np.zeros(4)
     for op in ops:
         compute, memory = op.flops / peak, op.bytes / bw
-        if compute / c >= memory / m:
-            row[0] += compute
-        else:
-            row[1] += memory
+        if op.flops or op.bytes:
+            if compute / c >= memory / m:
+                row[0] += compute
+            else:
+                row[1] += memory
         row[2] += op.kernels
+        row[3] += op.steps
     return row
 
 
-def fit_factors(samples: list[Sample], shape: ModelShape, profile: HardwareProfile, fit_overhead: bool = True) -> Fit:
-    """Least-squares (1/c, 1/m, overhead) for these samples, starting from the profile's own factors."""
-    if len(samples) < 2 + fit_overhead:
-        raise PuzzleError(f"calibration needs at least {2 + fit_overhead} timings, got {len(samples)}")
+# Starting efficiencies of the alternating fit besides the profile's own: which side of the roofline an op
+# is on depends on them, and a fit that starts with every matmul on the compute side never moves it to the
+# memory side when the compute coefficient comes out zero. The best fit over the starts is kept; among fits
+# within 1% of its error, the one nearest the profile's own factors (a side no op is bound by is not
+# identified by the timings, and stays where the profile put it rather than wandering to any large value).
+STARTS = (0.05, 0.15, 0.4, 1.0, 2.5)
+TIE = 1.01
+
+
+def fit_factors(samples: list[Sample], shape: ModelShape, profile: HardwareProfile, fit_overhead: bool = True,
+                fit_step: bool = True) -> Fit:
+    """Least-squares (1/c, 1/m, overhead, step) for these samples, the best over starting factors (the
+    profile's own and a grid). `fit_step` False keeps the profile's per-step overhead."""
+    n_free = 2 + fit_overhead + fit_step
+    if len(samples) < n_free:
+        raise PuzzleError(f"calibration needs at least {n_free} timings, got {len(samples)}")
     ops = [model_ops(shape, s.blocks, profile, s.phase) for s in samples]
     t = np.array([s.seconds for s in samples])
-    c, m = profile.device.compute_efficiency, profile.device.memory_efficiency
-    overhead = profile.device.kernel_overhead_s if fit_overhead else 0.0
+    d = profile.device
+    starts = [(d.compute_efficiency, d.memory_efficiency)] + [(c, m) for c in STARTS for m in STARTS]
+    fits = [_fit_from(ops, t, profile, c, m, fit_overhead, fit_step) for c, m in starts]
+    best = min(f.rel_rms for f in fits)
+
+    def distance(f: Fit) -> float:
+        return abs(np.log(f.compute_efficiency / starts[0][0])) + abs(np.log(f.memory_efficiency / starts[0][1]))
+
+    return min((f for f in fits if f.rel_rms <= best * TIE + 1e-12), key=distance)
+
+
+def _fit_from(ops: list[list[Op]], t: np.ndarray, profile: HardwareProfile, c: float, m: float,
+              fit_overhead: bool, fit_step: bool) -> Fit:
+    """Alternate: classify every op with the current factors, solve the linear problem, re-classify; stop
+    when the classification no longer changes."""
+    d = profile.device
+    overhead = d.kernel_overhead_s if fit_overhead else 0.0
+    step = d.step_overhead_s
+    free = [0, 1] + [2] * fit_overhead + [3] * fit_step
     previous = None
     for rounds in range(1, MAX_ROUNDS + 1):
         A = np.stack([design_row(o, profile, c, m) for o in ops])
         bound = tuple(tuple(r[:2] > 0) for r in A)
-        cols = [0, 1, 2] if fit_overhead else [0, 1]
-        cols = [j for j in cols if A[:, j].any()]  # a side no op is bound by cannot be fitted
-        x = _solve(A[:, cols] / t[:, None], np.ones(len(t)))
+        cols = [j for j in free if A[:, j].any()]  # a side no op is bound by cannot be fitted
+        known = A[:, 3] * step if not fit_step else 0.0  # a kept per-step overhead is known time
+        x = _solve(A[:, cols] / t[:, None], 1.0 - known / t)
         coef = dict(zip(cols, x))
         c = 1.0 / coef[0] if coef.get(0, 0) > 0 else c
         m = 1.0 / coef[1] if coef.get(1, 0) > 0 else m
         overhead = max(coef.get(2, overhead if fit_overhead else 0.0), 0.0)
+        step = max(coef.get(3, step), 0.0) if fit_step else step
         if bound == previous:
             break
         previous = bound
-    pred = np.array([_predict(o, profile, c, m, overhead) for o in ops])
+    pred = np.array([_predict(o, profile, c, m, overhead, step) for o in ops])
     rel = float(np.sqrt(np.mean(((pred - t) / t) ** 2)))
-    return Fit(float(c), float(m), float(overhead), rel, rounds)
+    return Fit(float(c), float(m), float(overhead), float(step), rel, rounds)
 
 
 def _solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Least squares with non-negative coefficients: drop a column that comes out negative and refit."""
-    cols = list(range(A.shape[1]))
-    while cols:
+    """Least squares with non-negative coefficients, exactly: the best of the unconstrained fits over every
+    subset of the columns whose coefficients all come out non-negative (at most 4 columns: 15 subsets; a
+    greedy drop of the most negative column can stop at a much worse fit)."""
+    n = A.shape[1]
+    best, best_err = None, np.inf
+    for mask in range(1, 2 ** n):
+        cols = [j for j in range(n) if mask >> j & 1]
         x, *_ = np.linalg.lstsq(A[:, cols], b, rcond=None)
-        if (x >= 0).all():
-            out = np.zeros(A.shape[1])
-            out[cols] = x
-            return out
-        cols.pop(int(np.argmin(x)))
-    raise PuzzleError("calibration failed: no non-negative fit of the timings")
+        if (x < 0).any():
+            continue
+        err = float(np.sum((A[:, cols] @ x - b) ** 2))
+        if err < best_err - 1e-15:
+            best, best_err = np.zeros(n), err
+            best[cols] = x
+    if best is None:
+        raise PuzzleError("calibration failed: no non-negative fit of the timings")
+    return best
 
 
-def _predict(ops: list[Op], profile: HardwareProfile, c: float, m: float, overhead: float) -> float:
+def _predict(ops: list[Op], profile: HardwareProfile, c: float, m: float, overhead: float, step: float) -> float:
     peak = profile.device.peak_flops[profile.workload.dtype]
     bw = profile.device.memory_bandwidth
-    return sum(max(op.flops / (peak * c), op.bytes / (bw * m)) + op.kernels * overhead for op in ops)
+    return sum(max(op.flops / (peak * c), op.bytes / (bw * m)) + op.kernels * overhead + op.steps * step for op in ops)
 
 
 def predict_seconds(sample: Sample, shape: ModelShape, profile: HardwareProfile) -> float:
     """The roofline's seconds for one sample under the profile's own factors."""
     d = profile.device
     ops = model_ops(shape, sample.blocks, profile, sample.phase)
-    return _predict(ops, profile, d.compute_efficiency, d.memory_efficiency, d.kernel_overhead_s)
+    return _predict(ops, profile, d.compute_efficiency, d.memory_efficiency, d.kernel_overhead_s, d.step_overhead_s)
 
 
-def with_factors(profile: HardwareProfile, c: float, m: float, overhead: float) -> HardwareProfile:
-    device = replace(profile.device, compute_efficiency=c, memory_efficiency=m, kernel_overhead_s=overhead)
+def with_factors(profile: HardwareProfile, c: float, m: float, overhead: float, step: float | None = None) -> HardwareProfile:
+    device = replace(profile.device, compute_efficiency=c, memory_efficiency=m, kernel_overhead_s=overhead,
+                     step_overhead_s=profile.device.step_overhead_s if step is None else step)
     return replace(profile, device=device)
 
 
@@ -157,7 +203,7 @@ def load_measured(path: Path) -> tuple[ModelShape, list[Sample]]:
 
 
 def write_calibrated(profile_path: Path, fit: Fit, measured: Path, out: Path) -> Path:
-    """The profile YAML with device.efficiency and kernel_overhead_s replaced by the fit.
+    """The profile YAML with device.efficiency, kernel_overhead_s and step_overhead_s replaced by the fit.
 
     An efficiency above 1 means the measured engine beats the profile's peak (e.g. llama.cpp's
     quantised kernels vs an fp32 torch peak): the peak is raised to the achieved rate and the
@@ -174,6 +220,8 @@ def write_calibrated(profile_path: Path, fit: Fit, measured: Path, out: Path) ->
         eff["memory"] = 1.0
     device["efficiency"] = {k: round(v, 4) for k, v in eff.items()}
     device["kernel_overhead_s"] = float(f"{fit.kernel_overhead_s:.4g}")
+    if fit.step_overhead_s or "step_overhead_s" in device:
+        device["step_overhead_s"] = float(f"{fit.step_overhead_s:.4g}")
     header = (f"{CALIBRATED_HEADER} {measured}` from {Path(profile_path).name}:\n"
               f"# least squares over the measured timings, relative RMS error {fit.rel_rms:.3f}.\n")
     return atomic_write_text(out, header + yaml.safe_dump(raw, sort_keys=False))
@@ -197,4 +245,4 @@ def calibrate(measured: Path, budget: str, output: Path | None = None) -> tuple[
 
 def fit_report(fit: Fit) -> dict[str, Any]:
     return {"compute_efficiency": fit.compute_efficiency, "memory_efficiency": fit.memory_efficiency,
-            "kernel_overhead_s": fit.kernel_overhead_s, "rel_rms": fit.rel_rms, "rounds": fit.rounds}
+            "kernel_overhead_s": fit.kernel_overhead_s, "step_overhead_s": fit.step_overhead_s, "rel_rms": fit.rel_rms, "rounds": fit.rounds}

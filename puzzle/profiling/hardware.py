@@ -12,6 +12,8 @@ A profile is `hardware_profiles/<name>.yaml` (or any YAML path):
       memory_bytes: 80.0e+9
       efficiency: {compute: 0.7, memory: 0.8}          # achievable share of the peaks, in (0, 1]
       kernel_overhead_s: 0.0          # optional: fixed cost per kernel launch / eager op
+      step_overhead_s: 0.0            # optional: fixed cost per forward pass of the whole model (an engine's
+                                      # scheduler, input preparation and sampler), the same for every child
       threads: null                   # optional, cpu only: torch threads while measuring
       engine: torch                   # optional: torch (measurable per sublayer) | llamacpp | vllm (whole
                                       # models only: the roofline, calibrated by scripts/bench_engine.py)
@@ -51,6 +53,7 @@ class Device:
     compute_efficiency: float
     memory_efficiency: float
     kernel_overhead_s: float = 0.0
+    step_overhead_s: float = 0.0  # per forward pass of the whole model, whatever its blocks
     threads: int | None = None
     engine: str = "torch"  # what runs the model: torch (profile can time each sublayer) | llamacpp | vllm
 
@@ -122,7 +125,10 @@ class HardwareProfile:
         return replace(self, workload=workload)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out = asdict(self)
+        if not self.device.step_overhead_s:  # profiles without one keep the costs fingerprint they had
+            del out["device"]["step_overhead_s"]
+        return out
 
 
 def shipped_profiles() -> list[str]:
@@ -186,7 +192,8 @@ def _mapping(where: str, raw: Any, allowed: set[str], required: set[str]) -> dic
 
 
 def _parse_device(raw: Any, where: str) -> Device:
-    keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s", "threads", "engine"}
+    keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s",
+            "step_overhead_s", "threads", "engine"}
     raw = _mapping(where, raw, keys, {"name", "peak_flops", "memory_bandwidth", "memory_bytes"})
     kind = raw.get("kind", "gpu")
     if kind not in ("gpu", "cpu"):
@@ -212,6 +219,7 @@ def _parse_device(raw: Any, where: str) -> Device:
         compute_efficiency=efficiency["compute"],
         memory_efficiency=efficiency["memory"],
         kernel_overhead_s=_number(f"{where}.kernel_overhead_s", raw.get("kernel_overhead_s", 0.0), positive=False),
+        step_overhead_s=_number(f"{where}.step_overhead_s", raw.get("step_overhead_s", 0.0), positive=False),
         threads=None if threads is None else _number(f"{where}.threads", threads, integer=True),
         engine=_engine(raw.get("engine", "torch"), where),
     )

@@ -15,7 +15,10 @@ I FFN width, V vocabulary, e bytes per element of the workload dtype):
   KV cache memory: 2 * K * d * B * (input_len + output_len) * e (the cache at the end of the
            generation); zero for linear and no-op attention.
 Fixed costs (shared by every child): the embedding lookup (a gather, no matmul), the final norm and
-the LM head (D x V matmul on the last position of each request only, as generation needs).
+the LM head (D x V matmul on the last position of each request only, as generation needs), with the
+engine's own work per forward pass (`device.step_overhead_s`: a serving engine's scheduler, input
+preparation and sampler; measured by calibration, zero for plain torch), which no child can remove and
+which therefore bounds the speedup any child reaches in that engine.
 
 Whole model = fixed + sum of sublayers; generation time = prefill + output_len * decode step;
 throughput = B * output_len / generation time. A child's figures therefore follow from its block
@@ -43,13 +46,14 @@ class Op:
     flops: float
     bytes: float
     kernels: int = 1
+    steps: int = 0  # forward passes of the whole model it stands for (the engine's per-step work)
 
 
 def op_time(op: Op, device: Device, dtype: str) -> float:
-    """Roofline seconds of one op: the slower of compute and memory, plus its launch overheads."""
+    """Roofline seconds of one op: the slower of compute and memory, plus its launch and per-step overheads."""
     compute = op.flops / device.flops_per_s(dtype)
     memory = op.bytes / device.bytes_per_s
-    return max(compute, memory) + op.kernels * device.kernel_overhead_s
+    return max(compute, memory) + op.kernels * device.kernel_overhead_s + op.steps * device.step_overhead_s
 
 
 def ops_time(ops: Iterable[Op], device: Device, dtype: str) -> float:
@@ -163,8 +167,8 @@ def fixed_ops(shape: ModelShape, part: str, workload: Workload, phase: Phase) ->
         return [Op("embedding", 0.0, 2.0 * e * n * D, 1)]  # gather n rows, write them
     if part == "final_norm":
         return [rms_norm(n, D, e)]
-    if part == "lm_head":
-        return [matmul("lm_head", workload.batch_size, D, V, e)]  # last position of each request
+    if part == "lm_head":  # last position of each request; then the engine samples: its per-step work
+        return [matmul("lm_head", workload.batch_size, D, V, e), Op("engine_step", 0.0, 0.0, 0, steps=1)]
     raise ValueError(f"unknown fixed part {part!r}")
 
 

@@ -18,8 +18,9 @@ CHILDREN = {
 }
 
 
-def profile(c=1.0, m=1.0, overhead=0.0, input_len=256):
-    device = Device("toy cpu", "cpu", {"fp16": 2e11}, 5e10, 1e10, c, m, kernel_overhead_s=overhead)
+def profile(c=1.0, m=1.0, overhead=0.0, input_len=256, step=0.0):
+    device = Device("toy cpu", "cpu", {"fp16": 2e11}, 5e10, 1e10, c, m, kernel_overhead_s=overhead,
+                    step_overhead_s=step)
     return HardwareProfile("toy", device, Workload(1, input_len, 64, "fp16"))
 
 
@@ -33,14 +34,29 @@ def samples_from(truth: HardwareProfile) -> list[Sample]:
     return out
 
 
-@pytest.mark.parametrize("c, m, overhead", [(0.35, 0.6, 3e-6), (0.8, 0.25, 0.0), (0.5, 0.5, 2e-5)])
-def test_fit_recovers_known_factors(c, m, overhead):
-    samples = samples_from(profile(c, m, overhead))
-    fit = fit_factors(samples, SHAPE, profile())  # starts from c = m = 1, no overhead
+@pytest.mark.parametrize("c, m, overhead, step", [(0.35, 0.6, 3e-6, 0.0), (0.8, 0.25, 0.0, 0.0), (0.5, 0.5, 2e-5, 0.0),
+                                                  (0.35, 0.6, 3e-6, 4e-3), (0.8, 0.25, 0.0, 1e-4)])
+def test_fit_recovers_known_factors(c, m, overhead, step):
+    samples = samples_from(profile(c, m, overhead, step=step))
+    fit = fit_factors(samples, SHAPE, profile())  # starts from c = m = 1, no overheads
     assert fit.compute_efficiency == pytest.approx(c, rel=1e-3)
     assert fit.memory_efficiency == pytest.approx(m, rel=1e-3)
     assert fit.kernel_overhead_s == pytest.approx(overhead, rel=1e-3, abs=1e-10)
+    assert fit.step_overhead_s == pytest.approx(step, rel=1e-3, abs=1e-10)
     assert fit.rel_rms < 1e-6
+
+
+def test_a_per_step_overhead_bounds_every_childs_speedup():
+    """An engine's fixed work per forward pass is the same for every child: with it, the predicted speedup
+    of a shallower child shrinks toward 1 (what vLLM's scheduler and sampler do on a small CPU model)."""
+    blocks = {n: tuple(BlockConfig.from_name(b) for b in CHILDREN[n]) for n in ("parent", "shallow")}
+
+    def speedup(hw):
+        t = {n: predict_seconds(Sample(n, b, "decode", 0.0), SHAPE, hw) for n, b in blocks.items()}
+        return t["parent"] / t["shallow"]
+
+    without, with_step = speedup(profile(0.5, 0.5)), speedup(profile(0.5, 0.5, step=1e-3))
+    assert without > 1.5 and 1.0 < with_step < without
 
 
 def test_fit_brings_predictions_in_line():
@@ -56,7 +72,7 @@ def test_fit_brings_predictions_in_line():
 
 def test_calibrate_writes_a_loadable_profile(tmp_path):
     base = load_profile("cpu_local")
-    truth = with_factors(base, 0.4, 0.2, 2e-6)
+    truth = with_factors(base, 0.4, 0.2, 2e-6, 3e-4)
     samples = samples_from(truth)
     measured = tmp_path / "measured.json"
     measured.write_text(json.dumps({
@@ -70,13 +86,14 @@ def test_calibrate_writes_a_loadable_profile(tmp_path):
     assert written.device.compute_efficiency == pytest.approx(0.4, rel=1e-3)
     assert written.device.memory_efficiency == pytest.approx(0.2, rel=1e-3)
     assert written.device.kernel_overhead_s == pytest.approx(2e-6, rel=1e-3)
+    assert written.device.step_overhead_s == pytest.approx(3e-4, rel=1e-3)
     assert written.workload == base.workload
     assert "calibrate" in out.read_text().splitlines()[0]
 
 
 def test_too_few_timings_is_a_user_error():
-    samples = samples_from(profile())[:2]
-    with pytest.raises(PuzzleError, match="at least 3"):
+    samples = samples_from(profile())[:3]
+    with pytest.raises(PuzzleError, match="at least 4"):
         fit_factors(samples, SHAPE, profile())
 
 
