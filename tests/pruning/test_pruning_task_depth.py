@@ -158,3 +158,24 @@ def test_prune_task_command_end_to_end_and_its_refusals(tmp_path, capsys):
     (run / "data" / "val_documents.jsonl").unlink()
     assert "val_documents.jsonl" in _fail_line(capsys, [*base, "--run-dir", str(run)])
     assert not (tmp_path / "refused").exists()
+
+
+def test_plan_prices_the_task_scoring():
+    """`puzzle plan`: pruning by task accuracy costs forward passes over the items (no FLOPs for the others)."""
+    from puzzle import footprint
+    from puzzle.pruning.cost import TASK_ITEM_TOKENS, task_forwards
+    from puzzle.search_space import load_search_space
+    from puzzle.shape import ModelShape
+    from puzzle.stages import BY_NAME
+
+    config = make_llama(num_hidden_layers=6).config
+    cpu = footprint.Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
+    shape = ModelShape.from_config(config)
+    ctx = footprint.Context(config, shape, load_search_space("tiny", config), 32, 0, cpu)
+    prune_ = BY_NAME["prune"]
+    assert prune_.estimate(ctx, {"out": "o", "drop_layers": 2, "depth_method": "block"}).flops == 0
+    est = prune_.estimate(ctx, {"out": "o", "drop_layers": 2, "depth_method": "task", "task_items": 50})
+    per_item = TASK_ITEM_TOKENS * shape.model_flops_per_token(None, TASK_ITEM_TOKENS / 2)
+    assert est.flops == pytest.approx(50 * per_item * task_forwards(6, 2)) and est.seconds is None
+    # intact + windows 0..4 of 2 layers: suffixes 4, 3, 2, 1, 0 layers, a prefix layer for each but the last
+    assert task_forwards(6, 2) == pytest.approx(1 + (10 + 4) / 6)
