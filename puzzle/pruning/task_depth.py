@@ -11,7 +11,7 @@ lower start.
 
 Contiguous windows, not a greedy drop of one layer at a time: Minitron's choice, the same candidates as
 `--depth-method block` (so the two differ only in the score), and L - k + 1 evaluations instead of the
-greedy search's k(2L - k + 1)/2 (19 vs 279 for 12 of SmolLM2's 30 layers), which a CPU run can afford.
+greedy search's k(2L - k + 1)/2 (19 vs 294 for 12 of SmolLM2's 30 layers), which a CPU run can afford.
 
 The slice (`selection_items`): the run's cloze task (`puzzle build-mc`) takes the first N passages of one
 fixed seeded order of the held-out passages; the selection takes the last `n` of the same order, so
@@ -148,6 +148,8 @@ def score_windows(model: Any, tokenizer: Any, items: list[dict[str, Any]], k: in
             prefix = _Prefix(cached, full[start] if start < L - k else None)
             model.model.layers = nn.ModuleList([prefix, *full[start + k:]])
             windows.append({"start": start, **_task_scores(model, tokens, items, pad_id)})
+            if cached is not None and len(prefix.outputs) != len(cached):  # the replay's one assumption
+                raise RuntimeError(f"window {start}: {len(prefix.outputs)} batches, {len(cached)} before")
             cached = prefix.outputs
     finally:
         model.model.layers = full

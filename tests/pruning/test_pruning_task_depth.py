@@ -63,7 +63,10 @@ def _naive_window_scores(model, tokenizer, items, k):
     return out
 
 
-def test_task_method_drops_the_window_that_keeps_the_accuracy():
+def test_task_method_drops_the_window_that_keeps_the_accuracy(monkeypatch):
+    from puzzle.pruning import task_depth
+
+    monkeypatch.setattr(task_depth, "EVAL_BATCH_TOKENS", 128)  # several batches: the replay's n-th call is batch n
     tokenizer = make_tokenizer()
     model = to_puzzle(_parent())
     items = _known_task(model, tokenizer)
