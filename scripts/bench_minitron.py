@@ -5,6 +5,12 @@ Runs the product's own commands in order (prepare-data, importance, prune x2, di
 directory, so a rerun reuses finished stages, and writes benchmarks/minitron.{json,md}.
 
     .venv/bin/python scripts/bench_minitron.py [--steps 100 --batch-size 8 --seq-len 128 ...]
+
+`--depth-methods`: the depth methods `block`, `loss` and `task` at the same depth (the 60% target's layer
+count), each student scored right after pruning and after the same distillation, by LM loss, KL and the
+cloze accuracy of an evaluation task disjoint from the items `task` chose its layers by; written as the
+`depth_methods` section of benchmarks/minitron.{json,md} (the width/depth results there are kept).
+`--smoke` runs it on a tiny budget into the run directory only (a check that the script works, minutes).
 """
 
 import argparse
@@ -25,9 +31,11 @@ from puzzle.data.blocks import load_blocks, load_meta  # noqa: E402
 from puzzle.data.prepare import prepare_data  # noqa: E402
 from puzzle.distill.commands import distill  # noqa: E402
 from puzzle.distill.trainer import evaluate_kd  # noqa: E402
+from puzzle.evaluate.mc import build_mc, evaluate_mc, load_mc_tasks  # noqa: E402
 from puzzle.io import JsonlLog, atomic_write_json, atomic_write_text, read_json  # noqa: E402
-from puzzle.model.checkpoint import load_config, load_model, to_puzzle  # noqa: E402
+from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, to_puzzle  # noqa: E402
 from puzzle.pruning.commands import importance, prune  # noqa: E402
+from puzzle.pruning.importance import load_importance  # noqa: E402
 from puzzle.pruning.shape import layers_for_target  # noqa: E402
 from puzzle.run_dir import RunDir  # noqa: E402
 from puzzle.shape import ModelShape  # noqa: E402
@@ -63,8 +71,16 @@ def main() -> None:
     # one thread: on a shared 2-core machine a second OpenMP thread waits on a busy core (3x slower here)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true", help="re-render minitron.md from minitron.json")
+    ap.add_argument("--depth-methods", action="store_true", help="block vs loss vs task at equal depth (see above)")
+    ap.add_argument("--depth-run-dir", type=Path, default=REPO / "runs" / "bench_minitron_depth")
+    ap.add_argument("--task-items", type=int, default=100, help="held-out cloze items `task` scores windows on")
+    ap.add_argument("--mc-items", type=int, default=200, help="cloze items of the evaluation task (build-mc)")
+    ap.add_argument("--smoke", action="store_true", help="--depth-methods on a tiny budget, written to its run dir")
     args = ap.parse_args()
     out_dir = REPO / "benchmarks"
+    if args.smoke or args.depth_methods:
+        run_depth_methods(args, out_dir)
+        return
     if args.report_only:
         report = read_json(out_dir / "minitron.json")
         report["verdict"] = verdict(report)
@@ -159,6 +175,187 @@ def main() -> None:
     print(markdown(report))
 
 
+SMOKE = dict(seq_len=64, max_tokens=400_000, calib=8, drop_samples=4, steps=2, batch_size=2, warmup_steps=1,
+             val_blocks=2, task_items=20, mc_items=20)
+DEPTH_METHODS = ("block", "loss", "task")
+
+
+def run_depth_methods(args: argparse.Namespace, out_dir: Path) -> None:
+    """block vs loss vs task at equal depth, before and after the same distillation (module docstring)."""
+    if args.smoke:
+        vars(args).update(SMOKE, depth_run_dir=args.depth_run_dir.with_name(args.depth_run_dir.name + "_smoke"))
+        out_dir = args.depth_run_dir
+    if not PARENT.exists():
+        sys.exit(f"reference parent missing: {PARENT} (scripts/fetch_reference_assets.sh)")
+    torch.set_num_threads(args.threads)
+    run_dir, wall, load_start = args.depth_run_dir, {}, os.getloadavg()
+    bench_start = time.perf_counter()
+    _, wall["prepare_data"] = timed(prepare_data, CORPUS, PARENT, run_dir=run_dir, seq_len=args.seq_len,
+                                    max_tokens=args.max_tokens)
+    meta = load_meta(run_dir)
+    parent_shape = ModelShape.from_config(load_config(PARENT))
+    k = layers_for_target(parent_shape, int(args.fraction * parent_shape.non_embedding_params()), "non-embedding")
+    # k=1 for `loss` (each layer dropped alone), k for `block` (each contiguous run of k)
+    _, wall["importance"] = timed(importance, PARENT, run_dir=run_dir, n_samples=args.calib, batch_size=8,
+                                  block_sizes=[1, k], drop_samples=args.drop_samples, threads=args.threads)
+    # the evaluation task: the head of build-mc's order; `task` scores on its tail (pruning/task_depth.py)
+    eval_items = load_mc_tasks(build_mc(run_dir, items=args.mc_items))
+    tokenizer = load_tokenizer(PARENT)
+    parent = to_puzzle(load_model(PARENT))
+    val = torch.as_tensor(np.asarray(load_blocks(run_dir, "val")[: args.val_blocks], dtype=np.int64))
+    val_batches = list(val.split(args.batch_size))
+    (parent_mc, parent_eval), wall["eval_parent"] = timed(
+        lambda: (evaluate_mc(parent, tokenizer, eval_items), evaluate_kd(parent, parent, val_batches)))
+    del parent
+    students = {}
+    for method in DEPTH_METHODS:
+        name = f"depth_{method}"
+        out, wall[f"prune_{method}"] = timed(prune, PARENT, run_dir / "students" / name, run_dir=run_dir,
+                                             drop_layers=k, depth_method=method, task_items=args.task_items)
+        record = read_json(RunDir.pruning_record(out))
+        mc_pruned = evaluate_mc(to_puzzle(load_model(out)), tokenizer, eval_items)
+        dout = RunDir(run_dir).distill_out(out)
+        _, wall[f"distill_{method}"] = timed(
+            distill, teacher=PARENT, student=out, run_dir=run_dir, out=dout, steps=args.steps,
+            batch_size=args.batch_size, lr=args.lr, min_lr=args.min_lr, warmup_steps=args.warmup_steps,
+            val_every=max(1, args.steps // 4), checkpoint_every=max(1, args.steps // 4), val_blocks=args.val_blocks,
+            threads=args.threads)
+        mc_distilled = evaluate_mc(to_puzzle(load_model(RunDir.distilled_model(dout))), tokenizer, eval_items)
+        vals = val_records(dout)
+        train = [r for r in JsonlLog(dout / "log.jsonl").read() if r.get("split") == "train"]
+        students[method] = {"dropped_layers": record["dropped_layers"], "params": record["params"],
+                            "pruned": {**vals[0], **mc_pruned}, "distilled": {**vals[-1], **mc_distilled},
+                            "train_elapsed_s": train[-1]["elapsed_s"], "tokens": train[-1]["tokens"],
+                            **({"task_depth": record["task_depth"]} if "task_depth" in record else {})}
+    scores = load_importance(run_dir)
+    windows = students["task"]["task_depth"]["windows"]
+    section = {
+        "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__,
+                    "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
+        "data": {key: meta.get(key) for key in ("seq_len", "n_train_blocks", "n_val_blocks")},
+        "settings": {key: (str(v) if isinstance(v, Path) else v) for key, v in vars(args).items()},
+        "layers_dropped": k, "parent_layers": parent_shape.num_hidden_layers,
+        "parent": {**parent_eval, **parent_mc},
+        "students": students,
+        # per window: the LM loss with it removed (importance) against the selection accuracy (task)
+        "windows": [{"start": w["start"], "drop_loss": float(scores[f"layers.drop_loss.k{k}"][w["start"]]),
+                     "acc_norm": w["acc_norm"], "correct_logp_per_byte": w["correct_logp_per_byte"]}
+                    for w in windows],
+        "distill_tokens": args.steps * args.batch_size * meta["seq_len"],
+        "val_tokens": parent_eval["tokens"],
+        "wall_s": {**wall, "total": time.perf_counter() - bench_start},
+    }
+    section["loss_accuracy_spearman"] = spearman([-w["drop_loss"] for w in section["windows"]],
+                                                 [w["acc_norm"] for w in section["windows"]])
+    path = out_dir / "minitron.json"
+    report = read_json(path) if path.exists() and not args.smoke else {}
+    report["depth_methods"] = section
+    atomic_write_json(path, report)
+    text = markdown(report) if "students" in report else depth_markdown(section)
+    atomic_write_text(out_dir / "minitron.md", text)
+    print(depth_markdown(section))
+
+
+def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (average ranks for ties); None where either side is constant."""
+    def ranks(v):
+        v = np.asarray(v, dtype=float)
+        order = np.argsort(v, kind="stable")
+        r = np.empty(len(v))
+        r[order] = np.arange(len(v))
+        for value in np.unique(v):  # ties share their average rank
+            r[v == value] = r[v == value].mean()
+        return r
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return None
+    return float(np.corrcoef(rx, ry)[0, 1])
+
+
+def _layers(dropped: list[int]) -> str:
+    """[9, 10, 11] -> '9-11'; a non-contiguous set as a list."""
+    if dropped == list(range(dropped[0], dropped[-1] + 1)):
+        return f"{dropped[0]}-{dropped[-1]}"
+    return ", ".join(map(str, dropped))
+
+
+def depth_markdown(d: dict) -> str:
+    s, st, ws = d["settings"], d["students"], d["wall_s"]
+    task = st["task"]["task_depth"]
+    split = task["split"]
+    p = d["parent"]
+    by_start = {w["start"]: w for w in d["windows"]}
+    ranked = sorted(d["windows"], key=lambda w: (-w["acc_norm"], -w["correct_logp_per_byte"], w["start"]))
+    rank = {w["start"]: i + 1 for i, w in enumerate(ranked)}
+
+    def row(name: str, ev: dict, wall: str) -> str:
+        return (f"| {name} | {ev['lm_loss']:.3f} | {ev['kl']:.3f} | {ev['top1_agreement']:.3f} | {ev['acc']:.3f} | "
+                f"{ev['acc_norm']:.3f} | {wall} |")
+
+    lines = [
+        "## Depth methods: block vs loss vs task at equal depth",
+        "",
+        ("Generated by `scripts/bench_minitron.py --smoke` (a tiny budget: a check that the script works, not a "
+         "result); " if s["smoke"] else "Generated by `scripts/bench_minitron.py --depth-methods`; ") +
+        f"run directory `{Path(s['depth_run_dir']).name}` (seq_len {d['data']['seq_len']}, "
+        f"{d['data']['n_train_blocks']} train / {d['data']['n_val_blocks']} val blocks), "
+        f"{d['machine']['cpu_threads']} CPU thread(s), load average {d['machine']['loadavg_start'][0]:.1f} at the "
+        f"start, {d['machine']['loadavg_end'][0]:.1f} at the end.",
+        "",
+        f"- Depth: {d['layers_dropped']} of {d['parent_layers']} layers dropped by each method (the 60% target's "
+        "layer count). `block`: the contiguous run whose removal raised the LM loss least (importance on "
+        f"{s['drop_samples']} sequences); `loss`: the {d['layers_dropped']} layers with the least LM loss when "
+        "removed alone (not contiguous in general); `task`: the contiguous run whose removal kept the most "
+        f"normalised cloze accuracy on {split['items']} held-out items.",
+        f"- The split: `task` scored on positions {split['positions'][0]}-{split['positions'][1] - 1} of build-mc's "
+        f"order of the {split['passages']} held-out passages; the evaluation task below is its first "
+        f"{p['items']} (`build-mc --items {p['items']}`), so the two share no item "
+        f"({split['excluded_eval_items']} overlapping items removed).",
+        f"- Distillation (the same for each): forward KL on logits, AdamW peak lr {s['lr']:g} -> {s['min_lr']:g} "
+        f"cosine, {s['warmup_steps']} warm-up steps, {s['steps']} steps x {s['batch_size']} sequences = "
+        f"{d['distill_tokens']:,} tokens per student.",
+        f"- Metrics: LM loss, KL(parent || student) and top-1 agreement on the first {s['val_blocks']} validation "
+        f"blocks ({d['val_tokens']:,} tokens); cloze acc and acc_norm (per byte, as `puzzle evaluate`) on the "
+        f"{p['items']}-item evaluation task.",
+        "",
+        "| model | val LM loss | KL to parent | top-1 agreement | cloze acc | cloze acc_norm | wall time |",
+        "|---|---|---|---|---|---|---|",
+        row("parent", p, f"{ws['eval_parent']:.0f} s (eval)"),
+    ]
+    for m in DEPTH_METHODS:
+        lines.append(row(f"{m}: layers {_layers(st[m]['dropped_layers'])}, pruned", st[m]["pruned"],
+                         f"{ws[f'prune_{m}']:.0f} s (prune)"))
+    for m in DEPTH_METHODS:
+        lines.append(row(f"{m} + distillation", st[m]["distilled"],
+                         f"{st[m]['train_elapsed_s']:.0f} s train ({ws[f'distill_{m}']:.0f} s in all)"))
+    lines += [
+        "",
+        f"Windows by the task's selection accuracy (intact model: acc_norm {task['intact']['acc_norm']:.3f}); "
+        "each with the LM loss of the model without it (importance):",
+        "",
+        "| rank | layers removed | selection acc_norm | right choice log p / byte | LM loss without them |",
+        "|---|---|---|---|---|",
+    ]
+    for w in ranked:
+        marks = [m for m in ("block", "task") if st[m]["dropped_layers"][0] == w["start"]]
+        lines.append(f"| {rank[w['start']]} | {w['start']}-{w['start'] + d['layers_dropped'] - 1}"
+                     f"{' (' + ', '.join(marks) + ')' if marks else ''} | {w['acc_norm']:.3f} | "
+                     f"{w['correct_logp_per_byte']:.3f} | {w['drop_loss']:.3f} |")
+    rho = d["loss_accuracy_spearman"]
+    block_start = st["block"]["dropped_layers"][0]
+    lines += [
+        "",
+        f"Rank correlation (Spearman) of a window's LM loss (lower = better) with its selection accuracy: "
+        f"{'n/a' if rho is None else f'{rho:.2f}'}. `block`'s window ranks {rank[block_start]} of "
+        f"{len(ranked)} by the task (acc_norm {by_start[block_start]['acc_norm']:.3f}).",
+        "",
+        f"Total wall time {ws['total'] / 60:.1f} min.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
 def verdict(r: dict) -> dict:
     w, d, plain = r["students"]["width"], r["students"]["depth"], r["width_no_rescale"]
     out = {}
@@ -179,12 +376,17 @@ def _row(name: str, params: dict, parent_ne: int, ev: dict, wall: str) -> str:
             f"{params['total'] / 1e6:.1f}M | {ev['lm_loss']:.3f} | {ev['kl']:.3f} | {ev['top1_agreement']:.3f} | {wall} |")
 
 
+_OLD_SHAPE_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+                    "num_kv_heads": "num_key_value_heads"}
+
+
 def markdown(r: dict) -> str:
     ne = r["parent_params"]["non_embedding"]
     w, d = r["students"]["width"], r["students"]["depth"]
     ws = r["wall_s"]
     s = r["settings"]
-    ps = r["parent_shape"]
+    # minitron.json from before ModelShape took transformers' field names: read under today's
+    ps = {_OLD_SHAPE_NAMES.get(k, k): v for k, v in r["parent_shape"].items()}
     lines = [
         "# Minitron: width vs depth pruning on SmolLM2-135M",
         "",
@@ -284,6 +486,8 @@ def markdown(r: dict) -> str:
         f"{ws['distill_width']:.0f} + {ws['distill_depth']:.0f} s).",
         "",
     ]
+    if "depth_methods" in r:
+        lines.append(depth_markdown(r["depth_methods"]))
     return "\n".join(lines)
 
 

@@ -144,17 +144,27 @@ def choice_logprobs(model: Any, tokenizer: Any, context: str, choices: list[str]
     return choice_scores(model, [_item_tokens(tokenizer, context, choices)], _pad_id(tokenizer))[0]
 
 
+def tokenize_items(tokenizer: Any, items: list[dict[str, Any]]) -> list[tuple[list[int], list[list[int]]]]:
+    """Each item's (context ids, [choice ids, ...]), the input of `choice_scores`."""
+    return [_item_tokens(tokenizer, item["context"], item["choices"]) for item in items]
+
+
+def per_byte_scores(scores: list[float], choices: list[str]) -> list[float]:
+    """Summed log-probabilities per UTF-8 byte of each choice: what acc_norm takes the highest of."""
+    return [s / max(1, len(c.encode())) for s, c in zip(scores, choices)]
+
+
 def evaluate_mc(model: Any, tokenizer: Any, items: Iterable[dict[str, Any]], batch_tokens: int = 2048,
                 progress: bool = True) -> dict[str, float]:
     """acc (highest summed log-probability) and acc_norm (highest per byte of the choice) over `items`."""
     items = list(items)
     if not items:
         raise PuzzleError("no multiple-choice items to evaluate")
-    tokens = [_item_tokens(tokenizer, item["context"], item["choices"]) for item in items]
+    tokens = tokenize_items(tokenizer, items)
     all_scores = choice_scores(model, tokens, _pad_id(tokenizer), batch_tokens, progress=progress and len(items) > 8)
     correct = correct_norm = 0
     for item, scores in zip(items, all_scores):
-        norm = [s / max(1, len(c.encode())) for s, c in zip(scores, item["choices"])]
+        norm = per_byte_scores(scores, item["choices"])
         correct += int(max(range(len(scores)), key=scores.__getitem__) == item["label"])
         correct_norm += int(max(range(len(norm)), key=norm.__getitem__) == item["label"])
     return {"acc": correct / len(items), "acc_norm": correct_norm / len(items), "items": len(items)}

@@ -33,6 +33,7 @@ from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_p
 from puzzle.shape import ModelShape
 
 from .shape import target_sizes
+from .task_depth import selection_items, task_layers_to_drop
 
 
 @writes_run_dir("importance")
@@ -101,6 +102,13 @@ def importance(
     return path.parent
 
 
+def _tokenizer_or_none(parent: Path):
+    try:
+        return load_tokenizer(parent)
+    except PuzzleError:
+        return None
+
+
 @writes_run_dir("prune")
 def prune(
     parent: Path,
@@ -111,7 +119,7 @@ def prune(
     heads_per_group: int | None = None,
     kv_groups: int | None = None,
     drop_layers: int = 0,
-    depth_method: Literal["block", "bi", "loss"] = "block",
+    depth_method: Literal["block", "bi", "loss", "task"] = "block",
     target_params: str | None = None,
     target_mode: Literal["width", "depth"] = "width",
     params_scope: Literal["total", "non-embedding"] = "total",
@@ -119,6 +127,8 @@ def prune(
     device: str = "auto",
     dtype: str = "auto",
     force: bool = False,
+    task_items: int = 100,
+    task_file: Path | None = None,
 ) -> Path:
     """Minitron width/depth pruning of a uniform Llama parent into a standard Llama checkpoint.
 
@@ -131,8 +141,9 @@ def prune(
         heads_per_group: query heads to keep in each kept KV group
         kv_groups: KV groups (KV heads) to keep per layer
         drop_layers: number of layers to remove
-        depth_method: which layers: block (best contiguous run), bi (lowest Block Importance) or loss
-            (lowest loss when removed alone)
+        depth_method: which layers: block (best contiguous run), bi (lowest Block Importance), loss
+            (lowest loss when removed alone) or task (the contiguous run whose removal keeps the most
+            multiple-choice accuracy on a held-out slice of the run's cloze task, as Minitron chose by Winogrande)
         target_params: a parameter count to reach, e.g. 80M or 1.2B; picks the shape (overrides the sizes)
         target_mode: width (hidden and FFN sizes, heads kept) or depth (layers) to reach the target
         params_scope: count total parameters or non-embedding ones for --target-params
@@ -140,6 +151,10 @@ def prune(
         device: where the weights are sliced: auto (CUDA when a GPU is visible, else the CPU), cpu, cuda or cuda:N
         dtype: the pruned checkpoint's dtype: auto (bf16 on CUDA, fp32 on the CPU), bf16, fp16 or fp32
         force: replace an earlier output of another puzzle command at OUT (never anything else)
+        task_items: --depth-method task: held-out cloze items each window is scored on (the tail of build-mc's
+            order, disjoint from its evaluation task)
+        task_file: --depth-method task: score on this JSONL multiple-choice task instead ({"context",
+            "choices", "label"} per line; items of RUN/eval/cloze.jsonl are left out)
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
@@ -149,6 +164,12 @@ def prune(
     runtime = resolve(device, dtype)
     check_importance_parent(run_dir, parent)
     scores = load_importance(run_dir)
+    tokenizer = _tokenizer_or_none(parent)
+    task = None
+    if depth_method == "task" and (drop_layers or (target_params and target_mode == "depth")):
+        if tokenizer is None:
+            raise PuzzleError("--depth-method task scores multiple-choice text, but the parent has no tokenizer")
+        task = selection_items(run_dir, task_items, task_file)  # refused before the weights are read
     model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
     check_uniform(model)
     shape = ModelShape.from_config(model.config)
@@ -156,16 +177,16 @@ def prune(
                                                       ffn_size, drop_layers)
     if drop_layers < 0:
         raise PuzzleError(f"drop-layers must be >= 0, got {drop_layers}")
-    drop = layers_to_drop(scores, drop_layers, depth_method)
+    task_record = None
+    if task and drop_layers:  # scored here, with the parent loaded: the window is k = drop_layers
+        drop, task_record = task_layers_to_drop(model, tokenizer, *task, drop_layers)
+    else:
+        drop = layers_to_drop(scores, drop_layers, depth_method)
     plan = PrunePlan(hidden_size=hidden_size, intermediate_size=ffn_size, heads_per_group=heads_per_group,
                      kv_groups=kv_groups, drop_layers=tuple(drop), rescale_norms=rescale_norms)
     pruned, record = prune_model(model, scores, plan)
     record.update(parent=str(parent), depth_method=depth_method if drop else None, target_params=target_params,
-                  params_scope=params_scope)
-    try:
-        tokenizer = load_tokenizer(parent)
-    except PuzzleError:
-        tokenizer = None
+                  params_scope=params_scope, **({"task_depth": task_record} if task_record else {}))
     save_pruned(pruned, out, tokenizer, record)
     p, q = record["params"], record["parent_params"]
     print(f"prune: {q['total']:,} -> {p['total']:,} parameters ({p['non_embedding']:,} non-embedding, "

@@ -25,12 +25,27 @@ def importance_cost(ctx: Context, s: Any) -> Estimate:
     return placed(est, device, load_peak_bytes(ctx, e), working)
 
 
+# Tokens of one packed cloze item (context once, then its 4 choices; mc.py `_pack`): 132 on the reference
+# run's held-out passages with SmolLM2's tokenizer (13,233 tokens for 100 items).
+TASK_ITEM_TOKENS = 132
+
+
+def task_forwards(layers: int, k: int) -> float:
+    """Whole-model forwards that `--depth-method task` costs (task_depth.score_windows): the intact model,
+    then each of the L - k + 1 windows with its suffix and one layer of prefix replay (none after the last):
+    7.3 for 12 of SmolLM2's 30 layers, where running each pruned model in full would be 12.4."""
+    windows = range(layers - k + 1)
+    return 1 + sum(layers - s - k + (s < layers - k) for s in windows) / layers
+
+
 def prune_cost(ctx: Context, s: Any) -> Estimate:
     """prune (puzzle/pruning/commands.py, prune.py): to_puzzle(load_model(parent, dtype)) placed on its
     device (P_e, every weight read: each kept one is sliced or copied into the pruned model), the sliced
     state dict (at most the pruned model C_e, on the device), then the pruned model built by transformers on
     the host in fp32 (C_fp32; cast to e after) into which the state is copied, and streamed to safetensors
-    (`save_checkpoint`). No FLOPs to speak of: index_select and copies."""
+    (`save_checkpoint`). No FLOPs to speak of (index_select and copies), except `--depth-method task`'s
+    forward passes over its task items (`task_forwards`); the activations of one task batch are small next to
+    the two models."""
     device, dtype = ctx.runtime(s.device, s.dtype)
     e = DTYPE_BYTES[dtype]
     parent = ctx.shape
@@ -41,6 +56,10 @@ def prune_cost(ctx: Context, s: Any) -> Estimate:
     built = child.model_bytes(None, FP32) + (child.model_bytes(None, e) if e != FP32 else 0)  # fp32, then cast
     est = Estimate("", "prune", disk_bytes=child.model_bytes(None, e), dtype=dtype, seconds=0.0,
                    note=f"pruned: {child.total_params() / 1e9:.3f}B parameters")
+    if s.depth_method == "task" and drop:  # the windows are scored by forward passes over the task's items
+        T = TASK_ITEM_TOKENS
+        est.seconds = None
+        est.flops = s.task_items * T * parent.model_flops_per_token(None, T / 2) * task_forwards(parent.num_hidden_layers, drop)
     working = ctx.model_bytes(e) + child.model_bytes(None, e)
     if device == "cuda":
         return placed(est, device, max(load_peak_bytes(ctx, e), built), working)

@@ -3,7 +3,8 @@
 Width: every kept layer keeps the same number of units (the top ones by importance, different units
 per layer): FFN neurons, KV groups and query heads per group; the residual stream keeps its top
 channels everywhere. Depth: whole layers go, chosen by Block Importance, by the LM loss of dropping
-each alone, or as the contiguous run of k whose removal costs the least (Llama-3.1-Minitron's choice).
+each alone, or as the contiguous run of k whose removal costs the least LM loss or, with `task`
+(task_depth.py), the least multiple-choice accuracy (Llama-3.1-Minitron's choice, by Winogrande).
 The result is the family's own transformers class (family.py `causal_lm_class`: LlamaForCausalLM,
 MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM) that plain transformers loads with no custom code;
 the kept layers keep their sliding windows.
@@ -30,7 +31,7 @@ from puzzle.shape import ModelShape
 from .shape import pruned_shape
 from .slicing import drop_layers_state, select_heads, slice_attention_state, slice_channels_state, slice_ffn_state, top_k
 
-DepthMethod = Literal["block", "bi", "loss"]
+DepthMethod = Literal["block", "bi", "loss", "task"]
 # PuzzleConfig fields that a plain family config must not receive.
 _NOT_PLAIN = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
               "dtype", "torch_dtype", "family", "sliding_windows"}
@@ -80,7 +81,9 @@ def layers_to_drop(scores: dict[str, torch.Tensor], n: int, method: DepthMethod)
                               f"rerun `puzzle importance` with --block-sizes {n}")
         start = int(torch.argmin(scores[key]))
         return list(range(start, start + n))
-    raise PuzzleError(f"unknown depth method {method!r}; choose block, bi or loss")
+    if method == "task":  # scored by running the model on the task, not from importance scores
+        raise PuzzleError("the task depth method needs the model: puzzle.pruning.task_depth.task_layers_to_drop")
+    raise PuzzleError(f"unknown depth method {method!r}; choose block, bi, loss or task")
 
 
 def _check_n(n: int, layers: int) -> None:
