@@ -179,9 +179,9 @@ def test_model_flops_per_token_equal_what_torch_counts_for_a_decode_step():
     assert counter.get_total_flops() == shape.model_flops_per_token(model.config.blocks, keys=5)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gpt_oss"])
 def test_parameters_of_each_familys_transformers_model(family):
-    """q/k/v and o biases, q/k norms and explicit head_dim counted as transformers' own classes hold them."""
+    """q/k/v and o biases, q/k norms, sinks and explicit head_dim counted as transformers' own classes hold them."""
     from conftest import make_family_parent
 
     from puzzle.model.checkpoint import to_puzzle
@@ -218,7 +218,7 @@ def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
 
 # ---- MoE parents (issue 25): total and active parameters, FLOPs of the experts a token goes through ----
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_parameters_of_moe_parents_total_and_active(family):
     from conftest import make_family_parent
 
@@ -238,13 +238,17 @@ def test_parameters_of_moe_parents_total_and_active(family):
             active = numel(layer.mlp.gate) + block.ffn.moe.top_k * numel(layer.mlp.experts[0])
             active += numel(layer.mlp.shared_expert) + numel(layer.mlp.shared_expert_gate)  # every token's
             assert shape.active_params(block.ffn) == active + norm < shape.params(block.ffn)
-            assert shape.matmul_params(block.ffn) == active
+            # gpt-oss's router and expert biases are no matmul's
+            biases = sum(p.numel() for n, p in layer.mlp.gate.named_parameters() if n == "bias")
+            biases += block.ffn.moe.top_k * sum(p.numel() for n, p in layer.mlp.experts[0].named_parameters()
+                                                if n.endswith("bias"))
+            assert shape.matmul_params(block.ffn) == active - biases
         else:
             assert shape.active_params(block.ffn) == shape.params(block.ffn)
     assert shape.active_layer_params() == sum(shape.active_params(b) for b in shape.parent_blocks) < shape.layer_params()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
     """Every token runs exactly top_k experts and the router: torch's count of the MoE FFN's matmuls on a
     prompt is `prefill_flops`, whichever experts the tokens chose."""
