@@ -145,7 +145,7 @@ def make_family_config(family: str, **overrides):
       qwen2_moe       Qwen2's attention (q/k/v biases, layers 0 and 2 windowed), 6 experts of 32 top-2
                       renormalised, a gated shared expert of 48, layer 3 dense (mlp_only_layers)
       gpt_oss         sinks, q/k/v/o biases, layers 0 and 2 windowed (GptOssConfig's alternating layer_types),
-                      head_dim 24, 4 experts of 48 top-2 with biases; swiglu_limit 0.5, low enough that the
+                      head_dim 24, 4 experts of 96 top-2 with biases; swiglu_limit 0.5, low enough that the
                       clamps bind (7.0 in the real models)
     """
     from transformers import MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
@@ -187,7 +187,7 @@ def make_family_config(family: str, **overrides):
     elif family == "gpt_oss":
         from transformers import GptOssConfig
 
-        kwargs = dict(common, head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=48,
+        kwargs = dict(common, head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=96,
                       sliding_window=FAMILY_WINDOW, swiglu_limit=0.5, max_position_embeddings=131072)
         cls = GptOssConfig
     else:

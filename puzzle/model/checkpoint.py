@@ -246,9 +246,9 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
         # read as puzzle's); fused experts (gpt-oss's, MXFP4-packed or not) are read whole and split below
         fused = [k for k in ckpt.keys() if _STORED_FUSED.fullmatch(k) and not _left_out(k, config, truncated)]
         names = {k: canonical_key(k, spec) for k in ckpt.keys() if not _STORED_FUSED.fullmatch(k)}
-        stored = dequantize_mxfp4_state(ckpt.read_many(fused, dtype), dtype)
-        unfused = puzzle_moe_state(stored, spec, contiguous=True) if stored else {}
-        del stored
+        unfused = {}
+        for group in _fused_groups(fused):  # one fused parameter at a time: its copy and its experts, then the next
+            unfused |= puzzle_moe_state(dequantize_mxfp4_state(ckpt.read_many(group, dtype), dtype), spec, contiguous=True)
         stray = [k for k, ours in names.items() if ours not in wanted and not _left_out(ours, config, truncated)]
         stray += [k for k in unfused if k not in wanted]
         if stray:
@@ -269,6 +269,14 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     materialise_buffers(model)
     check_materialised(model, str(path))
     return model.eval()
+
+
+def _fused_groups(keys: list[str]) -> list[list[str]]:
+    """Stored fused-expert keys grouped by the parameter they make (`X` alone, or `X_blocks` with `X_scales`)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.removesuffix("_blocks").removesuffix("_scales"), []).append(key)
+    return list(groups.values())
 
 
 def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
