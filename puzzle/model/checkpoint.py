@@ -358,7 +358,8 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     """The parent as an all-parent heterogeneous child with identical weights (and so identical logits).
 
     The child is built on the meta device and takes the parent's tensors themselves (`assign=True`): no
-    second copy, and the two share storage (training one changes the other; callers drop the parent)."""
+    second copy, and the two share storage (training one changes the other; callers drop the parent).
+    gpt-oss's experts are the exception: copied out of their interleaved columns (`puzzle_moe_state`)."""
     if isinstance(model, PuzzleForCausalLM):
         return model
     config = puzzle_config_from(model.config)
@@ -418,11 +419,14 @@ def _unfuse_expert(which: str, w: torch.Tensor, layout: str, bias: bool) -> dict
     return {"gate_proj": t[0::2], "up_proj": t[1::2]}  # GptOssExperts._apply_gate: gate_up[..., ::2], [..., 1::2]
 
 
-def puzzle_moe_state(state: dict[str, torch.Tensor], spec: MoESpec, contiguous: bool = False) -> dict[str, torch.Tensor]:
+def puzzle_moe_state(state: dict[str, torch.Tensor], spec: MoESpec, contiguous: bool | None = None) -> dict[str, torch.Tensor]:
     """A parent's state dict in puzzle's layout: transformers' fused expert parameters (in `spec.fused_layout`)
     split into one SwiGLU per expert, hub names made canonical (`canonical_key`). The experts are views of the
     fused tensors (nothing copied), or each its own contiguous copy with `contiguous` (a checkpoint read from
-    disk: the fused tensor is then freed)."""
+    disk: the fused tensor is then freed). None: views where they are row blocks ("gate_up_rows"), copies of
+    gpt-oss's interleaved, transposed columns (a view with no unit stride would be copied by every matmul)."""
+    if contiguous is None:
+        contiguous = spec.fused_layout != "gate_up_rows"
     out = {}
     for key, value in state.items():
         m = _FUSED.fullmatch(key)
