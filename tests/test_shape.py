@@ -269,6 +269,19 @@ def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
     assert shape.flops_per_token(ffn, 100, layer) == 2 * shape.matmul_params(ffn)
 
 
+@pytest.mark.parametrize("layers, experts, total, active", [(36, 128, 116.83, 5.13), (24, 32, 20.91, 3.61)])
+def test_gpt_oss_parameters_are_the_model_cards(layers, experts, total, active):
+    """OpenAI's gpt-oss model card (arXiv 2508.10925, table 1): gpt-oss-120b 116.83B parameters, 5.13B active per
+    token, gpt-oss-20b 20.91B and 3.61B (active: the unembedding counted, the embedding not). The expert biases
+    (0.04B in the 120b) move the second decimal."""
+    from transformers import GptOssConfig
+
+    shape = ModelShape.from_config(GptOssConfig(num_hidden_layers=layers, num_local_experts=experts))
+    assert round(shape.total_params() / 1e9, 2) == total
+    assert round((shape.total_params(shape.parent_blocks) - shape.layer_params() + shape.active_layer_params()
+                  - shape.fixed_params("embeddings")) / 1e9, 2) == active
+
+
 def test_moe_parent_shapes_round_trip_through_json_and_name_their_per_layer_ffns():
     import json
 
