@@ -4,7 +4,8 @@ One frozen `Family` per family; everything that differs between them is a field 
 code reads the descriptor instead of branching on a model_type:
 
   model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm, sinks), `MoEFFN` (routing, router and
-                       expert biases, the experts' activation), `PuzzleModel` (per-layer windows)
+                       expert biases, the experts' activation), `build_norm` (the RMSNorm's cast), `PuzzleModel`
+                       (per-layer windows)
   conversion           checkpoint.py `puzzle_config_from` (`layer_windows`, the config fields below),
                        `puzzle_moe_state` (the fused expert layout, the router's name, MXFP4 blocks)
   pruning / slicing    pruning/slicing.py (a bias or a sink is cut with its heads, a q/k norm is per head_dim
@@ -30,8 +31,7 @@ gpt-oss (`gpt_oss`) is the one family that is not a plain SwiGLU decoder: its at
 q/k/v/o and alternating sliding / full layers (`layer_types`); its MoE FFN routes top-k of the biased router's
 logits then a softmax over those k, and its experts have biases and a clamped SwiGLU (`MoESpec.activation`).
 Its hub checkpoints store the experts MXFP4-packed (`*_blocks` / `*_scales`), dequantised on load
-(checkpoint.py `dequantize_mxfp4`). Its RMSNorm casts after the weight (`(w * x).to(dtype)`, Llama's before):
-the same in fp32, one rounding apart in bf16.
+(checkpoint.py `dequantize_mxfp4`). Its RMSNorm casts after the weight (`norm_cast_last`).
 
 Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py imports
 it relatively), so a process without `puzzle` builds the child's layers from it.
@@ -156,6 +156,9 @@ class Family:
     sinks             attention sinks: a learned logit per query head (`self_attn.sinks` (H,)) joins every
                       query's softmax over its keys as one more term of the denominator, with no value
                       (transformers `GptOssAttention` / `eager_attention_forward`)
+    norm_cast_last    the RMSNorms multiply by their weight in float32 and cast the product to the input's dtype
+                      (transformers `GptOssRMSNorm`: `(w * x).to(dtype)`); False: Llama's `w * x.to(dtype)`.
+                      The same in fp32, one rounding apart in bf16
     moe               how the family's MoE FFNs route (`MoESpec`); None for a dense family
     engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
                       deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
@@ -171,6 +174,7 @@ class Family:
     o_bias: bool | None = None
     qk_norm: bool = False
     sinks: bool = False
+    norm_cast_last: bool = False
     windows: WindowRule = "none"
     engines: tuple[str, ...] = ("transformers",)
     moe: MoESpec | None = None
@@ -218,7 +222,8 @@ FAMILIES: dict[str, Family] = {
                       windows="all", moe=MoESpec("num_local_experts", "intermediate_size", True, weights_in_input_dtype=False)),
     # gpt-oss: attention_bias on all four, sinks, sliding / full layers from `layer_types`; every layer MoE
     # (experts of `intermediate_size`), its router and experts as GptOssTopKRouter / GptOssExperts
-    "gpt_oss": Family("gpt_oss", ("gpt_oss",), "GptOssConfig", "GptOssForCausalLM", sinks=True, windows="layer_types",
+    "gpt_oss": Family("gpt_oss", ("gpt_oss",), "GptOssConfig", "GptOssForCausalLM", sinks=True, norm_cast_last=True,
+                      windows="layer_types",
                       moe=MoESpec("num_local_experts", "intermediate_size", False, routing="topk_softmax",
                                   router_bias=True, expert_bias=True, activation="clamped_swiglu",
                                   fused_layout="gate_up_interleaved", router_name="router")),

@@ -26,6 +26,29 @@ from .configuration_puzzle import PuzzleConfig
 # The output field holding the KV cache: `cache` from transformers 5.2x on, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
+class PuzzleRMSNorm(LlamaRMSNorm):
+    """transformers' LlamaRMSNorm (`w * x.to(dtype)`), or with `cast_last` GptOssRMSNorm's order: the weight
+    applied in float32 and the product cast, `(w * x).to(dtype)` (family.py `Family.norm_cast_last`). A
+    LlamaRMSNorm either way: code that finds the norms by class finds these."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, cast_last: bool = False) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.cast_last = cast_last
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.cast_last:
+            return super().forward(hidden_states)
+        dtype = hidden_states.dtype
+        h = hidden_states.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return (self.weight * h).to(dtype)
+
+
+def build_norm(config: PuzzleConfig) -> PuzzleRMSNorm:
+    """A pre-norm (or the final norm) over the hidden size, as the config's family computes it."""
+    return PuzzleRMSNorm(config.hidden_size, config.rms_norm_eps, config.family_descriptor.norm_cast_last)
+
+
 class GQAttention(nn.Module):
     """Grouped-query attention with `num_kv_heads` KV heads (divides the query heads), built as the parent
     family's attention: q/k/v and o biases, and for Qwen3 an RMSNorm over head_dim on each query and key head
@@ -266,9 +289,8 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.self_attn = build_attention(config, block.attention, layer_idx)
         self.mlp = build_ffn(config, block.ffn)
-        eps = config.rms_norm_eps
-        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps) if self.self_attn is not None else None
-        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps) if self.mlp is not None else None
+        self.input_layernorm = build_norm(config) if self.self_attn is not None else None
+        self.post_attention_layernorm = build_norm(config) if self.mlp is not None else None
 
     @property
     def has_kv_cache(self) -> bool:
@@ -357,7 +379,7 @@ class PuzzleModel(PuzzlePreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(PuzzleDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.norm = build_norm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 

@@ -38,8 +38,16 @@ def test_sink_attention_is_transformers_eager_attention(T, S, window):
     sinks = torch.randn(H)
     causal = (torch.arange(S)[None, :] <= torch.arange(S - T, S)[:, None])[None, None]  # (1, 1, T, S)
     mask = causal if window is None else window_mask(None, T, S, window, q.device)
+    sinks.requires_grad_(True)
     got = sink_attention(q, k, v, sinks, None if window is None else mask)
-    torch.testing.assert_close(got, eager_reference(q, k, v, sinks, mask.expand(B, 1, T, S)), atol=ATOL, rtol=0)
+    ref = eager_reference(q, k, v, sinks, mask.expand(B, 1, T, S))
+    torch.testing.assert_close(got, ref, atol=ATOL, rtol=0)
+    probe = torch.randn(got.shape)  # the sinks train as transformers' do (BLD trains them with the attention)
+    (grad,) = torch.autograd.grad((got * probe).sum(), sinks)
+    (ref_grad,) = torch.autograd.grad((ref * probe).sum(), sinks)
+    assert grad.abs().max() > 1e-3
+    torch.testing.assert_close(grad, ref_grad, atol=ATOL, rtol=0)
+    got, sinks = got.detach(), sinks.detach()
     # sinks take probability away from the keys: a sink of -inf is plain attention, a large one shrinks it
     plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
     torch.testing.assert_close(sink_attention(q, k, v, torch.full((H,), float("-inf")), mask), plain, atol=ATOL, rtol=0)
@@ -145,3 +153,24 @@ def test_sinks_are_sliced_with_their_heads():
     out = slice_attention_state(state, heads=torch.tensor([1, 6]), groups=torch.tensor([0]), head_dim=2)
     assert out["model.layers.0.self_attn.sinks"].tolist() == [1.0, 6.0]
     assert out["model.layers.0.self_attn.q_proj.bias"].tolist() == [2.0, 3.0, 12.0, 13.0]
+
+
+def test_norms_cast_last_as_gpt_oss_does():
+    """GptOssRMSNorm multiplies by its weight (kept in float32 by transformers: `_keep_in_fp32_modules`) before
+    the cast: in bf16 ours is bit for bit that, and one rounding away from Llama's order somewhere."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from puzzle.model.modeling_puzzle import PuzzleRMSNorm
+
+    child = to_puzzle(make_family_parent("gpt_oss"))
+    norms = [m for m in child.modules() if isinstance(m, PuzzleRMSNorm)]
+    assert len(norms) == 2 * 4 + 1 and all(m.cast_last for m in norms)
+    torch.manual_seed(0)
+    weight = torch.randn(64).to(torch.bfloat16)
+    x = torch.randn(16, 64).to(torch.bfloat16)
+    ours, ref, llama = PuzzleRMSNorm(64, 1e-5, cast_last=True), GptOssRMSNorm(64, 1e-5), LlamaRMSNorm(64, 1e-5)
+    with torch.no_grad():
+        ours.weight.data, ref.weight.data, llama.weight.data = weight, weight.float(), weight
+        assert torch.equal(ours(x), ref(x))
+        assert not torch.equal(llama(x), ref(x))
