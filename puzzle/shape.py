@@ -7,11 +7,13 @@ Symbols: D hidden, H query heads, K KV heads of a variant, d head_dim, I FFN wid
 L layers, T tokens of a sequence, S keys a query attends to, e bytes per element.
 
   parameters  GQA attention: D*(H + 2K)*d (q, k, v) + H*d*D (o) + D (its pre-norm), plus the family's
-              biases ((H + 2K)*d on q/k/v, D on o) and q/k norms (2*d, shared by the heads);
+              biases ((H + 2K)*d on q/k/v, D on o), q/k norms (2*d, shared by the heads) and attention
+              sinks (H, one logit per query head: gpt-oss);
               SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm);
               MoE FFN of E experts of width I, top-k: E*3*D*I (experts) + E*D (router) + D in all, of which a
               token uses k*3*D*I + E*D + D (`active_params`); a shared expert of width S adds 3*D*S (+ D for
-              its gate) to both.
+              its gate) to both; a router bias adds E to both, expert biases (gpt-oss: gate, up and down)
+              2*I + D per expert, k of them active.
               Fixed: embeddings V*D, final norm D, LM head V*D (0 when tied to the embeddings).
   FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token (an MoE FFN's active ones:
               the router and k experts), plus attention's
@@ -49,11 +51,14 @@ class ModelShape:
     qkv_bias: bool = False  # the family's attention parts (family.py)
     o_bias: bool = False
     qk_norm: bool = False
+    sinks: bool = False  # a GQA attention has one sink logit per query head (gpt-oss)
     sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: no layer has one
     # An MoE parent's FFN per layer, by name ("moe_e8k2_i64", or "ffn_768" for a dense layer of Qwen3-MoE's
     # mlp_only_layers); None: every layer the dense SwiGLU of `intermediate_size`
     parent_ffns: tuple[str, ...] | None = None
     shared_expert_gate: bool = False  # an MoE family's shared expert has a (1, D) sigmoid gate (Qwen2-MoE)
+    router_bias: bool = False  # an MoE family's router has a bias (E,) and its experts biases (gpt-oss)
+    expert_bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("sliding_windows", "parent_ffns"):  # read back from JSON as lists
@@ -79,9 +84,12 @@ class ModelShape:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             qk_norm=family.qk_norm,
+            sinks=family.sinks,
             sliding_windows=tuple(windows) if any(w is not None for w in windows) else None,
             parent_ffns=None if ffns is None else tuple(f.name for f in ffns),
             shared_expert_gate=family.moe is not None and family.moe.shared_expert_gate,
+            router_bias=family.moe is not None and family.moe.router_bias,
+            expert_bias=family.moe is not None and family.moe.expert_bias,
         )
 
     def with_(self, **changes: Any) -> "ModelShape":
@@ -149,7 +157,8 @@ class ModelShape:
 
     def params(self, part: Part) -> int:
         """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer), a GQA
-        attention's biases and q/k norms where the family has them, and every expert of an MoE FFN."""
+        attention's biases, q/k norms and sinks where the family has them, and every expert of an MoE FFN (and
+        the router's and experts' biases)."""
         if isinstance(part, BlockConfig):
             return self.params(part.attention) + self.params(part.ffn)
         if part.no_op:
@@ -157,17 +166,23 @@ class ModelShape:
         extra = 0
         if isinstance(part, AttentionConfig) and part.is_gqa:
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
-            extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d
-        if isinstance(part, FFNConfig) and part.is_moe:  # the experts no token of this one chose
-            extra = (part.moe.num_experts - part.moe.top_k) * 3 * self.hidden_size * part.moe.expert_size
+            extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d + self.sinks * H
+        if isinstance(part, FFNConfig) and part.is_moe:  # the experts no token of this one chose, and the biases
+            moe = part.moe
+            extra = (moe.num_experts - moe.top_k) * 3 * self.hidden_size * moe.expert_size + self.moe_biases(moe, moe.num_experts)
         return self.matmul_params(part) + self.hidden_size + extra
+
+    def moe_biases(self, moe: Any, experts: int) -> int:
+        """An MoE FFN's router bias (E) and the biases of `experts` of its experts (2I + D each), where the
+        family has them."""
+        return self.router_bias * moe.num_experts + self.expert_bias * experts * (2 * moe.expert_size + self.hidden_size)
 
     def active_params(self, part: Part) -> int:
         """Weights one token uses in a variant: `params` less an MoE FFN's experts outside its top-k."""
         if isinstance(part, BlockConfig):
             return self.active_params(part.attention) + self.active_params(part.ffn)
         if isinstance(part, FFNConfig) and part.is_moe:
-            return self.matmul_params(part) + self.hidden_size
+            return self.matmul_params(part) + self.hidden_size + self.moe_biases(part.moe, part.moe.top_k)
         return self.params(part)
 
     def fixed_params(self, part: str) -> int:

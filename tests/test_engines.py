@@ -302,6 +302,7 @@ def test_check_child_names_layer_rule_and_source():
     ("llama", ("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
     ("mistral_nowindow", ("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
     ("mistral", ("transformers",)), ("qwen2", ("transformers",)), ("qwen3", ("transformers",)),
+    ("gpt_oss", ("transformers",)),
 ])
 def test_each_family_is_served_by_its_engines_and_refused_by_the_rest(family, engines):
     """Parent configs (transformers' classes) and their children's configs give the same answer."""

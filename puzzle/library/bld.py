@@ -43,7 +43,7 @@ from puzzle.library import store
 from puzzle.library.cost import group_variants, parent_forward_flops, steps as bld_steps, variant_train_flops
 from puzzle.library.init import FFNCalibration, init_attention, init_ffn, ridge_solve
 from puzzle.model.blocks import AttentionConfig, FFNConfig
-from puzzle.model.modeling_puzzle import (LlamaRMSNorm, PuzzleForCausalLM, attention_residual, build_attention, build_ffn,
+from puzzle.model.modeling_puzzle import (PuzzleForCausalLM, attention_residual, build_attention, build_ffn, build_norm,
                                           ffn_residual)
 from puzzle.model.surgery import sublayer_state
 from puzzle.run_dir import RunDir
@@ -128,7 +128,7 @@ class Sublayer(nn.Module):
         self.kind = kind
         # `layer`: its sliding window, if the parent's family gives that layer one
         module = build_attention(config, variant, layer) if kind == "attention" else build_ffn(config, variant)
-        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if module is not None else None
+        norm = build_norm(config) if module is not None else None
         norm_name, module_name = _PARTS[kind]
         setattr(self, norm_name, norm)
         setattr(self, module_name, module)

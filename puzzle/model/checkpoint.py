@@ -24,7 +24,7 @@ from .blocks import AttentionConfig, BlockConfig
 from .configuration_puzzle import PuzzleConfig
 from .dimensions import check_config_json, check_gguf
 from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
-from .family import FAMILIES, Family, family_of_model_type
+from .family import FAMILIES, Family, MoESpec, family_of_model_type
 from .modeling_puzzle import PuzzleForCausalLM
 
 register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
@@ -51,8 +51,8 @@ _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "aut
 def _unsupported(model_type: str) -> PuzzleError:
     return PuzzleError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
-        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen2-MoE, Qwen3-MoE and "
-        "Mixtral, and puzzle children)"
+        "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen2-MoE, Qwen3-MoE, "
+        "Mixtral and gpt-oss, and puzzle children)"
     )
 
 
@@ -190,7 +190,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         else:
             model = on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
             with SafetensorsCheckpoint(path) as ckpt:
-                state = ckpt.read_many(ckpt.keys(), dtype)
+                state = dequantize_mxfp4_state(ckpt.read_many(ckpt.keys(), dtype), dtype)
             if config.model_type != PuzzleConfig.model_type and family_of(config).moe is not None:
                 state = transformers_moe_state(state, set(model.state_dict()))  # hub experts -> this class's
             tied = getattr(config, "tie_word_embeddings", False)
@@ -241,14 +241,21 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
         ckpt = ckpt or SafetensorsCheckpoint(path)
         if dtype is None:
             dtype = ckpt.dtype("model.embed_tokens.weight")
-        # stored name -> ours (an MoE parent's hub names, e.g. Mixtral's block_sparse_moe, read as puzzle's)
-        names = {k: canonical_key(k) for k in ckpt.keys()}
+        spec = config.family_descriptor.moe
+        # stored name -> ours (an MoE parent's hub names, e.g. Mixtral's block_sparse_moe or gpt-oss's router,
+        # read as puzzle's); fused experts (gpt-oss's, MXFP4-packed or not) are read whole and split below
+        fused = [k for k in ckpt.keys() if _STORED_FUSED.fullmatch(k) and not _left_out(k, config, truncated)]
+        names = {k: canonical_key(k, spec) for k in ckpt.keys() if not _STORED_FUSED.fullmatch(k)}
+        unfused = {}
+        for group in _fused_groups(fused):  # one fused parameter at a time: its copy and its experts, then the next
+            unfused |= puzzle_moe_state(dequantize_mxfp4_state(ckpt.read_many(group, dtype), dtype), spec, contiguous=True)
         stray = [k for k, ours in names.items() if ours not in wanted and not _left_out(ours, config, truncated)]
+        stray += [k for k in unfused if k not in wanted]
         if stray:
             raise PuzzleError(f"{path}: weights do not match the config (unexpected {stray[:3]})")
         stored = ckpt.read_many([k for k, ours in names.items() if ours in wanted], dtype)
-        state = {names[k]: v for k, v in stored.items()}
-        del stored
+        state = {names[k]: v for k, v in stored.items()} | unfused
+        del stored, unfused
     except (SafetensorError, OSError) as err:
         raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     finally:
@@ -262,6 +269,14 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     materialise_buffers(model)
     check_materialised(model, str(path))
     return model.eval()
+
+
+def _fused_groups(keys: list[str]) -> list[list[str]]:
+    """Stored fused-expert keys grouped by the parameter they make (`X` alone, or `X_blocks` with `X_scales`)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.removesuffix("_blocks").removesuffix("_scales"), []).append(key)
+    return list(groups.values())
 
 
 def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
@@ -343,14 +358,15 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     """The parent as an all-parent heterogeneous child with identical weights (and so identical logits).
 
     The child is built on the meta device and takes the parent's tensors themselves (`assign=True`): no
-    second copy, and the two share storage (training one changes the other; callers drop the parent)."""
+    second copy, and the two share storage (training one changes the other; callers drop the parent).
+    gpt-oss's experts are the exception: copied out of their interleaved columns (`puzzle_moe_state`)."""
     if isinstance(model, PuzzleForCausalLM):
         return model
     config = puzzle_config_from(model.config)
     child = on_meta(lambda: PuzzleForCausalLM(config))
     state = dict(model.state_dict())
     if config.family_descriptor.moe is not None:
-        state = puzzle_moe_state(state)
+        state = puzzle_moe_state(state, config.family_descriptor.moe)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     assign_state(child, state, "parent weights do not map onto the child",
@@ -363,16 +379,23 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
 
 
 # An MoE expert's weights in the hub checkpoints' names (Qwen-MoE `mlp.experts.{j}.gate_proj.weight`, Mixtral
-# `block_sparse_moe.experts.{j}.w1.weight`), and the 3-D parameters transformers 5 fuses them into
-# (`mlp.experts.gate_up_proj` (E, 2I, D): gate rows then up rows; `mlp.experts.down_proj` (E, D, I)).
+# `block_sparse_moe.experts.{j}.w1.weight`), and the 3-D parameters transformers 5 fuses them into, in the layout
+# the family's `MoESpec.fused_layout` names (family.py `FusedLayout`), with gpt-oss's biases beside them.
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _HUB_EXPERT = re.compile(r"(.*\.)block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w[123])\.weight)")
-_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)")
+_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_bias)?")
+# fused experts as a checkpoint stores them: gpt-oss's hub files hold the weights MXFP4-packed
+_STORED_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
 
 
-def canonical_key(key: str) -> str:
+def canonical_key(key: str, spec: MoESpec | None = None) -> str:
     """A checkpoint key in puzzle's names: Mixtral's hub names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
-    (mlp, gate_proj/up_proj/down_proj); every other key as it is."""
+    (mlp, gate_proj/up_proj/down_proj), the router of `spec`'s family (gpt-oss `mlp.router`) as `mlp.gate`;
+    every other key as it is."""
+    if spec is not None and spec.router_name != "gate":
+        head, dot, tail = key.rpartition(f".mlp.{spec.router_name}.")
+        if dot and tail in ("weight", "bias"):
+            return f"{head}.mlp.gate.{tail}"
     m = _HUB_EXPERT.fullmatch(key)
     if m is None:
         return key
@@ -381,29 +404,49 @@ def canonical_key(key: str) -> str:
     return f"{m.group(1)}mlp.experts.{m.group(3)}.{_MIXTRAL_EXPERT[m.group(4)]}.weight"
 
 
-def puzzle_moe_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A parent's state dict in puzzle's layout: transformers 5's fused expert parameters split into one
-    SwiGLU per expert (views of the fused tensors: nothing copied), hub names made canonical."""
+def _unfuse_expert(which: str, w: torch.Tensor, layout: str, bias: bool) -> dict[str, torch.Tensor]:
+    """One expert's slice of a fused parameter ((2I, D) / (D, I) in "gate_up_rows"; (D, 2I) / (I, D) and biases
+    (2I,) / (D,) in "gate_up_interleaved") as its nn.Linear tensors: {"gate_proj": ..., "up_proj": ...} or
+    {"down_proj": ...}, (out, in) weights, views of `w`."""
+    if layout == "gate_up_rows":
+        if which == "down_proj":
+            return {"down_proj": w}
+        gate, up = w.chunk(2, dim=0)  # transformers' `linear(x, gate_up_proj[j]).chunk(2, dim=-1)`
+        return {"gate_proj": gate, "up_proj": up}
+    t = w if bias else w.T  # GptOssExperts computes x @ W: W.T is nn.Linear's (out, in)
+    if which == "down_proj":
+        return {"down_proj": t}
+    return {"gate_proj": t[0::2], "up_proj": t[1::2]}  # GptOssExperts._apply_gate: gate_up[..., ::2], [..., 1::2]
+
+
+def puzzle_moe_state(state: dict[str, torch.Tensor], spec: MoESpec, contiguous: bool | None = None) -> dict[str, torch.Tensor]:
+    """A parent's state dict in puzzle's layout: transformers' fused expert parameters (in `spec.fused_layout`)
+    split into one SwiGLU per expert, hub names made canonical (`canonical_key`). The experts are views of the
+    fused tensors (nothing copied), or each its own contiguous copy with `contiguous` (a checkpoint read from
+    disk: the fused tensor is then freed). None: views where they are row blocks ("gate_up_rows"), copies of
+    gpt-oss's interleaved, transposed columns (a view with no unit stride would be copied by every matmul)."""
+    if contiguous is None:
+        contiguous = spec.fused_layout != "gate_up_rows"
     out = {}
     for key, value in state.items():
         m = _FUSED.fullmatch(key)
         if m is None:
-            out[canonical_key(key)] = value
-        elif m.group(2) == "down_proj":
-            out.update({f"{m.group(1)}{j}.down_proj.weight": w for j, w in enumerate(value)})
-        else:
-            for j, w in enumerate(value):
-                gate, up = w.chunk(2, dim=0)  # transformers' `linear(x, gate_up_proj[j]).chunk(2, dim=-1)`
-                out[f"{m.group(1)}{j}.gate_proj.weight"], out[f"{m.group(1)}{j}.up_proj.weight"] = gate, up
+            out[canonical_key(key, spec)] = value
+            continue
+        prefix, which, bias = m.group(1), m.group(2), m.group(3) is not None
+        for j, w in enumerate(value):
+            for name, t in _unfuse_expert(which, w, spec.fused_layout, bias).items():
+                out[f"{prefix}{j}.{name}.{'bias' if bias else 'weight'}"] = t.contiguous() if contiguous else t
     return out
 
 
 def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
     """A hub checkpoint's MoE state in the layout of the transformers model whose keys are `wanted`: each
-    expert's tensors stacked into the fused 3-D parameters where that model has them (transformers 5)."""
+    expert's tensors stacked into the fused 3-D parameters where that model has them (transformers 5; gpt-oss's
+    hub files hold them fused already)."""
     state = {canonical_key(k): v for k, v in state.items()}
-    for key in [k for k in wanted if _FUSED.fullmatch(k)]:
-        prefix, which = _FUSED.fullmatch(key).groups()
+    for key in [k for k in wanted if _FUSED.fullmatch(k) and _FUSED.fullmatch(k).group(3) is None]:
+        prefix, which, _ = _FUSED.fullmatch(key).groups()
         parts = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
         experts = []
         while f"{prefix}{len(experts)}.{parts[0]}.weight" in state:
@@ -412,6 +455,48 @@ def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str]) -> 
         if experts:
             state[key] = torch.stack(experts)
     return state
+
+
+# FP4 (e2m1) values by their 4-bit code: transformers integrations/mxfp4.py `FP4_VALUES`
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4-packed expert weights as transformers' GptOssExperts holds them, by the rule of transformers
+    integrations/mxfp4.py `convert_moe_packed_tensors` (`_convert_moe_packed_tensors`):
+
+      blocks (E, R, G, 16) uint8   two FP4 codes per byte, the low nibble the even element, the high the odd
+      scales (E, R, G) uint8       one power-of-two exponent + 127 per group of 32 values
+      ->     (E, G * 32, R)        each value FP4_VALUES[code] * 2**(scale - 127), rows and columns swapped
+
+    (gate_up_proj_blocks (E, 2I, D/32, 16) -> gate_up_proj (E, D, 2I); down_proj_blocks (E, D, I/32, 16) ->
+    down_proj (E, I, D)). One expert at a time, so the index tensors stay one expert's size."""
+    if blocks.shape[:-1] != scales.shape:
+        raise PuzzleError(f"MXFP4 blocks {list(blocks.shape)} do not match their scales {list(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    E, R, G, B = blocks.shape
+    out = torch.empty(E, R, G, 2 * B, dtype=dtype, device=blocks.device)
+    for e in range(E):
+        codes = blocks[e].to(torch.uint8)
+        out[e, ..., 0::2] = lut[(codes & 0x0F).long()]
+        out[e, ..., 1::2] = lut[(codes >> 4).long()]
+        # the scaling in float32, rounded once into `dtype` (transformers' `torch.ldexp(sub, exp, out=sub)`)
+        torch.ldexp(out[e], (scales[e].to(torch.int32) - 127)[..., None], out=out[e])
+    return out.view(E, R, G * 2 * B).transpose(1, 2).contiguous()
+
+
+def dequantize_mxfp4_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with each `X_blocks` / `X_scales` pair (gpt-oss's hub checkpoints) replaced by `X` dequantised
+    into `dtype` (`dequantize_mxfp4`); other keys as they are."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" in state:
+            continue
+        if key.endswith("_blocks") and (scales := key.removesuffix("_blocks") + "_scales") in state:
+            out[key.removesuffix("_blocks")] = dequantize_mxfp4(value, state[scales], dtype)
+        else:
+            out[key] = value
+    return out
 
 
 def atomic_dir(out: Path) -> Path:

@@ -5,9 +5,10 @@ This file travels with every saved checkpoint (it is copied next to config.json 
 `.blocks` and `.family`: a process that never imported `puzzle` must be able to load a child with
 `trust_remote_code=True`.
 
-The parent's family (family.py: llama, mistral, qwen2, qwen3, qwen3_moe, mixtral) is recorded in `family`; what a
-layer's attention consists of (biases, q/k norm) and how an MoE FFN routes follow from it (an MoE family's
-routing flag, e.g. Qwen3-MoE's `norm_topk_prob`, is carried over from the parent's config as it is), and
+The parent's family (family.py: llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, gpt_oss) is recorded
+in `family`; what a layer's attention consists of (biases, q/k norm, sinks) and how an MoE FFN routes and
+activates follow from it (an MoE family's config fields, e.g. Qwen3-MoE's `norm_topk_prob` or gpt-oss's
+`swiglu_limit`, are carried over from the parent's config as they are), and
 `sliding_windows` lists each layer's window.
 
 One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice. It runs under every

@@ -3,12 +3,16 @@
 One frozen `Family` per family; everything that differs between them is a field here, and the rest of the
 code reads the descriptor instead of branching on a model_type:
 
-  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm), `PuzzleModel` (per-layer windows)
-  conversion           checkpoint.py `puzzle_config_from` (`layer_windows`, the config fields below)
-  pruning / slicing    pruning/slicing.py (a bias is cut with its heads, a q/k norm is per head_dim and stays),
-                       prune.py (the Minitron output is the family's own plain class: `config_class`)
-  library init         library/init.py (q/k norms and q bias copied, k/v biases pooled with their heads)
-  shape / roofline     shape.py `ModelShape` (bias and q/k-norm parameters; a window bounds KV cache and keys)
+  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm, sinks), `MoEFFN` (routing, router and
+                       expert biases, the experts' activation), `build_norm` (the RMSNorm's cast), `PuzzleModel`
+                       (per-layer windows)
+  conversion           checkpoint.py `puzzle_config_from` (`layer_windows`, the config fields below),
+                       `puzzle_moe_state` (the fused expert layout, the router's name, MXFP4 blocks)
+  pruning / slicing    pruning/slicing.py (a bias or a sink is cut with its heads, a q/k norm is per head_dim
+                       and stays), prune.py (the Minitron output is the family's own plain class: `config_class`)
+  library init         library/init.py (q/k norms, q bias and sinks copied, k/v biases pooled with their heads)
+  shape / roofline     shape.py `ModelShape` (bias, sink and q/k-norm parameters, router and expert biases; a
+                       window bounds KV cache and keys)
   export               `engines`: the engines whose loader builds this family's layer
 
 Every supported family is a pre-norm RMSNorm decoder with SwiGLU FFNs, RoPE from transformers'
@@ -20,7 +24,14 @@ other names or another FFN adds a field here, its part in modeling_puzzle.py and
 MoE families (`moe`: an `MoESpec`) have an MoE FFN (blocks.py `MoEConfig`) in some or all layers: a router
 `mlp.gate.weight` (E, D) and experts `mlp.experts.{j}.{gate,up,down}_proj.weight` (the hub checkpoints'
 per-expert layout, which transformers 5 fuses into 3-D `gate_up_proj` / `down_proj` parameters: conversion
-unfuses them, checkpoint.py `moe_state`).
+unfuses them, checkpoint.py `puzzle_moe_state`, in the layout `MoESpec.fused_layout` names).
+
+gpt-oss (`gpt_oss`) is the one family that is not a plain SwiGLU decoder: its attention has attention sinks
+(`sinks`: a learned logit per query head in every softmax's denominator, `self_attn.sinks` (H,)), biases on
+q/k/v/o and alternating sliding / full layers (`layer_types`); its MoE FFN routes top-k of the biased router's
+logits then a softmax over those k, and its experts have biases and a clamped SwiGLU (`MoESpec.activation`).
+Its hub checkpoints store the experts MXFP4-packed (`*_blocks` / `*_scales`), dequantised on load
+(checkpoint.py `dequantize_mxfp4`). Its RMSNorm casts after the weight (`norm_cast_last`).
 
 Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py imports
 it relatively), so a process without `puzzle` builds the child's layers from it.
@@ -34,6 +45,25 @@ from .blocks import FFNConfig, MoEConfig
 # How a family's HF config says which layers attend through a sliding window.
 WindowRule = Literal["none", "all", "layer_types"]
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' `layer_types` values
+
+
+# How the router's logits become the top-k weights: "softmax_topk" softmax over all E logits (float32), then the
+# top-k probabilities (Mixtral, Qwen-MoE); "topk_softmax" the top-k logits, then a softmax over those k in the
+# logits' dtype (GptOssTopKRouter)
+RoutingOrder = Literal["softmax_topk", "topk_softmax"]
+# An expert's activation: "silu" down(silu(gate) * up); "clamped_swiglu" GptOssExperts._apply_gate:
+# gate clamped above at `limit`, up to [-limit, limit], down((up + 1) * gate * sigmoid(alpha * gate))
+ExpertActivation = Literal["silu", "clamped_swiglu"]
+# The clamped SwiGLU's constants where a config does not carry them (transformers 4.x GptOssExperts hard-codes
+# alpha; 5.x reads `swiglu_alpha` / `swiglu_limit`)
+CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT = 1.702, 7.0
+# How transformers' class fuses an MoE layer's experts into 3-D parameters (conversion unfuses them):
+#   "gate_up_rows"         `gate_up_proj` (E, 2I, D): each expert's gate rows then its up rows; `down_proj`
+#                          (E, D, I): nn.Linear's (out, in) per expert (Mixtral, Qwen-MoE in transformers 5)
+#   "gate_up_interleaved"  `gate_up_proj` (E, D, 2I), applied as x @ W: gate at the even columns, up at the odd
+#                          ones, and so `gate_up_proj_bias` (E, 2I); `down_proj` (E, I, D), `down_proj_bias`
+#                          (E, D) (GptOssExperts, also the hub layout of gpt-oss)
+FusedLayout = Literal["gate_up_rows", "gate_up_interleaved"]
 
 
 # Which layers of an MoE family's HF config are MoE ("all"; "qwen": every `decoder_sparse_step`-th layer not in
@@ -61,6 +91,15 @@ class MoESpec:
     weights_in_input_dtype  the top-k weights are cast to the hidden states' dtype before they scale the
                  experts' outputs (Qwen's `router_top_value.to(router_logits.dtype)`); False: they stay fp32
                  (Mixtral). The same in fp32; one rounding apart in bf16.
+    routing      the order of top-k and softmax (`RoutingOrder`); "topk_softmax" weights sum to 1 by
+                 construction (no renormalising) and are in the logits' dtype
+    router_bias  the router has a bias (E,) (`mlp.router.bias`, gpt-oss)
+    expert_bias  each expert's gate, up and down projections have biases (gpt-oss)
+    activation   the experts' activation (`ExpertActivation`); the clamped SwiGLU's alpha and limit are the
+                 config's `swiglu_alpha` / `swiglu_limit` (`clamp`)
+    fused_layout how transformers' class fuses the experts (`FusedLayout`)
+    router_name  the router's module name in transformers' class and the hub checkpoints (`mlp.gate`,
+                 gpt-oss `mlp.router`); puzzle's is `mlp.gate` in every family
     """
 
     experts_field: str
@@ -70,6 +109,17 @@ class MoESpec:
     shared_expert_field: str | None = None
     shared_expert_gate: bool = False
     weights_in_input_dtype: bool = True
+    routing: RoutingOrder = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: ExpertActivation = "silu"
+    fused_layout: FusedLayout = "gate_up_rows"
+    router_name: str = "gate"
+
+    def clamp(self, config: Any) -> tuple[float, float]:
+        """(alpha, limit) of the clamped SwiGLU, from the config (a child's carries the parent's fields)."""
+        return (float(getattr(config, "swiglu_alpha", None) or CLAMPED_SWIGLU_ALPHA),
+                float(getattr(config, "swiglu_limit", None) or CLAMPED_SWIGLU_LIMIT))
 
     def renormalise(self, config: Any) -> bool:
         """Whether the top-k probabilities are divided by their sum (a child's config carries the parent's
@@ -103,6 +153,12 @@ class Family:
                       vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
     windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
                       "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3)
+    sinks             attention sinks: a learned logit per query head (`self_attn.sinks` (H,)) joins every
+                      query's softmax over its keys as one more term of the denominator, with no value
+                      (transformers `GptOssAttention` / `eager_attention_forward`)
+    norm_cast_last    the RMSNorms multiply by their weight in float32 and cast the product to the input's dtype
+                      (transformers `GptOssRMSNorm`: `(w * x).to(dtype)`); False: Llama's `w * x.to(dtype)`.
+                      The same in fp32, one rounding apart in bf16
     moe               how the family's MoE FFNs route (`MoESpec`); None for a dense family
     engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
                       deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
@@ -117,6 +173,8 @@ class Family:
     qkv_bias: bool | None = None
     o_bias: bool | None = None
     qk_norm: bool = False
+    sinks: bool = False
+    norm_cast_last: bool = False
     windows: WindowRule = "none"
     engines: tuple[str, ...] = ("transformers",)
     moe: MoESpec | None = None
@@ -162,6 +220,13 @@ FAMILIES: dict[str, Family] = {
                         windows="all", moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen")),
     "mixtral": Family("mixtral", ("mixtral",), "MixtralConfig", "MixtralForCausalLM", qkv_bias=False, o_bias=False,
                       windows="all", moe=MoESpec("num_local_experts", "intermediate_size", True, weights_in_input_dtype=False)),
+    # gpt-oss: attention_bias on all four, sinks, sliding / full layers from `layer_types`; every layer MoE
+    # (experts of `intermediate_size`), its router and experts as GptOssTopKRouter / GptOssExperts
+    "gpt_oss": Family("gpt_oss", ("gpt_oss",), "GptOssConfig", "GptOssForCausalLM", sinks=True, norm_cast_last=True,
+                      windows="layer_types",
+                      moe=MoESpec("num_local_experts", "intermediate_size", False, routing="topk_softmax",
+                                  router_bias=True, expert_bias=True, activation="clamped_swiglu",
+                                  fused_layout="gate_up_interleaved", router_name="router")),
 }
 DEFAULT_FAMILY = "llama"
 

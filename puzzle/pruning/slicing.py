@@ -1,11 +1,13 @@
 """Keeping a subset of units: small pure functions on weight tensors and state dicts.
 
 Conventions (nn.Linear weights are (out, in)):
-  FFN       gate_proj / up_proj (F, D): rows are neurons; down_proj (D, F): columns are neurons.
+  FFN       gate_proj / up_proj (F, D): rows are neurons, and so are their biases (gpt-oss's experts);
+            down_proj (D, F): columns are neurons.
   attention q_proj (H*d, D), k_proj / v_proj (K*d, D): rows are heads / KV groups, d rows each, and so
             are their biases (Qwen2's q/k/v, Llama's with attention_bias); o_proj (D, H*d): columns are
             heads. Query head h reads KV head h // (H / K). Qwen3's q_norm / k_norm (d,) are one weight
             over head_dim shared by all heads (transformers `Qwen3Attention`): every kept head keeps it.
+            gpt-oss's sinks (H,) are one logit per query head: kept with their heads.
   channels  every weight that touches the residual stream: embeddings and lm_head (V, D) columns,
             q/k/v/gate/up columns, o_proj/down_proj rows and biases, RMSNorm weights over the hidden
             size (not the per-head q/k norms), linear sublayers both ways.
@@ -20,7 +22,7 @@ import math
 
 import torch
 
-_FFN_ROWS = ("gate_proj.weight", "up_proj.weight")
+_FFN_ROWS = ("gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")
 _FFN_COLS = ("down_proj.weight",)
 _CHANNEL_COLS = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
                  "gate_proj.weight", "up_proj.weight")
@@ -101,6 +103,8 @@ def slice_attention_state(
             w = keep_rows(w, kv_rows)
         elif key.endswith("o_proj.weight"):
             w = keep_cols(w, q_rows)
+        elif key.endswith("self_attn.sinks"):
+            w = keep_rows(w, heads)
         out[key] = w
     return out
 

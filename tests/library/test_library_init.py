@@ -170,10 +170,11 @@ def test_a_non_finite_calibration_fails_in_one_line():
         linear_ffn_weight(x, torch.randn(32, 8))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gpt_oss"])
 def test_attention_init_carries_the_familys_biases_and_qk_norms(family):
     """Copy keeps every part of the family's attention; pooling to one KV head pools k/v biases like their
-    weights, keeps q's bias and the (head_dim,) q/k norms, and fits the module the child builds."""
+    weights, keeps q's bias, the (head_dim,) q/k norms and gpt-oss's per-query-head sinks, and fits the
+    module the child builds."""
     from conftest import make_family_parent
 
     from puzzle.model.checkpoint import to_puzzle
@@ -191,6 +192,7 @@ def test_attention_init_carries_the_familys_biases_and_qk_norms(family):
         torch.testing.assert_close(pooled[f"self_attn.{name}.weight"], weight.view(2, d, -1).mean(0))
         if f"self_attn.{name}.bias" in state:
             torch.testing.assert_close(pooled[f"self_attn.{name}.bias"], state[f"self_attn.{name}.bias"].view(2, d).mean(0))
-    for key in [k for k in state if "q_proj" in k or "norm" in k]:
+    assert ("self_attn.sinks" in state) == (family == "gpt_oss")
+    for key in [k for k in state if "q_proj" in k or "norm" in k or "sinks" in k]:
         assert torch.equal(pooled[key], state[key])
     replace_sublayer(parent, 2, "attention", AttentionConfig(n_heads_in_group=4), pooled)  # strict load: fits

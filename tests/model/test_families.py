@@ -28,7 +28,8 @@ def test_all_parent_child_computes_transformers_logits(family):
     assert (got - ref).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("family", FAMILY_PARENTS + MOE_PARENTS)  # MoE ones: the Mixture-of-Experts families too
+# MoE ones: the Mixture-of-Experts families too, gpt-oss's sinks and clamped experts among them
+@pytest.mark.parametrize("family", FAMILY_PARENTS + MOE_PARENTS)
 def test_generation_with_kv_cache_computes_transformers_logits(family):
     parent = make_family_parent(family)
     child = to_puzzle(parent)
@@ -81,8 +82,8 @@ def test_attention_parts_follow_the_descriptor():
     assert qwen3.q_norm.weight.shape == (24,) and qwen3.q_proj.out_features == 4 * 24
     llama_bias = to_puzzle(make_family_parent("llama", attention_bias=True)).model.layers[0].self_attn
     assert llama_bias.o_proj.bias is not None  # Llama's attention_bias puts a bias on all four
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",
-                             "qwen2_moe", "qwen3_moe", "mixtral"}  # MoE: test_families_moe.py
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",  # MoE: test_families_moe.py, gpt-oss:
+                             "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"}  # test_families_gpt_oss.py
 
 
 def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
@@ -181,7 +182,7 @@ def test_parents_load_from_gguf_through_transformers_loader(family, tmp_path):
 
 @pytest.mark.parametrize("config_class, kwargs", [
     ("GemmaConfig", {}),
-    ("GptOssConfig", {}),  # Qwen2-MoE, Qwen3-MoE and Mixtral are families (test_families_moe.py)
+    ("OlmoeConfig", {}),  # Qwen2-MoE, Qwen3-MoE, Mixtral and gpt-oss are families (test_families_moe.py)
 ])
 def test_unsupported_families_end_in_one_line_naming_the_supported(config_class, kwargs, tmp_path, capsys):
     """Gemma (sandwich norms, GeGLU), MoE and other families: one line, exit 2, the supported list named."""

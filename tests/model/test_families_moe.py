@@ -52,6 +52,8 @@ def test_all_parent_child_computes_transformers_logits(family):
     ("mixtral", ["moe_e4k2_i128"] * 4, [FAMILY_WINDOW] * 4),
     # a shared expert of 48; layer 3 in mlp_only_layers; windows on layers 0 and 2 (Qwen2MoeConfig's layer_types)
     ("qwen2_moe", ["moe_e6k2_i32_s48"] * 3 + ["ffn_128"], [FAMILY_WINDOW, None, FAMILY_WINDOW, None]),
+    # every layer MoE; GptOssConfig's alternating layer_types: sliding first
+    ("gpt_oss", ["moe_e4k2_i96"] * 4, [FAMILY_WINDOW, None, FAMILY_WINDOW, None]),
 ])
 def test_conversion_records_each_layers_ffn_and_window(family, ffns, windows):
     config = puzzle_config_from(make_family_config(family))
@@ -62,7 +64,7 @@ def test_conversion_records_each_layers_ffn_and_window(family, ffns, windows):
     assert again.blocks == config.blocks and again.family == config.family
 
 
-@pytest.mark.parametrize("family, renormalised", [
+@pytest.mark.parametrize("family, renormalised", [  # gpt-oss: test_families_gpt_oss.py
     ("qwen3_moe", False), ("qwen3_moe_norm", True), ("mixtral", True), ("qwen2_moe", True)])
 def test_top_k_weights_are_renormalised_as_the_family_says(family, renormalised):
     child = to_puzzle(make_family_parent(family))
@@ -114,10 +116,11 @@ def test_conversion_splits_fused_experts_into_views():
     assert expert.gate_proj.weight.data_ptr() == fused.gate_up_proj[3].data_ptr()  # no copy
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_parents_load_from_the_hub_layout(family, tmp_path):
-    """transformers 5 writes per-expert tensors (Mixtral: block_sparse_moe.experts.{j}.w1/w2/w3); both the
-    parent loader (into transformers' fused class) and load_puzzle (straight into ours) read them."""
+    """transformers 5 writes per-expert tensors (Mixtral: block_sparse_moe.experts.{j}.w1/w2/w3; gpt-oss its
+    fused, interleaved experts and `mlp.router`, the hub's layout less the MXFP4 packing); both the parent
+    loader (into transformers' fused class) and load_puzzle (straight into ours) read them."""
     parent = make_family_parent(family)
     parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
     x = torch.randint(3, 320, (1, SEQ))
@@ -180,7 +183,7 @@ def test_moe_blocks_need_an_moe_family():
                      block_configs=[moe.to_dict(64)])
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_search_stages_refuse_moe_parents_in_one_line(family):
     hf = make_family_config(family)
     for config in (hf, puzzle_config_from(hf)):
@@ -190,7 +193,7 @@ def test_search_stages_refuse_moe_parents_in_one_line(family):
     refuse_moe(make_family_config("qwen3"), "score")  # dense: nothing
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_convert_writes_an_all_parent_moe_child(family, tmp_path, capsys):
     from puzzle.cli import main
 
