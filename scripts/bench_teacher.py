@@ -130,7 +130,8 @@ def _f(x, spec=".4f") -> str:
 def _table(rows: dict[str, dict[str, dict]], reference: str) -> list[str]:
     lines = [f"| run | model | ppl | KL to {reference} | top-1 agreement | cloze acc (norm) |", "|---|---|---|---|---|---|"]
     for run_name, models in rows.items():
-        for name, m in models.items():
+        # the parents first (the corrected run's parent is the corrected one), then the children
+        for name, m in sorted(models.items(), key=lambda kv: (kv[0] != "parent", kv[0] != PARENT_ORIGINAL, kv[0])):
             mc = "–" if m["mc_acc"] is None else f"{m['mc_acc']:.3f} ({m['mc_acc_norm']:.3f})"
             lines.append(f"| {run_name} | {name} | {_f(m['perplexity'], '.3f')} | {_f(m['kl'])} "
                          f"| {_f(m['top1_agreement'], '.3f')} | {mc} |")

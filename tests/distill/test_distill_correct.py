@@ -172,3 +172,28 @@ def test_mistakes_are_one_line(tmp_path, tiny_parent_dir, tiny_llama, capsys):
 
     with pytest.raises(PuzzleError, match="inside the run's own teacher"):
         check_output(teacher / "x", "realize", run_dir=run_dir)
+
+
+def test_the_correction_is_priced_as_gkd_of_the_parent_without_a_teacher():
+    """`puzzle plan`'s model: the same trainer, so the same student state and activations as GKD of a
+    parent-sized student, less the frozen teacher's weights and its forward per training token."""
+    from conftest import make_llama_config
+
+    from puzzle.footprint import PROCESS_BASELINE_BYTES, Context, Machine
+    from puzzle.search_space import load_search_space
+    from puzzle.shape import ModelShape
+    from puzzle.stages import BY_NAME
+
+    config = make_llama_config(vocab_size=32000, hidden_size=1024, intermediate_size=2048, num_hidden_layers=2,
+                               num_attention_heads=8, num_key_value_heads=2)
+    cpu = Machine("cpu", 0, host_bytes=0, gpu_bytes=0, cpu_flops=1, gpu_flops=0, throughput_note="")
+    shape = ModelShape.from_config(config)
+    ctx = Context(config, shape, load_search_space("tiny", config), 256, 0, cpu)
+    settings = {"steps": 10, "batch_size": 4, "device": "cpu"}
+    correct = BY_NAME["correct_teacher"].estimate(ctx, settings)
+    gkd = BY_NAME["distill"].estimate(ctx, settings)
+    assert correct.host_bytes >= 4 * ctx.parent_bytes + PROCESS_BASELINE_BYTES  # fp32 weights, gradient, 2 moments
+    assert gkd.host_bytes - correct.host_bytes > ctx.parent_bytes / 2  # the teacher GKD holds (less its unread embedding)
+    tokens = 10 * 4 * 256
+    assert gkd.flops - correct.flops == pytest.approx(tokens * shape.model_flops_per_token(None, 256 / 2))
+    assert correct.disk_bytes == gkd.disk_bytes  # the same checkpoints and one model of the parent's size
