@@ -197,3 +197,16 @@ def test_the_correction_is_priced_as_gkd_of_the_parent_without_a_teacher():
     tokens = 10 * 4 * 256
     assert gkd.flops - correct.flops == pytest.approx(tokens * shape.model_flops_per_token(None, 256 / 2))
     assert correct.disk_bytes == gkd.disk_bytes  # the same checkpoints and one model of the parent's size
+
+
+def test_a_converted_parent_is_corrected_into_a_child(tmp_path, tiny_parent_dir):
+    """The pipeline's converted parent (an all-parent puzzle child, R/parent) stays a child: its format is kept."""
+    from puzzle.model.checkpoint import load_model
+    from puzzle.model.convert import convert
+
+    run_dir = _write_run_dir(tmp_path / "run")
+    converted = convert(tiny_parent_dir, run_dir / "parent")
+    model_dir = correct_teacher(parent=converted, run_dir=run_dir, steps=1, val_blocks=2)
+    corrected = load_model(model_dir)
+    assert corrected.config.model_type == "nemotron-nas" and len(corrected.config.block_configs) == 4
+    assert RunDir(run_dir).info()["parent_original"] == str(converted.resolve())
