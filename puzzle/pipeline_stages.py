@@ -14,7 +14,7 @@ Pipeline choices made here, not by defaults:
 - `teacher_correction:` (puzzle correct-teacher, right after prepare-data) makes the corrected parent
   (R/teacher/model) the parent of every later step: importance, the library, scoring, the baselines' pruning,
   GKD's teacher and evaluate's reference. The original parent is evaluated too, as `parent_original`
-  (against the corrected one), so the report shows both.
+  (against the corrected one, not timed: it has the corrected parent's shapes), so the report shows both.
 """
 
 from dataclasses import dataclass, field
@@ -146,7 +146,7 @@ def _plan_evaluate(p: _Plan, stage: Stage) -> None:
     # (name, model, evaluate overrides): a student's speed is measured once, after GKD, which changes no shape
     evaluated: list[tuple[str, Path, dict]] = [("parent", p.parent, {})]
     if p.original is not None:  # the parent before teacher correction, against the corrected one
-        evaluated.append((ORIGINAL, p.original, {}))
+        evaluated.append((ORIGINAL, p.original, {"measure": False}))
     for name, model in p.models:
         evaluated.append((name, model, {"measure": False} if name in p.distilled else {}))
         if name in p.distilled:

@@ -70,8 +70,11 @@ def test_a_run_with_teacher_correction_uses_the_corrected_parent(tiny_parent_dir
     assert evaluated["parent"]["model_fingerprint"] == teacher_fp and evaluated["parent"]["validation"]["kl"] == 0.0
     original = evaluated["parent_original"]
     assert original["model"] == str(tiny_parent_dir) and original["validation"]["kl"] > 0
+    assert "measured" not in original  # timed once: it has the corrected parent's shapes
     report = run.report.read_text()
-    assert "| parent_original |" in report and "| parent |" in report and "Teacher correction:" in report
+    assert "| parent |" in report and "Teacher correction:" in report
+    row = next(line for line in report.splitlines() if line.startswith("| parent_original |"))
+    assert f"| {evaluated['parent']['measured']['decode_tokens_per_s']:,.0f} |" in row  # the corrected parent's speed
     capsys.readouterr()
     assert main(["run", str(config)]) == 0
     out = capsys.readouterr().out

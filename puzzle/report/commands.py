@@ -60,6 +60,8 @@ def _evaluation_section(run: RunDir) -> list[str]:
         after_gkd = RunDir.gkd_name(str(r.get("name")))
         if not m and after_gkd in measured:  # same architecture, so the same speed
             m, borrowed = measured[after_gkd], True
+        elif not m and r.get("name") == ORIGINAL and "parent" in measured:  # the corrected parent's shapes
+            m, borrowed = measured["parent"], True
         mc = next(iter(r.get("multiple_choice", {}).values()), {})
         mc_text = f"{mc['acc']:.3f} ({mc['acc_norm']:.3f})" if mc else "–"
         speedup = _predicted_speedup(r, parent_row)
@@ -74,7 +76,8 @@ def _evaluation_section(run: RunDir) -> list[str]:
         notes.append(f"`parent` is the teacher-corrected parent (the reference of every KL); `{ORIGINAL}` is the "
                      "parent before teacher correction, evaluated against it.")
     if borrowed:
-        notes.append("A model before GKD shows the tokens/s measured after GKD: GKD changes weights, not shapes.")
+        notes.append("A model before GKD shows the tokens/s measured after GKD: GKD changes weights, not shapes "
+                     "(so does teacher correction: the original parent shows the corrected one's).")
     return lines + notes + [""]
 
 
