@@ -16,7 +16,11 @@ Everything in RunDir.teacher (R/teacher/):
   log.jsonl, val_loss.png, checkpoints/   as distill's (trainer.py)
 Once model/ is written, parent.json records it as the run's parent and the original as `parent_original`
 (`RunDir.record_teacher`): every later stage uses the corrected parent and refuses the original
-(`RunDir.check_parent`).
+(`RunDir.check_parent`). Artefacts a run made from the original before (importance, the library, scores)
+record its fingerprint, so the stages that made them redo them.
+
+One process: GKD's FSDP2 (`--nproc`, `--cpu-offload`, puzzle/distill/fsdp.py) shards a teacher and a student
+and is not wired to a teacherless run yet; `puzzle plan` prices the one process (`correct_teacher_cost`).
 """
 
 from pathlib import Path
@@ -198,7 +202,10 @@ def correct_teacher(
     before = vals[0].get("lm_loss") if vals else float("nan")
     line = f"correct-teacher: step {result.step}: val LM loss {before:.4f} -> {result.val['lm_loss']:.4f} -> {model_dir}"
     if result.complete:  # an unfinished correction (stopped early) is no parent yet
+        had = run.info().get("parent")
         run.record_teacher(parent, model_dir)
-        line += " (the run's parent from now on)"
+        line += " (the run's parent from now on"
+        line += "; what the run made from the original is redone by the stages that made it)" if had == str(
+            parent.resolve()) else ")"
     print(line)
     return model_dir
