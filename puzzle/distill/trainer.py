@@ -323,13 +323,14 @@ class Distiller:
     def _forward_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         need_hidden = c.hidden_loss != "none"
-        s_out = self.student.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
         if self.teacher is None:  # teacher correction: the LM loss alone
-            terms = kd_terms(s_out.last_hidden_state, None, self.student.lm_head, None, ids, chunk_tokens=c.chunk_tokens)
+            s_h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
+            terms = kd_terms(s_h, None, self.student.lm_head, None, ids, chunk_tokens=c.chunk_tokens)
             lm = terms.lm / terms.lm_tokens
             return c.lm_weight * lm, {"lm_loss": lm.item(), "loss": c.lm_weight * lm.item()}
         with torch.no_grad():
             t_out = self.teacher.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
+        s_out = self.student.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
         terms = kd_terms(s_out.last_hidden_state, t_out.last_hidden_state, self.student.lm_head, self.teacher.lm_head,
                          ids, c.temperature, c.chunk_tokens)
         kl = terms.kl / terms.tokens
