@@ -1,5 +1,5 @@
 """Output paths a user names (`realize --out`, `prune P OUT`, `export C OUT`, `convert P OUT`, `distill --out`,
-`profile --output`): what may be written there, and the marker that says a path is an earlier output of ours.
+`profile --output`, correct-teacher's R/teacher): what may be written there, and the marker that says a path is an earlier output of ours.
 
 The rule (docs/reliability.md "Outputs, names and temporaries"), checked before any work starts:
 - nothing there, or an empty directory: written;
@@ -73,6 +73,8 @@ def _protected(run: Path, command: str) -> list[Path]:
              r.ledger, r.report, r.report_pareto, r.root / LOCKS]
     if command != "convert":  # the pipeline converts a GGUF parent once into R/parent
         areas.append(r.converted_parent)
+    if command != "correct_teacher":  # the run's corrected parent (teacher correction) is that command's alone
+        areas.append(r.teacher)
     return areas
 
 

@@ -30,8 +30,8 @@ def unknown_reads(stage) -> set[str]:
 
 def test_every_modelled_stage_has_a_cost_model_beside_it():
     """The model-sized stages are priced, each by a module of its own package; the rest say so."""
-    assert {s.name for s in COSTED} == {"convert", "prepare_data", "importance", "build_library", "score", "profile",
-                                        "solve", "realize", "distill", "prune", "evaluate"}
+    assert {s.name for s in COSTED} == {"convert", "prepare_data", "correct_teacher", "importance", "build_library",
+                                        "score", "profile", "solve", "realize", "distill", "prune", "evaluate"}
     for stage in COSTED:
         package = stage.target.split(":")[0].rpartition(".")[0]
         assert stage.cost.startswith(f"{package}.cost:"), stage.cost

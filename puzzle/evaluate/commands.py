@@ -69,7 +69,8 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
 
     Args:
         model: the model to evaluate (a puzzle child, a pruned Llama, or any supported checkpoint)
-        parent: the parent to compare with (default: the one recorded in the run directory; none if absent)
+        parent: the parent to compare with (default: the one recorded in the run directory, the corrected
+            one after teacher correction; none if absent)
         run_dir: the run directory: validation blocks come from run_dir/data, results go to run_dir/eval/NAME.json
         val_blocks: number of validation blocks to evaluate on
         batch_size: validation batch size
@@ -87,7 +88,9 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     runtime = resolve(device, dtype)
     name = safe_name(name or Path(model).resolve().name, "evaluation name")  # files eval/NAME.json: checked first
     if parent is None and (recorded := RunDir(run_dir).info().get("parent")):
-        parent = Path(recorded)
+        parent = Path(recorded)  # after teacher correction: the corrected parent
+    elif parent is not None:
+        RunDir(run_dir).check_parent(parent, corrected_only=True)
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = place(load_model(model, dtype=runtime.dtype), runtime.device)

@@ -73,6 +73,7 @@ def importance(
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
         raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
+    RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
     refuse_moe(load_config(parent), "importance")  # before the data and the weights are read
     if threads:
         torch.set_num_threads(threads)
@@ -158,6 +159,7 @@ def prune(
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
+    RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
     refuse_moe(load_config(parent), "prune")  # before the importance it would look for
     check_output(Path(out), "prune", force=force, inputs=(parent,), run_dir=run_dir)
     clean_stale_temps(RunDir(run_dir).baselines)  # what a killed prune left there: the prune lock is ours
