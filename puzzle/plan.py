@@ -184,14 +184,26 @@ def parent_lines(shape: ModelShape, profile: HardwareProfile, gpus: tuple[int, .
     return lines, {"total_params": total, "active_params": active, "serving": fits}
 
 
-def plan_parent(path: Path, budget: str, gpus: int | None) -> dict[str, Any]:
-    """`puzzle plan PARENT`: the parent's size and serving fit, from its config alone."""
+def parent_report(path: Path, budget: str, gpus: int | None = None) -> tuple[list[str], dict[str, Any]]:
+    """The lines and figures `puzzle plan PARENT` prints and writes, from the parent's config alone."""
     shape, note = parent_shape(path)
     profile = load_profile(budget)
     lines, figures = parent_lines(shape, profile, tuple(sorted({*SERVING_GPUS, gpus or 1})))
-    print("\n".join(([note] if note else []) + lines))
-    return {"parent": {"params": shape.total_params(), "fp32_bytes": shape.model_bytes(None, FP32), **asdict(shape),
-                       **figures, "note": note}}
+    config_json = path if path.suffix == ".json" else path / "config.json"
+    quantized = config_json.is_file() and isinstance(raw := read_json(config_json), dict) and raw.get("quantization_config")
+    if isinstance(quantized, dict):  # gpt-oss: MXFP4 experts; the figures above are the unquantised model's
+        lines.append(f"note: the checkpoint stores quantized weights ({quantized.get('quant_method', 'quantization_config')}); "
+                     f"the sizes above are {profile.workload.dtype}")
+    return ([note] if note else []) + lines, {
+        "parent": {"params": shape.total_params(), "fp32_bytes": shape.model_bytes(None, FP32), **asdict(shape),
+                   **figures, "note": note}}
+
+
+def plan_parent(path: Path, budget: str, gpus: int | None) -> dict[str, Any]:
+    """`puzzle plan PARENT`: the parent's size and serving fit, from its config alone."""
+    lines, result = parent_report(path, budget, gpus)
+    print("\n".join(lines))
+    return result
 
 
 def _gib(x: float) -> str:
@@ -247,7 +259,7 @@ def plan(
         gpu_memory_gib: memory of one GPU (default: this machine's GPU, else the budget profile's)
         host_memory_gib: host memory (default: this machine's)
         budget: hardware profile whose GPU peak FLOP/s x efficiency sets GPU time (and GPU memory
-            when there is no GPU here)
+            when there is no GPU here), and whose workload and memory the parent's serving lines use
         cpu_gflops: CPU fp32 matmul rate (default: measured here for a fraction of a second)
         json: also write the numbers to this JSON file
     """

@@ -18,6 +18,9 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
               QK^T and PV: 4*H*d*S per query over S keys. A causal sequence of T tokens has queries
               over 1..T keys: 2*H*d*T*(T+1) in all.
   KV cache    2*K*d*e bytes per cached token per layer (K and V); 0 without GQA attention.
+  routing     n tokens each choosing k of E experts touch U = sum_j 1 - (1 - p_j)^n distinct experts in
+              expectation (`expected_experts`; p_j = k/E when routing is uniform): the weights an MoE decode
+              step reads.
   windows     a layer with sliding window W attends to at most W keys and an engine caches at most W
               tokens of a sequence there (vLLM, llama.cpp and transformers' sliding cache layers all
               bound it): S -> min(S, W); the causal sequence's queries see min(t, W) keys. Every

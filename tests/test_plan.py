@@ -598,6 +598,7 @@ def test_plan_says_where_an_moe_parent_serves(tmp_path, capsys):
     assert main(["plan", str(CONFIGS / "gpt-oss-120b" / "config.json"), "--json", str(out)]) == 0
     text = capsys.readouterr().out
     assert "'gpt_oss' is not a family this build runs" in text and "active per token" in text
+    assert "stores quantized weights (mxfp4)" in text
     serving = {f["gpus"]: f for f in json.loads(out.read_text())["parent"]["serving"]}
     # 117B bf16 weights (218 GiB) exceed one H100's 67 GiB; an eighth of them (27 GiB) plus the KV cache fits
     assert not serving[1]["fits"] and serving[1]["max_batch"] == 0 and "1 x H100: does not fit" in text

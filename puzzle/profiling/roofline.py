@@ -14,6 +14,11 @@ I FFN width, V vocabulary, e bytes per element of the workload dtype):
            whole KV cache of the layer is read once.
   KV cache memory: 2 * K * d * B * (input_len + output_len) * e (the cache at the end of the
            generation); zero for linear and no-op attention.
+  MoE FFN  (`moe_ops`) FLOPs from the active parameters (router + k experts per token); weight bytes of the
+           experts the phase's n tokens touch, U = sum_j 1 - (1 - p_j)^n (uniform p_j = k/E unless measured
+           frequencies are given: routing.py), so a decode step of B tokens reads U(B) <= E experts and a
+           prefill of B*T tokens nearly all; per chosen expert, its eager dispatch ops; under expert
+           parallelism (`workload.expert_parallel`) one GPU's share plus an all-reduce over the link.
 Fixed costs (shared by every child): the embedding lookup (a gather, no matmul), the final norm and
 the LM head (D x V matmul on the last position of each request only, as generation needs), with the
 engine's own work per forward pass (`device.step_overhead_s`: a serving engine's scheduler, input
