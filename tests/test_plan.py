@@ -593,6 +593,20 @@ def test_moe_config_read_by_field_name_is_the_familys_reading(name):
     assert ModelShape.from_config(load_config(CONFIGS / name)).with_(qk_norm=False) == by_name
 
 
+@pytest.mark.parametrize("family", ["llama", "mistral", "mistral_nowindow", "qwen2", "qwen3", "qwen3_moe",
+                                    "qwen3_moe_norm", "mixtral", "qwen2_moe"])
+def test_every_family_config_read_by_field_name_has_the_familys_dimensions_windows_and_ffns(family):
+    """Windows (layer_types, Mistral's every-layer window, use_sliding_window), MoE fields under each family's
+    names and Qwen-MoE's dense layers, read from config.json alone; the parts only a family knows (biases that
+    no config field states, q/k norms, a shared expert's gate) aside."""
+    from conftest import make_family_config
+
+    config = make_family_config(family)
+    family_only = dict(qkv_bias=False, o_bias=False, qk_norm=False, shared_expert_gate=False)
+    expected = ModelShape.from_config(config).with_(**family_only)
+    assert ModelShape.from_fields(config.to_dict()).with_(**family_only) == expected
+
+
 def test_plan_says_where_an_moe_parent_serves(tmp_path, capsys):
     out = tmp_path / "plan.json"
     assert main(["plan", str(CONFIGS / "gpt-oss-120b" / "config.json"), "--json", str(out)]) == 0
