@@ -65,7 +65,7 @@ class Op:
 
 def op_time(op: Op, device: Device, dtype: str) -> float:
     """Roofline seconds of one op: the slower of compute and memory, plus its launch and per-step overheads,
-    plus its interconnect traffic at the device's link bandwidth (not overlapped: a lower bound's opposite)."""
+    plus its interconnect traffic at the device's link bandwidth (added, not overlapped with the rest: pessimistic)."""
     compute = op.flops / device.flops_per_s(dtype)
     memory = op.bytes / device.bytes_per_s
     link = op.link_bytes / device.interconnect_bandwidth if op.link_bytes else 0.0
