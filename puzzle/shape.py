@@ -20,6 +20,9 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
               QK^T and PV: 4*H*d*S per query over S keys. A causal sequence of T tokens has queries
               over 1..T keys: 2*H*d*T*(T+1) in all.
   KV cache    2*K*d*e bytes per cached token per layer (K and V); 0 without GQA attention.
+  routing     n tokens each choosing k of E experts touch U = sum_j 1 - (1 - p_j)^n distinct experts in
+              expectation (`expected_experts`; p_j = k/E when routing is uniform): the weights an MoE decode
+              step reads.
   windows     a layer with sliding window W attends to at most W keys and an engine caches at most W
               tokens of a sequence there (vLLM, llama.cpp and transformers' sliding cache layers all
               bound it): S -> min(S, W); the causal sequence's queries see min(t, W) keys. Every
@@ -27,13 +30,45 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
 """
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
 from puzzle.model.family import config_family, parent_ffns
 
 Part = AttentionConfig | FFNConfig | BlockConfig
 FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
+# The config.json fields an MoE parent names its experts by (`ModelShape.from_fields`), first found wins:
+# the expert count (Mixtral, gpt-oss: num_local_experts; Qwen-MoE: num_experts; DeepSeek: n_routed_experts),
+# the experts per token (transformers' num_experts_per_tok; gpt-oss's original experts_per_token) and an
+# expert's width (Qwen-MoE, DeepSeek: moe_intermediate_size; Mixtral, gpt-oss: intermediate_size).
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token")
+EXPERT_WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")
+SHARED_EXPERT_FIELD = "shared_expert_intermediate_size"  # Qwen2-MoE
+
+
+def _first(raw: Mapping[str, Any], fields: Sequence[str]) -> Any:
+    return next((raw[f] for f in fields if raw.get(f) is not None), None)
+
+
+def expected_experts(num_experts: int, top_k: int, tokens: float, frequencies: Sequence[float] | None = None) -> float:
+    """Expected number of distinct experts that `tokens` tokens route to, each token choosing `top_k` distinct
+    experts. A token chooses expert j with probability p_j (sum_j p_j = k: the top-k are distinct, so p_j is
+    the marginal and no independence within a token is assumed); tokens route independently, so no token of
+    n chooses j with probability (1 - p_j)^n and, by linearity of expectation,
+        E[distinct experts] = sum_j 1 - (1 - p_j)^n.
+    `frequencies`: measured selection frequencies of the E experts on any scale (importance.py's
+    `experts.frequency` sums to k, counts or shares summing to 1 as well): p_j = k f_j / sum f, capped at 1;
+    None (or all zero): uniform, p_j = k / E, E[distinct] = E (1 - (1 - k/E)^n)."""
+    if tokens <= 0:
+        return 0.0
+    if frequencies is not None and len(frequencies) != num_experts:
+        raise ValueError(f"{len(frequencies)} expert frequencies for {num_experts} experts")
+    total = 0.0 if frequencies is None else float(sum(frequencies))
+    if total <= 0:
+        return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+    return sum(1.0 - (1.0 - min(1.0, top_k * f / total)) ** tokens for f in frequencies)
 
 
 @dataclass(frozen=True)
@@ -90,6 +125,50 @@ class ModelShape:
             shared_expert_gate=family.moe is not None and family.moe.shared_expert_gate,
             router_bias=family.moe is not None and family.moe.router_bias,
             expert_bias=family.moe is not None and family.moe.expert_bias,
+        )
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, Any]) -> "ModelShape":
+        """From a config.json read as plain JSON, by field name: a parent whose family this build does not
+        support (gpt_oss, ...) sized by `puzzle plan`, which reads the config only. The dense fields by
+        transformers' LlamaConfig names (num_key_value_heads defaults to the query heads, head_dim to D / H),
+        `attention_bias` (biases on q, k, v and o), the windows from `layer_types` + `sliding_window` (without
+        layer_types: `sliding_window` on every layer unless `use_sliding_window` is false), and an MoE FFN
+        from the fields `EXPERT_COUNT_FIELDS`, `TOP_K_FIELDS`, `EXPERT_WIDTH_FIELDS` name, in every layer or as
+        Qwen-MoE places them (`decoder_sparse_step`, `mlp_only_layers`). What a family adds beyond these is not
+        counted (gpt-oss's expert biases and attention sinks: 0.04% of its weights); a supported family is
+        read by `from_config`, which knows it (q/k norms, gated shared experts)."""
+        missing = [f for f in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size") if raw.get(f) is None]
+        if missing:
+            raise PuzzleError(f"config.json lacks {', '.join(missing)}: not a decoder config puzzle can size")
+        D, H, L = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
+        experts, top_k = _first(raw, EXPERT_COUNT_FIELDS), _first(raw, TOP_K_FIELDS)
+        dense = raw.get("intermediate_size")
+        if dense is None and not experts:
+            raise PuzzleError("config.json lacks intermediate_size: not a decoder config puzzle can size")
+        ffns = None
+        if experts:
+            if not top_k:
+                raise PuzzleError(f"config.json has {experts} experts but no experts per token ({' / '.join(TOP_K_FIELDS)})")
+            moe = MoEConfig(int(experts), int(top_k), int(_first(raw, EXPERT_WIDTH_FIELDS)),
+                            raw.get(SHARED_EXPERT_FIELD) or None)
+            step, dense_layers = int(raw.get("decoder_sparse_step") or 1), set(raw.get("mlp_only_layers") or ())
+            ffns = tuple(moe.name if i not in dense_layers and (i + 1) % step == 0 else FFNConfig(intermediate_size=int(dense)).name
+                         for i in range(L))
+        window, types = raw.get("sliding_window"), raw.get("layer_types")
+        if window is None or (types is None and raw.get("use_sliding_window") is False):
+            windows = None
+        elif types is not None:
+            windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        else:
+            windows = (int(window),) * L
+        bias = bool(raw.get("attention_bias", False))
+        return cls(
+            hidden_size=D, num_attention_heads=H, num_key_value_heads=int(raw.get("num_key_value_heads") or H),
+            head_dim=int(raw.get("head_dim") or D // H), intermediate_size=int(dense or 0), num_hidden_layers=L,
+            vocab_size=int(raw["vocab_size"]), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=bias, o_bias=bias, sliding_windows=windows if windows and any(w is not None for w in windows) else None,
+            parent_ffns=ffns,
         )
 
     def with_(self, **changes: Any) -> "ModelShape":
@@ -204,6 +283,13 @@ class ModelShape:
     def active_layer_params(self, blocks: list[BlockConfig] | None = None) -> int:
         """Weights of all decoder layers one token uses (the parent's blocks by default)."""
         return sum(self.active_params(b) for b in (self.parent_blocks if blocks is None else blocks))
+
+    def active_model_params(self, blocks: list[BlockConfig] | None = None) -> int:
+        """Weights of the whole model one token uses: `total_params` less the experts outside its top-k, the
+        embedding table counted (as Qwen's and Mistral's model cards count "activated" parameters: Qwen3-30B-A3B
+        3.3B, Mixtral-8x7B 12.9B; OpenAI's card counts gpt-oss-120b's 5.1B without the embedding table, a
+        lookup: `active_model_params() - fixed_params("embeddings")` where the LM head is untied)."""
+        return self.active_layer_params(blocks) + self.fixed_params("final_norm") + self.embedding_params
 
     @property
     def embedding_params(self) -> int:
