@@ -35,6 +35,7 @@ from typing import Any, Iterable, Literal, Mapping, Sequence
 
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
 from puzzle.shape import FIXED_PARTS, ModelShape, expected_experts  # noqa: F401  (re-exported for the profiling stage)
+from puzzle.units import GIB
 
 from .hardware import Device, HardwareProfile, Workload
 
@@ -330,7 +331,7 @@ def serving_fit(shape: ModelShape, profile: HardwareProfile, gpus: int) -> dict[
     per_gpu_bytes, usable_bytes (one GPU), fits (0/1), max_batch (the largest batch whose cache fits beside
     the weights at this context, 0 when the weights alone do not)."""
     w = profile.workload
-    usable = profile.constraints["memory_gib"] * 2**30 if "memory_gib" in profile.constraints else profile.device.memory_bytes
+    usable = profile.constraints["memory_gib"] * GIB if "memory_gib" in profile.constraints else profile.device.memory_bytes
     weights = shape.model_bytes(None, w.dtype_bytes)
     per_request = shape.kv_cache_bytes(None, w.max_context, w.dtype_bytes, w.max_context)
     kv_split = min(gpus, shape.num_key_value_heads)
