@@ -34,7 +34,7 @@ from .slicing import drop_layers_state, select_heads, slice_attention_state, sli
 DepthMethod = Literal["block", "bi", "loss", "task"]
 # PuzzleConfig fields that a plain family config must not receive.
 _NOT_PLAIN = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-              "dtype", "torch_dtype", "family", "sliding_windows"}
+              "dtype", "torch_dtype", "family"}
 
 
 @dataclass(frozen=True)
