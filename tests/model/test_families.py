@@ -7,7 +7,7 @@ import torch
 from puzzle.model import AttentionConfig, FFNConfig, PuzzleForCausalLM
 from puzzle.model.checkpoint import puzzle_config_from, save_model, to_puzzle
 from puzzle.model.family import FAMILIES
-from puzzle.model.surgery import replace_sublayer
+from puzzle.model.surgery import replace_sublayer, sublayer_state
 
 from conftest import (FAMILY_PARENTS, FAMILY_WINDOW, MOE_PARENTS, make_family_config, make_family_parent, make_tokenizer,
                       reload_elsewhere)
@@ -93,12 +93,15 @@ def test_attention_parts_follow_the_descriptor():
 
 def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
     """One KV head in layer 0, no-op attention in 1, linear attention in 2 (a windowed layer in qwen2), a
-    smaller FFN in 3 (windowed in every windowed family)."""
+    smaller FFN in 3 (windowed in every windowed family) and a window variant of its attention, narrower
+    than the family's."""
     torch.manual_seed(1)
     replace_sublayer(child, 0, "attention", AttentionConfig(n_heads_in_group=4))
     replace_sublayer(child, 1, "attention", AttentionConfig(no_op=True))
     replace_sublayer(child, 2, "attention", AttentionConfig(replace_with_linear=True))
     replace_sublayer(child, 3, "ffn", FFNConfig(intermediate_size=48))
+    replace_sublayer(child, 3, "attention", child.config.blocks[3].attention.with_window(FAMILY_WINDOW - 2),
+                     sublayer_state(child, 3, "attention"))
     return child.eval()
 
 
