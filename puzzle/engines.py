@@ -189,9 +189,9 @@ ENGINES: dict[str, Engine] = {
                                           "to the FFN step)",
             "variable_gqa": f"{_LLAMACPP_CONVERT}: DeciModel.set_gguf_parameters (add_head_count_kv of a per-layer "
                             "list)",
-            "sliding_window": f"{_LLAMACPP_MODEL}: llama_model::load_hparams, LLM_ARCH_DECI (reads only the RMS "
-                              "eps: no sliding_window key, swa_type stays none); "
-                              f"{_LLAMACPP_CONVERT}: DeciModel (writes no window)",
+            "sliding_window": f"{_LLAMACPP_GRAPH}: llm_build_deci (build_attn_inp_kv: one full-attention KV cache, "
+                              f"not the iswa one); {_LLAMACPP_MODEL}: llama_model::load_hparams, LLM_ARCH_DECI "
+                              f"(reads no sliding_window key); {_LLAMACPP_CONVERT}: DeciModel (writes no window)",
         },
     ),
 }

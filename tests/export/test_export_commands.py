@@ -58,7 +58,7 @@ def test_a_mistral_child_without_a_window_exports_as_llama_does(tmp_path):
 
 
 @pytest.mark.parametrize("fmt, engine, source", [
-    ("gguf", None, "llama-model.cpp"),  # llama.cpp's deci arch reads no sliding window
+    ("gguf", None, "deci.cpp"),  # llama.cpp's deci graph keeps one full-attention KV cache
     ("nemotron-nas", "vllm", "nemotron_nas.py"),  # DeciLMDecoderLayer reads no window_length
     ("nemotron-nas", "sglang", "nemotron_nas.py"),
     ("nemotron-nas", "trtllm", "modeling_nemotron_nas.py"),

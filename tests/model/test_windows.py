@@ -101,12 +101,21 @@ def test_an_older_child_with_config_level_sliding_windows_loads_with_them_on_its
         PuzzleConfig(**{k: v for k, v in data.items() if k not in ("model_type", "auto_map", "architectures")})
 
 
-def test_a_window_variant_of_a_llama_child_runs_and_narrows_only_its_layer():
-    config = PuzzleConfig(**make_llama_config().to_dict(), block_configs=[
-        BlockConfig(AttentionConfig(n_heads_in_group=2, window=W if i == 1 else None), FFNConfig(intermediate_size=64))
-        .to_dict(None) for i in range(4)])
-    assert [config.layer_window(i) for i in range(4)] == [None, W, None, None]
-    with pytest.raises(PuzzleError):  # vLLM's nemotron-nas loader applies no window_length
-        from puzzle.engines import check_child
+def test_a_childs_windows_are_its_blocks_for_every_reader():
+    """layer_window, family.config_family (what the shape and the engines read) and the engines' rules all
+    read a child's windows off its blocks; vLLM, whose nemotron-nas loader ignores window_length, refuses it."""
+    from puzzle.engines import check_child, check_family
+    from puzzle.model.family import config_family
+    from puzzle.shape import ModelShape
 
+    llama = {k: v for k, v in make_llama_config().to_dict().items() if k not in ("model_type", "architectures")}
+    config = PuzzleConfig(**llama, block_configs=[
+        BlockConfig(AttentionConfig(n_heads_in_group=2, window=W if i == 1 else None), FFNConfig(intermediate_size=256))
+        .to_dict(None) for i in range(4)])
+    assert [config.layer_window(i) for i in range(4)] == config_family(config)[1] == [None, W, None, None]
+    assert ModelShape.from_config(config).sliding_windows == (None, W, None, None)
+    check_child("transformers", config.blocks, config.hidden_size)
+    with pytest.raises(PuzzleError, match=rf"layer 1 \(attn_g2_w{W}\+ffn_256\): no sliding-window attention"):
         check_child("vllm", config.blocks, config.hidden_size)
+    with pytest.raises(PuzzleError, match="llama children with sliding-window layers.*DeciLMDecoderLayer"):
+        check_family("vllm", config)
