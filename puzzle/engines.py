@@ -17,10 +17,14 @@ reading of a saved child to hold the rules to what the engines compute):
                               keep only the parent's count (they pick each layer's attention on its own, and
                               the parent's is the one count every layer can take), and a child is held to its
                               first GQA layer's
+  sliding_window              it builds a GQA layer's sliding window from its block (`window_length`, blocks.py
+                              `AttentionConfig.window`); where not, windowed variants are dropped and a child
+                              (or a parent family's windowed layers: `serving_engines`) is refused
 
 `transformers` is the child's own modeling code: everything is allowed. Which engines serve a parent family
-at all (Qwen2's q/k/v-only biases, Qwen3's q/k norms and sliding windows are beyond the nemotron-nas / deci
-loaders) is the family descriptor's `engines` (puzzle/model/family.py); `check_family` refuses the rest. A search space names its target
+at all (Qwen2's q/k/v-only biases and Qwen3's q/k norms are beyond the nemotron-nas / deci loaders) is the
+family descriptor's `engines` (puzzle/model/family.py), narrowed by the `sliding_window` rule where a layer of
+the parent has a window (`serving_engines`); `check_family` refuses the rest. A search space names its target
 (`target_engine:`, default transformers): loading it snaps widths to the grid and drops variants the engine
 lacks, with a note (puzzle/search_space.py); `realize` refuses a child that breaks its target (`check_child`).
 
@@ -32,7 +36,7 @@ from typing import Iterable
 
 from puzzle.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, on_ffn_mult_grid
-from puzzle.model.family import config_family, serving_engines
+from puzzle.model.family import Family, config_family
 
 DEFAULT_ENGINE = "transformers"
 
@@ -47,6 +51,7 @@ RULES = {
     "noop_attention_first_layer": "no no-op attention in the first layer",
     "lm_head_weight": "lm_head.weight must be stored even with tied embeddings (the engine loads it by name)",
     "variable_gqa": "every GQA layer must have the same number of KV heads",
+    "sliding_window": "no sliding-window attention (the engine ignores a block's window_length)",
 }
 
 
@@ -61,6 +66,7 @@ class Engine:
     noop_ffn_last_layer: bool = True
     noop_attention_first_layer: bool = True
     variable_gqa: bool = True
+    sliding_window: bool = False
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # rule -> "file: function"
 
     def source(self, rule: str) -> str:
@@ -77,6 +83,12 @@ _TRTLLM_CONVERT = "tensorrt_llm/models/nemotron_nas/convert.py"
 _TRTLLM_TORCH = "tensorrt_llm/_torch/models/modeling_nemotron_nas.py"
 _LLAMACPP_CONVERT = "conversion/deci.py"
 _LLAMACPP_GRAPH = "src/models/deci.cpp"
+_LLAMACPP_MODEL = "src/llama-model.cpp"
+# Read in vLLM's main branch: DeciLMAttention is vLLM's LlamaAttention, whose only window is
+# config.sliding_window on the layers config.layer_types marks "sliding_attention" (llama.py
+# LlamaAttention.__init__, per_layer_sliding_window); a child writes neither (configuration_puzzle.py says why)
+_VLLM_WINDOW = (f"{_VLLM}: DeciLMDecoderLayer.__init__ reads no window_length; vllm/model_executor/models/llama.py: "
+                "LlamaAttention.__init__ takes a window only from config.layer_types + sliding_window")
 # vLLM and SGLang run a layer as "attention opens the residual stream, the FFN adds to it": a real FFN before
 # any real attention calls its fused add-RMSNorm with residual None, which returns one tensor, not two.
 _NO_RESIDUAL = ("DeciLMDecoderLayer.forward (a real FFN before any real attention unpacks "
@@ -95,7 +107,9 @@ ENGINES: dict[str, Engine] = {
             "noop_ffn_last_layer": "puzzle/model/modeling_puzzle.py: ffn_residual",
             "noop_attention_first_layer": "puzzle/model/modeling_puzzle.py: ffn_residual (each sublayer adds its own residual)",
             "variable_gqa": "puzzle/model/modeling_puzzle.py: build_attention (KV heads per layer)",
+            "sliding_window": "puzzle/model/modeling_puzzle.py: GQAttention (the block's window masks its keys)",
         },
+        sliding_window=True,
     ),
     "vllm": Engine(
         "vllm", ffn_mult_grid=True, linear_attention=False, linear_ffn=False,
@@ -113,6 +127,7 @@ ENGINES: dict[str, Engine] = {
             "noop_attention_first_layer": f"{_VLLM}: {_NO_RESIDUAL}",
             "variable_gqa": f"{_VLLM}: DeciLMDecoderLayer.__init__ (num_kv_heads per layer; each layer's attention "
                             "keeps its own KV cache spec)",
+            "sliding_window": _VLLM_WINDOW,
         },
     ),
     "sglang": Engine(
@@ -131,6 +146,7 @@ ENGINES: dict[str, Engine] = {
                                           "before any real attention gets residual None)",
             "variable_gqa": f"{_SGLANG_CONFIG}: ModelConfig.get_total_num_kv_heads (nemotron-nas: 'Variable GQA "
                             "(VGQA) is not yet supported for nemotron-nas in sglang' when the KV heads differ)",
+            "sliding_window": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (LlamaAttention of layer_id, no window_length)",
         },
     ),
     "trtllm": Engine(
@@ -150,6 +166,8 @@ ENGINES: dict[str, Engine] = {
                                           "own residual)",
             "variable_gqa": f"{_TRTLLM_TORCH}: NemotronNASModel.__init__ (config.num_key_value_heads: a list, one "
                             "per layer)",
+            "sliding_window": f"{_TRTLLM_TORCH}: NemotronNASAttention.__init__ (Attention with the layer's KV heads, "
+                              f"no window); {_TRTLLM_CONVERT}: hf_block_config_to_layer_config",
         },
     ),
     "llamacpp": Engine(
@@ -171,6 +189,9 @@ ENGINES: dict[str, Engine] = {
                                           "to the FFN step)",
             "variable_gqa": f"{_LLAMACPP_CONVERT}: DeciModel.set_gguf_parameters (add_head_count_kv of a per-layer "
                             "list)",
+            "sliding_window": f"{_LLAMACPP_GRAPH}: llm_build_deci (build_attn_inp_kv: one full-attention KV cache, "
+                              f"not the iswa one); {_LLAMACPP_MODEL}: llama_model::load_hparams, LLM_ARCH_DECI "
+                              f"(reads no sliding_window key); {_LLAMACPP_CONVERT}: DeciModel (writes no window)",
         },
     ),
 }
@@ -199,6 +220,8 @@ def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hid
         if (not engine.variable_gqa and kv_reference is not None and config.is_gqa
                 and config.n_heads_in_group != kv_reference.n_heads_in_group):
             broken.append("variable_gqa")
+        if config.window is not None and not engine.sliding_window:
+            broken.append("sliding_window")
         return broken
     broken = []
     if engine.ffn_mult_grid and config.is_swiglu and not on_ffn_mult_grid(config.intermediate_size, hidden_size):
@@ -247,6 +270,14 @@ def check_child(engine_name: str | None, blocks: list[BlockConfig], hidden_size:
     )
 
 
+def serving_engines(family: Family, windows: list[int | None]) -> tuple[str, ...]:
+    """The target engines that serve a child of `family` whose parent layers have these sliding windows: the
+    family's own, less those without the `sliding_window` rule once a layer has a window."""
+    if all(w is None for w in windows):
+        return family.engines
+    return tuple(name for name in family.engines if ENGINES[name].sliding_window)
+
+
 def check_family(engine_name: str | None, config) -> None:
     """PuzzleError (one line) if the engine cannot build a layer of this parent's or child's family: its
     nemotron-nas / deci loader builds Llama's attention (biases on all four projections or none, no q/k norm,
@@ -254,7 +285,12 @@ def check_family(engine_name: str | None, config) -> None:
     engine = get_engine(engine_name)
     family, windows = config_family(config)
     allowed = serving_engines(family, windows)
-    if engine.name not in allowed:
-        what = f"{family.name} children" + (" with sliding-window layers" if family.engines != allowed else "")
-        raise PuzzleError(f"target engine {engine.name} cannot serve {what} (its loader builds Llama-style attention "
-                          f"only: no q/k/v-only biases, q/k norms or sliding windows); engines that can: {', '.join(allowed)}")
+    if engine.name in allowed:
+        return
+    if engine.name in family.engines:  # the family's layers it builds, but not their windows
+        raise PuzzleError(f"target engine {engine.name} cannot serve {family.name} children with sliding-window layers: "
+                          f"{RULES['sliding_window']} [{engine.source('sliding_window')}]; engines that can: "
+                          f"{', '.join(allowed)}")
+    raise PuzzleError(f"target engine {engine.name} cannot serve {family.name} children (its loader builds Llama-style "
+                      f"attention only: no q/k/v-only biases, q/k norms or sliding windows); engines that can: "
+                      f"{', '.join(allowed)}")

@@ -10,6 +10,9 @@ A space is a YAML file (search_spaces/*.yaml) resolved against a parent config i
     attention:
       kv_heads: halves      # "halves": the parent's KV heads, halved down to 1 (only counts that divide
                             # the query heads); "all": the parent's only; or a list of ints
+      windows: [128, 512]   # sliding-window variants (gpt-oss-puzzle's selective window attention): each GQA
+                            # variant again with each window W (query t sees keys in (t - W, t]), where W is
+                            # below the layer's own (a parent layer with a window keeps it on every variant)
       linear: true          # attention replaced by a per-token hidden->hidden linear map
       no_op: true           # attention removed
     ffn:
@@ -41,7 +44,7 @@ from puzzle.shape import ModelShape
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 Kind = Literal["attention", "ffn"]
-_ATT_KEYS = {"kv_heads", "linear", "no_op"}
+_ATT_KEYS = {"kv_heads", "windows", "linear", "no_op"}
 _FFN_KEYS = {"ratios", "sizes", "round_to", "linear", "no_op"}
 
 
@@ -61,12 +64,17 @@ class Variant:
 class SearchSpace:
     name: str
     num_layers: int
-    parent_attention: AttentionConfig
+    parent_attention: AttentionConfig  # the parent's GQA without a window (its KV heads)
     parent_ffn: FFNConfig
     attention: tuple[tuple[AttentionConfig, ...], ...]  # [layer] -> variants, parent first
     ffn: tuple[tuple[FFNConfig, ...], ...]
     target_engine: str = DEFAULT_ENGINE
     notes: tuple[str, ...] = ()  # what fitting the space to its target engine changed, one line each
+    # the parent's attention in each layer (with that layer's window); empty: `parent_attention` everywhere
+    parent_attentions: tuple[AttentionConfig, ...] = ()
+
+    def parent_attention_of(self, layer: int) -> AttentionConfig:
+        return self.parent_attentions[layer] if self.parent_attentions else self.parent_attention
 
     def attention_variants(self, layer: int) -> list[AttentionConfig]:
         return list(self.attention[layer])
@@ -78,7 +86,7 @@ class SearchSpace:
         for layer in range(self.num_layers):
             if "attention" in kinds:
                 for cfg in self.attention[layer]:
-                    yield Variant(layer, "attention", cfg, cfg == self.parent_attention)
+                    yield Variant(layer, "attention", cfg, cfg == self.parent_attention_of(layer))
             if "ffn" in kinds:
                 for cfg in self.ffn[layer]:
                     yield Variant(layer, "ffn", cfg, cfg == self.parent_ffn)
@@ -128,6 +136,14 @@ def _kv_head_counts(spec: Any, parent_kv: int, num_heads: int, where: str) -> li
     raise PuzzleError(f"{where}: kv_heads must be 'halves', 'all' or a list of integers, got {spec!r}")
 
 
+def _windows(spec: Any, where: str) -> list[int]:
+    if spec is None:
+        return []
+    if isinstance(spec, list) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in spec):
+        return list(spec)
+    raise PuzzleError(f"{where}: windows must be a list of positive integers (tokens), got {spec!r}")
+
+
 def _flag(section: dict, key: str, where: str) -> bool:
     value = section.get(key, False)
     if not isinstance(value, bool):
@@ -140,9 +156,11 @@ def _attention_variants(section: dict, parent: AttentionConfig, num_heads: int, 
     if unknown:
         raise PuzzleError(f"{where}: unknown attention keys {sorted(unknown)}; allowed: {sorted(_ATT_KEYS)}")
     parent_kv = parent.num_key_value_heads(num_heads)
-    out = [parent]
-    for k in _kv_head_counts(section.get("kv_heads", "all"), parent_kv, num_heads, where):
-        out.append(AttentionConfig(n_heads_in_group=num_heads // k))
+    gqa = [parent] + [AttentionConfig(n_heads_in_group=num_heads // k).with_window(parent.window)
+                      for k in _kv_head_counts(section.get("kv_heads", "all"), parent_kv, num_heads, where)]
+    # windows narrower than the layer's own: a wider one only costs more than the parent's mask
+    narrower = [w for w in _windows(section.get("windows"), where) if parent.window is None or w < parent.window]
+    out = gqa + [a.with_window(w) for a in gqa for w in narrower]
     if _flag(section, "linear", where):
         out.append(AttentionConfig(replace_with_linear=True))
     if _flag(section, "no_op", where):
@@ -212,7 +230,7 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     num_heads = parent_config.num_attention_heads
     try:
         shape = ModelShape.from_config(parent_config)
-        parent_att, parent_ffn = shape.parent_attention, shape.parent_ffn
+        parent_att, parent_ffn, parent_atts = shape.parent_attention, shape.parent_ffn, shape.parent_attentions
     except BlockConfigError as err:
         raise PuzzleError(f"parent config: {err}") from None
     att_default = _section(raw, "attention", name)
@@ -236,7 +254,8 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
                 att_sections[i % n_layers] = _section(ov, "attention", where)
             if "ffn" in ov:
                 ffn_sections[i % n_layers] = _section(ov, "ffn", where)
-    attention = tuple(_attention_variants(s, parent_att, num_heads, f"search space {name!r}") for s in att_sections)
+    attention = tuple(_attention_variants(s, parent_atts[i], num_heads, f"search space {name!r}")
+                      for i, s in enumerate(att_sections))
     ffn = tuple(_ffn_variants(s, parent_ffn, f"search space {name!r}") for s in ffn_sections)
     engine_name = raw.get("target_engine", DEFAULT_ENGINE)
     if not isinstance(engine_name, str):
@@ -246,7 +265,7 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     attention, ffn, notes = _fit_to_engine(engine, attention, ffn, parent_att, parent_ffn, shape.hidden_size, name)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    return SearchSpace(name, n_layers, parent_att, parent_ffn, attention, ffn, engine.name, notes)
+    return SearchSpace(name, n_layers, parent_att, parent_ffn, attention, ffn, engine.name, notes, tuple(parent_atts))
 
 
 def _fit_to_engine(

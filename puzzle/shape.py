@@ -23,10 +23,11 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
   routing     n tokens each choosing k of E experts touch U = sum_j 1 - (1 - p_j)^n distinct experts in
               expectation (`expected_experts`; p_j = k/E when routing is uniform): the weights an MoE decode
               step reads.
-  windows     a layer with sliding window W attends to at most W keys and an engine caches at most W
-              tokens of a sequence there (vLLM, llama.cpp and transformers' sliding cache layers all
-              bound it): S -> min(S, W); the causal sequence's queries see min(t, W) keys. Every
-              per-variant count takes the `layer` it is placed in (None: no window).
+  windows     an attention variant with sliding window W (blocks.py `AttentionConfig.window`, "attn_g3_w128")
+              attends to at most W keys and an engine caches at most W tokens of a sequence there
+              (vLLM, llama.cpp and transformers' sliding cache layers all bound it): S -> min(S, W); the
+              causal sequence's queries see min(t, W) keys. The window is the variant's own: a parent
+              whose family windows some layers has those windows on its blocks (`parent_blocks`).
 """
 
 from dataclasses import dataclass, replace
@@ -87,7 +88,7 @@ class ModelShape:
     o_bias: bool = False
     qk_norm: bool = False
     sinks: bool = False  # a GQA attention has one sink logit per query head (gpt-oss)
-    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: no layer has one
+    sliding_windows: tuple[int | None, ...] | None = None  # the parent's per layer; None: no layer has one
     # An MoE parent's FFN per layer, by name ("moe_e8k2_i64", or "ffn_768" for a dense layer of Qwen3-MoE's
     # mlp_only_layers); None: every layer the dense SwiGLU of `intermediate_size`
     parent_ffns: tuple[str, ...] | None = None
@@ -177,7 +178,15 @@ class ModelShape:
     # ---- the parent's own block ---------------------------------------------------------------
     @property
     def parent_attention(self) -> AttentionConfig:
+        """The parent's GQA attention, without a window: its KV heads (`parent_attentions`: with each
+        layer's window)."""
         return AttentionConfig(n_heads_in_group=self.num_attention_heads // self.num_key_value_heads)
+
+    @property
+    def parent_attentions(self) -> list[AttentionConfig]:
+        """The parent's attention in each layer: its GQA with the layer's sliding window, if any."""
+        windows = self.sliding_windows or (None,) * self.num_hidden_layers
+        return [self.parent_attention.with_window(w) for w in windows]
 
     @property
     def parent_ffn(self) -> FFNConfig:
@@ -191,22 +200,25 @@ class ModelShape:
 
     @property
     def parent_block(self) -> BlockConfig:
+        """The parent's block without a window (its weights: what `params` counts); per layer: `parent_blocks`."""
         return BlockConfig(self.parent_attention, self.parent_ffn)
 
     @property
     def parent_blocks(self) -> list[BlockConfig]:
-        """The parent's block in each layer."""
-        if self.parent_ffns is None:
-            return [self.parent_block] * self.num_hidden_layers
-        return [BlockConfig(self.parent_attention, FFNConfig.from_name(f)) for f in self.parent_ffns]
+        """The parent's block in each layer (its window, its FFN)."""
+        ffns = ([self.parent_ffn] * self.num_hidden_layers if self.parent_ffns is None
+                else [FFNConfig.from_name(f) for f in self.parent_ffns])
+        return [BlockConfig(a, f) for a, f in zip(self.parent_attentions, ffns)]
 
-    def window(self, layer: int | None) -> int | None:
-        """Layer `layer`'s sliding window; None for full attention or no layer given."""
-        return None if layer is None or self.sliding_windows is None else self.sliding_windows[layer]
+    @staticmethod
+    def window(part: Part) -> int | None:
+        """A variant's sliding window (its attention's); None for full attention and FFNs."""
+        attention = part.attention if isinstance(part, BlockConfig) else part
+        return attention.window if isinstance(attention, AttentionConfig) else None
 
-    def keys(self, layer: int | None, context: float) -> float:
-        """Keys one query attends to (and tokens of one sequence cached) at `context` in layer `layer`."""
-        window = self.window(layer)
+    def keys(self, part: Part, context: float) -> float:
+        """Keys one query of a variant attends to (and tokens of one sequence cached) at `context`."""
+        window = self.window(part)
         return context if window is None else min(context, window)
 
     def kv_heads(self, part: Part) -> int:
@@ -304,32 +316,32 @@ class ModelShape:
         return self.non_embedding_params(blocks) + self.embedding_params
 
     # ---- FLOPs (forward) ----------------------------------------------------------------------
-    def attention_flops(self, part: Part, keys: float, layer: int | None = None) -> float:
-        """QK^T and PV of one query token over `keys` keys (at most the layer's window): 4*H*d*keys;
+    def attention_flops(self, part: Part, keys: float) -> float:
+        """QK^T and PV of one query token over `keys` keys (at most the variant's window): 4*H*d*keys;
         0 without GQA attention."""
         if self.kv_heads(part) == 0:
             return 0
-        return 4 * self.num_attention_heads * self.head_dim * self.keys(layer, keys)
+        return 4 * self.num_attention_heads * self.head_dim * self.keys(part, keys)
 
-    def causal_attention_flops(self, part: Part, seq_len: int, layer: int | None = None) -> int:
+    def causal_attention_flops(self, part: Part, seq_len: int) -> int:
         """QK^T and PV of a causal sequence of `seq_len` tokens (query t sees t keys, at most the
         window W): 2*H*d*T*(T+1); with T > W, 4*H*d*(W*(W+1)/2 + (T-W)*W)."""
         if self.kv_heads(part) == 0:
             return 0
-        window = self.window(layer)
+        window = self.window(part)
         if window is None or seq_len <= window:
             return 2 * self.num_attention_heads * self.head_dim * seq_len * (seq_len + 1)
         pairs = window * (window + 1) // 2 + (seq_len - window) * window
         return 4 * self.num_attention_heads * self.head_dim * pairs
 
-    def flops_per_token(self, part: Part, keys: float, layer: int | None = None) -> float:
+    def flops_per_token(self, part: Part, keys: float) -> float:
         """Forward FLOPs of one token through a variant whose attention sees `keys` keys (a decode
         step at context `keys`; `seq_len / 2` approximates a causal sequence's mean)."""
-        return 2 * self.matmul_params(part) + self.attention_flops(part, keys, layer)
+        return 2 * self.matmul_params(part) + self.attention_flops(part, keys)
 
-    def prefill_flops(self, part: Part, seq_len: int, layer: int | None = None) -> int:
+    def prefill_flops(self, part: Part, seq_len: int) -> int:
         """Forward FLOPs of one causal sequence of `seq_len` tokens through a variant."""
-        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len, layer)
+        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len)
 
     def fixed_matmul_params(self, part: str) -> int:
         """Weights a fixed part's matmul reads: the LM head's V*D (tied or not); the embedding lookup is
@@ -347,7 +359,7 @@ class ModelShape:
         then the LM head); the parent's block in each layer by default."""
         if blocks is None:
             blocks = self.parent_blocks
-        return sum(self.flops_per_token(b, keys, i) for i, b in enumerate(blocks)) + self.fixed_flops_per_token("lm_head")
+        return sum(self.flops_per_token(b, keys) for b in blocks) + self.fixed_flops_per_token("lm_head")
 
     # ---- memory -------------------------------------------------------------------------------
     def model_bytes(self, blocks: list[BlockConfig] | None, dtype_bytes: int) -> int:
@@ -371,8 +383,8 @@ class ModelShape:
         if blocks is None:
             blocks = self.parent_blocks
         total = 0
-        for i, b in enumerate(blocks):
-            held = tokens if context is None else tokens // context * int(self.keys(i, context))
+        for b in blocks:
+            held = tokens if context is None else tokens // context * int(self.keys(b, context))
             total += self.kv_cache_bytes_per_token(b, dtype_bytes) * held
         return total
 

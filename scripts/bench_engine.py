@@ -277,8 +277,8 @@ def speedup_bound(shape: ModelShape, hw) -> float:
     from puzzle.profiling.roofline import combine_costs, fixed_costs, sublayer_costs
 
     fixed = fixed_costs(shape, hw)
-    rows = [sublayer_costs(shape, kind, getattr(block, kind), hw, layer)
-            for layer, block in enumerate(shape.parent_blocks) for kind in ("attention", "ffn")]
+    rows = [sublayer_costs(shape, kind, getattr(block, kind), hw)
+            for block in shape.parent_blocks for kind in ("attention", "ffn")]
     parent = combine_costs(fixed, rows, hw.workload)["generation_s"]
     return parent / combine_costs(fixed, [], hw.workload)["generation_s"]
 

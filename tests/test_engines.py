@@ -30,7 +30,8 @@ HIDDEN, HEADS, PARENT_FFN, ROPE_THETA = 64, 4, 512, 50000.0
 # Every kind of block: GQA (two KV-head counts), linear and no-op attention x on-grid, off-grid, linear
 # and no-op FFNs.
 ATTENTIONS = [AttentionConfig(n_heads_in_group=2), AttentionConfig(n_heads_in_group=4),
-              AttentionConfig(replace_with_linear=True), AttentionConfig(no_op=True)]
+              AttentionConfig(replace_with_linear=True), AttentionConfig(no_op=True),
+              AttentionConfig(n_heads_in_group=2, window=8)]  # a window variant (DeciLM's window_length)
 FFNS = [FFNConfig(intermediate_size=512), FFNConfig(intermediate_size=256), FFNConfig(intermediate_size=384),
         FFNConfig(replace_with_linear=True), FFNConfig(no_op=True)]
 CANDIDATES = [BlockConfig(a, f) for a in ATTENTIONS for f in FFNS]
@@ -186,6 +187,8 @@ def built(block: BlockConfig):
     """What we build for a block, in the readers' terms."""
     a, f = block.attention, block.ffn
     att = ("noop",) if a.no_op else ("linear",) if a.replace_with_linear else ("gqa", a.num_key_value_heads(HEADS))
+    if a.window is not None:  # no engine reader above reads window_length: they build full attention
+        att += ("window", a.window)
     ffn = ("noop",) if f.no_op else ("linear",) if f.replace_with_linear else ("swiglu", f.intermediate_size)
     return att, ffn
 

@@ -130,3 +130,44 @@ def test_a_target_that_cannot_serve_the_parent_is_refused():
     with pytest.raises(PuzzleError, match="parent's own FFN width 128 is off the engine's ffn_mult grid"):
         build_search_space({"target_engine": "vllm"}, make_llama_config(), name="tiny")
     assert build_search_space({"target_engine": "vllm"}, make_llama_config(intermediate_size=512)).parent_ffn.intermediate_size == 512
+
+
+# ---- window variants (issue 25: gpt-oss-puzzle's selective sliding-window attention) ----
+
+def test_windows_give_each_gqa_variant_its_windowed_twins():
+    space = build_search_space({"attention": {"kv_heads": "halves", "windows": [8, 32], "no_op": True}},
+                               make_llama_config())
+    names = [a.name for a in space.attention_variants(1)]
+    assert names == ["attn_g2", "attn_g4", "attn_g2_w8", "attn_g2_w32", "attn_g4_w8", "attn_g4_w32", "attn_noop"]
+    assert [v.name for v in space.variants(("attention",)) if v.is_parent] == ["attn_g2"] * 4
+    assert space.variant(2, "attention", "attn_g4_w8").config == AttentionConfig(n_heads_in_group=4, window=8)
+
+
+def test_a_windowed_parents_layers_keep_their_window_and_take_only_narrower_ones():
+    """Qwen2's layers 2-3 are windowed (5): there the parent's variant is attn_g2_w5, every KV variant keeps
+    the window, and only windows below it are new; the full-attention layers take every window."""
+    from conftest import FAMILY_WINDOW, make_family_config
+
+    space = build_search_space({"attention": {"kv_heads": "halves", "windows": [3, 8]}}, make_family_config("qwen2"))
+    W = FAMILY_WINDOW
+    assert [a.name for a in space.attention_variants(0)] == ["attn_g2", "attn_g4", "attn_g2_w3", "attn_g2_w8",
+                                                             "attn_g4_w3", "attn_g4_w8"]
+    assert [a.name for a in space.attention_variants(2)] == [f"attn_g2_w{W}", f"attn_g4_w{W}", "attn_g2_w3",
+                                                             "attn_g4_w3"]
+    assert [v.name for v in space.variants(("attention",)) if v.is_parent] == ["attn_g2"] * 2 + [f"attn_g2_w{W}"] * 2
+    overridden = build_search_space({"attention": {"windows": [3]}, "overrides": [{"layers": [0], "attention": {}}]},
+                                    make_family_config("qwen2"))
+    assert [a.name for a in overridden.attention_variants(0)] == ["attn_g2"]  # an override without windows
+
+
+@pytest.mark.parametrize("windows", [[0], [8, "64"], 128, [True]])
+def test_bad_windows_are_one_clear_error(windows):
+    with pytest.raises(PuzzleError, match="windows must be a list of positive integers"):
+        build_search_space({"attention": {"windows": windows}}, make_llama_config())
+
+
+def test_an_engine_without_windows_drops_the_window_variants_with_a_note(capsys):
+    llama = make_llama_config(intermediate_size=512)  # on the ffn_mult grid
+    space = build_search_space({"target_engine": "vllm", "attention": {"windows": [8]}}, llama)
+    assert [a.name for a in space.attention_variants(1)] == ["attn_g2"]
+    assert any("dropped attn_g2_w8" in n and "window_length" in n and "nemotron_nas.py" in n for n in space.notes)

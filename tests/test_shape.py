@@ -196,20 +196,25 @@ def test_parameters_of_each_familys_transformers_model(family):
 
 def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
     """Attention FLOPs count exactly the (query, key) pairs transformers' sliding-window mask allows; the
-    cache of a windowed layer holds at most the window per sequence."""
+    cache of a windowed layer holds at most the window per sequence. The window is the variant's own: the
+    parent's windowed layers carry it on their blocks."""
     from conftest import FAMILY_WINDOW, make_family_config
     from transformers.masking_utils import causal_mask_function, sliding_window_overlay
 
     shape = ModelShape.from_config(make_family_config("qwen2"))  # layers 2 and 3 windowed
     assert shape.sliding_windows == (None, None, FAMILY_WINDOW, FAMILY_WINDOW)
     W, T, att = FAMILY_WINDOW, 3 * FAMILY_WINDOW, shape.parent_attention
+    assert [shape.window(b) for b in shape.parent_blocks] == [None, None, W, W]
+    windowed = shape.parent_blocks[2].attention
+    assert windowed == att.with_window(W) and windowed.name == f"{att.name}_w{W}"
     per_pair = 4 * shape.num_attention_heads * shape.head_dim
     window = sliding_window_overlay(W)
     pairs = sum(bool(causal_mask_function(0, 0, q, k)) and bool(window(0, 0, q, k)) for q in range(T) for k in range(T))
-    assert shape.causal_attention_flops(att, T, layer=2) == per_pair * pairs
-    assert shape.causal_attention_flops(att, T, layer=0) == per_pair * T * (T + 1) // 2
-    assert shape.causal_attention_flops(att, W - 1, layer=2) == shape.causal_attention_flops(att, W - 1, layer=0)
-    assert shape.attention_flops(att, 100, layer=3) == per_pair * W
+    assert shape.causal_attention_flops(windowed, T) == per_pair * pairs
+    assert shape.causal_attention_flops(att, T) == per_pair * T * (T + 1) // 2
+    assert shape.causal_attention_flops(windowed, W - 1) == shape.causal_attention_flops(att, W - 1)
+    assert shape.attention_flops(windowed, 100) == per_pair * W
+    assert shape.attention_flops(shape.parent_blocks[3], 100) == per_pair * W  # a block: its attention's window
     batch, e = 2, 4
     full = shape.kv_cache_bytes_per_token(att, e)
     assert shape.kv_cache_bytes(None, batch * T, e, context=T) == full * batch * (2 * T + 2 * W)
@@ -265,8 +270,8 @@ def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         child.model.layers[layer].mlp(x)
-    assert counter.get_total_flops() == batch * shape.prefill_flops(ffn, seq, layer)
-    assert shape.flops_per_token(ffn, 100, layer) == 2 * shape.matmul_params(ffn)
+    assert counter.get_total_flops() == batch * shape.prefill_flops(ffn, seq)
+    assert shape.flops_per_token(ffn, 100) == 2 * shape.matmul_params(ffn)
 
 
 @pytest.mark.parametrize("layers, experts, total, active", [(36, 128, 116.83, 5.13), (24, 32, 20.91, 3.61)])

@@ -115,7 +115,8 @@ def _windowed_config(window):
 
 def test_bld_flops_count_a_layer_window_and_the_matmul_weights():
     """One FLOP rule for BLD (the plan, the worker split and bld.py's own accounting): an attention variant's
-    scores see at most its layer's window, and the split's per-layer costs are the same function's."""
+    scores see at most its window (a windowed parent's variants keep its layer's), and the split's per-layer
+    costs are the same function's."""
     from puzzle.search_space import load_search_space
     from puzzle.shape import ModelShape
 
@@ -131,8 +132,9 @@ def test_bld_flops_count_a_layer_window_and_the_matmul_weights():
         assert train[attn.layer] == 1024 * sum(bld_cost.variant_train_flops(shape, v, T) for v in space.variants()
                                                if v.layer == attn.layer)
         assert forward[0] == bld_cost.parent_layer_flops(shape, 0, T) * (1024 + 64 + 64)
+    assert attn.config.window == 16  # the windowed parent's variants keep its layer's window
     shape = ModelShape.from_config(_windowed_config(None))
-    scores = 3 * shape.attention_flops(attn.config, T / 2)
+    scores = 3 * shape.attention_flops(attn.config.with_window(None), T / 2)
     assert flops[None] - flops[16] == pytest.approx(scores - scores * 16 / (T / 2))
 
 

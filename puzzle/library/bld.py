@@ -122,12 +122,11 @@ class Sublayer(nn.Module):
     """One layer's attention or FFN with its pre-norm, named as in PuzzleDecoderLayer, so `state_dict()` is
     the `sublayer_state` form the library stores. `forward` is the decoder layer's own residual step."""
 
-    def __init__(self, config: Any, kind: str, variant: AttentionConfig | FFNConfig, state: dict[str, torch.Tensor],
-                 layer: int | None = None) -> None:
+    def __init__(self, config: Any, kind: str, variant: AttentionConfig | FFNConfig, state: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.kind = kind
-        # `layer`: its sliding window, if the parent's family gives that layer one
-        module = build_attention(config, variant, layer) if kind == "attention" else build_ffn(config, variant)
+        # a windowed attention variant masks with its own window (the parent's layer keeps its own)
+        module = build_attention(config, variant) if kind == "attention" else build_ffn(config, variant)
         norm = build_norm(config) if module is not None else None
         norm_name, module_name = _PARTS[kind]
         setattr(self, norm_name, norm)
@@ -430,7 +429,7 @@ def init_variant(
                 f"no Minitron neuron importance for layer {v.layer}; run puzzle importance first or use --ffn-init auto"
             )
         state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
-    child = Sublayer(config, v.kind, v.config, state, v.layer).to(parent.model.embed_tokens.weight.device)
+    child = Sublayer(config, v.kind, v.config, state).to(parent.model.embed_tokens.weight.device)
     return child, frozen_ffn, method
 
 

@@ -20,7 +20,7 @@ from puzzle.io import clean_stale_temps, naming, write_safetensors
 from puzzle.outputs import replaceable
 
 from . import register
-from .blocks import AttentionConfig, BlockConfig
+from .blocks import AttentionConfig, BlockConfig, FFNConfig
 from .configuration_puzzle import PuzzleConfig
 from .dimensions import check_config_json, check_gguf
 from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
@@ -44,7 +44,7 @@ CHILD_ARCHITECTURE = "DeciLMForCausalLM"
 # Config keys that describe a checkpoint, not an architecture.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "auto_map", "quantization_config",
                      "_name_or_path", "dtype", "torch_dtype", "pretraining_tp", "block_configs",
-                     # the families' own window fields; the child keeps per-layer `sliding_windows`
+                     # the families' own window fields; a child's windows are its blocks' (window_length)
                      "sliding_window", "layer_types", "use_sliding_window", "max_window_layers"}
 
 
@@ -295,8 +295,6 @@ def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
 def _truncated_config(config: PuzzleConfig, last_layer: int) -> PuzzleConfig:
     data = config.to_dict()
     data.update(num_hidden_layers=last_layer + 1, block_configs=data["block_configs"][: last_layer + 1])
-    if data.get("sliding_windows"):  # per layer, as block_configs (a windowed parent's BLD worker)
-        data["sliding_windows"] = data["sliding_windows"][: last_layer + 1]
     return PuzzleConfig(**{k: v for k, v in data.items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
 
 
@@ -339,18 +337,19 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def puzzle_config_from(config: Any) -> PuzzleConfig:
-    """The PuzzleConfig of a supported parent's config (one parent block per layer, its family and per-layer
-    sliding windows recorded), or a copy of a child's."""
+    """The PuzzleConfig of a supported parent's config (one parent block per layer, each with the layer's
+    sliding window as the family reads it, and its family recorded), or a copy of a child's."""
     family = family_of(config)
     if isinstance(config, PuzzleConfig):
         return PuzzleConfig(**{k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
-    windows = family.layer_windows(config)
-    data.update(family=family.name, sliding_windows=windows if any(w is not None for w in windows) else None)
-    if family.moe is not None:  # each layer's FFN as the family reads the config (MoE or dense)
-        attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
-        data["block_configs"] = [BlockConfig(attention, ffn).to_dict(config.hidden_size)
-                                 for ffn in family.moe.parent_ffns(config)]
+    attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
+    # each layer's FFN as the family reads the config (MoE or dense)
+    ffns = (family.moe.parent_ffns(config) if family.moe is not None
+            else [FFNConfig(intermediate_size=config.intermediate_size)] * config.num_hidden_layers)
+    data.update(family=family.name, block_configs=[
+        BlockConfig(attention.with_window(window), ffn).to_dict(config.hidden_size)
+        for window, ffn in zip(family.layer_windows(config), ffns)])
     return PuzzleConfig(**data)
 
 

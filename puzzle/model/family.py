@@ -3,17 +3,18 @@
 One frozen `Family` per family; everything that differs between them is a field here, and the rest of the
 code reads the descriptor instead of branching on a model_type:
 
-  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm, sinks), `MoEFFN` (routing, router and
-                       expert biases, the experts' activation), `build_norm` (the RMSNorm's cast), `PuzzleModel`
-                       (per-layer windows)
-  conversion           checkpoint.py `puzzle_config_from` (`layer_windows`, the config fields below),
+  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm, sinks; a window is the block's,
+                       blocks.py), `MoEFFN` (routing, router and expert biases, the experts' activation),
+                       `build_norm` (the RMSNorm's cast)
+  conversion           checkpoint.py `puzzle_config_from` (`layer_windows` become the parent blocks' windows),
                        `puzzle_moe_state` (the fused expert layout, the router's name, MXFP4 blocks)
   pruning / slicing    pruning/slicing.py (a bias or a sink is cut with its heads, a q/k norm is per head_dim
                        and stays), prune.py (the Minitron output is the family's own plain class: `config_class`)
   library init         library/init.py (q/k norms, q bias and sinks copied, k/v biases pooled with their heads)
   shape / roofline     shape.py `ModelShape` (bias, sink and q/k-norm parameters, router and expert biases; a
                        window bounds KV cache and keys)
-  export               `engines`: the engines whose loader builds this family's layer
+  export               `engines`: the engines whose loader builds this family's layer (puzzle/engines.py
+                       `serving_engines` narrows them by the engines' rules, a sliding window among them)
 
 Every supported family is a pre-norm RMSNorm decoder with SwiGLU FFNs, RoPE from transformers'
 `rope_parameters` (plain, llama3, yarn, ... as the family's own rotary class computes them) and the same
@@ -151,8 +152,9 @@ class Family:
                       Qwen2-MoE reads q/k/v's from `qkv_bias`, o off; Mistral none)
     qk_norm           an RMSNorm over head_dim applied to every query and key head before RoPE, one weight
                       vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
-    windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
-                      "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3)
+    windows           which layers of the HF config use `sliding_window` (keys in (t - window, t] for query
+                      t): "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3).
+                      Conversion makes each one the parent's attention block's own window (blocks.py)
     sinks             attention sinks: a learned logit per query head (`self_attn.sinks` (H,)) joins every
                       query's softmax over its keys as one more term of the denominator, with no value
                       (transformers `GptOssAttention` / `eager_attention_forward`)
@@ -272,16 +274,10 @@ def has_moe(config: Any) -> bool:
 
 
 def config_family(config: Any) -> tuple[Family, list[int | None]]:
-    """(family, each layer's sliding window) of a puzzle child's config (its `family` and `sliding_windows`) or
-    of a supported family's HF config (read as transformers does); an unknown model_type reads as Llama."""
-    n = config.num_hidden_layers
+    """(family, each layer's sliding window) of a puzzle child's config (its `family`; the windows are its
+    attention blocks') or of a supported family's HF config (read as transformers does); an unknown model_type
+    reads as Llama."""
     if getattr(config, "model_type", None) == "nemotron-nas":
-        return get_family(getattr(config, "family", None)), list(getattr(config, "sliding_windows", None) or [None] * n)
+        return get_family(getattr(config, "family", None)), [b.attention.window for b in config.blocks]
     family = family_of_model_type(getattr(config, "model_type", "")) or FAMILIES[DEFAULT_FAMILY]
     return family, family.layer_windows(config)
-
-
-def serving_engines(family: Family, windows: list[int | None]) -> tuple[str, ...]:
-    """The target engines that serve a child of `family` with these per-layer windows: the family's own, or
-    only transformers once a layer has a window (the engines' nemotron-nas / deci loaders apply none)."""
-    return ("transformers",) if any(w is not None for w in windows) else family.engines

@@ -54,13 +54,14 @@ class GQAttention(nn.Module):
     family's attention: q/k/v and o biases, and for Qwen3 an RMSNorm over head_dim on each query and key head
     before RoPE (one (d,) weight shared by the heads: transformers `Qwen3Attention.q_norm` / `k_norm`); for
     gpt-oss `sinks` (H,), one logit per query head added to every softmax's denominator (`sink_attention`).
-    `window`: the layer's sliding window (query t sees keys in (t - window, t], as transformers masking_utils
-    `sliding_window_overlay`), applied here so that every caller of the layer gets it; None: full causal."""
+    `window`: the block's sliding window (`attention.window`: query t sees keys in (t - window, t], as
+    transformers masking_utils `sliding_window_overlay`), applied here so that every caller of the layer gets
+    it, the cache keeping every key; None: full causal."""
 
-    def __init__(self, config: PuzzleConfig, attention: AttentionConfig, window: int | None = None) -> None:
+    def __init__(self, config: PuzzleConfig, attention: AttentionConfig) -> None:
         super().__init__()
         family = config.family_descriptor
-        self.window = window
+        self.window = attention.window
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = attention.num_key_value_heads(config.num_attention_heads)
         self.head_dim = config.head_dim
@@ -258,14 +259,13 @@ class LinearFFN(nn.Module):
         return self.linear_mlp(x)
 
 
-def build_attention(config: PuzzleConfig, attention: AttentionConfig, layer: int | None = None) -> nn.Module | None:
-    """The attention module of a variant; `layer` gives it that layer's sliding window (None: full causal,
-    e.g. a module profiled alone)."""
+def build_attention(config: PuzzleConfig, attention: AttentionConfig) -> nn.Module | None:
+    """The attention module of a variant (a GQA one with its own sliding window, if any)."""
     if attention.no_op:
         return None
     if attention.replace_with_linear:
         return LinearAttention(config)
-    return GQAttention(config, attention, None if layer is None else config.layer_window(layer))
+    return GQAttention(config, attention)
 
 
 def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
@@ -287,7 +287,7 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         block = config.blocks[layer_idx]
         self.layer_idx = layer_idx
-        self.self_attn = build_attention(config, block.attention, layer_idx)
+        self.self_attn = build_attention(config, block.attention)
         self.mlp = build_ffn(config, block.ffn)
         self.input_layernorm = build_norm(config) if self.self_attn is not None else None
         self.post_attention_layernorm = build_norm(config) if self.mlp is not None else None

@@ -50,7 +50,7 @@ def replace_sublayer(
         if not isinstance(config, AttentionConfig):
             raise PuzzleError(f"an attention variant is needed, got {type(config).__name__}")
         config.validate(model.config.num_attention_heads)
-        module = build_attention(model.config, config, layer)
+        module = build_attention(model.config, config)
     else:
         if not isinstance(config, FFNConfig):
             raise PuzzleError(f"an FFN variant is needed, got {type(config).__name__}")

@@ -74,9 +74,9 @@ def model_ops(shape: ModelShape, blocks: tuple[BlockConfig, ...], profile: Hardw
     """Every roofline op of a whole model in one phase: fixed parts + both sublayers of every block."""
     w = profile.workload
     ops = [op for part in FIXED_PARTS for op in fixed_ops(shape, part, w, phase)]
-    for layer, block in enumerate(blocks):
-        ops += sublayer_ops(shape, "attention", block.attention, w, phase, layer)
-        ops += sublayer_ops(shape, "ffn", block.ffn, w, phase, layer)
+    for block in blocks:
+        ops += sublayer_ops(shape, "attention", block.attention, w, phase)
+        ops += sublayer_ops(shape, "ffn", block.ffn, w, phase)
     return ops
 
 

@@ -97,10 +97,9 @@ def tokens(workload: Workload, phase: Phase) -> int:
     return workload.batch_size * (workload.input_len if phase == "prefill" else 1)
 
 
-def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload, phase: Phase,
-                  layer: int | None = None) -> list[Op]:
-    """The ops of one attention sublayer (its pre-norm and the residual add included); [] for no-op. In a
-    layer with a sliding window (`shape.window(layer)`) queries see, and the cache holds, at most W keys."""
+def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload, phase: Phase) -> list[Op]:
+    """The ops of one attention sublayer (its pre-norm and the residual add included); [] for no-op. With a
+    sliding window W (`config.window`) queries see, and the cache holds, at most W keys."""
     if config.no_op:
         return []
     e, D, B = workload.dtype_bytes, shape.hidden_size, workload.batch_size
@@ -112,12 +111,12 @@ def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload
     rope = Op("rope", 6.0 * n * (H + K) * d, 2.0 * e * n * (H + K) * d, ROPE_KERNELS)
     if phase == "prefill":
         T = workload.input_len
-        flops = float(B * shape.causal_attention_flops(config, T, layer))  # QK^T and PV over the causal triangle
+        flops = float(B * shape.causal_attention_flops(config, T))  # QK^T and PV over the causal triangle
         io = n * (H + 2 * K) * d + n * H * d  # read q, k, v; write the output
         kv_write = 2 * n * K * d
         core = Op("attention", flops, float(e) * (io + kv_write), 3)  # 2 cache writes + sdpa
     else:
-        S = shape.keys(layer, workload.decode_context)
+        S = shape.keys(config, workload.decode_context)
         flops = float(B * shape.attention_flops(config, S))  # one query row against S keys, QK^T and PV
         kv_read = 2 * B * K * d * S
         io = 2 * n * H * d + 2 * n * K * d  # read q, write out; write the new k, v
@@ -187,19 +186,18 @@ def moe_ops(shape: ModelShape, moe: MoEConfig, n: int, e: int, expert_parallel: 
 
 
 def sublayer_ops(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, workload: Workload, phase: Phase,
-                 layer: int | None = None, frequencies: Sequence[float] | None = None) -> list[Op]:
+                 frequencies: Sequence[float] | None = None) -> list[Op]:
     if kind == "attention":
-        return attention_ops(shape, config, workload, phase, layer)
+        return attention_ops(shape, config, workload, phase)
     return ffn_ops(shape, config, workload, phase, frequencies)
 
 
 # --- parameters and memory ------------------------------------------------------------------------
 
-def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workload: Workload,
-                   layer: int | None = None) -> int:
-    """KV cache of one layer at the end of the generation: 2 * K * d * B * (in + out) * e, the context
-    bounded by the layer's sliding window."""
-    tokens = workload.batch_size * int(shape.keys(layer, workload.max_context))
+def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
+    """KV cache of one layer at the end of the generation: 2 * K * d * B * min(in + out, W) * e, the context
+    bounded by the variant's sliding window W."""
+    tokens = workload.batch_size * int(shape.keys(config, workload.max_context))
     return shape.kv_cache_bytes_per_token(config, workload.dtype_bytes) * tokens
 
 
@@ -215,20 +213,20 @@ def gpu_params(shape: ModelShape, config: AttentionConfig | FFNConfig, expert_pa
 
 def sublayer_costs(
     shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, profile: HardwareProfile,
-    layer: int | None = None, frequencies: Sequence[float] | None = None,
+    frequencies: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """params, param_bytes, kv_cache_bytes, prefill_s, decode_s of one sublayer variant (roofline) placed in
-    `layer` (its sliding window, if any, bounds the attention's keys and cache); an MoE FFN routed by
-    `frequencies` (uniform when None). Under expert parallelism (`workload.expert_parallel` G > 1)
-    param_bytes and the times are one GPU's (E/G of the experts); params stays the whole variant's."""
+    """params, param_bytes, kv_cache_bytes, prefill_s, decode_s of one sublayer variant (roofline; its sliding
+    window, if any, bounds the attention's keys and cache); an MoE FFN routed by `frequencies` (uniform when
+    None). Under expert parallelism (`workload.expert_parallel` G > 1) param_bytes and the times are one GPU's
+    (E/G of the experts); params stays the whole variant's."""
     w, dev = profile.workload, profile.device
     params = shape.params(config)
     return {
         "params": params,
         "param_bytes": gpu_params(shape, config, w.expert_parallel) * w.dtype_bytes,
-        "kv_cache_bytes": kv_cache_bytes(shape, config, w, layer),
-        "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill", layer, frequencies), dev, w.dtype),
-        "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode", layer, frequencies), dev, w.dtype),
+        "kv_cache_bytes": kv_cache_bytes(shape, config, w),
+        "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill", frequencies), dev, w.dtype),
+        "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode", frequencies), dev, w.dtype),
     }
 
 
@@ -311,8 +309,8 @@ def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: 
     frequencies = frequencies or {}
     rows = []
     for layer, block in enumerate(blocks):
-        rows.append(sublayer_costs(shape, "attention", block.attention, profile, layer))
-        rows.append(sublayer_costs(shape, "ffn", block.ffn, profile, layer, frequencies.get(layer)))
+        rows.append(sublayer_costs(shape, "attention", block.attention, profile))
+        rows.append(sublayer_costs(shape, "ffn", block.ffn, profile, frequencies.get(layer)))
     return combine_costs(fixed_costs(shape, profile), rows, profile.workload)
 
 

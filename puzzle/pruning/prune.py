@@ -34,7 +34,7 @@ from .slicing import drop_layers_state, select_heads, slice_attention_state, sli
 DepthMethod = Literal["block", "bi", "loss", "task"]
 # PuzzleConfig fields that a plain family config must not receive.
 _NOT_PLAIN = {"block_configs", "model_type", "architectures", "auto_map", "transformers_version", "_name_or_path",
-              "dtype", "torch_dtype", "family", "sliding_windows"}
+              "dtype", "torch_dtype", "family"}
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,9 @@ def check_uniform(model: PuzzleForCausalLM) -> None:
     """Minitron pruning starts from a parent whose layers are all GQA + SwiGLU of the same sizes."""
     refuse_moe(model.config, "prune")  # Minitron's expert pruning comes with the MoE search (issue 25)
     blocks = model.config.blocks
-    if any(not (b.attention.is_gqa and b.ffn.is_swiglu) for b in blocks) or len(set(blocks)) != 1:
+    # the family's sliding windows (on the blocks, per layer) stay with their layers: not a difference in width
+    widths = {(b.attention.with_window(None), b.ffn) for b in blocks}
+    if any(not (b.attention.is_gqa and b.ffn.is_swiglu) for b in blocks) or len(widths) != 1:
         raise PuzzleError("prune needs a uniform parent (every layer GQA + SwiGLU of the same sizes); "
                           "this model is a heterogeneous child")
 

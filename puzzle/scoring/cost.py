@@ -31,8 +31,9 @@ def score_cost(ctx: Context, s: Any) -> Estimate:
     head = shape.fixed_flops_per_token("lm_head")
     for v in ctx.space.variants():
         if not v.is_parent:
-            rest = sum(shape.flops_per_token(shape.parent_block, T / 2, i) for i in range(v.layer + 1, L))
-            per_token += shape.flops_per_token(v.config, T / 2, v.layer) + rest + head
+            parent = shape.parent_blocks
+            rest = sum(shape.flops_per_token(parent[i], T / 2) for i in range(v.layer + 1, L))
+            per_token += shape.flops_per_token(v.config, T / 2) + rest + head
     tokens = s.blocks * T
     rows = sum(1 for _ in ctx.space.variants()) * s.blocks
     est = Estimate("", "score", disk_bytes=rows * 128, flops=tokens * per_token, dtype=dtype)

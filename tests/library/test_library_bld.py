@@ -148,3 +148,19 @@ def test_bf16_autocast_bld_lowers_every_trained_variant(tmp_path, parent, data):
     assert settings.digest(tmp_path) != SETTINGS.digest(tmp_path)
     fp32 = BLDSettings(**{**settings.to_dict(), "dtype": "fp32"})
     assert fp32.digest(tmp_path) == BLDSettings(**{**fp32.to_dict(), "device": "cuda:0"}).digest(tmp_path)
+
+
+def test_bld_trains_a_window_variant_from_the_parents_attention_copied(tmp_path, parent, data):
+    """A window variant starts as the parent's attention, weights copied (only the mask differs), so its loss
+    at initialisation is the window's alone; BLD lowers it, and the stored entry masks with the window."""
+    space = build_search_space({"attention": {"kv_heads": "all", "windows": [8]}}, parent.config)  # seq 32 > 8
+    assert [a.name for a in space.attention_variants(1)] == ["attn_g2", "attn_g2_w8"]
+    build_layer_group(tmp_path, parent, space, [1], *data, SETTINGS)
+    records = store.read_manifest(tmp_path)["variants"]
+    windowed = records["L001/attention/attn_g2_w8"]
+    assert windowed["source"] == "trained" and windowed["init"] == "copy"
+    assert 0 < windowed["loss_final"] < windowed["loss_init"]
+    assert records["L001/attention/attn_g2"]["source"] == "parent"
+    state = store.variant_state(tmp_path, parent, space.variant(1, "attention", "attn_g2_w8"))
+    replace_sublayer(parent, 1, "attention", space.variant(1, "attention", "attn_g2_w8").config, state)
+    assert parent.model.layers[1].self_attn.window == 8 and parent.config.blocks[1].attention.name == "attn_g2_w8"

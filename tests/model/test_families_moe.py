@@ -58,8 +58,9 @@ def test_all_parent_child_computes_transformers_logits(family):
 def test_conversion_records_each_layers_ffn_and_window(family, ffns, windows):
     config = puzzle_config_from(make_family_config(family))
     assert [b.ffn.name for b in config.blocks] == ffns
-    assert all(b.attention.name == "attn_g2" for b in config.blocks)
-    assert config.family == family_name(family) and config.sliding_windows == windows
+    assert all(b.attention.n_heads_in_group == 2 for b in config.blocks)
+    assert config.family == family_name(family)
+    assert [b.attention.window for b in config.blocks] == (windows or [None] * 4)
     again = puzzle_config_from(config)  # a child's config converts to itself
     assert again.blocks == config.blocks and again.family == config.family
 
