@@ -194,6 +194,28 @@ def test_expert_pruned_checkpoints_load_in_plain_transformers(tmp_path):
         assert (got[family] - expected[family]).abs().max() <= ATOL
 
 
+@pytest.mark.parametrize("family", MOE_PARENTS + ("qwen3",))
+@torch.no_grad()
+def test_cost_models_count_the_scores_and_the_pruned_experts(family):
+    """importance's disk is the scores it writes; prune's is the pruned checkpoint's weights (--experts 3)."""
+    from puzzle.footprint import FP32, Context, Machine, stage_settings
+    from puzzle.pruning.commands import importance, prune
+    from puzzle.pruning.cost import importance_cost, prune_cost
+    from puzzle.shape import ModelShape
+
+    parent = make_family_parent(family)
+    ctx = Context(parent.config, ModelShape.from_config(parent.config), None, 16, 0, Machine.one_worker("cpu"))
+    child = to_puzzle(parent)
+    scores = compute_importance(child, [IDS], progress=False)
+    est = importance_cost(ctx, stage_settings(importance, {"parent": "p"}))
+    assert est.disk_bytes == sum(v.numel() for v in scores.values()) * FP32
+    if family == "qwen3":
+        return
+    est = prune_cost(ctx, stage_settings(prune, {"parent": "p", "out": "o", "experts": 3}))
+    pruned, _ = prune_model(child, scores, PrunePlan(experts=3))
+    assert est.disk_bytes == sum(p.numel() for p in pruned.parameters()) * FP32
+
+
 def _write_run_dir(run_dir, n=16, seq_len=16):
     data = run_dir / "data"
     data.mkdir(parents=True)
