@@ -147,14 +147,15 @@ def _scores(scores: dict[str, torch.Tensor], key: str) -> torch.Tensor:
     return scores[key]
 
 
-def _window_fields(family: Family, windows: list[int | None], cls: type) -> dict[str, Any]:
+def _window_fields(family: Family, windows: list[int | None]) -> dict[str, Any]:
     """The kept layers' sliding windows in the family config's own fields (transformers' Mistral / Qwen2 /
     Qwen3 configs; see family.py `Family.layer_windows` for how each reads them back)."""
     window, layer_types = window_layer_types(windows)
     if family.windows == "all":
         if layer_types is not None and None in windows:
             raise PuzzleError(f"a {family.name} config windows every layer or none; these layers mix both")
-        if "use_sliding_window" in inspect.signature(cls).parameters:  # Qwen3MoeConfig drops the window without it
+        # Qwen3MoeConfig drops the window without `use_sliding_window` (Mistral's and Mixtral's have no such field)
+        if "use_sliding_window" in inspect.signature(getattr(transformers, family.config_class)).parameters:
             return {"sliding_window": window, "use_sliding_window": window is not None}
         return {"sliding_window": window}
     if family.windows == "layer_types":
@@ -203,7 +204,7 @@ def pruned_config(parent: Any, shape: ModelShape, eps_scale: float = 1.0,
         # explicit: hidden / heads no longer gives it once either is pruned (Qwen2's attention reads it too)
         head_dim=shape.head_dim,
         rms_norm_eps=parent.rms_norm_eps * eps_scale,
-        **_window_fields(family, [parent.layer_window(i) for i in kept], cls),
+        **_window_fields(family, [parent.layer_window(i) for i in kept]),
         **_moe_fields(family, shape, cls),
     )
     config = cls(**data)

@@ -192,6 +192,16 @@ def test_expert_pruned_checkpoints_load_in_plain_transformers(tmp_path):
     for family in MOE_PARENTS:
         assert f"{family} {FAMILIES[family_name(family)].causal_lm_class} transformers.models." in stdout
         assert (got[family] - expected[family]).abs().max() <= ATOL
+    # written in the hub layout (one tensor per expert; Mixtral's block_sparse_moe names) as save_pretrained writes
+    # it, and config.json with 4.x's names too (Qwen3-MoE's num_experts): transformers 4.56 loads them as they are.
+    # Not qwen2_moe here: its parent windows layers 0 and 2 (`layer_types`), which 4.56's Qwen2MoeConfig cannot say.
+    from model.test_transformers_versions import OLDEST, oldest_transformers  # tests/ is on sys.path (conftest)
+
+    old = {f: d for f, d in dirs.items() if f != "qwen2_moe"}
+    got, stdout = reload_elsewhere(old, IDS, tmp_path, remote_code=False, pythonpath=str(oldest_transformers()))
+    assert f"transformers {OLDEST}." in stdout
+    for family in old:
+        assert (got[family] - expected[family]).abs().max() <= ATOL
 
 
 @pytest.mark.parametrize("family", MOE_PARENTS + ("qwen3",))
