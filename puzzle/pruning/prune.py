@@ -61,15 +61,17 @@ class PrunePlan:
 
 def check_uniform(model: PuzzleForCausalLM) -> None:
     """Minitron pruning starts from a parent whose layers are all GQA + SwiGLU of the same sizes, or, for an
-    MoE family, GQA of the same sizes with one MoE block in every MoE layer and one SwiGLU in every dense one
-    (Qwen-MoE's `mlp_only_layers`): what the family's plain config can express."""
+    MoE family, GQA of the same sizes with one MoE block in every MoE layer and the config's SwiGLU
+    (`intermediate_size`) in every dense one (Qwen-MoE's `mlp_only_layers`): what the family's plain config
+    can express."""
     config = model.config
     blocks = config.blocks
     ffns = {b.ffn for b in blocks}
     if config.family_descriptor.moe is not None and any(f.is_moe for f in ffns):
         uniform = (len({b.attention for b in blocks}) == 1 and blocks[0].attention.is_gqa
                    and all(f.is_moe or f.is_swiglu for f in ffns)
-                   and len({f for f in ffns if f.is_moe}) == 1 and len({f for f in ffns if not f.is_moe}) <= 1)
+                   and len({f for f in ffns if f.is_moe}) == 1
+                   and all(f.intermediate_size == config.intermediate_size for f in ffns if not f.is_moe))
         what = "one MoE block (and one dense SwiGLU)"
     else:
         uniform = all(b.attention.is_gqa and b.ffn.is_swiglu for b in blocks) and len(set(blocks)) == 1

@@ -171,6 +171,17 @@ def test_bad_expert_plans_fail_in_one_line(plan, match):
     assert "\n" not in str(info.value)
 
 
+def test_prune_refuses_a_heterogeneous_moe_child():
+    from puzzle.model import FFNConfig, MoEConfig
+    from puzzle.model.surgery import replace_sublayer
+
+    for layer, ffn in ((0, FFNConfig(moe=MoEConfig(4, 2, 32))), (1, FFNConfig(intermediate_size=64))):
+        child = to_puzzle(make_family_parent("qwen3_moe"))  # layer 0 MoE of 8 experts, layer 1 dense of 128
+        replace_sublayer(child, layer, "ffn", ffn)
+        with pytest.raises(PuzzleError, match="uniform parent .* one MoE block"):
+            prune_model(child, {}, PrunePlan(experts=2))
+
+
 def test_experts_on_a_dense_parent_fail_in_one_line():
     child = to_puzzle(make_family_parent("qwen3"))
     with pytest.raises(PuzzleError, match="this parent is dense"):
