@@ -565,20 +565,49 @@ def _max_shard_bytes() -> int:
     return convert_file_size_to_int(default)
 
 
+def _hub_layout(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the names and layout `save_pretrained` writes: transformers 5 reverts the conversions it
+    applies on load (modeling_utils.py `PreTrainedModel.save_pretrained` -> core_model_loading.py
+    `revert_weight_conversion`: an MoE class's fused experts back to the hub's one tensor per expert, which
+    transformers 4 reads as it is); nothing to revert in 4.x or for a class without conversions (puzzle's)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: the state dict is the hub layout
+        return state
+    return revert_weight_conversion(model, state)
+
+
 def _write_weights(model: PreTrainedModel, directory: Path, extra: dict[str, torch.Tensor]) -> None:
     """The model's config files and weights into `directory`, as `save_pretrained` writes them. Weights that fit
     one file (`save_pretrained`'s single-file case) are streamed from the model's own tensors
     (`puzzle.io.write_safetensors`: no serialised copy), with `extra` tensors beside them; larger ones are
     sharded by `save_pretrained` itself, which cannot take `extra`."""
-    weights = {**saved_weights(model), **extra}
+    weights = {**_hub_layout(model, saved_weights(model)), **extra}
     if sum(t.numel() * t.element_size() for t in weights.values()) > _max_shard_bytes():
         if extra:
             raise PuzzleError(f"writing {', '.join(extra)} into a sharded checkpoint is not supported")
         model.save_pretrained(directory, safe_serialization=True)
+        _config_for_transformers_4(directory, model.config)
         return
     model.save_pretrained(directory, state_dict={})  # everything but the weights: config, generation config
+    _config_for_transformers_4(directory, model.config)
     with open(directory / SAFE_WEIGHTS_NAME, "wb") as f:  # `directory` is committed whole: no temp file here
         write_safetensors(f, weights, {"format": "pt"})  # transformers' metadata for an unquantised model
+
+
+def _config_for_transformers_4(directory: Path, config: Any) -> None:
+    """config.json with the old names of fields transformers 5 renamed beside the new ones: 5.x maps an old
+    name onto the new (`attribute_map`: Qwen3MoeConfig's `num_experts` -> `num_local_experts`), and 4.x's
+    Qwen3MoeConfig reads only `num_experts` (it would build its default 128 experts). Same values; 5.x
+    reads either. Nothing to add for a config without renamed fields (every dense family's, puzzle's)."""
+    aliases = {old: getattr(config, new) for old, new in (getattr(type(config), "attribute_map", None) or {}).items()
+               if new in config.to_dict()}
+    path = directory / "config.json"
+    if not aliases or not path.exists():
+        return
+    data = json.loads(path.read_text())
+    data.update({old: value for old, value in aliases.items() if old not in data})
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(

@@ -8,6 +8,9 @@ Conventions (nn.Linear weights are (out, in)):
             heads. Query head h reads KV head h // (H / K). Qwen3's q_norm / k_norm (d,) are one weight
             over head_dim shared by all heads (transformers `Qwen3Attention`): every kept head keeps it.
             gpt-oss's sinks (H,) are one logit per query head: kept with their heads.
+  experts   an MoE FFN (modeling_puzzle.py `MoEFFN`): router `mlp.gate.weight` (E, D), rows are experts;
+            expert j's SwiGLU under `mlp.experts.{j}.`; a shared expert (`mlp.shared_expert.`, its gate
+            `mlp.shared_expert_gate.weight`) is every token's and stays.
   channels  every weight that touches the residual stream: embeddings and lm_head (V, D) columns,
             q/k/v/gate/up columns, o_proj/down_proj rows and biases, RMSNorm weights over the hidden
             size (not the per-head q/k norms), linear sublayers both ways.
@@ -19,6 +22,7 @@ Index tensors are kept in the order given (pass them sorted to keep the parent's
 """
 
 import math
+import re
 
 import torch
 
@@ -105,6 +109,26 @@ def slice_attention_state(
             w = keep_cols(w, q_rows)
         elif key.endswith("self_attn.sinks"):
             w = keep_rows(w, heads)
+        out[key] = w
+    return out
+
+
+_ROUTER = re.compile(r"(.*\.)?mlp\.gate\.weight")
+_EXPERT = re.compile(r"(.*\.)?mlp\.experts\.(\d+)\.(.*)")
+
+
+def slice_experts_state(state: dict[str, torch.Tensor], experts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`state` with every MoE FFN in it cut down to `experts` (ascending parent indices): their router rows,
+    and their SwiGLUs renumbered 0..n-1 in that order; every other key unchanged."""
+    keep = {int(j): new for new, j in enumerate(torch.as_tensor(experts).tolist())}
+    out = {}
+    for key, w in state.items():
+        if _ROUTER.fullmatch(key):
+            w = keep_rows(w, torch.as_tensor(list(keep)))
+        elif m := _EXPERT.fullmatch(key):
+            if int(m.group(2)) not in keep:
+                continue
+            key = f"{m.group(1) or ''}mlp.experts.{keep[int(m.group(2))]}.{m.group(3)}"
         out[key] = w
     return out
 
