@@ -28,9 +28,15 @@ def family_name(parent: str) -> str:
     return parent.removesuffix("_norm")
 
 
+def hf_router(mlp):
+    """transformers' router of an MoE FFN (`mlp.gate`; gpt-oss's `mlp.router`), None for a dense FFN."""
+    router = getattr(mlp, "gate", None) or getattr(mlp, "router", None)
+    return router if hasattr(router, "top_k") else None
+
+
 def hf_moe_layers(model) -> list[int]:
-    """The layers whose transformers FFN has a router (`mlp.gate` with a weight of E rows)."""
-    return [i for i, layer in enumerate(model.model.layers) if hasattr(getattr(layer.mlp, "gate", None), "top_k")]
+    """The layers whose transformers FFN has a router (a weight of E rows)."""
+    return [i for i, layer in enumerate(model.model.layers) if hf_router(layer.mlp) is not None]
 
 
 class MaskedRouters(TorchFunctionMode):
@@ -53,7 +59,7 @@ def routed_over(parent, experts: dict[int, list[int]], top_k: int | None, ids: t
     """transformers' parent's logits with layer i's router restricted to `experts[i]` (and top-k `top_k`)."""
     keep = {}
     for i in hf_moe_layers(parent):
-        router = parent.model.layers[i].mlp.gate
+        router = hf_router(parent.model.layers[i].mlp)
         mask = torch.zeros(router.weight.shape[0], dtype=torch.bool)
         mask[experts[i]] = True
         keep[id(router.weight)] = mask
@@ -71,7 +77,7 @@ def test_router_statistics_agree_with_transformers_router(family):
     layers = hf_moe_layers(parent)
     assert moe_layers(scores) == layers
     seen = {}  # transformers' router outputs per layer: (logits, weights, indices)
-    hooks = [parent.model.layers[i].mlp.gate.register_forward_hook(
+    hooks = [hf_router(parent.model.layers[i].mlp).register_forward_hook(
         lambda m, a, out, i=i: seen.setdefault(i, []).append(out)) for i in layers]
     parent(IDS)
     for h in hooks:
