@@ -381,6 +381,20 @@ def canonical_key(key: str) -> str:
     return f"{m.group(1)}mlp.experts.{m.group(3)}.{_MIXTRAL_EXPERT[m.group(4)]}.weight"
 
 
+def hub_key(key: str, family: str) -> str:
+    """A key in puzzle's names as the family's hub checkpoints spell it (the inverse of `canonical_key`):
+    Mixtral's router and experts under `block_sparse_moe` with w1 / w3 / w2; every other key as it is."""
+    if family != "mixtral":
+        return key
+    m = re.fullmatch(r"(.*\.)mlp\.(gate\.weight|experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)", key)
+    if m is None:
+        return key
+    if m.group(3) is None:
+        return f"{m.group(1)}block_sparse_moe.gate.weight"
+    w = {v: k for k, v in _MIXTRAL_EXPERT.items()}[m.group(4)]
+    return f"{m.group(1)}block_sparse_moe.experts.{m.group(3)}.{w}.weight"
+
+
 def puzzle_moe_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """A parent's state dict in puzzle's layout: transformers 5's fused expert parameters split into one
     SwiGLU per expert (views of the fused tensors: nothing copied), hub names made canonical."""
