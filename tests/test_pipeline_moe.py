@@ -53,6 +53,10 @@ def test_run_end_to_end_on_an_moe_parent(family, tmp_path, capsys):
     assert any(r["source"] == "trained" for r in moe)
     child = json.loads((run / "children" / "fast" / "config.json").read_text())
     assert child["family"] == family and child["model_type"] == "nemotron-nas"
+    kept = json.loads((run / "children" / "fast" / "realized.json").read_text())["experts"]  # per MoE layer
+    blocks = [BlockConfig.from_dict(b, child["hidden_size"]) for b in child["block_configs"]]
+    assert {int(i) for i in kept} == {i for i, b in enumerate(blocks) if b.ffn.is_moe}
+    assert all(len(kept[str(i)]) == b.ffn.moe.num_experts for i, b in enumerate(blocks) if b.ffn.is_moe)
     evaluated = {p.stem for p in (run / "eval").glob("*.json")}
     assert {"parent", "fast", "fast+gkd"} <= evaluated
     parent_eval = json.loads((run / "eval" / "parent.json").read_text())

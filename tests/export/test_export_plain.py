@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from puzzle.cli import main
 from puzzle.library.init import init_moe_ffn
 from puzzle.model import FFNConfig, MoEConfig
-from puzzle.model.checkpoint import save_model, to_puzzle
+from puzzle.model.checkpoint import load_puzzle, save_model, to_puzzle
 from puzzle.model.surgery import replace_sublayer, sublayer_state
 
 from conftest import make_family_parent, make_tokenizer
@@ -59,6 +59,10 @@ def test_a_heterogeneous_moe_child_is_refused_in_one_line(tmp_path, capsys):
     assert err.count("\n") == 1 and "differ in MoE experts, top-k or width (moe_e4k2_i128, moe_e2k1_i64)" in err
     assert "puzzle format" in err
     assert not (tmp_path / "plain").exists()
+    # the puzzle format holds it: experts and top-k per layer, the same logits back
+    ids = torch.randint(0, child.config.vocab_size, (1, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(load_puzzle(tmp_path / "child")(ids).logits, child(ids).logits)
 
 
 @pytest.mark.parametrize("argv", [["--format", "gguf"], ["--format", "nemotron-nas"], ["--format", "anymodel"]])
