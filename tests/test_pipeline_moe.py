@@ -9,7 +9,10 @@ import pytest
 import yaml
 
 from puzzle.cli import main
+from puzzle.io import read_yaml
 from puzzle.model.blocks import BlockConfig
+from puzzle.search_space import SPACES_DIR
+from puzzle.shape import ModelShape
 
 from conftest import make_family_config, make_family_parent, make_tokenizer
 from test_pipeline import tiny_config
@@ -20,7 +23,6 @@ def _roofline_prices_moe() -> bool:
     `puzzle profile`, and so `puzzle run`, needs it."""
     from puzzle.profiling.hardware import load_profile
     from puzzle.profiling.roofline import ffn_ops
-    from puzzle.shape import ModelShape
 
     shape = ModelShape.from_config(make_family_config("mixtral"))
     try:
@@ -40,8 +42,18 @@ def test_run_end_to_end_on_an_moe_parent(family, tmp_path, capsys):
     make_tokenizer().save_pretrained(parent_dir)
     raw = tiny_config(tmp_path, parent_dir)
     del raw["importance"], raw["baselines"]  # Minitron on MoE parents: not part of this search
-    raw["search_space"] = "moe_tiny"
-    raw["solve"] = [{"budget": "h100_80gb", "speedup": 1.2, "name": "fast"}]
+    # moe_tiny without linear / no-op FFNs, under a parameter ceiling that only fewer or narrower experts in some
+    # MoE layer meet (half one MoE layer's experts: more than the dense layer's halving saves), so the child
+    # carries MoE blocks other than the parent's through realize, GKD and evaluate
+    space = read_yaml(SPACES_DIR / "moe_tiny.yaml")
+    space["ffn"].update(linear=False, no_op=False)
+    space["overrides"] = []
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(space))
+    raw["search_space"] = str(tmp_path / "space.yaml")
+    shape = ModelShape.from_config(make_family_config(family))
+    moe = next(b.ffn for b in shape.parent_blocks if b.ffn.is_moe)
+    ceiling = shape.total_params() - moe.moe.num_experts * 3 * shape.hidden_size * moe.moe.expert_size // 2
+    raw["solve"] = [{"budget": "h100_80gb", "max_params": ceiling, "name": "fast"}]
     config = tmp_path / "moe.yaml"
     config.write_text(yaml.safe_dump(raw))
     assert main(["run", str(config)]) == 0, capsys.readouterr().err
@@ -57,10 +69,14 @@ def test_run_end_to_end_on_an_moe_parent(family, tmp_path, capsys):
     blocks = [BlockConfig.from_dict(b, child["hidden_size"]) for b in child["block_configs"]]
     assert {int(i) for i in kept} == {i for i, b in enumerate(blocks) if b.ffn.is_moe}
     assert all(len(kept[str(i)]) == b.ffn.moe.num_experts for i, b in enumerate(blocks) if b.ffn.is_moe)
+    assert any(b.ffn.is_moe and b.ffn != moe for b in blocks)  # fewer or narrower experts somewhere
     evaluated = {p.stem for p in (run / "eval").glob("*.json")}
     assert {"parent", "fast", "fast+gkd"} <= evaluated
     parent_eval = json.loads((run / "eval" / "parent.json").read_text())
     assert parent_eval["validation"]["kl"] == 0.0
     loads = parent_eval["router_load"]  # {layer: fraction of routed tokens per expert}
     assert loads and all(sum(f) == pytest.approx(1.0) for f in loads.values())
+    child_loads = json.loads((run / "eval" / "fast+gkd.json").read_text())["router_load"]
+    assert {k: len(v) for k, v in child_loads.items()} == {str(i): b.ffn.moe.num_experts
+                                                          for i, b in enumerate(blocks) if b.ffn.is_moe}
     assert (run / "router_load.png").exists() and "Router load" in (run / "report.md").read_text()
