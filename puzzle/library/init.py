@@ -14,8 +14,8 @@ parent's pre-norm; only the module behind it changes.
                              on calibration data, Puzzle) or Minitron activation importance
   FFN, linear                least squares from the normed FFN input to the FFN output on calibration data,
                              by `ridge_solve` (normal equations + a small ridge, Cholesky: runs on CUDA too)
-  MoE FFN, fewer experts     the experts with the highest `expert_scores` (their selection frequency from
-                             `puzzle importance`, `layers.{i}.experts`, where the run has it) or, without
+  MoE FFN, fewer experts     the experts with the highest `expert_scores` (the router statistics of
+                             `puzzle importance`, `layers.{i}.experts.output`, where the run has them) or, without
                              them, the largest router rows ||W_gate[j]||: a token's logit for expert j is
                              x . W_gate[j], so a small row rarely wins the top-k. Their router rows are kept
                              with them, in the parent's order; the shared expert (and its gate) is copied
@@ -212,8 +212,8 @@ def _expert_keys(j: int) -> tuple[str, ...]:
 
 
 def choose_experts(parent: dict[str, torch.Tensor], count: int, expert_scores: torch.Tensor | None = None) -> list[int]:
-    """The `count` experts to keep, ascending: the highest `expert_scores` (E,) where given (moe importance's
-    selection frequency), else the largest router rows ||W_gate[j]||."""
+    """The `count` experts to keep, ascending: the highest `expert_scores` (E,) where given (`puzzle importance`'s
+    router statistics), else the largest router rows ||W_gate[j]||."""
     router = parent["mlp.gate.weight"]  # (E, D)
     scores = router.float().norm(dim=1) if expert_scores is None else expert_scores.float()
     if scores.shape != (router.shape[0],):

@@ -50,15 +50,16 @@ class GroupJob:
 
 def load_neuron_importance(run_dir: str | Path, field: str = "neurons") -> dict[int, torch.Tensor] | None:
     """Minitron neuron scores per layer (`layers.{i}.neurons` of `puzzle importance`), or None when the run
-    has none (complete) yet. `field` "experts": an MoE layer's expert scores (E,) (`layers.{i}.experts`, the
-    router's selection frequency per expert), which choose the experts an MoE variant keeps (init_moe_ffn)."""
+    has none (complete) yet. `field` "experts.output": an MoE layer's expert scores (E,) (`layers.{i}.experts.output`,
+    the router statistics `puzzle importance` records for an MoE parent: the router's weight times what each
+    expert adds, over the tokens routed to it), which choose the experts an MoE variant keeps (init_moe_ffn)."""
     if not has_importance(run_dir):
         return None
     scores = {}
     for key, value in load_importance(run_dir).items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] == field:
-            scores[int(parts[1])] = value.float()
+        layer, _, rest = key.removeprefix("layers.").partition(".")
+        if key.startswith("layers.") and layer.isdigit() and rest == field:
+            scores[int(layer)] = value.float()
     return scores or None
 
 
@@ -106,7 +107,7 @@ def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None,
     # importance-based inits only where the settings' digest includes the importance (BLDSettings.digest)
     use = settings.ffn_init != "channel_contribution"
     scores = load_neuron_importance(job.run_dir) if use else None
-    experts = load_neuron_importance(job.run_dir, "experts") if use else None
+    experts = load_neuron_importance(job.run_dir, "experts.output") if use else None  # pruning/experts.py's default criterion
     return settings, scores, _load_data(job.run_dir), experts
 
 
