@@ -20,6 +20,15 @@ reading of a saved child to hold the rules to what the engines compute):
   sliding_window              it builds a GQA layer's sliding window from its block (`window_length`, blocks.py
                               `AttentionConfig.window`); where not, windowed variants are dropped and a child
                               (or a parent family's windowed layers: `serving_engines`) is refused
+  moe_ffn                     it builds an `ffn.moe` block (a router and per-layer experts / top-k): only
+                              transformers does; the nemotron-nas / deci loaders build a dense MLP for every FFN
+                              that is not a no-op, whatever `moe` says. An MoE child whose layers are all alike
+                              also has a plain checkpoint of its family (`puzzle export --format plain`,
+                              export/plain.py), which transformers' own class loads without remote code
+                              (tests/export/test_export_plain.py); vLLM's and SGLang's own classes of those
+                              families (vllm/model_executor/models/mixtral.py MixtralForCausalLM, qwen2_moe.py
+                              Qwen2MoeForCausalLM, qwen3_moe.py Qwen3MoeForCausalLM; SGLang's files of the same
+                              names) read the same hub layout, untested here
 
 `transformers` is the child's own modeling code: everything is allowed. Which engines serve a parent family
 at all (Qwen2's q/k/v-only biases and Qwen3's q/k norms are beyond the nemotron-nas / deci loaders) is the
@@ -52,6 +61,7 @@ RULES = {
     "lm_head_weight": "lm_head.weight must be stored even with tied embeddings (the engine loads it by name)",
     "variable_gqa": "every GQA layer must have the same number of KV heads",
     "sliding_window": "no sliding-window attention (the engine ignores a block's window_length)",
+    "moe_ffn": "no Mixture-of-Experts FFN (the loader builds a dense MLP for every FFN that is not a no-op)",
 }
 
 
@@ -67,6 +77,7 @@ class Engine:
     noop_attention_first_layer: bool = True
     variable_gqa: bool = True
     sliding_window: bool = False
+    moe_ffn: bool = False
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # rule -> "file: function"
 
     def source(self, rule: str) -> str:
@@ -97,9 +108,10 @@ _NO_RESIDUAL = ("DeciLMDecoderLayer.forward (a real FFN before any real attentio
 ENGINES: dict[str, Engine] = {
     "transformers": Engine(
         "transformers", ffn_mult_grid=False, linear_attention=True, linear_ffn=True,
-        noop_ffn_after_attention=True, lm_head_weight=False,
+        noop_ffn_after_attention=True, lm_head_weight=False, moe_ffn=True,
         sources={
             "ffn_mult_grid": "puzzle/model/blocks.py: FFNConfig.from_dict (intermediate_size wins over ffn_mult)",
+            "moe_ffn": "puzzle/model/modeling_puzzle.py: build_ffn (MoEFFN, experts and top-k per layer)",
             "linear_attention": "puzzle/model/modeling_puzzle.py: build_attention",
             "linear_ffn": "puzzle/model/modeling_puzzle.py: build_ffn",
             "noop_ffn_after_attention": "puzzle/model/modeling_puzzle.py: ffn_residual",
@@ -121,6 +133,7 @@ ENGINES: dict[str, Engine] = {
                                 "DeciLMAttention with num_attention_heads // n_heads_in_group KV heads: "
                                 "int // None for a linear one)",
             "linear_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
+            "moe_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
             "noop_ffn_after_attention": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_VLLM}: DeciLMForCausalLM.__init__ (lm_head.tie_weights(embed_tokens) when tied)",
             "noop_ffn_last_layer": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
@@ -139,6 +152,7 @@ ENGINES: dict[str, Engine] = {
                                 f"LlamaAttention); {_SGLANG_CONFIG}: ModelConfig.get_total_num_kv_heads "
                                 "(num_attention_heads // n_heads_in_group of every attention that is not no_op)",
             "linear_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
+            "moe_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP of ffn_mult)",
             "noop_ffn_after_attention": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_SGLANG}: DeciLMForCausalLM.__init__ / load_weights (lm_head = embed_tokens when tied)",
             "noop_ffn_last_layer": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
@@ -159,6 +173,8 @@ ENGINES: dict[str, Engine] = {
                                 f"{_TRTLLM_TORCH}: LinearAttention",
             "linear_ffn": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (FFNImplementation.LINEAR); "
                           f"{_TRTLLM_TORCH}: LinearMLP",
+            "moe_ffn": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (MLP, LINEAR or NO_OP, by ffn_mult); "
+                       f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.__init__",
             "noop_ffn_after_attention": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_TRTLLM_CONVERT}: load_model_weights (load_weight('lm_head.weight') unconditionally)",
             "noop_ffn_last_layer": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
@@ -179,6 +195,8 @@ ENGINES: dict[str, Engine] = {
                                 f"-> 0 KV heads); {_LLAMACPP_GRAPH}: llm_build_deci (n_head > 0, n_head_kv == 0: wo only)",
             "linear_ffn": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (ffn_mult None -> width 0, a skipped FFN; "
                           "linear_mlp has no GGUF tensor)",
+            "moe_ffn": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (one feed_forward_length per layer, from ffn_mult; "
+                       f"no expert tensors); {_LLAMACPP_GRAPH}: llm_build_deci (a dense FFN)",
             "noop_ffn_after_attention": f"{_LLAMACPP_GRAPH}: llm_build_deci (n_ff == 0 -> `continue` before the "
                                         "residual add: the layer's attention output is dropped)",
             "lm_head_weight": f"{_LLAMACPP_GRAPH}: llm_build_deci (model.output; llama-model.cpp falls back to "
@@ -228,6 +246,8 @@ def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hid
         broken.append("ffn_mult_grid")
     if config.replace_with_linear and not engine.linear_ffn:
         broken.append("linear_ffn")
+    if config.is_moe and not engine.moe_ffn:
+        broken.append("moe_ffn")
     if config.no_op and not engine.noop_ffn_after_attention:
         broken.append("noop_ffn_after_attention")
     return broken

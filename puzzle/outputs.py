@@ -70,7 +70,7 @@ def _protected(run: Path, command: str) -> list[Path]:
     """The run's own areas: no named output may be one of them or lie inside one."""
     r = RunDir(run)
     areas = [r.info_file, r.data, r.importance, r.library, r.scores, r.costs_dir, r.solutions, r.eval,
-             r.ledger, r.report, r.report_pareto, r.root / LOCKS]
+             r.ledger, r.report, r.report_pareto, r.report_router_load, r.root / LOCKS]
     if command != "convert":  # the pipeline converts a GGUF parent once into R/parent
         areas.append(r.converted_parent)
     if command != "correct_teacher":  # the run's corrected parent (teacher correction) is that command's alone

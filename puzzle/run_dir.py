@@ -399,6 +399,11 @@ class RunDir:
     def report_pareto(self) -> Path:
         return self.root / f"{PARETO}.png"
 
+    @property
+    def report_router_load(self) -> Path:
+        """The report's plot of each MoE layer's router load per evaluated model."""
+        return self.root / "router_load.png"
+
 
 def open_lock(path: Path) -> Any:
     """A lock file opened for reading and writing (created when absent) without following a symbolic link:

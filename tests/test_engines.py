@@ -238,6 +238,10 @@ def test_engine_rules_match_what_its_loader_builds(engine, saved_child):
 def test_every_rule_refuses_something_and_every_engine_is_cited():
     refused = {rule for e in ENGINES.values() for b in CANDIDATES for last in (False, True) for first in (False, True)
                for rule in block_violations(e, b, HIDDEN, last=last, first=first, kv_reference=ATTENTIONS[0])}
+    # an MoE block (not among the Llama child's candidates: a Llama family has no router): only transformers builds it
+    moe = BlockConfig.from_name("attn_g1+moe_e4k2_i64")
+    assert [e.name for e in ENGINES.values() if not block_violations(e, moe, HIDDEN)] == ["transformers"]
+    refused |= {rule for e in ENGINES.values() for rule in block_violations(e, moe, HIDDEN)}
     assert refused == set(RULES) - {"lm_head_weight"}  # lm_head_weight is about files, tested below
     for engine in ENGINES.values():
         assert set(engine.sources) == set(RULES), engine.name

@@ -171,3 +171,42 @@ def test_an_engine_without_windows_drops_the_window_variants_with_a_note(capsys)
     space = build_search_space({"target_engine": "vllm", "attention": {"windows": [8]}}, llama)
     assert [a.name for a in space.attention_variants(1)] == ["attn_g2"]
     assert any("dropped attn_g2_w8" in n and "window_length" in n and "nemotron_nas.py" in n for n in space.notes)
+# ---- MoE parents (issue 25): each layer starts from its own FFN; MoE layers take the `ffn.moe` knobs ----------
+
+def test_moe_knobs_give_every_experts_topk_width_combination_and_dense_layers_their_widths():
+    from conftest import make_family_config
+
+    config = make_family_config("qwen2_moe")  # 6 experts of 32 top-2, a shared expert of 48; layer 3 dense 128
+    raw = {"ffn": {"ratios": [1.0, 0.5], "no_op": True,
+                   "moe": {"expert_ratios": [1.0, 0.5], "top_k": [2, 1, 4], "expert_width_ratios": [1.0, 0.25]}}}
+    space = build_search_space(raw, config)
+    assert [f.name for f in space.parent_ffns] == ["moe_e6k2_i32_s48"] * 3 + ["ffn_128"]
+    names = [f.name for f in space.ffn_variants(0)]
+    assert names[0] == "moe_e6k2_i32_s48" and names[-1] == "ffn_noop"
+    # top-4 only where at least 4 experts are kept (6, not 3); the shared expert always the parent's
+    assert set(names[:-1]) == {f"moe_e{e}k{k}_i{w}_s48" for e in (6, 3) for k in (2, 1, 4) for w in (32, 8) if k <= e}
+    assert [f.name for f in space.ffn_variants(3)] == ["ffn_128", "ffn_64", "ffn_noop"]
+    parents = {v.layer: v.name for v in space.variants(("ffn",)) if v.is_parent}
+    assert parents == {0: "moe_e6k2_i32_s48", 1: "moe_e6k2_i32_s48", 2: "moe_e6k2_i32_s48", 3: "ffn_128"}
+    with pytest.raises(ValueError, match="differs by layer"):
+        space.parent_ffn  # noqa: B018
+
+
+@pytest.mark.parametrize("moe, message", [
+    ({"experts": [1]}, "unknown ffn.moe keys"),
+    ({"expert_ratios": [0]}, "expert_ratios must be a list of numbers in"),
+    ({"top_k": [0]}, "top_k must be a list of positive integers"),
+    ({"expert_width_ratios": 0.5}, "expert_width_ratios must be a list"),
+])
+def test_bad_moe_knobs_are_one_line(moe, message):
+    from conftest import make_family_config
+
+    with pytest.raises(PuzzleError, match=message):
+        build_search_space({"ffn": {"moe": moe}}, make_family_config("mixtral"))
+
+
+def test_moe_engines_other_than_transformers_are_refused_for_moe_parents():
+    from conftest import make_family_config
+
+    with pytest.raises(PuzzleError, match="cannot serve mixtral children"):
+        build_search_space({"target_engine": "vllm"}, make_family_config("mixtral"))

@@ -55,7 +55,7 @@ def distill_cost(ctx: Context, s: Any) -> Estimate:
     teacher = Pe / n if sharded else Pe - unread_bytes(ctx, device, e, logits=True)
     student = 4 * P32 / n
     if n > 1 or offload:
-        student += 2 * shape.params(shape.parent_block) * e
+        student += 2 * max(shape.params(b) for b in dict.fromkeys(shape.parent_blocks)) * e
     elif e != FP32:
         student += P32 * e // FP32  # autocast's e copies of the student's weights
     act = training_activations(ctx, b, e, checkpointing)
@@ -141,7 +141,8 @@ def offloaded_student(shape: ModelShape, e: int, n: int) -> tuple[float, float]:
             copied to the GPU (+ 4 / n bytes per parameter); the layers' unsharded gradients in e and their
             fp32 copies for the reduce-scatter, one unit at a time (the root's is the largest)
     Loading (every rank: the student in fp32 and the teacher in e, before sharding and placing) is the caller's."""
-    P32, root, layer = shape.model_bytes(None, FP32), shape.embedding_params + shape.hidden_size, shape.params(shape.parent_block)
+    layer = max(shape.params(b) for b in dict.fromkeys(shape.parent_blocks))  # the largest (an MoE parent's differ)
+    P32, root = shape.model_bytes(None, FP32), shape.embedding_params + shape.hidden_size
     host = 4 * P32 / n + shape.fixed_params("embeddings") * FP32 / n
     gathered = (root + 2 * layer) * (e + FP32 / n)
     grads = max(root, layer) * (e + FP32)

@@ -21,6 +21,7 @@ from .lm_eval_adapter import run_lm_eval  # lm_eval itself is imported when call
 
 from .mc import evaluate_mc, load_mc_tasks
 from .quality import quality_metrics
+from .router import router_load
 from .throughput import measure_throughput
 
 
@@ -65,7 +66,8 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
              batch_size: int = 4, mc_tasks: list[str] | None = None, budget: str | None = "h100_80gb",
              measure: bool = True, name: str | None = None, lm_eval_tasks: list[str] | None = None,
              device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
-    """Validation perplexity, KL and top-1 agreement with the parent, multiple choice, throughput.
+    """Validation perplexity, KL and top-1 agreement with the parent, multiple choice, throughput, and each MoE
+    layer's router load (the share of its routing each expert receives, evaluate/router.py).
 
     Args:
         model: the model to evaluate (a puzzle child, a pruned Llama, or any supported checkpoint)
@@ -112,7 +114,9 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
                               "parent_fingerprint": fingerprint(parent) if parent else None,
                               "device": str(runtime.device), "dtype": runtime.dtype_name}
     result["params"] = sum(p.numel() for p in subject.parameters())
-    result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)
+    with router_load(subject) as routing:  # each MoE layer's load per expert, from the same forwards
+        result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)
+    result.update(routing)
     if mc_items:
         tokenizer = load_tokenizer(model)
         result["multiple_choice"] = {task: evaluate_mc(subject, tokenizer, items) for task, items in mc_items.items()}

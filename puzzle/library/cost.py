@@ -55,7 +55,7 @@ def variant_train_flops(shape: ModelShape, variant: Variant, seq_len: int) -> fl
         return 0.0
     flops = 6 * shape.matmul_params(variant.config)
     if variant.kind == "attention":
-        flops += 4 * shape.matmul_params(shape.parent_ffn) + 3 * shape.attention_flops(variant.config, seq_len / 2)
+        flops += 4 * shape.matmul_params(shape.parent_blocks[variant.layer].ffn) + 3 * shape.attention_flops(variant.config, seq_len / 2)
     return float(flops)
 
 
@@ -76,7 +76,7 @@ def parent_forward_flops(shape: ModelShape, last_layer: int, seq_len: int) -> fl
 def truncated_parent_bytes(shape: ModelShape, last_layer: int, dtype_bytes: int = FP32) -> int:
     """A BLD worker's parent (`load_puzzle(last_layer=...)`): the embeddings and layers 0..last_layer, no
     head, no final norm, read once from safetensors onto the meta-built model, in the training's low dtype."""
-    return (shape.fixed_params("embeddings") + (last_layer + 1) * shape.params(shape.parent_block)) * dtype_bytes
+    return (shape.fixed_params("embeddings") + shape.layer_params(shape.parent_blocks[:last_layer + 1])) * dtype_bytes
 
 
 def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], settings: Recipe, seq_len: int) -> int:

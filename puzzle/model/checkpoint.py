@@ -403,6 +403,20 @@ def canonical_key(key: str, spec: MoESpec | None = None) -> str:
     return f"{m.group(1)}mlp.experts.{m.group(3)}.{_MIXTRAL_EXPERT[m.group(4)]}.weight"
 
 
+def hub_key(key: str, family: str) -> str:
+    """A key in puzzle's names as the family's hub checkpoints spell it (the inverse of `canonical_key`):
+    Mixtral's router and experts under `block_sparse_moe` with w1 / w3 / w2; every other key as it is."""
+    if family != "mixtral":
+        return key
+    m = re.fullmatch(r"(.*\.)mlp\.(gate\.weight|experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)", key)
+    if m is None:
+        return key
+    if m.group(3) is None:
+        return f"{m.group(1)}block_sparse_moe.gate.weight"
+    w = {v: k for k, v in _MIXTRAL_EXPERT.items()}[m.group(4)]
+    return f"{m.group(1)}block_sparse_moe.experts.{m.group(3)}.{w}.weight"
+
+
 def _unfuse_expert(which: str, w: torch.Tensor, layout: str, bias: bool) -> dict[str, torch.Tensor]:
     """One expert's slice of a fused parameter ((2I, D) / (D, I) in "gate_up_rows"; (D, 2I) / (I, D) and biases
     (2I,) / (D,) in "gate_up_interleaved") as its nn.Linear tensors: {"gate_proj": ..., "up_proj": ...} or

@@ -207,35 +207,17 @@ def test_convert_writes_an_all_parent_moe_child(family, tmp_path, capsys):
         assert (load_puzzle(tmp_path / "child")(x).logits - parent(x).logits).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("argv", [  # importance and prune handle MoE parents (tests/pruning/test_pruning_experts.py)
-    ["export", "{child}", "{tmp}/export.gguf"],
-    ["export", "{child}", "{tmp}/export", "--format", "nemotron-nas"],
-])
-def test_stages_without_moe_support_refuse_in_one_line(argv, tmp_path, capsys):
-    """Every stage that would otherwise half-work on MoE FFNs (export; the search stages through
-    `build_search_space`) ends with one line and exit 2, writing nothing."""
-    from puzzle.cli import main
-
-    parent = make_family_parent("mixtral")
-    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
-    make_tokenizer().save_pretrained(tmp_path / "parent")
-    save_model(to_puzzle(parent), tmp_path / "child", make_tokenizer())
-    before = sorted(p.name for p in tmp_path.iterdir())
-    capsys.readouterr()
-    args = [a.format(parent=tmp_path / "parent", child=tmp_path / "child", tmp=tmp_path) for a in argv]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"{argv[0]}: MoE parents (mixtral) load, convert and run" in err
-    assert sorted(p.name for p in tmp_path.iterdir()) == before
-
-
 @pytest.mark.parametrize("space", ["tiny", "llama_default", "ffn_only"])
-def test_search_spaces_refuse_moe_parents(space):
+def test_dense_search_spaces_give_moe_layers_only_their_own_linear_and_noop_variants(space):
+    """A space without `ffn.moe` knobs searches an MoE parent's attention and dense layers; each MoE layer
+    keeps its own block (or the space's linear / no-op FFN)."""
     from puzzle.search_space import load_search_space
 
     for config in (make_family_config("qwen3_moe"), puzzle_config_from(make_family_config("mixtral"))):
-        with pytest.raises(PuzzleError, match=f"search space .*: MoE parents .* not supported"):
-            load_search_space(space, config)
+        built = load_search_space(space, config)
+        for layer, own in enumerate(built.parent_ffns):
+            moe = [f for f in built.ffn_variants(layer) if f.is_moe]
+            assert moe == ([own] if own.is_moe else [])
 
 
 def test_moe_children_load_under_the_oldest_declared_transformers(tmp_path):
