@@ -210,7 +210,7 @@ def moe_parent(request):
 
 
 def _moe_out(model, layer, variant, state, x):
-    return Sublayer(model.config, "ffn", variant, state, layer)(x, None)
+    return Sublayer(model.config, "ffn", variant, state)(x, None)
 
 
 def test_all_experts_kept_at_the_parents_topk_reproduce_the_parent_exactly(moe_parent):
