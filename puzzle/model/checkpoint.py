@@ -192,7 +192,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             with SafetensorsCheckpoint(path) as ckpt:
                 state = dequantize_mxfp4_state(ckpt.read_many(ckpt.keys(), dtype), dtype)
             if config.model_type != PuzzleConfig.model_type and family_of(config).moe is not None:
-                state = transformers_moe_state(state, set(model.state_dict()))  # hub experts -> this class's
+                state = transformers_moe_state(state, set(model.state_dict()), family_of(config).moe)  # hub -> this class
             tied = getattr(config, "tie_word_embeddings", False)
             if tied:
                 state.pop("lm_head.weight", None)  # a tied head is the embedding (tie_weights below)
@@ -453,20 +453,44 @@ def puzzle_moe_state(state: dict[str, torch.Tensor], spec: MoESpec, contiguous: 
     return out
 
 
-def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
-    """A hub checkpoint's MoE state in the layout of the transformers model whose keys are `wanted`: each
-    expert's tensors stacked into the fused 3-D parameters where that model has them (transformers 5; gpt-oss's
-    hub files hold them fused already)."""
-    state = {canonical_key(k): v for k, v in state.items()}
-    for key in [k for k in wanted if _FUSED.fullmatch(k) and _FUSED.fullmatch(k).group(3) is None]:
-        prefix, which, _ = _FUSED.fullmatch(key).groups()
-        parts = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
+def _fuse_expert(which: str, parts: dict[str, torch.Tensor], layout: str, bias: bool) -> torch.Tensor:
+    """One expert's nn.Linear tensors ({"gate_proj", "up_proj"} or {"down_proj"}: (out, in) weights or (out,)
+    biases) as its slice of the fused parameter in `layout`: the inverse of `_unfuse_expert`."""
+    if which == "down_proj":
+        w = parts["down_proj"]
+        return w if layout == "gate_up_rows" or bias else w.T
+    gate, up = parts["gate_proj"], parts["up_proj"]
+    if layout == "gate_up_rows":
+        return torch.cat([gate, up], dim=0)  # (2I, D): gate rows, then up rows
+    t = torch.stack([gate, up], dim=1).reshape(2 * gate.shape[0], *gate.shape[1:])  # gate at even rows, up at odd
+    return t if bias else t.T  # (D, 2I): GptOssExperts computes x @ W
+
+
+def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str],
+                           spec: MoESpec | None = None) -> dict[str, torch.Tensor]:
+    """An MoE state dict (puzzle's per-expert layout, or a hub checkpoint's) in the layout of the transformers
+    model of `spec`'s family whose keys are `wanted`: each expert's tensors stacked into the fused 3-D
+    parameters (and gpt-oss's fused biases) where that model has them, in `spec.fused_layout` (`_fuse_expert`:
+    transformers 5 fuses every family; gpt-oss's hub files hold them fused already), and the router under the
+    family's name (gpt-oss `mlp.router`)."""
+    state = {canonical_key(k, spec): v for k, v in state.items()}
+    layout = spec.fused_layout if spec is not None else "gate_up_rows"
+    for key in [k for k in wanted if _FUSED.fullmatch(k)]:
+        prefix, which, bias = _FUSED.fullmatch(key).groups()
+        names = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
+        suffix = "bias" if bias else "weight"
         experts = []
-        while f"{prefix}{len(experts)}.{parts[0]}.weight" in state:
+        while f"{prefix}{len(experts)}.{names[0]}.{suffix}" in state:
             j = len(experts)
-            experts.append(torch.cat([state.pop(f"{prefix}{j}.{p}.weight") for p in parts], dim=0))
+            parts = {n: state.pop(f"{prefix}{j}.{n}.{suffix}") for n in names}
+            experts.append(_fuse_expert(which, parts, layout, bias is not None))
         if experts:
             state[key] = torch.stack(experts)
+    if spec is not None and spec.router_name != "gate":
+        for key in [k for k in state if re.fullmatch(r".*\.mlp\.gate\.(weight|bias)", k)]:
+            renamed = key.replace(".mlp.gate.", f".mlp.{spec.router_name}.")
+            if renamed in wanted:
+                state[renamed] = state.pop(key)
     return state
 
 

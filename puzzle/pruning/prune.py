@@ -266,7 +266,7 @@ def prune_model(
     dtype = next(model.parameters()).dtype
     pruned = getattr(transformers, model.config.family_descriptor.causal_lm_class)(config).to(dtype)
     if shape.parent_ffns is not None:  # one SwiGLU per expert -> this transformers class's (fused) layout
-        state = transformers_moe_state(state, set(pruned.state_dict()))
+        state = transformers_moe_state(state, set(pruned.state_dict()), model.config.family_descriptor.moe)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = pruned.load_state_dict(state, strict=False)

@@ -8,9 +8,9 @@ Conventions (nn.Linear weights are (out, in)):
             heads. Query head h reads KV head h // (H / K). Qwen3's q_norm / k_norm (d,) are one weight
             over head_dim shared by all heads (transformers `Qwen3Attention`): every kept head keeps it.
             gpt-oss's sinks (H,) are one logit per query head: kept with their heads.
-  experts   an MoE FFN (modeling_puzzle.py `MoEFFN`): router `mlp.gate.weight` (E, D), rows are experts;
-            expert j's SwiGLU under `mlp.experts.{j}.`; a shared expert (`mlp.shared_expert.`, its gate
-            `mlp.shared_expert_gate.weight`) is every token's and stays.
+  experts   an MoE FFN (modeling_puzzle.py `MoEFFN`): router `mlp.gate.weight` (E, D), rows are experts
+            (and gpt-oss's router bias (E,)); expert j's SwiGLU under `mlp.experts.{j}.`; a shared expert
+            (`mlp.shared_expert.`, its gate `mlp.shared_expert_gate.weight`) is every token's and stays.
   channels  every weight that touches the residual stream: embeddings and lm_head (V, D) columns,
             q/k/v/gate/up columns, o_proj/down_proj rows and biases, RMSNorm weights over the hidden
             size (not the per-head q/k norms), linear sublayers both ways.
@@ -113,7 +113,7 @@ def slice_attention_state(
     return out
 
 
-_ROUTER = re.compile(r"(.*\.)?mlp\.gate\.weight")
+_ROUTER = re.compile(r"(.*\.)?mlp\.gate\.(weight|bias)")  # rows (E, D) and gpt-oss's bias (E,)
 _EXPERT = re.compile(r"(.*\.)?mlp\.experts\.(\d+)\.(.*)")
 
 
