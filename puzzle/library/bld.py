@@ -31,7 +31,6 @@ from typing import Any, Callable, Collection, Literal, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from puzzle import training
@@ -243,12 +242,19 @@ def calibrate_ffns(parent: PuzzleForCausalLM, ids_batches: Sequence[torch.Tensor
 
 
 def _abs_activation_sum(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """Sum over tokens x (N, D) of |silu(x W_gate^T) * (x W_up^T)|, the input of down_proj (I,), in fp32 under a
-    bf16 parent; for an MoE FFN each expert's on every token (E, I)."""
+    """Sum over tokens x (N, D) of |the input of down_proj| (I,): silu(x W_gate^T) * (x W_up^T), or whatever the
+    family's expert computes there (gpt-oss's clamped SwiGLU with biases), read by a hook on down_proj as
+    importance.py does; in fp32 under a bf16 parent; for an MoE FFN each expert's on every token (E, I)."""
     experts = getattr(mlp, "experts", None)
     if experts is not None:
         return torch.stack([_abs_activation_sum(e, x) for e in experts])
-    return (F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).abs().float().sum(0)
+    seen = []
+    hook = mlp.down_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    try:
+        mlp(x)
+    finally:
+        hook.remove()
+    return seen[0].abs().float().sum(0)
 
 
 # ----- losses ----------------------------------------------------------------------------------------

@@ -17,10 +17,12 @@ parent's pre-norm; only the module behind it changes.
   MoE FFN, fewer experts     the experts with the highest `expert_scores` (the router statistics of
                              `puzzle importance`, `layers.{i}.experts.output`, where the run has them) or, without
                              them, the largest router rows ||W_gate[j]||: a token's logit for expert j is
-                             x . W_gate[j], so a small row rarely wins the top-k. Their router rows are kept
-                             with them, in the parent's order; the shared expert (and its gate) is copied
+                             x . W_gate[j], so a small row rarely wins the top-k. Their router rows (and
+                             router bias: gpt-oss) are kept with them, in the parent's order, each expert
+                             with its biases; the shared expert (and its gate) is copied
   MoE FFN, narrower experts  each kept expert's neurons ranked by Channel Contribution as a dense FFN's, on
-                             the calibration tokens (each expert's own |activations|, `FFNCalibration`)
+                             the calibration tokens (each expert's own |activations|, `FFNCalibration`);
+                             gate/up biases go with their neurons, the down bias (D,) stays
   MoE FFN, other top-k       nothing to initialise: the router and experts are the same weights
 """
 
@@ -45,7 +47,7 @@ RIDGE = 1e-12
 class FFNCalibration:
     """What one layer's parent FFN did on calibration tokens.
 
-    abs_activation_sum: (I,) sum over tokens of |silu(x W_gate^T) * (x W_up^T)|, the input of down_proj;
+    abs_activation_sum: (I,) sum over tokens of |the input of down_proj| (silu(x W_gate^T) * (x W_up^T));
         (E, I) for an MoE FFN: each expert's, over every calibration token (so an expert the router seldom
         picks is still ranked on as many tokens as the others).
     tokens: how many tokens that sum is over.
@@ -132,13 +134,20 @@ def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def prune_ffn(parent: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The SwiGLU state restricted to neurons `keep`: rows of gate/up, columns of down."""
-    return {
+    """The SwiGLU state restricted to neurons `keep`: rows of gate/up (and of their biases), columns of down
+    (its bias (D,) copied), biases where the parent has them (gpt-oss's experts, Llama's `mlp_bias`)."""
+    state = {
         FFN_NORM: parent[FFN_NORM].clone(),
         "mlp.gate_proj.weight": parent["mlp.gate_proj.weight"][keep].clone(),
         "mlp.up_proj.weight": parent["mlp.up_proj.weight"][keep].clone(),
         "mlp.down_proj.weight": parent["mlp.down_proj.weight"][:, keep].clone(),
     }
+    for part in ("gate_proj", "up_proj"):
+        if (bias := parent.get(f"mlp.{part}.bias")) is not None:
+            state[f"mlp.{part}.bias"] = bias[keep].clone()
+    if (bias := parent.get("mlp.down_proj.bias")) is not None:
+        state["mlp.down_proj.bias"] = bias.clone()
+    return state
 
 
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -207,8 +216,14 @@ def init_ffn(
 # ----- MoE FFN ---------------------------------------------------------------------------------------
 
 
-def _expert_keys(j: int) -> tuple[str, ...]:
-    return tuple(f"mlp.experts.{j}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+_EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+
+
+def _expert_state(parent: dict[str, torch.Tensor], j: int) -> dict[str, torch.Tensor]:
+    """Expert j's SwiGLU as a dense FFN's state (`mlp.gate_proj.weight`, ..., and the biases where the family's
+    experts have them: gpt-oss)."""
+    return {f"mlp.{part}.{kind}": parent[key] for part in _EXPERT_PARTS for kind in ("weight", "bias")
+            if (key := f"mlp.experts.{j}.{part}.{kind}") in parent}
 
 
 def choose_experts(parent: dict[str, torch.Tensor], count: int, expert_scores: torch.Tensor | None = None) -> list[int]:
@@ -246,24 +261,24 @@ def init_moe_ffn(
     keep = [int(j) for j in keep]
     if len(keep) != child_moe.num_experts or len(set(keep)) != len(keep) or not all(0 <= j < parent_moe.num_experts for j in keep):
         raise ValueError(f"keep {keep} does not name {child_moe.num_experts} distinct of the {parent_moe.num_experts} experts")
-    state = {FFN_NORM: parent_state[FFN_NORM].clone(), "mlp.gate.weight": parent_state["mlp.gate.weight"][keep].clone()}
-    for key, w in parent_state.items():  # the shared expert and its gate
-        if key.startswith(("mlp.shared_expert.", "mlp.shared_expert_gate.")):
+    state = {FFN_NORM: parent_state[FFN_NORM].clone()}
+    for key, w in parent_state.items():  # the router's rows (and bias: gpt-oss), the shared expert and its gate
+        if key in ("mlp.gate.weight", "mlp.gate.bias"):
+            state[key] = w[keep].clone()
+        elif key.startswith(("mlp.shared_expert.", "mlp.shared_expert_gate.")):
             state[key] = w.clone()
     narrow = child_moe.expert_size < parent_moe.expert_size
     if narrow and calibration is None:
         raise ValueError("narrower experts are initialised from calibration activations")
     for new, old in enumerate(keep):
-        expert = dict(zip(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),
-                          (parent_state[k] for k in _expert_keys(old))))
+        expert = _expert_state(parent_state, old)
         if narrow:
             mean_abs = calibration.abs_activation_sum[old] / max(calibration.tokens, 1)
             neurons = top_channels(channel_contribution(mean_abs, expert["mlp.down_proj.weight"]), child_moe.expert_size)
         else:
             neurons = torch.arange(parent_moe.expert_size)
         pruned = prune_ffn({FFN_NORM: parent_state[FFN_NORM], **expert}, neurons)
-        for part, key in zip(("gate_proj", "up_proj", "down_proj"), _expert_keys(new)):
-            state[key] = pruned[f"mlp.{part}.weight"]
+        state.update({f"mlp.experts.{new}.{k.removeprefix('mlp.')}": w for k, w in pruned.items() if k != FFN_NORM})
     if keep == list(range(parent_moe.num_experts)) and not narrow:
         method = "copy"
     else:

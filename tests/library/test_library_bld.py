@@ -164,7 +164,7 @@ def test_bld_trains_a_window_variant_from_the_parents_attention_copied(tmp_path,
     state = store.variant_state(tmp_path, parent, space.variant(1, "attention", "attn_g2_w8"))
     replace_sublayer(parent, 1, "attention", space.variant(1, "attention", "attn_g2_w8").config, state)
     assert parent.model.layers[1].self_attn.window == 8 and parent.config.blocks[1].attention.name == "attn_g2_w8"
-@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral", "gpt_oss"])
 def test_bld_trains_moe_variants_and_records_their_experts(tmp_path, data, family):
     """MoE variants (issue 25) of a layer: each kept expert set in its record, every trained one lowered from
     its init (router and experts trained against the parent layer's output); the dense layer of Qwen2-MoE
@@ -193,3 +193,23 @@ def test_bld_trains_moe_variants_and_records_their_experts(tmp_path, data, famil
     assert records["L001/ffn/" + own.name]["experts"] == list(range(own.num_experts))  # the parent's own
     if family == "qwen2_moe":
         assert "L003/ffn/ffn_64" in records and "experts" not in records["L003/ffn/ffn_64"]
+
+
+def test_a_gpt_oss_window_variant_starts_from_the_parents_attention_and_sinks(tmp_path, data):
+    """gpt-oss's full-attention layer 1 gets a window variant: the parent's attention copied, its sinks
+    (H,) included (only the mask differs), BLD lowers its loss, and the stored entry keeps the sinks."""
+    from conftest import make_family_parent
+
+    torch.manual_seed(0)
+    parent = to_puzzle(make_family_parent("gpt_oss"))
+    space = build_search_space({"attention": {"kv_heads": "all", "windows": [8]}}, parent.config)
+    name = next(a.name for a in space.attention_variants(1) if a.window == 8)
+    build_layer_group(tmp_path, parent, space, [1], *data, SETTINGS)
+    record = store.read_manifest(tmp_path)["variants"][f"L001/attention/{name}"]
+    assert record["source"] == "trained" and record["init"] == "copy"
+    assert 0 < record["loss_final"] < record["loss_init"]
+    sinks = parent.model.layers[1].self_attn.sinks.detach().clone()
+    state = store.variant_state(tmp_path, parent, space.variant(1, "attention", name))
+    assert state["self_attn.sinks"].shape == sinks.shape and not torch.equal(state["self_attn.sinks"], sinks)  # trained
+    replace_sublayer(parent, 1, "attention", space.variant(1, "attention", name).config, state)
+    assert parent.model.layers[1].self_attn.window == 8

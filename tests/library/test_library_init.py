@@ -200,7 +200,7 @@ def test_attention_init_carries_the_familys_biases_and_qk_norms(family):
 
 # ---- MoE FFN (issue 25) ------------------------------------------------------------------------------------
 
-@pytest.fixture(params=["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.fixture(params=["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def moe_parent(request):
     from conftest import make_family_parent
 
@@ -247,14 +247,25 @@ def test_kept_experts_and_their_router_rows_are_the_chosen_parent_ones(moe_paren
     assert keep == list(range(own.num_experts - child.num_experts, own.num_experts))
     assert method == "experts_by_importance+channel_contribution"
     assert torch.equal(state["mlp.gate.weight"], parent_state["mlp.gate.weight"][keep])
+    biased = "mlp.gate.bias" in parent_state  # gpt-oss: the router and every expert projection have biases
+    assert biased == (model.config.family == "gpt_oss")
+    if biased:
+        assert torch.equal(state["mlp.gate.bias"], parent_state["mlp.gate.bias"][keep])
     for new, old in enumerate(keep):
         down = parent_state[f"mlp.experts.{old}.down_proj.weight"]
         neurons = top_channels(channel_contribution(activations[old], down), child.expert_size)
         assert torch.equal(state[f"mlp.experts.{new}.down_proj.weight"], down[:, neurons])
-        assert torch.equal(state[f"mlp.experts.{new}.gate_proj.weight"],
-                           parent_state[f"mlp.experts.{old}.gate_proj.weight"][neurons])
+        for part in ("gate_proj", "up_proj"):
+            for kind in ("weight", "bias") if biased else ("weight",):  # a bias goes with its neurons
+                assert torch.equal(state[f"mlp.experts.{new}.{part}.{kind}"],
+                                   parent_state[f"mlp.experts.{old}.{part}.{kind}"][neurons])
+        if biased:  # down's bias is over the hidden size: whole
+            assert torch.equal(state[f"mlp.experts.{new}.down_proj.bias"], parent_state[f"mlp.experts.{old}.down_proj.bias"])
     shared = {k for k in parent_state if "shared_expert" in k}
     assert all(torch.equal(state[k], parent_state[k]) for k in shared)
-    assert len(state) == 2 + 3 * child.num_experts + len(shared)  # norm, router, experts, shared expert
+    per_expert = 6 if biased else 3
+    assert len(state) == 2 + biased + per_expert * child.num_experts + len(shared)  # norm, router, experts, shared
+    # the state fits the module the child builds (strict load)
+    Sublayer(model.config, "ffn", FFNConfig(moe=child), state)
     with pytest.raises(ValueError, match="distinct"):
         init_moe_ffn(parent_state, own, child, keep=[0] * child.num_experts, calibration=calib)
