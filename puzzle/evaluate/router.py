@@ -5,26 +5,33 @@ layer it fills (a balanced router gives each of E experts 1/E; an expert no toke
 hooks on each MoE layer's router during the evaluation's own forward passes (no extra pass), for a puzzle
 model (modeling_puzzle.py `MoEFFN.gate`, each layer its own top-k) and for a parent loaded as transformers'
 class (`<X>SparseMoeBlock.gate`: Qwen2MoeTopKRouter / Qwen3MoeTopKRouter / MixtralTopKRouter hold the router
-as a (E, D) `weight`; the config's `num_experts_per_tok`). Softmax is monotone, so the top-k of the logits is
-the top-k of the probabilities every family's router takes (transformers `<X>TopKRouter.forward`).
+as a (E, D) `weight`; GptOssMLP.router, with a bias (E,); the config's `num_experts_per_tok`). Softmax is
+monotone, so the top-k of the logits is the top-k of the probabilities every family's router takes
+(transformers `<X>TopKRouter.forward`; gpt-oss takes the top-k of the logits themselves).
 """
 
 from contextlib import contextmanager
 from typing import Any, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from puzzle.model.family import config_family
 
 
 def _routers(model: nn.Module) -> list[tuple[int, nn.Module, int]]:
     """(layer, router module with an (E, D) weight, top-k) for each MoE layer of `model`."""
     config = model.config
     blocks = getattr(config, "blocks", None)  # a PuzzleConfig: per-layer MoE blocks
+    spec = config_family(config)[0].moe
+    # puzzle's router is `mlp.gate` in every family; transformers' is the family's (gpt-oss `mlp.router`)
+    name = spec.router_name if blocks is None and spec is not None else "gate"
     layers = model.model.layers
     out = []
     for i, layer in enumerate(layers):
         mlp = getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
-        gate = getattr(mlp, "gate", None)
+        gate = getattr(mlp, name, None)
         if gate is None or getattr(mlp, "experts", None) is None:
             continue  # a dense, linear or no-op FFN
         top_k = blocks[i].ffn.moe.top_k if blocks is not None else config.num_experts_per_tok
@@ -43,7 +50,8 @@ def router_load(model: nn.Module) -> Iterator[dict[str, Any]]:
     for layer, gate, top_k in _routers(model):
         def hook(module: nn.Module, args: tuple, _out: Any, layer: int = layer, top_k: int = top_k) -> None:
             x = args[0].reshape(-1, args[0].shape[-1])  # (N, D) the router's input
-            logits = x.float() @ module.weight.float().T  # (N, E)
+            bias = getattr(module, "bias", None)  # gpt-oss's router has one (E,)
+            logits = F.linear(x.float(), module.weight.float(), None if bias is None else bias.float())  # (N, E)
             chosen = torch.topk(logits, top_k, dim=-1).indices  # (N, k)
             n = torch.bincount(chosen.flatten(), minlength=logits.shape[-1]).cpu()
             counts[layer] = n + counts.get(layer, 0)

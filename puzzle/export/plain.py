@@ -11,7 +11,9 @@ it and checks that the family reads it back as exactly the child's blocks and wi
 
 Weights are the child's own, under the hub checkpoints' names (Qwen-MoE's are puzzle's; Mixtral's
 `block_sparse_moe.experts.{j}.w1/w3/w2`, checkpoint.py `hub_key`), which transformers 4 reads as they are and
-transformers 5 fuses on load (its conversion mapping for these families).
+transformers 5 fuses on load (its conversion mapping for these families); gpt-oss's hub layout is its class's,
+the experts fused (`gate_up_proj` (E, D, 2I) interleaved, biases beside them) and the router `mlp.router`
+(checkpoint.py `hub_moe_state`).
 """
 
 import dataclasses
@@ -24,7 +26,7 @@ import transformers
 
 from puzzle.errors import PuzzleError
 from puzzle.io import write_safetensors
-from puzzle.model.checkpoint import atomic_directory, hub_key, puzzle_config_from, save_tokenizer
+from puzzle.model.checkpoint import atomic_directory, hub_key, hub_moe_state, puzzle_config_from, save_tokenizer
 from puzzle.outputs import write_marker
 from puzzle.pruning.prune import _NOT_PLAIN, _window_fields  # the family config's own window fields
 
@@ -90,6 +92,8 @@ def plain_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The child's weights under the family's hub names (a tied head stored once, as save_pretrained does)."""
     family = model.config.family
     state = {hub_key(k, family): v for k, v in model.state_dict().items() if "rotary_emb" not in k}
+    if (spec := model.config.family_descriptor.moe) is not None:
+        state = hub_moe_state(state, spec)  # gpt-oss: its experts fused, its router `mlp.router`
     if model.config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     return state

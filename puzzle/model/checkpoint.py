@@ -384,6 +384,9 @@ _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _HUB_EXPERT = re.compile(r"(.*\.)block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w[123])\.weight)")
 _FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_bias)?")
 # fused experts as a checkpoint stores them: gpt-oss's hub files hold the weights MXFP4-packed
+# one expert's tensors and the router in puzzle's names
+_PER_EXPERT = re.compile(r"(.*\.mlp\.experts\.)\d+\.(gate_proj|up_proj|down_proj)\.(weight|bias)")
+_ROUTER = re.compile(r"(.*\.mlp\.)gate\.(weight|bias)")
 _STORED_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
 
 
@@ -487,11 +490,23 @@ def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str],
         if experts:
             state[key] = torch.stack(experts)
     if spec is not None and spec.router_name != "gate":
-        for key in [k for k in state if re.fullmatch(r".*\.mlp\.gate\.(weight|bias)", k)]:
-            renamed = key.replace(".mlp.gate.", f".mlp.{spec.router_name}.")
+        for key, m in [(k, m) for k in state if (m := _ROUTER.fullmatch(k))]:
+            renamed = f"{m.group(1)}{spec.router_name}.{m.group(2)}"
             if renamed in wanted:
                 state[renamed] = state.pop(key)
     return state
+
+
+def hub_moe_state(state: dict[str, torch.Tensor], spec: MoESpec) -> dict[str, torch.Tensor]:
+    """A state dict in puzzle's per-expert layout as the hub checkpoints of `spec`'s family hold it: where they
+    hold the experts fused (`spec.hub_fused`: gpt-oss), fused in `spec.fused_layout` with the router under the
+    family's name (`transformers_moe_state`); otherwise as it is."""
+    if not spec.hub_fused:
+        return state
+    fused = {f"{m.group(1)}{'down_proj' if m.group(2) == 'down_proj' else 'gate_up_proj'}"
+             f"{'_bias' if m.group(3) == 'bias' else ''}" for k in state if (m := _PER_EXPERT.fullmatch(k))}
+    routers = {f"{m.group(1)}{spec.router_name}.{m.group(2)}" for k in state if (m := _ROUTER.fullmatch(k))}
+    return transformers_moe_state(state, fused | routers, spec)
 
 
 # FP4 (e2m1) values by their 4-bit code: transformers integrations/mxfp4.py `FP4_VALUES`

@@ -101,6 +101,8 @@ class MoESpec:
     fused_layout how transformers' class fuses the experts (`FusedLayout`)
     router_name  the router's module name in transformers' class and the hub checkpoints (`mlp.gate`,
                  gpt-oss `mlp.router`); puzzle's is `mlp.gate` in every family
+    hub_fused    the hub checkpoints hold the experts fused in `fused_layout`, as transformers' class (4.x and
+                 5.x) does (gpt-oss); False: one tensor per expert, which transformers 5 fuses on load
     """
 
     experts_field: str
@@ -116,6 +118,7 @@ class MoESpec:
     activation: ExpertActivation = "silu"
     fused_layout: FusedLayout = "gate_up_rows"
     router_name: str = "gate"
+    hub_fused: bool = False
 
     def clamp(self, config: Any) -> tuple[float, float]:
         """(alpha, limit) of the clamped SwiGLU, from the config (a child's carries the parent's fields)."""
@@ -228,7 +231,7 @@ FAMILIES: dict[str, Family] = {
                       windows="layer_types",
                       moe=MoESpec("num_local_experts", "intermediate_size", False, routing="topk_softmax",
                                   router_bias=True, expert_bias=True, activation="clamped_swiglu",
-                                  fused_layout="gate_up_interleaved", router_name="router")),
+                                  fused_layout="gate_up_interleaved", router_name="router", hub_fused=True)),
 }
 DEFAULT_FAMILY = "llama"
 

@@ -10,7 +10,7 @@ from puzzle.model.checkpoint import to_puzzle
 from conftest import make_family_parent, make_llama
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_router_load_is_the_experts_moeffn_routes_to_in_both_classes(family):
     hf = make_family_parent(family)
     ours = to_puzzle(make_family_parent(family))

@@ -35,7 +35,7 @@ def _narrowed(family: str, layers: list[int] | None = None):
     return child.eval()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.slow
 def test_a_uniform_moe_child_exports_as_its_familys_plain_checkpoint(family, tmp_path, capsys):
     child = _narrowed(family)

@@ -211,10 +211,16 @@ def test_expert_pruned_checkpoints_load_in_plain_transformers(tmp_path):
         assert (got[family] - expected[family]).abs().max() <= ATOL
     # written in the hub layout (one tensor per expert; Mixtral's block_sparse_moe names) as save_pretrained writes
     # it, and config.json with 4.x's names too (Qwen3-MoE's num_experts): transformers 4.56 loads them as they are.
-    # Not qwen2_moe here: its parent windows layers 0 and 2 (`layer_types`), which 4.56's Qwen2MoeConfig cannot say.
+    # Not qwen2_moe here: its parent windows layers 0 and 2 (`layer_types`), which 4.56's Qwen2MoeConfig cannot say;
+    # gpt_oss from a parent with the real models' swiglu_limit 7.0, which 4.56's GptOssExperts hard-codes.
     from model.test_transformers_versions import OLDEST, oldest_transformers  # tests/ is on sys.path (conftest)
 
-    old = {f: d for f, d in dirs.items() if f != "qwen2_moe"}
+    old = {f: d for f, d in dirs.items() if f not in ("qwen2_moe", "gpt_oss")}
+    child = to_puzzle(make_family_parent("gpt_oss", swiglu_limit=7.0))
+    pruned, record = prune_model(child, compute_importance(child, [IDS], progress=False, block_sizes=()),
+                                 PrunePlan(experts=3, drop_layers=(2,)))
+    old["gpt_oss_limit7"] = save_pruned(pruned, tmp_path / "gpt_oss_limit7", make_tokenizer(), record)
+    expected["gpt_oss_limit7"] = pruned(IDS).logits
     got, stdout = reload_elsewhere(old, IDS, tmp_path, remote_code=False, pythonpath=str(oldest_transformers()))
     assert f"transformers {OLDEST}." in stdout
     for family in old:
