@@ -32,7 +32,7 @@ def _roofline_prices_moe() -> bool:
     return True
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 @pytest.mark.slow
 def test_run_end_to_end_on_an_moe_parent(family, tmp_path, capsys):
     if not _roofline_prices_moe():

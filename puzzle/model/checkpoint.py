@@ -246,9 +246,7 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
         # read as puzzle's); fused experts (gpt-oss's, MXFP4-packed or not) are read whole and split below
         fused = [k for k in ckpt.keys() if _STORED_FUSED.fullmatch(k) and not _left_out(k, config, truncated)]
         names = {k: canonical_key(k, spec) for k in ckpt.keys() if not _STORED_FUSED.fullmatch(k)}
-        unfused = {}
-        for group in _fused_groups(fused):  # one fused parameter at a time: its copy and its experts, then the next
-            unfused |= puzzle_moe_state(dequantize_mxfp4_state(ckpt.read_many(group, dtype), dtype), spec, contiguous=True)
+        unfused = read_unfused(ckpt, fused, spec, dtype) if fused else {}
         stray = [k for k, ours in names.items() if ours not in wanted and not _left_out(ours, config, truncated)]
         stray += [k for k in unfused if k not in wanted]
         if stray:
@@ -269,6 +267,22 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     materialise_buffers(model)
     check_materialised(model, str(path))
     return model.eval()
+
+
+def is_stored_fused(key: str) -> bool:
+    """Whether a stored key is (part of) a fused expert parameter (gpt-oss's `mlp.experts.gate_up_proj`, its
+    bias, or its MXFP4 `_blocks` / `_scales`): read whole and split by `read_unfused`."""
+    return _STORED_FUSED.fullmatch(key) is not None
+
+
+def read_unfused(source: Any, keys: list[str], spec: MoESpec, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Stored fused expert tensors `keys` (of a reader with `read(name, dtype)`) as puzzle's per-expert tensors,
+    dequantised where MXFP4-packed; one fused parameter at a time (its copy and its experts, then the next)."""
+    out = {}
+    for group in _fused_groups(keys):
+        tensors = {k: source.read(k, dtype) for k in group}
+        out |= puzzle_moe_state(dequantize_mxfp4_state(tensors, dtype), spec, contiguous=True)
+    return out
 
 
 def _fused_groups(keys: list[str]) -> list[list[str]]:

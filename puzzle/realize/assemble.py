@@ -8,7 +8,8 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.model import BlockConfig, PuzzleForCausalLM
-from puzzle.model.checkpoint import canonical_key, load_config, load_puzzle, puzzle_config_from
+from puzzle.model.checkpoint import (canonical_key, is_stored_fused, load_config, load_puzzle, puzzle_config_from,
+                                     read_unfused)
 from puzzle.model.loading import SafetensorsCheckpoint, check_materialised, materialise_buffers, on_meta
 from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
@@ -102,11 +103,16 @@ def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_f
     entry's with the parent's pre-norm where the entry has none (as `replace_sublayer` keeps it)."""
     prefix = f"model.layers.{variant.layer}."
     norm_name, module_name = _PARTS[variant.kind]
-    # ours -> stored: an MoE parent's hub names (Mixtral's block_sparse_moe.experts.{j}.w1) read as puzzle's
-    stored = {canonical_key(k): k for k in source.keys()}
-    own = {k: s for k, s in stored.items() if k.startswith((prefix + norm_name + ".", prefix + module_name + "."))}
+    spec = parent_config.family_descriptor.moe
+    mine = (prefix + norm_name + ".", prefix + module_name + ".")
+    # ours -> stored: an MoE parent's hub names (Mixtral's block_sparse_moe.experts.{j}.w1, gpt-oss's mlp.router)
+    # read as puzzle's; gpt-oss's fused experts (MXFP4-packed or not) read whole and split
+    stored = {canonical_key(k, spec): k for k in source.keys() if not is_stored_fused(k)}
+    own = {k: s for k, s in stored.items() if k.startswith(mine)}
     if variant.is_parent:
-        return {k: source.read(s, dtype) for k, s in own.items()}
+        fused = [k for k in source.keys() if is_stored_fused(k) and k.startswith(mine)]
+        unfused = read_unfused(source, fused, spec, dtype) if fused else {}
+        return {k: source.read(s, dtype) for k, s in own.items()} | unfused
     if variant.config.no_op:
         return {}
     state = state_fn(variant)

@@ -246,3 +246,28 @@ def test_a_bf16_parents_child_is_stored_in_bf16(tmp_path):
     parent = load_file(str(parent_dir / "model.safetensors"))
     assert all(t.dtype == torch.bfloat16 for t in child.values())
     assert all(child[k].equal(parent[k]) for k in parent)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_a_streamed_moe_child_reads_the_parents_experts_as_load_puzzle_does(tmp_path, family):
+    """realize streams an MoE parent's own sublayers from its checkpoint: Mixtral's hub names, gpt-oss's fused
+    experts (interleaved, with biases) and `mlp.router`; the child equals the whole-model assembly's."""
+    from conftest import make_family_parent
+    from puzzle.library.init import init_moe_ffn
+    from puzzle.model import MoEConfig
+    from puzzle.model.checkpoint import load_puzzle
+    from puzzle.model.surgery import sublayer_state
+    from puzzle.realize.assemble import stream_child
+
+    parent_dir = tmp_path / "parent"
+    make_family_parent(family).save_pretrained(parent_dir, safe_serialization=True)
+    parent = load_puzzle(parent_dir)
+    blocks = list(parent.config.blocks)
+    own = blocks[1].ffn.moe
+    fewer = MoEConfig(own.num_experts // 2, 1, own.expert_size)
+    state, _, _ = init_moe_ffn(sublayer_state(parent, 1, "ffn"), own, fewer)
+    blocks[1] = BlockConfig(blocks[1].attention, FFNConfig(moe=fewer))
+    streamed = stream_child(parent_dir, blocks, lambda v: state).state_dict()
+    whole = assemble_child(parent, blocks, lambda v: state).state_dict()
+    assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
+    assert "model.layers.0.mlp.experts.0.gate_proj.weight" in streamed
