@@ -210,3 +210,19 @@ def test_moe_engines_other_than_transformers_are_refused_for_moe_parents():
 
     with pytest.raises(PuzzleError, match="cannot serve mixtral children"):
         build_search_space({"target_engine": "vllm"}, make_family_config("mixtral"))
+
+
+def test_gpt_oss_moe_knobs_and_windows_apply_to_every_layer():
+    """gpt-oss: every layer MoE (4 experts of 96, top-2), layers 0 and 2 windowed by the parent; the moe knobs
+    give each layer the same (experts, top-k, width) grid and the window knob adds windows to the full layers."""
+    from conftest import FAMILY_WINDOW, make_family_config
+
+    config = make_family_config("gpt_oss")
+    raw = {"attention": {"kv_heads": "all", "windows": [8]},
+           "ffn": {"moe": {"expert_ratios": [1.0, 0.5], "top_k": [2, 1], "expert_width_ratios": [1.0, 0.5]}}}
+    space = build_search_space(raw, config)
+    assert [f.name for f in space.parent_ffns] == ["moe_e4k2_i96"] * 4
+    grid = {f"moe_e{e}k{k}_i{w}" for e in (4, 2) for k in (2, 1) for w in (96, 48)}
+    assert all({f.name for f in space.ffn_variants(i)} == grid for i in range(4))
+    assert [a.window for a in space.attention_variants(0)] == [FAMILY_WINDOW]  # the parent's own window
+    assert [a.window for a in space.attention_variants(1)] == [None, 8]
