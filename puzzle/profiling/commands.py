@@ -46,7 +46,7 @@ from puzzle.device import resolve_device
 from puzzle.errors import PuzzleError
 from puzzle.search_space import SearchSpace, Variant, load_search_space, resolve_run_info
 from puzzle.run_dir import writes_run_dir
-from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_table, table_problem, write_table
+from puzzle.io import atomic_write_json, clean_stale_temps, read_json, table_problem, write_table
 from puzzle.model.blocks import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
@@ -283,7 +283,8 @@ def profile(
     fixed = fixed_costs(shape, hw)
     rows = []
     for v in variants:
-        rows.append({"layer": v.layer, "kind": v.kind, "variant": v.name, **sublayer_costs(shape, v.kind, v.config, hw, frequencies.get((v.layer, v.name))),
+        figures = sublayer_costs(shape, v.kind, v.config, hw, frequencies.get((v.layer, v.name)))  # None: uniform
+        rows.append({"layer": v.layer, "kind": v.kind, "variant": v.name, **figures,
                      "source": "roofline", "is_parent": v.is_parent, "batch_size": hw.workload.batch_size})
     roofline_parent = combine_costs(fixed, [r for r in rows if r["is_parent"]], hw.workload)
 
