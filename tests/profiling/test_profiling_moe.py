@@ -24,7 +24,7 @@ from puzzle.profiling.roofline import (
     sublayer_costs,
     sublayer_ops,
 )
-from puzzle.profiling.routing import read_expert_frequencies
+from puzzle.profiling.routing import kept_frequencies, read_expert_frequencies
 from puzzle.shape import expected_experts
 
 from conftest import make_family_config
@@ -229,6 +229,13 @@ def test_missing_frequencies_are_one_line(tmp_path):
     save_file({"layers.0.neurons": torch.ones(2)}, tmp_path / "importance" / "importance.safetensors")
     with pytest.raises(PuzzleError, match="experts.frequency"):
         read_expert_frequencies(tmp_path)
+
+
+def test_kept_experts_take_the_parents_frequencies_renormalised_to_their_top_k():
+    parent = [1.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]  # top-2 of 8: sums to 4 here (any scale)
+    assert kept_frequencies(parent, [0, 4], 1) == pytest.approx((1 / 3, 2 / 3))  # the child's order, summing to k
+    assert kept_frequencies(parent, None, 2) == pytest.approx(tuple(f / 2 for f in parent))  # all, in order
+    assert kept_frequencies(parent, [2, 3], 2) is None  # never chosen: uniform
 
 
 # ---- `puzzle profile` prices MoE variants with the run's measured routing ------------------------------------
