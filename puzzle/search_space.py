@@ -45,7 +45,6 @@ from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import (AttentionConfig, BlockConfigError, FFNConfig, MoEConfig, on_ffn_mult_grid,
                                  snap_to_ffn_mult_grid)
-from puzzle.model.family import has_moe
 from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
@@ -251,15 +250,6 @@ def _section(raw: dict, key: str, where: str) -> dict:
     if not isinstance(value, dict):
         raise PuzzleError(f"{where}: '{key}' must be a mapping, got {type(value).__name__}")
     return value
-
-
-def refuse_moe(config: Any, stage: str) -> None:
-    """One line for a stage that does not handle MoE FFNs yet (issue 25: Minitron's importance and pruning;
-    the search space, library, scoring, realize, GKD, evaluate and export handle MoE parents)."""
-    if has_moe(config):
-        family = getattr(config, "family", None) or getattr(config, "model_type", "?")
-        raise PuzzleError(f"{stage}: MoE parents ({family}) load, convert and run, but the search is not supported "
-                          f"for them yet, {stage} included (dense parents only)")
 
 
 def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> SearchSpace:

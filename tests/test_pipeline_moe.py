@@ -1,7 +1,7 @@
 """`puzzle run` end to end on a tiny parent of each MoE family (issue 25): the search over experts kept, top-k
 and expert width (search_spaces/moe_tiny.yaml), BLD of MoE variants, scoring, solve, realize, GKD, evaluate
-(with each MoE layer's router load) and the report. Minitron's importance and pruning of MoE parents are
-another stage's (the config leaves them out)."""
+(with each MoE layer's router load) and the report; importance's router statistics choose the kept experts
+and its router frequencies price the MoE variants' decode. Minitron's width pruning baselines are left out."""
 
 import json
 
@@ -41,7 +41,7 @@ def test_run_end_to_end_on_an_moe_parent(family, tmp_path, capsys):
     make_family_parent(family).save_pretrained(parent_dir, safe_serialization=True)
     make_tokenizer().save_pretrained(parent_dir)
     raw = tiny_config(tmp_path, parent_dir)
-    del raw["importance"], raw["baselines"]  # Minitron on MoE parents: not part of this search
+    del raw["baselines"]  # Minitron's width pruning: dense parents (expert pruning is `puzzle prune --experts`)
     # moe_tiny without linear / no-op FFNs, under a parameter ceiling that only fewer or narrower experts in some
     # MoE layer meet (half one MoE layer's experts: more than the dense layer's halving saves), so the child
     # carries MoE blocks other than the parent's through realize, GKD and evaluate
@@ -63,6 +63,10 @@ def test_run_end_to_end_on_an_moe_parent(family, tmp_path, capsys):
     assert moe and all(len(r["experts"]) == BlockConfig.from_name("attn_g1+" + r["variant"]).ffn.moe.num_experts
                        for r in moe)
     assert any(r["source"] == "trained" for r in moe)
+    # importance's router frequencies and the library's kept experts price every MoE variant's decode
+    routing = json.loads((run / "costs" / "h100_80gb.json").read_text())["expert_routing"]
+    assert routing["measured"] == len(moe) and not routing["uniform"]
+    assert "MoE routing: measured expert frequencies" in capsys.readouterr().out
     child = json.loads((run / "children" / "fast" / "config.json").read_text())
     assert child["family"] == family and child["model_type"] == "nemotron-nas"
     kept = json.loads((run / "children" / "fast" / "realized.json").read_text())["experts"]  # per MoE layer

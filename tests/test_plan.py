@@ -632,3 +632,32 @@ def test_plan_of_a_parent_user_mistakes_exit_2(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "hidden_size": 8}))
     assert main(["plan", str(tmp_path)]) == 2  # unsupported and missing fields
     assert capsys.readouterr().err.count("puzzle: error:") == 2
+
+
+@pytest.mark.parametrize("parent", ["tiny_qwen3_moe", "qwen3-30b-a3b"])
+def test_plan_of_an_moe_pipeline_prices_every_stage(tmp_path, parent):
+    """A pipeline whose parent is MoE (a tiny Qwen3-MoE config, and Qwen3-30B-A3B's published one) plans with the
+    MoE search space: every model stage has a row with positive memory, and those that compute positive FLOPs."""
+    from conftest import make_family_config
+
+    if parent.startswith("tiny"):
+        path = tmp_path / parent
+        make_family_config("qwen3_moe").save_pretrained(path)  # config.json only
+    else:
+        path = CONFIGS / parent
+    out = tmp_path / "plan.json"
+    pipeline = write_pipeline(tmp_path, path, search_space="moe_tiny")
+    assert main(["plan", str(pipeline), *FAST, "--device", "cpu", "--json", str(out)]) == 0
+    steps = by_stage(json.loads(out.read_text()))
+    for step in ("importance", "build_library", "score", "realize[s]", "gkd[s]", "evaluate[parent]", "evaluate[s]"):
+        assert steps[step]["host_bytes"] > 0, step
+    for step in ("importance", "build_library", "score", "gkd[s]", "evaluate[s]"):
+        assert steps[step]["flops"] > 0 and steps[step]["seconds"] > 0, step
+    assert steps["build_library"]["disk_bytes"] > 0 and "profile[0]" in steps
+    # sized as an MoE: the child is written with all of the parent's experts at most, and a forward pass of
+    # importance's 64 x 256 tokens costs the active parameters' FLOPs, well below the total's
+    shape, _ = planner.parent_shape(path)
+    realize = steps["realize[s]"]
+    assert realize["disk_bytes"] == shape.model_bytes(None, footprint.DTYPE_BYTES[realize["dtype"]])
+    assert steps["importance"]["flops"] == pytest.approx(64 * 256 * shape.model_flops_per_token(None, 128))
+    assert steps["importance"]["flops"] < 0.6 * 64 * 256 * 2 * shape.total_params()

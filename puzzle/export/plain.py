@@ -17,7 +17,6 @@ the experts fused (`gate_up_proj` (E, D, 2I) interleaved, biases beside them) an
 """
 
 import dataclasses
-import inspect
 from pathlib import Path
 from typing import Any
 
@@ -53,15 +52,8 @@ def plain_config(config: Any) -> Any:
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_PLAIN}
     if dataclasses.is_dataclass(cls):  # transformers 5: only the class's own fields
         data = {k: v for k, v in data.items() if k in {f.name for f in dataclasses.fields(cls)}}
-    layer_windows = [config.layer_window(i) for i in range(config.num_hidden_layers)]
-    # prune.py's rule; with expert pruning (issue 25, wip/moeimp) it takes the config class and sets Qwen3-MoE's
-    # use_sliding_window itself (drop this branch once both are in)
-    if len(inspect.signature(_window_fields).parameters) == 3:
-        windows = _window_fields(family, layer_windows, cls)
-    else:
-        windows = _window_fields(family, layer_windows)
-    if family.windows == "all" and windows.get("sliding_window") is not None and "use_sliding_window" in cls().to_dict():
-        windows["use_sliding_window"] = True  # Qwen3MoeConfig.__post_init__ nulls sliding_window without it
+    # prune.py's rule (Qwen3-MoE's use_sliding_window included): one writer of a family's window fields
+    windows = _window_fields(family, [config.layer_window(i) for i in range(config.num_hidden_layers)])
     # head_dim explicit: Qwen3-MoE's attention reads it with getattr, not as a config field (as prune.py writes it)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     data.update(num_key_value_heads=config.num_attention_heads // group, head_dim=head_dim, **windows)

@@ -29,6 +29,7 @@ from puzzle.library import store
 from puzzle.library.bld import BLDSettings, build_layer_group
 from puzzle.library.cost import JobPlan, bld_job_bytes, group_variants, worker_estimate
 from puzzle.model.checkpoint import load_config, load_puzzle, weights_dtype
+from puzzle.pruning.experts import load_expert_scores, moe_layers
 from puzzle.pruning.importance import has_importance, load_importance
 from puzzle.run_dir import RunDir
 from puzzle.search_space import SearchSpace, Variant, build_search_space
@@ -48,19 +49,26 @@ class GroupJob:
     variants: tuple[str, ...] = ()  # `store.key_of` of the variants to build; empty: every variant of `layers`
 
 
-def load_neuron_importance(run_dir: str | Path, field: str = "neurons") -> dict[int, torch.Tensor] | None:
+def load_neuron_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | None:
     """Minitron neuron scores per layer (`layers.{i}.neurons` of `puzzle importance`), or None when the run
-    has none (complete) yet. `field` "experts.output": an MoE layer's expert scores (E,) (`layers.{i}.experts.output`,
-    the router statistics `puzzle importance` records for an MoE parent: the router's weight times what each
-    expert adds, over the tokens routed to it), which choose the experts an MoE variant keeps (init_moe_ffn)."""
+    has none (complete) yet."""
     if not has_importance(run_dir):
         return None
     scores = {}
     for key, value in load_importance(run_dir).items():
         layer, _, rest = key.removeprefix("layers.").partition(".")
-        if key.startswith("layers.") and layer.isdigit() and rest == field:
+        if key.startswith("layers.") and layer.isdigit() and rest == "neurons":
             scores[int(layer)] = value.float()
     return scores or None
+
+
+def load_expert_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | None:
+    """An MoE parent's expert scores per layer (E,), which choose the experts an MoE variant keeps (init_moe_ffn):
+    pruning/experts.py `load_expert_scores` by its default criterion (output-aware router statistics); None
+    when the run has no importance scores yet or they hold no router statistics (a dense parent)."""
+    if not has_importance(run_dir) or not moe_layers(load_importance(run_dir)):
+        return None
+    return {i: s.float() for i, s in load_expert_scores(run_dir).items()}
 
 
 def _load_data(run_dir: str | Path) -> tuple[Any, Any]:
@@ -107,7 +115,7 @@ def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None,
     # importance-based inits only where the settings' digest includes the importance (BLDSettings.digest)
     use = settings.ffn_init != "channel_contribution"
     scores = load_neuron_importance(job.run_dir) if use else None
-    experts = load_neuron_importance(job.run_dir, "experts.output") if use else None  # pruning/experts.py's default criterion
+    experts = load_expert_importance(job.run_dir) if use else None
     return settings, scores, _load_data(job.run_dir), experts
 
 

@@ -10,7 +10,15 @@ Writes, for profile P (file names use the profile's `name`):
       model (the ModelShape + num_hidden_layers), fixed
       ({embeddings, final_norm, lm_head} -> {params, param_bytes, prefill_s, decode_s}), parent (whole
       parent figures from the table: see `roofline.combine_costs`), parent_roofline (the same,
-      predicted), time_model (how the figures add up), fingerprint.
+      predicted), time_model (how the figures add up), expert_routing (an MoE parent: which routing priced
+      its MoE variants, `expert_routing`), fingerprint.
+
+An MoE variant's roofline decode reads the experts its batch touches, which depends on how the router spreads
+tokens: measured where the run has them (`puzzle importance` on this parent records each layer's expert
+selection frequencies; an expert-pruned variant takes the parent's over the experts the library's entry says
+it keeps, renormalised: routing.py `kept_frequencies`), uniform otherwise. The frequencies used are part of
+the fingerprint (new importance scores or library entries recompute the table) and one printed line says
+which routing was used.
 
 The parent: `--parent PATH` (recorded in R/parent.json as {"parent": absolute path, "search_space":
 name} so later stages and reruns need not repeat it) or, without it, the one R/parent.json names.
@@ -36,14 +44,15 @@ from tqdm.auto import tqdm
 
 from puzzle.device import resolve_device
 from puzzle.errors import PuzzleError
-from puzzle.search_space import load_search_space, run_parent
+from puzzle.search_space import SearchSpace, Variant, load_search_space, resolve_run_info
 from puzzle.run_dir import writes_run_dir
-from puzzle.io import atomic_write_json, clean_stale_temps, read_json, read_table, table_problem, write_table
+from puzzle.io import atomic_write_json, clean_stale_temps, read_json, table_problem, write_table
 from puzzle.model.blocks import BlockConfig
 
 from .costs import costs_path, load_costs  # noqa: F401  (load_costs: re-exported for callers of this module)
 from .hardware import WHOLE_MODEL_ENGINES, HardwareProfile, Workload, load_profile
 from .roofline import FIXED_PARTS, ModelShape, combine_costs, fixed_costs, sublayer_costs
+from .routing import importance_frequencies, kept_frequencies, read_expert_frequencies
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +146,69 @@ def _measure_all(config: Any, variants: list[tuple[str, Any]], profile: Hardware
     return sub, fixed
 
 
+VariantFrequencies = dict[tuple[int, str], tuple[float, ...]]  # (layer, MoE variant name) -> its experts' frequencies
+
+
+def expert_routing(run_dir: Path, space: SearchSpace, variants: list[Variant], parent_fingerprint: str | None
+                   ) -> tuple[VariantFrequencies, dict[str, Any] | None]:
+    """The measured routing of each MoE variant, and a summary of it for the costs JSON (None: no MoE variant).
+
+    Frequencies come from the run's importance scores (`layers.{i}.experts.frequency`) when they were computed
+    from this parent's weights (their settings' `parent_fingerprint`); a variant keeping all of its layer's
+    experts takes them as they are, an expert-pruned one those of the experts its library entry keeps
+    (`experts`, bld.py), renormalised (`kept_frequencies`). Every other MoE variant routes uniformly; the
+    summary says why (`uniform`: variant key -> reason)."""
+    from puzzle.library.store import key_of, of_another_parent, read_manifest
+    from puzzle.pruning.importance import (SCORES_FILE, has_importance, importance_dir, load_importance,
+                                           load_importance_settings)
+
+    moe = [v for v in variants if v.kind == "ffn" and v.config.is_moe]
+    if not moe:
+        return {}, None
+    source = importance_dir(run_dir) / SCORES_FILE
+    layers: dict[int, tuple[float, ...]] = {}
+    if not has_importance(run_dir):
+        why = "no importance scores in the run (puzzle importance records router frequencies)"
+    elif (recorded := load_importance_settings(run_dir).get("parent_fingerprint")) and recorded != parent_fingerprint:
+        why = "the run's importance scores are of other parent weights (rerun puzzle importance)"
+        log.warning("profile: %s; MoE variants route uniformly", why)
+    else:
+        layers = read_expert_frequencies(importance_frequencies(load_importance(run_dir)))
+        why = "the importance scores hold no router frequencies for this layer (rerun puzzle importance)"
+    manifest = read_manifest(run_dir)
+    entries = {} if of_another_parent(manifest, parent_fingerprint) else manifest["variants"]
+    out, uniform = {}, {}
+    for v in moe:
+        parent_freqs, E = layers.get(v.layer), space.parent_ffns[v.layer].moe.num_experts
+        kept = entries.get(key_of(v), {}).get("experts")
+        if parent_freqs is None:
+            uniform[key_of(v)] = why
+        elif len(parent_freqs) != E:
+            uniform[key_of(v)] = f"{len(parent_freqs)} frequencies for the parent's {E} experts"
+        elif kept is None and v.config.moe.num_experts != E:
+            uniform[key_of(v)] = "which experts it keeps is not in the library yet (puzzle build-library records it)"
+        elif kept is not None and len(kept) != v.config.moe.num_experts:
+            uniform[key_of(v)] = f"the library's entry keeps {len(kept)} experts, not {v.config.moe.num_experts}"
+        elif (freqs := kept_frequencies(parent_freqs, kept, v.config.moe.top_k)) is None:
+            uniform[key_of(v)] = "no calibration token chose any of the experts it keeps"
+        else:
+            out[(v.layer, v.name)] = freqs
+    summary = {"source": str(source) if out else None, "measured": len(out), "uniform": uniform}
+    return out, summary
+
+
+def routing_line(summary: dict[str, Any]) -> str:
+    """One line saying which routing priced the MoE variants."""
+    measured, uniform = summary["measured"], summary["uniform"]
+    if not measured:
+        return f"MoE routing: uniform for all {len(uniform)} MoE variants: {next(iter(uniform.values()))}"
+    line = f"MoE routing: measured expert frequencies from {summary['source']} for {measured} MoE variants"
+    if uniform:
+        reasons = list(dict.fromkeys(uniform.values()))
+        line += f"; {len(uniform)} uniform: {reasons[0]}{'; ...' if len(reasons) > 1 else ''}"
+    return line
+
+
 @writes_run_dir("profile")
 def profile(
     run_dir: Path = Path("runs/default"),
@@ -177,7 +249,8 @@ def profile(
     hw = load_profile(budget)
     if repeats <= 0:
         raise PuzzleError(f"--repeats must be positive, got {repeats}")
-    parent_path, space_name = run_parent(run_dir, parent, search_space)
+    info = resolve_run_info(run_dir, parent, search_space)
+    parent_path, space_name = Path(info["parent"]), info["search_space"]
     config = load_config(parent_path)
     space = load_search_space(space_name, config)
     device = _should_measure(hw, measure, device)
@@ -186,6 +259,7 @@ def profile(
 
     measured_on = None if device is None else f"{device.type}: {device_name(device)}"
     variants = list(space.variants())
+    frequencies, routing = expert_routing(run_dir, space, variants, info.get("parent_fingerprint"))
     base = costs_path(run_dir, hw.name)
     clean_stale_temps(base.parent)
     fingerprint = _fingerprint({
@@ -194,18 +268,23 @@ def profile(
         "variants": [(v.layer, v.kind, v.name) for v in variants], "source": source, "repeats": repeats,
         # a GPU measurement is of one GPU model (CPU tables keep the key they had before this field)
         **({"measured_on": measured_on} if device is not None and device.type == "cuda" else {}),
+        # measured routing (tables priced uniformly keep the key they had before this field)
+        **({"expert_frequencies": sorted(frequencies.items())} if frequencies else {}),
     })
     json_path = base.with_suffix(".json")
     if not force and json_path.exists() and table_problem(base.with_suffix(".parquet")) is None:
         if read_json(json_path).get("fingerprint") == fingerprint:
             log.info(json.dumps({"event": "profile_cached", "path": str(json_path)}))
+            if routing:
+                print(routing_line(routing))
             return json_path
 
     shape = ModelShape.from_config(config)
     fixed = fixed_costs(shape, hw)
     rows = []
     for v in variants:
-        rows.append({"layer": v.layer, "kind": v.kind, "variant": v.name, **sublayer_costs(shape, v.kind, v.config, hw),
+        figures = sublayer_costs(shape, v.kind, v.config, hw, frequencies.get((v.layer, v.name)))  # None: uniform
+        rows.append({"layer": v.layer, "kind": v.kind, "variant": v.name, **figures,
                      "source": "roofline", "is_parent": v.is_parent, "batch_size": hw.workload.batch_size})
     roofline_parent = combine_costs(fixed, [r for r in rows if r["is_parent"]], hw.workload)
 
@@ -239,7 +318,10 @@ def profile(
         "parent": combine_costs(fixed, [r for r in rows if r["is_parent"]], hw.workload),
         "parent_roofline": roofline_parent,
         "time_model": TIME_MODEL,
+        **({"expert_routing": routing} if routing else {}),
         "fingerprint": fingerprint,
     })
+    if routing:
+        print(routing_line(routing))
     log.info(json.dumps({"event": "profile_written", "path": str(json_path), "rows": len(table), "source": source}))
     return json_path

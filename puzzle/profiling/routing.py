@@ -13,19 +13,19 @@ uniform routing unless it is given each layer's measured selection frequencies, 
     among their top-k, summing to k), given as that file or as the run directory.
 `roofline.predict_model_costs(..., frequencies=...)` and `sublayer_costs(..., frequencies=...)` take it; a layer
 it does not name, or whose expert count differs from the block's (an expert-pruned child), routes uniformly.
+`kept_frequencies` gives an expert-pruned variant its own: the parent's over the experts it keeps, renormalised
+(`puzzle profile` reads the kept experts from the library's entries, commands.py `expert_routing`).
 """
 
 import json
 import math
-import re
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from puzzle.errors import PuzzleError
 
 Frequencies = dict[int, tuple[float, ...]]
 IMPORTANCE_FILE = Path("importance") / "importance.safetensors"  # pruning/importance.py SCORES_FILE in a run dir
-_KEY = re.compile(r"layers\.(\d+)\.experts\.frequency")
 
 
 def read_expert_frequencies(source: str | Path | Mapping[Any, Any] | None) -> Frequencies:
@@ -53,18 +53,38 @@ def read_expert_frequencies(source: str | Path | Mapping[Any, Any] | None) -> Fr
     return _validated(raw, str(path))
 
 
+def importance_frequencies(scores: Mapping[str, Any]) -> dict[int, list[float]]:
+    """{layer: its experts' selection frequencies} of `puzzle importance`'s scores (the key format is
+    pruning/experts.py's); {} when they hold no router statistics (a dense parent, or scored before them)."""
+    from puzzle.pruning.experts import layer_expert_scores, moe_layers
+
+    return {i: layer_expert_scores(scores, i, "frequency").float().tolist() for i in moe_layers(scores)}
+
+
 def _from_safetensors(path: Path) -> dict[int, list[float]]:
-    from safetensors import SafetensorError, safe_open
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
 
     try:
-        with safe_open(str(path), framework="np") as f:
-            out = {int(m.group(1)): f.get_tensor(key).astype(float).tolist()
-                   for key in f.keys() if (m := _KEY.fullmatch(key))}
+        out = importance_frequencies(load_file(str(path)))
     except (SafetensorError, OSError) as err:
         raise PuzzleError(f"{path}: cannot read ({err})") from None
     if not out:
         raise PuzzleError(f"{path}: no layers.{{i}}.experts.frequency scores (an importance run of an MoE parent has them)")
     return out
+
+
+def kept_frequencies(parent: Sequence[float], kept: Sequence[int] | None, top_k: int) -> tuple[float, ...] | None:
+    """A variant's expert frequencies from its parent layer's (E,): those of the experts it keeps (`kept`, parent
+    indices in the child's order, as the library records them; None: all E in order), renormalised to sum to the
+    variant's top-k (importance.py's scale: the fraction of tokens choosing each expert). The tokens a dropped
+    expert took are assumed to spread over the kept ones in proportion to their own frequencies. None (uniform)
+    when the kept experts were never chosen."""
+    chosen = [float(parent[j]) for j in (range(len(parent)) if kept is None else kept)]
+    total = sum(chosen)
+    if total <= 0:
+        return None
+    return tuple(top_k * f / total for f in chosen)
 
 
 def _validated(raw: Mapping[Any, Any], where: str) -> Frequencies:

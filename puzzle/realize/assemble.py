@@ -133,30 +133,43 @@ def _fill(model: PuzzleForCausalLM, state: dict[str, torch.Tensor]) -> None:
 
 
 def architecture_table(child: PuzzleForCausalLM) -> list[dict]:
-    """One row per layer: the chosen variants and their parameter counts."""
+    """One row per layer: the chosen variants, their widths and their parameter counts. `intermediate_size` is
+    a dense SwiGLU's width (0 for linear and no-op FFNs, None for an MoE FFN, whose block is `experts` experts of
+    `expert_size` neurons, `top_k` per token, and a `shared_expert_size` shared expert or None)."""
     rows = []
     for i, (layer, block) in enumerate(zip(child.model.layers, child.config.blocks)):
         def count(*modules):
             return sum(p.numel() for m in modules if m is not None for p in m.parameters())
 
+        moe = block.ffn.moe if block.ffn.is_moe else None
         rows.append({
             "layer": i,
             "attention": block.attention.name,
             "kv_heads": block.attention.num_key_value_heads(child.config.num_attention_heads),
             "ffn": block.ffn.name,
-            "intermediate_size": block.ffn.intermediate_size if block.ffn.is_swiglu else 0,
+            "intermediate_size": block.ffn.intermediate_size if block.ffn.is_swiglu else None if moe else 0,
+            **({"experts": moe.num_experts, "top_k": moe.top_k, "expert_size": moe.expert_size,
+                "shared_expert_size": moe.shared_expert_size} if moe else {}),
             "attention_params": count(layer.self_attn, layer.input_layernorm),
             "ffn_params": count(layer.mlp, layer.post_attention_layernorm),
         })
     return rows
 
 
+def ffn_width(row: dict) -> str:
+    """The FFN column of the table: a dense width, or an MoE block as "8 x 768, top-2" (+ its shared expert)."""
+    if row.get("experts") is None:
+        return str(row["intermediate_size"])
+    shared = f" + shared {row['shared_expert_size']}" if row.get("shared_expert_size") else ""
+    return f"{row['experts']} x {row['expert_size']}, top-{row['top_k']}{shared}"
+
+
 def table_markdown(rows: list[dict]) -> str:
-    lines = ["| layer | attention | KV heads | FFN | intermediate | attention params | FFN params |",
+    lines = ["| layer | attention | KV heads | FFN | FFN width | attention params | FFN params |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
-            f"| {r['layer']} | {r['attention']} | {r['kv_heads']} | {r['ffn']} | {r['intermediate_size']} "
+            f"| {r['layer']} | {r['attention']} | {r['kv_heads']} | {r['ffn']} | {ffn_width(r)} "
             f"| {r['attention_params']:,} | {r['ffn_params']:,} |"
         )
     return "\n".join(lines) + "\n"

@@ -129,6 +129,23 @@ def test_minitron_neuron_scores_rank_the_ffn_neurons_when_the_run_has_them(tmp_p
     assert store.read_manifest(tmp_path / "cc")["variants"]["L001/ffn/ffn_64"]["init"] == "channel_contribution"
 
 
+def test_expert_scores_are_read_through_pruning_experts(tmp_path):
+    """The library's expert scores are pruning/experts.py's default (output-aware) ones; none for a run
+    without importance scores or with a dense parent's."""
+    from puzzle.library.ray_jobs import load_expert_importance
+    from puzzle.pruning.experts import load_expert_scores
+    from puzzle.pruning.importance import save_importance
+
+    assert load_expert_importance(tmp_path) is None
+    save_importance(tmp_path, {"layers.1.neurons": torch.ones(4)}, {})
+    assert load_expert_importance(tmp_path) is None
+    save_importance(tmp_path, {"layers.1.experts.output": torch.tensor([3.0, 1.0, 2.0]),
+                               "layers.1.experts.frequency": torch.tensor([0.5, 1.0, 0.5])}, {})
+    scores = load_expert_importance(tmp_path)
+    assert list(scores) == [1] and torch.equal(scores[1], load_expert_scores(tmp_path)[1])
+    assert torch.equal(scores[1], torch.tensor([3.0, 1.0, 2.0]))
+
+
 def test_bf16_autocast_bld_lowers_every_trained_variant(tmp_path, parent, data):
     """--dtype bf16 on the CPU: the parent held in bf16, each variant trained under autocast with fp32
     weights and fp32 AdamW state; every variant still ends below its loss at initialisation."""

@@ -8,12 +8,10 @@ import json
 import pytest
 import torch
 
-from puzzle.errors import PuzzleError
 from puzzle.model import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
 from puzzle.model.checkpoint import load_model, load_puzzle, puzzle_config_from, save_model, to_puzzle
 from puzzle.model.modeling_puzzle import MoEFFN, SwiGLU
 from puzzle.model.surgery import replace_sublayer
-from puzzle.search_space import refuse_moe
 
 from conftest import FAMILY_WINDOW, MOE_PARENTS, make_family_config, make_family_parent, make_tokenizer, reload_elsewhere
 
@@ -182,16 +180,6 @@ def test_moe_blocks_need_an_moe_family():
     with pytest.raises(BlockConfigError, match="family 'llama' has none"):
         PuzzleConfig(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                      block_configs=[moe.to_dict(64)])
-
-
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
-def test_search_stages_refuse_moe_parents_in_one_line(family):
-    hf = make_family_config(family)
-    for config in (hf, puzzle_config_from(hf)):
-        with pytest.raises(PuzzleError, match="^score: MoE parents .* load, convert and run, but the search is not supported") as info:
-            refuse_moe(config, "score")
-        assert "\n" not in str(info.value)
-    refuse_moe(make_family_config("qwen3"), "score")  # dense: nothing
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])

@@ -3,6 +3,7 @@ per-expert dispatch, expert parallelism, measured routing frequencies (routing.p
 
 import json
 
+import pandas as pd
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -23,7 +24,7 @@ from puzzle.profiling.roofline import (
     sublayer_costs,
     sublayer_ops,
 )
-from puzzle.profiling.routing import read_expert_frequencies
+from puzzle.profiling.routing import kept_frequencies, read_expert_frequencies
 from puzzle.shape import expected_experts
 
 from conftest import make_family_config
@@ -228,3 +229,71 @@ def test_missing_frequencies_are_one_line(tmp_path):
     save_file({"layers.0.neurons": torch.ones(2)}, tmp_path / "importance" / "importance.safetensors")
     with pytest.raises(PuzzleError, match="experts.frequency"):
         read_expert_frequencies(tmp_path)
+
+
+def test_kept_experts_take_the_parents_frequencies_renormalised_to_their_top_k():
+    parent = [1.0, 1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 0.0]  # top-2 of 8: sums to 4 here (any scale)
+    assert kept_frequencies(parent, [0, 4], 1) == pytest.approx((1 / 3, 2 / 3))  # the child's order, summing to k
+    assert kept_frequencies(parent, None, 2) == pytest.approx(tuple(f / 2 for f in parent))  # all, in order
+    assert kept_frequencies(parent, [2, 3], 2) is None  # never chosen: uniform
+
+
+# ---- `puzzle profile` prices MoE variants with the run's measured routing ------------------------------------
+
+def test_profile_prices_moe_variants_with_the_runs_router_frequencies(tmp_path, capsys):
+    """A skewed router (two of 8 experts take every token) makes the parent's MoE decode at batch 2 cheaper
+    than uniform routing; an expert-pruned variant takes the parent's frequencies over the experts its library
+    entry keeps (renormalised), uniform until the library records them; the table is recomputed each time the
+    frequencies change, and a line says which routing was used."""
+    import yaml
+
+    from conftest import make_family_parent
+    from puzzle.io import read_json
+    from puzzle.library.store import update_manifest
+    from puzzle.model.fingerprint import fingerprint
+    from puzzle.profiling.commands import profile
+    from puzzle.profiling.hardware import resolve_profile_path
+    from puzzle.pruning.importance import save_importance
+
+    parent = tmp_path / "parent"
+    make_family_parent("qwen3_moe_norm").save_pretrained(parent, safe_serialization=True)  # layers 1, 3 MoE: 8 experts top-2
+    budget = tmp_path / "h100_b2.yaml"  # batch 2: a decode step reads few experts, and reading them dominates
+    raw = yaml.safe_load(resolve_profile_path("h100_80gb").read_text())
+    budget.write_text(yaml.safe_dump({**raw, "name": "h100_b2", "workload": {**raw["workload"], "batch_size": 2}}))
+    run = tmp_path / "run"
+
+    def costs() -> tuple[dict, dict]:
+        out = profile(run_dir=run, budget=str(budget), parent=parent, search_space="moe_tiny")
+        table = pd.read_parquet(out.with_suffix(".parquet")).set_index(["layer", "variant"])
+        return table["decode_s"].to_dict(), read_json(out)
+
+    uniform, meta = costs()
+    assert "MoE routing: uniform for all 16 MoE variants: no importance scores" in capsys.readouterr().out
+    assert meta["expert_routing"]["measured"] == 0
+    hot = [1.0, 1.0] + [0.0] * 6  # sums to k = 2, as importance.py's experts.frequency
+    save_importance(run, {"layers.1.experts.frequency": torch.tensor(hot), "layers.3.experts.frequency": torch.tensor(hot),
+                          "layers.1.experts.output": torch.ones(8), "layers.3.experts.output": torch.ones(8)},
+                    {"parent_fingerprint": fingerprint(parent)})
+    skewed, meta = costs()
+    assert "MoE routing: measured expert frequencies from" in capsys.readouterr().out
+    for layer in (1, 3):
+        assert skewed[(layer, "moe_e8k2_i32")] < uniform[(layer, "moe_e8k2_i32")]  # the parent's block
+        assert skewed[(layer, "moe_e8k1_i16")] < uniform[(layer, "moe_e8k1_i16")]  # all experts: any top-k, width
+        assert skewed[(layer, "moe_e4k2_i32")] == uniform[(layer, "moe_e4k2_i32")]  # kept experts unknown yet
+    assert meta["expert_routing"]["uniform"]["L001/ffn/moe_e4k2_i32"].startswith("which experts it keeps")
+    assert skewed[(0, "ffn_128")] == uniform[(0, "ffn_128")]  # a dense layer: as before
+    # the library's entries name the kept experts: the hot two and two cold ones, or only cold ones
+    update_manifest(run, [{"layer": 1, "kind": "ffn", "variant": "moe_e4k2_i32", "source": "trained", "experts": [0, 1, 5, 6]},
+                          {"layer": 3, "kind": "ffn", "variant": "moe_e4k2_i32", "source": "trained", "experts": [2, 3, 4, 5]}])
+    kept, meta = costs()
+    hw = load_profile(str(budget))
+    shape = ModelShape.from_config(puzzle_config_from(make_family_config("qwen3_moe_norm")))
+    half = FFNConfig(moe=MoEConfig(4, 2, 32))
+    assert kept[(1, "moe_e4k2_i32")] == pytest.approx(sublayer_costs(shape, "ffn", half, hw, [1.0, 1.0, 0.0, 0.0])["decode_s"])
+    assert kept[(1, "moe_e4k2_i32")] < uniform[(1, "moe_e4k2_i32")]
+    assert kept[(3, "moe_e4k2_i32")] == uniform[(3, "moe_e4k2_i32")]  # no calibration token chose them: uniform
+    assert meta["expert_routing"]["measured"] == 9 and len(meta["expert_routing"]["uniform"]) == 7  # 8 all-expert variants + 1
+    # scores of other parent weights are not used
+    save_importance(run, {"layers.1.experts.frequency": torch.tensor(hot), "layers.1.experts.output": torch.ones(8)},
+                    {"parent_fingerprint": "another"})
+    assert costs()[0] == uniform

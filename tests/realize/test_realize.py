@@ -271,3 +271,26 @@ def test_a_streamed_moe_child_reads_the_parents_experts_as_load_puzzle_does(tmp_
     whole = assemble_child(parent, blocks, lambda v: state).state_dict()
     assert streamed.keys() == whole.keys() and all(torch.equal(streamed[k], whole[k]) for k in whole)
     assert "model.layers.0.mlp.experts.0.gate_proj.weight" in streamed
+
+
+def test_the_architecture_table_shows_an_moe_block_and_its_parameters():
+    """An MoE layer's row names its experts, top-k, expert width and shared expert (not a dense width of 0); its
+    parameters are the block's by the shape arithmetic (Qwen2-MoE: 6 experts of 32, top-2, shared expert of 48;
+    layer 3 dense)."""
+    from conftest import make_family_config
+    from puzzle.model.modeling_puzzle import PuzzleForCausalLM
+    from puzzle.realize.assemble import architecture_table, table_markdown
+    from puzzle.shape import ModelShape
+
+    config = puzzle_config_from(make_family_config("qwen2_moe"))
+    with torch.device("meta"):
+        child = PuzzleForCausalLM(config)
+    rows = architecture_table(child)
+    shape = ModelShape.from_config(config)
+    moe, dense = rows[0], rows[3]
+    assert (moe["experts"], moe["top_k"], moe["expert_size"], moe["shared_expert_size"]) == (6, 2, 32, 48)
+    assert moe["intermediate_size"] is None and "experts" not in dense and dense["intermediate_size"] > 0
+    for row, block in zip(rows, config.blocks):
+        assert row["ffn_params"] == shape.params(block.ffn)
+    text = table_markdown(rows)
+    assert "| 6 x 32, top-2 + shared 48 |" in text and f"| {dense['intermediate_size']} |" in text
