@@ -35,7 +35,7 @@ from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, check_family, get_engi
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
-from puzzle.model.family import has_moe
+from puzzle.model.family import has_moe, is_hybrid
 from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
@@ -189,10 +189,23 @@ def _section(raw: dict, key: str, where: str) -> dict:
     return value
 
 
+def refuse_hybrid(config: Any, stage: str) -> None:
+    """One line for a stage that does not handle hybrid models yet (issue 26: NemotronH parents load, convert
+    and run, cached generation included; the search over Mamba2 / MLP / MoE layers, pruning, training,
+    evaluation and export come later). `refuse_moe` calls it first, so every stage that refuses MoE parents
+    refuses hybrids with this line."""
+    if is_hybrid(config):
+        family = getattr(config, "family", None) or getattr(config, "model_type", "?")
+        raise PuzzleError(f"{stage}: hybrid Mamba2 parents ({family}) load, convert and run, but {stage} does not "
+                          "support them yet (transformer parents only)")
+
+
 def refuse_moe(config: Any, stage: str) -> None:
     """One line for a stage that does not handle MoE FFNs yet (issue 25: MoE parents load, convert and run;
     importance, the search over their blocks, pruning and export come later). Every search stage builds
-    the search space (`build_search_space`), so the search is refused there."""
+    the search space (`build_search_space`), so the search is refused there. A hybrid is refused first
+    (`refuse_hybrid`)."""
+    refuse_hybrid(config, stage)
     if has_moe(config):
         family = getattr(config, "family", None) or getattr(config, "model_type", "?")
         raise PuzzleError(f"{stage}: MoE parents ({family}) load, convert and run, but the search is not supported "
