@@ -148,6 +148,26 @@ def test_parent_loads_from_the_hub_layout(parent, parent_dir, tokens):
     assert weights_dtype(parent_dir) == torch.float32
 
 
+def test_a_hub_config_with_the_pattern_string_loads(parent, parent_dir, tokens, tmp_path):
+    """The hub's config.json: `hybrid_override_pattern` (a string) and `num_hidden_layers`, checked against the
+    `backbone.layers.N` tensors (puzzle.model.dimensions)."""
+    import shutil
+
+    hub = tmp_path / "hub"
+    shutil.copytree(parent_dir, hub)
+    config = json.loads((hub / "config.json").read_text())
+    config.pop("layers_block_type")
+    config.update(hybrid_override_pattern="ME*-ME", num_hidden_layers=6)
+    (hub / "config.json").write_text(json.dumps(config))
+    assert [b.name for b in load_puzzle(hub).config.blocks] == [b.name for b in to_puzzle(parent).config.blocks]
+    with torch.no_grad():
+        assert (load_puzzle(hub)(tokens).logits - parent(tokens).logits).abs().max() <= ATOL
+    config["num_hidden_layers"] = 7  # a damaged count is still caught
+    (hub / "config.json").write_text(json.dumps(config))
+    with pytest.raises(PuzzleError, match="num_hidden_layers says 7 layers, but the file holds tensors for 6"):
+        load_puzzle(hub)
+
+
 def test_convert_writes_a_child_that_reloads(parent, parent_dir, tokens, tmp_path):
     from puzzle.model.convert import convert
 
