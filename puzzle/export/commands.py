@@ -11,7 +11,7 @@ from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, pu
 from puzzle.outputs import check_output
 from puzzle.search_space import refuse_moe
 
-FORMATS = ("gguf", "nemotron-nas", "anymodel")
+FORMATS = ("gguf", "nemotron-nas", "anymodel", "nemotron-h-puzzle")
 
 
 # The engines that read each format, the default first. A nemotron-nas export is for one of them (--engine)
@@ -19,8 +19,10 @@ FORMATS = ("gguf", "nemotron-nas", "anymodel")
 # layer without attention, SGLang not variable GQA either, while TensorRT-LLM and transformers build them all.
 # GGUF is llama.cpp's. AnyModel is Puzzletron's (its own block check, `check_anymodel`); it writes model_type
 # llama, so its families are those a Llama layer computes, as for vLLM.
+# NemotronHPuzzle is vLLM's layout for NemotronH children (docs/architecture.md, its contract); what is tested is
+# transformers loading it with the code it carries, so that is the engine it is held to.
 FORMAT_ENGINES = {"gguf": ("llamacpp",), "nemotron-nas": ("vllm", "sglang", "trtllm", "transformers"),
-                  "anymodel": ("vllm",)}
+                  "anymodel": ("vllm",), "nemotron-h-puzzle": ("transformers",)}
 
 
 def format_engine(format: str, engine: str | None) -> str:
@@ -48,6 +50,10 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
         from .llamacpp import check_llamacpp
 
         check_llamacpp(blocks, hidden_size)
+    elif format == "nemotron-h-puzzle":
+        from .nemotron_h_puzzle import check_nemotron_h_puzzle
+
+        check_nemotron_h_puzzle(config)
     elif format == "nemotron-nas":
         from .nemotron_nas import check_ffn_grid
 
@@ -64,7 +70,7 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
         check_anymodel(blocks)
 
 
-def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel"] = "gguf",
+def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel", "nemotron-h-puzzle"] = "gguf",
            dtype: str = "auto", engine: str | None = None, force: bool = False) -> Path:
     """Write a child (or a parent, as an all-parent child) in a format an inference engine loads.
 
@@ -72,7 +78,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         child: a child checkpoint directory, or a parent (Hugging Face directory, .safetensors or .gguf file)
         out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel) to write
         format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
-            with trust_remote_code) or anymodel (NVIDIA Puzzletron)
+            with trust_remote_code), anymodel (NVIDIA Puzzletron) or nemotron-h-puzzle (a NemotronH child as
+            vLLM's NemotronHPuzzleForCausalLM; transformers with trust_remote_code)
         dtype: weights: fp32, fp16 or q8_0 for gguf (auto: fp16); fp32, fp16 or bf16 for the others (auto: as
             stored); torch's names (float32, ...) and llama.cpp's (f32, f16) work too
         engine: the engine the export is for, whose rules every layer must meet: nemotron-nas: vllm (default),
@@ -85,7 +92,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
-    refuse_moe(config, "export")  # no writer handles MoE FFNs yet (issue 25)
+    if format != "nemotron-h-puzzle":  # the one writer of hybrids and their MoE layers (issue 26)
+        refuse_moe(config, "export")  # no other writer handles MoE FFNs or hybrids yet (issue 25)
     _check(format, engine, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
@@ -105,6 +113,10 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     out = Path(out)
     if format == "gguf":
         write_gguf(model, tokenizer, out, weights, name=Path(child).stem)
+    elif format == "nemotron-h-puzzle":
+        from .nemotron_h_puzzle import write_nemotron_h_puzzle
+
+        write_nemotron_h_puzzle(model, tokenizer, out, weights)
     elif format == "nemotron-nas":
         from .nemotron_nas import write_nemotron_nas
 

@@ -188,6 +188,9 @@ class MoEFFN(nn.Module):
         self.n_group, self.topk_group = spec.groups(config)
         self.scaling = spec.scaling(config)
         if self.sigmoid:
+            if self.n_group > 1 and (moe.num_experts % self.n_group or moe.num_experts // self.n_group < 2):
+                raise ValueError(f"{moe.num_experts} experts do not split into {self.n_group} routing groups of two "
+                                 "or more (a group is scored by its two best experts)")
             self.gate = SigmoidRouter(config.hidden_size, moe.num_experts)
         else:
             self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
