@@ -399,6 +399,11 @@ class PuzzleModel(PuzzlePreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
+    @property
+    def has_mamba(self) -> bool:
+        """Whether some layer is a Mamba2 mixer (read each time: surgery may swap a layer's module)."""
+        return any(isinstance(layer.self_attn, Mamba2Mixer) for layer in self.layers)
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -427,7 +432,7 @@ class PuzzleModel(PuzzlePreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
         mask = build_attention_mask(attention_mask, T, past, inputs_embeds)
-        padding = recurrent_padding_mask(attention_mask, T)
+        padding = recurrent_padding_mask(attention_mask, T) if self.has_mamba else None
 
         h = inputs_embeds
         position_embeddings = self.rotary_emb(h, position_ids)
