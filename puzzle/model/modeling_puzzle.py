@@ -154,10 +154,13 @@ class SigmoidRouter(nn.Module):
     """NemotronH's router (transformers `NemotronHTopkRouter`): an fp32 linear D -> E without bias and the per-expert
     `e_score_correction_bias` (E,) buffer that shifts the choice, not the weights; parameters named as its."""
 
-    def __init__(self, hidden_size: int, num_experts: int) -> None:
+    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = True) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
-        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        if score_bias:  # the family's `MoESpec.score_bias`
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        else:
+            self.e_score_correction_bias = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(N, D) -> fp32 logits (N, E)."""
@@ -191,7 +194,7 @@ class MoEFFN(nn.Module):
             if self.n_group > 1 and (moe.num_experts % self.n_group or moe.num_experts // self.n_group < 2):
                 raise ValueError(f"{moe.num_experts} experts do not split into {self.n_group} routing groups of two "
                                  "or more (a group is scored by its two best experts)")
-            self.gate = SigmoidRouter(config.hidden_size, moe.num_experts)
+            self.gate = SigmoidRouter(config.hidden_size, moe.num_experts, spec.score_bias)
         else:
             self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
         self.experts = nn.ModuleList(dense_ffn(config, moe.expert_size) for _ in range(moe.num_experts))
@@ -219,7 +222,8 @@ class MoEFFN(nn.Module):
         correction bias among the `topk_group` best of `n_group` groups (a group scored by its two best), the
         weights the chosen scores, renormalised (+1e-20) where the config says, times `routed_scaling_factor`."""
         scores = self.gate(x).sigmoid()  # (N, E) fp32
-        choice = scores + self.gate.e_score_correction_bias
+        bias = self.gate.e_score_correction_bias
+        choice = scores if bias is None else scores + bias
         N, E = choice.shape
         if self.n_group > 1 or self.topk_group < self.n_group:
             group_scores = choice.view(N, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
