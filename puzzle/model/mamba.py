@@ -75,7 +75,7 @@ class Mamba2Mixer(nn.Module):
         self.intermediate_size = mamba.inner_size
         self.chunk_size = int(getattr(config, "chunk_size", 128))
         limit = getattr(config, "time_step_limit", None) or (0.0, float("inf"))
-        self.time_step_limit = (float(limit[0]), float(limit[1]))
+        self.time_step_limit = (_json_float(limit[0]), _json_float(limit[1]))
         self.conv_dim = self.intermediate_size + 2 * self.n_groups * self.ssm_state_size
         kernel = int(getattr(config, "conv_kernel", 4))
         self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, kernel, groups=self.conv_dim, padding=kernel - 1,
@@ -156,6 +156,12 @@ class Mamba2Mixer(nn.Module):
         y = torch.bmm(ssm.view(B * H, P, N), Ch.reshape(B * H, N, 1)).view(B, H, P)
         y = (y + x * self.D[:, None]).to(y.dtype)
         return y.to(xs.dtype).view(B, 1, H * P)
+
+
+def _json_float(value) -> float:
+    """A float as config.json holds it: transformers 5 writes inf as {"__float__": "Infinity"} (configuration_utils.py
+    `_encode_special_floats`) and decodes it on load; transformers 4.x reads that dict back as it is."""
+    return float(value["__float__"]) if isinstance(value, dict) else float(value)
 
 
 def _masked(h: torch.Tensor, padding_mask: torch.Tensor | None) -> torch.Tensor:

@@ -193,6 +193,21 @@ def test_child_loads_with_its_own_modeling_code_elsewhere(child, tokens, tmp_pat
     assert (out["child"] - ref).abs().max() <= ATOL
 
 
+@pytest.mark.slow
+def test_child_loads_under_the_oldest_declared_transformers(child, tokens, tmp_path):
+    """transformers 4.56 has no NemotronH: the child's own modeling files (mamba.py with them) build it."""
+    from conftest import reload_elsewhere
+    from test_transformers_versions import OLDEST, oldest_transformers
+
+    old = oldest_transformers()
+    save_model(child, tmp_path / "child")
+    with torch.no_grad():
+        ref = child(tokens).logits
+    out, stdout = reload_elsewhere({"child": tmp_path / "child"}, tokens, tmp_path, remote_code=True, pythonpath=str(old))
+    assert f"transformers {OLDEST}" in stdout
+    assert (out["child"] - ref).abs().max() <= ATOL
+
+
 @pytest.mark.parametrize("name", ["mamba_h8d16n16g2", "mamba_h1d1n1g1", "mamba_h128d64n128g8"])
 def test_mamba_block_names_round_trip(name):
     attention = AttentionConfig.from_name(name)
