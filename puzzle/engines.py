@@ -17,10 +17,23 @@ reading of a saved child to hold the rules to what the engines compute):
                               keep only the parent's count (they pick each layer's attention on its own, and
                               the parent's is the one count every layer can take), and a child is held to its
                               first GQA layer's
+  sliding_window              it builds a GQA layer's sliding window from its block (`window_length`, blocks.py
+                              `AttentionConfig.window`); where not, windowed variants are dropped and a child
+                              (or a parent family's windowed layers: `serving_engines`) is refused
+  moe_ffn                     it builds an `ffn.moe` block (a router and per-layer experts / top-k): only
+                              transformers does; the nemotron-nas / deci loaders build a dense MLP for every FFN
+                              that is not a no-op, whatever `moe` says. An MoE child whose layers are all alike
+                              also has a plain checkpoint of its family (`puzzle export --format plain`,
+                              export/plain.py), which transformers' own class loads without remote code
+                              (tests/export/test_export_plain.py); vLLM's and SGLang's own classes of those
+                              families (vllm/model_executor/models/mixtral.py MixtralForCausalLM, qwen2_moe.py
+                              Qwen2MoeForCausalLM, qwen3_moe.py Qwen3MoeForCausalLM; SGLang's files of the same
+                              names) read the same hub layout, untested here
 
 `transformers` is the child's own modeling code: everything is allowed. Which engines serve a parent family
-at all (Qwen2's q/k/v-only biases, Qwen3's q/k norms and sliding windows are beyond the nemotron-nas / deci
-loaders) is the family descriptor's `engines` (puzzle/model/family.py); `check_family` refuses the rest. A search space names its target
+at all (Qwen2's q/k/v-only biases and Qwen3's q/k norms are beyond the nemotron-nas / deci loaders) is the
+family descriptor's `engines` (puzzle/model/family.py), narrowed by the `sliding_window` rule where a layer of
+the parent has a window (`serving_engines`); `check_family` refuses the rest. A search space names its target
 (`target_engine:`, default transformers): loading it snaps widths to the grid and drops variants the engine
 lacks, with a note (puzzle/search_space.py); `realize` refuses a child that breaks its target (`check_child`).
 
@@ -32,7 +45,7 @@ from typing import Iterable
 
 from puzzle.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, on_ffn_mult_grid
-from puzzle.model.family import config_family, serving_engines
+from puzzle.model.family import Family, config_family
 
 DEFAULT_ENGINE = "transformers"
 
@@ -47,6 +60,8 @@ RULES = {
     "noop_attention_first_layer": "no no-op attention in the first layer",
     "lm_head_weight": "lm_head.weight must be stored even with tied embeddings (the engine loads it by name)",
     "variable_gqa": "every GQA layer must have the same number of KV heads",
+    "sliding_window": "no sliding-window attention (the engine ignores a block's window_length)",
+    "moe_ffn": "no Mixture-of-Experts FFN (the loader builds a dense MLP for every FFN that is not a no-op)",
 }
 
 
@@ -61,6 +76,8 @@ class Engine:
     noop_ffn_last_layer: bool = True
     noop_attention_first_layer: bool = True
     variable_gqa: bool = True
+    sliding_window: bool = False
+    moe_ffn: bool = False
     sources: dict[str, str] = field(default_factory=dict, compare=False)  # rule -> "file: function"
 
     def source(self, rule: str) -> str:
@@ -77,6 +94,12 @@ _TRTLLM_CONVERT = "tensorrt_llm/models/nemotron_nas/convert.py"
 _TRTLLM_TORCH = "tensorrt_llm/_torch/models/modeling_nemotron_nas.py"
 _LLAMACPP_CONVERT = "conversion/deci.py"
 _LLAMACPP_GRAPH = "src/models/deci.cpp"
+_LLAMACPP_MODEL = "src/llama-model.cpp"
+# Read in vLLM's main branch: DeciLMAttention is vLLM's LlamaAttention, whose only window is
+# config.sliding_window on the layers config.layer_types marks "sliding_attention" (llama.py
+# LlamaAttention.__init__, per_layer_sliding_window); a child writes neither (configuration_puzzle.py says why)
+_VLLM_WINDOW = (f"{_VLLM}: DeciLMDecoderLayer.__init__ reads no window_length; vllm/model_executor/models/llama.py: "
+                "LlamaAttention.__init__ takes a window only from config.layer_types + sliding_window")
 # vLLM and SGLang run a layer as "attention opens the residual stream, the FFN adds to it": a real FFN before
 # any real attention calls its fused add-RMSNorm with residual None, which returns one tensor, not two.
 _NO_RESIDUAL = ("DeciLMDecoderLayer.forward (a real FFN before any real attention unpacks "
@@ -85,9 +108,10 @@ _NO_RESIDUAL = ("DeciLMDecoderLayer.forward (a real FFN before any real attentio
 ENGINES: dict[str, Engine] = {
     "transformers": Engine(
         "transformers", ffn_mult_grid=False, linear_attention=True, linear_ffn=True,
-        noop_ffn_after_attention=True, lm_head_weight=False,
+        noop_ffn_after_attention=True, lm_head_weight=False, moe_ffn=True,
         sources={
             "ffn_mult_grid": "puzzle/model/blocks.py: FFNConfig.from_dict (intermediate_size wins over ffn_mult)",
+            "moe_ffn": "puzzle/model/modeling_puzzle.py: build_ffn (MoEFFN, experts and top-k per layer)",
             "linear_attention": "puzzle/model/modeling_puzzle.py: build_attention",
             "linear_ffn": "puzzle/model/modeling_puzzle.py: build_ffn",
             "noop_ffn_after_attention": "puzzle/model/modeling_puzzle.py: ffn_residual",
@@ -95,7 +119,9 @@ ENGINES: dict[str, Engine] = {
             "noop_ffn_last_layer": "puzzle/model/modeling_puzzle.py: ffn_residual",
             "noop_attention_first_layer": "puzzle/model/modeling_puzzle.py: ffn_residual (each sublayer adds its own residual)",
             "variable_gqa": "puzzle/model/modeling_puzzle.py: build_attention (KV heads per layer)",
+            "sliding_window": "puzzle/model/modeling_puzzle.py: GQAttention (the block's window masks its keys)",
         },
+        sliding_window=True,
     ),
     "vllm": Engine(
         "vllm", ffn_mult_grid=True, linear_attention=False, linear_ffn=False,
@@ -107,12 +133,14 @@ ENGINES: dict[str, Engine] = {
                                 "DeciLMAttention with num_attention_heads // n_heads_in_group KV heads: "
                                 "int // None for a linear one)",
             "linear_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
+            "moe_ffn": f"{_VLLM}: DeciLMDecoderLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
             "noop_ffn_after_attention": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_VLLM}: DeciLMForCausalLM.__init__ (lm_head.tie_weights(embed_tokens) when tied)",
             "noop_ffn_last_layer": f"{_VLLM}: DeciLMDecoderLayer.forward (skips only the no-op sublayer)",
             "noop_attention_first_layer": f"{_VLLM}: {_NO_RESIDUAL}",
             "variable_gqa": f"{_VLLM}: DeciLMDecoderLayer.__init__ (num_kv_heads per layer; each layer's attention "
                             "keeps its own KV cache spec)",
+            "sliding_window": _VLLM_WINDOW,
         },
     ),
     "sglang": Engine(
@@ -124,6 +152,7 @@ ENGINES: dict[str, Engine] = {
                                 f"LlamaAttention); {_SGLANG_CONFIG}: ModelConfig.get_total_num_kv_heads "
                                 "(num_attention_heads // n_heads_in_group of every attention that is not no_op)",
             "linear_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP)",
+            "moe_ffn": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (every FFN that is not no_op is LlamaMLP of ffn_mult)",
             "noop_ffn_after_attention": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_SGLANG}: DeciLMForCausalLM.__init__ / load_weights (lm_head = embed_tokens when tied)",
             "noop_ffn_last_layer": f"{_SGLANG}: DeciLMDecodeLayer.forward (skips only the no-op sublayer)",
@@ -131,6 +160,7 @@ ENGINES: dict[str, Engine] = {
                                           "before any real attention gets residual None)",
             "variable_gqa": f"{_SGLANG_CONFIG}: ModelConfig.get_total_num_kv_heads (nemotron-nas: 'Variable GQA "
                             "(VGQA) is not yet supported for nemotron-nas in sglang' when the KV heads differ)",
+            "sliding_window": f"{_SGLANG}: DeciLMDecodeLayer.__init__ (LlamaAttention of layer_id, no window_length)",
         },
     ),
     "trtllm": Engine(
@@ -143,6 +173,8 @@ ENGINES: dict[str, Engine] = {
                                 f"{_TRTLLM_TORCH}: LinearAttention",
             "linear_ffn": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (FFNImplementation.LINEAR); "
                           f"{_TRTLLM_TORCH}: LinearMLP",
+            "moe_ffn": f"{_TRTLLM_CONVERT}: hf_block_config_to_layer_config (MLP, LINEAR or NO_OP, by ffn_mult); "
+                       f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.__init__",
             "noop_ffn_after_attention": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
             "lm_head_weight": f"{_TRTLLM_CONVERT}: load_model_weights (load_weight('lm_head.weight') unconditionally)",
             "noop_ffn_last_layer": f"{_TRTLLM_TORCH}: NemotronNASDecoderLayer.forward (skips only the no-op sublayer)",
@@ -150,6 +182,8 @@ ENGINES: dict[str, Engine] = {
                                           "own residual)",
             "variable_gqa": f"{_TRTLLM_TORCH}: NemotronNASModel.__init__ (config.num_key_value_heads: a list, one "
                             "per layer)",
+            "sliding_window": f"{_TRTLLM_TORCH}: NemotronNASAttention.__init__ (Attention with the layer's KV heads, "
+                              f"no window); {_TRTLLM_CONVERT}: hf_block_config_to_layer_config",
         },
     ),
     "llamacpp": Engine(
@@ -161,6 +195,8 @@ ENGINES: dict[str, Engine] = {
                                 f"-> 0 KV heads); {_LLAMACPP_GRAPH}: llm_build_deci (n_head > 0, n_head_kv == 0: wo only)",
             "linear_ffn": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (ffn_mult None -> width 0, a skipped FFN; "
                           "linear_mlp has no GGUF tensor)",
+            "moe_ffn": f"{_LLAMACPP_CONVERT}: DeciModel.__init__ (one feed_forward_length per layer, from ffn_mult; "
+                       f"no expert tensors); {_LLAMACPP_GRAPH}: llm_build_deci (a dense FFN)",
             "noop_ffn_after_attention": f"{_LLAMACPP_GRAPH}: llm_build_deci (n_ff == 0 -> `continue` before the "
                                         "residual add: the layer's attention output is dropped)",
             "lm_head_weight": f"{_LLAMACPP_GRAPH}: llm_build_deci (model.output; llama-model.cpp falls back to "
@@ -171,6 +207,9 @@ ENGINES: dict[str, Engine] = {
                                           "to the FFN step)",
             "variable_gqa": f"{_LLAMACPP_CONVERT}: DeciModel.set_gguf_parameters (add_head_count_kv of a per-layer "
                             "list)",
+            "sliding_window": f"{_LLAMACPP_GRAPH}: llm_build_deci (build_attn_inp_kv: one full-attention KV cache, "
+                              f"not the iswa one); {_LLAMACPP_MODEL}: llama_model::load_hparams, LLM_ARCH_DECI "
+                              f"(reads no sliding_window key); {_LLAMACPP_CONVERT}: DeciModel (writes no window)",
         },
     ),
 }
@@ -199,12 +238,16 @@ def sublayer_violations(engine: Engine, config: AttentionConfig | FFNConfig, hid
         if (not engine.variable_gqa and kv_reference is not None and config.is_gqa
                 and config.n_heads_in_group != kv_reference.n_heads_in_group):
             broken.append("variable_gqa")
+        if config.window is not None and not engine.sliding_window:
+            broken.append("sliding_window")
         return broken
     broken = []
     if engine.ffn_mult_grid and config.is_swiglu and not on_ffn_mult_grid(config.intermediate_size, hidden_size):
         broken.append("ffn_mult_grid")
     if config.replace_with_linear and not engine.linear_ffn:
         broken.append("linear_ffn")
+    if config.is_moe and not engine.moe_ffn:
+        broken.append("moe_ffn")
     if config.no_op and not engine.noop_ffn_after_attention:
         broken.append("noop_ffn_after_attention")
     return broken
@@ -247,6 +290,14 @@ def check_child(engine_name: str | None, blocks: list[BlockConfig], hidden_size:
     )
 
 
+def serving_engines(family: Family, windows: list[int | None]) -> tuple[str, ...]:
+    """The target engines that serve a child of `family` whose parent layers have these sliding windows: the
+    family's own, less those without the `sliding_window` rule once a layer has a window."""
+    if all(w is None for w in windows):
+        return family.engines
+    return tuple(name for name in family.engines if ENGINES[name].sliding_window)
+
+
 def check_family(engine_name: str | None, config) -> None:
     """PuzzleError (one line) if the engine cannot build a layer of this parent's or child's family: its
     nemotron-nas / deci loader builds Llama's attention (biases on all four projections or none, no q/k norm,
@@ -254,7 +305,12 @@ def check_family(engine_name: str | None, config) -> None:
     engine = get_engine(engine_name)
     family, windows = config_family(config)
     allowed = serving_engines(family, windows)
-    if engine.name not in allowed:
-        what = f"{family.name} children" + (" with sliding-window layers" if family.engines != allowed else "")
-        raise PuzzleError(f"target engine {engine.name} cannot serve {what} (its loader builds Llama-style attention "
-                          f"only: no q/k/v-only biases, q/k norms or sliding windows); engines that can: {', '.join(allowed)}")
+    if engine.name in allowed:
+        return
+    if engine.name in family.engines:  # the family's layers it builds, but not their windows
+        raise PuzzleError(f"target engine {engine.name} cannot serve {family.name} children with sliding-window layers: "
+                          f"{RULES['sliding_window']} [{engine.source('sliding_window')}]; engines that can: "
+                          f"{', '.join(allowed)}")
+    raise PuzzleError(f"target engine {engine.name} cannot serve {family.name} children (its loader builds Llama-style "
+                      f"attention only: no q/k/v-only biases, q/k norms or sliding windows); engines that can: "
+                      f"{', '.join(allowed)}")

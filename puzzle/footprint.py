@@ -82,8 +82,9 @@ class Context:
         return self.shape.fixed_activation_bytes_per_token("lm_head", FP32)
 
     def layer_activation_bytes(self, tokens: int, e: int = FP32) -> int:
-        """One parent decoder layer's op outputs for `tokens` tokens (an inference forward frees each layer's)."""
-        return self.shape.activation_bytes_per_token(self.shape.parent_block, e) * tokens
+        """One parent decoder layer's op outputs for `tokens` tokens (an inference forward frees each layer's; the
+        largest layer's where an MoE parent's layers differ)."""
+        return max(self.shape.activation_bytes_per_token(b, e) for b in dict.fromkeys(self.shape.parent_blocks)) * tokens
 
     def model_activation_bytes(self, tokens: int, e: int = FP32) -> int:
         """Every parent layer's op outputs for `tokens` tokens: what a training forward keeps for backward."""

@@ -110,21 +110,24 @@ def forward_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
 
 def _chunk_sums(
     s_h: torch.Tensor,  # (n, D)
-    t_logits: torch.Tensor,  # (n, V), no grad
+    t_logits: torch.Tensor | None,  # (n, V), no grad; None: no teacher (KL and agreement are 0)
     labels: torch.Tensor,  # (n,)
     s_head: torch.Tensor,  # (V, D)
     temperature: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     s_logits = s_h @ s_head.T
-    kl = forward_kl(s_logits, t_logits, temperature).sum()
     lm = F.cross_entropy(s_logits.float(), labels, ignore_index=IGNORE_INDEX, reduction="sum")
+    if t_logits is None:
+        zero = torch.zeros((), device=s_h.device)
+        return zero, lm, zero
+    kl = forward_kl(s_logits, t_logits, temperature).sum()
     agree = (s_logits.detach().argmax(-1) == t_logits.argmax(-1)).sum()
     return kl, lm, agree
 
 
 def kd_terms(
     student_hidden: torch.Tensor,  # (B, T, D) final, normed
-    teacher_hidden: torch.Tensor,  # (B, T, Dt) final, normed; or the teacher's logits (B, T, V), see below
+    teacher_hidden: torch.Tensor | None,  # (B, T, Dt) final, normed; or the teacher's logits (B, T, V); None: no teacher
     student_head: nn.Linear,
     teacher_head: nn.Linear | None,
     input_ids: torch.Tensor | None = None,  # (B, T): LM labels are the next tokens; None skips the LM loss
@@ -135,11 +138,12 @@ def kd_terms(
 
     KL and agreement cover all B*T positions; the LM loss covers the B*(T-1) positions with a next token.
     With `teacher_head=None`, `teacher_hidden` holds the teacher's logits themselves (worth it when one
-    teacher is compared with many students, as in the drop-layer scores).
+    teacher is compared with many students, as in the drop-layer scores). With `teacher_hidden=None` there is
+    no teacher (teacher correction's plain LM loss): the KL and agreement sums are 0, the LM loss as above.
     """
     B, T, _ = student_hidden.shape
     s_h = student_hidden.reshape(B * T, -1)
-    t_h = teacher_hidden.reshape(B * T, -1).detach()
+    t_h = teacher_hidden.reshape(B * T, -1).detach() if teacher_hidden is not None else None
     if input_ids is not None:
         labels = next_token_labels(input_ids.to(s_h.device))
         lm_tokens = B * (T - 1)
@@ -153,7 +157,7 @@ def kd_terms(
     for start in range(0, B * T, chunk_tokens):
         rows = slice(start, start + chunk_tokens)
         with torch.no_grad():
-            t_logits = teacher_head(t_h[rows]) if teacher_head is not None else t_h[rows]
+            t_logits = None if t_h is None else teacher_head(t_h[rows]) if teacher_head is not None else t_h[rows]
         if need_grad:
             # recompute each chunk's student logits in backward rather than keep all of them alive
             c_kl, c_lm, c_agree = checkpoint(

@@ -1,5 +1,5 @@
 """Output paths a user names (`realize --out`, `prune P OUT`, `export C OUT`, `convert P OUT`, `distill --out`,
-`profile --output`): what may be written there, and the marker that says a path is an earlier output of ours.
+`profile --output`, correct-teacher's R/teacher): what may be written there, and the marker that says a path is an earlier output of ours.
 
 The rule (docs/reliability.md "Outputs, names and temporaries"), checked before any work starts:
 - nothing there, or an empty directory: written;
@@ -70,9 +70,11 @@ def _protected(run: Path, command: str) -> list[Path]:
     """The run's own areas: no named output may be one of them or lie inside one."""
     r = RunDir(run)
     areas = [r.info_file, r.data, r.importance, r.library, r.scores, r.costs_dir, r.solutions, r.eval,
-             r.ledger, r.report, r.report_pareto, r.root / LOCKS]
+             r.ledger, r.report, r.report_pareto, r.report_router_load, r.root / LOCKS]
     if command != "convert":  # the pipeline converts a GGUF parent once into R/parent
         areas.append(r.converted_parent)
+    if command != "correct_teacher":  # the run's corrected parent (teacher correction) is that command's alone
+        areas.append(r.teacher)
     return areas
 
 

@@ -8,6 +8,7 @@ that stage's own arguments (the same as its CLI flags, with underscores):
     corpus: assets/corpus/python-docs
     search_space: smollm2_quick
     prepare_data: {seq_len: 256, max_tokens: 400000}
+    teacher_correction: {steps: 64, lr: 2.0e-5}        # optional: later stages use the corrected parent
     importance: {n_samples: 64}                      # omit a section to skip an optional stage
     build_library: {tokens_per_block: 8192}
     score: {blocks: 8}

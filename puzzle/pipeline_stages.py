@@ -10,7 +10,11 @@ Pipeline choices made here, not by defaults:
 - a baseline's GKD is distill on logits only: the `gkd` section's `hidden_loss` applies to the children
   (same widths as the teacher), not to pruned baselines (other widths);
 - a model that is distilled is timed once, after GKD (`measure: false` before; GKD changes no shape);
-- `evaluate: {mc_items: N}` builds the cloze task (`build_mc`) and evaluates every model on it.
+- `evaluate: {mc_items: N}` builds the cloze task (`build_mc`) and evaluates every model on it;
+- `teacher_correction:` (puzzle correct-teacher, right after prepare-data) makes the corrected parent
+  (R/teacher/model) the parent of every later step: importance, the library, scoring, the baselines' pruning,
+  GKD's teacher and evaluate's reference. The original parent is evaluated too, as `parent_original`
+  (against the corrected one, not timed: it has the corrected parent's shapes), so the report shows both.
 """
 
 from dataclasses import dataclass, field
@@ -18,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from puzzle.errors import PuzzleError
-from puzzle.run_dir import RunDir
+from puzzle.run_dir import PARENT_ORIGINAL as ORIGINAL, RunDir
 from puzzle.stages import STAGES, Stage, accepted
 
 
@@ -34,8 +38,9 @@ class Step:
 class _Plan:
     cfg: Any
     run: RunDir
-    parent: Path  # the parent every stage loads (the converted one when converting)
+    parent: Path  # the parent every stage loads (the converted one when converting; the corrected one after teacher correction)
     fns: dict[str, Callable[..., Any]]
+    original: Path | None = None  # the parent before teacher correction (None: no correction)
     steps: list[Step] = field(default_factory=list)
     models: list[tuple[str, Path]] = field(default_factory=list)  # realised children, then baselines
     distilled: dict[str, Path] = field(default_factory=dict)  # model name -> its model after GKD
@@ -85,6 +90,15 @@ def _plan_section(p: _Plan, stage: Stage) -> None:
         p.add(f"{stage.section}[{label}]", stage.name, args, p.common)
 
 
+def _plan_teacher_correction(p: _Plan, stage: Stage) -> None:
+    """correct-teacher on the parent; from here on the corrected parent is every step's parent."""
+    args = _one(p.cfg, "teacher_correction")
+    if args is None:
+        return
+    p.add("teacher_correction", stage.name, args, p.common)
+    p.original, p.parent = p.parent, p.run.teacher_model
+
+
 def _plan_realize(p: _Plan, stage: Stage) -> None:
     for args in p.cfg.sections.get("realize", []):
         if "solution" not in args:
@@ -131,6 +145,8 @@ def _plan_evaluate(p: _Plan, stage: Stage) -> None:
         ev.setdefault("mc_tasks", [str(p.run.mc_tasks)])
     # (name, model, evaluate overrides): a student's speed is measured once, after GKD, which changes no shape
     evaluated: list[tuple[str, Path, dict]] = [("parent", p.parent, {})]
+    if p.original is not None:  # the parent before teacher correction, against the corrected one
+        evaluated.append((ORIGINAL, p.original, {"measure": False}))
     for name, model in p.models:
         evaluated.append((name, model, {"measure": False} if name in p.distilled else {}))
         if name in p.distilled:
@@ -139,7 +155,7 @@ def _plan_evaluate(p: _Plan, stage: Stage) -> None:
         p.add(f"evaluate[{name}]", stage.name, {**overrides, **ev, "name": name}, {**p.common, "model": model})
 
 
-PLANNERS = {"realize": _plan_realize, "gkd": _plan_gkd, "baselines": _plan_baselines, "evaluate": _plan_evaluate}
+PLANNERS = {"teacher_correction": _plan_teacher_correction, "realize": _plan_realize, "gkd": _plan_gkd, "baselines": _plan_baselines, "evaluate": _plan_evaluate}
 
 
 def plan(cfg: Any, fns: dict[str, Callable[..., Any]] | None = None) -> list[Step]:

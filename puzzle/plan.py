@@ -24,13 +24,15 @@ import torch
 from puzzle.data.cost import train_tokens
 from puzzle.errors import PuzzleError
 from puzzle.footprint import DTYPE_BYTES, FP32, GIB, Context, Estimate, Machine, stage_settings
-from puzzle.io import atomic_write_json
+from puzzle.io import atomic_write_json, read_json
+from puzzle.model.blocks import FFNConfig
 from puzzle.model.checkpoint import load_config
 from puzzle.outputs import JSON_KEY, check_output
 from puzzle.pipeline import RunConfig, check_plan
 from puzzle.pipeline_stages import plan as plan_steps
-from puzzle.profiling.hardware import load_profile
-from puzzle.search_space import load_search_space
+from puzzle.profiling.hardware import HardwareProfile, load_profile
+from puzzle.profiling.roofline import serving_fit
+from puzzle.search_space import load_search_space, refuse_hybrid
 from puzzle.shape import ModelShape
 from puzzle.units import host_memory_bytes
 from puzzle.stages import BY_NAME, stage_functions
@@ -130,6 +132,82 @@ def estimate(config: Path, m: Machine) -> tuple[ModelShape, list[Estimate]]:
     return shape, out
 
 
+# ----- the parent alone: its size and where it serves --------------------------------------------------
+
+SERVING_GPUS = (1, 8)  # the fit lines: one GPU, one 8-GPU node (and the planned machine's count)
+
+
+def parent_shape(path: Path) -> tuple[ModelShape, str | None]:
+    """The parent's shape from its config alone: a supported family as it reads its config (`load_config`),
+    else its config.json read by field name (`ModelShape.from_fields`: an MoE family this build lacks, such as
+    gpt_oss, is still sized), with a note saying so."""
+    where = path.parent if path.suffix == ".json" else path
+    try:
+        config = load_config(where)
+    except PuzzleError as err:
+        config_json = path if path.suffix == ".json" else path / "config.json"
+        if not str(err).startswith("unsupported architecture") or not config_json.is_file():
+            raise
+        raw = read_json(config_json)
+        if not isinstance(raw, dict):
+            raise PuzzleError(f"{config_json}: expected a JSON object") from None
+        return ModelShape.from_fields(raw), (f"model_type {raw.get('model_type')!r} is not a family this build runs: "
+                                             "sized from config.json by field name")
+    refuse_hybrid(config, "plan")  # a Mamba2 layer's cost is not modelled yet (issue 26)
+    return ModelShape.from_config(config), None
+
+
+def parent_lines(shape: ModelShape, profile: HardwareProfile, gpus: tuple[int, ...]) -> tuple[list[str], dict[str, Any]]:
+    """The parent's size (total and, for an MoE parent, active parameters) and where it serves: weights + KV
+    cache of the budget profile's workload on 1 and 8 of its GPUs (`roofline.serving_fit`)."""
+    total, active = shape.total_params(), shape.active_model_params()
+    lines = [f"parent: {total / 1e9:.3f}B parameters ({_gib(shape.model_bytes(None, FP32))} GiB in fp32, "
+             f"{_gib(shape.model_bytes(None, DTYPE_BYTES['bf16']))} in bf16), "
+             f"{shape.num_hidden_layers} layers, hidden {shape.hidden_size}"]
+    moe = [FFNConfig.from_name(f).moe for f in shape.parent_ffns or () if f.startswith("moe_")]
+    if moe:
+        kinds = ", ".join(f"{m.num_experts} experts of width {m.expert_size}, top-{m.top_k}"
+                          + (f", a shared expert of {m.shared_expert_size}" if m.shared_expert_size else "")
+                          for m in dict.fromkeys(moe))
+        lookup = active - shape.fixed_params("embeddings") if not shape.tie_word_embeddings else active
+        lines.append(f"MoE: {len(moe)} of {shape.num_hidden_layers} layers ({kinds}); active per token "
+                     f"{active / 1e9:.3f}B of {total / 1e9:.3f}B ({100 * active / total:.1f}%; "
+                     f"{lookup / 1e9:.3f}B without the embedding lookup)")
+    w, device = profile.workload, profile.device.model or profile.device.name
+    fits = [serving_fit(shape, profile, g) for g in gpus]
+    lines.append(f"serving in {w.dtype} ({profile.name} workload: batch {w.batch_size} x {w.max_context} tokens): "
+                 f"weights {_gib(fits[0]['weight_bytes'])} GiB + KV cache {_gib(fits[0]['kv_cache_bytes'])} GiB")
+    for f in fits:
+        verdict = "fits" if f["fits"] else "does not fit"
+        batch = (f"largest batch at {w.max_context} tokens: {f['max_batch']}" if f["max_batch"]
+                 else "the weights alone exceed it")
+        lines.append(f"  {f['gpus']} x {device}: {verdict} ({_gib(f['per_gpu_bytes'])} GiB per GPU of "
+                     f"{_gib(f['usable_bytes'])} usable); {batch}")
+    return lines, {"total_params": total, "active_params": active, "serving": fits}
+
+
+def parent_report(path: Path, budget: str, gpus: int | None = None) -> tuple[list[str], dict[str, Any]]:
+    """The lines and figures `puzzle plan PARENT` prints and writes, from the parent's config alone."""
+    shape, note = parent_shape(path)
+    profile = load_profile(budget)
+    lines, figures = parent_lines(shape, profile, tuple(sorted({*SERVING_GPUS, gpus or 1})))
+    config_json = path if path.suffix == ".json" else path / "config.json"
+    quantized = config_json.is_file() and isinstance(raw := read_json(config_json), dict) and raw.get("quantization_config")
+    if isinstance(quantized, dict):  # gpt-oss: MXFP4 experts; the figures above are the unquantised model's
+        lines.append(f"note: the checkpoint stores quantized weights ({quantized.get('quant_method', 'quantization_config')}); "
+                     f"the sizes above are {profile.workload.dtype}")
+    return ([note] if note else []) + lines, {
+        "parent": {"params": shape.total_params(), "fp32_bytes": shape.model_bytes(None, FP32), **asdict(shape),
+                   **figures, "note": note}}
+
+
+def plan_parent(path: Path, budget: str, gpus: int | None) -> dict[str, Any]:
+    """`puzzle plan PARENT`: the parent's size and serving fit, from its config alone."""
+    lines, result = parent_report(path, budget, gpus)
+    print("\n".join(lines))
+    return result
+
+
 def _gib(x: float) -> str:
     return f"{x / GIB:.2f}"
 
@@ -140,11 +218,8 @@ def _duration(s: float | None) -> str:
     return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
-def table(shape: ModelShape, estimates: list[Estimate], m: Machine) -> str:
-    lines = [f"parent: {shape.total_params() / 1e9:.3f}B parameters ({_gib(shape.model_bytes(None, FP32))} GiB in fp32, "
-             f"{_gib(shape.model_bytes(None, DTYPE_BYTES['bf16']))} in bf16), "
-             f"{shape.num_hidden_layers} layers, hidden {shape.hidden_size}",
-             f"machine: {m.device}, {m.gpus} GPU(s) x {_gib(m.gpu_bytes)} GiB, host {_gib(m.host_bytes)} GiB",
+def table(shape: ModelShape, estimates: list[Estimate], m: Machine, parent: list[str]) -> str:
+    lines = [*parent, f"machine: {m.device}, {m.gpus} GPU(s) x {_gib(m.gpu_bytes)} GiB, host {_gib(m.host_bytes)} GiB",
              f"throughput: {m.throughput_note}", ""]
     head = f"{'step':<28} {'runs on':>12} {'workers':>7} {'host GiB':>9} {'GPU GiB':>8} {'disk GiB':>9} {'TFLOP':>10} {'time':>9}"
     lines += [head, "-" * len(head)]
@@ -172,30 +247,40 @@ def plan(
 
     Reads the parent's config.json (a GGUF's metadata), never its weights. Each stage is modelled as the
     code runs it on the planned machine, in the dtype each step's --dtype resolves to there (auto: bf16 on
-    CUDA, fp32 on the CPU). Prints a table and one warning line per step whose peak exceeds the memory
-    given (or this machine's); exits 0 with warnings.
+    CUDA, fp32 on the CPU). Prints the parent's size (total and, for an MoE parent, active parameters) and
+    whether it serves on 1 and 8 of the budget's GPUs (weights + KV cache of its workload), a table and one
+    warning line per step whose peak exceeds the memory given (or this machine's); exits 0 with warnings.
+    Given a parent instead of a pipeline, prints the parent's lines only (a config.json of a family this
+    build does not run is read by field name).
 
     Args:
-        config: pipeline YAML (as for puzzle run)
+        config: pipeline YAML (as for puzzle run), or a parent: model directory, config.json, .gguf
         device: where the stages that can use a GPU run (auto: CUDA when this machine has one); a step's
             own device / dtype arguments in the config take precedence
         gpus: GPUs available (default: this machine's, or 1)
         gpu_memory_gib: memory of one GPU (default: this machine's GPU, else the budget profile's)
         host_memory_gib: host memory (default: this machine's)
         budget: hardware profile whose GPU peak FLOP/s x efficiency sets GPU time (and GPU memory
-            when there is no GPU here)
+            when there is no GPU here), and whose workload and memory the parent's serving lines use
         cpu_gflops: CPU fp32 matmul rate (default: measured here for a fraction of a second)
         json: also write the numbers to this JSON file
     """
     if json is not None:
         check_output(Path(json), "plan", inputs=(config,), file=True)  # before any work: never over a user's file
+    if Path(config).suffix not in (".yaml", ".yml"):  # a parent, not a pipeline
+        result = plan_parent(Path(config), budget, gpus)
+        if json is not None:
+            atomic_write_json(json, {**result, JSON_KEY: "plan"})
+        return result
     m = machine(device, gpus, gpu_memory_gib, host_memory_gib, budget, cpu_gflops)
     shape, estimates = estimate(Path(config), m)
-    print(table(shape, estimates, m))
+    parent, figures = parent_lines(shape, load_profile(budget), tuple(sorted({*SERVING_GPUS, m.gpus or 1})))
+    print(table(shape, estimates, m, parent))
     for e in estimates:
         for w in e.warnings:
             print(w)
-    result = {"parent": {"params": shape.total_params(), "fp32_bytes": shape.model_bytes(None, FP32), **asdict(shape)},
+    result = {"parent": {"params": shape.total_params(), "fp32_bytes": shape.model_bytes(None, FP32), **asdict(shape),
+                         **figures},
               "machine": asdict(m), "steps": [asdict(e) for e in estimates],
               "total_seconds": sum(e.seconds or 0 for e in estimates)}
     if json is not None:

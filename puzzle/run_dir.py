@@ -4,6 +4,8 @@ naming rule (`name-2` solutions, `+gkd` rows, distill's `out/model`, `pruning.js
     R/parent.json               the run's parent and search space (below)
     R/parent/                   the parent converted once to safetensors (`convert_parent`)
     R/data/                     prepare-data: train.bin, val.bin, meta.json
+    R/teacher/                  correct-teacher: the parent fine-tuned on the run's data (teacher correction):
+                                model/ (the corrected parent), teacher.json (what it came from), log, checkpoints
     R/importance/               importance: Minitron activation scores
     R/library/                  build-library: one safetensors per trained variant + manifest.json
     R/scores/scores.parquet     score: replace-1-block table (+ .csv, scores.json)
@@ -28,6 +30,11 @@ content fingerprint (`puzzle/model/fingerprint.py`), updated when the file at th
 artefact made from the parent records the fingerprint it was made from and is redone on a mismatch. A parent and search space are
 recorded only once they are known good (a supported config, a space that resolves against it), so a
 rejected one never claims the run.
+
+Teacher correction (`puzzle correct-teacher`) makes the corrected parent the run's parent: parent.json then
+records `parent` = R/teacher/model (with its fingerprint) and `parent_original` (+ `parent_original_fingerprint`),
+the parent it was corrected from. Every later stage reads and compares the corrected one (`check_parent`): a
+stage handed the original (or any other) parent refuses, so a run never mixes the two.
 
 One writer per stage per run directory: `RunDir.lock(stage)` (and the `@writes_run_dir` decorator every
 stage function wears) holds an exclusive `flock` on `.locks/STAGE.lock` for the stage's duration; a second
@@ -75,6 +82,8 @@ GKD_DIR = "gkd"  # the pipeline's GKD output of a model: MODEL/gkd
 DISTILLED_MODEL = "model"  # distill writes its trained model to OUT/model
 GKD_SUFFIX = "+gkd"  # the evaluation name of a model after GKD
 LOCKS = ".locks"
+# after teacher correction: parent.json's key for the parent it was corrected from, and that parent's evaluation name
+PARENT_ORIGINAL = "parent_original"
 _HELD: dict[Path, int] = {}  # lock files this process holds -> depth (a lock is reentrant within a process)
 SYNC_INDEX = ".puzzle-sync.json"  # in a staged run's local mirror: what was last pulled / pushed
 _URI = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):/")  # two letters at least: C:/ is a Windows path, not a scheme
@@ -129,8 +138,7 @@ class RunDir:
                 raise PuzzleError(f"no parent model for {self.root}: pass --parent PATH once")
             parent = recorded["parent"]
         parent = Path(parent).resolve()
-        if "parent" in recorded and Path(recorded["parent"]).resolve() != parent:
-            raise PuzzleError(f"{self.root} belongs to parent {recorded['parent']}, not {parent}; use another --run-dir")
+        self.check_parent(parent)
         if not parent.exists():
             raise PuzzleError(f"parent model not found: {parent}")
         from puzzle.model.fingerprint import fingerprint
@@ -186,9 +194,52 @@ class RunDir:
                 del _HELD[path]
                 fcntl.flock(f, fcntl.LOCK_UN)
 
+    def check_parent(self, parent: str | Path, flag: str = "--parent", corrected_only: bool = False) -> None:
+        """One line unless `parent` is the run's recorded parent (or the run records none; with
+        `corrected_only`, unless the run's parent is a corrected teacher). After teacher correction the
+        recorded parent is the corrected one: the original parent is named as such."""
+        recorded = self.info()
+        if ("parent" not in recorded or (corrected_only and PARENT_ORIGINAL not in recorded)
+                or Path(recorded["parent"]).resolve() == Path(parent).resolve()):
+            return
+        if PARENT_ORIGINAL in recorded and Path(recorded[PARENT_ORIGINAL]).resolve() == Path(parent).resolve():
+            raise PuzzleError(f"{self.root}'s parent was corrected by puzzle correct-teacher: its stages use "
+                              f"{recorded['parent']}, not the original {parent}; pass {flag} {recorded['parent']} "
+                              "(or leave it out where the stage reads the run's parent)")
+        raise PuzzleError(f"{self.root} belongs to parent {recorded['parent']}, not {Path(parent).resolve()}; "
+                          "use another --run-dir")
+
+    def record_teacher(self, original: Path, teacher: Path) -> dict[str, Any]:
+        """Make the corrected `teacher` the run's parent (parent.json), remembering the `original` it came
+        from; the search space (when recorded) stays. The caller checked that `original` is the run's."""
+        from puzzle.model.fingerprint import fingerprint
+
+        recorded = self.info()
+        info = {**recorded, "parent": str(Path(teacher).resolve()), "parent_fingerprint": fingerprint(teacher),
+                PARENT_ORIGINAL: str(Path(original).resolve()),
+                f"{PARENT_ORIGINAL}_fingerprint": fingerprint(original)}
+        if info != recorded:
+            atomic_write_json(self.info_file, info)
+        return info
+
     @property
     def converted_parent(self) -> Path:
         return self.root / "parent"
+
+    @property
+    def teacher(self) -> Path:
+        """correct-teacher's output directory (log, checkpoints, teacher.json, model/)."""
+        return self.root / "teacher"
+
+    @property
+    def teacher_model(self) -> Path:
+        """The corrected parent: after teacher correction, the run's parent."""
+        return self.teacher / "model"
+
+    @property
+    def teacher_record(self) -> Path:
+        """teacher.json: the parent it was corrected from, its data, steps and tokens, validation before and after."""
+        return self.teacher / "teacher.json"
 
     # ---- stage outputs ------------------------------------------------------------------------------
     @property
@@ -347,6 +398,11 @@ class RunDir:
     @property
     def report_pareto(self) -> Path:
         return self.root / f"{PARETO}.png"
+
+    @property
+    def report_router_load(self) -> Path:
+        """The report's plot of each MoE layer's router load per evaluated model."""
+        return self.root / "router_load.png"
 
 
 def open_lock(path: Path) -> Any:

@@ -10,6 +10,9 @@ A space is a YAML file (search_spaces/*.yaml) resolved against a parent config i
     attention:
       kv_heads: halves      # "halves": the parent's KV heads, halved down to 1 (only counts that divide
                             # the query heads); "all": the parent's only; or a list of ints
+      windows: [128, 512]   # sliding-window variants (gpt-oss-puzzle's selective window attention): each GQA
+                            # variant again with each window W (query t sees keys in (t - W, t]), where W is
+                            # below the layer's own (a parent layer with a window keeps it on every variant)
       linear: true          # attention replaced by a per-token hidden->hidden linear map
       no_op: true           # attention removed
     ffn:
@@ -17,13 +20,19 @@ A space is a YAML file (search_spaces/*.yaml) resolved against a parent config i
       round_to: 1           # round sizes to a multiple of this (e.g. 64 for tensor cores)
       linear: true
       no_op: true
+      moe:                  # an MoE layer's variants (the dense keys above apply to its dense layers)
+        expert_ratios: [1.0, 0.5]       # of the parent's experts kept (which ones: library/init.py)
+        top_k: [2, 1]                   # experts per token (default: the parent's); only those <= experts kept
+        expert_width_ratios: [1.0, 0.5] # of an expert's width (rounded to `round_to`)
     overrides:              # later entries win; layers may be negative (from the end)
       - layers: [0, -1]
         attention: {kv_heads: all, linear: false, no_op: false}
         ffn: {ratios: [1.0], linear: false, no_op: false}
 
 The parent's own variant is always included, so every space contains the parent (a target engine that
-cannot serve the parent's own blocks is refused).
+cannot serve the parent's own blocks is refused). An MoE parent's FFN differs by layer (Qwen-MoE's dense
+`mlp_only_layers`): each layer's variants start from that layer's own FFN (`SearchSpace.parent_ffns`). An MoE
+variant keeps the shared expert as it is; its linear and no-op variants are the dense ones.
 """
 
 import sys
@@ -34,15 +43,17 @@ from typing import Any, Iterable, Iterator, Literal
 from puzzle.engines import DEFAULT_ENGINE, RULES, Engine, check_family, get_engine, sublayer_violations
 from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
-from puzzle.model.blocks import AttentionConfig, BlockConfigError, FFNConfig, on_ffn_mult_grid, snap_to_ffn_mult_grid
+from puzzle.model.blocks import (AttentionConfig, BlockConfigError, FFNConfig, MoEConfig, on_ffn_mult_grid,
+                                 snap_to_ffn_mult_grid)
 from puzzle.model.family import has_moe, is_hybrid
 from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
 SPACES_DIR = Path(__file__).resolve().parents[1] / "search_spaces"
 Kind = Literal["attention", "ffn"]
-_ATT_KEYS = {"kv_heads", "linear", "no_op"}
-_FFN_KEYS = {"ratios", "sizes", "round_to", "linear", "no_op"}
+_ATT_KEYS = {"kv_heads", "windows", "linear", "no_op"}
+_FFN_KEYS = {"ratios", "sizes", "round_to", "linear", "no_op", "moe"}
+_MOE_KEYS = {"expert_ratios", "top_k", "expert_width_ratios"}
 
 
 @dataclass(frozen=True)
@@ -61,12 +72,24 @@ class Variant:
 class SearchSpace:
     name: str
     num_layers: int
-    parent_attention: AttentionConfig
-    parent_ffn: FFNConfig
+    parent_attention: AttentionConfig  # the parent GQA without a window (its KV heads)
+    parent_ffns: tuple[FFNConfig, ...]  # [layer] -> the parent FFN there (an MoE parent differs by layer)
     attention: tuple[tuple[AttentionConfig, ...], ...]  # [layer] -> variants, parent first
     ffn: tuple[tuple[FFNConfig, ...], ...]
     target_engine: str = DEFAULT_ENGINE
     notes: tuple[str, ...] = ()  # what fitting the space to its target engine changed, one line each
+    # the parent's attention in each layer (with that layer's window); empty: `parent_attention` everywhere
+    parent_attentions: tuple[AttentionConfig, ...] = ()
+
+    def parent_attention_of(self, layer: int) -> AttentionConfig:
+        return self.parent_attentions[layer] if self.parent_attentions else self.parent_attention
+
+    @property
+    def parent_ffn(self) -> FFNConfig:
+        """The parent's FFN, the same in every layer (ValueError for an MoE parent whose layers differ)."""
+        if len(set(self.parent_ffns)) != 1:
+            raise ValueError(f"the parent's FFN differs by layer ({', '.join(sorted({f.name for f in self.parent_ffns}))})")
+        return self.parent_ffns[0]
 
     def attention_variants(self, layer: int) -> list[AttentionConfig]:
         return list(self.attention[layer])
@@ -78,10 +101,10 @@ class SearchSpace:
         for layer in range(self.num_layers):
             if "attention" in kinds:
                 for cfg in self.attention[layer]:
-                    yield Variant(layer, "attention", cfg, cfg == self.parent_attention)
+                    yield Variant(layer, "attention", cfg, cfg == self.parent_attention_of(layer))
             if "ffn" in kinds:
                 for cfg in self.ffn[layer]:
-                    yield Variant(layer, "ffn", cfg, cfg == self.parent_ffn)
+                    yield Variant(layer, "ffn", cfg, cfg == self.parent_ffns[layer])
 
     def variant(self, layer: int, kind: Kind, name: str) -> Variant:
         for v in self.variants((kind,)):
@@ -128,6 +151,14 @@ def _kv_head_counts(spec: Any, parent_kv: int, num_heads: int, where: str) -> li
     raise PuzzleError(f"{where}: kv_heads must be 'halves', 'all' or a list of integers, got {spec!r}")
 
 
+def _windows(spec: Any, where: str) -> list[int]:
+    if spec is None:
+        return []
+    if isinstance(spec, list) and all(isinstance(w, int) and not isinstance(w, bool) and w > 0 for w in spec):
+        return list(spec)
+    raise PuzzleError(f"{where}: windows must be a list of positive integers (tokens), got {spec!r}")
+
+
 def _flag(section: dict, key: str, where: str) -> bool:
     value = section.get(key, False)
     if not isinstance(value, bool):
@@ -140,9 +171,11 @@ def _attention_variants(section: dict, parent: AttentionConfig, num_heads: int, 
     if unknown:
         raise PuzzleError(f"{where}: unknown attention keys {sorted(unknown)}; allowed: {sorted(_ATT_KEYS)}")
     parent_kv = parent.num_key_value_heads(num_heads)
-    out = [parent]
-    for k in _kv_head_counts(section.get("kv_heads", "all"), parent_kv, num_heads, where):
-        out.append(AttentionConfig(n_heads_in_group=num_heads // k))
+    gqa = [parent] + [AttentionConfig(n_heads_in_group=num_heads // k).with_window(parent.window)
+                      for k in _kv_head_counts(section.get("kv_heads", "all"), parent_kv, num_heads, where)]
+    # windows narrower than the layer's own: a wider one only costs more than the parent's mask
+    narrower = [w for w in _windows(section.get("windows"), where) if parent.window is None or w < parent.window]
+    out = gqa + [a.with_window(w) for a in gqa for w in narrower]
     if _flag(section, "linear", where):
         out.append(AttentionConfig(replace_with_linear=True))
     if _flag(section, "no_op", where):
@@ -159,27 +192,58 @@ def _ffn_variants(section: dict, parent: FFNConfig, where: str) -> tuple[FFNConf
     round_to = section.get("round_to", 1)
     if not isinstance(round_to, int) or round_to <= 0:
         raise PuzzleError(f"{where}: round_to must be a positive integer, got {round_to!r}")
-    sizes: list[int] = []
-    if "sizes" in section:
-        raw = section["sizes"]
-        if not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in raw):
-            raise PuzzleError(f"{where}: sizes must be a list of positive integers, got {raw!r}")
-        sizes = list(raw)
+    moe = section.get("moe") or {}
+    if not isinstance(moe, dict):
+        raise PuzzleError(f"{where}: ffn 'moe' must be a mapping, got {type(moe).__name__}")
+    if parent.is_moe:
+        out = [parent] + _moe_variants(moe, parent, round_to, where)
     else:
-        ratios = section.get("ratios", [1.0])
-        if not isinstance(ratios, list) or not all(
-            isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in ratios
-        ):
-            raise PuzzleError(f"{where}: ratios must be a list of numbers in (0, 1], got {ratios!r}")
-        for r in ratios:
-            size = max(round_to, int(round(r * parent.intermediate_size / round_to)) * round_to)
-            sizes.append(min(size, parent.intermediate_size))
-    out = [parent] + [FFNConfig(intermediate_size=s) for s in sizes]
+        out = [parent] + [FFNConfig(intermediate_size=s) for s in _dense_sizes(section, parent, round_to, where)]
     if _flag(section, "linear", where):
         out.append(FFNConfig(replace_with_linear=True))
     if _flag(section, "no_op", where):
         out.append(FFNConfig(no_op=True))
     return tuple(dict.fromkeys(out))
+
+
+def _ratios(raw: Any, key: str, where: str) -> list[float]:
+    if not isinstance(raw, list) or not raw or not all(
+        isinstance(r, (int, float)) and not isinstance(r, bool) and 0 < r <= 1 for r in raw
+    ):
+        raise PuzzleError(f"{where}: {key} must be a list of numbers in (0, 1], got {raw!r}")
+    return list(raw)
+
+
+def _dense_sizes(section: dict, parent: FFNConfig, round_to: int, where: str) -> list[int]:
+    if "sizes" in section:
+        raw = section["sizes"]
+        if not isinstance(raw, list) or not all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in raw):
+            raise PuzzleError(f"{where}: sizes must be a list of positive integers, got {raw!r}")
+        return list(raw)
+    sizes = []
+    for r in _ratios(section.get("ratios", [1.0]), "ratios", where):
+        size = max(round_to, int(round(r * parent.intermediate_size / round_to)) * round_to)
+        sizes.append(min(size, parent.intermediate_size))
+    return sizes
+
+
+def _moe_variants(section: dict, parent: FFNConfig, round_to: int, where: str) -> list[FFNConfig]:
+    """An MoE layer's variants: every (experts kept, top-k, expert width) of the section's lists, top-k at most
+    the experts kept; the shared expert as the parent's."""
+    unknown = set(section) - _MOE_KEYS
+    if unknown:
+        raise PuzzleError(f"{where}: unknown ffn.moe keys {sorted(unknown)}; allowed: {sorted(_MOE_KEYS)}")
+    own = parent.moe
+    counts = [min(own.num_experts, max(1, round(r * own.num_experts)))
+              for r in _ratios(section.get("expert_ratios", [1.0]), "expert_ratios", where)]
+    widths = [min(own.expert_size, max(round_to, int(round(r * own.expert_size / round_to)) * round_to))
+              for r in _ratios(section.get("expert_width_ratios", [1.0]), "expert_width_ratios", where)]
+    top_ks = section.get("top_k", [own.top_k])
+    if not isinstance(top_ks, list) or not top_ks or not all(
+            isinstance(k, int) and not isinstance(k, bool) and k > 0 for k in top_ks):
+        raise PuzzleError(f"{where}: ffn.moe top_k must be a list of positive integers, got {top_ks!r}")
+    return [FFNConfig(moe=MoEConfig(e, k, w, own.shared_expert_size))
+            for e in counts for k in top_ks for w in widths if k <= e]
 
 
 def _section(raw: dict, key: str, where: str) -> dict:
@@ -192,8 +256,9 @@ def _section(raw: dict, key: str, where: str) -> dict:
 def refuse_hybrid(config: Any, stage: str) -> None:
     """One line for a stage that does not handle hybrid models yet (issue 26: NemotronH parents load, convert
     and run, cached generation included; the search over Mamba2 / MLP / MoE layers, pruning, training,
-    evaluation and export come later). `refuse_moe` calls it first, so every stage that refuses MoE parents
-    refuses hybrids with this line."""
+    evaluation and export come later). Every stage that cannot handle one calls it before reading data or
+    weights: the search space (so library, scoring, solve and realize), importance, prune, distill, evaluate,
+    serve-check and the export formats other than nemotron-h-puzzle."""
     if is_hybrid(config):
         family = getattr(config, "family", None) or getattr(config, "model_type", "?")
         raise PuzzleError(f"{stage}: hybrid Mamba2 parents ({family}) load, convert and run, but {stage} does not "
@@ -201,10 +266,9 @@ def refuse_hybrid(config: Any, stage: str) -> None:
 
 
 def refuse_moe(config: Any, stage: str) -> None:
-    """One line for a stage that does not handle MoE FFNs yet (issue 25: MoE parents load, convert and run;
-    importance, the search over their blocks, pruning and export come later). Every search stage builds
-    the search space (`build_search_space`), so the search is refused there. A hybrid is refused first
-    (`refuse_hybrid`)."""
+    """One line for a stage that does not handle MoE FFNs yet (issue 25: Minitron's importance and pruning;
+    the search space, library, scoring, realize, GKD, evaluate and export handle MoE parents). A hybrid is
+    refused first (`refuse_hybrid`)."""
     refuse_hybrid(config, stage)
     if has_moe(config):
         family = getattr(config, "family", None) or getattr(config, "model_type", "?")
@@ -213,19 +277,21 @@ def refuse_moe(config: Any, stage: str) -> None:
 
 
 def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> SearchSpace:
-    """Resolve a parsed YAML mapping against a parent config (a LlamaConfig or PuzzleConfig)."""
-    refuse_moe(parent_config, f"search space {name!r}")
+    """Resolve a parsed YAML mapping against a parent config (a supported family's HF config or a PuzzleConfig;
+    an MoE parent's layers each start from their own FFN)."""
     if not isinstance(raw, dict):
         raise PuzzleError(f"search space {name!r}: expected a mapping at the top level")
     unknown = set(raw) - {"name", "description", "target_engine", "attention", "ffn", "overrides"}
     if unknown:
         raise PuzzleError(f"search space {name!r}: unknown keys {sorted(unknown)}")
     name = raw.get("name", name)
+    refuse_hybrid(parent_config, f"search space {name!r}")
     n_layers = parent_config.num_hidden_layers
     num_heads = parent_config.num_attention_heads
     try:
         shape = ModelShape.from_config(parent_config)
-        parent_att, parent_ffn = shape.parent_attention, shape.parent_ffn
+        parent_att, parent_atts = shape.parent_attention, shape.parent_attentions
+        parent_ffns = tuple(b.ffn for b in shape.parent_blocks)
     except BlockConfigError as err:
         raise PuzzleError(f"parent config: {err}") from None
     att_default = _section(raw, "attention", name)
@@ -249,17 +315,18 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
                 att_sections[i % n_layers] = _section(ov, "attention", where)
             if "ffn" in ov:
                 ffn_sections[i % n_layers] = _section(ov, "ffn", where)
-    attention = tuple(_attention_variants(s, parent_att, num_heads, f"search space {name!r}") for s in att_sections)
-    ffn = tuple(_ffn_variants(s, parent_ffn, f"search space {name!r}") for s in ffn_sections)
+    attention = tuple(_attention_variants(s, parent_atts[i], num_heads, f"search space {name!r}")
+                      for i, s in enumerate(att_sections))
+    ffn = tuple(_ffn_variants(s, own, f"search space {name!r}") for s, own in zip(ffn_sections, parent_ffns))
     engine_name = raw.get("target_engine", DEFAULT_ENGINE)
     if not isinstance(engine_name, str):
         raise PuzzleError(f"search space {name!r}: target_engine must be a name, got {engine_name!r}")
     engine = get_engine(engine_name)
     check_family(engine.name, parent_config)
-    attention, ffn, notes = _fit_to_engine(engine, attention, ffn, parent_att, parent_ffn, shape.hidden_size, name)
+    attention, ffn, notes = _fit_to_engine(engine, attention, ffn, parent_att, parent_ffns, shape.hidden_size, name)
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
-    return SearchSpace(name, n_layers, parent_att, parent_ffn, attention, ffn, engine.name, notes)
+    return SearchSpace(name, n_layers, parent_att, parent_ffns, attention, ffn, engine.name, notes, tuple(parent_atts))
 
 
 def _fit_to_engine(
@@ -267,7 +334,7 @@ def _fit_to_engine(
     attention: tuple[tuple[AttentionConfig, ...], ...],
     ffn: tuple[tuple[FFNConfig, ...], ...],
     parent_att: AttentionConfig,
-    parent_ffn: FFNConfig,
+    parent_ffns: tuple[FFNConfig, ...],
     hidden_size: int,
     name: str,
 ) -> tuple[tuple, tuple, tuple[str, ...]]:
@@ -277,16 +344,17 @@ def _fit_to_engine(
     without variable GQA keeps only the parent's KV heads, and (vLLM, SGLang) the first layer keeps a real
     attention. Notes say what changed."""
     where = f"search space {name!r} (target_engine {engine.name})"
-    if engine.ffn_mult_grid and not on_ffn_mult_grid(parent_ffn.intermediate_size, hidden_size):
-        raise PuzzleError(f"{where}: the parent's own FFN width {parent_ffn.intermediate_size} is off the engine's "
-                          f"ffn_mult grid (multiples of 256), so {engine.name} cannot serve even the parent")
+    for parent_ffn in dict.fromkeys(parent_ffns):  # an MoE parent reaches here only for engines serving its family
+        if engine.ffn_mult_grid and parent_ffn.is_swiglu and not on_ffn_mult_grid(parent_ffn.intermediate_size, hidden_size):
+            raise PuzzleError(f"{where}: the parent's own FFN width {parent_ffn.intermediate_size} is off the engine's "
+                              f"ffn_mult grid (multiples of 256), so {engine.name} cannot serve even the parent")
     snapped: dict[int, int] = {}
     dropped: dict[str, str] = {}  # variant name -> rule
 
-    def fit(cfg: AttentionConfig | FFNConfig, first: bool = False) -> AttentionConfig | FFNConfig | None:
+    def fit(cfg: AttentionConfig | FFNConfig, first: bool = False, layer: int = 0) -> AttentionConfig | FFNConfig | None:
         broken = sublayer_violations(engine, cfg, hidden_size, first=first, kv_reference=parent_att)
         if broken == ["ffn_mult_grid"]:
-            width = min(snap_to_ffn_mult_grid(cfg.intermediate_size), parent_ffn.intermediate_size)
+            width = min(snap_to_ffn_mult_grid(cfg.intermediate_size), parent_ffns[layer].intermediate_size)
             snapped[cfg.intermediate_size] = width
             return FFNConfig(intermediate_size=width)
         if broken:
@@ -294,11 +362,11 @@ def _fit_to_engine(
             return None
         return cfg
 
-    def keep(configs: Iterable, first: bool) -> tuple:  # dedupe, parent first
-        return tuple(dict.fromkeys(c for c in (fit(c, first) for c in configs) if c is not None))
+    def keep(configs: Iterable, layer: int) -> tuple:  # dedupe, parent first
+        return tuple(dict.fromkeys(c for c in (fit(c, layer == 0, layer) for c in configs) if c is not None))
 
-    attention = tuple(keep(layer, i == 0) for i, layer in enumerate(attention))
-    ffn = tuple(keep(layer, i == 0) for i, layer in enumerate(ffn))
+    attention = tuple(keep(variants, i) for i, variants in enumerate(attention))
+    ffn = tuple(keep(variants, i) for i, variants in enumerate(ffn))
     notes = []
     if snapped:
         pairs = ", ".join(f"{a}->{b}" for a, b in sorted(snapped.items()))

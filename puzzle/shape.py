@@ -7,31 +7,69 @@ Symbols: D hidden, H query heads, K KV heads of a variant, d head_dim, I FFN wid
 L layers, T tokens of a sequence, S keys a query attends to, e bytes per element.
 
   parameters  GQA attention: D*(H + 2K)*d (q, k, v) + H*d*D (o) + D (its pre-norm), plus the family's
-              biases ((H + 2K)*d on q/k/v, D on o) and q/k norms (2*d, shared by the heads);
+              biases ((H + 2K)*d on q/k/v, D on o), q/k norms (2*d, shared by the heads) and attention
+              sinks (H, one logit per query head: gpt-oss);
               SwiGLU FFN: 3*D*I + D; linear sublayer: D*D + D; no-op: 0 (no module, no norm);
               MoE FFN of E experts of width I, top-k: E*3*D*I (experts) + E*D (router) + D in all, of which a
               token uses k*3*D*I + E*D + D (`active_params`); a shared expert of width S adds 3*D*S (+ D for
-              its gate) to both.
+              its gate) to both; a router bias adds E to both, expert biases (gpt-oss: gate, up and down)
+              2*I + D per expert, k of them active.
               Fixed: embeddings V*D, final norm D, LM head V*D (0 when tied to the embeddings).
   FLOPs       forward, 2 per multiply-add: 2 x the matmul weights per token (an MoE FFN's active ones:
               the router and k experts), plus attention's
               QK^T and PV: 4*H*d*S per query over S keys. A causal sequence of T tokens has queries
               over 1..T keys: 2*H*d*T*(T+1) in all.
   KV cache    2*K*d*e bytes per cached token per layer (K and V); 0 without GQA attention.
-  windows     a layer with sliding window W attends to at most W keys and an engine caches at most W
-              tokens of a sequence there (vLLM, llama.cpp and transformers' sliding cache layers all
-              bound it): S -> min(S, W); the causal sequence's queries see min(t, W) keys. Every
-              per-variant count takes the `layer` it is placed in (None: no window).
+  routing     n tokens each choosing k of E experts touch U = sum_j 1 - (1 - p_j)^n distinct experts in
+              expectation (`expected_experts`; p_j = k/E when routing is uniform): the weights an MoE decode
+              step reads.
+  windows     an attention variant with sliding window W (blocks.py `AttentionConfig.window`, "attn_g3_w128")
+              attends to at most W keys and an engine caches at most W tokens of a sequence there
+              (vLLM, llama.cpp and transformers' sliding cache layers all bound it): S -> min(S, W); the
+              causal sequence's queries see min(t, W) keys. The window is the variant's own: a parent
+              whose family windows some layers has those windows on its blocks (`parent_blocks`).
 """
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Mapping, Sequence
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
+from puzzle.errors import PuzzleError
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
 from puzzle.model.family import config_family, parent_ffns
 
 Part = AttentionConfig | FFNConfig | BlockConfig
 FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
+# The config.json fields an MoE parent names its experts by (`ModelShape.from_fields`), first found wins:
+# the expert count (Mixtral, gpt-oss: num_local_experts; Qwen-MoE: num_experts; DeepSeek: n_routed_experts),
+# the experts per token (transformers' num_experts_per_tok; gpt-oss's original experts_per_token) and an
+# expert's width (Qwen-MoE, DeepSeek: moe_intermediate_size; Mixtral, gpt-oss: intermediate_size).
+EXPERT_COUNT_FIELDS = ("num_local_experts", "num_experts", "n_routed_experts")
+TOP_K_FIELDS = ("num_experts_per_tok", "experts_per_token", "num_experts_per_token")
+EXPERT_WIDTH_FIELDS = ("moe_intermediate_size", "intermediate_size")
+SHARED_EXPERT_FIELD = "shared_expert_intermediate_size"  # Qwen2-MoE
+
+
+def _first(raw: Mapping[str, Any], fields: Sequence[str]) -> Any:
+    return next((raw[f] for f in fields if raw.get(f) is not None), None)
+
+
+def expected_experts(num_experts: int, top_k: int, tokens: float, frequencies: Sequence[float] | None = None) -> float:
+    """Expected number of distinct experts that `tokens` tokens route to, each token choosing `top_k` distinct
+    experts. A token chooses expert j with probability p_j (sum_j p_j = k: the top-k are distinct, so p_j is
+    the marginal and no independence within a token is assumed); tokens route independently, so no token of
+    n chooses j with probability (1 - p_j)^n and, by linearity of expectation,
+        E[distinct experts] = sum_j 1 - (1 - p_j)^n.
+    `frequencies`: measured selection frequencies of the E experts on any scale (importance.py's
+    `experts.frequency` sums to k, counts or shares summing to 1 as well): p_j = k f_j / sum f, capped at 1;
+    None (or all zero): uniform, p_j = k / E, E[distinct] = E (1 - (1 - k/E)^n)."""
+    if tokens <= 0:
+        return 0.0
+    if frequencies is not None and len(frequencies) != num_experts:
+        raise ValueError(f"{len(frequencies)} expert frequencies for {num_experts} experts")
+    total = 0.0 if frequencies is None else float(sum(frequencies))
+    if total <= 0:
+        return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+    return sum(1.0 - (1.0 - min(1.0, top_k * f / total)) ** tokens for f in frequencies)
 
 
 @dataclass(frozen=True)
@@ -49,11 +87,14 @@ class ModelShape:
     qkv_bias: bool = False  # the family's attention parts (family.py)
     o_bias: bool = False
     qk_norm: bool = False
-    sliding_windows: tuple[int | None, ...] | None = None  # per layer; None: no layer has one
+    sinks: bool = False  # a GQA attention has one sink logit per query head (gpt-oss)
+    sliding_windows: tuple[int | None, ...] | None = None  # the parent's per layer; None: no layer has one
     # An MoE parent's FFN per layer, by name ("moe_e8k2_i64", or "ffn_768" for a dense layer of Qwen3-MoE's
     # mlp_only_layers); None: every layer the dense SwiGLU of `intermediate_size`
     parent_ffns: tuple[str, ...] | None = None
     shared_expert_gate: bool = False  # an MoE family's shared expert has a (1, D) sigmoid gate (Qwen2-MoE)
+    router_bias: bool = False  # an MoE family's router has a bias (E,) and its experts biases (gpt-oss)
+    expert_bias: bool = False
 
     def __post_init__(self) -> None:
         for field in ("sliding_windows", "parent_ffns"):  # read back from JSON as lists
@@ -79,9 +120,56 @@ class ModelShape:
             qkv_bias=qkv_bias,
             o_bias=o_bias,
             qk_norm=family.qk_norm,
+            sinks=family.sinks,
             sliding_windows=tuple(windows) if any(w is not None for w in windows) else None,
             parent_ffns=None if ffns is None else tuple(f.name for f in ffns),
             shared_expert_gate=family.moe is not None and family.moe.shared_expert_gate,
+            router_bias=family.moe is not None and family.moe.router_bias,
+            expert_bias=family.moe is not None and family.moe.expert_bias,
+        )
+
+    @classmethod
+    def from_fields(cls, raw: Mapping[str, Any]) -> "ModelShape":
+        """From a config.json read as plain JSON, by field name: a parent whose family this build does not
+        support (gpt_oss, ...) sized by `puzzle plan`, which reads the config only. The dense fields by
+        transformers' LlamaConfig names (num_key_value_heads defaults to the query heads, head_dim to D / H),
+        `attention_bias` (biases on q, k, v and o), the windows from `layer_types` + `sliding_window` (without
+        layer_types: `sliding_window` on every layer unless `use_sliding_window` is false), and an MoE FFN
+        from the fields `EXPERT_COUNT_FIELDS`, `TOP_K_FIELDS`, `EXPERT_WIDTH_FIELDS` name, in every layer or as
+        Qwen-MoE places them (`decoder_sparse_step`, `mlp_only_layers`). What a family adds beyond these is not
+        counted (gpt-oss's expert biases and attention sinks: 0.04% of its weights); a supported family is
+        read by `from_config`, which knows it (q/k norms, gated shared experts)."""
+        missing = [f for f in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size") if raw.get(f) is None]
+        if missing:
+            raise PuzzleError(f"config.json lacks {', '.join(missing)}: not a decoder config puzzle can size")
+        D, H, L = int(raw["hidden_size"]), int(raw["num_attention_heads"]), int(raw["num_hidden_layers"])
+        experts, top_k = _first(raw, EXPERT_COUNT_FIELDS), _first(raw, TOP_K_FIELDS)
+        dense = raw.get("intermediate_size")
+        if dense is None and not experts:
+            raise PuzzleError("config.json lacks intermediate_size: not a decoder config puzzle can size")
+        ffns = None
+        if experts:
+            if not top_k:
+                raise PuzzleError(f"config.json has {experts} experts but no experts per token ({' / '.join(TOP_K_FIELDS)})")
+            moe = MoEConfig(int(experts), int(top_k), int(_first(raw, EXPERT_WIDTH_FIELDS)),
+                            raw.get(SHARED_EXPERT_FIELD) or None)
+            step, dense_layers = int(raw.get("decoder_sparse_step") or 1), set(raw.get("mlp_only_layers") or ())
+            ffns = tuple(moe.name if i not in dense_layers and (i + 1) % step == 0 else FFNConfig(intermediate_size=int(dense)).name
+                         for i in range(L))
+        window, types = raw.get("sliding_window"), raw.get("layer_types")
+        if window is None or (types is None and raw.get("use_sliding_window") is False):
+            windows = None
+        elif types is not None:
+            windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        else:
+            windows = (int(window),) * L
+        bias = bool(raw.get("attention_bias", False))
+        return cls(
+            hidden_size=D, num_attention_heads=H, num_key_value_heads=int(raw.get("num_key_value_heads") or H),
+            head_dim=int(raw.get("head_dim") or D // H), intermediate_size=int(dense or 0), num_hidden_layers=L,
+            vocab_size=int(raw["vocab_size"]), tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            qkv_bias=bias, o_bias=bias, sliding_windows=windows if windows and any(w is not None for w in windows) else None,
+            parent_ffns=ffns,
         )
 
     def with_(self, **changes: Any) -> "ModelShape":
@@ -90,7 +178,15 @@ class ModelShape:
     # ---- the parent's own block ---------------------------------------------------------------
     @property
     def parent_attention(self) -> AttentionConfig:
+        """The parent's GQA attention, without a window: its KV heads (`parent_attentions`: with each
+        layer's window)."""
         return AttentionConfig(n_heads_in_group=self.num_attention_heads // self.num_key_value_heads)
+
+    @property
+    def parent_attentions(self) -> list[AttentionConfig]:
+        """The parent's attention in each layer: its GQA with the layer's sliding window, if any."""
+        windows = self.sliding_windows or (None,) * self.num_hidden_layers
+        return [self.parent_attention.with_window(w) for w in windows]
 
     @property
     def parent_ffn(self) -> FFNConfig:
@@ -104,22 +200,25 @@ class ModelShape:
 
     @property
     def parent_block(self) -> BlockConfig:
+        """The parent's block without a window (its weights: what `params` counts); per layer: `parent_blocks`."""
         return BlockConfig(self.parent_attention, self.parent_ffn)
 
     @property
     def parent_blocks(self) -> list[BlockConfig]:
-        """The parent's block in each layer."""
-        if self.parent_ffns is None:
-            return [self.parent_block] * self.num_hidden_layers
-        return [BlockConfig(self.parent_attention, FFNConfig.from_name(f)) for f in self.parent_ffns]
+        """The parent's block in each layer (its window, its FFN)."""
+        ffns = ([self.parent_ffn] * self.num_hidden_layers if self.parent_ffns is None
+                else [FFNConfig.from_name(f) for f in self.parent_ffns])
+        return [BlockConfig(a, f) for a, f in zip(self.parent_attentions, ffns)]
 
-    def window(self, layer: int | None) -> int | None:
-        """Layer `layer`'s sliding window; None for full attention or no layer given."""
-        return None if layer is None or self.sliding_windows is None else self.sliding_windows[layer]
+    @staticmethod
+    def window(part: Part) -> int | None:
+        """A variant's sliding window (its attention's); None for full attention and FFNs."""
+        attention = part.attention if isinstance(part, BlockConfig) else part
+        return attention.window if isinstance(attention, AttentionConfig) else None
 
-    def keys(self, layer: int | None, context: float) -> float:
-        """Keys one query attends to (and tokens of one sequence cached) at `context` in layer `layer`."""
-        window = self.window(layer)
+    def keys(self, part: Part, context: float) -> float:
+        """Keys one query of a variant attends to (and tokens of one sequence cached) at `context`."""
+        window = self.window(part)
         return context if window is None else min(context, window)
 
     def kv_heads(self, part: Part) -> int:
@@ -149,7 +248,8 @@ class ModelShape:
 
     def params(self, part: Part) -> int:
         """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer), a GQA
-        attention's biases and q/k norms where the family has them, and every expert of an MoE FFN."""
+        attention's biases, q/k norms and sinks where the family has them, and every expert of an MoE FFN (and
+        the router's and experts' biases)."""
         if isinstance(part, BlockConfig):
             return self.params(part.attention) + self.params(part.ffn)
         if part.no_op:
@@ -157,17 +257,23 @@ class ModelShape:
         extra = 0
         if isinstance(part, AttentionConfig) and part.is_gqa:
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
-            extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d
-        if isinstance(part, FFNConfig) and part.is_moe:  # the experts no token of this one chose
-            extra = (part.moe.num_experts - part.moe.top_k) * 3 * self.hidden_size * part.moe.expert_size
+            extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d + self.sinks * H
+        if isinstance(part, FFNConfig) and part.is_moe:  # the experts no token of this one chose, and the biases
+            moe = part.moe
+            extra = (moe.num_experts - moe.top_k) * 3 * self.hidden_size * moe.expert_size + self.moe_biases(moe, moe.num_experts)
         return self.matmul_params(part) + self.hidden_size + extra
+
+    def moe_biases(self, moe: Any, experts: int) -> int:
+        """An MoE FFN's router bias (E) and the biases of `experts` of its experts (2I + D each), where the
+        family has them."""
+        return self.router_bias * moe.num_experts + self.expert_bias * experts * (2 * moe.expert_size + self.hidden_size)
 
     def active_params(self, part: Part) -> int:
         """Weights one token uses in a variant: `params` less an MoE FFN's experts outside its top-k."""
         if isinstance(part, BlockConfig):
             return self.active_params(part.attention) + self.active_params(part.ffn)
         if isinstance(part, FFNConfig) and part.is_moe:
-            return self.matmul_params(part) + self.hidden_size
+            return self.matmul_params(part) + self.hidden_size + self.moe_biases(part.moe, part.moe.top_k)
         return self.params(part)
 
     def fixed_params(self, part: str) -> int:
@@ -190,6 +296,13 @@ class ModelShape:
         """Weights of all decoder layers one token uses (the parent's blocks by default)."""
         return sum(self.active_params(b) for b in (self.parent_blocks if blocks is None else blocks))
 
+    def active_model_params(self, blocks: list[BlockConfig] | None = None) -> int:
+        """Weights of the whole model one token uses: `total_params` less the experts outside its top-k, the
+        embedding table counted (as Qwen's and Mistral's model cards count "activated" parameters: Qwen3-30B-A3B
+        3.3B, Mixtral-8x7B 12.9B; OpenAI's card counts gpt-oss-120b's 5.1B without the embedding table, a
+        lookup: `active_model_params() - fixed_params("embeddings")` where the LM head is untied)."""
+        return self.active_layer_params(blocks) + self.fixed_params("final_norm") + self.embedding_params
+
     @property
     def embedding_params(self) -> int:
         """The embedding table and an untied LM head."""
@@ -203,32 +316,32 @@ class ModelShape:
         return self.non_embedding_params(blocks) + self.embedding_params
 
     # ---- FLOPs (forward) ----------------------------------------------------------------------
-    def attention_flops(self, part: Part, keys: float, layer: int | None = None) -> float:
-        """QK^T and PV of one query token over `keys` keys (at most the layer's window): 4*H*d*keys;
+    def attention_flops(self, part: Part, keys: float) -> float:
+        """QK^T and PV of one query token over `keys` keys (at most the variant's window): 4*H*d*keys;
         0 without GQA attention."""
         if self.kv_heads(part) == 0:
             return 0
-        return 4 * self.num_attention_heads * self.head_dim * self.keys(layer, keys)
+        return 4 * self.num_attention_heads * self.head_dim * self.keys(part, keys)
 
-    def causal_attention_flops(self, part: Part, seq_len: int, layer: int | None = None) -> int:
+    def causal_attention_flops(self, part: Part, seq_len: int) -> int:
         """QK^T and PV of a causal sequence of `seq_len` tokens (query t sees t keys, at most the
         window W): 2*H*d*T*(T+1); with T > W, 4*H*d*(W*(W+1)/2 + (T-W)*W)."""
         if self.kv_heads(part) == 0:
             return 0
-        window = self.window(layer)
+        window = self.window(part)
         if window is None or seq_len <= window:
             return 2 * self.num_attention_heads * self.head_dim * seq_len * (seq_len + 1)
         pairs = window * (window + 1) // 2 + (seq_len - window) * window
         return 4 * self.num_attention_heads * self.head_dim * pairs
 
-    def flops_per_token(self, part: Part, keys: float, layer: int | None = None) -> float:
+    def flops_per_token(self, part: Part, keys: float) -> float:
         """Forward FLOPs of one token through a variant whose attention sees `keys` keys (a decode
         step at context `keys`; `seq_len / 2` approximates a causal sequence's mean)."""
-        return 2 * self.matmul_params(part) + self.attention_flops(part, keys, layer)
+        return 2 * self.matmul_params(part) + self.attention_flops(part, keys)
 
-    def prefill_flops(self, part: Part, seq_len: int, layer: int | None = None) -> int:
+    def prefill_flops(self, part: Part, seq_len: int) -> int:
         """Forward FLOPs of one causal sequence of `seq_len` tokens through a variant."""
-        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len, layer)
+        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len)
 
     def fixed_matmul_params(self, part: str) -> int:
         """Weights a fixed part's matmul reads: the LM head's V*D (tied or not); the embedding lookup is
@@ -246,7 +359,7 @@ class ModelShape:
         then the LM head); the parent's block in each layer by default."""
         if blocks is None:
             blocks = self.parent_blocks
-        return sum(self.flops_per_token(b, keys, i) for i, b in enumerate(blocks)) + self.fixed_flops_per_token("lm_head")
+        return sum(self.flops_per_token(b, keys) for b in blocks) + self.fixed_flops_per_token("lm_head")
 
     # ---- memory -------------------------------------------------------------------------------
     def model_bytes(self, blocks: list[BlockConfig] | None, dtype_bytes: int) -> int:
@@ -270,8 +383,8 @@ class ModelShape:
         if blocks is None:
             blocks = self.parent_blocks
         total = 0
-        for i, b in enumerate(blocks):
-            held = tokens if context is None else tokens // context * int(self.keys(i, context))
+        for b in blocks:
+            held = tokens if context is None else tokens // context * int(self.keys(b, context))
             total += self.kv_cache_bytes_per_token(b, dtype_bytes) * held
         return total
 

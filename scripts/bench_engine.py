@@ -268,7 +268,7 @@ def cycle(engine: str, run_dir: Path, seed: int, args, hw) -> dict:
             "unreachable": {f"{b:g}": line for b, line in unreachable.items()},
             "bound": speedup_bound(shape, hw),
             "shape": vars(shape), "samples": [{"name": f"seed{seed}/{s.name}", "blocks": [b.name for b in s.blocks],
-                                                "phase": s.phase, "seconds": s.seconds} for s in samples]}
+                                                "phase": s.phase, "seconds": s.seconds, "group": f"seed{seed}"} for s in samples]}
 
 
 def speedup_bound(shape: ModelShape, hw) -> float:
@@ -277,8 +277,8 @@ def speedup_bound(shape: ModelShape, hw) -> float:
     from puzzle.profiling.roofline import combine_costs, fixed_costs, sublayer_costs
 
     fixed = fixed_costs(shape, hw)
-    rows = [sublayer_costs(shape, kind, getattr(block, kind), hw, layer)
-            for layer, block in enumerate(shape.parent_blocks) for kind in ("attention", "ffn")]
+    rows = [sublayer_costs(shape, kind, getattr(block, kind), hw)
+            for block in shape.parent_blocks for kind in ("attention", "ffn")]
     parent = combine_costs(fixed, rows, hw.workload)["generation_s"]
     return parent / combine_costs(fixed, [], hw.workload)["generation_s"]
 
@@ -341,7 +341,8 @@ def render(result: dict, out: Path) -> None:
     fit = result["fit_all"]
     lines += ["", f"Calibration: `puzzle profile --calibrate {result['measured_json']} --budget {result['profile']}` fits "
                   "compute and memory efficiency, a per-op and a per-step overhead to every seed's median prefill and "
-                  f"decode-step times (in-sample here: compute {fit['compute_efficiency']:.3f}, memory "
+                  "decode-step times, with one speed factor per seed for the machine's drift between them "
+                  f"(in-sample here: compute {fit['compute_efficiency']:.3f}, memory "
                   f"{fit['memory_efficiency']:.3f}, overhead {fit['kernel_overhead_s']:.3g} s/op, "
                   f"{fit.get('step_overhead_s', 0):.3g} s/step, relative RMS error {fit['rel_rms']:.3f}).",
               "", f"Wall time {result['wall_s']:.0f} s."]
@@ -361,7 +362,10 @@ def main() -> None:
     ap.add_argument("--render", type=Path, help="re-render the markdown from an existing result JSON; time nothing")
     args = ap.parse_args()
     if args.render:
-        return render(json.loads(args.render.read_text()), args.render)
+        render(json.loads(args.render.read_text()), args.render)
+        if args.render.resolve().parent == ROOT / "benchmarks":
+            write_index(ROOT / "benchmarks")
+        return
     engine, spec = args.engine, ENGINES[args.engine]
     out = args.out or (args.run_root if args.tiny else ROOT / "benchmarks") / f"engine_{engine}"
     t0 = time.time()

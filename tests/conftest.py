@@ -144,6 +144,9 @@ def make_family_config(family: str, **overrides):
       mixtral         4 experts of intermediate_size top-2 (always renormalised), every layer windowed
       qwen2_moe       Qwen2's attention (q/k/v biases, layers 0 and 2 windowed), 6 experts of 32 top-2
                       renormalised, a gated shared expert of 48, layer 3 dense (mlp_only_layers)
+      gpt_oss         sinks, q/k/v/o biases, layers 0 and 2 windowed (GptOssConfig's alternating layer_types),
+                      head_dim 24, 4 experts of 96 top-2 with biases; swiglu_limit 0.5, low enough that the
+                      clamps bind (7.0 in the real models)
     """
     from transformers import MistralConfig, MixtralConfig, Qwen2Config, Qwen2MoeConfig, Qwen3Config, Qwen3MoeConfig
 
@@ -181,6 +184,12 @@ def make_family_config(family: str, **overrides):
     elif family == "mixtral":
         kwargs = dict(common, num_local_experts=4, num_experts_per_tok=2, sliding_window=FAMILY_WINDOW)
         cls = MixtralConfig
+    elif family == "gpt_oss":
+        from transformers import GptOssConfig
+
+        kwargs = dict(common, head_dim=24, num_local_experts=4, num_experts_per_tok=2, intermediate_size=96,
+                      sliding_window=FAMILY_WINDOW, swiglu_limit=0.5, max_position_embeddings=131072)
+        cls = GptOssConfig
     else:
         raise ValueError(family)
     kwargs.update(overrides)
@@ -188,13 +197,14 @@ def make_family_config(family: str, **overrides):
 
 
 FAMILY_PARENTS = ("llama", "mistral", "mistral_nowindow", "qwen2", "qwen3")
-MOE_PARENTS = ("qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe")  # the MoE families' tiny parents (family: the prefix)
+MOE_PARENTS = ("qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe", "gpt_oss")  # the MoE families' tiny parents (family: the prefix)
 
 
 def make_family_parent(family: str, seed: int = 0, **overrides):
     """transformers' own causal LM of `family`, with weights wide enough that every part matters: matrices
     N(0, 0.08) (an MoE's router and its experts' fused 3-D weights too), biases N(0, 0.1), q/k norm weights
-    N(1, 0.2) (transformers initialises the last two constant, and Qwen3-MoE's router to zeros)."""
+    N(1, 0.2), attention sinks N(0, 1) (transformers initialises the biases and norms constant, Qwen3-MoE's
+    router to zeros, the sinks N(0, 0.02))."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -207,6 +217,8 @@ def make_family_parent(family: str, seed: int = 0, **overrides):
                 p.normal_(0.0, 0.1)
             elif "q_norm" in name or "k_norm" in name:
                 p.normal_(1.0, 0.2)
+            elif name.endswith("sinks"):
+                p.normal_(0.0, 1.0)
     return model
 
 

@@ -30,7 +30,8 @@ HIDDEN, HEADS, PARENT_FFN, ROPE_THETA = 64, 4, 512, 50000.0
 # Every kind of block: GQA (two KV-head counts), linear and no-op attention x on-grid, off-grid, linear
 # and no-op FFNs.
 ATTENTIONS = [AttentionConfig(n_heads_in_group=2), AttentionConfig(n_heads_in_group=4),
-              AttentionConfig(replace_with_linear=True), AttentionConfig(no_op=True)]
+              AttentionConfig(replace_with_linear=True), AttentionConfig(no_op=True),
+              AttentionConfig(n_heads_in_group=2, window=8)]  # a window variant (DeciLM's window_length)
 FFNS = [FFNConfig(intermediate_size=512), FFNConfig(intermediate_size=256), FFNConfig(intermediate_size=384),
         FFNConfig(replace_with_linear=True), FFNConfig(no_op=True)]
 CANDIDATES = [BlockConfig(a, f) for a in ATTENTIONS for f in FFNS]
@@ -186,6 +187,8 @@ def built(block: BlockConfig):
     """What we build for a block, in the readers' terms."""
     a, f = block.attention, block.ffn
     att = ("noop",) if a.no_op else ("linear",) if a.replace_with_linear else ("gqa", a.num_key_value_heads(HEADS))
+    if a.window is not None:  # no engine reader above reads window_length: they build full attention
+        att += ("window", a.window)
     ffn = ("noop",) if f.no_op else ("linear",) if f.replace_with_linear else ("swiglu", f.intermediate_size)
     return att, ffn
 
@@ -235,6 +238,10 @@ def test_engine_rules_match_what_its_loader_builds(engine, saved_child):
 def test_every_rule_refuses_something_and_every_engine_is_cited():
     refused = {rule for e in ENGINES.values() for b in CANDIDATES for last in (False, True) for first in (False, True)
                for rule in block_violations(e, b, HIDDEN, last=last, first=first, kv_reference=ATTENTIONS[0])}
+    # an MoE block (not among the Llama child's candidates: a Llama family has no router): only transformers builds it
+    moe = BlockConfig.from_name("attn_g1+moe_e4k2_i64")
+    assert [e.name for e in ENGINES.values() if not block_violations(e, moe, HIDDEN)] == ["transformers"]
+    refused |= {rule for e in ENGINES.values() for rule in block_violations(e, moe, HIDDEN)}
     assert refused == set(RULES) - {"lm_head_weight"}  # lm_head_weight is about files, tested below
     for engine in ENGINES.values():
         assert set(engine.sources) == set(RULES), engine.name
@@ -302,6 +309,7 @@ def test_check_child_names_layer_rule_and_source():
     ("llama", ("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
     ("mistral_nowindow", ("transformers", "vllm", "sglang", "trtllm", "llamacpp")),
     ("mistral", ("transformers",)), ("qwen2", ("transformers",)), ("qwen3", ("transformers",)),
+    ("gpt_oss", ("transformers",)),
 ])
 def test_each_family_is_served_by_its_engines_and_refused_by_the_rest(family, engines):
     """Parent configs (transformers' classes) and their children's configs give the same answer."""

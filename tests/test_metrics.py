@@ -71,6 +71,22 @@ def test_chunked_terms_equal_the_float64_reference_gradients_too(chunk):
     assert torch.allclose(grad_h, s_h.grad, atol=1e-5) and torch.allclose(grad_w, s_head.weight.grad, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", [5, 1000])
+def test_terms_without_a_teacher_are_the_lm_loss_alone(chunk):
+    """Teacher correction's loss (`teacher_hidden=None`): the float64 cross-entropy and its gradient, chunked
+    (each chunk recomputed in backward) or not; no KL, no agreement."""
+    s_h, _, s_head, _, ids = _setup()
+    terms = kd_terms(s_h, None, s_head, None, ids, chunk_tokens=chunk)
+    terms.lm.backward()
+    grad_h = s_h.grad.clone()
+    s_h.grad = None
+    lm = F.cross_entropy(s_head(s_h)[:, :-1].reshape(-1, V).double(), ids[:, 1:].reshape(-1), reduction="sum")
+    assert terms.lm.item() == pytest.approx(lm.item(), abs=1e-4) and terms.lm_tokens == B * (T - 1)
+    assert terms.kl.item() == 0 and terms.agree.item() == 0
+    lm.backward()
+    assert torch.allclose(grad_h, s_h.grad.float(), atol=1e-5)
+
+
 def test_terms_without_labels_and_from_teacher_logits():
     s_h, t_h, s_head, t_head, ids = _setup()
     with torch.no_grad():

@@ -28,7 +28,8 @@ def test_run_end_to_end_on_a_family_parent(family, tmp_path, capsys):
     run = tmp_path / "run"
     child = json.loads((run / "children" / "fast" / "config.json").read_text())
     assert child["family"] == family and child["model_type"] == "nemotron-nas"
-    assert child["sliding_windows"] == ([FAMILY_WINDOW] * 4 if family == "mistral" else [None, None, None, FAMILY_WINDOW])
+    windows = [b["attention"].get("window_length") for b in child["block_configs"]]  # each block's own
+    assert windows == ([FAMILY_WINDOW] * 4 if family == "mistral" else [None, None, None, FAMILY_WINDOW])
     evaluated = {p.stem for p in (run / "eval").glob("*.json")}
     assert {"parent", "fast", "fast+gkd", "width", "width+gkd"} <= evaluated
     assert json.loads((run / "eval" / "parent.json").read_text())["validation"]["kl"] == 0.0

@@ -522,3 +522,113 @@ def test_gkd_disk_counts_the_checkpoints_it_keeps(tmp_path):
                              gkd={"steps": 16, "batch_size": 4, "keep_checkpoints": 5}))
     P = two["gkd[s]"]["disk_bytes"] / (3 * 2 + 1)
     assert five["gkd[s]"]["disk_bytes"] == pytest.approx((3 * 5 + 1) * P)
+
+
+# ---- MoE parents: the published configs in tests/data/configs (README there: sources) ----
+
+CONFIGS = REPO / "tests" / "data" / "configs"
+# Published counts (model cards), each in its publisher's convention: Qwen and Mistral count every weight a
+# token uses, the embedding table included (`active_model_params`); OpenAI's gpt-oss card leaves the embedding
+# lookup out of "active". Tolerance: 1% on the totals, 2% on the active counts (published to 0.1B; Qwen's 3.35B is written 3.3B).
+PUBLISHED_MOE = {
+    "qwen3-30b-a3b": (30.5e9, 3.3e9, False),
+    "gpt-oss-120b": (116.8e9, 5.1e9, True),
+    "mixtral-8x7b": (46.7e9, 12.9e9, False),
+}
+
+
+def transformers_params(name: str, **overrides) -> int:
+    """Parameters of transformers' own class for a published config, built on the meta device (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(CONFIGS / name, **overrides)
+    if hasattr(config, "quantization_config"):  # gpt-oss's MXFP4 storage: count the bf16 model
+        del config.quantization_config
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED_MOE))
+def test_moe_parent_total_and_active_params_match_the_published_counts(tmp_path, name):
+    total, active, without_lookup = PUBLISHED_MOE[name]
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(CONFIGS / name), "--json", str(out)]) == 0
+    parent = json.loads(out.read_text())["parent"]
+    assert parent["total_params"] == pytest.approx(total, rel=0.01)
+    shape = ModelShape(**{k: parent[k] for k in ModelShape.__dataclass_fields__})
+    counted = parent["active_params"] - (shape.fixed_params("embeddings") if without_lookup else 0)
+    assert counted == pytest.approx(active, rel=0.02)
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "gpt-oss-120b"])
+def test_moe_parent_params_match_transformers_own_class(name):
+    shape, _ = planner.parent_shape(CONFIGS / name)
+    assert shape.total_params() == transformers_params(name)  # gpt-oss: its sinks and expert biases too
+
+
+def test_qwen3_moe_layers_match_transformers_own_class():
+    # two of Qwen3-30B-A3B's 48 identical layers (transformers builds the full model on meta in about a minute)
+    shape = ModelShape.from_config(load_config_with(CONFIGS / "qwen3-30b-a3b", num_hidden_layers=2))
+    assert shape.total_params() == transformers_params("qwen3-30b-a3b", num_hidden_layers=2)
+
+
+def load_config_with(path, **overrides):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(path, **overrides)
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "mixtral-8x7b"])
+def test_moe_config_read_by_field_name_is_the_familys_reading(name):
+    """`ModelShape.from_fields` (for families this build lacks) reads a supported family's config as the family
+    does, but for the parts only a family knows (Qwen3's q/k norms)."""
+    from puzzle.model.checkpoint import load_config
+
+    by_name = ModelShape.from_fields(json.loads((CONFIGS / name / "config.json").read_text()))
+    assert ModelShape.from_config(load_config(CONFIGS / name)).with_(qk_norm=False) == by_name
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "mistral_nowindow", "qwen2", "qwen3", "qwen3_moe",
+                                    "qwen3_moe_norm", "mixtral", "qwen2_moe"])
+def test_every_family_config_read_by_field_name_has_the_familys_dimensions_windows_and_ffns(family):
+    """Windows (layer_types, Mistral's every-layer window, use_sliding_window), MoE fields under each family's
+    names and Qwen-MoE's dense layers, read from config.json alone; the parts only a family knows (biases that
+    no config field states, q/k norms, a shared expert's gate) aside."""
+    from conftest import make_family_config
+
+    config = make_family_config(family)
+    family_only = dict(qkv_bias=False, o_bias=False, qk_norm=False, shared_expert_gate=False)
+    expected = ModelShape.from_config(config).with_(**family_only)
+    assert ModelShape.from_fields(config.to_dict()).with_(**family_only) == expected
+
+
+def test_plan_says_where_an_moe_parent_serves(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(CONFIGS / "gpt-oss-120b" / "config.json"), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "active per token" in text
+    assert "stores quantized weights (mxfp4)" in text
+    serving = {f["gpus"]: f for f in json.loads(out.read_text())["parent"]["serving"]}
+    # 117B bf16 weights (218 GiB) exceed one H100's 67 GiB; an eighth of them (27 GiB) plus the KV cache fits
+    assert not serving[1]["fits"] and serving[1]["max_batch"] == 0 and "1 x H100: does not fit" in text
+    assert serving[8]["fits"] and serving[8]["per_gpu_bytes"] < 67 * 2**30 and "8 x H100: fits" in text
+    # the KV cache of 64 requests of 2048 tokens: K and V of 8 heads of 64 in bf16 per token and layer; the 18
+    # sliding layers (every other one) hold at most their window of 128 tokens
+    per_token = 2 * 8 * 64 * 2
+    assert serving[1]["kv_cache_bytes"] == 64 * per_token * (18 * 2048 + 18 * 128)
+    # Qwen3-30B-A3B: 57 GiB of bf16 weights + 12 GiB of cache just misses one H100 at batch 64; the plan says
+    # the largest batch that fits, and that batch's weights + cache are within the GPU
+    main(["plan", str(CONFIGS / "qwen3-30b-a3b")])
+    assert "1 x H100: does not fit" in capsys.readouterr().out
+    shape, _ = planner.parent_shape(CONFIGS / "qwen3-30b-a3b")
+    fit = planner.serving_fit(shape, planner.load_profile("h100_80gb"), 1)
+    per_request = fit["kv_cache_bytes"] / 64
+    assert fit["weight_bytes"] + fit["max_batch"] * per_request <= fit["usable_bytes"]
+    assert fit["weight_bytes"] + (fit["max_batch"] + 1) * per_request > fit["usable_bytes"]
+
+
+def test_plan_of_a_parent_user_mistakes_exit_2(tmp_path, capsys):
+    assert main(["plan", str(tmp_path)]) == 2  # no config.json
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "olmoe", "hidden_size": 8}))
+    assert main(["plan", str(tmp_path)]) == 2  # unsupported and missing fields
+    assert capsys.readouterr().err.count("puzzle: error:") == 2

@@ -130,3 +130,83 @@ def test_a_target_that_cannot_serve_the_parent_is_refused():
     with pytest.raises(PuzzleError, match="parent's own FFN width 128 is off the engine's ffn_mult grid"):
         build_search_space({"target_engine": "vllm"}, make_llama_config(), name="tiny")
     assert build_search_space({"target_engine": "vllm"}, make_llama_config(intermediate_size=512)).parent_ffn.intermediate_size == 512
+
+
+# ---- window variants (issue 25: gpt-oss-puzzle's selective sliding-window attention) ----
+
+def test_windows_give_each_gqa_variant_its_windowed_twins():
+    space = build_search_space({"attention": {"kv_heads": "halves", "windows": [8, 32], "no_op": True}},
+                               make_llama_config())
+    names = [a.name for a in space.attention_variants(1)]
+    assert names == ["attn_g2", "attn_g4", "attn_g2_w8", "attn_g2_w32", "attn_g4_w8", "attn_g4_w32", "attn_noop"]
+    assert [v.name for v in space.variants(("attention",)) if v.is_parent] == ["attn_g2"] * 4
+    assert space.variant(2, "attention", "attn_g4_w8").config == AttentionConfig(n_heads_in_group=4, window=8)
+
+
+def test_a_windowed_parents_layers_keep_their_window_and_take_only_narrower_ones():
+    """Qwen2's layers 2-3 are windowed (5): there the parent's variant is attn_g2_w5, every KV variant keeps
+    the window, and only windows below it are new; the full-attention layers take every window."""
+    from conftest import FAMILY_WINDOW, make_family_config
+
+    space = build_search_space({"attention": {"kv_heads": "halves", "windows": [3, 8]}}, make_family_config("qwen2"))
+    W = FAMILY_WINDOW
+    assert [a.name for a in space.attention_variants(0)] == ["attn_g2", "attn_g4", "attn_g2_w3", "attn_g2_w8",
+                                                             "attn_g4_w3", "attn_g4_w8"]
+    assert [a.name for a in space.attention_variants(2)] == [f"attn_g2_w{W}", f"attn_g4_w{W}", "attn_g2_w3",
+                                                             "attn_g4_w3"]
+    assert [v.name for v in space.variants(("attention",)) if v.is_parent] == ["attn_g2"] * 2 + [f"attn_g2_w{W}"] * 2
+    overridden = build_search_space({"attention": {"windows": [3]}, "overrides": [{"layers": [0], "attention": {}}]},
+                                    make_family_config("qwen2"))
+    assert [a.name for a in overridden.attention_variants(0)] == ["attn_g2"]  # an override without windows
+
+
+@pytest.mark.parametrize("windows", [[0], [8, "64"], 128, [True]])
+def test_bad_windows_are_one_clear_error(windows):
+    with pytest.raises(PuzzleError, match="windows must be a list of positive integers"):
+        build_search_space({"attention": {"windows": windows}}, make_llama_config())
+
+
+def test_an_engine_without_windows_drops_the_window_variants_with_a_note(capsys):
+    llama = make_llama_config(intermediate_size=512)  # on the ffn_mult grid
+    space = build_search_space({"target_engine": "vllm", "attention": {"windows": [8]}}, llama)
+    assert [a.name for a in space.attention_variants(1)] == ["attn_g2"]
+    assert any("dropped attn_g2_w8" in n and "window_length" in n and "nemotron_nas.py" in n for n in space.notes)
+# ---- MoE parents (issue 25): each layer starts from its own FFN; MoE layers take the `ffn.moe` knobs ----------
+
+def test_moe_knobs_give_every_experts_topk_width_combination_and_dense_layers_their_widths():
+    from conftest import make_family_config
+
+    config = make_family_config("qwen2_moe")  # 6 experts of 32 top-2, a shared expert of 48; layer 3 dense 128
+    raw = {"ffn": {"ratios": [1.0, 0.5], "no_op": True,
+                   "moe": {"expert_ratios": [1.0, 0.5], "top_k": [2, 1, 4], "expert_width_ratios": [1.0, 0.25]}}}
+    space = build_search_space(raw, config)
+    assert [f.name for f in space.parent_ffns] == ["moe_e6k2_i32_s48"] * 3 + ["ffn_128"]
+    names = [f.name for f in space.ffn_variants(0)]
+    assert names[0] == "moe_e6k2_i32_s48" and names[-1] == "ffn_noop"
+    # top-4 only where at least 4 experts are kept (6, not 3); the shared expert always the parent's
+    assert set(names[:-1]) == {f"moe_e{e}k{k}_i{w}_s48" for e in (6, 3) for k in (2, 1, 4) for w in (32, 8) if k <= e}
+    assert [f.name for f in space.ffn_variants(3)] == ["ffn_128", "ffn_64", "ffn_noop"]
+    parents = {v.layer: v.name for v in space.variants(("ffn",)) if v.is_parent}
+    assert parents == {0: "moe_e6k2_i32_s48", 1: "moe_e6k2_i32_s48", 2: "moe_e6k2_i32_s48", 3: "ffn_128"}
+    with pytest.raises(ValueError, match="differs by layer"):
+        space.parent_ffn  # noqa: B018
+
+
+@pytest.mark.parametrize("moe, message", [
+    ({"experts": [1]}, "unknown ffn.moe keys"),
+    ({"expert_ratios": [0]}, "expert_ratios must be a list of numbers in"),
+    ({"top_k": [0]}, "top_k must be a list of positive integers"),
+    ({"expert_width_ratios": 0.5}, "expert_width_ratios must be a list"),
+])
+def test_bad_moe_knobs_are_one_line(moe, message):
+    from conftest import make_family_config
+
+    with pytest.raises(PuzzleError, match=message):
+        build_search_space({"ffn": {"moe": moe}}, make_family_config("mixtral"))
+
+
+def test_moe_engines_other_than_transformers_are_refused_for_moe_parents():
+    from conftest import make_family_config
+
+    with pytest.raises(PuzzleError, match="cannot serve mixtral children"):
+        build_search_space({"target_engine": "vllm"}, make_family_config("mixtral"))

@@ -179,9 +179,9 @@ def test_model_flops_per_token_equal_what_torch_counts_for_a_decode_step():
     assert counter.get_total_flops() == shape.model_flops_per_token(model.config.blocks, keys=5)
 
 
-@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["mistral", "qwen2", "qwen3", "gpt_oss"])
 def test_parameters_of_each_familys_transformers_model(family):
-    """q/k/v and o biases, q/k norms and explicit head_dim counted as transformers' own classes hold them."""
+    """q/k/v and o biases, q/k norms, sinks and explicit head_dim counted as transformers' own classes hold them."""
     from conftest import make_family_parent
 
     from puzzle.model.checkpoint import to_puzzle
@@ -196,20 +196,25 @@ def test_parameters_of_each_familys_transformers_model(family):
 
 def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
     """Attention FLOPs count exactly the (query, key) pairs transformers' sliding-window mask allows; the
-    cache of a windowed layer holds at most the window per sequence."""
+    cache of a windowed layer holds at most the window per sequence. The window is the variant's own: the
+    parent's windowed layers carry it on their blocks."""
     from conftest import FAMILY_WINDOW, make_family_config
     from transformers.masking_utils import causal_mask_function, sliding_window_overlay
 
     shape = ModelShape.from_config(make_family_config("qwen2"))  # layers 2 and 3 windowed
     assert shape.sliding_windows == (None, None, FAMILY_WINDOW, FAMILY_WINDOW)
     W, T, att = FAMILY_WINDOW, 3 * FAMILY_WINDOW, shape.parent_attention
+    assert [shape.window(b) for b in shape.parent_blocks] == [None, None, W, W]
+    windowed = shape.parent_blocks[2].attention
+    assert windowed == att.with_window(W) and windowed.name == f"{att.name}_w{W}"
     per_pair = 4 * shape.num_attention_heads * shape.head_dim
     window = sliding_window_overlay(W)
     pairs = sum(bool(causal_mask_function(0, 0, q, k)) and bool(window(0, 0, q, k)) for q in range(T) for k in range(T))
-    assert shape.causal_attention_flops(att, T, layer=2) == per_pair * pairs
-    assert shape.causal_attention_flops(att, T, layer=0) == per_pair * T * (T + 1) // 2
-    assert shape.causal_attention_flops(att, W - 1, layer=2) == shape.causal_attention_flops(att, W - 1, layer=0)
-    assert shape.attention_flops(att, 100, layer=3) == per_pair * W
+    assert shape.causal_attention_flops(windowed, T) == per_pair * pairs
+    assert shape.causal_attention_flops(att, T) == per_pair * T * (T + 1) // 2
+    assert shape.causal_attention_flops(windowed, W - 1) == shape.causal_attention_flops(att, W - 1)
+    assert shape.attention_flops(windowed, 100) == per_pair * W
+    assert shape.attention_flops(shape.parent_blocks[3], 100) == per_pair * W  # a block: its attention's window
     batch, e = 2, 4
     full = shape.kv_cache_bytes_per_token(att, e)
     assert shape.kv_cache_bytes(None, batch * T, e, context=T) == full * batch * (2 * T + 2 * W)
@@ -218,7 +223,7 @@ def test_a_sliding_window_bounds_attention_keys_and_kv_cache():
 
 # ---- MoE parents (issue 25): total and active parameters, FLOPs of the experts a token goes through ----
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen3_moe_norm", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_parameters_of_moe_parents_total_and_active(family):
     from conftest import make_family_parent
 
@@ -238,13 +243,17 @@ def test_parameters_of_moe_parents_total_and_active(family):
             active = numel(layer.mlp.gate) + block.ffn.moe.top_k * numel(layer.mlp.experts[0])
             active += numel(layer.mlp.shared_expert) + numel(layer.mlp.shared_expert_gate)  # every token's
             assert shape.active_params(block.ffn) == active + norm < shape.params(block.ffn)
-            assert shape.matmul_params(block.ffn) == active
+            # gpt-oss's router and expert biases are no matmul's
+            biases = sum(p.numel() for n, p in layer.mlp.gate.named_parameters() if n == "bias")
+            biases += block.ffn.moe.top_k * sum(p.numel() for n, p in layer.mlp.experts[0].named_parameters()
+                                                if n.endswith("bias"))
+            assert shape.matmul_params(block.ffn) == active - biases
         else:
             assert shape.active_params(block.ffn) == shape.params(block.ffn)
     assert shape.active_layer_params() == sum(shape.active_params(b) for b in shape.parent_blocks) < shape.layer_params()
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss"])
 def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
     """Every token runs exactly top_k experts and the router: torch's count of the MoE FFN's matmuls on a
     prompt is `prefill_flops`, whichever experts the tokens chose."""
@@ -261,8 +270,21 @@ def test_moe_prefill_flops_are_those_of_the_active_experts_torch_counts(family):
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         child.model.layers[layer].mlp(x)
-    assert counter.get_total_flops() == batch * shape.prefill_flops(ffn, seq, layer)
-    assert shape.flops_per_token(ffn, 100, layer) == 2 * shape.matmul_params(ffn)
+    assert counter.get_total_flops() == batch * shape.prefill_flops(ffn, seq)
+    assert shape.flops_per_token(ffn, 100) == 2 * shape.matmul_params(ffn)
+
+
+@pytest.mark.parametrize("layers, experts, total, active", [(36, 128, 116.83, 5.13), (24, 32, 20.91, 3.61)])
+def test_gpt_oss_parameters_are_the_model_cards(layers, experts, total, active):
+    """OpenAI's gpt-oss model card (arXiv 2508.10925, table 1): gpt-oss-120b 116.83B parameters, 5.13B active per
+    token, gpt-oss-20b 20.91B and 3.61B (active: the unembedding counted, the embedding not). The expert biases
+    (0.04B in the 120b) move the second decimal."""
+    from transformers import GptOssConfig
+
+    shape = ModelShape.from_config(GptOssConfig(num_hidden_layers=layers, num_local_experts=experts))
+    assert round(shape.total_params() / 1e9, 2) == total
+    assert round((shape.total_params(shape.parent_blocks) - shape.layer_params() + shape.active_layer_params()
+                  - shape.fixed_params("embeddings")) / 1e9, 2) == active
 
 
 def test_moe_parent_shapes_round_trip_through_json_and_name_their_per_layer_ffns():

@@ -30,8 +30,8 @@ def unknown_reads(stage) -> set[str]:
 
 def test_every_modelled_stage_has_a_cost_model_beside_it():
     """The model-sized stages are priced, each by a module of its own package; the rest say so."""
-    assert {s.name for s in COSTED} == {"convert", "prepare_data", "importance", "build_library", "score", "profile",
-                                        "solve", "realize", "distill", "prune", "evaluate"}
+    assert {s.name for s in COSTED} == {"convert", "prepare_data", "correct_teacher", "importance", "build_library",
+                                        "score", "profile", "solve", "realize", "distill", "prune", "evaluate"}
     for stage in COSTED:
         package = stage.target.split(":")[0].rpartition(".")[0]
         assert stage.cost.startswith(f"{package}.cost:"), stage.cost
@@ -115,7 +115,8 @@ def _windowed_config(window):
 
 def test_bld_flops_count_a_layer_window_and_the_matmul_weights():
     """One FLOP rule for BLD (the plan, the worker split and bld.py's own accounting): an attention variant's
-    scores see at most its layer's window, and the split's per-layer costs are the same function's."""
+    scores see at most its window (a windowed parent's variants keep its layer's), and the split's per-layer
+    costs are the same function's."""
     from puzzle.search_space import load_search_space
     from puzzle.shape import ModelShape
 
@@ -131,8 +132,9 @@ def test_bld_flops_count_a_layer_window_and_the_matmul_weights():
         assert train[attn.layer] == 1024 * sum(bld_cost.variant_train_flops(shape, v, T) for v in space.variants()
                                                if v.layer == attn.layer)
         assert forward[0] == bld_cost.parent_layer_flops(shape, 0, T) * (1024 + 64 + 64)
+    assert attn.config.window == 16  # the windowed parent's variants keep its layer's window
     shape = ModelShape.from_config(_windowed_config(None))
-    scores = 3 * shape.attention_flops(attn.config, T / 2)
+    scores = 3 * shape.attention_flops(attn.config.with_window(None), T / 2)
     assert flops[None] - flops[16] == pytest.approx(scores - scores * 16 / (T / 2))
 
 

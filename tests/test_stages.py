@@ -81,6 +81,7 @@ def test_unknown_section_names_the_registry(tmp_path):
 
 # (stage, its settings dataclass, the fields the stage resolves itself before building it)
 STAGE_SETTINGS = [("distill", "puzzle.distill.trainer:DistillConfig", set()),
+                  ("correct_teacher", "puzzle.distill.trainer:DistillConfig", set()),
                   ("build_library", "puzzle.library.bld:BLDSettings", {"device", "dtype"})]
 
 

@@ -42,10 +42,10 @@ def _student_record(student: Path) -> dict:
 
 
 def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Path, tokenizer=None,
-                 record: dict | None = None) -> Path:
+                 record: dict | None = None, command: str = "distill") -> Path:
     """Save in the student's own format: a plain Llama stays a plain Llama (no custom code needed),
-    a puzzle child stays a puzzle child; marked as `puzzle distill`'s output (puzzle.outputs)."""
-    extra = {**marker("distill"), **({PRUNING_FILE: record} if record else {})}
+    a puzzle child stays a puzzle child; marked as `command`'s output (puzzle.outputs)."""
+    extra = {**marker(command), **({PRUNING_FILE: record} if record else {})}
     if isinstance(original, PuzzleForCausalLM):
         return save_model(trained, out, tokenizer, extra_json=extra)
     original.load_state_dict(trained.state_dict(), strict=False)
@@ -138,6 +138,7 @@ def distill(
     teacher, student, run_dir = Path(teacher), Path(student), Path(run_dir)
     for model in (teacher, student):  # before any data or weight is read (issue 26)
         refuse_hybrid(load_config(model), "distill")
+    RunDir(run_dir).check_parent(teacher, "--teacher", corrected_only=True)  # teacher correction: the corrected one
     runtime = resolve(device, dtype)
     if gradient_checkpointing is None:
         gradient_checkpointing = runtime.is_cuda  # where memory binds; on the CPU it would only cost time

@@ -1,4 +1,4 @@
-"""distill's (GKD's) cost model (`puzzle plan`)."""
+"""distill's (GKD's) and correct-teacher's cost models (`puzzle plan`): one trainer (trainer.py), two uses."""
 
 import math
 from pathlib import Path
@@ -55,11 +55,10 @@ def distill_cost(ctx: Context, s: Any) -> Estimate:
     teacher = Pe / n if sharded else Pe - unread_bytes(ctx, device, e, logits=True)
     student = 4 * P32 / n
     if n > 1 or offload:
-        student += 2 * shape.params(shape.parent_block) * e
+        student += 2 * max(shape.params(b) for b in dict.fromkeys(shape.parent_blocks)) * e
     elif e != FP32:
         student += P32 * e // FP32  # autocast's e copies of the student's weights
-    layer = ctx.layer_activation_bytes(b, e)
-    act = (L * b * D * e + layer) if checkpointing else L * layer
+    act = training_activations(ctx, b, e, checkpointing)
     act += b * D * e + 2 * s.chunk_tokens * shape.vocab_size * FP32
     if s.hidden_loss != "none":
         act += (L + 1) * b * D * e
@@ -79,6 +78,45 @@ def distill_cost(ctx: Context, s: Any) -> Estimate:
     if device == "cuda":
         return placed(est, device, max(Pe, save), teacher + student + act, processes=n)
     return placed(est, device, 0, teacher + student + max(act, save), processes=n)
+
+
+def training_activations(ctx: Context, b: int, e: int, checkpointing: bool) -> int:
+    """A parent-sized model's activations kept for backward over b tokens in e: every layer's op outputs, or
+    with gradient checkpointing each layer's input (b x D) plus one layer's op outputs being recomputed."""
+    L, D = ctx.shape.num_hidden_layers, ctx.shape.hidden_size
+    layer = ctx.layer_activation_bytes(b, e)
+    return (L * b * D * e + layer) if checkpointing else L * layer
+
+
+def correct_teacher_cost(ctx: Context, s: Any) -> Estimate:
+    """correct-teacher (puzzle/distill/correct.py: trainer.py's loop with no teacher; `s`: its arguments): the
+    parent trains on its own LM loss in one process, e the low dtype:
+      model     loaded in fp32 (load_model's default), then fp32 master weights + gradient + 2 AdamW
+                moments (4 x P_fp32), and autocast's e copies of the weights for the step when e is not fp32
+      per step  the activations of a micro-batch (`training_activations`, as GKD's student) and two
+                (chunk_tokens, V) fp32 logits chunks of the cross-entropy; no teacher
+      checkpoint  as GKD's: the weights, then the 2 moments, streamed to safetensors (`atomic_save_bytes`)
+    On CUDA the host holds the baseline + max(the fp32 model it loads, the checkpoint it writes).
+    Disk: keep_checkpoints checkpoints (weights + 2 moments, fp32) and the corrected parent (fp32).
+    FLOPs: 3 forwards' worth per training token (forward and backward; 4 with gradient checkpointing), and
+    one forward per validation token (step 0 and every val_every steps)."""
+    shape, T = ctx.shape, ctx.seq_len
+    device, dtype = ctx.runtime(s.device, s.dtype)
+    e = DTYPE_BYTES[dtype]
+    checkpointing = device == "cuda" if s.gradient_checkpointing is None else bool(s.gradient_checkpointing)
+    P32 = ctx.parent_bytes
+    model = 4 * P32 + (P32 * e // FP32 if e != FP32 else 0)
+    act = training_activations(ctx, s.batch_size * T, e, checkpointing) + 2 * s.chunk_tokens * shape.vocab_size * FP32
+    save = atomic_save_bytes(shape, FP32, device)
+    tokens = s.steps * s.grad_accum * s.batch_size * T
+    forward = shape.model_flops_per_token(None, T / 2)
+    val = (math.ceil(s.steps / s.val_every) + 1) * s.val_blocks * T * forward
+    est = Estimate("", "correct_teacher", disk_bytes=(3 * s.keep_checkpoints + 1) * P32, dtype=dtype,
+                   flops=tokens * (4 if checkpointing else 3) * forward + val,
+                   note="LM loss, no teacher" + (", checkpointed" if checkpointing else ""))
+    if device == "cuda":
+        return placed(est, device, max(P32, save), model + act)
+    return placed(est, device, 0, model + max(act, save))
 
 
 def student_of(student: Any) -> tuple[ModelShape, list | None] | None:
@@ -103,7 +141,8 @@ def offloaded_student(shape: ModelShape, e: int, n: int) -> tuple[float, float]:
             copied to the GPU (+ 4 / n bytes per parameter); the layers' unsharded gradients in e and their
             fp32 copies for the reduce-scatter, one unit at a time (the root's is the largest)
     Loading (every rank: the student in fp32 and the teacher in e, before sharding and placing) is the caller's."""
-    P32, root, layer = shape.model_bytes(None, FP32), shape.embedding_params + shape.hidden_size, shape.params(shape.parent_block)
+    layer = max(shape.params(b) for b in dict.fromkeys(shape.parent_blocks))  # the largest (an MoE parent's differ)
+    P32, root = shape.model_bytes(None, FP32), shape.embedding_params + shape.hidden_size
     host = 4 * P32 / n + shape.fixed_params("embeddings") * FP32 / n
     gathered = (root + 2 * layer) * (e + FP32 / n)
     grads = max(root, layer) * (e + FP32)

@@ -12,6 +12,10 @@ fp32 is plain fp32 training. `gradient_checkpointing` recomputes each decoder la
 (transformers' GradientCheckpointingLayer, non-reentrant torch.utils.checkpoint) instead of keeping its
 activations: O(1) layers of activations instead of O(L), for about one more forward of compute.
 
+Without a teacher (`teacher=None`: `puzzle correct-teacher`, Minitron's teacher correction) the same loop
+trains the student's own LM loss alone (kl_weight 0, no hidden loss); validation reports LM loss and
+perplexity only.
+
 Everything in `out_dir`:
   log.jsonl        one record per optimizer step (split "train") and per validation (split "val")
   val_loss.png     validation LM loss and KL against steps
@@ -73,7 +77,7 @@ CHECKPOINTS = "checkpoints"
 _RESUMABLE_CHANGES = {"val_every", "checkpoint_every", "keep_checkpoints"}
 VAL_KEYS = tuple(k for k in KEYS if k != "tokens")  # a val record's `tokens` counts training tokens (see _metrics)
 CHECKPOINT_FILES = ("model.safetensors", "optimizer.safetensors")
-START_OVER = "pass --no-resume (in a `puzzle run` config: resume: false in the gkd section) to start over"
+START_OVER = "pass --no-resume (in a `puzzle run` config: resume: false in the stage's section) to start over"
 
 
 class DamagedCheckpoint(Exception):
@@ -177,24 +181,28 @@ def _as_tensor_blocks(blocks: Any) -> Any:
 
 
 @torch.no_grad()
-def teacher_outputs(teacher: PuzzleForCausalLM, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The teacher's final normed hidden states per batch (cheap to keep; logits are made per chunk)."""
+def teacher_outputs(teacher: PuzzleForCausalLM | None, batches: list[torch.Tensor]) -> list[torch.Tensor | None]:
+    """The teacher's final normed hidden states per batch (cheap to keep; logits are made per chunk); one
+    None per batch without a teacher."""
+    if teacher is None:
+        return [None] * len(batches)
     device = next(teacher.parameters()).device
     return [teacher.model(input_ids=b.to(device), use_cache=False).last_hidden_state for b in batches]
 
 
 @torch.no_grad()
 def evaluate_kd(
-    teacher: PuzzleForCausalLM,
+    teacher: PuzzleForCausalLM | None,
     student: PuzzleForCausalLM,
     batches: list[torch.Tensor],
     *,
-    teacher_hidden: list[torch.Tensor] | None = None,
+    teacher_hidden: list[torch.Tensor | None] | None = None,
     temperature: float = 1.0,
     chunk_tokens: int = 1024,
 ) -> dict[str, float]:
     """Student LM loss and perplexity, KL(teacher || student) per token (at temperature 1 unless given) and
-    top-1 agreement with the teacher over `batches` of token ids (B, T), under `puzzle.metrics.KEYS`."""
+    top-1 agreement with the teacher over `batches` of token ids (B, T), under `puzzle.metrics.KEYS` (no KL
+    and agreement without a teacher)."""
     if not batches:
         raise PuzzleError("no validation batches")
     teacher_hidden = teacher_hidden or teacher_outputs(teacher, batches)
@@ -205,9 +213,10 @@ def evaluate_kd(
     for ids, t_h in zip(batches, teacher_hidden):
         ids = ids.to(device)
         s_h = student.model(input_ids=ids, use_cache=False).last_hidden_state
-        sums = sums + kd_terms(s_h, t_h, student.lm_head, teacher.lm_head, ids, temperature, chunk_tokens).sums()
+        head = teacher.lm_head if teacher is not None else None
+        sums = sums + kd_terms(s_h, t_h, student.lm_head, head, ids, temperature, chunk_tokens).sums()
     student.train(was_training)
-    return sums.means()
+    return sums.means(teacher=teacher is not None)
 
 
 def enable_checkpointing(model: PuzzleForCausalLM) -> None:
@@ -240,7 +249,7 @@ class Distiller:
 
     def __init__(
         self,
-        teacher: PuzzleForCausalLM,
+        teacher: PuzzleForCausalLM | None,
         student: Any,
         out_dir: str | Path,
         config: DistillConfig,
@@ -251,11 +260,15 @@ class Distiller:
         gradient_checkpointing: bool = False,
     ) -> None:
         """`runtime` (puzzle.device.resolve): where and in which precision to train; the teacher and the
-        student are placed there (in place: no copy). None: both stay where and as they are, fp32 maths."""
-        self.teacher = to_puzzle(teacher).eval().requires_grad_(False)
+        student are placed there (in place: no copy). None: both stay where and as they are, fp32 maths.
+        `teacher` None: the student trains on its own LM loss alone (config: kl_weight 0, no hidden loss)."""
+        if teacher is None and (config.kl_weight != 0 or config.hidden_loss != "none" or config.lm_weight == 0):
+            raise ValueError("without a teacher only the LM loss trains: kl_weight 0, hidden_loss none, lm_weight > 0")
+        self.teacher = to_puzzle(teacher).eval().requires_grad_(False) if teacher is not None else None
         self.student = to_puzzle(student)
-        if runtime is not None:
+        if runtime is not None and self.teacher is not None:
             place(self.teacher, runtime.device, runtime.dtype)  # held once, in the low dtype
+        if runtime is not None:
             place(self.student, runtime.device, torch.float32)  # fp32 master weights
         self.runtime = runtime or Runtime(next(self.student.parameters()).device, "fp32")
         if gradient_checkpointing:
@@ -263,7 +276,8 @@ class Distiller:
         self.config = config
         self.out_dir = Path(out_dir)
         self.log = JsonlLog(self.out_dir / LOG_FILE)
-        ts, tt = self.student.config, self.teacher.config
+        ts = self.student.config
+        tt = self.teacher.config if self.teacher is not None else ts
         if ts.vocab_size != tt.vocab_size:
             raise PuzzleError(f"student and teacher vocabularies differ ({ts.vocab_size} vs {tt.vocab_size})")
         self.projection = None
@@ -309,6 +323,11 @@ class Distiller:
     def _forward_loss(self, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
         c = self.config
         need_hidden = c.hidden_loss != "none"
+        if self.teacher is None:  # teacher correction: the LM loss alone
+            s_h = self.student.model(input_ids=ids, use_cache=False).last_hidden_state
+            terms = kd_terms(s_h, None, self.student.lm_head, None, ids, chunk_tokens=c.chunk_tokens)
+            lm = terms.lm / terms.lm_tokens
+            return c.lm_weight * lm, {"lm_loss": lm.item(), "loss": c.lm_weight * lm.item()}
         with torch.no_grad():
             t_out = self.teacher.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
         s_out = self.student.model(input_ids=ids, output_hidden_states=need_hidden, use_cache=False)
@@ -493,11 +512,12 @@ class Distiller:
         resume: bool = True,
         stop_after: int | None = None,
         progress: bool = True,
+        desc: str = "distill",
     ) -> DistillResult:
         """Train to `config.steps` (or stop after `stop_after` steps, leaving the run resumable). Collective
         under FSDP: every rank runs it; the lead one writes the log, the plot and the checkpoints' record.
 
-        `train_blocks` / `val_blocks`: (n, T) token ids (numpy memmap, array or tensor)."""
+        `train_blocks` / `val_blocks`: (n, T) token ids (numpy memmap, array or tensor); `desc`: the progress bar's label."""
         c, lead = self.config, self.lead
         data = training.BatchStream(_as_tensor_blocks(train_blocks), c.batch_size, c.seed)
         val = torch.as_tensor(np.asarray(_as_tensor_blocks(val_blocks), dtype=np.int64))
@@ -528,7 +548,7 @@ class Distiller:
         end = c.steps if stop_after is None else min(c.steps, stop_after)
         self.student.train()
         clock = time.perf_counter()
-        bar = tqdm(range(start, end), desc="distill", unit="step", disable=not (progress and lead), initial=0)
+        bar = tqdm(range(start, end), desc=desc, unit="step", disable=not (progress and lead), initial=0)
         for step in bar:
             lr = lr_at(step, c)
             for group in self.optimizer.param_groups:
@@ -544,7 +564,7 @@ class Distiller:
             if lead:
                 self.log.write(split="train", step=done, lr=lr, grad_norm=grad_norm.item(), tokens=tokens,
                                elapsed_s=now, **totals)
-            bar.set_postfix(loss=f"{totals['loss']:.4f}", kl=f"{totals['kl']:.4f}")
+            bar.set_postfix({k: f"{totals[k]:.4f}" for k in ("loss", "kl") if k in totals})
             if training.due(done, c.val_every, c.steps):
                 last_val = validate()
                 self.student.train()
@@ -577,7 +597,7 @@ def _json_line(record: dict[str, Any]) -> str:
 
 
 def plot_validation(log_path: str | Path, png_path: str | Path) -> Path | None:
-    """Validation LM loss and KL to the teacher against optimizer steps (matplotlib, Agg)."""
+    """Validation LM loss and KL to the teacher (when there is one) against optimizer steps (matplotlib, Agg)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -591,12 +611,14 @@ def plot_validation(log_path: str | Path, png_path: str | Path) -> Path | None:
     ax.plot(steps, [r["lm_loss"] for r in vals], marker="o", label="val LM loss")
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("LM loss (nats/token)")
-    kl_ax = ax.twinx()
-    kl_ax.plot(steps, [r["kl"] for r in vals], marker="s", color="tab:orange", label="val KL to teacher")
-    kl_ax.set_ylabel("KL (nats/token)")
-    lines = ax.get_lines() + kl_ax.get_lines()
+    lines = ax.get_lines()
+    if all("kl" in r for r in vals):
+        kl_ax = ax.twinx()
+        kl_ax.plot(steps, [r["kl"] for r in vals], marker="s", color="tab:orange", label="val KL to teacher")
+        kl_ax.set_ylabel("KL (nats/token)")
+        lines += kl_ax.get_lines()
     ax.legend(lines, [l.get_label() for l in lines], loc="upper right")
-    ax.set_title("distillation: validation")
+    ax.set_title("distillation: validation" if all("kl" in r for r in vals) else "training: validation")
     fig.tight_layout()
     png_path = Path(png_path)
     with atomic_open(png_path) as f:  # a fresh temp file (O_EXCL), never one planted in its place

@@ -22,6 +22,7 @@ from .lm_eval_adapter import run_lm_eval  # lm_eval itself is imported when call
 
 from .mc import evaluate_mc, load_mc_tasks
 from .quality import quality_metrics
+from .router import router_load
 from .throughput import measure_throughput
 
 
@@ -66,11 +67,13 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
              batch_size: int = 4, mc_tasks: list[str] | None = None, budget: str | None = "h100_80gb",
              measure: bool = True, name: str | None = None, lm_eval_tasks: list[str] | None = None,
              device: str = "auto", dtype: str = "auto") -> dict[str, Any]:
-    """Validation perplexity, KL and top-1 agreement with the parent, multiple choice, throughput.
+    """Validation perplexity, KL and top-1 agreement with the parent, multiple choice, throughput, and each MoE
+    layer's router load (the share of its routing each expert receives, evaluate/router.py).
 
     Args:
         model: the model to evaluate (a puzzle child, a pruned Llama, or any supported checkpoint)
-        parent: the parent to compare with (default: the one recorded in the run directory; none if absent)
+        parent: the parent to compare with (default: the one recorded in the run directory, the corrected
+            one after teacher correction; none if absent)
         run_dir: the run directory: validation blocks come from run_dir/data, results go to run_dir/eval/NAME.json
         val_blocks: number of validation blocks to evaluate on
         batch_size: validation batch size
@@ -88,7 +91,9 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
     runtime = resolve(device, dtype)
     name = safe_name(name or Path(model).resolve().name, "evaluation name")  # files eval/NAME.json: checked first
     if parent is None and (recorded := RunDir(run_dir).info().get("parent")):
-        parent = Path(recorded)
+        parent = Path(recorded)  # after teacher correction: the corrected parent
+    elif parent is not None:
+        RunDir(run_dir).check_parent(parent, corrected_only=True)
     for path in (model, parent) if parent is not None else (model,):  # before any weight is read (issue 26)
         refuse_hybrid(load_config(path), "evaluate")
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
@@ -112,7 +117,9 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
                               "parent_fingerprint": fingerprint(parent) if parent else None,
                               "device": str(runtime.device), "dtype": runtime.dtype_name}
     result["params"] = sum(p.numel() for p in subject.parameters())
-    result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)
+    with router_load(subject) as routing:  # each MoE layer's load per expert, from the same forwards
+        result["validation"] = quality_metrics(subject, iterate_batches(blocks, batch_size, shuffle=False, seed=0), reference)
+    result.update(routing)
     if mc_items:
         tokenizer = load_tokenizer(model)
         result["multiple_choice"] = {task: evaluate_mc(subject, tokenizer, items) for task, items in mc_items.items()}

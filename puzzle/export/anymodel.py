@@ -37,12 +37,16 @@ SUBBLOCKS_DIR = "subblocks_safetensors"
 # Puzzletron's SubblockConfig defaults, written out so the config is complete without its code.
 _SUBBLOCK_DEFAULTS = {"sparsify": None, "weights_precision": "bf16"}
 # Keys of the child's config that a plain Llama config has not (block_configs is rewritten in Puzzletron's form).
-_NOT_LLAMA = ("block_configs", "auto_map", "family", "sliding_windows")  # family: only llama-like ones get here
+_NOT_LLAMA = ("block_configs", "auto_map", "family")  # family: only llama-like ones get here
 
 
 def check_anymodel(blocks: list[BlockConfig]) -> None:
-    """Refuse the first linear sublayer: Puzzletron's Llama descriptor builds GQA, SwiGLU and no-op only."""
+    """Refuse the first linear sublayer: Puzzletron's Llama descriptor builds GQA, SwiGLU and no-op only; and
+    the first windowed attention, which `puzzletron_block` has no field for."""
     for i, block in enumerate(blocks):
+        if block.attention.window is not None:
+            raise PuzzleError(f"layer {i} ({block.name}) cannot be exported as anymodel: it writes no sliding "
+                              "window (window_length), so the attention would see every key")
         for sub in (block.attention, block.ffn):
             if sub.replace_with_linear:
                 raise PuzzleError(

@@ -9,20 +9,23 @@ from puzzle.engines import check_child, check_family, get_engine, violations
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
 from puzzle.outputs import check_output
-from puzzle.search_space import refuse_moe
+from puzzle.search_space import refuse_hybrid
 
-FORMATS = ("gguf", "nemotron-nas", "anymodel", "nemotron-h-puzzle")
+FORMATS = ("gguf", "nemotron-nas", "anymodel", "plain", "nemotron-h-puzzle")
 
 
 # The engines that read each format, the default first. A nemotron-nas export is for one of them (--engine)
 # and is held to that engine's rules (puzzle/engines.py): vLLM builds neither linear sublayers nor a first
 # layer without attention, SGLang not variable GQA either, while TensorRT-LLM and transformers build them all.
 # GGUF is llama.cpp's. AnyModel is Puzzletron's (its own block check, `check_anymodel`); it writes model_type
-# llama, so its families are those a Llama layer computes, as for vLLM.
+# llama, so its families are those a Llama layer computes, as for vLLM. Plain is the parent family's own
+# checkpoint (export/plain.py), loaded by transformers' class of the family without remote code; a child
+# of an MoE family (served by transformers only: family.py) is written plain when its layers are uniform,
+# else as nemotron-nas for transformers (trust_remote_code).
 # NemotronHPuzzle is vLLM's layout for NemotronH children (docs/architecture.md, its contract); what is tested is
 # transformers loading it with the code it carries, so that is the engine it is held to.
 FORMAT_ENGINES = {"gguf": ("llamacpp",), "nemotron-nas": ("vllm", "sglang", "trtllm", "transformers"),
-                  "anymodel": ("vllm",), "nemotron-h-puzzle": ("transformers",)}
+                  "anymodel": ("vllm",), "plain": ("transformers",), "nemotron-h-puzzle": ("transformers",)}
 
 
 def format_engine(format: str, engine: str | None) -> str:
@@ -46,7 +49,11 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
             check_family(engine, config)
         except PuzzleError as err:
             raise PuzzleError(f"cannot export as {format}: {err}") from None
-    if format == "gguf":
+    if format == "plain":
+        from .plain import plain_config
+
+        plain_config(config)  # one line where the family's own config cannot describe the layers
+    elif format == "gguf":
         from .llamacpp import check_llamacpp
 
         check_llamacpp(blocks, hidden_size)
@@ -70,20 +77,21 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
         check_anymodel(blocks)
 
 
-def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel", "nemotron-h-puzzle"] = "gguf",
+def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel", "plain", "nemotron-h-puzzle"] = "gguf",
            dtype: str = "auto", engine: str | None = None, force: bool = False) -> Path:
     """Write a child (or a parent, as an all-parent child) in a format an inference engine loads.
 
     Args:
         child: a child checkpoint directory, or a parent (Hugging Face directory, .safetensors or .gguf file)
-        out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel) to write
+        out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel, plain) to write
         format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
-            with trust_remote_code), anymodel (NVIDIA Puzzletron) or nemotron-h-puzzle (a NemotronH child as
-            vLLM's NemotronHPuzzleForCausalLM; transformers with trust_remote_code)
+            with trust_remote_code), anymodel (NVIDIA Puzzletron) or plain (the parent family's own checkpoint,
+            e.g. MixtralForCausalLM's, for a child whose layers are all alike: same KV heads, experts, top-k) or nemotron-h-puzzle
+            (a NemotronH child as vLLM's NemotronHPuzzleForCausalLM; transformers with trust_remote_code)
         dtype: weights: fp32, fp16 or q8_0 for gguf (auto: fp16); fp32, fp16 or bf16 for the others (auto: as
             stored); torch's names (float32, ...) and llama.cpp's (f32, f16) work too
         engine: the engine the export is for, whose rules every layer must meet: nemotron-nas: vllm (default),
-            sglang, trtllm or transformers; gguf: llamacpp; anymodel: Puzzletron's own check
+            sglang, trtllm or transformers; gguf: llamacpp; anymodel: Puzzletron's own check; plain: transformers
         force: replace an earlier output of another puzzle command at OUT (never anything else)
     """
     if format not in FORMATS:
@@ -92,8 +100,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
-    if format != "nemotron-h-puzzle":  # the one writer of hybrids and their MoE layers (issue 26)
-        refuse_moe(config, "export")  # no other writer handles MoE FFNs or hybrids yet (issue 25)
+    if format != "nemotron-h-puzzle":  # the one writer of hybrids (issue 26)
+        refuse_hybrid(config, "export --format " + format)
     _check(format, engine, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
@@ -121,6 +129,10 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         from .nemotron_nas import write_nemotron_nas
 
         write_nemotron_nas(model, tokenizer, out, weights)
+    elif format == "plain":
+        from .plain import write_plain
+
+        write_plain(model, tokenizer, out, weights)
     else:
         from .anymodel import write_anymodel
 

@@ -41,9 +41,9 @@ from puzzle.errors import PuzzleError
 from puzzle.io import JsonlLog, read_json
 from puzzle.library import store
 from puzzle.library.cost import group_variants, parent_forward_flops, steps as bld_steps, variant_train_flops
-from puzzle.library.init import FFNCalibration, init_attention, init_ffn, ridge_solve
+from puzzle.library.init import FFNCalibration, init_attention, init_ffn, init_moe_ffn, ridge_solve
 from puzzle.model.blocks import AttentionConfig, FFNConfig
-from puzzle.model.modeling_puzzle import (LlamaRMSNorm, PuzzleForCausalLM, attention_residual, build_attention, build_ffn,
+from puzzle.model.modeling_puzzle import (PuzzleForCausalLM, attention_residual, build_attention, build_ffn, build_norm,
                                           ffn_residual)
 from puzzle.model.surgery import sublayer_state
 from puzzle.run_dir import RunDir
@@ -122,13 +122,12 @@ class Sublayer(nn.Module):
     """One layer's attention or FFN with its pre-norm, named as in PuzzleDecoderLayer, so `state_dict()` is
     the `sublayer_state` form the library stores. `forward` is the decoder layer's own residual step."""
 
-    def __init__(self, config: Any, kind: str, variant: AttentionConfig | FFNConfig, state: dict[str, torch.Tensor],
-                 layer: int | None = None) -> None:
+    def __init__(self, config: Any, kind: str, variant: AttentionConfig | FFNConfig, state: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.kind = kind
-        # `layer`: its sliding window, if the parent's family gives that layer one
-        module = build_attention(config, variant, layer) if kind == "attention" else build_ffn(config, variant)
-        norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps) if module is not None else None
+        # a windowed attention variant masks with its own window (the parent's layer keeps its own)
+        module = build_attention(config, variant) if kind == "attention" else build_ffn(config, variant)
+        norm = build_norm(config) if module is not None else None
         norm_name, module_name = _PARTS[kind]
         setattr(self, norm_name, norm)
         setattr(self, module_name, module)
@@ -212,10 +211,13 @@ def _ffn_scores_for(layer: int, settings: "BLDSettings", neuron_scores: dict[int
     return neuron_scores.get(layer)
 
 
-def _needs_calibration(v: Variant, scores: torch.Tensor | None) -> bool:
-    """Pruned FFNs ranked by Channel Contribution and linear FFNs are initialised from calibration data."""
+def _needs_calibration(v: Variant, scores: torch.Tensor | None, parent_ffn: FFNConfig | None = None) -> bool:
+    """Pruned FFNs ranked by Channel Contribution, linear FFNs and MoE FFNs of narrower experts (than the
+    layer's `parent_ffn`) are initialised from calibration data."""
     if v.kind != "ffn" or v.is_parent or v.config.no_op:
         return False
+    if v.config.is_moe:
+        return parent_ffn is not None and parent_ffn.is_moe and v.config.moe.expert_size < parent_ffn.moe.expert_size
     return v.config.replace_with_linear or scores is None
 
 
@@ -233,12 +235,20 @@ def calibrate_ffns(parent: PuzzleForCausalLM, ids_batches: Sequence[torch.Tensor
         for i in layers:
             block, acts = parent.model.layers[i], batch.layers[i]
             x = block.post_attention_layernorm(acts.a).flatten(0, 1)  # (N, D)
-            inner = F.silu(block.mlp.gate_proj(x)) * block.mlp.up_proj(x)  # (N, I): the input of down_proj
-            sums[i] = inner.abs().float().sum(0) + sums.get(i, 0)  # summed in fp32 under a bf16 parent
+            sums[i] = _abs_activation_sum(block.mlp, x) + sums.get(i, 0)
             xs[i].append(x)
             ys[i].append((acts.o - acts.a).flatten(0, 1))
         tokens += ids.numel()
     return {i: FFNCalibration(sums[i], tokens, torch.cat(xs[i]), torch.cat(ys[i])) for i in layers}
+
+
+def _abs_activation_sum(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Sum over tokens x (N, D) of |silu(x W_gate^T) * (x W_up^T)|, the input of down_proj (I,), in fp32 under a
+    bf16 parent; for an MoE FFN each expert's on every token (E, I)."""
+    experts = getattr(mlp, "experts", None)
+    if experts is not None:
+        return torch.stack([_abs_activation_sum(e, x) for e in experts])
+    return (F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).abs().float().sum(0)
 
 
 # ----- losses ----------------------------------------------------------------------------------------
@@ -305,6 +315,7 @@ class VariantRun:
     optimizer: torch.optim.Optimizer | None = None
     scheduler: Any = None
     scaler: Any = None  # torch.amp.GradScaler: scales fp16-on-CUDA losses, a pass-through otherwise
+    experts: list[int] | None = None  # an MoE variant's kept experts (the parent's indices)
     steps: int = 0
     tokens: int = 0
     wall_s: float = 0.0
@@ -381,6 +392,11 @@ def _base_record(v: Variant) -> dict[str, Any]:
     return {"layer": v.layer, "kind": v.kind, "variant": v.name}
 
 
+def _experts_field(run: "VariantRun") -> dict[str, Any]:
+    """{"experts": the parent experts an MoE variant keeps, in the child's order}; {} for other variants."""
+    return {} if run.experts is None else {"experts": run.experts}
+
+
 def collect_inputs(
     parent: PuzzleForCausalLM,
     todo: Sequence[Variant],
@@ -394,7 +410,9 @@ def collect_inputs(
     owned = sorted({v.layer for v in todo})
     eval_ids = _take(eval_blocks, settings.eval_tokens, settings.batch_size, settings.seed + 1)
     eval_batches = [parent_activations(parent, ids, owned) for ids in eval_ids]
-    calib_layers = sorted({v.layer for v in todo if _needs_calibration(v, _ffn_scores_for(v.layer, settings, neuron_scores))})
+    parent_ffns = parent.config.blocks
+    calib_layers = sorted({v.layer for v in todo
+                           if _needs_calibration(v, _ffn_scores_for(v.layer, settings, neuron_scores), parent_ffns[v.layer].ffn)})
     calibration: dict[int, FFNCalibration] = {}
     if calib_layers:
         calib_ids = _take(train_blocks, settings.calibration_tokens, settings.batch_size, settings.seed + 2)
@@ -410,13 +428,15 @@ def init_variant(
     calibration: dict[int, FFNCalibration],
     settings: BLDSettings,
     neuron_scores: dict[int, torch.Tensor] | None,
-) -> tuple[Sublayer, Sublayer | None, str]:
+    expert_scores: dict[int, torch.Tensor] | None = None,
+) -> tuple[Sublayer, Sublayer | None, str, list[int] | None]:
     """A variant's initial sublayer from the parent's (pruned, pooled or fitted), the parent FFN it trains
-    next to (attention variants; one per layer, shared through `frozen`), and the init method's name."""
+    next to (attention variants; one per layer, shared through `frozen`), the init method's name and, for an
+    MoE variant, the parent experts it keeps (`init_moe_ffn`; `expert_scores` per layer choose them)."""
     config = parent.config
     # fp32 master weights: the init works on an fp32 copy of the parent's sublayer (no copy when it is fp32)
     parent_state = {k: t.float() for k, t in sublayer_state(parent, v.layer, v.kind).items()}
-    frozen_ffn = None
+    frozen_ffn, experts = None, None
     if v.kind == "attention":
         kv_heads = space.parent_attention.num_key_value_heads(config.num_attention_heads)
         state, method = init_attention(parent_state, v.config, config.num_attention_heads, kv_heads)
@@ -429,9 +449,13 @@ def init_variant(
             raise PuzzleError(
                 f"no Minitron neuron importance for layer {v.layer}; run puzzle importance first or use --ffn-init auto"
             )
-        state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
-    child = Sublayer(config, v.kind, v.config, state, v.layer).to(parent.model.embed_tokens.weight.device)
-    return child, frozen_ffn, method
+        if v.config.is_moe:
+            state, method, experts = init_moe_ffn(parent_state, space.parent_ffns[v.layer].moe, v.config.moe, None,
+                                                  (expert_scores or {}).get(v.layer), calibration.get(v.layer))
+        else:
+            state, method = init_ffn(parent_state, v.config, calibration.get(v.layer), scores)
+    child = Sublayer(config, v.kind, v.config, state).to(parent.model.embed_tokens.weight.device)
+    return child, frozen_ffn, method, experts
 
 
 def init_variants(
@@ -444,6 +468,7 @@ def init_variants(
     neuron_scores: dict[int, torch.Tensor] | None,
     log: JsonlLog,
     runtime: Runtime = CPU_FP32,
+    expert_scores: dict[int, torch.Tensor] | None = None,
 ) -> tuple[list[VariantRun], list[dict[str, Any]]]:
     """Initialise and measure every variant: the runs to train, and the records of the parent-identical
     and no-op variants, which are not trained."""
@@ -452,9 +477,10 @@ def init_variants(
     frozen: dict[int, Sublayer] = {}
     for v in todo:
         t0 = time.perf_counter()
-        child, frozen_ffn, method = init_variant(parent, space, v, frozen, calibration, settings, neuron_scores)
+        child, frozen_ffn, method, experts = init_variant(parent, space, v, frozen, calibration, settings, neuron_scores,
+                                                          expert_scores)
         loss = normalised_mse(v, child, frozen_ffn, eval_batches, runtime)
-        run = VariantRun(v, child, frozen_ffn, "parent" if v.is_parent else method, loss)
+        run = VariantRun(v, child, frozen_ffn, "parent" if v.is_parent else method, loss, experts=experts)
         if v.kind == "ffn" and v.config.replace_with_linear:
             # the calibration tokens are training data too: the solution at the end covers them
             run.trainer, run.normal = "lstsq", NormalEquations(calibration[v.layer].x, calibration[v.layer].y)
@@ -463,7 +489,8 @@ def init_variants(
         if v.is_parent or v.config.no_op:
             source = "parent" if v.is_parent else "noop"
             untrained.append({**_base_record(v), "source": source, "init": run.init, "tokens": 0, "steps": 0,
-                              "loss_init": loss, "loss_final": loss, "params": 0, "flops": 0, "wall_s": run.wall_s})
+                              "loss_init": loss, "loss_final": loss, "params": 0, "flops": 0, "wall_s": run.wall_s,
+                              **_experts_field(run)})
         else:
             runs.append(run)
     return runs, untrained
@@ -538,7 +565,7 @@ def save_variants(
         params = sum(p.numel() for p in run.child.parameters())
         record = {**_base_record(run.variant), "init": run.init, "trainer": run.trainer, "tokens": run.tokens, "steps": run.steps,
                   "loss_init": run.loss_init, "loss_final": loss_final, "params": params, "flops": run.flops,
-                  "settings_sha256": settings_sha256}
+                  "settings_sha256": settings_sha256, **_experts_field(run)}
         run.wall_s += time.perf_counter() - t0
         record["wall_s"] = run.wall_s
         state = {k: v if store_dtype is None else v.to(store_dtype) for k, v in run.child.state_dict().items()}
@@ -560,6 +587,7 @@ def build_layer_group(
     progress: Callable[[int], None] | None = None,
     only: Collection[str] | None = None,
     store_dtype: torch.dtype | None = None,
+    expert_scores: dict[int, torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Initialise, train and store every variant of `layers` (or only those whose `store.key_of` is in
     `only`: a job of a memory-budgeted build) the library does not hold yet (or holds trained under other
@@ -596,7 +624,8 @@ def build_layer_group(
     eval_batches, calibration = collect_inputs(parent, todo, train_blocks, eval_blocks, settings, neuron_scores)
     summary["calibration_s"] = time.perf_counter() - t0
 
-    runs, untrained = init_variants(parent, space, todo, eval_batches, calibration, settings, neuron_scores, log, runtime)
+    runs, untrained = init_variants(parent, space, todo, eval_batches, calibration, settings, neuron_scores, log, runtime,
+                                    expert_scores)
     calibration.clear()
     if untrained:
         store.record_untrained(run_dir, untrained)

@@ -49,20 +49,20 @@ def variant_train_flops(shape: ModelShape, variant: Variant, seq_len: int) -> fl
     6 x its matmul weights (forward + both backward matmuls), and for an attention variant the layer's
     frozen parent FFN's forward plus its input-gradient backward (4 x its matmul weights) and its scores:
     forward + 2x backward, each query over seq_len / 2 keys on average under the causal mask (at most the
-    layer's sliding window). A least-squares linear FFN also costs 6 x its weights: X^T X and X^T Y
+    variant's sliding window). A least-squares linear FFN also costs 6 x its weights: X^T X and X^T Y
     (2 D^2 each) and its forward for the batch loss."""
     if variant.is_parent or variant.config.no_op:
         return 0.0
     flops = 6 * shape.matmul_params(variant.config)
     if variant.kind == "attention":
-        flops += 4 * shape.matmul_params(shape.parent_ffn) + 3 * shape.attention_flops(variant.config, seq_len / 2, variant.layer)
+        flops += 4 * shape.matmul_params(shape.parent_blocks[variant.layer].ffn) + 3 * shape.attention_flops(variant.config, seq_len / 2)
     return float(flops)
 
 
 def parent_layer_flops(shape: ModelShape, layer: int, seq_len: int) -> float:
     """Forward FLOPs per token of the parent's decoder layer `layer` (queries over seq_len / 2 keys, at most
     its window): a job runs every layer up to its last one, once per batch."""
-    return shape.flops_per_token(shape.parent_block, seq_len / 2, layer)
+    return shape.flops_per_token(shape.parent_blocks[layer], seq_len / 2)
 
 
 def parent_forward_flops(shape: ModelShape, last_layer: int, seq_len: int) -> float:
@@ -76,7 +76,7 @@ def parent_forward_flops(shape: ModelShape, last_layer: int, seq_len: int) -> fl
 def truncated_parent_bytes(shape: ModelShape, last_layer: int, dtype_bytes: int = FP32) -> int:
     """A BLD worker's parent (`load_puzzle(last_layer=...)`): the embeddings and layers 0..last_layer, no
     head, no final norm, read once from safetensors onto the meta-built model, in the training's low dtype."""
-    return (shape.fixed_params("embeddings") + (last_layer + 1) * shape.params(shape.parent_block)) * dtype_bytes
+    return (shape.fixed_params("embeddings") + shape.layer_params(shape.parent_blocks[:last_layer + 1])) * dtype_bytes
 
 
 def bld_job_bytes(shape: ModelShape, layers: list[int], variants: list[Any], settings: Recipe, seq_len: int) -> int:

@@ -14,6 +14,14 @@ parent's pre-norm; only the module behind it changes.
                              on calibration data, Puzzle) or Minitron activation importance
   FFN, linear                least squares from the normed FFN input to the FFN output on calibration data,
                              by `ridge_solve` (normal equations + a small ridge, Cholesky: runs on CUDA too)
+  MoE FFN, fewer experts     the experts with the highest `expert_scores` (the router statistics of
+                             `puzzle importance`, `layers.{i}.experts.output`, where the run has them) or, without
+                             them, the largest router rows ||W_gate[j]||: a token's logit for expert j is
+                             x . W_gate[j], so a small row rarely wins the top-k. Their router rows are kept
+                             with them, in the parent's order; the shared expert (and its gate) is copied
+  MoE FFN, narrower experts  each kept expert's neurons ranked by Channel Contribution as a dense FFN's, on
+                             the calibration tokens (each expert's own |activations|, `FFNCalibration`)
+  MoE FFN, other top-k       nothing to initialise: the router and experts are the same weights
 """
 
 from dataclasses import dataclass
@@ -21,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from puzzle.errors import PuzzleError
-from puzzle.model.blocks import AttentionConfig, FFNConfig
+from puzzle.model.blocks import AttentionConfig, FFNConfig, MoEConfig
 
 ATT_NORM, FFN_NORM = "input_layernorm.weight", "post_attention_layernorm.weight"
 # Ridge of the linear blocks' least squares, relative to the mean diagonal of X^T X (the mean energy of
@@ -37,7 +45,9 @@ RIDGE = 1e-12
 class FFNCalibration:
     """What one layer's parent FFN did on calibration tokens.
 
-    abs_activation_sum: (I,) sum over tokens of |silu(x W_gate^T) * (x W_up^T)|, the input of down_proj.
+    abs_activation_sum: (I,) sum over tokens of |silu(x W_gate^T) * (x W_up^T)|, the input of down_proj;
+        (E, I) for an MoE FFN: each expert's, over every calibration token (so an expert the router seldom
+        picks is still ranked on as many tokens as the others).
     tokens: how many tokens that sum is over.
     x: (N, D) normed FFN inputs, y: (N, D) FFN outputs, kept for the linear FFN's least squares.
     """
@@ -192,3 +202,71 @@ def init_ffn(
     if scores.shape != (parent_size,):
         raise ValueError(f"neuron scores have shape {tuple(scores.shape)}, expected ({parent_size},)")
     return prune_ffn(parent, top_channels(scores, variant.intermediate_size)), method
+
+
+# ----- MoE FFN ---------------------------------------------------------------------------------------
+
+
+def _expert_keys(j: int) -> tuple[str, ...]:
+    return tuple(f"mlp.experts.{j}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+
+
+def choose_experts(parent: dict[str, torch.Tensor], count: int, expert_scores: torch.Tensor | None = None) -> list[int]:
+    """The `count` experts to keep, ascending: the highest `expert_scores` (E,) where given (`puzzle importance`'s
+    router statistics), else the largest router rows ||W_gate[j]||."""
+    router = parent["mlp.gate.weight"]  # (E, D)
+    scores = router.float().norm(dim=1) if expert_scores is None else expert_scores.float()
+    if scores.shape != (router.shape[0],):
+        raise ValueError(f"expert scores have shape {tuple(scores.shape)}, expected ({router.shape[0]},)")
+    if not 0 < count <= router.shape[0]:
+        raise ValueError(f"cannot keep {count} of {router.shape[0]} experts")
+    return top_channels(scores, count).tolist()
+
+
+def init_moe_ffn(
+    parent_state: dict[str, torch.Tensor],
+    parent_moe: MoEConfig,
+    child_moe: MoEConfig,
+    keep: list[int] | None = None,
+    expert_scores: torch.Tensor | None = None,
+    calibration: FFNCalibration | None = None,
+) -> tuple[dict[str, torch.Tensor], str, list[int]]:
+    """The child's MoE FFN state from the parent's, the method used and the kept experts (parent indices).
+
+    `keep`: the experts to keep (default: `choose_experts` by `expert_scores`, else router row norms); kept
+    expert j' of the child is parent expert keep[j'], router row included. Narrower experts keep the neurons of
+    highest Channel Contribution on `calibration` (abs_activation_sum (E, I)); the shared expert is copied.
+    With every expert kept at full width the state is the parent's (any top-k: the same weights)."""
+    if child_moe.shared_expert_size != parent_moe.shared_expert_size:
+        raise ValueError("an MoE variant keeps the parent's shared expert")
+    if child_moe.expert_size > parent_moe.expert_size:
+        raise ValueError(f"experts of {child_moe.expert_size} neurons cannot be pruned from {parent_moe.expert_size}")
+    if keep is None:
+        keep = choose_experts(parent_state, child_moe.num_experts, expert_scores)
+    keep = [int(j) for j in keep]
+    if len(keep) != child_moe.num_experts or len(set(keep)) != len(keep) or not all(0 <= j < parent_moe.num_experts for j in keep):
+        raise ValueError(f"keep {keep} does not name {child_moe.num_experts} distinct of the {parent_moe.num_experts} experts")
+    state = {FFN_NORM: parent_state[FFN_NORM].clone(), "mlp.gate.weight": parent_state["mlp.gate.weight"][keep].clone()}
+    for key, w in parent_state.items():  # the shared expert and its gate
+        if key.startswith(("mlp.shared_expert.", "mlp.shared_expert_gate.")):
+            state[key] = w.clone()
+    narrow = child_moe.expert_size < parent_moe.expert_size
+    if narrow and calibration is None:
+        raise ValueError("narrower experts are initialised from calibration activations")
+    for new, old in enumerate(keep):
+        expert = dict(zip(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),
+                          (parent_state[k] for k in _expert_keys(old))))
+        if narrow:
+            mean_abs = calibration.abs_activation_sum[old] / max(calibration.tokens, 1)
+            neurons = top_channels(channel_contribution(mean_abs, expert["mlp.down_proj.weight"]), child_moe.expert_size)
+        else:
+            neurons = torch.arange(parent_moe.expert_size)
+        pruned = prune_ffn({FFN_NORM: parent_state[FFN_NORM], **expert}, neurons)
+        for part, key in zip(("gate_proj", "up_proj", "down_proj"), _expert_keys(new)):
+            state[key] = pruned[f"mlp.{part}.weight"]
+    if keep == list(range(parent_moe.num_experts)) and not narrow:
+        method = "copy"
+    else:
+        method = ("experts_by_importance" if expert_scores is not None else "experts_by_router_norm") + (
+            "+channel_contribution" if narrow else "")
+    return state, method, keep

@@ -48,16 +48,18 @@ class GroupJob:
     variants: tuple[str, ...] = ()  # `store.key_of` of the variants to build; empty: every variant of `layers`
 
 
-def load_neuron_importance(run_dir: str | Path) -> dict[int, torch.Tensor] | None:
+def load_neuron_importance(run_dir: str | Path, field: str = "neurons") -> dict[int, torch.Tensor] | None:
     """Minitron neuron scores per layer (`layers.{i}.neurons` of `puzzle importance`), or None when the run
-    has none (complete) yet."""
+    has none (complete) yet. `field` "experts.output": an MoE layer's expert scores (E,) (`layers.{i}.experts.output`,
+    the router statistics `puzzle importance` records for an MoE parent: the router's weight times what each
+    expert adds, over the tokens routed to it), which choose the experts an MoE variant keeps (init_moe_ffn)."""
     if not has_importance(run_dir):
         return None
     scores = {}
     for key, value in load_importance(run_dir).items():
-        parts = key.split(".")
-        if len(parts) == 3 and parts[0] == "layers" and parts[1].isdigit() and parts[2] == "neurons":
-            scores[int(parts[1])] = value.float()
+        layer, _, rest = key.removeprefix("layers.").partition(".")
+        if key.startswith("layers.") and layer.isdigit() and rest == field:
+            scores[int(layer)] = value.float()
     return scores or None
 
 
@@ -99,17 +101,21 @@ def _load_parent(job: GroupJob, last_layer: int) -> Any:
     return load_puzzle(job.parent, dtype=dtype, last_layer=last_layer).requires_grad_(False)
 
 
-def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None, tuple[Any, Any]]:
+def _inputs(job: GroupJob) -> tuple[BLDSettings, dict[int, torch.Tensor] | None, tuple[Any, Any],
+                                    dict[int, torch.Tensor] | None]:
     settings = BLDSettings(**job.settings)
-    scores = load_neuron_importance(job.run_dir) if settings.ffn_init != "channel_contribution" else None
-    return settings, scores, _load_data(job.run_dir)
+    # importance-based inits only where the settings' digest includes the importance (BLDSettings.digest)
+    use = settings.ffn_init != "channel_contribution"
+    scores = load_neuron_importance(job.run_dir) if use else None
+    experts = load_neuron_importance(job.run_dir, "experts.output") if use else None  # pruning/experts.py's default criterion
+    return settings, scores, _load_data(job.run_dir), experts
 
 
 def _build(job: GroupJob, parent: Any, space: SearchSpace, inputs: tuple, progress: Callable[[int], None] | None = None
            ) -> dict[str, Any]:
-    settings, scores, (train, held_out) = inputs
+    settings, scores, (train, held_out), experts = inputs
     return build_layer_group(job.run_dir, parent, space, job.layers, train, held_out, settings, scores, progress,
-                             only=job.variants or None, store_dtype=weights_dtype(job.parent))
+                             only=job.variants or None, store_dtype=weights_dtype(job.parent), expert_scores=experts)
 
 
 def run_group(job: GroupJob) -> dict[str, Any]:

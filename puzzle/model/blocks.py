@@ -1,7 +1,7 @@
 """A layer's block, typed: `AttentionConfig` + `FFNConfig` = `BlockConfig` (Nemotron-NAS / DeciLM fields).
 
 The one place that says what a block is, what it is called and how it is written down:
-  name        the canonical string ("attn_g3", "attn_linear", "attn_noop", "ffn_1536", "ffn_linear",
+  name        the canonical string ("attn_g3", "attn_g3_w128", "attn_linear", "attn_noop", "ffn_1536", "ffn_linear",
               "ffn_noop", "moe_e8k2_i64", "attn_g3+ffn_1536"). It keys the library manifest, the scores and costs
               tables and the solutions; `from_name` is its only parser.
   to_dict     the `block_configs` entry of config.json; `from_dict` reads one back (strictly).
@@ -14,7 +14,8 @@ The one place that says what a block is, what it is called and how it is written
 Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py
 imports it relatively), and torch-free stages (the solver) import it without loading torch.
 
-  attention: GQA with `n_heads_in_group` query heads per KV head, or `replace_with_linear`
+  attention: GQA with `n_heads_in_group` query heads per KV head (and a sliding `window`: each query sees
+             only the last `window` keys, named "attn_g3_w128", written as DeciLM's `window_length`), or `replace_with_linear`
              (a hidden->hidden map applied per token), or `no_op` (the sublayer is skipped), or a Mamba2
              mixer (`mamba`: `MambaConfig`, named "mamba_h8d16n16g2": 8 SSM heads of 16 channels, a state of
              16, 2 groups of B/C), written as NVIDIA Puzzletron's `attention.mamba` entry: a hybrid family's
@@ -26,7 +27,7 @@ imports it relatively), and torch-free stages (the solver) import it without loa
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 
@@ -115,7 +116,7 @@ def _parse_name(cls: type, name: Any, base: str, size_prefix: str, field: str) -
     )
 
 
-_ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear", "mamba"}
+_ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear", "window_length", "mamba"}
 # Puzzletron's names for a Mamba2 mixer's fields (modelopt puzzletron block_config.py `MambaConfig`)
 _MAMBA_KEYS = {"num_heads": "num_heads", "head_dim": "head_dim", "state_dim": "state_dim", "num_groups": "num_groups"}
 _FFN_KEYS = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear", "moe"}
@@ -221,12 +222,20 @@ class MambaConfig:
 class AttentionConfig:
     """One layer's attention: GQA (`n_heads_in_group` query heads share a KV head), linear, no-op, or a
     Mamba2 mixer (`mamba`; then `n_heads_in_group` is None: it keeps an SSM and a convolution state, no KV
-    cache)."""
+    cache).
+
+    `window`: a GQA attention's sliding window W: query t attends to keys in (t - W, t] (transformers
+    masking_utils `sliding_window_overlay`), so an engine caches at most W tokens of a sequence there; None:
+    full causal attention. It is DeciLM's per-layer `window_length` (the block_config.py `AttentionConfig` of
+    DeciLM's remote code and of Puzzletron; its modeling_decilm.py masks the layer with it and its
+    variable_cache.py gives the layer a SlidingWindowCache), and the window gpt-oss-puzzle puts on the layers
+    it moves off full attention. A windowed variant has the weights of its unwindowed one: only the mask differs."""
 
     n_heads_in_group: int | None = None
     no_op: bool = False
     replace_with_linear: bool = False
     mamba: MambaConfig | None = None
+    window: int | None = None
 
     kind = "attention"  # the sublayer kind (tables' `kind` column); a class attribute, not a field
 
@@ -245,6 +254,10 @@ class AttentionConfig:
             if self.n_heads_in_group is None:
                 raise BlockConfigError("attention: a GQA block needs 'n_heads_in_group'")
             _check_positive_int("attention", "n_heads_in_group", self.n_heads_in_group)
+        if self.window is not None:
+            if not self.is_gqa:
+                raise BlockConfigError("attention: only a GQA block has a sliding window ('window_length')")
+            _check_positive_int("attention", "window_length", self.window)
 
     @property
     def is_gqa(self) -> bool:
@@ -259,6 +272,14 @@ class AttentionConfig:
         if not self.is_gqa:
             return 0
         return num_attention_heads // self.n_heads_in_group
+
+    def keys(self, context: float) -> float:
+        """Keys one query attends to (and tokens of a sequence an engine caches) at `context`: min(context, W)."""
+        return context if self.window is None else min(context, self.window)
+
+    def with_window(self, window: int | None) -> "AttentionConfig":
+        """This attention with sliding window `window` (None: full causal); linear and no-op ones have none."""
+        return replace(self, window=window) if self.is_gqa else self
 
     def validate(self, num_attention_heads: int) -> None:
         if self.is_gqa and num_attention_heads % self.n_heads_in_group != 0:
@@ -275,41 +296,51 @@ class AttentionConfig:
             return "attn_linear"
         if self.mamba is not None:
             return self.mamba.name
-        return f"attn_g{self.n_heads_in_group}"
+        return f"attn_g{self.n_heads_in_group}" + ("" if self.window is None else f"_w{self.window}")
 
     @classmethod
     def from_name(cls, name: str) -> "AttentionConfig":
-        """"attn_g3" -> GQA with 3 query heads per KV head; "attn_linear"; "attn_noop"; "mamba_h8d16n16g2" ->
-        a Mamba2 mixer (8 heads of 16, state 16, 2 groups); digits only, no leading zero."""
+        """"attn_g3" -> GQA with 3 query heads per KV head; "attn_g3_w128" -> and a sliding window of 128;
+        "attn_linear"; "attn_noop"; "mamba_h8d16n16g2" -> a Mamba2 mixer (8 heads of 16, state 16, 2 groups);
+        digits only, no leading zero."""
         if isinstance(name, str) and name.startswith("mamba_"):
             if m := re.fullmatch(r"mamba_h([1-9][0-9]*)d([1-9][0-9]*)n([1-9][0-9]*)g([1-9][0-9]*)", name):
                 return cls(mamba=MambaConfig(*(int(g) for g in m.groups())))
             raise BlockConfigError(f"unknown attention variant {name!r} (expected mamba_h<heads>d<head dim>"
                                    "n<state>g<groups>, e.g. mamba_h8d16n16g2)")
-        return _parse_name(cls, name, "attn_", "attn_g", "n_heads_in_group")
+        if isinstance(name, str) and (m := re.fullmatch(r"attn_g([1-9][0-9]*)_w([1-9][0-9]*)", name)):
+            return cls(n_heads_in_group=int(m.group(1)), window=int(m.group(2)))
+        try:
+            return _parse_name(cls, name, "attn_", "attn_g", "n_heads_in_group")
+        except BlockConfigError:
+            raise BlockConfigError(f"unknown attention variant {name!r} (expected attn_g<N>, attn_g<N>_w<window>, "
+                                   "attn_linear, attn_noop or mamba_h<heads>d<head dim>n<state>g<groups>)") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"n_heads_in_group": self.n_heads_in_group, "no_op": self.no_op,
                "replace_with_linear": self.replace_with_linear}
         if self.mamba is not None:  # only then: a transformer child's config.json stays as it was
             out["mamba"] = self.mamba.to_dict()
+        if self.window is not None:  # only then: an unwindowed child's config.json stays as it was
+            out["window_length"] = self.window
         return out
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "AttentionConfig":
         if not isinstance(data, dict):
             raise BlockConfigError(f"attention: expected a mapping, got {type(data).__name__}")
-        # Unknown DeciLM fields (sparsify, window_length, ...) change nothing we can build: refuse
+        # Unknown DeciLM fields (sparsify, num_sink_tokens, ...) change nothing we can build: refuse
         # those that are set rather than silently building a different model.
         for key, value in data.items():
             if key not in _ATTENTION_KEYS and value not in (None, False):
                 raise BlockConfigError(f"attention: unsupported field {key!r}={value!r}")
-        return cls(
-            n_heads_in_group=data.get("n_heads_in_group"),
-            no_op=data.get("no_op", False) or False,
-            replace_with_linear=data.get("replace_with_linear", False) or False,
-            mamba=None if data.get("mamba") is None else MambaConfig.from_dict(data["mamba"]),
-        )
+        no_op = data.get("no_op", False) or False
+        linear = data.get("replace_with_linear", False) or False
+        # DeciLM's AttentionConfig.__post_init__ clears window_length on no-op and linear blocks: so do we
+        window = None if no_op is True or linear is True else data.get("window_length")
+        mamba = None if data.get("mamba") is None else MambaConfig.from_dict(data["mamba"])
+        return cls(n_heads_in_group=data.get("n_heads_in_group"), no_op=no_op, replace_with_linear=linear,
+                   mamba=mamba, window=window)
 
 
 @dataclass(frozen=True)

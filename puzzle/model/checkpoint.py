@@ -20,11 +20,11 @@ from puzzle.io import clean_stale_temps, naming, write_safetensors
 from puzzle.outputs import replaceable
 
 from . import register
-from .blocks import AttentionConfig, BlockConfig
+from .blocks import AttentionConfig, BlockConfig, FFNConfig
 from .configuration_puzzle import PuzzleConfig
 from .dimensions import check_config_json, check_gguf
 from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
-from .family import FAMILIES, Family, family_of_model_type, layer_kinds
+from .family import FAMILIES, Family, MoESpec, family_of_model_type, layer_kinds
 from .modeling_puzzle import PuzzleForCausalLM
 
 register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
@@ -44,7 +44,7 @@ CHILD_ARCHITECTURE = "DeciLMForCausalLM"
 # Config keys that describe a checkpoint, not an architecture.
 _NOT_ARCHITECTURE = {"model_type", "architectures", "transformers_version", "auto_map", "quantization_config",
                      "_name_or_path", "dtype", "torch_dtype", "pretraining_tp", "block_configs",
-                     # the families' own window fields; the child keeps per-layer `sliding_windows`
+                     # the families' own window fields; a child's windows are its blocks' (window_length)
                      "sliding_window", "layer_types", "use_sliding_window", "max_window_layers"}
 
 
@@ -52,7 +52,7 @@ def _unsupported(model_type: str) -> PuzzleError:
     return PuzzleError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
         "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen2-MoE, Qwen3-MoE, "
-        "Mixtral, the NemotronH hybrid, and puzzle children)"
+        "Mixtral, gpt-oss, the NemotronH hybrid, and puzzle children)"
     )
 
 
@@ -209,7 +209,7 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
         else:
             model = on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
             with SafetensorsCheckpoint(path) as ckpt:
-                state = ckpt.read_many(ckpt.keys(), dtype)
+                state = dequantize_mxfp4_state(ckpt.read_many(ckpt.keys(), dtype), dtype)
             if config.model_type != PuzzleConfig.model_type and family_of(config).hybrid is not None:
                 state = nemotron_h_transformers_state(state, set(model.state_dict()))
             elif config.model_type != PuzzleConfig.model_type and family_of(config).moe is not None:
@@ -260,22 +260,29 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     ckpt = checkpoint
     try:
         ckpt = ckpt or SafetensorsCheckpoint(path)
-        # stored name -> ours (an MoE parent's hub names, e.g. Mixtral's block_sparse_moe, read as puzzle's; a
-        # NemotronH parent's `backbone.layers.{i}.mixer.*` as the slot its mixer takes)
+        if dtype is None:
+            dtype = ckpt.dtype(next((k for k in ckpt.keys() if k.endswith("embeddings.weight")
+                                     or k == "model.embed_tokens.weight"), "model.embed_tokens.weight"))
+        spec = config.family_descriptor.moe
+        # stored name -> ours (an MoE parent's hub names, e.g. Mixtral's block_sparse_moe or gpt-oss's router,
+        # read as puzzle's; a NemotronH parent's `backbone.layers.{i}.mixer.*` as the slot its mixer takes);
+        # fused experts (gpt-oss's, MXFP4-packed or not) are read whole and split below
+        fused = [k for k in ckpt.keys() if _STORED_FUSED.fullmatch(k) and not _left_out(k, config, truncated)]
         if config.family_descriptor.hybrid is not None:
             slots = layer_slots(config)
             names = {k: hybrid_key(k, slots) for k in ckpt.keys()}
         else:
-            names = {k: canonical_key(k) for k in ckpt.keys()}
-        if dtype is None:
-            dtype = ckpt.dtype(next((k for k, ours in names.items() if ours == "model.embed_tokens.weight"),
-                                    "model.embed_tokens.weight"))
+            names = {k: canonical_key(k, spec) for k in ckpt.keys() if not _STORED_FUSED.fullmatch(k)}
+        unfused = {}
+        for group in _fused_groups(fused):  # one fused parameter at a time: its copy and its experts, then the next
+            unfused |= puzzle_moe_state(dequantize_mxfp4_state(ckpt.read_many(group, dtype), dtype), spec, contiguous=True)
         stray = [k for k, ours in names.items() if ours not in wanted and not _left_out(ours, config, truncated)]
+        stray += [k for k in unfused if k not in wanted]
         if stray:
             raise PuzzleError(f"{path}: weights do not match the config (unexpected {stray[:3]})")
         stored = ckpt.read_many([k for k, ours in names.items() if ours in wanted], dtype)
-        state = {names[k]: v for k, v in stored.items()}
-        del stored
+        state = {names[k]: v for k, v in stored.items()} | unfused
+        del stored, unfused
     except (SafetensorError, OSError) as err:
         raise PuzzleError(f"{path}: cannot load the weights ({_first_line(err)}); is the checkpoint complete?") from None
     finally:
@@ -289,6 +296,14 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     materialise_buffers(model)
     check_materialised(model, str(path))
     return model.eval()
+
+
+def _fused_groups(keys: list[str]) -> list[list[str]]:
+    """Stored fused-expert keys grouped by the parameter they make (`X` alone, or `X_blocks` with `X_scales`)."""
+    groups: dict[str, list[str]] = {}
+    for key in keys:
+        groups.setdefault(key.removesuffix("_blocks").removesuffix("_scales"), []).append(key)
+    return list(groups.values())
 
 
 def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
@@ -307,8 +322,6 @@ def _left_out(name: str, config: PuzzleConfig, truncated: bool) -> bool:
 def _truncated_config(config: PuzzleConfig, last_layer: int) -> PuzzleConfig:
     data = config.to_dict()
     data.update(num_hidden_layers=last_layer + 1, block_configs=data["block_configs"][: last_layer + 1])
-    if data.get("sliding_windows"):  # per layer, as block_configs (a windowed parent's BLD worker)
-        data["sliding_windows"] = data["sliding_windows"][: last_layer + 1]
     return PuzzleConfig(**{k: v for k, v in data.items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
 
 
@@ -356,8 +369,8 @@ def load_tokenizer(path: str | Path) -> Any:
 
 
 def puzzle_config_from(config: Any) -> PuzzleConfig:
-    """The PuzzleConfig of a supported parent's config (one parent block per layer, its family and per-layer
-    sliding windows recorded), or a copy of a child's."""
+    """The PuzzleConfig of a supported parent's config (one parent block per layer, each with the layer's
+    sliding window as the family reads it, and its family recorded), or a copy of a child's."""
     family = family_of(config)
     if isinstance(config, PuzzleConfig):
         return PuzzleConfig(**{k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
@@ -369,12 +382,13 @@ def puzzle_config_from(config: Any) -> PuzzleConfig:
         data.update(num_hidden_layers=len(blocks), rms_norm_eps=config.layer_norm_epsilon, family=family.name,
                     block_configs=[b.to_dict(config.hidden_size) for b in blocks])
         return PuzzleConfig(**data)
-    windows = family.layer_windows(config)
-    data.update(family=family.name, sliding_windows=windows if any(w is not None for w in windows) else None)
-    if family.moe is not None:  # each layer's FFN as the family reads the config (MoE or dense)
-        attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
-        data["block_configs"] = [BlockConfig(attention, ffn).to_dict(config.hidden_size)
-                                 for ffn in family.moe.parent_ffns(config)]
+    attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
+    # each layer's FFN as the family reads the config (MoE or dense)
+    ffns = (family.moe.parent_ffns(config) if family.moe is not None
+            else [FFNConfig(intermediate_size=config.intermediate_size)] * config.num_hidden_layers)
+    data.update(family=family.name, block_configs=[
+        BlockConfig(attention.with_window(window), ffn).to_dict(config.hidden_size)
+        for window, ffn in zip(family.layer_windows(config), ffns)])
     return PuzzleConfig(**data)
 
 
@@ -382,7 +396,8 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     """The parent as an all-parent heterogeneous child with identical weights (and so identical logits).
 
     The child is built on the meta device and takes the parent's tensors themselves (`assign=True`): no
-    second copy, and the two share storage (training one changes the other; callers drop the parent)."""
+    second copy, and the two share storage (training one changes the other; callers drop the parent).
+    gpt-oss's experts are the exception: copied out of their interleaved columns (`puzzle_moe_state`)."""
     if isinstance(model, PuzzleForCausalLM):
         return model
     config = puzzle_config_from(model.config)
@@ -391,7 +406,7 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     if config.family_descriptor.hybrid is not None:
         state = nemotron_h_puzzle_state(state, layer_slots(config))
     elif config.family_descriptor.moe is not None:
-        state = puzzle_moe_state(state)
+        state = puzzle_moe_state(state, config.family_descriptor.moe)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     assign_state(child, state, "parent weights do not map onto the child",
@@ -404,16 +419,23 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
 
 
 # An MoE expert's weights in the hub checkpoints' names (Qwen-MoE `mlp.experts.{j}.gate_proj.weight`, Mixtral
-# `block_sparse_moe.experts.{j}.w1.weight`), and the 3-D parameters transformers 5 fuses them into
-# (`mlp.experts.gate_up_proj` (E, 2I, D): gate rows then up rows; `mlp.experts.down_proj` (E, D, I)).
+# `block_sparse_moe.experts.{j}.w1.weight`), and the 3-D parameters transformers 5 fuses them into, in the layout
+# the family's `MoESpec.fused_layout` names (family.py `FusedLayout`), with gpt-oss's biases beside them.
 _MIXTRAL_EXPERT = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 _HUB_EXPERT = re.compile(r"(.*\.)block_sparse_moe\.(gate\.weight|experts\.(\d+)\.(w[123])\.weight)")
-_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)")
+_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_bias)?")
+# fused experts as a checkpoint stores them: gpt-oss's hub files hold the weights MXFP4-packed
+_STORED_FUSED = re.compile(r"(.*\.mlp\.experts\.)(gate_up_proj|down_proj)(_bias|_blocks|_scales)?")
 
 
-def canonical_key(key: str) -> str:
+def canonical_key(key: str, spec: MoESpec | None = None) -> str:
     """A checkpoint key in puzzle's names: Mixtral's hub names (block_sparse_moe, w1/w3/w2) as Qwen-MoE's
-    (mlp, gate_proj/up_proj/down_proj); every other key as it is."""
+    (mlp, gate_proj/up_proj/down_proj), the router of `spec`'s family (gpt-oss `mlp.router`) as `mlp.gate`;
+    every other key as it is."""
+    if spec is not None and spec.router_name != "gate":
+        head, dot, tail = key.rpartition(f".mlp.{spec.router_name}.")
+        if dot and tail in ("weight", "bias"):
+            return f"{head}.mlp.gate.{tail}"
     m = _HUB_EXPERT.fullmatch(key)
     if m is None:
         return key
@@ -422,29 +444,63 @@ def canonical_key(key: str) -> str:
     return f"{m.group(1)}mlp.experts.{m.group(3)}.{_MIXTRAL_EXPERT[m.group(4)]}.weight"
 
 
-def puzzle_moe_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """A parent's state dict in puzzle's layout: transformers 5's fused expert parameters split into one
-    SwiGLU per expert (views of the fused tensors: nothing copied), hub names made canonical."""
+def hub_key(key: str, family: str) -> str:
+    """A key in puzzle's names as the family's hub checkpoints spell it (the inverse of `canonical_key`):
+    Mixtral's router and experts under `block_sparse_moe` with w1 / w3 / w2; every other key as it is."""
+    if family != "mixtral":
+        return key
+    m = re.fullmatch(r"(.*\.)mlp\.(gate\.weight|experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight)", key)
+    if m is None:
+        return key
+    if m.group(3) is None:
+        return f"{m.group(1)}block_sparse_moe.gate.weight"
+    w = {v: k for k, v in _MIXTRAL_EXPERT.items()}[m.group(4)]
+    return f"{m.group(1)}block_sparse_moe.experts.{m.group(3)}.{w}.weight"
+
+
+def _unfuse_expert(which: str, w: torch.Tensor, layout: str, bias: bool) -> dict[str, torch.Tensor]:
+    """One expert's slice of a fused parameter ((2I, D) / (D, I) in "gate_up_rows"; (D, 2I) / (I, D) and biases
+    (2I,) / (D,) in "gate_up_interleaved") as its nn.Linear tensors: {"gate_proj": ..., "up_proj": ...} or
+    {"down_proj": ...}, (out, in) weights, views of `w`."""
+    if layout == "gate_up_rows":
+        if which == "down_proj":
+            return {"down_proj": w}
+        gate, up = w.chunk(2, dim=0)  # transformers' `linear(x, gate_up_proj[j]).chunk(2, dim=-1)`
+        return {"gate_proj": gate, "up_proj": up}
+    t = w if bias else w.T  # GptOssExperts computes x @ W: W.T is nn.Linear's (out, in)
+    if which == "down_proj":
+        return {"down_proj": t}
+    return {"gate_proj": t[0::2], "up_proj": t[1::2]}  # GptOssExperts._apply_gate: gate_up[..., ::2], [..., 1::2]
+
+
+def puzzle_moe_state(state: dict[str, torch.Tensor], spec: MoESpec, contiguous: bool | None = None) -> dict[str, torch.Tensor]:
+    """A parent's state dict in puzzle's layout: transformers' fused expert parameters (in `spec.fused_layout`)
+    split into one SwiGLU per expert, hub names made canonical (`canonical_key`). The experts are views of the
+    fused tensors (nothing copied), or each its own contiguous copy with `contiguous` (a checkpoint read from
+    disk: the fused tensor is then freed). None: views where they are row blocks ("gate_up_rows"), copies of
+    gpt-oss's interleaved, transposed columns (a view with no unit stride would be copied by every matmul)."""
+    if contiguous is None:
+        contiguous = spec.fused_layout != "gate_up_rows"
     out = {}
     for key, value in state.items():
         m = _FUSED.fullmatch(key)
         if m is None:
-            out[canonical_key(key)] = value
-        elif m.group(2) == "down_proj":
-            out.update({f"{m.group(1)}{j}.down_proj.weight": w for j, w in enumerate(value)})
-        else:
-            for j, w in enumerate(value):
-                gate, up = w.chunk(2, dim=0)  # transformers' `linear(x, gate_up_proj[j]).chunk(2, dim=-1)`
-                out[f"{m.group(1)}{j}.gate_proj.weight"], out[f"{m.group(1)}{j}.up_proj.weight"] = gate, up
+            out[canonical_key(key, spec)] = value
+            continue
+        prefix, which, bias = m.group(1), m.group(2), m.group(3) is not None
+        for j, w in enumerate(value):
+            for name, t in _unfuse_expert(which, w, spec.fused_layout, bias).items():
+                out[f"{prefix}{j}.{name}.{'bias' if bias else 'weight'}"] = t.contiguous() if contiguous else t
     return out
 
 
 def transformers_moe_state(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
     """A hub checkpoint's MoE state in the layout of the transformers model whose keys are `wanted`: each
-    expert's tensors stacked into the fused 3-D parameters where that model has them (transformers 5)."""
+    expert's tensors stacked into the fused 3-D parameters where that model has them (transformers 5; gpt-oss's
+    hub files hold them fused already)."""
     state = {canonical_key(k): v for k, v in state.items()}
-    for key in [k for k in wanted if _FUSED.fullmatch(k)]:
-        prefix, which = _FUSED.fullmatch(key).groups()
+    for key in [k for k in wanted if _FUSED.fullmatch(k) and _FUSED.fullmatch(k).group(3) is None]:
+        prefix, which, _ = _FUSED.fullmatch(key).groups()
         parts = ("gate_proj", "up_proj") if which == "gate_up_proj" else ("down_proj",)
         experts = []
         while f"{prefix}{len(experts)}.{parts[0]}.weight" in state:
@@ -515,6 +571,48 @@ def nemotron_h_transformers_state(state: dict[str, torch.Tensor], wanted: set[st
     return state
 
 
+# FP4 (e2m1) values by their 4-bit code: transformers integrations/mxfp4.py `FP4_VALUES`
+FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequantize_mxfp4(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """MXFP4-packed expert weights as transformers' GptOssExperts holds them, by the rule of transformers
+    integrations/mxfp4.py `convert_moe_packed_tensors` (`_convert_moe_packed_tensors`):
+
+      blocks (E, R, G, 16) uint8   two FP4 codes per byte, the low nibble the even element, the high the odd
+      scales (E, R, G) uint8       one power-of-two exponent + 127 per group of 32 values
+      ->     (E, G * 32, R)        each value FP4_VALUES[code] * 2**(scale - 127), rows and columns swapped
+
+    (gate_up_proj_blocks (E, 2I, D/32, 16) -> gate_up_proj (E, D, 2I); down_proj_blocks (E, D, I/32, 16) ->
+    down_proj (E, I, D)). One expert at a time, so the index tensors stay one expert's size."""
+    if blocks.shape[:-1] != scales.shape:
+        raise PuzzleError(f"MXFP4 blocks {list(blocks.shape)} do not match their scales {list(scales.shape)}")
+    lut = torch.tensor(FP4_VALUES, dtype=dtype, device=blocks.device)
+    E, R, G, B = blocks.shape
+    out = torch.empty(E, R, G, 2 * B, dtype=dtype, device=blocks.device)
+    for e in range(E):
+        codes = blocks[e].to(torch.uint8)
+        out[e, ..., 0::2] = lut[(codes & 0x0F).long()]
+        out[e, ..., 1::2] = lut[(codes >> 4).long()]
+        # the scaling in float32, rounded once into `dtype` (transformers' `torch.ldexp(sub, exp, out=sub)`)
+        torch.ldexp(out[e], (scales[e].to(torch.int32) - 127)[..., None], out=out[e])
+    return out.view(E, R, G * 2 * B).transpose(1, 2).contiguous()
+
+
+def dequantize_mxfp4_state(state: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """`state` with each `X_blocks` / `X_scales` pair (gpt-oss's hub checkpoints) replaced by `X` dequantised
+    into `dtype` (`dequantize_mxfp4`); other keys as they are."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith("_scales") and key.removesuffix("_scales") + "_blocks" in state:
+            continue
+        if key.endswith("_blocks") and (scales := key.removesuffix("_blocks") + "_scales") in state:
+            out[key.removesuffix("_blocks")] = dequantize_mxfp4(value, state[scales], dtype)
+        else:
+            out[key] = value
+    return out
+
+
 def atomic_dir(out: Path) -> Path:
     """A fresh temporary sibling of `out`; pair with `commit_dir` so `out` is never half written. What an
     earlier, killed write of `out` left beside it (its temporary, or the old version set aside) goes first."""
@@ -582,20 +680,49 @@ def _max_shard_bytes() -> int:
     return convert_file_size_to_int(default)
 
 
+def _hub_layout(model: PreTrainedModel, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` under the names and layout `save_pretrained` writes: transformers 5 reverts the conversions it
+    applies on load (modeling_utils.py `PreTrainedModel.save_pretrained` -> core_model_loading.py
+    `revert_weight_conversion`: an MoE class's fused experts back to the hub's one tensor per expert, which
+    transformers 4 reads as it is); nothing to revert in 4.x or for a class without conversions (puzzle's)."""
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4.x: the state dict is the hub layout
+        return state
+    return revert_weight_conversion(model, state)
+
+
 def _write_weights(model: PreTrainedModel, directory: Path, extra: dict[str, torch.Tensor]) -> None:
     """The model's config files and weights into `directory`, as `save_pretrained` writes them. Weights that fit
     one file (`save_pretrained`'s single-file case) are streamed from the model's own tensors
     (`puzzle.io.write_safetensors`: no serialised copy), with `extra` tensors beside them; larger ones are
     sharded by `save_pretrained` itself, which cannot take `extra`."""
-    weights = {**saved_weights(model), **extra}
+    weights = {**_hub_layout(model, saved_weights(model)), **extra}
     if sum(t.numel() * t.element_size() for t in weights.values()) > _max_shard_bytes():
         if extra:
             raise PuzzleError(f"writing {', '.join(extra)} into a sharded checkpoint is not supported")
         model.save_pretrained(directory, safe_serialization=True)
+        _config_for_transformers_4(directory, model.config)
         return
     model.save_pretrained(directory, state_dict={})  # everything but the weights: config, generation config
+    _config_for_transformers_4(directory, model.config)
     with open(directory / SAFE_WEIGHTS_NAME, "wb") as f:  # `directory` is committed whole: no temp file here
         write_safetensors(f, weights, {"format": "pt"})  # transformers' metadata for an unquantised model
+
+
+def _config_for_transformers_4(directory: Path, config: Any) -> None:
+    """config.json with the old names of fields transformers 5 renamed beside the new ones: 5.x maps an old
+    name onto the new (`attribute_map`: Qwen3MoeConfig's `num_experts` -> `num_local_experts`), and 4.x's
+    Qwen3MoeConfig reads only `num_experts` (it would build its default 128 experts). Same values; 5.x
+    reads either. Nothing to add for a config without renamed fields (every dense family's, puzzle's)."""
+    aliases = {old: getattr(config, new) for old, new in (getattr(type(config), "attribute_map", None) or {}).items()
+               if new in config.to_dict()}
+    path = directory / "config.json"
+    if not aliases or not path.exists():
+        return
+    data = json.loads(path.read_text())
+    data.update({old: value for old, value in aliases.items() if old not in data})
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def save_checkpoint(

@@ -3,13 +3,18 @@
 One frozen `Family` per family; everything that differs between them is a field here, and the rest of the
 code reads the descriptor instead of branching on a model_type:
 
-  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm), `PuzzleModel` (per-layer windows)
-  conversion           checkpoint.py `puzzle_config_from` (`layer_windows`, the config fields below)
-  pruning / slicing    pruning/slicing.py (a bias is cut with its heads, a q/k norm is per head_dim and stays),
-                       prune.py (the Minitron output is the family's own plain class: `config_class`)
-  library init         library/init.py (q/k norms and q bias copied, k/v biases pooled with their heads)
-  shape / roofline     shape.py `ModelShape` (bias and q/k-norm parameters; a window bounds KV cache and keys)
-  export               `engines`: the engines whose loader builds this family's layer
+  model construction   modeling_puzzle.py `GQAttention` (biases, q/k norm, sinks; a window is the block's,
+                       blocks.py), `MoEFFN` (routing, router and expert biases, the experts' activation),
+                       `build_norm` (the RMSNorm's cast)
+  conversion           checkpoint.py `puzzle_config_from` (`layer_windows` become the parent blocks' windows),
+                       `puzzle_moe_state` (the fused expert layout, the router's name, MXFP4 blocks)
+  pruning / slicing    pruning/slicing.py (a bias or a sink is cut with its heads, a q/k norm is per head_dim
+                       and stays), prune.py (the Minitron output is the family's own plain class: `config_class`)
+  library init         library/init.py (q/k norms, q bias and sinks copied, k/v biases pooled with their heads)
+  shape / roofline     shape.py `ModelShape` (bias, sink and q/k-norm parameters, router and expert biases; a
+                       window bounds KV cache and keys)
+  export               `engines`: the engines whose loader builds this family's layer (puzzle/engines.py
+                       `serving_engines` narrows them by the engines' rules, a sliding window among them)
 
 Every supported family is a pre-norm RMSNorm decoder with SwiGLU FFNs, RoPE from transformers'
 `rope_parameters` (plain, llama3, yarn, ... as the family's own rotary class computes them) and the same
@@ -20,7 +25,14 @@ other names or another FFN adds a field here, its part in modeling_puzzle.py and
 MoE families (`moe`: an `MoESpec`) have an MoE FFN (blocks.py `MoEConfig`) in some or all layers: a router
 `mlp.gate.weight` (E, D) and experts `mlp.experts.{j}.{gate,up,down}_proj.weight` (the hub checkpoints'
 per-expert layout, which transformers 5 fuses into 3-D `gate_up_proj` / `down_proj` parameters: conversion
-unfuses them, checkpoint.py `moe_state`).
+unfuses them, checkpoint.py `puzzle_moe_state`, in the layout `MoESpec.fused_layout` names).
+
+gpt-oss (`gpt_oss`) is the one family that is not a plain SwiGLU decoder: its attention has attention sinks
+(`sinks`: a learned logit per query head in every softmax's denominator, `self_attn.sinks` (H,)), biases on
+q/k/v/o and alternating sliding / full layers (`layer_types`); its MoE FFN routes top-k of the biased router's
+logits then a softmax over those k, and its experts have biases and a clamped SwiGLU (`MoESpec.activation`).
+Its hub checkpoints store the experts MXFP4-packed (`*_blocks` / `*_scales`), dequantised on load
+(checkpoint.py `dequantize_mxfp4`). Its RMSNorm casts after the weight (`norm_cast_last`).
 
 Hybrid families (`hybrid`: a `HybridSpec`; NemotronH) have one mixer per layer, named by the config's
 `layers_block_type` / `hybrid_override_pattern`: a Mamba2 mixer or an attention (the block's attention slot,
@@ -39,6 +51,25 @@ from .blocks import AttentionConfig, BlockConfig, FFNConfig, MambaConfig, MoECon
 # How a family's HF config says which layers attend through a sliding window.
 WindowRule = Literal["none", "all", "layer_types"]
 FULL, SLIDING = "full_attention", "sliding_attention"  # transformers' `layer_types` values
+
+
+# How the router's logits become the top-k weights: "softmax_topk" softmax over all E logits (float32), then the
+# top-k probabilities (Mixtral, Qwen-MoE); "topk_softmax" the top-k logits, then a softmax over those k in the
+# logits' dtype (GptOssTopKRouter)
+RoutingOrder = Literal["softmax_topk", "topk_softmax"]
+# An expert's activation: "silu" down(silu(gate) * up); "clamped_swiglu" GptOssExperts._apply_gate:
+# gate clamped above at `limit`, up to [-limit, limit], down((up + 1) * gate * sigmoid(alpha * gate))
+ExpertActivation = Literal["silu", "clamped_swiglu"]
+# The clamped SwiGLU's constants where a config does not carry them (transformers 4.x GptOssExperts hard-codes
+# alpha; 5.x reads `swiglu_alpha` / `swiglu_limit`)
+CLAMPED_SWIGLU_ALPHA, CLAMPED_SWIGLU_LIMIT = 1.702, 7.0
+# How transformers' class fuses an MoE layer's experts into 3-D parameters (conversion unfuses them):
+#   "gate_up_rows"         `gate_up_proj` (E, 2I, D): each expert's gate rows then its up rows; `down_proj`
+#                          (E, D, I): nn.Linear's (out, in) per expert (Mixtral, Qwen-MoE in transformers 5)
+#   "gate_up_interleaved"  `gate_up_proj` (E, D, 2I), applied as x @ W: gate at the even columns, up at the odd
+#                          ones, and so `gate_up_proj_bias` (E, 2I); `down_proj` (E, I, D), `down_proj_bias`
+#                          (E, D) (GptOssExperts, also the hub layout of gpt-oss)
+FusedLayout = Literal["gate_up_rows", "gate_up_interleaved"]
 
 
 # Which layers of an MoE family's HF config are MoE ("all"; "qwen": every `decoder_sparse_step`-th layer not in
@@ -77,6 +108,15 @@ class MoESpec:
     group_fields the config fields (n_group, topk_group) of grouped top-k: experts in n_group equal groups, a
                  group scored by the sum of its two best scores, only the topk_group best groups' experts
                  may be chosen; None: no grouping
+    routing      the order of top-k and softmax (`RoutingOrder`); "topk_softmax" weights sum to 1 by
+                 construction (no renormalising) and are in the logits' dtype
+    router_bias  the router has a bias (E,) (`mlp.router.bias`, gpt-oss)
+    expert_bias  each expert's gate, up and down projections have biases (gpt-oss)
+    activation   the experts' activation (`ExpertActivation`); the clamped SwiGLU's alpha and limit are the
+                 config's `swiglu_alpha` / `swiglu_limit` (`clamp`)
+    fused_layout how transformers' class fuses the experts (`FusedLayout`)
+    router_name  the router's module name in transformers' class and the hub checkpoints (`mlp.gate`,
+                 gpt-oss `mlp.router`); puzzle's is `mlp.gate` in every family
     """
 
     experts_field: str
@@ -90,6 +130,12 @@ class MoESpec:
     score_bias: bool = False
     group_fields: tuple[str, str] | None = None
     scaling_field: str | None = None
+    routing: RoutingOrder = "softmax_topk"
+    router_bias: bool = False
+    expert_bias: bool = False
+    activation: ExpertActivation = "silu"
+    fused_layout: FusedLayout = "gate_up_rows"
+    router_name: str = "gate"
 
     def groups(self, config: Any) -> tuple[int, int]:
         """(n_group, topk_group) of grouped routing; (1, 1): every expert may be chosen."""
@@ -100,6 +146,11 @@ class MoESpec:
     def scaling(self, config: Any) -> float:
         """The factor the routed experts' weights are scaled by (1.0 where the family has none)."""
         return 1.0 if self.scaling_field is None else float(getattr(config, self.scaling_field, 1.0))
+
+    def clamp(self, config: Any) -> tuple[float, float]:
+        """(alpha, limit) of the clamped SwiGLU, from the config (a child's carries the parent's fields)."""
+        return (float(getattr(config, "swiglu_alpha", None) or CLAMPED_SWIGLU_ALPHA),
+                float(getattr(config, "swiglu_limit", None) or CLAMPED_SWIGLU_LIMIT))
 
     def renormalise(self, config: Any) -> bool:
         """Whether the top-k probabilities are divided by their sum (a child's config carries the parent's
@@ -193,14 +244,19 @@ class Family:
                       Qwen2-MoE reads q/k/v's from `qkv_bias`, o off; Mistral none)
     qk_norm           an RMSNorm over head_dim applied to every query and key head before RoPE, one weight
                       vector (head_dim,) shared by all heads (transformers `Qwen3Attention.q_norm` / `k_norm`)
-    windows           which layers use `sliding_window` (keys in (t - window, t] for query t):
-                      "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3)
+    windows           which layers of the HF config use `sliding_window` (keys in (t - window, t] for query
+                      t): "none"; "all" when the config sets it (Mistral); "layer_types" per layer (Qwen2/3).
+                      Conversion makes each one the parent's attention block's own window (blocks.py)
+    sinks             attention sinks: a learned logit per query head (`self_attn.sinks` (H,)) joins every
+                      query's softmax over its keys as one more term of the denominator, with no value
+                      (transformers `GptOssAttention` / `eager_attention_forward`)
+    norm_cast_last    the RMSNorms multiply by their weight in float32 and cast the product to the input's dtype
+                      (transformers `GptOssRMSNorm`: `(w * x).to(dtype)`); False: Llama's `w * x.to(dtype)`.
+                      The same in fp32, one rounding apart in bf16
     moe               how the family's MoE FFNs route (`MoESpec`); None for a dense family
     rope              whether attention rotates q/k (NemotronH's `NemotronHAttention` applies no position
                       embedding: its attention layers see positions only through the Mamba2 layers)
     ffn               how a dense FFN and an MoE expert compute (`DenseFFN`): "swiglu" or NemotronH's "relu2"
-    norm_weight_fp32  the RMSNorm multiplies by its weight in fp32 and casts after (`NemotronHRMSNorm`), not
-                      after the cast (`LlamaRMSNorm`); the same in fp32, one rounding apart in bf16
     hybrid            a hybrid family's per-layer mixers (`HybridSpec`); None: every layer attention + FFN
     engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
                       deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
@@ -215,13 +271,14 @@ class Family:
     qkv_bias: bool | None = None
     o_bias: bool | None = None
     qk_norm: bool = False
+    sinks: bool = False
+    norm_cast_last: bool = False
     windows: WindowRule = "none"
     engines: tuple[str, ...] = ("transformers",)
     moe: MoESpec | None = None
     bias_field: str = "attention_bias"
     rope: bool = True
     ffn: DenseFFN = "swiglu"
-    norm_weight_fp32: bool = False
     hybrid: HybridSpec | None = None
 
     def attention_biases(self, config: Any) -> tuple[bool, bool]:
@@ -270,12 +327,19 @@ FAMILIES: dict[str, Family] = {
     # ungated shared expert of `moe_shared_expert_intermediate_size` (NemotronHMoE builds it whatever
     # `n_shared_experts` says); the top-k weights stay fp32 (`top_k_weights` scale the experts' outputs).
     "nemotron_h": Family("nemotron_h", ("nemotron_h",), "NemotronHConfig", "NemotronHForCausalLM",
-                         qkv_bias=False, o_bias=False, rope=False, ffn="relu2", norm_weight_fp32=True,
+                         qkv_bias=False, o_bias=False, rope=False, ffn="relu2", norm_cast_last=True,
                          hybrid=HybridSpec(),
                          moe=MoESpec("n_routed_experts", "moe_intermediate_size", None, "pattern",
                                      shared_expert_field="moe_shared_expert_intermediate_size",
                                      weights_in_input_dtype=False, scoring="sigmoid", score_bias=True,
                                      group_fields=("n_group", "topk_group"), scaling_field="routed_scaling_factor")),
+    # gpt-oss: attention_bias on all four, sinks, sliding / full layers from `layer_types`; every layer MoE
+    # (experts of `intermediate_size`), its router and experts as GptOssTopKRouter / GptOssExperts
+    "gpt_oss": Family("gpt_oss", ("gpt_oss",), "GptOssConfig", "GptOssForCausalLM", sinks=True, norm_cast_last=True,
+                      windows="layer_types",
+                      moe=MoESpec("num_local_experts", "intermediate_size", False, routing="topk_softmax",
+                                  router_bias=True, expert_bias=True, activation="clamped_swiglu",
+                                  fused_layout="gate_up_interleaved", router_name="router")),
 }
 DEFAULT_FAMILY = "llama"
 
@@ -333,16 +397,10 @@ def has_moe(config: Any) -> bool:
 
 
 def config_family(config: Any) -> tuple[Family, list[int | None]]:
-    """(family, each layer's sliding window) of a puzzle child's config (its `family` and `sliding_windows`) or
-    of a supported family's HF config (read as transformers does); an unknown model_type reads as Llama."""
-    n = config.num_hidden_layers
+    """(family, each layer's sliding window) of a puzzle child's config (its `family`; the windows are its
+    attention blocks') or of a supported family's HF config (read as transformers does); an unknown model_type
+    reads as Llama."""
     if getattr(config, "model_type", None) == "nemotron-nas":
-        return get_family(getattr(config, "family", None)), list(getattr(config, "sliding_windows", None) or [None] * n)
+        return get_family(getattr(config, "family", None)), [b.attention.window for b in config.blocks]
     family = family_of_model_type(getattr(config, "model_type", "")) or FAMILIES[DEFAULT_FAMILY]
     return family, family.layer_windows(config)
-
-
-def serving_engines(family: Family, windows: list[int | None]) -> tuple[str, ...]:
-    """The target engines that serve a child of `family` with these per-layer windows: the family's own, or
-    only transformers once a layer has a window (the engines' nemotron-nas / deci loaders apply none)."""
-    return ("transformers",) if any(w is not None for w in windows) else family.engines

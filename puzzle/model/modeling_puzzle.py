@@ -2,9 +2,10 @@
 
 Travels with every saved checkpoint next to configuration_puzzle.py, so it imports only torch and
 transformers. RoPE and RMSNorm are transformers' own Llama modules (Mistral's, Qwen2's and Qwen3's are the
-same code), and a layer's attention is built as its family (family.py) says: q/k/v and o biases, per-head q/k
-RMSNorm, a sliding window; an MoE block's FFN routes as its family's `MoESpec` says (`MoEFFN`); so a child
-whose blocks are all the parent's computes the parent's logits. A hybrid family's (NemotronH) layer holds one
+same code; gpt-oss's computes the same angles), and a layer's attention is built as its family (family.py)
+says: q/k/v and o biases, per-head q/k RMSNorm, attention sinks, a sliding window; an MoE block's FFN routes
+and activates as its family's `MoESpec` says (`MoEFFN`); so a child whose blocks are all the parent's computes
+the parent's logits. A hybrid family's (NemotronH) layer holds one
 mixer in one slot: a Mamba2 mixer (mamba.py) or an attention without RoPE in the attention slot, a relu2 MLP
 or an MoE with sigmoid, grouped routing in the FFN slot.
 
@@ -28,34 +29,42 @@ from .mamba import Mamba2Mixer
 # The output field holding the KV cache: `cache` from transformers 5.2x on, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
-class FP32WeightRMSNorm(LlamaRMSNorm):
-    """transformers `NemotronHRMSNorm`: the weight multiplies in float32 and the product is cast back (Llama
-    casts first): the same in fp32, one rounding apart in bf16. Same parameter (`weight`) as LlamaRMSNorm."""
+class PuzzleRMSNorm(LlamaRMSNorm):
+    """transformers' LlamaRMSNorm (`w * x.to(dtype)`), or with `cast_last` GptOssRMSNorm's (and NemotronHRMSNorm's) order: the weight
+    applied in float32 and the product cast, `(w * x).to(dtype)` (family.py `Family.norm_cast_last`). A
+    LlamaRMSNorm either way: code that finds the norms by class finds these."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6, cast_last: bool = False) -> None:
+        super().__init__(hidden_size, eps=eps)
+        self.cast_last = cast_last
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if not self.cast_last:
+            return super().forward(hidden_states)
         dtype = hidden_states.dtype
         h = hidden_states.to(torch.float32)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
-        return (self.weight.to(torch.float32) * h).to(dtype)
+        return (self.weight * h).to(dtype)
 
 
-def rms_norm(config: PuzzleConfig, size: int) -> nn.Module:
-    """The family's RMSNorm over `size` channels (`Family.norm_weight_fp32`)."""
-    cls = FP32WeightRMSNorm if config.family_descriptor.norm_weight_fp32 else LlamaRMSNorm
-    return cls(size, eps=config.rms_norm_eps)
+def build_norm(config: PuzzleConfig) -> PuzzleRMSNorm:
+    """A pre-norm (or the final norm) over the hidden size, as the config's family computes it."""
+    return PuzzleRMSNorm(config.hidden_size, config.rms_norm_eps, config.family_descriptor.norm_cast_last)
 
 
 class GQAttention(nn.Module):
     """Grouped-query attention with `num_kv_heads` KV heads (divides the query heads), built as the parent
     family's attention: q/k/v and o biases, and for Qwen3 an RMSNorm over head_dim on each query and key head
-    before RoPE (one (d,) weight shared by the heads: transformers `Qwen3Attention.q_norm` / `k_norm`).
-    `window`: the layer's sliding window (query t sees keys in (t - window, t], as transformers masking_utils
-    `sliding_window_overlay`), applied here so that every caller of the layer gets it; None: full causal."""
+    before RoPE (one (d,) weight shared by the heads: transformers `Qwen3Attention.q_norm` / `k_norm`); for
+    gpt-oss `sinks` (H,), one logit per query head added to every softmax's denominator (`sink_attention`).
+    `window`: the block's sliding window (`attention.window`: query t sees keys in (t - window, t], as
+    transformers masking_utils `sliding_window_overlay`), applied here so that every caller of the layer gets
+    it, the cache keeping every key; None: full causal."""
 
-    def __init__(self, config: PuzzleConfig, attention: AttentionConfig, window: int | None = None) -> None:
+    def __init__(self, config: PuzzleConfig, attention: AttentionConfig) -> None:
         super().__init__()
         family = config.family_descriptor
-        self.window = window
+        self.window = attention.window
         self.rope = family.rope  # NemotronHAttention rotates nothing
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = attention.num_key_value_heads(config.num_attention_heads)
@@ -70,6 +79,8 @@ class GQAttention(nn.Module):
             self.k_norm = LlamaRMSNorm(self.head_dim, eps=config.rms_norm_eps)
         else:
             self.q_norm = self.k_norm = None
+        # zeros: a sink of logit 0 until the parent's is loaded or BLD trains it (transformers draws N(0, std))
+        self.sinks = nn.Parameter(torch.zeros(self.num_heads)) if family.sinks else None
 
     def forward(
         self,
@@ -93,12 +104,40 @@ class GQAttention(nn.Module):
             k, v = past_key_values.update(k, v, cache_index)  # (B, K, S, d): every past key (a full cache)
         if self.window is not None and k.shape[2] > self.window:
             attention_mask = window_mask(attention_mask, T, k.shape[2], self.window, x.device)
-        # Plain causal when every query sees exactly its prefix; a single decode token sees everything.
-        is_causal = attention_mask is None and T > 1 and k.shape[2] == T
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
-        )  # (B, H, T, d)
+        if self.sinks is not None:
+            y = sink_attention(q, k, v, self.sinks, attention_mask)
+        else:
+            # Plain causal when every query sees exactly its prefix; a single decode token sees everything.
+            is_causal = attention_mask is None and T > 1 and k.shape[2] == T
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=attention_mask, is_causal=is_causal, enable_gqa=self.num_kv_heads != self.num_heads
+            )  # (B, H, T, d)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+def sink_attention(
+    q: torch.Tensor,  # (B, H, T, d)
+    k: torch.Tensor,  # (B, K, S, d)
+    v: torch.Tensor,  # (B, K, S, d)
+    sinks: torch.Tensor,  # (H,)
+    attention_mask: torch.Tensor | None,  # bool (B or 1, 1, T, S), or None: causal over the last T of S
+) -> torch.Tensor:
+    """Attention whose softmax has one more term per head, exp(sink_h), with no value behind it: transformers
+    gpt_oss `eager_attention_forward` concatenates the sinks to the scaled logits and drops their column after
+    the softmax. Here the sink is one extra key of zeros (its logit q . 0 = 0) and zero value, whose additive
+    mask is the sink itself, so SDPA computes it in one call: (B, H, T, d)."""
+    B, H, T, d = q.shape
+    S = k.shape[2]
+    if attention_mask is None:  # causal: query t (position S - T + t) sees keys s <= S - T + t
+        q_pos = torch.arange(S - T, S, device=q.device)[:, None]
+        attention_mask = (torch.arange(S, device=q.device)[None, :] <= q_pos)[None, None]
+    zeros = k.new_zeros(B, k.shape[1], 1, d)
+    k, v = torch.cat([k, zeros], dim=2), torch.cat([v, zeros], dim=2)  # (B, K, S + 1, d)
+    bias = torch.zeros(attention_mask.shape, dtype=q.dtype, device=q.device).masked_fill(~attention_mask, float("-inf"))
+    M = bias.shape[0]
+    sink = sinks.to(q.dtype).view(1, H, 1, 1).expand(M, H, T, 1)
+    mask = torch.cat([bias.expand(M, H, T, S), sink], dim=-1)  # (M, H, T, S + 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != H)
 
 
 def window_mask(attention_mask: torch.Tensor | None, T: int, S: int, window: int, device: torch.device) -> torch.Tensor:
@@ -167,12 +206,38 @@ class SigmoidRouter(nn.Module):
         return F.linear(x.float(), self.weight.float())
 
 
+class ClampedSwiGLU(SwiGLU):
+    """gpt-oss's expert (transformers `GptOssExperts._apply_gate`): the gate clamped above at `limit`, the up
+    projection to [-limit, limit], then down((up + 1) * gate * sigmoid(alpha * gate)). The same parameters as
+    `SwiGLU` (gate, up, down; biases where the family has them)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool, alpha: float, limit: float) -> None:
+        super().__init__(hidden_size, intermediate_size, bias)
+        self.alpha, self.limit = alpha, limit
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = self.gate_proj(x).clamp(max=self.limit)
+        up = self.up_proj(x).clamp(min=-self.limit, max=self.limit)
+        return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
+
+
+def build_expert(config: PuzzleConfig, intermediate_size: int) -> nn.Module:
+    """One routed expert of the config's MoE family: its activation and biases (family.py `MoESpec`), a
+    relu2 MLP where the family's dense FFN is one (NemotronH)."""
+    spec = config.family_descriptor.moe
+    if spec.activation == "clamped_swiglu":
+        return ClampedSwiGLU(config.hidden_size, intermediate_size, spec.expert_bias, *spec.clamp(config))
+    return dense_ffn(config, intermediate_size, spec.expert_bias)
+
+
 class MoEFFN(nn.Module):
-    """A Mixture-of-Experts FFN: a router `gate` (D -> E logits, no bias) and E SwiGLU `experts`, routed as the
-    parent family says (family.py `MoESpec`, the same steps as transformers' `<X>TopKRouter` and `<X>Experts`):
-    softmax over the E logits in float32, the top-k probabilities, divided by their sum where the family
-    renormalises (and cast to the input's dtype where it does so); each chosen expert's output times its
-    weight, in the input's dtype, summed over experts in ascending order (transformers' index_add_).
+    """A Mixture-of-Experts FFN: a router `gate` (D -> E logits, a bias where the family has one) and E SwiGLU
+    `experts` (`build_expert`: the family's activation and biases), routed as the parent family says
+    (family.py `MoESpec`, the same steps as transformers' `<X>TopKRouter` and `<X>Experts`): softmax over the
+    E logits in float32, the top-k probabilities, divided by their sum where the family renormalises (and cast
+    to the input's dtype where it does so), or (gpt-oss) the top-k logits and a softmax over those k; each
+    chosen expert's output times its weight, in the input's dtype, summed over experts in ascending order
+    (transformers' index_add_).
 
     Experts are separate modules (`experts.{j}.gate_proj.weight`, the hub checkpoints' layout), so keeping a
     subset of experts or narrowing one is a module-level edit. Only the experts some token chose run. A
@@ -185,6 +250,7 @@ class MoEFFN(nn.Module):
         if spec is None:
             raise ValueError(f"family {config.family!r} has no MoE FFN; an MoE block needs an MoE family")
         self.top_k = moe.top_k
+        self.routing = spec.routing
         self.renormalise = spec.renormalise(config)
         self.weights_in_input_dtype = spec.weights_in_input_dtype
         self.sigmoid = spec.scoring == "sigmoid"
@@ -196,8 +262,8 @@ class MoEFFN(nn.Module):
                                  "or more (a group is scored by its two best experts)")
             self.gate = SigmoidRouter(config.hidden_size, moe.num_experts, spec.score_bias)
         else:
-            self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=False)
-        self.experts = nn.ModuleList(dense_ffn(config, moe.expert_size) for _ in range(moe.num_experts))
+            self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=spec.router_bias)
+        self.experts = nn.ModuleList(build_expert(config, moe.expert_size) for _ in range(moe.num_experts))
         self.shared_expert = self.shared_expert_gate = None
         if moe.shared_expert_size is not None:  # NemotronHMoE's shared expert takes `mlp_bias`, Qwen2-MoE's none
             bias = config.mlp_bias if spec.scoring == "sigmoid" else False
@@ -211,6 +277,9 @@ class MoEFFN(nn.Module):
         if self.sigmoid:
             return self.route_sigmoid(x)
         logits = self.gate(x)
+        if self.routing == "topk_softmax":  # GptOssTopKRouter: a softmax over the top-k logits, in their dtype
+            top, chosen = torch.topk(logits, self.top_k, dim=-1)
+            return F.softmax(top, dim=-1, dtype=top.dtype), chosen
         probs = F.softmax(logits, dim=-1, dtype=torch.float)
         weights, chosen = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalise:
@@ -264,15 +333,15 @@ class LinearFFN(nn.Module):
 
 
 def build_attention(config: PuzzleConfig, attention: AttentionConfig, layer: int | None = None) -> nn.Module | None:
-    """The attention module of a variant; `layer` gives it that layer's sliding window (None: full causal,
-    e.g. a module profiled alone) and a Mamba2 mixer the layer whose state it keeps."""
+    """The attention module of a variant (a GQA one with its own sliding window, if any); `layer` is the layer
+    whose decode state a Mamba2 mixer keeps in the cache (None: none, e.g. a module profiled alone)."""
     if attention.no_op:
         return None
     if attention.replace_with_linear:
         return LinearAttention(config)
     if attention.is_mamba:
         return Mamba2Mixer(config, attention.mamba, layer)
-    return GQAttention(config, attention, None if layer is None else config.layer_window(layer))
+    return GQAttention(config, attention)
 
 
 def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
@@ -296,8 +365,8 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         self.layer_idx = layer_idx
         self.self_attn = build_attention(config, block.attention, layer_idx)
         self.mlp = build_ffn(config, block.ffn)
-        self.input_layernorm = rms_norm(config, config.hidden_size) if self.self_attn is not None else None
-        self.post_attention_layernorm = rms_norm(config, config.hidden_size) if self.mlp is not None else None
+        self.input_layernorm = build_norm(config) if self.self_attn is not None else None
+        self.post_attention_layernorm = build_norm(config) if self.mlp is not None else None
 
     @property
     def has_kv_cache(self) -> bool:
@@ -399,14 +468,15 @@ class PuzzleModel(PuzzlePreTrainedModel):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(PuzzleDecoderLayer(config, i) for i in range(config.num_hidden_layers))
-        self.norm = rms_norm(config, config.hidden_size)
+        self.norm = build_norm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
 
     @property
     def has_mamba(self) -> bool:
-        """Whether some layer is a Mamba2 mixer (read each time: surgery may swap a layer's module)."""
-        return any(isinstance(layer.self_attn, Mamba2Mixer) for layer in self.layers)
+        """Whether some layer is a Mamba2 mixer (read each time: surgery may swap a layer's module, and task
+        depth pruning a run of layers for a module of its own, pruning/task_depth.py)."""
+        return any(isinstance(getattr(layer, "self_attn", None), Mamba2Mixer) for layer in self.layers)
 
     def forward(
         self,

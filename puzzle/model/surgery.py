@@ -12,7 +12,7 @@ import torch
 from puzzle.errors import PuzzleError
 
 from .blocks import AttentionConfig, BlockConfig, FFNConfig
-from .modeling_puzzle import LlamaRMSNorm, PuzzleForCausalLM, build_attention, build_ffn
+from .modeling_puzzle import PuzzleForCausalLM, build_attention, build_ffn, build_norm
 
 Kind = Literal["attention", "ffn"]
 _PARTS = {"attention": ("input_layernorm", "self_attn"), "ffn": ("post_attention_layernorm", "mlp")}
@@ -50,14 +50,14 @@ def replace_sublayer(
         if not isinstance(config, AttentionConfig):
             raise PuzzleError(f"an attention variant is needed, got {type(config).__name__}")
         config.validate(model.config.num_attention_heads)
-        module = build_attention(model.config, config, layer)
+        module = build_attention(model.config, config)
     else:
         if not isinstance(config, FFNConfig):
             raise PuzzleError(f"an FFN variant is needed, got {type(config).__name__}")
         module = build_ffn(model.config, config)
     norm = None
     if module is not None:
-        norm = LlamaRMSNorm(model.config.hidden_size, eps=model.config.rms_norm_eps)
+        norm = build_norm(model.config)
         if old_norm is not None:
             norm.weight.data.copy_(old_norm.weight.data)
     if state is not None:

@@ -15,12 +15,19 @@ so the fit alternates: classify every op with the current factors, solve that li
 squares problem (rows scaled by 1/t_measured: relative errors, so a 40 ms prefill and a 3 ms decode
 step weigh alike), re-classify; it stops when the classification no longer changes.
 
+Timings taken at different times on a shared machine run at different overall speeds (one run of a
+benchmark 10% slower than the next). Samples carry a `group` (the models timed together, interleaved); each
+group gets one speed factor g (geometric mean 1 over the groups) and the fit explains t / g: the ratios
+inside a group, which are what a speedup is, are then not traded off against the drift between groups.
+Without groups every sample is in one and g = 1.
+
 MEASURED.json (what `puzzle profile --calibrate` reads):
     {"shape": {ModelShape fields},
      "samples": [{"name": "parent", "blocks": ["attn_g3+ffn_1536", ...] or [{attention:..., ffn:...}],
-                  "phase": "prefill" | "decode", "seconds": 0.041}, ...]}
+                  "phase": "prefill" | "decode", "seconds": 0.041, "group": "seed0"}, ...]}
 `prefill` seconds: the whole prompt (workload.input_len tokens, batch workload.batch_size); `decode`
-seconds: one generation step (the mean over the generation). Block lists give the model's depth.
+seconds: one generation step (the mean over the generation). Block lists give the model's depth. `group`
+(optional): the samples timed together (one speed factor each, above).
 """
 
 import json
@@ -49,6 +56,7 @@ class Sample:
     blocks: tuple[BlockConfig, ...]
     phase: Phase
     seconds: float
+    group: str = ""
 
 
 @dataclass(frozen=True)
@@ -57,17 +65,18 @@ class Fit:
     memory_efficiency: float
     kernel_overhead_s: float
     step_overhead_s: float
-    rel_rms: float  # root mean square of (predicted - measured) / measured over the samples
+    rel_rms: float  # root mean square of (g * predicted - measured) / measured over the samples
     rounds: int
+    group_speed: tuple[tuple[str, float], ...] = ()  # (group, g): measured = g * predicted; () for one group
 
 
 def model_ops(shape: ModelShape, blocks: tuple[BlockConfig, ...], profile: HardwareProfile, phase: Phase) -> list[Op]:
     """Every roofline op of a whole model in one phase: fixed parts + both sublayers of every block."""
     w = profile.workload
     ops = [op for part in FIXED_PARTS for op in fixed_ops(shape, part, w, phase)]
-    for layer, block in enumerate(blocks):
-        ops += sublayer_ops(shape, "attention", block.attention, w, phase, layer)
-        ops += sublayer_ops(shape, "ffn", block.ffn, w, phase, layer)
+    for block in blocks:
+        ops += sublayer_ops(shape, "attention", block.attention, w, phase)
+        ops += sublayer_ops(shape, "ffn", block.ffn, w, phase)
     return ops
 
 
@@ -106,9 +115,11 @@ def fit_factors(samples: list[Sample], shape: ModelShape, profile: HardwareProfi
         raise PuzzleError(f"calibration needs at least {n_free} timings, got {len(samples)}")
     ops = [model_ops(shape, s.blocks, profile, s.phase) for s in samples]
     t = np.array([s.seconds for s in samples])
+    names = sorted({s.group for s in samples})
+    group = np.array([names.index(s.group) for s in samples])
     d = profile.device
     starts = [(d.compute_efficiency, d.memory_efficiency)] + [(c, m) for c in STARTS for m in STARTS]
-    fits = [_fit_from(ops, t, profile, c, m, fit_overhead, fit_step) for c, m in starts]
+    fits = [_fit_from(ops, t, group, names, profile, c, m, fit_overhead, fit_step) for c, m in starts]
     best = min(f.rel_rms for f in fits)
 
     def distance(f: Fit) -> float:
@@ -117,21 +128,30 @@ def fit_factors(samples: list[Sample], shape: ModelShape, profile: HardwareProfi
     return min((f for f in fits if f.rel_rms <= best * TIE + 1e-12), key=distance)
 
 
-def _fit_from(ops: list[list[Op]], t: np.ndarray, profile: HardwareProfile, c: float, m: float,
-              fit_overhead: bool, fit_step: bool) -> Fit:
-    """Alternate: classify every op with the current factors, solve the linear problem, re-classify; stop
-    when the classification no longer changes."""
+# Alternations of (linear fit, group speed factors) inside one classification round; the factors settle
+# in a few (the drift between groups is a few percent).
+GROUP_ROUNDS = 8
+
+
+def _fit_from(ops: list[list[Op]], t: np.ndarray, group: np.ndarray, names: list[str], profile: HardwareProfile,
+              c: float, m: float, fit_overhead: bool, fit_step: bool) -> Fit:
+    """Alternate: classify every op with the current factors, solve the linear problem (and the groups' speed
+    factors), re-classify; stop when the classification no longer changes."""
     d = profile.device
     overhead = d.kernel_overhead_s if fit_overhead else 0.0
     step = d.step_overhead_s
     free = [0, 1] + [2] * fit_overhead + [3] * fit_step
+    g = np.ones(len(names))  # each group's speed factor: measured = g * predicted
     previous = None
     for rounds in range(1, MAX_ROUNDS + 1):
         A = np.stack([design_row(o, profile, c, m) for o in ops])
         bound = tuple(tuple(r[:2] > 0) for r in A)
         cols = [j for j in free if A[:, j].any()]  # a side no op is bound by cannot be fitted
         known = A[:, 3] * step if not fit_step else 0.0  # a kept per-step overhead is known time
-        x = _solve(A[:, cols] / t[:, None], 1.0 - known / t)
+        for _ in range(GROUP_ROUNDS if len(names) > 1 else 1):
+            te = t / g[group]  # the timings at the groups' common speed
+            x = _solve(A[:, cols] / te[:, None], 1.0 - known / te)
+            g = _group_speed(A[:, cols] @ x + known, t, group, len(names))
         coef = dict(zip(cols, x))
         c = 1.0 / coef[0] if coef.get(0, 0) > 0 else c
         m = 1.0 / coef[1] if coef.get(1, 0) > 0 else m
@@ -140,9 +160,21 @@ def _fit_from(ops: list[list[Op]], t: np.ndarray, profile: HardwareProfile, c: f
         if bound == previous:
             break
         previous = bound
-    pred = np.array([_predict(o, profile, c, m, overhead, step) for o in ops])
+    pred = np.array([_predict(o, profile, c, m, overhead, step) for o in ops]) * g[group]
     rel = float(np.sqrt(np.mean(((pred - t) / t) ** 2)))
-    return Fit(float(c), float(m), float(overhead), float(step), rel, rounds)
+    speeds = tuple((n, float(v)) for n, v in zip(names, g)) if len(names) > 1 else ()
+    return Fit(float(c), float(m), float(overhead), float(step), rel, rounds, speeds)
+
+
+def _group_speed(pred: np.ndarray, t: np.ndarray, group: np.ndarray, n: int) -> np.ndarray:
+    """Each group's g minimising sum((g * pred - t) / t)^2 over its samples (g = sum(r) / sum(r^2), r =
+    pred / t), scaled to geometric mean 1 so the fitted factors keep the groups' common speed; all ones for
+    one group."""
+    if n == 1:
+        return np.ones(1)
+    r = pred / t
+    g = np.bincount(group, r, n) / np.bincount(group, r * r, n)
+    return g / np.exp(np.mean(np.log(g)))
 
 
 def _solve(A: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -196,7 +228,7 @@ def load_measured(path: Path) -> tuple[ModelShape, list[Sample]]:
                            for b in s["blocks"])
             if s["phase"] not in ("prefill", "decode"):
                 raise ValueError(f"phase must be prefill or decode, got {s['phase']!r}")
-            samples.append(Sample(str(s.get("name", "")), blocks, s["phase"], float(s["seconds"])))
+            samples.append(Sample(str(s.get("name", "")), blocks, s["phase"], float(s["seconds"]), str(s.get("group", ""))))
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise PuzzleError(f"cannot read measured timings {path}: {e}") from e
     return shape, samples
@@ -224,6 +256,9 @@ def write_calibrated(profile_path: Path, fit: Fit, measured: Path, out: Path) ->
         device["step_overhead_s"] = float(f"{fit.step_overhead_s:.4g}")
     header = (f"{CALIBRATED_HEADER} {measured}` from {Path(profile_path).name}:\n"
               f"# least squares over the measured timings, relative RMS error {fit.rel_rms:.3f}.\n")
+    if fit.group_speed:
+        speeds = ", ".join(f"{n} {v:.3f}" for n, v in fit.group_speed)
+        header += f"# One speed factor per group of timings (measured = factor x predicted): {speeds}.\n"
     return atomic_write_text(out, header + yaml.safe_dump(raw, sort_keys=False))
 
 
@@ -245,4 +280,5 @@ def calibrate(measured: Path, budget: str, output: Path | None = None) -> tuple[
 
 def fit_report(fit: Fit) -> dict[str, Any]:
     return {"compute_efficiency": fit.compute_efficiency, "memory_efficiency": fit.memory_efficiency,
-            "kernel_overhead_s": fit.kernel_overhead_s, "step_overhead_s": fit.step_overhead_s, "rel_rms": fit.rel_rms, "rounds": fit.rounds}
+            "kernel_overhead_s": fit.kernel_overhead_s, "step_overhead_s": fit.step_overhead_s, "rel_rms": fit.rel_rms, "rounds": fit.rounds,
+            "group_speed": dict(fit.group_speed)}

@@ -205,7 +205,7 @@ def profile(
     fixed = fixed_costs(shape, hw)
     rows = []
     for v in variants:
-        rows.append({"layer": v.layer, "kind": v.kind, "variant": v.name, **sublayer_costs(shape, v.kind, v.config, hw, v.layer),
+        rows.append({"layer": v.layer, "kind": v.kind, "variant": v.name, **sublayer_costs(shape, v.kind, v.config, hw),
                      "source": "roofline", "is_parent": v.is_parent, "batch_size": hw.workload.batch_size})
     roofline_parent = combine_costs(fixed, [r for r in rows if r["is_parent"]], hw.workload)
 

@@ -19,13 +19,14 @@ def profile_cost(ctx: Context, s: Any) -> Estimate:
     if not measured:
         return Estimate("", "profile", note=f"{profile.name}: roofline (no model)", seconds=0.0)
     w, e = profile.workload, DTYPE_BYTES[profile.workload.dtype]
-    sublayer = max(shape.activation_bytes_per_token(p, e) for p in (shape.parent_attention, shape.parent_ffn))
-    cached = max(shape.keys(i, w.decode_context) for i in range(shape.num_hidden_layers))
+    parts = {shape.parent_attention, *(b.ffn for b in shape.parent_blocks)}  # an MoE parent's FFNs differ by layer
+    sublayer = max(shape.activation_bytes_per_token(p, e) for p in parts)
+    cached = max(shape.keys(b, w.decode_context) for b in shape.parent_blocks)
     held = (COLD_BYTES + sublayer * w.batch_size * w.input_len
-            + shape.kv_cache_bytes_per_token(shape.parent_block, e) * w.batch_size * int(cached))
-    distinct = {(v.kind, v.name): (v.config, v.layer) for v in ctx.space.variants()}
-    flops = sum(s.repeats * w.batch_size * (shape.prefill_flops(c, w.input_len, i) + shape.flops_per_token(c, w.decode_context, i))
-                for c, i in distinct.values())
+            + shape.kv_cache_bytes_per_token(shape.parent_attention, e) * w.batch_size * int(cached))
+    distinct = {(v.kind, v.name): v.config for v in ctx.space.variants()}
+    flops = sum(s.repeats * w.batch_size * (shape.prefill_flops(c, w.input_len) + shape.flops_per_token(c, w.decode_context))
+                for c in distinct.values())
     est = Estimate("", "profile", flops=flops, dtype=profile.workload.dtype,
                    note=f"{profile.name}: measured, {len(distinct)} variants")
     return placed(est, "cuda" if kind == "gpu" else "cpu", 0, held)

@@ -17,7 +17,11 @@ A profile is `hardware_profiles/<name>.yaml` (or any YAML path):
       threads: null                   # optional, cpu only: torch threads while measuring
       engine: torch                   # optional: torch (measurable per sublayer) | llamacpp | vllm (whole
                                       # models only: the roofline, calibrated by scripts/bench_engine.py)
+      interconnect_bandwidth: 450.0e+9  # optional: bytes/s one GPU sends to the others (NVLink); needed
+                                        # by expert_parallel > 1
     workload: {batch_size: 64, input_len: 1024, output_len: 1024, dtype: bf16}
+    # optional in workload: expert_parallel: 8  -- an MoE model's experts split over 8 such GPUs (roofline.py
+    # `moe_ops`): the costs are one GPU's, its 1/8 of the experts, plus an all-reduce of each MoE output
     constraints: {speedup: 1.5, memory_gib: 67.0}
 
 Constraints `solve` understands (all optional, as in `puzzle.solver.problem.Constraints`): `speedup`
@@ -56,6 +60,7 @@ class Device:
     step_overhead_s: float = 0.0  # per forward pass of the whole model, whatever its blocks
     threads: int | None = None
     engine: str = "torch"  # what runs the model: torch (profile can time each sublayer) | llamacpp | vllm
+    interconnect_bandwidth: float = 0.0  # bytes/s one GPU sends to its peers; 0: none given (one GPU)
 
     def flops_per_s(self, dtype: str) -> float:
         """Achievable FLOP/s in `dtype`: peak x compute efficiency."""
@@ -90,6 +95,7 @@ class Workload:
     input_len: int  # prompt tokens per request
     output_len: int  # generated tokens per request
     dtype: str  # weights, activations and KV cache
+    expert_parallel: int = 1  # GPUs an MoE model's experts are split over; the costs are one GPU's
 
     @property
     def dtype_bytes(self) -> int:
@@ -126,8 +132,12 @@ class HardwareProfile:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        if not self.device.step_overhead_s:  # profiles without one keep the costs fingerprint they had
-            del out["device"]["step_overhead_s"]
+        # fields a profile leaves at their defaults are left out: profiles without them keep the costs
+        # fingerprint they had
+        for part, key, default in (("device", "step_overhead_s", 0.0), ("device", "interconnect_bandwidth", 0.0),
+                                   ("workload", "expert_parallel", 1)):
+            if out[part][key] == default:
+                del out[part][key]
         return out
 
 
@@ -193,7 +203,7 @@ def _mapping(where: str, raw: Any, allowed: set[str], required: set[str]) -> dic
 
 def _parse_device(raw: Any, where: str) -> Device:
     keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s",
-            "step_overhead_s", "threads", "engine"}
+            "step_overhead_s", "threads", "engine", "interconnect_bandwidth"}
     raw = _mapping(where, raw, keys, {"name", "peak_flops", "memory_bandwidth", "memory_bytes"})
     kind = raw.get("kind", "gpu")
     if kind not in ("gpu", "cpu"):
@@ -222,6 +232,7 @@ def _parse_device(raw: Any, where: str) -> Device:
         step_overhead_s=_number(f"{where}.step_overhead_s", raw.get("step_overhead_s", 0.0), positive=False),
         threads=None if threads is None else _number(f"{where}.threads", threads, integer=True),
         engine=_engine(raw.get("engine", "torch"), where),
+        interconnect_bandwidth=_number(f"{where}.interconnect_bandwidth", raw.get("interconnect_bandwidth", 0.0), positive=False),
     )
 
 
@@ -244,20 +255,24 @@ def _check_workload(workload: Workload, device: Device, where: str) -> None:
         raise PuzzleError(
             f"{where}: workload dtype {workload.dtype} has no peak on {device.name} (it has {', '.join(device.peak_flops)})"
         )
-    for key in ("batch_size", "input_len", "output_len"):
+    for key in ("batch_size", "input_len", "output_len", "expert_parallel"):
         value = getattr(workload, key)
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise PuzzleError(f"{where}: workload {key} must be a positive integer, got {value!r}")
+    if workload.expert_parallel > 1 and not device.interconnect_bandwidth:
+        raise PuzzleError(f"{where}: workload expert_parallel {workload.expert_parallel} needs the device's "
+                          "interconnect_bandwidth (bytes/s one GPU sends to the others)")
 
 
 def _parse_workload(raw: Any, device: Device, where: str) -> Workload:
     keys = {"batch_size", "input_len", "output_len", "dtype"}
-    raw = _mapping(where, raw, keys, keys)
+    raw = _mapping(where, raw, keys | {"expert_parallel"}, keys)
     workload = Workload(
         batch_size=_number(f"{where}.batch_size", raw["batch_size"], integer=True),
         input_len=_number(f"{where}.input_len", raw["input_len"], integer=True),
         output_len=_number(f"{where}.output_len", raw["output_len"], integer=True),
         dtype=name_of(raw["dtype"]) or str(raw["dtype"]),  # torch's names accepted; _check_workload names the rest
+        expert_parallel=_number(f"{where}.expert_parallel", raw.get("expert_parallel", 1), integer=True),
     )
     _check_workload(workload, device, where)
     return workload

@@ -5,7 +5,8 @@ random weights (latency does not depend on the values), and timed as the decoder
 `h + module(norm(h))`.
   prefill  a (B, input_len, D) input; attention writes its K/V into a preallocated cache.
   decode   a (B, 1, D) input; attention writes one K/V slot of a preallocated cache holding
-           `decode_context` positions and attends to all of them (what a static-cache engine does).
+           `decode_context` positions (at most a windowed variant's window) and attends to all of them
+           (what a static-cache engine does).
 Timing: `warmup` calls, then `repeats` samples of `number` calls each (`number` chosen so a sample
 lasts >= `min_sample_s`), CUDA synchronised; the figure is the median per call. On a single CPU
 thread the clock is the thread's CPU time (see `_clock`), else wall time.
@@ -215,8 +216,11 @@ def _one_sublayer(config, kind, variant, workload, h, position_embeddings, keys)
     cache = None
     if variant.is_gqa:
         K = variant.num_key_value_heads(config.num_attention_heads)
-        k = torch.randn(workload.batch_size, K, keys, config.head_dim, device=device, dtype=dtype)
-        cache = StaticKV(k, torch.randn_like(k), keys - h.shape[1])
+        # a windowed variant's engine cache holds at most its window W of past keys at decode (a ring
+        # buffer: W keys, no mask); a prefill's T new keys are all cached and masked to the window
+        held = max(h.shape[1], int(variant.keys(keys)))
+        k = torch.randn(workload.batch_size, K, held, config.head_dim, device=device, dtype=dtype)
+        cache = StaticKV(k, torch.randn_like(k), held - h.shape[1])
         footprint += 2 * k.numel() * k.element_size()
     return (lambda: h + module(norm(h), position_embeddings, None, cache, 0)), footprint
 

@@ -14,6 +14,11 @@ I FFN width, V vocabulary, e bytes per element of the workload dtype):
            whole KV cache of the layer is read once.
   KV cache memory: 2 * K * d * B * (input_len + output_len) * e (the cache at the end of the
            generation); zero for linear and no-op attention.
+  MoE FFN  (`moe_ops`) FLOPs from the active parameters (router + k experts per token); weight bytes of the
+           experts the phase's n tokens touch, U = sum_j 1 - (1 - p_j)^n (uniform p_j = k/E unless measured
+           frequencies are given: routing.py), so a decode step of B tokens reads U(B) <= E experts and a
+           prefill of B*T tokens nearly all; per chosen expert, its eager dispatch ops; under expert
+           parallelism (`workload.expert_parallel`) one GPU's share plus an all-reduce over the link.
 Fixed costs (shared by every child): the embedding lookup (a gather, no matmul), the final norm and
 the LM head (D x V matmul on the last position of each request only, as generation needs), with the
 engine's own work per forward pass (`device.step_overhead_s`: a serving engine's scheduler, input
@@ -26,10 +31,11 @@ choices alone, and the solver can add up table rows.
 """
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping, Sequence
 
-from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig
-from puzzle.shape import FIXED_PARTS, ModelShape  # noqa: F401  (re-exported for the profiling stage)
+from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
+from puzzle.shape import FIXED_PARTS, ModelShape, expected_experts  # noqa: F401  (re-exported for the profiling stage)
+from puzzle.units import GIB
 
 from .hardware import Device, HardwareProfile, Workload
 
@@ -38,6 +44,14 @@ Phase = Literal["prefill", "decode"]
 # fixed per-op overhead that dominates tiny CPU ops. LlamaRMSNorm: to, pow, mean, add, rsqrt, mul, to, mul.
 NORM_KERNELS = 8
 ROPE_KERNELS = 16  # unsqueeze x2 + (mul, slice, slice, neg, cat, mul, add) for q and for k
+# modeling_puzzle.py `MoEFFN.forward`: reshape, zeros_like, unique (+ its host sync), view, and `route`'s
+# gate linear, softmax, topk, sum + div (renormalising families), to: 10 eager ops per call (9 without
+# renormalising; the difference is below the model's resolution).
+ROUTER_KERNELS = 10
+# ... and per expert some token chose: `chosen == j`, where, the row gather flat[token], the weight gather
+# weights[token, slot, None], the scaling mul, to, index_add_ (7 dispatch ops), plus its SwiGLU's 5 (gate
+# and up linears: 2, silu and mul: 2, down linear: 1).
+EXPERT_DISPATCH_KERNELS = 7
 
 
 @dataclass(frozen=True)
@@ -45,15 +59,18 @@ class Op:
     name: str
     flops: float
     bytes: float
-    kernels: int = 1
+    kernels: float = 1  # eager ops it launches; an expected count where it depends on routing (MoE experts)
     steps: int = 0  # forward passes of the whole model it stands for (the engine's per-step work)
+    link_bytes: float = 0.0  # bytes each GPU sends over the interconnect (expert parallelism's all-reduce)
 
 
 def op_time(op: Op, device: Device, dtype: str) -> float:
-    """Roofline seconds of one op: the slower of compute and memory, plus its launch and per-step overheads."""
+    """Roofline seconds of one op: the slower of compute and memory, plus its launch and per-step overheads,
+    plus its interconnect traffic at the device's link bandwidth (added, not overlapped with the rest: pessimistic)."""
     compute = op.flops / device.flops_per_s(dtype)
     memory = op.bytes / device.bytes_per_s
-    return max(compute, memory) + op.kernels * device.kernel_overhead_s + op.steps * device.step_overhead_s
+    link = op.link_bytes / device.interconnect_bandwidth if op.link_bytes else 0.0
+    return max(compute, memory) + op.kernels * device.kernel_overhead_s + op.steps * device.step_overhead_s + link
 
 
 def ops_time(ops: Iterable[Op], device: Device, dtype: str) -> float:
@@ -80,10 +97,9 @@ def tokens(workload: Workload, phase: Phase) -> int:
     return workload.batch_size * (workload.input_len if phase == "prefill" else 1)
 
 
-def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload, phase: Phase,
-                  layer: int | None = None) -> list[Op]:
-    """The ops of one attention sublayer (its pre-norm and the residual add included); [] for no-op. In a
-    layer with a sliding window (`shape.window(layer)`) queries see, and the cache holds, at most W keys."""
+def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload, phase: Phase) -> list[Op]:
+    """The ops of one attention sublayer (its pre-norm and the residual add included); [] for no-op. With a
+    sliding window W (`config.window`) queries see, and the cache holds, at most W keys."""
     if config.no_op:
         return []
     e, D, B = workload.dtype_bytes, shape.hidden_size, workload.batch_size
@@ -95,12 +111,12 @@ def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload
     rope = Op("rope", 6.0 * n * (H + K) * d, 2.0 * e * n * (H + K) * d, ROPE_KERNELS)
     if phase == "prefill":
         T = workload.input_len
-        flops = float(B * shape.causal_attention_flops(config, T, layer))  # QK^T and PV over the causal triangle
+        flops = float(B * shape.causal_attention_flops(config, T))  # QK^T and PV over the causal triangle
         io = n * (H + 2 * K) * d + n * H * d  # read q, k, v; write the output
         kv_write = 2 * n * K * d
         core = Op("attention", flops, float(e) * (io + kv_write), 3)  # 2 cache writes + sdpa
     else:
-        S = shape.keys(layer, workload.decode_context)
+        S = shape.keys(config, workload.decode_context)
         flops = float(B * shape.attention_flops(config, S))  # one query row against S keys, QK^T and PV
         kv_read = 2 * B * K * d * S
         io = 2 * n * H * d + 2 * n * K * d  # read q, write out; write the new k, v
@@ -109,14 +125,19 @@ def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload
     return [rms_norm(n, D, e), qkv, rope, core, o, residual(n, D, e)]
 
 
-def ffn_ops(shape: ModelShape, config: FFNConfig, workload: Workload, phase: Phase) -> list[Op]:
-    """The ops of one FFN sublayer (pre-norm and residual included); [] for no-op."""
+def ffn_ops(shape: ModelShape, config: FFNConfig, workload: Workload, phase: Phase,
+            frequencies: Sequence[float] | None = None) -> list[Op]:
+    """The ops of one FFN sublayer (pre-norm and residual included); [] for no-op. An MoE FFN's routing
+    follows `frequencies` (its experts' measured selection frequencies, `read_expert_frequencies`), uniform
+    when None or when their count is not the block's (an expert-pruned child's)."""
     if config.no_op:
         return []
     e, D = workload.dtype_bytes, shape.hidden_size
     n = tokens(workload, phase)
     if config.replace_with_linear:
         return [rms_norm(n, D, e), matmul("linear", n, D, D, e), residual(n, D, e)]
+    if config.is_moe:
+        return [rms_norm(n, D, e), *moe_ops(shape, config.moe, n, e, workload.expert_parallel, frequencies), residual(n, D, e)]
     I = config.intermediate_size
     gate_up = matmul("gate_up_proj", n, D, 2 * I, e, kernels=2)
     act = Op("silu_mul", 5.0 * n * I, 5.0 * e * n * I, 2)  # silu: read g, write; mul: read 2, write
@@ -124,37 +145,88 @@ def ffn_ops(shape: ModelShape, config: FFNConfig, workload: Workload, phase: Pha
     return [rms_norm(n, D, e), gate_up, act, down, residual(n, D, e)]
 
 
+def moe_ops(shape: ModelShape, moe: MoEConfig, n: int, e: int, expert_parallel: int = 1,
+            frequencies: Sequence[float] | None = None) -> list[Op]:
+    """An MoE FFN's ops on n tokens (modeling_puzzle.py `MoEFFN`), as one GPU of `expert_parallel` runs them.
+
+    The router: (n, D) @ (D, E) plus softmax and top-k. The experts: n*k rows (each token's k choices) through
+    SwiGLUs of width I, so FLOPs follow the active parameters (2 per multiply-add of k experts per token);
+    their weights are read once per expert that some token chose: U = `expected_experts` (uniform routing
+    unless measured frequencies are given), so a decode step of a small batch reads U << E experts and a
+    prefill of many tokens all E. Each chosen expert launches its SwiGLU's 5 ops and EXPERT_DISPATCH_KERNELS
+    dispatch ops (gathers, scaling, index_add_), which price the per-expert cost of eager dispatch through
+    the profile's kernel_overhead_s. A shared expert runs on all n tokens (its sigmoid gate: one more linear).
+
+    Expert parallelism over G GPUs (`workload.expert_parallel`): every GPU holds E/G experts and the routed
+    rows of its experts, so expert FLOPs, weight bytes and dispatch ops are divided by G (the mean GPU: each
+    holds U/G of the chosen experts in expectation); the router, the shared expert and the rest of the model
+    are replicated. The partial outputs are summed across GPUs by an all-reduce of the (n, D) output, 2(G-1)/G
+    x n*D*e bytes per GPU over the link (a ring all-reduce; vLLM's FusedMoE with expert parallelism reduces its
+    output with tensor_model_parallel_all_reduce, vllm/model_executor/layers/fused_moe/layer.py)."""
+    D, E, k, I, G = shape.hidden_size, moe.num_experts, moe.top_k, moe.expert_size, expert_parallel
+    if frequencies is not None and len(frequencies) != E:
+        frequencies = None  # measured on another expert set (an expert-pruned child): uniform
+    U = expected_experts(E, k, n, frequencies) / G  # chosen experts on one GPU
+    rows = n * k / G  # token-expert pairs one GPU computes
+    ops = [matmul("router", n, D, E, e, kernels=ROUTER_KERNELS),
+           Op("experts_gate_up", 2.0 * rows * D * 2 * I, float(e) * (U * D * 2 * I + rows * D + rows * 2 * I), 2 * U),
+           Op("experts_silu_mul", 5.0 * rows * I, 5.0 * e * rows * I, 2 * U),
+           Op("experts_down", 2.0 * rows * I * D, float(e) * (U * I * D + rows * I + rows * D), U),
+           # gather each row's input, scale its output by the top-k weight, add it into the (n, D) output
+           Op("expert_dispatch", 2.0 * rows * D, float(e) * (rows * D * 5 + n * D), EXPERT_DISPATCH_KERNELS * U)]
+    if moe.shared_expert_size is not None:
+        S = moe.shared_expert_size
+        gate = shape.shared_expert_gate
+        ops += [matmul("shared_gate_up", n, D, 2 * S + gate, e, kernels=2 + gate),
+                Op("shared_silu_mul", 5.0 * n * S, 5.0 * e * n * S, 2 + 2 * gate),  # + sigmoid and mul of the gate
+                matmul("shared_down", n, S, D, e), Op("shared_add", float(n * D), 3.0 * e * n * D, 1)]
+    if G > 1:
+        ops.append(Op("experts_all_reduce", float(n * D), 0.0, 1, link_bytes=2.0 * (G - 1) / G * n * D * e))
+    return ops
+
+
 def sublayer_ops(shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, workload: Workload, phase: Phase,
-                 layer: int | None = None) -> list[Op]:
+                 frequencies: Sequence[float] | None = None) -> list[Op]:
     if kind == "attention":
-        return attention_ops(shape, config, workload, phase, layer)
-    return ffn_ops(shape, config, workload, phase)
+        return attention_ops(shape, config, workload, phase)
+    return ffn_ops(shape, config, workload, phase, frequencies)
 
 
 # --- parameters and memory ------------------------------------------------------------------------
 
-def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workload: Workload,
-                   layer: int | None = None) -> int:
-    """KV cache of one layer at the end of the generation: 2 * K * d * B * (in + out) * e, the context
-    bounded by the layer's sliding window."""
-    tokens = workload.batch_size * int(shape.keys(layer, workload.max_context))
+def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workload: Workload) -> int:
+    """KV cache of one layer at the end of the generation: 2 * K * d * B * min(in + out, W) * e, the context
+    bounded by the variant's sliding window W."""
+    tokens = workload.batch_size * int(shape.keys(config, workload.max_context))
     return shape.kv_cache_bytes_per_token(config, workload.dtype_bytes) * tokens
+
+
+def gpu_params(shape: ModelShape, config: AttentionConfig | FFNConfig, expert_parallel: int = 1) -> int:
+    """Weights of a variant one GPU holds: all of them, but 1/G of an MoE FFN's experts under expert parallelism."""
+    params = shape.params(config)
+    if expert_parallel > 1 and isinstance(config, FFNConfig) and config.is_moe:
+        moe = config.moe
+        held = -(-moe.num_experts // expert_parallel)  # the fullest GPU's experts: ceil(E / G)
+        params -= (moe.num_experts - held) * 3 * shape.hidden_size * moe.expert_size
+    return params
 
 
 def sublayer_costs(
     shape: ModelShape, kind: str, config: AttentionConfig | FFNConfig, profile: HardwareProfile,
-    layer: int | None = None,
+    frequencies: Sequence[float] | None = None,
 ) -> dict[str, float]:
-    """params, param_bytes, kv_cache_bytes, prefill_s, decode_s of one sublayer variant (roofline) placed in
-    `layer` (its sliding window, if any, bounds the attention's keys and cache)."""
+    """params, param_bytes, kv_cache_bytes, prefill_s, decode_s of one sublayer variant (roofline; its sliding
+    window, if any, bounds the attention's keys and cache); an MoE FFN routed by `frequencies` (uniform when
+    None). Under expert parallelism (`workload.expert_parallel` G > 1) param_bytes and the times are one GPU's
+    (E/G of the experts); params stays the whole variant's."""
     w, dev = profile.workload, profile.device
     params = shape.params(config)
     return {
         "params": params,
-        "param_bytes": params * w.dtype_bytes,
-        "kv_cache_bytes": kv_cache_bytes(shape, config, w, layer),
-        "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill", layer), dev, w.dtype),
-        "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode", layer), dev, w.dtype),
+        "param_bytes": gpu_params(shape, config, w.expert_parallel) * w.dtype_bytes,
+        "kv_cache_bytes": kv_cache_bytes(shape, config, w),
+        "prefill_s": ops_time(sublayer_ops(shape, kind, config, w, "prefill", frequencies), dev, w.dtype),
+        "decode_s": ops_time(sublayer_ops(shape, kind, config, w, "decode", frequencies), dev, w.dtype),
     }
 
 
@@ -224,16 +296,45 @@ def parent_blocks(config: Any) -> list[BlockConfig]:
     return ModelShape.from_config(config).parent_blocks
 
 
-def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: HardwareProfile) -> dict[str, float]:
+def predict_model_costs(parent_config: Any, blocks: list[BlockConfig], profile: HardwareProfile,
+                        frequencies: Mapping[int, Sequence[float]] | None = None) -> dict[str, float]:
     """Roofline figures of a whole model with these blocks on the profile's device and workload.
 
     `parent_config` gives the widths shared by every child (hidden size, query heads, head_dim,
-    vocabulary, tied embeddings); `blocks` one BlockConfig per layer (any number of layers). Keys as
-    in `combine_costs`.
+    vocabulary, tied embeddings); `blocks` one BlockConfig per layer (any number of layers);
+    `frequencies` layer -> its MoE experts' measured selection frequencies (`read_expert_frequencies`;
+    a layer without them routes uniformly). Keys as in `combine_costs`.
     """
     shape = ModelShape.from_config(parent_config)
+    frequencies = frequencies or {}
     rows = []
     for layer, block in enumerate(blocks):
-        rows.append(sublayer_costs(shape, "attention", block.attention, profile, layer))
-        rows.append(sublayer_costs(shape, "ffn", block.ffn, profile, layer))
+        rows.append(sublayer_costs(shape, "attention", block.attention, profile))
+        rows.append(sublayer_costs(shape, "ffn", block.ffn, profile, frequencies.get(layer)))
     return combine_costs(fixed_costs(shape, profile), rows, profile.workload)
+
+
+# --- serving memory -------------------------------------------------------------------------------
+
+def serving_fit(shape: ModelShape, profile: HardwareProfile, gpus: int) -> dict[str, float]:
+    """Whether the parent serves on `gpus` of the profile's GPU, in the workload's dtype, at its batch and full
+    context (input + output tokens: the cache at the generation's end; a windowed layer holds its window).
+
+    Weights are split evenly over the GPUs (tensor-parallel attention, dense layers and embeddings, expert-
+    parallel experts, as vLLM's `--tensor-parallel-size G --enable-expert-parallel` shards them); the KV cache
+    over min(G, K) of them, K the KV heads: vLLM replicates a KV head once the GPUs outnumber them
+    (vllm/model_executor/layers/linear.py `QKVParallelLinear`: num_kv_head_replicas = tp_size // K). One GPU
+    gives the profile's `memory_gib` constraint (solve's budget for weights + KV cache) or else its memory;
+    activations and the engine's workspace are left out. Returns weight_bytes, kv_cache_bytes (whole model),
+    per_gpu_bytes, usable_bytes (one GPU), fits (0/1), max_batch (the largest batch whose cache fits beside
+    the weights at this context, 0 when the weights alone do not)."""
+    w = profile.workload
+    usable = profile.constraints["memory_gib"] * GIB if "memory_gib" in profile.constraints else profile.device.memory_bytes
+    weights = shape.model_bytes(None, w.dtype_bytes)
+    per_request = shape.kv_cache_bytes(None, w.max_context, w.dtype_bytes, w.max_context)
+    kv_split = min(gpus, shape.num_key_value_heads)
+    per_gpu = weights / gpus + w.batch_size * per_request / kv_split
+    room = usable - weights / gpus
+    max_batch = 0 if room <= 0 else int(room // (per_request / kv_split)) if per_request else 10**9
+    return {"gpus": gpus, "weight_bytes": weights, "kv_cache_bytes": w.batch_size * per_request,
+            "per_gpu_bytes": per_gpu, "usable_bytes": usable, "fits": int(per_gpu <= usable), "max_batch": max_batch}

@@ -14,7 +14,7 @@ from puzzle.io import atomic_write_json, clean_stale_temps
 from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, to_puzzle
 from puzzle.outputs import check_output
 from puzzle.run_dir import RunDir, writes_run_dir
-from puzzle.search_space import refuse_moe
+from puzzle.search_space import refuse_hybrid
 
 from .importance import (
     ImportanceSettings,
@@ -29,7 +29,8 @@ from .importance import (
     save_importance,
     settings_json,
 )
-from .prune import PrunePlan, check_uniform, layers_to_drop, prune_model, save_pruned
+from .experts import ExpertCriterion
+from .prune import PrunePlan, check_expert_flags, check_uniform, layers_to_drop, prune_model, save_pruned
 from puzzle.shape import ModelShape
 
 from .shape import target_sizes
@@ -52,7 +53,8 @@ def importance(
     device: str = "auto",
     dtype: str = "auto",
 ) -> Path:
-    """Minitron activation importance of heads, KV groups, neurons, channels and layers (forward passes only).
+    """Minitron activation importance of heads, KV groups, neurons, channels and layers (forward passes only);
+    an MoE parent's router statistics per expert (selection frequency, mean gate, output-aware score).
 
     Args:
         parent: the model to score (HF dir, safetensors or GGUF)
@@ -73,7 +75,8 @@ def importance(
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
         raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
-    refuse_moe(load_config(parent), "importance")  # before the data and the weights are read
+    refuse_hybrid(load_config(parent), "importance")  # before the data and the weights are read (issue 26)
+    RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
     if threads:
         torch.set_num_threads(threads)
     runtime = resolve(device, dtype)
@@ -129,8 +132,12 @@ def prune(
     force: bool = False,
     task_items: int = 100,
     task_file: Path | None = None,
+    experts: int | None = None,
+    top_k: int | None = None,
+    expert_score: ExpertCriterion = "output",
 ) -> Path:
-    """Minitron width/depth pruning of a uniform Llama parent into a standard Llama checkpoint.
+    """Minitron width/depth pruning of a uniform parent into a plain checkpoint of its family; an MoE
+    parent's experts pruned uniformly.
 
     Args:
         parent: the parent model (HF dir, safetensors or GGUF)
@@ -155,10 +162,17 @@ def prune(
             order, disjoint from its evaluation task)
         task_file: --depth-method task: score on this JSONL multiple-choice task instead ({"context",
             "choices", "label"} per line; items of RUN/eval/cloze.jsonl are left out)
+        experts: an MoE parent: experts to keep in every MoE layer (the highest-scoring, their router rows kept)
+        top_k: an MoE parent: experts each token is routed to (default: the parent's, capped at --experts)
+        expert_score: which router statistic ranks the experts: output (top-k weight x output norm),
+            frequency (how often chosen) or gate (mean router probability)
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
-    refuse_moe(load_config(parent), "prune")  # before the importance it would look for
+    refuse_hybrid(load_config(parent), "prune")  # before the importance it would look for (issue 26)
+    RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
+    # an MoE parent's flags checked before the importance it would look for and the weights
+    check_expert_flags(ModelShape.from_config(load_config(parent)), hidden_size, ffn_size, target_params, experts, top_k)
     check_output(Path(out), "prune", force=force, inputs=(parent,), run_dir=run_dir)
     clean_stale_temps(RunDir(run_dir).baselines)  # what a killed prune left there: the prune lock is ours
     runtime = resolve(device, dtype)
@@ -183,7 +197,8 @@ def prune(
     else:
         drop = layers_to_drop(scores, drop_layers, depth_method)
     plan = PrunePlan(hidden_size=hidden_size, intermediate_size=ffn_size, heads_per_group=heads_per_group,
-                     kv_groups=kv_groups, drop_layers=tuple(drop), rescale_norms=rescale_norms)
+                     kv_groups=kv_groups, drop_layers=tuple(drop), rescale_norms=rescale_norms, experts=experts,
+                     top_k=top_k, expert_criterion=expert_score)
     pruned, record = prune_model(model, scores, plan)
     record.update(parent=str(parent), depth_method=depth_method if drop else None, target_params=target_params,
                   params_scope=params_scope, **({"task_depth": task_record} if task_record else {}))

@@ -8,6 +8,17 @@ Width units are scored from the activations they produce on calibration sequence
 Each per-token value is aggregated over the sequence (`seq_agg`) and then over the calibration
 sequences (`batch_agg`): mean, L2 norm or variance; the paper found batch=L2, seq=mean best.
 
+An MoE FFN (modeling_puzzle.py `MoEFFN`, E experts of I neurons, top-k) is scored from its router on the
+same tokens (N of them in all), as expert pruning reads it (experts.py picks the kept ones):
+  experts.frequency  the fraction of tokens that chose each expert among their top-k (sums to k);
+  experts.gate       the router's softmax probability of each expert, averaged over all tokens (sums to 1);
+  experts.output     output-aware: sum over the tokens routed to the expert of its top-k weight (as the
+                     family routes: renormalised or not) x the L2 norm of the expert's output, divided by N;
+  experts.neurons    (E, I) each expert's |activation| entering its down_proj, aggregated with `batch_agg`
+                     over the tokens routed to it (an expert sees tokens, not sequences; zero if none came);
+  shared_expert.neurons  a shared expert's (Qwen2-MoE) neurons, as a dense FFN's.
+A dense layer of an MoE parent (Qwen-MoE's `mlp_only_layers`) keeps its `neurons`.
+
 Layers are scored two ways:
   block_importance  BI_i = 1 - mean over tokens of cos(input of layer i, output of layer i);
   drop_loss / kl    the LM loss and KL(full || pruned) per token of the model with layer i (or a
@@ -15,6 +26,8 @@ Layers are scored two ways:
 
 Keys of the result (and of run_dir/importance/importance.safetensors):
   layers.{i}.heads (H,), layers.{i}.kv_groups (K,), layers.{i}.neurons (F,)   where the layer has them
+  layers.{i}.experts.{frequency,gate,output} (E,), layers.{i}.experts.neurons (E, I),
+  layers.{i}.shared_expert.neurons (S,)                                        where the layer is MoE
   channels (D,), layers.block_importance (L,);
   with block sizes: lm_loss () and layers.drop_loss.k{k} / layers.drop_kl.k{k} (L-k+1,) for each k
   (and layers.drop_loss / layers.drop_kl, the k=1 scores, when 1 is among the block sizes).
@@ -36,7 +49,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_save_safetensors, atomic_write_json, read_json
 from puzzle.metrics import kd_terms
-from puzzle.model import GQAttention, PuzzleForCausalLM, SwiGLU
+from puzzle.model import GQAttention, MoEFFN, PuzzleForCausalLM, SwiGLU
 from puzzle.run_dir import RunDir
 
 Aggregation = Literal["mean", "l2", "var"]
@@ -98,16 +111,85 @@ class BatchAccumulator:
 
 
 @dataclass
+class _RouterStats:
+    """One MoE layer's router statistics, summed in fp64 over the calibration tokens (module docstring)."""
+
+    num_experts: int
+    tokens: int = 0
+    chosen: torch.Tensor | None = None  # (E,) tokens that had the expert in their top-k
+    prob: torch.Tensor | None = None  # (E,) sum of the router's softmax probabilities
+    output: torch.Tensor | None = None  # (E,) sum of top-k weight x ||expert output||
+    routing: tuple[torch.Tensor, torch.Tensor] | None = None  # (weights, chosen), each (N, k): the forward in flight
+    seq_shape: tuple[int, int] = (0, 0)  # (B, T) of the forward in flight
+
+    def add_routing(self, moe: MoEFFN, x: torch.Tensor) -> None:
+        """x (B, T, D) entering the MoE FFN: the same routing its forward computes next (`MoEFFN.route`)."""
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        weights, chosen = moe.route(flat)  # (N, k) each
+        probs = F.softmax(moe.gate(flat), dim=-1, dtype=torch.float)  # (N, E): MoEFFN.route's first step
+        if self.chosen is None:
+            zeros = torch.zeros(self.num_experts, dtype=torch.float64, device=x.device)
+            self.chosen, self.prob, self.output = zeros, zeros.clone(), zeros.clone()
+        self.chosen += torch.bincount(chosen.reshape(-1), minlength=self.num_experts).double()
+        self.prob += probs.sum(0).double()
+        self.tokens += B * T
+        self.routing, self.seq_shape = (weights, chosen), (B, T)
+
+    def add_output(self, j: int, y: torch.Tensor) -> None:
+        """y (n_j, D): expert j's output on the tokens routed to it, in MoEFFN.forward's order."""
+        weights, chosen = self.routing
+        token, slot = torch.where(chosen == j)
+        self.output[j] += (weights[token, slot].double() * y.double().norm(dim=-1)).sum()
+
+    def result(self, prefix: str) -> dict[str, torch.Tensor]:
+        if not self.tokens:
+            raise PuzzleError("no calibration tokens reached an MoE layer")
+        n = self.tokens
+        return {f"{prefix}.frequency": (self.chosen / n).float(), f"{prefix}.gate": (self.prob / n).float(),
+                f"{prefix}.output": (self.output / n).float()}
+
+
+@dataclass
 class _Collector:
     """Forward hooks that feed the accumulators; removed by `close`."""
 
     seq_agg: Aggregation
     batch_agg: Aggregation
     acc: dict[str, BatchAccumulator] = field(default_factory=dict)
+    routers: dict[int, _RouterStats] = field(default_factory=dict)
     handles: list = field(default_factory=list)
 
     def _add(self, key: str, per_token: torch.Tensor) -> None:
         self.acc.setdefault(key, BatchAccumulator(self.batch_agg)).add(aggregate_seq(per_token.float(), self.seq_agg))
+
+    def _add_tokens(self, key: str, per_token: torch.Tensor) -> None:
+        """(n, U) values of tokens without their sequences (those routed to an expert): `batch_agg` over them."""
+        self.acc.setdefault(key, BatchAccumulator(self.batch_agg)).add(per_token.float())
+
+    def _attach_moe(self, i: int, moe: MoEFFN) -> None:
+        stats = self.routers.setdefault(i, _RouterStats(len(moe.experts)))
+
+        def route_hook(module, args):
+            stats.add_routing(module, args[0])
+
+        self.handles.append(moe.register_forward_pre_hook(route_hook))
+        for j, expert in enumerate(moe.experts):
+
+            def output_hook(module, args, output, j=j):
+                stats.add_output(j, output)
+
+            def expert_neurons_hook(module, args, key=f"layers.{i}.experts.{j}.neurons"):
+                self._add_tokens(key, args[0].abs())  # (n_j, I)
+
+            self.handles.append(expert.register_forward_hook(output_hook))
+            self.handles.append(expert.down_proj.register_forward_pre_hook(expert_neurons_hook))
+        if moe.shared_expert is not None:
+
+            def shared_hook(module, args, key=f"layers.{i}.shared_expert.neurons"):
+                self._add(key, args[0].abs().reshape(*stats.seq_shape, -1))  # (N, S) -> (B, T, S)
+
+            self.handles.append(moe.shared_expert.down_proj.register_forward_pre_hook(shared_hook))
 
     def attach(self, model: PuzzleForCausalLM) -> None:
         for i, layer in enumerate(model.model.layers):
@@ -126,6 +208,8 @@ class _Collector:
                     self._add(key, args[0].abs())  # (B, T, F)
 
                 self.handles.append(layer.mlp.down_proj.register_forward_pre_hook(neurons_hook))
+            if isinstance(layer.mlp, MoEFFN):
+                self._attach_moe(i, layer.mlp)
         for name, module in model.named_modules():
             if isinstance(module, LlamaRMSNorm) and not name.endswith(("q_norm", "k_norm")):  # not per-head ones
 
@@ -215,8 +299,11 @@ def compute_importance(
         if key.startswith("norms."):
             r = acc.result()
             channels = r if channels is None else channels + r
-        else:
+        elif ".experts." not in key:  # an expert's neurons go into its layer's (E, I) below
             scores[key] = acc.result()
+    for i, stats in collector.routers.items():
+        scores.update(stats.result(f"layers.{i}.experts"))
+        scores[f"layers.{i}.experts.neurons"] = _expert_neurons(collector.acc, i, model.model.layers[i].mlp)
     for i, layer in enumerate(model.model.layers):
         if isinstance(layer.self_attn, GQAttention):
             heads = scores[f"layers.{i}.heads"]
@@ -233,6 +320,15 @@ def compute_importance(
             scores["layers.drop_loss"] = scores["layers.drop_loss.k1"].clone()
             scores["layers.drop_kl"] = scores["layers.drop_kl.k1"].clone()
     return {key: value.cpu() for key, value in scores.items()}  # no copy on the CPU
+
+
+def _expert_neurons(acc: dict[str, BatchAccumulator], layer: int, moe: MoEFFN) -> torch.Tensor:
+    """(E, I): each expert's neuron scores, a row of zeros for an expert no calibration token chose."""
+    rows = []
+    for j, expert in enumerate(moe.experts):
+        a = acc.get(f"layers.{layer}.experts.{j}.neurons")
+        rows.append(a.result().cpu() if a is not None else torch.zeros(expert.down_proj.in_features))
+    return torch.stack(rows)
 
 
 def ranking(scores: torch.Tensor) -> torch.Tensor:

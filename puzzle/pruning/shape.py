@@ -5,6 +5,7 @@ import math
 from typing import Literal
 
 from puzzle.errors import PuzzleError
+from puzzle.model.blocks import FFNConfig, MoEConfig
 from puzzle.shape import ModelShape
 from puzzle.units import parse_count
 
@@ -70,10 +71,34 @@ def target_sizes(parent: ModelShape, target_params: str | int | None, target_mod
     return picked.hidden_size, picked.intermediate_size, drop_layers
 
 
+def pruned_moe(moe: MoEConfig, experts: int | None, top_k: int | None) -> MoEConfig:
+    """An MoE FFN after uniform expert pruning: `experts` of its experts (None: all), each token routed to
+    `top_k` of them (None: the parent's top-k, capped at the experts kept); widths and shared expert kept."""
+    n = experts or moe.num_experts
+    if not 0 < n <= moe.num_experts:
+        raise PuzzleError(f"--experts must be between 1 and the parent's {moe.num_experts} experts, got {n}")
+    k = top_k or min(moe.top_k, n)
+    if not 0 < k <= n:
+        raise PuzzleError(f"--top-k must be between 1 and the {n} experts kept, got {k}")
+    return MoEConfig(n, k, moe.expert_size, moe.shared_expert_size)
+
+
+def pruned_ffns(parent: ModelShape, keep: list[int], experts: int | None = None,
+                top_k: int | None = None) -> tuple[str, ...] | None:
+    """An MoE parent's FFN names for the kept layers, each MoE one after expert pruning (`pruned_moe`);
+    None for a dense parent."""
+    if parent.parent_ffns is None:
+        return None
+    ffns = [FFNConfig.from_name(parent.parent_ffns[i]) for i in keep]
+    return tuple((FFNConfig(moe=pruned_moe(f.moe, experts, top_k)) if f.is_moe else f).name for f in ffns)
+
+
 def pruned_shape(parent: ModelShape, hidden_size: int | None, ffn_size: int | None, heads_per_group: int | None,
-                 kv_groups: int | None, keep: list[int]) -> ModelShape:
-    """The pruned model's shape: the kept layers (`keep`, their windows with them), the given widths (None:
-    the parent's), `kv_groups` KV heads of `heads_per_group` query heads each (None: the parent's)."""
+                 kv_groups: int | None, keep: list[int], experts: int | None = None,
+                 top_k: int | None = None) -> ModelShape:
+    """The pruned model's shape: the kept layers (`keep`, their windows and FFNs with them), the given widths
+    (None: the parent's), `kv_groups` KV heads of `heads_per_group` query heads each (None: the parent's),
+    an MoE parent's `experts` per MoE layer routed `top_k` (`pruned_moe`)."""
     group = parent.num_attention_heads // parent.num_key_value_heads
     kv_groups = kv_groups or parent.num_key_value_heads
     return parent.with_(
@@ -83,4 +108,5 @@ def pruned_shape(parent: ModelShape, hidden_size: int | None, ffn_size: int | No
         num_attention_heads=kv_groups * (heads_per_group or group),
         num_key_value_heads=kv_groups,
         sliding_windows=None if parent.sliding_windows is None else tuple(parent.sliding_windows[i] for i in keep),
+        parent_ffns=pruned_ffns(parent, keep, experts, top_k),
     )

@@ -1,11 +1,16 @@
 """Keeping a subset of units: small pure functions on weight tensors and state dicts.
 
 Conventions (nn.Linear weights are (out, in)):
-  FFN       gate_proj / up_proj (F, D): rows are neurons; down_proj (D, F): columns are neurons.
+  FFN       gate_proj / up_proj (F, D): rows are neurons, and so are their biases (gpt-oss's experts);
+            down_proj (D, F): columns are neurons.
   attention q_proj (H*d, D), k_proj / v_proj (K*d, D): rows are heads / KV groups, d rows each, and so
             are their biases (Qwen2's q/k/v, Llama's with attention_bias); o_proj (D, H*d): columns are
             heads. Query head h reads KV head h // (H / K). Qwen3's q_norm / k_norm (d,) are one weight
             over head_dim shared by all heads (transformers `Qwen3Attention`): every kept head keeps it.
+            gpt-oss's sinks (H,) are one logit per query head: kept with their heads.
+  experts   an MoE FFN (modeling_puzzle.py `MoEFFN`): router `mlp.gate.weight` (E, D), rows are experts;
+            expert j's SwiGLU under `mlp.experts.{j}.`; a shared expert (`mlp.shared_expert.`, its gate
+            `mlp.shared_expert_gate.weight`) is every token's and stays.
   channels  every weight that touches the residual stream: embeddings and lm_head (V, D) columns,
             q/k/v/gate/up columns, o_proj/down_proj rows and biases, RMSNorm weights over the hidden
             size (not the per-head q/k norms), linear sublayers both ways.
@@ -17,10 +22,11 @@ Index tensors are kept in the order given (pass them sorted to keep the parent's
 """
 
 import math
+import re
 
 import torch
 
-_FFN_ROWS = ("gate_proj.weight", "up_proj.weight")
+_FFN_ROWS = ("gate_proj.weight", "up_proj.weight", "gate_proj.bias", "up_proj.bias")
 _FFN_COLS = ("down_proj.weight",)
 _CHANNEL_COLS = ("embed_tokens.weight", "lm_head.weight", "q_proj.weight", "k_proj.weight", "v_proj.weight",
                  "gate_proj.weight", "up_proj.weight")
@@ -101,6 +107,28 @@ def slice_attention_state(
             w = keep_rows(w, kv_rows)
         elif key.endswith("o_proj.weight"):
             w = keep_cols(w, q_rows)
+        elif key.endswith("self_attn.sinks"):
+            w = keep_rows(w, heads)
+        out[key] = w
+    return out
+
+
+_ROUTER = re.compile(r"(.*\.)?mlp\.gate\.weight")
+_EXPERT = re.compile(r"(.*\.)?mlp\.experts\.(\d+)\.(.*)")
+
+
+def slice_experts_state(state: dict[str, torch.Tensor], experts: torch.Tensor) -> dict[str, torch.Tensor]:
+    """`state` with every MoE FFN in it cut down to `experts` (ascending parent indices): their router rows,
+    and their SwiGLUs renumbered 0..n-1 in that order; every other key unchanged."""
+    keep = {int(j): new for new, j in enumerate(torch.as_tensor(experts).tolist())}
+    out = {}
+    for key, w in state.items():
+        if _ROUTER.fullmatch(key):
+            w = keep_rows(w, torch.as_tensor(list(keep)))
+        elif m := _EXPERT.fullmatch(key):
+            if int(m.group(2)) not in keep:
+                continue
+            key = f"{m.group(1) or ''}mlp.experts.{keep[int(m.group(2))]}.{m.group(3)}"
         out[key] = w
     return out
 

@@ -8,7 +8,7 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.model import BlockConfig, PuzzleForCausalLM
-from puzzle.model.checkpoint import load_config, load_puzzle, puzzle_config_from
+from puzzle.model.checkpoint import canonical_key, load_config, load_puzzle, puzzle_config_from
 from puzzle.model.loading import SafetensorsCheckpoint, check_materialised, materialise_buffers, on_meta
 from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
@@ -102,9 +102,11 @@ def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_f
     entry's with the parent's pre-norm where the entry has none (as `replace_sublayer` keeps it)."""
     prefix = f"model.layers.{variant.layer}."
     norm_name, module_name = _PARTS[variant.kind]
-    own = [k for k in source.keys() if k.startswith((prefix + norm_name + ".", prefix + module_name + "."))]
+    # ours -> stored: an MoE parent's hub names (Mixtral's block_sparse_moe.experts.{j}.w1) read as puzzle's
+    stored = {canonical_key(k): k for k in source.keys()}
+    own = {k: s for k, s in stored.items() if k.startswith((prefix + norm_name + ".", prefix + module_name + "."))}
     if variant.is_parent:
-        return {k: source.read(k, dtype) for k in own}
+        return {k: source.read(s, dtype) for k, s in own.items()}
     if variant.config.no_op:
         return {}
     state = state_fn(variant)

@@ -8,7 +8,7 @@ from puzzle.device import DTYPES, resolve_dtype
 from puzzle.engines import check_child, check_family, get_engine
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, read_json
-from puzzle.library.store import check_library_parent, read_manifest, variant_state
+from puzzle.library.store import check_library_parent, read_manifest, variant_key, variant_state
 from puzzle.model import BlockConfigError, PuzzleConfig, parse_block_configs
 from puzzle.model.checkpoint import load_config, load_tokenizer, save_model
 from puzzle.outputs import check_output, marker
@@ -89,13 +89,24 @@ def realize(run_dir: Path = Path("runs/default"), solution: str | None = None, o
         "predicted_costs.json": {"solution": src.stem, **payload.get("predicted", {})},
         "realized.json": {"solution": str(src), "block_configs_sha256": digest, "parent": info["parent"], **sources,
                           "target_engine": engine.name, "params": params, "parent_params": parent_params,
-                          "dtype": stored},
+                          "dtype": stored, **_kept_experts(manifest, blocks)},
     }
     save_model(child, out, load_tokenizer(info["parent"]), extra_json=extra,
                extra_text={"architecture.md": table_markdown(rows)}, lm_head_weight=engine.lm_head_weight)
     print(table_markdown(rows))
     print(f"wrote {out}: {params / 1e6:.1f}M parameters ({params / parent_params:.0%} of the parent)")
     return out
+
+
+def _kept_experts(manifest: dict, blocks: list) -> dict:
+    """{"experts": {layer: the parent experts its MoE FFN keeps, in the child's order}} from the library entries
+    (bld.py records them; the parent's own block keeps all); {} for a child without MoE layers."""
+    kept = {}
+    for i, block in enumerate(blocks):
+        if block.ffn.is_moe:
+            record = manifest["variants"].get(variant_key(i, "ffn", block.ffn.name), {})
+            kept[str(i)] = record.get("experts")
+    return {"experts": kept} if kept else {}
 
 
 def _holds(out: Path, digest: str, engine: str, dtype: str | None, sources: dict[str, str | None]) -> bool:

@@ -29,10 +29,11 @@ def score_cost(ctx: Context, s: Any) -> Estimate:
     kept = KEEP_LIBRARY * ctx.model_bytes(e) if batches > 1 else 0  # a single batch uses each entry once
     per_token = shape.model_flops_per_token(None, T / 2)  # the parent reference
     head = shape.fixed_flops_per_token("lm_head")
+    parent_blocks = shape.parent_blocks  # an MoE parent's differ by layer
     for v in ctx.space.variants():
         if not v.is_parent:
-            rest = sum(shape.flops_per_token(shape.parent_block, T / 2, i) for i in range(v.layer + 1, L))
-            per_token += shape.flops_per_token(v.config, T / 2, v.layer) + rest + head
+            rest = sum(shape.flops_per_token(parent_blocks[i], T / 2) for i in range(v.layer + 1, L))
+            per_token += shape.flops_per_token(v.config, T / 2) + rest + head
     tokens = s.blocks * T
     rows = sum(1 for _ in ctx.space.variants()) * s.blocks
     est = Estimate("", "score", disk_bytes=rows * 128, flops=tokens * per_token, dtype=dtype)

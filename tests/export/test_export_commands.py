@@ -55,3 +55,36 @@ def test_a_mistral_child_without_a_window_exports_as_llama_does(tmp_path):
     x = torch.randint(3, 320, (1, 9))
     with torch.no_grad():
         assert torch.equal(load_model(out)(x).logits, parent(x).logits)
+
+
+@pytest.mark.parametrize("fmt, engine, source", [
+    ("gguf", None, "deci.cpp"),  # llama.cpp's deci graph keeps one full-attention KV cache
+    ("nemotron-nas", "vllm", "nemotron_nas.py"),  # DeciLMDecoderLayer reads no window_length
+    ("nemotron-nas", "sglang", "nemotron_nas.py"),
+    ("nemotron-nas", "trtllm", "modeling_nemotron_nas.py"),
+    ("anymodel", None, ""),
+])
+def test_a_window_variant_is_refused_by_every_engine_that_ignores_window_length(fmt, engine, source, tmp_path, capsys):
+    """A Llama child with one window variant (layers on the ffn_mult grid): the engines that would build full
+    attention there refuse it in one line citing their loader; the transformers nemotron-nas export writes it."""
+    path = save_child(make_child(["attn_g2+ffn_256", "attn_g2_w4+ffn_256"], intermediate_size=256), tmp_path / "child")
+    capsys.readouterr()
+    argv = ["export", str(path), str(tmp_path / "out"), "--format", fmt] + (["--engine", engine] if engine else [])
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "window" in err and source in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_window_variant_exports_as_nemotron_nas_for_transformers(tmp_path):
+    import json
+
+    from puzzle.model.checkpoint import load_model
+
+    child = make_child(["attn_g2+ffn_256", "attn_g2_w4+ffn_256"], intermediate_size=256)
+    out = export(save_child(child, tmp_path / "child"), tmp_path / "nas", format="nemotron-nas", engine="transformers")
+    attention = [b["attention"] for b in json.loads((out / "config.json").read_text())["block_configs"]]
+    assert [a.get("window_length") for a in attention] == [None, 4]  # DeciLM's field, written only when set
+    x = torch.randint(3, 320, (1, 11))
+    with torch.no_grad():
+        assert torch.equal(load_model(out)(x).logits, child(x).logits)

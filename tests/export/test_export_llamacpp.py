@@ -178,6 +178,21 @@ def test_the_refused_blocks_do_break_in_llamacpp(tmp_path, monkeypatch):
     assert run.returncode != 0 and "GGML_ASSERT" in run.stderr
 
 
+@needs_llamacpp
+def test_llamacpp_builds_a_window_variant_as_full_attention(tmp_path, monkeypatch):
+    """Written anyway (rules off), a window variant's layer runs in llama.cpp with every key: its logits are the
+    unwindowed child's, not the windowed one's (why the `sliding_window` rule refuses it)."""
+    monkeypatch.setattr("puzzle.export.commands.check_family", lambda engine, config: None)
+    monkeypatch.setattr("puzzle.export.llamacpp.check_llamacpp", lambda blocks, hidden_size: None)
+    windowed = make_child(["attn_g2+ffn_128", "attn_g2_w3+ffn_128"])
+    full = make_child(["attn_g2+ffn_128", "attn_g2+ffn_128"])  # the same weights (same seed), no window
+    assert len(TOKENS) > 3
+    path = export(save_child(windowed, tmp_path / "w"), tmp_path / "w.gguf", format="gguf", dtype="f32")
+    got = run_llamacpp(path, TOKENS)
+    assert np.abs(got - logits(full, TOKENS).numpy()).max() <= TOL
+    assert np.abs(got - logits(windowed, TOKENS).numpy()).max() > TOL
+
+
 def reference_gguf(model, tokenizer, out, dtype: str, name: str) -> None:
     """The file as the export wrote it before streaming: every tensor converted (q8_0 tried, f16 on
     `QuantError`) and handed to gguf's in-memory `add_tensor`, then `write_tensors_to_file`."""

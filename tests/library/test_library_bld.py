@@ -148,3 +148,48 @@ def test_bf16_autocast_bld_lowers_every_trained_variant(tmp_path, parent, data):
     assert settings.digest(tmp_path) != SETTINGS.digest(tmp_path)
     fp32 = BLDSettings(**{**settings.to_dict(), "dtype": "fp32"})
     assert fp32.digest(tmp_path) == BLDSettings(**{**fp32.to_dict(), "device": "cuda:0"}).digest(tmp_path)
+
+
+def test_bld_trains_a_window_variant_from_the_parents_attention_copied(tmp_path, parent, data):
+    """A window variant starts as the parent's attention, weights copied (only the mask differs), so its loss
+    at initialisation is the window's alone; BLD lowers it, and the stored entry masks with the window."""
+    space = build_search_space({"attention": {"kv_heads": "all", "windows": [8]}}, parent.config)  # seq 32 > 8
+    assert [a.name for a in space.attention_variants(1)] == ["attn_g2", "attn_g2_w8"]
+    build_layer_group(tmp_path, parent, space, [1], *data, SETTINGS)
+    records = store.read_manifest(tmp_path)["variants"]
+    windowed = records["L001/attention/attn_g2_w8"]
+    assert windowed["source"] == "trained" and windowed["init"] == "copy"
+    assert 0 < windowed["loss_final"] < windowed["loss_init"]
+    assert records["L001/attention/attn_g2"]["source"] == "parent"
+    state = store.variant_state(tmp_path, parent, space.variant(1, "attention", "attn_g2_w8"))
+    replace_sublayer(parent, 1, "attention", space.variant(1, "attention", "attn_g2_w8").config, state)
+    assert parent.model.layers[1].self_attn.window == 8 and parent.config.blocks[1].attention.name == "attn_g2_w8"
+@pytest.mark.parametrize("family", ["qwen2_moe", "mixtral"])
+def test_bld_trains_moe_variants_and_records_their_experts(tmp_path, data, family):
+    """MoE variants (issue 25) of a layer: each kept expert set in its record, every trained one lowered from
+    its init (router and experts trained against the parent layer's output); the dense layer of Qwen2-MoE
+    takes the dense variants."""
+    from conftest import make_family_parent
+
+    torch.manual_seed(0)
+    parent = to_puzzle(make_family_parent(family))
+    raw = {"attention": {}, "ffn": {"ratios": [0.5], "moe": {"expert_ratios": [0.5], "top_k": [1, 2],
+                                                            "expert_width_ratios": [0.5]}}}
+    space = build_search_space(raw, parent.config)
+    layers = [1, 3] if family == "qwen2_moe" else [1]  # qwen2_moe's layer 3 is dense
+    settings = BLDSettings(tokens_per_block=2048, batch_size=4, calibration_tokens=256, eval_tokens=256, lr=2e-3)
+    build_layer_group(tmp_path, parent, space, layers, *data, settings)
+    records = store.read_manifest(tmp_path)["variants"]
+    own = space.parent_ffns[1].moe
+    trained = {r["variant"]: r for r in records.values() if r["source"] == "trained" and r["kind"] == "ffn"}
+    half = own.num_experts // 2
+    shared = "" if own.shared_expert_size is None else f"_s{own.shared_expert_size}"
+    assert {f"moe_e{half}k{k}_i{own.expert_size // 2}{shared}" for k in (1, 2)} <= set(trained)
+    for name, r in trained.items():
+        assert r["loss_final"] < r["loss_init"], r
+        if name.startswith("moe_"):
+            assert len(r["experts"]) == half and r["experts"] == sorted(r["experts"])
+            assert r["init"] == "experts_by_router_norm+channel_contribution"
+    assert records["L001/ffn/" + own.name]["experts"] == list(range(own.num_experts))  # the parent's own
+    if family == "qwen2_moe":
+        assert "L003/ffn/ffn_64" in records and "experts" not in records["L003/ffn/ffn_64"]

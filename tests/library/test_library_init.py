@@ -170,10 +170,11 @@ def test_a_non_finite_calibration_fails_in_one_line():
         linear_ffn_weight(x, torch.randn(32, 8))
 
 
-@pytest.mark.parametrize("family", ["qwen2", "qwen3"])
+@pytest.mark.parametrize("family", ["qwen2", "qwen3", "gpt_oss"])
 def test_attention_init_carries_the_familys_biases_and_qk_norms(family):
     """Copy keeps every part of the family's attention; pooling to one KV head pools k/v biases like their
-    weights, keeps q's bias and the (head_dim,) q/k norms, and fits the module the child builds."""
+    weights, keeps q's bias, the (head_dim,) q/k norms and gpt-oss's per-query-head sinks, and fits the
+    module the child builds."""
     from conftest import make_family_parent
 
     from puzzle.model.checkpoint import to_puzzle
@@ -191,6 +192,69 @@ def test_attention_init_carries_the_familys_biases_and_qk_norms(family):
         torch.testing.assert_close(pooled[f"self_attn.{name}.weight"], weight.view(2, d, -1).mean(0))
         if f"self_attn.{name}.bias" in state:
             torch.testing.assert_close(pooled[f"self_attn.{name}.bias"], state[f"self_attn.{name}.bias"].view(2, d).mean(0))
-    for key in [k for k in state if "q_proj" in k or "norm" in k]:
+    assert ("self_attn.sinks" in state) == (family == "gpt_oss")
+    for key in [k for k in state if "q_proj" in k or "norm" in k or "sinks" in k]:
         assert torch.equal(pooled[key], state[key])
     replace_sublayer(parent, 2, "attention", AttentionConfig(n_heads_in_group=4), pooled)  # strict load: fits
+
+
+# ---- MoE FFN (issue 25) ------------------------------------------------------------------------------------
+
+@pytest.fixture(params=["qwen3_moe", "mixtral", "qwen2_moe"])
+def moe_parent(request):
+    from conftest import make_family_parent
+
+    model = to_puzzle(make_family_parent(request.param))
+    layer = next(i for i, b in enumerate(model.config.blocks) if b.ffn.is_moe)
+    return model, layer
+
+
+def _moe_out(model, layer, variant, state, x):
+    return Sublayer(model.config, "ffn", variant, state)(x, None)
+
+
+def test_all_experts_kept_at_the_parents_topk_reproduce_the_parent_exactly(moe_parent):
+    from puzzle.library.init import init_moe_ffn
+
+    model, layer = moe_parent
+    own = model.config.blocks[layer].ffn
+    parent_state = sublayer_state(model, layer, "ffn")
+    state, method, keep = init_moe_ffn(parent_state, own.moe, own.moe)
+    assert method == "copy" and keep == list(range(own.moe.num_experts))
+    x = torch.randn(2, 7, model.config.hidden_size)
+    with torch.no_grad():
+        expected = model.model.layers[layer].ffn_residual(x)
+        assert torch.equal(_moe_out(model, layer, own, state, x), expected)
+
+
+def test_kept_experts_and_their_router_rows_are_the_chosen_parent_ones(moe_parent):
+    """Every token routed to a kept expert in the child computes that parent expert's output: the child's
+    router logits are the parent's kept columns, each expert the parent's (narrowed by Channel Contribution)."""
+    from puzzle.library.init import choose_experts, init_moe_ffn
+    from puzzle.model.blocks import MoEConfig
+
+    model, layer = moe_parent
+    own = model.config.blocks[layer].ffn.moe
+    parent_state = sublayer_state(model, layer, "ffn")
+    child = MoEConfig(own.num_experts // 2, 1, own.expert_size // 2, own.shared_expert_size)
+    # by router row norm by default; by the given scores (moe importance's selection frequency) when given
+    norms = parent_state["mlp.gate.weight"].norm(dim=1)
+    assert choose_experts(parent_state, child.num_experts) == sorted(norms.topk(child.num_experts).indices.tolist())
+    scores = torch.arange(own.num_experts, dtype=torch.float)  # the last experts score highest
+    activations = torch.rand(own.num_experts, own.expert_size)
+    calib = FFNCalibration(activations, 1, torch.zeros(0), torch.zeros(0))
+    state, method, keep = init_moe_ffn(parent_state, own, child, expert_scores=scores, calibration=calib)
+    assert keep == list(range(own.num_experts - child.num_experts, own.num_experts))
+    assert method == "experts_by_importance+channel_contribution"
+    assert torch.equal(state["mlp.gate.weight"], parent_state["mlp.gate.weight"][keep])
+    for new, old in enumerate(keep):
+        down = parent_state[f"mlp.experts.{old}.down_proj.weight"]
+        neurons = top_channels(channel_contribution(activations[old], down), child.expert_size)
+        assert torch.equal(state[f"mlp.experts.{new}.down_proj.weight"], down[:, neurons])
+        assert torch.equal(state[f"mlp.experts.{new}.gate_proj.weight"],
+                           parent_state[f"mlp.experts.{old}.gate_proj.weight"][neurons])
+    shared = {k for k in parent_state if "shared_expert" in k}
+    assert all(torch.equal(state[k], parent_state[k]) for k in shared)
+    assert len(state) == 2 + 3 * child.num_experts + len(shared)  # norm, router, experts, shared expert
+    with pytest.raises(ValueError, match="distinct"):
+        init_moe_ffn(parent_state, own, child, keep=[0] * child.num_experts, calibration=calib)

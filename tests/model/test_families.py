@@ -7,13 +7,18 @@ import torch
 from puzzle.model import AttentionConfig, FFNConfig, PuzzleForCausalLM
 from puzzle.model.checkpoint import puzzle_config_from, save_model, to_puzzle
 from puzzle.model.family import FAMILIES
-from puzzle.model.surgery import replace_sublayer
+from puzzle.model.surgery import replace_sublayer, sublayer_state
 
 from conftest import (FAMILY_PARENTS, FAMILY_WINDOW, MOE_PARENTS, make_family_config, make_family_parent, make_tokenizer,
                       reload_elsewhere)
 
 ATOL = 1e-5
 SEQ = 3 * FAMILY_WINDOW  # long enough that every window binds
+
+
+def windows_of(config) -> list[int | None]:
+    """Each layer's sliding window: its attention block's."""
+    return [b.attention.window for b in config.blocks]
 
 
 @pytest.mark.parametrize("family", FAMILY_PARENTS)
@@ -28,7 +33,8 @@ def test_all_parent_child_computes_transformers_logits(family):
     assert (got - ref).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("family", FAMILY_PARENTS + MOE_PARENTS)  # MoE ones: the Mixture-of-Experts families too
+# MoE ones: the Mixture-of-Experts families too, gpt-oss's sinks and clamped experts among them
+@pytest.mark.parametrize("family", FAMILY_PARENTS + MOE_PARENTS)
 def test_generation_with_kv_cache_computes_transformers_logits(family):
     parent = make_family_parent(family)
     child = to_puzzle(parent)
@@ -49,7 +55,7 @@ def test_generation_with_kv_cache_computes_transformers_logits(family):
 def test_windows_that_never_bind_change_nothing_and_binding_ones_do():
     child = to_puzzle(make_family_parent("mistral"))
     unwindowed = to_puzzle(make_family_parent("mistral_nowindow"))  # the same weights (same seed), no window
-    assert child.config.sliding_windows == [FAMILY_WINDOW] * 4 and unwindowed.config.sliding_windows is None
+    assert windows_of(child.config) == [FAMILY_WINDOW] * 4 and windows_of(unwindowed.config) == [None] * 4
     x = torch.randint(3, 320, (1, SEQ))
     with torch.no_grad():
         windowed, full = child(x).logits, unwindowed(x).logits
@@ -64,14 +70,15 @@ def test_windows_that_never_bind_change_nothing_and_binding_ones_do():
 def test_conversion_records_the_family_and_each_layers_window(family, windows):
     config = puzzle_config_from(make_family_config(family))
     assert config.family == family.removesuffix("_nowindow")
-    assert config.sliding_windows == windows
+    assert windows_of(config) == (windows or [None] * 4)  # each parent block's own window
+    assert "sliding_windows" not in config.to_dict()  # one place: the blocks' window_length
     again = puzzle_config_from(config)  # a child's config converts to itself
-    assert (again.family, again.sliding_windows) == (config.family, config.sliding_windows)
+    assert (again.family, again.blocks) == (config.family, config.blocks)
 
 
 def test_qwen2_without_sliding_window_has_none():
     config = puzzle_config_from(make_family_config("qwen2", use_sliding_window=False))
-    assert config.sliding_windows is None
+    assert windows_of(config) == [None] * 4
 
 
 def test_attention_parts_follow_the_descriptor():
@@ -81,19 +88,22 @@ def test_attention_parts_follow_the_descriptor():
     assert qwen3.q_norm.weight.shape == (24,) and qwen3.q_proj.out_features == 4 * 24
     llama_bias = to_puzzle(make_family_parent("llama", attention_bias=True)).model.layers[0].self_attn
     assert llama_bias.o_proj.bias is not None  # Llama's attention_bias puts a bias on all four
-    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",
-                             "qwen2_moe", "qwen3_moe", "mixtral",  # MoE: test_families_moe.py
+    assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",  # MoE: test_families_moe.py, gpt-oss:
+                             "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss",  # test_families_gpt_oss.py
                              "nemotron_h"}  # the hybrid: test_mamba.py
 
 
 def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
     """One KV head in layer 0, no-op attention in 1, linear attention in 2 (a windowed layer in qwen2), a
-    smaller FFN in 3 (windowed in every windowed family)."""
+    smaller FFN in 3 (windowed in every windowed family) and a window variant of its attention, narrower
+    than the family's."""
     torch.manual_seed(1)
     replace_sublayer(child, 0, "attention", AttentionConfig(n_heads_in_group=4))
     replace_sublayer(child, 1, "attention", AttentionConfig(no_op=True))
     replace_sublayer(child, 2, "attention", AttentionConfig(replace_with_linear=True))
     replace_sublayer(child, 3, "ffn", FFNConfig(intermediate_size=48))
+    replace_sublayer(child, 3, "attention", child.config.blocks[3].attention.with_window(FAMILY_WINDOW - 2),
+                     sublayer_state(child, 3, "attention"))
     return child.eval()
 
 
@@ -182,7 +192,7 @@ def test_parents_load_from_gguf_through_transformers_loader(family, tmp_path):
 
 @pytest.mark.parametrize("config_class, kwargs", [
     ("GemmaConfig", {}),
-    ("GptOssConfig", {}),  # Qwen2-MoE, Qwen3-MoE and Mixtral are families (test_families_moe.py)
+    ("OlmoeConfig", {}),  # Qwen2-MoE, Qwen3-MoE, Mixtral and gpt-oss are families (test_families_moe.py)
 ])
 def test_unsupported_families_end_in_one_line_naming_the_supported(config_class, kwargs, tmp_path, capsys):
     """Gemma (sandwich norms, GeGLU), MoE and other families: one line, exit 2, the supported list named."""
@@ -208,5 +218,5 @@ def test_a_windowed_parent_loads_truncated_with_the_windows_of_the_layers_kept(t
     parent = make_family_parent("qwen2")  # windows on layers 2 and 3
     parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
     truncated = load_puzzle(tmp_path / "parent", last_layer=2)
-    assert truncated.config.sliding_windows == [None, None, FAMILY_WINDOW]
+    assert windows_of(truncated.config) == [None, None, FAMILY_WINDOW]
     assert truncated.model.layers[2].self_attn.window == FAMILY_WINDOW

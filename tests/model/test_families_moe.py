@@ -52,17 +52,20 @@ def test_all_parent_child_computes_transformers_logits(family):
     ("mixtral", ["moe_e4k2_i128"] * 4, [FAMILY_WINDOW] * 4),
     # a shared expert of 48; layer 3 in mlp_only_layers; windows on layers 0 and 2 (Qwen2MoeConfig's layer_types)
     ("qwen2_moe", ["moe_e6k2_i32_s48"] * 3 + ["ffn_128"], [FAMILY_WINDOW, None, FAMILY_WINDOW, None]),
+    # every layer MoE; GptOssConfig's alternating layer_types: sliding first
+    ("gpt_oss", ["moe_e4k2_i96"] * 4, [FAMILY_WINDOW, None, FAMILY_WINDOW, None]),
 ])
 def test_conversion_records_each_layers_ffn_and_window(family, ffns, windows):
     config = puzzle_config_from(make_family_config(family))
     assert [b.ffn.name for b in config.blocks] == ffns
-    assert all(b.attention.name == "attn_g2" for b in config.blocks)
-    assert config.family == family_name(family) and config.sliding_windows == windows
+    assert all(b.attention.n_heads_in_group == 2 for b in config.blocks)
+    assert config.family == family_name(family)
+    assert [b.attention.window for b in config.blocks] == (windows or [None] * 4)
     again = puzzle_config_from(config)  # a child's config converts to itself
     assert again.blocks == config.blocks and again.family == config.family
 
 
-@pytest.mark.parametrize("family, renormalised", [
+@pytest.mark.parametrize("family, renormalised", [  # gpt-oss: test_families_gpt_oss.py
     ("qwen3_moe", False), ("qwen3_moe_norm", True), ("mixtral", True), ("qwen2_moe", True)])
 def test_top_k_weights_are_renormalised_as_the_family_says(family, renormalised):
     child = to_puzzle(make_family_parent(family))
@@ -114,10 +117,11 @@ def test_conversion_splits_fused_experts_into_views():
     assert expert.gate_proj.weight.data_ptr() == fused.gate_up_proj[3].data_ptr()  # no copy
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_parents_load_from_the_hub_layout(family, tmp_path):
-    """transformers 5 writes per-expert tensors (Mixtral: block_sparse_moe.experts.{j}.w1/w2/w3); both the
-    parent loader (into transformers' fused class) and load_puzzle (straight into ours) read them."""
+    """transformers 5 writes per-expert tensors (Mixtral: block_sparse_moe.experts.{j}.w1/w2/w3; gpt-oss its
+    fused, interleaved experts and `mlp.router`, the hub's layout less the MXFP4 packing); both the parent
+    loader (into transformers' fused class) and load_puzzle (straight into ours) read them."""
     parent = make_family_parent(family)
     parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
     x = torch.randint(3, 320, (1, SEQ))
@@ -180,7 +184,7 @@ def test_moe_blocks_need_an_moe_family():
                      block_configs=[moe.to_dict(64)])
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_search_stages_refuse_moe_parents_in_one_line(family):
     hf = make_family_config(family)
     for config in (hf, puzzle_config_from(hf)):
@@ -190,7 +194,7 @@ def test_search_stages_refuse_moe_parents_in_one_line(family):
     refuse_moe(make_family_config("qwen3"), "score")  # dense: nothing
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "gpt_oss"])
 def test_convert_writes_an_all_parent_moe_child(family, tmp_path, capsys):
     from puzzle.cli import main
 
@@ -203,39 +207,17 @@ def test_convert_writes_an_all_parent_moe_child(family, tmp_path, capsys):
         assert (load_puzzle(tmp_path / "child")(x).logits - parent(x).logits).abs().max() <= ATOL
 
 
-@pytest.mark.parametrize("argv", [
-    ["importance", "{parent}", "--run-dir", "{tmp}/run"],
-    ["prune", "{parent}", "{tmp}/pruned", "--run-dir", "{tmp}/run", "--drop-layers", "1"],
-    ["export", "{child}", "{tmp}/export.gguf"],
-    ["export", "{child}", "{tmp}/export", "--format", "nemotron-nas"],
-])
-def test_stages_without_moe_support_refuse_in_one_line(argv, tmp_path, capsys):
-    """Every stage that would otherwise half-work on MoE FFNs (importance, prune, export; the search
-    stages through `build_search_space`) ends with one line and exit 2, writing nothing."""
-    from puzzle.cli import main
-
-    parent = make_family_parent("mixtral")
-    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
-    make_tokenizer().save_pretrained(tmp_path / "parent")
-    save_model(to_puzzle(parent), tmp_path / "child", make_tokenizer())
-    before = sorted(p.name for p in tmp_path.iterdir())
-    capsys.readouterr()
-    args = [a.format(parent=tmp_path / "parent", child=tmp_path / "child", tmp=tmp_path) for a in argv]
-    assert main(args) == 2
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and f"{argv[0]}: MoE parents (mixtral) load, convert and run" in err
-    # nothing written but the run directory the CLI opens for importance and prune (run_dir.py writes_run_dir)
-    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "run") == before
-    assert not (tmp_path / "run" / "importance").exists()
-
-
 @pytest.mark.parametrize("space", ["tiny", "llama_default", "ffn_only"])
-def test_search_spaces_refuse_moe_parents(space):
+def test_dense_search_spaces_give_moe_layers_only_their_own_linear_and_noop_variants(space):
+    """A space without `ffn.moe` knobs searches an MoE parent's attention and dense layers; each MoE layer
+    keeps its own block (or the space's linear / no-op FFN)."""
     from puzzle.search_space import load_search_space
 
     for config in (make_family_config("qwen3_moe"), puzzle_config_from(make_family_config("mixtral"))):
-        with pytest.raises(PuzzleError, match=f"search space .*: MoE parents .* not supported"):
-            load_search_space(space, config)
+        built = load_search_space(space, config)
+        for layer, own in enumerate(built.parent_ffns):
+            moe = [f for f in built.ffn_variants(layer) if f.is_moe]
+            assert moe == ([own] if own.is_moe else [])
 
 
 def test_moe_children_load_under_the_oldest_declared_transformers(tmp_path):

@@ -258,14 +258,25 @@ def test_stages_refuse_a_hybrid_in_one_line(child, parent_dir, tmp_path):
     from puzzle.distill.commands import distill
     from puzzle.evaluate.commands import evaluate
     from puzzle.export.commands import export
-    from puzzle.pruning.commands import importance
+    from puzzle.distill.correct import original_parent
+    from puzzle.plan import parent_shape
+    from puzzle.pruning.commands import importance, prune
+    from puzzle.run_dir import RunDir
 
     with pytest.raises(PuzzleError, match="^distill: hybrid"):
         distill(teacher=parent_dir, student=parent_dir, run_dir=tmp_path / "run")
     with pytest.raises(PuzzleError, match="^evaluate: hybrid"):
         evaluate(parent_dir, run_dir=tmp_path / "run")
-    with pytest.raises(PuzzleError, match="^export: hybrid"):
+    with pytest.raises(PuzzleError, match="^export --format gguf: hybrid"):
         export(parent_dir, tmp_path / "out.gguf", format="gguf")
+    with pytest.raises(PuzzleError, match="^export --format plain: hybrid"):
+        export(parent_dir, tmp_path / "plain", format="plain")
     with pytest.raises(PuzzleError, match="^importance: hybrid"):
         importance(parent=parent_dir, run_dir=tmp_path / "run")
+    with pytest.raises(PuzzleError, match="^prune: hybrid"):
+        prune(parent=parent_dir, out=tmp_path / "pruned", run_dir=tmp_path / "run", hidden_size=16)
+    with pytest.raises(PuzzleError, match="^correct-teacher: hybrid"):
+        original_parent(RunDir(tmp_path / "run"), parent_dir)
+    with pytest.raises(PuzzleError, match="^plan: hybrid"):
+        parent_shape(parent_dir)
     assert not (tmp_path / "out.gguf").exists()

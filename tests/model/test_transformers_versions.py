@@ -131,7 +131,7 @@ def test_child_loads_under_the_oldest_declared_transformers_with_equal_logits(ti
 
 def test_family_children_load_under_the_oldest_declared_transformers(tmp_path):
     """Mistral (windowed), Qwen2 (biases, windows) and Qwen3 (q/k norms, head_dim 24) children with other KV
-    widths and FFN sizes: family.py and the config's family / sliding_windows fields work under 4.56 too."""
+    widths and FFN sizes: family.py, the config's family and the blocks' window_length work under 4.56 too."""
     from conftest import FAMILY_WINDOW, make_family_parent, reload_elsewhere
 
     old = oldest_transformers()

@@ -46,6 +46,26 @@ def test_fit_recovers_known_factors(c, m, overhead, step):
     assert fit.rel_rms < 1e-6
 
 
+def test_groups_timed_at_different_speeds_get_one_factor_each():
+    """The same models timed twice, the second time 25% slower (a busier machine): with a group per timing
+    run the fit recovers the factors and the runs' relative speed exactly; as one group it cannot."""
+    truth = profile(0.35, 0.6, 3e-6, step=4e-3)
+    runs = {"fast": 1.0, "slow": 1.25}
+    samples = [Sample(s.name, s.blocks, s.phase, s.seconds * speed, group)
+               for group, speed in runs.items() for s in samples_from(truth)]
+    fit = fit_factors(samples, SHAPE, profile())
+    g = dict(fit.group_speed)
+    assert g["slow"] / g["fast"] == pytest.approx(1.25, rel=1e-6)
+    assert g["slow"] * g["fast"] == pytest.approx(1.0, rel=1e-6)  # geometric mean 1
+    scale = 1.25 ** 0.5  # the common speed sits between the two runs
+    assert fit.compute_efficiency == pytest.approx(0.35 / scale, rel=1e-3)
+    assert fit.memory_efficiency == pytest.approx(0.6 / scale, rel=1e-3)
+    assert fit.step_overhead_s == pytest.approx(4e-3 * scale, rel=1e-3)
+    assert fit.rel_rms < 1e-6
+    ungrouped = fit_factors([Sample(s.name, s.blocks, s.phase, s.seconds) for s in samples], SHAPE, profile())
+    assert ungrouped.group_speed == () and ungrouped.rel_rms > 0.05
+
+
 def test_a_per_step_overhead_bounds_every_childs_speedup():
     """An engine's fixed work per forward pass is the same for every child: with it, the predicted speedup
     of a shallower child shrinks toward 1 (what vLLM's scheduler and sampler do on a small CPU model)."""

@@ -180,3 +180,23 @@ def test_a_sliding_window_bounds_a_layers_kv_cache_and_decode_reads():
     assert w["params"] == f["params"]
     assert w["kv_cache_bytes"] * profile.workload.max_context == f["kv_cache_bytes"] * FAMILY_WINDOW
     assert w["decode_s"] < f["decode_s"] and w["prefill_s"] < f["prefill_s"]
+
+
+def test_a_window_variant_prices_its_kv_cache_and_attention_by_its_window_at_long_context():
+    """One layer's variants at a 32k context: attn_g2_w128 caches and reads B x 128 tokens (not B x 32k), its
+    prefill scores only the window's pairs; its weights (and so their bytes) are attn_g2's."""
+    profile = toy_profile(batch=2, input_len=16384, output_len=16384)
+    w = profile.workload
+    shape = toy_shape(hidden=64, heads=4, head_dim=16, vocab=320)
+    full, windowed = AttentionConfig(n_heads_in_group=2), AttentionConfig(n_heads_in_group=2, window=128)
+    f, c = sublayer_costs(shape, "attention", full, profile), sublayer_costs(shape, "attention", windowed, profile)
+    per_token = 2 * shape.kv_heads(full) * shape.head_dim * w.dtype_bytes
+    assert f["kv_cache_bytes"] == per_token * w.batch_size * w.max_context
+    assert c["kv_cache_bytes"] == per_token * w.batch_size * 128
+    assert c["params"] == f["params"] and c["decode_s"] < f["decode_s"] and c["prefill_s"] < f["prefill_s"]
+    decode = {op.name: op for op in sublayer_ops(shape, "attention", windowed, w, "decode")}["attention"]
+    assert decode.flops == w.batch_size * shape.attention_flops(full, 128)  # one query against 128 keys
+    # a whole model: the windowed layer's cache is the window's, the others' the context's
+    blocks = [BlockConfig(a, FFNConfig(intermediate_size=128)) for a in (full, windowed)]
+    assert shape.kv_cache_bytes(blocks, w.batch_size * w.max_context, w.dtype_bytes, context=w.max_context) == (
+        f["kv_cache_bytes"] + c["kv_cache_bytes"])

@@ -109,6 +109,44 @@ def test_a_child_its_target_engine_cannot_serve_is_refused_naming_layer_and_rule
     assert json.loads((run / "children" / "s" / "realized.json").read_text())["target_engine"] == "vllm"
 
 
+def test_a_windowed_child_realises_loads_and_runs(tmp_path, capsys):
+    """A window variant's library entry is the parent's attention, copied (only the mask differs): the
+    realised child writes DeciLM's window_length, loads and computes the parent with that layer's keys narrowed
+    to the window, cached or not; a target engine that ignores window_length refuses it."""
+    from puzzle.library.init import init_attention
+    from puzzle.model.surgery import sublayer_state
+
+    run = tmp_path / "run"
+    parent_dir = engine_parent_dir(tmp_path, tied=False)  # on the ffn_mult grid: only the window is refused
+    parent = to_puzzle(load_model(parent_dir))
+    blocks = parent.config.blocks
+    parent_att = blocks[1].attention
+    window = parent_att.with_window(3)
+    state, method = init_attention(sublayer_state(parent, 1, "attention"), window, 4, 2)
+    assert method == "copy"
+    write_variant(run, {"layer": 1, "kind": "attention", "variant": window.name}, state)
+    blocks[1] = BlockConfig(window, blocks[1].ffn)
+    atomic_write_json(run / "solutions" / "w.json", {"block_configs": [b.to_dict(64) for b in blocks]})
+    assert main(["realize", "--run-dir", str(run), "--parent", str(parent_dir)]) == 0
+    child_dir = run / "children" / "w"
+    written = json.loads((child_dir / "config.json").read_text())["block_configs"]
+    assert [b["attention"].get("window_length") for b in written] == [None, 3, None, None]
+    child = load_model(child_dir)
+    assert child.model.layers[1].self_attn.window == 3
+    x = torch.randint(0, 320, (2, 13))
+    with torch.no_grad():
+        got, full = child(x).logits, parent(x).logits
+        assert torch.equal(got[:, :3], full[:, :3]) and not torch.allclose(got[:, 3:], full[:, 3:])
+        kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+        assert torch.equal(child.generate(x[:, :4], use_cache=True, **kwargs),
+                           child.generate(x[:, :4], use_cache=False, **kwargs))
+    capsys.readouterr()
+    assert main(["realize", "--run-dir", str(run), "--solution", "w", "--target-engine", "vllm",
+                 "--out", str(tmp_path / "vllm")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "window" in err and "nemotron_nas.py" in err
+
+
 def test_trtllm_target_stores_the_tied_head_by_name(tmp_path, capsys):
     from safetensors import safe_open
 

@@ -46,3 +46,20 @@ def test_report_shows_the_solutions_predicted_speedup_for_its_child(tiny_parent_
     evaluation = report(run.root).read_text().split("## Evaluation against the parent", 1)[1]
     row = next(line for line in evaluation.splitlines() if line.startswith("| fast |"))
     assert row.endswith(f"| {predicted:.2f}x |")
+
+
+def test_report_plots_each_moe_models_router_load(tmp_path):
+    """Evaluations with a router load (evaluate/router.py) get the Router load section and its plot; a run
+    without MoE models gets neither."""
+    from puzzle.io import atomic_write_json
+
+    run = RunDir(tmp_path / "run")
+    atomic_write_json(run.eval_result("parent"), {"name": "parent", "validation": {"perplexity": 3.0}})
+    report(tmp_path / "run")
+    assert "Router load" not in run.report.read_text() and not run.report_router_load.exists()
+    for name, load in (("parent", [0.5, 0.25, 0.25, 0.0]), ("fast", [0.5, 0.5])):
+        atomic_write_json(run.eval_result(name), {"name": name, "validation": {"perplexity": 3.0},
+                                                  "router_load": {"0": load, "2": load}})
+    report(tmp_path / "run")
+    assert "## Router load" in run.report.read_text()
+    assert run.report_router_load.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
