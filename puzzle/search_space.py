@@ -258,7 +258,7 @@ def refuse_hybrid(config: Any, stage: str) -> None:
     and run, cached generation included; the search over Mamba2 / MLP / MoE layers, pruning, training,
     evaluation and export come later). Every stage that cannot handle one calls it before reading data or
     weights: the search space (so library, scoring, solve and realize), importance, prune, distill, evaluate,
-    serve-check and the export formats other than nemotron-h-puzzle."""
+    serve-check and the export formats other than nemotron-h-puzzle (`puzzle plan PARENT` sizes a hybrid)."""
     if is_hybrid(config):
         family = getattr(config, "family", None) or getattr(config, "model_type", "?")
         raise PuzzleError(f"{stage}: hybrid Mamba2 parents ({family}) load, convert and run, but {stage} does not "

@@ -259,7 +259,6 @@ def test_stages_refuse_a_hybrid_in_one_line(child, parent_dir, tmp_path):
     from puzzle.evaluate.commands import evaluate
     from puzzle.export.commands import export
     from puzzle.distill.correct import original_parent
-    from puzzle.plan import parent_shape
     from puzzle.pruning.commands import importance, prune
     from puzzle.run_dir import RunDir
 
@@ -277,6 +276,4 @@ def test_stages_refuse_a_hybrid_in_one_line(child, parent_dir, tmp_path):
         prune(parent=parent_dir, out=tmp_path / "pruned", run_dir=tmp_path / "run", hidden_size=16)
     with pytest.raises(PuzzleError, match="^correct-teacher: hybrid"):
         original_parent(RunDir(tmp_path / "run"), parent_dir)
-    with pytest.raises(PuzzleError, match="^plan: hybrid"):
-        parent_shape(parent_dir)
     assert not (tmp_path / "out.gguf").exists()
