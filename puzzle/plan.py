@@ -143,7 +143,7 @@ def parent_shape(path: Path) -> tuple[ModelShape, str | None]:
     gpt_oss, is still sized), with a note saying so."""
     where = path.parent if path.suffix == ".json" else path
     try:
-        return ModelShape.from_config(load_config(where)), None
+        config = load_config(where)
     except PuzzleError as err:
         config_json = path if path.suffix == ".json" else path / "config.json"
         if not str(err).startswith("unsupported architecture") or not config_json.is_file():
@@ -153,6 +153,7 @@ def parent_shape(path: Path) -> tuple[ModelShape, str | None]:
             raise PuzzleError(f"{config_json}: expected a JSON object") from None
         return ModelShape.from_fields(raw), (f"model_type {raw.get('model_type')!r} is not a family this build runs: "
                                              "sized from config.json by field name")
+    return ModelShape.from_config(config), None
 
 
 def parent_lines(shape: ModelShape, profile: HardwareProfile, gpus: tuple[int, ...]) -> tuple[list[str], dict[str, Any]]:
@@ -172,6 +173,11 @@ def parent_lines(shape: ModelShape, profile: HardwareProfile, gpus: tuple[int, .
                      f"{active / 1e9:.3f}B of {total / 1e9:.3f}B ({100 * active / total:.1f}%; "
                      f"{lookup / 1e9:.3f}B without the embedding lookup)")
     w, device = profile.workload, profile.device.model or profile.device.name
+    if shape.parent_attns is not None:  # a hybrid: its layers by mixer, and the fixed state a sequence holds
+        mixers = [b.attention.name.split("_")[0] if b.ffn.no_op else b.ffn.name.split("_")[0] for b in shape.parent_blocks]
+        state = sum(shape.recurrent_state_bytes(b, DTYPE_BYTES[w.dtype]) for b in shape.parent_blocks)
+        lines.append("hybrid: " + ", ".join(f"{mixers.count(k)} {k}" for k in dict.fromkeys(mixers))
+                     + f" layers; Mamba2 state per sequence {state / 2**20:.1f} MiB (no KV cache in those layers)")
     fits = [serving_fit(shape, profile, g) for g in gpus]
     lines.append(f"serving in {w.dtype} ({profile.name} workload: batch {w.batch_size} x {w.max_context} tokens): "
                  f"weights {_gib(fits[0]['weight_bytes'])} GiB + KV cache {_gib(fits[0]['kv_cache_bytes'])} GiB")

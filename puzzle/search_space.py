@@ -45,6 +45,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import (AttentionConfig, BlockConfigError, FFNConfig, MoEConfig, on_ffn_mult_grid,
                                  snap_to_ffn_mult_grid)
+from puzzle.model.family import is_hybrid
 from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
@@ -252,6 +253,18 @@ def _section(raw: dict, key: str, where: str) -> dict:
     return value
 
 
+def refuse_hybrid(config: Any, stage: str) -> None:
+    """One line for a stage that does not handle hybrid models yet (issue 26: NemotronH parents load, convert
+    and run, cached generation included; the search over Mamba2 / MLP / MoE layers, pruning, training,
+    evaluation and export come later). Every stage that cannot handle one calls it before reading data or
+    weights: the search space (so library, scoring, solve and realize), importance, prune, distill, evaluate,
+    serve-check and the export formats other than nemotron-h-puzzle (`puzzle plan PARENT` sizes a hybrid)."""
+    if is_hybrid(config):
+        family = getattr(config, "family", None) or getattr(config, "model_type", "?")
+        raise PuzzleError(f"{stage}: hybrid Mamba2 parents ({family}) load, convert and run, but {stage} does not "
+                          "support them yet (transformer parents only)")
+
+
 def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> SearchSpace:
     """Resolve a parsed YAML mapping against a parent config (a supported family's HF config or a PuzzleConfig;
     an MoE parent's layers each start from their own FFN)."""
@@ -261,6 +274,7 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     if unknown:
         raise PuzzleError(f"search space {name!r}: unknown keys {sorted(unknown)}")
     name = raw.get("name", name)
+    refuse_hybrid(parent_config, f"search space {name!r}")
     n_layers = parent_config.num_hidden_layers
     num_heads = parent_config.num_attention_heads
     try:

@@ -23,6 +23,16 @@ L layers, T tokens of a sequence, S keys a query attends to, e bytes per element
   routing     n tokens each choosing k of E experts touch U = sum_j 1 - (1 - p_j)^n distinct experts in
               expectation (`expected_experts`; p_j = k/E when routing is uniform): the weights an MoE decode
               step reads.
+  Mamba2      (a hybrid family's, NemotronH) heads Hm of P channels, inner I = Hm*P, state N, G groups of B/C,
+              conv width K, conv channels C = I + 2*G*N, chunk Q (transformers `NemotronHMamba2Mixer`):
+              parameters in_proj D*(2I + 2GN + Hm) (z, x, B, C, dt) + out_proj I*D + conv C*K (+ C bias)
+              + dt_bias, A_log, D (3*Hm) + gated norm I + its pre-norm D (+ the projections' biases);
+              FLOPs per token: 2 x the projections + conv 2*C*K + a prefill's chunked scan (SSD) per token
+              2*Q*(G*N + Hm*P) (C B^T within a chunk, then its weights on x) + 4*Hm*P*N (chunk states,
+              their read-out), or a decode step's recurrence 4*Hm*P*N (decay + outer product, read-out);
+              no KV cache but a fixed state per sequence: conv (K-1)*C in the dtype and SSM Hm*P*N in fp32
+              (vLLM's `mamba_ssm_cache_dtype` default float32; `recurrent_state_bytes`).
+  relu2 FFN   (NemotronH) non-gated: up D*I, down I*D, so 2*D*I; its MoE experts and shared expert too.
   windows     an attention variant with sliding window W (blocks.py `AttentionConfig.window`, "attn_g3_w128")
               attends to at most W keys and an engine caches at most W tokens of a sequence there
               (vLLM, llama.cpp and transformers' sliding cache layers all bound it): S -> min(S, W); the
@@ -35,7 +45,7 @@ from typing import Any, Mapping, Sequence
 
 from puzzle.errors import PuzzleError
 from puzzle.model.blocks import AttentionConfig, BlockConfig, FFNConfig, MoEConfig
-from puzzle.model.family import config_family, parent_ffns
+from puzzle.model.family import config_family, is_hybrid, parent_ffns
 
 Part = AttentionConfig | FFNConfig | BlockConfig
 FIXED_PARTS = ("embeddings", "final_norm", "lm_head")
@@ -95,9 +105,17 @@ class ModelShape:
     shared_expert_gate: bool = False  # an MoE family's shared expert has a (1, D) sigmoid gate (Qwen2-MoE)
     router_bias: bool = False  # an MoE family's router has a bias (E,) and its experts biases (gpt-oss)
     expert_bias: bool = False
+    # A hybrid parent (NemotronH): its attention slot per layer by name ("mamba_h64d64n128g8", "attn_g16",
+    # "attn_noop"); None: the GQA of `num_key_value_heads` (with the layer's window) in every layer
+    parent_attns: tuple[str, ...] | None = None
+    dense_ffn: str = "swiglu"  # the family's FFN (family.py `DenseFFN`): "swiglu" or "relu2" (non-gated)
+    conv_kernel: int = 4  # the Mamba2 mixers' conv width, chunk size and biases (the parent config's)
+    chunk_size: int = 128
+    conv_bias: bool = True
+    mamba_bias: bool = False
 
     def __post_init__(self) -> None:
-        for field in ("sliding_windows", "parent_ffns"):  # read back from JSON as lists
+        for field in ("sliding_windows", "parent_ffns", "parent_attns"):  # read back from JSON as lists
             if getattr(self, field) is not None:
                 object.__setattr__(self, field, tuple(getattr(self, field)))
 
@@ -108,13 +126,25 @@ class ModelShape:
         family, windows = config_family(config)
         qkv_bias, o_bias = family.attention_biases(config)
         ffns = parent_ffns(config)
+        hybrid = {}
+        if is_hybrid(config):  # each layer's mixers by name (a child's blocks, or the parent's pattern)
+            blocks = (config.blocks if getattr(config, "model_type", None) == "nemotron-nas"
+                      else family.hybrid.parent_blocks(config, family.moe))
+            hybrid = dict(parent_attns=tuple(b.attention.name for b in blocks),
+                          parent_ffns=tuple(b.ffn.name for b in blocks), conv_kernel=int(getattr(config, "conv_kernel", 4)),
+                          chunk_size=int(getattr(config, "chunk_size", 128)),
+                          conv_bias=bool(getattr(config, "use_conv_bias", True)),
+                          mamba_bias=bool(getattr(config, "use_bias", False)))
+            windows = [None] * len(blocks)
+        moe = family.moe
+        layers = len(hybrid["parent_attns"]) if hybrid else config.num_hidden_layers
         return cls(
             hidden_size=config.hidden_size,
             num_attention_heads=config.num_attention_heads,
             num_key_value_heads=config.num_key_value_heads,
             head_dim=head_dim,
             intermediate_size=config.intermediate_size,
-            num_hidden_layers=config.num_hidden_layers,
+            num_hidden_layers=layers,
             vocab_size=config.vocab_size,
             tie_word_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
             qkv_bias=qkv_bias,
@@ -122,10 +152,13 @@ class ModelShape:
             qk_norm=family.qk_norm,
             sinks=family.sinks,
             sliding_windows=tuple(windows) if any(w is not None for w in windows) else None,
-            parent_ffns=None if ffns is None else tuple(f.name for f in ffns),
-            shared_expert_gate=family.moe is not None and family.moe.shared_expert_gate,
-            router_bias=family.moe is not None and family.moe.router_bias,
-            expert_bias=family.moe is not None and family.moe.expert_bias,
+            parent_ffns=hybrid.pop("parent_ffns", None if ffns is None else tuple(f.name for f in ffns)),
+            shared_expert_gate=moe is not None and moe.shared_expert_gate,
+            # NemotronH's `e_score_correction_bias` (E,) is stored with the router as a bias is
+            router_bias=moe is not None and (moe.router_bias or moe.score_bias),
+            expert_bias=moe is not None and moe.expert_bias,
+            dense_ffn=family.ffn,
+            **hybrid,
         )
 
     @classmethod
@@ -184,7 +217,10 @@ class ModelShape:
 
     @property
     def parent_attentions(self) -> list[AttentionConfig]:
-        """The parent's attention in each layer: its GQA with the layer's sliding window, if any."""
+        """The parent's attention in each layer: its GQA with the layer's sliding window, if any (a hybrid's:
+        its Mamba2 mixer, GQA or no-op)."""
+        if self.parent_attns is not None:
+            return [AttentionConfig.from_name(a) for a in self.parent_attns]
         windows = self.sliding_windows or (None,) * self.num_hidden_layers
         return [self.parent_attention.with_window(w) for w in windows]
 
@@ -226,6 +262,48 @@ class ModelShape:
         attention = part.attention if isinstance(part, BlockConfig) else part
         return attention.num_key_value_heads(self.num_attention_heads) if isinstance(attention, AttentionConfig) else 0
 
+    # ---- Mamba2 and the FFN's matrices --------------------------------------------------------
+    @property
+    def ffn_matrices(self) -> int:
+        """D x I matrices of a dense FFN or an expert: 3 for SwiGLU (gate, up, down), 2 for relu2 (up, down)."""
+        return 2 if self.dense_ffn == "relu2" else 3
+
+    @staticmethod
+    def mamba_dims(part: Part) -> tuple[int, int, int, int, int] | None:
+        """(Hm, P, N, G, I) of a Mamba2 variant; None for anything else."""
+        attention = part.attention if isinstance(part, BlockConfig) else part
+        if not isinstance(attention, AttentionConfig) or not attention.is_mamba:
+            return None
+        m = attention.mamba
+        return m.num_heads, m.head_dim, m.state_dim, m.num_groups, m.inner_size
+
+    def mamba_extra_params(self, part: AttentionConfig) -> int:
+        """A Mamba2 mixer's weights outside its two projections: conv C*K (+ C), dt_bias, A_log, D, the gated
+        norm I, and the projections' biases where the parent has them."""
+        Hm, _, N, G, I = self.mamba_dims(part)
+        C = I + 2 * G * N
+        return C * self.conv_kernel + self.conv_bias * C + 3 * Hm + I + self.mamba_bias * (I + C + Hm + self.hidden_size)
+
+    def mamba_flops_per_token(self, part: Part, prefill: bool) -> float:
+        """A Mamba2 mixer's FLOPs per token outside its projections: the depthwise conv 2*C*K and the SSD scan,
+        chunked in a prefill (2*Q*(G*N + Hm*P) + 4*Hm*P*N) or one recurrent step in a decode (4*Hm*P*N); 0
+        for other variants."""
+        dims = self.mamba_dims(part)
+        if dims is None:
+            return 0.0
+        Hm, P, N, G, I = dims
+        scan = 4 * Hm * P * N + (2 * self.chunk_size * (G * N + Hm * P) if prefill else 0)
+        return 2 * (I + 2 * G * N) * self.conv_kernel + scan
+
+    def recurrent_state_bytes(self, part: Part, dtype_bytes: int) -> int:
+        """A Mamba2 layer's state per sequence, whatever its length: conv (K-1)*C in the dtype (vLLM keeps the
+        last K-1 inputs) and the SSM state Hm*P*N in fp32; 0 for other variants."""
+        dims = self.mamba_dims(part)
+        if dims is None:
+            return 0
+        Hm, P, N, G, I = dims
+        return (self.conv_kernel - 1) * (I + 2 * G * N) * dtype_bytes + Hm * P * N * 4
+
     # ---- parameters ---------------------------------------------------------------------------
     def matmul_params(self, part: Part) -> int:
         """Weights of the matmuls one token goes through in a variant (what its FLOPs scale with): its norms
@@ -237,14 +315,18 @@ class ModelShape:
             return 0
         if part.replace_with_linear:
             return D * D
+        if isinstance(part, AttentionConfig) and part.is_mamba:
+            Hm, _, N, G, I = self.mamba_dims(part)
+            return D * (2 * I + 2 * G * N + Hm) + I * D  # in_proj (z, x, B, C, dt) and out_proj
         if isinstance(part, AttentionConfig):
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             return D * (H + 2 * K) * d + H * d * D
+        m = self.ffn_matrices
         if part.is_moe:
             moe = part.moe
-            shared = 0 if moe.shared_expert_size is None else 3 * D * moe.shared_expert_size + self.shared_expert_gate * D
-            return moe.top_k * 3 * D * moe.expert_size + moe.num_experts * D + shared
-        return 3 * D * part.intermediate_size
+            shared = 0 if moe.shared_expert_size is None else m * D * moe.shared_expert_size + self.shared_expert_gate * D
+            return moe.top_k * m * D * moe.expert_size + moe.num_experts * D + shared
+        return m * D * part.intermediate_size
 
     def params(self, part: Part) -> int:
         """Weights of a variant, its pre-norm(s) included (as `sublayer_state` stores a sublayer), a GQA
@@ -258,9 +340,12 @@ class ModelShape:
         if isinstance(part, AttentionConfig) and part.is_gqa:
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             extra = self.qkv_bias * (H + 2 * K) * d + self.o_bias * self.hidden_size + self.qk_norm * 2 * d + self.sinks * H
+        if isinstance(part, AttentionConfig) and part.is_mamba:
+            extra = self.mamba_extra_params(part)
         if isinstance(part, FFNConfig) and part.is_moe:  # the experts no token of this one chose, and the biases
             moe = part.moe
-            extra = (moe.num_experts - moe.top_k) * 3 * self.hidden_size * moe.expert_size + self.moe_biases(moe, moe.num_experts)
+            extra = ((moe.num_experts - moe.top_k) * self.ffn_matrices * self.hidden_size * moe.expert_size
+                     + self.moe_biases(moe, moe.num_experts))
         return self.matmul_params(part) + self.hidden_size + extra
 
     def moe_biases(self, moe: Any, experts: int) -> int:
@@ -336,12 +421,15 @@ class ModelShape:
 
     def flops_per_token(self, part: Part, keys: float) -> float:
         """Forward FLOPs of one token through a variant whose attention sees `keys` keys (a decode
-        step at context `keys`; `seq_len / 2` approximates a causal sequence's mean)."""
-        return 2 * self.matmul_params(part) + self.attention_flops(part, keys)
+        step at context `keys`; `seq_len / 2` approximates a causal sequence's mean); a Mamba2 mixer's
+        recurrent step."""
+        return 2 * self.matmul_params(part) + self.attention_flops(part, keys) + self.mamba_flops_per_token(part, False)
 
     def prefill_flops(self, part: Part, seq_len: int) -> int:
-        """Forward FLOPs of one causal sequence of `seq_len` tokens through a variant."""
-        return 2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len)
+        """Forward FLOPs of one causal sequence of `seq_len` tokens through a variant (a Mamba2 mixer's
+        chunked scan)."""
+        return (2 * self.matmul_params(part) * seq_len + self.causal_attention_flops(part, seq_len)
+                + int(self.mamba_flops_per_token(part, True) * seq_len))
 
     def fixed_matmul_params(self, part: str) -> int:
         """Weights a fixed part's matmul reads: the LM head's V*D (tied or not); the embedding lookup is
@@ -379,13 +467,16 @@ class ModelShape:
     def kv_cache_bytes(self, blocks: list[BlockConfig] | None, tokens: int, dtype_bytes: int,
                        context: int | None = None) -> int:
         """KV cache of a whole model holding `tokens` tokens (batch x `context`); a windowed layer holds
-        batch x min(context, window) of them (`context` None: as if no window binds)."""
+        batch x min(context, window) of them (`context` None: as if no window binds). A Mamba2 layer holds
+        its fixed state per sequence instead (`recurrent_state_bytes`; batch = tokens // context, or one
+        sequence of `tokens` when `context` is None)."""
         if blocks is None:
             blocks = self.parent_blocks
+        sequences = 1 if context is None else tokens // context
         total = 0
         for b in blocks:
             held = tokens if context is None else tokens // context * int(self.keys(b, context))
-            total += self.kv_cache_bytes_per_token(b, dtype_bytes) * held
+            total += self.kv_cache_bytes_per_token(b, dtype_bytes) * held + self.recurrent_state_bytes(b, dtype_bytes) * sequences
         return total
 
     def activation_bytes_per_token(self, part: Part, dtype_bytes: int) -> int:
@@ -403,16 +494,19 @@ class ModelShape:
             elements = 0
         elif part.replace_with_linear:
             elements = 2 * D
+        elif isinstance(part, AttentionConfig) and part.is_mamba:  # norm, in_proj, conv, scan y, gated norm, out
+            Hm, _, N, G, I = self.mamba_dims(part)
+            elements = D + (2 * I + 2 * G * N + Hm) + (I + 2 * G * N) + 2 * I + D
         elif isinstance(part, AttentionConfig):
             H, K, d = self.num_attention_heads, self.kv_heads(part), self.head_dim
             elements = D + (H + 2 * K) * d + H * d + D
-        elif part.is_moe:
+        elif part.is_moe:  # relu2 experts: up and its square 2I (SwiGLU: 3I)
             moe = part.moe
-            elements = D + moe.num_experts + moe.top_k * (3 * moe.expert_size + D) + D
+            elements = D + moe.num_experts + moe.top_k * (self.ffn_matrices * moe.expert_size + D) + D
             if moe.shared_expert_size is not None:  # its gate, product and output, and the sum
-                elements += 3 * moe.shared_expert_size + D + self.shared_expert_gate + D
+                elements += self.ffn_matrices * moe.shared_expert_size + D + self.shared_expert_gate + D
         else:
-            elements = D + 3 * part.intermediate_size + D
+            elements = D + self.ffn_matrices * part.intermediate_size + D
         return elements * dtype_bytes
 
     def fixed_activation_bytes_per_token(self, part: str, dtype_bytes: int) -> int:

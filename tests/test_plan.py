@@ -661,3 +661,61 @@ def test_plan_of_an_moe_pipeline_prices_every_stage(tmp_path, parent):
     assert realize["disk_bytes"] == shape.model_bytes(None, footprint.DTYPE_BYTES[realize["dtype"]])
     assert steps["importance"]["flops"] == pytest.approx(64 * 256 * shape.model_flops_per_token(None, 128))
     assert steps["importance"]["flops"] < 0.6 * 64 * 256 * 2 * shape.total_params()
+# ---- the NemotronH hybrid: Nemotron-3 Nano 30B-A3B (tests/data/configs/README.md: source) ----
+
+def test_nemotron_h_parent_counts_match_the_card_and_it_serves_on_one_h100(tmp_path, capsys):
+    """NVIDIA's card: 31.6B parameters, about 3.2B active per token (3.6B with the embeddings), one H100."""
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(CONFIGS / "nemotron-3-nano-30b-a3b"), "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "hybrid: 23 mamba, 23 moe, 6 attn layers" in text
+    parent = json.loads(out.read_text())["parent"]
+    assert parent["total_params"] == pytest.approx(31.6e9, rel=0.01)
+    assert parent["active_params"] == pytest.approx(3.6e9, rel=0.02)
+    shape = ModelShape(**{k: parent[k] for k in ModelShape.__dataclass_fields__})
+    assert parent["active_params"] - shape.fixed_params("embeddings") == pytest.approx(3.2e9, rel=0.02)
+    # serving: 6 attention layers of 2 KV heads of 128 cache K and V per token; 23 Mamba2 layers hold a fixed
+    # state per sequence: conv (4 - 1) x (4096 + 2 x 8 x 128) channels in bf16 and 64 x 64 x 128 in fp32
+    fit = {f["gpus"]: f for f in parent["serving"]}[1]
+    per_sequence = 6 * 2 * 2 * 128 * 2 * 2048 + 23 * (3 * 6144 * 2 + 64 * 64 * 128 * 4)
+    assert fit["kv_cache_bytes"] == 64 * per_sequence
+    assert fit["fits"] and "1 x H100: fits" in text
+
+
+def test_nemotron_h_layers_match_transformers_own_class():
+    """Mamba2, attention, MoE (relu2 experts, shared expert, score-correction bias) and MLP layers as
+    transformers' NemotronHForCausalLM builds them (5 of the 52 layers, on the meta device)."""
+    from transformers import AutoModelForCausalLM
+
+    config = load_config_with(CONFIGS / "nemotron-3-nano-30b-a3b",
+                              layers_block_type=["linear_attention", "full_attention", "moe", "mlp", "linear_attention"])
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    weights = sum(p.numel() for p in model.parameters()) + sum(b.numel() for n, b in model.named_buffers()
+                                                               if n.endswith("e_score_correction_bias"))
+    assert ModelShape.from_config(config).total_params() == weights
+
+
+def test_nemotron_h_roofline_prices_a_fixed_mamba2_state_and_relu2_experts():
+    """The roofline of the whole parent sums to the shape's counts; a Mamba2 layer's decode step reads its
+    fixed state whatever the context, an attention layer's grows with it; relu2 experts cost 2/3 of SwiGLU's."""
+    from dataclasses import replace
+
+    from puzzle.profiling.roofline import predict_model_costs, sublayer_costs
+
+    shape, _ = planner.parent_shape(CONFIGS / "nemotron-3-nano-30b-a3b")
+    config = load_config_with(CONFIGS / "nemotron-3-nano-30b-a3b")
+    profile = planner.load_profile("h100_80gb")
+    costs = predict_model_costs(config, shape.parent_blocks, profile)
+    assert costs["params"] == shape.total_params()
+    assert costs["kv_cache_bytes"] == shape.kv_cache_bytes(None, profile.workload.max_context * profile.workload.batch_size,
+                                                           2, profile.workload.max_context)
+    mamba, attention = shape.parent_blocks[0].attention, shape.parent_blocks[5].attention
+    assert mamba.is_mamba and attention.is_gqa
+    longer = replace(profile, workload=replace(profile.workload, input_len=16 * profile.workload.input_len))
+    assert sublayer_costs(shape, "attention", mamba, longer)["decode_s"] == sublayer_costs(shape, "attention", mamba, profile)["decode_s"]
+    assert sublayer_costs(shape, "attention", attention, longer)["decode_s"] > sublayer_costs(shape, "attention", attention, profile)["decode_s"]
+    moe = shape.parent_blocks[1].ffn
+    swiglu = shape.with_(dense_ffn="swiglu")
+    assert shape.params(moe) - swiglu.params(moe) == -(128 * 2688 * 1856 + 2688 * 3712)  # one matrix per expert less

@@ -30,6 +30,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model.checkpoint import load_config, load_model, load_tokenizer
+from puzzle.search_space import refuse_hybrid
 from puzzle.outputs import check_output, write_marker
 from puzzle.run_dir import PARENT_ORIGINAL, RunDir, writes_run_dir
 from puzzle.stages import settings_of
@@ -59,7 +60,8 @@ def original_parent(run: RunDir, parent: Path | None) -> Path:
         raise PuzzleError(f"{run.root}'s teacher was corrected from {original}, not {parent}; use another --run-dir")
     if not original and "parent" in info and Path(info["parent"]).resolve() != resolved:
         raise PuzzleError(f"{run.root} belongs to parent {info['parent']}, not {resolved}; use another --run-dir")
-    load_config(parent)  # a supported architecture: one line before the data and the weights are read
+    # a supported architecture: one line before the data and the weights are read
+    refuse_hybrid(load_config(parent), "correct-teacher")  # distillation does not handle hybrids yet (issue 26)
     return parent
 
 

@@ -9,8 +9,9 @@ from puzzle.engines import check_child, check_family, get_engine, violations
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
 from puzzle.outputs import check_output
+from puzzle.search_space import refuse_hybrid
 
-FORMATS = ("gguf", "nemotron-nas", "anymodel", "plain")
+FORMATS = ("gguf", "nemotron-nas", "anymodel", "plain", "nemotron-h-puzzle")
 
 
 # The engines that read each format, the default first. A nemotron-nas export is for one of them (--engine)
@@ -21,8 +22,10 @@ FORMATS = ("gguf", "nemotron-nas", "anymodel", "plain")
 # checkpoint (export/plain.py), loaded by transformers' class of the family without remote code; a child
 # of an MoE family (served by transformers only: family.py) is written plain when its layers are uniform,
 # else as nemotron-nas for transformers (trust_remote_code).
+# NemotronHPuzzle is vLLM's layout for NemotronH children (docs/architecture.md, its contract); what is tested is
+# transformers loading it with the code it carries, so that is the engine it is held to.
 FORMAT_ENGINES = {"gguf": ("llamacpp",), "nemotron-nas": ("vllm", "sglang", "trtllm", "transformers"),
-                  "anymodel": ("vllm",), "plain": ("transformers",)}
+                  "anymodel": ("vllm",), "plain": ("transformers",), "nemotron-h-puzzle": ("transformers",)}
 
 
 def format_engine(format: str, engine: str | None) -> str:
@@ -54,6 +57,10 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
         from .llamacpp import check_llamacpp
 
         check_llamacpp(blocks, hidden_size)
+    elif format == "nemotron-h-puzzle":
+        from .nemotron_h_puzzle import check_nemotron_h_puzzle
+
+        check_nemotron_h_puzzle(config)
     elif format == "nemotron-nas":
         from .nemotron_nas import check_ffn_grid
 
@@ -70,7 +77,7 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
         check_anymodel(blocks)
 
 
-def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel", "plain"] = "gguf",
+def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anymodel", "plain", "nemotron-h-puzzle"] = "gguf",
            dtype: str = "auto", engine: str | None = None, force: bool = False) -> Path:
     """Write a child (or a parent, as an all-parent child) in a format an inference engine loads.
 
@@ -79,7 +86,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
         out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel, plain) to write
         format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
             with trust_remote_code), anymodel (NVIDIA Puzzletron) or plain (the parent family's own checkpoint,
-            e.g. MixtralForCausalLM's, for a child whose layers are all alike: same KV heads, experts, top-k)
+            e.g. MixtralForCausalLM's, for a child whose layers are all alike: same KV heads, experts, top-k) or nemotron-h-puzzle
+            (a NemotronH child as vLLM's NemotronHPuzzleForCausalLM; transformers with trust_remote_code)
         dtype: weights: fp32, fp16 or q8_0 for gguf (auto: fp16); fp32, fp16 or bf16 for the others (auto: as
             stored); torch's names (float32, ...) and llama.cpp's (f32, f16) work too
         engine: the engine the export is for, whose rules every layer must meet: nemotron-nas: vllm (default),
@@ -92,6 +100,8 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
+    if format != "nemotron-h-puzzle":  # the one writer of hybrids (issue 26)
+        refuse_hybrid(config, "export --format " + format)
     _check(format, engine, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":
         from .llamacpp import GGUF_DTYPES, write_gguf
@@ -111,6 +121,10 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     out = Path(out)
     if format == "gguf":
         write_gguf(model, tokenizer, out, weights, name=Path(child).stem)
+    elif format == "nemotron-h-puzzle":
+        from .nemotron_h_puzzle import write_nemotron_h_puzzle
+
+        write_nemotron_h_puzzle(model, tokenizer, out, weights)
     elif format == "nemotron-nas":
         from .nemotron_nas import write_nemotron_nas
 

@@ -13,6 +13,7 @@ from .blocks import (
     BlockConfig,
     BlockConfigError,
     FFNConfig,
+    MambaConfig,
     MoEConfig,
     parse_block_configs,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "BlockConfig",
     "BlockConfigError",
     "FFNConfig",
+    "MambaConfig",
     "MoEConfig",
     "parse_block_configs",
     "register",

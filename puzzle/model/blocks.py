@@ -16,7 +16,10 @@ imports it relatively), and torch-free stages (the solver) import it without loa
 
   attention: GQA with `n_heads_in_group` query heads per KV head (and a sliding `window`: each query sees
              only the last `window` keys, named "attn_g3_w128", written as DeciLM's `window_length`), or `replace_with_linear`
-             (a hidden->hidden map applied per token), or `no_op` (the sublayer is skipped).
+             (a hidden->hidden map applied per token), or `no_op` (the sublayer is skipped), or a Mamba2
+             mixer (`mamba`: `MambaConfig`, named "mamba_h8d16n16g2": 8 SSM heads of 16 channels, a state of
+             16, 2 groups of B/C), written as NVIDIA Puzzletron's `attention.mamba` entry: a hybrid family's
+             (NemotronH) sequence mixer sits in the attention slot of a block.
   ffn:       SwiGLU with `intermediate_size` neurons, or `replace_with_linear`, or `no_op`, or a
              Mixture of Experts (`moe`: `MoEConfig`, named "moe_e8k2_i64": 8 SwiGLU experts of 64
              neurons, 2 of them per token, and a router), written as NVIDIA Puzzletron's `ffn.moe` entry.
@@ -113,7 +116,9 @@ def _parse_name(cls: type, name: Any, base: str, size_prefix: str, field: str) -
     )
 
 
-_ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear", "window_length"}
+_ATTENTION_KEYS = {"n_heads_in_group", "no_op", "replace_with_linear", "window_length", "mamba"}
+# Puzzletron's names for a Mamba2 mixer's fields (modelopt puzzletron block_config.py `MambaConfig`)
+_MAMBA_KEYS = {"num_heads": "num_heads", "head_dim": "head_dim", "state_dim": "state_dim", "num_groups": "num_groups"}
 _FFN_KEYS = {"ffn_mult", "intermediate_size", "no_op", "replace_with_linear", "moe"}
 # Puzzletron's names for an MoE FFN's fields (its block_config.py `MoEConfig`; export/anymodel.py writes `moe`)
 _MOE_KEYS = {"num_local_experts": "num_experts", "num_experts_per_tok": "top_k",
@@ -169,8 +174,55 @@ class MoEConfig:
 
 
 @dataclass(frozen=True)
+class MambaConfig:
+    """A Mamba2 mixer (transformers `NemotronHMamba2Mixer`): `num_heads` SSM heads of `head_dim` channels each
+    (the mixer's inner width is num_heads * head_dim), an SSM state of `state_dim` per channel, and B/C
+    projections shared by the heads of each of `num_groups` groups (num_groups divides num_heads). The
+    convolution width, chunk size and time-step limits are the parent's, the same for every layer (family.py
+    reads them from the config, as the MoE routing is); named "mamba_h8d16n16g2"."""
+
+    num_heads: int
+    head_dim: int
+    state_dim: int
+    num_groups: int
+
+    def __post_init__(self) -> None:
+        for field in _MAMBA_KEYS.values():
+            _check_positive_int("attention.mamba", field, getattr(self, field))
+        if self.num_heads % self.num_groups:
+            raise BlockConfigError(f"attention.mamba: num_groups={self.num_groups} does not divide the "
+                                   f"{self.num_heads} heads")
+
+    @property
+    def name(self) -> str:
+        return f"mamba_h{self.num_heads}d{self.head_dim}n{self.state_dim}g{self.num_groups}"
+
+    @property
+    def inner_size(self) -> int:
+        """The mixer's inner width (x and the gate z): num_heads * head_dim."""
+        return self.num_heads * self.head_dim
+
+    def to_dict(self) -> dict[str, Any]:
+        return {key: getattr(self, field) for key, field in _MAMBA_KEYS.items()}
+
+    @classmethod
+    def from_dict(cls, data: Any) -> "MambaConfig":
+        if not isinstance(data, dict):
+            raise BlockConfigError(f"attention.mamba: expected a mapping, got {type(data).__name__}")
+        unknown = [k for k, v in data.items() if k not in _MAMBA_KEYS and v not in (None, False)]
+        if unknown:
+            raise BlockConfigError(f"attention.mamba: unsupported field {unknown[0]!r}={data[unknown[0]]!r}")
+        missing = [key for key in _MAMBA_KEYS if data.get(key) is None]
+        if missing:
+            raise BlockConfigError(f"attention.mamba: missing {', '.join(repr(k) for k in missing)}")
+        return cls(**{field: data[key] for key, field in _MAMBA_KEYS.items()})
+
+
+@dataclass(frozen=True)
 class AttentionConfig:
-    """One layer's attention: GQA (`n_heads_in_group` query heads share a KV head), linear, or no-op.
+    """One layer's attention: GQA (`n_heads_in_group` query heads share a KV head), linear, no-op, or a
+    Mamba2 mixer (`mamba`; then `n_heads_in_group` is None: it keeps an SSM and a convolution state, no KV
+    cache).
 
     `window`: a GQA attention's sliding window W: query t attends to keys in (t - W, t] (transformers
     masking_utils `sliding_window_overlay`), so an engine caches at most W tokens of a sequence there; None:
@@ -182,6 +234,7 @@ class AttentionConfig:
     n_heads_in_group: int | None = None
     no_op: bool = False
     replace_with_linear: bool = False
+    mamba: MambaConfig | None = None
     window: int | None = None
 
     kind = "attention"  # the sublayer kind (tables' `kind` column); a class attribute, not a field
@@ -191,7 +244,13 @@ class AttentionConfig:
         _check_bool("attention", "replace_with_linear", self.replace_with_linear)
         if self.no_op and self.replace_with_linear:
             raise BlockConfigError("attention: 'no_op' and 'replace_with_linear' cannot both be true")
-        if self.is_gqa:
+        if self.mamba is not None:
+            if not isinstance(self.mamba, MambaConfig):
+                raise BlockConfigError(f"attention: 'mamba' must be a MambaConfig, got {self.mamba!r}")
+            if self.no_op or self.replace_with_linear or self.n_heads_in_group is not None:
+                raise BlockConfigError("attention: a Mamba2 block has no 'n_heads_in_group', 'no_op' or "
+                                       "'replace_with_linear'")
+        elif self.is_gqa:
             if self.n_heads_in_group is None:
                 raise BlockConfigError("attention: a GQA block needs 'n_heads_in_group'")
             _check_positive_int("attention", "n_heads_in_group", self.n_heads_in_group)
@@ -202,7 +261,11 @@ class AttentionConfig:
 
     @property
     def is_gqa(self) -> bool:
-        return not (self.no_op or self.replace_with_linear)
+        return not (self.no_op or self.replace_with_linear or self.is_mamba)
+
+    @property
+    def is_mamba(self) -> bool:
+        return self.mamba is not None
 
     def num_key_value_heads(self, num_attention_heads: int) -> int:
         """KV heads of a GQA block; 0 for linear and no-op blocks (they keep no KV cache)."""
@@ -231,23 +294,33 @@ class AttentionConfig:
             return "attn_noop"
         if self.replace_with_linear:
             return "attn_linear"
+        if self.mamba is not None:
+            return self.mamba.name
         return f"attn_g{self.n_heads_in_group}" + ("" if self.window is None else f"_w{self.window}")
 
     @classmethod
     def from_name(cls, name: str) -> "AttentionConfig":
         """"attn_g3" -> GQA with 3 query heads per KV head; "attn_g3_w128" -> and a sliding window of 128;
-        "attn_linear"; "attn_noop"."""
+        "attn_linear"; "attn_noop"; "mamba_h8d16n16g2" -> a Mamba2 mixer (8 heads of 16, state 16, 2 groups);
+        digits only, no leading zero."""
+        if isinstance(name, str) and name.startswith("mamba_"):
+            if m := re.fullmatch(r"mamba_h([1-9][0-9]*)d([1-9][0-9]*)n([1-9][0-9]*)g([1-9][0-9]*)", name):
+                return cls(mamba=MambaConfig(*(int(g) for g in m.groups())))
+            raise BlockConfigError(f"unknown attention variant {name!r} (expected mamba_h<heads>d<head dim>"
+                                   "n<state>g<groups>, e.g. mamba_h8d16n16g2)")
         if isinstance(name, str) and (m := re.fullmatch(r"attn_g([1-9][0-9]*)_w([1-9][0-9]*)", name)):
             return cls(n_heads_in_group=int(m.group(1)), window=int(m.group(2)))
         try:
             return _parse_name(cls, name, "attn_", "attn_g", "n_heads_in_group")
         except BlockConfigError:
             raise BlockConfigError(f"unknown attention variant {name!r} (expected attn_g<N>, attn_g<N>_w<window>, "
-                                   "attn_linear or attn_noop)") from None
+                                   "attn_linear, attn_noop or mamba_h<heads>d<head dim>n<state>g<groups>)") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = {"n_heads_in_group": self.n_heads_in_group, "no_op": self.no_op,
                "replace_with_linear": self.replace_with_linear}
+        if self.mamba is not None:  # only then: a transformer child's config.json stays as it was
+            out["mamba"] = self.mamba.to_dict()
         if self.window is not None:  # only then: an unwindowed child's config.json stays as it was
             out["window_length"] = self.window
         return out
@@ -265,8 +338,9 @@ class AttentionConfig:
         linear = data.get("replace_with_linear", False) or False
         # DeciLM's AttentionConfig.__post_init__ clears window_length on no-op and linear blocks: so do we
         window = None if no_op is True or linear is True else data.get("window_length")
+        mamba = None if data.get("mamba") is None else MambaConfig.from_dict(data["mamba"])
         return cls(n_heads_in_group=data.get("n_heads_in_group"), no_op=no_op, replace_with_linear=linear,
-                   window=window)
+                   mamba=mamba, window=window)
 
 
 @dataclass(frozen=True)

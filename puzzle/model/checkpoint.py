@@ -24,7 +24,7 @@ from .blocks import AttentionConfig, BlockConfig, FFNConfig
 from .configuration_puzzle import PuzzleConfig
 from .dimensions import check_config_json, check_gguf
 from .loading import INDEX_NAME, SafetensorsCheckpoint, assign_state, check_materialised, materialise_buffers, on_meta
-from .family import FAMILIES, Family, MoESpec, family_of_model_type
+from .family import FAMILIES, Family, MoESpec, family_of_model_type, layer_kinds
 from .modeling_puzzle import PuzzleForCausalLM
 
 register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children in this process
@@ -33,7 +33,7 @@ register()  # AutoConfig / AutoModelForCausalLM resolve `nemotron-nas` children 
 SUPPORTED_PARENTS = tuple(t for f in FAMILIES.values() for t in f.model_types)
 SUPPORTED_ARCHITECTURES = (*SUPPORTED_PARENTS, PuzzleConfig.model_type)
 # relative imports of each other: every one travels with a child
-_MODEL_FILES = ("blocks.py", "family.py", "configuration_puzzle.py", "modeling_puzzle.py")
+_MODEL_FILES = ("blocks.py", "family.py", "configuration_puzzle.py", "mamba.py", "modeling_puzzle.py")
 _AUTO_MAP = {
     "AutoConfig": "configuration_puzzle.PuzzleConfig",
     "AutoModelForCausalLM": "modeling_puzzle.PuzzleForCausalLM",
@@ -52,7 +52,7 @@ def _unsupported(model_type: str) -> PuzzleError:
     return PuzzleError(
         f"unsupported architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)} "
         "(dense Llama, Mistral, Qwen2/Qwen2.5 and Qwen3 decoders with SwiGLU FFNs, Qwen2-MoE, Qwen3-MoE, "
-        "Mixtral and gpt-oss, and puzzle children)"
+        "Mixtral, gpt-oss, the NemotronH hybrid, and puzzle children)"
     )
 
 
@@ -70,7 +70,26 @@ def family_of(config: Any) -> Family:
         raise PuzzleError(f"unsupported FFN activation {config.hidden_act!r}; only SwiGLU (silu) parents are supported")
     if getattr(config, "mlp_bias", False):
         raise PuzzleError("parents with MLP biases are not supported (SwiGLU FFNs without biases only)")
+    if family.hybrid is not None and model_type != PuzzleConfig.model_type:
+        _check_hybrid(config)
     return family
+
+
+def _check_hybrid(config: Any) -> None:
+    """One line for what a NemotronH parent may have that puzzle does not build yet."""
+    if getattr(config, "moe_latent_size", None) is not None:
+        raise PuzzleError("NemotronH parents with a latent MoE projection (moe_latent_size) are not supported yet")
+    if getattr(config, "num_nextn_predict_layers", 0):
+        raise PuzzleError("NemotronH parents with multi-token-prediction layers are not supported yet")
+    for field in ("mamba_hidden_act", "mlp_hidden_act"):
+        expected = "silu" if field == "mamba_hidden_act" else "relu2"
+        if getattr(config, field, expected) != expected:
+            raise PuzzleError(f"NemotronH parents with {field}={getattr(config, field)!r} are not supported "
+                              f"({expected} only)")
+    try:
+        layer_kinds(config)
+    except ValueError as err:
+        raise PuzzleError(f"NemotronH config: {err}") from None
 
 
 def _check_supported(config: Any) -> None:
@@ -191,7 +210,9 @@ def load_model(path: str | Path, dtype: torch.dtype = torch.float32) -> PreTrain
             model = on_meta(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype))
             with SafetensorsCheckpoint(path) as ckpt:
                 state = dequantize_mxfp4_state(ckpt.read_many(ckpt.keys(), dtype), dtype)
-            if config.model_type != PuzzleConfig.model_type and family_of(config).moe is not None:
+            if config.model_type != PuzzleConfig.model_type and family_of(config).hybrid is not None:
+                state = nemotron_h_transformers_state(state, set(model.state_dict()))
+            elif config.model_type != PuzzleConfig.model_type and family_of(config).moe is not None:
                 state = transformers_moe_state(state, set(model.state_dict()), family_of(config).moe)  # hub -> this class
             tied = getattr(config, "tie_word_embeddings", False)
             if tied:
@@ -240,12 +261,18 @@ def load_puzzle(path: str | Path, dtype: torch.dtype | None = torch.float32, las
     try:
         ckpt = ckpt or SafetensorsCheckpoint(path)
         if dtype is None:
-            dtype = ckpt.dtype("model.embed_tokens.weight")
+            dtype = ckpt.dtype(next((k for k in ckpt.keys() if k.endswith("embeddings.weight")
+                                     or k == "model.embed_tokens.weight"), "model.embed_tokens.weight"))
         spec = config.family_descriptor.moe
         # stored name -> ours (an MoE parent's hub names, e.g. Mixtral's block_sparse_moe or gpt-oss's router,
-        # read as puzzle's); fused experts (gpt-oss's, MXFP4-packed or not) are read whole and split below
+        # read as puzzle's; a NemotronH parent's `backbone.layers.{i}.mixer.*` as the slot its mixer takes);
+        # fused experts (gpt-oss's, MXFP4-packed or not) are read whole and split below
         fused = [k for k in ckpt.keys() if _STORED_FUSED.fullmatch(k) and not _left_out(k, config, truncated)]
-        names = {k: canonical_key(k, spec) for k in ckpt.keys() if not _STORED_FUSED.fullmatch(k)}
+        if config.family_descriptor.hybrid is not None:
+            slots = layer_slots(config)
+            names = {k: hybrid_key(k, slots) for k in ckpt.keys()}
+        else:
+            names = {k: canonical_key(k, spec) for k in ckpt.keys() if not _STORED_FUSED.fullmatch(k)}
         unfused = read_unfused(ckpt, fused, spec, dtype) if fused else {}
         stray = [k for k, ours in names.items() if ours not in wanted and not _left_out(ours, config, truncated)]
         stray += [k for k in unfused if k not in wanted]
@@ -321,6 +348,10 @@ def _truncate(model: PuzzleForCausalLM, last_layer: int) -> PuzzleForCausalLM:
     return model
 
 
+# the input embedding's name: ours and the Llama-like families'; NemotronH's (transformers' and the hub's)
+_EMBEDDING_KEYS = ("model.embed_tokens.weight", "model.embeddings.weight", "backbone.embeddings.weight")
+
+
 def weights_dtype(path: str | Path) -> torch.dtype:
     """The dtype a checkpoint stores its weights in (the embedding's, read from the safetensors header); a GGUF
     is dequantised to float32. The library and children of a run are stored in their parent's dtype."""
@@ -329,7 +360,8 @@ def weights_dtype(path: str | Path) -> torch.dtype:
         return torch.float32
     try:
         with SafetensorsCheckpoint(path) as ckpt:
-            return ckpt.dtype("model.embed_tokens.weight")
+            keys = set(ckpt.keys())
+            return ckpt.dtype(next((k for k in _EMBEDDING_KEYS if k in keys), "model.embed_tokens.weight"))
     except (SafetensorError, OSError, KeyError) as err:
         raise PuzzleError(f"{path}: cannot read the weights' header ({_first_line(err)})") from None
 
@@ -357,6 +389,13 @@ def puzzle_config_from(config: Any) -> PuzzleConfig:
     if isinstance(config, PuzzleConfig):
         return PuzzleConfig(**{k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE - {"block_configs"}})
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_ARCHITECTURE}
+    if family.hybrid is not None:  # the layer layout becomes block_configs; NemotronH's names for the rest
+        for key in family.hybrid.layout_fields:
+            data.pop(key, None)
+        blocks = family.hybrid.parent_blocks(config, family.moe)
+        data.update(num_hidden_layers=len(blocks), rms_norm_eps=config.layer_norm_epsilon, family=family.name,
+                    block_configs=[b.to_dict(config.hidden_size) for b in blocks])
+        return PuzzleConfig(**data)
     attention = AttentionConfig(n_heads_in_group=config.num_attention_heads // config.num_key_value_heads)
     # each layer's FFN as the family reads the config (MoE or dense)
     ffns = (family.moe.parent_ffns(config) if family.moe is not None
@@ -378,7 +417,9 @@ def to_puzzle(model: PreTrainedModel) -> PuzzleForCausalLM:
     config = puzzle_config_from(model.config)
     child = on_meta(lambda: PuzzleForCausalLM(config))
     state = dict(model.state_dict())
-    if config.family_descriptor.moe is not None:
+    if config.family_descriptor.hybrid is not None:
+        state = nemotron_h_puzzle_state(state, layer_slots(config))
+    elif config.family_descriptor.moe is not None:
         state = puzzle_moe_state(state, config.family_descriptor.moe)
     if config.tie_word_embeddings:
         state.pop("lm_head.weight", None)
@@ -521,6 +562,66 @@ def hub_moe_state(state: dict[str, torch.Tensor], spec: MoESpec) -> dict[str, to
              f"{'_bias' if m.group(3) == 'bias' else ''}" for k in state if (m := _PER_EXPERT.fullmatch(k))}
     routers = {f"{m.group(1)}{spec.router_name}.{m.group(2)}" for k in state if (m := _ROUTER.fullmatch(k))}
     return transformers_moe_state(state, fused | routers, spec)
+
+
+# NemotronH's names (transformers models/nemotron_h; the hub's `backbone.` prefix, which transformers'
+# conversion_mapping.py renames to `model.`): one `norm` and one `mixer` per layer, `embeddings`, `norm_f`.
+_NEMOTRON_H_LAYER = re.compile(r"(?:backbone|model)\.layers\.(\d+)\.(norm\.weight|mixer\.(.+))")
+_NEMOTRON_H_FIXED = {"embeddings.weight": "model.embed_tokens.weight", "norm_f.weight": "model.norm.weight"}
+_NEMOTRON_H_FUSED = re.compile(r"model\.layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)")
+
+
+def layer_slots(config: PuzzleConfig) -> list[str]:
+    """Where each layer's one mixer sits in puzzle's decoder layer: "self_attn" (Mamba2, attention) or "mlp"."""
+    return ["mlp" if b.attention.no_op else "self_attn" for b in config.blocks]
+
+
+def hybrid_key(key: str, slots: list[str]) -> str:
+    """A NemotronH checkpoint key (hub `backbone.*` or transformers' `model.*`) in puzzle's names: a layer's
+    `norm` is the norm of its mixer's slot (`input_layernorm` for the attention slot, `post_attention_layernorm`
+    for the FFN's), `mixer.*` that slot's module (`shared_experts` -> `shared_expert`); others as they are."""
+    for prefix in ("backbone.", "model."):
+        if key.startswith(prefix) and key[len(prefix):] in _NEMOTRON_H_FIXED:
+            return _NEMOTRON_H_FIXED[key[len(prefix):]]
+    m = _NEMOTRON_H_LAYER.fullmatch(key)
+    if m is None or int(m.group(1)) >= len(slots):
+        return key
+    layer, slot = int(m.group(1)), slots[int(m.group(1))]
+    if m.group(3) is None:
+        norm = "input_layernorm" if slot == "self_attn" else "post_attention_layernorm"
+        return f"model.layers.{layer}.{norm}.weight"
+    rest = m.group(3)
+    if rest.startswith("shared_experts."):
+        rest = "shared_expert." + rest[len("shared_experts."):]
+    return f"model.layers.{layer}.{slot}.{rest}"
+
+
+def nemotron_h_puzzle_state(state: dict[str, torch.Tensor], slots: list[str]) -> dict[str, torch.Tensor]:
+    """transformers' NemotronH state dict in puzzle's layout: names as `hybrid_key`, the fused 3-D experts
+    (`mixer.experts.up_proj` (E, I, D), `down_proj` (E, D, I)) split into one relu2 MLP per expert (views)."""
+    out = {}
+    for key, value in state.items():
+        m = _NEMOTRON_H_FUSED.fullmatch(key)
+        if m is None:
+            out[hybrid_key(key, slots)] = value
+        else:
+            out.update({f"model.layers.{m.group(1)}.mlp.experts.{j}.{m.group(2)}.weight": w for j, w in enumerate(value)})
+    return out
+
+
+def nemotron_h_transformers_state(state: dict[str, torch.Tensor], wanted: set[str]) -> dict[str, torch.Tensor]:
+    """A NemotronH hub checkpoint's state (`backbone.*`, one tensor per expert) in the layout of transformers'
+    class whose keys are `wanted`: `model.*`, each layer's experts stacked into its fused 3-D parameters
+    (transformers conversion_mapping.py "nemotron_h": WeightRenaming + MergeModulelist(dim=0))."""
+    state = {("model." + k[len("backbone."):]) if k.startswith("backbone.") else k: v for k, v in state.items()}
+    for key in [k for k in wanted if _NEMOTRON_H_FUSED.fullmatch(k)]:
+        experts = []
+        prefix, which = key.rsplit(".", 1)  # "model.layers.1.mixer.experts", "up_proj"
+        while f"{prefix}.{len(experts)}.{which}.weight" in state:
+            experts.append(state.pop(f"{prefix}.{len(experts)}.{which}.weight"))
+        if experts:
+            state[key] = torch.stack(experts)
+    return state
 
 
 # FP4 (e2m1) values by their 4-bit code: transformers integrations/mxfp4.py `FP4_VALUES`

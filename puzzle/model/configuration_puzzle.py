@@ -5,12 +5,15 @@ This file travels with every saved checkpoint (it is copied next to config.json 
 `.blocks` and `.family`: a process that never imported `puzzle` must be able to load a child with
 `trust_remote_code=True`.
 
-The parent's family (family.py: llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, gpt_oss) is recorded
-in `family`; what a layer's attention consists of (biases, q/k norm, sinks) and how an MoE FFN routes and
+The parent's family (family.py: llama, mistral, qwen2, qwen3, qwen2_moe, qwen3_moe, mixtral, gpt_oss, nemotron_h) is
+recorded in `family`; what a layer's attention consists of (biases, q/k norm, sinks) and how an MoE FFN routes and
 activates follow from it (an MoE family's config fields, e.g. Qwen3-MoE's `norm_topk_prob` or gpt-oss's
 `swiglu_limit`, are carried over from the parent's config as they are). A layer's sliding window is its
 attention block's (`window_length`, blocks.py); children written before that kept them in a config-level
-`sliding_windows` list, which loading folds into the blocks.
+`sliding_windows` list, which loading folds into the blocks. A NemotronH child's Mamba2 and routing fields
+(conv_kernel, chunk_size, time_step_limit, use_conv_bias, use_bias, n_group, topk_group, routed_scaling_factor,
+...) are the parent's, carried over the same way; its norm epsilon is `rms_norm_eps` (NemotronH's
+`layer_norm_epsilon`).
 
 One `BlockConfig` per layer (see blocks.py): an attention choice and an FFN choice. It runs under every
 transformers the project declares: 4.56-4.57 (keyword `__init__`, RoPE in `rope_theta` / `rope_scaling`)
@@ -141,6 +144,8 @@ class PuzzleConfig(LlamaConfig):
             blocks = [_fold_window(i, b, w) for i, (b, w) in enumerate(zip(blocks, windows))]
         if family.moe is None and any(b.ffn.is_moe for b in blocks):  # the router's semantics are the family's
             raise BlockConfigError(f"block_configs has MoE FFNs but family {family.name!r} has none")
+        if family.hybrid is None and any(b.attention.is_mamba for b in blocks):  # conv width, chunk: the family's
+            raise BlockConfigError(f"block_configs has Mamba2 mixers but family {family.name!r} is not hybrid")
         self.block_configs = [AttrDict(b.to_dict(self.hidden_size)) for b in blocks]
 
     def _legacy_windows(self) -> list | None:

@@ -96,6 +96,8 @@ def _check_against(claims: dict[str, Any], names: dict[str, str], shapes: dict[s
                    where: str) -> None:
     """Every claimed dimension against the tensors in `shapes` (HF or GGUF names, torch order)."""
     layers = _layer_indices(shapes, "model.layers." if hf else "blk.")
+    if hf and not layers:  # NemotronH's hub checkpoints name them backbone.layers.N (transformers renames on load)
+        layers = _layer_indices(shapes, "backbone.layers.")
     n = claims.get("num_hidden_layers")
     # n distinct indices from 0 to n - 1 are exactly 0..n-1 (no set of n elements is built)
     if n is not None and (len(layers) != n or (layers and (min(layers) != 0 or max(layers) != n - 1))):

@@ -34,6 +34,11 @@ logits then a softmax over those k, and its experts have biases and a clamped Sw
 Its hub checkpoints store the experts MXFP4-packed (`*_blocks` / `*_scales`), dequantised on load
 (checkpoint.py `dequantize_mxfp4`). Its RMSNorm casts after the weight (`norm_cast_last`).
 
+Hybrid families (`hybrid`: a `HybridSpec`; NemotronH) have one mixer per layer, named by the config's
+`layers_block_type` / `hybrid_override_pattern`: a Mamba2 mixer or an attention (the block's attention slot,
+its FFN a no-op), or an MLP or an MoE (the FFN slot, attention a no-op). Each is a pre-norm residual block
+with one norm, so the two-slot decoder layer computes it exactly (a no-op slot has neither module nor norm).
+
 Standard library only: this file travels with every saved child checkpoint (configuration_puzzle.py imports
 it relatively), so a process without `puzzle` builds the child's layers from it.
 """
@@ -41,7 +46,7 @@ it relatively), so a process without `puzzle` builds the child's layers from it.
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from .blocks import FFNConfig, MoEConfig
+from .blocks import AttentionConfig, BlockConfig, FFNConfig, MambaConfig, MoEConfig
 
 # How a family's HF config says which layers attend through a sliding window.
 WindowRule = Literal["none", "all", "layer_types"]
@@ -69,7 +74,10 @@ FusedLayout = Literal["gate_up_rows", "gate_up_interleaved"]
 
 # Which layers of an MoE family's HF config are MoE ("all"; "qwen": every `decoder_sparse_step`-th layer not in
 # `mlp_only_layers`, the others dense SwiGLU of `intermediate_size`, as Qwen2MoeDecoderLayer / Qwen3MoeDecoderLayer)
-SparseRule = Literal["all", "qwen"]
+SparseRule = Literal["all", "qwen", "pattern"]  # "pattern": a hybrid family's "moe" layers (`HybridSpec`)
+# How a dense FFN (and an MoE's experts) computes: SwiGLU down(silu(gate(x)) * up(x)), or NemotronH's
+# non-gated down(relu(up(x))^2) (transformers `NemotronHMLP`, `ACT2FN["relu2"]`)
+DenseFFN = Literal["swiglu", "relu2"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +100,14 @@ class MoESpec:
     weights_in_input_dtype  the top-k weights are cast to the hidden states' dtype before they scale the
                  experts' outputs (Qwen's `router_top_value.to(router_logits.dtype)`); False: they stay fp32
                  (Mixtral). The same in fp32; one rounding apart in bf16.
+    scoring      "softmax" (above) or "sigmoid": NemotronH's `NemotronHTopkRouter` (and DeepSeek-V3's):
+                 fp32 logits of an fp32 router, scores = sigmoid(logits); the experts are chosen by
+                 scores + `e_score_correction_bias` (a per-expert (E,) buffer of the router, `score_bias`),
+                 their weights are the scores without it; renormalised as `renormalise` says (plus 1e-20), then
+                 times the config's `scaling_field` (`routed_scaling_factor`)
+    group_fields the config fields (n_group, topk_group) of grouped top-k: experts in n_group equal groups, a
+                 group scored by the sum of its two best scores, only the topk_group best groups' experts
+                 may be chosen; None: no grouping
     routing      the order of top-k and softmax (`RoutingOrder`); "topk_softmax" weights sum to 1 by
                  construction (no renormalising) and are in the logits' dtype
     router_bias  the router has a bias (E,) (`mlp.router.bias`, gpt-oss)
@@ -112,6 +128,10 @@ class MoESpec:
     shared_expert_field: str | None = None
     shared_expert_gate: bool = False
     weights_in_input_dtype: bool = True
+    scoring: Literal["softmax", "sigmoid"] = "softmax"
+    score_bias: bool = False
+    group_fields: tuple[str, str] | None = None
+    scaling_field: str | None = None
     routing: RoutingOrder = "softmax_topk"
     router_bias: bool = False
     expert_bias: bool = False
@@ -119,6 +139,16 @@ class MoESpec:
     fused_layout: FusedLayout = "gate_up_rows"
     router_name: str = "gate"
     hub_fused: bool = False
+
+    def groups(self, config: Any) -> tuple[int, int]:
+        """(n_group, topk_group) of grouped routing; (1, 1): every expert may be chosen."""
+        if self.group_fields is None:
+            return 1, 1
+        return tuple(int(getattr(config, f, 1) or 1) for f in self.group_fields)
+
+    def scaling(self, config: Any) -> float:
+        """The factor the routed experts' weights are scaled by (1.0 where the family has none)."""
+        return 1.0 if self.scaling_field is None else float(getattr(config, self.scaling_field, 1.0))
 
     def clamp(self, config: Any) -> tuple[float, float]:
         """(alpha, limit) of the clamped SwiGLU, from the config (a child's carries the parent's fields)."""
@@ -133,17 +163,79 @@ class MoESpec:
     def is_moe_layer(self, config: Any, layer: int) -> bool:
         if self.sparse == "all":
             return True
+        if self.sparse == "pattern":
+            return layer_kinds(config)[layer] == "moe"
         step = getattr(config, "decoder_sparse_step", 1) or 1
         return (layer not in (getattr(config, "mlp_only_layers", None) or [])
                 and getattr(config, self.experts_field) > 0 and (layer + 1) % step == 0)
 
+    def block(self, config: Any) -> FFNConfig:
+        """The MoE FFN of the HF config's MoE layers."""
+        shared = getattr(config, self.shared_expert_field) if self.shared_expert_field else None
+        return FFNConfig(moe=MoEConfig(getattr(config, self.experts_field), config.num_experts_per_tok,
+                                       getattr(config, self.expert_size_field), shared or None))
+
     def parent_ffns(self, config: Any) -> list[FFNConfig]:
         """Each layer's FFN in the HF config: the MoE block, or the dense SwiGLU of `intermediate_size`."""
-        shared = getattr(config, self.shared_expert_field) if self.shared_expert_field else None
-        moe = FFNConfig(moe=MoEConfig(getattr(config, self.experts_field), config.num_experts_per_tok,
-                                      getattr(config, self.expert_size_field), shared or None))
+        moe = self.block(config)
         dense = FFNConfig(intermediate_size=config.intermediate_size)
         return [moe if self.is_moe_layer(config, i) else dense for i in range(config.num_hidden_layers)]
+
+
+# A hybrid config's per-layer kinds: transformers 5's `layers_block_type` values and the older
+# `hybrid_override_pattern` characters (NemotronHConfig `_pattern_to_list`), each as the block it is.
+_LAYER_KINDS = {"linear_attention": "mamba", "mamba": "mamba", "M": "mamba", "full_attention": "attention",
+                "attention": "attention", "*": "attention", "mlp": "mlp", "-": "mlp", "moe": "moe", "E": "moe"}
+
+
+def layer_kinds(config: Any) -> list[str]:
+    """Each layer of a hybrid HF config as "mamba" | "attention" | "mlp" | "moe", read from
+    `layers_block_type` (a list) or `hybrid_override_pattern` (a string such as "M-M*-E")."""
+    raw = getattr(config, "layers_block_type", None) or getattr(config, "hybrid_override_pattern", None) or []
+    kinds = [_LAYER_KINDS.get(k) for k in raw]
+    if not kinds or None in kinds:
+        raise ValueError(f"unreadable hybrid layer pattern {raw!r} (expected mamba/attention/mlp/moe per layer)")
+    return kinds
+
+
+@dataclass(frozen=True)
+class HybridSpec:
+    """A hybrid family's per-layer mixers (transformers `NemotronHBlock`: norm, one mixer, residual), read
+    from the config's pattern (`layer_kinds`). Mamba2 layers take their shape from these config fields, the
+    same for every layer; attention layers are GQA of `num_key_value_heads`; MLP layers are the family's dense
+    FFN of `intermediate_size`; MoE layers as `Family.moe` reads them.
+
+    layout_fields  the config fields that describe the layer layout, replaced by `block_configs` in a child
+    """
+
+    num_heads_field: str = "mamba_num_heads"
+    head_dim_field: str = "mamba_head_dim"
+    state_field: str = "ssm_state_size"
+    groups_field: str = "n_groups"
+    layout_fields: tuple[str, ...] = ("layers_block_type", "hybrid_override_pattern", "layer_types",
+                                      "mtp_layers_block_type", "mtp_hybrid_override_pattern")
+
+    def mamba(self, config: Any) -> MambaConfig:
+        return MambaConfig(*(int(getattr(config, f)) for f in (self.num_heads_field, self.head_dim_field,
+                                                               self.state_field, self.groups_field)))
+
+    def parent_blocks(self, config: Any, moe: "MoESpec | None") -> list[BlockConfig]:
+        """Each layer of the HF config as a block: its mixer in the attention or the FFN slot, the other a no-op."""
+        noop_attention, noop_ffn = AttentionConfig(no_op=True), FFNConfig(no_op=True)
+        blocks = []
+        for kind in layer_kinds(config):
+            if kind == "mamba":
+                blocks.append(BlockConfig(AttentionConfig(mamba=self.mamba(config)), noop_ffn))
+            elif kind == "attention":
+                group = config.num_attention_heads // config.num_key_value_heads
+                blocks.append(BlockConfig(AttentionConfig(n_heads_in_group=group), noop_ffn))
+            elif kind == "mlp":
+                blocks.append(BlockConfig(noop_attention, FFNConfig(intermediate_size=config.intermediate_size)))
+            else:
+                if moe is None:
+                    raise ValueError("an MoE layer in a family without MoE routing")
+                blocks.append(BlockConfig(noop_attention, moe.block(config)))
+        return blocks
 
 
 @dataclass(frozen=True)
@@ -165,6 +257,10 @@ class Family:
                       (transformers `GptOssRMSNorm`: `(w * x).to(dtype)`); False: Llama's `w * x.to(dtype)`.
                       The same in fp32, one rounding apart in bf16
     moe               how the family's MoE FFNs route (`MoESpec`); None for a dense family
+    rope              whether attention rotates q/k (NemotronH's `NemotronHAttention` applies no position
+                      embedding: its attention layers see positions only through the Mamba2 layers)
+    ffn               how a dense FFN and an MoE expert compute (`DenseFFN`): "swiglu" or NemotronH's "relu2"
+    hybrid            a hybrid family's per-layer mixers (`HybridSpec`); None: every layer attention + FFN
     engines           the target engines (puzzle.engines) that serve this family's children: their nemotron-nas /
                       deci loaders build Llama's attention only; llama.cpp's own qwen2 / qwen3 loaders build every
                       layer at layer 0's KV and FFN widths (llama.cpp 0c1e57098 `check_tensor_dims` refuses a
@@ -184,6 +280,9 @@ class Family:
     engines: tuple[str, ...] = ("transformers",)
     moe: MoESpec | None = None
     bias_field: str = "attention_bias"
+    rope: bool = True
+    ffn: DenseFFN = "swiglu"
+    hybrid: HybridSpec | None = None
 
     def attention_biases(self, config: Any) -> tuple[bool, bool]:
         """(q/k/v bias, o bias) of a config of this family (a PuzzleConfig or the HF config)."""
@@ -225,6 +324,18 @@ FAMILIES: dict[str, Family] = {
                         windows="all", moe=MoESpec("num_experts", "moe_intermediate_size", None, "qwen")),
     "mixtral": Family("mixtral", ("mixtral",), "MixtralConfig", "MixtralForCausalLM", qkv_bias=False, o_bias=False,
                       windows="all", moe=MoESpec("num_local_experts", "intermediate_size", True, weights_in_input_dtype=False)),
+    # Hybrid: Mamba2 / attention / relu2 MLP / MoE layers (transformers models/nemotron_h). Attention without
+    # biases (NemotronHAttention hard-codes bias=False whatever `attention_bias` says) and without RoPE; MoE
+    # with sigmoid, bias-corrected, grouped routing (NemotronHTopkRouter), non-gated relu2 experts and an
+    # ungated shared expert of `moe_shared_expert_intermediate_size` (NemotronHMoE builds it whatever
+    # `n_shared_experts` says); the top-k weights stay fp32 (`top_k_weights` scale the experts' outputs).
+    "nemotron_h": Family("nemotron_h", ("nemotron_h",), "NemotronHConfig", "NemotronHForCausalLM",
+                         qkv_bias=False, o_bias=False, rope=False, ffn="relu2", norm_cast_last=True,
+                         hybrid=HybridSpec(),
+                         moe=MoESpec("n_routed_experts", "moe_intermediate_size", None, "pattern",
+                                     shared_expert_field="moe_shared_expert_intermediate_size",
+                                     weights_in_input_dtype=False, scoring="sigmoid", score_bias=True,
+                                     group_fields=("n_group", "topk_group"), scaling_field="routed_scaling_factor")),
     # gpt-oss: attention_bias on all four, sinks, sliding / full layers from `layer_types`; every layer MoE
     # (experts of `intermediate_size`), its router and experts as GptOssTopKRouter / GptOssExperts
     "gpt_oss": Family("gpt_oss", ("gpt_oss",), "GptOssConfig", "GptOssForCausalLM", sinks=True, norm_cast_last=True,
@@ -267,7 +378,19 @@ def parent_ffns(config: Any) -> list[FFNConfig] | None:
         ffns = [b.ffn for b in config.blocks]
         return ffns if any(f.is_moe for f in ffns) else None
     family = family_of_model_type(getattr(config, "model_type", ""))
+    if family is not None and family.hybrid is not None:
+        ffns = [b.ffn for b in family.hybrid.parent_blocks(config, family.moe)]
+        return ffns if any(f.is_moe for f in ffns) else None
     return family.moe.parent_ffns(config) if family is not None and family.moe is not None else None
+
+
+def is_hybrid(config: Any) -> bool:
+    """Whether a config is a hybrid family's (NemotronH) parent or child, or a child with a Mamba2 block."""
+    if getattr(config, "model_type", None) == "nemotron-nas":
+        family = FAMILIES.get(getattr(config, "family", None) or DEFAULT_FAMILY)
+        return (family is not None and family.hybrid is not None) or any(b.attention.is_mamba for b in config.blocks)
+    family = family_of_model_type(getattr(config, "model_type", ""))
+    return family is not None and family.hybrid is not None
 
 
 def has_moe(config: Any) -> bool:

@@ -5,7 +5,9 @@ transformers. RoPE and RMSNorm are transformers' own Llama modules (Mistral's, Q
 same code; gpt-oss's computes the same angles), and a layer's attention is built as its family (family.py)
 says: q/k/v and o biases, per-head q/k RMSNorm, attention sinks, a sliding window; an MoE block's FFN routes
 and activates as its family's `MoESpec` says (`MoEFFN`); so a child whose blocks are all the parent's computes
-the parent's logits.
+the parent's logits. A hybrid family's (NemotronH) layer holds one
+mixer in one slot: a Mamba2 mixer (mamba.py) or an attention without RoPE in the attention slot, a relu2 MLP
+or an MoE with sigmoid, grouped routing in the FFN slot.
 
 Shapes: B batch, T new tokens, S = past + T keys, D hidden, H query heads, K kv heads, d head_dim.
 """
@@ -21,13 +23,14 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEm
 
 from .blocks import AttentionConfig, FFNConfig, MoEConfig
 from .configuration_puzzle import PuzzleConfig
+from .mamba import Mamba2Mixer
 
 
 # The output field holding the KV cache: `cache` from transformers 5.2x on, `past_key_values` before.
 _CACHE_FIELD = "cache" if "cache" in getattr(BaseModelOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 class PuzzleRMSNorm(LlamaRMSNorm):
-    """transformers' LlamaRMSNorm (`w * x.to(dtype)`), or with `cast_last` GptOssRMSNorm's order: the weight
+    """transformers' LlamaRMSNorm (`w * x.to(dtype)`), or with `cast_last` GptOssRMSNorm's (and NemotronHRMSNorm's) order: the weight
     applied in float32 and the product cast, `(w * x).to(dtype)` (family.py `Family.norm_cast_last`). A
     LlamaRMSNorm either way: code that finds the norms by class finds these."""
 
@@ -62,6 +65,7 @@ class GQAttention(nn.Module):
         super().__init__()
         family = config.family_descriptor
         self.window = attention.window
+        self.rope = family.rope  # NemotronHAttention rotates nothing
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = attention.num_key_value_heads(config.num_attention_heads)
         self.head_dim = config.head_dim
@@ -93,8 +97,9 @@ class GQAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, d), (B, K, T, d)
         v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if self.rope:
+            cos, sin = position_embeddings
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
         if past_key_values is not None:
             k, v = past_key_values.update(k, v, cache_index)  # (B, K, S, d): every past key (a full cache)
         if self.window is not None and k.shape[2] > self.window:
@@ -166,6 +171,41 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+class Relu2MLP(nn.Module):
+    """NemotronH's non-gated FFN (transformers `NemotronHMLP`, `ACT2FN["relu2"]`): down(relu(up(x))^2)."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, bias: bool = False) -> None:
+        super().__init__()
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.square(F.relu(self.up_proj(x))))
+
+
+def dense_ffn(config: PuzzleConfig, intermediate_size: int, bias: bool = False) -> nn.Module:
+    """The family's dense FFN (`Family.ffn`): SwiGLU or NemotronH's relu2 MLP."""
+    cls = Relu2MLP if config.family_descriptor.ffn == "relu2" else SwiGLU
+    return cls(config.hidden_size, intermediate_size, bias)
+
+
+class SigmoidRouter(nn.Module):
+    """NemotronH's router (transformers `NemotronHTopkRouter`): an fp32 linear D -> E without bias and the per-expert
+    `e_score_correction_bias` (E,) buffer that shifts the choice, not the weights; parameters named as its."""
+
+    def __init__(self, hidden_size: int, num_experts: int, score_bias: bool = True) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        if score_bias:  # the family's `MoESpec.score_bias`
+            self.register_buffer("e_score_correction_bias", torch.zeros(num_experts))
+        else:
+            self.e_score_correction_bias = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D) -> fp32 logits (N, E)."""
+        return F.linear(x.float(), self.weight.float())
+
+
 class ClampedSwiGLU(SwiGLU):
     """gpt-oss's expert (transformers `GptOssExperts._apply_gate`): the gate clamped above at `limit`, the up
     projection to [-limit, limit], then down((up + 1) * gate * sigmoid(alpha * gate)). The same parameters as
@@ -181,12 +221,13 @@ class ClampedSwiGLU(SwiGLU):
         return self.down_proj((up + 1) * (gate * torch.sigmoid(gate * self.alpha)))
 
 
-def build_expert(config: PuzzleConfig, intermediate_size: int) -> SwiGLU:
-    """One routed expert of the config's MoE family: its activation and biases (family.py `MoESpec`)."""
+def build_expert(config: PuzzleConfig, intermediate_size: int) -> nn.Module:
+    """One routed expert of the config's MoE family: its activation and biases (family.py `MoESpec`), a
+    relu2 MLP where the family's dense FFN is one (NemotronH)."""
     spec = config.family_descriptor.moe
     if spec.activation == "clamped_swiglu":
         return ClampedSwiGLU(config.hidden_size, intermediate_size, spec.expert_bias, *spec.clamp(config))
-    return SwiGLU(config.hidden_size, intermediate_size, spec.expert_bias)
+    return dense_ffn(config, intermediate_size, spec.expert_bias)
 
 
 class MoEFFN(nn.Module):
@@ -212,17 +253,29 @@ class MoEFFN(nn.Module):
         self.routing = spec.routing
         self.renormalise = spec.renormalise(config)
         self.weights_in_input_dtype = spec.weights_in_input_dtype
-        self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=spec.router_bias)
+        self.sigmoid = spec.scoring == "sigmoid"
+        self.n_group, self.topk_group = spec.groups(config)
+        self.scaling = spec.scaling(config)
+        if self.sigmoid:
+            if self.n_group > 1 and (moe.num_experts % self.n_group or moe.num_experts // self.n_group < 2):
+                raise ValueError(f"{moe.num_experts} experts do not split into {self.n_group} routing groups of two "
+                                 "or more (a group is scored by its two best experts)")
+            self.gate = SigmoidRouter(config.hidden_size, moe.num_experts, spec.score_bias)
+        else:
+            self.gate = nn.Linear(config.hidden_size, moe.num_experts, bias=spec.router_bias)
         self.experts = nn.ModuleList(build_expert(config, moe.expert_size) for _ in range(moe.num_experts))
         self.shared_expert = self.shared_expert_gate = None
-        if moe.shared_expert_size is not None:
-            self.shared_expert = SwiGLU(config.hidden_size, moe.shared_expert_size)
+        if moe.shared_expert_size is not None:  # NemotronHMoE's shared expert takes `mlp_bias`, Qwen2-MoE's none
+            bias = config.mlp_bias if spec.scoring == "sigmoid" else False
+            self.shared_expert = dense_ffn(config, moe.shared_expert_size, bias)
             if spec.shared_expert_gate:
                 self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, D) -> the top-k weights (N, k) (float32, or x's dtype where the family casts them) and the
         chosen experts (N, k)."""
+        if self.sigmoid:
+            return self.route_sigmoid(x)
         logits = self.gate(x)
         if self.routing == "topk_softmax":  # GptOssTopKRouter: a softmax over the top-k logits, in their dtype
             top, chosen = torch.topk(logits, self.top_k, dim=-1)
@@ -232,6 +285,26 @@ class MoEFFN(nn.Module):
         if self.renormalise:
             weights = weights / weights.sum(dim=-1, keepdim=True)
         return weights.to(logits.dtype) if self.weights_in_input_dtype else weights, chosen
+
+    def route_sigmoid(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """transformers `NemotronHTopkRouter.forward`: sigmoid scores (fp32); the experts chosen by score +
+        correction bias among the `topk_group` best of `n_group` groups (a group scored by its two best), the
+        weights the chosen scores, renormalised (+1e-20) where the config says, times `routed_scaling_factor`."""
+        scores = self.gate(x).sigmoid()  # (N, E) fp32
+        bias = self.gate.e_score_correction_bias
+        choice = scores if bias is None else scores + bias
+        N, E = choice.shape
+        if self.n_group > 1 or self.topk_group < self.n_group:
+            group_scores = choice.view(N, self.n_group, E // self.n_group).topk(2, dim=-1)[0].sum(dim=-1)
+            group_idx = torch.topk(group_scores, k=self.topk_group, dim=-1, sorted=False)[1]
+            group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)  # (N, n_group)
+            allowed = group_mask.unsqueeze(-1).expand(N, self.n_group, E // self.n_group).reshape(N, E)
+            choice = choice.masked_fill(~allowed.bool(), float("-inf"))
+        chosen = torch.topk(choice, k=self.top_k, dim=-1, sorted=False)[1]
+        weights = scores.gather(1, chosen)
+        if self.renormalise:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        return weights * self.scaling, chosen
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -259,12 +332,15 @@ class LinearFFN(nn.Module):
         return self.linear_mlp(x)
 
 
-def build_attention(config: PuzzleConfig, attention: AttentionConfig) -> nn.Module | None:
-    """The attention module of a variant (a GQA one with its own sliding window, if any)."""
+def build_attention(config: PuzzleConfig, attention: AttentionConfig, layer: int | None = None) -> nn.Module | None:
+    """The attention module of a variant (a GQA one with its own sliding window, if any); `layer` is the layer
+    whose decode state a Mamba2 mixer keeps in the cache (None: none, e.g. a module profiled alone)."""
     if attention.no_op:
         return None
     if attention.replace_with_linear:
         return LinearAttention(config)
+    if attention.is_mamba:
+        return Mamba2Mixer(config, attention.mamba, layer)
     return GQAttention(config, attention)
 
 
@@ -275,7 +351,7 @@ def build_ffn(config: PuzzleConfig, ffn: FFNConfig) -> nn.Module | None:
         return LinearFFN(config)
     if ffn.is_moe:
         return MoEFFN(config, ffn.moe)
-    return SwiGLU(config.hidden_size, ffn.intermediate_size, config.mlp_bias)
+    return dense_ffn(config, ffn.intermediate_size, config.mlp_bias)
 
 
 class PuzzleDecoderLayer(GradientCheckpointingLayer):
@@ -287,7 +363,7 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         super().__init__()
         block = config.blocks[layer_idx]
         self.layer_idx = layer_idx
-        self.self_attn = build_attention(config, block.attention)
+        self.self_attn = build_attention(config, block.attention, layer_idx)
         self.mlp = build_ffn(config, block.ffn)
         self.input_layernorm = build_norm(config) if self.self_attn is not None else None
         self.post_attention_layernorm = build_norm(config) if self.mlp is not None else None
@@ -312,8 +388,12 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         attention_mask: torch.Tensor | None = None,
         past_key_values: Cache | None = None,
         cache_index: int = 0,
+        padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        h = self.attention_residual(hidden_states, position_embeddings, attention_mask, past_key_values, cache_index)
+        if isinstance(self.self_attn, Mamba2Mixer):  # its state is keyed by layer; padding is zeroed, not masked
+            h = self.attention_residual(hidden_states, padding_mask, past_key_values)
+        else:
+            h = self.attention_residual(hidden_states, position_embeddings, attention_mask, past_key_values, cache_index)
         return self.ffn_residual(h)
 
 
@@ -374,6 +454,15 @@ def build_attention_mask(
     return mask
 
 
+def recurrent_padding_mask(attention_mask: torch.Tensor | None, T: int) -> torch.Tensor | None:
+    """The (B, T) padding mask a Mamba2 mixer zeroes its inputs with (transformers masking_utils
+    `create_recurrent_attention_mask`): the 2D mask's last T columns, or None for a custom 4D mask, a single
+    decoded token or no padding at all."""
+    if attention_mask is None or attention_mask.dim() != 2 or T == 1 or bool(attention_mask.all()):
+        return None
+    return attention_mask[:, -T:]
+
+
 class PuzzleModel(PuzzlePreTrainedModel):
     def __init__(self, config: PuzzleConfig) -> None:
         super().__init__(config)
@@ -382,6 +471,12 @@ class PuzzleModel(PuzzlePreTrainedModel):
         self.norm = build_norm(config)
         self.rotary_emb = LlamaRotaryEmbedding(config=config)
         self.post_init()
+
+    @property
+    def has_mamba(self) -> bool:
+        """Whether some layer is a Mamba2 mixer (read each time: surgery may swap a layer's module, and task
+        depth pruning a run of layers for a module of its own, pruning/task_depth.py)."""
+        return any(isinstance(getattr(layer, "self_attn", None), Mamba2Mixer) for layer in self.layers)
 
     def forward(
         self,
@@ -411,13 +506,14 @@ class PuzzleModel(PuzzlePreTrainedModel):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=inputs_embeds.device)[None].expand(B, T)
         mask = build_attention_mask(attention_mask, T, past, inputs_embeds)
+        padding = recurrent_padding_mask(attention_mask, T) if self.has_mamba else None
 
         h = inputs_embeds
         position_embeddings = self.rotary_emb(h, position_ids)
         all_hidden = [h] if output_hidden_states else None
         cache_index = 0
         for layer in self.layers:
-            h = layer(h, position_embeddings, mask, past_key_values, cache_index)
+            h = layer(h, position_embeddings, mask, past_key_values, cache_index, padding)
             cache_index += layer.has_kv_cache
             if all_hidden is not None:
                 all_hidden.append(h)

@@ -106,6 +106,8 @@ def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload
     n = tokens(workload, phase)
     if config.replace_with_linear:
         return [rms_norm(n, D, e), matmul("linear", n, D, D, e), residual(n, D, e)]
+    if config.is_mamba:
+        return [rms_norm(n, D, e), *mamba_ops(shape, config, workload, phase), residual(n, D, e)]
     H, d, K = shape.num_attention_heads, shape.head_dim, shape.kv_heads(config)
     qkv = matmul("qkv_proj", n, D, (H + 2 * K) * d, e, kernels=9)  # 3 linears, each + view + transpose
     rope = Op("rope", 6.0 * n * (H + K) * d, 2.0 * e * n * (H + K) * d, ROPE_KERNELS)
@@ -125,6 +127,29 @@ def attention_ops(shape: ModelShape, config: AttentionConfig, workload: Workload
     return [rms_norm(n, D, e), qkv, rope, core, o, residual(n, D, e)]
 
 
+def mamba_ops(shape: ModelShape, config: AttentionConfig, workload: Workload, phase: Phase) -> list[Op]:
+    """A Mamba2 mixer's ops (puzzle/model/mamba.py `Mamba2Mixer`, transformers `NemotronHMamba2Mixer`): in_proj
+    D -> 2I + 2GN + Hm, the depthwise causal conv over C = I + 2GN channels and silu, the scan, the gated norm
+    and out_proj I -> D. A prefill runs the chunked scan (SSD: C B^T within each chunk of Q tokens, the chunk
+    states and their read-out; FLOPs `ModelShape.mamba_flops_per_token`) over the whole sequence and writes
+    the final states; a decode step reads and writes each sequence's conv state (K-1)*C and fp32 SSM state
+    Hm*P*N (`ModelShape.recurrent_state_bytes`): the bytes that take the KV cache's place."""
+    e, D, B = workload.dtype_bytes, shape.hidden_size, workload.batch_size
+    n = tokens(workload, phase)
+    Hm, P, N, G, I = shape.mamba_dims(config)
+    C = I + 2 * G * N
+    prefill = phase == "prefill"
+    in_proj = matmul("in_proj", n, D, 2 * I + 2 * G * N + Hm, e)
+    conv = Op("conv1d_silu", 2.0 * n * C * shape.conv_kernel + 4.0 * n * C, float(e) * 3 * n * C, 2)
+    state = B * shape.recurrent_state_bytes(config, e)  # read (decode) or written (prefill) once per step
+    scan_flops = n * (shape.mamba_flops_per_token(config, prefill) - 2 * C * shape.conv_kernel)
+    scan = Op("ssd_scan" if prefill else "ssm_step", float(scan_flops),
+              float(e) * n * (C + Hm + I) + (1 if prefill else 2) * state, 12 if prefill else 6)
+    norm = Op("gated_norm", 8.0 * n * I, float(e) * 3 * n * I, 4)
+    out = matmul("out_proj", n, I, D, e)
+    return [in_proj, conv, scan, norm, out]
+
+
 def ffn_ops(shape: ModelShape, config: FFNConfig, workload: Workload, phase: Phase,
             frequencies: Sequence[float] | None = None) -> list[Op]:
     """The ops of one FFN sublayer (pre-norm and residual included); [] for no-op. An MoE FFN's routing
@@ -139,6 +164,10 @@ def ffn_ops(shape: ModelShape, config: FFNConfig, workload: Workload, phase: Pha
     if config.is_moe:
         return [rms_norm(n, D, e), *moe_ops(shape, config.moe, n, e, workload.expert_parallel, frequencies), residual(n, D, e)]
     I = config.intermediate_size
+    if shape.dense_ffn == "relu2":  # NemotronH: down(relu(up(x))^2), no gate
+        up = matmul("up_proj", n, D, I, e)
+        act = Op("relu2", 2.0 * n * I, 2.0 * e * n * I, 2)
+        return [rms_norm(n, D, e), up, act, matmul("down_proj", n, I, D, e), residual(n, D, e)]
     gate_up = matmul("gate_up_proj", n, D, 2 * I, e, kernels=2)
     act = Op("silu_mul", 5.0 * n * I, 5.0 * e * n * I, 2)  # silu: read g, write; mul: read 2, write
     down = matmul("down_proj", n, I, D, e)
@@ -164,20 +193,21 @@ def moe_ops(shape: ModelShape, moe: MoEConfig, n: int, e: int, expert_parallel: 
     x n*D*e bytes per GPU over the link (a ring all-reduce; vLLM's FusedMoE with expert parallelism reduces its
     output with tensor_model_parallel_all_reduce, vllm/model_executor/layers/fused_moe/layer.py)."""
     D, E, k, I, G = shape.hidden_size, moe.num_experts, moe.top_k, moe.expert_size, expert_parallel
+    g = shape.ffn_matrices - 1  # the up-side matrices: gate and up (SwiGLU), up only (NemotronH's relu2)
     if frequencies is not None and len(frequencies) != E:
         frequencies = None  # measured on another expert set (an expert-pruned child): uniform
     U = expected_experts(E, k, n, frequencies) / G  # chosen experts on one GPU
     rows = n * k / G  # token-expert pairs one GPU computes
     ops = [matmul("router", n, D, E, e, kernels=ROUTER_KERNELS),
-           Op("experts_gate_up", 2.0 * rows * D * 2 * I, float(e) * (U * D * 2 * I + rows * D + rows * 2 * I), 2 * U),
-           Op("experts_silu_mul", 5.0 * rows * I, 5.0 * e * rows * I, 2 * U),
+           Op("experts_gate_up", 2.0 * rows * D * g * I, float(e) * (U * D * g * I + rows * D + rows * g * I), g * U),
+           Op("experts_silu_mul", (5.0 if g == 2 else 2.0) * rows * I, (5.0 if g == 2 else 2.0) * e * rows * I, 2 * U),
            Op("experts_down", 2.0 * rows * I * D, float(e) * (U * I * D + rows * I + rows * D), U),
            # gather each row's input, scale its output by the top-k weight, add it into the (n, D) output
            Op("expert_dispatch", 2.0 * rows * D, float(e) * (rows * D * 5 + n * D), EXPERT_DISPATCH_KERNELS * U)]
     if moe.shared_expert_size is not None:
         S = moe.shared_expert_size
         gate = shape.shared_expert_gate
-        ops += [matmul("shared_gate_up", n, D, 2 * S + gate, e, kernels=2 + gate),
+        ops += [matmul("shared_gate_up", n, D, g * S + gate, e, kernels=g + gate),
                 Op("shared_silu_mul", 5.0 * n * S, 5.0 * e * n * S, 2 + 2 * gate),  # + sigmoid and mul of the gate
                 matmul("shared_down", n, S, D, e), Op("shared_add", float(n * D), 3.0 * e * n * D, 1)]
     if G > 1:
@@ -198,7 +228,8 @@ def kv_cache_bytes(shape: ModelShape, config: AttentionConfig | FFNConfig, workl
     """KV cache of one layer at the end of the generation: 2 * K * d * B * min(in + out, W) * e, the context
     bounded by the variant's sliding window W."""
     tokens = workload.batch_size * int(shape.keys(config, workload.max_context))
-    return shape.kv_cache_bytes_per_token(config, workload.dtype_bytes) * tokens
+    state = workload.batch_size * shape.recurrent_state_bytes(config, workload.dtype_bytes)  # a Mamba2 layer's
+    return shape.kv_cache_bytes_per_token(config, workload.dtype_bytes) * tokens + state
 
 
 def gpu_params(shape: ModelShape, config: AttentionConfig | FFNConfig, expert_parallel: int = 1) -> int:
@@ -207,7 +238,7 @@ def gpu_params(shape: ModelShape, config: AttentionConfig | FFNConfig, expert_pa
     if expert_parallel > 1 and isinstance(config, FFNConfig) and config.is_moe:
         moe = config.moe
         held = -(-moe.num_experts // expert_parallel)  # the fullest GPU's experts: ceil(E / G)
-        params -= (moe.num_experts - held) * 3 * shape.hidden_size * moe.expert_size
+        params -= (moe.num_experts - held) * shape.ffn_matrices * shape.hidden_size * moe.expert_size
     return params
 
 

@@ -14,6 +14,7 @@ from puzzle.io import atomic_write_json, clean_stale_temps
 from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, to_puzzle
 from puzzle.outputs import check_output
 from puzzle.run_dir import RunDir, writes_run_dir
+from puzzle.search_space import refuse_hybrid
 
 from .importance import (
     ImportanceSettings,
@@ -74,6 +75,7 @@ def importance(
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
         raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
+    refuse_hybrid(load_config(parent), "importance")  # before the data and the weights are read (issue 26)
     RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
     if threads:
         torch.set_num_threads(threads)
@@ -167,6 +169,7 @@ def prune(
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
+    refuse_hybrid(load_config(parent), "prune")  # before the importance it would look for (issue 26)
     RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
     # an MoE parent's flags checked before the importance it would look for and the weights
     check_expert_flags(ModelShape.from_config(load_config(parent)), hidden_size, ffn_size, target_params, experts, top_k)

@@ -77,11 +77,13 @@ def serve_check(child: Path, engine: Literal["vllm", "llamacpp", "transformers"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PuzzleError(f"{name} must be a positive integer, got {value!r}")
     from puzzle.model.checkpoint import load_config, load_puzzle, puzzle_config_from
+    from puzzle.search_space import refuse_hybrid
 
     from .drivers import agreement, run_transformers, tokens_per_s
 
     child = Path(child)
     config = puzzle_config_from(load_config(child))
+    refuse_hybrid(config, "serve-check")  # no driver starts a hybrid child yet (issue 26)
     check_family(engine, config)
     check_child(engine, config.blocks, config.hidden_size)  # before seconds of loading
     _available(engine)

@@ -89,7 +89,8 @@ def test_attention_parts_follow_the_descriptor():
     llama_bias = to_puzzle(make_family_parent("llama", attention_bias=True)).model.layers[0].self_attn
     assert llama_bias.o_proj.bias is not None  # Llama's attention_bias puts a bias on all four
     assert set(FAMILIES) == {"llama", "mistral", "qwen2", "qwen3",  # MoE: test_families_moe.py, gpt-oss:
-                             "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss"}  # test_families_gpt_oss.py
+                             "qwen2_moe", "qwen3_moe", "mixtral", "gpt_oss",  # test_families_gpt_oss.py
+                             "nemotron_h"}  # the hybrid: test_mamba.py
 
 
 def heterogeneous(child: PuzzleForCausalLM) -> PuzzleForCausalLM:
