@@ -327,9 +327,13 @@ def main() -> None:
     ap.add_argument("--mc-items", type=int, default=40)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--render-only", action="store_true")
+    ap.add_argument("--collect-only", action="store_true", help="write moe.{json,md} from an earlier run's files")
     args = ap.parse_args()
     if args.render_only:
         atomic_write_text(OUT / "moe.md", render(read_json(OUT / "moe.json")))
+        return
+    if args.collect_only:
+        collect_only(args)
         return
     if not PARENT.exists():
         sys.exit(f"reference parent missing: {PARENT} (scripts/fetch_reference_assets.sh)")
@@ -355,27 +359,50 @@ def main() -> None:
     config = root / "moe_bench.yaml"
     config.write_text(yaml.safe_dump(pipeline_config(args, root, moe_parent, speedup)))
     run_dir = timed(walls, "puzzle run", run_pipeline, config)
-    evals = {p.stem: read_json(p) for p in (Path(run_dir) / "eval").glob("*.json")}
-    solution = read_json(Path(run_dir) / "solutions" / "puzzle.json")
-    realized = read_json(Path(run_dir) / "children" / "puzzle" / "realized.json")
-    child_cfg = read_json(Path(run_dir) / "children" / "puzzle" / "config.json")
-    pruning = read_json(Path(run_dir) / "baselines" / "uniform" / "pruning.json") \
-        if (Path(run_dir) / "baselines" / "uniform" / "pruning.json").exists() else {}
-    ledger = read_json(Path(run_dir) / "pipeline.json")
-    payload = {
+    payload = collect(args, root, up, dense_eval, moe_eval, speedup, uniform_k, load_start,
+                      {**walls, "total": round(time.perf_counter() - start, 1)}, Path(run_dir))
+    atomic_write_json(OUT / "moe.json", payload)
+    atomic_write_text(OUT / "moe.md", render(payload))
+    print(render(payload))
+
+
+def _read(path: Path) -> dict:
+    return read_json(path) if path.exists() else {}
+
+
+def collect(args, root: Path, up: dict, dense_eval: dict, moe_eval: dict, speedup: float, uniform_k: int,
+            load_start, walls: dict, run_dir: Path) -> dict:
+    """moe.json's payload from what the run directory holds (a run cut short: whatever stages finished,
+    `partial` naming what is missing)."""
+    evals = {p.stem: read_json(p) for p in (run_dir / "eval").glob("*.json")}
+    child_cfg = _read(run_dir / "children" / "puzzle" / "config.json")
+    pruning = _read(run_dir / "baselines" / "uniform" / "pruning.json")
+    missing = [n for n in ("parent", "puzzle", "puzzle+gkd", "uniform", "uniform+gkd") if n not in evals]
+    return {
         "parent_dense": str(PARENT.relative_to(REPO)), "corpus": str(CORPUS.relative_to(REPO)), "seed": SEED,
+        "partial": missing,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"cpu_threads": args.threads, "platform": platform.platform(), "torch": torch.__version__,
                     "loadavg_start": load_start, "loadavg_end": os.getloadavg()},
         "upcycle": up, "dense_eval": dense_eval, "moe_parent_eval": moe_eval,
         "uniform": {"experts": args.uniform_experts, "top_k": uniform_k, "predicted_speedup": speedup,
                     "record": {k: pruning.get(k) for k in ("params", "experts", "kept_experts") if k in pruning}},
-        "search_space": search_space(args), "pipeline": pipeline_config(args, root, moe_parent, speedup),
-        "solution": solution, "puzzle_child": {"blocks": [b.get("ffn") for b in child_cfg["block_configs"]],
-                                               "experts": realized.get("experts")},
-        "evals": evals, "stages": {k: v.get("wall_s") for k, v in ledger.items()},
-        "wall_s": {**walls, "total": round(time.perf_counter() - start, 1)},
+        "search_space": search_space(args), "pipeline": pipeline_config(args, root, root / "moe_parent", speedup),
+        "solution": _read(run_dir / "solutions" / "puzzle.json"),
+        "puzzle_child": {"blocks": [b.get("ffn") for b in child_cfg.get("block_configs", [])],
+                         "experts": _read(run_dir / "children" / "puzzle" / "realized.json").get("experts")},
+        "evals": evals, "stages": {k: v.get("wall_s") for k, v in _read(run_dir / "pipeline.json").items()},
+        "wall_s": walls,
     }
+
+
+def collect_only(args) -> None:
+    """moe.{json,md} from an earlier (possibly unfinished) run of this script, nothing run."""
+    root = args.root
+    speedup, uniform_k = uniform_speedup(root / "moe_parent", args.uniform_experts, load_profile(BUDGET))
+    payload = collect(args, root, read_json(root / "upcycle.json"), read_json(root / "dense" / "eval" / "dense.json"),
+                      read_json(root / "dense" / "eval" / "moe_parent.json"), speedup, uniform_k, os.getloadavg(),
+                      {}, root / "run")
     atomic_write_json(OUT / "moe.json", payload)
     atomic_write_text(OUT / "moe.md", render(payload))
     print(render(payload))
@@ -416,8 +443,14 @@ def render(p: dict) -> str:
         f"Command: `nice -n 19 env PYTHONPATH=$PWD .venv/bin/python scripts/bench_moe.py` (seed {p['seed']}); "
         f"{p['machine']['cpu_threads']} CPU thread(s) of a shared 2-core machine (load {p['machine']['loadavg_start'][0]:.1f} "
         f"at the start, {p['machine']['loadavg_end'][0]:.1f} at the end), torch {p['machine']['torch']}.", "",
+    ]
+    if p.get("partial"):
+        lines += [f"**Partial results**: the run was stopped (time) before these evaluations existed: "
+                  f"{', '.join(p['partial'])}. Rerun the command to finish it (every finished stage is reused).", ""]
+    lines += [
         "## The MoE parent: upcycled here, not a real MoE checkpoint", "",
-        "No MoE checkpoint is obtainable here (no model hub; the package index ships only the dense SmolLM2 GGUF), "
+        "No MoE checkpoint is obtainable here (no model hub; the package index's name list, searched for Mixtral / OLMoE / "
+        "Qwen-MoE / MoE-GGUF names, shows no package shipping MoE weights), "
         "so the parent is **SmolLM2-135M-Instruct upcycled into a Mixtral-family checkpoint** (Mixtral's attention "
         "is Llama's: no biases, no q/k norm; no sliding window) and trained briefly. Exactly what was done:", "",
         f"1. Each layer's FFN (1536 neurons) split into {up['experts']} experts of {up['expert_size']} by "
@@ -436,7 +469,7 @@ def render(p: dict) -> str:
         f"by logit KL to the dense model (all weights but the tied embedding; AdamW lr {kd['lr']:g}, "
         f"warm-up then cosine; {kd['wall_s']:.0f} s). Train KL {kd['log'][0]['kl']:.3f} -> {kd['log'][-1]['kl']:.3f}.", "",
         f"Upcycled parent vs the dense original ({de['validation']['tokens']:,} held-out tokens, "
-        f"{len(next(iter(de['multiple_choice'].values())).get('items', [])) or s['mc_items']}-item 4-way cloze):", "",
+        f"{next(iter(de['multiple_choice'].values())).get('items', s['mc_items'])}-item 4-way cloze):", "",
         "| model | params | KL to dense | ppl | top-1 agree | cloze acc (norm) |", "|---|---|---|---|---|---|",
     ]
     for name, e in (("dense SmolLM2-135M-Instruct", de), (f"upcycled Mixtral {up['experts']}x{up['expert_size']} top-{up['top_k']}", me)):
@@ -458,7 +491,7 @@ def render(p: dict) -> str:
         "MoE parent; the cloze task is the run's (built from the run's held-out documents).", "",
         "| model | params | KL before -> after GKD | ppl after | top-1 agree after | cloze acc (norm) after | predicted speedup |",
         "|---|---|---|---|---|---|---|",
-        _row("MoE parent", ev["parent"]),
+        _row("MoE parent", ev["parent"]) if "parent" in ev else "| MoE parent | missing | | | | | |",
     ]
     for name in ("puzzle", "uniform"):
         if name in ev and f"{name}+gkd" in ev:
