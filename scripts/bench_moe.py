@@ -53,6 +53,7 @@ from puzzle.evaluate.commands import evaluate  # noqa: E402
 from puzzle.evaluate.mc import build_mc  # noqa: E402
 from puzzle.io import atomic_write_json, atomic_write_text, read_json  # noqa: E402
 from puzzle.model import PuzzleConfig  # noqa: E402
+from puzzle.model.blocks import BlockConfig  # noqa: E402
 from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, puzzle_config_from, save_checkpoint  # noqa: E402
 from puzzle.pipeline import run as run_pipeline  # noqa: E402
 from puzzle.profiling.hardware import load_profile  # noqa: E402
@@ -389,7 +390,8 @@ def collect(args, root: Path, up: dict, dense_eval: dict, moe_eval: dict, speedu
                     "record": {k: pruning.get(k) for k in ("params", "experts", "kept_experts") if k in pruning}},
         "search_space": search_space(args), "pipeline": pipeline_config(args, root, root / "moe_parent", speedup),
         "solution": _read(run_dir / "solutions" / "puzzle.json"),
-        "puzzle_child": {"blocks": [b.get("ffn") for b in child_cfg.get("block_configs", [])],
+        "puzzle_child": {"layout": [_layout(BlockConfig.from_dict(b, child_cfg["hidden_size"]))
+                                    for b in child_cfg.get("block_configs", [])],
                          "experts": _read(run_dir / "children" / "puzzle" / "realized.json").get("experts")},
         "evals": evals, "stages": {k: v.get("wall_s") for k, v in _read(run_dir / "pipeline.json").items()},
         "wall_s": walls,
@@ -399,10 +401,12 @@ def collect(args, root: Path, up: dict, dense_eval: dict, moe_eval: dict, speedu
 def collect_only(args) -> None:
     """moe.{json,md} from an earlier (possibly unfinished) run of this script, nothing run."""
     root = args.root
+    earlier = _read(OUT / "moe.json")  # the full run's record, if it got that far: its start load and step times
     speedup, uniform_k = uniform_speedup(root / "moe_parent", args.uniform_experts, load_profile(BUDGET))
     payload = collect(args, root, read_json(root / "upcycle.json"), read_json(root / "dense" / "eval" / "dense.json"),
-                      read_json(root / "dense" / "eval" / "moe_parent.json"), speedup, uniform_k, os.getloadavg(),
-                      {}, root / "run")
+                      read_json(root / "dense" / "eval" / "moe_parent.json"), speedup, uniform_k,
+                      earlier.get("machine", {}).get("loadavg_start", os.getloadavg()), earlier.get("wall_s", {}),
+                      root / "run")
     atomic_write_json(OUT / "moe.json", payload)
     atomic_write_text(OUT / "moe.md", render(payload))
     print(render(payload))
@@ -422,13 +426,10 @@ def _row(name: str, ev: dict, before: dict | None = None) -> str:
             f"| {acc:.3f} ({norm:.3f}) | {f'{sp:.3f}x' if sp else '–'} |")
 
 
-def _moe_layout(blocks: list[dict]) -> str:
-    """Per layer 'experts/top-k' of the Puzzle child's FFNs."""
-    out = []
-    for ffn in blocks:
-        moe = (ffn or {}).get("moe")
-        out.append(f"{moe['num_experts']}/{moe['top_k']}" if moe else ("noop" if (ffn or {}).get("no_op") else "dense"))
-    return ", ".join(out)
+def _layout(block: BlockConfig) -> str:
+    """A child's layer as 'experts/top-k' (or its dense FFN's kind)."""
+    moe = block.ffn.moe
+    return f"{moe.num_experts}/{moe.top_k}" if moe else ("noop" if block.ffn.no_op else "dense")
 
 
 def render(p: dict) -> str:
@@ -505,7 +506,8 @@ def render(p: dict) -> str:
             acc, norm = _mc(e) if e.get("multiple_choice") else (float("nan"), float("nan"))
             lines.append(f"| {name} | {e['validation']['kl']:.3f} | {e['validation']['perplexity']:.2f} | "
                          f"{e['validation']['top1_agreement']:.3f} | {acc:.3f} ({norm:.3f}) |")
-    lines += ["", f"Puzzle's child, per layer experts/top-k: {_moe_layout(p['puzzle_child']['blocks'])}.",
+    lines += ["", f"Puzzle's child, per layer experts kept/top-k: {', '.join(p['puzzle_child']['layout'])} "
+              f"(uniform: {u['experts']}/{u['top_k']} in every layer).",
               f"Solver's predicted speedup {sol.get('predicted', {}).get('speedup', float('nan')):.3f}x.", ""]
     if "puzzle+gkd" in ev and "uniform+gkd" in ev:
         a, b = ev["puzzle+gkd"]["validation"]["kl"], ev["uniform+gkd"]["validation"]["kl"]
