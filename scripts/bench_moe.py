@@ -432,6 +432,32 @@ def _layout(block: BlockConfig) -> str:
     return f"{moe.num_experts}/{moe.top_k}" if moe else ("noop" if block.ffn.no_op else "dense")
 
 
+def verdict(ev: dict, p: dict) -> list[str]:
+    """Who is ahead on each metric after GKD, with the evaluation's size (so the reader can judge the noise)."""
+    a, b = ev["puzzle+gkd"], ev["uniform+gkd"]
+    rows = [("KL to the parent", a["validation"]["kl"], b["validation"]["kl"], True),
+            ("perplexity", a["validation"]["perplexity"], b["validation"]["perplexity"], True),
+            ("cloze acc", _mc(a)[0], _mc(b)[0], False), ("cloze acc_norm", _mc(a)[1], _mc(b)[1], False)]
+    out = ["After the same GKD (Puzzle vs uniform):", ""]
+    winners = set()
+    for name, x, y, lower in rows:
+        who = "tie" if x == y else ("Puzzle" if (x < y) == lower else "uniform")
+        winners |= {who} - {"tie"}
+        out.append(f"- {name}: {x:.3f} vs {y:.3f} -> **{who}**")
+    pa, ua = ev["puzzle"]["params"], ev["uniform"]["params"]
+    n_items = next(iter(a["multiple_choice"].values())).get("items", p["settings"]["mc_items"])
+    kl_before = "ahead" if ev["puzzle"]["validation"]["kl"] < ev["uniform"]["validation"]["kl"] else "behind"
+    out += ["", f"At the same predicted speed Puzzle's child has {pa / 1e6:.1f}M parameters, uniform's {ua / 1e6:.1f}M "
+            f"(layouts above). Before GKD Puzzle is {kl_before} on KL (the metric its block scores and the solver use: "
+            f"`{p['solution'].get('metric')}`). The margins are small against the evaluation's size "
+            f"({a['validation']['tokens']:,} tokens, {n_items} cloze items: one item is {1 / n_items:.3f}), so this is "
+            f"{'mixed evidence, not a win for either' if len(winners) > 1 else 'one run, not a settled ranking'}. The predicted speedup is small (the profile's workload is "
+            "KV-cache bound; the experts are a small part of each decode step), the GKD budget is tiny, and the parent is "
+            "an upcycled dense model whose experts are not specialised the way a pretrained MoE's are: this says how the "
+            "two start and recover, not where they end up."]
+    return out
+
+
 def render(p: dict) -> str:
     up, s = p["upcycle"], p["settings"]
     de, me = p["dense_eval"], p["moe_parent_eval"]
@@ -510,11 +536,9 @@ def render(p: dict) -> str:
               f"(uniform: {u['experts']}/{u['top_k']} in every layer).",
               f"Solver's predicted speedup {sol.get('predicted', {}).get('speedup', float('nan')):.3f}x.", ""]
     if "puzzle+gkd" in ev and "uniform+gkd" in ev:
-        a, b = ev["puzzle+gkd"]["validation"]["kl"], ev["uniform+gkd"]["validation"]["kl"]
-        lines.append(f"**After GKD, {'Puzzle' if a < b else 'uniform pruning'} is closer to the parent (KL {min(a, b):.3f} vs "
-                     f"{max(a, b):.3f}).** The GKD budget is tiny and the parent is an upcycled dense model whose experts "
-                     "are not specialised the way a pretrained MoE's are, so this says how the two start and recover, not "
-                     "where they end up.")
+        lines += verdict(ev, p)
+    if p.get("notes"):
+        lines += ["", "## Notes: what was tried and did not work", ""] + [f"- {n}" for n in p["notes"]]
     lines += ["", "## Wall time (s)", "", "| step | s |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in p["wall_s"].items()]
     lines += ["", "Pipeline stages (ledger):", "", "| stage | s |", "|---|---|"]
