@@ -248,6 +248,8 @@ def _abs_activation_sum(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
     experts = getattr(mlp, "experts", None)
     if experts is not None:
         return torch.stack([_abs_activation_sum(e, x) for e in experts])
+    if not hasattr(mlp, "gate_proj"):  # NemotronH's relu2 MLP: relu(x W_up^T)^2
+        return torch.square(F.relu(mlp.up_proj(x))).float().sum(0)
     return (F.silu(mlp.gate_proj(x)) * mlp.up_proj(x)).abs().float().sum(0)
 
 

@@ -98,9 +98,9 @@ def init_attention(
     parent: dict[str, torch.Tensor], variant: AttentionConfig, num_heads: int, num_kv_heads: int
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The child's attention state from the parent's, and the name of the method used."""
-    norm = {ATT_NORM: parent[ATT_NORM].clone()}
-    if variant.no_op:
+    if variant.no_op:  # first: a hybrid's MLP / MoE layer has no attention (nor its norm) to start from
         return {}, "noop"
+    norm = {ATT_NORM: parent[ATT_NORM].clone()}
     if variant.replace_with_linear:
         w = linear_attention_weight(parent["self_attn.v_proj.weight"], parent["self_attn.o_proj.weight"], num_heads, num_kv_heads)
         return {**norm, "self_attn.linear_attn.weight": w}, "wo_wv"
@@ -132,13 +132,14 @@ def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def prune_ffn(parent: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The SwiGLU state restricted to neurons `keep`: rows of gate/up, columns of down."""
-    return {
-        FFN_NORM: parent[FFN_NORM].clone(),
-        "mlp.gate_proj.weight": parent["mlp.gate_proj.weight"][keep].clone(),
-        "mlp.up_proj.weight": parent["mlp.up_proj.weight"][keep].clone(),
-        "mlp.down_proj.weight": parent["mlp.down_proj.weight"][:, keep].clone(),
-    }
+    """The SwiGLU state restricted to neurons `keep`: rows of gate/up, columns of down (a relu2 FFN, NemotronH's,
+    has no gate)."""
+    out = {FFN_NORM: parent[FFN_NORM].clone()}
+    if "mlp.gate_proj.weight" in parent:
+        out["mlp.gate_proj.weight"] = parent["mlp.gate_proj.weight"][keep].clone()
+    out["mlp.up_proj.weight"] = parent["mlp.up_proj.weight"][keep].clone()
+    out["mlp.down_proj.weight"] = parent["mlp.down_proj.weight"][:, keep].clone()
+    return out
 
 
 def ridge_solve(xtx: torch.Tensor, xty: torch.Tensor, ridge: float = RIDGE) -> torch.Tensor:
@@ -187,7 +188,7 @@ def init_ffn(
             raise ValueError("a linear FFN is initialised from calibration activations")
         w = linear_ffn_weight(calibration.x, calibration.y)
         return {FFN_NORM: parent[FFN_NORM].clone(), "mlp.linear_mlp.weight": w}, "lstsq"
-    parent_size = parent["mlp.gate_proj.weight"].shape[0]
+    parent_size = parent["mlp.up_proj.weight"].shape[0]
     if variant.intermediate_size > parent_size:
         raise ValueError(f"an FFN of {variant.intermediate_size} neurons cannot be pruned from {parent_size}")
     if variant.intermediate_size == parent_size:
@@ -207,8 +208,15 @@ def init_ffn(
 # ----- MoE FFN ---------------------------------------------------------------------------------------
 
 
-def _expert_keys(j: int) -> tuple[str, ...]:
-    return tuple(f"mlp.experts.{j}.{p}.weight" for p in ("gate_proj", "up_proj", "down_proj"))
+_EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # a relu2 expert (NemotronH) has no gate_proj
+
+
+def _expert_parts(parent_state: dict[str, torch.Tensor]) -> tuple[str, ...]:
+    return tuple(p for p in _EXPERT_PARTS if f"mlp.experts.0.{p}.weight" in parent_state)
+
+
+def _expert_keys(j: int, parts: tuple[str, ...] = _EXPERT_PARTS) -> tuple[str, ...]:
+    return tuple(f"mlp.experts.{j}.{p}.weight" for p in parts)
 
 
 def choose_experts(parent: dict[str, torch.Tensor], count: int, expert_scores: torch.Tensor | None = None) -> list[int]:
@@ -247,6 +255,9 @@ def init_moe_ffn(
     if len(keep) != child_moe.num_experts or len(set(keep)) != len(keep) or not all(0 <= j < parent_moe.num_experts for j in keep):
         raise ValueError(f"keep {keep} does not name {child_moe.num_experts} distinct of the {parent_moe.num_experts} experts")
     state = {FFN_NORM: parent_state[FFN_NORM].clone(), "mlp.gate.weight": parent_state["mlp.gate.weight"][keep].clone()}
+    if "mlp.gate.e_score_correction_bias" in parent_state:  # NemotronH's per-expert choice bias goes with its expert
+        state["mlp.gate.e_score_correction_bias"] = parent_state["mlp.gate.e_score_correction_bias"][keep].clone()
+    parts = _expert_parts(parent_state)
     for key, w in parent_state.items():  # the shared expert and its gate
         if key.startswith(("mlp.shared_expert.", "mlp.shared_expert_gate.")):
             state[key] = w.clone()
@@ -254,15 +265,14 @@ def init_moe_ffn(
     if narrow and calibration is None:
         raise ValueError("narrower experts are initialised from calibration activations")
     for new, old in enumerate(keep):
-        expert = dict(zip(("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight"),
-                          (parent_state[k] for k in _expert_keys(old))))
+        expert = dict(zip((f"mlp.{p}.weight" for p in parts), (parent_state[k] for k in _expert_keys(old, parts))))
         if narrow:
             mean_abs = calibration.abs_activation_sum[old] / max(calibration.tokens, 1)
             neurons = top_channels(channel_contribution(mean_abs, expert["mlp.down_proj.weight"]), child_moe.expert_size)
         else:
             neurons = torch.arange(parent_moe.expert_size)
         pruned = prune_ffn({FFN_NORM: parent_state[FFN_NORM], **expert}, neurons)
-        for part, key in zip(("gate_proj", "up_proj", "down_proj"), _expert_keys(new)):
+        for part, key in zip(parts, _expert_keys(new, parts)):
             state[key] = pruned[f"mlp.{part}.weight"]
     if keep == list(range(parent_moe.num_experts)) and not narrow:
         method = "copy"

@@ -8,7 +8,7 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.model import BlockConfig, PuzzleForCausalLM
-from puzzle.model.checkpoint import canonical_key, load_config, load_puzzle, puzzle_config_from
+from puzzle.model.checkpoint import load_config, load_puzzle, parent_names, puzzle_config_from
 from puzzle.model.loading import SafetensorsCheckpoint, check_materialised, materialise_buffers, on_meta
 from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
@@ -82,11 +82,12 @@ def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateF
     child = on_meta(lambda: PuzzleForCausalLM(config))
     source = _open_parent(Path(parent))
     try:
-        dtype = dtype or source.dtype("model.embed_tokens.weight")
+        stored = parent_names(source.keys(), parent_config)  # ours -> the parent's (hub names, a hybrid's slots)
+        dtype = dtype or source.dtype(stored["model.embed_tokens.weight"])
         fixed = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-        _fill(child, {k: source.read(k, dtype) for k in fixed})
+        _fill(child, {k: source.read(stored[k], dtype) for k in fixed})
         for variant in _variants(parent_config.blocks, blocks):
-            _fill(child, _sublayer_weights(source, parent_config, variant, state_fn, dtype))
+            _fill(child, _sublayer_weights(source, stored, parent_config, variant, state_fn, dtype))
     finally:
         source.close()
     if config.tie_word_embeddings:
@@ -96,14 +97,13 @@ def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateF
     return child.eval()
 
 
-def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_fn: StateFn,
+def _sublayer_weights(source: Any, stored: dict[str, str], parent_config: Any, variant: Variant, state_fn: StateFn,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One sublayer's tensors under the child's names: the parent's own (read from `source`), or the library
     entry's with the parent's pre-norm where the entry has none (as `replace_sublayer` keeps it)."""
     prefix = f"model.layers.{variant.layer}."
     norm_name, module_name = _PARTS[variant.kind]
-    # ours -> stored: an MoE parent's hub names (Mixtral's block_sparse_moe.experts.{j}.w1) read as puzzle's
-    stored = {canonical_key(k): k for k in source.keys()}
+    # `stored`: ours -> the parent's names (Mixtral's block_sparse_moe.experts.{j}.w1, NemotronH's mixer.*)
     own = {k: s for k, s in stored.items() if k.startswith((prefix + norm_name + ".", prefix + module_name + "."))}
     if variant.is_parent:
         return {k: source.read(s, dtype) for k, s in own.items()}
@@ -120,7 +120,7 @@ def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_f
 
 def _fill(model: PuzzleForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Assign `state`'s tensors (a part of the model's) to the meta-built model, checking every name exists."""
-    unexpected = [k for k in state if k not in dict(model.named_parameters())]
+    unexpected = [k for k in state if k not in model.state_dict()]  # buffers too (NemotronH's score bias)
     if unexpected:
         raise PuzzleError(f"weights that do not fit the child: {unexpected[:3]}")
     model.load_state_dict(state, strict=False, assign=True)

@@ -1,0 +1,58 @@
+"""`puzzle run` end to end on a tiny NemotronH parent (issue 26): the search over a hybrid's layers, each kept
+or dropped by kind (tests/hybrid.py: Mamba2, MoE, attention, MLP layers), BLD of the attention, MLP and MoE
+variants, scoring, solve, realize, GKD, evaluate and the report. Minitron's importance and pruning are not
+part of it (they refuse hybrids)."""
+
+import json
+
+import pytest
+import yaml
+
+from puzzle.cli import main
+from puzzle.model.blocks import BlockConfig
+from puzzle.shape import ModelShape
+
+from conftest import make_tokenizer
+from hybrid import make_nemotron_h_config, make_nemotron_h_parent
+from test_pipeline import tiny_config
+
+# Mamba2 layers keep the parent's mixer or drop it; attention layers take fewer KV heads or none; MLP layers
+# narrower or none; MoE layers fewer experts or a smaller top-k
+HYBRID_SPACE = {"name": "hybrid_tiny", "target_engine": "transformers",
+                "attention": {"kv_heads": "halves", "no_op": True},
+                "ffn": {"ratios": [1.0, 0.5], "no_op": True, "moe": {"expert_ratios": [1.0, 0.5], "top_k": [2, 1]}}}
+
+
+@pytest.mark.slow
+def test_run_end_to_end_on_a_nemotron_h_parent(tmp_path, capsys):
+    parent_dir = tmp_path / "parent"
+    make_nemotron_h_parent().save_pretrained(parent_dir, safe_serialization=True)
+    make_tokenizer().save_pretrained(parent_dir)
+    raw = tiny_config(tmp_path, parent_dir)
+    del raw["importance"], raw["baselines"]
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(HYBRID_SPACE))
+    raw["search_space"] = str(tmp_path / "space.yaml")
+    shape = ModelShape.from_config(make_nemotron_h_config())
+    # a ceiling that dropping one Mamba2 layer or narrowing the MLP alone does not meet: the child differs from
+    # the parent in more than one layer
+    mamba = shape.params(shape.parent_blocks[0])
+    raw["solve"] = [{"budget": "h100_80gb", "max_params": shape.total_params() - mamba - 1, "name": "fast"}]
+    config = tmp_path / "hybrid.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config)]) == 0, capsys.readouterr().err
+    run = tmp_path / "run"
+    child = json.loads((run / "children" / "fast" / "config.json").read_text())
+    assert child["family"] == "nemotron_h" and child["model_type"] == "nemotron-nas"
+    blocks = [BlockConfig.from_dict(b, child["hidden_size"]) for b in child["block_configs"]]
+    assert len(blocks) == 6 and blocks != shape.parent_blocks
+    for block, parent in zip(blocks, shape.parent_blocks):  # each layer stays its own kind, or is dropped
+        assert block.attention.no_op or block.attention.is_mamba == parent.attention.is_mamba
+        assert block.ffn.no_op or block.ffn.is_moe == parent.ffn.is_moe
+        assert not parent.attention.no_op or block.attention.no_op  # an MLP / MoE layer gains no mixer
+        assert not parent.ffn.no_op or block.ffn.no_op
+        assert not block.attention.is_mamba or block.attention == parent.attention  # parent width (vLLM)
+    assert shape.total_params(blocks) <= shape.total_params() - mamba - 1
+    evaluated = {p.stem for p in (run / "eval").glob("*.json")}
+    assert {"parent", "fast", "fast+gkd"} <= evaluated
+    assert json.loads((run / "eval" / "parent.json").read_text())["validation"]["kl"] == 0.0
+    assert (run / "report.md").exists()
