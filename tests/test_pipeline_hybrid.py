@@ -1,7 +1,7 @@
 """`puzzle run` end to end on a tiny NemotronH parent (issue 26): the search over a hybrid's layers, each kept
 or dropped by kind (tests/hybrid.py: Mamba2, MoE, attention, MLP layers), BLD of the attention, MLP and MoE
-variants, scoring, solve, realize, GKD, evaluate and the report. Minitron's importance and pruning are not
-part of it (they refuse hybrids)."""
+variants, scoring, solve, realize, GKD, evaluate and the report, with Minitron's importance (its neuron scores
+rank the MLP's and experts' neurons for BLD's init). Minitron pruning is not part of it (it refuses hybrids)."""
 
 import json
 
@@ -29,7 +29,7 @@ def test_run_end_to_end_on_a_nemotron_h_parent(tmp_path, capsys):
     make_nemotron_h_parent().save_pretrained(parent_dir, safe_serialization=True)
     make_tokenizer().save_pretrained(parent_dir)
     raw = tiny_config(tmp_path, parent_dir)
-    del raw["importance"], raw["baselines"]
+    del raw["baselines"]  # Minitron pruning refuses hybrids
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(HYBRID_SPACE))
     raw["search_space"] = str(tmp_path / "space.yaml")
     shape = ModelShape.from_config(make_nemotron_h_config())
@@ -52,6 +52,11 @@ def test_run_end_to_end_on_a_nemotron_h_parent(tmp_path, capsys):
         assert not parent.ffn.no_op or block.ffn.no_op
         assert not block.attention.is_mamba or block.attention == parent.attention  # parent width (vLLM)
     assert shape.total_params(blocks) <= shape.total_params() - mamba - 1
+    from safetensors.torch import load_file
+
+    scores = load_file(run / "importance" / "importance.safetensors")  # the relu2 MLP's neurons, the experts'
+    assert scores["layers.3.neurons"].shape == (96,) and scores["layers.1.experts.neurons"].shape == (8, 32)
+    assert "layers.2.heads" in scores and not any(k.startswith("layers.0.") and "neurons" in k for k in scores)
     evaluated = {p.stem for p in (run / "eval").glob("*.json")}
     assert {"parent", "fast", "fast+gkd"} <= evaluated
     assert json.loads((run / "eval" / "parent.json").read_text())["validation"]["kl"] == 0.0

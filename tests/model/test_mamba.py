@@ -255,15 +255,13 @@ def test_stages_refuse_a_hybrid_in_one_line(child, parent_dir, tmp_path):
                 refuse(config, "importance")
     from puzzle.export.commands import export
     from puzzle.distill.correct import original_parent
-    from puzzle.pruning.commands import importance, prune
+    from puzzle.pruning.commands import prune
     from puzzle.run_dir import RunDir
 
     with pytest.raises(PuzzleError, match="^export --format gguf: hybrid"):
         export(parent_dir, tmp_path / "out.gguf", format="gguf")
     with pytest.raises(PuzzleError, match="^export --format plain: hybrid"):
         export(parent_dir, tmp_path / "plain", format="plain")
-    with pytest.raises(PuzzleError, match="^importance: hybrid"):
-        importance(parent=parent_dir, run_dir=tmp_path / "run")
     with pytest.raises(PuzzleError, match="^prune: hybrid"):
         prune(parent=parent_dir, out=tmp_path / "pruned", run_dir=tmp_path / "run", hidden_size=16)
     with pytest.raises(PuzzleError, match="^correct-teacher: hybrid"):
