@@ -61,3 +61,18 @@ def test_run_end_to_end_on_a_nemotron_h_parent(tmp_path, capsys):
     assert {"parent", "fast", "fast+gkd"} <= evaluated
     assert json.loads((run / "eval" / "parent.json").read_text())["validation"]["kl"] == 0.0
     assert (run / "report.md").exists()
+    # the searched child, Mamba2 / MLP / MoE layers dropped or not, exports as vLLM's layout and loads back
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from puzzle.model.checkpoint import load_puzzle
+
+    out = tmp_path / "export"
+    assert main(["export", str(run / "children" / "fast" / "gkd" / "model"), str(out), "--format", "nemotron-h-puzzle"]) == 0
+    pattern = json.loads((out / "config.json").read_text())["hybrid_override_pattern"]
+    assert len(pattern) == sum(not (b.attention.no_op and b.ffn.no_op) for b in blocks)
+    loaded = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=True).eval()
+    child_model = load_puzzle(run / "children" / "fast" / "gkd" / "model")
+    x = torch.randint(3, 320, (2, 17))
+    with torch.no_grad():
+        assert (loaded(x, use_cache=False).logits - child_model(x).logits).abs().max() <= 1e-4
