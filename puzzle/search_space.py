@@ -45,7 +45,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import read_yaml
 from puzzle.model.blocks import (AttentionConfig, BlockConfigError, FFNConfig, MoEConfig, on_ffn_mult_grid,
                                  snap_to_ffn_mult_grid)
-from puzzle.model.family import is_hybrid
+from puzzle.model.family import config_family, is_hybrid
 from puzzle.run_dir import RunDir
 from puzzle.shape import ModelShape
 
@@ -170,6 +170,11 @@ def _attention_variants(section: dict, parent: AttentionConfig, num_heads: int, 
     unknown = set(section) - _ATT_KEYS
     if unknown:
         raise PuzzleError(f"{where}: unknown attention keys {sorted(unknown)}; allowed: {sorted(_ATT_KEYS)}")
+    if parent.no_op:  # a hybrid's MLP / MoE layer: its attention slot stays empty
+        return (parent,)
+    if parent.is_mamba:  # a Mamba2 layer is kept at the parent's width or dropped: vLLM builds every Mamba2 layer
+        # at the global shape (docs/architecture.md, NemotronHPuzzle export contract)
+        return (parent, AttentionConfig(no_op=True)) if _flag(section, "no_op", where) else (parent,)
     parent_kv = parent.num_key_value_heads(num_heads)
     gqa = [parent] + [AttentionConfig(n_heads_in_group=num_heads // k).with_window(parent.window)
                       for k in _kv_head_counts(section.get("kv_heads", "all"), parent_kv, num_heads, where)]
@@ -195,6 +200,8 @@ def _ffn_variants(section: dict, parent: FFNConfig, where: str) -> tuple[FFNConf
     moe = section.get("moe") or {}
     if not isinstance(moe, dict):
         raise PuzzleError(f"{where}: ffn 'moe' must be a mapping, got {type(moe).__name__}")
+    if parent.no_op:  # a hybrid's Mamba2 / attention layer: its FFN slot stays empty
+        return (parent,)
     if parent.is_moe:
         out = [parent] + _moe_variants(moe, parent, round_to, where)
     else:
@@ -254,11 +261,10 @@ def _section(raw: dict, key: str, where: str) -> dict:
 
 
 def refuse_hybrid(config: Any, stage: str) -> None:
-    """One line for a stage that does not handle hybrid models yet (issue 26: NemotronH parents load, convert
-    and run, cached generation included; the search over Mamba2 / MLP / MoE layers, pruning, training,
-    evaluation and export come later). Every stage that cannot handle one calls it before reading data or
-    weights: the search space (so library, scoring, solve and realize), importance, prune, distill, evaluate,
-    serve-check and the export formats other than nemotron-h-puzzle (`puzzle plan PARENT` sizes a hybrid)."""
+    """One line for a stage that does not handle hybrid models yet (issue 26: NemotronH parents load, convert,
+    run, are searched (importance, library, scoring, solve, realize, GKD, evaluate: `puzzle run`) and export as
+    nemotron-h-puzzle). Called before any data or weight is read by prune, correct-teacher, serve-check and
+    every export format but nemotron-h-puzzle."""
     if is_hybrid(config):
         family = getattr(config, "family", None) or getattr(config, "model_type", "?")
         raise PuzzleError(f"{stage}: hybrid Mamba2 parents ({family}) load, convert and run, but {stage} does not "
@@ -274,7 +280,6 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     if unknown:
         raise PuzzleError(f"search space {name!r}: unknown keys {sorted(unknown)}")
     name = raw.get("name", name)
-    refuse_hybrid(parent_config, f"search space {name!r}")
     n_layers = parent_config.num_hidden_layers
     num_heads = parent_config.num_attention_heads
     try:
@@ -307,15 +312,30 @@ def build_search_space(raw: Any, parent_config: Any, name: str = "custom") -> Se
     attention = tuple(_attention_variants(s, parent_atts[i], num_heads, f"search space {name!r}")
                       for i, s in enumerate(att_sections))
     ffn = tuple(_ffn_variants(s, own, f"search space {name!r}") for s, own in zip(ffn_sections, parent_ffns))
+    ffn, grouped = _routable(ffn, parent_config)
     engine_name = raw.get("target_engine", DEFAULT_ENGINE)
     if not isinstance(engine_name, str):
         raise PuzzleError(f"search space {name!r}: target_engine must be a name, got {engine_name!r}")
     engine = get_engine(engine_name)
     check_family(engine.name, parent_config)
     attention, ffn, notes = _fit_to_engine(engine, attention, ffn, parent_att, parent_ffns, shape.hidden_size, name)
+    notes = notes + grouped
     for note in notes:
         print(f"note: {note}", file=sys.stderr)
     return SearchSpace(name, n_layers, parent_att, parent_ffns, attention, ffn, engine.name, notes, tuple(parent_atts))
+
+
+def _routable(ffn: tuple[tuple[FFNConfig, ...], ...], parent_config: Any) -> tuple[tuple, tuple[str, ...]]:
+    """The MoE variants a family with grouped routing can route (NemotronH's n_group: the experts split into
+    n_group equal groups of two or more, modeling_puzzle.py `MoEFFN`), and a note naming those dropped."""
+    family, _ = config_family(parent_config)
+    n_group = family.moe.groups(parent_config)[0] if family.moe is not None else 1
+    if n_group <= 1:
+        return ffn, ()
+    ok = lambda f: not f.is_moe or (f.moe.num_experts % n_group == 0 and f.moe.num_experts // n_group >= 2)  # noqa: E731
+    dropped = sorted({f.name for variants in ffn for f in variants if not ok(f)})
+    kept = tuple(tuple(f for f in variants if ok(f)) for variants in ffn)
+    return kept, (f"dropped {', '.join(dropped)}: grouped routing needs the experts in {n_group} groups of two or more",) if dropped else ()
 
 
 def _fit_to_engine(

@@ -719,3 +719,27 @@ def test_nemotron_h_roofline_prices_a_fixed_mamba2_state_and_relu2_experts():
     moe = shape.parent_blocks[1].ffn
     swiglu = shape.with_(dense_ffn="swiglu")
     assert shape.params(moe) - swiglu.params(moe) == -(128 * 2688 * 1856 + 2688 * 3712)  # one matrix per expert less
+
+
+def test_nemotron_h_pipeline_plan_per_stage_on_one_h100(tmp_path):
+    """`puzzle plan` of a search over Nemotron-3 Nano 30B-A3B's layers on one H100 in bf16: the parent's
+    forwards fit (scoring, evaluating the parent: its 59 GiB of weights + activations), the largest MoE
+    variant's BLD job needs a whole GPU, and GKD of a parent-sized student (fp32 weights, gradients, AdamW)
+    does not fit one."""
+    (tmp_path / "space.yaml").write_text(yaml.safe_dump(
+        {"name": "hybrid", "target_engine": "transformers", "attention": {"kv_heads": "halves", "no_op": True},
+         "ffn": {"ratios": [1.0, 0.5], "no_op": True, "moe": {"expert_ratios": [1.0, 0.5], "top_k": [6, 4]}}}))
+    pipeline = write_pipeline(tmp_path, CONFIGS / "nemotron-3-nano-30b-a3b", search_space=str(tmp_path / "space.yaml"),
+                              build_library={"tokens_per_block": 8192, "batch_size": 8, "workers": 1, "worker_memory_gib": 78})
+    raw = yaml.safe_load(pipeline.read_text())
+    del raw["importance"]  # Minitron's importance refuses hybrids
+    pipeline.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "plan.json"
+    assert main(["plan", str(pipeline), *FAST, *H100, "--gpus", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    steps, gpu = by_stage(result), 80e9
+    weights = result["parent"]["fp32_bytes"] // 2  # bf16
+    for step in ("score", "evaluate[parent]"):
+        assert weights < steps[step]["gpu_bytes"] <= gpu
+    assert steps["build_library"]["gpu_bytes"] <= 78 * 2**30 + 2**30
+    assert steps["gkd[s]"]["gpu_bytes"] > 4 * result["parent"]["fp32_bytes"] > gpu

@@ -9,10 +9,9 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
-from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, save_checkpoint, save_model
+from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
 from puzzle.outputs import check_output, marker, write_marker
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
-from puzzle.search_space import refuse_hybrid
 from puzzle.stages import settings_of
 
 from . import fsdp
@@ -136,8 +135,6 @@ def distill(
         if value is None:
             raise PuzzleError(f"{name} is required")
     teacher, student, run_dir = Path(teacher), Path(student), Path(run_dir)
-    for model in (teacher, student):  # before any data or weight is read (issue 26)
-        refuse_hybrid(load_config(model), "distill")
     RunDir(run_dir).check_parent(teacher, "--teacher", corrected_only=True)  # teacher correction: the corrected one
     runtime = resolve(device, dtype)
     if gradient_checkpointing is None:

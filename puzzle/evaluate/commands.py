@@ -9,13 +9,12 @@ from puzzle.data.blocks import check_token_ids, iterate_batches, load_blocks
 from puzzle.device import place, resolve
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json
-from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, puzzle_config_from
+from puzzle.model.checkpoint import load_model, load_tokenizer, puzzle_config_from
 from puzzle.profiling.commands import table_model_costs
 from puzzle.profiling.costs import load_costs
 from puzzle.profiling.hardware import load_profile
 from puzzle.profiling.roofline import predict_model_costs
 from puzzle.run_dir import RunDir, safe_name, writes_run_dir
-from puzzle.search_space import refuse_hybrid
 from puzzle.shape import ModelShape
 
 from .lm_eval_adapter import run_lm_eval  # lm_eval itself is imported when called
@@ -94,8 +93,6 @@ def evaluate(model: Path, parent: Path | None = None, run_dir: Path = Path("runs
         parent = Path(recorded)  # after teacher correction: the corrected parent
     elif parent is not None:
         RunDir(run_dir).check_parent(parent, corrected_only=True)
-    for path in (model, parent) if parent is not None else (model,):  # before any weight is read (issue 26)
-        refuse_hybrid(load_config(path), "evaluate")
     mc_items = {Path(p).stem: load_mc_tasks(p) for p in (mc_tasks or [])}  # fail fast on bad task files
     blocks = load_blocks(run_dir, "val")[:val_blocks]
     subject = place(load_model(model, dtype=runtime.dtype), runtime.device)

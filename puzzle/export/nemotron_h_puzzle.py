@@ -62,12 +62,18 @@ def check_nemotron_h_puzzle(config: Any) -> None:
         where = f"layer {i} ({block.name}) cannot be exported as nemotron-h-puzzle"
         if attention.replace_with_linear or ffn.replace_with_linear:
             raise PuzzleError(f"{where}: NemotronH has no linear sublayer")
-        if attention.no_op == ffn.no_op:
+        if not attention.no_op and not ffn.no_op:
             raise PuzzleError(f"{where}: a NemotronH layer has exactly one mixer (Mamba2, attention, MLP or MoE)")
         m = attention.mamba
         if m is not None and (m.num_heads, m.head_dim, m.state_dim, m.num_groups) != mamba:
             raise PuzzleError(f"{where}: vLLM builds every Mamba2 layer with the parent's shape "
                               f"(NemotronHMambaDecoderLayer reads the global config)")
+
+
+def kept_layers(config: Any) -> list[int]:
+    """The child's layers the export writes: a layer whose two slots are both no-ops (the search dropped its one
+    mixer) is the identity and is left out, the later layers renumbered."""
+    return [i for i, b in enumerate(config.blocks) if not (b.attention.no_op and b.ffn.no_op)]
 
 
 def puzzle_block(block: BlockConfig, config: Any) -> dict[str, Any]:
@@ -90,11 +96,12 @@ def puzzle_block(block: BlockConfig, config: Any) -> dict[str, Any]:
 def nemotron_h_puzzle_config(config: Any, dtype: torch.dtype) -> dict[str, Any]:
     """config.json of the export (see the module docstring)."""
     data = {k: v for k, v in config.to_dict().items() if k not in _NOT_NEMOTRON_H}
-    kinds = [block_type(b) for b in config.blocks]
+    blocks = [config.blocks[i] for i in kept_layers(config)]
+    kinds = [block_type(b) for b in blocks]
     data.update(
         model_type=MODEL_TYPE, architectures=[ARCHITECTURE], auto_map=dict(AUTO_MAP),
         layers_block_type=[_LAYER_TYPES[k] for k in kinds], hybrid_override_pattern="".join(_PATTERN[k] for k in kinds),
-        layer_norm_epsilon=config.rms_norm_eps, block_configs=[puzzle_block(b, config) for b in config.blocks],
+        layer_norm_epsilon=config.rms_norm_eps, block_configs=[puzzle_block(b, config) for b in blocks],
         dtype=str(dtype).removeprefix("torch."),
     )
     return data
@@ -103,8 +110,9 @@ def nemotron_h_puzzle_config(config: Any, dtype: torch.dtype) -> dict[str, Any]:
 _LAYER = re.compile(r"model\.layers\.(\d+)\.(input_layernorm|post_attention_layernorm|self_attn|mlp)\.(.+)")
 
 
-def hub_name(name: str) -> str:
-    """A puzzle weight name as the hub's NemotronH checkpoints name it (the inverse of checkpoint.py `hybrid_key`)."""
+def hub_name(name: str, renumber: dict[int, int] | None = None) -> str:
+    """A puzzle weight name as the hub's NemotronH checkpoints name it (the inverse of checkpoint.py `hybrid_key`),
+    layer i written as layer renumber[i] (`kept_layers`; None: as it is)."""
     fixed = {"model.embed_tokens.weight": "backbone.embeddings.weight", "model.norm.weight": "backbone.norm_f.weight"}
     if name in fixed or name == "lm_head.weight":
         return fixed.get(name, name)
@@ -112,6 +120,8 @@ def hub_name(name: str) -> str:
     if m is None:
         raise RuntimeError(f"no NemotronH name for {name}")  # a module this writer does not know: a bug
     layer, module, rest = m.groups()
+    if renumber is not None:
+        layer = renumber[int(layer)]
     if module.endswith("layernorm"):
         return f"backbone.layers.{layer}.norm.{rest}"
     if rest.startswith("shared_expert."):
@@ -125,11 +135,12 @@ def write_nemotron_h_puzzle(model: torch.nn.Module, tokenizer: Any, out: Path,
     atomically."""
     config = model.config
     check_nemotron_h_puzzle(config)
+    renumber = {old: new for new, old in enumerate(kept_layers(config))}
     tensors = {}
     for name, tensor in model.state_dict().items():
         if "rotary_emb" in name:
             continue
-        new = hub_name(name)
+        new = hub_name(name, renumber)
         tensors[new] = tensor.float() if _FP32.fullmatch(new) else tensor.to(dtype)
     if "lm_head.weight" not in tensors:  # a tied head: vLLM's ParallelLMHead reads it by name
         tensors["lm_head.weight"] = model.get_input_embeddings().weight.to(dtype)

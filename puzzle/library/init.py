@@ -100,9 +100,9 @@ def init_attention(
     parent: dict[str, torch.Tensor], variant: AttentionConfig, num_heads: int, num_kv_heads: int
 ) -> tuple[dict[str, torch.Tensor], str]:
     """The child's attention state from the parent's, and the name of the method used."""
-    norm = {ATT_NORM: parent[ATT_NORM].clone()}
-    if variant.no_op:
+    if variant.no_op:  # first: a hybrid's MLP / MoE layer has no attention (nor its norm) to start from
         return {}, "noop"
+    norm = {ATT_NORM: parent[ATT_NORM].clone()}
     if variant.replace_with_linear:
         w = linear_attention_weight(parent["self_attn.v_proj.weight"], parent["self_attn.o_proj.weight"], num_heads, num_kv_heads)
         return {**norm, "self_attn.linear_attn.weight": w}, "wo_wv"
@@ -134,17 +134,16 @@ def top_channels(scores: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def prune_ffn(parent: dict[str, torch.Tensor], keep: torch.Tensor) -> dict[str, torch.Tensor]:
-    """The SwiGLU state restricted to neurons `keep`: rows of gate/up (and of their biases), columns of down
-    (its bias (D,) copied), biases where the parent has them (gpt-oss's experts, Llama's `mlp_bias`)."""
-    state = {
-        FFN_NORM: parent[FFN_NORM].clone(),
-        "mlp.gate_proj.weight": parent["mlp.gate_proj.weight"][keep].clone(),
-        "mlp.up_proj.weight": parent["mlp.up_proj.weight"][keep].clone(),
-        "mlp.down_proj.weight": parent["mlp.down_proj.weight"][:, keep].clone(),
-    }
+    """The FFN state restricted to neurons `keep`: rows of gate/up (and of their biases), columns of down (its
+    bias (D,) copied), biases where the parent has them (gpt-oss's experts, Llama's `mlp_bias`); a relu2 FFN,
+    NemotronH's, has no gate."""
+    state = {FFN_NORM: parent[FFN_NORM].clone()}
     for part in ("gate_proj", "up_proj"):
+        if (weight := parent.get(f"mlp.{part}.weight")) is not None:
+            state[f"mlp.{part}.weight"] = weight[keep].clone()
         if (bias := parent.get(f"mlp.{part}.bias")) is not None:
             state[f"mlp.{part}.bias"] = bias[keep].clone()
+    state["mlp.down_proj.weight"] = parent["mlp.down_proj.weight"][:, keep].clone()
     if (bias := parent.get("mlp.down_proj.bias")) is not None:
         state["mlp.down_proj.bias"] = bias.clone()
     return state
@@ -196,7 +195,7 @@ def init_ffn(
             raise ValueError("a linear FFN is initialised from calibration activations")
         w = linear_ffn_weight(calibration.x, calibration.y)
         return {FFN_NORM: parent[FFN_NORM].clone(), "mlp.linear_mlp.weight": w}, "lstsq"
-    parent_size = parent["mlp.gate_proj.weight"].shape[0]
+    parent_size = parent["mlp.up_proj.weight"].shape[0]
     if variant.intermediate_size > parent_size:
         raise ValueError(f"an FFN of {variant.intermediate_size} neurons cannot be pruned from {parent_size}")
     if variant.intermediate_size == parent_size:
@@ -216,11 +215,11 @@ def init_ffn(
 # ----- MoE FFN ---------------------------------------------------------------------------------------
 
 
-_EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")
+_EXPERT_PARTS = ("gate_proj", "up_proj", "down_proj")  # a relu2 expert (NemotronH) has no gate_proj
 
 
 def _expert_state(parent: dict[str, torch.Tensor], j: int) -> dict[str, torch.Tensor]:
-    """Expert j's SwiGLU as a dense FFN's state (`mlp.gate_proj.weight`, ..., and the biases where the family's
+    """Expert j's FFN as a dense FFN's state (`mlp.gate_proj.weight`, ..., and the biases where the family's
     experts have them: gpt-oss)."""
     return {f"mlp.{part}.{kind}": parent[key] for part in _EXPERT_PARTS for kind in ("weight", "bias")
             if (key := f"mlp.experts.{j}.{part}.{kind}") in parent}
@@ -262,8 +261,9 @@ def init_moe_ffn(
     if len(keep) != child_moe.num_experts or len(set(keep)) != len(keep) or not all(0 <= j < parent_moe.num_experts for j in keep):
         raise ValueError(f"keep {keep} does not name {child_moe.num_experts} distinct of the {parent_moe.num_experts} experts")
     state = {FFN_NORM: parent_state[FFN_NORM].clone()}
-    for key, w in parent_state.items():  # the router's rows (and bias: gpt-oss), the shared expert and its gate
-        if key in ("mlp.gate.weight", "mlp.gate.bias"):
+    # the router's rows (and its bias: gpt-oss; NemotronH's per-expert choice bias), the shared expert and its gate
+    for key, w in parent_state.items():
+        if key in ("mlp.gate.weight", "mlp.gate.bias", "mlp.gate.e_score_correction_bias"):
             state[key] = w[keep].clone()
         elif key.startswith(("mlp.shared_expert.", "mlp.shared_expert_gate.")):
             state[key] = w.clone()

@@ -571,6 +571,17 @@ _NEMOTRON_H_FIXED = {"embeddings.weight": "model.embed_tokens.weight", "norm_f.w
 _NEMOTRON_H_FUSED = re.compile(r"model\.layers\.(\d+)\.mixer\.experts\.(up_proj|down_proj)")
 
 
+def parent_names(keys: Any, config: PuzzleConfig) -> dict[str, str]:
+    """A parent checkpoint's keys as {puzzle's name: stored name}: a hybrid's by `hybrid_key` (its mixer's
+    slot), others by `canonical_key` (an MoE parent's hub names, the router of its family); gpt-oss's fused
+    experts (MXFP4-packed or not) are left out: `read_unfused` reads them whole and splits them."""
+    if config.family_descriptor.hybrid is not None:
+        slots = layer_slots(config)
+        return {hybrid_key(k, slots): k for k in keys}
+    spec = config.family_descriptor.moe
+    return {canonical_key(k, spec): k for k in keys if not is_stored_fused(k)}
+
+
 def layer_slots(config: PuzzleConfig) -> list[str]:
     """Where each layer's one mixer sits in puzzle's decoder layer: "self_attn" (Mamba2, attention) or "mlp"."""
     return ["mlp" if b.attention.no_op else "self_attn" for b in config.blocks]

@@ -391,19 +391,25 @@ class PuzzleDecoderLayer(GradientCheckpointingLayer):
         padding_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         if isinstance(self.self_attn, Mamba2Mixer):  # its state is keyed by layer; padding is zeroed, not masked
-            h = self.attention_residual(hidden_states, padding_mask, past_key_values)
+            h = attention_residual(self.input_layernorm, self.self_attn, hidden_states,
+                                   mamba_args=(padding_mask, past_key_values))
         else:
             h = self.attention_residual(hidden_states, position_embeddings, attention_mask, past_key_values, cache_index)
         return self.ffn_residual(h)
 
 
-def attention_residual(norm: nn.Module | None, attn: nn.Module | None, h: torch.Tensor, *attn_args) -> torch.Tensor:
+def attention_residual(norm: nn.Module | None, attn: nn.Module | None, h: torch.Tensor, *attn_args,
+                       mamba_args: tuple = ()) -> torch.Tensor:
     """The attention sublayer's pre-norm residual step, h + attn(norm(h)) (B, T, D); h for a no-op (attn None).
     `attn_args` go to the attention module as they are: position_embeddings, then optionally attention_mask,
-    past_key_values, cache_index (GQAttention.forward). A function of the parts so that a sublayer trained
-    alone (BLD) runs the decoder layer's own code."""
+    past_key_values, cache_index (GQAttention.forward). A Mamba2 mixer takes none of them (no positions, its
+    own causal scan) but `mamba_args` (padding_mask, cache: the decoder layer's); without them it runs the
+    whole sequence unpadded and uncached, as a sublayer trained or scored alone does. A function of the parts
+    so that a sublayer trained alone (BLD) runs the decoder layer's own code."""
     if attn is None:
         return h
+    if isinstance(attn, Mamba2Mixer):
+        return h + attn(norm(h), *mamba_args)
     return h + attn(norm(h), *attn_args)
 
 

@@ -75,7 +75,6 @@ def importance(
         raise PuzzleError("--run-dir is required")
     if n_samples < 1 or batch_size < 1 or drop_samples < 0:
         raise PuzzleError("n-samples and batch-size must be at least 1, drop-samples at least 0")
-    refuse_hybrid(load_config(parent), "importance")  # before the data and the weights are read (issue 26)
     RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
     if threads:
         torch.set_num_threads(threads)

@@ -50,6 +50,7 @@ from puzzle.errors import PuzzleError
 from puzzle.io import atomic_save_safetensors, atomic_write_json, read_json
 from puzzle.metrics import kd_terms
 from puzzle.model import GQAttention, MoEFFN, PuzzleForCausalLM, SwiGLU
+from puzzle.model.modeling_puzzle import Relu2MLP
 from puzzle.run_dir import RunDir
 
 Aggregation = Literal["mean", "l2", "var"]
@@ -202,7 +203,7 @@ class _Collector:
                     self._add(key, x.reshape(B, T, attn.num_heads, attn.head_dim).norm(dim=-1))
 
                 self.handles.append(attn.o_proj.register_forward_pre_hook(heads_hook))
-            if isinstance(layer.mlp, SwiGLU):
+            if isinstance(layer.mlp, (SwiGLU, Relu2MLP)):  # down_proj's input: the neurons' activations
 
                 def neurons_hook(module, args, key=f"layers.{i}.neurons"):
                     self._add(key, args[0].abs())  # (B, T, F)

@@ -8,8 +8,7 @@ import torch
 
 from puzzle.errors import PuzzleError
 from puzzle.model import BlockConfig, PuzzleForCausalLM
-from puzzle.model.checkpoint import (canonical_key, is_stored_fused, load_config, load_puzzle, puzzle_config_from,
-                                     read_unfused)
+from puzzle.model.checkpoint import is_stored_fused, load_config, load_puzzle, parent_names, puzzle_config_from, read_unfused
 from puzzle.model.loading import SafetensorsCheckpoint, check_materialised, materialise_buffers, on_meta
 from puzzle.model.surgery import replace_sublayer
 from puzzle.search_space import Variant
@@ -83,11 +82,12 @@ def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateF
     child = on_meta(lambda: PuzzleForCausalLM(config))
     source = _open_parent(Path(parent))
     try:
-        dtype = dtype or source.dtype("model.embed_tokens.weight")
+        stored = parent_names(source.keys(), parent_config)  # ours -> the parent's (hub names, a hybrid's slots)
+        dtype = dtype or source.dtype(stored["model.embed_tokens.weight"])
         fixed = ["model.embed_tokens.weight", "model.norm.weight"] + ([] if config.tie_word_embeddings else ["lm_head.weight"])
-        _fill(child, {k: source.read(k, dtype) for k in fixed})
+        _fill(child, {k: source.read(stored[k], dtype) for k in fixed})
         for variant in _variants(parent_config.blocks, blocks):
-            _fill(child, _sublayer_weights(source, parent_config, variant, state_fn, dtype))
+            _fill(child, _sublayer_weights(source, stored, parent_config, variant, state_fn, dtype))
     finally:
         source.close()
     if config.tie_word_embeddings:
@@ -97,7 +97,7 @@ def stream_child(parent: str | Path, blocks: list[BlockConfig], state_fn: StateF
     return child.eval()
 
 
-def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_fn: StateFn,
+def _sublayer_weights(source: Any, stored: dict[str, str], parent_config: Any, variant: Variant, state_fn: StateFn,
                       dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """One sublayer's tensors under the child's names: the parent's own (read from `source`), or the library
     entry's with the parent's pre-norm where the entry has none (as `replace_sublayer` keeps it)."""
@@ -105,9 +105,8 @@ def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_f
     norm_name, module_name = _PARTS[variant.kind]
     spec = parent_config.family_descriptor.moe
     mine = (prefix + norm_name + ".", prefix + module_name + ".")
-    # ours -> stored: an MoE parent's hub names (Mixtral's block_sparse_moe.experts.{j}.w1, gpt-oss's mlp.router)
-    # read as puzzle's; gpt-oss's fused experts (MXFP4-packed or not) read whole and split
-    stored = {canonical_key(k, spec): k for k in source.keys() if not is_stored_fused(k)}
+    # `stored`: ours -> the parent's names (Mixtral's block_sparse_moe.experts.{j}.w1, gpt-oss's mlp.router,
+    # NemotronH's mixer.*); gpt-oss's fused experts (MXFP4-packed or not) read whole and split
     own = {k: s for k, s in stored.items() if k.startswith(mine)}
     if variant.is_parent:
         fused = [k for k in source.keys() if is_stored_fused(k) and k.startswith(mine)]
@@ -126,7 +125,7 @@ def _sublayer_weights(source: Any, parent_config: Any, variant: Variant, state_f
 
 def _fill(model: PuzzleForCausalLM, state: dict[str, torch.Tensor]) -> None:
     """Assign `state`'s tensors (a part of the model's) to the meta-built model, checking every name exists."""
-    unexpected = [k for k in state if k not in dict(model.named_parameters())]
+    unexpected = [k for k in state if k not in model.state_dict()]  # buffers too (NemotronH's score bias)
     if unexpected:
         raise PuzzleError(f"weights that do not fit the child: {unexpected[:3]}")
     model.load_state_dict(state, strict=False, assign=True)

@@ -86,9 +86,25 @@ def test_what_the_format_cannot_describe_is_refused_in_one_line():
     replace_sublayer(child, 4, "attention", AttentionConfig.from_name("mamba_h4d16n16g2"))
     with pytest.raises(PuzzleError, match="layer 4 .* the parent's shape"):
         check_nemotron_h_puzzle(child.config)
-    replace_sublayer(child, 4, "attention", AttentionConfig(no_op=True))  # a layer with no mixer at all
-    with pytest.raises(PuzzleError, match="layer 4 .* exactly one mixer"):
-        check_nemotron_h_puzzle(child.config)
+
+
+def test_a_layer_the_search_dropped_is_left_out(tmp_path):
+    """A layer whose one mixer the search dropped (both slots no-ops) is the identity: the export leaves it out,
+    renumbering the later layers, and transformers computes the child's logits."""
+    child = to_puzzle(make_nemotron_h_parent(seed=5))
+    replace_sublayer(child, 0, "attention", AttentionConfig(no_op=True))  # a Mamba2 layer dropped
+    replace_sublayer(child, 3, "ffn", FFNConfig(no_op=True))  # the MLP layer dropped
+    child.eval()
+    write_nemotron_h_puzzle(child, make_tokenizer(), tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["hybrid_override_pattern"] == "E*ME"
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        assert "backbone.layers.2.mixer.A_log" in set(f.keys())  # the parent's layer 4
+        assert torch.equal(f.get_tensor("backbone.layers.2.mixer.A_log"), child.model.layers[4].self_attn.A_log)
+    loaded = load_export(tmp_path / "out")
+    x = torch.randint(3, 320, (2, 19))
+    with torch.no_grad():  # no cache: transformers' hybrid cache reads its sequence length from layer 0, here an MoE
+        assert (loaded(x, use_cache=False).logits - child(x).logits).abs().max() <= ATOL
 
 
 @pytest.mark.slow

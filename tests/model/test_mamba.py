@@ -252,27 +252,31 @@ def test_stages_refuse_a_hybrid_in_one_line(child, parent_dir, tmp_path):
                    make_nemotron_h_config(layers_block_type=["linear_attention", "mlp"])):  # no MoE layer either
         with pytest.raises(PuzzleError, match="^importance: hybrid Mamba2 parents .* does not support them yet"):
             refuse_hybrid(config, "importance")
-    with pytest.raises(PuzzleError, match="search space 'x': hybrid Mamba2"):
-        build_search_space({}, child.config, "x")
-    from puzzle.distill.commands import distill
-    from puzzle.evaluate.commands import evaluate
     from puzzle.export.commands import export
     from puzzle.distill.correct import original_parent
-    from puzzle.pruning.commands import importance, prune
+    from puzzle.pruning.commands import prune
     from puzzle.run_dir import RunDir
 
-    with pytest.raises(PuzzleError, match="^distill: hybrid"):
-        distill(teacher=parent_dir, student=parent_dir, run_dir=tmp_path / "run")
-    with pytest.raises(PuzzleError, match="^evaluate: hybrid"):
-        evaluate(parent_dir, run_dir=tmp_path / "run")
     with pytest.raises(PuzzleError, match="^export --format gguf: hybrid"):
         export(parent_dir, tmp_path / "out.gguf", format="gguf")
     with pytest.raises(PuzzleError, match="^export --format plain: hybrid"):
         export(parent_dir, tmp_path / "plain", format="plain")
-    with pytest.raises(PuzzleError, match="^importance: hybrid"):
-        importance(parent=parent_dir, run_dir=tmp_path / "run")
     with pytest.raises(PuzzleError, match="^prune: hybrid"):
         prune(parent=parent_dir, out=tmp_path / "pruned", run_dir=tmp_path / "run", hidden_size=16)
     with pytest.raises(PuzzleError, match="^correct-teacher: hybrid"):
         original_parent(RunDir(tmp_path / "run"), parent_dir)
     assert not (tmp_path / "out.gguf").exists()
+
+
+def test_search_space_of_a_hybrid_keeps_or_drops_each_layer_by_its_kind(capsys):
+    """A Mamba2 layer: the parent's mixer (vLLM builds every Mamba2 layer at the global shape) or none; an
+    attention layer: its KV-head variants or none; MLP and MoE layers their own variants or none; an empty slot
+    stays empty. Grouped routing (4 groups here) drops the MoE variants whose experts do not split into them."""
+    raw = {"target_engine": "transformers", "attention": {"kv_heads": "halves", "no_op": True},
+           "ffn": {"ratios": [1.0, 0.5], "no_op": True, "moe": {"expert_ratios": [1.0, 0.5], "top_k": [2, 1]}}}
+    space = build_search_space(raw, make_nemotron_h_config(), "h")
+    names = [([a.name for a in att], [f.name for f in ffn]) for att, ffn in zip(space.attention, space.ffn)]
+    mamba, moe = ["mamba_h8d16n16g2", "attn_noop"], ["moe_e8k2_i32_s48", "moe_e8k1_i32_s48", "ffn_noop"]
+    assert names == [(mamba, ["ffn_noop"]), (["attn_noop"], moe), (["attn_g2", "attn_g4", "attn_noop"], ["ffn_noop"]),
+                     (["attn_noop"], ["ffn_96", "ffn_48", "ffn_noop"]), (mamba, ["ffn_noop"]), (["attn_noop"], moe)]
+    assert "dropped moe_e4k1_i32_s48, moe_e4k2_i32_s48: grouped routing" in capsys.readouterr().err
