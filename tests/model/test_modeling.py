@@ -98,7 +98,7 @@ def test_left_padded_batch_matches_unpadded_rows(tiny_parent):
 def test_mixed_child_reloads_in_a_process_that_never_imports_puzzle(tiny_parent, tiny_tokenizer, tmp_path):
     child = mixed_child(tiny_parent).eval()
     out = save_model(child, tmp_path / "child", tiny_tokenizer)
-    assert sorted(p.name for p in out.glob("*.py")) == ["blocks.py", "configuration_puzzle.py", "family.py", "modeling_puzzle.py"]
+    assert sorted(p.name for p in out.glob("*.py")) == ["blocks.py", "configuration_puzzle.py", "family.py", "mamba.py", "modeling_puzzle.py"]
     assert not list(out.glob("*.bin")) and not list(out.glob("*.pt"))
     x = torch.randint(0, 320, (2, 11))
     with torch.no_grad():
