@@ -62,6 +62,18 @@ RULES = {
     "variable_gqa": "every GQA layer must have the same number of KV heads",
     "sliding_window": "no sliding-window attention (the engine ignores a block's window_length)",
     "moe_ffn": "no Mixture-of-Experts FFN (the loader builds a dense MLP for every FFN that is not a no-op)",
+    # A hybrid (NemotronH) child as llama.cpp's nemotron_h / nemotron_h_moe GGUF (export/nemotron_h_gguf.py):
+    # each real sublayer is one GGUF block, KV heads, MLP widths, expert widths and top-k per block; the rest
+    # are scalars of the whole model
+    "nemotron_h_linear": "no linear (replace_with_linear) sublayer in a hybrid (the nemotron_h graph builds "
+                         "Mamba2, attention, MLP and MoE blocks only)",
+    "nemotron_h_mamba_shape": "every Mamba2 layer must have one shape (heads, head dim, state, groups: the GGUF's "
+                              "ssm.* keys are scalars)",
+    "nemotron_h_expert_count": "every MoE layer must have the same number of experts (expert_count is a scalar)",
+    "nemotron_h_shared_expert": "every MoE layer must have a shared expert of one width "
+                                "(expert_shared_feed_forward_length is a scalar and its tensors are required)",
+    "nemotron_h_moe_and_mlp": "no dense MLP layer beside MoE layers (with expert_count > 0 every FFN block loads "
+                              "as MoE)",
 }
 
 
@@ -95,6 +107,7 @@ _TRTLLM_TORCH = "tensorrt_llm/_torch/models/modeling_nemotron_nas.py"
 _LLAMACPP_CONVERT = "conversion/deci.py"
 _LLAMACPP_GRAPH = "src/models/deci.cpp"
 _LLAMACPP_MODEL = "src/llama-model.cpp"
+_LLAMACPP_NEMOTRON_H = "src/models/nemotron-h.cpp"  # llama_model_nemotron_h: load_arch_hparams / load_arch_tensors / graph
 # Read in vLLM's main branch: DeciLMAttention is vLLM's LlamaAttention, whose only window is
 # config.sliding_window on the layers config.layer_types marks "sliding_attention" (llama.py
 # LlamaAttention.__init__, per_layer_sliding_window); a child writes neither (configuration_puzzle.py says why)
@@ -210,6 +223,18 @@ ENGINES: dict[str, Engine] = {
             "sliding_window": f"{_LLAMACPP_GRAPH}: llm_build_deci (build_attn_inp_kv: one full-attention KV cache, "
                               f"not the iswa one); {_LLAMACPP_MODEL}: llama_model::load_hparams, LLM_ARCH_DECI "
                               f"(reads no sliding_window key); {_LLAMACPP_CONVERT}: DeciModel (writes no window)",
+            "nemotron_h_linear": f"{_LLAMACPP_NEMOTRON_H}: llama_model_nemotron_h::graph (a block is Mamba2, "
+                                 "attention or FFN by its head_count_kv and feed_forward_length; no linear block)",
+            "nemotron_h_mamba_shape": f"{_LLAMACPP_NEMOTRON_H}: llama_model_nemotron_h::load_arch_hparams (one "
+                                      "ssm_d_inner / ssm_d_state / ssm_dt_rank / ssm_n_group for every block)",
+            "nemotron_h_expert_count": f"{_LLAMACPP_MODEL}: llama_model_base::load_hparams (get_key "
+                                       "LLM_KV_EXPERT_COUNT into the scalar n_expert; only expert_used_count and "
+                                       "expert_feed_forward_length are read per layer)",
+            "nemotron_h_shared_expert": f"{_LLAMACPP_NEMOTRON_H}: llama_model_nemotron_h::load_arch_tensors "
+                                        "(ffn_up_shexp / ffn_down_shexp required, {n_embd, n_ff_shexp} of the scalar "
+                                        "n_ff_shexp)",
+            "nemotron_h_moe_and_mlp": f"{_LLAMACPP_NEMOTRON_H}: llama_model_nemotron_h::load_arch_tensors "
+                                      "(n_expert != 0: every FFN block loads ffn_gate_inp and expert tensors)",
         },
     ),
 }
@@ -314,3 +339,28 @@ def check_family(engine_name: str | None, config) -> None:
     raise PuzzleError(f"target engine {engine.name} cannot serve {family.name} children (its loader builds Llama-style "
                       f"attention only: no q/k/v-only biases, q/k norms or sliding windows); engines that can: "
                       f"{', '.join(allowed)}")
+
+
+def nemotron_h_gguf_violations(blocks: Iterable[BlockConfig]) -> list[tuple[int, BlockConfig, str]]:
+    """(layer, block, rule) for every `nemotron_h_*` rule a hybrid child's blocks break as llama.cpp's nemotron_h /
+    nemotron_h_moe GGUF (RULES; the sources are the llamacpp engine's). Mamba2 layers are held to the first
+    one's shape and MoE layers to the first one's experts and shared expert."""
+    blocks = list(blocks)
+    mamba = next((b.attention.mamba for b in blocks if b.attention.is_mamba), None)
+    moe = next((b.ffn.moe for b in blocks if b.ffn.is_moe), None)
+    found = []
+    for i, block in enumerate(blocks):
+        attention, ffn = block.attention, block.ffn
+        broken = []
+        if attention.replace_with_linear or ffn.replace_with_linear:
+            broken.append("nemotron_h_linear")
+        if attention.is_mamba and attention.mamba != mamba:
+            broken.append("nemotron_h_mamba_shape")
+        if ffn.is_moe and ffn.moe.num_experts != moe.num_experts:
+            broken.append("nemotron_h_expert_count")
+        if ffn.is_moe and (ffn.moe.shared_expert_size is None or ffn.moe.shared_expert_size != moe.shared_expert_size):
+            broken.append("nemotron_h_shared_expert")
+        if ffn.is_swiglu and moe is not None:
+            broken.append("nemotron_h_moe_and_mlp")
+        found += [(i, block, rule) for rule in broken]
+    return found

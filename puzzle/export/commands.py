@@ -8,6 +8,7 @@ from puzzle import dtypes
 from puzzle.engines import check_child, check_family, get_engine, violations
 from puzzle.errors import PuzzleError
 from puzzle.model.checkpoint import load_config, load_puzzle, load_tokenizer, puzzle_config_from
+from puzzle.model.family import is_hybrid
 from puzzle.outputs import check_output
 from puzzle.search_space import refuse_hybrid
 
@@ -44,7 +45,8 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
     """The format's and its engine's rules on the config and blocks alone, before any weight is read: a family
     whose layers the engine would misread (q/k/v-only biases, q/k norms, sliding windows) or a block it cannot
     build is refused in one line, naming the format's engines that can serve the child."""
-    if config is not None:
+    hybrid_gguf = format == "gguf" and config is not None and is_hybrid(config)
+    if config is not None and not hybrid_gguf:  # a hybrid's GGUF is llama.cpp's nemotron_h, checked below
         try:
             check_family(engine, config)
         except PuzzleError as err:
@@ -53,6 +55,10 @@ def _check(format: str, engine: str, blocks: list, hidden_size: int, config=None
         from .plain import plain_config
 
         plain_config(config)  # one line where the family's own config cannot describe the layers
+    elif hybrid_gguf:
+        from .nemotron_h_gguf import check_nemotron_h_gguf
+
+        check_nemotron_h_gguf(config)
     elif format == "gguf":
         from .llamacpp import check_llamacpp
 
@@ -84,7 +90,7 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     Args:
         child: a child checkpoint directory, or a parent (Hugging Face directory, .safetensors or .gguf file)
         out: the .gguf file (gguf) or the directory (nemotron-nas, anymodel, plain) to write
-        format: gguf (llama.cpp's deci architecture), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
+        format: gguf (llama.cpp's deci architecture; a hybrid child: nemotron_h / nemotron_h_moe), nemotron-nas (vLLM, SGLang, TensorRT-LLM, transformers
             with trust_remote_code), anymodel (NVIDIA Puzzletron) or plain (the parent family's own checkpoint,
             e.g. MixtralForCausalLM's, for a child whose layers are all alike: same KV heads, experts, top-k) or nemotron-h-puzzle
             (a NemotronH child as vLLM's NemotronHPuzzleForCausalLM; transformers with trust_remote_code)
@@ -100,7 +106,7 @@ def export(child: Path, out: Path, format: Literal["gguf", "nemotron-nas", "anym
     check_output(Path(out), "export", force=force, inputs=(child,), file=format == "gguf")
     stored = load_config(child)
     config = puzzle_config_from(stored)
-    if format != "nemotron-h-puzzle":  # the one writer of hybrids (issue 26)
+    if format not in ("nemotron-h-puzzle", "gguf"):  # the writers of hybrids (issue 26)
         refuse_hybrid(config, "export --format " + format)
     _check(format, engine, config.blocks, config.hidden_size, config)  # refuse before seconds of weight loading
     if format == "gguf":

@@ -35,6 +35,7 @@ from puzzle.engines import RULES, get_engine, violations
 from puzzle.errors import PuzzleError
 from puzzle.io import clean_stale_temps, naming
 from puzzle.model.blocks import BlockConfig
+from puzzle.model.family import is_hybrid
 from puzzle.outputs import GGUF_KEY
 
 from .fields import rope
@@ -211,7 +212,8 @@ def _write_vocab(w: gguf.GGUFWriter, tokenizer: Any, vocab_size: int) -> None:
 
 
 def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "f16", name: str = "puzzle-child") -> Path:
-    """Write a PuzzleForCausalLM (+ its tokenizer) to `out` as a llama.cpp `deci` GGUF, atomically, streamed:
+    """Write a PuzzleForCausalLM (+ its tokenizer) to `out` as a llama.cpp `deci` GGUF (a hybrid child: a
+    `nemotron_h` / `nemotron_h_moe` one, export/nemotron_h_gguf.py), atomically, streamed:
     every tensor's name, shape and type first (GGUF's header lists them before the data), then each tensor
     computed in llama.cpp's layout, converted and written in turn, so one converted tensor is held at a
     time (gguf's `add_tensor_info` + `write_tensor_data`; `add_tensor` would hold them all until written)."""
@@ -219,22 +221,31 @@ def write_gguf(model: torch.nn.Module, tokenizer: Any, out: Path, dtype: str = "
         raise PuzzleError(f"GGUF dtype {dtype!r} not supported; choose {', '.join(GGUF_DTYPES)}")
     config = model.config
     blocks = config.blocks
-    check_llamacpp(blocks, config.hidden_size)
+    if is_hybrid(config):  # NemotronH: llama.cpp's nemotron_h / nemotron_h_moe (export/nemotron_h_gguf.py)
+        from . import nemotron_h_gguf as hybrid
+
+        hybrid.check_nemotron_h_gguf(config)
+        arch, typed, tensors_of = hybrid.arch_of(config), hybrid.tensor_type, hybrid.gguf_tensors
+        write_hparams = functools.partial(hybrid.write_hparams, config=config, dtype=dtype)
+    else:
+        check_llamacpp(blocks, config.hidden_size)
+        arch, typed, tensors_of = gguf.MODEL_ARCH.DECI, gguf_type, gguf_tensors
+        write_hparams = functools.partial(_write_hparams, config=config, blocks=blocks, dtype=dtype)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temps(out.parent, name=out.name)  # what a killed export of this file left (.NAME.XXXXXXXX.tmp)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.DECI])
+        w = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         w.add_type(gguf.GGUFType.MODEL)
         w.add_name(name)
         w.add_quantization_version(gguf.GGML_QUANT_VERSION)
         w.add_string(GGUF_KEY, "export")  # an earlier export may be replaced by the next (puzzle.outputs)
-        extra = _write_hparams(w, config, blocks, dtype)
+        extra = write_hparams(w) or {}
         _write_vocab(w, tokenizer, config.vocab_size)
         listed = [(n, a.shape, functools.partial(torch.from_numpy, a)) for n, a in extra.items()]
-        tensors = [(n, shape, load, gguf_type(n, shape, dtype)) for n, shape, load in [*listed, *gguf_tensors(model)]]
+        tensors = [(n, shape, load, typed(n, shape, dtype)) for n, shape, load in [*listed, *tensors_of(model)]]
         for gguf_name, shape, _, qtype in tensors:
             # the element shape: gguf reads a uint8 array's shape as bytes, any other dtype's as elements
             w.add_tensor_info(gguf_name, shape, np.float32, gguf_nbytes(shape, qtype), raw_dtype=qtype)
