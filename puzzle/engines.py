@@ -76,6 +76,9 @@ RULES = {
                               "as MoE)",
 }
 
+# The rules of llama.cpp's nemotron_h GGUF alone (`nemotron_h_gguf_violations`; sources: the llamacpp engine's)
+NEMOTRON_H_GGUF_RULES = tuple(rule for rule in RULES if rule.startswith("nemotron_h_"))
+
 
 @dataclass(frozen=True)
 class Engine:

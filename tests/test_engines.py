@@ -15,7 +15,8 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig
 
-from puzzle.engines import ENGINES, RULES, block_violations, check_child, get_engine
+from puzzle.engines import (ENGINES, NEMOTRON_H_GGUF_RULES, RULES, block_violations, check_child, get_engine,
+                            nemotron_h_gguf_violations)
 from puzzle.errors import PuzzleError
 from puzzle.model import AttentionConfig, BlockConfig, FFNConfig, PuzzleConfig, PuzzleForCausalLM
 from puzzle.model.blocks import (
@@ -242,9 +243,15 @@ def test_every_rule_refuses_something_and_every_engine_is_cited():
     moe = BlockConfig.from_name("attn_g1+moe_e4k2_i64")
     assert [e.name for e in ENGINES.values() if not block_violations(e, moe, HIDDEN)] == ["transformers"]
     refused |= {rule for e in ENGINES.values() for rule in block_violations(e, moe, HIDDEN)}
+    # a hybrid child as llama.cpp's nemotron_h GGUF: each nemotron_h_* rule refuses one of these layers
+    hybrid = [BlockConfig.from_name(n) for n in ("mamba_h8d16n16g2+ffn_noop", "mamba_h4d16n16g2+ffn_noop",
+                                                 "attn_noop+moe_e8k2_i32_s48", "attn_noop+moe_e4k2_i32_s48",
+                                                 "attn_noop+moe_e8k2_i32", "attn_noop+ffn_96", "attn_linear+ffn_noop")]
+    refused |= {rule for _, _, rule in nemotron_h_gguf_violations(hybrid)}
     assert refused == set(RULES) - {"lm_head_weight"}  # lm_head_weight is about files, tested below
     for engine in ENGINES.values():
-        assert set(engine.sources) == set(RULES), engine.name
+        own = set(RULES) if engine.name == "llamacpp" else set(RULES) - set(NEMOTRON_H_GGUF_RULES)
+        assert set(engine.sources) == own, engine.name
 
 
 def test_config_fields_engines_read(saved_child):

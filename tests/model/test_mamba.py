@@ -257,8 +257,8 @@ def test_stages_refuse_a_hybrid_in_one_line(child, parent_dir, tmp_path):
     from puzzle.pruning.commands import prune
     from puzzle.run_dir import RunDir
 
-    with pytest.raises(PuzzleError, match="^export --format gguf: hybrid"):
-        export(parent_dir, tmp_path / "out.gguf", format="gguf")
+    with pytest.raises(PuzzleError, match="^layer 3 .* llama.cpp's nemotron_h GGUF: no dense MLP layer beside MoE"):
+        export(parent_dir, tmp_path / "out.gguf", format="gguf")  # GGUF holds hybrids (test_export_nemotron_h_gguf.py)
     with pytest.raises(PuzzleError, match="^export --format plain: hybrid"):
         export(parent_dir, tmp_path / "plain", format="plain")
     with pytest.raises(PuzzleError, match="^prune: hybrid"):
