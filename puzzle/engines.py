@@ -30,6 +30,12 @@ reading of a saved child to hold the rules to what the engines compute):
                               Qwen2MoeForCausalLM, qwen3_moe.py Qwen3MoeForCausalLM; SGLang's files of the same
                               names) read the same hub layout, untested here
 
+A hybrid (NemotronH) child in llama.cpp is a `nemotron_h` GGUF, not a deci one: its rules are the `nemotron_h_*`
+ones (`nemotron_h_gguf_violations`: one Mamba2 shape, one expert count and shared expert, no dense MLP beside
+MoE, no linear sublayer), sourced in the llamacpp entry; the nemotron_h family's engines stay transformers', so
+a `target_engine: llamacpp` search over a hybrid is refused by `check_family` (the deci rules above would
+misjudge it) and none can pick what the GGUF cannot hold.
+
 `transformers` is the child's own modeling code: everything is allowed. Which engines serve a parent family
 at all (Qwen2's q/k/v-only biases and Qwen3's q/k norms are beyond the nemotron-nas / deci loaders) is the
 family descriptor's `engines` (puzzle/model/family.py), narrowed by the `sliding_window` rule where a layer of

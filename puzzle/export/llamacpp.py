@@ -17,6 +17,8 @@ What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cp
   llama.cpp 0c1e57098 aborts with GGML_ASSERT(buffer) when it sets that input).
 
 `check_llamacpp` refuses, by layer, the blocks that graph cannot run (the rules are `puzzle.engines`').
+A hybrid (NemotronH) child is written as llama.cpp's `nemotron_h` / `nemotron_h_moe` instead
+(export/nemotron_h_gguf.py: its keys, tensors and rules); `write_gguf` streams either.
 """
 
 import functools

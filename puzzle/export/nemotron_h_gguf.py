@@ -1,7 +1,8 @@
 """llama.cpp's `nemotron_h` / `nemotron_h_moe` architectures: a hybrid (NemotronH) child as one GGUF file.
 
-What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cpp, as vendored by
-llama-cpp-python 0.3.36, the version the tests load):
+What is written is what llama.cpp's own code reads (github.com/ggml-org/llama.cpp 0c1e57098, the tree
+llama-cpp-python 0.3.36 vendors and the tests load; older trees, e.g. 0aebd861 `llm_build_nemotron_h`, read one
+`n_expert_used` for every layer, so per-layer top-k and expert widths need 0c1e57098 or later):
 - conversion/nemotron.py, `NemotronHModel.set_gguf_parameters` (over conversion/granite.py
   `GraniteHybridModel.set_gguf_parameters` and conversion/mamba.py `Mamba2Model.set_gguf_parameters`): the
   ssm.* keys (conv kernel, inner size = heads x head dim, state size, time-step rank = heads, group count), a

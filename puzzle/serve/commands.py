@@ -1,7 +1,8 @@
 """`puzzle serve-check CHILD --engine vllm|llamacpp|transformers`: before a child ships, serve it here.
 
-The child is exported as its engine loads it (nemotron-nas for vLLM, GGUF for llama.cpp: `puzzle export`,
-whose rules refuse what the engine cannot build) into a temporary directory, served on fixed prompts, and
+The child is exported as its engine loads it (nemotron-nas for vLLM, GGUF for llama.cpp; a hybrid (NemotronH)
+child as nemotron-h-puzzle for vLLM and a nemotron_h GGUF for llama.cpp: `puzzle export`, whose rules refuse
+what the engine cannot build) into a temporary directory, served on fixed prompts, and
 compared with transformers running the child's own modeling code on the same token ids. One line:
 
     serve-check vllm: runs/x/children/c loads (41.2 s); greedy agreement with transformers 64/64 tokens (4/4
@@ -77,15 +78,24 @@ def serve_check(child: Path, engine: Literal["vllm", "llamacpp", "transformers"]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise PuzzleError(f"{name} must be a positive integer, got {value!r}")
     from puzzle.model.checkpoint import load_config, load_puzzle, puzzle_config_from
-    from puzzle.search_space import refuse_hybrid
+    from puzzle.model.family import is_hybrid
 
     from .drivers import agreement, run_transformers, tokens_per_s
 
     child = Path(child)
     config = puzzle_config_from(load_config(child))
-    refuse_hybrid(config, "serve-check")  # no driver starts a hybrid child yet (issue 26)
-    check_family(engine, config)
-    check_child(engine, config.blocks, config.hidden_size)  # before seconds of loading
+    hybrid = is_hybrid(config)
+    if hybrid and engine == "llamacpp":  # llama.cpp's nemotron_h GGUF (issue 26), its own rules
+        from puzzle.export.nemotron_h_gguf import check_nemotron_h_gguf
+
+        check_nemotron_h_gguf(config)
+    elif hybrid and engine == "vllm":  # vLLM's NemotronHPuzzleForCausalLM
+        from puzzle.export.nemotron_h_puzzle import check_nemotron_h_puzzle
+
+        check_nemotron_h_puzzle(config)
+    else:
+        check_family(engine, config)
+        check_child(engine, config.blocks, config.hidden_size)  # before seconds of loading
     _available(engine)
     prompts = _prompts(child, config.vocab_size)
     start = time.perf_counter()
@@ -96,7 +106,7 @@ def serve_check(child: Path, engine: Literal["vllm", "llamacpp", "transformers"]
         answer = {**reference, "load_s": load_s}
     else:
         del model  # the engine's copy of the weights replaces ours
-        answer = _serve(child, engine, prompts, max_tokens, rounds, dtype)
+        answer = _serve(child, engine, prompts, max_tokens, rounds, dtype, hybrid)
     seen = agreement(reference, answer)
     speed = tokens_per_s(answer)
     print(f"serve-check {engine}: {child} loads ({answer['load_s']:.1f} s); greedy agreement with transformers {seen['tokens_agree']}/"
@@ -106,8 +116,10 @@ def serve_check(child: Path, engine: Literal["vllm", "llamacpp", "transformers"]
     return {"engine": engine, **seen, "tokens_per_s": speed, "load_s": answer.get("load_s")}
 
 
-def _serve(child: Path, engine: str, prompts: list[list[int]], max_tokens: int, rounds: int, dtype: str) -> dict:
-    """The child exported for `engine` into a temporary directory and served there."""
+def _serve(child: Path, engine: str, prompts: list[list[int]], max_tokens: int, rounds: int, dtype: str,
+           hybrid: bool = False) -> dict:
+    """The child exported for `engine` into a temporary directory and served there (a hybrid child for vLLM
+    as nemotron-h-puzzle, for llama.cpp as a nemotron_h GGUF)."""
     from puzzle.export.commands import export
 
     from .drivers import run_llamacpp, run_vllm
@@ -117,7 +129,9 @@ def _serve(child: Path, engine: str, prompts: list[list[int]], max_tokens: int, 
         raise PuzzleError(f"vLLM serves dtype f32, f16 or bf16, got {dtype!r}")
     with tempfile.TemporaryDirectory(prefix="puzzle-serve-check-") as tmp:
         with contextlib.redirect_stdout(io.StringIO()):  # the export's "wrote ..." line: the file is ours
-            if engine == "vllm":
+            if engine == "vllm" and hybrid:
+                out = export(child, Path(tmp) / "nemotron-h-puzzle", format="nemotron-h-puzzle", dtype=dtype)
+            elif engine == "vllm":
                 out = export(child, Path(tmp) / "nemotron-nas", format="nemotron-nas", dtype=dtype, engine="vllm")
             else:
                 out = export(child, Path(tmp) / "child.gguf", format="gguf", dtype=dtype)
