@@ -205,10 +205,25 @@ def gguf_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Size, Call
             out += [
                 (_name(_T.FFN_GATE_INP, b), lambda f=f: state[f + "gate.weight"]),
                 (_name(_T.FFN_EXP_PROBS_B, b, ".bias"), lambda f=f: state[f + "gate.e_score_correction_bias"]),
-                (_name(_T.FFN_UP_EXP, b), lambda f=f, n=n: torch.stack([state[f"{f}experts.{e}.up_proj.weight"] for e in range(n)])),
-                (_name(_T.FFN_DOWN_EXP, b), lambda f=f, n=n: torch.stack([state[f"{f}experts.{e}.down_proj.weight"] for e in range(n)])),
+                (_name(_T.FFN_UP_EXP, b), _Stack(state, f, "up_proj", n)),
+                (_name(_T.FFN_DOWN_EXP, b), _Stack(state, f, "down_proj", n)),
                 (_name(_T.FFN_UP_SHEXP, b), lambda f=f: state[f + "shared_expert.up_proj.weight"]),
                 (_name(_T.FFN_DOWN_SHEXP, b), lambda f=f: state[f + "shared_expert.down_proj.weight"]),
             ]
     for name, load in out:
-        yield name, load().shape, load  # the shape of a view or a stack: computed once here, again when written
+        # every load but the experts' is a view or a (H, 1) vector: cheap to call for its shape here
+        yield name, load.shape if isinstance(load, _Stack) else load().shape, load
+
+
+class _Stack:
+    """The n experts' `proj` weights of an MoE layer stacked (n, out, in), computed when called: the writer
+    lists its shape first and holds the stack only while writing it."""
+
+    def __init__(self, state: dict, prefix: str, proj: str, n: int) -> None:
+        self.keys = [f"{prefix}experts.{e}.{proj}.weight" for e in range(n)]
+        self.state = state
+        self.shape = torch.Size((n, *state[self.keys[0]].shape))
+
+    def __call__(self) -> torch.Tensor:
+        return torch.stack([self.state[k] for k in self.keys])
+
