@@ -41,7 +41,7 @@ import torch
 from puzzle.engines import RULES, get_engine, nemotron_h_gguf_violations
 from puzzle.errors import PuzzleError
 
-from .llamacpp import GGUF_DTYPES, gguf_type
+from .gguf_types import GGUF_DTYPES, gguf_type
 
 _T = gguf.MODEL_TENSOR
 # f32 whatever the export's dtype (conversion/base.py `ModelBase.prepare_tensors`)
