@@ -3,6 +3,8 @@ nemotron_h_moe GGUF, run by llama.cpp itself (llama-cpp-python 0.3.36), gives pu
 for a child whose KV heads, MLP widths, expert widths and top-k differ per layer, with a dropped Mamba2 layer
 and a layer holding two mixers; what llama.cpp cannot hold is refused in one line naming its rule."""
 
+import os
+
 import gguf
 import numpy as np
 import pytest
@@ -22,6 +24,8 @@ from hybrid import make_nemotron_h_parent
 try:
     import llama_cpp
 except ImportError:
+    if os.environ.get("CI"):  # CI builds it (scripts/install.sh): its absence there is a failure, not a skip
+        raise
     llama_cpp = None
 needs_llamacpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed; "
                                     "scripts/install.sh builds it from source")
@@ -128,7 +132,6 @@ def test_llamacpp_runs_a_heterogeneous_hybrid_with_puzzles_logits_and_greedy_tok
     assert tokens == greedy(child, TOKENS[:9], 8)
 
 
-@pytest.mark.slow
 @needs_llamacpp
 @pytest.mark.parametrize("dtype", ["f16", "q8_0"])
 def test_f16_and_q8_0_load_in_llamacpp_within_rounding(dtype, tmp_path):
