@@ -1,7 +1,7 @@
 """Teacher correction of a hybrid parent (issue 26): a tiny NemotronH (tests/hybrid.py: Mamba2, MoE, attention
 and relu2 MLP layers) is fine-tuned by GKD's teacherless loop and saved back as transformers' own NemotronH
 class, config unchanged, the trained weights in the class's names and fused experts; resumable as a dense
-parent's correction is."""
+parent's correction is. An MoE family's trained child goes back into its class's fused experts the same way."""
 
 import copy
 import json
@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import make_family_parent
 from hybrid import make_nemotron_h_parent
 from safetensors.torch import load_file
 from test_distill_correct import _losses, _write_run_dir
@@ -37,17 +38,18 @@ def hybrid_parent_dir(tmp_path):
     return out
 
 
-def test_a_trained_hybrid_is_saved_in_its_own_class_from_its_own_copy(tmp_path):
+@pytest.mark.parametrize("family", ["nemotron_h", "mixtral", "qwen3_moe", "gpt_oss"])
+def test_a_trained_parent_is_saved_in_its_own_class_from_its_own_copy(tmp_path, family):
     """The trained child need not share storage with the parent (a child moved to a GPU does not): its weights
-    go back through the inverse of `to_puzzle` (mixer names, fused experts) and read back exactly."""
-    original = make_nemotron_h_parent()
+    go back through the inverse of `to_puzzle` (a hybrid's mixer names, fused experts) and read back exactly."""
+    original = make_nemotron_h_parent() if family == "nemotron_h" else make_family_parent(family)
     trained = to_puzzle(copy.deepcopy(original))  # its own tensors
     with torch.no_grad():
         for p in trained.parameters():
             p.add_(0.01 * torch.randn_like(p))
     out = save_student(trained, original, tmp_path / "model", command="correct_teacher")
     loaded = AutoModelForCausalLM.from_pretrained(out).eval()
-    assert type(loaded) is NemotronHForCausalLM
+    assert type(loaded) is type(original)
     x = torch.randint(3, 320, (2, 13))
     with torch.no_grad():
         want = trained(x).logits
