@@ -172,3 +172,29 @@ def test_importance_and_prune_commands_on_a_hybrid_parent(tmp_path, capsys):
                      *flags])
         err = capsys.readouterr().err.strip()
         assert code == 2 and message in err and len(err.splitlines()) == 1, err
+
+
+def test_a_converted_parent_prunes_as_the_parent_and_a_heterogeneous_child_is_refused(tmp_path):
+    """The pipeline's converted parent (R/parent, an all-parent puzzle child) gives the same checkpoint as the
+    NemotronH it came from; a child whose layers of a kind differ has no NemotronH config: one line."""
+    from puzzle.model import PuzzleForCausalLM
+    from puzzle.model.configuration_puzzle import PuzzleConfig
+    from puzzle.model.convert import convert
+
+    parent = make_nemotron_h_parent(n_group=2, topk_group=1)
+    parent.save_pretrained(tmp_path / "parent", safe_serialization=True)
+    make_tokenizer().save_pretrained(tmp_path / "parent")
+    converted = load_puzzle(convert(tmp_path / "parent", tmp_path / "converted"))
+    scores = compute_importance(to_puzzle(copy.deepcopy(parent)), [IDS[:, :16]], progress=False)
+    plan = HybridPlan(drop_layers=(3,), ffn_size=48, experts=4, expert_size=16, heads_per_group=1)
+    a, _ = prune_hybrid(to_puzzle(copy.deepcopy(parent)), scores, plan)
+    b, _ = prune_hybrid(converted, scores, plan)
+    assert a.config.to_dict() == b.config.to_dict()
+    with torch.no_grad():
+        assert torch.equal(a(IDS).logits, b(IDS).logits)
+
+    blocks = [dict(b) for b in converted.config.to_dict()["block_configs"]]
+    blocks[3] = {**blocks[3], "ffn": {**blocks[3]["ffn"], "intermediate_size": 48}}  # the MLP layer narrower
+    child = PuzzleForCausalLM(PuzzleConfig(**{**converted.config.to_dict(), "block_configs": blocks}))
+    with pytest.raises(PuzzleError, match="uniform hybrid parent"):
+        prune_hybrid(child, scores, HybridPlan(drop_layers=(0,)))
