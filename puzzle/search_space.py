@@ -262,9 +262,10 @@ def _section(raw: dict, key: str, where: str) -> dict:
 
 def refuse_hybrid(config: Any, stage: str) -> None:
     """One line for a stage that does not handle hybrid models yet (issue 26: NemotronH parents load, convert,
-    run, are searched (importance, library, scoring, solve, realize, GKD, evaluate: `puzzle run`) and export as
-    nemotron-h-puzzle and gguf, are served by serve-check). Called before any data or weight is read by prune,
-    correct-teacher and every export format but nemotron-h-puzzle and gguf."""
+    run, are searched (importance, library, scoring, solve, realize, GKD, evaluate: `puzzle run`), corrected
+    (correct-teacher), pruned (prune: pruning/hybrid.py), export as nemotron-h-puzzle and gguf, and are served by
+    serve-check). Called before any data or weight is read by every export format but nemotron-h-puzzle and
+    gguf."""
     if is_hybrid(config):
         family = getattr(config, "family", None) or getattr(config, "model_type", "?")
         raise PuzzleError(f"{stage}: hybrid Mamba2 parents ({family}) load, convert and run, but {stage} does not "

@@ -1,7 +1,8 @@
 """`puzzle run` end to end on a tiny NemotronH parent (issue 26): the search over a hybrid's layers, each kept
 or dropped by kind (tests/hybrid.py: Mamba2, MoE, attention, MLP layers), BLD of the attention, MLP and MoE
 variants, scoring, solve, realize, GKD, evaluate and the report, with Minitron's importance (its neuron scores
-rank the MLP's and experts' neurons for BLD's init). Minitron pruning is not part of it (it refuses hybrids)."""
+rank the MLP's and experts' neurons for BLD's init). Minitron's baseline is not part of it (its --target-params
+picks a uniform shape, which a hybrid refuses; prune itself: tests/pruning/test_pruning_hybrid.py)."""
 
 import json
 
@@ -29,7 +30,7 @@ def test_run_end_to_end_on_a_nemotron_h_parent(tmp_path, capsys):
     make_nemotron_h_parent().save_pretrained(parent_dir, safe_serialization=True)
     make_tokenizer().save_pretrained(parent_dir)
     raw = tiny_config(tmp_path, parent_dir)
-    del raw["baselines"]  # Minitron pruning refuses hybrids
+    del raw["baselines"]  # --target-params: a uniform shape, refused for a hybrid
     (tmp_path / "space.yaml").write_text(yaml.safe_dump(HYBRID_SPACE))
     raw["search_space"] = str(tmp_path / "space.yaml")
     shape = ModelShape.from_config(make_nemotron_h_config())

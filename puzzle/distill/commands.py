@@ -9,7 +9,7 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model import PuzzleForCausalLM
-from puzzle.model.checkpoint import load_model, load_tokenizer, save_checkpoint, save_model
+from puzzle.model.checkpoint import class_state, load_model, load_tokenizer, save_checkpoint, save_model
 from puzzle.outputs import check_output, marker, write_marker
 from puzzle.run_dir import PRUNING_FILE, RunDir, writes_run_dir
 from puzzle.stages import settings_of
@@ -47,7 +47,13 @@ def save_student(trained: PuzzleForCausalLM, original: torch.nn.Module, out: Pat
     extra = {**marker(command), **({PRUNING_FILE: record} if record else {})}
     if isinstance(original, PuzzleForCausalLM):
         return save_model(trained, out, tokenizer, extra_json=extra)
-    original.load_state_dict(trained.state_dict(), strict=False)
+    # back into the original's class (a NemotronH's mixer names and fused experts, an MoE family's fused
+    # experts): every one of its weights, or a bug
+    missing, _ = original.load_state_dict(class_state(trained, original), strict=False)
+    tied = getattr(original.config, "tie_word_embeddings", False)
+    missing = [k for k in missing if not (tied and k == "lm_head.weight") and "rotary_emb" not in k]
+    if missing:
+        raise RuntimeError(f"trained weights do not map onto {type(original).__name__}: {missing[:3]}")
     return save_checkpoint(original, out, tokenizer, extra_json=extra)
 
 

@@ -8,7 +8,8 @@ own LM loss (kl_weight 0, lm_weight 1), with the same schedule, checkpoints, res
 handling, progress bar and log as `puzzle distill`.
 
 Everything in RunDir.teacher (R/teacher/):
-  model/         the corrected parent, in the parent's own format (a plain Llama stays a plain Llama, a
+  model/         the corrected parent, in the parent's own format (a plain Llama stays a plain Llama, a NemotronH
+                 hybrid transformers' own NemotronH with the same config, a
                  puzzle child a puzzle child; a GGUF becomes a Hugging Face directory), with its tokenizer
   teacher.json   the parent it came from (path and content fingerprint), the prepared data's fingerprint,
                  steps, training tokens, validation before and after, and the settings (the trainer's)
@@ -30,7 +31,6 @@ import torch
 from puzzle.errors import PuzzleError
 from puzzle.io import atomic_write_json, read_json
 from puzzle.model.checkpoint import load_config, load_model, load_tokenizer
-from puzzle.search_space import refuse_hybrid
 from puzzle.outputs import check_output, write_marker
 from puzzle.run_dir import PARENT_ORIGINAL, RunDir, writes_run_dir
 from puzzle.stages import settings_of
@@ -60,8 +60,7 @@ def original_parent(run: RunDir, parent: Path | None) -> Path:
         raise PuzzleError(f"{run.root}'s teacher was corrected from {original}, not {parent}; use another --run-dir")
     if not original and "parent" in info and Path(info["parent"]).resolve() != resolved:
         raise PuzzleError(f"{run.root} belongs to parent {info['parent']}, not {resolved}; use another --run-dir")
-    # a supported architecture: one line before the data and the weights are read
-    refuse_hybrid(load_config(parent), "correct-teacher")  # distillation does not handle hybrids yet (issue 26)
+    load_config(parent)  # a supported architecture (a NemotronH hybrid too): one line before the data and weights
     return parent
 
 

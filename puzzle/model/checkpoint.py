@@ -635,6 +635,44 @@ def nemotron_h_transformers_state(state: dict[str, torch.Tensor], wanted: set[st
     return state
 
 
+def nemotron_h_class_state(state: dict[str, torch.Tensor], wanted: set[str], slots: list[str]) -> dict[str, torch.Tensor]:
+    """A state dict in puzzle's layout (`nemotron_h_puzzle_state`'s output) in the layout of transformers'
+    NemotronH class whose keys are `wanted` (the inverse of `nemotron_h_puzzle_state`): each key under its
+    `hybrid_key` name, each layer's per-expert relu2 MLPs stacked into the fused 3-D `mixer.experts.up_proj` /
+    `down_proj`. A wanted key with no source is left out (the caller's strict load names it)."""
+    out = {}
+    for key in wanted:
+        m = _NEMOTRON_H_FUSED.fullmatch(key)
+        if m is None:
+            source = hybrid_key(key, slots)
+            if source in state:
+                out[key] = state[source]
+            continue
+        prefix = f"model.layers.{m.group(1)}.mlp.experts."
+        experts = []
+        while f"{prefix}{len(experts)}.{m.group(2)}.weight" in state:
+            experts.append(state[f"{prefix}{len(experts)}.{m.group(2)}.weight"])
+        if experts:
+            out[key] = torch.stack(experts)
+    return out
+
+
+def class_state(trained: PuzzleForCausalLM, original: PreTrainedModel) -> dict[str, torch.Tensor]:
+    """`trained`'s weights (the all-parent child `to_puzzle(original)` made, then trained) in the names and
+    layout of `original`'s own transformers class: the inverse of `to_puzzle`'s renaming and unfusing (a
+    hybrid's `nemotron_h_class_state`, an MoE family's `transformers_moe_state`; a dense family's names are
+    puzzle's). Where `to_puzzle` shared storage with `original` this is a no-op on the values, but a child
+    moved to another device (a GPU) or copied (gpt-oss's experts) holds the only trained copy."""
+    state = trained.state_dict()
+    family = trained.config.family_descriptor
+    wanted = set(original.state_dict())
+    if family.hybrid is not None:
+        return nemotron_h_class_state(state, wanted, layer_slots(trained.config))
+    if family.moe is not None:
+        return transformers_moe_state(dict(state), wanted, family.moe)
+    return state
+
+
 # FP4 (e2m1) values by their 4-bit code: transformers integrations/mxfp4.py `FP4_VALUES`
 FP4_VALUES = (+0.0, +0.5, +1.0, +1.5, +2.0, +3.0, +4.0, +6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 

@@ -14,7 +14,7 @@ from puzzle.io import atomic_write_json, clean_stale_temps
 from puzzle.model.checkpoint import load_config, load_model, load_tokenizer, to_puzzle
 from puzzle.outputs import check_output
 from puzzle.run_dir import RunDir, writes_run_dir
-from puzzle.search_space import refuse_hybrid
+from puzzle.model.family import is_hybrid
 
 from .importance import (
     ImportanceSettings,
@@ -30,6 +30,7 @@ from .importance import (
     settings_json,
 )
 from .experts import ExpertCriterion
+from .hybrid import HybridPlan, check_hybrid_flags, prune_hybrid
 from .prune import PrunePlan, check_expert_flags, check_uniform, layers_to_drop, prune_model, save_pruned
 from puzzle.shape import ModelShape
 
@@ -134,9 +135,12 @@ def prune(
     experts: int | None = None,
     top_k: int | None = None,
     expert_score: ExpertCriterion = "output",
+    expert_size: int | None = None,
 ) -> Path:
     """Minitron width/depth pruning of a uniform parent into a plain checkpoint of its family; an MoE
-    parent's experts pruned uniformly.
+    parent's experts pruned uniformly. A hybrid (NemotronH) parent loses whole layers (each a Mamba2,
+    attention, MLP or MoE block), heads, MLP neurons, experts and expert width, not hidden channels
+    (pruning/hybrid.py); it stays transformers' own NemotronH.
 
     Args:
         parent: the parent model (HF dir, safetensors or GGUF)
@@ -165,13 +169,16 @@ def prune(
         top_k: an MoE parent: experts each token is routed to (default: the parent's, capped at --experts)
         expert_score: which router statistic ranks the experts: output (top-k weight x output norm),
             frequency (how often chosen) or gate (mean router probability)
+        expert_size: a hybrid (NemotronH) parent: neurons kept in every routed expert (each expert its own best)
     """
     if run_dir is None:
         raise PuzzleError("--run-dir is required")
-    refuse_hybrid(load_config(parent), "prune")  # before the importance it would look for (issue 26)
+    hybrid = is_hybrid(load_config(parent))
+    check_hybrid_flags(hidden_size, target_params, expert_size, hybrid)  # before the importance and the weights
     RunDir(run_dir).check_parent(parent, corrected_only=True)  # after teacher correction: the corrected parent
-    # an MoE parent's flags checked before the importance it would look for and the weights
-    check_expert_flags(ModelShape.from_config(load_config(parent)), hidden_size, ffn_size, target_params, experts, top_k)
+    if not hybrid:  # an MoE parent's flags checked before the importance it would look for and the weights
+        check_expert_flags(ModelShape.from_config(load_config(parent)), hidden_size, ffn_size, target_params, experts,
+                           top_k)
     check_output(Path(out), "prune", force=force, inputs=(parent,), run_dir=run_dir)
     clean_stale_temps(RunDir(run_dir).baselines)  # what a killed prune left there: the prune lock is ours
     runtime = resolve(device, dtype)
@@ -184,10 +191,11 @@ def prune(
             raise PuzzleError("--depth-method task scores multiple-choice text, but the parent has no tokenizer")
         task = selection_items(run_dir, task_items, task_file)  # refused before the weights are read
     model = place(to_puzzle(load_model(parent, dtype=runtime.dtype)), runtime.device)
-    check_uniform(model)
-    shape = ModelShape.from_config(model.config)
-    hidden_size, ffn_size, drop_layers = target_sizes(shape, target_params, target_mode, params_scope, hidden_size,
-                                                      ffn_size, drop_layers)
+    if not hybrid:
+        check_uniform(model)
+        shape = ModelShape.from_config(model.config)
+        hidden_size, ffn_size, drop_layers = target_sizes(shape, target_params, target_mode, params_scope,
+                                                          hidden_size, ffn_size, drop_layers)
     if drop_layers < 0:
         raise PuzzleError(f"drop-layers must be >= 0, got {drop_layers}")
     task_record = None
@@ -195,10 +203,15 @@ def prune(
         drop, task_record = task_layers_to_drop(model, tokenizer, *task, drop_layers)
     else:
         drop = layers_to_drop(scores, drop_layers, depth_method)
-    plan = PrunePlan(hidden_size=hidden_size, intermediate_size=ffn_size, heads_per_group=heads_per_group,
-                     kv_groups=kv_groups, drop_layers=tuple(drop), rescale_norms=rescale_norms, experts=experts,
-                     top_k=top_k, expert_criterion=expert_score)
-    pruned, record = prune_model(model, scores, plan)
+    if hybrid:
+        pruned, record = prune_hybrid(model, scores, HybridPlan(
+            drop_layers=tuple(drop), ffn_size=ffn_size, heads_per_group=heads_per_group, kv_groups=kv_groups,
+            experts=experts, top_k=top_k, expert_size=expert_size, expert_criterion=expert_score))
+    else:
+        plan = PrunePlan(hidden_size=hidden_size, intermediate_size=ffn_size, heads_per_group=heads_per_group,
+                         kv_groups=kv_groups, drop_layers=tuple(drop), rescale_norms=rescale_norms,
+                         experts=experts, top_k=top_k, expert_criterion=expert_score)
+        pruned, record = prune_model(model, scores, plan)
     record.update(parent=str(parent), depth_method=depth_method if drop else None, target_params=target_params,
                   params_scope=params_scope, **({"task_depth": task_record} if task_record else {}))
     save_pruned(pruned, out, tokenizer, record)
