@@ -111,7 +111,7 @@ def build_library(run_dir: Path, seed: int, profile: str, tiny: bool) -> None:
     puzzle("run", str(path))
 
 
-def build_models(run_dir: Path, engine: str, targets: list[float]) -> tuple[dict[str, Path], dict[str, Path], dict]:
+def build_models(run_dir: Path, engine: str, targets: list[float], margin: str = "0") -> tuple[dict[str, Path], dict[str, Path], dict]:
     """(name -> export, name -> source checkpoint) for the parent and one child per reachable target speedup,
     and {target: the solver's one line} for the targets the profile says no child reaches."""
     spec = ENGINES[engine]
@@ -127,7 +127,7 @@ def build_models(run_dir: Path, engine: str, targets: list[float]) -> tuple[dict
         name = f"{engine}_{s:g}x"
         child = run_dir / "children" / name
         done = puzzle("solve", "--run-dir", str(run_dir), "--budget", spec["profile"], "--speedup", str(s),
-                      "--target-engine", engine, "--name", name, infeasible_ok=True)
+                      "--target-engine", engine, "--name", name, "--margin", margin, infeasible_ok=True)
         if done is not None:  # exit 2 with the solver's explanation: out of the search's reach on this profile
             unreachable[s] = done
             continue
@@ -228,7 +228,7 @@ def median(xs: list[float]) -> float:
 def cycle(engine: str, run_dir: Path, seed: int, args, hw) -> dict:
     """Solve, export and time one seed's children: its rows and its samples for calibration."""
     w = hw.workload
-    models, sources, unreachable = build_models(run_dir, engine, args.targets)
+    models, sources, unreachable = build_models(run_dir, engine, args.targets, args.margin)
     vocab = load_config(sources["parent"]).vocab_size
     threads = hw.device.threads or 2
     if engine == "llamacpp":
@@ -298,9 +298,16 @@ def summary(result: dict) -> list[dict]:
 def render(result: dict, out: Path) -> None:
     """The markdown from the result JSON (also: `--render engine_ENGINE.json` re-renders without timing)."""
     w, f, engine = result["workload"], result["factors"], result["engine"]
+    margin = result.get("margin", "0")
+    flags = (f" --repeats {result['repeats']}" if result["repeats"] != 3 else "") + (f" --margin {margin}" if margin != "0" else "")
+    aim = "" if margin == "0" else (
+        f" Each child was solved with `--margin {margin}`: aiming "
+        + (f"{result['calibration_error']:.1%} (the profile's calibration_error, the relative RMS of the fit that made it)"
+           if margin == "calibrated" else f"{float(margin):.1%}")
+        + " above its budget, so *predicted* exceeds the budget by about that much.")
     lines = [
         f"# A child's speedup measured in {result['engine_name']}", "",
-        f"`python scripts/bench_engine.py --engine {engine} --seeds {' '.join(map(str, result['seeds']))}` at commit "
+        f"`python scripts/bench_engine.py --engine {engine} --seeds {' '.join(map(str, result['seeds']))}{flags}` at commit "
         f"{result['commit']}, {result['version']}, profile `{result['profile']}` (batch {w['batch_size']}, "
         f"{w['input_len']} prompt + {w['output_len']} generated tokens, {result['dtype']} weights, {result['threads']} "
         f"threads), {result['repeats']} interleaved rounds after a warm-up, medians of wall-clock time. Speedup = the "
@@ -308,7 +315,7 @@ def render(result: dict, out: Path) -> None:
         "built with that seed, its scores, the solve for every budget, the export and the timing.", "",
         f"*Predicted*: the solver's roofline on the profile as it was (compute efficiency {f['compute']:.4g}, memory "
         f"efficiency {f['memory']:.4g}, {f['kernel_overhead_s']:.4g} s per op, {f.get('step_overhead_s', 0):.4g} s per "
-        "forward pass); the children were solved on it.", "",
+        "forward pass); the children were solved on it." + aim, "",
         "| seed | budget | predicted | measured | prompt tok/s | gen tok/s | prompt speedup | gen speedup |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -359,6 +366,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a tiny random parent: checks the script, times nothing real")
     ap.add_argument("--out", type=Path, help="default: benchmarks/engine_ENGINE (tiny: RUN_ROOT/engine_ENGINE)")
+    ap.add_argument("--margin", default="0", help="solve --margin: a fraction, or `calibrated` (the profile's "
+                    "calibration_error): each child aims that much above its budget")
     ap.add_argument("--render", type=Path, help="re-render the markdown from an existing result JSON; time nothing")
     args = ap.parse_args()
     if args.render:
@@ -385,6 +394,7 @@ def main() -> None:
         "engine": engine, "engine_name": {"llamacpp": "llama.cpp", "vllm": "vLLM"}[engine], "version": engine_version(engine),
         "commit": commit, "profile": spec["profile"], "workload": vars(hw.workload), "dtype": spec["dtype"],
         "threads": hw.device.threads, "repeats": args.repeats, "seeds": args.seeds, "cycles": cycles,
+        "margin": args.margin, "calibration_error": hw.device.calibration_error,
         "fit_all": vars(fit), "measured_json": str(measured_json.relative_to(ROOT) if measured_json.is_relative_to(ROOT) else measured_json),
         "factors": {"compute": hw.device.compute_efficiency, "memory": hw.device.memory_efficiency,
                     "kernel_overhead_s": hw.device.kernel_overhead_s, "step_overhead_s": hw.device.step_overhead_s},

@@ -235,7 +235,8 @@ def load_measured(path: Path) -> tuple[ModelShape, list[Sample]]:
 
 
 def write_calibrated(profile_path: Path, fit: Fit, measured: Path, out: Path) -> Path:
-    """The profile YAML with device.efficiency, kernel_overhead_s and step_overhead_s replaced by the fit.
+    """The profile YAML with device.efficiency, kernel_overhead_s and step_overhead_s replaced by the fit, and
+    its relative RMS error as device.calibration_error.
 
     An efficiency above 1 means the measured engine beats the profile's peak (e.g. llama.cpp's
     quantised kernels vs an fp32 torch peak): the peak is raised to the achieved rate and the
@@ -254,6 +255,8 @@ def write_calibrated(profile_path: Path, fit: Fit, measured: Path, out: Path) ->
     device["kernel_overhead_s"] = float(f"{fit.kernel_overhead_s:.4g}")
     if fit.step_overhead_s or "step_overhead_s" in device:
         device["step_overhead_s"] = float(f"{fit.step_overhead_s:.4g}")
+    # how far the fitted profile still is from the timings: `solve --margin calibrated` aims that much above
+    device["calibration_error"] = round(fit.rel_rms, 4)
     header = (f"{CALIBRATED_HEADER} {measured}` from {Path(profile_path).name}:\n"
               f"# least squares over the measured timings, relative RMS error {fit.rel_rms:.3f}.\n")
     if fit.group_speed:

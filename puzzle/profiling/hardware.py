@@ -19,6 +19,9 @@ A profile is `hardware_profiles/<name>.yaml` (or any YAML path):
                                       # models only: the roofline, calibrated by scripts/bench_engine.py)
       interconnect_bandwidth: 450.0e+9  # optional: bytes/s one GPU sends to the others (NVLink); needed
                                         # by expert_parallel > 1
+      calibration_error: 0.0          # optional: the relative RMS error of the fit `puzzle profile --calibrate`
+                                      # made to measured timings (it writes it); `solve --margin calibrated`
+                                      # aims that much above the speed constraints
     workload: {batch_size: 64, input_len: 1024, output_len: 1024, dtype: bf16}
     # optional in workload: expert_parallel: 8  -- an MoE model's experts split over 8 such GPUs (roofline.py
     # `moe_ops`): the costs are one GPU's, its 1/8 of the experts, plus an all-reduce of each MoE output
@@ -61,6 +64,7 @@ class Device:
     threads: int | None = None
     engine: str = "torch"  # what runs the model: torch (profile can time each sublayer) | llamacpp | vllm
     interconnect_bandwidth: float = 0.0  # bytes/s one GPU sends to its peers; 0: none given (one GPU)
+    calibration_error: float = 0.0  # relative RMS of the calibration fit to measured timings; 0: not calibrated
 
     def flops_per_s(self, dtype: str) -> float:
         """Achievable FLOP/s in `dtype`: peak x compute efficiency."""
@@ -135,7 +139,7 @@ class HardwareProfile:
         # fields a profile leaves at their defaults are left out: profiles without them keep the costs
         # fingerprint they had
         for part, key, default in (("device", "step_overhead_s", 0.0), ("device", "interconnect_bandwidth", 0.0),
-                                   ("workload", "expert_parallel", 1)):
+                                   ("device", "calibration_error", 0.0), ("workload", "expert_parallel", 1)):
             if out[part][key] == default:
                 del out[part][key]
         return out
@@ -203,7 +207,7 @@ def _mapping(where: str, raw: Any, allowed: set[str], required: set[str]) -> dic
 
 def _parse_device(raw: Any, where: str) -> Device:
     keys = {"name", "kind", "peak_flops", "memory_bandwidth", "memory_bytes", "efficiency", "kernel_overhead_s",
-            "step_overhead_s", "threads", "engine", "interconnect_bandwidth"}
+            "step_overhead_s", "threads", "engine", "interconnect_bandwidth", "calibration_error"}
     raw = _mapping(where, raw, keys, {"name", "peak_flops", "memory_bandwidth", "memory_bytes"})
     kind = raw.get("kind", "gpu")
     if kind not in ("gpu", "cpu"):
@@ -233,6 +237,7 @@ def _parse_device(raw: Any, where: str) -> Device:
         threads=None if threads is None else _number(f"{where}.threads", threads, integer=True),
         engine=_engine(raw.get("engine", "torch"), where),
         interconnect_bandwidth=_number(f"{where}.interconnect_bandwidth", raw.get("interconnect_bandwidth", 0.0), positive=False),
+        calibration_error=_number(f"{where}.calibration_error", raw.get("calibration_error", 0.0), positive=False),
     )
 
 

@@ -11,7 +11,7 @@ from puzzle.errors import PuzzleError
 from puzzle.units import parse_count
 from puzzle.io import atomic_write_json, read_json, read_table, read_yaml
 from puzzle.profiling.costs import costs_path, load_costs
-from puzzle.profiling.hardware import profile_name
+from puzzle.profiling.hardware import load_profile, profile_name
 from puzzle.run_dir import RunDir, safe_name, writes_run_dir
 from puzzle.solver.mip import Solution
 from puzzle.solver.problem import (
@@ -141,6 +141,34 @@ def merge_constraints(defaults: dict[str, Any], **flags: Any) -> Constraints:
     return Constraints(**{k: float(v) for k, v in merged.items()})
 
 
+def resolve_margin(margin: float | str, budget: str) -> float:
+    """`--margin` as a fraction: a number >= 0, or `calibrated` for the profile's device.calibration_error."""
+    if isinstance(margin, str) and margin.strip().lower() == "calibrated":
+        error = load_profile(budget).device.calibration_error
+        if not error:
+            raise PuzzleError(f"--margin calibrated: profile {budget} records no calibration_error (write one with "
+                              f"`puzzle profile --calibrate MEASURED.json --budget {budget}`), or give a number")
+        return error
+    try:
+        value = float(margin)
+    except ValueError:
+        raise PuzzleError(f"--margin must be a fraction >= 0 or 'calibrated', got {margin!r}") from None
+    if not (math.isfinite(value) and 0 <= value < 1):
+        raise PuzzleError(f"--margin must be a fraction in [0, 1) or 'calibrated', got {margin!r}")
+    return value
+
+
+def with_margin(constraints: Constraints, margin: float) -> Constraints:
+    """The speed constraints `margin` tighter: floors x (1 + margin), the latency ceiling / (1 + margin)."""
+    if not margin:
+        return constraints
+    scale = 1.0 + margin
+    return replace(constraints,
+                   speedup=None if constraints.speedup is None else constraints.speedup * scale,
+                   throughput=None if constraints.throughput is None else constraints.throughput * scale,
+                   latency_ms=None if constraints.latency_ms is None else constraints.latency_ms / scale)
+
+
 # ---- output ---------------------------------------------------------------------------------------
 def _fmt_params(n: float) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
@@ -203,6 +231,7 @@ def solve(
     time_limit_s: float = 60.0,
     name: str | None = None,
     target_engine: str | None = None,
+    margin: float | str = 0.0,
 ) -> list[Path]:
     """MIP: one attention and one FFN variant per layer under a hardware budget.
 
@@ -224,9 +253,16 @@ def solve(
         name: solution name (solutions/<name>.json); default: the budget's name
         target_engine: only variants this engine builds (vllm, sglang, trtllm, llamacpp; puzzle/engines.py);
             recorded in the solution, where realize reads it. Default: every variant of the tables
+        margin: aim this fraction above the speed constraints (speedup and throughput floors x (1 + margin),
+            the latency ceiling / (1 + margin)) so a child meets them when measured despite the profile's
+            prediction error; `calibrated`: the profile's device.calibration_error (the relative RMS of
+            `puzzle profile --calibrate`'s fit to measured timings). The solution records both budgets
     """
     run = RunDir(run_dir)
     base = safe_name(name or profile_name(budget), "solution name")  # before any work: files solutions/BASE.json
+    margin = resolve_margin(margin, budget)
+    if margin and sweep is not None:
+        raise PuzzleError("--margin scales one speed target; --sweep sets its own (drop one of them)")
     scores = read_table(run.scores_table.with_suffix(".parquet"), rebuild=f"puzzle score --run-dir {run_dir}")
     _check_scored_parent(run)
     costs, meta = load_costs(run_dir, budget)
@@ -266,9 +302,13 @@ def solve(
 
     from puzzle.solver.mip import solve as solve_mip
 
-    constraints = merge_constraints(defaults, **flags)
+    requested = merge_constraints(defaults, **flags)
+    constraints = with_margin(requested, margin)
     if not constraints.to_dict():
         print("no constraint given or in the profile: the parent itself is the optimum")
+    if constraints != requested:
+        print(f"aiming {margin:.1%} above the speed constraints (--margin): " + ", ".join(
+            f"{k} {v:g}" for k, v in constraints.to_dict().items() if requested.to_dict()[k] != v))
     solutions = solve_mip(problems, constraints, backend, time_limit_s, num_solutions, diversity)
     paths = []
     for rank, sol in enumerate(solutions, start=1):
@@ -280,6 +320,9 @@ def solve(
             payload["target_engine"] = target_engine
         floor = sol.problem.throughput_floor(constraints)
         payload["constraints"] = {**constraints.to_dict(), **({"throughput_floor": floor} if floor else {})}
+        if constraints != requested:  # what the user asked for; `constraints` is what the solver met
+            payload["margin"] = margin
+            payload["requested_constraints"] = requested.to_dict()
         paths.append(atomic_write_json(run.solution(sol_name), payload))
     run.record_solve([p.stem for p in paths])
     print(layer_table(solutions[0]))

@@ -1,4 +1,5 @@
 import json
+import math
 
 import pytest
 from puzzle.errors import PuzzleError
@@ -109,6 +110,22 @@ def test_calibrate_writes_a_loadable_profile(tmp_path):
     assert written.device.step_overhead_s == pytest.approx(3e-4, rel=1e-3)
     assert written.workload == base.workload
     assert "calibrate" in out.read_text().splitlines()[0]
+
+
+def test_calibrate_records_its_error_for_solve_margin(tmp_path):
+    """Timings the model cannot fit exactly (each off by up to 6%): the fit's relative RMS is written as
+    device.calibration_error, which `solve --margin calibrated` reads."""
+    samples = samples_from(with_factors(load_profile("cpu_local"), 0.4, 0.2, 2e-6, 3e-4))
+    measured = tmp_path / "measured.json"
+    measured.write_text(json.dumps({
+        "shape": SHAPE.__dict__,
+        "samples": [{"name": s.name, "blocks": [b.name for b in s.blocks], "phase": s.phase,
+                     "seconds": s.seconds * (1 + 0.06 * math.sin(2.3 * i))} for i, s in enumerate(samples)],
+    }))
+    out, fit = calibrate(measured, "cpu_local")
+    error = load_profile(out).device.calibration_error
+    assert 0.005 < fit.rel_rms < 0.06 and error == round(fit.rel_rms, 4)
+    assert load_profile("cpu_local").device.calibration_error == 0  # never calibrated: nothing recorded
 
 
 def test_too_few_timings_is_a_user_error():

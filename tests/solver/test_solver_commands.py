@@ -164,3 +164,54 @@ def test_target_engine_keeps_only_variants_it_builds(run_dir, engine, speedup):
     assert broken(sol) == []
     assert solve_cli(run_dir, "--speedup", speedup) == 0  # without a target, the same tables pick what they may
     assert broken(read_solution(run_dir))
+
+
+def _toy_profile(path, calibration_error=None):
+    """A YAML profile filed as BUDGET (its `name`), so `--budget PATH` finds the run's costs."""
+    extra = "" if calibration_error is None else f"  calibration_error: {calibration_error}\n"
+    path.write_text(f"name: {BUDGET}\ndevice:\n  name: toy\n  peak_flops: {{bf16: 1.0e+12}}\n"
+                    f"  memory_bandwidth: 1.0e+11\n  memory_bytes: 8.0e+9\n{extra}"
+                    "workload: {batch_size: 8, input_len: 256, output_len: 64, dtype: bf16}\n")
+    return path
+
+
+def test_margin_aims_above_every_speed_constraint_and_records_what_was_asked(run_dir, capsys):
+    assert solve_cli(run_dir, "--speedup", "1.5", "--latency-ms", "1e6", "--margin", "0.1", "--name", "m") == 0
+    sol = read_solution(run_dir, "m")
+    assert sol["margin"] == 0.1
+    assert sol["requested_constraints"] == {"speedup": 1.5, "latency_ms": 1e6}
+    assert sol["constraints"]["speedup"] == pytest.approx(1.65)
+    assert sol["constraints"]["latency_ms"] == pytest.approx(1e6 / 1.1)
+    assert sol["predicted"]["speedup"] >= 1.65
+    assert "aiming 10.0% above the speed constraints" in capsys.readouterr().out
+    # a throughput floor is scaled the same way; margin 0 (the default) leaves the budget as given
+    assert solve_cli(run_dir, "--throughput", "100", "--margin", "0.2", "--name", "t") == 0
+    assert read_solution(run_dir, "t")["constraints"]["throughput"] == pytest.approx(120)
+    assert solve_cli(run_dir, "--speedup", "1.5", "--name", "plain") == 0
+    plain = read_solution(run_dir, "plain")
+    assert plain["constraints"]["speedup"] == 1.5 and "margin" not in plain and "requested_constraints" not in plain
+
+
+def test_margin_calibrated_reads_the_profile_calibration_error(run_dir, tmp_path):
+    profile = _toy_profile(tmp_path / "toy.yaml", calibration_error=0.08)
+    assert main(["solve", "--run-dir", str(run_dir), "--budget", str(profile), "--speedup", "1.5",
+                 "--margin", "calibrated", "--name", "cal"]) == 0
+    sol = read_solution(run_dir, "cal")
+    assert sol["margin"] == 0.08 and sol["constraints"]["speedup"] == pytest.approx(1.62)
+
+
+@pytest.mark.parametrize("margin, message", [
+    ("calibrated", "records no calibration_error"), ("-0.1", "must be a fraction in [0, 1)"),
+    ("1.5", "must be a fraction in [0, 1)"), ("nan", "must be a fraction in [0, 1)"), ("lots", "must be a fraction"),
+])
+def test_a_bad_margin_is_one_line_before_any_work(run_dir, tmp_path, capsys, margin, message):
+    profile = _toy_profile(tmp_path / "toy.yaml")  # no calibration_error
+    assert main(["solve", "--run-dir", str(run_dir), "--budget", str(profile), "--margin", margin]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err
+    assert not (run_dir / "solutions").exists()
+
+
+def test_margin_and_sweep_are_refused_together(run_dir, capsys):
+    assert solve_cli(run_dir, "--sweep", "1.2:2:0.4", "--margin", "0.1") == 2
+    assert "--margin" in capsys.readouterr().err
