@@ -731,15 +731,12 @@ def test_nemotron_h_pipeline_plan_per_stage_on_one_h100(tmp_path):
          "ffn": {"ratios": [1.0, 0.5], "no_op": True, "moe": {"expert_ratios": [1.0, 0.5], "top_k": [6, 4]}}}))
     pipeline = write_pipeline(tmp_path, CONFIGS / "nemotron-3-nano-30b-a3b", search_space=str(tmp_path / "space.yaml"),
                               build_library={"tokens_per_block": 8192, "batch_size": 8, "workers": 1, "worker_memory_gib": 78})
-    raw = yaml.safe_load(pipeline.read_text())
-    del raw["importance"]  # Minitron's importance refuses hybrids
-    pipeline.write_text(yaml.safe_dump(raw))
     out = tmp_path / "plan.json"
     assert main(["plan", str(pipeline), *FAST, *H100, "--gpus", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     steps, gpu = by_stage(result), 80e9
     weights = result["parent"]["fp32_bytes"] // 2  # bf16
-    for step in ("score", "evaluate[parent]"):
+    for step in ("importance", "score", "evaluate[parent]"):  # importance: Minitron's scores of a hybrid's units
         assert weights < steps[step]["gpu_bytes"] <= gpu
     assert steps["build_library"]["gpu_bytes"] <= 78 * 2**30 + 2**30
     assert steps["gkd[s]"]["gpu_bytes"] > 4 * result["parent"]["fp32_bytes"] > gpu
