@@ -2,7 +2,6 @@
 scripts/install.sh): a child of every block kind llama.cpp's deci graph runs gives puzzle's logits."""
 
 import math
-import os
 import subprocess
 import sys
 
@@ -22,14 +21,7 @@ from conftest import make_llama, make_tokenizer
 from memory import traced_peak
 from tiny_children import logits, make_child, save_child
 
-try:
-    import llama_cpp
-except ImportError:
-    if os.environ.get("CI"):  # CI builds it (scripts/install.sh): its absence there is a failure, not a skip
-        raise
-    llama_cpp = None
-needs_llamacpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed; "
-                                    "scripts/install.sh builds it from source")
+from llamacpp_engine import llama_cpp, needs_llamacpp
 
 # Every block kind llama.cpp's deci graph runs: GQA at every group size, linear attention, no-op attention,
 # a whole no-op layer, pruned FFN widths (48: rows that are not whole q8_0 blocks).

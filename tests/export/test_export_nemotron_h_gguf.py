@@ -3,7 +3,6 @@ nemotron_h_moe GGUF, run by llama.cpp itself (llama-cpp-python 0.3.36), gives pu
 for a child whose KV heads, MLP widths, expert widths and top-k differ per layer, with a dropped Mamba2 layer
 and a layer holding two mixers; what llama.cpp cannot hold is refused in one line naming its rule."""
 
-import os
 
 import gguf
 import numpy as np
@@ -21,14 +20,7 @@ from puzzle.model.surgery import replace_sublayer
 from conftest import make_tokenizer
 from hybrid import make_nemotron_h_parent
 
-try:
-    import llama_cpp
-except ImportError:
-    if os.environ.get("CI"):  # CI builds it (scripts/install.sh): its absence there is a failure, not a skip
-        raise
-    llama_cpp = None
-needs_llamacpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed; "
-                                    "scripts/install.sh builds it from source")
+from llamacpp_engine import llama_cpp, needs_llamacpp
 
 # Max abs logit difference allowed between llama.cpp (f32 GGUF, f32 KV cache) and puzzle: measured 2e-6 (dense)
 # and 1.6e-6 (MoE) on these children, logits of magnitude ~2.6
